@@ -1,0 +1,47 @@
+# diffnas developer entry points. Each target creates .venv when missing and installs
+# the project (editable, CPU torch pinned by constraints-cpu.txt) before running.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: demo test bench lint fashion-mnist clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml constraints-cpu.txt
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The demo reads the real Fashion-MNIST files that Debian ships (no download at run time).
+fashion-mnist:
+	@if [ -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST not found in $(FMNIST_DIR)."; \
+	  echo "Install it with: sudo apt-get install dataset-fashion-mnist"; \
+	  echo "or download the four IDX .gz files and run: make demo FMNIST_DIR=/path/to/dir"; \
+	  exit 1; \
+	fi
+
+demo: $(STAMP) fashion-mnist
+	$(PY) -m diffnas demo --config configs/darts_fashion_mnist.yaml data.root=$(FMNIST_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -x -q tests
+
+bench: $(STAMP) fashion-mnist
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs bench_results

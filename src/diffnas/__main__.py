@@ -1,0 +1,3 @@
+from diffnas.cli import main
+
+raise SystemExit(main())

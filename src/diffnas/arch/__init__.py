@@ -1,0 +1,15 @@
+"""Architecture parameters and relaxations."""
+
+from diffnas.arch.params import ArchParams
+from diffnas.arch.relax import (
+    RELAXATIONS,
+    ArchWeights,
+    Relaxation,
+    SoftmaxRelaxation,
+    create_relaxation,
+)
+
+__all__ = [
+    "RELAXATIONS", "ArchParams", "ArchWeights", "Relaxation", "SoftmaxRelaxation",
+    "create_relaxation",
+]

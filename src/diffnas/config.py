@@ -1,0 +1,196 @@
+"""Run configuration: dataclasses per component, YAML load/save, dotted overrides.
+
+Unknown keys are an error everywhere, with the dotted path of the offending key. The
+``space`` and ``strategy`` sections are validated against the config class that the named
+space or strategy registers, so each component owns its own settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        out = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError`."""
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+            f"valid keys of {where}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict/list structure suitable for YAML."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# --- the run configuration ------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str | None = None  # directory of the dataset files; None = the dataset's default
+    download: bool = False  # only CIFAR-10 (via torchvision) and only when asked
+    resolution: int | None = None  # resize images to this side; None keeps the native size
+    train_subset: int | None = None  # use N training images (a seeded random subset)
+    test_subset: int | None = None
+    search_split: float = 0.5  # fraction of training images that train weights in search
+    batch_size: int = 64
+
+
+@dataclass
+class SearchConfig:
+    epochs: int = 50
+    space: dict = field(default_factory=lambda: {"name": "darts_cnn"})
+    strategy: dict = field(default_factory=lambda: {"name": "darts"})
+    discretizer: str | None = None  # None = the space's default rule
+
+
+@dataclass
+class RetrainConfig:
+    enabled: bool = True
+    epochs: int = 600
+    batch_size: int = 96
+    lr: float = 0.025
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    auxiliary_weight: float = 0.4  # 0 disables the auxiliary head
+    drop_path: float = 0.2  # final drop-path probability (linear schedule from 0)
+    cutout: int = 16  # cutout side in pixels, 0 = off
+    crop_padding: int = 4  # random-crop padding, 0 = off
+    flip: bool = True
+    train_subset: int | None = None  # None = every training image
+    network: dict = field(default_factory=lambda: {"C": 36, "layers": 20})
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
+    out_dir: str = "runs"
+    name: str | None = None  # run directory name; None = config name + time
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        path, value = parse_override(ov)
+        node = data
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or start from defaults), apply ``a.b=value`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data, "config")
+    validate_components(cfg)
+    return cfg
+
+
+def validate_components(cfg: RunConfig) -> None:
+    """Check the space/strategy sections against the classes their names select."""
+    from diffnas.spaces import space_config
+    from diffnas.strategies import strategy_config
+
+    space_config(cfg.search.space)
+    strategy_config(cfg.search.strategy)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

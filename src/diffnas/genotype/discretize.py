@@ -1,0 +1,75 @@
+"""Discretizers: architecture parameters -> genotype.
+
+``darts``: per intermediate node, keep the ``k`` incoming edges (``k`` = the space's
+``inputs_per_node()``) whose strongest non-``none`` op weight is largest; each kept edge
+takes that op. ``argmax``: every edge keeps its strongest op, ``none`` included (the
+NAS-Bench-201 rule). Ties are broken deterministically: the lower source node wins, and
+among ops the one listed first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from diffnas.genotype.genotype import CellGenotype, Edge, Genotype
+from diffnas.registry import Registry
+from diffnas.spaces.base import SearchSpace
+
+Discretizer = Callable[[Mapping[str, torch.Tensor], SearchSpace], Genotype]
+DISCRETIZERS: Registry[Discretizer] = Registry("discretizer")
+
+
+def _weights(logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {g: torch.softmax(a.detach().double(), dim=-1) for g, a in logits.items()}
+
+
+def _first_argmax(values: list[float]) -> int:
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+@DISCRETIZERS.register("darts")
+def darts_discretize(logits: Mapping[str, torch.Tensor], space: SearchSpace) -> Genotype:
+    """The DARTS rule (top-k inputs per node by strongest non-``none`` weight)."""
+    k = space.inputs_per_node()
+    weights = _weights(logits)
+    cells = []
+    for group, edges in space.edge_groups().items():
+        W = weights[group].tolist()
+        by_dst: dict[int, list[tuple[float, int, str]]] = {}
+        for row, e in zip(W, edges):
+            live = [i for i, name in enumerate(e.candidates) if name != "none"]
+            best = live[_first_argmax([row[i] for i in live])]
+            by_dst.setdefault(e.dst, []).append((row[best], e.src, e.candidates[best]))
+        kept: list[Edge] = []
+        for dst in sorted(by_dst):
+            # sorted() is stable: equal strengths keep the lower source first.
+            ranked = sorted(by_dst[dst], key=lambda t: (-t[0], t[1]))[:k]
+            kept += [Edge(op, src, dst) for _, src, op in sorted(ranked, key=lambda t: t[1])]
+        cells.append(CellGenotype(group, tuple(kept), space.concat(group)))
+    return Genotype(space.name, tuple(cells))
+
+
+@DISCRETIZERS.register("argmax")
+def argmax_discretize(logits: Mapping[str, torch.Tensor], space: SearchSpace) -> Genotype:
+    """Every edge keeps its strongest op (``none`` included)."""
+    weights = _weights(logits)
+    cells = []
+    for group, edges in space.edge_groups().items():
+        kept = []
+        for row, e in zip(weights[group].tolist(), edges):
+            kept.append(Edge(e.candidates[_first_argmax(row)], e.src, e.dst))
+        cells.append(CellGenotype(group, tuple(kept), space.concat(group)))
+    return Genotype(space.name, tuple(cells))
+
+
+def discretize(
+    logits: Mapping[str, torch.Tensor], space: SearchSpace, rule: str | None = None
+) -> Genotype:
+    """Apply ``rule`` (default: the space's own) to logits keyed by cell type."""
+    return DISCRETIZERS.get(rule or space.default_discretizer)(logits, space)

@@ -1,0 +1,6 @@
+"""Candidate operations. Importing this package registers the built-in ops."""
+
+from diffnas.ops import conv, pool  # noqa: F401  (registration side effects)
+from diffnas.ops.registry import OPS, OpFactory, create_op, list_ops, register_op
+
+__all__ = ["OPS", "OpFactory", "create_op", "list_ops", "register_op"]

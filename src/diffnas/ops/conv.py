@@ -1,0 +1,152 @@
+"""Convolutional DARTS ops (ReLU-Conv-BN ordering) and the ops shared with NAS-Bench-201."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffnas.ops.registry import register_op
+
+
+def batch_norm(C: int, affine: bool) -> nn.BatchNorm2d:
+    """BatchNorm used inside ops. Search-time networks (affine=False) also drop running
+    statistics: they always normalise by the batch, so the supernet carries no state
+    besides its weights, unrolled/perturbed passes have no side effects, and results are
+    reproducible on resume."""
+    return nn.BatchNorm2d(C, affine=affine, track_running_stats=affine)
+
+
+class ReLUConvBN(nn.Sequential):
+    """ReLU -> Conv -> BN, the building block of every DARTS conv op."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool,
+        dilation: int = 1,
+    ) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel, stride, padding, dilation=dilation, bias=False),
+            batch_norm(C_out, affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int,
+        affine: bool,
+    ) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in,
+                      bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            batch_norm(C_out, affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """The DARTS separable convolution: a DilConv block (dilation 1) applied twice,
+    the first carrying the stride."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool
+    ) -> None:
+        super().__init__(
+            DilConv(C_in, C_in, kernel, stride, padding, 1, affine),
+            DilConv(C_in, C_out, kernel, 1, padding, 1, affine),
+        )
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Zero(nn.Module):
+    """The ``none`` op: zeros of the output shape (spatially strided)."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halve resolution with two offset stride-2 1x1 convs, concatenated on channels."""
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True) -> None:
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even C_out, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.bn = batch_norm(C_out, affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        # The second path sees the input shifted by one pixel; pad so odd sizes work.
+        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+@register_op("none")
+def _none(C: int, stride: int, affine: bool) -> nn.Module:
+    return Zero(stride)
+
+
+@register_op("skip_connect")
+def _skip(C: int, stride: int, affine: bool) -> nn.Module:
+    return Identity() if stride == 1 else FactorizedReduce(C, C, affine)
+
+
+@register_op("sep_conv_3x3")
+def _sep3(C: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(C, C, 3, stride, 1, affine)
+
+
+@register_op("sep_conv_5x5")
+def _sep5(C: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(C, C, 5, stride, 2, affine)
+
+
+@register_op("sep_conv_7x7")
+def _sep7(C: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(C, C, 7, stride, 3, affine)
+
+
+@register_op("dil_conv_3x3")
+def _dil3(C: int, stride: int, affine: bool) -> nn.Module:
+    return DilConv(C, C, 3, stride, 2, 2, affine)
+
+
+@register_op("dil_conv_5x5")
+def _dil5(C: int, stride: int, affine: bool) -> nn.Module:
+    return DilConv(C, C, 5, stride, 4, 2, affine)
+
+
+@register_op("conv_7x1_1x7")
+def _conv7x1(C: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+        nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+        batch_norm(C, affine),
+    )
+
+
+# NAS-Bench-201's convolutions: plain ReLU-Conv-BN.
+@register_op("nor_conv_1x1")
+def _nor1(C: int, stride: int, affine: bool) -> nn.Module:
+    return ReLUConvBN(C, C, 1, stride, 0, affine)
+
+
+@register_op("nor_conv_3x3")
+def _nor3(C: int, stride: int, affine: bool) -> nn.Module:
+    return ReLUConvBN(C, C, 3, stride, 1, affine)

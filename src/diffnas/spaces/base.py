@@ -1,0 +1,107 @@
+"""The search-space interface: what can be chosen, and how to build networks from it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from diffnas.genotype.genotype import Genotype, GenotypeError
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """One searchable edge: candidate ops applied to node ``src``, summed into ``dst``.
+
+    ``label`` is stable across runs (``normal/n2/e0`` = cell type, target node, source).
+    """
+
+    label: str
+    cell: str
+    src: int
+    dst: int
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a space needs to know about the data to build networks."""
+
+    in_channels: int = 3
+    resolution: int = 32
+    num_classes: int = 10
+
+
+class SearchSpace(ABC):
+    """A space declares edges and candidate ops, builds the supernet (which receives
+    relaxed architecture weights as a forward argument) and fixed networks."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]  # dataclass of this space's settings
+    default_discretizer: ClassVar[str] = "darts"
+
+    def __init__(self, config: Any, shape: DataShape) -> None:
+        self.config = config
+        self.shape = shape
+
+    @abstractmethod
+    def edges(self) -> list[EdgeSpec]:
+        """All searchable edges, in alpha-row order within each cell type."""
+
+    def edge_groups(self) -> dict[str, list[EdgeSpec]]:
+        """Edges grouped by cell type (one alpha tensor per group)."""
+        groups: dict[str, list[EdgeSpec]] = {}
+        for e in self.edges():
+            groups.setdefault(e.cell, []).append(e)
+        return groups
+
+    @abstractmethod
+    def build_supernet(self) -> nn.Module:
+        """The over-parameterised network: ``forward(x, arch_weights)``."""
+
+    @abstractmethod
+    def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
+        """A fixed network from a genotype (``overrides``: the space's network settings)."""
+
+    def concat(self, group: str) -> tuple[int, ...]:
+        """Nodes whose outputs form the cell output (default: every intermediate node)."""
+        return tuple(sorted({e.dst for e in self.edge_groups()[group]}))
+
+    def inputs_per_node(self) -> int:
+        """How many incoming edges each intermediate node keeps after discretization."""
+        return 2
+
+    def validate(self, genotype: Genotype) -> None:
+        """Raise :class:`GenotypeError` when ``genotype`` does not fit this space."""
+        if genotype.space != self.name:
+            raise GenotypeError(f"genotype is for space {genotype.space!r}, not {self.name!r}")
+        groups = self.edge_groups()
+        names = {c.name for c in genotype.cells}
+        if names != set(groups):
+            raise GenotypeError(f"genotype cells {sorted(names)} != space cells {sorted(groups)}")
+        k = self.inputs_per_node()
+        for cell in genotype.cells:
+            allowed = {(e.src, e.dst): e.candidates for e in groups[cell.name]}
+            nodes = sorted({e.dst for e in groups[cell.name]})
+            for e in cell.edges:
+                if (e.src, e.dst) not in allowed:
+                    raise GenotypeError(
+                        f"cell {cell.name!r}: no edge from node {e.src} to node {e.dst} in "
+                        f"space {self.name!r}"
+                    )
+                if e.op not in allowed[(e.src, e.dst)]:
+                    raise GenotypeError(
+                        f"cell {cell.name!r}: unknown op {e.op!r} on edge {e.src}->{e.dst}; "
+                        f"candidates: {', '.join(allowed[(e.src, e.dst)])}"
+                    )
+            for n in nodes:
+                got = len(cell.inputs_of(n))
+                if got != k:
+                    raise GenotypeError(
+                        f"cell {cell.name!r}: node {n} has {got} inputs, expected {k}"
+                    )
+            bad = [i for i in cell.concat if i >= max(nodes) + 1 or i < 0]
+            if bad:
+                raise GenotypeError(f"cell {cell.name!r}: concat refers to missing nodes {bad}")

@@ -1,0 +1,91 @@
+"""The DARTS convolutional cell space (Liu et al., 2019): normal and reduction cells with
+two input nodes, ``nodes`` intermediate nodes and a mixed op on every edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from diffnas.config import from_dict
+from diffnas.genotype import Genotype
+from diffnas.ops import OPS
+from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
+from diffnas.spaces.registry import register_space
+from diffnas.supernet.cell import cell_edges
+from diffnas.supernet.mixed import default_mixed_op
+from diffnas.supernet.network import DartsNetwork, DartsSuperNet
+
+DARTS_OPS = [
+    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+    "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+]
+
+
+@dataclass
+class DartsCnnConfig:
+    C: int = 16  # initial channels of the search supernet
+    layers: int = 8  # cells in the search supernet
+    nodes: int = 4  # intermediate nodes per cell
+    stem_multiplier: int = 3
+    ops: list[str] = field(default_factory=lambda: list(DARTS_OPS))
+    mixed_op: dict = field(default_factory=dict)  # edge modifier: {"name": ..., **settings}
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.ops if o not in OPS]
+        if unknown:
+            raise ValueError(f"unknown op(s) {unknown} in space ops; known: {OPS.names()}")
+
+
+@dataclass
+class DartsCnnNetworkConfig:
+    """Settings of the fixed (retrain) network; None = the search supernet's value."""
+
+    C: int | None = None
+    layers: int | None = None
+    auxiliary: bool = False
+    stem_multiplier: int | None = None
+
+
+@register_space("darts_cnn")
+class DartsCnnSpace(SearchSpace):
+    Config = DartsCnnConfig
+    NetworkConfig = DartsCnnNetworkConfig
+
+    def __init__(self, config: DartsCnnConfig, shape: DataShape) -> None:
+        super().__init__(config, shape)
+
+    def edges(self) -> list[EdgeSpec]:
+        ops = tuple(self.config.ops)
+        return [
+            EdgeSpec(f"{cell}/n{dst}/e{src}", cell, src, dst, ops)
+            for cell in ("normal", "reduce")
+            for src, dst in cell_edges(self.config.nodes)
+        ]
+
+    def _mixed_op_factory(self):
+        spec = dict(self.config.mixed_op)
+        if not spec:
+            return default_mixed_op
+        from diffnas.supernet.modifiers import create_mixed_op_factory
+
+        return create_mixed_op_factory(spec)
+
+    def build_supernet(self) -> nn.Module:
+        c = self.config
+        return DartsSuperNet(
+            c.C, self.shape.num_classes, c.layers, c.nodes, c.ops,
+            in_channels=self.shape.in_channels, stem_multiplier=c.stem_multiplier,
+            mixed_op=self._mixed_op_factory(),
+        )
+
+    def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
+        self.validate(genotype)
+        n = from_dict(DartsCnnNetworkConfig, overrides, "retrain.network")
+        c = self.config
+        return DartsNetwork(
+            genotype, n.C or c.C, self.shape.num_classes, n.layers or c.layers, n.auxiliary,
+            in_channels=self.shape.in_channels,
+            stem_multiplier=n.stem_multiplier or c.stem_multiplier,
+        )

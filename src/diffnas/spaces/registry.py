@@ -1,0 +1,36 @@
+"""Registry of search spaces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffnas.config import from_dict
+from diffnas.registry import Registry
+from diffnas.spaces.base import DataShape, SearchSpace
+
+SPACES: Registry[type[SearchSpace]] = Registry("search space")
+
+
+def register_space(name: str):
+    def deco(cls: type[SearchSpace]) -> type[SearchSpace]:
+        cls.name = name
+        return SPACES.register(name)(cls)
+
+    return deco
+
+
+def space_config(section: dict) -> Any:
+    """Validate a config section ``{name: ..., **settings}``; returns the space's config."""
+    section = dict(section)
+    cls = SPACES.get(section.pop("name", "darts_cnn"))
+    return from_dict(cls.Config, section, f"search.space[{cls.name}]")
+
+
+def create_space(section: dict, shape: DataShape | None = None) -> SearchSpace:
+    """Build the space named by ``section['name']`` with its settings."""
+    cls = SPACES.get(section.get("name", "darts_cnn"))
+    return cls(space_config(section), shape or DataShape())
+
+
+def list_spaces() -> list[str]:
+    return SPACES.names()

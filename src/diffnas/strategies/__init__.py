@@ -1,0 +1,24 @@
+"""Search strategies. Importing this package registers the built-in strategies."""
+
+from diffnas.strategies import darts  # noqa: F401  (registration)
+from diffnas.strategies.base import SearchStrategy, StrategyConfig
+from diffnas.strategies.objective import ClassificationObjective, Objective
+from diffnas.strategies.registry import (
+    STRATEGIES,
+    create_strategy,
+    list_strategies,
+    register_strategy,
+    strategy_config,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "ClassificationObjective",
+    "Objective",
+    "SearchStrategy",
+    "StrategyConfig",
+    "create_strategy",
+    "list_strategies",
+    "register_strategy",
+    "strategy_config",
+]

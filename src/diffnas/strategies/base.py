@@ -1,0 +1,158 @@
+"""The strategy interface and what all gradient-based strategies share: two disjoint
+parameter sets, two optimizers, a relaxation and an objective."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from diffnas.arch.params import ArchParams
+from diffnas.arch.relax import ArchWeights, create_relaxation
+from diffnas.strategies.objective import Objective
+
+
+@dataclass
+class WeightOptimConfig:
+    """SGD for the network weights (DARTS paper defaults), cosine schedule per epoch."""
+
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+
+
+@dataclass
+class ArchOptimConfig:
+    """Adam for the architecture parameters (DARTS paper defaults)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 1e-3
+
+
+@dataclass
+class StrategyConfig:
+    w_optim: WeightOptimConfig = field(default_factory=WeightOptimConfig)
+    a_optim: ArchOptimConfig = field(default_factory=ArchOptimConfig)
+    relaxation: dict = field(default_factory=lambda: {"name": "softmax"})
+
+
+Batch = Any
+
+
+class SearchStrategy:
+    """Updates weights ``w`` (of the supernet) and architecture logits ``alpha``.
+
+    ``step(train_batch, val_batch)`` does one update and returns float metrics;
+    ``end_epoch()`` advances per-epoch schedules. Everything needed to resume is in
+    ``state_dict()``.
+    """
+
+    Config: ClassVar[type] = StrategyConfig
+    name: ClassVar[str] = ""
+    #: False for strategies that train both parameter sets on one stream (no val split).
+    uses_validation: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        config: StrategyConfig,
+        supernet: nn.Module,
+        arch_params: ArchParams,
+        objective: Objective,
+        epochs: int,
+    ) -> None:
+        self.config = config
+        self.supernet = supernet
+        self.arch_params = arch_params
+        self.objective = objective
+        self.epochs = epochs
+        relax = dict(config.relaxation)
+        self.relaxation = create_relaxation(relax.pop("name"), **relax)
+        w = config.w_optim
+        self.w_optimizer = torch.optim.SGD(
+            self.weights(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay
+        )
+        self.w_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.w_optimizer, T_max=max(epochs, 1), eta_min=w.lr_min
+        )
+        a = config.a_optim
+        self.a_optimizer = torch.optim.Adam(
+            self.arch_params.parameters(),
+            lr=a.lr,
+            betas=tuple(a.betas),
+            weight_decay=a.weight_decay,
+        )
+
+    # --- parameter sets ---------------------------------------------------------------
+    def weights(self) -> Iterator[nn.Parameter]:
+        return self.supernet.parameters()
+
+    def alphas(self) -> list[nn.Parameter]:
+        return list(self.arch_params.parameters())
+
+    def arch_weights(self) -> ArchWeights:
+        return self.relaxation(self.arch_params.as_dict())
+
+    @property
+    def lr(self) -> float:
+        return self.w_optimizer.param_groups[0]["lr"]
+
+    # --- losses -------------------------------------------------------------------------
+    def loss(
+        self,
+        batch: Batch,
+        arch_weights: ArchWeights,
+        params: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Objective of the supernet on ``batch``; ``params`` substitutes weights (for
+        virtual steps and finite differences) without touching the module."""
+        x = self.objective.inputs(batch)
+        if params is None:
+            out = self.supernet(x, arch_weights)
+        else:
+            out = functional_call(self.supernet, params, (x, arch_weights))
+        return self.objective(out, batch)
+
+    def weight_step(self, batch: Batch, arch_weights: ArchWeights) -> dict[str, float]:
+        """One SGD step on ``w`` with the arch weights held fixed (detached)."""
+        self.w_optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.loss(batch, arch_weights.detach())
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.w_optim.grad_clip)
+        self.w_optimizer.step()
+        return stats
+
+    def set_alpha_grads(self, grads: list[torch.Tensor]) -> None:
+        for p, g in zip(self.alphas(), grads):
+            p.grad = g.detach().clone()
+
+    # --- the interface -----------------------------------------------------------------
+    def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def end_epoch(self) -> None:
+        self.w_scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "supernet": self.supernet.state_dict(),
+            "arch_params": self.arch_params.state_dict(),
+            "w_optimizer": self.w_optimizer.state_dict(),
+            "a_optimizer": self.a_optimizer.state_dict(),
+            "w_scheduler": self.w_scheduler.state_dict(),
+            "relaxation": self.relaxation.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.supernet.load_state_dict(state["supernet"])
+        self.arch_params.load_state_dict(state["arch_params"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+        self.w_scheduler.load_state_dict(state["w_scheduler"])
+        self.relaxation.load_state_dict(state["relaxation"])

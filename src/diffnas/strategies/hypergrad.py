@@ -1,0 +1,96 @@
+"""Hypergradient rules: how a bilevel strategy computes d L_val / d alpha.
+
+Each rule is a function ``(strategy, train_batch, val_batch) -> (grads, val_stats)`` with
+one gradient per architecture tensor, so DARTS-like strategies compose them freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from diffnas.strategies.base import Batch, SearchStrategy
+
+HypergradRule = Callable[[SearchStrategy, Batch, Batch], tuple[list[torch.Tensor], dict]]
+
+
+def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch):
+    """DARTS first order: grad_alpha L_val(w, alpha) at the current weights."""
+    loss, stats = s.loss(val_batch, s.arch_weights())
+    grads = torch.autograd.grad(loss, s.alphas())
+    return list(grads), stats
+
+
+def virtual_step(s: SearchStrategy, train_batch: Batch) -> dict[str, torch.Tensor]:
+    """w' = w - xi * (momentum * buf + grad_w L_train(w, alpha) + wd * w), exactly the
+    update the weight optimizer (SGD with momentum and weight decay) would make, with
+    xi its current learning rate. Returned detached, keyed by parameter name."""
+    named = dict(s.supernet.named_parameters())
+    loss, _ = s.loss(train_batch, s.arch_weights().detach())
+    grads = torch.autograd.grad(loss, list(named.values()))
+    w = s.config.w_optim
+    xi = s.lr
+    out = {}
+    with torch.no_grad():
+        for (name, p), g in zip(named.items(), grads):
+            buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer")
+            moment = torch.zeros_like(p) if buf is None else w.momentum * buf
+            out[name] = p - xi * (moment + g + w.weight_decay * p)
+    return out
+
+
+def mixed_hvp_fd(
+    s: SearchStrategy, batch: Batch, vector: dict[str, torch.Tensor], r: float = 1e-2
+) -> list[torch.Tensor]:
+    """d2 L_train / (d alpha d w) @ vector by the central difference of the paper:
+    (grad_alpha L(w + eps v) - grad_alpha L(w - eps v)) / (2 eps), eps = r / ||v||."""
+    named = dict(s.supernet.named_parameters())
+    norm = torch.sqrt(sum((v * v).sum() for v in vector.values()))
+    eps = r / norm
+    result = []
+    for sign in (1.0, -1.0):
+        params = {n: (p.detach() + sign * eps * vector[n]) for n, p in named.items()}
+        loss, _ = s.loss(batch, s.arch_weights(), params=params)
+        result.append(torch.autograd.grad(loss, s.alphas()))
+    return [(gp - gn) / (2 * eps) for gp, gn in zip(*result)]
+
+
+def mixed_hvp_exact(
+    s: SearchStrategy, batch: Batch, vector: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """The same product by double backward: grad_alpha (grad_w L_train . v)."""
+    named = dict(s.supernet.named_parameters())
+    loss, _ = s.loss(batch, s.arch_weights())
+    gw = torch.autograd.grad(loss, list(named.values()), create_graph=True)
+    dot = sum((g * vector[n]).sum() for g, n in zip(gw, named))
+    return list(torch.autograd.grad(dot, s.alphas()))
+
+
+def unrolled(
+    s: SearchStrategy,
+    train_batch: Batch,
+    val_batch: Batch,
+    hessian: str = "fd",
+    fd_radius: float = 1e-2,
+):
+    """DARTS second order: grad_alpha L_val(w', alpha) - xi * d2L_train/(dalpha dw) v,
+    v = grad_w' L_val(w', alpha), with w' one virtual weight step.
+
+    ``fd_radius`` is the paper's 0.01 (the weights move by that much in L2 norm). On a
+    ReLU network the two perturbed points can straddle activation kinks, so the central
+    difference is only an approximation; ``hessian="exact"`` avoids it at the price of a
+    double backward."""
+    w_prime = {n: t.requires_grad_(True) for n, t in virtual_step(s, train_batch).items()}
+    loss, stats = s.loss(val_batch, s.arch_weights(), params=w_prime)
+    alphas = s.alphas()
+    grads = torch.autograd.grad(loss, alphas + list(w_prime.values()))
+    d_alpha, d_w = grads[: len(alphas)], grads[len(alphas) :]
+    vector = {n: g.detach() for n, g in zip(w_prime, d_w)}
+    if hessian == "exact":
+        hvp = mixed_hvp_exact(s, train_batch, vector)
+    elif hessian == "fd":
+        hvp = mixed_hvp_fd(s, train_batch, vector, r=fd_radius)
+    else:
+        raise ValueError(f"unknown hessian mode {hessian!r}; use 'fd' or 'exact'")
+    return [da - s.lr * h for da, h in zip(d_alpha, hvp)], stats

@@ -1,0 +1,34 @@
+"""Registry of search strategies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffnas.config import from_dict
+from diffnas.registry import Registry
+
+STRATEGIES: Registry[type] = Registry("strategy")
+
+
+def register_strategy(name: str):
+    def deco(cls: type) -> type:
+        cls.name = name
+        return STRATEGIES.register(name)(cls)
+
+    return deco
+
+
+def strategy_config(section: dict) -> Any:
+    section = dict(section)
+    cls = STRATEGIES.get(section.pop("name", "darts"))
+    return from_dict(cls.Config, section, f"search.strategy[{cls.name}]")
+
+
+def create_strategy(section: dict, supernet, arch_params, objective, epochs: int):
+    """Build the strategy named by ``section['name']`` over the given parameter sets."""
+    cls = STRATEGIES.get(section.get("name", "darts"))
+    return cls(strategy_config(section), supernet, arch_params, objective, epochs)
+
+
+def list_strategies() -> list[str]:
+    return STRATEGIES.names()

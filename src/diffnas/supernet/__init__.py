@@ -1,0 +1,1 @@
+"""Supernets and fixed networks. Supernets never hold architecture parameters."""

@@ -1,0 +1,123 @@
+"""DARTS convolutional networks: the search supernet and the fixed (retrain) network."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from diffnas.arch.relax import ArchWeights
+from diffnas.genotype import Genotype
+from diffnas.supernet.cell import FixedCell, SearchCell
+from diffnas.supernet.mixed import MixedOpFactory, default_mixed_op
+
+
+def reduction_layers(layers: int) -> set[int]:
+    """Reduction cells sit at 1/3 and 2/3 of the depth."""
+    return {layers // 3, 2 * layers // 3}
+
+
+def stem(in_channels: int, C: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+
+
+class DartsSuperNet(nn.Module):
+    """Stem, stacked search cells, global pooling and a classifier. Holds no architecture
+    parameters: ``forward(x, arch_weights)`` receives the relaxed weights."""
+
+    def __init__(
+        self, C: int, num_classes: int, layers: int, nodes: int, candidates: Sequence[str],
+        in_channels: int = 3, stem_multiplier: int = 3,
+        mixed_op: MixedOpFactory = default_mixed_op,
+    ) -> None:
+        super().__init__()
+        C_curr = stem_multiplier * C
+        self.stem = stem(in_channels, C_curr)
+        C_pp, C_p, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in reduction_layers(layers)
+            if reduction:
+                C_curr *= 2
+            cell = SearchCell(nodes, C_pp, C_p, C_curr, reduction, reduction_prev, candidates,
+                              mixed_op)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            C_pp, C_p = C_p, nodes * C_curr
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, num_classes)
+
+    def forward(self, x: torch.Tensor, arch_weights: ArchWeights) -> torch.Tensor:
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            group = "reduce" if cell.reduction else "normal"
+            active = None if arch_weights.active is None else arch_weights.active[group]
+            s0, s1 = s1, cell(s0, s1, arch_weights[group], active)
+        return self.classifier(self.pool(s1).flatten(1))
+
+
+class AuxiliaryHead(nn.Module):
+    """The DARTS auxiliary classifier at 2/3 depth. The paper pools 8x8 maps with a 5x5
+    window at stride 3 down to 2x2; adaptive pooling to 2x2 gives the same shapes and
+    parameters for any input resolution."""
+
+    def __init__(self, C: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Conv2d(C, 128, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.BatchNorm2d(768),
+            nn.ReLU(inplace=False),
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class DartsNetwork(nn.Module):
+    """A fixed network from a genotype. In training mode with an auxiliary head it returns
+    ``(logits, aux_logits)``; otherwise logits. ``drop_path_prob`` is set by a schedule."""
+
+    def __init__(
+        self, genotype: Genotype, C: int, num_classes: int, layers: int, auxiliary: bool,
+        in_channels: int = 3, stem_multiplier: int = 3,
+    ) -> None:
+        super().__init__()
+        self.drop_path_prob = 0.0
+        C_curr = stem_multiplier * C
+        self.stem = stem(in_channels, C_curr)
+        C_pp, C_p, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        self.aux_position = 2 * layers // 3
+        self.auxiliary_head = None
+        for i in range(layers):
+            reduction = i in reduction_layers(layers)
+            if reduction:
+                C_curr *= 2
+            cell_g = genotype.cell("reduce" if reduction else "normal")
+            cell = FixedCell(cell_g, C_pp, C_p, C_curr, reduction, reduction_prev)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            C_pp, C_p = C_p, cell.multiplier * C_curr
+            if auxiliary and i == self.aux_position:
+                self.auxiliary_head = AuxiliaryHead(C_p, num_classes)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        aux = None
+        s0 = s1 = self.stem(x)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == self.aux_position and self.auxiliary_head is not None and self.training:
+                aux = self.auxiliary_head(s1)
+        logits = self.classifier(self.pool(s1).flatten(1))
+        return logits if aux is None else (logits, aux)
