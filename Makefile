@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
-export OMP_WAIT_POLICY ?= PASSIVE
+
 
 .PHONY: demo test bench lint fashion-mnist clean
 

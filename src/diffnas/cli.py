@@ -1,0 +1,185 @@
+"""Command line: ``diffnas search | train | list ...``. argparse stops here: everything
+below receives a validated :class:`~diffnas.config.RunConfig`.
+
+Other modules add commands with :func:`register_command`; they are imported lazily in
+:data:`COMMAND_MODULES` so ``diffnas --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+CommandSetup = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
+_COMMANDS: dict[str, tuple[str, CommandSetup]] = {}
+
+# Modules that register further commands (plots, benchmarks, export, ...).
+COMMAND_MODULES: list[str] = []
+
+
+def register_command(name: str, help: str) -> Callable[[CommandSetup], CommandSetup]:
+    """Register ``setup(parser) -> handler(args) -> exit code`` as ``diffnas NAME``."""
+
+    def deco(setup: CommandSetup) -> CommandSetup:
+        _COMMANDS[name] = (help, setup)
+        return setup
+
+    return deco
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=3")
+
+
+def _print_result(genotype, result: dict | None) -> None:
+    print("\n== genotype ==")
+    print(genotype)
+    if result is not None:
+        print(f"params (no auxiliary head): {result['params']:,}")
+        print(f"MACs: {result['macs'] / 1e6:.1f} M")
+        print(f"test accuracy: {100 * result['test_acc']:.2f}% after {result['epochs_done']} epochs")
+
+
+@register_command("search", "search an architecture, then retrain it (retrain.enabled)")
+def _search(p: argparse.ArgumentParser):
+    _config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+
+    def run(args: argparse.Namespace) -> int:
+        from diffnas.config import load_config
+        from diffnas.engine.retrain import run_retrain
+        from diffnas.engine.rundir import load_run_config, new_run_dir, setup_logging
+        from diffnas.engine.search import run_search
+        from diffnas.genotype import Genotype
+
+        if args.resume:
+            run_dir = Path(args.resume)
+            cfg = load_run_config(run_dir)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
+        setup_logging(run_dir)
+        print(f"run directory: {run_dir}")
+        if (run_dir / "search" / "DONE").exists():
+            genotype = Genotype.load(run_dir / "search" / "genotype.json")
+        else:
+            genotype = run_search(cfg, run_dir, resume=bool(args.resume)).genotype
+        result = None
+        if cfg.retrain.enabled:
+            result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
+        _print_result(genotype, result)
+        return 0
+
+    return run
+
+
+@register_command("train", "retrain a genotype (a file or a published name) from scratch")
+def _train(p: argparse.ArgumentParser):
+    _config_args(p)
+    p.add_argument("--genotype", required=True, help="genotype JSON/DARTS-text file or a name")
+    p.add_argument("--dry-run", action="store_true", help="build, print params and MACs, exit")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted retraining")
+
+    def run(args: argparse.Namespace) -> int:
+        from diffnas.config import load_config
+        from diffnas.data import load_dataset
+        from diffnas.engine.retrain import build_network, network_summary, run_retrain
+        from diffnas.engine.rundir import load_run_config, new_run_dir, setup_logging
+        from diffnas.genotype import resolve_genotype
+        from diffnas.spaces import DataShape
+
+        genotype = resolve_genotype(args.genotype)
+        if args.dry_run:
+            cfg = load_config(args.config, args.overrides)
+            d = cfg.data
+            shape = DataShape(*_dry_run_shape(d.name, d.resolution))
+            _, model = build_network(cfg, genotype, shape)
+            print(genotype)
+            summary = network_summary(model, shape)
+            print(json.dumps({"input": [shape.in_channels, shape.resolution, shape.resolution],
+                              "classes": shape.num_classes, **summary}, indent=1))
+            return 0
+        if args.resume:
+            run_dir = Path(args.resume)
+            cfg = load_run_config(run_dir)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = new_run_dir(cfg, "train")
+        setup_logging(run_dir)
+        d = cfg.data
+        data = load_dataset(d.name, d.root, d.download, d.resolution, cfg.retrain.train_subset,
+                            d.test_subset, cfg.seed)
+        result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume), data=data)
+        _print_result(genotype, result)
+        return 0
+
+    return run
+
+
+def _dry_run_shape(name: str, resolution: int | None) -> tuple[int, int, int]:
+    """(channels, side, classes) of a dataset without reading it."""
+    native = {"fashion_mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10)}
+    c, side, k = native.get(name, (3, 32, 10))
+    return c, resolution or side, k
+
+
+@register_command("list", "list registered ops, spaces, strategies, datasets, genotypes")
+def _list(p: argparse.ArgumentParser):
+    kinds = ["ops", "spaces", "strategies", "datasets", "genotypes", "relaxations"]
+    p.add_argument("kind", choices=kinds)
+
+    def run(args: argparse.Namespace) -> int:
+        import diffnas.arch as arch
+        import diffnas.data as data
+        import diffnas.genotype as genotype
+        import diffnas.ops as ops
+        import diffnas.spaces as spaces
+        import diffnas.strategies as strategies
+
+        names = {
+            "ops": ops.list_ops, "spaces": spaces.list_spaces,
+            "strategies": strategies.list_strategies, "datasets": data.list_datasets,
+            "genotypes": lambda: sorted(genotype.PUBLISHED),
+            "relaxations": arch.RELAXATIONS.names,
+        }[args.kind]()
+        print("\n".join(names))
+        return 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod)
+    parser = argparse.ArgumentParser(prog="diffnas", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers = {}
+    for name, (help_text, setup) in _COMMANDS.items():
+        handlers[name] = setup(sub.add_parser(name, help=help_text))
+    parser.set_defaults(_handlers=handlers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffnas.config import ConfigError
+    from diffnas.data import DatasetNotFoundError
+    from diffnas.genotype import GenotypeError
+    from diffnas.registry import UnknownNameError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._handlers[args.command](args)
+    except (ConfigError, GenotypeError, DatasetNotFoundError, UnknownNameError,
+            FileExistsError, FileNotFoundError, FloatingPointError, ValueError) as exc:
+        print(f"diffnas: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Image datasets held in memory as tensors, and the error for missing data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised when dataset files are absent; the message says where we looked and how
+    to get them."""
+
+
+@dataclass
+class ImageData:
+    """Normalised float images ``(N, C, H, W)`` and integer labels for train and test."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def resolution(self) -> int:
+        return self.train_x.shape[-1]
+
+
+def prepare(
+    name: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+    test_y: torch.Tensor, num_classes: int, scale: float,
+) -> ImageData:
+    """uint8/float arrays -> normalised float tensors (per-channel train mean/std)."""
+    tx = train_x.float() / scale
+    ex = test_x.float() / scale
+    mean = tx.mean(dim=(0, 2, 3), keepdim=True)
+    std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return ImageData(name, (tx - mean) / std, train_y.long(), (ex - mean) / std, test_y.long(),
+                     num_classes)
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int):
+    """A seeded random subset of ``n`` samples (all when ``n`` is None or too large)."""
+    if n is None or n >= len(x):
+        return x, y
+    if n <= 0:
+        raise ValueError(f"subset size must be positive, got {n}")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+def resize(x: torch.Tensor, side: int | None) -> torch.Tensor:
+    """Resize images to ``side`` x ``side`` (area interpolation when shrinking)."""
+    if side is None or side == x.shape[-1]:
+        return x
+    mode = "area" if side < x.shape[-1] else "bilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(x, size=(side, side), mode=mode, **kwargs)

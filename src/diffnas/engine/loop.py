@@ -1,0 +1,108 @@
+"""One training loop for search and retraining, extended by callbacks.
+
+A *task* supplies the batches of an epoch, one step, per-epoch end work and evaluation;
+the loop runs epochs, averages step metrics, and calls the callbacks' hooks. Everything
+that must survive a restart (task state, callback state, RNG) goes through
+``Loop.state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from diffnas.engine.checkpoint import rng_state, set_rng_state
+
+
+class Task(Protocol):
+    def batches(self, epoch: int) -> Iterable[Any]: ...
+    def num_batches(self) -> int: ...
+    def step(self, batch: Any) -> dict[str, float]: ...
+    def end_epoch(self, epoch: int) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Callback:
+    """Hooks that do nothing by default; override the ones you need."""
+
+    def on_run_start(self, loop: Loop) -> None: ...
+    def on_epoch_start(self, loop: Loop, epoch: int) -> None: ...
+    def on_step_end(self, loop: Loop, step: int, metrics: dict[str, float]) -> None: ...
+    def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, float]) -> None: ...
+    def on_run_end(self, loop: Loop) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Mean:
+    """Running means of float metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def value(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+class Loop:
+    def __init__(self, task: Task, epochs: int, callbacks: list[Callback] | None = None) -> None:
+        self.task = task
+        self.epochs = epochs
+        self.callbacks = list(callbacks or [])
+        self.epoch = 0  # the next epoch to run
+        self.history: list[dict[str, float]] = []
+        self.running = Mean()
+
+    def run(self, stop_after: int | None = None) -> list[dict[str, float]]:
+        """Run the remaining epochs (or only ``stop_after`` of them, for tests/preemption)."""
+        for cb in self.callbacks:
+            cb.on_run_start(self)
+        done = 0
+        while self.epoch < self.epochs and (stop_after is None or done < stop_after):
+            epoch = self.epoch
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, epoch)
+            self.running = Mean()
+            for step, batch in enumerate(self.task.batches(epoch)):
+                metrics = self.task.step(batch)
+                self.running.update(metrics)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, step, metrics)
+            metrics = {"epoch": epoch, **self.running.value(), **self.task.end_epoch(epoch)}
+            self.history.append(metrics)
+            self.epoch = epoch + 1
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, metrics)
+            done += 1
+        if self.epoch >= self.epochs:
+            for cb in self.callbacks:
+                cb.on_run_end(self)
+        return self.history
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "history": self.history,
+            "task": self.task.state_dict(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.history = list(state["history"])
+        self.task.load_state_dict(state["task"])
+        for cb, s in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+        set_rng_state(state["rng"])

@@ -1,0 +1,152 @@
+"""Retraining a genotype from scratch and reporting accuracy, parameters and MACs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffnas.config import RetrainConfig, RunConfig
+from diffnas.data import Augment, BatchLoader, ImageData, load_dataset
+from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, seed_everything
+from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.rundir import resolve_device
+from diffnas.genotype import Genotype
+from diffnas.report.cost import count_macs, count_parameters
+from diffnas.spaces import DataShape, SearchSpace, create_space
+
+log = logging.getLogger("diffnas")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
+    """Mean loss and accuracy over ``loader`` in eval mode."""
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, 0
+    for x, y in loader:
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        total += len(y)
+    return {"test_loss": loss_sum / max(total, 1), "test_acc": correct / max(total, 1)}
+
+
+class TrainTask:
+    """Supervised training of a fixed network (SGD, cosine schedule, auxiliary loss)."""
+
+    def __init__(self, model: nn.Module, train: BatchLoader, test: BatchLoader,
+                 cfg: RetrainConfig) -> None:
+        self.model, self.train, self.test, self.cfg = model, train, test, cfg
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(cfg.epochs, 1), eta_min=cfg.lr_min)
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        self.model.train()
+        self.train.set_epoch(epoch)
+        return iter(self.train)
+
+    def num_batches(self) -> int:
+        return len(self.train)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        x, y = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(x)
+        logits, aux = out if isinstance(out, tuple) else (out, None)
+        loss = F.cross_entropy(logits, y)
+        if aux is not None:
+            loss = loss + self.cfg.auxiliary_weight * F.cross_entropy(aux, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"retrain loss is {loss.item()}: lower retrain.lr?")
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss.item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {"lr": lr, **evaluate(self.model, self.test)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class DropPathSchedule(Callback):
+    """Drop-path probability rising linearly from 0 to ``final`` over the epochs."""
+
+    def __init__(self, model: nn.Module, final: float) -> None:
+        self.model, self.final = model, final
+
+    def on_epoch_start(self, loop: Loop, epoch: int) -> None:
+        if hasattr(self.model, "drop_path_prob"):
+            self.model.drop_path_prob = self.final * epoch / max(loop.epochs, 1)
+
+
+def build_network(cfg: RunConfig, genotype: Genotype, shape: DataShape) -> tuple[SearchSpace, nn.Module]:
+    space = create_space(cfg.search.space, shape)
+    network = dict(cfg.retrain.network)
+    if cfg.retrain.auxiliary_weight > 0:
+        network.setdefault("auxiliary", True)
+    return space, space.build_network(genotype, **network)
+
+
+def network_summary(model: nn.Module, shape: DataShape) -> dict[str, int]:
+    return {"params": count_parameters(model),
+            "macs": count_macs(model, (shape.in_channels, shape.resolution, shape.resolution))}
+
+
+def run_retrain(
+    cfg: RunConfig, genotype: Genotype, run_dir: str | Path, resume: bool = False,
+    stop_after: int | None = None, data: ImageData | None = None,
+) -> dict[str, Any]:
+    """Train ``genotype`` from scratch as ``cfg.retrain`` says; writes ``run_dir/retrain``."""
+    out = Path(run_dir) / "retrain"
+    out.mkdir(parents=True, exist_ok=True)
+    r, d = cfg.retrain, cfg.data
+    device = resolve_device(cfg.device)
+    data = data or load_dataset(d.name, d.root, d.download, d.resolution, r.train_subset,
+                                d.test_subset, cfg.seed)
+    shape = DataShape(data.in_channels, data.resolution, data.num_classes)
+    seed_everything(cfg.seed)
+    _, model = build_network(cfg, genotype, shape)
+    model = model.to(device)
+    summary = network_summary(model, shape)
+    log.info("retrain: %s params (without auxiliary head), %.1f M MACs", f"{summary['params']:,}",
+             summary["macs"] / 1e6)
+    augment = Augment(r.crop_padding, r.flip, r.cutout)
+    train = BatchLoader(data.train_x, data.train_y, r.batch_size, seed=cfg.seed, augment=augment,
+                        device=device, drop_last=True)
+    test = BatchLoader(data.test_x, data.test_y, 256, shuffle=False, device=device)
+    task = TrainTask(model, train, test, r)
+    loop = Loop(task, r.epochs, [
+        DropPathSchedule(model, r.drop_path), ProgressBar("retrain", cfg.progress),
+        JsonLines(out / "metrics.jsonl"), Checkpoint(out / "checkpoint.pt"),
+    ])
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        loop.load_state_dict(load_checkpoint(ckpt))
+        log.info("resumed retraining at epoch %d", loop.epoch)
+    history = loop.run(stop_after=stop_after)
+    final = evaluate(model, test)
+    result = {"genotype": genotype.to_dict(), **summary, "epochs_done": loop.epoch,
+              "test_acc": final["test_acc"], "test_loss": final["test_loss"],
+              "history": history}
+    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    atomic_save(model.state_dict(), out / "model.pt")
+    return result

@@ -1,0 +1,33 @@
+"""Model cost: parameters and multiply-accumulates (counted by torch's FlopCounterMode)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(model: nn.Module, exclude: tuple[str, ...] = ("auxiliary",)) -> int:
+    """Trainable parameters, leaving out modules whose name starts with ``exclude`` (the
+    papers count DARTS networks without the auxiliary head)."""
+    return sum(
+        p.numel() for n, p in model.named_parameters()
+        if p.requires_grad and not n.startswith(exclude)
+    )
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...], *args) -> int:
+    """Multiply-accumulates of one forward pass of a single input in eval mode
+    (convolutions and matrix products; FlopCounterMode counts 2 FLOPs per MAC)."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        x = torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x, *args)
+        return counter.get_total_flops() // 2
+    finally:
+        model.train(was_training)
