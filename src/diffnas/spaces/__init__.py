@@ -1,6 +1,9 @@
 """Search spaces. Importing this package registers the built-in spaces."""
 
-from diffnas.spaces import darts_cnn  # noqa: F401  (registration)
+from diffnas.spaces import (
+    darts_cnn,  # noqa: F401  (registration)
+    nb201,  # noqa: F401  (registration)
+)
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
 from diffnas.spaces.registry import (
     SPACES,
