@@ -29,6 +29,8 @@ class ArchParams(nn.Module):
                 raise ValueError(f"edges of group {group!r} must share one candidate list")
             init = init_std * torch.randn(len(edges), n_ops, generator=generator)
             self.logits[group] = nn.Parameter(init)
+        #: PC-DARTS edge-normalization logits (one per edge), only after add_edge_betas().
+        self.betas = nn.ParameterDict()
 
     def __getitem__(self, group: str) -> torch.Tensor:
         return self.logits[group]
@@ -45,3 +47,35 @@ class ArchParams(nn.Module):
     def by_label(self) -> dict[str, torch.Tensor]:
         """Logit rows keyed by stable edge label (e.g. ``normal/n2/e0``)."""
         return {e.label: self.logits[g][i] for g, es in self.edges.items() for i, e in enumerate(es)}
+
+    # --- edge normalization (PC-DARTS betas) -------------------------------------------
+    def add_edge_betas(self) -> None:
+        """Give every edge a beta logit (zeros, so it adds no RNG draw). Node ``j`` then
+        weighs its incoming edges by ``softmax(beta)`` over those edges. Idempotent."""
+        for group, edges in self.edges.items():
+            if group not in self.betas:
+                ref = self.logits[group]
+                self.betas[group] = nn.Parameter(ref.new_zeros(len(edges)))
+
+    def edge_weights(self) -> dict[str, torch.Tensor]:
+        """Per group, ``softmax(beta)`` over the incoming edges of each node, shape
+        ``(num_edges,)``; empty when there are no betas."""
+        out = {}
+        for group, beta in self.betas.items():
+            dst = torch.tensor([e.dst for e in self.edges[group]], device=beta.device)
+            w = torch.zeros_like(beta)
+            for node in dst.unique().tolist():
+                mask = dst == node
+                w = w.masked_scatter(mask, torch.softmax(beta[mask], dim=0))
+            out[group] = w
+        return out
+
+    def normalize(self, arch_weights):
+        """Scale each edge's op weights by its edge weight (identity without betas). The
+        mixed op is linear in its weights, so this equals weighting the edge's output."""
+        if len(self.betas) == 0:
+            return arch_weights
+        scale = self.edge_weights()
+        weights = {g: w * scale[g].unsqueeze(-1) if g in scale else w
+                   for g, w in arch_weights.weights.items()}
+        return type(arch_weights)(weights, arch_weights.active)

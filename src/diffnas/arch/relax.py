@@ -42,6 +42,12 @@ class Relaxation:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def set_epochs(self, epochs: int) -> None:
+        """Told the run's length once, by the strategy (for schedules)."""
+
+    def end_epoch(self) -> None:
+        """Advance a per-epoch schedule (e.g. a temperature)."""
+
 
 RELAXATIONS: Registry[type[Relaxation]] = Registry("relaxation")
 
@@ -54,5 +60,99 @@ class SoftmaxRelaxation(Relaxation):
         return ArchWeights({g: torch.softmax(a, dim=-1) for g, a in logits.items()})
 
 
+class TemperatureSchedule:
+    """``tau`` annealed per epoch from ``tau`` to ``tau_min`` over the run, linearly
+    (GDAS) or exponentially (SNAS); ``tau_min=None`` keeps it constant."""
+
+    def __init__(self, tau: float, tau_min: float | None, anneal: str) -> None:
+        if tau <= 0 or (tau_min is not None and tau_min <= 0):
+            raise ValueError(f"temperatures must be positive, got tau={tau}, tau_min={tau_min}")
+        if anneal not in ("linear", "exp"):
+            raise ValueError(f"anneal must be 'linear' or 'exp', got {anneal!r}")
+        self.tau_max, self.tau_min, self.anneal = tau, tau_min, anneal
+        self.epochs = 1
+        self.epoch = 0
+
+    @property
+    def tau(self) -> float:
+        if self.tau_min is None or self.epochs <= 1:
+            return self.tau_max
+        t = min(self.epoch / (self.epochs - 1), 1.0)
+        if self.anneal == "linear":
+            return self.tau_max + t * (self.tau_min - self.tau_max)
+        return self.tau_max * (self.tau_min / self.tau_max) ** t
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.epochs = int(state["epoch"]), int(state["epochs"])
+
+
+def _gumbel_like(a: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from torch's global RNG (so checkpoints resume exactly)."""
+    return -torch.empty_like(a).exponential_().log()
+
+
+@RELAXATIONS.register("gumbel")
+class GumbelSoftmaxRelaxation(Relaxation):
+    """SNAS: ``softmax((alpha + g) / tau)`` with Gumbel noise ``g``, a fresh sample per
+    call; ``tau`` follows a per-epoch schedule kept in ``state_dict``."""
+
+    stochastic = True
+
+    def __init__(self, tau: float = 1.0, tau_min: float | None = None,
+                 anneal: str = "exp") -> None:
+        self.schedule = TemperatureSchedule(tau, tau_min, anneal)
+
+    @property
+    def tau(self) -> float:
+        return self.schedule.tau
+
+    def soft(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.softmax((a + _gumbel_like(a)) / self.tau, dim=-1)
+
+    def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
+        return ArchWeights({g: self.soft(a) for g, a in logits.items()})
+
+    def set_epochs(self, epochs: int) -> None:
+        self.schedule.epochs = max(int(epochs), 1)
+
+    def end_epoch(self) -> None:
+        self.schedule.epoch += 1
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+
+
+@RELAXATIONS.register("hard_gumbel")
+class HardGumbelRelaxation(GumbelSoftmaxRelaxation):
+    """GDAS: one op per edge sampled by Gumbel-argmax; the weight is one-hot in the
+    forward pass and carries the Gumbel-softmax gradient (straight-through). ``active``
+    holds the sampled index, so the supernet computes only that op."""
+
+    def __init__(self, tau: float = 10.0, tau_min: float | None = 0.1,
+                 anneal: str = "linear") -> None:
+        super().__init__(tau, tau_min, anneal)
+
+    def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
+        weights, active = {}, {}
+        for g, a in logits.items():
+            soft = self.soft(a)
+            index = soft.detach().argmax(dim=-1)
+            hard = torch.nn.functional.one_hot(index, a.shape[-1]).to(soft.dtype)
+            weights[g] = hard - soft.detach() + soft
+            active[g] = index
+        return ArchWeights(weights, active)
+
+
 def create_relaxation(name: str, **kwargs) -> Relaxation:
-    return RELAXATIONS.get(name)(**kwargs)
+    """The relaxation registered as ``name``; unknown settings are a clear error."""
+    cls = RELAXATIONS.get(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"relaxation {name!r}: bad settings {kwargs}: {exc}") from None

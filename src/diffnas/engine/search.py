@@ -55,7 +55,8 @@ class SearchTask:
         return {"lr": lr}
 
     def genotype(self) -> Genotype:
-        return discretize(self.strategy.arch_params.as_dict(), self.space, self.rule)
+        arch = self.strategy.arch_params
+        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()
@@ -91,15 +92,16 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     objective = getattr(space, "objective", lambda: ClassificationObjective())()
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
     cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+    data_y = strategy.relabel(data.train_y)  # identity, except e.g. RLNAS's random labels
     bs, seed = cfg.data.batch_size, cfg.seed
     common = {"batch_size": bs, "seed": seed, "device": device, "rank": rank,
               "world_size": world_size, "drop_last": True}
     if cls.uses_validation:
-        (tx, ty), (vx, vy) = split_train_val(data.train_x, data.train_y, cfg.data.search_split, seed)
+        (tx, ty), (vx, vy) = split_train_val(data.train_x, data_y, cfg.data.search_split, seed)
         train = BatchLoader(tx, ty, **common)
         val = BatchLoader(vx, vy, **{**common, "seed": seed + 1})
     else:
-        train, val = BatchLoader(data.train_x, data.train_y, **common), None
+        train, val = BatchLoader(data.train_x, data_y, **common), None
     return SearchTask(strategy, space, train, val, cfg.search.discretizer)
 
 

@@ -34,18 +34,26 @@ def _first_argmax(values: list[float]) -> int:
 
 
 @DISCRETIZERS.register("darts")
-def darts_discretize(logits: Mapping[str, torch.Tensor], space: SearchSpace) -> Genotype:
-    """The DARTS rule (top-k inputs per node by strongest non-``none`` weight)."""
+def darts_discretize(
+    logits: Mapping[str, torch.Tensor], space: SearchSpace,
+    edge_weights: Mapping[str, torch.Tensor] | None = None,
+) -> Genotype:
+    """The DARTS rule (top-k inputs per node by strongest non-``none`` weight). With
+    ``edge_weights`` (PC-DARTS edge normalization, one per edge) an edge's strength is
+    its edge weight times its strongest op weight."""
     k = space.inputs_per_node()
     weights = _weights(logits)
     cells = []
     for group, edges in space.edge_groups().items():
         W = weights[group].tolist()
+        scale = [1.0] * len(edges)
+        if edge_weights and group in edge_weights:
+            scale = edge_weights[group].detach().double().tolist()
         by_dst: dict[int, list[tuple[float, int, str]]] = {}
-        for row, e in zip(W, edges):
+        for row, e, sc in zip(W, edges, scale, strict=True):
             live = [i for i, name in enumerate(e.candidates) if name != "none"]
             best = live[_first_argmax([row[i] for i in live])]
-            by_dst.setdefault(e.dst, []).append((row[best], e.src, e.candidates[best]))
+            by_dst.setdefault(e.dst, []).append((sc * row[best], e.src, e.candidates[best]))
         kept: list[Edge] = []
         for dst in sorted(by_dst):
             # sorted() is stable: equal strengths keep the lower source first.
@@ -69,7 +77,12 @@ def argmax_discretize(logits: Mapping[str, torch.Tensor], space: SearchSpace) ->
 
 
 def discretize(
-    logits: Mapping[str, torch.Tensor], space: SearchSpace, rule: str | None = None
+    logits: Mapping[str, torch.Tensor], space: SearchSpace, rule: str | None = None,
+    edge_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Genotype:
-    """Apply ``rule`` (default: the space's own) to logits keyed by cell type."""
-    return DISCRETIZERS.get(rule or space.default_discretizer)(logits, space)
+    """Apply ``rule`` (default: the space's own) to logits keyed by cell type;
+    ``edge_weights`` (edge normalization) go to rules that rank edges (``darts``)."""
+    fn = DISCRETIZERS.get(rule or space.default_discretizer)
+    if edge_weights and fn is darts_discretize:
+        return fn(logits, space, edge_weights)
+    return fn(logits, space)  # argmax keeps every edge: no edge ranking to scale

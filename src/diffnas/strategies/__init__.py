@@ -1,6 +1,16 @@
 """Search strategies. Importing this package registers the built-in strategies."""
 
-from diffnas.strategies import darts  # noqa: F401  (registration)
+from diffnas.strategies import (  # noqa: F401  (registration)
+    darts,
+    few_shot,
+    gdas,
+    implicit,
+    mean_shift,
+    random_labels,
+    single_level,
+    snas,
+    zero_order,
+)
 from diffnas.strategies.base import SearchStrategy, StrategyConfig
 from diffnas.strategies.objective import ClassificationObjective, Objective
 from diffnas.strategies.registry import (

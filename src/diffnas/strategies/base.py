@@ -41,6 +41,7 @@ class StrategyConfig:
     w_optim: WeightOptimConfig = field(default_factory=WeightOptimConfig)
     a_optim: ArchOptimConfig = field(default_factory=ArchOptimConfig)
     relaxation: dict = field(default_factory=lambda: {"name": "softmax"})
+    edge_norm: bool = False  # PC-DARTS edge normalization: beta logits per incoming edge
 
 
 Batch = Any
@@ -74,6 +75,9 @@ class SearchStrategy:
         self.epochs = epochs
         relax = dict(config.relaxation)
         self.relaxation = create_relaxation(relax.pop("name"), **relax)
+        self.relaxation.set_epochs(epochs)
+        if config.edge_norm:  # before the optimizer, so the betas are optimized with alpha
+            arch_params.add_edge_betas()
         w = config.w_optim
         self.w_optimizer = torch.optim.SGD(
             self.weights(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay
@@ -97,7 +101,7 @@ class SearchStrategy:
         return list(self.arch_params.parameters())
 
     def arch_weights(self) -> ArchWeights:
-        return self.relaxation(self.arch_params.as_dict())
+        return self.arch_params.normalize(self.relaxation(self.arch_params.as_dict()))
 
     @property
     def lr(self) -> float:
@@ -136,8 +140,13 @@ class SearchStrategy:
     def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
         raise NotImplementedError
 
+    def relabel(self, labels: torch.Tensor) -> torch.Tensor:
+        """Training labels this strategy learns from (identity; RLNAS permutes them)."""
+        return labels
+
     def end_epoch(self) -> None:
         self.w_scheduler.step()
+        self.relaxation.end_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         return {

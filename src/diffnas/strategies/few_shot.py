@@ -1,0 +1,188 @@
+"""Few-shot NAS (Zhao et al., 2021): split the one-shot supernet on the ops of chosen
+edges into sub-supernets.
+
+For ``split_epoch`` epochs the strategy trains the one-shot supernet (DARTS first order).
+It then makes one sub-supernet per combination of ops on the ``split_edges``: each is a
+copy of the trained supernet and its alphas whose split edges are fixed to their op (the
+relaxed weight row is one-hot and constant), and each is fine-tuned by DARTS first order.
+Sub-supernets take the batches in turn (round robin), so the total cost stays that of one
+supernet. After every epoch the sub-supernet with the lowest mean validation loss is
+exported: its alphas (split rows set to the fixed op) and weights are copied into this
+strategy's, so the run's genotype is the best across sub-supernets.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffnas.arch.relax import ArchWeights, Relaxation
+from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
+from diffnas.strategies.darts import DartsConfig, DartsStrategy
+from diffnas.strategies.registry import register_strategy
+
+
+class FixedOpRelaxation(Relaxation):
+    """Wraps a relaxation; rows ``fixed[group][row] = op`` become a constant one-hot."""
+
+    def __init__(self, inner: Relaxation, fixed: dict[str, dict[int, int]]) -> None:
+        self.inner = inner
+        self.fixed = fixed
+        self.stochastic = inner.stochastic
+
+    def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
+        aw = self.inner(logits)
+        weights = dict(aw.weights)
+        active = None if aw.active is None else {g: a.clone() for g, a in aw.active.items()}
+        for g, rows in self.fixed.items():
+            w = weights[g].clone()
+            for row, op in rows.items():
+                w[row] = torch.nn.functional.one_hot(
+                    torch.tensor(op), w.shape[-1]).to(w)
+                if active is not None:
+                    active[g][row] = op
+            weights[g] = w
+        return ArchWeights(weights, active)
+
+    def set_epochs(self, epochs: int) -> None:
+        self.inner.set_epochs(epochs)
+
+    def end_epoch(self) -> None:
+        self.inner.end_epoch()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+@dataclass
+class FewShotConfig(StrategyConfig):
+    split_edges: list[str] = field(default_factory=list)  # edge labels; []: the first edge
+    split_epoch: int | None = None  # one-shot epochs before the split; None: epochs // 2
+    max_subnets: int = 64  # guard against an explosion of op combinations
+
+
+@register_strategy("few_shot")
+class FewShotStrategy(SearchStrategy):
+    Config = FewShotConfig
+
+    def __init__(self, config: FewShotConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        labels = {e.label: (g, i) for g, es in self.arch_params.edges.items()
+                  for i, e in enumerate(es)}
+        chosen = config.split_edges or [next(iter(labels))]
+        unknown = [lb for lb in chosen if lb not in labels]
+        if unknown:
+            raise ValueError(f"few_shot split_edges {unknown} are not edges of the space; "
+                             f"edges: {', '.join(labels)}")
+        self.split_rows = [labels[lb] for lb in chosen]
+        n = math.prod(len(self.arch_params.candidates(g)) for g, _ in self.split_rows)
+        if n > config.max_subnets:
+            raise ValueError(f"few_shot would make {n} sub-supernets (> max_subnets="
+                             f"{config.max_subnets}); split fewer edges")
+        self.split_at = config.split_epoch if config.split_epoch is not None else self.epochs // 2
+        if not 1 <= self.split_at < self.epochs:
+            raise ValueError(f"few_shot split_epoch must be in [1, epochs), got {self.split_at} "
+                             f"with epochs={self.epochs}")
+        self.epoch = 0
+        self.turn = 0
+        self.subnets: list[DartsStrategy] = []
+        self.fixed: list[dict[str, dict[int, int]]] = []
+        self.val_loss: list[list[float]] = []
+
+    def combos(self) -> list[dict[str, dict[int, int]]]:
+        """One ``{group: {row: op}}`` per sub-supernet."""
+        ranges = [range(len(self.arch_params.candidates(g))) for g, _ in self.split_rows]
+        out = []
+        for ops in itertools.product(*ranges):
+            fixed: dict[str, dict[int, int]] = {}
+            for (g, row), op in zip(self.split_rows, ops, strict=True):
+                fixed.setdefault(g, {})[row] = op
+            out.append(fixed)
+        return out
+
+    def split(self) -> None:
+        """Make the sub-supernets from the current (trained) supernet and alphas."""
+        c = self.config
+        w_optim = copy.deepcopy(c.w_optim)
+        w_optim.lr = self.lr  # continue from the one-shot learning rate
+        cfg = DartsConfig(w_optim=w_optim, a_optim=copy.deepcopy(c.a_optim),
+                          relaxation=dict(c.relaxation), edge_norm=c.edge_norm, order=1)
+        self.subnets, self.fixed = [], self.combos()
+        for fixed in self.fixed:
+            sub = DartsStrategy(cfg, copy.deepcopy(self.supernet),
+                                copy.deepcopy(self.arch_params), self.objective,
+                                self.epochs - self.split_at)
+            sub.relaxation = FixedOpRelaxation(sub.relaxation, fixed)
+            self.subnets.append(sub)
+        self.val_loss = [[] for _ in self.subnets]
+
+    @property
+    def lr(self) -> float:
+        return self.subnets[0].lr if self.subnets else super().lr
+
+    def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
+        if val_batch is None:
+            raise ValueError("few_shot needs a validation batch (bilevel search)")
+        if not self.subnets:  # one-shot phase: DARTS first order
+            self.a_optimizer.zero_grad(set_to_none=True)
+            loss, val_stats = self.loss(val_batch, self.arch_weights())
+            self.set_alpha_grads(list(torch.autograd.grad(loss, self.alphas())))
+            self.a_optimizer.step()
+            stats = self.weight_step(train_batch, self.arch_weights())
+            stats.update({f"val_{k}": v for k, v in val_stats.items()})
+            return stats
+        i = self.turn % len(self.subnets)
+        self.turn += 1
+        stats = self.subnets[i].step(train_batch, val_batch)
+        self.val_loss[i].append(stats["val_loss"])
+        return {**stats, "subnet": float(i)}
+
+    def best(self) -> int:
+        """The sub-supernet with the lowest mean validation loss this epoch."""
+        means = [sum(v) / len(v) if v else math.inf for v in self.val_loss]
+        return min(range(len(means)), key=lambda i: (means[i], i))
+
+    def export(self, i: int) -> None:
+        """Copy sub-supernet ``i`` (alphas with fixed rows one-hot, weights) into self."""
+        sub = self.subnets[i]
+        self.arch_params.load_state_dict(sub.arch_params.state_dict())
+        self.supernet.load_state_dict(sub.supernet.state_dict())
+        with torch.no_grad():
+            for g, rows in self.fixed[i].items():
+                for row, op in rows.items():
+                    self.arch_params[g][row].fill_(0.0)
+                    self.arch_params[g][row, op] = 10.0
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        if not self.subnets:
+            super().end_epoch()
+            if self.epoch == self.split_at:
+                self.split()
+            return
+        for sub in self.subnets:
+            sub.end_epoch()
+        self.export(self.best())
+        self.val_loss = [[] for _ in self.subnets]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch, "turn": self.turn,
+                "val_loss": self.val_loss, "subnets": [s.state_dict() for s in self.subnets]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.epoch, self.turn = state["epoch"], state["turn"]
+        self.subnets = []
+        if state["subnets"]:
+            self.split()
+            for sub, s in zip(self.subnets, state["subnets"], strict=True):
+                sub.load_state_dict(s)
+        self.val_loss = [list(v) for v in state["val_loss"]]

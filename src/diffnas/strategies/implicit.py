@@ -1,0 +1,105 @@
+"""iDARTS (Zhang et al., 2021): the hypergradient by the implicit function theorem.
+
+At a (near) optimum ``w*(alpha)`` of the training loss,
+
+    dL_val/dalpha = grad_alpha L_val - d2L_train/(dalpha dw) [d2L_train/dw2]^-1 grad_w L_val,
+
+with the inverse Hessian-vector product approximated by the truncated Neumann series
+``H^-1 v ~ eta * sum_{k<K} (I - eta H)^k v`` (exact as K grows when ``||I - eta H|| < 1``).
+The weight decay of the weight optimizer is part of the inner objective, so ``H``
+includes ``weight_decay * I``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
+from diffnas.strategies.registry import register_strategy
+
+Tensors = Sequence[torch.Tensor]
+
+
+def neumann_inverse_hvp(
+    hvp: Callable[[list[torch.Tensor]], Tensors], v: Tensors, K: int, eta: float
+) -> list[torch.Tensor]:
+    """``eta * sum_{k=0}^{K-1} (I - eta H)^k v`` with ``hvp(p) = H p``: K Hessian products
+    are not needed, K-1 are."""
+    if K < 1:
+        raise ValueError(f"the Neumann series needs K >= 1 terms, got {K}")
+    term = [t.detach().clone() for t in v]
+    total = [t.clone() for t in term]
+    for _ in range(K - 1):
+        hp = hvp(term)
+        term = [t - eta * h for t, h in zip(term, hp, strict=True)]
+        total = [a + t for a, t in zip(total, term, strict=True)]
+    return [eta * a for a in total]
+
+
+def _grads(out: torch.Tensor | Tensors, inputs: Tensors, **kw) -> list[torch.Tensor]:
+    got = torch.autograd.grad(out, list(inputs), allow_unused=True, **kw)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
+
+
+def implicit_hypergrad(
+    train_loss: torch.Tensor, val_loss: torch.Tensor, w: Tensors, alphas: Tensors,
+    K: int, eta: float, weight_decay: float = 0.0,
+) -> list[torch.Tensor]:
+    """The IFT hypergradient from two scalar losses built with graphs through ``w`` and
+    ``alphas`` (``train_loss`` is differentiated twice)."""
+    g = _grads(val_loss, [*alphas, *w])
+    g_alpha, v = g[: len(alphas)], g[len(alphas):]
+    gw = _grads(train_loss, w, create_graph=True)
+
+    def hvp(p: list[torch.Tensor]) -> list[torch.Tensor]:
+        hp = _grads(gw, w, grad_outputs=p, retain_graph=True)
+        return [h + weight_decay * x for h, x in zip(hp, p, strict=True)]
+
+    p = neumann_inverse_hvp(hvp, v, K, eta)
+    mixed = _grads(gw, alphas, grad_outputs=p, retain_graph=False)
+    return [ga - m for ga, m in zip(g_alpha, mixed, strict=True)]
+
+
+def implicit(s: SearchStrategy, train_batch: Batch, val_batch: Batch, K: int = 5,
+             eta: float | None = None):
+    """Hypergradient rule (see ``hypergrad.py``): IFT at the current weights; ``eta``
+    defaults to the weight optimizer's current learning rate."""
+    w = list(s.supernet.parameters())
+    val_loss, stats = s.loss(val_batch, s.arch_weights())
+    train_loss, _ = s.loss(train_batch, s.arch_weights())
+    grads = implicit_hypergrad(train_loss, val_loss, w, s.alphas(), K,
+                               s.lr if eta is None else eta, s.config.w_optim.weight_decay)
+    return grads, stats
+
+
+@dataclass
+class ImplicitConfig(StrategyConfig):
+    K: int = 5  # Neumann terms (K-1 Hessian-vector products per alpha step)
+    eta: float | None = None  # Neumann step size; None: the current weight learning rate
+
+    def __post_init__(self) -> None:
+        if self.K < 1:
+            raise ValueError(f"implicit K must be >= 1, got {self.K}")
+        if self.eta is not None and self.eta <= 0:
+            raise ValueError(f"implicit eta must be positive, got {self.eta}")
+
+
+@register_strategy("implicit")
+class ImplicitStrategy(SearchStrategy):
+    """Alpha step by the IFT hypergradient on (train, val), then a weight step."""
+
+    Config = ImplicitConfig
+
+    def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
+        if val_batch is None:
+            raise ValueError("implicit needs a validation batch (bilevel search)")
+        self.a_optimizer.zero_grad(set_to_none=True)
+        grads, val_stats = implicit(self, train_batch, val_batch, self.config.K, self.config.eta)
+        self.set_alpha_grads(grads)
+        self.a_optimizer.step()
+        stats = self.weight_step(train_batch, self.arch_weights())
+        stats.update({f"val_{k}": v for k, v in val_stats.items()})
+        return stats

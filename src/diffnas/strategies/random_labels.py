@@ -1,0 +1,243 @@
+"""RLNAS (Zhang et al., 2021): neural architecture search with random labels.
+
+The training labels are permuted once at the start (a fixed random permutation of the
+label vector, seeded by ``label_seed``, so resume reproduces it) and the supernet is
+trained by single-path uniform sampling: every step samples one op per edge and computes
+only those. Architecture parameters are never trained. After each epoch an evolutionary
+search looks for the path whose weights moved most from their initialization, by the
+*angle* between the initial and current weight vectors of the path (the shared weights
+plus the ops on the path); the best path is written into the architecture logits, so the
+usual discretizer returns it.
+
+Genotype: in spaces that keep every edge (nb201, ``argmax``) it is exactly the path. In
+spaces that keep ``k`` inputs per node (``darts``), the path's op logit on each edge is
+``5 + angle`` of that op's own weights, so each node keeps the inputs whose ops moved most
+(parameter-free ops score 0): a deviation from the paper, which samples input edges too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffnas.arch.relax import ArchWeights
+from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
+from diffnas.strategies.registry import register_strategy
+
+Path = dict[str, torch.Tensor]  # group -> op index per edge
+
+
+def angle_from_sums(dot: float, n0: float, n1: float) -> float:
+    """Angle between two vectors from ``<a, b>``, ``|a|^2``, ``|b|^2`` (0 for equal ones:
+    ``sqrt(x * x) == x`` exactly in IEEE arithmetic, so cos is exactly 1)."""
+    if n0 <= 0.0 or n1 <= 0.0:
+        return 0.0
+    return math.acos(max(-1.0, min(1.0, dot / math.sqrt(n0 * n1))))
+
+
+@dataclass
+class RandomLabelsConfig(StrategyConfig):
+    label_seed: int = 0
+    exclude_ops: list[str] = field(default_factory=lambda: ["none"])  # never sampled
+    population: int = 20
+    iterations: int = 10
+    parents: int = 5
+    mutate_prob: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.population < 2 or not 1 <= self.parents <= self.population:
+            raise ValueError(f"random_labels needs population >= 2 and 1 <= parents <= "
+                             f"population, got {self.population}, {self.parents}")
+        if self.iterations < 0 or not 0 <= self.mutate_prob <= 1:
+            raise ValueError("random_labels needs iterations >= 0 and mutate_prob in [0, 1]")
+
+
+@register_strategy("random_labels")
+class RandomLabelsStrategy(SearchStrategy):
+    Config = RandomLabelsConfig
+    uses_validation = False
+
+    def __init__(self, config: RandomLabelsConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.allowed: dict[str, torch.Tensor] = {}
+        for g in self.arch_params.groups():
+            ok = [i for i, n in enumerate(self.arch_params.candidates(g))
+                  if n not in config.exclude_ops]
+            if not ok:
+                raise ValueError(f"random_labels: exclude_ops {config.exclude_ops} leave no op "
+                                 f"in group {g!r}")
+            self.allowed[g] = torch.tensor(ok)
+        self.init_weights = {n: p.detach().clone() for n, p in self.supernet.named_parameters()}
+        self.counts = {g: torch.zeros_like(a, dtype=torch.long)
+                       for g, a in self.arch_params.as_dict().items()}
+        self.edge_params: dict[tuple[str, int, int], list[str]] | None = None
+        self.best_path: Path | None = None
+        self.best_angle = 0.0
+
+    # --- data -----------------------------------------------------------------------------
+    def relabel(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels permuted once by ``label_seed`` (the same every call)."""
+        g = torch.Generator().manual_seed(self.config.label_seed)
+        return labels[torch.randperm(len(labels), generator=g).to(labels.device)]
+
+    # --- paths ----------------------------------------------------------------------------
+    def sample_path(self) -> Path:
+        """One allowed op per edge, uniformly (torch's global RNG)."""
+        return {g: ok[torch.randint(len(ok), (len(self.arch_params.edges[g]),))]
+                for g, ok in self.allowed.items()}
+
+    def path_weights(self, path: Path) -> ArchWeights:
+        """One-hot weights with ``active`` set: the supernet computes only the path."""
+        weights = {g: torch.nn.functional.one_hot(idx, self.arch_params[g].shape[-1])
+                   .to(self.arch_params[g]) for g, idx in path.items()}
+        return ArchWeights(weights, {g: idx.clone() for g, idx in path.items()})
+
+    def map_edges(self, x: torch.Tensor) -> None:
+        """Find which parameters belong to which (group, edge, op), by one traced forward:
+        each mixed op (a module with ``ops`` and ``candidates``) receives a view of one row
+        of the weights, whose address identifies the edge. Works for any space."""
+        mixed = {m: name for name, m in self.supernet.named_modules()
+                 if hasattr(m, "candidates") and isinstance(getattr(m, "ops", None),
+                                                            torch.nn.ModuleList)}
+        # a fixed path (no RNG draw, so a resumed run traces without shifting the stream)
+        path = {g: ok[:1].repeat(len(self.arch_params.edges[g])) for g, ok in self.allowed.items()}
+        aw = self.path_weights(path)
+        rows = {}
+        for g, w in aw.weights.items():
+            for r in range(w.shape[0]):
+                rows[w[r].data_ptr()] = (g, r)
+        seen: dict[torch.nn.Module, tuple[str, int]] = {}
+
+        def hook(module, args):
+            key = rows.get(args[1].data_ptr())
+            if key is None:
+                raise RuntimeError(f"random_labels: mixed op {mixed[module]!r} received a "
+                                   "weight row that is not a view of the arch weights")
+            seen[module] = key
+
+        handles = [m.register_forward_pre_hook(hook) for m in mixed]
+        try:
+            with torch.no_grad():
+                self.supernet(x, aw)
+        finally:
+            for h in handles:
+                h.remove()
+        names = {id(p): n for n, p in self.supernet.named_parameters()}
+        edge_params: dict[tuple[str, int, int], list[str]] = {}
+        owned = set()
+        for m, (g, r) in seen.items():
+            for j, op in enumerate(m.ops):
+                for p in op.parameters():
+                    edge_params.setdefault((g, r, j), []).append(names[id(p)])
+                    owned.add(names[id(p)])
+        edge_params[("", -1, -1)] = [n for n in names.values() if n not in owned]  # shared
+        self.edge_params = edge_params
+
+    def _sums(self) -> dict[tuple[str, int, int], tuple[float, float, float]]:
+        """(dot, |w0|^2, |w|^2) of every parameter block, in float64."""
+        cur = dict(self.supernet.named_parameters())
+        out = {}
+        for key, names in self.edge_params.items():
+            d = a = b = 0.0
+            for n in names:
+                w0, w = self.init_weights[n].double(), cur[n].detach().double()
+                d += float((w0 * w).sum())
+                a += float((w0 * w0).sum())
+                b += float((w * w).sum())
+            out[key] = (d, a, b)
+        return out
+
+    def angle(self, path: Path, include_shared: bool = True, sums=None) -> float:
+        """Angle between the path's initial and current weights (0 for an untrained path).
+        Needs :meth:`map_edges` (done at the first step)."""
+        if self.edge_params is None:
+            raise RuntimeError("random_labels: call map_edges(x) or step() before angle()")
+        sums = sums or self._sums()
+        keys = [("", -1, -1)] if include_shared else []
+        keys += [(g, r, int(op)) for g, idx in path.items() for r, op in enumerate(idx)]
+        tot = [0.0, 0.0, 0.0]
+        for k in keys:
+            for i, v in enumerate(sums.get(k, (0.0, 0.0, 0.0))):
+                tot[i] += v
+        return angle_from_sums(*tot)
+
+    # --- evolution ------------------------------------------------------------------------
+    def _mutate(self, path: Path) -> Path:
+        out = {}
+        for g, idx in path.items():
+            flip = torch.rand(len(idx)) < self.config.mutate_prob
+            new = self.allowed[g][torch.randint(len(self.allowed[g]), (len(idx),))]
+            out[g] = torch.where(flip, new, idx)
+        return out
+
+    def _cross(self, a: Path, b: Path) -> Path:
+        return {g: torch.where(torch.rand(len(a[g])) < 0.5, a[g], b[g]) for g in a}
+
+    def evolve(self) -> tuple[Path, float]:
+        """Evolutionary search for the path with the largest angle."""
+        c = self.config
+        sums = self._sums()
+        scored: dict[tuple, tuple[float, Path]] = {}
+
+        def score(p: Path) -> None:
+            key = tuple(tuple(p[g].tolist()) for g in sorted(p))
+            if key not in scored:
+                scored[key] = (self.angle(p, sums=sums), p)
+
+        population = [self.sample_path() for _ in range(c.population)]
+        for p in population:
+            score(p)
+        for _ in range(c.iterations):
+            top = sorted(scored.values(), key=lambda t: -t[0])[: c.parents]
+            children = []
+            for _ in range(c.population):
+                i = int(torch.randint(len(top), (1,)))
+                if torch.rand(()) < 0.5:
+                    children.append(self._mutate(top[i][1]))
+                else:
+                    j = int(torch.randint(len(top), (1,)))
+                    children.append(self._cross(top[i][1], top[j][1]))
+            for p in children:
+                score(p)
+        best_angle, best = max(scored.values(), key=lambda t: t[0])
+        return best, best_angle
+
+    def export(self, path: Path) -> None:
+        """Write ``path`` into the logits: the op logit is ``5 + angle`` of its own weights."""
+        sums = self._sums()
+        with torch.no_grad():
+            for g, idx in path.items():
+                a = self.arch_params[g]
+                a.zero_()
+                for r, op in enumerate(idx.tolist()):
+                    own = angle_from_sums(*sums.get((g, r, op), (0.0, 0.0, 0.0)))
+                    a[r, op] = 5.0 + own
+
+    # --- the interface --------------------------------------------------------------------
+    def step(self, train_batch: Batch, val_batch: Batch | None = None) -> dict[str, float]:
+        if val_batch is not None:
+            raise ValueError("random_labels trains on one stream; it got a validation batch")
+        if self.edge_params is None:
+            self.map_edges(self.objective.inputs(train_batch)[:2])
+        path = self.sample_path()
+        for g, idx in path.items():
+            self.counts[g][torch.arange(len(idx)), idx] += 1
+        return self.weight_step(train_batch, self.path_weights(path))
+
+    def end_epoch(self) -> None:
+        super().end_epoch()
+        if self.edge_params is not None:
+            self.best_path, self.best_angle = self.evolve()
+            self.export(self.best_path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "init_weights": self.init_weights,
+                "counts": self.counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.init_weights = {n: t.clone() for n, t in state["init_weights"].items()}
+        self.counts = {g: t.clone() for g, t in state["counts"].items()}

@@ -1,0 +1,62 @@
+"""SNAS (Xie et al., 2019): Gumbel-softmax relaxation with an annealed temperature,
+weights and architecture updated in the same backward pass (single level), and an
+optional resource term: the expected cost of the sampled ops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from diffnas.arch.relax import ArchWeights
+from diffnas.ops import create_op
+from diffnas.strategies.registry import register_strategy
+from diffnas.strategies.single_level import SingleLevelConfig, SingleLevelStrategy
+
+
+@dataclass
+class SnasConfig(SingleLevelConfig):
+    relaxation: dict = field(
+        default_factory=lambda: {"name": "gumbel", "tau": 1.0, "tau_min": 0.1, "anneal": "exp"}
+    )
+    cost_weight: float = 0.0  # weight of the resource term (0: off)
+    cost_channels: int = 16  # ops are measured (parameter count) at this width
+
+    def __post_init__(self) -> None:
+        if self.relaxation.get("name") not in ("gumbel", "hard_gumbel"):
+            raise ValueError(
+                f"snas needs a Gumbel relaxation, got {self.relaxation.get('name')!r}"
+            )
+        if self.cost_weight < 0:
+            raise ValueError(f"snas cost_weight must be >= 0, got {self.cost_weight}")
+
+
+def op_costs(candidates: tuple[str, ...], C: int) -> torch.Tensor:
+    """Parameter count of each candidate op at width ``C``, divided by the largest."""
+    counts = torch.tensor(
+        [float(sum(p.numel() for p in create_op(n, C, 1, affine=False).parameters()))
+         for n in candidates]
+    )
+    return counts / counts.max() if counts.max() > 0 else counts
+
+
+@register_strategy("snas")
+class SnasStrategy(SingleLevelStrategy):
+    Config = SnasConfig
+
+    def __init__(self, config: SnasConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.costs = {
+            g: op_costs(self.arch_params.candidates(g), config.cost_channels)
+            for g in self.arch_params.groups()
+        }
+
+    def extra_loss(self, arch_weights: ArchWeights) -> tuple[torch.Tensor | None, dict]:
+        """cost_weight * sum over edges of sum_k w_k cost_k (the sampled ops' cost)."""
+        if self.config.cost_weight == 0:
+            return None, {"tau": self.relaxation.tau}
+        cost = sum(
+            (arch_weights[g] * c.to(arch_weights[g])).sum() for g, c in self.costs.items()
+        )
+        stats = {"cost": float(cost.detach()), "tau": self.relaxation.tau}
+        return self.config.cost_weight * cost, stats

@@ -1,0 +1,70 @@
+"""Edge modifiers: mixed-op factories selected by a space's ``mixed_op: {name: ..., ...}``.
+
+``partial_channel`` (PC-DARTS, Xu et al. 2020): only ``C // k`` channels of an edge's input
+go through the candidate ops; the other channels bypass them (max-pooled on stride-2
+edges) and the concatenation is channel-shuffled so the next edge sees other channels.
+
+Edge normalization, the other PC-DARTS modifier, weights the edges entering a node by
+``softmax(beta)``. The betas are architecture parameters, so they live in
+:class:`~diffnas.arch.params.ArchParams` (``add_edge_betas``), not here: switch it on with
+the strategy setting ``edge_norm: true`` (works with every space and relaxation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from diffnas.supernet.mixed import MixedOp, MixedOpFactory, default_mixed_op
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Interleave ``groups`` equal channel groups (ShuffleNet)."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class PartialChannelMixedOp(nn.Module):
+    """A mixed op on the first ``C // k`` channels; the rest bypass, then shuffle."""
+
+    def __init__(self, C: int, stride: int, candidates: Sequence[str], k: int) -> None:
+        super().__init__()
+        if k < 1 or C % k:
+            raise ValueError(f"partial_channel k={k} must be >= 1 and divide the channels C={C}")
+        self.k = k
+        self.mixed = MixedOp(C // k, stride, candidates)
+        self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, active: int | None = None
+    ) -> torch.Tensor:
+        c = x.shape[1] // self.k
+        out = torch.cat([self.mixed(x[:, :c], weights, active), self.bypass(x[:, c:])], dim=1)
+        return channel_shuffle(out, self.k) if self.k > 1 else out
+
+
+def _partial_channel(k: int = 4) -> MixedOpFactory:
+    def factory(C: int, stride: int, candidates: Sequence[str]) -> nn.Module:
+        return PartialChannelMixedOp(C, stride, candidates, k)
+
+    return factory
+
+
+_MODIFIERS = {"partial_channel": _partial_channel, "default": lambda: default_mixed_op}
+
+
+def create_mixed_op_factory(spec: dict) -> MixedOpFactory:
+    """``{"name": "partial_channel", "k": 4}`` -> a factory ``(C, stride, candidates)``."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in _MODIFIERS:
+        raise ValueError(f"unknown mixed_op {name!r}; known: {', '.join(sorted(_MODIFIERS))}")
+    if "edge_norm" in spec:
+        raise ValueError("edge_norm is a strategy setting (its betas are architecture "
+                         "parameters): set search.strategy.edge_norm=true")
+    try:
+        return _MODIFIERS[name](**spec)
+    except TypeError:
+        raise ValueError(f"mixed_op {name!r}: unknown setting(s) {sorted(spec)}") from None
