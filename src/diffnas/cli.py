@@ -18,7 +18,7 @@ CommandSetup = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace]
 _COMMANDS: dict[str, tuple[str, CommandSetup]] = {}
 
 # Modules that register further commands (plots, benchmarks, export, ...).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["diffnas.hardware.cli"]
 
 
 def register_command(name: str, help: str) -> Callable[[CommandSetup], CommandSetup]:

@@ -31,3 +31,36 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], *args) -> int:
         return counter.get_total_flops() // 2
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def flops_by_module(model: nn.Module, input_shape: tuple[int, ...], *args) -> dict[str, int]:
+    """FLOPs of one forward pass of a single input in eval mode, per submodule: keys are
+    qualified module names (``""`` = the whole model), values include submodules. Counts
+    what FlopCounterMode counts: convolutions and matrix products, 2 FLOPs per MAC."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else None
+        dtype = p.dtype if p is not None else None
+        x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x, *args)
+        root = type(model).__name__
+        out = {}
+        for name, ops in counter.get_flop_counts().items():
+            if name == "Global":
+                continue
+            key = "" if name == root else name.removeprefix(root + ".")
+            out[key] = int(sum(ops.values()))
+        out.setdefault("", counter.get_total_flops())
+        return out
+    finally:
+        model.train(was_training)
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...], *args) -> int:
+    """Total FLOPs (2 per multiply-accumulate) of one forward pass of a single input."""
+    return flops_by_module(model, input_shape, *args)[""]

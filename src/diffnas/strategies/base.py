@@ -3,7 +3,8 @@ parameter sets, two optimizers, a relaxation and an objective."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -13,7 +14,29 @@ from torch.func import functional_call
 
 from diffnas.arch.params import ArchParams
 from diffnas.arch.relax import ArchWeights, create_relaxation
+from diffnas.registry import Registry
 from diffnas.strategies.objective import Objective
+
+#: Extra differentiable losses on the architecture (e.g. predicted latency): a factory
+#: ``(**settings) -> penalty`` with ``penalty(arch_weights, logits) -> scalar tensor``,
+#: added to the alpha objective by the hypergradient rules (``SearchStrategy.add_penalty``).
+PENALTIES: Registry[Callable[..., Callable]] = Registry("architecture penalty")
+#: Modules that register penalties, imported when a strategy first builds one.
+PENALTY_MODULES: list[str] = ["diffnas.hardware.penalty"]
+
+
+def register_penalty(name: str):
+    return PENALTIES.register(name)
+
+
+def create_penalty(spec: dict) -> Callable:
+    """Build ``{name: ..., **settings}`` from :data:`PENALTIES`."""
+    for mod in PENALTY_MODULES:
+        importlib.import_module(mod)
+    spec = dict(spec)
+    if "name" not in spec:
+        raise ValueError(f"penalty {spec} needs a 'name'; known: {PENALTIES.names()}")
+    return PENALTIES.get(spec.pop("name"))(**spec)
 
 
 @dataclass
@@ -41,6 +64,7 @@ class StrategyConfig:
     w_optim: WeightOptimConfig = field(default_factory=WeightOptimConfig)
     a_optim: ArchOptimConfig = field(default_factory=ArchOptimConfig)
     relaxation: dict = field(default_factory=lambda: {"name": "softmax"})
+    penalties: list[dict] = field(default_factory=list)  # e.g. [{name: latency, lam: 0.1}]
     edge_norm: bool = False  # PC-DARTS edge normalization: beta logits per incoming edge
 
 
@@ -92,6 +116,11 @@ class SearchStrategy:
             betas=tuple(a.betas),
             weight_decay=a.weight_decay,
         )
+        device = self.alphas()[0].device
+        self.penalties = [(spec.get("name"), create_penalty(spec)) for spec in config.penalties]
+        for _, p in self.penalties:
+            if isinstance(p, nn.Module):
+                p.to(device)
 
     # --- parameter sets ---------------------------------------------------------------
     def weights(self) -> Iterator[nn.Parameter]:
@@ -122,6 +151,18 @@ class SearchStrategy:
         else:
             out = functional_call(self.supernet, params, (x, arch_weights))
         return self.objective(out, batch)
+
+    def add_penalty(
+        self, loss: torch.Tensor, arch_weights: ArchWeights, stats: dict[str, float]
+    ) -> torch.Tensor:
+        """``loss`` plus the configured architecture penalties of ``arch_weights`` (each
+        also reported in ``stats`` as ``penalty_<name>``)."""
+        logits = self.arch_params.as_dict()
+        for name, penalty in self.penalties:
+            value = penalty(arch_weights, logits)
+            stats[f"penalty_{name}"] = value.item()
+            loss = loss + value
+        return loss
 
     def weight_step(self, batch: Batch, arch_weights: ArchWeights) -> dict[str, float]:
         """One SGD step on ``w`` with the arch weights held fixed (detached)."""

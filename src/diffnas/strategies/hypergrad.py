@@ -16,8 +16,11 @@ HypergradRule = Callable[[SearchStrategy, Batch, Batch], tuple[list[torch.Tensor
 
 
 def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch):
-    """DARTS first order: grad_alpha L_val(w, alpha) at the current weights."""
-    loss, stats = s.loss(val_batch, s.arch_weights())
+    """DARTS first order: grad_alpha (L_val(w, alpha) + penalties(alpha)) at the current
+    weights."""
+    arch_weights = s.arch_weights()
+    loss, stats = s.loss(val_batch, arch_weights)
+    loss = s.add_penalty(loss, arch_weights, stats)
     grads = torch.autograd.grad(loss, s.alphas())
     return list(grads), stats
 
@@ -75,14 +78,17 @@ def unrolled(
     fd_radius: float = 1e-2,
 ):
     """DARTS second order: grad_alpha L_val(w', alpha) - xi * d2L_train/(dalpha dw) v,
-    v = grad_w' L_val(w', alpha), with w' one virtual weight step.
+    v = grad_w' L_val(w', alpha), with w' one virtual weight step (plus the gradient of
+    the strategy's penalties, which depend on alpha only).
 
     ``fd_radius`` is the paper's 0.01 (the weights move by that much in L2 norm). On a
     ReLU network the two perturbed points can straddle activation kinks, so the central
     difference is only an approximation; ``hessian="exact"`` avoids it at the price of a
     double backward."""
     w_prime = {n: t.requires_grad_(True) for n, t in virtual_step(s, train_batch).items()}
-    loss, stats = s.loss(val_batch, s.arch_weights(), params=w_prime)
+    arch_weights = s.arch_weights()
+    loss, stats = s.loss(val_batch, arch_weights, params=w_prime)
+    loss = s.add_penalty(loss, arch_weights, stats)  # penalties depend on alpha only
     alphas = s.alphas()
     grads = torch.autograd.grad(loss, alphas + list(w_prime.values()))
     d_alpha, d_w = grads[: len(alphas)], grads[len(alphas) :]

@@ -40,6 +40,7 @@ class SingleLevelStrategy(SearchStrategy):
         self.a_optimizer.zero_grad(set_to_none=True)
         aw = self.arch_weights()
         loss, stats = self.loss(train_batch, aw)
+        loss = self.add_penalty(loss, aw, stats)  # configured penalties (e.g. latency)
         extra, extra_stats = self.extra_loss(aw)
         (loss if extra is None else loss + extra).backward()
         nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.w_optim.grad_clip)

@@ -1,0 +1,132 @@
+"""``diffnas latency measure | fit | report | sweep``: build a latency dataset on this
+device, fit the predictor, report costs of a genotype, and run a lambda sweep."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diffnas.cli import register_command
+
+
+def _space_from_config(config: str | None, overrides: list[str]):
+    """(run config, space, input shape (C, H, W), retrain network settings)."""
+    from diffnas.cli import _dry_run_shape
+    from diffnas.config import load_config
+    from diffnas.spaces import DataShape, create_space
+
+    cfg = load_config(config, overrides)
+    c, side, k = _dry_run_shape(cfg.data.name, cfg.data.resolution)
+    space = create_space(cfg.search.space, DataShape(c, side, k))
+    network = {key: v for key, v in cfg.retrain.network.items() if key != "auxiliary"}
+    return cfg, space, (c, side, side), network
+
+
+def _settings(args: argparse.Namespace):
+    from diffnas.hardware.latency import LatencySettings
+
+    return LatencySettings(batch_size=args.batch_size, warmup=args.warmup,
+                           repeats=args.repeats, threads=args.threads)
+
+
+def _latency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15, help="timed samples (median is kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed)")
+
+
+@register_command("latency", "latency datasets, predictor and sweeps (hardware-aware search)")
+def _latency(p: argparse.ArgumentParser):
+    sub = p.add_subparsers(dest="latency_command", required=True)
+
+    m = sub.add_parser("measure", help="sample, build and time architectures; append records")
+    m.add_argument("--config", help="YAML run config: space, data shape, retrain network")
+    m.add_argument("--out", required=True, help="JSON Lines dataset (appended to)")
+    m.add_argument("-n", "--count", type=int, default=300, help="new architectures")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--chunk", type=int, default=25, help="models timed interleaved together")
+    _latency_args(m)
+    m.add_argument("overrides", nargs="*", help="dotted config overrides")
+
+    f = sub.add_parser("fit", help="train the MLP latency predictor on a dataset")
+    f.add_argument("--data", required=True, help="latency dataset (JSON Lines)")
+    f.add_argument("--out", required=True, help="predictor file to write (.pt)")
+    f.add_argument("--config", help="YAML run config naming the space")
+    f.add_argument("--holdout", type=float, default=0.2, help="held-out fraction")
+    f.add_argument("--epochs", type=int, default=600)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--target", choices=["anchored", "raw"], default="anchored",
+                   help="load-corrected (anchored) or raw median latencies")
+    f.add_argument("--fingerprint", help="use only records of this device id")
+    f.add_argument("overrides", nargs="*")
+
+    r = sub.add_parser("report", help="params, FLOPs per op, measured and predicted latency")
+    r.add_argument("--config", help="YAML run config")
+    r.add_argument("--genotype", required=True, help="genotype file or published name")
+    r.add_argument("--predictor", help="fitted predictor (.pt) for the predicted latency")
+    _latency_args(r)
+    r.add_argument("overrides", nargs="*")
+
+    s = sub.add_parser("sweep", help="search at several lambdas; plot accuracy vs latency")
+    s.add_argument("--config", required=True, help="YAML run config of the searches")
+    s.add_argument("--predictor", required=True)
+    s.add_argument("--lambdas", default="0,0.1,0.3,1", help="comma-separated")
+    s.add_argument("--out", required=True, help="directory for runs, table and plot")
+    _latency_args(s)
+    s.add_argument("overrides", nargs="*")
+
+    def run(args: argparse.Namespace) -> int:
+        return {"measure": _measure, "fit": _fit, "report": _report,
+                "sweep": _sweep}[args.latency_command](args)
+
+    return run
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from diffnas.hardware.dataset import build_dataset
+
+    cfg, space, shape, network = _space_from_config(args.config, args.overrides)
+    print(f"measuring {args.count} {space.name} architectures, input {shape}, network "
+          f"{network}, {_settings(args)}", flush=True)
+    build_dataset(space, args.out, args.count, shape, network, _settings(args), args.seed,
+                  args.chunk, progress=lambda i, n: print(f"  {i}/{n}", flush=True),
+                  space_section=dict(cfg.search.space))
+    print(f"appended {args.count} records to {args.out}")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from diffnas.hardware.dataset import load_records
+    from diffnas.hardware.predictor import fit_predictor
+
+    _, space, _, _ = _space_from_config(args.config, args.overrides)
+    records = load_records(args.data, args.fingerprint)
+    predictor, report = fit_predictor(records, space, holdout=args.holdout,
+                                      epochs=args.epochs, seed=args.seed, target=args.target)
+    predictor.save(args.out)
+    print(json.dumps(report, indent=1))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from diffnas.genotype import resolve_genotype
+    from diffnas.hardware.costs import genotype_costs
+
+    _, space, shape, network = _space_from_config(args.config, args.overrides)
+    genotype = resolve_genotype(args.genotype)
+    out = genotype_costs(space, genotype, shape, network, _settings(args), args.predictor)
+    print(genotype)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from diffnas.hardware.sweep import run_sweep
+
+    lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+    run_sweep(args.config, args.overrides, args.predictor, lambdas, Path(args.out),
+              _settings(args))
+    return 0

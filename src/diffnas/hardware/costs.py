@@ -1,0 +1,59 @@
+"""Cost model of a genotype: parameters, MACs, FLOPs per op type, measured latency on this
+device and, given a fitted predictor, the predicted latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from diffnas.genotype import Genotype
+from diffnas.hardware.dataset import encode_indices, one_hot
+from diffnas.hardware.latency import LatencySettings, device_fingerprint, measure_latency
+from diffnas.report.cost import count_macs, count_parameters, flops_by_module
+from diffnas.spaces import SearchSpace
+from diffnas.supernet.cell import FixedCell
+
+
+def flops_by_op(model: nn.Module, genotype: Genotype, input_shape: tuple[int, ...]) -> dict:
+    """FLOPs of one forward pass split by op name of the cells' edges; what lies outside
+    the edge ops (stem, cell preprocessing, classifier) is reported as ``other``."""
+    per_module = flops_by_module(model, input_shape)
+    out: dict[str, int] = {}
+    in_ops = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, FixedCell):
+            continue
+        cell = genotype.cell("reduce" if module.reduction else "normal")
+        for i, edge in enumerate(cell.edges):
+            f = per_module.get(f"{name}.ops.{i}", 0)
+            out[edge.op] = out.get(edge.op, 0) + f
+            in_ops += f
+    out["other"] = per_module[""] - in_ops
+    return out
+
+
+def genotype_costs(
+    space: SearchSpace, genotype: Genotype, input_shape: tuple[int, int, int],
+    network: dict | None = None, settings: LatencySettings | None = None,
+    predictor: str | None = None,
+) -> dict[str, Any]:
+    """Parameters, MACs, FLOPs (total and per op), measured latency and, when a predictor
+    file is given, the predicted latency of ``genotype`` built with ``network``."""
+    settings = settings or LatencySettings()
+    model = space.build_network(genotype, **(network or {}))
+    stats = measure_latency(model, input_shape, settings)
+    out: dict[str, Any] = {
+        "params": count_parameters(model), "macs": count_macs(model, input_shape),
+        "flops": flops_by_module(model, input_shape)[""],
+        "flops_by_op": flops_by_op(model, genotype, input_shape),
+        "latency_ms": stats.median_ms, "latency_q25_ms": stats.q25_ms,
+        "latency_q75_ms": stats.q75_ms, "settings": vars(settings),
+        "device": device_fingerprint("cpu", settings.threads),
+    }
+    if predictor is not None:
+        from diffnas.hardware.predictor import LatencyPredictor
+
+        p = LatencyPredictor.load(predictor)
+        out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
+    return out

@@ -1,0 +1,174 @@
+"""Latency datasets: sample architectures of a space, build each fixed network, measure
+it, and keep the records in a JSON Lines file that later runs extend and reuse.
+
+A record holds the genotype, its per-edge encoding (op index per edge, ``-1`` for an
+edge the genotype drops), the median latency and quartiles, parameters and MACs, the
+device fingerprint, the measuring settings and the machine load while measuring.
+
+On a shared machine the load changes over minutes, so every chunk of architectures is
+timed together with a fixed *anchor* architecture, interleaved round by round: ``ratio``
+is the median over rounds of (latency / anchor latency in the same round), which cancels
+load that is steady over one round (about a second). ``anchored_ms`` = ratio times the
+anchor's median over the whole file is the load-corrected latency the predictor fits.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffnas.genotype import Genotype
+from diffnas.genotype.discretize import discretize
+from diffnas.hardware.latency import (
+    LatencySettings,
+    device_fingerprint,
+    load_average,
+    measure_many,
+    settings_dict,
+)
+from diffnas.report.cost import count_macs, count_parameters
+from diffnas.spaces import SearchSpace
+
+
+def sample_genotype(space: SearchSpace, generator: torch.Generator) -> Genotype:
+    """A random genotype of ``space``, through the space's own discretizer (so any space
+    works). Each cell type first draws an op preference ``p ~ Dirichlet(1)``; edge logits
+    are ``log p + Gumbel noise``. Compared with uniform ops this covers the cheap and the
+    expensive ends of the space (all pools, all separable convolutions) as well."""
+    logits = {}
+    for group, edges in space.edge_groups().items():
+        n_ops = len(edges[0].candidates)
+        u = torch.rand(n_ops, generator=generator).clamp_min(1e-12)
+        pref = -torch.log(u)
+        pref = pref / pref.sum()
+        g = torch.rand(len(edges), n_ops, generator=generator).clamp(1e-12, 1 - 1e-12)
+        logits[group] = torch.log(pref) - torch.log(-torch.log(g))
+    return discretize(logits, space)
+
+
+def encode_indices(genotype: Genotype, space: SearchSpace) -> dict[str, list[int]]:
+    """Op index per edge of each cell type in the space's edge order; ``-1`` = dropped."""
+    out = {}
+    for group, edges in space.edge_groups().items():
+        kept = {(e.src, e.dst): e.op for e in genotype.cell(group).edges}
+        out[group] = [
+            e.candidates.index(kept[(e.src, e.dst)]) if (e.src, e.dst) in kept else -1
+            for e in edges
+        ]
+    return out
+
+
+def one_hot(indices: dict[str, list[int]], space: SearchSpace) -> dict[str, torch.Tensor]:
+    """Per-edge one-hot weights shaped like relaxed arch weights. A dropped edge is the
+    ``none`` op where the space has one (it computes nothing), else a row of zeros."""
+    out = {}
+    for group, edges in space.edge_groups().items():
+        cands = edges[0].candidates
+        w = torch.zeros(len(edges), len(cands))
+        for row, idx in enumerate(indices[group]):
+            if idx >= 0:
+                w[row, idx] = 1.0
+            elif "none" in cands:
+                w[row, cands.index("none")] = 1.0
+        out[group] = w
+    return out
+
+
+def anchor_genotype(space: SearchSpace) -> Genotype:
+    """The fixed reference architecture timed alongside every chunk (seeded sample)."""
+    return sample_genotype(space, torch.Generator().manual_seed(20190101))
+
+
+def anchored_latencies(records: list[dict[str, Any]]) -> list[float]:
+    """Load-corrected latencies (ms): ``ratio * median anchor latency`` of the records;
+    records without an anchor keep their raw median."""
+    anchors = [r["anchor_ms"] for r in records if "anchor_ms" in r]
+    ref = statistics.median(anchors) if anchors else 0.0
+    return [r["ratio"] * ref if "ratio" in r else r["latency_ms"] for r in records]
+
+
+def genotype_key(genotype: Genotype) -> str:
+    return json.dumps(genotype.to_dict(), sort_keys=True)
+
+
+def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[str, Any]]:
+    """Records of a latency file, optionally only those of one device fingerprint id."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"latency dataset not found: {p}")
+    records = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}:{n}: not a JSON record: {exc}") from exc
+        missing = {"genotype", "encoding", "latency_ms", "device", "settings"} - set(r)
+        if missing:
+            raise ValueError(f"{p}:{n}: record lacks {sorted(missing)}")
+        if fingerprint is None or r["device"]["id"] == fingerprint:
+            records.append(r)
+    return records
+
+
+def build_dataset(
+    space: SearchSpace, path: str | Path, count: int, input_shape: tuple[int, int, int],
+    network: dict | None = None, settings: LatencySettings | None = None, seed: int = 0,
+    chunk: int = 25, progress: Callable[[int, int], None] | None = None,
+    space_section: dict | None = None,
+) -> list[dict[str, Any]]:
+    """Sample ``count`` new architectures (not already in ``path``), measure them in
+    interleaved chunks and append one record per architecture to ``path``."""
+    settings = settings or LatencySettings()
+    network = dict(network or {})
+    path = Path(path)
+    seen = set()
+    if path.is_file():
+        seen = {genotype_key(Genotype.from_dict(r["genotype"])) for r in load_records(path)}
+    gen = torch.Generator().manual_seed(seed + len(seen))
+    fp = device_fingerprint("cpu", settings.threads)
+    common = {"settings": {**settings_dict(settings), "input_shape": list(input_shape),
+                           "network": network, "space": space_section or {"name": space.name}},
+              "device": fp}
+    new: list[dict[str, Any]] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    anchor = space.build_network(anchor_genotype(space), **network)
+    while len(new) < count:
+        genotypes = []
+        while len(genotypes) < min(chunk, count - len(new)):
+            g = sample_genotype(space, gen)
+            k = genotype_key(g)
+            if k not in seen:
+                seen.add(k)
+                genotypes.append(g)
+        models = [space.build_network(g, **network) for g in genotypes]
+        load_before = load_average()
+        *stats, anchor_stats = measure_many([*models, anchor], input_shape, settings,
+                                            seed=seed + len(new))
+        load_after = load_average()
+        batch = []
+        for g, m, st in zip(genotypes, models, stats, strict=True):
+            ratio = statistics.median(
+                a / b for a, b in zip(st.samples_ms, anchor_stats.samples_ms, strict=True))
+            batch.append({
+                "genotype": g.to_dict(), "encoding": encode_indices(g, space),
+                "latency_ms": st.median_ms, "q25_ms": st.q25_ms, "q75_ms": st.q75_ms,
+                "ratio": ratio, "anchor_ms": anchor_stats.median_ms,
+                "params": count_parameters(m), "macs": count_macs(m, input_shape),
+                "load": [load_before, load_after],
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **common,
+            })
+        with path.open("a") as f:
+            for r in batch:
+                f.write(json.dumps(r) + "\n")
+        new += batch
+        if progress is not None:
+            progress(len(new), count)
+    return new

@@ -1,0 +1,170 @@
+"""A learned latency predictor: an MLP over the per-edge op encoding of an architecture.
+
+The input is, per cell type, a ``(num_edges, num_ops)`` matrix: a one-hot row per edge
+for a discrete genotype (a dropped edge is ``none``), or the relaxed architecture weights
+during search, so the predicted latency is differentiable in alpha. The output is in
+milliseconds: ``mean + std * (linear(x) + mlp(x))``; the linear part captures what is
+additive (each op's own cost), the MLP the interactions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffnas.hardware.dataset import anchored_latencies, one_hot
+from diffnas.spaces import SearchSpace
+
+
+class LatencyPredictor(nn.Module):
+    """``forward(weights) -> latency in ms``; ``weights[group]`` is ``(..., edges, ops)``
+    (leading batch dimensions allowed), e.g. an :class:`~diffnas.arch.relax.ArchWeights`."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], hidden: int = 64,
+                 mean_ms: float = 1.0, std_ms: float = 1.0) -> None:
+        super().__init__()
+        self.shapes = {g: (int(s[0]), int(s[1])) for g, s in shapes.items()}
+        self.hidden = hidden
+        d = sum(e * o for e, o in self.shapes.values())
+        self.linear = nn.Linear(d, 1)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 1))
+        self.register_buffer("mean_ms", torch.tensor(float(mean_ms)))
+        self.register_buffer("std_ms", torch.tensor(float(std_ms)))
+        self.meta: dict[str, Any] = {}
+
+    def features(self, weights: Any) -> torch.Tensor:
+        p = self.linear.weight
+        parts = []
+        for g, (e, o) in self.shapes.items():
+            w = weights[g]
+            if tuple(w.shape[-2:]) != (e, o):
+                raise ValueError(f"predictor expects {g!r} weights of shape (..., {e}, {o}), "
+                                 f"got {tuple(w.shape)}")
+            parts.append(w.to(device=p.device, dtype=p.dtype).flatten(-2))
+        return torch.cat(parts, dim=-1)
+
+    def normalized(self, weights: Any) -> torch.Tensor:
+        x = self.features(weights)
+        return (self.linear(x) + self.mlp(x)).squeeze(-1)
+
+    def forward(self, weights: Any) -> torch.Tensor:
+        dtype = next(iter(weights[g] for g in self.shapes)).dtype
+        return (self.mean_ms + self.std_ms * self.normalized(weights)).to(dtype)
+
+    @property
+    def ref_ms(self) -> float:
+        """The typical latency of the training set (to make penalties unit-free)."""
+        return float(self.mean_ms)
+
+    # --- files ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"shapes": self.shapes, "hidden": self.hidden, "meta": self.meta,
+                    "state": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyPredictor:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"latency predictor not found: {p}")
+        blob = torch.load(p, map_location="cpu", weights_only=False)
+        model = cls(blob["shapes"], blob["hidden"])
+        model.load_state_dict(blob["state"])
+        model.meta = blob.get("meta", {})
+        return model
+
+
+def space_shapes(space: SearchSpace) -> dict[str, tuple[int, int]]:
+    return {g: (len(es), len(es[0].candidates)) for g, es in space.edge_groups().items()}
+
+
+def encode_records(records: Sequence[dict], space: SearchSpace) -> dict[str, torch.Tensor]:
+    """Stacked one-hot encodings ``(N, edges, ops)`` per group of dataset records."""
+    shapes = space_shapes(space)
+    stacked: dict[str, list[torch.Tensor]] = {g: [] for g in shapes}
+    for i, r in enumerate(records):
+        enc = r["encoding"]
+        if set(enc) != set(shapes) or any(len(enc[g]) != shapes[g][0] for g in shapes):
+            raise ValueError(f"record {i} does not fit space {space.name!r} (edges per group "
+                             f"{ {g: s[0] for g, s in shapes.items()} })")
+        for g, w in one_hot(enc, space).items():
+            stacked[g].append(w)
+    return {g: torch.stack(v) for g, v in stacked.items()}
+
+
+def mean_relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float(((pred - target).abs() / target).mean())
+
+
+def fit_predictor(
+    records: Sequence[dict], space: SearchSpace, holdout: float = 0.2, epochs: int = 600,
+    lr: float = 3e-3, weight_decay: float = 1e-4, hidden: int = 64, seed: int = 0,
+    target: str = "anchored",
+) -> tuple[LatencyPredictor, dict[str, Any]]:
+    """Train on a seeded random ``1 - holdout`` of ``records`` (full batch, Adam, squared
+    relative error) and report the mean relative error on the held-out rest. ``target``:
+    ``anchored`` (load-corrected, see :mod:`diffnas.hardware.dataset`) or ``raw`` medians."""
+    if target not in ("anchored", "raw"):
+        raise ValueError(f"target must be 'anchored' or 'raw', got {target!r}")
+    if len(records) < 10:
+        raise ValueError(f"need at least 10 latency records to fit, got {len(records)}")
+    devices = {r["device"]["id"] for r in records}
+    if len(devices) > 1:
+        raise ValueError(f"records come from {len(devices)} devices {sorted(devices)}; fit "
+                         "one predictor per device")
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    x = encode_records(records, space)
+    raw = torch.tensor([float(r["latency_ms"]) for r in records])
+    y = torch.tensor(anchored_latencies(list(records))) if target == "anchored" else raw
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(records), generator=g)
+    n_test = max(1, round(holdout * len(records)))
+    test, train = perm[:n_test], perm[n_test:]
+    torch.manual_seed(seed)
+    model = LatencyPredictor(space_shapes(space), hidden, y[train].mean().item(),
+                             y[train].std().item())
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    xtr = {k: v[train] for k, v in x.items()}
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = (((model(xtr) - y[train]) / y[train]) ** 2).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(x)
+    iqr = torch.tensor([(r["q75_ms"] - r["q25_ms"]) / r["latency_ms"] for r in records
+                        if "q75_ms" in r])
+    report = {
+        "records": len(records), "train": len(train), "heldout": len(test),
+        "heldout_mre": mean_relative_error(pred[test], y[test]),
+        "train_mre": mean_relative_error(pred[train], y[train]),
+        "heldout_max_rel_err": float(((pred[test] - y[test]).abs() / y[test]).max()),
+        "mean_baseline_heldout_mre": mean_relative_error(
+            torch.full_like(y[test], y[train].mean().item()), y[test]),
+        "heldout_kendall_tau": kendall_tau(pred[test], y[test]),
+        "target": target,
+        "heldout_mre_vs_raw_median": mean_relative_error(pred[test], raw[test]),
+        "median_relative_iqr": float(iqr.median()) if len(iqr) else math.nan,
+        "latency_ms_range": [float(y.min()), float(y.max())],
+        "device": records[0]["device"], "settings": records[0]["settings"],
+    }
+    model.meta = report
+    return model, report
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank agreement of two 1-D tensors (tau-a)."""
+    da = torch.sign(a[:, None] - a[None, :])
+    db = torch.sign(b[:, None] - b[None, :])
+    n = len(a)
+    return float((da * db).sum() / max(n * (n - 1), 1))

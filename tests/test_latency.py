@@ -1,0 +1,290 @@
+"""Hardware-aware search: FLOP counts against hand counts, latency timing rules, the
+latency dataset, the predictor, the penalty hook (gradients reach alpha) and the reward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_SHAPE, tiny_batch, tiny_space, tiny_strategy
+from torch import nn
+
+from diffnas.hardware.costs import flops_by_op
+from diffnas.hardware.dataset import (
+    build_dataset,
+    encode_indices,
+    load_records,
+    one_hot,
+    sample_genotype,
+)
+from diffnas.hardware.latency import LatencySettings, measure_latency, measure_many, synchronizer
+from diffnas.hardware.penalty import LatencyPenalty, mnasnet_reward
+from diffnas.hardware.predictor import LatencyPredictor, fit_predictor, space_shapes
+from diffnas.ops import create_op
+from diffnas.report.cost import count_flops
+from diffnas.strategies.hypergrad import first_order, unrolled
+
+C, H = 4, 8  # op inputs (1, C, H, H)
+
+
+def _hand_flops(name: str, stride: int) -> int:
+    """FLOPs (2 per MAC) of convolutions and matrix products, counted by hand."""
+    o = H // stride  # output side
+    dw = lambda k, side: C * side * side * k * k  # noqa: E731  depthwise k x k
+    pw = lambda side: C * C * side * side  # noqa: E731  pointwise 1x1, C -> C
+    macs = {
+        ("sep_conv_3x3", 1): 2 * (dw(3, o) + pw(o)),  # two (depthwise, pointwise) blocks
+        ("sep_conv_5x5", 2): (dw(5, o) + pw(o)) * 2,  # first block strided, second at o
+        ("dil_conv_5x5", 2): dw(5, o) + pw(o),
+        ("skip_connect", 2): 2 * (C * (C // 2) * o * o),  # FactorizedReduce: 2 x 1x1 convs
+        ("skip_connect", 1): 0,
+        ("max_pool_3x3", 1): 0,
+        ("avg_pool_3x3", 2): 0,
+        ("conv_7x1_1x7", 1): 2 * (C * C * 7 * o * o),
+        ("nor_conv_3x3", 1): C * C * 9 * o * o,
+    }[(name, stride)]
+    return 2 * macs
+
+
+@pytest.mark.parametrize("name,stride", [
+    ("sep_conv_3x3", 1), ("sep_conv_5x5", 2), ("dil_conv_5x5", 2), ("skip_connect", 2),
+    ("skip_connect", 1), ("max_pool_3x3", 1), ("avg_pool_3x3", 2), ("conv_7x1_1x7", 1),
+    ("nor_conv_3x3", 1),
+])
+def test_op_flops_equal_hand_counts(name, stride):
+    assert count_flops(create_op(name, C, stride, True), (C, H, H)) == _hand_flops(name, stride)
+
+
+def test_flops_by_op_of_a_network_adds_up():
+    from diffnas.genotype import CellGenotype, Edge, Genotype
+
+    # tiny space: 3 cells at C=4, cell 0 normal at 8x8, cells 1 and 2 reduce
+    normal = CellGenotype("normal", (Edge("sep_conv_3x3", 0, 2), Edge("skip_connect", 1, 2),
+                                     Edge("max_pool_3x3", 0, 3), Edge("sep_conv_3x3", 2, 3)),
+                          (2, 3))
+    reduce = CellGenotype("reduce", (Edge("max_pool_3x3", 0, 2), Edge("max_pool_3x3", 1, 2),
+                                     Edge("max_pool_3x3", 0, 3), Edge("max_pool_3x3", 2, 3)),
+                          (2, 3))
+    g = Genotype("darts_cnn", (normal, reduce))
+    space = tiny_space()
+    model = space.build_network(g)
+    by_op = flops_by_op(model, g, (1, 8, 8))
+    assert sum(by_op.values()) == count_flops(model, (1, 8, 8))
+    assert by_op["sep_conv_3x3"] == 2 * _hand_flops("sep_conv_3x3", 1)
+    assert by_op["skip_connect"] == 0 and by_op["max_pool_3x3"] == 0
+    assert by_op["other"] > 0  # stem, preprocessing, classifier
+
+
+class _Probe(nn.Module):
+    """Records the thread count and mode seen in forward, and counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.calls, self.threads, self.modes = 0, set(), set()
+
+    def forward(self, x):
+        self.calls += 1
+        self.threads.add(torch.get_num_threads())
+        self.modes.add(self.training)
+        return self.lin(x)
+
+
+def test_measure_fixes_threads_warms_up_and_restores():
+    before = torch.get_num_threads()
+    m = _Probe().train()
+    s = LatencySettings(batch_size=2, warmup=3, repeats=5, threads=1, calls_per_sample=2)
+    stats = measure_latency(m, (3,), s)
+    assert m.calls == 3 + 5 * 2
+    assert m.threads == {1} and m.modes == {False}
+    assert m.training and torch.get_num_threads() == before
+    assert len(stats.samples_ms) == 5
+    assert stats.q25_ms <= stats.median_ms <= stats.q75_ms
+
+
+def test_measure_many_interleaves_rounds():
+    order = []
+
+    class Tagged(_Probe):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            order.append(self.tag)
+            return super().forward(x)
+
+    models = [Tagged(i) for i in range(3)]
+    measure_many(models, (3,), LatencySettings(warmup=0, repeats=4, threads=1))
+    # every round times each model once before any model is timed again
+    rounds = [sorted(order[i:i + 3]) for i in range(0, 12, 3)]
+    assert rounds == [[0, 1, 2]] * 4
+
+
+def test_cpu_timing_does_not_touch_cuda(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("synchronize called on CPU")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", boom)
+    synchronizer(torch.device("cpu"))()
+    measure_latency(_Probe(), (3,), LatencySettings(warmup=1, repeats=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_timing_synchronises(monkeypatch):
+    real = torch.cuda.synchronize
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counting)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU()).cuda()
+    measure_latency(model, (256,), LatencySettings(warmup=2, repeats=3))
+    assert len(calls) == 2 * (2 + 3)  # before and after every timed call
+
+
+def test_dataset_records_extend_and_encode(tmp_path):
+    space = tiny_space()
+    path = tmp_path / "lat.jsonl"
+    s = LatencySettings(warmup=0, repeats=2)
+    build_dataset(space, path, 3, (1, 8, 8), {}, s, chunk=2)
+    build_dataset(space, path, 2, (1, 8, 8), {}, s, chunk=2)
+    records = load_records(path)
+    assert len(records) == 5
+    assert len({json.dumps(r["genotype"], sort_keys=True) for r in records}) == 5
+    for r in records:
+        from diffnas.genotype import Genotype
+
+        g = Genotype.from_dict(r["genotype"])
+        space.validate(g)
+        assert r["encoding"] == encode_indices(g, space)
+        w = one_hot(r["encoding"], space)
+        kept = sum(len(c.edges) for c in g.cells)
+        none_idx = space.edges()[0].candidates.index("none")
+        assert all(torch.equal(v.sum(-1), torch.ones(len(v))) for v in w.values())
+        assert sum(int((v.argmax(-1) != none_idx).sum()) for v in w.values()) == kept
+        assert r["latency_ms"] > 0 and r["ratio"] > 0 and r["settings"]["repeats"] == 2
+    fp = records[0]["device"]["id"]
+    assert len(load_records(path, fp)) == 5 and load_records(path, "other") == []
+
+
+def _synthetic_records(space, n, seed=0):
+    """Latency = 2 ms + a fixed cost per (group, op) of every kept edge: known answer."""
+    g = torch.Generator().manual_seed(seed)
+    cost = {grp: torch.rand(len(es[0].candidates), generator=g)
+            for grp, es in space.edge_groups().items()}
+    fp = {"id": "synthetic"}
+    out = []
+    for _ in range(n):
+        geno = sample_genotype(space, g)
+        enc = encode_indices(geno, space)
+        lat = 2.0 + sum(float(cost[grp][i]) for grp, idx in enc.items() for i in idx if i >= 0)
+        out.append({"genotype": geno.to_dict(), "encoding": enc, "latency_ms": lat,
+                    "device": fp, "settings": {}})
+    return out
+
+
+def test_fit_predictor_recovers_a_known_latency_model():
+    space = tiny_space()
+    records = _synthetic_records(space, 200)
+    model, report = fit_predictor(records, space, epochs=400, target="raw")
+    assert report["heldout"] == 40
+    assert report["heldout_mre"] < 0.02 < report["mean_baseline_heldout_mre"]
+    # the same numbers when the file is saved and loaded
+    w = one_hot(records[0]["encoding"], space)
+    assert torch.allclose(model(w), model(w))
+
+
+def test_fit_rejects_mixed_devices():
+    space = tiny_space()
+    records = _synthetic_records(space, 12)
+    records[0] = {**records[0], "device": {"id": "other"}}
+    with pytest.raises(ValueError, match="devices"):
+        fit_predictor(records, space)
+
+
+def _predictor_file(tmp_path, space):
+    torch.manual_seed(0)
+    p = LatencyPredictor(space_shapes(space), hidden=16, mean_ms=5.0, std_ms=2.0)
+    path = tmp_path / "pred.pt"
+    p.save(path)
+    return path, LatencyPredictor.load(path)
+
+
+@pytest.mark.parametrize("rule", ["first_order", "unrolled"])
+def test_latency_gradient_reaches_alpha(tmp_path, rule):
+    """grad_alpha of (task loss + lam * pred(softmax(alpha)) / ref) = the task gradient
+    plus the predictor's gradient through the softmax, computed independently."""
+    space = tiny_space()
+    path, pred = _predictor_file(tmp_path, space)
+    lam = 0.7
+    pen = {"name": "latency", "predictor": str(path), "lam": lam}
+    section = {"name": "darts", "order": 1 if rule == "first_order" else 2}
+    if rule == "unrolled":
+        section["hessian"] = "exact"
+    dt = torch.float64
+    plain = tiny_strategy(section, space, dtype=dt)
+    withp = tiny_strategy({**section, "penalties": [pen]}, space, dtype=dt)
+    train, val = tiny_batch(4, 1, dt), tiny_batch(4, 2, dt)
+    fn = first_order if rule == "first_order" else unrolled
+    g0, _ = fn(plain, train, val)
+    g1, stats = fn(withp, train, val)
+    alphas = withp.alphas()
+    ref_pen = lam * pred({grp: torch.softmax(a, -1) for grp, a in withp.arch_params.as_dict()
+                          .items()}) / pred.ref_ms
+    expected = torch.autograd.grad(ref_pen.sum(), alphas)
+    assert stats["penalty_latency"] == pytest.approx(ref_pen.item(), rel=1e-5)
+    for a, b, e in zip(g0, g1, expected, strict=True):
+        assert e.abs().max() > 1e-4  # the predictor's gradient is not trivially zero
+        assert torch.allclose(b - a, e.to(dt), atol=1e-6)
+
+
+def test_probs_input_uses_the_sampling_distribution(tmp_path):
+    """input=probs ignores the (sampled) weights and uses softmax(logits): SNAS's
+    expected resource cost; input=weights uses the weights it is given."""
+    space = tiny_space()
+    path, pred = _predictor_file(tmp_path, space)
+    logits = {g: torch.randn(e, o) for g, (e, o) in space_shapes(space).items()}
+    sample = {g: torch.nn.functional.one_hot(torch.randint(0, o, (e,)), o).float()
+              for g, (e, o) in space_shapes(space).items()}
+    probs = {g: torch.softmax(a, -1) for g, a in logits.items()}
+    p_probs = LatencyPenalty(str(path), lam=1.0, input="probs", normalize=False)
+    p_w = LatencyPenalty(str(path), lam=1.0, input="weights", normalize=False)
+    assert torch.allclose(p_probs(sample, logits), pred(probs))
+    assert torch.allclose(p_w(sample, logits), pred(sample))
+
+
+def test_penalty_config_errors(tmp_path):
+    space = tiny_space()
+    path, _ = _predictor_file(tmp_path, space)
+    with pytest.raises(ValueError, match="input"):
+        LatencyPenalty(str(path), input="expected")
+    with pytest.raises(FileNotFoundError):
+        LatencyPenalty(str(tmp_path / "missing.pt"))
+    big = tiny_space(nodes=3)
+    with pytest.raises(ValueError, match="shape"):
+        LatencyPenalty(str(path))({g: torch.zeros(e, o) for g, (e, o)
+                                   in space_shapes(big).items()}, {})
+
+
+def test_mnasnet_reward_hand_values():
+    assert mnasnet_reward(0.8, 20.0, 10.0, -0.07) == pytest.approx(0.8 * 2 ** -0.07)
+    assert mnasnet_reward(0.8, 5.0, 10.0, -0.07) == pytest.approx(0.8 * 0.5 ** -0.07)
+    # hard constraint: no bonus under the target, proportional penalty above it
+    assert mnasnet_reward(0.8, 5.0, 10.0, (0.0, -1.0)) == pytest.approx(0.8)
+    assert mnasnet_reward(0.8, 20.0, 10.0, (0.0, -1.0)) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        mnasnet_reward(0.8, 0.0, 10.0)
+
+
+def test_sampled_genotypes_are_valid_and_varied():
+    space = tiny_space()
+    g = torch.Generator().manual_seed(0)
+    genos = [sample_genotype(space, g) for _ in range(20)]
+    for x in genos:
+        space.validate(x)
+    assert len({str(x) for x in genos}) > 15
+    assert TINY_SHAPE.resolution == 8
