@@ -18,7 +18,7 @@ CommandSetup = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace]
 _COMMANDS: dict[str, tuple[str, CommandSetup]] = {}
 
 # Modules that register further commands (plots, benchmarks, export, ...).
-COMMAND_MODULES: list[str] = ["diffnas.hardware.cli"]
+COMMAND_MODULES: list[str] = ["diffnas.hardware.cli", "diffnas.report.cli"]
 
 
 def register_command(name: str, help: str) -> Callable[[CommandSetup], CommandSetup]:
@@ -49,8 +49,15 @@ def _print_result(genotype, result: dict | None) -> None:
 def _search(p: argparse.ArgumentParser):
     _config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3: one run each "
+                   "(in parallel where cores allow), then a summary")
+    p.add_argument("--workers", type=int, help="parallel processes for --seeds")
 
     def run(args: argparse.Namespace) -> int:
+        if args.seeds:
+            from diffnas.engine.multiseed import seeds_command
+
+            return seeds_command(args)
         from diffnas.config import load_config
         from diffnas.engine.retrain import run_retrain
         from diffnas.engine.rundir import load_run_config, new_run_dir, setup_logging

@@ -143,6 +143,7 @@ class RunConfig:
     out_dir: str = "runs"
     name: str | None = None  # run directory name; None = config name + time
     progress: bool = True
+    logger: str = "jsonl"  # "jsonl", or "tensorboard" (TensorBoard next to JSON lines)
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
@@ -188,6 +189,8 @@ def validate_components(cfg: RunConfig) -> None:
     from diffnas.spaces import space_config
     from diffnas.strategies import strategy_config
 
+    if cfg.logger not in ("jsonl", "tensorboard"):
+        raise ConfigError(f"config.logger: {cfg.logger!r} is not one of jsonl, tensorboard")
     space_config(cfg.search.space)
     strategy_config(cfg.search.strategy)
 

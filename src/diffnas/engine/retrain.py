@@ -18,6 +18,7 @@ from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import resolve_device
+from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.report.cost import count_macs, count_parameters
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -137,6 +138,7 @@ def run_retrain(
     loop = Loop(task, r.epochs, [
         DropPathSchedule(model, r.drop_path), ProgressBar("retrain", cfg.progress),
         JsonLines(out / "metrics.jsonl"), Checkpoint(out / "checkpoint.pt"),
+        *logger_callbacks(cfg, out),
     ])
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():

@@ -17,6 +17,7 @@ from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import resolve_device
+from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -129,6 +130,7 @@ def run_search(
         JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
         JsonLines(out / "alphas.jsonl", _alpha_record(task)),
         *(extra_callbacks or []),
+        *logger_callbacks(cfg, out, task.strategy.arch_params),
         Checkpoint(out / "checkpoint.pt"),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)

@@ -1,0 +1,339 @@
+"""Multi-seed runs: the same search (and retraining) under several seeds, then a summary.
+
+DARTS results move from seed to seed; reporting one seed hides that. ``diffnas search
+--seeds 0,1,2,3`` makes a parent directory with one ordinary run directory per seed
+(``seed_<s>/``), runs them in parallel worker processes when there are cores for it (each
+worker ``python -m diffnas.engine.multiseed SEED_DIR``, its output in
+``seed_<s>/worker.log``), and writes ``summary.json`` and ``summary.md``: mean +- std of the
+final retrained accuracy, each seed's genotype, and how often each op was chosen per edge.
+Rerunning with ``--resume PARENT`` continues the unfinished seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffnas.config import ConfigError, RunConfig
+from diffnas.engine.checkpoint import atomic_write_text
+
+log = logging.getLogger("diffnas")
+
+SEEDS_FILE = "seeds.json"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2,3"`` -> ``[0, 1, 2, 3]``; ranges ``"0-3"`` work too. Duplicates are errors."""
+    seeds: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if re.fullmatch(r"\d+-\d+", part):
+                lo, hi = part.split("-")
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError as exc:
+        raise ConfigError(f"--seeds {text!r}: expected integers like 0,1,2,3") from exc
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r}: no seed given")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def default_workers(n_runs: int, cores: int | None = None) -> int:
+    """One process per core (each run then uses one thread), at most one per seed."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(n_runs, cores))
+
+
+def seed_dir(parent: str | Path, seed: int) -> Path:
+    return Path(parent) / f"seed_{seed}"
+
+
+# --- one seed ----------------------------------------------------------------------
+def is_finished(run_dir: str | Path, cfg: RunConfig) -> bool:
+    """Search done, and retraining done when it is enabled."""
+    run = Path(run_dir)
+    if not (run / "search" / "DONE").exists():
+        return False
+    if not cfg.retrain.enabled:
+        return True
+    res = run / "retrain" / "result.json"
+    return res.is_file() and json.loads(res.read_text()).get("epochs_done") == cfg.retrain.epochs
+
+
+def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
+    """Search and retrain one prepared seed directory (continuing where it stopped) and
+    return its record for the summary."""
+    import torch
+
+    from diffnas.engine.retrain import run_retrain
+    from diffnas.engine.rundir import load_run_config, setup_logging
+    from diffnas.engine.search import run_search
+    from diffnas.genotype import Genotype
+
+    run = Path(run_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_run_config(run)
+    cfg = dataclasses.replace(cfg, progress=False)
+    setup_logging(run, verbose=False)
+    if (run / "search" / "DONE").exists():
+        genotype = Genotype.load(run / "search" / "genotype.json")
+    else:
+        genotype = run_search(cfg, run, resume=True).genotype
+    if cfg.retrain.enabled and not is_finished(run, cfg):
+        run_retrain(cfg, genotype, run, resume=True)
+    return seed_record(run)
+
+
+def seed_record(run_dir: str | Path) -> dict[str, Any]:
+    """What the summary needs from a finished seed directory."""
+    from diffnas.engine.rundir import load_run_config
+    from diffnas.genotype import Genotype
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    rec: dict[str, Any] = {"seed": cfg.seed, "run_dir": str(run), "genotype": None,
+                           "test_acc": None, "params": None, "macs": None, "search_val_acc": None}
+    gfile = run / "search" / "genotype.json"
+    if gfile.is_file():
+        rec["genotype"] = Genotype.load(gfile).to_dict()
+    metrics = [json.loads(ln) for ln in (run / "search" / "metrics.jsonl").read_text().splitlines()
+               if ln.strip()] if (run / "search" / "metrics.jsonl").is_file() else []
+    if metrics and "val_acc" in metrics[-1]:
+        rec["search_val_acc"] = metrics[-1]["val_acc"]
+    res = run / "retrain" / "result.json"
+    if res.is_file():
+        r = json.loads(res.read_text())
+        rec.update(test_acc=r["test_acc"], params=r["params"], macs=r["macs"])
+    return rec
+
+
+# --- the summary --------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for one value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def op_frequency(genotypes: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """``{cell: {"src->dst": {op: count}}}`` over genotype dicts: how often each op was
+    kept on each edge (an edge dropped by the discretizer counts for no op)."""
+    freq: dict[str, dict[str, dict[str, int]]] = {}
+    for g in genotypes:
+        for cell, body in g["cells"].items():
+            for op, src, dst in body["edges"]:
+                edge = freq.setdefault(cell, {}).setdefault(f"{src}->{dst}", {})
+                edge[op] = edge.get(op, 0) + 1
+    for cell, edges in freq.items():  # stable order: by target node, then source
+        freq[cell] = {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0])))
+                      for k, v in sorted(edges.items(), key=lambda kv: _edge_key(kv[0]))}
+    return freq
+
+
+def _edge_key(label: str) -> tuple[int, int]:
+    src, dst = label.split("->")
+    return int(dst), int(src)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy mean +- std, the genotypes, and op counts per edge over the seeds."""
+    from diffnas.genotype import Genotype
+
+    accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
+    vals = [r["search_val_acc"] for r in records if r.get("search_val_acc") is not None]
+    mean, std = mean_std(accs)
+    vmean, vstd = mean_std(vals)
+    genos = [r["genotype"] for r in records if r.get("genotype") is not None]
+    return {
+        "seeds": [r["seed"] for r in records],
+        "n": len(records),
+        "test_acc": {"mean": mean, "std": std, "n": len(accs)},
+        "search_val_acc": {"mean": vmean, "std": vstd, "n": len(vals)},
+        "runs": [{**r, "genotype_text": str(Genotype.from_dict(r["genotype"]))
+                  if r.get("genotype") else None} for r in records],
+        "op_frequency": op_frequency(genos),
+        "failed": [r["seed"] for r in records if r.get("error")],
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown page (also printed by the command)."""
+    acc, val = summary["test_acc"], summary["search_val_acc"]
+    lines = [f"# Multi-seed summary ({summary['n']} seeds: "
+             f"{', '.join(map(str, summary['seeds']))})", ""]
+    if acc["n"]:
+        lines.append(f"Retrained test accuracy: **{_pct(acc['mean'])} +- {_pct(acc['std'])}** "
+                     f"(mean +- sample std over {acc['n']} seeds)")
+    else:
+        lines.append("Retrained test accuracy: none (retraining disabled or not finished)")
+    if val["n"]:
+        lines.append(f"Search validation accuracy, last epoch: {_pct(val['mean'])} +- "
+                     f"{_pct(val['std'])}")
+    if summary["failed"]:
+        lines.append(f"FAILED seeds: {summary['failed']} (see seed_<s>/worker.log)")
+    lines += ["", "| seed | test acc | search val acc | params | genotype |",
+              "|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        params = f"{r['params']:,}" if r.get("params") is not None else "-"
+        lines.append(f"| {r['seed']} | {_pct(r.get('test_acc'))} | "
+                     f"{_pct(r.get('search_val_acc'))} | {params} | "
+                     f"`{r.get('genotype_text') or r.get('error') or '-'}` |")
+    for cell, edges in summary["op_frequency"].items():
+        lines += ["", f"## {cell} cell: how often each op was chosen per edge", "",
+                  "| edge (src->dst) | ops chosen (count over seeds) |", "|---|---|"]
+        for edge, ops in edges.items():
+            lines.append(f"| {edge} | {', '.join(f'{op} x{n}' for op, n in ops.items())} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(parent: str | Path, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    summary = summarize(records)
+    atomic_write_text(json.dumps(summary, indent=1) + "\n", Path(parent) / "summary.json")
+    atomic_write_text(summary_markdown(summary), Path(parent) / "summary.md")
+    return summary
+
+
+# --- many seeds ---------------------------------------------------------------------
+def prepare_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path) -> list[Path]:
+    """Create (or find) one run directory per seed under ``parent``."""
+    from diffnas.config import save_config
+
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    known = json.loads((parent / SEEDS_FILE).read_text())["seeds"] \
+        if (parent / SEEDS_FILE).is_file() else []
+    all_seeds = list(dict.fromkeys([*known, *seeds]))
+    atomic_write_text(json.dumps({"seeds": all_seeds}) + "\n", parent / SEEDS_FILE)
+    dirs = []
+    for s in seeds:
+        d = seed_dir(parent, s)
+        if not (d / "config.yaml").is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            save_config(dataclasses.replace(cfg, seed=s, out_dir=str(parent), name=d.name),
+                        d / "config.yaml")
+        dirs.append(d)
+    return dirs
+
+
+def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
+              workers: int | None = None, echo: bool = True) -> dict[str, Any]:
+    """Run every seed (``workers`` processes at a time, each with ``cores // workers``
+    threads; ``workers=1`` runs in this process), then write and return the summary."""
+    from diffnas.engine.rundir import load_run_config
+
+    parent = Path(parent)
+    dirs = prepare_seeds(cfg, seeds, parent)
+    pending = [d for d in dirs if not is_finished(d, load_run_config(d))]
+    workers = workers or default_workers(len(pending) or 1)
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    say = print if echo else log.info
+    say(f"{len(seeds)} seeds in {parent}: {len(dirs) - len(pending)} already done, "
+        f"{len(pending)} to run with {workers} worker(s) x {threads} thread(s)")
+    errors: dict[Path, str] = {}
+    if workers == 1:
+        for d in pending:
+            try:
+                run_seed(d, threads)
+                say(f"  {d.name}: done")
+            except Exception as exc:  # one failing seed must not lose the others
+                errors[d] = f"{type(exc).__name__}: {exc}"
+                say(f"  {d.name}: FAILED ({errors[d]})")
+    else:
+        errors = _run_in_processes(pending, workers, threads, say)
+    records = []
+    for d in dirs:
+        rec = seed_record(d)
+        if d in errors:
+            rec["error"] = errors[d]
+        records.append(rec)
+    return write_summary(parent, records)
+
+
+def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say) -> dict[Path, str]:
+    """Run ``python -m diffnas.engine.multiseed DIR`` for each dir, ``workers`` at a time."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    queue, running, errors = list(dirs), {}, {}
+    while queue or running:
+        while queue and len(running) < workers:
+            d = queue.pop(0)
+            logf = (d / "worker.log").open("w")
+            cmd = [sys.executable, "-m", "diffnas.engine.multiseed", str(d), "--threads",
+                   str(threads)]
+            running[d] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env),
+                          logf)
+        time.sleep(0.2)
+        for d, (proc, logf) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            logf.close()
+            del running[d]
+            if proc.returncode == 0:
+                say(f"  {d.name}: done")
+            else:
+                tail = (d / "worker.log").read_text().strip().splitlines()[-1:] or ["?"]
+                errors[d] = f"worker exit code {proc.returncode}: {tail[0]}"
+                say(f"  {d.name}: FAILED ({errors[d]}; see {d / 'worker.log'})")
+    return errors
+
+
+def seeds_command(args: argparse.Namespace) -> int:
+    """``diffnas search --seeds 0,1,2,3 [--workers N] [--config ...] [overrides]`` or
+    ``--seeds ... --resume PARENT``."""
+    from diffnas.config import load_config
+    from diffnas.engine.rundir import load_run_config, new_run_dir
+
+    seeds = parse_seeds(args.seeds)
+    if args.resume:
+        parent = Path(args.resume)
+        cfg = load_run_config(parent)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
+    print(f"multi-seed run directory: {parent}")
+    summary = run_seeds(cfg, seeds, parent, workers=args.workers)
+    print()
+    print(summary_markdown(summary))
+    print(f"summary written to {parent / 'summary.md'} and {parent / 'summary.json'}")
+    return 1 if summary["failed"] else 0
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="run one prepared seed directory (internal)")
+    p.add_argument("run_dir")
+    p.add_argument("--threads", type=int)
+    a = p.parse_args(argv)
+    rec = run_seed(a.run_dir, a.threads)
+    print(json.dumps({k: rec[k] for k in ("seed", "test_acc", "search_val_acc")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main())

@@ -1,0 +1,163 @@
+"""Export the retrained network of a run to ONNX or TorchScript, and check the outputs.
+
+The exported file is only useful if it computes what the PyTorch model computes, so every
+export runs both on the same random batches (a batch size other than the traced one, to
+catch a frozen batch dimension) and fails when the largest difference exceeds ``atol``.
+
+ONNX export needs the ``onnx`` package and the check needs ``onnxruntime``
+(``pip install 'diffnas[export]'``); TorchScript needs nothing beyond torch.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffnas.spaces import DataShape
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+NATIVE_RESOLUTION = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
+EXPORT_EXTRA = "pip install 'diffnas[export]'"
+
+
+class ExportError(RuntimeError):
+    """Export failed, a needed package is missing, or the exported outputs differ."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    input_shape: tuple[int, ...]
+    max_abs_diff: float
+    atol: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+def _require(module: str, why: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError as exc:
+        raise ExportError(f"{why} needs the '{module}' package: {EXPORT_EXTRA}") from exc
+
+
+def infer_shape(state: dict[str, torch.Tensor], data_name: str,
+                resolution: int | None) -> DataShape:
+    """Input channels (the first convolution) and classes (the classifier) from a state
+    dict; the side from the config's resolution or the dataset's native size."""
+    convs = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 4]
+    if not convs or "classifier.weight" not in state:
+        raise ExportError("retrain/model.pt does not look like a classification network "
+                          "(no convolution or no 'classifier.weight')")
+    side = resolution or NATIVE_RESOLUTION.get(data_name)
+    if side is None:
+        raise ExportError(f"unknown input resolution for dataset {data_name!r}: pass --resolution")
+    return DataShape(int(convs[0].shape[1]), int(side), int(state["classifier.weight"].shape[0]))
+
+
+def load_retrained(run_dir: str | Path, resolution: int | None = None
+                   ) -> tuple[nn.Module, DataShape]:
+    """The retrained network of a run (eval mode, on the CPU) and its input shape."""
+    from diffnas.engine.retrain import build_network
+    from diffnas.engine.rundir import load_run_config
+    from diffnas.genotype import Genotype
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    weights, result = run / "retrain" / "model.pt", run / "retrain" / "result.json"
+    if not weights.is_file() or not result.is_file():
+        raise FileNotFoundError(f"{run} has no retrained model (retrain/model.pt and "
+                                "retrain/result.json); run or finish the retraining first")
+    genotype = Genotype.from_dict(json.loads(result.read_text())["genotype"])
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    shape = infer_shape(state, cfg.data.name, resolution or cfg.data.resolution)
+    _, model = build_network(cfg, genotype, shape)
+    model.load_state_dict(state)
+    model.drop_path_prob = 0.0
+    return model.eval(), shape
+
+
+def export_model(model: nn.Module, example: torch.Tensor, path: str | Path, fmt: str) -> Path:
+    """Write ``model`` (eval mode) traced on ``example`` as ONNX or TorchScript. The batch
+    dimension stays dynamic."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch marks tracing and the TorchScript-based ONNX exporter as deprecated; both
+        # still produce files we check below, and need no extra packages.
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(model, example), str(path))
+        else:
+            onnx = _require("onnx", "ONNX export")
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, input_names=["input"],
+                output_names=["logits"], opset_version=17,
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+            onnx.checker.check_model(onnx.load(str(path)))
+    return path
+
+
+def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """Outputs of an exported file on ``x``: TorchScript through torch.jit.load, ONNX
+    through onnxruntime's CPU provider."""
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(str(path), map_location="cpu")(x)
+    ort = _require("onnxruntime", "checking an ONNX export")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def max_output_diff(model: nn.Module, path: str | Path, fmt: str,
+                    inputs: list[torch.Tensor]) -> float:
+    """Largest absolute difference between the PyTorch model and the exported file."""
+    worst = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            ref, got = model.eval()(x), run_exported(path, fmt, x)
+            if got.shape != ref.shape:
+                raise ExportError(f"exported output shape {tuple(got.shape)} != "
+                                  f"{tuple(ref.shape)}")
+            worst = max(worst, (got.float() - ref.float()).abs().max().item())
+    return worst
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
+               atol: float = 1e-5, resolution: int | None = None, seed: int = 0,
+               check: bool = True) -> ExportResult:
+    """Export a run's retrained network (default ``RUN_DIR/export/model.{onnx,pt}``) and
+    check it against PyTorch on random batches of 2 and 5 inputs."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _require("onnx", "ONNX export")
+        if check:
+            _require("onnxruntime", "checking an ONNX export")
+    model, shape = load_retrained(run_dir, resolution)
+    dims = (shape.in_channels, shape.resolution, shape.resolution)
+    path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{SUFFIX[fmt]}"
+    g = torch.Generator().manual_seed(seed)
+    export_model(model, torch.randn(2, *dims, generator=g), path, fmt)
+    diff = float("nan")
+    if check:
+        diff = max_output_diff(model, path, fmt, [torch.randn(n, *dims, generator=g)
+                                                  for n in (2, 5)])
+        if not diff <= atol:
+            raise ExportError(f"{path}: exported outputs differ from PyTorch by {diff:.3g} "
+                              f"(> atol {atol:g})")
+    return ExportResult(path, fmt, (1, *dims), diff, atol)

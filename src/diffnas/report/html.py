@@ -1,0 +1,224 @@
+"""``diffnas report RUN_DIR``: one self-contained HTML page about a run.
+
+Everything is inside the file: images are base64 ``data:`` URIs, the style sheet is
+inline, there is no script and no link to anything outside, so the page can be mailed,
+archived or opened offline and shows the same thing years later.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffnas.config import to_dict
+from diffnas.report.plots import RunData, load_run, resolve_backend, run_figures
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd;
+       padding-bottom: 0.2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.6em 0; }
+td, th { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: left; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em;
+      white-space: pre-wrap; word-break: break-word; }
+figure { margin: 1em 0; } figcaption { color: #666; font-size: 0.9em; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.muted { color: #777; }
+"""
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _img(data: bytes, caption: str) -> str:
+    return (f'<figure><img alt="{_esc(caption)}" src="{data_uri(data, "image/svg+xml")}">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+
+
+def _summary_rows(run: RunData) -> list[tuple[str, str]]:
+    cfg, res = run.config, run.result
+    rows = [("run directory", str(run.path.resolve())),
+            ("dataset", f"{cfg.data.name}" + (f" at {cfg.data.resolution}px"
+                                             if cfg.data.resolution else "")),
+            ("space / strategy", f"{cfg.search.space.get('name')} / "
+                                 f"{cfg.search.strategy.get('name', 'darts')}"),
+            ("search epochs", f"{len(run.search_metrics)} of {cfg.search.epochs}")]
+    if run.search_metrics:
+        last = run.search_metrics[-1]
+        if "val_acc" in last:
+            rows.append(("search validation accuracy (last epoch)", _pct(last["val_acc"])))
+    if res is not None:
+        rows += [
+            ("final test accuracy", _pct(res.get("test_acc"))),
+            ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
+            ("parameters (without auxiliary head)", f"{res['params']:,}"),
+            ("MACs per image", f"{res['macs'] / 1e6:.2f} M"),
+            ("FLOPs per image (2 x MACs)", f"{2 * res['macs'] / 1e6:.2f} M"),
+        ]
+    else:
+        rows.append(("retraining", "not run (or not finished)"))
+    return rows
+
+
+def _genotype_table(run: RunData) -> str:
+    g = run.genotype
+    if g is None:
+        return '<p class="muted">no genotype yet</p>'
+    parts = [f"<pre>{_esc(str(g))}</pre>"]
+    for cell in g.cells:
+        rows = "".join(f"<tr><td>{e.src} &rarr; {e.dst}</td><td>{_esc(e.op)}</td></tr>"
+                       for e in sorted(cell.edges, key=lambda e: (e.dst, e.src)))
+        parts.append(f"<h3>{_esc(cell.name)} cell</h3><table><tr><th>edge (node &rarr; node)"
+                     f"</th><th>op</th></tr>{rows}</table><p>output: concatenation of nodes "
+                     f"{_esc(list(cell.concat))}</p>")
+    return "\n".join(parts)
+
+
+def _metrics_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = [k for k in rows[0] if k != "epoch"]
+    head = "".join(f"<th>{_esc(k)}</th>" for k in ["epoch", *keys])
+    body = "".join(
+        "<tr>" + f'<td class="num">{r["epoch"] + 1}</td>' + "".join(
+            f'<td class="num">{r[k]:.4g}</td>' if isinstance(r.get(k), (int, float))
+            else "<td>-</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_report(run: RunData, backend: str = "auto") -> str:
+    """The HTML text of a run's report."""
+    figs = run_figures(run, backend, "svg")
+    title = f"diffnas run {run.path.name}"
+    out = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        '<p class="muted">Generated by <code>diffnas report</code>; self-contained (no external '
+        "resources).</p>",
+        "<h2>Summary</h2><table>",
+        *(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in _summary_rows(run)),
+        "</table>",
+        "<h2>Genotype</h2>", _genotype_table(run),
+    ]
+    cells = [k for k in figs if k.startswith("cell_")]
+    if cells:
+        out.append(f"<h2>Cells</h2><p class=\"muted\">drawn with {resolve_backend(backend)}"
+                   "</p>")
+        out += [_img(figs[k], f"{k[5:]} cell") for k in cells]
+    alphas = [k for k in figs if k.startswith("alphas_")]
+    if alphas:
+        out.append("<h2>Architecture weights over the search</h2><p>softmax(alpha) of every "
+                   "edge (rows); for each op a block of columns, one per epoch.</p>")
+        out += [_img(figs[k], f"{k[7:]} cell: softmax(alpha) per edge and epoch")
+                for k in alphas]
+    if "curves" in figs:
+        out += ["<h2>Curves</h2>", _img(figs["curves"], "loss and accuracy per epoch")]
+    out += ["<h2>Metrics</h2>"]
+    if run.search_metrics:
+        out += ["<h3>search</h3>", _metrics_table(run.search_metrics)]
+    if run.retrain_metrics:
+        out += ["<h3>retraining</h3>", _metrics_table(run.retrain_metrics)]
+    cfg_text = yaml.safe_dump(to_dict(run.config), sort_keys=False)
+    out += ["<h2>Configuration</h2>", f"<pre>{_esc(cfg_text)}</pre>"]
+    if run.result is not None:
+        brief = {k: v for k, v in run.result.items() if k not in ("history", "genotype")}
+        out += ["<h2>Result file</h2>", f"<pre>{_esc(json.dumps(brief, indent=1))}</pre>"]
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None,
+                 backend: str = "auto") -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) and return its path."""
+    run = load_run(run_dir)
+    path = Path(out) if out is not None else run.path / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(run, backend), encoding="utf-8")
+    return path
+
+
+# --- checking a report in a real browser ---------------------------------------------
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+_PROBE = ("<script>window.addEventListener('load', () => document.querySelectorAll('img')"
+          ".forEach((im, i) => console.log('diffnas-probe img ' + i + ' ' + im.naturalWidth)))"
+          ";</script>")
+_CONSOLE = re.compile(r':CONSOLE[^\]]*\] "(.*)", source: (.*)$')
+
+
+def find_browser() -> str | None:
+    """A headless-capable Chromium on PATH (Debian: ``apt-get install chromium``)."""
+    for name in BROWSERS:
+        exe = shutil.which(name)
+        if exe:
+            return exe
+    return None
+
+
+def _chromium(exe: str, url: str, *flags: str, timeout: float = 120) -> str:
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--enable-logging=stderr", "--v=0", *flags, url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{exe} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stderr
+
+
+def browser_check(report: str | Path, screenshot: str | Path | None = None,
+                  browser: str | None = None, width: int = 1200, height: int = 3200
+                  ) -> dict[str, Any]:
+    """Open ``report`` in headless Chromium. Returns the page's console messages (the
+    report has no script, so any message, e.g. an uncaught error, is a problem) and the
+    decoded width of every image (0 = the image did not load). With ``screenshot``, also
+    saves a PNG of the page. Raises when no Chromium is installed."""
+    exe = browser or find_browser()
+    if exe is None:
+        raise FileNotFoundError("no Chromium found (apt-get install chromium)")
+    report = Path(report).resolve()
+    text = report.read_text(encoding="utf-8")
+    probe = text.replace("</body>", _PROBE + "</body>") if "</body>" in text else text + _PROBE
+    with tempfile.TemporaryDirectory() as tmp:
+        probed = Path(tmp) / report.name
+        probed.write_text(probe, encoding="utf-8")
+        log = _chromium(exe, probed.as_uri(), "--dump-dom")
+    messages, widths = [], {}
+    for line in log.splitlines():
+        m = _CONSOLE.search(line)
+        if not m:
+            continue
+        msg = m.group(1)
+        if msg.startswith("diffnas-probe img "):
+            i, w = msg.split()[-2:]
+            widths[int(i)] = int(w)
+        else:
+            messages.append(f"{msg} ({m.group(2)})")
+    if screenshot is not None:
+        shot = Path(screenshot).resolve()
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        _chromium(exe, report.as_uri(), f"--screenshot={shot}", "--hide-scrollbars",
+                  f"--window-size={width},{height}")
+    return {"console": messages, "image_widths": [widths[i] for i in sorted(widths)],
+            "browser": exe}

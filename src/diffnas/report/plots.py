@@ -1,0 +1,389 @@
+"""Pictures of a run: cell diagrams, the alpha heatmap over epochs, loss/accuracy curves.
+
+Cells are drawn with Graphviz's ``dot`` when that program is installed (the clearest
+layout) and with matplotlib otherwise, so a plain ``pip install`` still gets diagrams.
+Every figure is written as PNG and SVG; SVG keeps text as ``<text>`` elements
+(``svg.fonttype = none``), so labels can be searched and read back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from diffnas.genotype import CellGenotype, Genotype
+
+FORMATS = ("png", "svg")
+BACKENDS = ("auto", "graphviz", "matplotlib")
+_RC = {"svg.fonttype": "none", "font.size": 10}
+
+INPUT_COLOR = "#cfe8cf"
+NODE_COLOR = "#dde6f5"
+OUTPUT_COLOR = "#f5e6c4"
+
+
+class PlotError(RuntimeError):
+    """A plot cannot be made (missing program, malformed run directory, ...)."""
+
+
+# --- run directory contents ----------------------------------------------------------
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; an empty list when the file does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+@dataclass
+class RunData:
+    """What the plots and the report read from a run directory."""
+
+    path: Path
+    config: Any  # RunConfig
+    genotype: Genotype | None
+    search_metrics: list[dict[str, Any]]
+    alphas: list[dict[str, Any]]
+    retrain_metrics: list[dict[str, Any]]
+    result: dict[str, Any] | None
+
+    def edge_groups(self) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+        """Per cell type: the edge labels (alpha-row order) and the candidate ops."""
+        from diffnas.spaces import DataShape, create_space
+
+        space = create_space(self.config.search.space, DataShape())
+        return {g: ([e.label for e in es], es[0].candidates)
+                for g, es in space.edge_groups().items()}
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory (``diffnas search`` output); a clear error when it is not one."""
+    from diffnas.engine.rundir import load_run_config
+
+    path = Path(run_dir)
+    cfg = load_run_config(path)
+    gpath = path / "search" / "genotype.json"
+    genotype = Genotype.load(gpath) if gpath.is_file() else None
+    if genotype is None:
+        # An unfinished search: use the latest genotype it logged, if any.
+        rows = read_jsonl(path / "search" / "genotypes.jsonl")
+        if rows:
+            genotype = Genotype.from_dict({k: v for k, v in rows[-1].items() if k != "epoch"})
+    rpath = path / "retrain" / "result.json"
+    result = json.loads(rpath.read_text()) if rpath.is_file() else None
+    if genotype is None and result is not None:
+        genotype = Genotype.from_dict(result["genotype"])
+    return RunData(path, cfg, genotype, read_jsonl(path / "search" / "metrics.jsonl"),
+                   read_jsonl(path / "search" / "alphas.jsonl"),
+                   read_jsonl(path / "retrain" / "metrics.jsonl"), result)
+
+
+# --- cell diagrams -------------------------------------------------------------------
+def cell_layout(cell: CellGenotype) -> tuple[list[int], list[int]]:
+    """(input nodes, intermediate nodes) of a cell: inputs are sources that no edge
+    computes (two for DARTS CNN cells, one for NB-201 and recurrent cells)."""
+    dsts = sorted({e.dst for e in cell.edges})
+    inputs = sorted({e.src for e in cell.edges} - set(dsts))
+    first = min(dsts) if dsts else 0
+    inputs = sorted(set(inputs) | set(range(first)))  # unused inputs are still inputs
+    return inputs, dsts
+
+
+def node_names(cell: CellGenotype) -> dict[int, str]:
+    """Display names: DARTS style ``c_{k-2}``, ``c_{k-1}`` for the two cell inputs,
+    intermediate nodes numbered from 0; a single input is ``in``."""
+    inputs, inner = cell_layout(cell)
+    if len(inputs) == 2:
+        names = {inputs[0]: "c_{k-2}", inputs[1]: "c_{k-1}"}
+    else:
+        names = {n: ("in" if len(inputs) == 1 else f"in{i}") for i, n in enumerate(inputs)}
+    names.update({n: str(i) for i, n in enumerate(inner)})
+    return names
+
+
+def output_name(cell: CellGenotype) -> str:
+    return "c_{k}" if len(cell_layout(cell)[0]) == 2 else "out"
+
+
+def cell_dot(cell: CellGenotype) -> str:
+    """The cell as Graphviz DOT source (left to right, op names on the edges)."""
+    names = node_names(cell)
+    inputs, inner = cell_layout(cell)
+    out = output_name(cell)
+
+    def q(s: str) -> str:
+        return '"' + s.replace('"', r"\"") + '"'
+
+    lines = [
+        f"digraph {q(cell.name)} {{",
+        "  rankdir=LR; bgcolor=white;",
+        '  node [style="rounded,filled", shape=box, fontname="Helvetica", fontsize=14, '
+        'penwidth=1.5, height=0.45];',
+        '  edge [fontname="Helvetica", fontsize=12, color="#555555"];',
+    ]
+    lines += [f"  {q(names[n])} [fillcolor={q(INPUT_COLOR)}];" for n in inputs]
+    lines += [f"  {q(names[n])} [fillcolor={q(NODE_COLOR)}];" for n in inner]
+    lines.append(f"  {q(out)} [fillcolor={q(OUTPUT_COLOR)}];")
+    for e in cell.edges:
+        lines.append(f"  {q(names[e.src])} -> {q(names[e.dst])} [label={q(e.op)}];")
+    for n in cell.concat:
+        if n in names:
+            lines.append(f"  {q(names[n])} -> {q(out)} [style=dashed, color=\"#999999\"];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def graphviz_available() -> bool:
+    return shutil.which("dot") is not None
+
+
+def _graphviz_render(cell: CellGenotype, fmt: str) -> bytes:
+    exe = shutil.which("dot")
+    if exe is None:
+        raise PlotError("Graphviz's 'dot' program is not installed (apt-get install graphviz); "
+                        "use backend='matplotlib'")
+    proc = subprocess.run([exe, f"-T{fmt}", *(["-Gdpi=110"] if fmt == "png" else [])],
+                          input=cell_dot(cell).encode(), capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        raise PlotError(f"dot failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
+X_STEP = 2.2  # horizontal distance between node columns in the matplotlib drawing
+
+
+def _node_positions(cell: CellGenotype) -> dict[int, tuple[float, float]]:
+    inputs, inner = cell_layout(cell)
+    pos: dict[int, tuple[float, float]] = {}
+    for i, n in enumerate(inputs):
+        pos[n] = (0.0, 1.3 - 2.6 * i / (len(inputs) - 1)) if len(inputs) > 1 else (0.0, 0.0)
+    for i, n in enumerate(inner):
+        pos[n] = (X_STEP * (i + 1), 2.0 - 4.0 * i / max(len(inner) - 1, 1))
+    return pos
+
+
+def cell_figure(cell: CellGenotype, title: str | None = None) -> Figure:
+    """The cell drawn with matplotlib alone: boxes for nodes, curved arrows labelled with
+    their op, dashed arrows into the cell output."""
+    names = node_names(cell)
+    inputs, inner = cell_layout(cell)
+    pos = _node_positions(cell)
+    out = output_name(cell)
+    x_out = X_STEP * (len(inner) + 1)
+    fig = Figure(figsize=(1.2 + 1.6 * (len(inner) + 1), 4.4))
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.9 if title else 0.98))
+    ax.set_axis_off()
+    box = {"boxstyle": "round,pad=0.35", "lw": 1.2, "ec": "#333333"}
+
+    def arrow(p, q, rad, **kw):
+        ax.annotate("", xy=q, xytext=p, zorder=1, arrowprops={
+            "arrowstyle": "-|>", "connectionstyle": f"arc3,rad={rad}", "shrinkA": 14,
+            "shrinkB": 14, "mutation_scale": 12, **kw})
+
+    for e in cell.edges:
+        p, q = pos[e.src], pos[e.dst]
+        rad = 0.12 if p[1] >= q[1] else -0.12
+        arrow(p, q, rad, color="#555555", lw=1.1)
+        # arc3's quadratic Bezier passes at t=0.5 through mid + rad/2 * (dy, -dx).
+        dx, dy = q[0] - p[0], q[1] - p[1]
+        lx, ly = (p[0] + q[0]) / 2 + rad * dy / 2, (p[1] + q[1]) / 2 - rad * dx / 2
+        ax.text(lx, ly, e.op, ha="center", va="center", fontsize=8, zorder=3,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    for n in cell.concat:
+        if n in pos:
+            arrow(pos[n], (x_out, 0.0), 0.1, color="#999999", lw=1.0, linestyle="--")
+    for n in inputs:
+        ax.text(*pos[n], names[n], ha="center", va="center", zorder=4,
+                bbox={**box, "fc": INPUT_COLOR})
+    for n in inner:
+        ax.text(*pos[n], names[n], ha="center", va="center", zorder=4,
+                bbox={**box, "fc": NODE_COLOR})
+    ax.text(x_out, 0.0, out, ha="center", va="center", zorder=4, bbox={**box, "fc": OUTPUT_COLOR})
+    ax.set_xlim(-0.8, x_out + 0.8)
+    ax.set_ylim(-2.5, 2.5)
+    ax.set_aspect("equal")  # arc3 bends in display space: equal aspect keeps labels on arcs
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def figure_bytes(fig: Figure, fmt: str, dpi: int = 110) -> bytes:
+    """Render a figure to PNG or SVG bytes (SVG text stays text)."""
+    if fmt not in FORMATS:
+        raise PlotError(f"unknown image format {fmt!r}; choose from {FORMATS}")
+    buf = io.BytesIO()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", metadata=_metadata(fmt))
+    return buf.getvalue()
+
+
+def _metadata(fmt: str) -> dict[str, Any]:
+    # No creation date, so the same run gives byte-identical SVG files.
+    return {"Date": None} if fmt == "svg" else {}
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise PlotError(f"unknown cell-diagram backend {backend!r}; choose from {BACKENDS}")
+    if backend == "auto":
+        return "graphviz" if graphviz_available() else "matplotlib"
+    return backend
+
+
+def render_cell(cell: CellGenotype, fmt: str = "svg", backend: str = "auto") -> bytes:
+    """A cell diagram as PNG or SVG bytes, with Graphviz or matplotlib."""
+    if fmt not in FORMATS:
+        raise PlotError(f"unknown image format {fmt!r}; choose from {FORMATS}")
+    if resolve_backend(backend) == "graphviz":
+        return _graphviz_render(cell, fmt)
+    return figure_bytes(cell_figure(cell, f"{cell.name} cell"), fmt)
+
+
+# --- alpha heatmap -------------------------------------------------------------------
+def alpha_matrix(records: Sequence[dict[str, Any]], group: str) -> np.ndarray:
+    """softmax(alpha) of ``group`` over epochs as ``(edges, ops, epochs)``, from the rows of
+    ``search/alphas.jsonl`` (sorted by epoch)."""
+    rows = sorted((r for r in records if group in r), key=lambda r: r["epoch"])
+    if not rows:
+        raise PlotError(f"no alpha records for cell type {group!r}")
+    stack = np.asarray([r[group] for r in rows], dtype=float)  # (epochs, edges, ops)
+    if stack.ndim != 3:
+        raise PlotError(f"alpha records of {group!r} are not (edges x ops) matrices")
+    return stack.transpose(1, 2, 0)
+
+
+def _edge_tick(label: str) -> str:
+    """``normal/n2/e0`` -> ``0 -> n2`` (source node -> target node)."""
+    parts = label.split("/")
+    if len(parts) == 3 and parts[1].startswith("n") and parts[2].startswith("e"):
+        return f"{parts[2][1:]} \u2192 {parts[1]}"
+    return label
+
+
+def alpha_heatmap_figure(
+    alphas: np.ndarray, edge_labels: Sequence[str], ops: Sequence[str],
+    title: str = "", epochs: Sequence[int] | None = None,
+) -> Figure:
+    """One row per edge; for every op a block of columns, one per epoch, so each row
+    shows how that edge's softmax(alpha) moved from epoch to epoch."""
+    n_edges, n_ops, n_epochs = alphas.shape
+    if n_edges != len(edge_labels) or n_ops != len(ops):
+        raise PlotError(f"alphas {alphas.shape} do not match {len(edge_labels)} edges x "
+                        f"{len(ops)} ops")
+    image = alphas.reshape(n_edges, n_ops * n_epochs)  # column = op * epochs + epoch
+    cell_w = max(0.06, min(0.35, 9.0 / (n_ops * n_epochs)))
+    fig = Figure(figsize=(2.2 + cell_w * n_ops * n_epochs + 1.2, 1.3 + 0.26 * n_edges))
+    ax = fig.add_subplot()
+    # The colour range spans the data: early in a search all weights sit near 1/ops.
+    lo, hi = float(image.min()), float(image.max())
+    im = ax.imshow(image, aspect="auto", cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9),
+                   interpolation="nearest")
+    for k in range(1, n_ops):
+        ax.axvline(k * n_epochs - 0.5, color="white", lw=2)
+    ax.set_yticks(range(n_edges), [_edge_tick(lb) for lb in edge_labels], fontsize=8)
+    ax.set_xticks([k * n_epochs + (n_epochs - 1) / 2 for k in range(n_ops)], list(ops),
+                  rotation=35, ha="right", fontsize=8)
+    ax.tick_params(length=0)
+    first = epochs[0] if epochs else 0
+    last = epochs[-1] if epochs else n_epochs - 1
+    ax.set_xlabel(f"op (each block: epochs {first + 1} to {last + 1}, left to right)")
+    ax.set_ylabel("edge (source \u2192 node)")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="softmax(alpha)")
+    return fig
+
+
+def alpha_snapshot_image(probs: np.ndarray, scale: int = 12) -> np.ndarray:
+    """An (edges x ops) probability matrix as an RGB uint8 image (for TensorBoard), each
+    entry a ``scale`` x ``scale`` square, colour = viridis of the value / row maximum."""
+    p = np.asarray(probs, dtype=float)
+    rgb = matplotlib.colormaps["viridis"](p / max(p.max(), 1e-12))[..., :3]
+    img = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+    return (img * 255).round().astype(np.uint8)
+
+
+# --- curves --------------------------------------------------------------------------
+_SERIES = {  # (metric key, label) per phase
+    "search": (("loss", "acc", "train"), ("val_loss", "val_acc", "validation")),
+    "retrain": (("loss", "acc", "train"), ("test_loss", "test_acc", "test")),
+}
+
+
+def curves_figure(search: Sequence[dict], retrain: Sequence[dict]) -> Figure:
+    """Loss and accuracy per epoch: a row for the search, a row for retraining."""
+    phases = [(name, rows) for name, rows in (("search", search), ("retrain", retrain)) if rows]
+    if not phases:
+        raise PlotError("no metrics to plot (search/metrics.jsonl and retrain/metrics.jsonl "
+                        "are missing or empty)")
+    fig = Figure(figsize=(9, 3.0 * len(phases)))
+    axes = fig.subplots(len(phases), 2, squeeze=False)
+    for row, (name, rows) in enumerate(phases):
+        epochs = [r["epoch"] + 1 for r in rows]
+        for loss_key, acc_key, label in _SERIES[name]:
+            for col, key in ((0, loss_key), (1, acc_key)):
+                ys = [r.get(key) for r in rows]
+                if all(y is None for y in ys):
+                    continue
+                ys = [np.nan if y is None else y for y in ys]
+                axes[row][col].plot(epochs, ys, marker="o", ms=3, label=label)
+        for col, what in ((0, "loss"), (1, "accuracy")):
+            ax = axes[row][col]
+            ax.set_title(f"{name}: {what}")
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- everything for a run --------------------------------------------------------------
+def run_figures(run: RunData, backend: str = "auto", fmt: str = "svg") -> dict[str, bytes]:
+    """All pictures of a run, rendered in ``fmt``: ``cell_<name>``, ``alphas_<group>``,
+    ``curves``."""
+    out: dict[str, bytes] = {}
+    if run.genotype is not None:
+        for cell in run.genotype.cells:
+            out[f"cell_{cell.name}"] = render_cell(cell, fmt, backend)
+    if run.alphas:
+        for group, (labels, ops) in run.edge_groups().items():
+            if not any(group in r for r in run.alphas):
+                continue
+            mat = alpha_matrix(run.alphas, group)
+            epochs = sorted(r["epoch"] for r in run.alphas if group in r)
+            fig = alpha_heatmap_figure(mat, labels, ops, f"{group} cell: softmax(alpha) per "
+                                       "edge over epochs", epochs)
+            out[f"alphas_{group}"] = figure_bytes(fig, fmt)
+    if run.search_metrics or run.retrain_metrics:
+        out["curves"] = figure_bytes(curves_figure(run.search_metrics, run.retrain_metrics), fmt)
+    return out
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
+             formats: Sequence[str] = FORMATS, backend: str = "auto") -> list[Path]:
+    """Write every picture of a run (default: ``RUN_DIR/plots``) in each format."""
+    run = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.path / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        for name, data in run_figures(run, backend, fmt).items():
+            path = out / f"{name}.{fmt}"
+            path.write_bytes(data)
+            written.append(path)
+    if not written:
+        raise PlotError(f"{run_dir}: nothing to plot yet (no genotype, alphas or metrics)")
+    return written

@@ -1,0 +1,232 @@
+"""Plots and the HTML report: op labels read back from SVG, one heatmap row per edge, a
+report that references nothing outside itself and opens cleanly in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffnas.cli import main
+from diffnas.genotype import published_genotype
+from diffnas.report import plots
+from diffnas.report.html import browser_check, find_browser, render_report, write_report
+
+TINY_RUN = [
+    "data.name=digits", "data.train_subset=64", "data.test_subset=32", "data.batch_size=16",
+    "search.epochs=3",
+    "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+    "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=64",
+    "retrain.network={C: 4, layers: 3}", "retrain.auxiliary_weight=0", "retrain.cutout=0",
+    "progress=false",
+]
+BACKENDS = ["matplotlib",
+            pytest.param("graphviz", marks=pytest.mark.skipif(
+                shutil.which("dot") is None, reason="Graphviz's dot is not installed"))]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["search", f"out_dir={out}", "name=tiny", *TINY_RUN]) == 0
+    return out / "tiny"
+
+
+def svg_texts(data: bytes) -> list[str]:
+    """Every text string of an SVG (each <text>, with its <tspan>s joined)."""
+    root = ET.fromstring(data)
+    return ["".join(el.itertext()).strip() for el in root.iter()
+            if el.tag.rsplit("}", 1)[-1] == "text"]
+
+
+# --- cell diagrams ---------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell_name", ["normal", "reduce"])
+def test_cell_svg_labels_every_edge_with_its_op(backend, cell_name):
+    cell = published_genotype("DARTS_V2").cell(cell_name)
+    texts = Counter(svg_texts(plots.render_cell(cell, "svg", backend)))
+    expected = Counter(e.op for e in cell.edges)
+    for op, n in expected.items():
+        assert texts[op] == n, f"{op}: {texts[op]} labels in the SVG, {n} edges in the cell"
+    names = plots.node_names(cell)
+    assert all(texts[names[n]] == 1 for n in cell.nodes)  # every intermediate node drawn once
+    assert texts["c_{k-2}"] == texts["c_{k-1}"] == texts["c_{k}"] == 1
+
+
+def test_cell_dot_has_one_labelled_edge_per_genotype_edge():
+    cell = published_genotype("DARTS_V1").cell("reduce")
+    dot = plots.cell_dot(cell)
+    labelled = re.findall(r'"([^"]+)" -> "([^"]+)" \[label="([^"]+)"\]', dot)
+    names = plots.node_names(cell)
+    assert sorted(labelled) == sorted((names[e.src], names[e.dst], e.op) for e in cell.edges)
+    assert dot.count("style=dashed") == len(cell.concat)
+
+
+def test_png_output_is_a_png():
+    cell = published_genotype("DARTS_V2").cell("normal")
+    assert plots.render_cell(cell, "png", "matplotlib")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_backend_and_format_are_errors():
+    cell = published_genotype("DARTS_V2").cell("normal")
+    with pytest.raises(plots.PlotError, match="backend"):
+        plots.render_cell(cell, "svg", "tikz")
+    with pytest.raises(plots.PlotError, match="format"):
+        plots.render_cell(cell, "jpg")
+
+
+# --- alpha heatmap ---------------------------------------------------------------
+def _records(epochs: int, edges: int, ops: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    recs = []
+    for e in range(epochs):
+        logits = rng.normal(size=(edges, ops))
+        p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        recs.append({"epoch": e, "normal": p.tolist()})
+    return recs[::-1]  # out of order on purpose: the matrix sorts by epoch
+
+
+def test_alpha_matrix_matches_the_records():
+    recs = _records(epochs=4, edges=5, ops=3)
+    mat = plots.alpha_matrix(recs, "normal")
+    assert mat.shape == (5, 3, 4)
+    by_epoch = {r["epoch"]: np.asarray(r["normal"]) for r in recs}
+    for e in range(4):
+        np.testing.assert_array_equal(mat[:, :, e], by_epoch[e])
+
+
+def test_heatmap_has_one_row_per_edge():
+    edges, ops, epochs = 5, 3, 4
+    labels = [f"normal/n{2 + i // 2}/e{i % 2}" for i in range(edges)]
+    mat = plots.alpha_matrix(_records(epochs, edges, ops), "normal")
+    fig = plots.alpha_heatmap_figure(mat, labels, ["a_op", "b_op", "c_op"])
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (edges, ops * epochs)
+    # column op * epochs + epoch holds that op's weight at that epoch
+    np.testing.assert_array_equal(image[:, 1 * epochs + 2], mat[:, 1, 2])
+    texts = Counter(svg_texts(plots.figure_bytes(fig, "svg")))
+    ticks = [plots._edge_tick(lb) for lb in labels]
+    assert all(texts[t] == 1 for t in ticks)
+    assert all(texts[o] == 1 for o in ("a_op", "b_op", "c_op"))
+
+
+def test_heatmap_rejects_mismatched_labels():
+    mat = plots.alpha_matrix(_records(2, 3, 2), "normal")
+    with pytest.raises(plots.PlotError, match="do not match"):
+        plots.alpha_heatmap_figure(mat, ["only", "two"], ["x", "y"])
+
+
+# --- a whole run -----------------------------------------------------------------
+def test_plot_command_writes_png_and_svg(run_dir, tmp_path):
+    assert main(["plot", str(run_dir), "--out", str(tmp_path), "--backend", "matplotlib"]) == 0
+    names = {"cell_normal", "cell_reduce", "alphas_normal", "alphas_reduce", "curves"}
+    assert {p.name for p in tmp_path.iterdir()} == {f"{n}.{f}" for n in names
+                                                     for f in ("png", "svg")}
+    run = plots.load_run(run_dir)
+    n_edges = len(run.edge_groups()["normal"][0])  # 2 nodes: 2 + 3 edges
+    assert n_edges == 5
+    rows = [json.loads(ln) for ln in (run_dir / "search/alphas.jsonl").read_text().splitlines()]
+    texts = Counter(svg_texts((tmp_path / "alphas_normal.svg").read_bytes()))
+    assert sum(texts[plots._edge_tick(lb)] for lb in run.edge_groups()["normal"][0]) == n_edges
+    assert len(rows) == 3 and plots.alpha_matrix(rows, "normal").shape == (5, 8, 3)
+    genotype_ops = Counter(e.op for e in run.genotype.cell("normal").edges)
+    texts = Counter(svg_texts((tmp_path / "cell_normal.svg").read_bytes()))
+    assert all(texts[op] == n for op, n in genotype_ops.items())
+
+
+class _Refs(HTMLParser):
+    """Collects what a page would fetch: URL-valued attributes, tags that embed, CSS urls."""
+
+    URL_ATTRS = {"src", "href", "srcset", "data", "poster", "action", "xlink:href"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.tags: Counter = Counter()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] += 1
+        for k, v in attrs:
+            if k in self.URL_ATTRS and v is not None:
+                self.urls.append(v)
+            if k == "style" and v and "url(" in v:
+                self.urls.append(v)
+
+
+def external_refs(page: str) -> list[str]:
+    """Everything in ``page`` that would be loaded from outside the file."""
+    p = _Refs()
+    p.feed(page)
+    bad = [u for u in p.urls if not u.startswith("data:")]
+    bad += [f"<{t}>" for t in ("script", "link", "iframe", "object", "embed") if p.tags[t]]
+    stripped = re.sub(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+", "", page)
+    bad += re.findall(r"(?:https?:|ftp:|url\(|@import)\S*", stripped)
+    return bad
+
+
+def test_reference_checker_catches_external_resources():
+    page = ('<html><head><link rel="stylesheet" href="x.css"></head><body>'
+            '<img src="https://example.org/a.png"><img src="data:image/png;base64,AAAA">'
+            '<div style="background: url(b.png)"></div></body></html>')
+    found = external_refs(page)
+    assert "x.css" in found and "https://example.org/a.png" in found
+    assert "<link>" in found and any("url(" in f for f in found)
+    assert not any(f.startswith("data:") for f in found)
+
+
+def test_report_is_one_file_with_no_external_resources(run_dir, tmp_path):
+    out = tmp_path / "r.html"
+    assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert external_refs(page) == []
+    assert list(tmp_path.iterdir()) == [out]  # nothing written beside it
+    # the embedded images decode, and the cell diagrams carry the genotype's ops
+    uris = re.findall(r'src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', page)
+    svgs = [base64.b64decode(u) for u in uris]
+    assert len(svgs) == 5  # 2 cells, 2 heatmaps, curves
+    run = plots.load_run(run_dir)
+    for i, cell in enumerate(run.genotype.cells):
+        texts = Counter(svg_texts(svgs[i]))
+        assert all(texts[e.op] >= 1 for e in cell.edges)
+    result = json.loads((run_dir / "retrain/result.json").read_text())
+    assert f"{100 * result['test_acc']:.2f}%" in page
+    assert f"{result['params']:,}" in page and str(run.genotype).replace("'", "&#x27;") in page
+
+
+def test_report_of_a_search_without_retraining(run_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("retrain"))
+    page = render_report(plots.load_run(partial), backend="matplotlib")
+    assert "not run (or not finished)" in page and external_refs(page) == []
+
+
+needs_chromium = pytest.mark.skipif(find_browser() is None,
+                                    reason="no Chromium (apt-get install chromium)")
+
+
+@needs_chromium
+def test_browser_check_detects_console_errors_and_broken_images(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><img src="missing.png"><script>console.error("boom")'
+                   "</script></body></html>")
+    res = browser_check(bad)
+    assert any("boom" in m for m in res["console"])
+    assert res["image_widths"] == [0]
+
+
+@needs_chromium
+def test_report_opens_in_headless_chromium_without_console_errors(run_dir, tmp_path):
+    path = write_report(run_dir, tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    res = browser_check(path, screenshot=shot)
+    assert res["console"] == []
+    assert len(res["image_widths"]) == 5 and all(w > 0 for w in res["image_widths"])
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
