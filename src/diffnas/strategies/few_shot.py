@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,8 +169,10 @@ class FewShotStrategy(SearchStrategy):
             if self.epoch == self.split_at:
                 self.split()
             return
-        for sub in self.subnets:
-            sub.end_epoch()
+        with warnings.catch_warnings():  # a sub-supernet may not have stepped this epoch
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            for sub in self.subnets:
+                sub.end_epoch()
         self.export(self.best())
         self.val_loss = [[] for _ in self.subnets]
 

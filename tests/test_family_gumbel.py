@@ -1,0 +1,116 @@
+"""Gumbel relaxations (SNAS, GDAS): sampling, straight-through gradients, temperature
+schedules, and GDAS computing exactly one op per edge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_space, tiny_strategy
+from test_family_smoke import nb201_space
+
+from diffnas.arch.relax import create_relaxation
+
+
+def test_hard_gumbel_is_one_hot_with_soft_gradient():
+    torch.manual_seed(0)
+    a = torch.randn(5, 4, requires_grad=True)
+    relax = create_relaxation("hard_gumbel", tau=2.0, tau_min=None)
+    c = torch.randn(5, 4)
+    torch.manual_seed(1)
+    aw = relax({"g": a})
+    w = aw["g"]
+    assert torch.equal(w.detach(), torch.nn.functional.one_hot(aw.active["g"], 4).float())
+    (ga,) = torch.autograd.grad((w * c).sum(), a)
+    # the same noise through the plain Gumbel-softmax gives the same gradient
+    torch.manual_seed(1)
+    soft = create_relaxation("gumbel", tau=2.0)({"g": a})["g"]
+    (gs,) = torch.autograd.grad((soft * c).sum(), a)
+    assert torch.allclose(ga, gs)
+    assert torch.equal(aw.active["g"], soft.detach().argmax(-1))
+
+
+def test_gumbel_draws_from_global_rng():
+    a = {"g": torch.zeros(3, 5)}
+    relax = create_relaxation("gumbel")
+    torch.manual_seed(7)
+    x = relax(a)["g"]
+    torch.manual_seed(7)
+    y = relax(a)["g"]
+    z = relax(a)["g"]
+    assert torch.equal(x, y) and not torch.equal(y, z)
+
+
+def test_gumbel_sample_frequencies_follow_softmax():
+    torch.manual_seed(0)
+    a = torch.tensor([[1.0, 0.0, -1.0]])
+    relax = create_relaxation("hard_gumbel", tau=1.0, tau_min=None)
+    counts = torch.zeros(3)
+    for _ in range(4000):
+        counts[relax({"g": a}).active["g"][0]] += 1
+    assert torch.allclose(counts / 4000, torch.softmax(a[0], 0), atol=0.03)
+
+
+@pytest.mark.parametrize("anneal", ["linear", "exp"])
+def test_temperature_schedule_and_state(anneal):
+    relax = create_relaxation("gumbel", tau=10.0, tau_min=0.1, anneal=anneal)
+    relax.set_epochs(5)
+    taus = []
+    for _ in range(5):
+        taus.append(relax.tau)
+        relax.end_epoch()
+    assert taus[0] == 10.0 and math.isclose(taus[-1], 0.1)
+    assert all(x > y for x, y in zip(taus, taus[1:], strict=False))
+    if anneal == "linear":
+        assert math.isclose(taus[2], (10.0 + 0.1) / 2)
+    else:
+        assert math.isclose(taus[2], 1.0)
+    fresh = create_relaxation("gumbel", tau=10.0, tau_min=0.1, anneal=anneal)
+    fresh.load_state_dict(relax.state_dict())
+    assert fresh.tau == relax.tau
+
+
+def test_strategy_anneals_the_temperature():
+    s = tiny_strategy({"name": "gdas"})  # epochs=2: 10 -> 0.1
+    assert s.relaxation.tau == 10.0
+    s.end_epoch()
+    assert math.isclose(s.relaxation.tau, 0.1)
+
+
+def _count_op_calls(supernet):
+    """Forward hooks on every candidate op of every mixed op: calls per (edge module)."""
+    calls = {}
+    handles = []
+    for name, m in supernet.named_modules():
+        if hasattr(m, "candidates") and isinstance(getattr(m, "ops", None), torch.nn.ModuleList):
+            calls[name] = 0
+            for op in m.ops:
+                def hook(mod, inp, out, name=name):
+                    calls[name] += 1
+                handles.append(op.register_forward_hook(hook))
+    return calls, handles
+
+
+@pytest.mark.parametrize("make_space", [tiny_space, nb201_space])
+def test_gdas_computes_exactly_one_op_per_edge(make_space):
+    s = tiny_strategy({"name": "gdas"}, space=make_space())
+    calls, handles = _count_op_calls(s.supernet)
+    forwards = []
+    s.supernet.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
+    assert len(forwards) == 2  # one alpha forward, one weight forward
+    assert calls and all(n == len(forwards) for n in calls.values()), calls
+    # the same counter sees every live op under the softmax relaxation (DARTS)
+    d = tiny_strategy({"name": "darts"}, space=make_space())
+    dcalls, _ = _count_op_calls(d.supernet)
+    d.step(tiny_batch(4, 1), tiny_batch(4, 2))
+    live = sum(1 for o in d.arch_params.candidates(d.arch_params.groups()[0]) if o != "none")
+    assert all(n == 2 * live for n in dcalls.values())
+    for h in handles:
+        h.remove()
+
+
+def test_gdas_rejects_soft_relaxation():
+    with pytest.raises(ValueError, match="hard_gumbel"):
+        tiny_strategy({"name": "gdas", "relaxation": {"name": "softmax"}})
