@@ -1,0 +1,150 @@
+"""Architecture search: data split, supernet, strategy and the loop, wired from a config."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffnas.arch import ArchParams
+from diffnas.config import RunConfig
+from diffnas.data import BatchLoader, ImageData, load_dataset, split_train_val
+from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
+from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.rundir import resolve_device
+from diffnas.engine.tensorboard import logger_callbacks
+from diffnas.genotype import Genotype
+from diffnas.genotype.discretize import discretize
+from diffnas.spaces import DataShape, SearchSpace, create_space
+from diffnas.strategies import STRATEGIES, ClassificationObjective, SearchStrategy, create_strategy
+
+log = logging.getLogger("diffnas")
+
+
+class SearchTask:
+    """What the loop drives during search: zipped (train, val) batches -> strategy.step."""
+
+    def __init__(
+        self, strategy: SearchStrategy, space: SearchSpace, train: BatchLoader,
+        val: BatchLoader | None, rule: str | None = None,
+    ) -> None:
+        self.strategy, self.space = strategy, space
+        self.train, self.val = train, val
+        self.rule = rule
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        self.train.set_epoch(epoch)
+        if self.val is None:
+            return ((b, None) for b in self.train)
+        self.val.set_epoch(epoch)
+        return zip(self.train, self.val)
+
+    def num_batches(self) -> int:
+        return len(self.train) if self.val is None else min(len(self.train), len(self.val))
+
+    def step(self, batch: tuple[Any, Any]) -> dict[str, float]:
+        return self.strategy.step(*batch)
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        lr = self.strategy.lr
+        self.strategy.end_epoch()
+        return {"lr": lr}
+
+    def genotype(self) -> Genotype:
+        arch = self.strategy.arch_params
+        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    history: list[dict[str, float]]
+    task: SearchTask
+
+
+def data_shape(data: ImageData) -> DataShape:
+    return DataShape(data.in_channels, data.resolution, data.num_classes)
+
+
+def load_search_data(cfg: RunConfig) -> ImageData:
+    d = cfg.data
+    return load_dataset(d.name, d.root, d.download, d.resolution, d.train_subset, d.test_subset,
+                        cfg.seed)
+
+
+def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1) -> SearchTask:
+    """Space, supernet, architecture parameters, strategy and loaders for ``cfg``."""
+    seed_everything(cfg.seed)
+    space = create_space(cfg.search.space, data_shape(data))
+    supernet = space.build_supernet().to(device)
+    arch = ArchParams(space).to(device)
+    objective = getattr(space, "objective", lambda: ClassificationObjective())()
+    strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
+    cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+    data_y = strategy.relabel(data.train_y)  # identity, except e.g. RLNAS's random labels
+    bs, seed = cfg.data.batch_size, cfg.seed
+    common = {"batch_size": bs, "seed": seed, "device": device, "rank": rank,
+              "world_size": world_size, "drop_last": True}
+    if cls.uses_validation:
+        (tx, ty), (vx, vy) = split_train_val(data.train_x, data_y, cfg.data.search_split, seed)
+        train = BatchLoader(tx, ty, **common)
+        val = BatchLoader(vx, vy, **{**common, "seed": seed + 1})
+    else:
+        train, val = BatchLoader(data.train_x, data_y, **common), None
+    return SearchTask(strategy, space, train, val, cfg.search.discretizer)
+
+
+def _alpha_record(task: SearchTask):
+    def record(loop: Loop, epoch: int, metrics: dict) -> dict:
+        return {g: torch.softmax(a.detach().float(), -1).cpu().tolist()
+                for g, a in task.strategy.arch_params.as_dict().items()}
+    return record
+
+
+def run_search(
+    cfg: RunConfig, run_dir: str | Path, resume: bool = False, stop_after: int | None = None,
+    extra_callbacks: list[Callback] | None = None, data: ImageData | None = None,
+) -> SearchResult:
+    """Search as configured, writing ``run_dir/search``. With ``resume`` it continues from
+    ``search/checkpoint.pt``; ``stop_after`` ends after that many epochs (as a kill would)."""
+    out = Path(run_dir) / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    data = data or load_search_data(cfg)
+    task = build_search(cfg, data, device)
+    callbacks: list[Callback] = [
+        ProgressBar("search", cfg.progress),
+        JsonLines(out / "metrics.jsonl"),
+        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
+        JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+        *(extra_callbacks or []),
+        *logger_callbacks(cfg, out, task.strategy.arch_params),
+        Checkpoint(out / "checkpoint.pt"),
+    ]
+    loop = Loop(task, cfg.search.epochs, callbacks)
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        loop.load_state_dict(load_checkpoint(ckpt))
+        log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
+    n_w = sum(p.numel() for p in task.strategy.supernet.parameters())
+    log.info("search: space=%s strategy=%s supernet weights=%d alphas=%d, %d batches/epoch",
+             task.space.name, task.strategy.name, n_w,
+             sum(p.numel() for p in task.strategy.alphas()), task.num_batches())
+    history = loop.run(stop_after=stop_after)
+    genotype = task.genotype()
+    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
+    if loop.epoch >= loop.epochs:
+        (out / "DONE").touch()
+    return SearchResult(genotype, history, task)

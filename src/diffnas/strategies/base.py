@@ -1,0 +1,208 @@
+"""The strategy interface and what all gradient-based strategies share: two disjoint
+parameter sets, two optimizers, a relaxation and an objective."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from diffnas.arch.params import ArchParams
+from diffnas.arch.relax import ArchWeights, create_relaxation
+from diffnas.registry import Registry
+from diffnas.strategies.objective import Objective
+
+#: Extra differentiable losses on the architecture (e.g. predicted latency): a factory
+#: ``(**settings) -> penalty`` with ``penalty(arch_weights, logits) -> scalar tensor``,
+#: added to the alpha objective by the hypergradient rules (``SearchStrategy.add_penalty``).
+PENALTIES: Registry[Callable[..., Callable]] = Registry("architecture penalty")
+#: Modules that register penalties, imported when a strategy first builds one.
+PENALTY_MODULES: list[str] = ["diffnas.hardware.penalty"]
+
+
+def register_penalty(name: str):
+    return PENALTIES.register(name)
+
+
+def create_penalty(spec: dict) -> Callable:
+    """Build ``{name: ..., **settings}`` from :data:`PENALTIES`."""
+    for mod in PENALTY_MODULES:
+        importlib.import_module(mod)
+    spec = dict(spec)
+    if "name" not in spec:
+        raise ValueError(f"penalty {spec} needs a 'name'; known: {PENALTIES.names()}")
+    return PENALTIES.get(spec.pop("name"))(**spec)
+
+
+@dataclass
+class WeightOptimConfig:
+    """SGD for the network weights (DARTS paper defaults), cosine schedule per epoch."""
+
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+
+
+@dataclass
+class ArchOptimConfig:
+    """Adam for the architecture parameters (DARTS paper defaults)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 1e-3
+
+
+@dataclass
+class StrategyConfig:
+    w_optim: WeightOptimConfig = field(default_factory=WeightOptimConfig)
+    a_optim: ArchOptimConfig = field(default_factory=ArchOptimConfig)
+    relaxation: dict = field(default_factory=lambda: {"name": "softmax"})
+    penalties: list[dict] = field(default_factory=list)  # e.g. [{name: latency, lam: 0.1}]
+    edge_norm: bool = False  # PC-DARTS edge normalization: beta logits per incoming edge
+
+
+Batch = Any
+
+
+class SearchStrategy:
+    """Updates weights ``w`` (of the supernet) and architecture logits ``alpha``.
+
+    ``step(train_batch, val_batch)`` does one update and returns float metrics;
+    ``end_epoch()`` advances per-epoch schedules. Everything needed to resume is in
+    ``state_dict()``.
+    """
+
+    Config: ClassVar[type] = StrategyConfig
+    name: ClassVar[str] = ""
+    #: False for strategies that train both parameter sets on one stream (no val split).
+    uses_validation: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        config: StrategyConfig,
+        supernet: nn.Module,
+        arch_params: ArchParams,
+        objective: Objective,
+        epochs: int,
+    ) -> None:
+        self.config = config
+        self.supernet = supernet
+        self.arch_params = arch_params
+        self.objective = objective
+        self.epochs = epochs
+        relax = dict(config.relaxation)
+        self.relaxation = create_relaxation(relax.pop("name"), **relax)
+        self.relaxation.set_epochs(epochs)
+        if config.edge_norm:  # before the optimizer, so the betas are optimized with alpha
+            arch_params.add_edge_betas()
+        w = config.w_optim
+        self.w_optimizer = torch.optim.SGD(
+            self.weights(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay
+        )
+        self.w_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.w_optimizer, T_max=max(epochs, 1), eta_min=w.lr_min
+        )
+        a = config.a_optim
+        self.a_optimizer = torch.optim.Adam(
+            self.arch_params.parameters(),
+            lr=a.lr,
+            betas=tuple(a.betas),
+            weight_decay=a.weight_decay,
+        )
+        device = self.alphas()[0].device
+        self.penalties = [(spec.get("name"), create_penalty(spec)) for spec in config.penalties]
+        for _, p in self.penalties:
+            if isinstance(p, nn.Module):
+                p.to(device)
+
+    # --- parameter sets ---------------------------------------------------------------
+    def weights(self) -> Iterator[nn.Parameter]:
+        return self.supernet.parameters()
+
+    def alphas(self) -> list[nn.Parameter]:
+        return list(self.arch_params.parameters())
+
+    def arch_weights(self) -> ArchWeights:
+        return self.arch_params.normalize(self.relaxation(self.arch_params.as_dict()))
+
+    @property
+    def lr(self) -> float:
+        return self.w_optimizer.param_groups[0]["lr"]
+
+    # --- losses -------------------------------------------------------------------------
+    def loss(
+        self,
+        batch: Batch,
+        arch_weights: ArchWeights,
+        params: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Objective of the supernet on ``batch``; ``params`` substitutes weights (for
+        virtual steps and finite differences) without touching the module."""
+        x = self.objective.inputs(batch)
+        if params is None:
+            out = self.supernet(x, arch_weights)
+        else:
+            out = functional_call(self.supernet, params, (x, arch_weights))
+        return self.objective(out, batch)
+
+    def add_penalty(
+        self, loss: torch.Tensor, arch_weights: ArchWeights, stats: dict[str, float]
+    ) -> torch.Tensor:
+        """``loss`` plus the configured architecture penalties of ``arch_weights`` (each
+        also reported in ``stats`` as ``penalty_<name>``)."""
+        logits = self.arch_params.as_dict()
+        for name, penalty in self.penalties:
+            value = penalty(arch_weights, logits)
+            stats[f"penalty_{name}"] = value.item()
+            loss = loss + value
+        return loss
+
+    def weight_step(self, batch: Batch, arch_weights: ArchWeights) -> dict[str, float]:
+        """One SGD step on ``w`` with the arch weights held fixed (detached)."""
+        self.w_optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.loss(batch, arch_weights.detach())
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.w_optim.grad_clip)
+        self.w_optimizer.step()
+        return stats
+
+    def set_alpha_grads(self, grads: list[torch.Tensor]) -> None:
+        for p, g in zip(self.alphas(), grads):
+            p.grad = g.detach().clone()
+
+    # --- the interface -----------------------------------------------------------------
+    def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def relabel(self, labels: torch.Tensor) -> torch.Tensor:
+        """Training labels this strategy learns from (identity; RLNAS permutes them)."""
+        return labels
+
+    def end_epoch(self) -> None:
+        self.w_scheduler.step()
+        self.relaxation.end_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "supernet": self.supernet.state_dict(),
+            "arch_params": self.arch_params.state_dict(),
+            "w_optimizer": self.w_optimizer.state_dict(),
+            "a_optimizer": self.a_optimizer.state_dict(),
+            "w_scheduler": self.w_scheduler.state_dict(),
+            "relaxation": self.relaxation.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.supernet.load_state_dict(state["supernet"])
+        self.arch_params.load_state_dict(state["arch_params"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+        self.w_scheduler.load_state_dict(state["w_scheduler"])
+        self.relaxation.load_state_dict(state["relaxation"])
