@@ -41,14 +41,12 @@ class Augment:
             flip = torch.rand(n, generator=g) < 0.5
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
         if self.cutout:
-            cy = torch.randint(0, h, (n,), generator=g)
-            cx = torch.randint(0, w, (n,), generator=g)
-            half = self.cutout // 2
+            # a cutout x cutout square centred on a random pixel, clipped at the borders
+            cy = torch.randint(0, h, (n, 1, 1), generator=g) - self.cutout // 2
+            cx = torch.randint(0, w, (n, 1, 1), generator=g) - self.cutout // 2
             ys = torch.arange(h).view(1, h, 1)
             xs = torch.arange(w).view(1, 1, w)
-            inside = ((ys - cy.view(n, 1, 1)).abs() <= half - (self.cutout % 2 == 0)) & (
-                (xs - cx.view(n, 1, 1)).abs() <= half - (self.cutout % 2 == 0)
-            )
+            inside = (ys >= cy) & (ys < cy + self.cutout) & (xs >= cx) & (xs < cx + self.cutout)
             x = x * (~inside).unsqueeze(1).to(x.dtype)
         return x
 

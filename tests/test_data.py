@@ -1,0 +1,122 @@
+"""Datasets from local files, clear errors, deterministic loaders and augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffnas.data import (
+    Augment,
+    BatchLoader,
+    DatasetNotFoundError,
+    load_dataset,
+    split_train_val,
+)
+from diffnas.data.images import read_idx
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def _fake_fashion(root: Path, n_train: int = 20, n_test: int = 10) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_train, 28, 28))
+    _write_idx(root / "train-images-idx3-ubyte.gz", images)
+    _write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n_train))
+    _write_idx(root / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, 28, 28)))
+    _write_idx(root / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, n_test))
+    return images
+
+
+def test_idx_reader_and_fashion_loader(tmp_path):
+    images = _fake_fashion(tmp_path)
+    assert np.array_equal(read_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
+    d = load_dataset("fashion_mnist", root=str(tmp_path), resolution=14)
+    assert d.train_x.shape == (20, 1, 14, 14) and d.test_x.shape == (10, 1, 14, 14)
+    assert d.num_classes == 10 and d.train_y.dtype == torch.long
+
+
+def test_missing_dataset_path_says_where_and_how(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=f"not found in: {tmp_path}.*apt-get install"):
+        load_dataset("fashion_mnist", root=str(tmp_path))
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
+        load_dataset("cifar10", root=str(tmp_path))
+    with pytest.raises(DatasetNotFoundError, match="needs data.root"):
+        load_dataset("cifar10")
+
+
+def test_cifar10_from_torchvision_layout(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                 "labels": list(rng.integers(0, 10, 4))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    d = load_dataset("cifar10", root=str(tmp_path))
+    assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (4, 3, 32, 32)
+    # channel layout: CIFAR rows are RRR..GGG..BBB, so channel means differ per channel
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f)["data"].reshape(4, 3, 32, 32)
+    assert d.test_x.shape[1] == 3 and raw.shape[1] == 3
+
+
+def test_digits_ships_in_the_wheel():
+    d = load_dataset("digits", train_subset=100, seed=3)
+    assert d.train_x.shape == (100, 1, 8, 8) and d.test_x.shape[0] == 360
+
+
+def test_loader_order_depends_only_on_seed_and_epoch():
+    x, y = torch.arange(20).float().view(20, 1, 1, 1), torch.arange(20)
+    a = BatchLoader(x, y, 4, seed=1)
+    b = BatchLoader(x, y, 4, seed=1)
+    a.set_epoch(3)
+    b.set_epoch(0)
+    list(b)  # consuming other epochs first changes nothing
+    b.set_epoch(3)
+    assert all(torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    b.set_epoch(4)
+    assert not all(torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert sorted(torch.cat([yb for _, yb in a]).tolist()) == list(range(20))
+
+
+def test_loader_shards_the_same_global_batch():
+    x, y = torch.arange(16).float().view(16, 1, 1, 1), torch.arange(16)
+    full = list(BatchLoader(x, y, 8, seed=0))
+    r0 = list(BatchLoader(x, y, 8, seed=0, rank=0, world_size=2))
+    r1 = list(BatchLoader(x, y, 8, seed=0, rank=1, world_size=2))
+    for f, a, b in zip(full, r0, r1):
+        assert torch.equal(torch.cat([a[1], b[1]]), f[1])
+
+
+def test_split_is_disjoint_and_complete():
+    x, y = torch.arange(10).float().view(10, 1, 1, 1), torch.arange(10)
+    (tx, ty), (vx, vy) = split_train_val(x, y, 0.5, seed=0)
+    assert sorted(ty.tolist() + vy.tolist()) == list(range(10)) and len(ty) == 5
+    with pytest.raises(ValueError, match="search_split"):
+        split_train_val(x, y, 1.0, 0)
+
+
+def test_augment_crop_is_a_shifted_window_and_cutout_zeroes_a_square():
+    x = torch.arange(36).float().view(1, 1, 6, 6).repeat(8, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    out = Augment(crop_padding=2)(x, g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(8):  # every crop equals some 6x6 window of the padded image
+        windows = [padded[i, 0, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i, 0], w) for w in windows)
+    cut = Augment(cutout=2)(torch.ones(16, 1, 8, 8), g)
+    zeros = (cut == 0).sum(dim=(1, 2, 3))
+    assert ((zeros >= 1) & (zeros <= 4)).all() and (zeros == 4).any()
+    flipped = Augment(flip=True)(x, torch.Generator().manual_seed(1))
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
