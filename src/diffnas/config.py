@@ -137,6 +137,13 @@ class RetrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data parallelism under torchrun (ignored in a single process); docs/distributed.md."""
+
+    sync_bn: bool = False  # BatchNorm over the global batch instead of each rank's slice
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
@@ -148,6 +155,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     lm: dict = field(default_factory=dict)  # language models: engine/lm.py LmConfig
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from diffnas.config import RetrainConfig, RunConfig
 from diffnas.data import Augment, BatchLoader, ImageData, load_dataset
+from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.loop import Callback, Loop
@@ -40,7 +41,9 @@ def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
 
 
 class TrainTask:
-    """Supervised training of a fixed network (SGD, cosine schedule, auxiliary loss)."""
+    """Supervised training of a fixed network (SGD, cosine schedule, auxiliary loss).
+    ``model`` may be wrapped in DistributedDataParallel; state and evaluation use the
+    module inside, so checkpoints load with or without DDP."""
 
     def __init__(self, model: nn.Module, train: BatchLoader, test: BatchLoader,
                  cfg: RetrainConfig) -> None:
@@ -71,19 +74,20 @@ class TrainTask:
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        return {"loss": loss.item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+        acc = (logits.argmax(-1) == y).float().mean().item()
+        return dp.all_reduce_metrics({"loss": loss.item(), "acc": acc})
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        return {"lr": lr, **evaluate(self.model, self.test)}
+        return {"lr": lr, **evaluate(dp.unwrap(self.model), self.test)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        return {"model": dp.unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        dp.unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -118,9 +122,11 @@ def run_retrain(
 ) -> dict[str, Any]:
     """Train ``genotype`` from scratch as ``cfg.retrain`` says; writes ``run_dir/retrain``."""
     out = Path(run_dir) / "retrain"
-    out.mkdir(parents=True, exist_ok=True)
+    rank = dp.env()
+    if rank.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     r, d = cfg.retrain, cfg.data
-    device = resolve_device(cfg.device)
+    device = dp.rank_device(resolve_device(cfg.device))
     data = data or load_dataset(d.name, d.root, d.download, d.resolution, r.train_subset,
                                 d.test_subset, cfg.seed)
     shape = DataShape(data.in_channels, data.resolution, data.num_classes)
@@ -128,27 +134,34 @@ def run_retrain(
     _, model = build_network(cfg, genotype, shape)
     model = model.to(device)
     summary = network_summary(model, shape)
+    if cfg.distributed.sync_bn:
+        model = dp.convert_sync_batchnorm(model)
     log.info("retrain: %s params (without auxiliary head), %.1f M MACs", f"{summary['params']:,}",
              summary["macs"] / 1e6)
     augment = Augment(r.crop_padding, r.flip, r.cutout)
     train = BatchLoader(data.train_x, data.train_y, r.batch_size, seed=cfg.seed, augment=augment,
-                        device=device, drop_last=True)
+                        device=device, drop_last=True, rank=rank.rank, world_size=rank.world_size)
     test = BatchLoader(data.test_x, data.test_y, 256, shuffle=False, device=device)
-    task = TrainTask(model, train, test, r)
+    task = TrainTask(dp.wrap_ddp(model, device), train, test, r)
     loop = Loop(task, r.epochs, [
-        DropPathSchedule(model, r.drop_path), ProgressBar("retrain", cfg.progress),
-        JsonLines(out / "metrics.jsonl"), Checkpoint(out / "checkpoint.pt"),
+        DropPathSchedule(model, r.drop_path), *dp.main_process_only([
+            ProgressBar("retrain", cfg.progress), JsonLines(out / "metrics.jsonl"),
+            Checkpoint(out / "checkpoint.pt")]),
         *logger_callbacks(cfg, out),
     ])
     ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt))
+    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
+                                   if resume and ckpt.exists() else None)
+    if state is not None:
+        loop.load_state_dict(state)
         log.info("resumed retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
     final = evaluate(model, test)
     result = {"genotype": genotype.to_dict(), **summary, "epochs_done": loop.epoch,
               "test_acc": final["test_acc"], "test_loss": final["test_loss"],
               "history": history}
-    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
-    atomic_save(model.state_dict(), out / "model.pt")
+    if rank.is_main:
+        atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+        atomic_save(model.state_dict(), out / "model.pt")
+    dp.barrier()
     return result

@@ -13,6 +13,7 @@ import torch
 from diffnas.arch import ArchParams
 from diffnas.config import RunConfig
 from diffnas.data import BatchLoader, ImageData, load_dataset, split_train_val
+from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.loop import Callback, Loop
@@ -48,9 +49,11 @@ class SearchTask:
         return len(self.train) if self.val is None else min(len(self.train), len(self.val))
 
     def step(self, batch: tuple[Any, Any]) -> dict[str, float]:
-        return self.strategy.step(*batch)
+        return dp.all_reduce_metrics(self.strategy.step(*batch))  # mean over ranks
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
+        dp.assert_replicated({"architecture parameters": self.strategy.alphas(),
+                              "supernet weights": self.strategy.supernet.parameters()})
         lr = self.strategy.lr
         self.strategy.end_epoch()
         return {"lr": lr}
@@ -89,10 +92,18 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     seed_everything(cfg.seed)
     space = create_space(cfg.search.space, data_shape(data))
     supernet = space.build_supernet().to(device)
+    if cfg.distributed.sync_bn:
+        supernet = dp.convert_sync_batchnorm(supernet)
     arch = ArchParams(space).to(device)
+    dp.broadcast_([*supernet.state_dict().values(), *arch.parameters()])  # replicas of rank 0
     objective = getattr(space, "objective", lambda: ClassificationObjective())()
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
     cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+    if world_size > 1 and not cls.data_parallel:
+        raise ValueError(
+            f"strategy {cls.name!r} does not run data parallel yet (not all of its gradients "
+            "are averaged over ranks; see docs/distributed.md): run it in one process"
+        )
     data_y = strategy.relabel(data.train_y)  # identity, except e.g. RLNAS's random labels
     bs, seed = cfg.data.batch_size, cfg.seed
     common = {"batch_size": bs, "seed": seed, "device": device, "rank": rank,
@@ -120,31 +131,43 @@ def run_search(
     """Search as configured, writing ``run_dir/search``. With ``resume`` it continues from
     ``search/checkpoint.pt``; ``stop_after`` ends after that many epochs (as a kill would)."""
     out = Path(run_dir) / "search"
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    rank = dp.env()
+    if rank.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = dp.rank_device(resolve_device(cfg.device))
     data = data or load_search_data(cfg)
-    task = build_search(cfg, data, device)
+    task = build_search(cfg, data, device, rank.rank, rank.world_size)
+    # Under torchrun every rank runs every callback in the same order (their states stay
+    # aligned in the checkpoint), but the writers act on rank 0 only.
     callbacks: list[Callback] = [
-        ProgressBar("search", cfg.progress),
-        JsonLines(out / "metrics.jsonl"),
-        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-        JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+        *dp.main_process_only([
+            ProgressBar("search", cfg.progress),
+            JsonLines(out / "metrics.jsonl"),
+            JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
+            JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+        ]),
         *(extra_callbacks or []),
         *logger_callbacks(cfg, out, task.strategy.arch_params),
-        Checkpoint(out / "checkpoint.pt"),
+        dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)
     ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt))
+    # rank 0 reads the checkpoint and hands it to all ranks (no shared disk needed)
+    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
+                                   if resume and ckpt.exists() else None)
+    if state is not None:
+        loop.load_state_dict(state)
         log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
+    dp.sync_rng()  # the same Gumbel samples on every rank
     n_w = sum(p.numel() for p in task.strategy.supernet.parameters())
     log.info("search: space=%s strategy=%s supernet weights=%d alphas=%d, %d batches/epoch",
              task.space.name, task.strategy.name, n_w,
              sum(p.numel() for p in task.strategy.alphas()), task.num_batches())
     history = loop.run(stop_after=stop_after)
     genotype = task.genotype()
-    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
-    if loop.epoch >= loop.epochs:
-        (out / "DONE").touch()
+    if rank.is_main:
+        atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
+        if loop.epoch >= loop.epochs:
+            (out / "DONE").touch()
+    dp.barrier()  # every rank returns once the results are on disk
     return SearchResult(genotype, history, task)

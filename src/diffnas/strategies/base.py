@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from diffnas.arch.params import ArchParams
 from diffnas.arch.relax import ArchWeights, create_relaxation
+from diffnas.engine.distributed import all_reduce_mean, average_grads_
 from diffnas.registry import Registry
 from diffnas.strategies.objective import Objective
 
@@ -83,6 +84,9 @@ class SearchStrategy:
     name: ClassVar[str] = ""
     #: False for strategies that train both parameter sets on one stream (no val split).
     uses_validation: ClassVar[bool] = True
+    #: True where every gradient the strategy takes goes through ``average_grads`` /
+    #: ``average_weight_grads`` (tested against one process); others refuse data parallel.
+    data_parallel: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -169,12 +173,24 @@ class SearchStrategy:
         self.w_optimizer.zero_grad(set_to_none=True)
         loss, stats = self.loss(batch, arch_weights.detach())
         loss.backward()
+        self.average_weight_grads()
         nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.w_optim.grad_clip)
         self.w_optimizer.step()
         return stats
 
+    def average_weight_grads(self) -> None:
+        """Data parallel: replace the weights' ``.grad`` by their mean over ranks."""
+        average_grads_(self.supernet.parameters())
+
+    def average_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Mean over data-parallel ranks of gradients taken on this rank's slice of the
+        global batch (identity in one process): the gradient one process would take over
+        the whole batch. See ``engine/distributed.py``."""
+        return all_reduce_mean(grads)
+
     def set_alpha_grads(self, grads: list[torch.Tensor]) -> None:
-        for p, g in zip(self.alphas(), grads):
+        """Install this rank's alpha gradients, averaged over ranks."""
+        for p, g in zip(self.alphas(), self.average_grads(grads)):
             p.grad = g.detach().clone()
 
     # --- the interface -----------------------------------------------------------------

@@ -33,6 +33,7 @@ class DartsStrategy(SearchStrategy):
     weight step on the training batch, as in the paper's search loop."""
 
     Config = DartsConfig
+    data_parallel = True
 
     def __init__(self, config: DartsConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)

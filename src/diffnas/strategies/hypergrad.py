@@ -2,6 +2,9 @@
 
 Each rule is a function ``(strategy, train_batch, val_batch) -> (grads, val_stats)`` with
 one gradient per architecture tensor, so DARTS-like strategies compose them freely.
+Under data parallelism a rule returns this rank's share of the alpha gradient
+(``set_alpha_grads`` averages it over ranks); quantities that must be global inside a rule
+(the virtual step's weight gradient, the vector v) go through ``s.average_grads``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def virtual_step(s: SearchStrategy, train_batch: Batch) -> dict[str, torch.Tenso
     xi its current learning rate. Returned detached, keyed by parameter name."""
     named = dict(s.supernet.named_parameters())
     loss, _ = s.loss(train_batch, s.arch_weights().detach())
-    grads = torch.autograd.grad(loss, list(named.values()))
+    grads = s.average_grads(torch.autograd.grad(loss, list(named.values())))
     w = s.config.w_optim
     xi = s.lr
     out = {}
@@ -92,7 +95,7 @@ def unrolled(
     alphas = s.alphas()
     grads = torch.autograd.grad(loss, alphas + list(w_prime.values()))
     d_alpha, d_w = grads[: len(alphas)], grads[len(alphas) :]
-    vector = {n: g.detach() for n, g in zip(w_prime, d_w)}
+    vector = {n: g.detach() for n, g in zip(w_prime, s.average_grads(d_w))}  # global v
     if hessian == "exact":
         hvp = mixed_hvp_exact(s, train_batch, vector)
     elif hessian == "fd":

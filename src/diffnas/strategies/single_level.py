@@ -28,6 +28,7 @@ class SingleLevelStrategy(SearchStrategy):
 
     Config = SingleLevelConfig
     uses_validation = False
+    data_parallel = True
 
     def extra_loss(self, arch_weights: ArchWeights) -> tuple[torch.Tensor | None, dict]:
         """An additional differentiable loss on the relaxed weights (none here)."""
@@ -43,6 +44,7 @@ class SingleLevelStrategy(SearchStrategy):
         loss = self.add_penalty(loss, aw, stats)  # configured penalties (e.g. latency)
         extra, extra_stats = self.extra_loss(aw)
         (loss if extra is None else loss + extra).backward()
+        self.average_weight_grads()
         nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.w_optim.grad_clip)
         # alpha grads go through set_alpha_grads so data-parallel runs average them
         self.set_alpha_grads([

@@ -1,0 +1,414 @@
+"""Data parallelism with ``torch.distributed``, launched by ``torchrun``.
+
+Every rank holds a full replica of the weights and of the architecture parameters and
+sees its slice of the same global batch (:class:`~diffnas.data.BatchLoader` shards by
+rank). Whatever gradient one process would take over the global batch is then the mean
+of the ranks' gradients over their equal slices, so each gradient is averaged
+(:func:`all_reduce_mean`) right where it is used: weight gradients before clipping and
+the SGD step, the virtual step's gradient and ``grad_w' L_val`` in the unrolled
+hypergradient, and the alpha gradients before the Adam step. The search does not wrap
+the supernet in ``DistributedDataParallel``: DDP hooks the parameters' own gradient
+accumulators, which ``torch.autograd.grad`` and ``torch.func.functional_call`` (virtual
+steps, finite differences) bypass. Retraining a fixed network uses plain DDP.
+
+Stochastic relaxations (Gumbel samples) need the same sample on every rank: all ranks
+seed torch identically, consume the global RNG identically, and :func:`sync_rng` makes
+sure of it at the start of a run. :func:`assert_replicated` checks after every epoch that
+the replicas have not drifted apart.
+
+BatchNorm normalises by the batch, so with plain BN each rank normalises by its own
+slice. :func:`convert_sync_batchnorm` swaps in :class:`SyncBatchNorm`, which normalises by
+the statistics of the global batch on any device (PyTorch's own ``nn.SyncBatchNorm``
+runs on GPUs only) and is differentiable twice.
+
+Only rank 0 writes files: wrap writing callbacks in :class:`MainProcessOnly` and guard
+other writes with :func:`is_main_process`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from diffnas.engine.loop import Callback, Loop
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: global rank, number of processes, rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# --- process group -------------------------------------------------------------------
+def launched_by_torchrun() -> bool:
+    """True when the torchrun environment variables (RANK, WORLD_SIZE, ...) are set."""
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
+    """Join the process group described by torchrun's environment variables.
+
+    Without them (a plain ``python -m diffnas``) this is a single process and nothing is
+    initialised. ``backend`` None lets torch choose (NCCL for CUDA tensors, gloo for CPU
+    tensors). Returns the rank layout; idempotent."""
+    if dist.is_available() and dist.is_initialized():
+        return env()
+    if not launched_by_torchrun():
+        partial = [v for v in TORCHRUN_VARS if v in os.environ]
+        if "WORLD_SIZE" in partial and int(os.environ["WORLD_SIZE"]) > 1:
+            missing = sorted(set(TORCHRUN_VARS) - set(partial))
+            raise RuntimeError(f"WORLD_SIZE>1 but {missing} unset: launch with torchrun")
+        return DistEnv()
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and backend in (None, "nccl"):
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) on this "
+                "node: use --nproc_per_node at most the number of GPUs"
+            )
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, init_method="env://",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return env()
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def env() -> DistEnv:
+    """The current rank layout (a single process when no group is initialised)."""
+    if not is_distributed():
+        return DistEnv()
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main_process() -> bool:
+    """Rank 0, the only process that writes logs, metrics, genotypes and checkpoints."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: a CUDA device without an index becomes ``cuda:LOCAL_RANK``."""
+    device = torch.device(device)
+    if is_distributed() and device.type == "cuda" and device.index is None:
+        return torch.device(device.type, env().local_rank)
+    return device
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable objects)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def main_process_result(fn, *args, **kwargs) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result (or its exception) to every rank,
+    so one rank's failure does not leave the others waiting in a collective."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # re-raised on every rank below
+            error = exc
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+# --- collectives on tensors ------------------------------------------------------------
+def _coalesced_all_reduce_(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` over ranks in place, one collective per (device, dtype)."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    for group in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+
+@torch.no_grad()
+def all_reduce_mean(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Mean over ranks of each tensor (new, detached tensors; ``None`` entries stay None).
+
+    Every rank must pass the same shapes in the same order. Identity in one process."""
+    if get_world_size() == 1:
+        return list(tensors)
+    out = [None if t is None else t.detach().clone() for t in tensors]
+    present = [t for t in out if t is not None]
+    if present:
+        _coalesced_all_reduce_(present)
+        inv = 1.0 / get_world_size()
+        for t in present:
+            t.mul_(inv)
+    return out
+
+
+@torch.no_grad()
+def average_grads_(params: Iterable[torch.Tensor]) -> None:
+    """Replace each parameter's ``.grad`` by its mean over ranks, in place. Parameters
+    without a gradient (ops no rank used, e.g. unsampled GDAS ops) are skipped, which
+    is consistent across ranks because all ranks draw the same sample."""
+    if get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        _coalesced_all_reduce_(grads)
+        inv = 1.0 / get_world_size()
+        for g in grads:
+            g.mul_(inv)
+
+
+def all_reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Mean over ranks of float metrics (each rank's values are over equal slices)."""
+    if get_world_size() == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t)
+    t = (t / get_world_size()).cpu()
+    return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+@torch.no_grad()
+def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` with rank ``src``'s values (e.g. a fresh replica's weights)."""
+    if get_world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t.data, src=src)
+
+
+def sync_rng(src: int = 0) -> None:
+    """Give every rank the CPU (and CUDA) global RNG state of rank ``src``, so random
+    relaxations (Gumbel noise, sampled ops) draw the same sample on every rank."""
+    if get_world_size() == 1:
+        return
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    state = broadcast_object(state, src)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@torch.no_grad()
+def assert_replicated(named: dict[str, Iterable[torch.Tensor]]) -> None:
+    """Raise if the tensors named ``what`` differ between ranks (bitwise, via the min and
+    max over ranks of a float64 fingerprint). Replicas that drift apart mean a gradient
+    was not averaged or a rank drew a different random sample."""
+    if get_world_size() == 1:
+        return
+    keys = list(named)
+    prints = []
+    for k in keys:
+        ts = [t.detach().double().reshape(-1) for t in named[k]]
+        flat = torch.cat(ts) if ts else torch.zeros(1, dtype=torch.float64)
+        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+        prints.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    fp = torch.cat(prints)
+    lo, hi = fp.clone(), fp.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    bad = [k for i, k in enumerate(keys) if not torch.equal(lo[2 * i : 2 * i + 2],
+                                                               hi[2 * i : 2 * i + 2])]
+    if bad:
+        raise RuntimeError(
+            f"{', '.join(bad)} differ between ranks: a gradient was not averaged over ranks "
+            "(see SearchStrategy.average_grads) or ranks drew different random samples"
+        )
+
+
+# --- synchronised batch normalisation ----------------------------------------------------
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward is again a sum over ranks: the gradient of the sum
+    of every rank's loss. Differentiable any number of times."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _SumOverRanks.apply(grad)
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``t`` over ranks (identity in one process)."""
+    return _SumOverRanks.apply(t) if get_world_size() > 1 else t
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics are those of the global batch over all ranks.
+
+    Works on any device and backend (gloo on CPU included). One collective per call: the
+    per-channel sum and sum of squares, accumulated in float64. Outside a process group, or
+    in eval mode with running statistics, it is exactly ``nn.BatchNorm*``.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {input.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        use_batch = self.training or not self.track_running_stats
+        if not use_batch or get_world_size() == 1:
+            return super().forward(x)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        dims = [0, *range(2, x.dim())]
+        n_local = x.numel() // x.size(1)
+        local = torch.cat([
+            x.sum(dims, dtype=torch.float64),
+            (x * x).sum(dims, dtype=torch.float64),
+            torch.full((1,), float(n_local), dtype=torch.float64, device=x.device),
+        ])
+        total = sum_over_ranks(local)
+        C = x.size(1)
+        n = total[-1].detach()
+        mean64 = total[:C] / n
+        var64 = (total[C : 2 * C] / n - mean64 * mean64).clamp_min(0.0)
+        if self.training and self.track_running_stats:
+            m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                 else self.momentum)
+            with torch.no_grad():
+                unbiased = var64 * (n / (n - 1).clamp_min(1))
+                self.running_mean.mul_(1 - m).add_(mean64.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        shape = [1, C] + [1] * (x.dim() - 2)
+        mean = mean64.to(x.dtype).view(shape)
+        inv_std = torch.rsqrt(var64 + self.eps).to(x.dtype).view(shape)
+        out = (x - mean) * inv_std
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by :class:`SyncBatchNorm`, keeping its
+    parameters (the same tensors, so optimizers built later see the same order), running
+    statistics and settings. Returns the module (a new one if ``module`` is itself BN)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module,
+                                                                              SyncBatchNorm):
+        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new_child = convert_sync_batchnorm(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+# --- retraining ----------------------------------------------------------------------------
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` in a process group, else ``model`` itself."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (checkpoints hold its state, without ``module.``)."""
+    return getattr(model, "module", model)
+
+
+# --- callbacks -------------------------------------------------------------------------------
+class MainProcessOnly(Callback):
+    """Runs the wrapped callback's hooks on rank 0 only (writers: metrics, checkpoints,
+    progress). Its state still travels through the checkpoint on every rank, so callback
+    lists stay aligned between ranks and on resume."""
+
+    def __init__(self, inner: Callback) -> None:
+        self.inner = inner
+
+    def on_run_start(self, loop: Loop) -> None:
+        if is_main_process():
+            self.inner.on_run_start(loop)
+
+    def on_epoch_start(self, loop: Loop, epoch: int) -> None:
+        if is_main_process():
+            self.inner.on_epoch_start(loop, epoch)
+
+    def on_step_end(self, loop: Loop, step: int, metrics: dict[str, float]) -> None:
+        if is_main_process():
+            self.inner.on_step_end(loop, step, metrics)
+
+    def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, float]) -> None:
+        if is_main_process():
+            self.inner.on_epoch_end(loop, epoch, metrics)
+
+    def on_run_end(self, loop: Loop) -> None:
+        if is_main_process():
+            self.inner.on_run_end(loop)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def main_process_only(callbacks: Iterable[Callback]) -> list[Callback]:
+    return [MainProcessOnly(cb) for cb in callbacks]

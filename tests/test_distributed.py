@@ -1,0 +1,301 @@
+"""Data-parallel search and retraining: 2 CPU processes (gloo) against one process.
+
+The search supernet's BatchNorm normalises by the batch (no running statistics), so the
+two ranks only compute what one process computes on the global batch when BatchNorm
+sees the global batch too: the distributed runs here use ``distributed.sync_bn=true``
+(:class:`~diffnas.engine.distributed.SyncBatchNorm`), the one-process references plain
+BatchNorm, everything in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from diffnas.config import load_config
+from diffnas.engine import distributed as dp
+from diffnas.genotype import Genotype
+
+SPACE = ("{name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1, "
+         "ops: [none, max_pool_3x3, skip_connect, sep_conv_3x3]}")
+# name -> strategy section; a large alpha learning rate makes the few steps visible
+SEARCHES = {
+    "darts1": "{name: darts, order: 1, a_optim: {lr: 0.03}}",
+    "darts2": "{name: darts, order: 2, a_optim: {lr: 0.03}}",
+    "gdas": "{name: gdas, a_optim: {lr: 0.03}}",  # hard Gumbel samples: same on every rank
+    "snas": "{name: snas, a_optim: {lr: 0.03}}",  # Gumbel-softmax, single level
+}
+RETRAIN = ["retrain.epochs=1", "retrain.batch_size=8", "retrain.train_subset=32",
+           "retrain.auxiliary_weight=0", "retrain.drop_path=0", "retrain.cutout=0",
+           "retrain.crop_padding=0", "retrain.flip=false", "retrain.network={C: 4, layers: 3}"]
+
+
+def overrides(strategy: str, sync_bn: bool, epochs: int = 1, retrain: bool = False) -> list[str]:
+    """digits (8x8), 48 images: 3 search steps per epoch at a global batch of 8."""
+    return ["data.name=digits", "data.train_subset=48", "data.test_subset=32",
+            "data.batch_size=8", "progress=false", f"search.epochs={epochs}",
+            f"search.space={SPACE}", f"search.strategy={strategy}",
+            f"distributed.sync_bn={'true' if sync_bn else 'false'}",
+            f"retrain.enabled={'true' if retrain else 'false'}", *RETRAIN]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- 2 processes spawned once; they save what they computed, the tests compare it ----------
+def _bn_case(rank: int, world: int) -> dict:
+    """SyncBatchNorm on this rank's half of a float64 batch: outputs, input gradients,
+    the parameter gradients summed over ranks, running statistics."""
+    g = torch.Generator().manual_seed(0)
+    x_full = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1
+    w_full = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    half = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    bn = dp.convert_sync_batchnorm(nn.BatchNorm2d(3).double())
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    x = x_full[half].clone().requires_grad_(True)
+    out = bn(x)
+    (out * w_full[half]).sum().backward()
+    pgrads = [bn.weight.grad.clone(), bn.bias.grad.clone()]
+    torch.distributed.all_reduce(pgrads[0])
+    torch.distributed.all_reduce(pgrads[1])
+    return {"out": out.detach(), "x_grad": x.grad, "weight_grad": pgrads[0],
+            "bias_grad": pgrads[1], "running_mean": bn.running_mean.clone(),
+            "running_var": bn.running_var.clone(), "is_sync": isinstance(bn, dp.SyncBatchNorm)}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from diffnas.engine.retrain import run_retrain
+    from diffnas.engine.search import run_search
+
+    assert dp.init_distributed().world_size == world
+    try:
+        found: dict = {"bn": _bn_case(rank, world)}
+        torch.manual_seed(100 + rank)  # different streams until synchronised
+        dp.sync_rng()
+        found["rng"] = torch.rand(5)
+        same = [torch.ones(3)]
+        dp.assert_replicated({"same": same})
+        try:
+            dp.assert_replicated({"drifted": [torch.ones(3) + 1e-7 * rank]})
+            found["drift_caught"] = False
+        except RuntimeError:
+            found["drift_caught"] = True
+        for name, strategy in SEARCHES.items():
+            cfg = load_config(None, overrides(strategy, sync_bn=True))
+            res = run_search(cfg, f"{out}/search_{name}")
+            found[name] = {g: a.detach().clone()
+                           for g, a in res.task.strategy.arch_params.as_dict().items()}
+            if name == "darts1":
+                found["genotype"] = res.genotype.to_json()
+        cfg = load_config(None, overrides(SEARCHES["darts1"], sync_bn=True, retrain=True))
+        found["retrain"] = run_retrain(cfg, Genotype.from_json(found["genotype"]),
+                                       f"{out}/retrain")
+        torch.save(found, f"{out}/rank{rank}.pt")
+    finally:
+        dp.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2,
+                       start_method="spawn")
+    return out
+
+
+def _load(out: Path, rank: int) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+def test_sync_batchnorm_matches_batchnorm_on_global_batch(spawned):
+    r0, r1 = _load(spawned, 0)["bn"], _load(spawned, 1)["bn"]
+    assert r0["is_sync"]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    w = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    out = bn(x)
+    (out * w).sum().backward()
+    torch.testing.assert_close(torch.cat([r0["out"], r1["out"]]), out.detach())
+    torch.testing.assert_close(torch.cat([r0["x_grad"], r1["x_grad"]]), x.grad)
+    torch.testing.assert_close(r0["weight_grad"], bn.weight.grad)
+    torch.testing.assert_close(r0["bias_grad"], bn.bias.grad)
+    for k in ("running_mean", "running_var"):
+        torch.testing.assert_close(r0[k], getattr(bn, k))
+        torch.testing.assert_close(r1[k], getattr(bn, k))
+    # per-rank BatchNorm would have differed: the halves' statistics are not the global ones
+    assert not torch.allclose(r0["out"], nn.functional.batch_norm(
+        x.detach()[:4], None, None, bn.weight.detach(), bn.bias.detach(), training=True))
+
+
+def test_ranks_share_rng_and_drift_is_detected(spawned):
+    r0, r1 = _load(spawned, 0), _load(spawned, 1)
+    torch.manual_seed(100)
+    assert torch.equal(r0["rng"], torch.rand(5)) and torch.equal(r1["rng"], r0["rng"])
+    assert r0["drift_caught"] and r1["drift_caught"]
+
+
+@pytest.mark.parametrize("name", list(SEARCHES))
+def test_two_ranks_match_one_process(spawned, tmp_path, name):
+    """Global batch 8 split 4 + 4 over two ranks vs one process with batch 8."""
+    from diffnas.engine.search import run_search
+
+    ref = run_search(load_config(None, overrides(SEARCHES[name], sync_bn=False)), tmp_path)
+    ref_alpha = ref.task.strategy.arch_params.as_dict()
+    for rank in (0, 1):
+        got = _load(spawned, rank)[name]
+        for g, a in ref_alpha.items():
+            # alphas start at N(0, 1e-3): they moved, so matching them proves something
+            assert a.abs().max().item() > 1e-2, f"{name}: alphas barely moved"
+            err = (got[g] - a.detach()).abs().max().item()
+            assert err < 1e-5, f"{name} rank {rank} group {g}: max |alpha diff| {err:.2e}"
+    if name == "darts1":
+        assert Genotype.from_json(_load(spawned, 0)["genotype"]) == ref.genotype
+
+
+def test_ddp_retrain_matches_one_process(spawned, tmp_path):
+    from diffnas.engine.retrain import run_retrain
+
+    cfg = load_config(None, overrides(SEARCHES["darts1"], sync_bn=False, retrain=True))
+    genotype = Genotype.from_json(_load(spawned, 0)["genotype"])
+    ref = run_retrain(cfg, genotype, tmp_path)
+    got = torch.load(spawned / "retrain" / "retrain" / "model.pt")
+    want = torch.load(tmp_path / "retrain" / "model.pt")
+    assert got.keys() == want.keys()  # saved without DDP's "module." prefix
+    for k in want:
+        if want[k].is_floating_point():
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
+    for rank in (0, 1):
+        res = _load(spawned, rank)["retrain"]
+        assert abs(res["history"][0]["loss"] - ref["history"][0]["loss"]) < 1e-5
+
+
+def test_strategy_without_data_parallel_support_is_refused():
+    from diffnas.data import ImageData
+    from diffnas.engine.search import build_search
+
+    cfg = load_config(None, overrides("{name: implicit}", sync_bn=False))
+    data = ImageData("toy", torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)),
+                     torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)), 3)
+    with pytest.raises(ValueError, match="does not run data parallel"):
+        build_search(cfg, data, rank=0, world_size=2)
+
+
+# --- torchrun end to end: kill, resume, and who writes the run directory ---------------------
+AUDIT = '''
+import os
+_root, _log = os.environ.get("DIFFNAS_AUDIT_ROOT"), os.environ.get("DIFFNAS_AUDIT_LOG")
+if _root and _log and "LOCAL_RANK" in os.environ:
+    _fd = os.open(_log + ".rank" + os.environ["RANK"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    _root = os.path.abspath(_root) + os.sep
+    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    _EVENTS = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate",
+               "tempfile.mkstemp")
+
+    def _hook(event, args):
+        if event == "open":
+            paths, mode, flags = [args[0]], args[1], args[2]
+            write = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and bool(flags & _W))
+        elif event in _EVENTS:
+            paths, write = list(args[:2]) if event == "os.rename" else [args[0]], True
+        else:
+            return
+        for p in paths:
+            if isinstance(p, (str, bytes, os.PathLike)):
+                p = os.path.abspath(os.fsdecode(p))
+                if p.startswith(_root):
+                    os.write(_fd, f"{'w' if write else 'r'} {event} {p}\\n".encode())
+
+    import sys
+    sys.addaudithook(_hook)
+'''
+
+
+def _torchrun(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc_per_node", "2", "-m", "diffnas", "search", *args]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert rc == 0, log.read_text()[-3000:]
+
+
+def test_torchrun_kill_resume_and_rank0_writes(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
+    runs = tmp_path / "runs"
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path,
+           "OMP_NUM_THREADS": "1", "DIFFNAS_AUDIT_ROOT": str(runs),
+           "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit")}
+    base = [*overrides(SEARCHES["darts1"], sync_bn=True, epochs=3, retrain=True),
+            f"out_dir={runs}"]
+
+    # uninterrupted
+    whole = _torchrun([*base, "name=whole"], env, tmp_path / "whole.log")
+    _finish(whole, tmp_path / "whole.log")
+
+    # killed (SIGKILL to launcher and workers) once the first checkpoint exists, resumed
+    env_k = {**env, "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit_killed")}
+    killed = _torchrun([*base, "name=killed"], env_k, tmp_path / "killed.log")
+    ckpt = runs / "killed" / "search" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert ckpt.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (runs / "killed" / "search" / "DONE").exists(), "killed too late to test resume"
+    resumed = _torchrun(["--resume", str(runs / "killed")], env_k, tmp_path / "resumed.log")
+    _finish(resumed, tmp_path / "resumed.log")
+
+    a, b = runs / "whole", runs / "killed"
+    assert Genotype.load(b / "search" / "genotype.json") == Genotype.load(
+        a / "search" / "genotype.json")
+    alphas = (a / "search" / "alphas.jsonl").read_text()
+    assert (b / "search" / "alphas.jsonl").read_text() == alphas  # bitwise, every epoch
+    assert len(alphas.splitlines()) == 3
+    ra, rb = (json.loads((d / "retrain" / "result.json").read_text()) for d in (a, b))
+    assert ra["test_loss"] == rb["test_loss"]  # DDP retraining after the resumed search
+
+    # only rank 0 touched the run directory (the audit hook ran in both workers)
+    for log in ("audit", "audit_killed"):
+        rank0 = (tmp_path / f"{log}.rank0").read_text().splitlines()
+        rank1 = (tmp_path / f"{log}.rank1").read_text().splitlines()
+        assert any(line.startswith("w ") for line in rank0), rank0
+        assert rank1 == [], rank1[:5]
+    written = {Path(line.split(" ", 2)[2]).name for line in
+               (tmp_path / "audit.rank0").read_text().splitlines() if line.startswith("w ")}
+    assert {"config.yaml", "log.txt", "checkpoint.pt", "metrics.jsonl", "model.pt"} <= written
