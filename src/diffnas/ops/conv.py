@@ -29,6 +29,12 @@ class ReLUConvBN(nn.Sequential):
             batch_norm(C_out, affine),
         )
 
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
+        """The output before the final BN, for an input already passed through ReLU (the
+        search supernet shares that ReLU between the ops of an edge and fuses the BN with
+        the op's mixing weight)."""
+        return self[1](x)
+
 
 class DilConv(nn.Sequential):
     """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
@@ -45,6 +51,10 @@ class DilConv(nn.Sequential):
             batch_norm(C_out, affine),
         )
 
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN)."""
+        return self[2](self[1](x))
+
 
 class SepConv(nn.Sequential):
     """The DARTS separable convolution: a DilConv block (dilation 1) applied twice,
@@ -57,6 +67,12 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_in, kernel, stride, padding, 1, affine),
             DilConv(C_in, C_out, kernel, 1, padding, 1, affine),
         )
+
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN)."""
+        first = self[0]
+        h = first[3](first.forward_preact(x))
+        return self[1].forward_preact(torch.relu(h))
 
 
 class Identity(nn.Module):
@@ -90,10 +106,13 @@ class FactorizedReduce(nn.Module):
         self.bn = batch_norm(C_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.bn(self.forward_preact(self.relu(x)))
+
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN)."""
         # The second path sees the input shifted by one pixel; pad so odd sizes work.
         shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)
 
 
 @register_op("none")
@@ -131,14 +150,25 @@ def _dil5(C: int, stride: int, affine: bool) -> nn.Module:
     return DilConv(C, C, 5, stride, 4, 2, affine)
 
 
+class Conv7x1(nn.Sequential):
+    """ReLU -> 1x7 conv -> 7x1 conv -> BN."""
+
+    def __init__(self, C: int, stride: int, affine: bool) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+            nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+            batch_norm(C, affine),
+        )
+
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN)."""
+        return self[2](self[1](x))
+
+
 @register_op("conv_7x1_1x7")
 def _conv7x1(C: int, stride: int, affine: bool) -> nn.Module:
-    return nn.Sequential(
-        nn.ReLU(inplace=False),
-        nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
-        nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
-        batch_norm(C, affine),
-    )
+    return Conv7x1(C, stride, affine)
 
 
 # NAS-Bench-201's convolutions: plain ReLU-Conv-BN.

@@ -24,14 +24,20 @@ def stem(in_channels: int, C: int) -> nn.Sequential:
 
 class DartsSuperNet(nn.Module):
     """Stem, stacked search cells, global pooling and a classifier. Holds no architecture
-    parameters: ``forward(x, arch_weights)`` receives the relaxed weights."""
+    parameters: ``forward(x, arch_weights)`` receives the relaxed weights.
+
+    ``channels_last`` runs the network on NHWC tensors: the supernet is mostly depthwise
+    convolutions, pools and BN on few channels, which run several times faster in that
+    layout (benchmarks/README.md has the figures). The result is the same up to rounding.
+    """
 
     def __init__(
         self, C: int, num_classes: int, layers: int, nodes: int, candidates: Sequence[str],
         in_channels: int = 3, stem_multiplier: int = 3,
-        mixed_op: MixedOpFactory = default_mixed_op,
+        mixed_op: MixedOpFactory = default_mixed_op, channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         C_curr = stem_multiplier * C
         self.stem = stem(in_channels, C_curr)
         C_pp, C_p, C_curr = C_curr, C_curr, C
@@ -50,6 +56,8 @@ class DartsSuperNet(nn.Module):
         self.classifier = nn.Linear(C_p, num_classes)
 
     def forward(self, x: torch.Tensor, arch_weights: ArchWeights) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             group = "reduce" if cell.reduction else "normal"

@@ -1,0 +1,103 @@
+"""The optimized DARTS supernet against the plain reference supernet of the benchmarks
+(every op computed, ``none`` included, ``w * op(x)`` summed): same weights, same alphas,
+same outputs and gradients, for weights and alphas alike."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffnas.arch import ArchParams
+from diffnas.arch.relax import ArchWeights
+from diffnas.spaces import DataShape, create_space
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_supernet import ReferenceSuperNet  # noqa: E402
+
+SHAPE = DataShape(in_channels=2, resolution=8, num_classes=5)
+
+
+def _pair(channels_last: bool, dtype: torch.dtype, layers: int = 3, nodes: int = 2):
+    space = create_space(
+        {"name": "darts_cnn", "C": 4, "layers": layers, "nodes": nodes}, SHAPE
+    )
+    torch.manual_seed(0)
+    fast = space.build_supernet().to(dtype)
+    fast.channels_last = channels_last
+    ref = ReferenceSuperNet(4, 5, layers, nodes, in_channels=2).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    arch = ArchParams(space).to(dtype)
+    with torch.no_grad():
+        for p in arch.parameters():
+            p.normal_(0, 1.0)
+    return fast, ref, arch
+
+
+def _grads(net, arch, x, y, via_arch_weights: bool):
+    net.zero_grad(set_to_none=True)
+    arch.zero_grad(set_to_none=True)
+    w = {g: torch.softmax(a, -1) for g, a in arch.as_dict().items()}
+    out = net(x, ArchWeights(w) if via_arch_weights else w)
+    loss = torch.nn.functional.cross_entropy(out, y) + (out**2).mean()
+    loss.backward()
+    weight_grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    alpha_grads = {g: a.grad.clone() for g, a in arch.as_dict().items()}
+    return out.detach(), weight_grads, alpha_grads
+
+
+@pytest.mark.parametrize(
+    "channels_last,dtype,tol",
+    [(False, torch.float64, 1e-10), (True, torch.float64, 1e-10), (True, torch.float32, 2e-4)],
+)
+def test_fast_supernet_matches_reference(channels_last, dtype, tol):
+    fast, ref, arch = _pair(channels_last, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 5, (6,), generator=g)
+    out_f, wg_f, ag_f = _grads(fast, arch, x, y, True)
+    out_r, wg_r, ag_r = _grads(ref, arch, x, y, False)
+
+    def close(a, b):
+        return (a - b).norm().item() <= tol * max(b.norm().item(), 1e-12)
+
+    assert close(out_f, out_r)
+    assert wg_f.keys() == wg_r.keys()
+    bad = [n for n in wg_r if not close(wg_f[n], wg_r[n])]
+    assert not bad, f"weight gradients differ: {bad[:5]}"
+    for group in ag_r:
+        assert ag_r[group].abs().sum() > 0  # the comparison is not vacuous
+        assert close(ag_f[group], ag_r[group]), group
+
+
+def test_guard_detects_a_wrong_weight():
+    # The comparison above can fail: perturb one op's weight and the outputs part.
+    fast, ref, arch = _pair(True, torch.float64)
+    with torch.no_grad():
+        fast.cells[0].edges[0].ops[4][0][1].weight.add_(0.1)  # sep_conv_3x3's depthwise
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.long)
+    out_f, _, _ = _grads(fast, arch, x, y, True)
+    out_r, _, _ = _grads(ref, arch, x, y, False)
+    assert (out_f - out_r).abs().max() > 1e-6
+
+
+def test_channels_last_is_used_and_output_layout_free():
+    fast, _, arch = _pair(True, torch.float32)
+    seen = []
+    hook = fast.cells[0].edges[0].register_forward_hook(
+        lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last))
+    )
+    w = ArchWeights({g: torch.softmax(a, -1) for g, a in arch.as_dict().items()})
+    out = fast(torch.randn(2, 2, 8, 8), w)
+    hook.remove()
+    assert seen == [True] and out.shape == (2, 5)
+
+
+def test_paper_supernet_parameter_count():
+    space = create_space({"name": "darts_cnn"}, DataShape(3, 32, 10))
+    assert sum(p.numel() for p in space.build_supernet().parameters()) == 1_930_618
+    ref = ReferenceSuperNet(16, 10, 8)
+    assert sum(p.numel() for p in ref.parameters()) == 1_930_618
