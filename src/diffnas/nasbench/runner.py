@@ -1,0 +1,164 @@
+"""The search protocol on NAS-Bench-201, without leakage.
+
+1. The strategy gets a :class:`QueryOracle` answering only ``c10valid_valid_200`` (the
+   validation accuracy of the CIFAR-10 "valid" setting) within a budget of distinct cells.
+2. The chosen cell is the queried cell with the best validation accuracy.
+3. Only then are its test accuracies read: ``c10_test_200``, ``c100_test_200``,
+   ``in16_test_200``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from diffnas.genotype import Genotype
+from diffnas.nasbench.encoding import cell_names
+from diffnas.nasbench.oracle import QueryOracle
+from diffnas.nasbench.strategies import create_query_strategy
+from diffnas.nasbench.table import REPORT_METRICS, SEARCH_METRIC, Nb201Benchmark
+from diffnas.spaces.nb201 import ops_to_genotype
+
+
+def make_oracle(bench: Nb201Benchmark, budget: int, metric: str = SEARCH_METRIC) -> QueryOracle:
+    """An oracle that reads nothing from ``bench`` but ``metric``."""
+    if "test" in metric:
+        raise ValueError(f"a search must not see a test metric, got {metric!r}")
+    return QueryOracle(lambda cell: bench.query(cell_names(cell), metric), budget)
+
+
+@dataclass
+class SearchOutcome:
+    strategy: str
+    seed: int
+    budget: int
+    queries: int  # distinct cells queried (<= budget)
+    arch_str: str
+    index: int
+    valid_acc: float
+    test: dict[str, float]  # REPORT_METRICS of the chosen cell
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_query_search(
+    strategy: str, bench: Nb201Benchmark, budget: int, seed: int,
+    settings: dict | None = None,
+) -> SearchOutcome:
+    """Run ``strategy`` for ``budget`` queries with ``seed``; report the chosen cell."""
+    search = create_query_strategy(strategy, settings)
+    oracle = make_oracle(bench, budget)
+    t0 = time.perf_counter()
+    search.search(oracle, np.random.default_rng(seed))
+    seconds = time.perf_counter() - t0
+    cell, valid = oracle.best()
+    ops = cell_names(cell)
+    # The search is over: from here on test columns may be read.
+    test = {m: bench.query(ops, m) for m in REPORT_METRICS if m in bench.metrics}
+    index = bench.index_of(ops)
+    return SearchOutcome(strategy, seed, budget, oracle.used, bench.arch_str(index), index,
+                         valid, test, seconds)
+
+
+def chosen_genotype(outcome: SearchOutcome) -> Genotype:
+    from diffnas.spaces.nb201 import str_to_ops
+
+    return ops_to_genotype(str_to_ops(outcome.arch_str))
+
+
+# --- statistics ---------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def paired_comparison(a: list[float], b: list[float], permutations: int = 100_000,
+                      seed: int = 0) -> dict[str, float]:
+    """Compare paired samples ``a`` vs ``b`` (same seeds): mean difference, wins/ties/
+    losses, a two-sided exact sign test (ties dropped) and a two-sided sign-flip
+    permutation test of the mean difference (exact up to 2**16 patterns, else Monte
+    Carlo with ``permutations`` draws)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0:
+        raise ValueError("paired_comparison needs two equally long, non-empty lists")
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    n = wins + losses
+    k = min(wins, losses)
+    sign_p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    observed = abs(d.mean())
+    if len(d) <= 16:
+        signs = ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) * 2 - 1
+    else:
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(d)))
+    null = np.abs((signs * d).mean(1))
+    perm_p = float((null >= observed - 1e-12).mean())
+    return {"mean_diff": float(d.mean()), "wins": wins, "ties": int(len(d) - n),
+            "losses": losses, "sign_test_p": float(sign_p), "permutation_p": perm_p}
+
+
+# --- describing a cell (e.g. the one a differentiable search derived) ----------------------
+def describe_cell(bench: Nb201Benchmark, genotype: Genotype) -> dict:
+    """Index, string, every table metric and the op counts of ``genotype``."""
+    record = bench.record(genotype)
+    record["skip_connect_edges"] = genotype.count_op("skip_connect")
+    record["none_edges"] = genotype.count_op("none")
+    return record
+
+
+
+
+def summarize(outcomes: list[dict]) -> dict:
+    """Mean +- std over seeds per (strategy, budget) and paired comparisons against random
+    search at each budget (on ``c10_test_200``, seeds matched)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for o in outcomes:
+        groups.setdefault((o["strategy"], o["budget"]), []).append(o)
+    summary = []
+    header = (f"{'strategy':<11} {'budget':>6} {'seeds':>5} {'C10 test':>15} {'C100 test':>15} "
+              f"{'IN16 test':>15} {'C10 valid':>15} {'queries':>7} {'s/run':>6}")
+    lines = [header, "-" * len(header)]
+    for (strategy, budget), rows in groups.items():
+        entry: dict = {"strategy": strategy, "budget": budget, "seeds": len(rows)}
+        cells = []
+        for m in REPORT_METRICS:
+            vals = [r["test"][m] for r in rows if m in r["test"]]
+            if vals:
+                entry[m] = dict(zip(("mean", "std"), mean_std(vals), strict=True))
+                cells.append(f"{entry[m]['mean']:7.2f} +- {entry[m]['std']:4.2f}")
+            else:
+                cells.append(f"{'-':>15}")
+        entry["valid"] = dict(zip(("mean", "std"), mean_std([r["valid_acc"] for r in rows]),
+                                  strict=True))
+        entry["queries"] = float(np.mean([r["queries"] for r in rows]))
+        entry["seconds_per_run"] = float(np.mean([r["seconds"] for r in rows]))
+        summary.append(entry)
+        lines.append(f"{strategy:<11} {budget:>6} {len(rows):>5} {cells[0]:>15} {cells[1]:>15} "
+                     f"{cells[2]:>15} {entry['valid']['mean']:7.2f} +- "
+                     f"{entry['valid']['std']:4.2f} {entry['queries']:7.1f} "
+                     f"{entry['seconds_per_run']:6.2f}")
+    paired, paired_lines = [], []
+    metric = REPORT_METRICS[0]
+    for (strategy, budget), rows in groups.items():
+        base = {r["seed"]: r for r in groups.get(("random", budget), [])}
+        if strategy == "random" or not base:
+            continue
+        both = [(r, base[r["seed"]]) for r in rows if r["seed"] in base]
+        if not both:
+            continue
+        cmp = paired_comparison([a["test"][metric] for a, _ in both],
+                                [b["test"][metric] for _, b in both])
+        paired.append({"strategy": strategy, "budget": budget, "metric": metric,
+                       "seeds": len(both), **cmp})
+        paired_lines.append(
+            f"{strategy} vs random @ {budget} ({metric}, {len(both)} seeds): mean diff "
+            f"{cmp['mean_diff']:+.3f}, wins/ties/losses {cmp['wins']}/{cmp['ties']}/"
+            f"{cmp['losses']}, sign test p={cmp['sign_test_p']:.2g}, "
+            f"permutation p={cmp['permutation_p']:.2g}")
+    return {"summary": summary, "paired": paired, "table": "\n".join(lines),
+            "paired_lines": paired_lines}

@@ -1,0 +1,271 @@
+"""NAS-Bench-201 results lookup: the accuracy of a cell for a dataset and a metric.
+
+Two backends answer the same interface (:class:`Nb201Benchmark`):
+
+- :class:`CsvNb201Table`: a CSV (optionally gzipped) with one row per cell and the columns
+  ``index, arch_str`` plus accuracy columns named ``<setting>_<split>_<epochs>`` such as
+  ``c10valid_valid_200`` or ``c10_test_200`` (see :data:`COLUMNS`). The project never
+  ships the table; users pass its path.
+- :class:`ApiNb201Table`: the official NATS-Bench (``nats_bench``, topology space ``tss``)
+  or NAS-Bench-201 (``nas_201_api``) files through their API packages, when installed
+  (``pip install diffnas[nb201]``).
+
+A cell can be given as a :class:`Genotype`, its official string, the six op names, or the
+benchmark's index (an arbitrary order fixed by the benchmark's authors).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from diffnas.genotype import Genotype, GenotypeError
+from diffnas.spaces.nb201 import (
+    genotype_to_ops,
+    ops_to_genotype,
+    ops_to_str,
+    str_to_ops,
+)
+
+#: (dataset, split, epochs) -> column. "cifar10-valid" is the benchmark's setting that
+#: trains on half of CIFAR-10 train and validates on the other half.
+COLUMNS: dict[tuple[str, str, int], str] = {
+    ("cifar10-valid", "valid", 200): "c10valid_valid_200",
+    ("cifar10-valid", "test", 200): "c10valid_test_200",
+    ("cifar10", "test", 200): "c10_test_200",
+    ("cifar100", "test", 200): "c100_test_200",
+    ("ImageNet16-120", "test", 200): "in16_test_200",
+    ("cifar10", "test", 12): "c10_test_12",
+    ("cifar10-valid", "valid", 12): "c10valid_valid_12",
+    ("cifar100", "valid", 12): "c100_valid_12",
+    ("ImageNet16-120", "valid", 12): "in16_valid_12",
+}
+ALL_METRICS: tuple[str, ...] = tuple(COLUMNS.values())
+#: What a search may see: validation accuracy after 200 epochs (CIFAR-10 "valid" setting).
+SEARCH_METRIC = "c10valid_valid_200"
+#: What the chosen cell is reported by (never visible to a search).
+REPORT_METRICS: tuple[str, ...] = ("c10_test_200", "c100_test_200", "in16_test_200")
+TEST_METRICS: tuple[str, ...] = tuple(m for (_, split, _), m in COLUMNS.items() if split == "test")
+
+Arch = Genotype | str | int | Sequence[str]
+
+
+class Nb201Benchmark(ABC):
+    """Index <-> string mapping and per-metric accuracy (percent) of every cell."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def arch_str(self, index: int) -> str:
+        """The official string of the cell at benchmark ``index``."""
+
+    @abstractmethod
+    def _index_of_str(self, arch_str: str) -> int: ...
+
+    @abstractmethod
+    def _value(self, index: int, metric: str) -> float:
+        """Accuracy of cell ``index`` under column ``metric`` (already validated)."""
+
+    @property
+    @abstractmethod
+    def metrics(self) -> tuple[str, ...]:
+        """Columns this backend can answer."""
+
+    # --- conversions ----------------------------------------------------------------------
+    def index_of(self, arch: Arch) -> int:
+        """Benchmark index of a genotype, string, op tuple or index."""
+        if isinstance(arch, (int, np.integer)):
+            index = int(arch)
+            if not 0 <= index < len(self):
+                raise GenotypeError(f"nb201 index {index} out of range 0..{len(self) - 1}")
+            return index
+        return self._index_of_str(self.canonical_str(arch))
+
+    def genotype(self, index: int) -> Genotype:
+        return ops_to_genotype(str_to_ops(self.arch_str(self.index_of(index))))
+
+    @staticmethod
+    def canonical_str(arch: Genotype | str | Sequence[str]) -> str:
+        """The official string of a genotype, string (checked) or six op names."""
+        if isinstance(arch, Genotype):
+            return ops_to_str(genotype_to_ops(arch))
+        if isinstance(arch, str):
+            return ops_to_str(str_to_ops(arch))
+        return ops_to_str(tuple(arch))
+
+    # --- lookups --------------------------------------------------------------------------
+    def query(self, arch: Arch, metric: str = SEARCH_METRIC) -> float:
+        """Accuracy (percent) of ``arch`` under column ``metric``."""
+        if metric not in self.metrics:
+            raise KeyError(f"unknown nb201 metric {metric!r}; this table has {list(self.metrics)}")
+        return self._value(self.index_of(arch), metric)
+
+    def accuracy(self, arch: Arch, dataset: str = "cifar10", split: str = "test",
+                 epochs: int = 200) -> float:
+        """Accuracy of ``arch`` on ``dataset`` (cifar10-valid, cifar10, cifar100,
+        ImageNet16-120), ``split`` (valid or test) after ``epochs`` (200 or 12)."""
+        key = (dataset, split, int(epochs))
+        if key not in COLUMNS:
+            have = ", ".join(f"{d}/{s}/{e}" for d, s, e in COLUMNS)
+            raise KeyError(f"no nb201 results for {dataset}/{split}/{epochs}; have: {have}")
+        return self.query(arch, COLUMNS[key])
+
+    def record(self, arch: Arch) -> dict[str, float | int | str]:
+        """Every metric of ``arch`` with its index and string (for reports, never search)."""
+        index = self.index_of(arch)
+        out: dict[str, float | int | str] = {"index": index, "arch_str": self.arch_str(index)}
+        out.update({m: self._value(index, m) for m in self.metrics})
+        return out
+
+
+class CsvNb201Table(Nb201Benchmark):
+    """The results table as a CSV (``.csv`` or ``.csv.gz``), loaded into memory."""
+
+    def __init__(self, path: str | Path) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"NAS-Bench-201 table not found: {p} (pass the path of nb201_compact.csv.gz "
+                "or a CSV with columns index, arch_str, c10valid_valid_200, ...)"
+            )
+        self.path = p
+        raw = gzip.open(p, "rt") if p.suffix == ".gz" else p.open("r", newline="")
+        with raw as f:
+            rows = list(csv.reader(io.StringIO(f.read())))
+        if not rows:
+            raise ValueError(f"{p}: empty NAS-Bench-201 table")
+        header = rows[0]
+        for need in ("index", "arch_str"):
+            if need not in header:
+                raise ValueError(f"{p}: NAS-Bench-201 table lacks column {need!r}; has {header}")
+        self._metrics = tuple(m for m in header if m in ALL_METRICS)
+        if not self._metrics:
+            raise ValueError(f"{p}: no accuracy columns among {header}; expected {ALL_METRICS}")
+        col = {name: i for i, name in enumerate(header)}
+        body = rows[1:]
+        indices = [int(r[col["index"]]) for r in body]
+        n = len(body)
+        if sorted(indices) != list(range(n)):
+            raise ValueError(f"{p}: the index column must hold 0..{n - 1} once each")
+        self._strs = [""] * n
+        self._data = {m: np.empty(n) for m in self._metrics}
+        for r, index in zip(body, indices, strict=True):
+            self._strs[index] = ops_to_str(str_to_ops(r[col["arch_str"]]))
+            for m in self._metrics:
+                self._data[m][index] = float(r[col[m]])
+        self._by_str = {s: i for i, s in enumerate(self._strs)}
+        if len(self._by_str) != n:
+            raise ValueError(f"{p}: some arch_str appears more than once")
+
+    def __len__(self) -> int:
+        return len(self._strs)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self._metrics
+
+    def arch_str(self, index: int) -> str:
+        return self._strs[self.index_of(index)]
+
+    def _index_of_str(self, arch_str: str) -> int:
+        try:
+            return self._by_str[arch_str]
+        except KeyError:
+            raise GenotypeError(f"cell {arch_str} is not in the table {self.path}") from None
+
+    def _value(self, index: int, metric: str) -> float:
+        return float(self._data[metric][index])
+
+    def column(self, metric: str) -> np.ndarray:
+        """All values of ``metric`` by benchmark index (a copy; for analysis and tests)."""
+        if metric not in self._data:
+            raise KeyError(f"unknown nb201 metric {metric!r}; this table has {list(self.metrics)}")
+        return self._data[metric].copy()
+
+
+# --- the official API files ---------------------------------------------------------------
+#: column -> (dataset, key of get_more_info, hp)
+_API_FIELDS: dict[str, tuple[str, str, str]] = {
+    "c10valid_valid_200": ("cifar10-valid", "valid-accuracy", "200"),
+    "c10valid_test_200": ("cifar10-valid", "test-accuracy", "200"),
+    "c10_test_200": ("cifar10", "test-accuracy", "200"),
+    "c100_test_200": ("cifar100", "test-accuracy", "200"),
+    "in16_test_200": ("ImageNet16-120", "test-accuracy", "200"),
+    "c10_test_12": ("cifar10", "test-accuracy", "12"),
+    "c10valid_valid_12": ("cifar10-valid", "valid-accuracy", "12"),
+    "c100_valid_12": ("cifar100", "valid-accuracy", "12"),
+    "in16_valid_12": ("ImageNet16-120", "valid-accuracy", "12"),
+}
+
+
+class ApiNb201Table(Nb201Benchmark):
+    """The official benchmark files through ``nats_bench`` (``create(path, 'tss')``) or
+    ``nas_201_api`` (``API(path)``). Accuracies are seed averages (``is_random=False``) at
+    the last epoch of the ``hp`` schedule, as in the CSV table."""
+
+    def __init__(self, path: str | Path | None, package: str = "auto") -> None:
+        self.package, self.api = _open_api(path, package)
+        self._cache: dict[tuple[int, str, str], dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.api)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(_API_FIELDS)
+
+    def arch_str(self, index: int) -> str:
+        return ops_to_str(str_to_ops(self.api.arch(self.index_of(index))))
+
+    def _index_of_str(self, arch_str: str) -> int:
+        index = int(self.api.query_index_by_arch(arch_str))
+        if index < 0:
+            raise GenotypeError(f"cell {arch_str} is not in the benchmark")
+        return index
+
+    def _value(self, index: int, metric: str) -> float:
+        dataset, key, hp = _API_FIELDS[metric]
+        ck = (index, dataset, hp)
+        if ck not in self._cache:
+            self._cache[ck] = self.api.get_more_info(index, dataset, iepoch=None, hp=hp,
+                                                     is_random=False)
+        return float(self._cache[ck][key])
+
+
+def _open_api(path: str | Path | None, package: str):
+    names = ("nats_bench", "nas_201_api") if package == "auto" else (package,)
+    for name in names:
+        if name not in ("nats_bench", "nas_201_api"):
+            raise ValueError(f"unknown NAS-Bench-201 API package {name!r}: nats_bench or "
+                             "nas_201_api")
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        p = None if path is None else str(path)
+        if name == "nats_bench":
+            return name, mod.create(p, "tss", fast_mode=True, verbose=False)
+        return name, mod.API(p, verbose=False)
+    raise ImportError(
+        "the NAS-Bench-201 API backend needs the package nats_bench (pip install "
+        "'diffnas[nb201]') or nas-bench-201, plus the benchmark file; or use the CSV table"
+    )
+
+
+def open_benchmark(path: str | Path | None, backend: str = "auto") -> Nb201Benchmark:
+    """A CSV table for ``*.csv``/``*.csv.gz`` paths, the official API otherwise
+    (``backend``: auto, csv, nats_bench, nas_201_api)."""
+    if backend == "csv" or (backend == "auto" and path is not None
+                            and str(path).endswith((".csv", ".csv.gz"))):
+        if path is None:
+            raise ValueError("the CSV backend needs a table path")
+        return CsvNb201Table(path)
+    return ApiNb201Table(path, "auto" if backend == "auto" else backend)
