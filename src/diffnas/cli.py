@@ -61,31 +61,40 @@ def _search(p: argparse.ArgumentParser):
 
             return seeds_command(args)
         from diffnas.config import load_config
+        from diffnas.engine import distributed as dp
         from diffnas.engine.retrain import run_retrain
         from diffnas.engine.rundir import load_run_config, new_run_dir, setup_logging
         from diffnas.engine.search import run_search
         from diffnas.genotype import Genotype
 
-        if args.resume:
-            run_dir = Path(args.resume)
-            cfg = load_run_config(run_dir)
-        else:
-            cfg = load_config(args.config, args.overrides)
-            run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
-        setup_logging(run_dir)
-        print(f"run directory: {run_dir}")
+        def open_run():  # rank 0 alone touches the run directory; the others get the result
+            if args.resume:
+                run_dir = Path(args.resume)
+                cfg = load_run_config(run_dir)
+            else:
+                cfg = load_config(args.config, args.overrides)
+                run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
+            found = (run_dir / "search" / "DONE").exists()
+            done = Genotype.load(run_dir / "search" / "genotype.json") if found else None
+            return cfg, run_dir, done
+
+        main = dp.init_distributed().is_main  # under torchrun: join the process group
+        cfg, run_dir, genotype = dp.main_process_result(open_run)
+        setup_logging(run_dir if main else None, verbose=main)
+        if main:
+            print(f"run directory: {run_dir}")
         if cfg.search.space.get("name") == "darts_rnn":  # language models: engine/lm.py
             from diffnas.engine.lm import run_lm
 
             return run_lm(cfg, run_dir, resume=bool(args.resume))
-        if (run_dir / "search" / "DONE").exists():
-            genotype = Genotype.load(run_dir / "search" / "genotype.json")
-        else:
+        if genotype is None:
             genotype = run_search(cfg, run_dir, resume=bool(args.resume)).genotype
         result = None
         if cfg.retrain.enabled:
             result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
-        _print_result(genotype, result)
+        if main:
+            _print_result(genotype, result)
+        dp.shutdown()
         return 0
 
     return run
@@ -117,18 +126,24 @@ def _train(p: argparse.ArgumentParser):
             print(json.dumps({"input": [shape.in_channels, shape.resolution, shape.resolution],
                               "classes": shape.num_classes, **summary}, indent=1))
             return 0
-        if args.resume:
-            run_dir = Path(args.resume)
-            cfg = load_run_config(run_dir)
-        else:
+        from diffnas.engine import distributed as dp
+
+        def open_run():  # rank 0 alone touches the run directory
+            if args.resume:
+                return load_run_config(Path(args.resume)), Path(args.resume)
             cfg = load_config(args.config, args.overrides)
-            run_dir = new_run_dir(cfg, "train")
-        setup_logging(run_dir)
+            return cfg, new_run_dir(cfg, "train")
+
+        main = dp.init_distributed().is_main  # under torchrun: join the process group
+        cfg, run_dir = dp.main_process_result(open_run)
+        setup_logging(run_dir if main else None, verbose=main)
         d = cfg.data
         data = load_dataset(d.name, d.root, d.download, d.resolution, cfg.retrain.train_subset,
                             d.test_subset, cfg.seed)
         result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume), data=data)
-        _print_result(genotype, result)
+        if main:
+            _print_result(genotype, result)
+        dp.shutdown()
         return 0
 
     return run
