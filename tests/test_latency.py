@@ -288,3 +288,61 @@ def test_sampled_genotypes_are_valid_and_varied():
         space.validate(x)
     assert len({str(x) for x in genos}) > 15
     assert TINY_SHAPE.resolution == 8
+
+
+def _nb201_predictor(tmp_path):
+    """latency = 10 ms + 10 ms per nor_conv_3x3 edge (op index 3), exactly."""
+    p = LatencyPredictor({"cell": (6, 5)}, hidden=4, mean_ms=0.0, std_ms=1.0)
+    with torch.no_grad():
+        for t in p.mlp[-1].parameters():
+            t.zero_()
+        p.linear.weight.zero_()
+        p.linear.weight.view(6, 5)[:, 3] = 10.0
+        p.linear.bias.fill_(10.0)
+    path = tmp_path / "nb201_pred.pt"
+    p.save(path)
+    return path
+
+
+def test_cell_latency_fn_matches_hand_values(tmp_path):
+    from diffnas.hardware.penalty import cell_latency_fn
+
+    lat = cell_latency_fn(str(_nb201_predictor(tmp_path)))
+    assert lat((0, 0, 0, 0, 0, 0)) == pytest.approx(10.0)
+    assert lat((3, 1, 3, 2, 4, 3)) == pytest.approx(40.0)
+    with pytest.raises(ValueError):
+        lat((0, 0, 5, 0, 0, 0))
+
+
+def test_reinforce_with_mnasnet_reward_avoids_slow_ops(tmp_path):
+    """Constant accuracy: the plain reward teaches nothing, the latency-aware reward
+    drives the policy away from the slow op."""
+    import numpy as np
+
+    reinforce = pytest.importorskip("diffnas.nasbench.strategies.reinforce")
+    from diffnas.nasbench.oracle import QueryOracle
+
+    def slow_ops(latency_predictor):
+        cfg = reinforce.ReinforceConfig(latency_predictor=latency_predictor,
+                                        latency_target_ms=10.0, latency_w=-1.0)
+        oracle = QueryOracle(lambda cell: 50.0, budget=400)
+        reinforce.Reinforce(cfg).search(oracle, np.random.default_rng(0))
+        return [sum(op == 3 for op in cell) for cell, _ in oracle.history[-100:]]
+
+    plain = slow_ops(None)
+    aware = slow_ops(str(_nb201_predictor(tmp_path)))
+    assert sum(aware) / len(aware) < 0.5 * sum(plain) / len(plain)
+
+
+def test_thread_clock_is_used_and_validated(monkeypatch):
+    import diffnas.hardware.latency as L
+
+    ticks = iter(range(10_000))
+    monkeypatch.setitem(L.CLOCKS, "thread", lambda: 0.002 * next(ticks))
+    stats = measure_latency(_Probe(), (3,), LatencySettings(warmup=1, repeats=5,
+                                                            clock="thread"))
+    assert stats.median_ms == pytest.approx(2.0) and stats.samples_ms == pytest.approx([2.0] * 5)
+    with pytest.raises(ValueError, match="threads=1"):
+        LatencySettings(clock="thread", threads=2)
+    with pytest.raises(ValueError, match="clock"):
+        LatencySettings(clock="cpu")

@@ -27,7 +27,7 @@ def _settings(args: argparse.Namespace):
     from diffnas.hardware.latency import LatencySettings
 
     return LatencySettings(batch_size=args.batch_size, warmup=args.warmup,
-                           repeats=args.repeats, threads=args.threads)
+                           repeats=args.repeats, threads=args.threads, clock=args.clock)
 
 
 def _latency_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,9 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15, help="timed samples (median is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall time, or CPU time of the (single) inference thread: the "
+                        "latency on an unloaded core, robust on a shared machine")
 
 
 @register_command("latency", "latency datasets, predictor and sweeps (hardware-aware search)")

@@ -3,7 +3,11 @@
 Timing rules, so numbers are comparable across runs: inference mode and eval mode, a
 fixed thread count on CPU (restored afterwards), synchronisation before and after every
 timed call on CUDA (kernels are asynchronous; without it one times the launch), warm-up
-calls first, and the median of repeats. :func:`measure_many` interleaves the models
+calls first, and the median of repeats. The clock is wall time (``clock="wall"``, the
+default), or, for single-threaded CPU inference on a shared machine, the CPU time of the
+calling thread (``clock="thread"``): time spent waiting for a core that other processes
+hold is then not counted, so the number is the latency on an unloaded core.
+:func:`measure_many` interleaves the models
 (a new random order each round) so that a burst of load from a neighbouring process
 spreads over all models instead of inflating one of them.
 """
@@ -24,16 +28,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
 
 @dataclass
 class LatencySettings:
-    """How latency is measured. ``threads`` applies to CPU only (0 = leave as is)."""
+    """How latency is measured. ``threads`` applies to CPU only (0 = leave as is);
+    ``clock``: ``wall`` or ``thread`` (CPU time of the calling thread; CPU, 1 thread)."""
 
     batch_size: int = 1
     warmup: int = 3
     repeats: int = 15
     threads: int = 1
     calls_per_sample: int = 1  # forward calls averaged inside one timed sample
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "repeats", "calls_per_sample"):
@@ -41,6 +49,10 @@ class LatencySettings:
                 raise ValueError(f"latency {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.threads < 0:
             raise ValueError("latency warmup and threads must be >= 0")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"latency clock must be one of {sorted(CLOCKS)}, got {self.clock!r}")
+        if self.clock == "thread" and self.threads != 1:
+            raise ValueError("clock='thread' times one thread: it needs threads=1")
 
 
 @dataclass
@@ -85,14 +97,15 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def time_call(fn: Callable[[], object], sync: Callable[[], None], calls: int = 1) -> float:
+def time_call(fn: Callable[[], object], sync: Callable[[], None], calls: int = 1,
+              clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds per call of ``fn`` averaged over ``calls``, synchronised before and after."""
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(calls):
         fn()
     sync()
-    return (time.perf_counter() - t0) / calls
+    return (clock() - t0) / calls
 
 
 def measure_many(
@@ -108,6 +121,8 @@ def measure_many(
         was = m.training
         m.eval()
         dev = _device_of(m)
+        if s.clock == "thread" and dev.type != "cpu":
+            raise ValueError(f"clock='thread' only measures CPU work; the model is on {dev}")
         p = next(iter(m.parameters()), None)
         dtype = p.dtype if p is not None else torch.get_default_dtype()
         x = torch.randn(s.batch_size, *input_shape, device=dev, dtype=dtype)
@@ -123,7 +138,8 @@ def measure_many(
                 rng.shuffle(order)
                 for i in order:
                     m, x, sync, _ = prepared[i]
-                    samples[i].append(time_call(lambda m=m, x=x: m(x), sync, s.calls_per_sample))
+                    samples[i].append(time_call(lambda m=m, x=x: m(x), sync, s.calls_per_sample,
+                                                CLOCKS[s.clock]))
     finally:
         for m, _, _, was in prepared:
             m.train(was)

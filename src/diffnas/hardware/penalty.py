@@ -11,6 +11,7 @@ cost, a first-order approximation through the MLP).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,3 +61,26 @@ def mnasnet_reward(acc: float, latency: float, target: float,
     if isinstance(w, (tuple, list)):
         w = w[0] if latency <= target else w[1]
     return float(acc) * (float(latency) / float(target)) ** float(w)
+
+
+def cell_latency_fn(predictor: str | LatencyPredictor) -> Callable[[Sequence[int]], float]:
+    """``latency(op_indices) -> ms`` for a space with one cell type (e.g. ``nb201``): the
+    predictor applied to the one-hot of the op index per edge. For query-based searches
+    (REINFORCE with :func:`mnasnet_reward`)."""
+    p = predictor if isinstance(predictor, LatencyPredictor) else LatencyPredictor.load(predictor)
+    if len(p.shapes) != 1:
+        raise ValueError(f"cell_latency_fn needs a one-cell-type predictor, got {list(p.shapes)}")
+    (group, (edges, ops)), = p.shapes.items()
+    cache: dict[tuple[int, ...], float] = {}
+
+    def latency(cell: Sequence[int]) -> float:
+        key = tuple(int(i) for i in cell)
+        if len(key) != edges or not all(0 <= i < ops for i in key):
+            raise ValueError(f"cell {key} does not fit the predictor ({edges} edges, {ops} ops)")
+        if key not in cache:
+            w = torch.nn.functional.one_hot(torch.tensor(key), ops).float()
+            with torch.no_grad():
+                cache[key] = float(p({group: w}))
+        return cache[key]
+
+    return latency
