@@ -1,0 +1,302 @@
+"""NAS-Bench-201 lookup, the query oracle, the strategies and the no-leakage protocol.
+
+Tests that need the results table read ../shared/data/nb201/nb201_compact.csv.gz (never
+committed to the repository) and are skipped when it is missing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffnas.genotype import GenotypeError
+from diffnas.nasbench import (
+    REPORT_METRICS,
+    SEARCH_METRIC,
+    TEST_METRICS,
+    ApiNb201Table,
+    BudgetExhausted,
+    CsvNb201Table,
+    Nb201Benchmark,
+    QueryOracle,
+    describe_cell,
+    list_query_strategies,
+    make_oracle,
+    paired_comparison,
+    run_query_search,
+)
+from diffnas.nasbench.encoding import graph_arrays, mutate
+from diffnas.spaces.nb201 import NB201_OPS, ops_to_genotype, str_to_genotype
+
+TABLE = Path(__file__).resolve().parents[2] / "shared/data/nb201/nb201_compact.csv.gz"
+needs_table = pytest.mark.skipif(
+    not TABLE.is_file(), reason=f"NAS-Bench-201 table not found at {TABLE} (see docs/nb201.md)")
+
+# Small settings so each strategy runs in about a second.
+FAST = {
+    "random": {}, "rea": {}, "reinforce": {},
+    "nao": {"initial": 8, "batch": 6, "epochs": 5, "seeds": 6},
+    "gcn": {"initial": 8, "batch": 6, "epochs": 5, "pool": 200, "hidden": 16},
+    "comparator": {"initial": 8, "batch": 6, "epochs": 5, "pool": 200, "hidden": 16,
+                   "pairs": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def table():
+    if not TABLE.is_file():
+        pytest.skip(f"NAS-Bench-201 table not found at {TABLE}")
+    return CsvNb201Table(TABLE)
+
+
+# --- the table ------------------------------------------------------------------------------
+@needs_table
+def test_round_trip_string_genotype_index_for_every_cell(table):
+    assert len(table) == 15_625
+    for index in range(len(table)):
+        s = table.arch_str(index)
+        g = str_to_genotype(s)
+        assert table.index_of(g) == index
+        assert table.index_of(s) == index
+        assert table.canonical_str(table.genotype(index)) == s
+
+
+@needs_table
+def test_known_cells(table):
+    c10 = table.column("c10_test_200")
+    assert int(np.argmax(c10)) == 6111
+    assert table.query(6111, "c10_test_200") == pytest.approx(94.3733)
+    assert table.column("c100_test_200").max() == pytest.approx(73.5133)
+    assert table.column("in16_test_200").max() == pytest.approx(47.3111)
+    skip = ops_to_genotype(("skip_connect",) * 6)
+    assert table.accuracy(skip, "cifar10", "test") == pytest.approx(54.2967)
+    assert table.accuracy(skip, "cifar100", "test") == pytest.approx(15.6067)
+    assert table.accuracy(skip, "ImageNet16-120", "test") == pytest.approx(16.3222)
+    rec = describe_cell(table, skip)
+    assert rec["skip_connect_edges"] == 6 and rec["none_edges"] == 0
+    assert rec["arch_str"] == table.arch_str(rec["index"])
+
+
+@needs_table
+def test_accuracy_maps_dataset_split_epochs_to_columns(table):
+    g = table.genotype(123)
+    assert table.accuracy(g, "cifar10-valid", "valid") == table.query(123, "c10valid_valid_200")
+    assert table.accuracy(g, "cifar100", "valid", 12) == table.query(123, "c100_valid_12")
+    with pytest.raises(KeyError, match="no nb201 results"):
+        table.accuracy(g, "cifar100", "valid", 200)
+    with pytest.raises(KeyError, match="unknown nb201 metric"):
+        table.query(g, "c10_test_13")
+    with pytest.raises(GenotypeError, match="out of range"):
+        table.index_of(15_625)
+
+
+def test_csv_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        CsvNb201Table(tmp_path / "missing.csv.gz")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("index,arch_str\n0,|none~0|+|none~0|none~1|+|none~0|none~1|none~2|\n")
+    with pytest.raises(ValueError, match="no accuracy columns"):
+        CsvNb201Table(bad)
+    small = tmp_path / "small.csv"
+    small.write_text("index,arch_str,c10_test_200\n"
+                     "1,|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,10.0\n")
+    with pytest.raises(ValueError, match="0..0"):
+        CsvNb201Table(small)
+
+
+def test_api_backend_reads_the_official_fields(monkeypatch, tmp_path):
+    """A stand-in ``nats_bench`` module: the backend must ask ``get_more_info`` for the
+    right dataset, key and schedule, with seed averaging."""
+    cells = ["|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|",
+             "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|"]
+    calls = []
+
+    class FakeApi:
+        def __len__(self):
+            return len(cells)
+
+        def arch(self, i):
+            return cells[i]
+
+        def query_index_by_arch(self, s):
+            return cells.index(s) if s in cells else -1
+
+        def get_more_info(self, index, dataset, iepoch=None, hp="12", is_random=True):
+            calls.append((index, dataset, hp, is_random))
+            base = {"cifar10-valid": 1, "cifar10": 2, "cifar100": 3, "ImageNet16-120": 4}
+            v = 100 * index + 10 * base[dataset] + (0 if hp == "200" else 5)
+            return {"valid-accuracy": v + 0.25, "test-accuracy": v + 0.75}
+
+    fake = types.ModuleType("nats_bench")
+    fake.create = lambda path, space, fast_mode=False, verbose=True: FakeApi()
+    monkeypatch.setitem(sys.modules, "nats_bench", fake)
+    api = ApiNb201Table(tmp_path / "NATS-tss-v1_0-3ffb9-simple", package="nats_bench")
+    assert len(api) == 2 and api.index_of(cells[1]) == 1
+    assert api.query(cells[1], "c10valid_valid_200") == 110.25
+    assert api.query(1, "c10_test_200") == 120.75
+    assert api.query(0, "c100_test_200") == 30.75
+    assert api.query(0, "in16_valid_12") == 45.25
+    assert all(not r for *_, r in calls)
+    with pytest.raises(GenotypeError, match="not in the benchmark"):
+        api.index_of(("none",) * 6)
+
+
+# --- oracle, encodings, statistics ----------------------------------------------------------
+def test_oracle_counts_distinct_cells_and_stops_at_the_budget():
+    seen = []
+    oracle = QueryOracle(lambda c: seen.append(c) or float(sum(c)), budget=2)
+    assert oracle.query((1,) * 6) == 6.0
+    assert oracle.query((1,) * 6) == 6.0  # repeated: free, not looked up again
+    assert oracle.query((2,) * 6) == 12.0
+    assert oracle.used == 2 and seen == [(1,) * 6, (2,) * 6]
+    assert oracle.best() == ((2,) * 6, 12.0)
+    with pytest.raises(BudgetExhausted):
+        oracle.query((3,) * 6)
+    assert oracle.query((1,) * 6) == 6.0  # known answers stay free
+
+
+def test_mutation_changes_exactly_one_edge():
+    rng = np.random.default_rng(0)
+    cell = (0, 1, 2, 3, 4, 0)
+    for _ in range(200):
+        child = mutate(cell, rng)
+        assert sum(a != b for a, b in zip(cell, child, strict=True)) == 1
+        assert all(0 <= v < len(NB201_OPS) for v in child)
+
+
+def test_graph_encoding_by_hand():
+    # edges (0,1) skip, (0,2) none, (1,2) conv3, (0,3) none, (1,3) none, (2,3) pool
+    ops = ("skip_connect", "none", "nor_conv_3x3", "none", "none", "avg_pool_3x3")
+    A, X = graph_arrays(np.array([[NB201_OPS.index(o) for o in ops]]))
+    want = {(0, 1), (1, 3), (3, 6), (6, 7)}  # input -> skip -> conv3 -> pool -> output
+    assert {tuple(map(int, e)) for e in np.argwhere(A[0])} == want
+    assert X[0].sum() == 8 and X[0, 0, 0] == 1 and X[0, 7, 1] == 1
+    assert X[0, 3, 2 + NB201_OPS.index("nor_conv_3x3")] == 1
+
+
+def test_paired_comparison_on_known_inputs():
+    a = [1.0, 2.0, 3.0, 4.0]
+    b = [0.0, 1.0, 2.0, 3.0]
+    r = paired_comparison(a, b)
+    assert r["mean_diff"] == 1.0 and (r["wins"], r["ties"], r["losses"]) == (4, 0, 0)
+    assert r["sign_test_p"] == pytest.approx(2 / 16)
+    assert r["permutation_p"] == pytest.approx(2 / 16)  # only all-plus / all-minus reach 1
+    r = paired_comparison([1.0, 0.0, 5.0], [0.0, 1.0, 5.0])
+    assert (r["wins"], r["ties"], r["losses"]) == (1, 1, 1) and r["sign_test_p"] == 1.0
+
+
+# --- the protocol -----------------------------------------------------------------------------
+class SpyTable(Nb201Benchmark):
+    """Wraps a table, records which metric every lookup reads, and can scramble the test
+    columns (a permutation over cells)."""
+
+    def __init__(self, inner: CsvNb201Table, scramble_seed: int | None = None) -> None:
+        self.inner, self.reads = inner, []
+        self.perm = None
+        if scramble_seed is not None:
+            self.perm = np.random.default_rng(scramble_seed).permutation(len(inner))
+
+    def __len__(self):
+        return len(self.inner)
+
+    @property
+    def metrics(self):
+        return self.inner.metrics
+
+    def arch_str(self, index):
+        return self.inner.arch_str(index)
+
+    def _index_of_str(self, s):
+        return self.inner._index_of_str(s)
+
+    def _value(self, index, metric):
+        self.reads.append(metric)
+        if self.perm is not None and metric in TEST_METRICS:
+            index = int(self.perm[index])
+        return self.inner._value(index, metric)
+
+
+def test_every_strategy_is_covered():
+    assert set(FAST) == set(list_query_strategies())
+
+
+@needs_table
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_strategies_read_only_the_validation_column(name, table):
+    spy = SpyTable(table)
+    oracle = make_oracle(spy, budget=25)
+    from diffnas.nasbench import create_query_strategy
+
+    create_query_strategy(name, FAST[name]).search(oracle, np.random.default_rng(0))
+    assert oracle.used == 25
+    assert set(spy.reads) == {SEARCH_METRIC} and len(spy.reads) == 25
+
+
+@needs_table
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_scrambling_test_columns_changes_nothing_in_the_search(name, table):
+    plain = run_query_search(name, table, 25, seed=3, settings=FAST[name])
+    again = run_query_search(name, table, 25, seed=3, settings=FAST[name])
+    spy = SpyTable(table, scramble_seed=1)
+    scrambled = run_query_search(name, spy, 25, seed=3, settings=FAST[name])
+    assert plain.arch_str == again.arch_str == scrambled.arch_str  # deterministic, blind
+    assert plain.valid_acc == scrambled.valid_acc
+    # ... and the report does read the test columns, after the search
+    assert set(spy.reads) == {SEARCH_METRIC, *REPORT_METRICS}
+    assert plain.test["c10_test_200"] == table.query(plain.arch_str, "c10_test_200")
+    assert plain.valid_acc == table.query(plain.arch_str, SEARCH_METRIC)
+
+
+def test_an_oracle_on_a_test_metric_is_refused():
+    with pytest.raises(ValueError, match="test metric"):
+        make_oracle(None, 10, metric="c10_test_200")
+
+
+@needs_table
+def test_chosen_cell_is_the_best_queried_by_validation(table):
+    spy = SpyTable(table)
+    oracle = make_oracle(spy, budget=40)
+    from diffnas.nasbench import create_query_strategy
+
+    create_query_strategy("rea").search(oracle, np.random.default_rng(1))
+    cells, accs = oracle.data()
+    out = run_query_search("rea", table, 40, seed=1)
+    assert out.valid_acc == accs.max()
+    assert out.queries == 40
+
+
+@needs_table
+def test_bench_command_prints_table_and_writes_json(tmp_path, capsys):
+    from diffnas.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "nb201", "--strategy", "random,rea", "--budget", "20", "--seeds", "4",
+               "--table", str(TABLE), "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "rea vs random @ 20" in text and "+-" in text
+    data = json.loads(out.read_text())
+    assert len(data["outcomes"]) == 8
+    rea = [o["test"]["c10_test_200"] for o in data["outcomes"] if o["strategy"] == "rea"]
+    entry = next(e for e in data["summary"] if e["strategy"] == "rea")
+    assert entry["c10_test_200"]["mean"] == pytest.approx(np.mean(rea))
+    assert entry["c10_test_200"]["std"] == pytest.approx(np.std(rea, ddof=1))
+    assert main(["bench", "nb201", "--strategy", "nope", "--budget", "5", "--seeds", "1",
+                 "--table", str(TABLE)]) == 2
+
+
+@needs_table
+def test_lookup_command_reports_a_genotype_file(tmp_path, capsys):
+    from diffnas.cli import main
+
+    g = ops_to_genotype(("skip_connect",) * 6)
+    path = tmp_path / "genotype.json"
+    g.save(path)
+    assert main(["bench", "nb201-lookup", "--genotype", str(path), "--table", str(TABLE),
+                 "--json", str(tmp_path / "rec.json")]) == 0
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["c10_test_200"] == pytest.approx(54.2967) and rec["skip_connect_edges"] == 6
