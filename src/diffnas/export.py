@@ -115,7 +115,8 @@ def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     """Outputs of an exported file on ``x``: TorchScript through torch.jit.load, ONNX
     through onnxruntime's CPU provider."""
     if fmt == "torchscript":
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
             return torch.jit.load(str(path), map_location="cpu")(x)
     ort = _require("onnxruntime", "checking an ONNX export")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

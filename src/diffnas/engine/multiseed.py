@@ -88,7 +88,7 @@ def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
-    if threads:
+    if threads:  # only in worker processes: never change the caller's thread count
         torch.set_num_threads(threads)
     cfg = load_run_config(run)
     cfg = dataclasses.replace(cfg, progress=False)
@@ -99,17 +99,15 @@ def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
         genotype = run_search(cfg, run, resume=True).genotype
     if cfg.retrain.enabled and not is_finished(run, cfg):
         run_retrain(cfg, genotype, run, resume=True)
-    return seed_record(run)
+    return seed_record(run, cfg.seed)
 
 
-def seed_record(run_dir: str | Path) -> dict[str, Any]:
-    """What the summary needs from a finished seed directory."""
-    from diffnas.engine.rundir import load_run_config
+def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
+    """What the summary needs from a seed directory (None where a part is missing)."""
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
-    cfg = load_run_config(run)
-    rec: dict[str, Any] = {"seed": cfg.seed, "run_dir": str(run), "genotype": None,
+    rec: dict[str, Any] = {"seed": seed, "run_dir": str(run), "genotype": None,
                            "test_acc": None, "params": None, "macs": None, "search_val_acc": None}
     gfile = run / "search" / "genotype.json"
     if gfile.is_file():
@@ -249,7 +247,13 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
 
     parent = Path(parent)
     dirs = prepare_seeds(cfg, seeds, parent)
-    pending = [d for d in dirs if not is_finished(d, load_run_config(d))]
+    def finished(d: Path) -> bool:
+        try:
+            return is_finished(d, load_run_config(d))
+        except (ConfigError, OSError):  # its worker will report the problem
+            return False
+
+    pending = [d for d in dirs if not finished(d)]
     workers = workers or default_workers(len(pending) or 1)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -261,7 +265,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     if workers == 1:
         for d in pending:
             try:
-                run_seed(d, threads)
+                run_seed(d)
                 say(f"  {d.name}: done")
             except Exception as exc:  # one failing seed must not lose the others
                 errors[d] = f"{type(exc).__name__}: {exc}"
@@ -269,8 +273,8 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     else:
         errors = _run_in_processes(pending, workers, threads, say)
     records = []
-    for d in dirs:
-        rec = seed_record(d)
+    for s, d in zip(seeds, dirs, strict=True):
+        rec = seed_record(d, s)
         if d in errors:
             rec["error"] = errors[d]
         records.append(rec)

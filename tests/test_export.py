@@ -1,0 +1,87 @@
+"""Export of the retrained network: the exported file computes what PyTorch computes
+(within 1e-5), checked here independently of the exporter's own check."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffnas.cli import main
+from diffnas.export import ExportError, export_run, load_retrained, max_output_diff, run_exported
+
+TINY_RUN = [
+    "data.name=digits", "data.train_subset=64", "data.test_subset=32", "data.batch_size=16",
+    "search.epochs=1",
+    "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+    "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=64",
+    "retrain.network={C: 4, layers: 3}", "retrain.auxiliary_weight=0.4", "retrain.cutout=0",
+    "progress=false",
+]
+HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+FORMATS = ["torchscript",
+           pytest.param("onnx", marks=pytest.mark.skipif(
+               not HAS_ONNX, reason="needs onnx + onnxruntime: pip install 'diffnas[export]'"))]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["search", f"out_dir={out}", "name=tiny", *TINY_RUN]) == 0
+    return out / "tiny"
+
+
+def test_load_retrained_rebuilds_the_saved_network(run_dir):
+    model, shape = load_retrained(run_dir)
+    assert (shape.in_channels, shape.resolution, shape.num_classes) == (1, 8, 10)
+    saved = torch.load(run_dir / "retrain/model.pt", weights_only=True)
+    assert set(model.state_dict()) == set(saved)  # auxiliary head included
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert not model.training
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_round_trip_matches_pytorch(run_dir, tmp_path, fmt):
+    out = tmp_path / f"m.{fmt}"
+    res = export_run(run_dir, fmt, out)
+    assert res.path == out and out.is_file() and res.max_abs_diff <= 1e-5
+    # independent check: fresh inputs, a batch size the exporter never saw
+    model, _ = load_retrained(run_dir)
+    x = torch.randn(7, 1, 8, 8, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        ref = model(x)
+    got = run_exported(out, fmt, x)
+    assert got.shape == (7, 10)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_output_check_detects_a_different_model(run_dir, tmp_path, fmt):
+    out = export_run(run_dir, fmt, tmp_path / "m").path
+    model, _ = load_retrained(run_dir)
+    with torch.no_grad():
+        model.classifier.bias.add_(0.5)  # the exported file no longer matches this model
+    x = [torch.randn(3, 1, 8, 8)]
+    assert max_output_diff(model, out, fmt, x) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_export_command_default_path(run_dir):
+    assert main(["export", str(run_dir), "--format", "torchscript"]) == 0
+    assert (run_dir / "export" / "model.pt").is_file()
+
+
+def test_export_without_retraining_is_a_clear_error(run_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("retrain"))
+    with pytest.raises(FileNotFoundError, match="no retrained model"):
+        export_run(partial, "torchscript")
+    assert main(["export", str(partial), "--format", "torchscript"]) == 2
+
+
+def test_unknown_format_is_an_error(run_dir):
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_run(run_dir, "tflite")
+

@@ -1,0 +1,130 @@
+"""Multi-seed runs: seed parsing, the summary against hand computations, and a real
+two-seed run in worker processes that matches the same seeds run in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+from diffnas.cli import main
+from diffnas.config import ConfigError, load_config
+from diffnas.engine import multiseed as ms
+
+TINY_RUN = [
+    "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
+    "search.epochs=1",
+    "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+    "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=48",
+    "retrain.network={C: 4, layers: 3}", "retrain.auxiliary_weight=0", "retrain.cutout=0",
+    "progress=false",
+]
+
+
+def test_parse_seeds():
+    assert ms.parse_seeds("0,1,2,3") == [0, 1, 2, 3]
+    assert ms.parse_seeds(" 5, 7 ,") == [5, 7]
+    assert ms.parse_seeds("0-2,9") == [0, 1, 2, 9]
+    for bad in ("", "a,b", "1,1", "0-2,2"):
+        with pytest.raises(ConfigError):
+            ms.parse_seeds(bad)
+
+
+def test_default_workers_never_exceeds_cores_or_seeds():
+    assert ms.default_workers(4, cores=2) == 2
+    assert ms.default_workers(1, cores=16) == 1
+    assert ms.default_workers(3, cores=1) == 1
+
+
+def _geno(normal_edges):
+    return {"space": "darts_cnn", "cells": {
+        "normal": {"edges": normal_edges, "concat": [2, 3]},
+        "reduce": {"edges": [["max_pool_3x3", 0, 2], ["skip_connect", 1, 2],
+                             ["max_pool_3x3", 0, 3], ["skip_connect", 2, 3]], "concat": [2, 3]}}}
+
+
+def test_summary_matches_hand_computation():
+    genos = [
+        _geno([["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["sep_conv_3x3", 0, 3],
+               ["dil_conv_3x3", 2, 3]]),
+        _geno([["sep_conv_3x3", 0, 2], ["sep_conv_5x5", 1, 2], ["skip_connect", 1, 3],
+               ["dil_conv_3x3", 2, 3]]),
+        _geno([["skip_connect", 0, 2], ["skip_connect", 1, 2], ["sep_conv_3x3", 0, 3],
+               ["dil_conv_3x3", 2, 3]]),
+    ]
+    accs = [0.81, 0.85, 0.92]
+    records = [{"seed": s, "run_dir": f"seed_{s}", "genotype": g, "test_acc": a,
+                "search_val_acc": a - 0.1, "params": 1000, "macs": 10}
+               for s, (g, a) in enumerate(zip(genos, accs, strict=True))]
+    summary = ms.summarize(records)
+    assert summary["test_acc"]["mean"] == pytest.approx(statistics.mean(accs))
+    assert summary["test_acc"]["std"] == pytest.approx(statistics.stdev(accs))
+    assert summary["test_acc"]["n"] == 3
+    freq = summary["op_frequency"]["normal"]
+    assert freq["0->2"] == {"sep_conv_3x3": 2, "skip_connect": 1}
+    assert freq["1->2"] == {"skip_connect": 2, "sep_conv_5x5": 1}
+    assert freq["0->3"] == {"sep_conv_3x3": 2}
+    assert freq["1->3"] == {"skip_connect": 1}
+    assert freq["2->3"] == {"dil_conv_3x3": 3}
+    assert list(freq) == ["0->2", "1->2", "0->3", "1->3", "2->3"]  # by node, then source
+    assert summary["op_frequency"]["reduce"]["0->2"] == {"max_pool_3x3": 3}
+    # every kept edge is counted once per seed
+    assert sum(sum(v.values()) for v in freq.values()) == 3 * 4
+    md = ms.summary_markdown(summary)
+    assert "86.00% +- 5.57%" in md and "sep_conv_3x3 x2, skip_connect x1" in md
+
+
+def test_mean_std_edge_cases():
+    assert ms.mean_std([0.5]) == (0.5, 0.0)
+    mean, std = ms.mean_std([])
+    assert mean != mean and std != std  # NaN
+
+
+def test_two_seeds_in_worker_processes_match_in_process_runs(tmp_path):
+    cfg = load_config(None, TINY_RUN)
+    summary = ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=2, echo=False)
+    assert summary["seeds"] == [0, 1] and summary["failed"] == []
+    assert (tmp_path / "par" / "summary.md").is_file()
+    on_disk = json.loads((tmp_path / "par" / "summary.json").read_text())
+    assert on_disk["test_acc"] == pytest.approx(summary["test_acc"], nan_ok=True)
+    for s in (0, 1):
+        assert (tmp_path / "par" / f"seed_{s}" / "worker.log").is_file()
+        assert load_config(tmp_path / "par" / f"seed_{s}" / "config.yaml").seed == s
+
+    accs = [r["test_acc"] for r in summary["runs"]]
+    assert None not in accs
+    assert summary["test_acc"]["mean"] == pytest.approx(statistics.mean(accs))
+
+    # seed 1 again, in this process, through the command line: the same result (with one
+    # thread, as each of the two workers on this 2-core machine had)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        assert main(["search", "--seeds", "1", "--workers", "1", f"out_dir={tmp_path}",
+                     "name=seq", *TINY_RUN]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    seq = json.loads((tmp_path / "seq" / "summary.json").read_text())
+    assert seq["seeds"] == [1]
+    assert seq["runs"][0]["genotype"] == summary["runs"][1]["genotype"]
+    assert seq["runs"][0]["test_acc"] == summary["runs"][1]["test_acc"]
+
+    # finished seeds are not run again
+    stamp = (tmp_path / "par" / "seed_0" / "retrain" / "result.json").stat().st_mtime_ns
+    again = ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=2, echo=False)
+    assert again["runs"] == summary["runs"]
+    assert (tmp_path / "par" / "seed_0" / "retrain" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_a_failing_seed_is_reported_and_the_others_kept(tmp_path):
+    cfg = load_config(None, [*TINY_RUN, "retrain.enabled=false"])
+    dirs = ms.prepare_seeds(cfg, [0, 1], tmp_path)
+    # break seed 1's config so its worker fails
+    (dirs[1] / "config.yaml").write_text("data: {name: no_such_dataset}\n")
+    summary = ms.run_seeds(cfg, [0, 1], tmp_path, workers=1, echo=False)
+    assert summary["failed"] == [1]
+    assert summary["runs"][0]["genotype"] is not None
+    assert "FAILED seeds: [1]" in ms.summary_markdown(summary)
