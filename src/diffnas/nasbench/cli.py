@@ -153,3 +153,33 @@ def _lookup(p: argparse.ArgumentParser):
         return 0
 
     return run
+
+
+@register_bench("nb201-summary", "merge JSON files of 'bench nb201' runs and print the table")
+def _summary(p: argparse.ArgumentParser):
+    p.add_argument("files", nargs="+", help="JSON files written by 'diffnas bench nb201'")
+    p.add_argument("--json", help="write the merged summary here")
+
+    def run(args: argparse.Namespace) -> int:
+        from diffnas.nasbench.runner import summarize
+
+        merged: dict[tuple, dict] = {}
+        for f in args.files:
+            data = json.loads(Path(f).read_text())
+            if "outcomes" not in data:
+                raise ValueError(f"{f}: not a 'bench nb201' JSON file (no 'outcomes')")
+            for o in data["outcomes"]:  # a (strategy, budget, seed) run repeated: keep one
+                merged[(o["strategy"], o["budget"], o["seed"])] = o
+        outcomes = sorted(merged.values(), key=lambda o: (o["budget"], o["strategy"] != "random",
+                                                          o["strategy"], o["seed"]))
+        report = summarize(outcomes)
+        print(report["table"])
+        for line in report["paired_lines"]:
+            print(line)
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"files": args.files, "summary": report["summary"],
+                 "paired_vs_random": report["paired"], "outcomes": outcomes}, indent=1) + "\n")
+        return 0
+
+    return run

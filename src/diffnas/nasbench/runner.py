@@ -94,10 +94,11 @@ def paired_comparison(a: list[float], b: list[float], permutations: int = 100_00
     observed = abs(d.mean())
     if len(d) <= 16:
         signs = ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) * 2 - 1
-    else:
+        perm_p = float((np.abs((signs * d).mean(1)) >= observed - 1e-12).mean())
+    else:  # Monte Carlo; (hits + 1) / (draws + 1) never claims p = 0
         signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(d)))
-    null = np.abs((signs * d).mean(1))
-    perm_p = float((null >= observed - 1e-12).mean())
+        hits = int((np.abs((signs * d).mean(1)) >= observed - 1e-12).sum())
+        perm_p = (hits + 1) / (permutations + 1)
     return {"mean_diff": float(d.mean()), "wins": wins, "ties": int(len(d) - n),
             "losses": losses, "sign_test_p": float(sign_p), "permutation_p": perm_p}
 
