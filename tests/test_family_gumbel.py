@@ -101,14 +101,23 @@ def test_gdas_computes_exactly_one_op_per_edge(make_space):
     s.step(tiny_batch(4, 1), tiny_batch(4, 2))
     assert len(forwards) == 2  # one alpha forward, one weight forward
     assert calls and all(n == len(forwards) for n in calls.values()), calls
-    # the same counter sees every live op under the softmax relaxation (DARTS)
-    d = tiny_strategy({"name": "darts"}, space=make_space())
-    dcalls, _ = _count_op_calls(d.supernet)
-    d.step(tiny_batch(4, 1), tiny_batch(4, 2))
-    live = sum(1 for o in d.arch_params.candidates(d.arch_params.groups()[0]) if o != "none")
-    assert all(n == 2 * live for n in dcalls.values())
     for h in handles:
         h.remove()
+    # and only the sampled op of an edge gets weight gradients (the weight step's sample);
+    # under the softmax relaxation (DARTS) every op with weights gets one: the check can tell
+    assert max(_ops_with_grad(s.supernet)) == 1
+    d = tiny_strategy({"name": "darts"}, space=make_space())
+    d.step(tiny_batch(4, 1), tiny_batch(4, 2))
+    assert max(_ops_with_grad(d.supernet)) > 1
+
+
+def _ops_with_grad(supernet):
+    """Per mixed op: how many of its candidate ops have a parameter with a gradient."""
+    out = []
+    for m in supernet.modules():
+        if hasattr(m, "candidates") and isinstance(getattr(m, "ops", None), torch.nn.ModuleList):
+            out.append(sum(any(p.grad is not None for p in op.parameters()) for op in m.ops))
+    return out
 
 
 def test_gdas_rejects_soft_relaxation():

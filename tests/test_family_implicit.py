@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_strategy
 
-from diffnas.strategies.implicit import ImplicitConfig, implicit, implicit_hypergrad
 from diffnas.strategies.hypergrad import first_order
+from diffnas.strategies.implicit import ImplicitConfig, implicit, implicit_hypergrad
 
 F64 = torch.float64
 

@@ -50,7 +50,7 @@ def test_smoothed_loss_falls():
     x = torch.full((4,), -1.0, dtype=torch.float64, requires_grad=True)
     start = smoothed(x, h)
     for _ in range(40):
-        shift, grad, _ = mean_shift(lambda d: rugged(x + d[0]), [x], h, 8, 1.0)
+        shift, grad, _ = mean_shift(lambda d, x=x: rugged(x + d[0]), [x], h, 8, 1.0)
         with torch.no_grad():
             x += shift[0]
             x -= 0.05 * grad[0]

@@ -34,7 +34,12 @@ def dominant_eigenvalue(
     """Largest-magnitude eigenvalue of the Hessian of ``loss`` w.r.t. ``params`` by power
     iteration on Hessian-vector products (double backward). The start vector comes from a
     private generator, so calling this leaves torch's global RNG untouched."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    got = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # parameters the loss does not use have zero Hessian rows: leave them out
+    used = [(p, g) for p, g in zip(params, got, strict=True) if g is not None]
+    if not used:
+        return 0.0
+    params, grads = [p for p, _ in used], [g for _, g in used]
     g = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for p in params]
     norm = torch.sqrt(sum((x * x).sum() for x in v))
@@ -53,7 +58,8 @@ def dominant_eigenvalue(
     return eig
 
 
-def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20) -> float:
+def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20,
+                             tol: float = 1e-4) -> float:
     """Dominant eigenvalue of the Hessian of the loss on ``batch`` w.r.t. the architecture
     parameters, at the current weights. A stochastic relaxation (Gumbel) is replaced by
     its expectation-free counterpart, the softmax, so the quantity is deterministic."""
@@ -62,7 +68,7 @@ def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20) -> floa
         relax = SoftmaxRelaxation()
     aw = strategy.arch_params.normalize(relax(strategy.arch_params.as_dict()))
     loss, _ = strategy.loss(batch, aw)
-    return dominant_eigenvalue(loss, strategy.alphas(), iters)
+    return dominant_eigenvalue(loss, strategy.alphas(), iters, tol)
 
 
 class CollapseDiagnostics(Callback):

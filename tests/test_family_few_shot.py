@@ -1,0 +1,63 @@
+"""Few-shot NAS: sub-supernets start from the trained one-shot supernet and each fixes
+its split edge's op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_strategy
+
+from diffnas.genotype.discretize import discretize
+
+
+def _one_shot_epoch(s):
+    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
+    trained = {k: v.clone() for k, v in s.supernet.state_dict().items()}
+    s.end_epoch()  # split_epoch=1: the split happens here
+    return trained
+
+
+def test_each_sub_supernet_fixes_its_edge_op():
+    s = tiny_strategy({"name": "few_shot", "split_edges": ["normal/n3/e1"], "split_epoch": 1})
+    g, row = s.split_rows[0]
+    ops = s.arch_params.candidates(g)
+    trained = _one_shot_epoch(s)
+    assert len(s.subnets) == len(ops)
+    for sub in s.subnets:
+        # initialised from the trained one-shot supernet, as separate copies
+        for k, v in sub.supernet.state_dict().items():
+            assert torch.equal(v, trained[k])
+        assert sub.supernet is not s.supernet
+    for _ in range(2 * len(ops)):  # round robin: every sub-supernet steps twice
+        s.step(tiny_batch(4, 3), tiny_batch(4, 4))
+    for i, sub in enumerate(s.subnets):
+        w = sub.arch_weights()[g][row]
+        assert torch.equal(w, torch.nn.functional.one_hot(torch.tensor(i), len(ops)).to(w))
+        assert len(s.val_loss[i]) == 2
+        # the other rows are still relaxed (trainable)
+        assert not torch.equal(sub.arch_weights()[g][row - 1].max(), torch.tensor(1.0))
+    # the fixed row is exported with the run's genotype
+    best = s.best()
+    s.end_epoch()
+    geno = discretize(s.arch_params.as_dict(), _space())
+    edge = [e for e in geno.cell(g).edges if (e.src, e.dst) == (1, 3)]
+    if ops[best] != "none":
+        assert edge and edge[0].op == ops[best]
+
+
+def _space():
+    from conftest import tiny_space
+
+    return tiny_space()
+
+
+def test_best_is_lowest_mean_validation_loss():
+    s = tiny_strategy({"name": "few_shot", "split_epoch": 1})
+    _one_shot_epoch(s)
+    s.val_loss = [[3.0, 1.0], [1.5, 1.4], [9.0]] + [[5.0]] * (len(s.subnets) - 3)
+    assert s.best() == 1
+
+
+def test_split_edge_must_exist():
+    with pytest.raises(ValueError, match="split_edges"):
+        tiny_strategy({"name": "few_shot", "split_edges": ["normal/n9/e0"]})

@@ -1,0 +1,121 @@
+"""Edge modifiers: partial channel connections (PC-DARTS) and edge normalization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_space, tiny_strategy
+
+from diffnas.genotype.discretize import discretize
+from diffnas.supernet.modifiers import (
+    PartialChannelMixedOp,
+    channel_shuffle,
+    create_mixed_op_factory,
+)
+
+OPS = ["none", "skip_connect", "sep_conv_3x3", "max_pool_3x3"]
+
+
+def _unshuffle(y, k):
+    b, c, h, w = y.shape
+    return y.view(b, c // k, k, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_channel_shuffle_known_answer():
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+    assert torch.equal(_unshuffle(channel_shuffle(x, 3), 3), x)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [2, 4])
+def test_only_one_kth_of_channels_pass_through_the_ops(k, stride):
+    torch.manual_seed(0)
+    C = 8
+    op = PartialChannelMixedOp(C, stride, OPS, k)
+    seen = []  # channels entering the mixed op (all candidate ops read this input)
+    op.mixed.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    x = torch.randn(2, C, 6, 6)
+    w = torch.softmax(torch.randn(len(OPS)), 0)
+    y = op(x, w)
+    assert y.shape == (2, C, 6 // stride, 6 // stride)
+    assert seen and set(seen) == {C // k}
+    y = _unshuffle(y, k)
+    c = C // k
+    bypass = x[:, c:] if stride == 1 else torch.nn.functional.max_pool2d(x[:, c:], 2, 2)
+    assert torch.equal(y[:, c:], bypass)  # untouched by the ops
+    # scaling the op weights changes only the first C/k channels
+    y2 = _unshuffle(op(x, 2 * w), k)
+    assert torch.allclose(y2[:, :c], 2 * y[:, :c], atol=1e-5)
+    assert torch.equal(y2[:, c:], y[:, c:])
+    # with `active` (hard sampling) only one op runs, on C/k channels
+    seen.clear()
+    op(x, w, 2)
+    assert seen == [C // k]
+
+
+def test_partial_channel_supernet_shapes_and_step():
+    space = tiny_space(C=4, mixed_op={"name": "partial_channel", "k": 2})
+    s = tiny_strategy({"name": "darts"}, space=space)
+    x, _ = tiny_batch(4, 1)
+    assert s.supernet(x, s.arch_weights()).shape == (4, 3)
+    full = tiny_strategy({"name": "darts"})
+    n_pc = sum(p.numel() for p in s.supernet.parameters())
+    n_full = sum(p.numel() for p in full.supernet.parameters())
+    assert n_pc < n_full  # the ops are built for C/k channels
+    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
+
+
+def test_bad_modifier_specs():
+    with pytest.raises(ValueError, match="unknown mixed_op"):
+        create_mixed_op_factory({"name": "nope"})
+    with pytest.raises(ValueError, match="strategy"):
+        create_mixed_op_factory({"name": "partial_channel", "edge_norm": True})
+    with pytest.raises(ValueError, match="divide"):
+        create_mixed_op_factory({"name": "partial_channel", "k": 3})(8, 1, OPS)
+    with pytest.raises(ValueError, match="unknown setting"):
+        create_mixed_op_factory({"name": "partial_channel", "q": 3})
+
+
+def test_edge_normalization_betas():
+    s = tiny_strategy({"name": "darts", "edge_norm": True})
+    arch = s.arch_params
+    assert set(arch.betas) == {"normal", "reduce"}
+    beta_ids = {id(p) for p in arch.betas.parameters()}
+    assert beta_ids <= {id(p) for p in s.alphas()}
+    assert not beta_ids & {id(p) for p in s.supernet.parameters()}
+    edges = arch.edges["normal"]
+    with torch.no_grad():
+        arch.betas["normal"].copy_(torch.arange(len(edges), dtype=torch.float32))
+    scale = arch.edge_weights()["normal"]
+    for node in {e.dst for e in edges}:
+        rows = [i for i, e in enumerate(edges) if e.dst == node]
+        b = torch.arange(len(edges), dtype=torch.float32)[rows]
+        assert torch.allclose(scale[rows], torch.softmax(b, 0))
+    aw = s.arch_weights()
+    plain = torch.softmax(arch["normal"], -1)
+    assert torch.allclose(aw["normal"], plain * scale[:, None])
+    b0 = arch.betas["normal"].detach().clone()
+    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
+    assert not torch.equal(arch.betas["normal"].detach(), b0)  # betas are trained
+
+
+def test_discretizer_ranks_edges_by_beta_times_weight():
+    space = tiny_space(nodes=3)
+    s = tiny_strategy({"name": "darts", "edge_norm": True}, space=space)
+    arch = s.arch_params
+    edges = arch.edges["normal"]
+    ops = arch.candidates("normal")
+    node3 = [i for i, e in enumerate(edges) if e.dst == 3]  # inputs 0, 1, 2
+    with torch.no_grad():
+        for p in arch.parameters():
+            p.zero_()
+        arch["normal"][node3[0], ops.index("sep_conv_3x3")] = 5.0  # strongest op weight ...
+        arch["normal"][node3[1], ops.index("skip_connect")] = 3.0
+        arch["normal"][node3[2], ops.index("max_pool_3x3")] = 2.0
+        arch.betas["normal"][node3[0]] = -5.0  # ... but a tiny edge weight
+    srcs = lambda g: sorted(e.src for e in g.cell("normal").inputs_of(3))  # noqa: E731
+    no_beta = discretize(arch.as_dict(), space)
+    with_beta = discretize(arch.as_dict(), space, None, arch.edge_weights())
+    assert srcs(no_beta) == [0, 1]  # the unchanged DARTS rule
+    assert srcs(with_beta) == [1, 2]

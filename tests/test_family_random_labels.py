@@ -1,0 +1,108 @@
+"""RLNAS: labels permuted once and fixed, single-path sampling, the angle metric."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from conftest import TINY_SHAPE, tiny_batch, tiny_strategy
+from test_family_smoke import nb201_space
+
+from diffnas.config import load_config
+from diffnas.data.base import ImageData
+from diffnas.engine.search import build_search
+from diffnas.strategies.random_labels import angle_from_sums
+
+SEC = {"name": "random_labels", "population": 6, "iterations": 3, "parents": 2,
+       "w_optim": {"weight_decay": 0.0, "momentum": 0.0}}
+
+
+def test_labels_are_a_permutation_fixed_over_the_run():
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    data = ImageData("fake", torch.randn(n, 1, 8, 8, generator=g),
+                     torch.randint(0, 3, (n,), generator=g), torch.randn(8, 1, 8, 8),
+                     torch.zeros(8, dtype=torch.long), TINY_SHAPE.num_classes)
+    cfg = load_config(None, [
+        "data.batch_size=16", "progress=false", "search.epochs=2",
+        "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+        "search.strategy={name: random_labels}"])
+    task = build_search(cfg, data)
+    assert task.val is None  # one stream, no validation split
+    key = lambda x: x.flatten().tolist()  # noqa: E731
+    seen: dict[tuple, int] = {}
+    for epoch in range(3):
+        for (x, y), _ in task.batches(epoch):
+            for xi, yi in zip(x, y, strict=True):
+                k = tuple(key(xi))
+                assert seen.setdefault(k, int(yi)) == int(yi)  # same label every epoch
+    assert len(seen) == 64
+    # the loader serves the permuted labels, not the original ones
+    original = {tuple(key(xi)): int(yi) for xi, yi in zip(data.train_x, data.train_y, strict=True)}
+    assert sum(original[k] != v for k, v in seen.items()) > 10
+    perm = task.strategy.relabel(data.train_y)
+    assert sorted(perm.tolist()) == sorted(data.train_y.tolist())  # a permutation
+    assert not torch.equal(perm, data.train_y)
+    assert torch.equal(perm, task.strategy.relabel(data.train_y))  # fixed
+
+
+def test_untrained_path_has_angle_zero_and_trained_paths_do_not():
+    s = tiny_strategy(SEC)
+    x, _ = tiny_batch(4, 0)
+    s.map_edges(x[:2])
+    for _ in range(5):
+        assert s.angle(s.sample_path()) == 0.0  # nothing trained yet
+    torch.manual_seed(0)
+    paths = []
+    orig = s.sample_path
+    s.sample_path = lambda: paths.append(orig()) or paths[-1]
+    for i in range(3):
+        s.step(tiny_batch(4, i), None)
+    s.sample_path = orig
+    assert all(s.angle(p) > 0 for p in paths)
+    # a path made of ops that were never sampled: its own weights have not moved
+    unused = {}
+    for g, c in s.counts.items():
+        unused[g] = torch.tensor([next(int(j) for j in s.allowed[g] if c[r, j] == 0)
+                                  for r in range(c.shape[0])])
+    assert s.angle(unused, include_shared=False) == 0.0
+    assert s.angle(paths[0], include_shared=False) > 0
+
+
+def test_angle_formula():
+    a = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    got = angle_from_sums(float(a @ b), float(a @ a), float(b @ b))
+    assert math.isclose(got, math.pi / 4)
+    w = torch.randn(1000, dtype=torch.float64)
+    assert angle_from_sums(float(w @ w), float(w @ w), float(w @ w)) == 0.0
+
+
+def test_single_path_computes_one_op_per_edge_and_alphas_stay():
+    s = tiny_strategy(SEC, space=nb201_space())
+    a0 = [p.detach().clone() for p in s.alphas()]
+    s.map_edges(tiny_batch(2, 0)[0])  # the one traced forward, done before counting
+    calls = []
+    for m in s.supernet.modules():
+        if hasattr(m, "candidates") and isinstance(getattr(m, "ops", None), torch.nn.ModuleList):
+            for op in m.ops:
+                op.register_forward_hook(lambda *a: calls.append(1))
+    n_edges = sum(1 for m in s.supernet.modules() if hasattr(m, "candidates"))
+    s.step(tiny_batch(4, 1), None)
+    assert len(calls) == n_edges
+    assert all(torch.equal(p, q) for p, q in zip(s.alphas(), a0, strict=True))
+
+
+def test_evolution_exports_its_best_path():
+    s = tiny_strategy(SEC, space=nb201_space())
+    torch.manual_seed(0)
+    for i in range(3):
+        s.step(tiny_batch(4, i), None)
+    s.end_epoch()
+    best, angle = s.best_path, s.best_angle
+    assert angle == s.angle(best) > 0
+    chosen = s.arch_params["cell"].argmax(-1)
+    assert torch.equal(chosen, best["cell"])
+    # the export reflects the angle ranking: the best path beats the untouched ones
+    assert angle > s.angle({"cell": torch.full((6,), int(s.allowed["cell"][0]))}) or \
+        torch.equal(best["cell"], torch.full((6,), int(s.allowed["cell"][0])))
