@@ -59,6 +59,10 @@ def _latency(p: argparse.ArgumentParser):
     f.add_argument("--config", help="YAML run config naming the space")
     f.add_argument("--holdout", type=float, default=0.2, help="held-out fraction")
     f.add_argument("--epochs", type=int, default=600)
+    f.add_argument("--hidden", type=int, default=32, help="MLP width")
+    f.add_argument("--mlp-decay", type=float, default=1e-2, help="weight decay of the MLP")
+    f.add_argument("--edge-decay", type=float, default=1.0,
+                   help="weight decay of the per-edge corrections")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--target", choices=["anchored", "raw"], default="anchored",
                    help="load-corrected (anchored) or raw median latencies")
@@ -107,7 +111,9 @@ def _fit(args: argparse.Namespace) -> int:
     _, space, _, _ = _space_from_config(args.config, args.overrides)
     records = load_records(args.data, args.fingerprint)
     predictor, report = fit_predictor(records, space, holdout=args.holdout,
-                                      epochs=args.epochs, seed=args.seed, target=args.target)
+                                      epochs=args.epochs, seed=args.seed, target=args.target,
+                                      hidden=args.hidden, mlp_decay=args.mlp_decay,
+                                      edge_decay=args.edge_decay)
     predictor.save(args.out)
     print(json.dumps(report, indent=1))
     Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")

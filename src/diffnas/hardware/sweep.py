@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from diffnas.data import load_dataset
 from diffnas.engine.retrain import run_retrain
 from diffnas.engine.search import load_search_data, run_search
 from diffnas.genotype import Genotype
-from diffnas.hardware.dataset import encode_indices, one_hot
+from diffnas.hardware.dataset import anchor_genotype, encode_indices, one_hot
 from diffnas.hardware.latency import LatencySettings, device_fingerprint, measure_many
 from diffnas.hardware.predictor import LatencyPredictor
 from diffnas.spaces import DataShape, create_space
@@ -82,10 +83,18 @@ def run_sweep(
     models = [space.build_network(Genotype.from_dict(row["genotype"]), **network)
               for row in rows]
     input_shape = (shape.in_channels, shape.resolution, shape.resolution)
-    stats = measure_many(models, input_shape, settings)
+    # timed interleaved with the dataset's anchor network, so the load-corrected latency
+    # (ratio to the anchor times the anchor's median over the dataset) is comparable with
+    # what the predictor was fitted on
+    anchor = space.build_network(anchor_genotype(space), **network)
+    *stats, anchor_stats = measure_many([*models, anchor], input_shape, settings)
+    anchor_ref = pred.meta.get("anchor_ms_median")
     for row, st in zip(rows, stats, strict=True):
+        ratio = statistics.median(
+            a / b for a, b in zip(st.samples_ms, anchor_stats.samples_ms, strict=True))
         row.update(measured_ms=st.median_ms, measured_q25_ms=st.q25_ms,
-                   measured_q75_ms=st.q75_ms)
+                   measured_q75_ms=st.q75_ms,
+                   anchored_ms=ratio * anchor_ref if anchor_ref else None)
     summary = {"rows": rows, "settings": vars(settings), "network": network,
                "device": device_fingerprint("cpu", settings.threads), "config": config,
                "overrides": overrides, "predictor": str(predictor)}
@@ -97,12 +106,14 @@ def run_sweep(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| lambda | test accuracy | measured latency (ms) | predicted latency (ms) |",
-             "|---:|---:|---:|---:|"]
+    lines = ["| lambda | test accuracy | measured latency, ms (median [q25, q75]) | "
+             "measured, anchored (ms) | predicted latency (ms) |",
+             "|---:|---:|---:|---:|---:|"]
     for r in rows:
+        anchored = "-" if r.get("anchored_ms") is None else f"{r['anchored_ms']:.2f}"
         lines.append(f"| {r['lambda']:g} | {100 * r['test_acc']:.2f}% | "
                      f"{r['measured_ms']:.2f} [{r['measured_q25_ms']:.2f}, "
-                     f"{r['measured_q75_ms']:.2f}] | {r['predicted_ms']:.2f} |")
+                     f"{r['measured_q75_ms']:.2f}] | {anchored} | {r['predicted_ms']:.2f} |")
     return "\n".join(lines)
 
 
