@@ -51,6 +51,13 @@ def overrides(strategy: str, sync_bn: bool, epochs: int = 1, retrain: bool = Fal
             f"retrain.enabled={'true' if retrain else 'false'}", *RETRAIN]
 
 
+def search_overrides(name: str, sync_bn: bool) -> list[str]:
+    """darts1 is also the torchrun run of the kill/resume test (2 epochs, then retrain)."""
+    if name == "darts1":
+        return overrides(SEARCHES[name], sync_bn, epochs=2, retrain=True)
+    return overrides(SEARCHES[name], sync_bn)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,7 +89,9 @@ def _bn_case(rank: int, world: int) -> dict:
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      DIFFNAS_AUDIT_ROOT=f"{out}/runs", DIFFNAS_AUDIT_LOG=f"{out}/audit")
+    exec(textwrap.dedent(AUDIT), {})  # what the sitecustomize does under torchrun
     torch.set_num_threads(1)
     from diffnas.engine.retrain import run_retrain
     from diffnas.engine.search import run_search
@@ -100,16 +109,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             found["drift_caught"] = False
         except RuntimeError:
             found["drift_caught"] = True
-        for name, strategy in SEARCHES.items():
-            cfg = load_config(None, overrides(strategy, sync_bn=True))
-            res = run_search(cfg, f"{out}/search_{name}")
+        for name in SEARCHES:
+            cfg = load_config(None, search_overrides(name, sync_bn=True))
+            res = run_search(cfg, f"{out}/runs/{name}")
             found[name] = {g: a.detach().clone()
                            for g, a in res.task.strategy.arch_params.as_dict().items()}
-            if name == "darts1":
+            if name == "darts1":  # what `diffnas search` does next
                 found["genotype"] = res.genotype.to_json()
-        cfg = load_config(None, overrides(SEARCHES["darts1"], sync_bn=True, retrain=True))
-        found["retrain"] = run_retrain(cfg, Genotype.from_json(found["genotype"]),
-                                       f"{out}/retrain")
+                found["retrain"] = run_retrain(cfg, res.genotype, f"{out}/runs/{name}")
         torch.save(found, f"{out}/rank{rank}.pt")
     finally:
         dp.shutdown()
@@ -163,7 +170,7 @@ def test_two_ranks_match_one_process(spawned, tmp_path, name):
     """Global batch 8 split 4 + 4 over two ranks vs one process with batch 8."""
     from diffnas.engine.search import run_search
 
-    ref = run_search(load_config(None, overrides(SEARCHES[name], sync_bn=False)), tmp_path)
+    ref = run_search(load_config(None, search_overrides(name, sync_bn=False)), tmp_path)
     ref_alpha = ref.task.strategy.arch_params.as_dict()
     for rank in (0, 1):
         got = _load(spawned, rank)[name]
@@ -179,10 +186,10 @@ def test_two_ranks_match_one_process(spawned, tmp_path, name):
 def test_ddp_retrain_matches_one_process(spawned, tmp_path):
     from diffnas.engine.retrain import run_retrain
 
-    cfg = load_config(None, overrides(SEARCHES["darts1"], sync_bn=False, retrain=True))
+    cfg = load_config(None, search_overrides("darts1", sync_bn=False))
     genotype = Genotype.from_json(_load(spawned, 0)["genotype"])
     ref = run_retrain(cfg, genotype, tmp_path)
-    got = torch.load(spawned / "retrain" / "retrain" / "model.pt")
+    got = torch.load(spawned / "runs" / "darts1" / "retrain" / "model.pt")
     want = torch.load(tmp_path / "retrain" / "model.pt")
     assert got.keys() == want.keys()  # saved without DDP's "module." prefix
     for k in want:
@@ -251,25 +258,32 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     assert rc == 0, log.read_text()[-3000:]
 
 
-def test_torchrun_kill_resume_and_rank0_writes(tmp_path):
+def _assert_rank0_only(audit: Path) -> set[str]:
+    """Rank 1 left no trace in the run directory, rank 0 did (so the hook was live)."""
+    rank0 = Path(f"{audit}.rank0").read_text().splitlines()
+    rank1 = Path(f"{audit}.rank1").read_text().splitlines()
+    assert any(line.startswith("w ") for line in rank0), rank0
+    assert rank1 == [], rank1[:5]
+    return {Path(line.split(" ", 2)[2]).name for line in rank0 if line.startswith("w ")}
+
+
+def test_only_rank0_writes_the_run_directory(spawned):
+    written = _assert_rank0_only(spawned / "audit")
+    assert {"checkpoint.pt", "metrics.jsonl", "genotype.json", "model.pt"} <= written
+
+
+def test_torchrun_killed_run_resumes_to_the_uninterrupted_result(spawned, tmp_path):
+    """`torchrun -m diffnas search` killed (SIGKILL to launcher and workers) after its first
+    checkpoint, then resumed, ends where the uninterrupted 2-process run ended."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
     runs = tmp_path / "runs"
     path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path,
-           "OMP_NUM_THREADS": "1", "DIFFNAS_AUDIT_ROOT": str(runs),
-           "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit")}
-    base = [*overrides(SEARCHES["darts1"], sync_bn=True, epochs=3, retrain=True),
-            f"out_dir={runs}"]
-
-    # uninterrupted
-    whole = _torchrun([*base, "name=whole"], env, tmp_path / "whole.log")
-    _finish(whole, tmp_path / "whole.log")
-
-    # killed (SIGKILL to launcher and workers) once the first checkpoint exists, resumed
-    env_k = {**env, "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit_killed")}
-    killed = _torchrun([*base, "name=killed"], env_k, tmp_path / "killed.log")
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
+           "DIFFNAS_AUDIT_ROOT": str(runs), "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit")}
+    args = [*search_overrides("darts1", sync_bn=True), f"out_dir={runs}", "name=killed"]
+    killed = _torchrun(args, env, tmp_path / "killed.log")
     ckpt = runs / "killed" / "search" / "checkpoint.pt"
     deadline = time.monotonic() + 120
     while not ckpt.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -278,24 +292,16 @@ def test_torchrun_kill_resume_and_rank0_writes(tmp_path):
     killed.wait()
     assert ckpt.exists(), (tmp_path / "killed.log").read_text()[-3000:]
     assert not (runs / "killed" / "search" / "DONE").exists(), "killed too late to test resume"
-    resumed = _torchrun(["--resume", str(runs / "killed")], env_k, tmp_path / "resumed.log")
+    resumed = _torchrun(["--resume", str(runs / "killed")], env, tmp_path / "resumed.log")
     _finish(resumed, tmp_path / "resumed.log")
 
-    a, b = runs / "whole", runs / "killed"
+    a, b = spawned / "runs" / "darts1", runs / "killed"
     assert Genotype.load(b / "search" / "genotype.json") == Genotype.load(
         a / "search" / "genotype.json")
     alphas = (a / "search" / "alphas.jsonl").read_text()
     assert (b / "search" / "alphas.jsonl").read_text() == alphas  # bitwise, every epoch
-    assert len(alphas.splitlines()) == 3
+    assert len(alphas.splitlines()) == 2
     ra, rb = (json.loads((d / "retrain" / "result.json").read_text()) for d in (a, b))
     assert ra["test_loss"] == rb["test_loss"]  # DDP retraining after the resumed search
-
-    # only rank 0 touched the run directory (the audit hook ran in both workers)
-    for log in ("audit", "audit_killed"):
-        rank0 = (tmp_path / f"{log}.rank0").read_text().splitlines()
-        rank1 = (tmp_path / f"{log}.rank1").read_text().splitlines()
-        assert any(line.startswith("w ") for line in rank0), rank0
-        assert rank1 == [], rank1[:5]
-    written = {Path(line.split(" ", 2)[2]).name for line in
-               (tmp_path / "audit.rank0").read_text().splitlines() if line.startswith("w ")}
-    assert {"config.yaml", "log.txt", "checkpoint.pt", "metrics.jsonl", "model.pt"} <= written
+    written = _assert_rank0_only(tmp_path / "audit")
+    assert {"config.yaml", "log.txt", "checkpoint.pt", "result.json"} <= written

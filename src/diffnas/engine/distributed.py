@@ -65,8 +65,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     """Join the process group described by torchrun's environment variables.
 
     Without them (a plain ``python -m diffnas``) this is a single process and nothing is
-    initialised. ``backend`` None lets torch choose (NCCL for CUDA tensors, gloo for CPU
-    tensors). Returns the rank layout; idempotent."""
+    initialised. ``backend`` None: NCCL for CUDA tensors and gloo for CPU tensors (small
+    CPU collectives such as metrics must work on GPU machines too). Returns the rank
+    layout; idempotent."""
     if dist.is_available() and dist.is_initialized():
         return env()
     if not launched_by_torchrun():
@@ -78,13 +79,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed")
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and backend in (None, "nccl"):
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) on this "
-                "node: use --nproc_per_node at most the number of GPUs"
-            )
-        torch.cuda.set_device(local_rank)
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # NCCL's default device for this rank
+    if backend is None:
+        gpu = torch.cuda.is_available() and dist.is_nccl_available()
+        backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
     dist.init_process_group(backend=backend, init_method="env://",
                             timeout=datetime.timedelta(seconds=timeout_s))
     return env()
@@ -129,7 +128,13 @@ def rank_device(device: torch.device) -> torch.device:
     """This rank's device: a CUDA device without an index becomes ``cuda:LOCAL_RANK``."""
     device = torch.device(device)
     if is_distributed() and device.type == "cuda" and device.index is None:
-        return torch.device(device.type, env().local_rank)
+        local = env().local_rank
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local} but only {torch.cuda.device_count()} GPU(s) on this node: "
+                "use torchrun --nproc_per_node at most the number of GPUs"
+            )
+        return torch.device(device.type, local)
     return device
 
 
@@ -211,7 +216,7 @@ def all_reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
         return metrics
     keys = sorted(metrics)
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
+    if "gloo" not in dist.get_backend():  # NCCL alone: CUDA tensors only
         t = t.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(t)
     t = (t / get_world_size()).cpu()
