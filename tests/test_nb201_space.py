@@ -100,6 +100,8 @@ def test_argmax_discretizer_keeps_none():
     g = discretize({"cell": logits}, space)
     space.validate(g)
     assert genotype_to_ops(g) == want
+    with pytest.raises(ValueError, match="argmax"):
+        discretize({"cell": logits}, space, "darts")
 
 
 # --- parameter counts by hand ---------------------------------------------------------------

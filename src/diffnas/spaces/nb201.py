@@ -83,7 +83,10 @@ class Nb201Space(SearchSpace):
         return (NB201_NODES - 1,)
 
     def inputs_per_node(self) -> int:
-        raise NotImplementedError("nb201 nodes keep all their inputs (node j has j inputs)")
+        # Node j keeps all its j inputs, so a top-k rule (the "darts" discretizer) has no
+        # meaning here: say so instead of deriving a genotype that does not fit.
+        raise ValueError("nb201 nodes keep all their inputs: use the 'argmax' discretizer "
+                         "(search.discretizer: argmax or null)")
 
     def validate(self, genotype: Genotype) -> None:
         """One op per edge, each from the space's candidates; output node 3."""
