@@ -346,3 +346,34 @@ def test_thread_clock_is_used_and_validated(monkeypatch):
         LatencySettings(clock="thread", threads=2)
     with pytest.raises(ValueError, match="clock"):
         LatencySettings(clock="cpu")
+
+
+def test_cli_fit_writes_a_predictor_and_report(tmp_path, capsys):
+    from diffnas.cli import main
+
+    space = tiny_space()
+    data = tmp_path / "lat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _synthetic_records(space, 60)))
+    out = tmp_path / "pred.pt"
+    tiny = "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}"
+    assert main(["latency", "fit", "--data", str(data), "--out", str(out), "--target", "raw",
+                 "--epochs", "50", tiny]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["records"] == 60 and report["heldout"] == 12
+    assert LatencyPredictor.load(out).shapes == space_shapes(space)
+    # a dataset of another space is a clear error, not a crash
+    assert main(["latency", "fit", "--data", str(data), "--out", str(out)]) == 2
+    assert "does not fit space" in capsys.readouterr().err
+
+
+def test_sweep_config_gets_exactly_one_latency_penalty():
+    from diffnas.config import load_config
+    from diffnas.hardware.sweep import _with_penalty
+
+    base = load_config(None, ["search.strategy.penalties=[{name: other, x: 1}]"])
+    cfg = _with_penalty(_with_penalty(base, 2.0, "p.pt"), 3.0, "p.pt")
+    assert cfg.search.strategy["penalties"] == [
+        {"name": "other", "x": 1}, {"name": "latency", "predictor": "p.pt", "lam": 3.0}]
+    assert _with_penalty(base, 0.0, "p.pt").search.strategy["penalties"] == [
+        {"name": "other", "x": 1}]
+    assert base.search.strategy["penalties"] == [{"name": "other", "x": 1}]  # not mutated

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from diffnas.genotype import Genotype
@@ -55,5 +56,6 @@ def genotype_costs(
         from diffnas.hardware.predictor import LatencyPredictor
 
         p = LatencyPredictor.load(predictor)
-        out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
+        with torch.no_grad():
+            out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
     return out
