@@ -34,6 +34,8 @@ SPACE = ("{name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1, "
 SEARCHES = {
     "darts1": "{name: darts, order: 1, a_optim: {lr: 0.03}}",
     "darts2": "{name: darts, order: 2, a_optim: {lr: 0.03}}",
+    # double backward through SyncBatchNorm's all-reduce
+    "darts2_exact": "{name: darts, order: 2, hessian: exact, a_optim: {lr: 0.03}}",
     "gdas": "{name: gdas, a_optim: {lr: 0.03}}",  # hard Gumbel samples: same on every rank
     "snas": "{name: snas, a_optim: {lr: 0.03}}",  # Gumbel-softmax, single level
 }

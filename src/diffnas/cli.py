@@ -84,6 +84,9 @@ def _search(p: argparse.ArgumentParser):
         if main:
             print(f"run directory: {run_dir}")
         if cfg.search.space.get("name") == "darts_rnn":  # language models: engine/lm.py
+            if dp.get_world_size() > 1:
+                raise ValueError("darts_rnn (language models) does not run data parallel yet: "
+                                 "run it in one process, without torchrun")
             from diffnas.engine.lm import run_lm
 
             return run_lm(cfg, run_dir, resume=bool(args.resume))
