@@ -248,7 +248,7 @@ def sync_rng(src: int = 0) -> None:
 
 @torch.no_grad()
 def assert_replicated(named: dict[str, Iterable[torch.Tensor]]) -> None:
-    """Raise if the tensors named ``what`` differ between ranks (bitwise, via the min and
+    """Raise if any named group of tensors differs between ranks (bitwise, via the min and
     max over ranks of a float64 fingerprint). Replicas that drift apart mean a gradient
     was not averaged or a rank drew a different random sample."""
     if get_world_size() == 1:
