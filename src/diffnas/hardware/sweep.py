@@ -61,13 +61,12 @@ def run_sweep(
         save_config(cfg, run_dir / "config.yaml")
         if (run_dir / "search" / "DONE").exists():
             genotype = Genotype.load(run_dir / "search" / "genotype.json")
-            relaxed = None
         else:
-            res = run_search(cfg, run_dir, data=search_data)
-            genotype = res.genotype
-            with torch.no_grad():
-                logits = res.task.strategy.arch_params.as_dict()
-                relaxed = float(pred({g: torch.softmax(a, -1) for g, a in logits.items()}))
+            genotype = run_search(cfg, run_dir, data=search_data).genotype
+        # the softmax weights at the end of the search (the last alphas.jsonl record)
+        final = json.loads((run_dir / "search" / "alphas.jsonl").read_text().splitlines()[-1])
+        with torch.no_grad():
+            relaxed = float(pred({g: torch.tensor(final[g]) for g in pred.shapes}))
         result_file = run_dir / "retrain" / "result.json"
         if result_file.exists():
             acc = json.loads(result_file.read_text())["test_acc"]
