@@ -125,10 +125,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     xs = [r["measured_ms"] for r in rows]
     ys = [100 * r["test_acc"] for r in rows]
-    ax.plot(xs, ys, "o-", color="tab:blue")
+    ax.plot(xs, ys, "o-", color="tab:blue", label="measured (median)")
+    if all(r.get("anchored_ms") for r in rows):
+        ax.plot([r["anchored_ms"] for r in rows], ys, "^--", color="tab:green", alpha=0.7,
+                label="measured, anchored to the dataset")
+    ax.plot([r["predicted_ms"] for r in rows], ys, "s", mfc="none", color="tab:orange",
+            label="predicted")
     for r, x, y in zip(rows, xs, ys, strict=True):
         ax.annotate(f"λ={r['lambda']:g}", (x, y), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("measured latency of the derived network (ms, median)")
+    ax.set_xlabel("latency of the derived network (ms; measured: median)")
+    ax.legend(loc="best", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Latency-penalised DARTS on Fashion-MNIST")
     ax.grid(alpha=0.3)
