@@ -377,3 +377,28 @@ def test_sweep_config_gets_exactly_one_latency_penalty():
     assert _with_penalty(base, 0.0, "p.pt").search.strategy["penalties"] == [
         {"name": "other", "x": 1}]
     assert base.search.strategy["penalties"] == [{"name": "other", "x": 1}]  # not mutated
+
+
+def test_snas_resource_constraint_uses_the_predictor(tmp_path):
+    """SNAS (single level, Gumbel samples) with the latency penalty on softmax(alpha):
+    the alpha gradient gains exactly the gradient of lam * E-latency / ref."""
+    space = tiny_space()
+    path, pred = _predictor_file(tmp_path, space)
+    lam = 2.0
+    section = {"name": "snas"}
+    pen = {"name": "latency", "predictor": str(path), "lam": lam, "input": "probs"}
+    batch = tiny_batch(4, 1)
+    grads = []
+    for sec in (section, {**section, "penalties": [pen]}):
+        s = tiny_strategy(sec, space)
+        torch.manual_seed(5)  # the same Gumbel sample in both runs
+        stats = s.step(batch, None)
+        grads.append([a.grad.clone() for a in s.alphas()])
+    assert "penalty_latency" in stats
+    logits = {g: a.detach().clone().requires_grad_(True)
+              for g, a in tiny_strategy(section, space).arch_params.as_dict().items()}
+    ref = lam * pred({g: torch.softmax(a, -1) for g, a in logits.items()}) / pred.ref_ms
+    expected = torch.autograd.grad(ref, list(logits.values()))
+    for a, b, e in zip(grads[0], grads[1], expected, strict=True):
+        assert e.abs().max() > 1e-4
+        assert torch.allclose(b - a, e, atol=1e-5)
