@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# Optional extras installed for development so their tests run (not skip) in CI.
+EXTRAS ?= dev,timeseries,tensorboard,export
 
 
 .PHONY: demo test bench lint fashion-mnist clean
@@ -14,7 +16,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml constraints-cpu.txt
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
