@@ -402,3 +402,29 @@ def test_snas_resource_constraint_uses_the_predictor(tmp_path):
     for a, b, e in zip(grads[0], grads[1], expected, strict=True):
         assert e.abs().max() > 1e-4
         assert torch.allclose(b - a, e, atol=1e-5)
+
+
+def test_cli_measure_and_report(tmp_path, capsys):
+    from diffnas.cli import main
+
+    tiny = ["search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+            "retrain.network={C: 4, layers: 3}", "data.resolution=8"]
+    out = tmp_path / "lat.jsonl"
+    timing = ["--repeats", "2", "--warmup", "0", "--clock", "thread"]
+    assert main(["latency", "measure", "--out", str(out), "-n", "3", "--chunk", "2", *timing,
+                 *tiny]) == 0
+    records = load_records(out)
+    assert len(records) == 3
+    assert records[0]["settings"]["clock"] == "thread"
+    assert records[0]["settings"]["input_shape"] == [1, 8, 8]
+    assert records[0]["settings"]["network"] == {"C": 4, "layers": 3}
+    from diffnas.genotype import Genotype
+
+    gfile = tmp_path / "g.json"
+    Genotype.from_dict(records[0]["genotype"]).save(gfile)
+    capsys.readouterr()
+    assert main(["latency", "report", "--genotype", str(gfile), *timing, *tiny]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("{"):])
+    assert report["params"] == records[0]["params"] and report["macs"] == records[0]["macs"]
+    assert report["flops"] == 2 * report["macs"] == sum(report["flops_by_op"].values())
