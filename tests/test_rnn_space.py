@@ -15,6 +15,7 @@ from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, create_space
 from diffnas.strategies import create_strategy
 from diffnas.strategies.hypergrad import unrolled
+from diffnas.supernet.rnn import LmInput
 
 V = 11  # tiny vocabulary
 F64 = torch.float64
@@ -183,3 +184,24 @@ def test_second_order_darts_step_updates_alphas_and_weights():
     assert all(not torch.equal(a, b) for a, b in zip(w0, s.supernet.parameters(), strict=True))
     # the objective left each stream's next hidden state, computed from its own batch
     assert train.state.pending.shape == val.state.pending.shape == (3, 6)
+
+
+def test_dropout_masks_follow_the_batch_seed_and_vanish_in_eval():
+    g = published_genotype("DARTS_RNN_V1")
+    net = rnn_space(nodes=8, weight_drop=0.3).build_network(g)
+    plain = rnn_space(nodes=8, dropout=0.0, dropouth=0.0, dropoutx=0.0, dropouti=0.0,
+                      dropoute=0.0).build_network(g)
+    plain.load_state_dict(net.state_dict())
+    x = torch.randint(0, V, (5, 3), generator=torch.Generator().manual_seed(0))
+    h = net.init_hidden(3)
+    a, b = net(LmInput(x, h, 7)).logits, net(LmInput(x, h, 7)).logits
+    assert torch.equal(a, b)  # one seed, one set of masks (virtual steps rely on it)
+    assert not torch.allclose(a, net(LmInput(x, h, 8)).logits)
+    net.eval()
+    assert torch.equal(net(LmInput(x, h, 7)).logits, plain(LmInput(x, h, 7)).logits)
+    # weight drop alone changes the training-mode output
+    only_wd = rnn_space(nodes=8, dropout=0.0, dropouth=0.0, dropoutx=0.0, dropouti=0.0,
+                        dropoute=0.0, weight_drop=0.3).build_network(g)
+    only_wd.load_state_dict(net.state_dict())
+    dropped = only_wd(LmInput(x, h, 7)).logits
+    assert not torch.allclose(dropped, plain.eval()(LmInput(x, h, 7)).logits)
