@@ -31,7 +31,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -287,10 +286,12 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory (VmRSS) or its peak (VmHWM) of this process, in MB. Not
+    ru_maxrss: Linux keeps that across exec, so a child would inherit the parent's peak."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -305,7 +306,7 @@ def probe(args) -> None:
     start = rss_mb()
     for _ in range(args.probe_steps):
         c.step(args.probe_mode, train, val)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM")
     print("PROBE " + json.dumps({"start_rss_mb": start, "peak_rss_mb": peak}))
 
 
@@ -373,7 +374,7 @@ def run(args) -> dict:
                 p = cpu_peak(n, mode, args.shape, batch, args.probe_steps)
                 row.update(p)
                 row["peak_mem_mb"] = p.get("peak_rss_mb")
-                row["peak_mem_kind"] = "peak RSS of a fresh process (ru_maxrss)"
+                row["peak_mem_kind"] = "peak RSS (VmHWM) of a fresh process"
             results.append(row)
     for row in results:  # ratios against diffnas for the same shape and mode
         base = next((r for r in results if r["contender"] == "diffnas"
