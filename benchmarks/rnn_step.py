@@ -31,7 +31,7 @@ def bench(order: int, nhid: int, batch: int, bptt: int, vocab: int, nodes: int, 
     net = space.build_supernet().to(device)
     arch = ArchParams(space).to(device)
     s = create_strategy({"name": "darts", "order": order,
-                         "w_optim": {"lr": 20.0, "momentum": 0.0, "grad_clip": 0.25}},
+                         "w_optim": {"lr": 5.0, "momentum": 0.0, "grad_clip": 0.25}},
                         net, arch, LanguageModelObjective(), epochs=1)
     g = torch.Generator().manual_seed(1)
     text = torch.randint(0, vocab, (bptt + 1, batch), generator=g).to(device)
