@@ -34,12 +34,12 @@ fashion-mnist:
 	fi
 
 demo: $(STAMP) fashion-mnist
-	$(PY) -m diffnas demo --config configs/darts_fashion_mnist.yaml data.root=$(FMNIST_DIR)
+	$(PY) -m diffnas search --config configs/darts_fashion_mnist.yaml data.root=$(FMNIST_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q tests
 
-bench: $(STAMP) fashion-mnist
+bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
