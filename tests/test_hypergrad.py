@@ -69,7 +69,9 @@ def test_unrolled_exact_matches_tightly():
 def test_fd_hvp_matches_double_backward():
     s, train, _ = _setup()
     g = torch.Generator().manual_seed(3)
-    vec = {n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in s.supernet.named_parameters()}
+    vec = {
+        n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in s.supernet.named_parameters()
+    }
     fd = mixed_hvp_fd(s, train, vec, r=1e-6)
     ex = mixed_hvp_exact(s, train, vec)
     assert _rel_err(fd, ex) < 1e-4

@@ -19,7 +19,9 @@ _COMMANDS: dict[str, tuple[str, CommandSetup]] = {}
 
 # Modules that register further commands (plots, benchmarks, export, ...).
 COMMAND_MODULES: list[str] = [
-    "diffnas.hardware.cli", "diffnas.report.cli", "diffnas.nasbench.cli",
+    "diffnas.hardware.cli",
+    "diffnas.report.cli",
+    "diffnas.nasbench.cli",
 ]
 
 
@@ -44,15 +46,20 @@ def _print_result(genotype, result: dict | None) -> None:
     if result is not None:
         print(f"params (no auxiliary head): {result['params']:,}")
         print(f"MACs: {result['macs'] / 1e6:.1f} M")
-        print(f"test accuracy: {100 * result['test_acc']:.2f}% after {result['epochs_done']} epochs")
+        print(
+            f"test accuracy: {100 * result['test_acc']:.2f}% after {result['epochs_done']} epochs"
+        )
 
 
 @register_command("search", "search an architecture, then retrain it (retrain.enabled)")
 def _search(p: argparse.ArgumentParser):
     _config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3: one run each "
-                   "(in parallel where cores allow), then a summary")
+    p.add_argument(
+        "--seeds",
+        help="comma-separated seeds, e.g. 0,1,2,3: one run each "
+        "(in parallel where cores allow), then a summary",
+    )
     p.add_argument("--workers", type=int, help="parallel processes for --seeds")
 
     def run(args: argparse.Namespace) -> int:
@@ -85,8 +92,10 @@ def _search(p: argparse.ArgumentParser):
             print(f"run directory: {run_dir}")
         if cfg.search.space.get("name") == "darts_rnn":  # language models: engine/lm.py
             if dp.get_world_size() > 1:
-                raise ValueError("darts_rnn (language models) does not run data parallel yet: "
-                                 "run it in one process, without torchrun")
+                raise ValueError(
+                    "darts_rnn (language models) does not run data parallel yet: "
+                    "run it in one process, without torchrun"
+                )
             from diffnas.engine.lm import run_lm
 
             return run_lm(cfg, run_dir, resume=bool(args.resume))
@@ -126,8 +135,16 @@ def _train(p: argparse.ArgumentParser):
             _, model = build_network(cfg, genotype, shape)
             print(genotype)
             summary = network_summary(model, shape)
-            print(json.dumps({"input": [shape.in_channels, shape.resolution, shape.resolution],
-                              "classes": shape.num_classes, **summary}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "input": [shape.in_channels, shape.resolution, shape.resolution],
+                        "classes": shape.num_classes,
+                        **summary,
+                    },
+                    indent=1,
+                )
+            )
             return 0
         from diffnas.engine import distributed as dp
 
@@ -141,8 +158,15 @@ def _train(p: argparse.ArgumentParser):
         cfg, run_dir = dp.main_process_result(open_run)
         setup_logging(run_dir if main else None, verbose=main)
         d = cfg.data
-        data = load_dataset(d.name, d.root, d.download, d.resolution, cfg.retrain.train_subset,
-                            d.test_subset, cfg.seed)
+        data = load_dataset(
+            d.name,
+            d.root,
+            d.download,
+            d.resolution,
+            cfg.retrain.train_subset,
+            d.test_subset,
+            cfg.seed,
+        )
         result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume), data=data)
         if main:
             _print_result(genotype, result)
@@ -173,8 +197,10 @@ def _list(p: argparse.ArgumentParser):
         import diffnas.strategies as strategies
 
         names = {
-            "ops": ops.list_ops, "spaces": spaces.list_spaces,
-            "strategies": strategies.list_strategies, "datasets": data.list_datasets,
+            "ops": ops.list_ops,
+            "spaces": spaces.list_spaces,
+            "strategies": strategies.list_strategies,
+            "datasets": data.list_datasets,
             "genotypes": lambda: sorted(genotype.PUBLISHED),
             "relaxations": arch.RELAXATIONS.names,
         }[args.kind]()
@@ -206,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args._handlers[args.command](args)
-    except (ConfigError, GenotypeError, DatasetNotFoundError, UnknownNameError,
-            FileExistsError, FileNotFoundError, FloatingPointError, ValueError) as exc:
+    except (
+        ConfigError,
+        GenotypeError,
+        DatasetNotFoundError,
+        UnknownNameError,
+        FileExistsError,
+        FileNotFoundError,
+        FloatingPointError,
+        ValueError,
+    ) as exc:
         print(f"diffnas: error: {exc}", file=sys.stderr)
         return 2
 

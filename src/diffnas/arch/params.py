@@ -18,8 +18,9 @@ class ArchParams(nn.Module):
     Row ``i`` of group ``g`` belongs to ``self.edges[g][i]`` (an :class:`EdgeSpec`).
     """
 
-    def __init__(self, space: SearchSpace, init_std: float = 1e-3,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, space: SearchSpace, init_std: float = 1e-3, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.edges: dict[str, list[EdgeSpec]] = space.edge_groups()
         self.logits = nn.ParameterDict()
@@ -46,7 +47,9 @@ class ArchParams(nn.Module):
 
     def by_label(self) -> dict[str, torch.Tensor]:
         """Logit rows keyed by stable edge label (e.g. ``normal/n2/e0``)."""
-        return {e.label: self.logits[g][i] for g, es in self.edges.items() for i, e in enumerate(es)}
+        return {
+            e.label: self.logits[g][i] for g, es in self.edges.items() for i, e in enumerate(es)
+        }
 
     # --- edge normalization (PC-DARTS betas) -------------------------------------------
     def add_edge_betas(self) -> None:
@@ -76,6 +79,8 @@ class ArchParams(nn.Module):
         if len(self.betas) == 0:
             return arch_weights
         scale = self.edge_weights()
-        weights = {g: w * scale[g].unsqueeze(-1) if g in scale else w
-                   for g, w in arch_weights.weights.items()}
+        weights = {
+            g: w * scale[g].unsqueeze(-1) if g in scale else w
+            for g, w in arch_weights.weights.items()
+        }
         return type(arch_weights)(weights, arch_weights.active)

@@ -50,8 +50,12 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Image
     if download:
         raise ValueError("fashion_mnist is read from local IDX files; " + FASHION_MNIST_HELP)
     roots = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]
-    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    stems = [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ]
     for r in roots:
         paths = [_find_idx(r, s) for s in stems]
         if all(paths):
@@ -59,7 +63,9 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Image
             trx, try_, tex, tey = arrays
             return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0)
     looked = ", ".join(str(r) for r in roots)
-    raise DatasetNotFoundError(f"Fashion-MNIST IDX files not found in: {looked}. {FASHION_MNIST_HELP}")
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST IDX files not found in: {looked}. {FASHION_MNIST_HELP}"
+    )
 
 
 @register_dataset("digits")

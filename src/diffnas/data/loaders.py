@@ -33,9 +33,15 @@ class Augment:
             padded = F.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
             dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
-            rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * p)
+            rows = (
+                (dy[:, None] + torch.arange(h)[None])
+                .view(n, 1, h, 1)
+                .expand(n, x.shape[1], h, w + 2 * p)
+            )
             x = padded.gather(2, rows)
-            cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+            cols = (
+                (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+            )
             x = x.gather(3, cols)
         if self.flip:
             flip = torch.rand(n, generator=g) < 0.5
@@ -55,9 +61,17 @@ class BatchLoader:
     """Shuffled (or ordered) mini-batches of ``(x, y)`` tensors, seeded per epoch."""
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
-        seed: int = 0, drop_last: bool = False, augment: Augment | None = None,
-        device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        augment: Augment | None = None,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")

@@ -26,8 +26,12 @@ class ProgressBar(Callback):
 
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         if self.enabled:
-            self.bar = tqdm(total=loop.task.num_batches(), desc=f"{self.desc} {epoch + 1}/{loop.epochs}",
-                            leave=False, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=loop.task.num_batches(),
+                desc=f"{self.desc} {epoch + 1}/{loop.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
 
     def on_step_end(self, loop: Loop, step: int, metrics: dict[str, float]) -> None:
         if self.bar is not None:
@@ -54,12 +58,19 @@ class JsonLines(Callback):
 
     def on_run_start(self, loop: Loop) -> None:
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln and json.loads(ln).get("epoch", -1) < loop.epoch]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln).get("epoch", -1) < loop.epoch
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
-        row = metrics if self.record is None else {"epoch": epoch, **self.record(loop, epoch, metrics)}
+        row = (
+            metrics
+            if self.record is None
+            else {"epoch": epoch, **self.record(loop, epoch, metrics)}
+        )
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 

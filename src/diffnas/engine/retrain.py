@@ -16,7 +16,12 @@ from diffnas.config import RetrainConfig, RunConfig
 from diffnas.data import Augment, BatchLoader, ImageData, load_dataset
 from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
-from diffnas.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, seed_everything
+from diffnas.engine.checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    seed_everything,
+)
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import resolve_device
 from diffnas.engine.tensorboard import logger_callbacks
@@ -45,13 +50,16 @@ class TrainTask:
     ``model`` may be wrapped in DistributedDataParallel; state and evaluation use the
     module inside, so checkpoints load with or without DDP."""
 
-    def __init__(self, model: nn.Module, train: BatchLoader, test: BatchLoader,
-                 cfg: RetrainConfig) -> None:
+    def __init__(
+        self, model: nn.Module, train: BatchLoader, test: BatchLoader, cfg: RetrainConfig
+    ) -> None:
         self.model, self.train, self.test, self.cfg = model, train, test, cfg
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(cfg.epochs, 1), eta_min=cfg.lr_min)
+            self.optimizer, T_max=max(cfg.epochs, 1), eta_min=cfg.lr_min
+        )
 
     def batches(self, epoch: int) -> Iterable[Any]:
         self.model.train()
@@ -83,8 +91,11 @@ class TrainTask:
         return {"lr": lr, **evaluate(dp.unwrap(self.model), self.test)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": dp.unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {
+            "model": dp.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         dp.unwrap(self.model).load_state_dict(state["model"])
@@ -103,7 +114,9 @@ class DropPathSchedule(Callback):
             self.model.drop_path_prob = self.final * epoch / max(loop.epochs, 1)
 
 
-def build_network(cfg: RunConfig, genotype: Genotype, shape: DataShape) -> tuple[SearchSpace, nn.Module]:
+def build_network(
+    cfg: RunConfig, genotype: Genotype, shape: DataShape
+) -> tuple[SearchSpace, nn.Module]:
     space = create_space(cfg.search.space, shape)
     network = dict(cfg.retrain.network)
     if cfg.retrain.auxiliary_weight > 0:
@@ -112,13 +125,19 @@ def build_network(cfg: RunConfig, genotype: Genotype, shape: DataShape) -> tuple
 
 
 def network_summary(model: nn.Module, shape: DataShape) -> dict[str, int]:
-    return {"params": count_parameters(model),
-            "macs": count_macs(model, (shape.in_channels, shape.resolution, shape.resolution))}
+    return {
+        "params": count_parameters(model),
+        "macs": count_macs(model, (shape.in_channels, shape.resolution, shape.resolution)),
+    }
 
 
 def run_retrain(
-    cfg: RunConfig, genotype: Genotype, run_dir: str | Path, resume: bool = False,
-    stop_after: int | None = None, data: ImageData | None = None,
+    cfg: RunConfig,
+    genotype: Genotype,
+    run_dir: str | Path,
+    resume: bool = False,
+    stop_after: int | None = None,
+    data: ImageData | None = None,
 ) -> dict[str, Any]:
     """Train ``genotype`` from scratch as ``cfg.retrain`` says; writes ``run_dir/retrain``."""
     out = Path(run_dir) / "retrain"
@@ -127,8 +146,9 @@ def run_retrain(
         out.mkdir(parents=True, exist_ok=True)
     r, d = cfg.retrain, cfg.data
     device = dp.rank_device(resolve_device(cfg.device))
-    data = data or load_dataset(d.name, d.root, d.download, d.resolution, r.train_subset,
-                                d.test_subset, cfg.seed)
+    data = data or load_dataset(
+        d.name, d.root, d.download, d.resolution, r.train_subset, d.test_subset, cfg.seed
+    )
     shape = DataShape(data.in_channels, data.resolution, data.num_classes)
     seed_everything(cfg.seed)
     _, model = build_network(cfg, genotype, shape)
@@ -136,30 +156,57 @@ def run_retrain(
     summary = network_summary(model, shape)
     if cfg.distributed.sync_bn:
         model = dp.convert_sync_batchnorm(model)
-    log.info("retrain: %s params (without auxiliary head), %.1f M MACs", f"{summary['params']:,}",
-             summary["macs"] / 1e6)
+    log.info(
+        "retrain: %s params (without auxiliary head), %.1f M MACs",
+        f"{summary['params']:,}",
+        summary["macs"] / 1e6,
+    )
     augment = Augment(r.crop_padding, r.flip, r.cutout)
-    train = BatchLoader(data.train_x, data.train_y, r.batch_size, seed=cfg.seed, augment=augment,
-                        device=device, drop_last=True, rank=rank.rank, world_size=rank.world_size)
+    train = BatchLoader(
+        data.train_x,
+        data.train_y,
+        r.batch_size,
+        seed=cfg.seed,
+        augment=augment,
+        device=device,
+        drop_last=True,
+        rank=rank.rank,
+        world_size=rank.world_size,
+    )
     test = BatchLoader(data.test_x, data.test_y, 256, shuffle=False, device=device)
     task = TrainTask(dp.wrap_ddp(model, device), train, test, r)
-    loop = Loop(task, r.epochs, [
-        DropPathSchedule(model, r.drop_path), *dp.main_process_only([
-            ProgressBar("retrain", cfg.progress), JsonLines(out / "metrics.jsonl"),
-            Checkpoint(out / "checkpoint.pt")]),
-        *logger_callbacks(cfg, out),
-    ])
+    loop = Loop(
+        task,
+        r.epochs,
+        [
+            DropPathSchedule(model, r.drop_path),
+            *dp.main_process_only(
+                [
+                    ProgressBar("retrain", cfg.progress),
+                    JsonLines(out / "metrics.jsonl"),
+                    Checkpoint(out / "checkpoint.pt"),
+                ]
+            ),
+            *logger_callbacks(cfg, out),
+        ],
+    )
     ckpt = out / "checkpoint.pt"
-    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
-                                   if resume and ckpt.exists() else None)
+    state = dp.main_process_result(
+        lambda: load_checkpoint(ckpt) if resume and ckpt.exists() else None
+    )
     if state is not None:
         loop.load_state_dict(state)
         log.info("resumed retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
     final = evaluate(model, test)
-    result = {"genotype": genotype.to_dict(), **summary, "epochs_done": loop.epoch,
-              "test_acc": final["test_acc"], "test_loss": final["test_loss"],
-              "history": history}
+    result = {
+        "genotype": genotype.to_dict(),
+        **summary,
+        "epochs_done": loop.epoch,
+        "test_acc": final["test_acc"],
+        "test_loss": final["test_loss"],
+        "history": history,
+    }
     if rank.is_main:
         atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
         atomic_save(model.state_dict(), out / "model.pt")

@@ -20,14 +20,25 @@ def cell_edges(nodes: int) -> list[tuple[int, int]]:
 
 
 def preprocess(C_pp: int, C_p: int, C: int, reduction_prev: bool, affine: bool):
-    p0 = FactorizedReduce(C_pp, C, affine) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0, affine)
+    p0 = (
+        FactorizedReduce(C_pp, C, affine)
+        if reduction_prev
+        else ReLUConvBN(C_pp, C, 1, 1, 0, affine)
+    )
     return p0, ReLUConvBN(C_p, C, 1, 1, 0, affine)
 
 
 class SearchCell(nn.Module):
     def __init__(
-        self, nodes: int, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool,
-        candidates: Sequence[str], mixed_op: MixedOpFactory = default_mixed_op,
+        self,
+        nodes: int,
+        C_pp: int,
+        C_p: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
+        candidates: Sequence[str],
+        mixed_op: MixedOpFactory = default_mixed_op,
     ) -> None:
         super().__init__()
         self.reduction = reduction
@@ -39,7 +50,10 @@ class SearchCell(nn.Module):
         )
 
     def forward(
-        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
+        weights: torch.Tensor,
         active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -53,7 +67,7 @@ class SearchCell(nn.Module):
                 s = out if s is None else s + out
             offset += len(states)
             states.append(s)
-        return torch.cat(states[-self.nodes:], dim=1)
+        return torch.cat(states[-self.nodes :], dim=1)
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -69,7 +83,12 @@ class FixedCell(nn.Module):
     """A cell whose edges are the genotype's (op, src, dst) list."""
 
     def __init__(
-        self, genotype: CellGenotype, C_pp: int, C_p: int, C: int, reduction: bool,
+        self,
+        genotype: CellGenotype,
+        C_pp: int,
+        C_p: int,
+        C: int,
+        reduction: bool,
         reduction_prev: bool,
     ) -> None:
         super().__init__()
