@@ -66,6 +66,28 @@ def test_partial_channel_supernet_shapes_and_step():
     s.step(tiny_batch(4, 1), tiny_batch(4, 2))
 
 
+def test_partial_channel_on_nb201_wraps_its_own_mixed_op():
+    from conftest import TINY_SHAPE
+
+    from diffnas.spaces import create_space
+    from diffnas.supernet.nb201 import Nb201MixedOp
+
+    space = create_space(
+        {"name": "nb201", "C": 4, "N": 1, "mixed_op": {"name": "partial_channel", "k": 2}},
+        TINY_SHAPE,
+    )
+    s = tiny_strategy({"name": "darts"}, space=space)
+    edges = [m for m in s.supernet.modules() if isinstance(m, PartialChannelMixedOp)]
+    assert edges and all(isinstance(e.mixed, Nb201MixedOp) for e in edges)
+    seen = []
+    for e in edges:
+        e.mixed.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    x, _ = tiny_batch(4, 1)
+    assert s.supernet(x, s.arch_weights()).shape == (4, 3)
+    assert sorted(set(seen)) == [2, 4, 8]  # C/k of the three stages' 4, 8, 16 channels
+    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
+
+
 def test_bad_modifier_specs():
     with pytest.raises(ValueError, match="unknown mixed_op"):
         create_mixed_op_factory({"name": "nope"})

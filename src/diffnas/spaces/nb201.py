@@ -38,6 +38,8 @@ class Nb201Config:
     C: int = 16  # channels of the first stage (then 2C, 4C)
     N: int = 5  # cells per stage
     ops: list[str] = field(default_factory=lambda: list(NB201_OPS))
+    # edge modifier, e.g. {name: partial_channel, k: 2}
+    mixed_op: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.ops if o not in OPS]
@@ -114,7 +116,15 @@ class Nb201Space(SearchSpace):
 
     def build_supernet(self) -> nn.Module:
         c = self.config
-        return Nb201SuperNet(c.C, c.N, c.ops, self.shape.num_classes, self.shape.in_channels, GROUP)
+        mixed_op = None
+        if c.mixed_op:
+            from diffnas.supernet.modifiers import create_mixed_op_factory
+            from diffnas.supernet.nb201 import Nb201MixedOp
+
+            mixed_op = create_mixed_op_factory(c.mixed_op, inner=Nb201MixedOp)
+        return Nb201SuperNet(
+            c.C, c.N, c.ops, self.shape.num_classes, self.shape.in_channels, GROUP, mixed_op
+        )
 
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
         self.validate(genotype)

@@ -29,12 +29,15 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 class PartialChannelMixedOp(nn.Module):
     """A mixed op on the first ``C // k`` channels; the rest bypass, then shuffle."""
 
-    def __init__(self, C: int, stride: int, candidates: Sequence[str], k: int) -> None:
+    def __init__(
+        self, C: int, stride: int, candidates: Sequence[str], k: int,
+        inner: MixedOpFactory = MixedOp,
+    ) -> None:
         super().__init__()
         if k < 1 or C % k:
             raise ValueError(f"partial_channel k={k} must be >= 1 and divide the channels C={C}")
         self.k = k
-        self.mixed = MixedOp(C // k, stride, candidates)
+        self.mixed = inner(C // k, stride, candidates)
         self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
 
     def forward(
@@ -45,18 +48,21 @@ class PartialChannelMixedOp(nn.Module):
         return channel_shuffle(out, self.k) if self.k > 1 else out
 
 
-def _partial_channel(k: int = 4) -> MixedOpFactory:
+def _partial_channel(k: int = 4, inner: MixedOpFactory = default_mixed_op) -> MixedOpFactory:
     def factory(C: int, stride: int, candidates: Sequence[str]) -> nn.Module:
-        return PartialChannelMixedOp(C, stride, candidates, k)
+        return PartialChannelMixedOp(C, stride, candidates, k, inner)
 
     return factory
 
 
-_MODIFIERS = {"partial_channel": _partial_channel, "default": lambda: default_mixed_op}
+_MODIFIERS = {"partial_channel": _partial_channel, "default": lambda inner: inner}
 
 
-def create_mixed_op_factory(spec: dict) -> MixedOpFactory:
-    """``{"name": "partial_channel", "k": 4}`` -> a factory ``(C, stride, candidates)``."""
+def create_mixed_op_factory(
+    spec: dict, inner: MixedOpFactory = default_mixed_op
+) -> MixedOpFactory:
+    """``{"name": "partial_channel", "k": 4}`` -> a factory ``(C, stride, candidates)``;
+    ``inner`` is the space's own mixed op, which the modifier wraps."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in _MODIFIERS:
@@ -65,6 +71,6 @@ def create_mixed_op_factory(spec: dict) -> MixedOpFactory:
         raise ValueError("edge_norm is a strategy setting (its betas are architecture "
                          "parameters): set search.strategy.edge_norm=true")
     try:
-        return _MODIFIERS[name](**spec)
+        return _MODIFIERS[name](inner=inner, **spec)
     except TypeError:
         raise ValueError(f"mixed_op {name!r}: unknown setting(s) {sorted(spec)}") from None

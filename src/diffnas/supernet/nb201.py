@@ -17,6 +17,7 @@ from diffnas.arch.relax import ArchWeights
 from diffnas.genotype import CellGenotype
 from diffnas.ops import create_op
 from diffnas.ops.conv import ReLUConvBN
+from diffnas.supernet.mixed import MixedOpFactory
 
 NB201_NODES = 4
 
@@ -63,8 +64,10 @@ class Nb201MixedOp(nn.Module):
     running statistics. Unlike the DARTS supernet, pools get no extra BN (NAS-Bench-201's
     search cell uses the bare ops). ``none`` contributes exactly zero, so it is skipped."""
 
-    def __init__(self, C: int, candidates: Sequence[str]) -> None:
+    def __init__(self, C: int, stride: int, candidates: Sequence[str]) -> None:
         super().__init__()
+        if stride != 1:
+            raise ValueError("nb201 cells only have stride-1 edges")
         self.candidates = tuple(candidates)
         self.ops = nn.ModuleList(create_op(name, C, 1, affine=False) for name in self.candidates)
         self._live = [i for i, n in enumerate(self.candidates) if n != "none"]
@@ -85,11 +88,15 @@ class Nb201MixedOp(nn.Module):
 class Nb201SearchCell(nn.Module):
     """Every edge is a mixed op; ``weights`` has one row per edge (``nb201_edges`` order)."""
 
-    def __init__(self, C: int, candidates: Sequence[str], nodes: int = NB201_NODES) -> None:
+    def __init__(
+        self, C: int, candidates: Sequence[str], nodes: int = NB201_NODES,
+        mixed_op: MixedOpFactory | None = None,
+    ) -> None:
         super().__init__()
         self.spec = nb201_edges(nodes)
         self.nodes = nodes
-        self.edges = nn.ModuleList(Nb201MixedOp(C, candidates) for _ in self.spec)
+        make = mixed_op or Nb201MixedOp
+        self.edges = nn.ModuleList(make(C, 1, candidates) for _ in self.spec)
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, active: Sequence[int] | None = None
@@ -137,7 +144,7 @@ class Nb201SuperNet(nn.Module):
 
     def __init__(
         self, C: int, N: int, candidates: Sequence[str], num_classes: int, in_channels: int = 3,
-        group: str = "cell",
+        group: str = "cell", mixed_op: MixedOpFactory | None = None,
     ) -> None:
         super().__init__()
         self.group = group
@@ -147,7 +154,7 @@ class Nb201SuperNet(nn.Module):
         for C_curr, reduction in stage_channels(C, N):
             layers.append(
                 ResNetBasicBlock(C_prev, C_curr) if reduction
-                else Nb201SearchCell(C_curr, candidates)
+                else Nb201SearchCell(C_curr, candidates, mixed_op=mixed_op)
             )
             C_prev = C_curr
         self.cells = nn.ModuleList(layers)

@@ -8,11 +8,13 @@ oracle (validation accuracy), never the benchmark table.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from diffnas.config import from_dict
 from diffnas.nasbench.encoding import (
@@ -135,6 +137,14 @@ def round_size(batch: int, growth: float, oracle: QueryOracle) -> int:
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def seeded_model(gen: torch.Generator, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a predictor whose initial weights depend only on ``gen`` (the run's seed),
+    leaving torch's global RNG untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        return build()
 
 
 def standardize(y: np.ndarray) -> np.ndarray:

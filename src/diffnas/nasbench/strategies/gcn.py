@@ -22,6 +22,7 @@ from diffnas.nasbench.strategies.base import (
     query_top,
     register_query_strategy,
     round_size,
+    seeded_model,
     standardize,
     torch_generator,
 )
@@ -63,9 +64,7 @@ class GcnPredictorSearch(QueryStrategy):
         c = self.config
         query_random(oracle, rng, c.initial)
         gen = torch_generator(rng)
-        with torch.random.fork_rng():
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-            model = GcnPredictor(c.hidden, c.layers)
+        model = seeded_model(gen, lambda: GcnPredictor(c.hidden, c.layers))
         opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
                                foreach=True)
         space = space_graph_tensors()

@@ -21,6 +21,7 @@ from diffnas.nasbench.strategies.base import (
     query_random,
     register_query_strategy,
     round_size,
+    seeded_model,
     standardize,
     torch_generator,
 )
@@ -76,9 +77,7 @@ class NaoSearch(QueryStrategy):
         c = self.config
         query_random(oracle, rng, c.initial)
         gen = torch_generator(rng)
-        with torch.random.fork_rng():
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-            model = Nao(c.embed, c.hidden)
+        model = seeded_model(gen, lambda: Nao(c.embed, c.hidden))
         opt = torch.optim.Adam(model.parameters(), lr=c.lr, foreach=True)
         while not oracle.exhausted:
             cells, accs = oracle.data()
