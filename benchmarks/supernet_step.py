@@ -8,6 +8,7 @@ Contenders (``--contenders``):
                   NNI 3.0 has no second-order DARTS); needs the benchmark venv with nni
   diffnas_nchw    ablation: diffnas without channels-last
   diffnas_nofuse  ablation: diffnas without the shared ReLU and the BN-fused weights
+  diffnas_recompute  diffnas with the space's recompute option (less memory, some time)
   diffnas_pc      diffnas with partial channels (PC-DARTS, k=4)
   diffnas_gdas    diffnas's GDAS strategy (one sampled op per edge)
 
@@ -97,6 +98,8 @@ class Diffnas(Contender):
                    "nodes": spec["nodes"]}
         if variant == "diffnas_pc":
             section["mixed_op"] = {"name": "partial_channel", "k": 4}
+        if variant == "diffnas_recompute":
+            section["recompute"] = True
         space = create_space(section, DataShape(spec["in_channels"], spec["resolution"],
                                                 spec["num_classes"]))
         self.net = space.build_supernet().to(device)

@@ -20,9 +20,13 @@ from reference_supernet import ReferenceSuperNet  # noqa: E402
 SHAPE = DataShape(in_channels=2, resolution=8, num_classes=5)
 
 
-def _pair(channels_last: bool, dtype: torch.dtype, layers: int = 3, nodes: int = 2):
+def _pair(
+    channels_last: bool, dtype: torch.dtype, layers: int = 3, nodes: int = 2,
+    recompute: bool = False,
+):
     space = create_space(
-        {"name": "darts_cnn", "C": 4, "layers": layers, "nodes": nodes}, SHAPE
+        {"name": "darts_cnn", "C": 4, "layers": layers, "nodes": nodes, "recompute": recompute},
+        SHAPE,
     )
     torch.manual_seed(0)
     fast = space.build_supernet().to(dtype)
@@ -49,11 +53,18 @@ def _grads(net, arch, x, y, via_arch_weights: bool):
 
 
 @pytest.mark.parametrize(
-    "channels_last,dtype,tol",
-    [(False, torch.float64, 1e-10), (True, torch.float64, 1e-10), (True, torch.float32, 2e-4)],
+    "channels_last,dtype,tol,recompute",
+    [
+        (False, torch.float64, 1e-10, False),
+        (True, torch.float64, 1e-10, False),
+        (True, torch.float32, 2e-4, False),
+        (False, torch.float64, 1e-10, True),
+        (True, torch.float64, 1e-10, True),
+    ],
 )
-def test_fast_supernet_matches_reference(channels_last, dtype, tol):
-    fast, ref, arch = _pair(channels_last, dtype)
+def test_fast_supernet_matches_reference(channels_last, dtype, tol, recompute):
+    fast, ref, arch = _pair(channels_last, dtype, recompute=recompute)
+    assert all(m.recompute == recompute for m in fast.modules() if hasattr(m, "_prenorm"))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 2, 8, 8, generator=g, dtype=dtype)
     y = torch.randint(0, 5, (6,), generator=g)
@@ -101,3 +112,47 @@ def test_paper_supernet_parameter_count():
     assert sum(p.numel() for p in space.build_supernet().parameters()) == 1_930_618
     ref = ReferenceSuperNet(16, 10, 8)
     assert sum(p.numel() for p in ref.parameters()) == 1_930_618
+
+
+def _saved_bytes(net, arch, x) -> int:
+    """Bytes autograd keeps for backward after one forward (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    w = ArchWeights({g: torch.softmax(a, -1) for g, a in arch.as_dict().items()})
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x, w).sum()
+    return sum(seen.values())
+
+
+def test_recompute_keeps_less_for_backward():
+    # The point of the option: the pool branches and the separable convolutions' second
+    # blocks keep nothing for backward. Measured on the same net with the switch flipped.
+    fast, _, arch = _pair(True, torch.float32, nodes=4)
+    x = torch.randn(8, 2, 8, 8)
+    plain = _saved_bytes(fast, arch, x)
+    fast.recompute = True
+    less = _saved_bytes(fast, arch, x)
+    assert less < 0.8 * plain, (less, plain)
+
+
+def test_recompute_uses_functional_call_weights():
+    # Second-order DARTS evaluates the supernet at substituted weights via functional_call;
+    # the recomputed blocks must use those, not the module's own weights.
+    from torch.func import functional_call
+
+    fast, _, arch = _pair(True, torch.float64, recompute=True)
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    w = ArchWeights({g: torch.softmax(a, -1) for g, a in arch.as_dict().items()})
+    params = {n: (p + 0.05 * torch.randn_like(p)).detach().requires_grad_()
+              for n, p in fast.named_parameters()}
+    grads = []
+    for flag in (True, False):
+        fast.recompute = flag
+        out = functional_call(fast, params, (x, w))
+        grads.append(torch.autograd.grad((out**2).sum(), list(params.values())))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

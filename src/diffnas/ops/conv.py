@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffnas.ops.registry import register_op
 
@@ -14,6 +16,12 @@ def batch_norm(C: int, affine: bool) -> nn.BatchNorm2d:
     besides its weights, unrolled/perturbed passes have no side effects, and results are
     reproducible on resume."""
     return nn.BatchNorm2d(C, affine=affine, track_running_stats=affine)
+
+
+def stateless_bn(m: nn.Module) -> bool:
+    """An affine-free BN without running statistics: a pure function of its input, so it
+    can be recomputed in backward and ``w * bn(h)`` equals a batch norm with weight ``w``."""
+    return isinstance(m, nn.BatchNorm2d) and not m.affine and not m.track_running_stats
 
 
 class ReLUConvBN(nn.Sequential):
@@ -68,11 +76,29 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_out, kernel, 1, padding, 1, affine),
         )
 
-    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN)."""
-        first = self[0]
-        h = first[3](first.forward_preact(x))
-        return self[1].forward_preact(torch.relu(h))
+    def forward_preact(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN).
+
+        ``recompute`` keeps only the first block's pre-BN output for backward and recomputes
+        BN -> ReLU -> depthwise -> pointwise of the second block there: two activations
+        fewer per op. The weights go into the checkpoint as inputs, so a recompute under
+        ``torch.func.functional_call`` uses the substituted weights, not the module's."""
+        first, second = self[0], self[1]
+        p = first.forward_preact(x)
+        if not (recompute and torch.is_grad_enabled() and stateless_bn(first[3])):
+            return second.forward_preact(torch.relu(first[3](p)))
+        return checkpoint(
+            _sep_second_half, p, second[1].weight, second[2].weight, first[3], second[1],
+            use_reentrant=False,
+        )
+
+
+def _sep_second_half(
+    p: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bn: nn.Module, dw: nn.Conv2d
+) -> torch.Tensor:
+    h = torch.relu(bn(p))
+    h = F.conv2d(h, w_dw, None, dw.stride, dw.padding, dw.dilation, dw.groups)
+    return F.conv2d(h, w_pw)
 
 
 class Identity(nn.Module):

@@ -31,6 +31,7 @@ class DartsCnnConfig:
     stem_multiplier: int = 3
     ops: list[str] = field(default_factory=lambda: list(DARTS_OPS))
     mixed_op: dict = field(default_factory=dict)  # edge modifier: {"name": ..., **settings}
+    recompute: bool = False  # recompute cheap edge parts in backward: less memory, more time
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.ops if o not in OPS]
@@ -77,7 +78,7 @@ class DartsCnnSpace(SearchSpace):
         return DartsSuperNet(
             c.C, self.shape.num_classes, c.layers, c.nodes, c.ops,
             in_channels=self.shape.in_channels, stem_multiplier=c.stem_multiplier,
-            mixed_op=self._mixed_op_factory(),
+            mixed_op=self._mixed_op_factory(), recompute=c.recompute,
         )
 
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:

@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffnas.ops import create_op
-from diffnas.ops.conv import FactorizedReduce, Identity, batch_norm
+from diffnas.ops.conv import FactorizedReduce, Identity, SepConv, batch_norm, stateless_bn
 
 MixedOpFactory = Callable[[int, int, Sequence[str]], nn.Module]
 
@@ -21,14 +22,6 @@ def search_op(name: str, C: int, stride: int) -> nn.Module:
     if "pool" in name:
         op = nn.Sequential(op, batch_norm(C, affine=False))
     return op
-
-
-def _plain_bn(m: nn.Module) -> bool:
-    """An affine-free BN without running statistics: ``w * bn(h)`` equals a batch norm
-    with constant weight ``w``, so the mixing weight can be fused into it."""
-    return (
-        isinstance(m, nn.BatchNorm2d) and not m.affine and not m.track_running_stats
-    )
 
 
 def _final_bn(op: nn.Module) -> nn.Module | None:
@@ -47,7 +40,15 @@ class MixedOp(nn.Module):
     and memory: the ReLU that starts every convolution op is computed once per edge, and
     ``w_k * BN(h)`` (affine-free BN) is computed as one batch norm with weight ``w_k``, so
     neither the separate ReLU outputs nor the unweighted BN outputs are kept for backward.
+
+    ``recompute`` (set by the supernet) trades a little time for memory: the pool -> BN
+    branches keep nothing for backward (their output and the max-pool's int64 indices are
+    recomputed from the edge input, which is kept anyway), and the separable convolutions
+    recompute their second block (see ``SepConv.forward_preact``). Only parameter-free or
+    explicitly passed weights are recomputed, so the result and gradients are unchanged.
     """
+
+    recompute: bool = False
 
     def __init__(self, C: int, stride: int, candidates: Sequence[str]) -> None:
         super().__init__()
@@ -65,9 +66,9 @@ class MixedOp(nn.Module):
         for i in self._live:
             op = self.ops[i]
             bn = _final_bn(op)
-            if hasattr(op, "forward_preact") and bn is not None and _plain_bn(bn):
+            if hasattr(op, "forward_preact") and bn is not None and stateless_bn(bn):
                 self._preact.append(i)
-            elif isinstance(op, nn.Sequential) and len(op) == 2 and _plain_bn(op[1]):
+            elif isinstance(op, nn.Sequential) and len(op) == 2 and stateless_bn(op[1]):
                 self._prenorm.append(i)
             elif isinstance(op, Identity):
                 self._identity.append(i)
@@ -81,14 +82,22 @@ class MixedOp(nn.Module):
             return weights[active] * self.ops[active](x)
         out: torch.Tensor | None = None
         terms: list[torch.Tensor] = []
+        recompute = self.recompute and torch.is_grad_enabled()
         if self._preact:
             r = torch.relu(x)
             for i in self._preact:
                 op = self.ops[i]
-                terms.append(_weighted_bn(op.forward_preact(r), _final_bn(op), weights[i]))
+                if recompute and isinstance(op, SepConv):
+                    h = op.forward_preact(r, recompute=True)
+                else:
+                    h = op.forward_preact(r)
+                terms.append(_weighted_bn(h, _final_bn(op), weights[i]))
         for i in self._prenorm:
             op = self.ops[i]
-            terms.append(_weighted_bn(op[0](x), op[1], weights[i]))
+            if recompute and stateless_bn(op[1]) and not any(True for _ in op.parameters()):
+                terms.append(checkpoint(_pool_bn, x, weights[i], op, use_reentrant=False))
+            else:
+                terms.append(_pool_bn(x, weights[i], op))
         for i in self._identity:
             terms.append(weights[i] * x)
         for i in self._other:
@@ -98,9 +107,14 @@ class MixedOp(nn.Module):
         return out
 
 
+def _pool_bn(x: torch.Tensor, w: torch.Tensor, op: nn.Sequential) -> torch.Tensor:
+    """``w * bn(pool(x))`` of a search pool (``op`` = pool, plain BN)."""
+    return _weighted_bn(op[0](x), op[1], w)
+
+
 def _weighted_bn(h: torch.Tensor, bn: nn.Module, w: torch.Tensor) -> torch.Tensor:
     """``w * bn(h)`` for an affine-free, stat-free BN, as one batch-norm call."""
-    if not _plain_bn(bn):  # swapped after construction (e.g. SyncBatchNorm): call it
+    if not stateless_bn(bn):  # swapped after construction (e.g. SyncBatchNorm): call it
         return w * bn(h)
     # contiguous(): torch's CPU batch-norm backward on channels-last inputs computes a
     # wrong input gradient for a stride-0 (expanded) weight (seen with torch 2.13).

@@ -10,7 +10,7 @@ from torch import nn
 from diffnas.arch.relax import ArchWeights
 from diffnas.genotype import Genotype
 from diffnas.supernet.cell import FixedCell, SearchCell
-from diffnas.supernet.mixed import MixedOpFactory, default_mixed_op
+from diffnas.supernet.mixed import MixedOp, MixedOpFactory, default_mixed_op
 
 
 def reduction_layers(layers: int) -> set[int]:
@@ -29,12 +29,18 @@ class DartsSuperNet(nn.Module):
     ``channels_last`` runs the network on NHWC tensors: the supernet is mostly depthwise
     convolutions, pools and BN on few channels, which run several times faster in that
     layout (benchmarks/README.md has the figures). The result is the same up to rounding.
+
+    ``recompute`` has every mixed edge recompute its cheap, parameter-free parts in
+    backward instead of keeping them (``MixedOp``): at the paper's search shapes the peak
+    memory of a search step falls by about a fifth for a small time cost
+    (benchmarks/README.md). Set it, or the space's ``recompute`` key, to trade.
     """
 
     def __init__(
         self, C: int, num_classes: int, layers: int, nodes: int, candidates: Sequence[str],
         in_channels: int = 3, stem_multiplier: int = 3,
         mixed_op: MixedOpFactory = default_mixed_op, channels_last: bool = True,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -54,6 +60,19 @@ class DartsSuperNet(nn.Module):
             C_pp, C_p = C_p, nodes * C_curr
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
+        self.recompute = recompute
+
+    @property
+    def recompute(self) -> bool:
+        """Whether the mixed edges recompute parameter-free parts in backward."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        self._recompute = bool(value)
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.recompute = self._recompute
 
     def forward(self, x: torch.Tensor, arch_weights: ArchWeights) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
