@@ -8,7 +8,24 @@ and 50 epochs, and records the peak memory. ``--full-epoch B`` also runs one who
 at batch B. ``--profile`` counts kernels and the GPU's busy time over a few steps, which
 says what bounds the step: launches (GPU mostly idle) or arithmetic (GPU busy).
 
+``--compile MODE`` applies torch.compile in this benchmark only (the library is not
+changed): ``--scope net`` compiles the whole supernet forward (one graph per pass and batch
+shape), ``cell`` each search cell, ``edge`` each MixedOp (edges of equal shapes share one
+compiled graph). ``reduce-overhead`` adds CUDA graphs (cudagraph trees; with ``--scope edge``
+that is 448 graphs per step, whose recording did not finish in minutes on torch 2.11), and
+``cudagraphs`` is the backend of that name (AOTAutograd graphs, eager kernels, no
+Inductor). Compilation is lazy:
+the warm-up steps' extra time over a steady step is reported as ``compile_s``. A compile
+failure is recorded in the JSON (``compile_errors``) and the point is re-timed eagerly,
+labelled ``fallback``. ``--val-weight-grads 0`` (default) runs the alpha pass with the
+weights' ``requires_grad`` off: first order only needs d L_val / d alpha, eager autograd
+already skips the weight gradients there, but a compiled backward graph would compute them.
+
     python benchmarks/search_epoch.py --device cuda --batches 64 256 1024 --full-epoch 64
+    python benchmarks/search_epoch.py --amp bf16 --batches 1250 --compile default --scope edge \\
+        --cudnn-benchmark 1 --full-epoch 1250
+
+benchmarks/gpu_notes_compile.md has the H100 figures and what failed.
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -35,15 +53,64 @@ from diffnas.strategies import ClassificationObjective, create_strategy  # noqa:
 N_TRAIN = N_VAL = 25_000
 
 
-def make_strategy(device, channels_last: bool):
+def make_strategy(device, channels_last: bool, cfg: dict | None = None):
     torch.manual_seed(0)
     space = create_space({"name": "darts_cnn", "C": 16, "layers": 8, "nodes": 4},
                          DataShape(3, 32, 10))
     net = space.build_supernet().to(device)
     net.channels_last = channels_last
+    if cfg is not None:
+        apply_compile(net, cfg)
     arch = ArchParams(space).to(device)
     return create_strategy({"name": "darts", "order": 1}, net, arch, ClassificationObjective(),
                            epochs=50)
+
+
+def apply_compile(net, cfg: dict) -> None:
+    """torch.compile the supernet (``cfg['scope']``: net, cell or edge) in place, and wrap
+    its forward so the alpha pass runs with the weights' requires_grad off unless
+    ``cfg['val_weight_grads']``."""
+    import torch._dynamo
+
+    mode = cfg["compile"]
+    orig_forward = net.forward
+    inner = orig_forward
+    if mode != "none":
+        torch._dynamo.reset()
+        torch._dynamo.config.cache_size_limit = 256
+        torch._dynamo.config.accumulated_cache_size_limit = 4096
+        kw = {"dynamic": False}
+        if mode == "cudagraphs":  # no Inductor: AOTAutograd graphs replayed as CUDA graphs
+            kw["backend"] = "cudagraphs"
+        elif mode != "default":
+            kw["mode"] = mode
+        if cfg["scope"] == "net":
+            inner = torch.compile(orig_forward, **kw)
+        elif cfg["scope"] == "cell":
+            for cell in net.cells:
+                cell.compile(**kw)
+        elif cfg["scope"] == "edge":
+            for cell in net.cells:
+                for edge in cell.edges:
+                    edge.compile(**kw)
+        else:
+            raise ValueError(f"unknown scope {cfg['scope']!r}")
+    params = list(net.parameters())
+    skip_wgrad = not cfg["val_weight_grads"]
+
+    def forward(x, arch_weights):
+        alpha_pass = any(w.requires_grad for w in arch_weights.weights.values())
+        if not (skip_wgrad and alpha_pass):
+            return inner(x, arch_weights)
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return inner(x, arch_weights)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    net.forward = forward
 
 
 def data(device):
@@ -53,15 +120,42 @@ def data(device):
     return (xs[:N_TRAIN], ys[:N_TRAIN]), (xs[N_TRAIN:], ys[N_TRAIN:])
 
 
-def step_fn(s, amp: str):
+def step_fn(s, amp: str, cfg: dict | None = None):
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16"
            else contextlib.nullcontext())
+    graphs = cfg is not None and cfg["compile"] in ("reduce-overhead", "cudagraphs")
 
     def step(train, val):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             s.step(train, val)
 
     return step
+
+
+def dynamo_stats() -> dict:
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # pragma: no cover
+        return {}
+    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "graph_break_reasons": sorted(counters["graph_break"])[:10]}
+
+
+def warm_up(step, b, train, val, n, extra_batch=None) -> list[float]:
+    """Run ``n`` steps at batch ``b`` (and one at ``extra_batch`` after the first, for the
+    last, smaller batch of an epoch), synchronised; returns each step's seconds."""
+    ts = []
+    sizes = [b] + ([extra_batch] if extra_batch else []) + [b] * (n - 1)
+    for i, bb in enumerate(sizes):
+        t0 = time.perf_counter()
+        step(batch_at(train, i, bb), batch_at(val, i, bb))
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+        print(f"  warm-up step {i} (batch {bb}): {ts[-1]:.1f} s {dynamo_stats()}", flush=True)
+    return ts
 
 
 def batch_at(split, i, b):
@@ -70,71 +164,131 @@ def batch_at(split, i, b):
     return x[lo:lo + b], y[lo:lo + b]
 
 
-def time_batch(b, steps, device, train, val, amp, channels_last) -> dict:
-    s = make_strategy(device, channels_last)
-    step = step_fn(s, amp)
+_BUILT: dict = {}
+
+
+def built(b, device, train, val, amp, channels_last, cfg, extra_batch=None):
+    """The strategy and step for this point, built and warmed up once per process (a
+    compiled one is compiled in its warm-up) and reused by timing, profile and full epoch;
+    returns ``(step, warm-up seconds or [] when reused)``."""
+    key = (b, amp, channels_last, tuple(sorted(label(cfg).items())))
+    if key in _BUILT:
+        step, sizes = _BUILT[key]
+        if extra_batch and extra_batch not in sizes:  # compile that shape outside the timing
+            sizes.add(extra_batch)
+            return step, warm_up(step, extra_batch, train, val, 1)
+        return step, []
+    _BUILT.clear()  # one at a time: a cached strategy holds its CUDA-graph memory pool
+    torch.cuda.empty_cache()
+    s = make_strategy(device, channels_last, cfg)
+    step = step_fn(s, amp, cfg)
     torch.cuda.reset_peak_memory_stats()
-    for i in range(3):
-        step(batch_at(train, i, b), batch_at(val, i, b))
-    torch.cuda.synchronize()
+    warm = warm_up(step, b, train, val, cfg["warmup"], extra_batch)
+    _BUILT[key] = (step, {b, extra_batch})
+    return step, warm
+
+
+_SYNCED = False
+
+
+@contextlib.contextmanager
+def gpu_turn():
+    """With BENCH_SYNC_DIR set (several of these processes sharing one GPU, compiling at
+    once): wait once until BENCH_SYNC_N processes are warmed up (or BENCH_SYNC_DEADLINE, a
+    Unix time, passes), then hold an exclusive lock on the GPU for the timed section."""
+    global _SYNCED
+    d = os.environ.get("BENCH_SYNC_DIR")
+    if not d:
+        yield
+        return
+    import fcntl
+
+    if not _SYNCED:
+        Path(d, f"ready.{os.getpid()}").touch()
+        n = int(os.environ.get("BENCH_SYNC_N", "1"))
+        deadline = float(os.environ.get("BENCH_SYNC_DEADLINE", "inf"))
+        while len(list(Path(d).glob("ready.*"))) < n and time.time() < deadline:
+            time.sleep(1)
+        _SYNCED = True
+    with open(Path(d, "gpu.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def time_batch(b, steps, device, train, val, amp, channels_last, cfg) -> dict:
+    step, warm = built(b, device, train, val, amp, channels_last, cfg)
     ts = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        step(batch_at(train, i, b), batch_at(val, i, b))
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
+    with gpu_turn():
+        for i in range(steps):
+            t0 = time.perf_counter()
+            step(batch_at(train, i, b), batch_at(val, i, b))
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
     med = statistics.median(ts)
     n = math.ceil(N_TRAIN / b)
-    return {"batch": b, "amp": amp, "channels_last": channels_last,
+    return {"batch": b, "amp": amp, "channels_last": channels_last, **label(cfg),
+            "warmup_s": warm, "compile_s": sum(warm) - len(warm) * med,
             "step_ms_median": med * 1e3, "step_ms_min": min(ts) * 1e3,
             "step_ms_max": max(ts) * 1e3, "steps_per_epoch": n,
             "epoch_s_est": n * med, "epochs50_min_est": 50 * n * med / 60,
             "train_images_per_s": b / med,
-            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, **dynamo_stats()}
 
 
-def full_epoch(b, device, train, val, amp, channels_last) -> dict:
-    s = make_strategy(device, channels_last)
-    step = step_fn(s, amp)
-    for i in range(3):
-        step(batch_at(train, i, b), batch_at(val, i, b))
-    torch.cuda.synchronize()
+def label(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("compile", "scope", "val_weight_grads", "cudnn_benchmark")}
+
+
+def full_epoch(b, device, train, val, amp, channels_last, cfg) -> dict:
+    # Warm up the last, smaller batch too: a compiled step compiles it once per shape (a
+    # strategy reused from the timing was not, unless the batch divides 25,000).
+    step, warm = built(b, device, train, val, amp, channels_last, cfg,
+                       extra_batch=N_TRAIN % b or None)
     perm_t = torch.randperm(N_TRAIN, device=device)
     perm_v = torch.randperm(N_VAL, device=device)
-    t0 = time.perf_counter()
-    n = 0
-    for lo in range(0, N_TRAIN, b):
-        it, iv = perm_t[lo:lo + b], perm_v[lo:lo + b]
-        step((train[0][it], train[1][it]), (val[0][iv], val[1][iv]))
-        n += 1
-    torch.cuda.synchronize()
-    sec = time.perf_counter() - t0
-    return {"batch": b, "amp": amp, "channels_last": channels_last, "steps": n,
-            "epoch_s": sec, "epochs50_min": 50 * sec / 60}
+    with gpu_turn():
+        t0 = time.perf_counter()
+        n = 0
+        for lo in range(0, N_TRAIN, b):
+            it, iv = perm_t[lo:lo + b], perm_v[lo:lo + b]
+            step((train[0][it], train[1][it]), (val[0][iv], val[1][iv]))
+            n += 1
+        torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+    return {"batch": b, "amp": amp, "channels_last": channels_last, **label(cfg),
+            "warmup_s": warm, "steps": n, "epoch_s": sec, "epochs50_min": 50 * sec / 60,
+            "epochs50_min_plus_warmup": (50 * sec + sum(warm)) / 60, **dynamo_stats()}
 
 
-def profile(b, device, train, val, amp, channels_last) -> dict:
+PROFILER_RECORDS = {"Activity Buffer Request", "Buffer Flush"}
+
+
+def profile(b, device, train, val, amp, channels_last, cfg) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    s = make_strategy(device, channels_last)
-    step = step_fn(s, amp)
-    for i in range(3):
-        step(batch_at(train, i, b), batch_at(val, i, b))
-    torch.cuda.synchronize()
+    step, warm = built(b, device, train, val, amp, channels_last, cfg)
     steps = 3
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with gpu_turn(), tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for i in range(steps):
             step(batch_at(train, i, b), batch_at(val, i, b))
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # CUPTI's own records (seen under CUDA graphs: ~0.5 s each per profile) are no kernels.
+    kernels = [e for e in cuda if e.name not in PROFILER_RECORDS]
+    overhead = sum(e.device_time for e in cuda if e.name in PROFILER_RECORDS) / 1e6
     busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
     top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-    return {"batch": b, "amp": amp, "kernels_per_step": len(kernels) / steps,
+    return {"batch": b, "amp": amp, **label(cfg), "warmup_s": warm,
+            "kernels_per_step": len(kernels) / steps,
             "gpu_busy_s_per_step": busy / steps, "wall_s_per_step": wall / steps,
-            "gpu_busy_fraction": busy / wall, "top_kernels": top}
+            "gpu_busy_fraction": busy / wall,
+            "profiler_records_s_per_step": overhead / steps, "top_kernels": top}
 
 
 def main() -> None:
@@ -146,45 +300,99 @@ def main() -> None:
     p.add_argument("--channels-last", nargs="+", type=int, default=[1])
     p.add_argument("--full-epoch", type=int, nargs="*", default=[])
     p.add_argument("--profile", type=int, nargs="*", default=[])
+    p.add_argument("--compile", nargs="+", default=["none"],
+                   choices=["none", "default", "max-autotune-no-cudagraphs", "reduce-overhead",
+                            "cudagraphs"],
+                   help="torch.compile mode; 'cudagraphs' is backend='cudagraphs' (no Inductor)")
+    p.add_argument("--scope", nargs="+", default=["net"], choices=["net", "cell", "edge"],
+                   help="what torch.compile wraps (ignored with --compile none)")
+    p.add_argument("--val-weight-grads", type=int, default=0,
+                   help="1: the alpha pass keeps the weights' requires_grad on")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compile happens here)")
+    p.add_argument("--cudnn-benchmark", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench_results" / "search_epoch.json"))
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
         raise SystemExit("search_epoch.py measures a GPU: pass --device cuda on a GPU machine")
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    if os.environ.get("BENCH_STACKS"):  # where a long compile spends its time
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS"]), repeat=True)
     train, val = data(device)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "timed": [], "full_epochs": [], "profiles": [], "oom": []}
+              "argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
+                                            if k.startswith(("TORCH", "TORCHINDUCTOR"))},
+              "timed": [], "full_epochs": [], "profiles": [], "oom": [],
+              "compile_errors": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
         out.write_text(json.dumps(report, indent=2))
 
-    for amp in args.amp:
-        for cl in args.channels_last:
-            for b in args.batches:
-                try:
-                    r = time_batch(b, args.steps, device, train, val, amp, bool(cl))
-                except torch.cuda.OutOfMemoryError:
-                    report["oom"].append({"batch": b, "amp": amp, "channels_last": cl})
-                    print(f"batch {b} amp={amp} cl={cl}: out of memory", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                report["timed"].append(r)
+    def cfg_for(mode, scope):
+        return {"compile": mode, "scope": scope if mode != "none" else None,
+                "val_weight_grads": args.val_weight_grads, "warmup": args.warmup,
+                "cudnn_benchmark": args.cudnn_benchmark}
+
+    configs = []
+    for mode in args.compile:
+        for scope in (args.scope if mode != "none" else [None]):
+            configs.append(cfg_for(mode, scope))
+
+    def guarded(kind, fn, b, amp, cl, cfg):
+        """Run ``fn``; on a compile failure record it and re-run eagerly (labelled)."""
+        tag = {"kind": kind, "batch": b, "amp": amp, "channels_last": cl, **label(cfg)}
+        try:
+            return fn(b, device, train, val, amp, bool(cl), cfg)
+        except torch.cuda.OutOfMemoryError:
+            _BUILT.clear()
+            report["oom"].append(tag)
+            print(f"{tag}: out of memory", flush=True)
+            torch.cuda.empty_cache()
+            return None
+        except Exception as e:  # noqa: BLE001 -- a compile failure of any kind
+            if cfg["compile"] == "none":
+                raise
+            err = f"{type(e).__name__}: {e}"[:4000]
+            report["compile_errors"].append({**tag, "error": err})
+            print(f"{tag}: COMPILE FAILED, falling back to eager: {err[:500]}", flush=True)
+            save()
+            _BUILT.clear()
+            torch.cuda.empty_cache()
+            fb = {**cfg_for("none", None), "fallback_from": cfg["compile"]}
+            r = fn(b, device, train, val, amp, bool(cl), fb)
+            r["fallback"] = f"eager (compile {cfg['compile']}/{cfg['scope']} failed)"
+            return r
+
+    for cfg in configs:
+        for amp in args.amp:
+            for cl in args.channels_last:
+                for b in args.batches:
+                    if args.steps <= 0:
+                        continue
+                    r = guarded("timed", lambda *a, **k: time_batch(a[0], args.steps, *a[1:]),
+                                b, amp, cl, cfg)
+                    if r is not None:
+                        report["timed"].append(r)
+                        print(json.dumps(r), flush=True)
+                    save()
+        for b in args.profile:
+            r = guarded("profile", profile, b, args.amp[0], args.channels_last[0], cfg)
+            if r is not None:
+                print(r.pop("top_kernels"))
+                report["profiles"].append(r)
                 print(json.dumps(r), flush=True)
-                torch.cuda.empty_cache()
-                save()
-    for b in args.profile:
-        r = profile(b, device, train, val, args.amp[0], bool(args.channels_last[0]))
-        print(r.pop("top_kernels"))
-        report["profiles"].append(r)
-        print(json.dumps(r), flush=True)
-        save()
-    for b in args.full_epoch:
-        r = full_epoch(b, device, train, val, args.amp[0], bool(args.channels_last[0]))
-        report["full_epochs"].append(r)
-        print(json.dumps(r), flush=True)
-        save()
+            save()
+        for b in args.full_epoch:
+            r = guarded("full_epoch", full_epoch, b, args.amp[0], args.channels_last[0], cfg)
+            if r is not None:
+                report["full_epochs"].append(r)
+                print(json.dumps(r), flush=True)
+            save()
+        _BUILT.clear()
+        torch.cuda.empty_cache()
     save()
     print(f"wrote {out}")
 
