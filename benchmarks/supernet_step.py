@@ -8,7 +8,8 @@ Contenders (``--contenders``):
                   NNI 3.0 has no second-order DARTS); needs the benchmark venv with nni
   diffnas_nchw    ablation: diffnas without channels-last
   diffnas_nofuse  ablation: diffnas without the shared ReLU and the BN-fused weights
-  diffnas_recompute  diffnas with the space's recompute option (less memory, some time)
+  diffnas_recompute[:N]  diffnas recomputing activations of all (or the first N) cells in
+                  backward: the space's ``recompute`` option (less memory, more time)
   diffnas_pc      diffnas with partial channels (PC-DARTS, k=4)
   diffnas_gdas    diffnas's GDAS strategy (one sampled op per edge)
 
@@ -98,8 +99,9 @@ class Diffnas(Contender):
                    "nodes": spec["nodes"]}
         if variant == "diffnas_pc":
             section["mixed_op"] = {"name": "partial_channel", "k": 4}
-        if variant == "diffnas_recompute":
-            section["recompute"] = True
+        if variant.startswith("diffnas_recompute"):  # diffnas_recompute[:N cells]
+            n = variant.partition(":")[2]
+            section["recompute"] = int(n) if n else True
         space = create_space(section, DataShape(spec["in_channels"], spec["resolution"],
                                                 spec["num_classes"]))
         self.net = space.build_supernet().to(device)

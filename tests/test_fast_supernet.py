@@ -156,3 +156,15 @@ def test_recompute_uses_functional_call_weights():
         grads.append(torch.autograd.grad((out**2).sum(), list(params.values())))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_recompute_counts_leading_cells_and_rejects_bad_values():
+    fast, _, _ = _pair(True, torch.float32, layers=3, recompute=2)
+    flags = [[m.recompute for m in cell.modules() if hasattr(m, "_prenorm")]
+             for cell in fast.cells]
+    assert [set(f) for f in flags] == [{True}, {True}, {False}]
+    fast.recompute = True
+    assert fast.recompute == 3
+    for bad in (-1, 1.5, "yes"):
+        with pytest.raises(ValueError, match="recompute"):
+            fast.recompute = bad

@@ -59,9 +59,28 @@ class DilConv(nn.Sequential):
             batch_norm(C_out, affine),
         )
 
-    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN)."""
-        return self[2](self[1](x))
+    def forward_preact(
+        self, x: torch.Tensor, x_nchw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pre-BN output for an input already passed through ReLU (see ReLUConvBN).
+        ``x_nchw``: ``x`` as an NCHW-contiguous copy, if the caller already made one."""
+        dw = self[1]
+        if slow_channels_last(dw, x):
+            # oneDNN's CPU depthwise conv with both stride and dilation is about twice as
+            # slow on channels-last tensors as on NCHW ones (benchmarks/README.md): take
+            # the NCHW path for this conv and return to channels-last for the rest.
+            x = x.contiguous() if x_nchw is None else x_nchw
+            return self[2](dw(x).contiguous(memory_format=torch.channels_last))
+        return self[2](dw(x))
+
+
+def slow_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """A strided, dilated conv on a channels-last CPU tensor (slow in oneDNN)."""
+    return (
+        x.device.type == "cpu" and conv.stride != (1, 1) and conv.dilation != (1, 1)
+        and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )
 
 
 class SepConv(nn.Sequential):
@@ -79,26 +98,29 @@ class SepConv(nn.Sequential):
     def forward_preact(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
         """Pre-BN output for an input already passed through ReLU (see ReLUConvBN).
 
-        ``recompute`` keeps only the first block's pre-BN output for backward and recomputes
-        BN -> ReLU -> depthwise -> pointwise of the second block there: two activations
-        fewer per op. The weights go into the checkpoint as inputs, so a recompute under
+        ``recompute`` keeps only the first depthwise output for backward and recomputes
+        pointwise -> BN -> ReLU -> depthwise -> pointwise there: three activations fewer per
+        op. The weights go into the checkpoint as inputs, so a recompute under
         ``torch.func.functional_call`` uses the substituted weights, not the module's."""
         first, second = self[0], self[1]
-        p = first.forward_preact(x)
         if not (recompute and torch.is_grad_enabled() and stateless_bn(first[3])):
-            return second.forward_preact(torch.relu(first[3](p)))
+            h = first[3](first.forward_preact(x))
+            return second.forward_preact(torch.relu(h))
+        a = first[1](x)
         return checkpoint(
-            _sep_second_half, p, second[1].weight, second[2].weight, first[3], second[1],
-            use_reentrant=False,
+            _sep_tail, a, first[2].weight, second[1].weight, second[2].weight, first[3],
+            second[1], use_reentrant=False,
         )
 
 
-def _sep_second_half(
-    p: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, bn: nn.Module, dw: nn.Conv2d
+def _sep_tail(
+    a: torch.Tensor, w_pw1: torch.Tensor, w_dw: torch.Tensor, w_pw2: torch.Tensor,
+    bn: nn.Module, dw: nn.Conv2d,
 ) -> torch.Tensor:
-    h = torch.relu(bn(p))
+    """SepConv after its first depthwise conv, up to the final BN (weights explicit)."""
+    h = torch.relu(bn(F.conv2d(a, w_pw1)))
     h = F.conv2d(h, w_dw, None, dw.stride, dw.padding, dw.dilation, dw.groups)
-    return F.conv2d(h, w_pw)
+    return F.conv2d(h, w_pw2)
 
 
 class Identity(nn.Module):

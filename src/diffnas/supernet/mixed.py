@@ -10,7 +10,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffnas.ops import create_op
-from diffnas.ops.conv import FactorizedReduce, Identity, SepConv, batch_norm, stateless_bn
+from diffnas.ops.conv import (
+    DilConv,
+    FactorizedReduce,
+    Identity,
+    SepConv,
+    batch_norm,
+    slow_channels_last,
+    stateless_bn,
+)
 
 MixedOpFactory = Callable[[int, int, Sequence[str]], nn.Module]
 
@@ -41,11 +49,12 @@ class MixedOp(nn.Module):
     ``w_k * BN(h)`` (affine-free BN) is computed as one batch norm with weight ``w_k``, so
     neither the separate ReLU outputs nor the unweighted BN outputs are kept for backward.
 
-    ``recompute`` (set by the supernet) trades a little time for memory: the pool -> BN
+    ``recompute`` (set by the supernet) trades time for memory: the pool -> BN
     branches keep nothing for backward (their output and the max-pool's int64 indices are
     recomputed from the edge input, which is kept anyway), and the separable convolutions
-    recompute their second block (see ``SepConv.forward_preact``). Only parameter-free or
-    explicitly passed weights are recomputed, so the result and gradients are unchanged.
+    recompute all but their first depthwise conv (see ``SepConv.forward_preact``). Only
+    parameter-free parts or explicitly passed weights are recomputed, so the result and
+    the gradients are unchanged.
     """
 
     recompute: bool = False
@@ -85,10 +94,15 @@ class MixedOp(nn.Module):
         recompute = self.recompute and torch.is_grad_enabled()
         if self._preact:
             r = torch.relu(x)
+            r_nchw = None
             for i in self._preact:
                 op = self.ops[i]
                 if recompute and isinstance(op, SepConv):
                     h = op.forward_preact(r, recompute=True)
+                elif isinstance(op, DilConv) and slow_channels_last(op[1], r):
+                    if r_nchw is None:  # one NCHW copy for both dilated convs
+                        r_nchw = r.contiguous()
+                    h = op.forward_preact(r, r_nchw)
                 else:
                     h = op.forward_preact(r)
                 terms.append(_weighted_bn(h, _final_bn(op), weights[i]))

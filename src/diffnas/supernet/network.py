@@ -30,17 +30,18 @@ class DartsSuperNet(nn.Module):
     convolutions, pools and BN on few channels, which run several times faster in that
     layout (benchmarks/README.md has the figures). The result is the same up to rounding.
 
-    ``recompute`` has every mixed edge recompute its cheap, parameter-free parts in
-    backward instead of keeping them (``MixedOp``): at the paper's search shapes the peak
-    memory of a search step falls by about a fifth for a small time cost
-    (benchmarks/README.md). Set it, or the space's ``recompute`` key, to trade.
+    ``recompute`` has the mixed edges of the first ``recompute`` cells (``True``: all)
+    recompute their pool branches and most of their separable convolutions in backward
+    instead of keeping those activations (``MixedOp``). The first cells hold the largest
+    activations and recompute them with the fewest, largest kernels, so a few leading cells
+    buy most of the memory for little time (benchmarks/README.md has the trade measured).
     """
 
     def __init__(
         self, C: int, num_classes: int, layers: int, nodes: int, candidates: Sequence[str],
         in_channels: int = 3, stem_multiplier: int = 3,
         mixed_op: MixedOpFactory = default_mixed_op, channels_last: bool = True,
-        recompute: bool = False,
+        recompute: bool | int = False,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -63,16 +64,23 @@ class DartsSuperNet(nn.Module):
         self.recompute = recompute
 
     @property
-    def recompute(self) -> bool:
-        """Whether the mixed edges recompute parameter-free parts in backward."""
+    def recompute(self) -> int:
+        """How many leading cells recompute activations in backward (0: none)."""
         return self._recompute
 
     @recompute.setter
-    def recompute(self, value: bool) -> None:
-        self._recompute = bool(value)
-        for m in self.modules():
-            if isinstance(m, MixedOp):
-                m.recompute = self._recompute
+    def recompute(self, value: bool | int) -> None:
+        if isinstance(value, bool):
+            value = len(self.cells) if value else 0
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"recompute must be true, false or a number of cells >= 0; got {value!r}"
+            )
+        self._recompute = min(value, len(self.cells))
+        for i, cell in enumerate(self.cells):
+            for m in cell.modules():
+                if isinstance(m, MixedOp):
+                    m.recompute = i < self._recompute
 
     def forward(self, x: torch.Tensor, arch_weights: ArchWeights) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
