@@ -71,12 +71,16 @@ def main() -> None:
         reports.append(json.loads(out.read_text()))
     summary = []
     for rep in reports:
-        for r in rep["results"]:
-            if r["contender"] != "diffnas" and "diffnas_speedup" in r:
+        rows = rep["results"]
+        for ours in [r for r in rows if r["contender"].startswith("diffnas")]:
+            for r in rows:
+                if r["contender"].startswith("diffnas") or r["mode"] != ours["mode"]:
+                    continue
+                mem = ours.get("peak_mem_mb", float("nan")) / r.get("peak_mem_mb", float("nan"))
                 summary.append(
-                    f"{r['shape']:6} {r['mode']:8} diffnas vs {r['contender']:10}: "
-                    f"{r['diffnas_speedup']:.2f}x faster, "
-                    f"{r.get('diffnas_mem_ratio', float('nan')):.2f}x the peak memory")
+                    f"{r['shape']:6} {r['mode']:8} {ours['contender']:20} vs "
+                    f"{r['contender']:10}: {r['median_ms'] / ours['median_ms']:.2f}x faster, "
+                    f"{mem:.2f}x the peak memory")
     print("\nsummary (CPU, " + f"{time.time() - t0:.0f} s)")
     print("\n".join(summary))
     (out_dir / "summary.json").write_text(json.dumps(
