@@ -168,3 +168,47 @@ def test_recompute_counts_leading_cells_and_rejects_bad_values():
     for bad in (-1, 1.5, "yes"):
         with pytest.raises(ValueError, match="recompute"):
             fast.recompute = bad
+
+
+def test_bn_relu_conv_matches_plain_autograd_and_refuses_double_backward():
+    # SepConv's middle keeps the BN output instead of its input and the ReLU output;
+    # its gradients must be those of the plain composition, in both layouts.
+    import torch.nn.functional as F
+
+    from diffnas.ops import twice_differentiable
+    from diffnas.ops.conv import BNReLUConv
+
+    def plain(b, w):
+        y = F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5)
+        return F.conv2d(torch.relu(y), w, None, 2, 1, 1, 6)
+
+    def saver(b, w):
+        return BNReLUConv.apply(b, w, 1e-5, (2, 2), (1, 1), (1, 1), 6)
+
+    g = torch.Generator().manual_seed(3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        b = torch.randn(4, 6, 9, 9, generator=g, dtype=torch.float64)
+        b = b.contiguous(memory_format=layout).requires_grad_()
+        w = torch.randn(6, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        gout = torch.randn(4, 6, 5, 5, generator=g, dtype=torch.float64)
+        got = torch.autograd.grad(saver(b, w), [b, w], gout)
+        want = torch.autograd.grad(plain(b, w), [b, w], gout)
+        for x, y in zip(got, want):
+            assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradcheck(saver, (b, w))
+    with pytest.raises(RuntimeError, match="twice_differentiable"):
+        gb = torch.autograd.grad(saver(b, w).sum(), b, create_graph=True)[0]
+        torch.autograd.grad(gb.sum(), w)
+    # inside twice_differentiable() the supernet takes plain autograd and double backward works
+    fast, _, arch = _pair(True, torch.float64)
+    w_arch = ArchWeights({k: torch.softmax(a, -1) for k, a in arch.as_dict().items()})
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    params = list(fast.parameters())
+    with pytest.raises(RuntimeError, match="twice_differentiable"):
+        gw = torch.autograd.grad((fast(x, w_arch) ** 2).sum(), params, create_graph=True)
+        torch.autograd.grad(sum((t**2).sum() for t in gw), list(arch.parameters()))
+    with twice_differentiable():
+        out = fast(x, w_arch)
+    gw = torch.autograd.grad((out**2).sum(), params, create_graph=True)
+    hv = torch.autograd.grad(sum((t**2).sum() for t in gw), list(arch.parameters()))
+    assert all(torch.isfinite(h).all() for h in hv)

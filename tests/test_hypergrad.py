@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_batch, tiny_strategy
 from torch.func import functional_call
 
+from diffnas.ops import twice_differentiable
 from diffnas.strategies.hypergrad import first_order, mixed_hvp_exact, mixed_hvp_fd, unrolled
 
 F64 = torch.float64
@@ -22,7 +23,8 @@ def _reference_unrolled_grad(s, train, val):
     cfg = s.config.w_optim
     aw = s.arch_weights()
     x, _ = train
-    loss = s.objective(functional_call(s.supernet, named, (x, aw)), train)[0]
+    with twice_differentiable():  # the reference differentiates through a gradient
+        loss = s.objective(functional_call(s.supernet, named, (x, aw)), train)[0]
     grads = torch.autograd.grad(loss, list(named.values()), create_graph=True)
     w_prime = {}
     for (n, p), g in zip(named.items(), grads):

@@ -18,6 +18,7 @@ import torch
 from diffnas.arch.relax import SoftmaxRelaxation
 from diffnas.engine.loop import Callback, Loop
 from diffnas.genotype import Genotype
+from diffnas.ops import twice_differentiable
 
 
 def skip_count(genotype: Genotype, cell: str | None = None, op: str = "skip_connect") -> int:
@@ -67,7 +68,8 @@ def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20,
     if relax.stochastic:
         relax = SoftmaxRelaxation()
     aw = strategy.arch_params.normalize(relax(strategy.arch_params.as_dict()))
-    loss, _ = strategy.loss(batch, aw)
+    with twice_differentiable():
+        loss, _ = strategy.loss(batch, aw)
     return dominant_eigenvalue(loss, strategy.alphas(), iters, tol)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +20,27 @@ def batch_norm(C: int, affine: bool) -> nn.BatchNorm2d:
     besides its weights, unrolled/perturbed passes have no side effects, and results are
     reproducible on resume."""
     return nn.BatchNorm2d(C, affine=affine, track_running_stats=affine)
+
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Forward passes inside take plain autograd paths only, so their graphs can be
+    differentiated twice (double backward: exact Hessian products, iDARTS, Hessian
+    eigenvalues). Outside, the search supernet may use once-differentiable memory savers."""
+    before = getattr(_STATE, "twice", False)
+    _STATE.twice = True
+    try:
+        yield
+    finally:
+        _STATE.twice = before
+
+
+def memory_savers_allowed() -> bool:
+    """Autograd is recording and no caller asked for a twice-differentiable graph."""
+    return torch.is_grad_enabled() and not getattr(_STATE, "twice", False)
 
 
 def stateless_bn(m: nn.Module) -> bool:
@@ -98,19 +123,74 @@ class SepConv(nn.Sequential):
     def forward_preact(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
         """Pre-BN output for an input already passed through ReLU (see ReLUConvBN).
 
-        ``recompute`` keeps only the first depthwise output for backward and recomputes
-        pointwise -> BN -> ReLU -> depthwise -> pointwise there: three activations fewer per
-        op. The weights go into the checkpoint as inputs, so a recompute under
-        ``torch.func.functional_call`` uses the substituted weights, not the module's."""
+        With autograd recording (and outside :func:`twice_differentiable`), the middle
+        BN -> ReLU -> depthwise runs as one autograd function that keeps the BN's output
+        instead of its input and the ReLU's output (:class:`BNReLUConv`): two activations
+        fewer per op, no extra work. ``recompute`` keeps only the first depthwise output
+        and recomputes the rest up to the final BN in backward: three fewer, for a
+        recomputation. The weights go into both as inputs, so under
+        ``torch.func.functional_call`` the substituted weights are the ones used."""
         first, second = self[0], self[1]
-        if not (recompute and torch.is_grad_enabled() and stateless_bn(first[3])):
+        if not (memory_savers_allowed() and stateless_bn(first[3])):
             h = first[3](first.forward_preact(x))
             return second.forward_preact(torch.relu(h))
-        a = first[1](x)
-        return checkpoint(
-            _sep_tail, a, first[2].weight, second[1].weight, second[2].weight, first[3],
-            second[1], use_reentrant=False,
+        if recompute:
+            a = first[1](x)
+            return checkpoint(
+                _sep_tail, a, first[2].weight, second[1].weight, second[2].weight, first[3],
+                second[1], use_reentrant=False,
+            )
+        dw = second[1]
+        c = BNReLUConv.apply(
+            first.forward_preact(x), dw.weight, first[3].eps, dw.stride, dw.padding,
+            dw.dilation, dw.groups,
         )
+        return second[2](c)
+
+
+class BNReLUConv(torch.autograd.Function):
+    """``conv2d(relu(bn(b)), w)`` for an affine-free BN on batch statistics, keeping for
+    backward the BN output ``y`` and the per-channel ``invstd`` instead of ``b`` and
+    ``relu(y)`` (the in-place-ABN idea: an affine-free BN is invertible, and its input
+    gradient needs only the normalized values). ``relu(y)`` is recomputed in backward.
+
+    Once differentiable: the saved ``y`` has no graph to ``b``, so a double backward
+    raises; :func:`twice_differentiable` switches the supernet to plain autograd."""
+
+    @staticmethod
+    def forward(ctx, b, w, eps, stride, padding, dilation, groups):  # type: ignore[override]
+        y, _, invstd = torch.ops.aten.native_batch_norm(b, None, None, None, None, True, 0.0, eps)
+        c = F.conv2d(torch.relu(y), w, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(y, invstd, w)
+        ctx.conf = (stride, padding, dilation, groups, eps)
+        return c
+
+    @staticmethod
+    def backward(ctx, gc):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the search supernet's memory-saving BN-ReLU-conv path is differentiable "
+                "once; build the loss inside diffnas.ops.twice_differentiable() to take "
+                "second derivatives"
+            )
+        y, invstd, w = ctx.saved_tensors
+        stride, padding, dilation, groups, eps = ctx.conf
+        need_b, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gh, gw, _ = torch.ops.aten.convolution_backward(
+            gc, torch.relu(y), w, None, list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, [need_b, need_w, False],
+        )
+        gb = None
+        if need_b:
+            gy = gh.masked_fill_(y <= 0, 0.0)
+            # with mean 0 and invstd 1 the BN backward sees y as its normalized input;
+            # the true input gradient is that result times invstd, per channel
+            gb = torch.ops.aten.native_batch_norm_backward(
+                gy, y, None, None, None, torch.zeros_like(invstd), torch.ones_like(invstd),
+                True, eps, [True, False, False],
+            )[0]
+            gb.mul_(invstd.view(1, -1, 1, 1))
+        return gb, gw, None, None, None, None, None
 
 
 def _sep_tail(

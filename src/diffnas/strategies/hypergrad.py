@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffnas.ops import twice_differentiable
 from diffnas.strategies.base import Batch, SearchStrategy
 
 HypergradRule = Callable[[SearchStrategy, Batch, Batch], tuple[list[torch.Tensor], dict]]
@@ -67,7 +68,8 @@ def mixed_hvp_exact(
 ) -> list[torch.Tensor]:
     """The same product by double backward: grad_alpha (grad_w L_train . v)."""
     named = dict(s.supernet.named_parameters())
-    loss, _ = s.loss(batch, s.arch_weights())
+    with twice_differentiable():
+        loss, _ = s.loss(batch, s.arch_weights())
     gw = torch.autograd.grad(loss, list(named.values()), create_graph=True)
     dot = sum((g * vector[n]).sum() for g, n in zip(gw, named))
     return list(torch.autograd.grad(dot, s.alphas()))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffnas.ops import twice_differentiable
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.registry import register_strategy
 
@@ -69,7 +70,8 @@ def implicit(s: SearchStrategy, train_batch: Batch, val_batch: Batch, K: int = 5
     defaults to the weight optimizer's current learning rate."""
     w = list(s.supernet.parameters())
     val_loss, stats = s.loss(val_batch, s.arch_weights())
-    train_loss, _ = s.loss(train_batch, s.arch_weights())
+    with twice_differentiable():  # differentiated twice below
+        train_loss, _ = s.loss(train_batch, s.arch_weights())
     grads = implicit_hypergrad(train_loss, val_loss, w, s.alphas(), K,
                                s.lr if eta is None else eta, s.config.w_optim.weight_decay)
     return grads, stats

@@ -16,6 +16,7 @@ from diffnas.ops.conv import (
     Identity,
     SepConv,
     batch_norm,
+    memory_savers_allowed,
     slow_channels_last,
     stateless_bn,
 )
@@ -91,14 +92,14 @@ class MixedOp(nn.Module):
             return weights[active] * self.ops[active](x)
         out: torch.Tensor | None = None
         terms: list[torch.Tensor] = []
-        recompute = self.recompute and torch.is_grad_enabled()
+        recompute = self.recompute and memory_savers_allowed()
         if self._preact:
             r = torch.relu(x)
             r_nchw = None
             for i in self._preact:
                 op = self.ops[i]
-                if recompute and isinstance(op, SepConv):
-                    h = op.forward_preact(r, recompute=True)
+                if isinstance(op, SepConv):
+                    h = op.forward_preact(r, recompute=recompute)
                 elif isinstance(op, DilConv) and slow_channels_last(op[1], r):
                     if r_nchw is None:  # one NCHW copy for both dilated convs
                         r_nchw = r.contiguous()
