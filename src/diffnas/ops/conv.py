@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffnas.ops.registry import register_op
 
@@ -125,20 +126,26 @@ class SepConv(nn.Sequential):
         With autograd recording (and outside :func:`twice_differentiable`), the middle
         BN -> ReLU -> depthwise runs as one autograd function that keeps the BN's output
         instead of its input and the ReLU's output (:class:`BNReLUConv`): two activations
-        fewer per op, no extra work. ``recompute`` also folds the last pointwise conv in
-        and recomputes the depthwise output it would keep: three fewer, for one depthwise
-        conv more in backward. The weights are inputs of the function, so under
+        fewer per op, no extra work. ``recompute`` keeps only the first depthwise output
+        and recomputes the rest up to the final BN in backward: three fewer, for a
+        recomputation. The weights go into both as inputs, so under
         ``torch.func.functional_call`` the substituted weights are the ones used."""
         first, second = self[0], self[1]
         if not (memory_savers_allowed() and stateless_bn(first[3])):
             h = first[3](first.forward_preact(x))
             return second.forward_preact(torch.relu(h))
+        if recompute:
+            a = first[1](x)
+            return checkpoint(
+                _sep_tail, a, first[2].weight, second[1].weight, second[2].weight, first[3],
+                second[1], use_reentrant=False,
+            )
         dw = second[1]
-        out = BNReLUConv.apply(
-            first.forward_preact(x), dw.weight, second[2].weight if recompute else None,
-            first[3].eps, dw.stride, dw.padding, dw.dilation, dw.groups,
+        c = BNReLUConv.apply(
+            first.forward_preact(x), dw.weight, first[3].eps, dw.stride, dw.padding,
+            dw.dilation, dw.groups,
         )
-        return out if recompute else second[2](out)
+        return second[2](c)
 
 
 class BNReLUConv(torch.autograd.Function):
@@ -146,43 +153,32 @@ class BNReLUConv(torch.autograd.Function):
     backward the BN output ``y`` and the per-channel ``invstd`` instead of ``b`` and
     ``relu(y)`` (the in-place-ABN idea: an affine-free BN is invertible, and its input
     gradient needs only the normalized values). ``relu(y)`` is recomputed in backward.
-    With a pointwise weight ``w_pw`` the result goes through that 1x1 conv as well, and the
-    depthwise output it would keep is recomputed too (``SepConv``'s ``recompute``).
 
     Once differentiable: the saved ``y`` has no graph to ``b``, so a double backward
     raises; :func:`twice_differentiable` switches the supernet to plain autograd."""
 
     @staticmethod
-    def forward(ctx, b, w, w_pw, eps, stride, padding, dilation, groups):  # type: ignore[override]
+    def forward(ctx, b, w, eps, stride, padding, dilation, groups):  # type: ignore[override]
         y, _, invstd = torch.ops.aten.native_batch_norm(b, None, None, None, None, True, 0.0, eps)
         c = F.conv2d(torch.relu(y), w, None, stride, padding, dilation, groups)
-        ctx.save_for_backward(y, invstd, w, w_pw)
-        ctx.conf = (list(stride), list(padding), list(dilation), groups, eps)
-        return c if w_pw is None else F.conv2d(c, w_pw)
+        ctx.save_for_backward(y, invstd, w)
+        ctx.conf = (stride, padding, dilation, groups, eps)
+        return c
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, gc):  # type: ignore[override]
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "the search supernet's memory-saving BN-ReLU-conv path is differentiable "
                 "once; build the loss inside diffnas.ops.twice_differentiable() to take "
                 "second derivatives"
             )
-        y, invstd, w, w_pw = ctx.saved_tensors
+        y, invstd, w = ctx.saved_tensors
         stride, padding, dilation, groups, eps = ctx.conf
-        need_b, need_w, need_pw = ctx.needs_input_grad[:3]
-        h = torch.relu(y)
-        g_pw = None
-        if w_pw is not None:
-            c = F.conv2d(h, w, None, stride, padding, dilation, groups)
-            grad, g_pw, _ = torch.ops.aten.convolution_backward(
-                grad, c, w_pw, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [need_b or need_w, need_pw, False],
-            )
-            del c
+        need_b, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh, gw, _ = torch.ops.aten.convolution_backward(
-            grad, h, w, None, stride, padding, dilation, False, [0, 0], groups,
-            [need_b, need_w, False],
+            gc, torch.relu(y), w, None, list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, [need_b, need_w, False],
         )
         gb = None
         if need_b:
@@ -194,7 +190,17 @@ class BNReLUConv(torch.autograd.Function):
                 True, eps, [True, False, False],
             )[0]
             gb.mul_(invstd.view(1, -1, 1, 1))
-        return gb, gw, g_pw, None, None, None, None, None
+        return gb, gw, None, None, None, None, None
+
+
+def _sep_tail(
+    a: torch.Tensor, w_pw1: torch.Tensor, w_dw: torch.Tensor, w_pw2: torch.Tensor,
+    bn: nn.Module, dw: nn.Conv2d,
+) -> torch.Tensor:
+    """SepConv after its first depthwise conv, up to the final BN (weights explicit)."""
+    h = torch.relu(bn(F.conv2d(a, w_pw1)))
+    h = F.conv2d(h, w_dw, None, dw.stride, dw.padding, dw.dilation, dw.groups)
+    return F.conv2d(h, w_pw2)
 
 
 class Identity(nn.Module):
