@@ -31,6 +31,7 @@ NNI_PY = HERE / ".venv-nni" / "bin" / "python"
 # the first 4 cells recomputing activations in backward (the space's ``recompute: 4``).
 PLAN = [
     ("paper", 16, ["first"], ["diffnas", "diffnas_recompute:4", "nni", "reference"], 1, 3),
+    ("paper", 16, ["first"], ["diffnas", "diffnas_twice"], 1, 2),
     ("paper", 16, ["weights", "second"], ["diffnas", "reference"], 1, 2),
     ("demo", 64, ["weights", "first", "second"], ["diffnas", "reference", "nni"], 1, 2),
 ]

@@ -8,6 +8,8 @@ Contenders (``--contenders``):
                   NNI 3.0 has no second-order DARTS); needs the benchmark venv with nni
   diffnas_nchw    ablation: diffnas without channels-last
   diffnas_nofuse  ablation: diffnas without the shared ReLU and the BN-fused weights
+  diffnas_twice   ablation: diffnas inside twice_differentiable() (plain autograd, no
+                  once-differentiable BN-ReLU-conv in the separable convs)
   diffnas_recompute[:N]  diffnas recomputing activations of all (or the first N) cells in
                   backward: the space's ``recompute`` option (less memory, more time)
   diffnas_pc      diffnas with partial channels (PC-DARTS, k=4)
@@ -125,6 +127,14 @@ class Diffnas(Contender):
         return self.net.parameters()
 
     def step(self, mode, train, val):
+        if self.name == "diffnas_twice":  # ablation: no once-differentiable memory savers
+            from diffnas.ops import twice_differentiable
+
+            with twice_differentiable():
+                return self._step(mode, train, val)
+        return self._step(mode, train, val)
+
+    def _step(self, mode, train, val):
         if mode == "weights":
             self.s1.weight_step(train, self.s1.arch_weights())
         elif mode == "first":

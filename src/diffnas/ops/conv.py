@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,9 @@ class BNReLUConv(torch.autograd.Function):
         y, invstd, w = ctx.saved_tensors
         stride, padding, dilation, groups, eps = ctx.conf
         need_b, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # The architecture step asks only for alpha gradients: skip the conv weight
+        # gradient when this backward will not use it (built-in ops do the same).
+        need_w = need_w and _engine_will_use(ctx, 1)
         gh, gw, _ = torch.ops.aten.convolution_backward(
             gc, torch.relu(y), w, None, list(stride), list(padding), list(dilation), False,
             [0, 0], groups, [need_b, need_w, False],
@@ -191,6 +195,16 @@ class BNReLUConv(torch.autograd.Function):
             )[0]
             gb.mul_(invstd.view(1, -1, 1, 1))
         return gb, gw, None, None, None, None, None
+
+
+def _engine_will_use(ctx: Any, i: int) -> bool:
+    """Whether the running backward pass uses the gradient of input ``i`` of a custom
+    function (``ctx`` is its graph node); True when torch cannot tell."""
+    try:
+        node = ctx.next_functions[i][0]
+        return node is not None and bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError, IndexError):
+        return True
 
 
 def _sep_tail(
