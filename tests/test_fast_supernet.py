@@ -212,3 +212,27 @@ def test_bn_relu_conv_matches_plain_autograd_and_refuses_double_backward():
     gw = torch.autograd.grad((out**2).sum(), params, create_graph=True)
     hv = torch.autograd.grad(sum((t**2).sum() for t in gw), list(arch.parameters()))
     assert all(torch.isfinite(h).all() for h in hv)
+
+
+def test_bn_relu_conv_under_bf16_autocast():
+    # GPU searches run under autocast: the conv inside the function runs in bf16 while the
+    # saved weight is float32; backward must follow the forward's dtypes.
+    import torch.nn.functional as F
+
+    from diffnas.ops.conv import BNReLUConv
+
+    g = torch.Generator().manual_seed(4)
+    b = torch.randn(4, 6, 9, 9, generator=g).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(6, 1, 3, 3, generator=g, requires_grad=True)
+    grads = []
+    for fn in (
+        lambda: BNReLUConv.apply(b, w, 1e-5, (1, 1), (1, 1), (1, 1), 6),
+        lambda: F.conv2d(torch.relu(F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5)),
+                         w, None, 1, 1, 1, 6),
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        grads.append(torch.autograd.grad(out.float().square().sum(), [b, w]))
+    for got, want in zip(*grads):
+        assert got.dtype == want.dtype
+        assert torch.allclose(got.float(), want.float(), rtol=0.05, atol=0.05 * want.abs().max())

@@ -180,13 +180,16 @@ class BNReLUConv(torch.autograd.Function):
         # The architecture step asks only for alpha gradients: skip the conv weight
         # gradient when this backward will not use it (built-in ops do the same).
         need_w = need_w and _engine_will_use(ctx, 1)
+        # under autocast the forward conv ran in gc's dtype (bf16/fp16), the BN in y's
+        h, wc = torch.relu(y).to(gc.dtype), w.to(gc.dtype)
         gh, gw, _ = torch.ops.aten.convolution_backward(
-            gc, torch.relu(y), w, None, list(stride), list(padding), list(dilation), False,
+            gc, h, wc, None, list(stride), list(padding), list(dilation), False,
             [0, 0], groups, [need_b, need_w, False],
         )
+        del h
         gb = None
         if need_b:
-            gy = gh.masked_fill_(y <= 0, 0.0)
+            gy = gh.to(y.dtype).masked_fill_(y <= 0, 0.0)
             # with mean 0 and invstd 1 the BN backward sees y as its normalized input;
             # the true input gradient is that result times invstd, per channel
             gb = torch.ops.aten.native_batch_norm_backward(
