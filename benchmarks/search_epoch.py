@@ -378,19 +378,16 @@ def main() -> None:
                         report["timed"].append(r)
                         print(json.dumps(r), flush=True)
                     save()
-        for b in args.profile:
-            r = guarded("profile", profile, b, args.amp[0], args.channels_last[0], cfg)
-            if r is not None:
-                print(r.pop("top_kernels"))
-                report["profiles"].append(r)
-                print(json.dumps(r), flush=True)
-            save()
-        for b in args.full_epoch:
-            r = guarded("full_epoch", full_epoch, b, args.amp[0], args.channels_last[0], cfg)
-            if r is not None:
-                report["full_epochs"].append(r)
-                print(json.dumps(r), flush=True)
-            save()
+        for tag, fn, batches, key in (("profile", profile, args.profile, "profiles"),
+                                      ("full_epoch", full_epoch, args.full_epoch, "full_epochs")):
+            for b in batches:
+                r = guarded(tag, fn, b, args.amp[0], args.channels_last[0], cfg)
+                if r is not None:
+                    if "top_kernels" in r:
+                        print(r.pop("top_kernels"))
+                    report[key].append(r)
+                    print(json.dumps(r), flush=True)
+                save()
         _BUILT.clear()
         torch.cuda.empty_cache()
     save()
