@@ -129,14 +129,15 @@ def _saved_bytes(net, arch, x) -> int:
 
 
 def test_recompute_keeps_less_for_backward():
-    # The point of the option: the pool branches and the separable convolutions' second
-    # blocks keep nothing for backward. Measured on the same net with the switch flipped.
+    # The point of the option: the pool branches keep nothing for backward (their BN
+    # inputs and max-pool indices, about a fifth of what the edges keep). Measured on the
+    # same net with the switch flipped.
     fast, _, arch = _pair(True, torch.float32, nodes=4)
     x = torch.randn(8, 2, 8, 8)
     plain = _saved_bytes(fast, arch, x)
     fast.recompute = True
     less = _saved_bytes(fast, arch, x)
-    assert less < 0.8 * plain, (less, plain)
+    assert less < 0.9 * plain, (less, plain)
 
 
 def test_recompute_uses_functional_call_weights():
@@ -236,3 +237,169 @@ def test_bn_relu_conv_under_bf16_autocast():
     for got, want in zip(*grads):
         assert got.dtype == want.dtype
         assert torch.allclose(got.float(), want.float(), rtol=0.05, atol=0.05 * want.abs().max())
+
+
+def _dw_pw_plain(x, w_dw, w_pw, stride, padding, dilation, cl_out):
+    import torch.nn.functional as F
+
+    d = F.conv2d(x, w_dw, None, stride, padding, dilation, x.shape[1])
+    if cl_out:
+        d = d.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(d, w_pw)
+
+
+@pytest.mark.parametrize(
+    "layout,cl_out,stride,dilation",
+    [
+        (torch.contiguous_format, False, 1, 1),
+        (torch.channels_last, False, 2, 1),
+        (torch.channels_last, False, 1, 2),
+        (torch.contiguous_format, True, 2, 2),  # the NCHW detour of strided dilated convs
+    ],
+)
+def test_dw_pw_conv_matches_plain_autograd(layout, cl_out, stride, dilation):
+    # Depthwise -> 1x1 keeps only its input and recomputes the depthwise output in
+    # backward: gradients must be those of the plain composition.
+    from diffnas.ops.conv import DwPwConv
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 9, 9, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    w_dw = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w_pw = torch.randn(5, 4, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    pad = dilation
+
+    def saver(x, w_dw, w_pw):
+        return DwPwConv.apply(x, w_dw, w_pw, (stride, stride), (pad, pad),
+                              (dilation, dilation), 4, cl_out)
+
+    out = saver(x, w_dw, w_pw)
+    want_out = _dw_pw_plain(x, w_dw, w_pw, stride, pad, dilation, cl_out)
+    assert torch.allclose(out, want_out, rtol=1e-12, atol=1e-12)
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, [x, w_dw, w_pw], gout)
+    want = torch.autograd.grad(want_out, [x, w_dw, w_pw], gout)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(saver, (x, w_dw, w_pw))
+    with pytest.raises(RuntimeError, match="twice_differentiable"):
+        gx = torch.autograd.grad(saver(x, w_dw, w_pw).sum(), x, create_graph=True)[0]
+        torch.autograd.grad(gx.sum(), w_pw)
+
+
+def test_conv_savers_recompute_only_for_weight_gradients(monkeypatch):
+    # An architecture step asks for no weight gradient: its backward must recompute no
+    # depthwise output. A weight step needs the 1x1 weight gradients, so it recomputes.
+    import torch.nn.functional as F
+
+    from diffnas.ops.conv import BNReLUConv, DwPwConv
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
+    w_dw = torch.randn(4, 1, 3, 3, generator=g, requires_grad=True)
+    w_pw = torch.randn(4, 4, 1, 1, generator=g, requires_grad=True)
+    calls = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    for fn in (
+        lambda: DwPwConv.apply(x, w_dw, w_pw, (1, 1), (1, 1), (1, 1), 4, False),
+        lambda: BNReLUConv.apply(x, w_dw, 1e-5, (1, 1), (1, 1), (1, 1), 4, w_pw),
+    ):
+        out = fn()
+        calls.clear()
+        torch.autograd.grad(out.square().sum(), [x])
+        assert calls == []
+        out = fn()
+        calls.clear()
+        gx, gpw = torch.autograd.grad(out.square().sum(), [x, w_pw])
+        assert len(calls) == 1
+        assert gpw.abs().sum() > 0
+
+
+def test_bn_relu_conv_with_pointwise_matches_plain_autograd():
+    import torch.nn.functional as F
+
+    from diffnas.ops.conv import BNReLUConv
+
+    def plain(b, w, w_pw):
+        y = F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5)
+        return F.conv2d(F.conv2d(torch.relu(y), w, None, 1, 2, 1, 4), w_pw)
+
+    def saver(b, w, w_pw):
+        return BNReLUConv.apply(b, w, 1e-5, (1, 1), (2, 2), (1, 1), 4, w_pw)
+
+    g = torch.Generator().manual_seed(7)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        b = torch.randn(3, 4, 7, 7, generator=g, dtype=torch.float64)
+        b = b.contiguous(memory_format=layout).requires_grad_()
+        w = torch.randn(4, 1, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        w_pw = torch.randn(6, 4, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+        gout = torch.randn(3, 6, 7, 7, generator=g, dtype=torch.float64)
+        got = torch.autograd.grad(saver(b, w, w_pw), [b, w, w_pw], gout)
+        want = torch.autograd.grad(plain(b, w, w_pw), [b, w, w_pw], gout)
+        for x, y in zip(got, want):
+            assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradcheck(saver, (b, w, w_pw))
+
+
+@pytest.mark.parametrize("stride,layout", [(1, torch.channels_last), (2, torch.contiguous_format)])
+def test_compact_max_pool_matches_max_pool(stride, layout):
+    # Narrow indices, same result: ties (integer-valued inputs) included, where the
+    # gradient must go to the same element as torch's max-pool sends it to.
+    from diffnas.ops import twice_differentiable  # noqa: F401  (the error names it)
+    from diffnas.ops.pool import _index_dtype, max_pool_compact
+
+    pool = torch.nn.MaxPool2d(3, stride=stride, padding=1)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-2, 3, (2, 3, 9, 9), generator=g).double()
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    out = max_pool_compact(pool, x)
+    want = pool(x)
+    assert torch.equal(out, want)
+    assert out.is_contiguous(memory_format=layout)
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, x, gout)
+    (ref,) = torch.autograd.grad(want, x, gout)
+    assert torch.equal(got, ref)
+    assert _index_dtype(9 * 9) == torch.int16
+    assert _index_dtype(200 * 200) == torch.int32
+    assert _index_dtype(2**31) == torch.int64
+    with pytest.raises(RuntimeError, match="twice_differentiable"):
+        gx = torch.autograd.grad(max_pool_compact(pool, x).sum(), x, create_graph=True)[0]
+        torch.autograd.grad(gx.sum(), x)
+
+
+def test_dense_grad_hands_on_a_dense_gradient():
+    # A concat's inputs receive channel slices of its gradient; dense_grad makes the
+    # gradient that reaches the producer dense in the tensor's own layout.
+    from diffnas.ops.conv import dense_grad
+
+    for wrap in (False, True):
+        x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        t = x * 2
+        if wrap:
+            t = dense_grad(t)
+        seen = []
+        t.register_hook(lambda g, seen=seen: seen.append(
+            g.is_contiguous(memory_format=torch.channels_last)))
+        torch.cat([t, t * 3], dim=1).sum().backward()
+        assert seen == [wrap]
+        assert torch.equal(x.grad, torch.full_like(x, 8.0))
+
+
+def test_search_cell_computes_one_relu_per_edge_input():
+    # Every edge reading a node shares that node's relu(x): 2 cell inputs + 3 inner
+    # nodes feed edges (nodes=4), plus one ReLU in each of the 2 preprocessing convs.
+    fast, _, arch = _pair(True, torch.float32, layers=1, nodes=4)
+    w = ArchWeights({g: torch.softmax(a, -1) for g, a in arch.as_dict().items()})
+    out = fast(torch.randn(2, 2, 8, 8), w)
+    relus, stack, seen = 0, [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        relus += type(node).__name__ == "ReluBackward0"
+        stack.extend(f for f, _ in node.next_functions)
+    assert relus == 5 + 2

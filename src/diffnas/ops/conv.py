@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from diffnas.ops.registry import register_op
 
@@ -91,13 +90,49 @@ class DilConv(nn.Sequential):
         """Pre-BN output for an input already passed through ReLU (see ReLUConvBN).
         ``x_nchw``: ``x`` as an NCHW-contiguous copy, if the caller already made one."""
         dw = self[1]
-        if slow_channels_last(dw, x):
+        slow = slow_channels_last(dw, x)
+        if slow:
             # oneDNN's CPU depthwise conv with both stride and dilation is about twice as
             # slow on channels-last tensors as on NCHW ones (benchmarks/README.md): take
             # the NCHW path for this conv and return to channels-last for the rest.
             x = x.contiguous() if x_nchw is None else x_nchw
-            return self[2](dw(x).contiguous(memory_format=torch.channels_last))
+        if memory_savers_allowed():
+            return DwPwConv.apply(x, dw.weight, self[2].weight, dw.stride, dw.padding,
+                                  dw.dilation, dw.groups, slow)
+        if slow:
+            y = dense_grad(dw(x), torch.contiguous_format)
+            return self[2](y.contiguous(memory_format=torch.channels_last))
         return self[2](dw(x))
+
+
+def dense_grad(
+    t: torch.Tensor, memory_format: torch.memory_format | None = None
+) -> torch.Tensor:
+    """``t``, with the gradient that reaches it made dense (in ``memory_format``, default
+    ``t``'s own layout) before it flows on to ``t``'s producer.
+
+    Gradients of a concat's inputs are channel slices of the concat's gradient, and a
+    layout conversion passes its gradient through unchanged; torch's CPU batch-norm,
+    convolution and ReLU backward kernels take a generic path several times slower on
+    such strided or mismatched gradients (a BN backward at 16x16x32x32: 2.3 ms instead of
+    0.24 ms). One copy where the gradient arrives lets every consumer take the fast path.
+    """
+    if not (t.requires_grad and torch.is_grad_enabled() and t.dim() == 4):
+        return t
+    if memory_format is None:
+        memory_format = (
+            torch.channels_last
+            if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+            else torch.contiguous_format
+        )
+    t.register_hook(lambda g: g.contiguous(memory_format=memory_format))
+    return t
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not (
+        x.is_contiguous()
+    )
 
 
 def slow_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -121,103 +156,161 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_out, kernel, 1, padding, 1, affine),
         )
 
-    def forward_preact(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-BN output for an input already passed through ReLU (see ReLUConvBN).
 
-        With autograd recording (and outside :func:`twice_differentiable`), the middle
-        BN -> ReLU -> depthwise runs as one autograd function that keeps the BN's output
-        instead of its input and the ReLU's output (:class:`BNReLUConv`): two activations
-        fewer per op, no extra work. ``recompute`` keeps only the first depthwise output
-        and recomputes the rest up to the final BN in backward: three fewer, for a
-        recomputation. The weights go into both as inputs, so under
-        ``torch.func.functional_call`` the substituted weights are the ones used."""
+        With autograd recording (and outside :func:`twice_differentiable`), each half
+        keeps only its input: the first (depthwise -> 1x1, :class:`DwPwConv`) the shared
+        ReLU output, the second (BN -> ReLU -> depthwise -> 1x1, :class:`BNReLUConv`) the
+        BN's output; the depthwise outputs are recomputed in backward when a weight
+        gradient needs them. Four activations fewer per op than plain autograd. The
+        weights go in as inputs, so under ``torch.func.functional_call`` the substituted
+        weights are the ones used."""
         first, second = self[0], self[1]
         if not (memory_savers_allowed() and stateless_bn(first[3])):
             h = first[3](first.forward_preact(x))
             return second.forward_preact(torch.relu(h))
-        if recompute:
-            a = first[1](x)
-            return checkpoint(
-                _sep_tail, a, first[2].weight, second[1].weight, second[2].weight, first[3],
-                second[1], use_reentrant=False,
-            )
         dw = second[1]
-        c = BNReLUConv.apply(
+        return BNReLUConv.apply(
             first.forward_preact(x), dw.weight, first[3].eps, dw.stride, dw.padding,
-            dw.dilation, dw.groups,
+            dw.dilation, dw.groups, second[2].weight,
         )
-        return second[2](c)
 
 
 class BNReLUConv(torch.autograd.Function):
-    """``conv2d(relu(bn(b)), w)`` for an affine-free BN on batch statistics, keeping for
-    backward the BN output ``y`` and the per-channel ``invstd`` instead of ``b`` and
-    ``relu(y)`` (the in-place-ABN idea: an affine-free BN is invertible, and its input
-    gradient needs only the normalized values). ``relu(y)`` is recomputed in backward.
+    """``conv2d(relu(bn(b)), w)`` for an affine-free BN on batch statistics, followed by
+    the 1x1 conv ``w_pw`` when given, keeping for backward only the BN output ``y`` and
+    the per-channel ``invstd`` instead of ``b``, ``relu(y)`` and the depthwise output (the
+    in-place-ABN idea: an affine-free BN is invertible, and its input gradient needs only
+    the normalized values). ``relu(y)`` is recomputed in backward, the depthwise output
+    only when ``w_pw``'s gradient is used (see :func:`_dw_pw_backward`).
 
     Once differentiable: the saved ``y`` has no graph to ``b``, so a double backward
     raises; :func:`twice_differentiable` switches the supernet to plain autograd."""
 
     @staticmethod
-    def forward(ctx, b, w, eps, stride, padding, dilation, groups):  # type: ignore[override]
+    def forward(ctx, b, w, eps, stride, padding, dilation, groups, w_pw=None):  # type: ignore[override]
         y, _, invstd = torch.ops.aten.native_batch_norm(b, None, None, None, None, True, 0.0, eps)
         c = F.conv2d(torch.relu(y), w, None, stride, padding, dilation, groups)
-        ctx.save_for_backward(y, invstd, w)
-        ctx.conf = (stride, padding, dilation, groups, eps)
+        if w_pw is not None:
+            c = F.conv2d(c, w_pw)
+        ctx.save_for_backward(y, invstd, w, w_pw)
+        ctx.conf = (stride, padding, dilation, groups, False)
+        ctx.eps = eps
         return c
 
     @staticmethod
     def backward(ctx, gc):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the search supernet's memory-saving BN-ReLU-conv path is differentiable "
-                "once; build the loss inside diffnas.ops.twice_differentiable() to take "
-                "second derivatives"
-            )
-        y, invstd, w = ctx.saved_tensors
-        stride, padding, dilation, groups, eps = ctx.conf
-        need_b, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # The architecture step asks only for alpha gradients: skip the conv weight
-        # gradient when this backward will not use it (built-in ops do the same).
-        need_w = need_w and _engine_will_use(ctx, 1)
-        # under autocast the forward conv ran in gc's dtype (bf16/fp16), the BN in y's
-        h, wc = torch.relu(y).to(gc.dtype), w.to(gc.dtype)
-        gh, gw, _ = torch.ops.aten.convolution_backward(
-            gc, h, wc, None, list(stride), list(padding), list(dilation), False,
-            [0, 0], groups, [need_b, need_w, False],
-        )
-        del h
+        _once_differentiable("BN-ReLU-conv")
+        y, invstd, w, w_pw = ctx.saved_tensors
+        need_b = ctx.needs_input_grad[0]
+        # under autocast the forward convs ran in gc's dtype (bf16/fp16), the BN in y's
+        h = torch.relu(y).to(gc.dtype)
+        # the architecture step asks for no weight gradient (see _engine_will_use)
+        need_w = ctx.needs_input_grad[1] and _engine_will_use(ctx, 1)
+        need_pw = w_pw is not None and ctx.needs_input_grad[7] and _engine_will_use(ctx, 2)
+        gh, gw, gpw = _dw_pw_backward(ctx.conf, gc, h, w, w_pw, need_b, need_w, need_pw)
         gb = None
         if need_b:
-            gy = gh.to(y.dtype).masked_fill_(y <= 0, 0.0)
+            # ReLU backward from its output (2 passes fewer than a mask of y <= 0)
+            gy = torch.ops.aten.threshold_backward(gh, h, 0).to(y.dtype)
+            del h, gh
             # with mean 0 and invstd 1 the BN backward sees y as its normalized input;
             # the true input gradient is that result times invstd, per channel
             gb = torch.ops.aten.native_batch_norm_backward(
                 gy, y, None, None, None, torch.zeros_like(invstd), torch.ones_like(invstd),
-                True, eps, [True, False, False],
+                True, ctx.eps, [True, False, False],
             )[0]
             gb.mul_(invstd.view(1, -1, 1, 1))
-        return gb, gw, None, None, None, None, None
+        return gb, gw, None, None, None, None, None, gpw
+
+
+class DwPwConv(torch.autograd.Function):
+    """``conv2d(conv2d(x, w_dw, ...), w_pw)``: a depthwise conv then a 1x1 conv, keeping
+    for backward only ``x`` (in the supernet the edge's shared ReLU output, kept anyway)
+    and not the depthwise output, which is recomputed in backward when ``w_pw``'s gradient
+    is used (weight steps; an architecture step needs no weight gradient and recomputes
+    nothing). ``channels_last_out``: the depthwise output goes to channels-last before the
+    1x1 conv (``x`` is an NCHW copy taken for a slow channels-last kernel). Once
+    differentiable, like :class:`BNReLUConv`."""
+
+    @staticmethod
+    def forward(ctx, x, w_dw, w_pw, stride, padding, dilation, groups, channels_last_out):  # type: ignore[override]
+        d = F.conv2d(x, w_dw, None, stride, padding, dilation, groups)
+        if channels_last_out:
+            d = d.contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x, w_dw, w_pw)
+        ctx.conf = (stride, padding, dilation, groups, channels_last_out)
+        return F.conv2d(d, w_pw)
+
+    @staticmethod
+    def backward(ctx, gc):  # type: ignore[override]
+        _once_differentiable("depthwise-pointwise conv")
+        x, w_dw, w_pw = ctx.saved_tensors
+        need_x, need_dw, need_pw = ctx.needs_input_grad[:3]
+        gx, gdw, gpw = _dw_pw_backward(
+            ctx.conf, gc, x.to(gc.dtype), w_dw, w_pw, need_x,
+            need_dw and _engine_will_use(ctx, 1), need_pw and _engine_will_use(ctx, 2),
+        )
+        return gx, gdw, gpw, None, None, None, None, None
+
+
+def _once_differentiable(what: str) -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the search supernet's memory-saving {what} path is differentiable once; "
+            "build the loss inside diffnas.ops.twice_differentiable() to take second "
+            "derivatives"
+        )
+
+
+def _dw_pw_backward(
+    conf: tuple, gc: torch.Tensor, h: torch.Tensor, w_dw: torch.Tensor,
+    w_pw: torch.Tensor | None, need_h: bool, need_dw: bool, need_pw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``pw(dw(h))`` (``pw`` optional) for the custom functions above, each
+    only where needed. The depthwise output is recomputed only for ``w_pw``'s gradient:
+    an architecture step, which needs no weight gradient, recomputes nothing."""
+    stride, padding, dilation, groups, channels_last_out = conf
+    wd = w_dw.to(gc.dtype)
+    gpw = None
+    gd = gc
+    if w_pw is not None:
+        if need_pw:
+            d = F.conv2d(h, wd, None, stride, padding, dilation, groups)
+            if channels_last_out:
+                d = d.contiguous(memory_format=torch.channels_last)
+        else:  # only its shape and layout are read: allocated, never written
+            fmt = (torch.channels_last if channels_last_out or _is_channels_last(h)
+                   else torch.contiguous_format)
+            d = torch.empty((gc.shape[0], w_dw.shape[0], *gc.shape[2:]), dtype=gc.dtype,
+                            device=gc.device, memory_format=fmt)
+        gd, gpw, _ = torch.ops.aten.convolution_backward(
+            gc, d, w_pw.to(gc.dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [need_h or need_dw, need_pw, False],
+        )
+        del d
+        if gd is not None and channels_last_out:
+            gd = gd.contiguous()  # the depthwise conv ran on NCHW tensors
+    gh = gdw = None
+    if need_h or need_dw:
+        gh, gdw, _ = torch.ops.aten.convolution_backward(
+            gd, h, wd, None, list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, [need_h, need_dw, False],
+        )
+    return gh, gdw, gpw
 
 
 def _engine_will_use(ctx: Any, i: int) -> bool:
-    """Whether the running backward pass uses the gradient of input ``i`` of a custom
-    function (``ctx`` is its graph node); True when torch cannot tell."""
+    """Whether the running backward pass uses the gradient of the ``i``-th *tensor*
+    input of a custom function (``ctx`` is its graph node); True when torch cannot tell.
+    A custom function's ``needs_input_grad`` is fixed at forward time, so without this an
+    architecture step would compute every weight gradient (built-in ops skip them)."""
     try:
         node = ctx.next_functions[i][0]
         return node is not None and bool(torch._C._will_engine_execute_node(node))
     except (AttributeError, RuntimeError, IndexError):
         return True
-
-
-def _sep_tail(
-    a: torch.Tensor, w_pw1: torch.Tensor, w_dw: torch.Tensor, w_pw2: torch.Tensor,
-    bn: nn.Module, dw: nn.Conv2d,
-) -> torch.Tensor:
-    """SepConv after its first depthwise conv, up to the final BN (weights explicit)."""
-    h = torch.relu(bn(F.conv2d(a, w_pw1)))
-    h = F.conv2d(h, w_dw, None, dw.stride, dw.padding, dw.dilation, dw.groups)
-    return F.conv2d(h, w_pw2)
 
 
 class Identity(nn.Module):
@@ -257,7 +350,9 @@ class FactorizedReduce(nn.Module):
         """Pre-BN output for an input already passed through ReLU (see ReLUConvBN)."""
         # The second path sees the input shifted by one pixel; pad so odd sizes work.
         shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)
+        return torch.cat(
+            [dense_grad(self.conv_1(x)), dense_grad(self.conv_2(shifted))], dim=1
+        )
 
 
 @register_op("none")

@@ -9,8 +9,8 @@ from torch import nn
 
 from diffnas.genotype import CellGenotype
 from diffnas.ops import create_op
-from diffnas.ops.conv import FactorizedReduce, Identity, ReLUConvBN
-from diffnas.supernet.mixed import MixedOpFactory, default_mixed_op
+from diffnas.ops.conv import FactorizedReduce, Identity, ReLUConvBN, dense_grad
+from diffnas.supernet.mixed import MixedOp, MixedOpFactory, default_mixed_op
 
 
 def cell_edges(nodes: int) -> list[tuple[int, int]]:
@@ -58,15 +58,22 @@ class SearchCell(nn.Module):
     ) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         act = None if active is None else active.tolist()
+        shared: list[dict[str, torch.Tensor]] = [{}, {}]  # per node, see MixedOp.forward
         offset = 0
         for _ in range(self.nodes):
             s = None
             for j, h in enumerate(states):
                 k = offset + j
-                out = self.edges[k](h, weights[k], None if act is None else act[k])
+                edge = self.edges[k]
+                a = None if act is None else act[k]
+                if isinstance(edge, MixedOp):
+                    out = edge(h, weights[k], a, shared=shared[j])
+                else:
+                    out = edge(h, weights[k], a)
                 s = out if s is None else s + out
             offset += len(states)
-            states.append(s)
+            states.append(dense_grad(s))
+            shared.append({})
         return torch.cat(states[-self.nodes :], dim=1)
 
 

@@ -14,12 +14,13 @@ from diffnas.ops.conv import (
     DilConv,
     FactorizedReduce,
     Identity,
-    SepConv,
     batch_norm,
+    dense_grad,
     memory_savers_allowed,
     slow_channels_last,
     stateless_bn,
 )
+from diffnas.ops.pool import max_pool_compact
 
 MixedOpFactory = Callable[[int, int, Sequence[str]], nn.Module]
 
@@ -46,16 +47,18 @@ class MixedOp(nn.Module):
     ``active`` set (hard sampling, e.g. GDAS) only that one op is computed.
 
     The fast path gives the same result as that sum (up to float rounding) with less work
-    and memory: the ReLU that starts every convolution op is computed once per edge, and
-    ``w_k * BN(h)`` (affine-free BN) is computed as one batch norm with weight ``w_k``, so
-    neither the separate ReLU outputs nor the unweighted BN outputs are kept for backward.
+    and memory: the ReLU that starts every convolution op is computed once per edge input
+    (shared by all edges reading the same node, see ``forward``), and ``w_k * BN(h)``
+    (affine-free BN) is computed as one batch norm with weight ``w_k``, so neither the
+    separate ReLU outputs nor the unweighted BN outputs are kept for backward. Outside
+    ``twice_differentiable()`` the conv ops keep only their inputs and BN outputs (their
+    depthwise outputs are recomputed when a weight gradient needs them, see
+    ``SepConv.forward_preact``) and the max-pool keeps int16 indices.
 
-    ``recompute`` (set by the supernet) trades time for memory: the pool -> BN
-    branches keep nothing for backward (their output and the max-pool's int64 indices are
-    recomputed from the edge input, which is kept anyway), and the separable convolutions
-    recompute all but their first depthwise conv (see ``SepConv.forward_preact``). Only
-    parameter-free parts or explicitly passed weights are recomputed, so the result and
-    the gradients are unchanged.
+    ``recompute`` (set by the supernet) trades time for memory: the pool -> BN branches
+    keep nothing for backward (their output and the max-pool's indices are recomputed from
+    the edge input, which is kept anyway). They have no parameters, so the result and the
+    gradients are unchanged.
     """
 
     recompute: bool = False
@@ -86,24 +89,30 @@ class MixedOp(nn.Module):
                 self._other.append(i)
 
     def forward(
-        self, x: torch.Tensor, weights: torch.Tensor, active: int | None = None
+        self, x: torch.Tensor, weights: torch.Tensor, active: int | None = None,
+        shared: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``shared``: a dict the caller passes to every edge that reads this same ``x`` in
+        one forward pass (the cell does, one per node). ``relu(x)`` and its NCHW copy are
+        computed once, kept there and reused, instead of once per edge."""
         if active is not None:
             return weights[active] * self.ops[active](x)
         out: torch.Tensor | None = None
         terms: list[torch.Tensor] = []
-        recompute = self.recompute and memory_savers_allowed()
+        savers = memory_savers_allowed()
+        recompute = self.recompute and savers
+        shared = {} if shared is None else shared
         if self._preact:
-            r = torch.relu(x)
-            r_nchw = None
+            if "relu" not in shared:
+                shared["relu"] = torch.relu(x)
+            r = shared["relu"]
             for i in self._preact:
                 op = self.ops[i]
-                if isinstance(op, SepConv):
-                    h = op.forward_preact(r, recompute=recompute)
-                elif isinstance(op, DilConv) and slow_channels_last(op[1], r):
-                    if r_nchw is None:  # one NCHW copy for both dilated convs
-                        r_nchw = r.contiguous()
-                    h = op.forward_preact(r, r_nchw)
+                if isinstance(op, DilConv) and slow_channels_last(op[1], r):
+                    if "relu_nchw" not in shared:  # one NCHW copy for the dilated convs
+                        shared["relu_nchw"] = r.contiguous()
+                        dense_grad(r)  # its NCHW gradient back to r's layout
+                    h = op.forward_preact(r, shared["relu_nchw"])
                 else:
                     h = op.forward_preact(r)
                 terms.append(_weighted_bn(h, _final_bn(op), weights[i]))
@@ -112,7 +121,7 @@ class MixedOp(nn.Module):
             if recompute and stateless_bn(op[1]) and not any(True for _ in op.parameters()):
                 terms.append(checkpoint(_pool_bn, x, weights[i], op, use_reentrant=False))
             else:
-                terms.append(_pool_bn(x, weights[i], op))
+                terms.append(_pool_bn(x, weights[i], op, compact=savers))
         for i in self._identity:
             terms.append(weights[i] * x)
         for i in self._other:
@@ -122,9 +131,14 @@ class MixedOp(nn.Module):
         return out
 
 
-def _pool_bn(x: torch.Tensor, w: torch.Tensor, op: nn.Sequential) -> torch.Tensor:
-    """``w * bn(pool(x))`` of a search pool (``op`` = pool, plain BN)."""
-    return _weighted_bn(op[0](x), op[1], w)
+def _pool_bn(
+    x: torch.Tensor, w: torch.Tensor, op: nn.Sequential, compact: bool = False
+) -> torch.Tensor:
+    """``w * bn(pool(x))`` of a search pool (``op`` = pool, plain BN); ``compact``: a
+    max-pool keeps narrow indices (``max_pool_compact``)."""
+    pool = op[0]
+    h = max_pool_compact(pool, x) if compact and isinstance(pool, nn.MaxPool2d) else pool(x)
+    return _weighted_bn(h, op[1], w)
 
 
 def _weighted_bn(h: torch.Tensor, bn: nn.Module, w: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,10 @@ class DartsSuperNet(nn.Module):
     layout (benchmarks/README.md has the figures). The result is the same up to rounding.
 
     ``recompute`` has the mixed edges of the first ``recompute`` cells (``True``: all)
-    recompute their pool branches and most of their separable convolutions in backward
-    instead of keeping those activations (``MixedOp``). The first cells hold the largest
-    activations and recompute them with the fewest, largest kernels, so a few leading cells
-    buy most of the memory for little time (benchmarks/README.md has the trade measured).
+    recompute their pool branches in backward instead of keeping those activations
+    (``MixedOp``). The first cells hold the largest activations and recompute them with the
+    fewest, largest kernels, so a few leading cells buy most of the memory for little time
+    (benchmarks/README.md has the trade measured).
     """
 
     def __init__(
