@@ -222,21 +222,38 @@ def test_bn_relu_conv_under_bf16_autocast():
 
     from diffnas.ops.conv import BNReLUConv
 
+    from diffnas.ops.conv import DwPwConv
+
     g = torch.Generator().manual_seed(4)
     b = torch.randn(4, 6, 9, 9, generator=g).to(torch.bfloat16).requires_grad_()
     w = torch.randn(6, 1, 3, 3, generator=g, requires_grad=True)
-    grads = []
-    for fn in (
-        lambda: BNReLUConv.apply(b, w, 1e-5, (1, 1), (1, 1), (1, 1), 6),
-        lambda: F.conv2d(torch.relu(F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5)),
-                         w, None, 1, 1, 1, 6),
-    ):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = fn()
-        grads.append(torch.autograd.grad(out.float().square().sum(), [b, w]))
-    for got, want in zip(*grads):
-        assert got.dtype == want.dtype
-        assert torch.allclose(got.float(), want.float(), rtol=0.05, atol=0.05 * want.abs().max())
+    w_pw = torch.randn(5, 6, 1, 1, generator=g, requires_grad=True)
+
+    def bn_relu(b):
+        return torch.relu(F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5))
+
+    pairs = [  # (memory saver, plain autograd)
+        (lambda: BNReLUConv.apply(b, w, 1e-5, (1, 1), (1, 1), (1, 1), 6),
+         lambda: F.conv2d(bn_relu(b), w, None, 1, 1, 1, 6)),
+        (lambda: BNReLUConv.apply(b, w, 1e-5, (1, 1), (1, 1), (1, 1), 6, w_pw),
+         lambda: F.conv2d(F.conv2d(bn_relu(b), w, None, 1, 1, 1, 6), w_pw)),
+        (lambda: DwPwConv.apply(b, w, w_pw, (2, 2), (1, 1), (1, 1), 6, False),
+         lambda: F.conv2d(F.conv2d(b, w, None, 2, 1, 1, 6), w_pw)),
+    ]
+    for saver, plain in pairs:
+        grads = []
+        for fn in (saver, plain):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fn()
+            grads.append(torch.autograd.grad(out.float().square().sum(), [b, w, w_pw],
+                                             allow_unused=True))
+        for got, want in zip(*grads):
+            if want is None:
+                assert got is None or not got.abs().sum()
+                continue
+            assert got.dtype == want.dtype
+            assert torch.allclose(got.float(), want.float(), rtol=0.05,
+                                  atol=0.05 * want.abs().max())
 
 
 def _dw_pw_plain(x, w_dw, w_pw, stride, padding, dilation, cl_out):

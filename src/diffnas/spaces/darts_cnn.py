@@ -31,7 +31,8 @@ class DartsCnnConfig:
     stem_multiplier: int = 3
     ops: list[str] = field(default_factory=lambda: list(DARTS_OPS))
     mixed_op: dict = field(default_factory=dict)  # edge modifier: {"name": ..., **settings}
-    # recompute activations of the first N cells in backward (true: all): less memory, more time
+    # recompute the pool branches of the first N cells in backward (true: all): less memory,
+    # more time
     recompute: bool | int = False
 
     def __post_init__(self) -> None:
