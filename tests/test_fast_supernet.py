@@ -220,9 +220,7 @@ def test_bn_relu_conv_under_bf16_autocast():
     # saved weight is float32; backward must follow the forward's dtypes.
     import torch.nn.functional as F
 
-    from diffnas.ops.conv import BNReLUConv
-
-    from diffnas.ops.conv import DwPwConv
+    from diffnas.ops.conv import BNReLUConv, DwPwConv
 
     g = torch.Generator().manual_seed(4)
     b = torch.randn(4, 6, 9, 9, generator=g).to(torch.bfloat16).requires_grad_()

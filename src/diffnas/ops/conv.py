@@ -193,7 +193,7 @@ class BNReLUConv(torch.autograd.Function):
         y, _, invstd = torch.ops.aten.native_batch_norm(b, None, None, None, None, True, 0.0, eps)
         c = F.conv2d(torch.relu(y), w, None, stride, padding, dilation, groups)
         if w_pw is not None:
-            c = F.conv2d(c, w_pw)
+            c = _pointwise(c, w_pw)
         ctx.save_for_backward(y, invstd, w, w_pw)
         ctx.conf = (stride, padding, dilation, groups, False)
         ctx.eps = eps
@@ -241,7 +241,7 @@ class DwPwConv(torch.autograd.Function):
             d = d.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, w_dw, w_pw)
         ctx.conf = (stride, padding, dilation, groups, channels_last_out)
-        return F.conv2d(d, w_pw)
+        return _pointwise(d, w_pw)
 
     @staticmethod
     def backward(ctx, gc):  # type: ignore[override]
@@ -276,19 +276,14 @@ def _dw_pw_backward(
     gpw = None
     gd = gc
     if w_pw is not None:
+        d = None
         if need_pw:
             d = F.conv2d(h, wd, None, stride, padding, dilation, groups)
             if channels_last_out:
                 d = d.contiguous(memory_format=torch.channels_last)
-        else:  # only its shape and layout are read: allocated, never written
-            fmt = (torch.channels_last if channels_last_out or _is_channels_last(h)
-                   else torch.contiguous_format)
-            d = torch.empty((gc.shape[0], w_dw.shape[0], *gc.shape[2:]), dtype=gc.dtype,
-                            device=gc.device, memory_format=fmt)
-        gd, gpw, _ = torch.ops.aten.convolution_backward(
-            gc, d, w_pw.to(gc.dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [need_h or need_dw, need_pw, False],
-        )
+        shape = (gc.shape[0], w_dw.shape[0], *gc.shape[2:])
+        gd, gpw = _pointwise_backward(gc, d, shape, w_pw.to(gc.dtype),
+                                      need_h or need_dw, need_pw)
         del d
         if gd is not None and channels_last_out:
             gd = gd.contiguous()  # the depthwise conv ran on NCHW tensors
@@ -299,6 +294,42 @@ def _dw_pw_backward(
             [0, 0], groups, [need_h, need_dw, False],
         )
     return gh, gdw, gpw
+
+
+def _pointwise(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The 1x1 conv ``conv2d(d, w)``; on a channels-last ``d`` as one matrix product
+    (N*H*W, C_in) @ (C_in, C_out), which on CPU takes a third to a half of oneDNN's 1x1
+    convolution time at the supernet's few channels (benchmarks/README.md)."""
+    if not _is_channels_last(d):
+        return F.conv2d(d, w)
+    n, c, hh, ww = d.shape
+    out = d.permute(0, 2, 3, 1).reshape(-1, c) @ w.view(w.shape[0], c).t()
+    return out.view(n, hh, ww, w.shape[0]).permute(0, 3, 1, 2)
+
+
+def _pointwise_backward(
+    g: torch.Tensor, d: torch.Tensor | None, d_shape: tuple[int, ...], w: torch.Tensor,
+    need_d: bool, need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`_pointwise` w.r.t. its input (of shape ``d_shape``) and its
+    weight; ``d`` (the input) is needed only for the weight's."""
+    if _is_channels_last(g) and (d is None or _is_channels_last(d)):
+        n, c_out, hh, ww = g.shape
+        g2 = g.permute(0, 2, 3, 1).reshape(-1, c_out)
+        w2 = w.view(c_out, -1)
+        gd = gw = None
+        if need_d:
+            gd = (g2 @ w2).view(n, hh, ww, -1).permute(0, 3, 1, 2)
+        if need_w:
+            gw = (g2.t() @ d.permute(0, 2, 3, 1).reshape(-1, w2.shape[1])).view_as(w)
+        return gd, gw
+    if d is None:  # only its shape and layout are read: allocated, never written
+        fmt = torch.channels_last if _is_channels_last(g) else torch.contiguous_format
+        d = torch.empty(d_shape, dtype=g.dtype, device=g.device, memory_format=fmt)
+    gd, gw, _ = torch.ops.aten.convolution_backward(
+        g, d, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_d, need_w, False]
+    )
+    return gd, gw
 
 
 def _engine_will_use(ctx: Any, i: int) -> bool:
