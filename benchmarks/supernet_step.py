@@ -8,10 +8,11 @@ Contenders (``--contenders``):
                   NNI 3.0 has no second-order DARTS); needs the benchmark venv with nni
   diffnas_nchw    ablation: diffnas without channels-last
   diffnas_nofuse  ablation: diffnas without the shared ReLU and the BN-fused weights
-  diffnas_twice   ablation: diffnas inside twice_differentiable() (plain autograd, no
-                  once-differentiable BN-ReLU-conv in the separable convs)
-  diffnas_recompute[:N]  diffnas recomputing activations of all (or the first N) cells in
-                  backward: the space's ``recompute`` option (less memory, more time)
+  diffnas_twice   ablation: diffnas inside twice_differentiable() (plain autograd, none
+                  of the once-differentiable memory savers: DwPwConv, BNReLUConv, int16
+                  max-pool indices)
+  diffnas_recompute[:N]  diffnas recomputing the pool branches of all (or the first N)
+                  cells in backward: the space's ``recompute`` option (less memory, more time)
   diffnas_pc      diffnas with partial channels (PC-DARTS, k=4)
   diffnas_gdas    diffnas's GDAS strategy (one sampled op per edge)
 
