@@ -215,7 +215,8 @@ def test_bn_relu_conv_matches_plain_autograd_and_refuses_double_backward():
     assert all(torch.isfinite(h).all() for h in hv)
 
 
-def test_bn_relu_conv_under_bf16_autocast():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bn_relu_conv_under_bf16_autocast(layout):
     # GPU searches run under autocast: the conv inside the function runs in bf16 while the
     # saved weight is float32; backward must follow the forward's dtypes.
     import torch.nn.functional as F
@@ -223,7 +224,8 @@ def test_bn_relu_conv_under_bf16_autocast():
     from diffnas.ops.conv import BNReLUConv, DwPwConv
 
     g = torch.Generator().manual_seed(4)
-    b = torch.randn(4, 6, 9, 9, generator=g).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(4, 6, 9, 9, generator=g).to(torch.bfloat16)
+    b = b.contiguous(memory_format=layout).requires_grad_()  # channels-last: 1x1 as matmul
     w = torch.randn(6, 1, 3, 3, generator=g, requires_grad=True)
     w_pw = torch.randn(5, 6, 1, 1, generator=g, requires_grad=True)
 
