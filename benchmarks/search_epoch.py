@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from diffnas.arch import ArchParams  # noqa: E402
+from diffnas.ops import twice_differentiable  # noqa: E402
 from diffnas.spaces import DataShape, create_space  # noqa: E402
 from diffnas.strategies import ClassificationObjective, create_strategy  # noqa: E402
 
@@ -124,11 +125,15 @@ def step_fn(s, amp: str, cfg: dict | None = None):
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16"
            else contextlib.nullcontext())
     graphs = cfg is not None and cfg["compile"] in ("reduce-overhead", "cudagraphs")
+    # Compiled runs take plain autograd (as measured in gpu_notes_compile.md): the eager
+    # memory savers are custom autograd functions whose backward asks the autograd engine
+    # which weight gradients it needs, which a compiled backward graph cannot do.
+    compiled = cfg is not None and cfg["compile"] != "none"
 
     def step(train, val):
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with ctx:
+        with ctx, (twice_differentiable() if compiled else contextlib.nullcontext()):
             s.step(train, val)
 
     return step
