@@ -177,7 +177,7 @@ def test_bn_relu_conv_matches_plain_autograd_and_refuses_double_backward():
     import torch.nn.functional as F
 
     from diffnas.ops import twice_differentiable
-    from diffnas.ops.conv import BNReLUConv
+    from diffnas.ops.savers import BNReLUConv
 
     def plain(b, w):
         y = F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5)
@@ -221,7 +221,7 @@ def test_bn_relu_conv_under_bf16_autocast(layout):
     # saved weight is float32; backward must follow the forward's dtypes.
     import torch.nn.functional as F
 
-    from diffnas.ops.conv import BNReLUConv, DwPwConv
+    from diffnas.ops.savers import BNReLUConv, DwPwConv
 
     g = torch.Generator().manual_seed(4)
     b = torch.randn(4, 6, 9, 9, generator=g).to(torch.bfloat16)
@@ -277,7 +277,7 @@ def _dw_pw_plain(x, w_dw, w_pw, stride, padding, dilation, cl_out):
 def test_dw_pw_conv_matches_plain_autograd(layout, cl_out, stride, dilation):
     # Depthwise -> 1x1 keeps only its input and recomputes the depthwise output in
     # backward: gradients must be those of the plain composition.
-    from diffnas.ops.conv import DwPwConv
+    from diffnas.ops.savers import DwPwConv
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, 9, 9, generator=g, dtype=torch.float64)
@@ -309,7 +309,7 @@ def test_conv_savers_recompute_only_for_weight_gradients(monkeypatch):
     # depthwise output. A weight step needs the 1x1 weight gradients, so it recomputes.
     import torch.nn.functional as F
 
-    from diffnas.ops.conv import BNReLUConv, DwPwConv
+    from diffnas.ops.savers import BNReLUConv, DwPwConv
 
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
@@ -336,7 +336,7 @@ def test_conv_savers_recompute_only_for_weight_gradients(monkeypatch):
 def test_bn_relu_conv_with_pointwise_matches_plain_autograd():
     import torch.nn.functional as F
 
-    from diffnas.ops.conv import BNReLUConv
+    from diffnas.ops.savers import BNReLUConv
 
     def plain(b, w, w_pw):
         y = F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5)
@@ -364,7 +364,7 @@ def test_compact_max_pool_matches_max_pool(stride, layout):
     # Narrow indices, same result: ties (integer-valued inputs) included, where the
     # gradient must go to the same element as torch's max-pool sends it to.
     from diffnas.ops import twice_differentiable  # noqa: F401  (the error names it)
-    from diffnas.ops.pool import _index_dtype, max_pool_compact
+    from diffnas.ops.savers import _index_dtype, max_pool_compact
 
     pool = torch.nn.MaxPool2d(3, stride=stride, padding=1)
     g = torch.Generator().manual_seed(8)
@@ -389,7 +389,7 @@ def test_compact_max_pool_matches_max_pool(stride, layout):
 def test_dense_grad_hands_on_a_dense_gradient():
     # A concat's inputs receive channel slices of its gradient; dense_grad makes the
     # gradient that reaches the producer dense in the tensor's own layout.
-    from diffnas.ops.conv import dense_grad
+    from diffnas.ops.savers import dense_grad
 
     for wrap in (False, True):
         x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffnas.ops.registry import register_op
+from diffnas.ops.savers import (
+    BNReLUConv,
+    DwPwConv,
+    dense_grad,
+    memory_savers_allowed,
+)
 
 
 def batch_norm(C: int, affine: bool) -> nn.BatchNorm2d:
@@ -20,27 +20,6 @@ def batch_norm(C: int, affine: bool) -> nn.BatchNorm2d:
     besides its weights, unrolled/perturbed passes have no side effects, and results are
     reproducible on resume."""
     return nn.BatchNorm2d(C, affine=affine, track_running_stats=affine)
-
-
-_STATE = threading.local()
-
-
-@contextlib.contextmanager
-def twice_differentiable() -> Iterator[None]:
-    """Forward passes inside take plain autograd paths only, so their graphs can be
-    differentiated twice (double backward: exact Hessian products, iDARTS, Hessian
-    eigenvalues). Outside, the search supernet may use once-differentiable memory savers."""
-    before = getattr(_STATE, "twice", False)
-    _STATE.twice = True
-    try:
-        yield
-    finally:
-        _STATE.twice = before
-
-
-def memory_savers_allowed() -> bool:
-    """Autograd is recording and no caller asked for a twice-differentiable graph."""
-    return torch.is_grad_enabled() and not getattr(_STATE, "twice", False)
 
 
 def stateless_bn(m: nn.Module) -> bool:
@@ -105,36 +84,6 @@ class DilConv(nn.Sequential):
         return self[2](dw(x))
 
 
-def dense_grad(
-    t: torch.Tensor, memory_format: torch.memory_format | None = None
-) -> torch.Tensor:
-    """``t``, with the gradient that reaches it made dense (in ``memory_format``, default
-    ``t``'s own layout) before it flows on to ``t``'s producer.
-
-    Gradients of a concat's inputs are channel slices of the concat's gradient, and a
-    layout conversion passes its gradient through unchanged; torch's CPU batch-norm,
-    convolution and ReLU backward kernels take a generic path several times slower on
-    such strided or mismatched gradients (a BN backward at 16x16x32x32: 2.3 ms instead of
-    0.24 ms). One copy where the gradient arrives lets every consumer take the fast path.
-    """
-    if not (t.requires_grad and torch.is_grad_enabled() and t.dim() == 4):
-        return t
-    if memory_format is None:
-        memory_format = (
-            torch.channels_last
-            if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-            else torch.contiguous_format
-        )
-    t.register_hook(lambda g: g.contiguous(memory_format=memory_format))
-    return t
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not (
-        x.is_contiguous()
-    )
-
-
 def slow_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """A strided, dilated conv on a channels-last CPU tensor (slow in oneDNN)."""
     return (
@@ -175,173 +124,6 @@ class SepConv(nn.Sequential):
             first.forward_preact(x), dw.weight, first[3].eps, dw.stride, dw.padding,
             dw.dilation, dw.groups, second[2].weight,
         )
-
-
-class BNReLUConv(torch.autograd.Function):
-    """``conv2d(relu(bn(b)), w)`` for an affine-free BN on batch statistics, followed by
-    the 1x1 conv ``w_pw`` when given, keeping for backward only the BN output ``y`` and
-    the per-channel ``invstd`` instead of ``b``, ``relu(y)`` and the depthwise output (the
-    in-place-ABN idea: an affine-free BN is invertible, and its input gradient needs only
-    the normalized values). ``relu(y)`` is recomputed in backward, the depthwise output
-    only when ``w_pw``'s gradient is used (see :func:`_dw_pw_backward`).
-
-    Once differentiable: the saved ``y`` has no graph to ``b``, so a double backward
-    raises; :func:`twice_differentiable` switches the supernet to plain autograd."""
-
-    @staticmethod
-    def forward(ctx, b, w, eps, stride, padding, dilation, groups, w_pw=None):  # type: ignore[override]
-        y, _, invstd = torch.ops.aten.native_batch_norm(b, None, None, None, None, True, 0.0, eps)
-        c = F.conv2d(torch.relu(y), w, None, stride, padding, dilation, groups)
-        if w_pw is not None:
-            c = _pointwise(c, w_pw)
-        ctx.save_for_backward(y, invstd, w, w_pw)
-        ctx.conf = (stride, padding, dilation, groups, False)
-        ctx.eps = eps
-        return c
-
-    @staticmethod
-    def backward(ctx, gc):  # type: ignore[override]
-        _once_differentiable("BN-ReLU-conv")
-        y, invstd, w, w_pw = ctx.saved_tensors
-        need_b = ctx.needs_input_grad[0]
-        # under autocast the forward convs ran in gc's dtype (bf16/fp16), the BN in y's
-        h = torch.relu(y).to(gc.dtype)
-        # the architecture step asks for no weight gradient (see _engine_will_use)
-        need_w = ctx.needs_input_grad[1] and _engine_will_use(ctx, 1)
-        need_pw = w_pw is not None and ctx.needs_input_grad[7] and _engine_will_use(ctx, 2)
-        gh, gw, gpw = _dw_pw_backward(ctx.conf, gc, h, w, w_pw, need_b, need_w, need_pw)
-        gb = None
-        if need_b:
-            # ReLU backward from its output (2 passes fewer than a mask of y <= 0)
-            gy = torch.ops.aten.threshold_backward(gh, h, 0).to(y.dtype)
-            del h, gh
-            # with mean 0 and invstd 1 the BN backward sees y as its normalized input;
-            # the true input gradient is that result times invstd, per channel
-            gb = torch.ops.aten.native_batch_norm_backward(
-                gy, y, None, None, None, torch.zeros_like(invstd), torch.ones_like(invstd),
-                True, ctx.eps, [True, False, False],
-            )[0]
-            gb.mul_(invstd.view(1, -1, 1, 1))
-        return gb, gw, None, None, None, None, None, gpw
-
-
-class DwPwConv(torch.autograd.Function):
-    """``conv2d(conv2d(x, w_dw, ...), w_pw)``: a depthwise conv then a 1x1 conv, keeping
-    for backward only ``x`` (in the supernet the edge's shared ReLU output, kept anyway)
-    and not the depthwise output, which is recomputed in backward when ``w_pw``'s gradient
-    is used (weight steps; an architecture step needs no weight gradient and recomputes
-    nothing). ``channels_last_out``: the depthwise output goes to channels-last before the
-    1x1 conv (``x`` is an NCHW copy taken for a slow channels-last kernel). Once
-    differentiable, like :class:`BNReLUConv`."""
-
-    @staticmethod
-    def forward(ctx, x, w_dw, w_pw, stride, padding, dilation, groups, channels_last_out):  # type: ignore[override]
-        d = F.conv2d(x, w_dw, None, stride, padding, dilation, groups)
-        if channels_last_out:
-            d = d.contiguous(memory_format=torch.channels_last)
-        ctx.save_for_backward(x, w_dw, w_pw)
-        ctx.conf = (stride, padding, dilation, groups, channels_last_out)
-        return _pointwise(d, w_pw)
-
-    @staticmethod
-    def backward(ctx, gc):  # type: ignore[override]
-        _once_differentiable("depthwise-pointwise conv")
-        x, w_dw, w_pw = ctx.saved_tensors
-        need_x, need_dw, need_pw = ctx.needs_input_grad[:3]
-        gx, gdw, gpw = _dw_pw_backward(
-            ctx.conf, gc, x.to(gc.dtype), w_dw, w_pw, need_x,
-            need_dw and _engine_will_use(ctx, 1), need_pw and _engine_will_use(ctx, 2),
-        )
-        return gx, gdw, gpw, None, None, None, None, None
-
-
-def _once_differentiable(what: str) -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"the search supernet's memory-saving {what} path is differentiable once; "
-            "build the loss inside diffnas.ops.twice_differentiable() to take second "
-            "derivatives"
-        )
-
-
-def _dw_pw_backward(
-    conf: tuple, gc: torch.Tensor, h: torch.Tensor, w_dw: torch.Tensor,
-    w_pw: torch.Tensor | None, need_h: bool, need_dw: bool, need_pw: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``pw(dw(h))`` (``pw`` optional) for the custom functions above, each
-    only where needed. The depthwise output is recomputed only for ``w_pw``'s gradient:
-    an architecture step, which needs no weight gradient, recomputes nothing."""
-    stride, padding, dilation, groups, channels_last_out = conf
-    wd = w_dw.to(gc.dtype)
-    gpw = None
-    gd = gc
-    if w_pw is not None:
-        d = None
-        if need_pw:
-            d = F.conv2d(h, wd, None, stride, padding, dilation, groups)
-            if channels_last_out:
-                d = d.contiguous(memory_format=torch.channels_last)
-        shape = (gc.shape[0], w_dw.shape[0], *gc.shape[2:])
-        gd, gpw = _pointwise_backward(gc, d, shape, w_pw.to(gc.dtype),
-                                      need_h or need_dw, need_pw)
-        del d
-        if gd is not None and channels_last_out:
-            gd = gd.contiguous()  # the depthwise conv ran on NCHW tensors
-    gh = gdw = None
-    if need_h or need_dw:
-        gh, gdw, _ = torch.ops.aten.convolution_backward(
-            gd, h, wd, None, list(stride), list(padding), list(dilation), False,
-            [0, 0], groups, [need_h, need_dw, False],
-        )
-    return gh, gdw, gpw
-
-
-def _pointwise(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The 1x1 conv ``conv2d(d, w)``; on a channels-last ``d`` as one matrix product
-    (N*H*W, C_in) @ (C_in, C_out), which on CPU takes a third to a half of oneDNN's 1x1
-    convolution time at the supernet's few channels (benchmarks/README.md)."""
-    if not _is_channels_last(d):
-        return F.conv2d(d, w)
-    n, c, hh, ww = d.shape
-    out = d.permute(0, 2, 3, 1).reshape(-1, c) @ w.view(w.shape[0], c).t()
-    return out.view(n, hh, ww, w.shape[0]).permute(0, 3, 1, 2)
-
-
-def _pointwise_backward(
-    g: torch.Tensor, d: torch.Tensor | None, d_shape: tuple[int, ...], w: torch.Tensor,
-    need_d: bool, need_w: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`_pointwise` w.r.t. its input (of shape ``d_shape``) and its
-    weight; ``d`` (the input) is needed only for the weight's."""
-    if _is_channels_last(g) and (d is None or _is_channels_last(d)):
-        n, c_out, hh, ww = g.shape
-        g2 = g.permute(0, 2, 3, 1).reshape(-1, c_out)
-        w2 = w.view(c_out, -1)
-        gd = gw = None
-        if need_d:
-            gd = (g2 @ w2).view(n, hh, ww, -1).permute(0, 3, 1, 2)
-        if need_w:
-            gw = (g2.t() @ d.permute(0, 2, 3, 1).reshape(-1, w2.shape[1])).view_as(w)
-        return gd, gw
-    if d is None:  # only its shape and layout are read: allocated, never written
-        fmt = torch.channels_last if _is_channels_last(g) else torch.contiguous_format
-        d = torch.empty(d_shape, dtype=g.dtype, device=g.device, memory_format=fmt)
-    gd, gw, _ = torch.ops.aten.convolution_backward(
-        g, d, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_d, need_w, False]
-    )
-    return gd, gw
-
-
-def _engine_will_use(ctx: Any, i: int) -> bool:
-    """Whether the running backward pass uses the gradient of the ``i``-th *tensor*
-    input of a custom function (``ctx`` is its graph node); True when torch cannot tell.
-    A custom function's ``needs_input_grad`` is fixed at forward time, so without this an
-    architecture step would compute every weight gradient (built-in ops skip them)."""
-    try:
-        node = ctx.next_functions[i][0]
-        return node is not None and bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError, IndexError):
-        return True
 
 
 class Identity(nn.Module):

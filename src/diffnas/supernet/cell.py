@@ -9,7 +9,8 @@ from torch import nn
 
 from diffnas.genotype import CellGenotype
 from diffnas.ops import create_op
-from diffnas.ops.conv import FactorizedReduce, Identity, ReLUConvBN, dense_grad
+from diffnas.ops.conv import FactorizedReduce, Identity, ReLUConvBN
+from diffnas.ops.savers import dense_grad
 from diffnas.supernet.mixed import MixedOp, MixedOpFactory, default_mixed_op
 
 

@@ -15,12 +15,10 @@ from diffnas.ops.conv import (
     FactorizedReduce,
     Identity,
     batch_norm,
-    dense_grad,
-    memory_savers_allowed,
     slow_channels_last,
     stateless_bn,
 )
-from diffnas.ops.pool import max_pool_compact
+from diffnas.ops.savers import dense_grad, max_pool_compact, memory_savers_allowed
 
 MixedOpFactory = Callable[[int, int, Sequence[str]], nn.Module]
 
