@@ -315,9 +315,15 @@ def test_conv_savers_recompute_only_for_weight_gradients(monkeypatch):
     x = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
     w_dw = torch.randn(4, 1, 3, 3, generator=g, requires_grad=True)
     w_pw = torch.randn(4, 4, 1, 1, generator=g, requires_grad=True)
-    calls = []
+    calls = []  # convolutions with the depthwise weight itself: forward or its recompute
     conv2d = F.conv2d
-    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+
+    def counting_conv2d(*a, **k):
+        if a[1] is w_dw:
+            calls.append(1)
+        return conv2d(*a, **k)
+
+    monkeypatch.setattr(F, "conv2d", counting_conv2d)
     for fn in (
         lambda: DwPwConv.apply(x, w_dw, w_pw, (1, 1), (1, 1), (1, 1), 4, False),
         lambda: BNReLUConv.apply(x, w_dw, 1e-5, (1, 1), (1, 1), (1, 1), 4, w_pw),
