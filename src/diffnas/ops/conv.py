@@ -10,6 +10,7 @@ from diffnas.ops.savers import (
     BNReLUConv,
     DwPwConv,
     dense_grad,
+    is_channels_last,
     memory_savers_allowed,
 )
 
@@ -88,8 +89,7 @@ def slow_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """A strided, dilated conv on a channels-last CPU tensor (slow in oneDNN)."""
     return (
         x.device.type == "cpu" and conv.stride != (1, 1) and conv.dilation != (1, 1)
-        and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
+        and is_channels_last(x)
     )
 
 

@@ -57,16 +57,13 @@ def dense_grad(
     if not (t.requires_grad and torch.is_grad_enabled() and t.dim() == 4):
         return t
     if memory_format is None:
-        memory_format = (
-            torch.channels_last
-            if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-            else torch.contiguous_format
-        )
+        memory_format = torch.channels_last if is_channels_last(t) else torch.contiguous_format
     t.register_hook(lambda g: g.contiguous(memory_format=memory_format))
     return t
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
+    """A dense channels-last 4-d tensor that is not also NCHW-contiguous."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not (
         x.is_contiguous()
     )
