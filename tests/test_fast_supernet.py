@@ -142,7 +142,7 @@ def test_recompute_keeps_less_for_backward():
 
 def test_recompute_uses_functional_call_weights():
     # Second-order DARTS evaluates the supernet at substituted weights via functional_call;
-    # the recomputed blocks must use those, not the module's own weights.
+    # with the pool branches recomputed, the gradients at those weights must not change.
     from torch.func import functional_call
 
     fast, _, arch = _pair(True, torch.float64, recompute=True)
@@ -369,7 +369,6 @@ def test_bn_relu_conv_with_pointwise_matches_plain_autograd():
 def test_compact_max_pool_matches_max_pool(stride, layout):
     # Narrow indices, same result: ties (integer-valued inputs) included, where the
     # gradient must go to the same element as torch's max-pool sends it to.
-    from diffnas.ops import twice_differentiable  # noqa: F401  (the error names it)
     from diffnas.ops.savers import _index_dtype, max_pool_compact
 
     pool = torch.nn.MaxPool2d(3, stride=stride, padding=1)

@@ -292,11 +292,7 @@ class _CompactMaxPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the search supernet's compact max-pool is differentiable once; build the "
-                "loss inside diffnas.ops.twice_differentiable() to take second derivatives"
-            )
+        _once_differentiable("compact max-pool")
         (idx,) = ctx.saved_tensors
         shape, stride, dtype, kernel, pstride, padding, dilation = ctx.conf
         # the backward kernel reads only the input's shape and layout, not its values
