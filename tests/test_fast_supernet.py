@@ -12,6 +12,7 @@ import torch
 
 from diffnas.arch import ArchParams
 from diffnas.arch.relax import ArchWeights
+from diffnas.ops.savers import is_channels_last
 from diffnas.spaces import DataShape, create_space
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -95,16 +96,21 @@ def test_guard_detects_a_wrong_weight():
     assert (out_f - out_r).abs().max() > 1e-6
 
 
-def test_channels_last_is_used_and_output_layout_free():
-    fast, _, arch = _pair(True, torch.float32)
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_channels_last_is_used_and_output_layout_free(in_channels):
+    # A 1-channel NCHW image is also channels-last-contiguous, and the stem conv then
+    # answers in NCHW: the cells must still run channels-last (strictly: not NCHW too).
+    space = create_space({"name": "darts_cnn", "C": 4, "layers": 3, "nodes": 2},
+                         DataShape(in_channels, 8, 5))
+    fast, arch = space.build_supernet(), ArchParams(space)
     seen = []
     hook = fast.cells[0].edges[0].register_forward_hook(
-        lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last))
+        lambda m, i, o: seen.append((is_channels_last(i[0]), is_channels_last(o)))
     )
     w = ArchWeights({g: torch.softmax(a, -1) for g, a in arch.as_dict().items()})
-    out = fast(torch.randn(2, 2, 8, 8), w)
+    out = fast(torch.randn(2, in_channels, 8, 8), w)
     hook.remove()
-    assert seen == [True] and out.shape == (2, 5)
+    assert seen == [(True, True)] and out.shape == (2, 5)
 
 
 def test_paper_supernet_parameter_count():

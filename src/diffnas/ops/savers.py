@@ -69,6 +69,17 @@ def is_channels_last(x: torch.Tensor) -> bool:
     )
 
 
+def stem_channels_last(stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``stem(x)`` run on and returned in channels-last layout (4-d tensors), so that the
+    network after it runs NHWC. The layout is set on the output too: a 1-channel image
+    (Fashion-MNIST) is NCHW- and channels-last-contiguous at once, and the stem conv then
+    answers in NCHW."""
+    def nhwc(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    return nhwc(stem(nhwc(x)))
+
+
 class BNReLUConv(torch.autograd.Function):
     """``conv2d(relu(bn(b)), w)`` for an affine-free BN on batch statistics, followed by
     the 1x1 conv ``w_pw`` when given, keeping for backward only the BN output ``y`` and

@@ -17,6 +17,7 @@ from diffnas.arch.relax import ArchWeights
 from diffnas.genotype import CellGenotype
 from diffnas.ops import create_op
 from diffnas.ops.conv import ReLUConvBN
+from diffnas.ops.savers import stem_channels_last
 from diffnas.supernet.mixed import MixedOpFactory
 
 NB201_NODES = 4
@@ -144,10 +145,11 @@ class Nb201SuperNet(nn.Module):
 
     def __init__(
         self, C: int, N: int, candidates: Sequence[str], num_classes: int, in_channels: int = 3,
-        group: str = "cell", mixed_op: MixedOpFactory | None = None,
+        group: str = "cell", mixed_op: MixedOpFactory | None = None, channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.group = group
+        self.channels_last = channels_last
         self.stem = _stem(in_channels, C)
         layers: list[nn.Module] = []
         C_prev = C
@@ -165,7 +167,7 @@ class Nb201SuperNet(nn.Module):
         active = None
         if arch_weights.active is not None:
             active = [int(a) for a in arch_weights.active[self.group].tolist()]
-        h = self.stem(x)
+        h = stem_channels_last(self.stem, x) if self.channels_last else self.stem(x)
         for layer in self.cells:
             h = layer(h, weights, active) if isinstance(layer, Nb201SearchCell) else layer(h)
         return self.classifier(self.pool(self.lastact(h)).flatten(1))
@@ -175,9 +177,11 @@ class Nb201Network(nn.Module):
     """A fixed network: the genotype's cell in every position of the skeleton."""
 
     def __init__(
-        self, genotype: CellGenotype, C: int, N: int, num_classes: int, in_channels: int = 3
+        self, genotype: CellGenotype, C: int, N: int, num_classes: int, in_channels: int = 3,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.stem = _stem(in_channels, C)
         layers: list[nn.Module] = []
         C_prev = C
@@ -190,7 +194,7 @@ class Nb201Network(nn.Module):
         self.lastact, self.pool, self.classifier = _head(C_prev, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
+        h = stem_channels_last(self.stem, x) if self.channels_last else self.stem(x)
         for layer in self.cells:
             h = layer(h)
         return self.classifier(self.pool(self.lastact(h)).flatten(1))
