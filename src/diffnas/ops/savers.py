@@ -198,13 +198,31 @@ def _dw_pw_backward(
         # than its backward-data kernel, 4-8x for dilated kernels (benchmarks/README.md)
         gh = F.conv2d(gd, wd.flip(2, 3), None, 1, flip_pad, dilation, groups)
         need_h = False
+    if need_dw and _slow_weight_grad_channels_last(wd, h, dilation):
+        # oneDNN's channels-last weight gradient of a dilated depthwise kernel wider than
+        # the image is 2-3x slower than the NCHW one, copies included (benchmarks/README.md)
+        gdw = torch.ops.aten.convolution_backward(
+            gd.contiguous(), h.contiguous(), wd, None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, [False, True, False],
+        )[1]
+        need_dw = False
     if need_h or need_dw:
-        gh2, gdw, _ = torch.ops.aten.convolution_backward(
+        gh2, gdw2, _ = torch.ops.aten.convolution_backward(
             gd, h, wd, None, list(stride), list(padding), list(dilation), False,
             [0, 0], groups, [need_h, need_dw, False],
         )
         gh = gh if gh2 is None else gh2
+        gdw = gdw if gdw2 is None else gdw2
     return gh, gdw, gpw
+
+
+def _slow_weight_grad_channels_last(w: torch.Tensor, h: torch.Tensor, dilation: Any) -> bool:
+    """A dilated kernel whose dilated extent exceeds the channels-last CPU input it
+    convolves (a 5x5 kernel at dilation 2 on 8x8 maps)."""
+    if h.device.type != "cpu" or tuple(dilation) == (1, 1) or not is_channels_last(h):
+        return False
+    extent = [d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation, strict=True)]
+    return any(e > n for e, n in zip(extent, h.shape[2:], strict=True))
 
 
 def _flipped_padding(
