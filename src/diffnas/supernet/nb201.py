@@ -9,16 +9,19 @@ BN-ReLU, global pooling and a linear classifier at the end.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from diffnas.arch.relax import ArchWeights
 from diffnas.genotype import CellGenotype
 from diffnas.ops import create_op
 from diffnas.ops.conv import ReLUConvBN
 from diffnas.ops.savers import stem_channels_last
 from diffnas.supernet.mixed import MixedOpFactory
+
+if TYPE_CHECKING:  # a runtime import would cycle: arch -> spaces -> supernet
+    from diffnas.arch.relax import ArchWeights
 
 NB201_NODES = 4
 

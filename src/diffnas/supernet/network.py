@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from diffnas.arch.relax import ArchWeights
 from diffnas.genotype import Genotype
 from diffnas.ops.savers import stem_channels_last
 from diffnas.supernet.cell import FixedCell, SearchCell
 from diffnas.supernet.mixed import MixedOp, MixedOpFactory, default_mixed_op
+
+if TYPE_CHECKING:  # a runtime import would cycle: arch -> spaces -> supernet
+    from diffnas.arch.relax import ArchWeights
 
 
 def reduction_layers(layers: int) -> set[int]:
