@@ -251,6 +251,18 @@ def test_scrambling_test_columns_changes_nothing_in_the_search(name, table):
     assert plain.valid_acc == table.query(plain.arch_str, SEARCH_METRIC)
 
 
+@pytest.mark.parametrize(
+    "name,settings,problem",
+    [("gcn", {"initial": 1}, "initial >= 2"), ("nao", {"batch": 0}, "batch >= 1"),
+     ("nao", {"trade_off": 1.5}, "trade_off"), ("comparator", {"pairs": 0}, "pairs >= 1")],
+)
+def test_bad_predictor_settings_are_refused(name, settings, problem):
+    from diffnas.nasbench import create_query_strategy
+
+    with pytest.raises(ValueError, match=problem):
+        create_query_strategy(name, settings)
+
+
 def test_an_oracle_on_a_test_metric_is_refused():
     with pytest.raises(ValueError, match="test metric"):
         make_oracle(None, 10, metric="c10_test_200")

@@ -14,38 +14,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffnas.nasbench.graph import GraphEncoder, graph_tensors, space_graph_tensors
+from diffnas.nasbench.graph import GraphEncoder, graph_tensors
 from diffnas.nasbench.oracle import QueryOracle
-from diffnas.nasbench.strategies.base import (
-    QueryStrategy,
-    QueryStrategyConfig,
-    candidate_pool,
-    query_random,
-    query_top,
-    register_query_strategy,
-    round_size,
-    seeded_model,
-    torch_generator,
+from diffnas.nasbench.strategies.base import register_query_strategy
+from diffnas.nasbench.strategies.predictor import (
+    RankingConfig,
+    RankingSearch,
+    RoundLoss,
+    space_graphs,
 )
 
 
 @dataclass
-class ComparatorConfig(QueryStrategyConfig):
-    initial: int = 20
-    batch: int = 10  # cells queried per round (at least)
-    growth: float = 0.2  # ... or this fraction of the cells queried so far, if more
-    pool: int = 2000  # random unseen cells ranked per round (0 = the whole space)
-    neighbours_of: int = 5  # plus every one-edge mutation of this many best cells
-    hidden: int = 64
-    layers: int = 3
-    epochs: int = 30  # Adam steps per round (warm-started)
-    pairs: int = 512  # random ordered pairs per step
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+class ComparatorConfig(RankingConfig):
+    pairs: int = 512  # random ordered pairs per Adam step
 
     def __post_init__(self) -> None:
-        if self.initial < 2 or self.batch < 1 or self.pairs < 1:
-            raise ValueError("comparator needs initial >= 2, batch >= 1 and pairs >= 1")
+        super().__post_init__()
+        if self.pairs < 1:
+            raise ValueError(f"comparator needs pairs >= 1, got {self.pairs}")
 
 
 class Comparator(nn.Module):
@@ -63,43 +50,36 @@ class Comparator(nn.Module):
 
 
 @register_query_strategy("comparator")
-class ComparatorSearch(QueryStrategy):
-    Config = ComparatorConfig
+class ComparatorSearch(RankingSearch):
+    """Trained on random ordered pairs of queried cells (which is better); candidates
+    ranked by the probability that they beat the best cell queried so far."""
 
-    def search(self, oracle: QueryOracle, rng: np.random.Generator) -> None:
-        c = self.config
-        query_random(oracle, rng, c.initial)
-        gen = torch_generator(rng)
-        model = seeded_model(gen, lambda: Comparator(c.hidden, c.layers))
-        opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
-                               foreach=True)
-        space = space_graph_tensors()
-        while not oracle.exhausted:
-            cells, accs = oracle.data()
-            graphs = graph_tensors(cells)
-            acc = torch.from_numpy(accs)
-            n = len(cells)
-            model.train()
-            for _ in range(c.epochs):
-                i = torch.randint(n, (c.pairs,), generator=gen)
-                j = torch.randint(n, (c.pairs,), generator=gen)
-                keep = acc[i] != acc[j]
-                i, j = i[keep], j[keep]
-                if len(i) == 0:
-                    break
-                target = (acc[i] > acc[j]).float()
-                opt.zero_grad(set_to_none=True)
-                emb = model.encoder(*graphs)
-                loss = nn.functional.binary_cross_entropy_with_logits(
-                    model.compare(emb[i], emb[j]), target)
-                loss.backward()
-                opt.step()
-            baseline, _ = oracle.best()
-            model.eval()
-            codes = candidate_pool(oracle, rng, c.pool, c.neighbours_of)
-            with torch.no_grad():
-                emb_all = model.encoder(*(t[codes] for t in space))
-                emb_base = model.encoder(*graph_tensors(np.array([baseline])))
-                scores = model.compare(emb_all, emb_base.expand_as(emb_all)).double().numpy()
-            if query_top(oracle, codes, scores, round_size(c.batch, c.growth, oracle)) == 0:
-                break
+    Config = ComparatorConfig
+    config: ComparatorConfig
+
+    def build_model(self) -> nn.Module:
+        return Comparator(self.config.hidden, self.config.layers)
+
+    def round_loss(self, cells: np.ndarray, accs: np.ndarray, gen: torch.Generator) -> RoundLoss:
+        graphs = graph_tensors(cells)
+        acc = torch.from_numpy(accs)
+        n, pairs = len(cells), self.config.pairs
+
+        def loss(model: nn.Module) -> torch.Tensor | None:
+            i = torch.randint(n, (pairs,), generator=gen)
+            j = torch.randint(n, (pairs,), generator=gen)
+            keep = acc[i] != acc[j]
+            i, j = i[keep], j[keep]
+            if len(i) == 0:
+                return None  # every queried cell ties: nothing to learn this round
+            emb = model.encoder(*graphs)
+            return nn.functional.binary_cross_entropy_with_logits(
+                model.compare(emb[i], emb[j]), (acc[i] > acc[j]).float())
+
+        return loss
+
+    def scores(self, model: nn.Module, codes: np.ndarray, oracle: QueryOracle) -> np.ndarray:
+        baseline, _ = oracle.best()
+        emb_all = model.encoder(*space_graphs(codes))
+        emb_base = model.encoder(*graph_tensors(np.array([baseline])))
+        return model.compare(emb_all, emb_base.expand_as(emb_all)).double().numpy()

@@ -6,44 +6,19 @@ top ``batch``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
-from diffnas.nasbench.graph import GraphEncoder, graph_tensors, space_graph_tensors
+from diffnas.nasbench.graph import GraphEncoder, graph_tensors
 from diffnas.nasbench.oracle import QueryOracle
-from diffnas.nasbench.strategies.base import (
-    QueryStrategy,
-    QueryStrategyConfig,
-    candidate_pool,
-    query_random,
-    query_top,
-    register_query_strategy,
-    round_size,
-    seeded_model,
-    standardize,
-    torch_generator,
+from diffnas.nasbench.strategies.base import register_query_strategy, standardize
+from diffnas.nasbench.strategies.predictor import (
+    RankingConfig,
+    RankingSearch,
+    RoundLoss,
+    space_graphs,
 )
-
-
-@dataclass
-class GcnConfig(QueryStrategyConfig):
-    initial: int = 20  # random cells before the first fit
-    batch: int = 10  # cells queried per round (at least)
-    growth: float = 0.2  # ... or this fraction of the cells queried so far, if more
-    pool: int = 2000  # random unseen cells ranked per round (0 = the whole space)
-    neighbours_of: int = 5  # plus every one-edge mutation of this many best cells
-    hidden: int = 64
-    layers: int = 3
-    epochs: int = 30  # full-batch Adam steps per round (the model is warm-started)
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-
-    def __post_init__(self) -> None:
-        if self.initial < 2 or self.batch < 1:
-            raise ValueError("gcn needs initial >= 2 and batch >= 1")
 
 
 class GcnPredictor(nn.Module):
@@ -57,30 +32,19 @@ class GcnPredictor(nn.Module):
 
 
 @register_query_strategy("gcn")
-class GcnPredictorSearch(QueryStrategy):
-    Config = GcnConfig
+class GcnPredictorSearch(RankingSearch):
+    """Full-batch regression of the standardized accuracies; candidates ranked by the
+    predicted accuracy."""
 
-    def search(self, oracle: QueryOracle, rng: np.random.Generator) -> None:
-        c = self.config
-        query_random(oracle, rng, c.initial)
-        gen = torch_generator(rng)
-        model = seeded_model(gen, lambda: GcnPredictor(c.hidden, c.layers))
-        opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
-                               foreach=True)
-        space = space_graph_tensors()
-        while not oracle.exhausted:
-            cells, accs = oracle.data()
-            graphs = graph_tensors(cells)
-            y = torch.from_numpy(standardize(accs)).float()
-            model.train()
-            for _ in range(c.epochs):
-                opt.zero_grad(set_to_none=True)
-                loss = nn.functional.mse_loss(model(*graphs), y)
-                loss.backward()
-                opt.step()
-            model.eval()
-            codes = candidate_pool(oracle, rng, c.pool, c.neighbours_of)
-            with torch.no_grad():
-                scores = model(*(t[codes] for t in space)).double().numpy()
-            if query_top(oracle, codes, scores, round_size(c.batch, c.growth, oracle)) == 0:
-                break
+    Config = RankingConfig
+
+    def build_model(self) -> nn.Module:
+        return GcnPredictor(self.config.hidden, self.config.layers)
+
+    def round_loss(self, cells: np.ndarray, accs: np.ndarray, gen: torch.Generator) -> RoundLoss:
+        graphs = graph_tensors(cells)
+        y = torch.from_numpy(standardize(accs)).float()
+        return lambda model: nn.functional.mse_loss(model(*graphs), y)
+
+    def scores(self, model: nn.Module, codes: np.ndarray, oracle: QueryOracle) -> np.ndarray:
+        return model(*space_graphs(codes)).double().numpy()

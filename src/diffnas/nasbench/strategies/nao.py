@@ -16,33 +16,27 @@ from torch import nn
 from diffnas.nasbench.encoding import NUM_EDGES, NUM_OPS, Cell, code_of
 from diffnas.nasbench.oracle import QueryOracle
 from diffnas.nasbench.strategies.base import (
-    QueryStrategy,
-    QueryStrategyConfig,
     query_random,
     register_query_strategy,
     round_size,
-    seeded_model,
     standardize,
-    torch_generator,
 )
+from diffnas.nasbench.strategies.predictor import PredictorConfig, PredictorSearch, RoundLoss
 
 
 @dataclass
-class NaoConfig(QueryStrategyConfig):
-    initial: int = 20
-    batch: int = 10  # new cells per round (at least)
-    growth: float = 0.2  # ... or this fraction of the cells queried so far, if more
+class NaoConfig(PredictorConfig):
     seeds: int = 10  # best cells whose embeddings are optimized (at least batch)
     embed: int = 16
     hidden: int = 32
-    epochs: int = 30  # Adam steps per round (warm-started)
     lr: float = 5e-3
     trade_off: float = 0.8
     step_sizes: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16, 32, 64)
 
     def __post_init__(self) -> None:
-        if self.initial < 2 or self.batch < 1 or self.seeds < 1:
-            raise ValueError("nao needs initial >= 2, batch >= 1 and seeds >= 1")
+        super().__post_init__()
+        if self.seeds < 1:
+            raise ValueError(f"nao needs seeds >= 1, got {self.seeds}")
         if not 0 <= self.trade_off <= 1:
             raise ValueError(f"nao trade_off must be in [0, 1], got {self.trade_off}")
 
@@ -70,43 +64,46 @@ class Nao(nn.Module):
 
 
 @register_query_strategy("nao")
-class NaoSearch(QueryStrategy):
+class NaoSearch(PredictorSearch):
     Config = NaoConfig
+    config: NaoConfig
 
-    def search(self, oracle: QueryOracle, rng: np.random.Generator) -> None:
+    def build_model(self) -> nn.Module:
+        return Nao(self.config.embed, self.config.hidden)
+
+    def round_loss(self, cells: np.ndarray, accs: np.ndarray, gen: torch.Generator) -> RoundLoss:
+        x = torch.from_numpy(cells)
+        y = torch.from_numpy(standardize(accs)).float()
+        t = self.config.trade_off
+
+        def loss(model: nn.Module) -> torch.Tensor:
+            emb = model.encode(x)
+            mse = nn.functional.mse_loss(model.predict(emb), y)
+            rec = nn.functional.cross_entropy(model.decode(emb).reshape(-1, NUM_OPS),
+                                              x.reshape(-1))
+            return t * mse + (1 - t) * rec
+
+        return loss
+
+    def query_round(
+        self, model: nn.Module, oracle: QueryOracle, rng: np.random.Generator,
+        cells: np.ndarray, accs: np.ndarray,
+    ) -> int:
         c = self.config
-        query_random(oracle, rng, c.initial)
-        gen = torch_generator(rng)
-        model = seeded_model(gen, lambda: Nao(c.embed, c.hidden))
-        opt = torch.optim.Adam(model.parameters(), lr=c.lr, foreach=True)
-        while not oracle.exhausted:
-            cells, accs = oracle.data()
-            x = torch.from_numpy(cells)
-            y = torch.from_numpy(standardize(accs)).float()
-            model.train()
-            for _ in range(c.epochs):
-                opt.zero_grad(set_to_none=True)
-                emb = model.encode(x)
-                mse = nn.functional.mse_loss(model.predict(emb), y)
-                rec = nn.functional.cross_entropy(model.decode(emb).reshape(-1, NUM_OPS),
-                                                  x.reshape(-1))
-                (c.trade_off * mse + (1 - c.trade_off) * rec).backward()
-                opt.step()
-            k = round_size(c.batch, c.growth, oracle)
-            new = self._propose(model, oracle, cells, accs, max(k, c.seeds))
-            if not new:  # nothing new decodes: fall back to random cells
-                if not query_random(oracle, rng, min(k, oracle.remaining)):
-                    break
-                continue
-            for cell in new[: min(k, oracle.remaining)]:
-                oracle.query(cell)
+        k = round_size(c.batch, c.growth, oracle)
+        new = self._propose(model, oracle, cells, accs, max(k, c.seeds))
+        if not new:  # nothing new decodes: fall back to random cells
+            return len(query_random(oracle, rng, min(k, oracle.remaining)))
+        new = new[: min(k, oracle.remaining)]
+        for cell in new:
+            oracle.query(cell)
+        return len(new)
 
     def _propose(self, model: Nao, oracle: QueryOracle, cells: np.ndarray,
                  accs: np.ndarray, seeds: int) -> list[Cell]:
         """Move the best cells' embeddings up the predicted accuracy; decode new cells,
         ranked by the prediction for the decoded cell."""
         c = self.config
-        model.eval()
         top = cells[np.argsort(-accs, kind="stable")[:seeds]]
         emb = model.encode(torch.from_numpy(top)).detach().requires_grad_(True)
         grad = torch.autograd.grad(model.predict(emb).sum(), emb)[0]
