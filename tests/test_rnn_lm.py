@@ -131,3 +131,40 @@ def test_search_command_runs_lm_search_and_retrain(tmp_path, capsys):
     assert math.isfinite(result["test_ppl"]) and 1 < result["test_ppl"] < 1e4
     assert (run / "search/DONE").exists()
     assert "test perplexity" in capsys.readouterr().out
+
+
+def _tiny_lm_config(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs/darts_rnn_ptb.yaml").read_text())
+    cfg.update({"out_dir": str(tmp_path / "runs"), "name": "t", "progress": False})
+    cfg["data"].update({"root": str(write_ptb(tmp_path)), "train_subset": None,
+                        "test_subset": None, "batch_size": 4})
+    cfg["retrain"].update({"epochs": 2, "batch_size": 4, "train_subset": None,
+                           "network": {"ninp": 8, "nhid": 8}})
+    cfg["lm"].update({"bptt": 10, "eval_batch_size": 2, "test_batch_size": 2})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_command_retrains_a_published_recurrent_cell(tmp_path, capsys):
+    path = _tiny_lm_config(tmp_path)
+    assert main(["train", "--genotype", "DARTS_RNN_V2", "--config", str(path),
+                 "--dry-run"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    # 20 words + <eos>; tied 8-d embedding/decoder, 8 cell steps of 8 -> 2*8 units
+    assert summary["vocab"] == 21
+    tied, decoder_bias, w0, steps = 21 * 8, 21, (8 + 8) * 2 * 8, 8 * 8 * 2 * 8
+    assert summary["params"] == tied + decoder_bias + w0 + steps
+    assert main(["train", "--genotype", "DARTS_RNN_V2", "--config", str(path)]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    result = json.loads((run / "retrain/result.json").read_text())
+    assert result["epochs_done"] == 2 and math.isfinite(result["test_ppl"])
+    assert summary["params"] == result["params"]
+    assert "test perplexity" in capsys.readouterr().out
+
+
+def test_train_command_refuses_a_convolutional_genotype_for_a_language_model(tmp_path, capsys):
+    path = _tiny_lm_config(tmp_path)
+    for extra in (["--dry-run"], []):
+        assert main(["train", "--genotype", "DARTS_V2", "--config", str(path), *extra]) == 2
+        assert "genotype is for space 'darts_cnn', not 'darts_rnn'" in capsys.readouterr().err

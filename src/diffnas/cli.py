@@ -90,12 +90,8 @@ def _search(p: argparse.ArgumentParser):
         setup_logging(run_dir if main else None, verbose=main)
         if main:
             print(f"run directory: {run_dir}")
-        if cfg.search.space.get("name") == "darts_rnn":  # language models: engine/lm.py
-            if dp.get_world_size() > 1:
-                raise ValueError(
-                    "darts_rnn (language models) does not run data parallel yet: "
-                    "run it in one process, without torchrun"
-                )
+        if _is_lm(cfg):  # language models: engine/lm.py
+            _refuse_lm_data_parallel(dp)
             from diffnas.engine.lm import run_lm
 
             return run_lm(cfg, run_dir, resume=bool(args.resume))
@@ -130,6 +126,13 @@ def _train(p: argparse.ArgumentParser):
         genotype = resolve_genotype(args.genotype)
         if args.dry_run:
             cfg = load_config(args.config, args.overrides)
+            if _is_lm(cfg):
+                from diffnas.engine.lm import lm_network_summary
+
+                summary = lm_network_summary(cfg, genotype)
+                print(genotype)
+                print(json.dumps(summary, indent=1))
+                return 0
             d = cfg.data
             shape = DataShape(*_dry_run_shape(d.name, d.resolution))
             _, model = build_network(cfg, genotype, shape)
@@ -157,6 +160,13 @@ def _train(p: argparse.ArgumentParser):
         main = dp.init_distributed().is_main  # under torchrun: join the process group
         cfg, run_dir = dp.main_process_result(open_run)
         setup_logging(run_dir if main else None, verbose=main)
+        if _is_lm(cfg):
+            _refuse_lm_data_parallel(dp)
+            from diffnas.engine.lm import print_lm_result, run_lm_retrain
+
+            print_lm_result(genotype, run_lm_retrain(cfg, genotype, run_dir,
+                                                     resume=bool(args.resume)))
+            return 0
         d = cfg.data
         data = load_dataset(
             d.name,
@@ -174,6 +184,19 @@ def _train(p: argparse.ArgumentParser):
         return 0
 
     return run
+
+
+def _is_lm(cfg) -> bool:
+    """A language-model run (the recurrent space), served by engine/lm.py."""
+    return cfg.search.space.get("name") == "darts_rnn"
+
+
+def _refuse_lm_data_parallel(dp) -> None:
+    if dp.get_world_size() > 1:
+        raise ValueError(
+            "darts_rnn (language models) does not run data parallel yet: "
+            "run it in one process, without torchrun"
+        )
 
 
 def _dry_run_shape(name: str, resolution: int | None) -> tuple[int, int, int]:

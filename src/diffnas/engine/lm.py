@@ -491,11 +491,27 @@ def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
         genotype = Genotype.load(Path(run_dir) / "search" / "genotype.json")
     else:
         genotype = run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype
-    print("\n== genotype ==")
-    print(genotype)
+    res = None
     if cfg.retrain.enabled:
         res = run_lm_retrain(cfg, genotype, run_dir, resume=resume, corpus=corpus)
-        print(f"params: {res['params']:,}")
-        print(f"valid perplexity: {res['valid_ppl']:.2f}, test perplexity: {res['test_ppl']:.2f}"
-              f" after {res['epochs_done']} epochs")
+    print_lm_result(genotype, res)
     return 0
+
+
+def print_lm_result(genotype: Genotype, result: dict[str, Any] | None) -> None:
+    """The genotype and, after a retrain, its parameters and perplexities."""
+    print("\n== genotype ==")
+    print(genotype)
+    if result is not None:
+        print(f"params: {result['params']:,}")
+        print(f"valid perplexity: {result['valid_ppl']:.2f}, test perplexity: "
+              f"{result['test_ppl']:.2f} after {result['epochs_done']} epochs")
+
+
+def lm_network_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
+    """What ``diffnas train --dry-run`` reports for a language model: the retrain
+    network's parameters (the tied embedding/decoder matrix counted once) and the corpus
+    vocabulary that sizes it. Reads the corpus, builds the model, trains nothing."""
+    corpus = load_corpus(cfg.data.name, cfg.data.root)
+    model = lm_space(cfg, corpus).build_network(genotype, **cfg.retrain.network)
+    return {"vocab": corpus.vocab_size, "params": count_lm_parameters(model)}
