@@ -113,6 +113,34 @@ def test_channels_last_is_used_and_output_layout_free(in_channels):
     assert seen == [(True, True)] and out.shape == (2, 5)
 
 
+@pytest.mark.parametrize("space_name", ["darts_cnn", "nb201"])
+def test_channels_last_is_a_space_setting(space_name):
+    from diffnas.genotype.published import published_genotype
+    from diffnas.spaces.nb201 import ops_to_genotype
+
+    small = {"darts_cnn": {"C": 4, "layers": 3, "nodes": 4}, "nb201": {"C": 4, "N": 1}}
+    genotype = (published_genotype("DARTS_V2") if space_name == "darts_cnn"
+                else ops_to_genotype(["nor_conv_3x3"] * 6))
+    for space_value, net_value, expect_super, expect_net in [
+        (None, None, True, True), (False, None, False, False), (False, True, False, True),
+        (True, False, True, False),
+    ]:
+        section = {"name": space_name, **small[space_name]}
+        if space_value is not None:
+            section["channels_last"] = space_value
+        space = create_space(section, DataShape(1, 8, 5))
+        overrides = {} if net_value is None else {"channels_last": net_value}
+        nets = {"super": space.build_supernet(),
+                "net": space.build_network(genotype, **overrides)}
+        assert nets["super"].channels_last is expect_super
+        assert nets["net"].channels_last is expect_net
+        seen: list[bool] = []
+        nets["net"].cells[0].register_forward_pre_hook(
+            lambda m, args, seen=seen: seen.append(is_channels_last(args[0])))
+        nets["net"](torch.randn(2, 1, 8, 8))
+        assert seen == [expect_net]
+
+
 def test_paper_supernet_parameter_count():
     space = create_space({"name": "darts_cnn"}, DataShape(3, 32, 10))
     assert sum(p.numel() for p in space.build_supernet().parameters()) == 1_930_618

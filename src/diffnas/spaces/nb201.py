@@ -40,6 +40,8 @@ class Nb201Config:
     ops: list[str] = field(default_factory=lambda: list(NB201_OPS))
     # edge modifier, e.g. {name: partial_channel, k: 2}
     mixed_op: dict = field(default_factory=dict)
+    # NHWC tensors: 1.3-1.5x faster search steps on CPU (benchmarks/README.md); false: NCHW
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.ops if o not in OPS]
@@ -58,6 +60,7 @@ class Nb201NetworkConfig:
     C: int | None = None
     N: int | None = None
     auxiliary: bool = False  # accepted so retrain configs work; nb201 has no auxiliary head
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         if self.auxiliary:
@@ -123,7 +126,8 @@ class Nb201Space(SearchSpace):
 
             mixed_op = create_mixed_op_factory(c.mixed_op, inner=Nb201MixedOp)
         return Nb201SuperNet(
-            c.C, c.N, c.ops, self.shape.num_classes, self.shape.in_channels, GROUP, mixed_op
+            c.C, c.N, c.ops, self.shape.num_classes, self.shape.in_channels, GROUP, mixed_op,
+            channels_last=c.channels_last,
         )
 
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
@@ -131,7 +135,8 @@ class Nb201Space(SearchSpace):
         n = from_dict(Nb201NetworkConfig, overrides, "retrain.network")
         c = self.config
         return Nb201Network(genotype.cell(GROUP), n.C or c.C, n.N or c.N, self.shape.num_classes,
-                            self.shape.in_channels)
+                            self.shape.in_channels,
+                            c.channels_last if n.channels_last is None else n.channels_last)
 
 
 # --- conversions --------------------------------------------------------------------------
