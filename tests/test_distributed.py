@@ -38,7 +38,17 @@ SEARCHES = {
     "darts2_exact": "{name: darts, order: 2, hessian: exact, a_optim: {lr: 0.03}}",
     "gdas": "{name: gdas, a_optim: {lr: 0.03}}",  # hard Gumbel samples: same on every rank
     "snas": "{name: snas, a_optim: {lr: 0.03}}",  # Gumbel-softmax, single level
+    # Neumann-series Hessian products, each averaged (double backward through SyncBN)
+    "implicit": "{name: implicit, K: 3, a_optim: {lr: 0.03}}",
+    # losses (and the unrolled weight gradients) averaged before they are compared
+    "zero_order_mgs": "{name: zero_order, estimator: mgs, unroll: true, a_optim: {lr: 0.03}}",
+    "zero_order_gld": "{name: zero_order, estimator: gld, samples: 3}",
+    "mean_shift": "{name: mean_shift, samples: 3, a_optim: {lr: 0.03}}",
+    # one-shot epoch, then sub-supernets; the best is chosen by averaged validation losses
+    "few_shot": "{name: few_shot, split_epoch: 1, a_optim: {lr: 0.03}}",
+    "random_labels": "{name: random_labels, population: 4, iterations: 2, parents: 2}",
 }
+EPOCHS = {"few_shot": 2}  # searches that need more than one epoch
 RETRAIN = ["retrain.epochs=1", "retrain.batch_size=8", "retrain.train_subset=32",
            "retrain.auxiliary_weight=0", "retrain.drop_path=0", "retrain.cutout=0",
            "retrain.crop_padding=0", "retrain.flip=false", "retrain.network={C: 4, layers: 3}"]
@@ -57,7 +67,7 @@ def search_overrides(name: str, sync_bn: bool) -> list[str]:
     """darts1 is also the torchrun run of the kill/resume test (2 epochs, then retrain)."""
     if name == "darts1":
         return overrides(SEARCHES[name], sync_bn, epochs=2, retrain=True)
-    return overrides(SEARCHES[name], sync_bn)
+    return overrides(SEARCHES[name], sync_bn, epochs=EPOCHS.get(name, 1))
 
 
 def _free_port() -> int:
@@ -202,10 +212,13 @@ def test_ddp_retrain_matches_one_process(spawned, tmp_path):
         assert abs(res["history"][0]["loss"] - ref["history"][0]["loss"]) < 1e-5
 
 
-def test_strategy_without_data_parallel_support_is_refused():
+def test_strategy_without_data_parallel_support_is_refused(monkeypatch):
     from diffnas.data import ImageData
     from diffnas.engine.search import build_search
+    from diffnas.strategies.implicit import ImplicitStrategy
 
+    # every built-in strategy runs data parallel; one that has not said so is refused
+    monkeypatch.setattr(ImplicitStrategy, "data_parallel", False)
     cfg = load_config(None, overrides("{name: implicit}", sync_bn=False))
     data = ImageData("toy", torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)),
                      torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)), 3)

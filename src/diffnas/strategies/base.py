@@ -188,6 +188,11 @@ class SearchStrategy:
         the whole batch. See ``engine/distributed.py``."""
         return all_reduce_mean(grads)
 
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """A loss (or a stack of losses) of this rank's slice, averaged over data-parallel
+        ranks: its value over the global batch (detached; identity in one process)."""
+        return all_reduce_mean([value.detach()])[0]
+
     def set_alpha_grads(self, grads: list[torch.Tensor]) -> None:
         """Install this rank's alpha gradients, averaged over ranks."""
         for p, g in zip(self.alphas(), self.average_grads(grads)):

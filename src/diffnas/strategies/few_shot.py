@@ -73,6 +73,9 @@ class FewShotConfig(StrategyConfig):
 @register_strategy("few_shot")
 class FewShotStrategy(SearchStrategy):
     Config = FewShotConfig
+    # the one-shot phase and the sub-supernets (DARTS first order) average their gradients;
+    # the choice of the best sub-supernet averages the validation losses
+    data_parallel = True
 
     def __init__(self, config: FewShotConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
@@ -147,8 +150,11 @@ class FewShotStrategy(SearchStrategy):
         return {**stats, "subnet": float(i)}
 
     def best(self) -> int:
-        """The sub-supernet with the lowest mean validation loss this epoch."""
-        means = [sum(v) / len(v) if v else math.inf for v in self.val_loss]
+        """The sub-supernet with the lowest mean validation loss this epoch (averaged over
+        data-parallel ranks, so every rank picks the same)."""
+        local = torch.tensor([sum(v) / len(v) if v else math.inf for v in self.val_loss],
+                             dtype=torch.float64, device=self.alphas()[0].device)
+        means = self.mean_over_ranks(local).tolist()
         return min(range(len(means)), key=lambda i: (means[i], i))
 
     def export(self, i: int) -> None:

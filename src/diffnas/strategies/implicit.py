@@ -48,19 +48,22 @@ def _grads(out: torch.Tensor | Tensors, inputs: Tensors, **kw) -> list[torch.Ten
 def implicit_hypergrad(
     train_loss: torch.Tensor, val_loss: torch.Tensor, w: Tensors, alphas: Tensors,
     K: int, eta: float, weight_decay: float = 0.0,
+    average: Callable[[list[torch.Tensor]], list[torch.Tensor]] = list,
 ) -> list[torch.Tensor]:
     """The IFT hypergradient from two scalar losses built with graphs through ``w`` and
-    ``alphas`` (``train_loss`` is differentiated twice)."""
-    g = _grads(val_loss, [*alphas, *w])
+    ``alphas`` (``train_loss`` is differentiated twice). ``average``: every gradient and
+    Hessian product is passed through it (data parallel: the mean over ranks, so each is
+    the global batch's)."""
+    g = average(_grads(val_loss, [*alphas, *w]))
     g_alpha, v = g[: len(alphas)], g[len(alphas):]
     gw = _grads(train_loss, w, create_graph=True)
 
     def hvp(p: list[torch.Tensor]) -> list[torch.Tensor]:
-        hp = _grads(gw, w, grad_outputs=p, retain_graph=True)
+        hp = average(_grads(gw, w, grad_outputs=p, retain_graph=True))
         return [h + weight_decay * x for h, x in zip(hp, p, strict=True)]
 
     p = neumann_inverse_hvp(hvp, v, K, eta)
-    mixed = _grads(gw, alphas, grad_outputs=p, retain_graph=False)
+    mixed = average(_grads(gw, alphas, grad_outputs=p, retain_graph=False))
     return [ga - m for ga, m in zip(g_alpha, mixed, strict=True)]
 
 
@@ -73,7 +76,8 @@ def implicit(s: SearchStrategy, train_batch: Batch, val_batch: Batch, K: int = 5
     with twice_differentiable():  # differentiated twice below
         train_loss, _ = s.loss(train_batch, s.arch_weights())
     grads = implicit_hypergrad(train_loss, val_loss, w, s.alphas(), K,
-                               s.lr if eta is None else eta, s.config.w_optim.weight_decay)
+                               s.lr if eta is None else eta, s.config.w_optim.weight_decay,
+                               average=s.average_grads)
     return grads, stats
 
 
@@ -94,6 +98,7 @@ class ImplicitStrategy(SearchStrategy):
     """Alpha step by the IFT hypergradient on (train, val), then a weight step."""
 
     Config = ImplicitConfig
+    data_parallel = True  # every gradient and Hessian product averaged over ranks
 
     def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
         if val_batch is None:

@@ -24,10 +24,14 @@ def mean_shift(
     loss_at: Callable[[list[torch.Tensor]], torch.Tensor], params: Sequence[torch.Tensor],
     bandwidth: float, samples: int, temperature: float,
     grad_params: Sequence[torch.Tensor] | None = None,
+    average: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """``loss_at(deltas)`` is the loss at ``params + deltas``, differentiable in ``params``
     (and in ``grad_params``, default ``params``, which get gradients but no samples).
-    Returns (the shift ``sum k_i delta_i``, the kernel-weighted gradient, the losses)."""
+    Returns (the shift ``sum k_i delta_i``, the kernel-weighted gradient, the losses).
+    ``average``: applied to the stacked losses before the kernel (data parallel: the mean
+    over ranks, so every rank weighs the samples alike; the weighted gradient is then
+    this rank's, to be averaged by the caller)."""
     targets = list(params if grad_params is None else grad_params)
     deltas, grads, losses = [], [], []
     for _ in range(samples):
@@ -39,6 +43,8 @@ def mean_shift(
         deltas.append(d)
         losses.append(loss.detach())
     L = torch.stack(losses)
+    if average is not None:
+        L = average(L)
     k = torch.softmax(-L / temperature, dim=0)
     shift = [sum(k[i] * deltas[i][j] for i in range(samples)) for j in range(len(params))]
     grad = [sum(k[i] * grads[i][j] for i in range(samples)) for j in range(len(targets))]
@@ -64,6 +70,9 @@ class MeanShiftStrategy(SearchStrategy):
     """Bilevel: mean-shift alpha step on the validation batch, then a weight step."""
 
     Config = MeanShiftConfig
+    # samples from torch's RNG (synchronised across ranks), losses averaged before the
+    # kernel, the weighted gradient averaged by set_alpha_grads
+    data_parallel = True
 
     def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
         if val_batch is None:
@@ -79,7 +88,8 @@ class MeanShiftStrategy(SearchStrategy):
         # betas (edge normalization), if any, get the weighted gradient but no samples
         params = [logits[g] for g in groups]
         shift, grads, losses = mean_shift(loss_at, params, c.bandwidth, c.samples,
-                                          c.temperature, grad_params=self.alphas())
+                                          c.temperature, grad_params=self.alphas(),
+                                          average=self.mean_over_ranks)
         with torch.no_grad():
             for p, d in zip(params, shift, strict=True):
                 p.add_(d)

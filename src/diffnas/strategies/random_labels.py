@@ -59,6 +59,9 @@ class RandomLabelsConfig(StrategyConfig):
 class RandomLabelsStrategy(SearchStrategy):
     Config = RandomLabelsConfig
     uses_validation = False
+    # the labels are permuted before the data is split over ranks, the paths and the
+    # evolution draw from torch's RNG (synchronised), the weight step averages gradients
+    data_parallel = True
 
     def __init__(self, config: RandomLabelsConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)

@@ -82,6 +82,9 @@ class ZeroOrderConfig(StrategyConfig):
 @register_strategy("zero_order")
 class ZeroOrderStrategy(SearchStrategy):
     Config = ZeroOrderConfig
+    # losses and unrolled weight gradients are averaged over ranks, and the random
+    # directions come from torch's RNG, synchronised across ranks
+    data_parallel = True
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in self.alphas()])
@@ -105,11 +108,12 @@ class ZeroOrderStrategy(SearchStrategy):
                 if self.config.unroll:
                     named = dict(self.supernet.named_parameters())
                     loss, _ = self.loss(train_batch, aw)
-                    grads = torch.autograd.grad(loss, list(named.values()))
+                    grads = self.average_grads(
+                        list(torch.autograd.grad(loss, list(named.values()))))
                     params = {n: (p - self.lr * g).detach()
                               for (n, p), g in zip(named.items(), grads, strict=True)}
                 with torch.no_grad():
-                    return float(self.loss(val_batch, aw, params=params)[0])
+                    return float(self.mean_over_ranks(self.loss(val_batch, aw, params=params)[0]))
             finally:
                 self._assign(saved)
         return f
