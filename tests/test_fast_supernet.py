@@ -19,6 +19,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_supernet import ReferenceSuperNet  # noqa: E402
 
 SHAPE = DataShape(in_channels=2, resolution=8, num_classes=5)
+# the guard runs on a GPU too where one is present (CI has none: those cases skip)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+def _exact_cuda_math(device: str):
+    """No TF32 in CUDA convs and matmuls (it would dominate the float32 tolerance)."""
+    import contextlib
+
+    if device != "cuda":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", before)
+    return stack
 
 
 def _pair(
@@ -63,14 +80,17 @@ def _grads(net, arch, x, y, via_arch_weights: bool):
         (True, torch.float64, 1e-10, True),
     ],
 )
-def test_fast_supernet_matches_reference(channels_last, dtype, tol, recompute):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_supernet_matches_reference(channels_last, dtype, tol, recompute, device):
     fast, ref, arch = _pair(channels_last, dtype, recompute=recompute)
+    fast, ref, arch = fast.to(device), ref.to(device), arch.to(device)
     assert all(m.recompute == recompute for m in fast.modules() if hasattr(m, "_prenorm"))
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 2, 8, 8, generator=g, dtype=dtype)
-    y = torch.randint(0, 5, (6,), generator=g)
-    out_f, wg_f, ag_f = _grads(fast, arch, x, y, True)
-    out_r, wg_r, ag_r = _grads(ref, arch, x, y, False)
+    x = torch.randn(6, 2, 8, 8, generator=g, dtype=dtype).to(device)
+    y = torch.randint(0, 5, (6,), generator=g).to(device)
+    with _exact_cuda_math(device):
+        out_f, wg_f, ag_f = _grads(fast, arch, x, y, True)
+        out_r, wg_r, ag_r = _grads(ref, arch, x, y, False)
 
     def close(a, b):
         return (a - b).norm().item() <= tol * max(b.norm().item(), 1e-12)
@@ -249,8 +269,9 @@ def test_bn_relu_conv_matches_plain_autograd_and_refuses_double_backward():
     assert all(torch.isfinite(h).all() for h in hv)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_bn_relu_conv_under_bf16_autocast(layout):
+def test_bn_relu_conv_under_bf16_autocast(layout, device):
     # GPU searches run under autocast: the conv inside the function runs in bf16 while the
     # saved weight is float32; backward must follow the forward's dtypes.
     import torch.nn.functional as F
@@ -258,10 +279,10 @@ def test_bn_relu_conv_under_bf16_autocast(layout):
     from diffnas.ops.savers import BNReLUConv, DwPwConv
 
     g = torch.Generator().manual_seed(4)
-    b = torch.randn(4, 6, 9, 9, generator=g).to(torch.bfloat16)
+    b = torch.randn(4, 6, 9, 9, generator=g).to(device, torch.bfloat16)
     b = b.contiguous(memory_format=layout).requires_grad_()  # channels-last: 1x1 as matmul
-    w = torch.randn(6, 1, 3, 3, generator=g, requires_grad=True)
-    w_pw = torch.randn(5, 6, 1, 1, generator=g, requires_grad=True)
+    w = torch.randn(6, 1, 3, 3, generator=g).to(device).requires_grad_()
+    w_pw = torch.randn(5, 6, 1, 1, generator=g).to(device).requires_grad_()
 
     def bn_relu(b):
         return torch.relu(F.batch_norm(b, None, None, None, None, True, 0.0, 1e-5))
@@ -277,7 +298,7 @@ def test_bn_relu_conv_under_bf16_autocast(layout):
     for saver, plain in pairs:
         grads = []
         for fn in (saver, plain):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 out = fn()
             grads.append(torch.autograd.grad(out.float().square().sum(), [b, w, w_pw],
                                              allow_unused=True))
