@@ -36,6 +36,8 @@ SEARCHES = {
     "darts2": "{name: darts, order: 2, a_optim: {lr: 0.03}}",
     # double backward through SyncBatchNorm's all-reduce
     "darts2_exact": "{name: darts, order: 2, hessian: exact, a_optim: {lr: 0.03}}",
+    # the reused virtual-step pass gives this rank's share of grad_alpha L_train(w)
+    "darts2_forward": "{name: darts, order: 2, hessian: fd_forward, a_optim: {lr: 0.03}}",
     "gdas": "{name: gdas, a_optim: {lr: 0.03}}",  # hard Gumbel samples: same on every rank
     "snas": "{name: snas, a_optim: {lr: 0.03}}",  # Gumbel-softmax, single level
     # Neumann-series Hessian products, each averaged (double backward through SyncBN)

@@ -61,6 +61,35 @@ def test_unrolled_fd_matches_autograd_through_virtual_step():
     assert _rel_err(fo, ref) > 1e-2
 
 
+def test_unrolled_forward_difference_matches_autograd_with_one_pass_fewer():
+    s, train, val = _setup()
+    ref = _reference_unrolled_grad(s, train, val)
+    passes = {"train": 0, "val": 0}
+    loss = s.loss
+
+    def counted(batch, *args, **kwargs):
+        passes["train" if batch is train else "val"] += 1
+        return loss(batch, *args, **kwargs)
+
+    s.loss = counted
+    got, _ = unrolled(s, train, val, hessian="fd_forward", fd_radius=1e-6)
+    assert passes == {"train": 2, "val": 1}  # virtual step (reused) + one perturbed point
+    assert _rel_err(got, ref) < 1e-3
+    passes.update(train=0, val=0)
+    unrolled(s, train, val, hessian="fd", fd_radius=1e-6)
+    assert passes == {"train": 3, "val": 1}
+
+
+def test_unrolled_rejects_an_unknown_hessian_mode():
+    import pytest
+
+    s, train, val = _setup()
+    with pytest.raises(ValueError, match="unknown hessian mode 'central'"):
+        unrolled(s, train, val, hessian="central")
+    with pytest.raises(ValueError, match="only applies to order=2"):
+        tiny_strategy({"name": "darts", "order": 1, "hessian": "fd_forward"}, dtype=F64)
+
+
 def test_unrolled_exact_matches_tightly():
     s, train, val = _setup()
     ref = _reference_unrolled_grad(s, train, val)
@@ -105,9 +134,9 @@ def test_darts_uses_configured_radius(monkeypatch):
     seen = {}
     real = H.mixed_hvp_fd
 
-    def spy(s, batch, vector, r=1e-2):
+    def spy(s, batch, vector, r=1e-2, at_w=None):
         seen["r"] = r
-        return real(s, batch, vector, r)
+        return real(s, batch, vector, r, at_w)
 
     monkeypatch.setattr(H, "mixed_hvp_fd", spy)
     s = tiny_strategy({"name": "darts", "order": 2, "fd_radius": 0.005}, dtype=F64)

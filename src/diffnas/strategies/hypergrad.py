@@ -16,6 +16,9 @@ import torch
 from diffnas.ops import twice_differentiable
 from diffnas.strategies.base import Batch, SearchStrategy
 
+#: how the unrolled rule takes the mixed second derivative (see :func:`unrolled`)
+HESSIAN_MODES = ("fd", "fd_forward", "exact")
+
 HypergradRule = Callable[[SearchStrategy, Batch, Batch], tuple[list[torch.Tensor], dict]]
 
 
@@ -33,9 +36,21 @@ def virtual_step(s: SearchStrategy, train_batch: Batch) -> dict[str, torch.Tenso
     """w' = w - xi * (momentum * buf + grad_w L_train(w, alpha) + wd * w), exactly the
     update the weight optimizer (SGD with momentum and weight decay) would make, with
     xi its current learning rate. Returned detached, keyed by parameter name."""
+    return _virtual_step(s, train_batch, alpha_grads=False)[0]
+
+
+def _virtual_step(
+    s: SearchStrategy, train_batch: Batch, alpha_grads: bool
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    """:func:`virtual_step`, and with ``alpha_grads`` also grad_alpha L_train(w, alpha)
+    from the same backward pass (this rank's share)."""
     named = dict(s.supernet.named_parameters())
-    loss, _ = s.loss(train_batch, s.arch_weights().detach())
-    grads = s.average_grads(torch.autograd.grad(loss, list(named.values())))
+    arch_weights = s.arch_weights()
+    loss, _ = s.loss(train_batch, arch_weights if alpha_grads else arch_weights.detach())
+    wrt = list(named.values()) + (s.alphas() if alpha_grads else [])
+    got = torch.autograd.grad(loss, wrt)
+    grads = s.average_grads(got[: len(named)])
+    d_alpha = list(got[len(named):]) if alpha_grads else None
     w = s.config.w_optim
     xi = s.lr
     out = {}
@@ -44,22 +59,28 @@ def virtual_step(s: SearchStrategy, train_batch: Batch) -> dict[str, torch.Tenso
             buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer")
             moment = torch.zeros_like(p) if buf is None else w.momentum * buf
             out[name] = p - xi * (moment + g + w.weight_decay * p)
-    return out
+    return out, d_alpha
 
 
 def mixed_hvp_fd(
-    s: SearchStrategy, batch: Batch, vector: dict[str, torch.Tensor], r: float = 1e-2
+    s: SearchStrategy, batch: Batch, vector: dict[str, torch.Tensor], r: float = 1e-2,
+    at_w: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """d2 L_train / (d alpha d w) @ vector by the central difference of the paper:
-    (grad_alpha L(w + eps v) - grad_alpha L(w - eps v)) / (2 eps), eps = r / ||v||."""
+    (grad_alpha L(w + eps v) - grad_alpha L(w - eps v)) / (2 eps), eps = r / ||v||.
+    Given ``at_w`` = grad_alpha L(w) (on the same batch), the forward difference
+    (grad_alpha L(w + eps v) - at_w) / eps instead: one pass fewer, error O(eps)
+    instead of O(eps^2)."""
     named = dict(s.supernet.named_parameters())
     norm = torch.sqrt(sum((v * v).sum() for v in vector.values()))
     eps = r / norm
     result = []
-    for sign in (1.0, -1.0):
+    for sign in (1.0,) if at_w is not None else (1.0, -1.0):
         params = {n: (p.detach() + sign * eps * vector[n]) for n, p in named.items()}
         loss, _ = s.loss(batch, s.arch_weights(), params=params)
         result.append(torch.autograd.grad(loss, s.alphas()))
+    if at_w is not None:
+        return [(gp - g0) / eps for gp, g0 in zip(result[0], at_w, strict=True)]
     return [(gp - gn) / (2 * eps) for gp, gn in zip(*result)]
 
 
@@ -89,8 +110,14 @@ def unrolled(
     ``fd_radius`` is the paper's 0.01 (the weights move by that much in L2 norm). On a
     ReLU network the two perturbed points can straddle activation kinks, so the central
     difference is only an approximation; ``hessian="exact"`` avoids it at the price of a
-    double backward."""
-    w_prime = {n: t.requires_grad_(True) for n, t in virtual_step(s, train_batch).items()}
+    double backward. ``hessian="fd_forward"`` reuses the virtual step's backward pass for
+    grad_alpha L_train(w) and takes the forward difference: 4 passes instead of 5 per
+    search step (alpha and weight step), at O(eps) instead of O(eps^2) truncation error."""
+    if hessian not in HESSIAN_MODES:
+        raise ValueError(f"unknown hessian mode {hessian!r}; use one of {HESSIAN_MODES}")
+    forward = hessian == "fd_forward"
+    w_prime, at_w = _virtual_step(s, train_batch, alpha_grads=forward)
+    w_prime = {n: t.requires_grad_(True) for n, t in w_prime.items()}
     arch_weights = s.arch_weights()
     loss, stats = s.loss(val_batch, arch_weights, params=w_prime)
     loss = s.add_penalty(loss, arch_weights, stats)  # penalties depend on alpha only
@@ -100,8 +127,6 @@ def unrolled(
     vector = {n: g.detach() for n, g in zip(w_prime, s.average_grads(d_w))}  # global v
     if hessian == "exact":
         hvp = mixed_hvp_exact(s, train_batch, vector)
-    elif hessian == "fd":
-        hvp = mixed_hvp_fd(s, train_batch, vector, r=fd_radius)
     else:
-        raise ValueError(f"unknown hessian mode {hessian!r}; use 'fd' or 'exact'")
+        hvp = mixed_hvp_fd(s, train_batch, vector, r=fd_radius, at_w=at_w)
     return [da - s.lr * h for da, h in zip(d_alpha, hvp)], stats
