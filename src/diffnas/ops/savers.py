@@ -6,8 +6,9 @@ edge. The autograd functions here keep less (an op's input instead of its interm
 outputs, narrow max-pool indices) and recompute the rest in backward, only where a gradient
 needs it. Their backwards are not themselves differentiable: code that differentiates
 twice (exact Hessian products, iDARTS, Hessian eigenvalues) builds its loss inside
-:func:`twice_differentiable`, where the supernet takes plain autograd. Measurements:
-benchmarks/README.md.
+:func:`twice_differentiable`, where the supernet takes plain autograd. The channels-last
+layout helpers they rely on (``is_channels_last``, ``stem_channels_last``) live here too.
+Measurements: benchmarks/README.md.
 """
 
 from __future__ import annotations
