@@ -32,6 +32,8 @@ NNI_PY = HERE / ".venv-nni" / "bin" / "python"
 PLAN = [
     ("paper", 16, ["first"], ["diffnas", "diffnas_recompute:4", "nni", "reference"], 1, 3),
     ("paper", 16, ["first"], ["diffnas", "diffnas_twice"], 1, 2),
+    # the GDAS (one sampled op per edge) and partial-channel (k=4) variants
+    ("paper", 16, ["first"], ["diffnas", "diffnas_gdas", "diffnas_pc"], 1, 2),
     ("paper", 16, ["weights", "second"], ["diffnas", "reference"], 1, 2),
     ("demo", 64, ["weights", "first", "second"], ["diffnas", "reference", "nni"], 1, 2),
 ]

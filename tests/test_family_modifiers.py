@@ -27,6 +27,22 @@ def test_channel_shuffle_known_answer():
     assert torch.equal(_unshuffle(channel_shuffle(x, 3), 3), x)
 
 
+def test_channel_shuffle_keeps_the_channels_last_layout():
+    from diffnas.ops.savers import is_channels_last
+
+    x = torch.randn(2, 12, 5, 5)
+    nhwc = channel_shuffle(x.contiguous(memory_format=torch.channels_last), 4)
+    assert torch.equal(nhwc, channel_shuffle(x, 4)) and is_channels_last(nhwc)
+    # so a partial-channel supernet stays channels-last from cell to cell
+    space = tiny_space(C=4, mixed_op={"name": "partial_channel", "k": 2})
+    s = tiny_strategy({"name": "darts"}, space=space)
+    seen: list[bool] = []
+    for cell in s.supernet.cells:
+        cell.register_forward_pre_hook(lambda m, a: seen.append(is_channels_last(a[1])))
+    s.supernet(tiny_batch(4, 1)[0], s.arch_weights())
+    assert seen and all(seen)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("k", [2, 4])
 def test_only_one_kth_of_channels_pass_through_the_ops(k, stride):

@@ -17,12 +17,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from diffnas.ops.savers import is_channels_last
 from diffnas.supernet.mixed import MixedOp, MixedOpFactory, default_mixed_op
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Interleave ``groups`` equal channel groups (ShuffleNet)."""
+    """Interleave ``groups`` equal channel groups (ShuffleNet), keeping ``x``'s layout: a
+    channels-last input is shuffled in NHWC, so the network after it stays channels-last
+    (a plain reshape would return NCHW and slow every later op on CPU)."""
     b, c, h, w = x.shape
+    if is_channels_last(x):
+        nhwc = x.permute(0, 2, 3, 1).view(b, h, w, groups, c // groups)
+        return nhwc.transpose(3, 4).reshape(b, h, w, c).permute(0, 3, 1, 2)
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
