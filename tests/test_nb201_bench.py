@@ -251,6 +251,31 @@ def test_scrambling_test_columns_changes_nothing_in_the_search(name, table):
     assert plain.valid_acc == table.query(plain.arch_str, SEARCH_METRIC)
 
 
+def test_nao_decoder_is_autoregressive_and_attends():
+    import torch
+
+    from diffnas.nasbench.strategies.nao import Nao
+
+    torch.manual_seed(0)
+    model = Nao(embed=8, hidden=12)
+    cells = torch.randint(0, 5, (3, 6))
+    emb = model.encode(cells)
+    with torch.no_grad():
+        base = model.decode(emb, cells)
+        other = cells.clone()
+        other[:, 2] = (other[:, 2] + 1) % 5  # the token fed at step 3 (teacher forcing)
+        changed = model.decode(emb, other)
+        assert torch.equal(changed[:, :3], base[:, :3])  # steps up to 2 cannot see it
+        assert not torch.allclose(changed[:, 3], base[:, 3])
+        moved = emb.clone()  # the same mean (the decoder's initial state), moved apart:
+        moved[:, 5] += 0.5  # step 0 can see that only through its attention
+        moved[:, 4] -= 0.5
+        assert torch.allclose(moved.mean(1), emb.mean(1), atol=1e-6)
+        assert not torch.allclose(model.decode(moved, cells)[:, 0], base[:, 0])
+        greedy = model.decode(emb)  # without cells: each step reads its own argmax
+        assert greedy.shape == (3, 6, 5)
+
+
 @pytest.mark.parametrize(
     "name,settings,problem",
     [("gcn", {"initial": 1}, "initial >= 2"), ("nao", {"batch": 0}, "batch >= 1"),

@@ -1,9 +1,11 @@
 """Neural Architecture Optimization (Luo et al., 2018), compact: an LSTM encoder maps the
 6 op tokens of a cell to a sequence of embeddings, a predictor maps their mean to
-accuracy, and an LSTM decoder maps the embeddings back to tokens. Trained jointly
-(``trade_off`` * prediction MSE + (1 - ``trade_off``) * reconstruction cross-entropy) on
-the queried cells; then the best cells' embeddings move up the predictor's gradient,
-with a growing step size until they decode to unseen cells, which are queried."""
+accuracy, and an attention decoder (an LSTM cell started from the mean embedding, reading
+the previous token and attending over the embeddings, as in the paper) maps them back to
+tokens. Trained jointly (``trade_off`` * prediction MSE + (1 - ``trade_off``) *
+reconstruction cross-entropy, the decoder fed the true previous tokens) on the queried
+cells; then the best cells' embeddings move up the predictor's gradient, with a growing
+step size until they decode (greedily) to unseen cells, which are queried."""
 
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ class Nao(nn.Module):
         self.positions = nn.Parameter(torch.zeros(NUM_EDGES, embed))
         self.encoder = nn.LSTM(embed, hidden, batch_first=True)
         self.predictor = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        self.decoder = nn.LSTM(hidden, hidden, batch_first=True)
+        self.dec_tokens = nn.Embedding(NUM_OPS + 1, embed)  # + a start token
+        self.decoder = nn.LSTMCell(embed, hidden)
+        self.attend = nn.Linear(2 * hidden, hidden)
         self.out = nn.Linear(hidden, NUM_OPS)
 
     def encode(self, cells: torch.Tensor) -> torch.Tensor:
@@ -58,9 +62,21 @@ class Nao(nn.Module):
     def predict(self, emb: torch.Tensor) -> torch.Tensor:
         return self.predictor(emb.mean(1)).squeeze(-1)
 
-    def decode(self, emb: torch.Tensor) -> torch.Tensor:
-        h, _ = self.decoder(emb)
-        return self.out(h)  # (n, 6, ops) logits
+    def decode(self, emb: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 6, ops) logits. Step t reads token t-1 (the true one from ``cells`` when
+        given, for training; else the greedy choice) and attends over ``emb``."""
+        h = emb.mean(1)
+        c = torch.zeros_like(h)
+        prev = torch.full(emb.shape[:1], NUM_OPS, dtype=torch.long, device=emb.device)
+        logits = []
+        for t in range(NUM_EDGES):
+            h, c = self.decoder(self.dec_tokens(prev) + self.positions[t], (h, c))
+            weights = torch.softmax(torch.einsum("nh,nlh->nl", h, emb), -1)
+            context = torch.einsum("nl,nlh->nh", weights, emb)
+            step = self.out(torch.tanh(self.attend(torch.cat([h, context], -1))))
+            logits.append(step)
+            prev = step.argmax(-1) if cells is None else cells[:, t]
+        return torch.stack(logits, 1)
 
 
 @register_query_strategy("nao")
@@ -79,7 +95,7 @@ class NaoSearch(PredictorSearch):
         def loss(model: nn.Module) -> torch.Tensor:
             emb = model.encode(x)
             mse = nn.functional.mse_loss(model.predict(emb), y)
-            rec = nn.functional.cross_entropy(model.decode(emb).reshape(-1, NUM_OPS),
+            rec = nn.functional.cross_entropy(model.decode(emb, x).reshape(-1, NUM_OPS),
                                               x.reshape(-1))
             return t * mse + (1 - t) * rec
 
