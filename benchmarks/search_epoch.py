@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from diffnas.arch import ArchParams  # noqa: E402
+from diffnas.engine.cuda_graph import GraphedStep  # noqa: E402
 from diffnas.ops import twice_differentiable  # noqa: E402
 from diffnas.spaces import DataShape, create_space  # noqa: E402
 from diffnas.strategies import ClassificationObjective, create_strategy  # noqa: E402
@@ -122,8 +123,10 @@ def data(device):
 
 
 def step_fn(s, amp: str, cfg: dict | None = None):
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16"
-           else contextlib.nullcontext())
+    graphed = cfg is not None and cfg.get("graph")
+    # a captured graph must not use autocast's weight-cast cache (torch's CUDA graph notes)
+    ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
+           if amp == "bf16" else contextlib.nullcontext())
     graphs = cfg is not None and cfg["compile"] in ("reduce-overhead", "cudagraphs")
     # Compiled runs take plain autograd (as measured in gpu_notes_compile.md): the eager
     # memory savers are custom autograd functions whose backward asks the autograd engine
@@ -134,8 +137,10 @@ def step_fn(s, amp: str, cfg: dict | None = None):
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with ctx, (twice_differentiable() if compiled else contextlib.nullcontext()):
-            s.step(train, val)
+            return s.step(train, val)
 
+    if graphed:  # the whole step as one CUDA graph (diffnas.engine.cuda_graph)
+        return GraphedStep(step, [s.w_optimizer, s.a_optimizer], warmup=cfg["warmup"])
     return step
 
 
@@ -188,7 +193,8 @@ def built(b, device, train, val, amp, channels_last, cfg, extra_batch=None):
     s = make_strategy(device, channels_last, cfg)
     step = step_fn(s, amp, cfg)
     torch.cuda.reset_peak_memory_stats()
-    warm = warm_up(step, b, train, val, cfg["warmup"], extra_batch)
+    # graphed: the step after the eager warm-up captures the graph (and replays it once)
+    warm = warm_up(step, b, train, val, cfg["warmup"] + bool(cfg.get("graph")), extra_batch)
     _BUILT[key] = (step, {b, extra_batch})
     return step, warm
 
@@ -244,7 +250,8 @@ def time_batch(b, steps, device, train, val, amp, channels_last, cfg) -> dict:
 
 
 def label(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("compile", "scope", "val_weight_grads", "cudnn_benchmark")}
+    return {k: cfg.get(k) for k in ("compile", "scope", "val_weight_grads", "cudnn_benchmark",
+                                    "graph")}
 
 
 def full_epoch(b, device, train, val, amp, channels_last, cfg) -> dict:
@@ -315,6 +322,9 @@ def main() -> None:
                    help="1: the alpha pass keeps the weights' requires_grad on")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compile happens here)")
     p.add_argument("--cudnn-benchmark", type=int, default=0)
+    p.add_argument("--graph", type=int, nargs="+", default=[0],
+                   help="1: capture the whole step as one CUDA graph after the warm-up "
+                        "(diffnas.engine.cuda_graph.GraphedStep) and replay it")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "search_epoch.json"))
     args = p.parse_args()
     device = torch.device(args.device)
@@ -336,15 +346,16 @@ def main() -> None:
     def save():
         out.write_text(json.dumps(report, indent=2))
 
-    def cfg_for(mode, scope):
+    def cfg_for(mode, scope, graph=0):
         return {"compile": mode, "scope": scope if mode != "none" else None,
                 "val_weight_grads": args.val_weight_grads, "warmup": args.warmup,
-                "cudnn_benchmark": args.cudnn_benchmark}
+                "cudnn_benchmark": args.cudnn_benchmark, "graph": graph}
 
     configs = []
-    for mode in args.compile:
-        for scope in (args.scope if mode != "none" else [None]):
-            configs.append(cfg_for(mode, scope))
+    for graph in args.graph:
+        for mode in args.compile:
+            for scope in (args.scope if mode != "none" else [None]):
+                configs.append(cfg_for(mode, scope, graph))
 
     def guarded(kind, fn, b, amp, cl, cfg):
         """Run ``fn``; on a compile failure record it and re-run eagerly (labelled)."""
@@ -358,7 +369,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             return None
         except Exception as e:  # noqa: BLE001 -- a compile failure of any kind
-            if cfg["compile"] == "none":
+            if cfg["compile"] == "none" and not cfg.get("graph"):
                 raise
             err = f"{type(e).__name__}: {e}"[:4000]
             report["compile_errors"].append({**tag, "error": err})
@@ -366,9 +377,12 @@ def main() -> None:
             save()
             _BUILT.clear()
             torch.cuda.empty_cache()
-            fb = {**cfg_for("none", None), "fallback_from": cfg["compile"]}
+            # a failed capture retries the same compile setting without the graph
+            fb = ({**cfg, "graph": 0, "fallback_from": "graph"} if cfg.get("graph")
+                  else {**cfg_for("none", None), "fallback_from": cfg["compile"]})
             r = fn(b, device, train, val, amp, bool(cl), fb)
-            r["fallback"] = f"eager (compile {cfg['compile']}/{cfg['scope']} failed)"
+            r["fallback"] = (f"eager (compile {cfg['compile']}/{cfg['scope']}, "
+                             f"graph {cfg.get('graph')} failed)")
             return r
 
     for cfg in configs:

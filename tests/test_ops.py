@@ -54,3 +54,21 @@ def test_dil_conv_has_dilation_two():
 def test_unknown_op_names_the_known_ones():
     with pytest.raises(UnknownNameError, match="unknown op 'conv_9x9'.*sep_conv_3x3"):
         create_op("conv_9x9", 4, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_avg_pool_gradient_on_cuda_channels_last_matches_cpu(stride):
+    # torch's NHWC CUDA avg-pool backward ignores the padding (pytorch/pytorch#188344);
+    # diffnas's avg_pool_3x3 takes the NCHW kernel there and must match the CPU gradient.
+    pool = create_op("avg_pool_3x3", 8, stride)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 8, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for device, fmt in (("cpu", torch.contiguous_format), ("cuda", torch.channels_last)):
+        xd = x.to(device).contiguous(memory_format=fmt).requires_grad_()
+        y = pool(xd)
+        assert y.is_contiguous(memory_format=fmt)
+        go = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape).to(device)
+        grads.append(torch.autograd.grad(y, xd, go)[0].cpu())
+    torch.testing.assert_close(grads[1], grads[0])

@@ -16,7 +16,7 @@ from diffnas.arch.params import ArchParams
 from diffnas.arch.relax import ArchWeights, create_relaxation
 from diffnas.engine.distributed import all_reduce_mean, average_grads_
 from diffnas.registry import Registry
-from diffnas.strategies.objective import Objective
+from diffnas.strategies.objective import Objective, metric
 
 #: Extra differentiable losses on the architecture (e.g. predicted latency): a factory
 #: ``(**settings) -> penalty`` with ``penalty(arch_weights, logits) -> scalar tensor``,
@@ -164,7 +164,7 @@ class SearchStrategy:
         logits = self.arch_params.as_dict()
         for name, penalty in self.penalties:
             value = penalty(arch_weights, logits)
-            stats[f"penalty_{name}"] = value.item()
+            stats[f"penalty_{name}"] = metric(value)
             loss = loss + value
         return loss
 
