@@ -115,6 +115,9 @@ class SearchConfig:
     space: dict = field(default_factory=lambda: {"name": "darts_cnn"})
     strategy: dict = field(default_factory=lambda: {"name": "darts"})
     discretizer: str | None = None  # None = the space's default rule
+    # GPU only: capture each search step once as a CUDA graph and replay it (first-order
+    # DARTS; engine/cuda_graph.py, benchmarks/README.md "GPU figures")
+    cuda_graph: bool = False
 
 
 @dataclass

@@ -87,6 +87,8 @@ class GraphedStep:
         return _read_stats(captured.stats)
 
     def _eager(self, train: Any, val: Any) -> dict[str, float]:
+        for opt in self.optimizers:  # again: a resumed checkpoint may have reset it
+            make_capturable(opt)
         # warm-up off the default stream, as torch's CUDA graph notes ask
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
@@ -95,6 +97,8 @@ class GraphedStep:
         return _read_stats(stats)
 
     def _capture(self, key: tuple, train: Any, val: Any) -> None:
+        for old in [k for k in self.graphs if k[:2] == key[:2]]:
+            del self.graphs[old]  # the same shapes at an old learning rate: not replayed again
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         static_train, static_val = _clone(train), _clone(val)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from diffnas.data import BatchLoader, ImageData, load_dataset, split_train_val
 from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
+from diffnas.engine.cuda_graph import GraphedStep
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import resolve_device
 from diffnas.engine.tensorboard import logger_callbacks
@@ -37,6 +38,21 @@ class SearchTask:
         self.strategy, self.space = strategy, space
         self.train, self.val = train, val
         self.rule = rule
+        self._step: Callable[[Any, Any], dict[str, float]] = strategy.step
+
+    def use_cuda_graph(self, device: torch.device, world_size: int = 1) -> None:
+        """Run every step as a replayed CUDA graph (engine/cuda_graph.py); refuses what
+        cannot be captured, naming why."""
+        if device.type != "cuda":
+            raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
+        if world_size > 1:
+            raise ValueError("search.cuda_graph does not run data parallel: run one process")
+        if not self.strategy.graph_safe:
+            raise ValueError(f"strategy {self.strategy.name!r} (as configured) cannot be "
+                             "captured as a CUDA graph: search.cuda_graph is for first-order "
+                             "darts")
+        s = self.strategy
+        self._step = GraphedStep(s.step, [s.w_optimizer, s.a_optimizer])
 
     def batches(self, epoch: int) -> Iterable[Any]:
         self.train.set_epoch(epoch)
@@ -49,7 +65,7 @@ class SearchTask:
         return len(self.train) if self.val is None else min(len(self.train), len(self.val))
 
     def step(self, batch: tuple[Any, Any]) -> dict[str, float]:
-        return dp.all_reduce_metrics(self.strategy.step(*batch))  # mean over ranks
+        return dp.all_reduce_metrics(self._step(*batch))  # mean over ranks
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         dp.assert_replicated({"architecture parameters": self.strategy.alphas(),
@@ -114,7 +130,10 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
         val = BatchLoader(vx, vy, **{**common, "seed": seed + 1})
     else:
         train, val = BatchLoader(data.train_x, data_y, **common), None
-    return SearchTask(strategy, space, train, val, cfg.search.discretizer)
+    task = SearchTask(strategy, space, train, val, cfg.search.discretizer)
+    if cfg.search.cuda_graph:
+        task.use_cuda_graph(torch.device(device), world_size)
+    return task
 
 
 def _alpha_record(task: SearchTask):

@@ -87,6 +87,10 @@ class SearchStrategy:
     #: True where every gradient the strategy takes goes through ``average_grads`` /
     #: ``average_weight_grads`` (tested against one process); others refuse data parallel.
     data_parallel: ClassVar[bool] = False
+    #: True where a step makes no host sync and its Python-side state only changes through
+    #: the optimizers' learning rates, so it can be captured once as a CUDA graph and
+    #: replayed (``search.cuda_graph``, engine/cuda_graph.py; tested against eager steps).
+    graph_safe: bool = False
 
     def __init__(
         self,
@@ -225,5 +229,10 @@ class SearchStrategy:
         self.arch_params.load_state_dict(state["arch_params"])
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
+        for opt in (self.w_optimizer, self.a_optimizer):  # a CUDA-graph run's, resumed on CPU
+            if not any(p.is_cuda for g in opt.param_groups for p in g["params"]):
+                for g in opt.param_groups:
+                    if g.get("capturable"):
+                        g["capturable"] = False
         self.w_scheduler.load_state_dict(state["w_scheduler"])
         self.relaxation.load_state_dict(state["relaxation"])

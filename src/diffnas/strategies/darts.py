@@ -40,6 +40,7 @@ class DartsStrategy(SearchStrategy):
 
     def __init__(self, config: DartsConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
+        self.graph_safe = config.order == 1  # tested on a GPU (tests/test_cuda_graph.py)
         self.hypergrad = (
             first_order
             if config.order == 1
