@@ -21,9 +21,14 @@ labelled ``fallback``. ``--val-weight-grads 0`` (default) runs the alpha pass wi
 weights' ``requires_grad`` off: first order only needs d L_val / d alpha, eager autograd
 already skips the weight gradients there, but a compiled backward graph would compute them.
 
+``--graph 1`` captures the whole step as one CUDA graph after the warm-up and replays it
+(``diffnas.engine.cuda_graph.GraphedStep``, the library's ``search.cuda_graph``; combined with
+``--compile default --scope edge`` it gave the best epoch, benchmarks/README.md).
+``--inductor KEY=VALUE`` sets ``torch._inductor.config`` options (e.g. ``conv_1x1_as_mm=True``).
+
     python benchmarks/search_epoch.py --device cuda --batches 64 256 1024 --full-epoch 64
     python benchmarks/search_epoch.py --amp bf16 --batches 1250 --compile default --scope edge \\
-        --cudnn-benchmark 1 --full-epoch 1250
+        --cudnn-benchmark 1 --full-epoch 1250 --graph 1
 
 benchmarks/gpu_notes_compile.md has the H100 figures and what failed.
 """
@@ -322,6 +327,9 @@ def main() -> None:
                    help="1: the alpha pass keeps the weights' requires_grad on")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compile happens here)")
     p.add_argument("--cudnn-benchmark", type=int, default=0)
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="torch._inductor.config settings, e.g. conv_1x1_as_mm=True "
+                        "(values parsed as Python literals)")
     p.add_argument("--graph", type=int, nargs="+", default=[0],
                    help="1: capture the whole step as one CUDA graph after the warm-up "
                         "(diffnas.engine.cuda_graph.GraphedStep) and replay it")
@@ -331,13 +339,24 @@ def main() -> None:
     if device.type != "cuda":
         raise SystemExit("search_epoch.py measures a GPU: pass --device cuda on a GPU machine")
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    if args.inductor:
+        import ast
+
+        import torch._inductor.config as inductor_config
+
+        for item in args.inductor:
+            key, _, value = item.partition("=")
+            if not hasattr(inductor_config, key):
+                raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+            setattr(inductor_config, key, ast.literal_eval(value))
     if os.environ.get("BENCH_STACKS"):  # where a long compile spends its time
         import faulthandler
         faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS"]), repeat=True)
     train, val = data(device)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
-                                            if k.startswith(("TORCH", "TORCHINDUCTOR"))},
+              "argv": sys.argv[1:], "inductor": args.inductor,
+              "env": {k: v for k, v in os.environ.items()
+                      if k.startswith(("TORCH", "TORCHINDUCTOR"))},
               "timed": [], "full_epochs": [], "profiles": [], "oom": [],
               "compile_errors": []}
     out = Path(args.out)
