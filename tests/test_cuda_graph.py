@@ -98,9 +98,9 @@ def test_search_cuda_graph_refuses_what_it_cannot_capture(tmp_path):
     cfg = _cfg("search.strategy.order=2")
     task = build_search(cfg, load_search_data(cfg))
     with pytest.raises(ValueError, match="'darts'.*cannot be captured"):
-        task.use_cuda_graph(torch.device("cuda"))
+        task.configure_step(torch.device("cuda"), cuda_graph=True)
     with pytest.raises(ValueError, match="data parallel"):
-        task.use_cuda_graph(torch.device("cuda"), world_size=2)
+        task.configure_step(torch.device("cuda"), cuda_graph=True, world_size=2)
 
 
 @cuda

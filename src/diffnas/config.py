@@ -118,6 +118,9 @@ class SearchConfig:
     # GPU only: capture each search step once as a CUDA graph and replay it (first-order
     # DARTS; engine/cuda_graph.py, benchmarks/README.md "GPU figures")
     cuda_graph: bool = False
+    # "bf16": forward passes under bf16 autocast (GPU: half the activation memory, so twice
+    # the batch; first-order strategies only); null: float32
+    amp: str | None = None
 
 
 @dataclass

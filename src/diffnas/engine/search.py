@@ -40,19 +40,34 @@ class SearchTask:
         self.rule = rule
         self._step: Callable[[Any, Any], dict[str, float]] = strategy.step
 
-    def use_cuda_graph(self, device: torch.device, world_size: int = 1) -> None:
-        """Run every step as a replayed CUDA graph (engine/cuda_graph.py); refuses what
-        cannot be captured, naming why."""
-        if device.type != "cuda":
-            raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
-        if world_size > 1:
-            raise ValueError("search.cuda_graph does not run data parallel: run one process")
-        if not self.strategy.graph_safe:
-            raise ValueError(f"strategy {self.strategy.name!r} (as configured) cannot be "
-                             "captured as a CUDA graph: search.cuda_graph is for first-order "
-                             "darts")
+    def configure_step(
+        self, device: torch.device, amp: str | None = None, cuda_graph: bool = False,
+        world_size: int = 1,
+    ) -> None:
+        """The step as configured: under bf16 autocast (``search.amp``) and/or replayed
+        as a CUDA graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a
+        strategy cannot do, naming why."""
         s = self.strategy
-        self._step = GraphedStep(s.step, [s.w_optimizer, s.a_optimizer])
+        step = s.step
+        if amp is not None:
+            if amp != "bf16":
+                raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
+            if not s.amp_safe:
+                raise ValueError(f"strategy {s.name!r} (as configured) takes second "
+                                 "derivatives or finite differences of losses, which bf16 "
+                                 "would drown: run it without search.amp")
+            step = _autocast_step(step, device.type, cache=not cuda_graph)
+        if cuda_graph:
+            if device.type != "cuda":
+                raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
+            if world_size > 1:
+                raise ValueError("search.cuda_graph does not run data parallel: run one process")
+            if not s.graph_safe:
+                raise ValueError(f"strategy {s.name!r} (as configured) cannot be captured as "
+                                 "a CUDA graph: search.cuda_graph is for first-order darts "
+                                 "with the softmax relaxation and no penalties")
+            step = GraphedStep(step, [s.w_optimizer, s.a_optimizer])
+        self._step = step
 
     def batches(self, epoch: int) -> Iterable[Any]:
         self.train.set_epoch(epoch)
@@ -131,9 +146,17 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     else:
         train, val = BatchLoader(data.train_x, data_y, **common), None
     task = SearchTask(strategy, space, train, val, cfg.search.discretizer)
-    if cfg.search.cuda_graph:
-        task.use_cuda_graph(torch.device(device), world_size)
+    task.configure_step(torch.device(device), cfg.search.amp, cfg.search.cuda_graph, world_size)
     return task
+
+
+def _autocast_step(step: Callable, device_type: str, cache: bool) -> Callable:
+    """``step`` under bf16 autocast; ``cache=False`` inside a CUDA graph (torch's notes:
+    the weight-cast cache must not outlive a capture)."""
+    def run(train: Any, val: Any) -> dict[str, float]:
+        with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=cache):
+            return step(train, val)
+    return run
 
 
 def _alpha_record(task: SearchTask):

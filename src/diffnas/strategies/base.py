@@ -91,6 +91,9 @@ class SearchStrategy:
     #: the optimizers' learning rates, so it can be captured once as a CUDA graph and
     #: replayed (``search.cuda_graph``, engine/cuda_graph.py; tested against eager steps).
     graph_safe: bool = False
+    #: True where no step takes second derivatives or finite differences of losses, which
+    #: bf16 rounding would drown: such strategies may run under ``search.amp: bf16``.
+    amp_safe: bool = False
 
     def __init__(
         self,

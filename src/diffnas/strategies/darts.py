@@ -40,7 +40,11 @@ class DartsStrategy(SearchStrategy):
 
     def __init__(self, config: DartsConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        self.graph_safe = config.order == 1  # tested on a GPU (tests/test_cuda_graph.py)
+        # a captured graph replays fixed Python values: no temperature schedule, no sampled
+        # ops (GDAS), no penalty settings (tested on a GPU: tests/test_cuda_graph.py)
+        self.graph_safe = (config.order == 1 and config.relaxation.get("name") == "softmax"
+                           and not config.penalties)
+        self.amp_safe = config.order == 1  # second order: finite differences of losses
         self.hypergrad = (
             first_order
             if config.order == 1
