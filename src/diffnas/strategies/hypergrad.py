@@ -9,7 +9,8 @@ Under data parallelism a rule returns this rank's share of the alpha gradient
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -26,10 +27,26 @@ def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch):
     """DARTS first order: grad_alpha (L_val(w, alpha) + penalties(alpha)) at the current
     weights."""
     arch_weights = s.arch_weights()
-    loss, stats = s.loss(val_batch, arch_weights)
+    with frozen(s.supernet.parameters()):  # only alpha's gradient is taken
+        loss, stats = s.loss(val_batch, arch_weights)
     loss = s.add_penalty(loss, arch_weights, stats)
     grads = torch.autograd.grad(loss, s.alphas())
     return list(grads), stats
+
+
+@contextlib.contextmanager
+def frozen(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Parameters with ``requires_grad`` off while a forward pass records: its graph then
+    holds no path to them, so backward computes no weight gradient (a compiled graph
+    would compute them all otherwise) and the memory savers keep nothing for one."""
+    thawed = [p for p in params if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 def virtual_step(s: SearchStrategy, train_batch: Batch) -> dict[str, torch.Tensor]:
