@@ -22,8 +22,10 @@ from diffnas.engine.rundir import resolve_device
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
+from diffnas.ops import twice_differentiable
 from diffnas.spaces import DataShape, SearchSpace, create_space
 from diffnas.strategies import STRATEGIES, ClassificationObjective, SearchStrategy, create_strategy
+from diffnas.supernet.compile import compile_mixed_ops
 
 log = logging.getLogger("diffnas")
 
@@ -42,17 +44,28 @@ class SearchTask:
 
     def configure_step(
         self, device: torch.device, amp: str | None = None, cuda_graph: bool = False,
-        world_size: int = 1,
+        world_size: int = 1, compile: dict | None = None,
     ) -> None:
-        """The step as configured: under bf16 autocast (``search.amp``) and/or replayed
-        as a CUDA graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a
-        strategy cannot do, naming why."""
+        """The step as configured: the mixed ops compiled (``search.compile``,
+        supernet/compile.py), under bf16 autocast (``search.amp``) and/or replayed as a
+        CUDA graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a strategy
+        cannot do, naming why."""
         s = self.strategy
         step = s.step
+        if compile is not None:
+            if not s.first_order:
+                raise ValueError(f"strategy {s.name!r} (as configured) takes second "
+                                 "derivatives or finite differences, which compiled mixed ops "
+                                 "do not support: run it without search.compile")
+            if not isinstance(compile, dict):
+                raise ValueError("search.compile must be null or a mapping such as "
+                                 f"{{backend: inductor}}, got {compile!r}")
+            compile_mixed_ops(s.supernet, compile)
+            step = _plain_autograd_step(step)
         if amp is not None:
             if amp != "bf16":
                 raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
-            if not s.amp_safe:
+            if not s.first_order:
                 raise ValueError(f"strategy {s.name!r} (as configured) takes second "
                                  "derivatives or finite differences of losses, which bf16 "
                                  "would drown: run it without search.amp")
@@ -146,8 +159,18 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     else:
         train, val = BatchLoader(data.train_x, data_y, **common), None
     task = SearchTask(strategy, space, train, val, cfg.search.discretizer)
-    task.configure_step(torch.device(device), cfg.search.amp, cfg.search.cuda_graph, world_size)
+    task.configure_step(torch.device(device), cfg.search.amp, cfg.search.cuda_graph, world_size,
+                        cfg.search.compile)
     return task
+
+
+def _plain_autograd_step(step: Callable) -> Callable:
+    """``step`` with the supernet on plain autograd (compiled graphs do not take the
+    memory savers' custom functions)."""
+    def run(train: Any, val: Any) -> dict[str, float]:
+        with twice_differentiable():
+            return step(train, val)
+    return run
 
 
 def _autocast_step(step: Callable, device_type: str, cache: bool) -> Callable:

@@ -91,9 +91,11 @@ class SearchStrategy:
     #: the optimizers' learning rates, so it can be captured once as a CUDA graph and
     #: replayed (``search.cuda_graph``, engine/cuda_graph.py; tested against eager steps).
     graph_safe: bool = False
-    #: True where no step takes second derivatives or finite differences of losses, which
-    #: bf16 rounding would drown: such strategies may run under ``search.amp: bf16``.
-    amp_safe: bool = False
+    #: True where a step takes first derivatives only: no second derivatives (compiled
+    #: graphs do not take double backward) and no finite differences of losses (bf16
+    #: rounding would drown them). Such strategies may run under ``search.amp: bf16`` and
+    #: ``search.compile``.
+    first_order: bool = False
 
     def __init__(
         self,

@@ -44,7 +44,7 @@ class DartsStrategy(SearchStrategy):
         # ops (GDAS), no penalty settings (tested on a GPU: tests/test_cuda_graph.py)
         self.graph_safe = (config.order == 1 and config.relaxation.get("name") == "softmax"
                            and not config.penalties)
-        self.amp_safe = config.order == 1  # second order: finite differences of losses
+        self.first_order = config.order == 1
         self.hypergrad = (
             first_order
             if config.order == 1

@@ -29,7 +29,7 @@ class SingleLevelStrategy(SearchStrategy):
     Config = SingleLevelConfig
     uses_validation = False
     data_parallel = True
-    amp_safe = True  # first-order gradients only
+    first_order = True
 
     def extra_loss(self, arch_weights: ArchWeights) -> tuple[torch.Tensor | None, dict]:
         """An additional differentiable loss on the relaxed weights (none here)."""

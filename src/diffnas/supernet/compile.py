@@ -1,0 +1,58 @@
+"""torch.compile of a supernet's mixed ops (``search.compile``).
+
+Each mixed op (one edge: every candidate op, the mixing weights and their sum) is compiled
+on its own: edges of equal shapes share a compiled graph, so the DARTS CNN supernet needs 11
+distinct graphs per pass kind, and Inductor fuses each edge's BN, ReLU, pool and mixing
+arithmetic. Compiling the whole supernet as one graph did not finish in minutes on the
+paper's supernet (benchmarks/gpu_notes_compile.md). The compiled forward runs plain
+autograd: the engine builds it inside ``twice_differentiable()`` (the memory savers are
+custom autograd functions that compiled graphs do not take).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from diffnas.supernet.mixed import MixedOp
+from diffnas.supernet.nb201 import Nb201MixedOp
+
+MIXED_OPS: tuple[type[nn.Module], ...] = (MixedOp, Nb201MixedOp)
+COMPILE_KEYS = ("backend", "mode")
+
+
+def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
+    """Compile every mixed op of ``net`` in place with ``torch.compile(**spec)`` (keys
+    ``backend``, default ``inductor``, and ``mode``); returns how many were compiled."""
+    unknown = sorted(set(spec) - set(COMPILE_KEYS))
+    if unknown:
+        raise ValueError(f"search.compile: unknown setting(s) {unknown}; known: {COMPILE_KEYS}")
+    ops = [m for m in net.modules() if isinstance(m, MIXED_OPS)]
+    if not ops:
+        raise ValueError(f"search.compile: {type(net).__name__} has no mixed ops to compile")
+    _raise_recompile_limits(per_code=64, total=4096)
+    kw = {"backend": spec.get("backend", "inductor"), "dynamic": False}
+    if spec.get("mode") is not None:
+        kw["mode"] = spec["mode"]
+    for m in ops:
+        m.compile(**kw)
+    return len(ops)
+
+
+def _raise_recompile_limits(per_code: int, total: int) -> None:
+    """Every edge runs the same ``forward`` code at its own shapes, in two pass kinds
+    (weights frozen or not): dynamo's default of 8 graphs per code object would send the
+    rest back to eager without a word. (The names changed across torch versions.)"""
+    import torch._dynamo.config as dynamo
+
+    for names, value in ((("recompile_limit", "cache_size_limit"), per_code),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"),
+                          total)):
+        for name in names:
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), value))
+                break
+
+
+__all__ = ["COMPILE_KEYS", "compile_mixed_ops"]

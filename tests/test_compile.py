@@ -1,0 +1,47 @@
+"""``search.compile``: every mixed op compiled (here with the ``aot_eager`` backend: dynamo
+and AOTAutograd trace the edges as Inductor would, without minutes of code generation on
+CPU), giving the steps the eager supernet gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import _cfg
+
+from diffnas.engine.search import build_search, load_search_data
+
+
+def _task(*overrides):
+    cfg = _cfg(*overrides)
+    return build_search(cfg, load_search_data(cfg))
+
+
+def test_compiled_mixed_ops_give_the_eager_steps():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _task(), _task("search.compile={backend: aot_eager}")
+    batches = list(zip(range(2), eager.batches(0), strict=False))
+    for _, batch in batches:
+        a, b = eager.step(batch), compiled.step(batch)
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    assert counters["stats"]["unique_graphs"] >= 2  # compiled, not silently eager
+    assert sum(counters["graph_break"].values()) == 0
+    s, t = eager.strategy, compiled.strategy
+    for p, q in zip([*s.supernet.parameters(), *s.alphas()],
+                    [*t.supernet.parameters(), *t.alphas()], strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_compile_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown setting.*'fullgraph'"):
+        _task("search.compile={fullgraph: true}")
+    with pytest.raises(ValueError, match="search.compile.*does not fit"):
+        _task("search.compile=inductor")
+
+
+def test_compile_refuses_second_order_strategies():
+    with pytest.raises(ValueError, match="'darts'.*without search.compile"):
+        _task("search.strategy.order=2", "search.compile={backend: aot_eager}")
