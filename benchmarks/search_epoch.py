@@ -56,6 +56,7 @@ from diffnas.engine.cuda_graph import GraphedStep  # noqa: E402
 from diffnas.ops import twice_differentiable  # noqa: E402
 from diffnas.spaces import DataShape, create_space  # noqa: E402
 from diffnas.strategies import ClassificationObjective, create_strategy  # noqa: E402
+from diffnas.supernet.compile import compile_mixed_ops  # noqa: E402
 
 N_TRAIN = N_VAL = 25_000
 
@@ -96,10 +97,9 @@ def apply_compile(net, cfg: dict) -> None:
         elif cfg["scope"] == "cell":
             for cell in net.cells:
                 cell.compile(**kw)
-        elif cfg["scope"] == "edge":
-            for cell in net.cells:
-                for edge in cell.edges:
-                    edge.compile(**kw)
+        elif cfg["scope"] == "edge":  # what the library's search.compile does
+            compile_mixed_ops(net, {"backend": kw.get("backend", "inductor"),
+                                    "mode": kw.get("mode")})
         else:
             raise ValueError(f"unknown scope {cfg['scope']!r}")
     params = list(net.parameters())
