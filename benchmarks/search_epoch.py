@@ -17,9 +17,10 @@ that is 448 graphs per step, whose recording did not finish in minutes on torch 
 Inductor). Compilation is lazy:
 the warm-up steps' extra time over a steady step is reported as ``compile_s``. A compile
 failure is recorded in the JSON (``compile_errors``) and the point is re-timed eagerly,
-labelled ``fallback``. ``--val-weight-grads 0`` (default) runs the alpha pass with the
-weights' ``requires_grad`` off: first order only needs d L_val / d alpha, eager autograd
-already skips the weight gradients there, but a compiled backward graph would compute them.
+labelled ``fallback``. The alpha pass runs with the weights frozen (the library's
+``hypergrad.frozen``): a compiled backward graph would otherwise compute every weight
+gradient. Settings the library offers (eager or Inductor per edge, bf16, ``--graph``) are
+timed through ``diffnas.engine.search.configured_step`` itself, what ``diffnas search`` runs.
 
 ``--graph 1`` captures the whole step as one CUDA graph after the warm-up and replays it
 (``diffnas.engine.cuda_graph.GraphedStep``, the library's ``search.cuda_graph``; combined with
@@ -53,6 +54,7 @@ import torch  # noqa: E402
 
 from diffnas.arch import ArchParams  # noqa: E402
 from diffnas.engine.cuda_graph import GraphedStep  # noqa: E402
+from diffnas.engine.search import configured_step  # noqa: E402
 from diffnas.ops import twice_differentiable  # noqa: E402
 from diffnas.spaces import DataShape, create_space  # noqa: E402
 from diffnas.strategies import ClassificationObjective, create_strategy  # noqa: E402
@@ -67,7 +69,7 @@ def make_strategy(device, channels_last: bool, cfg: dict | None = None):
                          DataShape(3, 32, 10))
     net = space.build_supernet().to(device)
     net.channels_last = channels_last
-    if cfg is not None:
+    if cfg is not None and not library_path(cfg):
         apply_compile(net, cfg)
     arch = ArchParams(space).to(device)
     return create_strategy({"name": "darts", "order": 1}, net, arch, ClassificationObjective(),
@@ -75,49 +77,30 @@ def make_strategy(device, channels_last: bool, cfg: dict | None = None):
 
 
 def apply_compile(net, cfg: dict) -> None:
-    """torch.compile the supernet (``cfg['scope']``: net, cell or edge) in place, and wrap
-    its forward so the alpha pass runs with the weights' requires_grad off unless
-    ``cfg['val_weight_grads']``."""
+    """torch.compile the supernet in place at a scope or mode the library does not offer
+    (``cfg['scope']``: net, cell or edge; modes other than Inductor's default). The alpha
+    pass runs with the weights frozen either way (the library's ``hypergrad.frozen``)."""
     import torch._dynamo
 
     mode = cfg["compile"]
-    orig_forward = net.forward
-    inner = orig_forward
-    if mode != "none":
-        torch._dynamo.reset()
-        torch._dynamo.config.cache_size_limit = 256
-        torch._dynamo.config.accumulated_cache_size_limit = 4096
-        kw = {"dynamic": False}
-        if mode == "cudagraphs":  # no Inductor: AOTAutograd graphs replayed as CUDA graphs
-            kw["backend"] = "cudagraphs"
-        elif mode != "default":
-            kw["mode"] = mode
-        if cfg["scope"] == "net":
-            inner = torch.compile(orig_forward, **kw)
-        elif cfg["scope"] == "cell":
-            for cell in net.cells:
-                cell.compile(**kw)
-        elif cfg["scope"] == "edge":  # what the library's search.compile does
-            compile_mixed_ops(net, {"backend": kw.get("backend", "inductor"),
-                                    "mode": kw.get("mode")})
-        else:
-            raise ValueError(f"unknown scope {cfg['scope']!r}")
-    params = list(net.parameters())
-    skip_wgrad = not cfg["val_weight_grads"]
-
-    def forward(x, arch_weights):
-        alpha_pass = any(w.requires_grad for w in arch_weights.weights.values())
-        if not (skip_wgrad and alpha_pass):
-            return inner(x, arch_weights)
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            return inner(x, arch_weights)
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-
-    net.forward = forward
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    kw = {"dynamic": False}
+    if mode == "cudagraphs":  # no Inductor: AOTAutograd graphs replayed as CUDA graphs
+        kw["backend"] = "cudagraphs"
+    elif mode != "default":
+        kw["mode"] = mode
+    if cfg["scope"] == "net":
+        net.forward = torch.compile(net.forward, **kw)
+    elif cfg["scope"] == "cell":
+        for cell in net.cells:
+            cell.compile(**kw)
+    elif cfg["scope"] == "edge":  # as the library's search.compile does
+        compile_mixed_ops(net, {"backend": kw.get("backend", "inductor"),
+                                "mode": kw.get("mode")})
+    else:
+        raise ValueError(f"unknown scope {cfg['scope']!r}")
 
 
 def data(device):
@@ -127,16 +110,31 @@ def data(device):
     return (xs[:N_TRAIN], ys[:N_TRAIN]), (xs[N_TRAIN:], ys[N_TRAIN:])
 
 
+def library_path(cfg: dict | None) -> bool:
+    """Settings the library offers (``search.compile`` per edge with Inductor,
+    ``search.amp``, ``search.cuda_graph``): timed through ``configured_step`` itself."""
+    return cfg is None or (
+        cfg["compile"] in ("none", "default") and cfg["scope"] in (None, "edge")
+    )
+
+
 def step_fn(s, amp: str, cfg: dict | None = None):
-    graphed = cfg is not None and cfg.get("graph")
+    if library_path(cfg):
+        cfg = cfg or {"compile": "none", "graph": 0, "warmup": 2}
+        return configured_step(
+            s, next(s.supernet.parameters()).device, amp=None if amp == "none" else amp,
+            cuda_graph=bool(cfg.get("graph")),
+            compile=None if cfg["compile"] == "none" else {"backend": "inductor"},
+            graph_warmup=cfg["warmup"])
+    graphed = cfg.get("graph")
     # a captured graph must not use autocast's weight-cast cache (torch's CUDA graph notes)
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
            if amp == "bf16" else contextlib.nullcontext())
-    graphs = cfg is not None and cfg["compile"] in ("reduce-overhead", "cudagraphs")
+    graphs = cfg["compile"] in ("reduce-overhead", "cudagraphs")
     # Compiled runs take plain autograd (as measured in gpu_notes_compile.md): the eager
     # memory savers are custom autograd functions whose backward asks the autograd engine
     # which weight gradients it needs, which a compiled backward graph cannot do.
-    compiled = cfg is not None and cfg["compile"] != "none"
+    compiled = cfg["compile"] != "none"
 
     def step(train, val):
         if graphs:
@@ -255,7 +253,7 @@ def time_batch(b, steps, device, train, val, amp, channels_last, cfg) -> dict:
 
 
 def label(cfg: dict) -> dict:
-    return {k: cfg.get(k) for k in ("compile", "scope", "val_weight_grads", "cudnn_benchmark",
+    return {k: cfg.get(k) for k in ("compile", "scope", "cudnn_benchmark",
                                     "graph")}
 
 
@@ -323,8 +321,6 @@ def main() -> None:
                    help="torch.compile mode; 'cudagraphs' is backend='cudagraphs' (no Inductor)")
     p.add_argument("--scope", nargs="+", default=["net"], choices=["net", "cell", "edge"],
                    help="what torch.compile wraps (ignored with --compile none)")
-    p.add_argument("--val-weight-grads", type=int, default=0,
-                   help="1: the alpha pass keeps the weights' requires_grad on")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compile happens here)")
     p.add_argument("--cudnn-benchmark", type=int, default=0)
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
@@ -367,7 +363,7 @@ def main() -> None:
 
     def cfg_for(mode, scope, graph=0):
         return {"compile": mode, "scope": scope if mode != "none" else None,
-                "val_weight_grads": args.val_weight_grads, "warmup": args.warmup,
+                "warmup": args.warmup,
                 "cudnn_benchmark": args.cudnn_benchmark, "graph": graph}
 
     configs = []

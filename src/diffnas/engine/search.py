@@ -46,41 +46,9 @@ class SearchTask:
         self, device: torch.device, amp: str | None = None, cuda_graph: bool = False,
         world_size: int = 1, compile: dict | None = None,
     ) -> None:
-        """The step as configured: the mixed ops compiled (``search.compile``,
-        supernet/compile.py), under bf16 autocast (``search.amp``) and/or replayed as a
-        CUDA graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a strategy
-        cannot do, naming why."""
-        s = self.strategy
-        step = s.step
-        if compile is not None:
-            if not s.first_order:
-                raise ValueError(f"strategy {s.name!r} (as configured) takes second "
-                                 "derivatives or finite differences, which compiled mixed ops "
-                                 "do not support: run it without search.compile")
-            if not isinstance(compile, dict):
-                raise ValueError("search.compile must be null or a mapping such as "
-                                 f"{{backend: inductor}}, got {compile!r}")
-            compile_mixed_ops(s.supernet, compile)
-            step = _plain_autograd_step(step)
-        if amp is not None:
-            if amp != "bf16":
-                raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
-            if not s.first_order:
-                raise ValueError(f"strategy {s.name!r} (as configured) takes second "
-                                 "derivatives or finite differences of losses, which bf16 "
-                                 "would drown: run it without search.amp")
-            step = _autocast_step(step, device.type, cache=not cuda_graph)
-        if cuda_graph:
-            if device.type != "cuda":
-                raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
-            if world_size > 1:
-                raise ValueError("search.cuda_graph does not run data parallel: run one process")
-            if not s.graph_safe:
-                raise ValueError(f"strategy {s.name!r} (as configured) cannot be captured as "
-                                 "a CUDA graph: search.cuda_graph is for first-order darts "
-                                 "with the softmax relaxation and no penalties")
-            step = GraphedStep(step, [s.w_optimizer, s.a_optimizer])
-        self._step = step
+        """Drive the strategy through :func:`configured_step`."""
+        self._step = configured_step(self.strategy, device, amp, cuda_graph, world_size,
+                                     compile)
 
     def batches(self, epoch: int) -> Iterable[Any]:
         self.train.set_epoch(epoch)
@@ -162,6 +130,46 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     task.configure_step(torch.device(device), cfg.search.amp, cfg.search.cuda_graph, world_size,
                         cfg.search.compile)
     return task
+
+
+def configured_step(
+    s: SearchStrategy, device: torch.device, amp: str | None = None, cuda_graph: bool = False,
+    world_size: int = 1, compile: dict | None = None, graph_warmup: int = 2,
+) -> Callable[[Any, Any], dict[str, float]]:
+    """``s.step`` as configured: the mixed ops compiled (``search.compile``,
+    supernet/compile.py), under bf16 autocast (``search.amp``) and/or replayed as a CUDA
+    graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a strategy cannot do,
+    naming why. ``benchmarks/search_epoch.py`` times this same function."""
+    step = s.step
+    if compile is not None:
+        if not s.first_order:
+            raise ValueError(f"strategy {s.name!r} (as configured) takes second "
+                             "derivatives or finite differences, which compiled mixed ops "
+                             "do not support: run it without search.compile")
+        if not isinstance(compile, dict):
+            raise ValueError("search.compile must be null or a mapping such as "
+                             f"{{backend: inductor}}, got {compile!r}")
+        compile_mixed_ops(s.supernet, compile)
+        step = _plain_autograd_step(step)
+    if amp is not None:
+        if amp != "bf16":
+            raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
+        if not s.first_order:
+            raise ValueError(f"strategy {s.name!r} (as configured) takes second "
+                             "derivatives or finite differences of losses, which bf16 "
+                             "would drown: run it without search.amp")
+        step = _autocast_step(step, device.type, cache=not cuda_graph)
+    if cuda_graph:
+        if device.type != "cuda":
+            raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
+        if world_size > 1:
+            raise ValueError("search.cuda_graph does not run data parallel: run one process")
+        if not s.graph_safe:
+            raise ValueError(f"strategy {s.name!r} (as configured) cannot be captured as "
+                             "a CUDA graph: search.cuda_graph is for first-order darts "
+                             "with the softmax relaxation and no penalties")
+        step = GraphedStep(step, [s.w_optimizer, s.a_optimizer], warmup=graph_warmup)
+    return step
 
 
 def _plain_autograd_step(step: Callable) -> Callable:
