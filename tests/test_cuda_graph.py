@@ -118,3 +118,15 @@ def test_graphed_search_matches_eager_search_and_resumes(tmp_path):
     for a, b, c in zip(_alphas(eager), _alphas(graphed), _alphas(resumed), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(c, b, rtol=1e-3, atol=1e-4)
+
+
+def test_search_cudnn_benchmark_setting_reaches_cudnn(tmp_path, monkeypatch):
+    from test_engine import _cfg
+
+    from diffnas.engine.search import run_search
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    run_search(_cfg("search.epochs=1"), tmp_path / "off")
+    assert torch.backends.cudnn.benchmark is False
+    run_search(_cfg("search.epochs=1", "search.cudnn_benchmark=true"), tmp_path / "on")
+    assert torch.backends.cudnn.benchmark is True

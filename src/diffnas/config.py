@@ -124,6 +124,10 @@ class SearchConfig:
     # {backend: inductor, mode: null}: torch.compile each mixed op (supernet/compile.py; on
     # an H100 1.7x faster per image than eager; the first steps compile for minutes)
     compile: dict | None = None
+    # GPU: cuDNN times its convolution algorithms on the first batches and keeps the
+    # fastest (the H100 figures use it); off by default, since the choice can differ
+    # between processes and a resumed run then differs in the last bits
+    cudnn_benchmark: bool = False
 
 
 @dataclass

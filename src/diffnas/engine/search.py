@@ -208,6 +208,8 @@ def run_search(
     if rank.is_main:
         out.mkdir(parents=True, exist_ok=True)
     device = dp.rank_device(resolve_device(cfg.device))
+    if cfg.search.cudnn_benchmark:  # fixed batch shapes: let cuDNN time its algorithms
+        torch.backends.cudnn.benchmark = True
     data = data or load_search_data(cfg)
     task = build_search(cfg, data, device, rank.rank, rank.world_size)
     # Under torchrun every rank runs every callback in the same order (their states stay
