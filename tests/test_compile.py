@@ -43,5 +43,5 @@ def test_compile_settings_are_checked():
 
 
 def test_compile_refuses_second_order_strategies():
-    with pytest.raises(ValueError, match="'darts'.*without search.compile"):
+    with pytest.raises(ValueError, match="'darts'.*not declared first-order.*search.compile"):
         _task("search.strategy.order=2", "search.compile={backend: aot_eager}")

@@ -143,9 +143,8 @@ def configured_step(
     step = s.step
     if compile is not None:
         if not s.first_order:
-            raise ValueError(f"strategy {s.name!r} (as configured) takes second "
-                             "derivatives or finite differences, which compiled mixed ops "
-                             "do not support: run it without search.compile")
+            raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
+                             "first-order (docs/strategies.md): run it without search.compile")
         if not isinstance(compile, dict):
             raise ValueError("search.compile must be null or a mapping such as "
                              f"{{backend: inductor}}, got {compile!r}")
@@ -155,9 +154,8 @@ def configured_step(
         if amp != "bf16":
             raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
         if not s.first_order:
-            raise ValueError(f"strategy {s.name!r} (as configured) takes second "
-                             "derivatives or finite differences of losses, which bf16 "
-                             "would drown: run it without search.amp")
+            raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
+                             "first-order (docs/strategies.md): run it without search.amp")
         step = _autocast_step(step, device.type, cache=not cuda_graph)
     if cuda_graph:
         if device.type != "cuda":
