@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU checks, in priority order, each under its own time limit
+# so that a slow step cannot take the rest with it (the device tool gives 10 min per call
+# and 30 min per session; a machine goes back after 30 s idle, so chain work in one call).
+#   run: bash benchmarks/gpu_session.sh [tests|epoch|variants|all]   (default: all)
+# Writes logs and JSON under $OUT (the device tool's folder) or bench_results/gpu/.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+out=${OUT:-bench_results/gpu}
+mkdir -p "$out"
+what=${1:-all}
+py=python3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+$py -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  # the correctness guard, the savers, the avg-pool workaround and the CUDA graph step on CUDA
+  timeout 150 $py -m pytest -q -p no:cacheprovider -rf --tb=line \
+    tests/test_fast_supernet.py tests/test_ops.py tests/test_cuda_graph.py -k "cuda or graph" \
+    2>&1 | tail -15 | tee "$out/tests.log"
+fi
+if [ "$what" = epoch ] || [ "$what" = all ]; then
+  # the issue-5 figure through the library's configured_step: Inductor per edge, bf16,
+  # cudnn.benchmark, whole-step CUDA graph, batch 1250, one measured epoch
+  timeout 420 $py benchmarks/search_epoch.py --amp bf16 --batches 1250 --steps 5 --warmup 2 \
+    --cudnn-benchmark 1 --compile default --scope edge --graph 1 --full-epoch 1250 \
+    --out "$out/epoch_graph_b1250.json" 2>&1 | grep -v "warm-up step [1-9]" | tail -8
+fi
+if [ "$what" = variants ]; then
+  # candidates for the last percent (run alone: each compiles cold for minutes)
+  timeout 540 $py benchmarks/search_epoch.py --amp bf16 --batches 1250 --steps 5 --warmup 2 \
+    --cudnn-benchmark 1 --compile default --scope edge --graph 1 --full-epoch 1250 \
+    --inductor conv_1x1_as_mm=True --out "$out/epoch_graph_b1250_1x1mm.json" 2>&1 \
+    | grep -v "warm-up step [1-9]" | tail -8
+fi
