@@ -168,3 +168,13 @@ def test_train_command_refuses_a_convolutional_genotype_for_a_language_model(tmp
     for extra in (["--dry-run"], []):
         assert main(["train", "--genotype", "DARTS_V2", "--config", str(path), *extra]) == 2
         assert "genotype is for space 'darts_cnn', not 'darts_rnn'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["search.amp=bf16", "search.cuda_graph=true",
+                                     "search.compile={backend: inductor}"])
+def test_lm_search_refuses_the_image_search_gpu_settings(tmp_path, setting):
+    from diffnas.engine.lm import build_lm_search
+
+    cfg = load_config(str(_tiny_lm_config(tmp_path)), [setting])
+    with pytest.raises(ValueError, match=f"search.{setting.split('=')[0][7:]} is for image"):
+        build_lm_search(cfg, load_corpus(cfg.data.name, cfg.data.root))

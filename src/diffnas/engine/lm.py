@@ -274,6 +274,12 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
                     ) -> LmSearchTask:
     """Space, supernet, alphas, strategy and batchified texts for an LM search."""
     lm, d = lm_config(cfg), cfg.data
+    s = cfg.search
+    gpu = [k for k, on in (("amp", s.amp), ("compile", s.compile), ("cuda_graph", s.cuda_graph),
+                           ("cudnn_benchmark", s.cudnn_benchmark)) if on]
+    if gpu:
+        raise ValueError(f"search.{gpu[0]} is for image searches; the language-model search "
+                         "engine (engine/lm.py) does not take it yet")
     for e in lm_space(cfg, corpus).config.growth.grow_epochs:
         if e >= cfg.search.epochs:
             raise ValueError(f"growth epoch {e} is not before search.epochs={cfg.search.epochs}:"
