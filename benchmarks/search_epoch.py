@@ -53,7 +53,6 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from diffnas.arch import ArchParams  # noqa: E402
-from diffnas.engine.cuda_graph import GraphedStep  # noqa: E402
 from diffnas.engine.search import configured_step  # noqa: E402
 from diffnas.ops import twice_differentiable  # noqa: E402
 from diffnas.spaces import DataShape, create_space  # noqa: E402
@@ -119,32 +118,27 @@ def library_path(cfg: dict | None) -> bool:
 
 
 def step_fn(s, amp: str, cfg: dict | None = None):
-    if library_path(cfg):
-        cfg = cfg or {"compile": "none", "graph": 0, "warmup": 2}
-        return configured_step(
-            s, next(s.supernet.parameters()).device, amp=None if amp == "none" else amp,
-            cuda_graph=bool(cfg.get("graph")),
-            compile=None if cfg["compile"] == "none" else {"backend": "inductor"},
-            graph_warmup=cfg["warmup"])
-    graphed = cfg.get("graph")
-    # a captured graph must not use autocast's weight-cast cache (torch's CUDA graph notes)
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
-           if amp == "bf16" else contextlib.nullcontext())
-    graphs = cfg["compile"] in ("reduce-overhead", "cudagraphs")
-    # Compiled runs take plain autograd (as measured in gpu_notes_compile.md): the eager
-    # memory savers are custom autograd functions whose backward asks the autograd engine
-    # which weight gradients it needs, which a compiled backward graph cannot do.
-    compiled = cfg["compile"] != "none"
+    """The timed step, built by the library's ``configured_step`` (bf16, whole-step CUDA
+    graph, per-edge Inductor); scopes and modes the library does not offer were compiled
+    by ``apply_compile`` and run on plain autograd here."""
+    cfg = cfg or {"compile": "none", "scope": None, "graph": 0, "warmup": 2}
+    library = library_path(cfg)
+    step = None
+    if not library:
+        graphs = cfg["compile"] in ("reduce-overhead", "cudagraphs")
 
-    def step(train, val):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with ctx, (twice_differentiable() if compiled else contextlib.nullcontext()):
-            return s.step(train, val)
+        def step(train, val):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            # compiled graphs take plain autograd, not the memory savers' custom functions
+            with twice_differentiable():
+                return s.step(train, val)
 
-    if graphed:  # the whole step as one CUDA graph (diffnas.engine.cuda_graph)
-        return GraphedStep(step, [s.w_optimizer, s.a_optimizer], warmup=cfg["warmup"])
-    return step
+    return configured_step(
+        s, next(s.supernet.parameters()).device, amp=None if amp == "none" else amp,
+        cuda_graph=bool(cfg.get("graph")),
+        compile={"backend": "inductor"} if library and cfg["compile"] != "none" else None,
+        graph_warmup=cfg["warmup"], step=step)
 
 
 def dynamo_stats() -> dict:

@@ -130,3 +130,18 @@ def test_search_cudnn_benchmark_setting_reaches_cudnn(tmp_path, monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     run_search(_cfg("search.epochs=1", "search.cudnn_benchmark=true"), tmp_path / "on")
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_graph_runs_checkpoint_resumes_on_cpu():
+    # A CUDA-graph search saves Adam as capturable; resumed on CPU, Adam must step again
+    # (torch refuses a capturable Adam on CPU parameters).
+    saved = _strategy("cpu")
+    for g in saved.a_optimizer.param_groups:
+        g["capturable"] = True
+    state = saved.state_dict()
+    resumed = _strategy("cpu")
+    resumed.load_state_dict(state)
+    assert not any(g["capturable"] for g in resumed.a_optimizer.param_groups)
+    x, y = _batches(2, "cpu")[0], _batches(2, "cpu")[1]
+    stats = resumed.step(x, y)
+    assert stats["loss"] > 0

@@ -142,3 +142,17 @@ def test_darts_uses_configured_radius(monkeypatch):
     s = tiny_strategy({"name": "darts", "order": 2, "fd_radius": 0.005}, dtype=F64)
     s.step(tiny_batch(4, 1, F64), tiny_batch(4, 2, F64))
     assert seen["r"] == 0.005
+
+
+def test_first_order_alpha_pass_freezes_the_weights_and_thaws_them():
+    # The alpha pass records no path to the weights (no weight-gradient work, what a
+    # compiled backward needs); afterwards every weight takes gradients again.
+    s = tiny_strategy({"name": "darts", "order": 1})
+    seen = []
+    hook = s.supernet.register_forward_pre_hook(
+        lambda m, a: seen.append(any(p.requires_grad for p in m.parameters())))
+    grads, _ = first_order(s, tiny_batch(4, 1), tiny_batch(4, 2))
+    hook.remove()
+    assert seen == [False]
+    assert all(p.requires_grad for p in s.supernet.parameters())
+    assert all(g.abs().sum() > 0 for g in grads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,12 +136,13 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
 def configured_step(
     s: SearchStrategy, device: torch.device, amp: str | None = None, cuda_graph: bool = False,
     world_size: int = 1, compile: dict | None = None, graph_warmup: int = 2,
+    step: Callable[[Any, Any], dict[str, float]] | None = None,
 ) -> Callable[[Any, Any], dict[str, float]]:
-    """``s.step`` as configured: the mixed ops compiled (``search.compile``,
-    supernet/compile.py), under bf16 autocast (``search.amp``) and/or replayed as a CUDA
-    graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a strategy cannot do,
-    naming why. ``benchmarks/search_epoch.py`` times this same function."""
-    step = s.step
+    """``step`` (default ``s.step``) as configured: the mixed ops compiled
+    (``search.compile``, supernet/compile.py), under bf16 autocast (``search.amp``) and/or
+    replayed as a CUDA graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a
+    strategy cannot do, naming why. ``benchmarks/search_epoch.py`` times this same function."""
+    step = step or s.step
     if compile is not None:
         if not s.first_order:
             raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
@@ -149,14 +151,18 @@ def configured_step(
             raise ValueError("search.compile must be null or a mapping such as "
                              f"{{backend: inductor}}, got {compile!r}")
         compile_mixed_ops(s.supernet, compile)
-        step = _plain_autograd_step(step)
+        # compiled graphs do not take the memory savers' custom autograd functions
+        step = _inside(step, twice_differentiable)
     if amp is not None:
         if amp != "bf16":
             raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
         if not s.first_order:
             raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
                              "first-order (docs/strategies.md): run it without search.amp")
-        step = _autocast_step(step, device.type, cache=not cuda_graph)
+        # no weight-cast cache inside a CUDA graph (torch's notes: it must not outlive a
+        # capture)
+        step = _inside(step, lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                                    cache_enabled=not cuda_graph))
     if cuda_graph:
         if device.type != "cuda":
             raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
@@ -170,20 +176,10 @@ def configured_step(
     return step
 
 
-def _plain_autograd_step(step: Callable) -> Callable:
-    """``step`` with the supernet on plain autograd (compiled graphs do not take the
-    memory savers' custom functions)."""
+def _inside(step: Callable, context: Callable[[], AbstractContextManager]) -> Callable:
+    """``step`` run inside a fresh ``context()`` on every call."""
     def run(train: Any, val: Any) -> dict[str, float]:
-        with twice_differentiable():
-            return step(train, val)
-    return run
-
-
-def _autocast_step(step: Callable, device_type: str, cache: bool) -> Callable:
-    """``step`` under bf16 autocast; ``cache=False`` inside a CUDA graph (torch's notes:
-    the weight-cast cache must not outlive a capture)."""
-    def run(train: Any, val: Any) -> dict[str, float]:
-        with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=cache):
+        with context():
             return step(train, val)
     return run
 
