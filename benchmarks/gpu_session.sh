@@ -2,7 +2,7 @@
 # One device call's worth of GPU checks, in priority order, each under its own time limit
 # so that a slow step cannot take the rest with it (the device tool gives 10 min per call
 # and 30 min per session; a machine goes back after 30 s idle, so chain work in one call).
-#   run: bash benchmarks/gpu_session.sh [tests|epoch|variants|all]   (default: all)
+#   run: bash benchmarks/gpu_session.sh [tests|epoch|all|batch|mm]   (default: all)
 # Writes logs and JSON under $OUT (the device tool's folder) or bench_results/gpu/.
 set -u
 cd "$(dirname "$0")/.."
@@ -27,8 +27,16 @@ if [ "$what" = epoch ] || [ "$what" = all ]; then
     --cudnn-benchmark 1 --compile default --scope edge --graph 1 --full-epoch 1250 \
     --out "$out/epoch_graph_b1250.json" 2>&1 | grep -v "warm-up step [1-9]" | tail -8
 fi
-if [ "$what" = variants ]; then
-  # candidates for the last percent (run alone: each compiles cold for minutes)
+# Candidates for the last percent, one per device call (each compiles cold for ~6 min):
+#   batch: the same step at batch 1563 (16 steps, the last of 1555; ~57 GB est.), since a
+#          GPU-bound step may still gain a little throughput from a bigger batch;
+#   mm:    Inductor's conv_1x1_as_mm at batch 1250.
+if [ "$what" = batch ]; then
+  timeout 560 $py benchmarks/search_epoch.py --amp bf16 --batches 1563 --steps 5 --warmup 2 \
+    --cudnn-benchmark 1 --compile default --scope edge --graph 1 --full-epoch 1563 \
+    --out "$out/epoch_graph_b1563.json" 2>&1 | grep -v "warm-up step [1-9]" | tail -8
+fi
+if [ "$what" = mm ] || [ "$what" = variants ]; then
   timeout 540 $py benchmarks/search_epoch.py --amp bf16 --batches 1250 --steps 5 --warmup 2 \
     --cudnn-benchmark 1 --compile default --scope edge --graph 1 --full-epoch 1250 \
     --inductor conv_1x1_as_mm=True --out "$out/epoch_graph_b1250_1x1mm.json" 2>&1 \
