@@ -77,5 +77,53 @@ def test_resume_is_exact(key):
     _run(b, epochs=1)
     for p, q in zip(a.alphas(), b.alphas(), strict=True):
         assert torch.equal(p, q)
-    for p, q in zip(a.supernet.parameters(), b.supernet.parameters(), strict=True):
-        assert torch.equal(p, q)
+    sa, sb = a.supernet.state_dict(), b.supernet.state_dict()  # BN running stats included
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+PENALIZED = {"darts": {"name": "darts"}, "darts_order2": {"name": "darts", "order": 2},
+             "gdas": {"name": "gdas"}, "single_level": {"name": "single_level"},
+             "snas": {"name": "snas"}, "implicit": SECTIONS["implicit"],
+             "zero_order_mgs": {"name": "zero_order", "estimator": "mgs", "samples": 2},
+             "zero_order_rs": {"name": "zero_order", "estimator": "rs", "samples": 8},
+             "mean_shift": SECTIONS["mean_shift"], "few_shot": SECTIONS["few_shot"]}
+
+
+@pytest.fixture(scope="module")
+def l2_penalty():
+    from diffnas.strategies.base import PENALTIES, register_penalty
+
+    if "test_l2" not in PENALTIES.names():
+        @register_penalty("test_l2")
+        def make(lam: float = 1.0):
+            return lambda arch_weights, logits: lam * sum((a * a).sum() for a in logits.values())
+    return {"name": "test_l2", "lam": 100.0}
+
+
+@pytest.mark.parametrize("key", sorted(PENALIZED))
+def test_every_strategy_with_an_alpha_update_applies_its_penalties(key, l2_penalty):
+    """A strong L2 penalty on the logits must shrink them, in every strategy that takes
+    ``penalties`` (few_shot: in its one-shot phase and in its sub-supernets)."""
+    norms = []
+    for penalties in ([], [l2_penalty]):
+        s = tiny_strategy({**PENALIZED[key], "penalties": penalties})
+        torch.manual_seed(1)
+        val = tiny_batch(4, 2) if type(s).uses_validation else None
+        for epoch in range(2):
+            for i in range(2):
+                s.step(tiny_batch(4, 10 + i), val)
+            if epoch == 0:
+                s.end_epoch()  # few_shot splits here
+        norms.append(sum(float(a.detach().norm()) for a in s.alphas()))
+    assert norms[1] < norms[0] - 1e-4, norms
+
+
+def test_random_labels_refuses_penalties(l2_penalty):
+    with pytest.raises(ValueError, match="random_labels .* cannot use search.strategy.penalties"):
+        tiny_strategy({**SECTIONS["random_labels"], "penalties": [l2_penalty]})
+
+
+def test_a_relaxation_without_a_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="relaxation needs a 'name'.*softmax"):
+        tiny_strategy({"name": "darts", "relaxation": {"tau": 2.0}})

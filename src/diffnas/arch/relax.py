@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +49,14 @@ class Relaxation:
 
     def end_epoch(self) -> None:
         """Advance a per-epoch schedule (e.g. a temperature)."""
+
+    @contextlib.contextmanager
+    def fixed_noise(self) -> Iterator[None]:
+        """Within this block a stochastic relaxation draws its noise once per group and
+        reuses it, so that every pass of one architecture step (a virtual step, finite
+        differences, the loss evaluations of a zero-order estimate) sees the same sampled
+        architecture. Nothing to hold for a deterministic relaxation."""
+        yield
 
 
 RELAXATIONS: Registry[type[Relaxation]] = Registry("relaxation")
@@ -104,16 +114,36 @@ class GumbelSoftmaxRelaxation(Relaxation):
     def __init__(self, tau: float = 1.0, tau_min: float | None = None,
                  anneal: str = "exp") -> None:
         self.schedule = TemperatureSchedule(tau, tau_min, anneal)
+        self._held: dict[str, torch.Tensor] | None = None
 
     @property
     def tau(self) -> float:
         return self.schedule.tau
 
-    def soft(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.softmax((a + _gumbel_like(a)) / self.tau, dim=-1)
+    @contextlib.contextmanager
+    def fixed_noise(self) -> Iterator[None]:
+        outer = self._held is None
+        if outer:
+            self._held = {}
+        try:
+            yield
+        finally:
+            if outer:
+                self._held = None
+
+    def noise(self, group: str, a: torch.Tensor) -> torch.Tensor:
+        """Fresh Gumbel noise for ``group``, or the held one inside :meth:`fixed_noise`."""
+        if self._held is None:
+            return _gumbel_like(a)
+        if group not in self._held:
+            self._held[group] = _gumbel_like(a)
+        return self._held[group]
+
+    def soft(self, a: torch.Tensor, group: str = "") -> torch.Tensor:
+        return torch.softmax((a + self.noise(group, a)) / self.tau, dim=-1)
 
     def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
-        return ArchWeights({g: self.soft(a) for g, a in logits.items()})
+        return ArchWeights({g: self.soft(a, g) for g, a in logits.items()})
 
     def set_epochs(self, epochs: int) -> None:
         self.schedule.epochs = max(int(epochs), 1)
@@ -141,7 +171,7 @@ class HardGumbelRelaxation(GumbelSoftmaxRelaxation):
     def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
         weights, active = {}, {}
         for g, a in logits.items():
-            soft = self.soft(a)
+            soft = self.soft(a, g)
             index = soft.detach().argmax(dim=-1)
             hard = torch.nn.functional.one_hot(index, a.shape[-1]).to(soft.dtype)
             weights[g] = hard - soft.detach() + soft

@@ -111,6 +111,11 @@ class SearchStrategy:
         self.objective = objective
         self.epochs = epochs
         relax = dict(config.relaxation)
+        if "name" not in relax:
+            from diffnas.arch.relax import RELAXATIONS
+
+            raise ValueError(f"search.strategy.relaxation needs a 'name' (one of "
+                             f"{RELAXATIONS.names()}), got {config.relaxation}")
         self.relaxation = create_relaxation(relax.pop("name"), **relax)
         self.relaxation.set_epochs(epochs)
         if config.edge_norm:  # before the optimizer, so the betas are optimized with alpha
@@ -166,11 +171,13 @@ class SearchStrategy:
         return self.objective(out, batch)
 
     def add_penalty(
-        self, loss: torch.Tensor, arch_weights: ArchWeights, stats: dict[str, float]
+        self, loss: torch.Tensor, arch_weights: ArchWeights, stats: dict[str, float],
+        logits: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``loss`` plus the configured architecture penalties of ``arch_weights`` (each
-        also reported in ``stats`` as ``penalty_<name>``)."""
-        logits = self.arch_params.as_dict()
+        also reported in ``stats`` as ``penalty_<name>``); ``logits`` default to the
+        current alphas (a strategy evaluating moved alphas passes those)."""
+        logits = self.arch_params.as_dict() if logits is None else logits
         for name, penalty in self.penalties:
             value = penalty(arch_weights, logits)
             stats[f"penalty_{name}"] = metric(value)

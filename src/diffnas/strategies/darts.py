@@ -33,7 +33,9 @@ class DartsConfig(StrategyConfig):
 @register_strategy("darts")
 class DartsStrategy(SearchStrategy):
     """Alpha step on the validation batch (by the chosen hypergradient rule), then a
-    weight step on the training batch, as in the paper's search loop."""
+    weight step on the training batch, as in the paper's search loop. With a stochastic
+    relaxation the alpha step draws one sample and every pass of its rule uses it (finite
+    differences of two different samples would be noise); the weight step draws anew."""
 
     Config = DartsConfig
     data_parallel = True
@@ -42,8 +44,9 @@ class DartsStrategy(SearchStrategy):
         super().__init__(config, *args, **kwargs)
         # a captured graph replays fixed Python values: no temperature schedule, no sampled
         # ops (GDAS), no penalty settings (tested on a GPU: tests/test_cuda_graph.py)
+        # (edge_norm's per-node softmax reads its index lists on the host)
         self.graph_safe = (config.order == 1 and config.relaxation.get("name") == "softmax"
-                           and not config.penalties)
+                           and not config.penalties and not config.edge_norm)
         self.first_order = config.order == 1
         self.hypergrad = (
             first_order
@@ -55,7 +58,8 @@ class DartsStrategy(SearchStrategy):
         if val_batch is None:
             raise ValueError("darts needs a validation batch (bilevel search)")
         self.a_optimizer.zero_grad(set_to_none=True)
-        grads, val_stats = self.hypergrad(self, train_batch, val_batch)
+        with self.relaxation.fixed_noise():  # every pass sees the same sampled architecture
+            grads, val_stats = self.hypergrad(self, train_batch, val_batch)
         self.set_alpha_grads(grads)
         self.a_optimizer.step()
         stats = self.weight_step(train_batch, self.arch_weights())

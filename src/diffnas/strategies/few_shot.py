@@ -25,6 +25,7 @@ import torch
 from diffnas.arch.relax import ArchWeights, Relaxation
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.darts import DartsConfig, DartsStrategy
+from diffnas.strategies.hypergrad import first_order
 from diffnas.strategies.registry import register_strategy
 
 
@@ -49,6 +50,9 @@ class FixedOpRelaxation(Relaxation):
                     active[g][row] = op
             weights[g] = w
         return ArchWeights(weights, active)
+
+    def fixed_noise(self):
+        return self.inner.fixed_noise()
 
     def set_epochs(self, epochs: int) -> None:
         self.inner.set_epochs(epochs)
@@ -115,16 +119,19 @@ class FewShotStrategy(SearchStrategy):
     def split(self) -> None:
         """Make the sub-supernets from the current (trained) supernet and alphas."""
         c = self.config
-        w_optim = copy.deepcopy(c.w_optim)
-        w_optim.lr = self.lr  # continue from the one-shot learning rate
-        cfg = DartsConfig(w_optim=w_optim, a_optim=copy.deepcopy(c.a_optim),
-                          relaxation=dict(c.relaxation), edge_norm=c.edge_norm, order=1)
+        cfg = DartsConfig(w_optim=copy.deepcopy(c.w_optim), a_optim=copy.deepcopy(c.a_optim),
+                          relaxation=dict(c.relaxation), edge_norm=c.edge_norm, order=1,
+                          penalties=copy.deepcopy(c.penalties))
         self.subnets, self.fixed = [], self.combos()
         for fixed in self.fixed:
             sub = DartsStrategy(cfg, copy.deepcopy(self.supernet),
-                                copy.deepcopy(self.arch_params), self.objective,
-                                self.epochs - self.split_at)
-            sub.relaxation = FixedOpRelaxation(sub.relaxation, fixed)
+                                copy.deepcopy(self.arch_params), self.objective, self.epochs)
+            # the one-shot schedules go on: the cosine learning rate and a temperature anneal
+            # over the whole run instead of restarting at the split
+            sub.w_scheduler.load_state_dict(self.w_scheduler.state_dict())
+            for group in sub.w_optimizer.param_groups:
+                group["lr"] = self.lr
+            sub.relaxation = FixedOpRelaxation(copy.deepcopy(self.relaxation), fixed)
             self.subnets.append(sub)
         self.val_loss = [[] for _ in self.subnets]
 
@@ -137,8 +144,9 @@ class FewShotStrategy(SearchStrategy):
             raise ValueError("few_shot needs a validation batch (bilevel search)")
         if not self.subnets:  # one-shot phase: DARTS first order
             self.a_optimizer.zero_grad(set_to_none=True)
-            loss, val_stats = self.loss(val_batch, self.arch_weights())
-            self.set_alpha_grads(list(torch.autograd.grad(loss, self.alphas())))
+            with self.relaxation.fixed_noise():
+                grads, val_stats = first_order(self, train_batch, val_batch)
+            self.set_alpha_grads(grads)
             self.a_optimizer.step()
             stats = self.weight_step(train_batch, self.arch_weights())
             stats.update({f"val_{k}": v for k, v in val_stats.items()})

@@ -10,7 +10,7 @@ Under data parallelism a rule returns this rank's share of the alpha gradient
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -23,6 +23,14 @@ HESSIAN_MODES = ("fd", "fd_forward", "exact")
 HypergradRule = Callable[[SearchStrategy, Batch, Batch], tuple[list[torch.Tensor], dict]]
 
 
+def grads(out: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+          **kw) -> list[torch.Tensor]:
+    """``torch.autograd.grad`` with zeros for the inputs the graph did not use: the
+    weights of the ops a hard Gumbel sample left out (GDAS), or of RNN ops not yet grown."""
+    got = torch.autograd.grad(out, list(inputs), allow_unused=True, **kw)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
+
+
 def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch):
     """DARTS first order: grad_alpha (L_val(w, alpha) + penalties(alpha)) at the current
     weights."""
@@ -30,8 +38,7 @@ def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch):
     with frozen(s.supernet.parameters()):  # only alpha's gradient is taken
         loss, stats = s.loss(val_batch, arch_weights)
     loss = s.add_penalty(loss, arch_weights, stats)
-    grads = torch.autograd.grad(loss, s.alphas())
-    return list(grads), stats
+    return grads(loss, s.alphas()), stats
 
 
 @contextlib.contextmanager
@@ -65,14 +72,14 @@ def _virtual_step(
     arch_weights = s.arch_weights()
     loss, _ = s.loss(train_batch, arch_weights if alpha_grads else arch_weights.detach())
     wrt = list(named.values()) + (s.alphas() if alpha_grads else [])
-    got = torch.autograd.grad(loss, wrt)
-    grads = s.average_grads(got[: len(named)])
-    d_alpha = list(got[len(named):]) if alpha_grads else None
+    got = grads(loss, wrt)
+    g_w = s.average_grads(got[: len(named)])
+    d_alpha = got[len(named):] if alpha_grads else None
     w = s.config.w_optim
     xi = s.lr
     out = {}
     with torch.no_grad():
-        for (name, p), g in zip(named.items(), grads):
+        for (name, p), g in zip(named.items(), g_w):
             buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer")
             moment = torch.zeros_like(p) if buf is None else w.momentum * buf
             out[name] = p - xi * (moment + g + w.weight_decay * p)
@@ -95,7 +102,7 @@ def mixed_hvp_fd(
     for sign in (1.0,) if at_w is not None else (1.0, -1.0):
         params = {n: (p.detach() + sign * eps * vector[n]) for n, p in named.items()}
         loss, _ = s.loss(batch, s.arch_weights(), params=params)
-        result.append(torch.autograd.grad(loss, s.alphas()))
+        result.append(grads(loss, s.alphas()))
     if at_w is not None:
         return [(gp - g0) / eps for gp, g0 in zip(result[0], at_w, strict=True)]
     return [(gp - gn) / (2 * eps) for gp, gn in zip(*result)]
@@ -108,9 +115,9 @@ def mixed_hvp_exact(
     named = dict(s.supernet.named_parameters())
     with twice_differentiable():
         loss, _ = s.loss(batch, s.arch_weights())
-    gw = torch.autograd.grad(loss, list(named.values()), create_graph=True)
-    dot = sum((g * vector[n]).sum() for g, n in zip(gw, named))
-    return list(torch.autograd.grad(dot, s.alphas()))
+    gw = grads(loss, list(named.values()), create_graph=True)
+    dot = sum((g * vector[n]).sum() for g, n in zip(gw, named) if g.requires_grad)
+    return grads(dot, s.alphas())
 
 
 def unrolled(
@@ -139,8 +146,8 @@ def unrolled(
     loss, stats = s.loss(val_batch, arch_weights, params=w_prime)
     loss = s.add_penalty(loss, arch_weights, stats)  # penalties depend on alpha only
     alphas = s.alphas()
-    grads = torch.autograd.grad(loss, alphas + list(w_prime.values()))
-    d_alpha, d_w = grads[: len(alphas)], grads[len(alphas) :]
+    got = grads(loss, alphas + list(w_prime.values()))
+    d_alpha, d_w = got[: len(alphas)], got[len(alphas) :]
     vector = {n: g.detach() for n, g in zip(w_prime, s.average_grads(d_w))}  # global v
     if hessian == "exact":
         hvp = mixed_hvp_exact(s, train_batch, vector)

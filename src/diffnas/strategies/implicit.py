@@ -19,6 +19,7 @@ import torch
 
 from diffnas.ops import twice_differentiable
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
+from diffnas.strategies.hypergrad import grads as _grads
 from diffnas.strategies.registry import register_strategy
 
 Tensors = Sequence[torch.Tensor]
@@ -40,9 +41,13 @@ def neumann_inverse_hvp(
     return [eta * a for a in total]
 
 
-def _grads(out: torch.Tensor | Tensors, inputs: Tensors, **kw) -> list[torch.Tensor]:
-    got = torch.autograd.grad(out, list(inputs), allow_unused=True, **kw)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
+def _vjp(outs: Tensors, inputs: Tensors, vs: Tensors, **kw) -> list[torch.Tensor]:
+    """sum_i vs_i . d outs_i / d inputs, skipping outputs with no graph (the zero
+    gradients of weights the loss did not use)."""
+    pairs = [(o, v) for o, v in zip(outs, vs, strict=True) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(x) for x in inputs]
+    return _grads([o for o, _ in pairs], inputs, grad_outputs=[v for _, v in pairs], **kw)
 
 
 def implicit_hypergrad(
@@ -59,11 +64,11 @@ def implicit_hypergrad(
     gw = _grads(train_loss, w, create_graph=True)
 
     def hvp(p: list[torch.Tensor]) -> list[torch.Tensor]:
-        hp = average(_grads(gw, w, grad_outputs=p, retain_graph=True))
+        hp = average(_vjp(gw, w, p, retain_graph=True))
         return [h + weight_decay * x for h, x in zip(hp, p, strict=True)]
 
     p = neumann_inverse_hvp(hvp, v, K, eta)
-    mixed = average(_grads(gw, alphas, grad_outputs=p, retain_graph=False))
+    mixed = average(_vjp(gw, alphas, p, retain_graph=False))
     return [ga - m for ga, m in zip(g_alpha, mixed, strict=True)]
 
 
@@ -72,7 +77,9 @@ def implicit(s: SearchStrategy, train_batch: Batch, val_batch: Batch, K: int = 5
     """Hypergradient rule (see ``hypergrad.py``): IFT at the current weights; ``eta``
     defaults to the weight optimizer's current learning rate."""
     w = list(s.supernet.parameters())
-    val_loss, stats = s.loss(val_batch, s.arch_weights())
+    arch_weights = s.arch_weights()
+    val_loss, stats = s.loss(val_batch, arch_weights)
+    val_loss = s.add_penalty(val_loss, arch_weights, stats)  # depends on alpha only
     with twice_differentiable():  # differentiated twice below
         train_loss, _ = s.loss(train_batch, s.arch_weights())
     grads = implicit_hypergrad(train_loss, val_loss, w, s.alphas(), K,
@@ -104,7 +111,9 @@ class ImplicitStrategy(SearchStrategy):
         if val_batch is None:
             raise ValueError("implicit needs a validation batch (bilevel search)")
         self.a_optimizer.zero_grad(set_to_none=True)
-        grads, val_stats = implicit(self, train_batch, val_batch, self.config.K, self.config.eta)
+        with self.relaxation.fixed_noise():  # one sampled architecture for both losses
+            grads, val_stats = implicit(self, train_batch, val_batch, self.config.K,
+                                        self.config.eta)
         self.set_alpha_grads(grads)
         self.a_optimizer.step()
         stats = self.weight_step(train_batch, self.arch_weights())

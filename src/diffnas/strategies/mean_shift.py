@@ -83,13 +83,15 @@ class MeanShiftStrategy(SearchStrategy):
 
         def loss_at(deltas: list[torch.Tensor]) -> torch.Tensor:
             moved = {g: logits[g] + d for g, d in zip(groups, deltas, strict=True)}
-            return self.loss(val_batch, self.arch_params.normalize(self.relaxation(moved)))[0]
+            aw = self.arch_params.normalize(self.relaxation(moved))
+            return self.add_penalty(self.loss(val_batch, aw)[0], aw, {}, logits=moved)
 
         # betas (edge normalization), if any, get the weighted gradient but no samples
         params = [logits[g] for g in groups]
-        shift, grads, losses = mean_shift(loss_at, params, c.bandwidth, c.samples,
-                                          c.temperature, grad_params=self.alphas(),
-                                          average=self.mean_over_ranks)
+        with self.relaxation.fixed_noise():  # the samples differ in alpha, not in noise
+            shift, grads, losses = mean_shift(loss_at, params, c.bandwidth, c.samples,
+                                              c.temperature, grad_params=self.alphas(),
+                                              average=self.mean_over_ranks)
         with torch.no_grad():
             for p, d in zip(params, shift, strict=True):
                 p.add_(d)

@@ -64,6 +64,10 @@ class RandomLabelsStrategy(SearchStrategy):
     data_parallel = True
 
     def __init__(self, config: RandomLabelsConfig, *args, **kwargs) -> None:
+        if config.penalties:
+            raise ValueError("random_labels ranks paths by the angle of their weights and "
+                             "takes no alpha gradient: it cannot use search.strategy."
+                             f"penalties ({[p.get('name') for p in config.penalties]})")
         super().__init__(config, *args, **kwargs)
         self.allowed: dict[str, torch.Tensor] = {}
         for g in self.arch_params.groups():
@@ -122,10 +126,13 @@ class RandomLabelsStrategy(SearchStrategy):
             seen[module] = key
 
         handles = [m.register_forward_pre_hook(hook) for m in mixed]
+        training = self.supernet.training
+        self.supernet.eval()  # leaves BN's running statistics alone (resume stays exact)
         try:
             with torch.no_grad():
                 self.supernet(x, aw)
         finally:
+            self.supernet.train(training)
             for h in handles:
                 h.remove()
         names = {id(p): n for n, p in self.supernet.named_parameters()}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
+from diffnas.strategies.hypergrad import grads
 from diffnas.strategies.registry import register_strategy
 
 Objective = Callable[[torch.Tensor], float]
@@ -97,7 +98,9 @@ class ZeroOrderStrategy(SearchStrategy):
                 i += p.numel()
 
     def objective_at(self, train_batch: Batch, val_batch: Batch) -> Objective:
-        """``f(alpha)``: the validation loss at a candidate alpha (no alpha gradient)."""
+        """``f(alpha)``: the validation loss plus the architecture penalties at a candidate
+        alpha (no alpha gradient). Call it inside ``relaxation.fixed_noise()``: a
+        stochastic relaxation then compares every candidate on the same noise."""
         def f(flat: torch.Tensor) -> float:
             saved = self._flat()
             self._assign(flat)
@@ -108,12 +111,12 @@ class ZeroOrderStrategy(SearchStrategy):
                 if self.config.unroll:
                     named = dict(self.supernet.named_parameters())
                     loss, _ = self.loss(train_batch, aw)
-                    grads = self.average_grads(
-                        list(torch.autograd.grad(loss, list(named.values()))))
+                    g_w = self.average_grads(grads(loss, list(named.values())))
                     params = {n: (p - self.lr * g).detach()
-                              for (n, p), g in zip(named.items(), grads, strict=True)}
+                              for (n, p), g in zip(named.items(), g_w, strict=True)}
                 with torch.no_grad():
-                    return float(self.mean_over_ranks(self.loss(val_batch, aw, params=params)[0]))
+                    val = self.mean_over_ranks(self.loss(val_batch, aw, params=params)[0])
+                    return float(self.add_penalty(val, aw, {}))
             finally:
                 self._assign(saved)
         return f
@@ -124,14 +127,17 @@ class ZeroOrderStrategy(SearchStrategy):
         c = self.config
         f = self.objective_at(train_batch, val_batch)
         x = self._flat()
+        with self.relaxation.fixed_noise():
+            if c.estimator == "mgs":
+                g = mgs_estimate(f, x, c.mu, c.samples)
+            else:
+                new = (rs_step if c.estimator == "rs" else gld_step)(f, x, c.mu, c.samples)
         if c.estimator == "mgs":
-            g = mgs_estimate(f, x, c.mu, c.samples)
             self.a_optimizer.zero_grad(set_to_none=True)
             parts = torch.split(g, [p.numel() for p in self.alphas()])
             self.set_alpha_grads([t.view_as(p) for t, p in zip(parts, self.alphas(), strict=True)])
             self.a_optimizer.step()
         else:
-            new = (rs_step if c.estimator == "rs" else gld_step)(f, x, c.mu, c.samples)
             self._assign(new)
         with torch.no_grad():
             aw = self.arch_weights()
