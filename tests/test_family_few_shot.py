@@ -61,3 +61,31 @@ def test_best_is_lowest_mean_validation_loss():
 def test_split_edge_must_exist():
     with pytest.raises(ValueError, match="split_edges"):
         tiny_strategy({"name": "few_shot", "split_edges": ["normal/n9/e0"]})
+
+
+def test_sub_supernets_continue_the_one_shot_schedules():
+    """The learning rate and the Gumbel temperature follow one schedule over the whole
+    run, as in a DARTS run of the same length, instead of restarting at the split."""
+    from conftest import tiny_space
+
+    from diffnas.arch import ArchParams
+    from diffnas.strategies import ClassificationObjective, create_strategy
+
+    relax = {"name": "gumbel", "tau": 1.0, "tau_min": 0.1}
+    seen = {}
+    for name in ("few_shot", "darts"):
+        torch.manual_seed(0)
+        space = tiny_space()
+        section = {"name": name, "relaxation": relax} | (
+            {"split_epoch": 2} if name == "few_shot" else {})
+        s = create_strategy(section, space.build_supernet(), ArchParams(space),
+                            ClassificationObjective(), epochs=4)
+        trace = []
+        for _ in range(4):
+            s.step(tiny_batch(4, 1), tiny_batch(4, 2))
+            sub = s.subnets[0] if getattr(s, "subnets", None) else s
+            relaxation = getattr(sub.relaxation, "inner", sub.relaxation)
+            trace.append((round(sub.lr, 8), round(relaxation.tau, 8)))
+            s.end_epoch()
+        seen[name] = trace
+    assert seen["few_shot"] == seen["darts"]

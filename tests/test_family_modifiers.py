@@ -157,3 +157,9 @@ def test_discretizer_ranks_edges_by_beta_times_weight():
     with_beta = discretize(arch.as_dict(), space, None, arch.edge_weights())
     assert srcs(no_beta) == [0, 1]  # the unchanged DARTS rule
     assert srcs(with_beta) == [1, 2]
+
+
+def test_edge_norm_is_not_offered_a_cuda_graph():
+    """Edge normalization reads per-node index lists on the host: not capturable."""
+    assert tiny_strategy({"name": "darts"}).graph_safe
+    assert not tiny_strategy({"name": "darts", "edge_norm": True}).graph_safe
