@@ -80,3 +80,45 @@ def test_search_command_end_to_end(tmp_path, capsys):
     assert main(argv) == 2  # the same run directory is not overwritten
     assert "--resume" in capsys.readouterr().err
     assert main(["search", "--resume", str(tmp_path / "r")]) == 0  # a finished run: no-op
+
+
+def test_resume_keeps_the_runs_settings(tmp_path, capsys):
+    """--resume refuses --config and overrides that change what the run computes; where
+    it runs may change. A multi-seed parent is resumed with --seeds only."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("search: {epochs: 1}\n")
+    assert main(["search", "--resume", str(run), "search.epochs=10"]) == 2
+    assert "only device, progress, data.root may change" in capsys.readouterr().err
+    assert main(["search", "--resume", str(run), "--config",
+                 str(ROOT / "configs/darts_fashion_mnist.yaml")]) == 2
+    assert "drop --config" in capsys.readouterr().err
+    (tmp_path / "par").mkdir()
+    (tmp_path / "par" / "seeds.json").write_text('{"seeds": [0]}\n')
+    (tmp_path / "par" / "config.yaml").write_text("search: {epochs: 1}\n")
+    assert main(["search", "--resume", str(tmp_path / "par")]) == 2
+    assert "multi-seed run" in capsys.readouterr().err
+
+
+def test_seeds_refuse_language_models(tmp_path, capsys):
+    argv = ["search", "--seeds", "0", "--config", str(ROOT / "configs/darts_rnn_ptb.yaml"),
+            f"out_dir={tmp_path}"]
+    assert main(argv) == 2
+    assert "darts_rnn" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_retrain_resume_refuses_another_genotype(tmp_path, capsys):
+    from diffnas.genotype import resolve_genotype
+
+    argv = ["train", "--genotype", "DARTS_V2", f"out_dir={tmp_path}", "name=t",
+            "data.name=digits", "progress=false", "data.test_subset=16",
+            "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=32",
+            "retrain.network={C: 4, layers: 3}"]
+    assert main(argv) == 0
+    other = resolve_genotype("DARTS_V1")
+    other.save(tmp_path / "v1.json")
+    assert main(["train", "--genotype", str(tmp_path / "v1.json"), "--resume",
+                 str(tmp_path / "t")]) == 2
+    assert "retraining another genotype" in capsys.readouterr().err
+    assert main(["train", "--genotype", "DARTS_V2", "--resume", str(tmp_path / "t")]) == 0

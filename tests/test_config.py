@@ -34,6 +34,14 @@ def test_overrides_and_round_trip(tmp_path):
     ("search.strategy.name=nope", r"unknown strategy 'nope'"),
     ("search.space.ops=[sep_conv_3x3, conv_9x9]", r"unknown op\(s\) \['conv_9x9'\]"),
     ("search.strategy.order=3", r"order must be 1 or 2"),
+    ("retrain.lr=abc", r"retrain.lr: expected a number, got 'abc'"),
+    ("retrain.lr=true", r"retrain.lr: expected a number, got True"),
+    ("data.search_split=1.5", r"search_split must be in \(0, 1\)"),
+    ("search.epochs=-2", r"search.epochs must be >= 1"),
+    ("retrain.epochs=0", r"retrain.epochs and retrain.batch_size must be >= 1"),
+    ("device=gpu", r"config.device: 'gpu' is not a device"),
+    ("search.discretizer=foo", r"unknown discretizer 'foo'"),
+    ("data.name=imagenet", r"unknown dataset 'imagenet'"),
 ])
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises((ConfigError, ValueError, KeyError), match=match):
@@ -43,3 +51,29 @@ def test_bad_config_is_a_clear_error(override, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_float_written_without_a_dot_is_a_number():
+    """YAML reads ``1e-3`` as a string; the config reads it as the number it means."""
+    cfg = load_config(None, ["retrain.lr=1e-3", "search.strategy.w_optim.lr=2e-2"])
+    assert cfg.retrain.lr == 0.001 and isinstance(cfg.retrain.lr, float)
+    from diffnas.strategies import strategy_config
+
+    assert strategy_config(cfg.search.strategy).w_optim.lr == 0.02
+
+
+def test_an_override_inside_a_default_mapping_keeps_its_other_keys():
+    cfg = load_config(None, ["retrain.network.C=16", "search.strategy.order=2"])
+    assert cfg.retrain.network == {"C": 16, "layers": 20}
+    assert cfg.search.strategy == {"name": "darts", "order": 2}
+    # a whole mapping still replaces the default
+    assert load_config(None, ["retrain.network={C: 8}"]).retrain.network == {"C": 8}
+
+
+def test_cuda_on_a_machine_without_it_is_refused_before_anything_runs():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="0 CUDA device"):
+        load_config(None, ["device=cuda"])

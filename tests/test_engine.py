@@ -87,3 +87,21 @@ def test_nan_loss_is_a_clear_error(tmp_path):
     cfg = _cfg("search.strategy.w_optim.lr=1.0e+30", "search.strategy.w_optim.grad_clip=1.0e+30")
     with pytest.raises(FloatingPointError, match="NaN|inf"):
         run_search(cfg, tmp_path)
+
+
+def test_data_smaller_than_one_batch_is_a_clear_error(tmp_path):
+    cfg = _cfg("data.train_subset=16", "data.batch_size=16", f"out_dir={tmp_path}")
+    with pytest.raises(ValueError, match="no full batch per epoch"):
+        run_search(cfg, tmp_path / "run")
+
+
+def test_a_failed_text_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from diffnas.engine.checkpoint import atomic_write_text
+
+    path = tmp_path / "g.json"
+    atomic_write_text("old\n", path)
+
+    with pytest.raises(TypeError):
+        atomic_write_text(b"not text", path)  # fails inside the write
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["g.json"]

@@ -50,8 +50,11 @@ def test_alpha_hessian_eigenvalue_on_the_supernet():
     got = alpha_hessian_eigenvalue(s, batch, iters=300, tol=1e-10)
     assert abs(got - ref) < 1e-3 * abs(ref)
     rng = torch.get_rng_state()
+    buffers = {n: b.clone() for n, b in s.supernet.named_buffers()}
     alpha_hessian_eigenvalue(s, batch, iters=3)
     assert torch.equal(rng, torch.get_rng_state())  # the global RNG is left alone
+    for n, b in s.supernet.named_buffers():  # and so are BN's running statistics
+        assert torch.equal(b, buffers[n]), n
 
 
 def test_skip_count_is_written_per_epoch(tmp_path):

@@ -117,6 +117,9 @@ def test_two_seeds_in_worker_processes_match_in_process_runs(tmp_path):
     again = ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=2, echo=False)
     assert again["runs"] == summary["runs"]
     assert (tmp_path / "par" / "seed_0" / "retrain" / "result.json").stat().st_mtime_ns == stamp
+    # a later call naming one seed still summarises every seed of the parent
+    one = ms.run_seeds(cfg, [1], tmp_path / "par", workers=1, echo=False)
+    assert one["seeds"] == [0, 1] and one["runs"] == summary["runs"]
 
 
 def test_a_failing_seed_is_reported_and_the_others_kept(tmp_path):

@@ -67,17 +67,20 @@ def _search(p: argparse.ArgumentParser):
             from diffnas.engine.multiseed import seeds_command
 
             return seeds_command(args)
-        from diffnas.config import load_config
+        from diffnas.config import ConfigError, load_config
         from diffnas.engine import distributed as dp
         from diffnas.engine.retrain import run_retrain
-        from diffnas.engine.rundir import load_run_config, new_run_dir, setup_logging
+        from diffnas.engine.rundir import new_run_dir, setup_logging
         from diffnas.engine.search import run_search
         from diffnas.genotype import Genotype
 
         def open_run():  # rank 0 alone touches the run directory; the others get the result
             if args.resume:
                 run_dir = Path(args.resume)
-                cfg = load_run_config(run_dir)
+                if (run_dir / "seeds.json").is_file():
+                    raise ConfigError(f"{run_dir} is a multi-seed run: continue it with "
+                                      f"--seeds ... --resume {run_dir}")
+                cfg = _resume_config(args)
             else:
                 cfg = load_config(args.config, args.overrides)
                 run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
@@ -119,7 +122,7 @@ def _train(p: argparse.ArgumentParser):
         from diffnas.config import load_config
         from diffnas.data import load_dataset
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
-        from diffnas.engine.rundir import load_run_config, new_run_dir, setup_logging
+        from diffnas.engine.rundir import new_run_dir, setup_logging
         from diffnas.genotype import resolve_genotype
         from diffnas.spaces import DataShape
 
@@ -153,7 +156,7 @@ def _train(p: argparse.ArgumentParser):
 
         def open_run():  # rank 0 alone touches the run directory
             if args.resume:
-                return load_run_config(Path(args.resume)), Path(args.resume)
+                return _resume_config(args), Path(args.resume)
             cfg = load_config(args.config, args.overrides)
             return cfg, new_run_dir(cfg, "train")
 
@@ -184,6 +187,18 @@ def _train(p: argparse.ArgumentParser):
         return 0
 
     return run
+
+
+def _resume_config(args: argparse.Namespace):
+    """The saved config of ``--resume RUN_DIR``; ``--config`` is refused and overrides are
+    limited to where the run executes (``engine/rundir.RESUME_OVERRIDES``)."""
+    from diffnas.config import ConfigError
+    from diffnas.engine.rundir import load_run_config
+
+    if args.config:
+        raise ConfigError(f"--resume {args.resume} continues with the run's own config.yaml; "
+                          "drop --config")
+    return load_run_config(Path(args.resume), args.overrides)
 
 
 def _is_lm(cfg) -> bool:

@@ -7,6 +7,7 @@ space or strategy registers, so each component owns its own settings.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -53,8 +54,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected int, got {value!r}")
     if tp in (int, str, bool) and not isinstance(value, tp):
@@ -108,6 +118,12 @@ class DataConfig:
     search_split: float = 0.5  # fraction of training images that train weights in search
     batch_size: int = 64
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.search_split < 1.0:
+            raise ConfigError(f"data.search_split must be in (0, 1), got {self.search_split}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
 
 @dataclass
 class SearchConfig:
@@ -129,6 +145,10 @@ class SearchConfig:
     # between processes and a resumed run then differs in the last bits
     cudnn_benchmark: bool = False
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"search.epochs must be >= 1, got {self.epochs}")
+
 
 @dataclass
 class RetrainConfig:
@@ -147,6 +167,12 @@ class RetrainConfig:
     flip: bool = True
     train_subset: int | None = None  # None = every training image
     network: dict = field(default_factory=lambda: {"C": 36, "layers": 20})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"retrain.epochs and retrain.batch_size must be >= 1, got "
+                              f"{self.epochs} and {self.batch_size} (retrain.enabled=false "
+                              "skips retraining)")
 
 
 @dataclass
@@ -178,12 +204,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], defaults: dict | None = None) -> dict:
+    """Set each ``a.b.c=value`` in ``data``. A section missing from ``data`` starts as its
+    value in ``defaults`` (so ``retrain.network.C=16`` keeps the default network's other
+    keys instead of replacing the whole mapping)."""
     for ov in overrides:
         path, value = parse_override(ov)
-        node = data
+        node, default = data, defaults or {}
         for k in path[:-1]:
-            node = node.setdefault(k, {})
+            default = default.get(k, {}) if isinstance(default, dict) else {}
+            if k not in node:
+                node[k] = copy.deepcopy(default) if isinstance(default, dict) else {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {ov!r}: {k!r} is not a section")
         node[path[-1]] = value
@@ -200,7 +232,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], to_dict(RunConfig()))
     cfg = from_dict(RunConfig, data, "config")
     validate_components(cfg)
     return cfg
@@ -213,12 +245,43 @@ def validate_components(cfg: RunConfig) -> None:
 
     if cfg.logger not in ("jsonl", "tensorboard"):
         raise ConfigError(f"config.logger: {cfg.logger!r} is not one of jsonl, tensorboard")
+    check_device(cfg.device)
     space_config(cfg.search.space)
     strategy_config(cfg.search.strategy)
+    if cfg.search.discretizer is not None:
+        from diffnas.genotype.discretize import DISCRETIZERS
+
+        DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
+    if cfg.search.space.get("name") != "darts_rnn":  # language data: engine/lm.py
+        from diffnas.data import DATASETS
+
+        DATASETS.get(cfg.data.name)
     if cfg.lm:
         from diffnas.engine.lm import lm_config
 
         lm_config(cfg)
+
+
+def check_device(device: str) -> None:
+    """``device`` names a device torch knows and this machine has (``auto`` always does),
+    checked before a run directory is written."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"config.device: {device!r} is not a device ({exc}); use cpu, "
+                          "cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise ConfigError(f"config.device: {device!r} but this machine has {n} CUDA "
+                              "device(s); use device=cpu or device=auto")
+    elif dev.type not in ("cpu", "mps"):
+        raise ConfigError(f"config.device: {device!r} is not supported; use cpu, cuda, "
+                          "cuda:N or auto")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -6,20 +6,24 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
+def _atomic_write(write: Callable[[IO], None], path: str | Path, mode: str) -> None:
+    """Write through a temporary file in the same directory, fsync it, then rename it over
+    ``path``: a crash leaves the old file or the new one, never a torn one, and no
+    temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,13 +33,14 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` made atomic (see :func:`_atomic_write`)."""
+    _atomic_write(lambda f: torch.save(obj, f), path, "wb")
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """A text file written atomically (genotype, result and summary JSON)."""
+    _atomic_write(lambda f: f.write(text), path, "w")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -63,13 +63,21 @@ def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20,
                              tol: float = 1e-4) -> float:
     """Dominant eigenvalue of the Hessian of the loss on ``batch`` w.r.t. the architecture
     parameters, at the current weights. A stochastic relaxation (Gumbel) is replaced by
-    its expectation-free counterpart, the softmax, so the quantity is deterministic."""
+    its expectation-free counterpart, the softmax, so the quantity is deterministic. The
+    supernet's buffers (BN running statistics) are restored afterwards: measuring must not
+    change the run."""
     relax = strategy.relaxation
     if relax.stochastic:
         relax = SoftmaxRelaxation()
     aw = strategy.arch_params.normalize(relax(strategy.arch_params.as_dict()))
-    with twice_differentiable():
-        loss, _ = strategy.loss(batch, aw)
+    buffers = {n: b.clone() for n, b in strategy.supernet.named_buffers()}
+    try:
+        with twice_differentiable():
+            loss, _ = strategy.loss(batch, aw)
+    finally:
+        with torch.no_grad():
+            for n, b in strategy.supernet.named_buffers():
+                b.copy_(buffers[n])
     return dominant_eigenvalue(loss, strategy.alphas(), iters, tol)
 
 

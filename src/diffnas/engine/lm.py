@@ -44,7 +44,7 @@ from diffnas.engine.checkpoint import (
     seed_everything,
 )
 from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import resolve_device
+from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -460,6 +460,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     validation history and the final test perplexity."""
     out = Path(run_dir) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
+    pin_genotype(out, genotype, resume)
     lm, r, d = lm_config(cfg), cfg.retrain, cfg.data
     device = resolve_device(cfg.device)
     corpus = corpus or load_corpus(d.name, d.root)

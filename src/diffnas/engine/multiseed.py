@@ -272,8 +272,9 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
                 say(f"  {d.name}: FAILED ({errors[d]})")
     else:
         errors = _run_in_processes(pending, workers, threads, say)
-    records = []
-    for s, d in zip(seeds, dirs, strict=True):
+    records = []  # every seed of the parent, also those run by earlier calls
+    for s in json.loads((parent / SEEDS_FILE).read_text())["seeds"]:
+        d = seed_dir(parent, s)
         rec = seed_record(d, s)
         if d in errors:
             rec["error"] = errors[d]
@@ -316,10 +317,17 @@ def seeds_command(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds)
     if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError(f"--seeds ... --resume {args.resume} continues every seed with "
+                              "its own config.yaml; drop --config and the overrides")
         parent = Path(args.resume)
-        cfg = load_run_config(parent)
+        cfg = load_run_config(parent, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    if cfg.search.space.get("name") == "darts_rnn":
+        raise ConfigError("--seeds runs image searches; language-model runs (darts_rnn) are "
+                          "not supported by it yet: run one search per seed (seed=N)")
+    if not args.resume:
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
     print(f"multi-seed run directory: {parent}")
     summary = run_seeds(cfg, seeds, parent, workers=args.workers)

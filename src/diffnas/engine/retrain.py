@@ -23,7 +23,7 @@ from diffnas.engine.checkpoint import (
     seed_everything,
 )
 from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import resolve_device
+from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.report.cost import count_macs, count_parameters
@@ -144,6 +144,7 @@ def run_retrain(
     rank = dp.env()
     if rank.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        pin_genotype(out, genotype, resume)
     r, d = cfg.retrain, cfg.data
     device = dp.rank_device(resolve_device(cfg.device))
     data = data or load_dataset(

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from diffnas.config import RunConfig, load_config, save_config
+from diffnas.config import ConfigError, RunConfig, load_config, save_config
+from diffnas.engine.checkpoint import atomic_write_text
+from diffnas.genotype import Genotype
 
 CONFIG_FILE = "config.yaml"
 
@@ -35,11 +37,40 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     return run_dir
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
+#: settings a resumed run may change: where it runs, where its data lives and how it
+#: reports, never what it computes
+RESUME_OVERRIDES = ("device", "progress", "data.root")
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The saved config of ``run_dir``, with ``overrides`` limited to
+    :data:`RESUME_OVERRIDES` (a run continues with the settings it started with)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    return load_config(path)
+    overrides = list(overrides or [])
+    refused = [o for o in overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
+    if refused:
+        raise ConfigError(
+            f"--resume continues {run_dir} with its saved {CONFIG_FILE}; only "
+            f"{', '.join(RESUME_OVERRIDES)} may change, not {refused} (start a new run for "
+            "other settings)")
+    return load_config(path, overrides)
+
+
+def pin_genotype(out: str | Path, genotype: Genotype, resume: bool) -> None:
+    """Record which genotype ``out`` (a retrain directory) trains, in ``genotype.json``;
+    resuming it with another genotype is refused, since its checkpoint holds the weights
+    and metrics of the recorded one."""
+    path = Path(out) / "genotype.json"
+    if resume and path.is_file():
+        recorded = Genotype.load(path)
+        if recorded.to_dict() != genotype.to_dict():
+            raise ValueError(f"{out} is retraining another genotype (recorded in {path}):\n"
+                             f"  recorded: {recorded}\n  given:    {genotype}\n"
+                             "resume with the recorded genotype, or start a new run")
+        return
+    atomic_write_text(genotype.to_json() + "\n", path)
 
 
 def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
