@@ -77,3 +77,18 @@ def test_cuda_on_a_machine_without_it_is_refused_before_anything_runs():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="0 CUDA device"):
         load_config(None, ["device=cuda"])
+
+
+def test_a_run_made_on_a_gpu_can_still_be_read_here(tmp_path):
+    """Reports and export read a run's config without requiring its device."""
+    import torch
+
+    from diffnas.engine.rundir import load_run_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "config.yaml").write_text("device: cuda\n")
+    with pytest.raises(ConfigError, match="0 CUDA device"):
+        load_run_config(tmp_path)
+    assert load_run_config(tmp_path, device=False).device == "cuda"
+    assert load_run_config(tmp_path, ["device=cpu"]).device == "cpu"  # resume elsewhere

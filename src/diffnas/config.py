@@ -222,8 +222,11 @@ def apply_overrides(data: dict, overrides: list[str], defaults: dict | None = No
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (or start from defaults), apply ``a.b=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                device: bool = True) -> RunConfig:
+    """Read YAML (or start from defaults), apply ``a.b=value`` overrides, validate
+    (``device=False``: not whether this machine has the configured device, for reading
+    a run made elsewhere)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -234,18 +237,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: top level must be a mapping")
     data = apply_overrides(data, overrides or [], to_dict(RunConfig()))
     cfg = from_dict(RunConfig, data, "config")
-    validate_components(cfg)
+    validate_components(cfg, device)
     return cfg
 
 
-def validate_components(cfg: RunConfig) -> None:
-    """Check the space/strategy sections against the classes their names select."""
+def validate_components(cfg: RunConfig, device: bool = True) -> None:
+    """Check the space/strategy sections against the classes their names select, the
+    discretizer, dataset and (``device``) the device."""
     from diffnas.spaces import space_config
     from diffnas.strategies import strategy_config
 
     if cfg.logger not in ("jsonl", "tensorboard"):
         raise ConfigError(f"config.logger: {cfg.logger!r} is not one of jsonl, tensorboard")
-    check_device(cfg.device)
+    if device:
+        check_device(cfg.device)
     space_config(cfg.search.space)
     strategy_config(cfg.search.strategy)
     if cfg.search.discretizer is not None:

@@ -72,7 +72,7 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
-    cfg = load_run_config(run)
+    cfg = load_run_config(run, device=False)  # loaded on the CPU wherever it ran
     weights, result = run / "retrain" / "model.pt", run / "retrain" / "result.json"
     if not weights.is_file() or not result.is_file():
         raise FileNotFoundError(f"{run} has no retrained model (retrain/model.pt and "

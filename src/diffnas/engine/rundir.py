@@ -42,9 +42,11 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
 RESUME_OVERRIDES = ("device", "progress", "data.root")
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
+                    device: bool = True) -> RunConfig:
     """The saved config of ``run_dir``, with ``overrides`` limited to
-    :data:`RESUME_OVERRIDES` (a run continues with the settings it started with)."""
+    :data:`RESUME_OVERRIDES` (a run continues with the settings it started with);
+    ``device=False`` to read a run made on another machine (reports, export)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
@@ -55,7 +57,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
             f"--resume continues {run_dir} with its saved {CONFIG_FILE}; only "
             f"{', '.join(RESUME_OVERRIDES)} may change, not {refused} (start a new run for "
             "other settings)")
-    return load_config(path, overrides)
+    return load_config(path, overrides, device=device)
 
 
 def pin_genotype(out: str | Path, genotype: Genotype, resume: bool) -> None:

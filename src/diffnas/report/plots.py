@@ -72,7 +72,7 @@ def load_run(run_dir: str | Path) -> RunData:
     from diffnas.engine.rundir import load_run_config
 
     path = Path(run_dir)
-    cfg = load_run_config(path)
+    cfg = load_run_config(path, device=False)  # a report reads, it does not run
     gpath = path / "search" / "genotype.json"
     genotype = Genotype.load(gpath) if gpath.is_file() else None
     if genotype is None:
