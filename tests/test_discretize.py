@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_space
 
@@ -70,3 +71,19 @@ def test_argmax_rule_keeps_none():
     g = discretize({"normal": normal, "reduce": _alphas({})}, space, rule="argmax")
     assert g.cell("normal").edges[0] == Edge("none", 0, 2)
     assert len(g.cell("normal").edges) == 5
+
+
+def test_non_finite_logits_are_an_error_naming_the_group():
+    """A diverged search (NaN alphas) must not come back as a valid-looking genotype."""
+    space = tiny_space()
+    good = _alphas({(0, 2): {"sep_conv_3x3": 1.0}})
+    for bad_value in (float("nan"), float("inf")):
+        bad = good.clone()
+        bad[3, 2] = bad_value
+        for rule in ("darts", "argmax"):
+            with pytest.raises(ValueError, match="group 'reduce' are not finite"):
+                discretize({"normal": good, "reduce": bad}, space, rule)
+    beta = {"normal": torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0]),
+            "reduce": torch.zeros(5)}
+    with pytest.raises(ValueError, match="edge weights of group 'normal' are not finite"):
+        discretize({"normal": good, "reduce": good}, space, edge_weights=beta)

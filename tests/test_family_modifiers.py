@@ -163,3 +163,33 @@ def test_edge_norm_is_not_offered_a_cuda_graph():
     """Edge normalization reads per-node index lists on the host: not capturable."""
     assert tiny_strategy({"name": "darts"}).graph_safe
     assert not tiny_strategy({"name": "darts", "edge_norm": True}).graph_safe
+
+
+@pytest.mark.parametrize("side", [7, 9])
+def test_partial_channel_reduction_edge_rounds_odd_sides_up(side):
+    """The bypass must halve an odd side as the stride-2 ops do (rounding up), or the
+    concatenation of ops and bypass fails."""
+    torch.manual_seed(0)
+    op = PartialChannelMixedOp(8, 2, OPS, 2)
+    x = torch.randn(2, 8, side, side)
+    y = op(x, torch.softmax(torch.randn(len(OPS)), 0))
+    half = (side + 1) // 2
+    assert y.shape == (2, 8, half, half)
+    bypass = torch.nn.functional.max_pool2d(x[:, 4:], 2, 2, ceil_mode=True)
+    assert torch.equal(_unshuffle(y, 2)[:, 4:], bypass)  # the last row/column pools alone
+
+
+@pytest.mark.parametrize("resolution", [7, 15])
+def test_partial_channel_supernet_at_odd_resolutions(resolution):
+    from diffnas.arch import ArchParams
+    from diffnas.arch.relax import ArchWeights
+    from diffnas.spaces import DataShape, create_space
+
+    torch.manual_seed(0)
+    space = create_space({"name": "darts_cnn", "C": 4, "layers": 5, "nodes": 2,
+                          "mixed_op": {"name": "partial_channel", "k": 2}},
+                         DataShape(1, resolution, 3))
+    arch = ArchParams(space)
+    w = ArchWeights({g: torch.softmax(arch[g], -1) for g in arch.groups()})
+    out = space.build_supernet()(torch.randn(2, 1, resolution, resolution), w)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()

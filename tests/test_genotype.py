@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_space
 
 from diffnas.genotype import (
@@ -16,6 +17,7 @@ from diffnas.genotype import (
     published_genotype,
     resolve_genotype,
 )
+from diffnas.genotype.discretize import discretize
 from diffnas.report import count_parameters
 from diffnas.spaces import DataShape, create_space
 
@@ -107,3 +109,123 @@ def test_resolve_genotype_by_name_or_file(tmp_path):
     assert json.loads(p.read_text())["space"] == "darts_cnn"
     with pytest.raises(GenotypeError, match="not found"):
         resolve_genotype(str(tmp_path / "missing.json"))
+
+
+def _v2_dict() -> dict:
+    return json.loads(published_genotype("DARTS_V2").to_json())
+
+
+@pytest.mark.parametrize("src", [0.9, 1.7, "1", True])
+def test_node_numbers_must_be_ints(src):
+    d = _v2_dict()
+    d["cells"]["normal"]["edges"][0][1] = src
+    with pytest.raises(GenotypeError, match=rf"node {src!r} in .* is not an integer"):
+        Genotype.from_dict(d)
+    d = _v2_dict()
+    d["cells"]["reduce"]["concat"][0] = src
+    with pytest.raises(GenotypeError, match="cell 'reduce': node .* in 'concat'"):
+        Genotype.from_dict(d)
+
+
+def test_unknown_cell_keys_and_repeated_edges_are_rejected():
+    d = _v2_dict()
+    d["cells"]["normal"]["bogus"] = 1
+    with pytest.raises(GenotypeError, match="cell 'normal' needs exactly the keys"):
+        Genotype.from_dict(d)
+    d = _v2_dict()
+    e = d["cells"]["normal"]["edges"]
+    e[1] = ["skip_connect", e[0][1], e[0][2]]  # node 2 takes node 0 twice
+    with pytest.raises(GenotypeError, match="edge 0->2 is listed twice"):
+        Genotype.from_dict(d)
+    g = published_genotype("DARTS_V2")  # built in code: validate catches it
+    n = g.cell("normal")
+    twice = CellGenotype("normal", (n.edges[0], Edge("skip_connect", 0, 2)) + n.edges[2:],
+                         n.concat)
+    with pytest.raises(GenotypeError, match="edge 0->2 is listed twice"):
+        create_space({"name": "darts_cnn"}, CIFAR).validate(
+            Genotype(g.space, (twice, g.cell("reduce"))))
+
+
+@pytest.mark.parametrize("normal, concat, match", [
+    ("('sep_conv_3x3', 0.7)", "[2, 3, 4, 5]", r"node 0.7 in \('sep_conv_3x3', 0.7\)"),
+    ("('sep_conv_3x3', 0)", "[True, 3, 4, 5]", "node True in 'normal_concat'"),
+    ("('sep_conv_3x3', 1)", "[2, 3, 4, 5]", "edge 1->2 is listed twice"),
+])
+def test_darts_text_is_parsed_strictly(normal, concat, match):
+    rest = ("('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 1), "
+            "('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)")
+    reduce = "[" + ", ".join(["('max_pool_3x3', 0)", "('max_pool_3x3', 1)"] * 4) + "]"
+    text = (f"Genotype(normal=[{normal}, {rest}], normal_concat={concat}, "
+            f"reduce={reduce}, reduce_concat=[2, 3, 4, 5])")
+    with pytest.raises(GenotypeError, match=match):
+        from_darts_str(text)
+
+
+def _with_concat(g: Genotype, cell: str, concat: tuple[int, ...]) -> Genotype:
+    return Genotype(g.space, tuple(CellGenotype(c.name, c.edges, concat) if c.name == cell
+                                   else c for c in g.cells))
+
+
+@pytest.mark.parametrize("cell, concat, match", [
+    ("normal", (), "concat is empty"),
+    ("normal", (2, 2, 3, 4, 5), r"concat lists node\(s\) \[2\] more than once"),
+    ("reduce", (1, 2, 3, 4, 5), r"cell 'reduce': concat refers to node\(s\) \[1\]"),
+    ("normal", (2, 3, 4, 5, 6), r"concat refers to node\(s\) \[6\]"),
+])
+def test_concat_is_validated(cell, concat, match):
+    space = create_space({"name": "darts_cnn", "C": 4, "layers": 5}, CIFAR)
+    with pytest.raises(GenotypeError, match=match):
+        space.build_network(_with_concat(published_genotype("DARTS_V2"), cell, concat))
+
+
+def test_normal_cells_may_concatenate_an_input_node():
+    """Inputs of a normal cell have its channels and resolution, so concatenating one works
+    (unlike in a reduction cell, whose inputs are not downsampled)."""
+    space = create_space({"name": "darts_cnn", "C": 4, "layers": 5}, DataShape(3, 16, 10))
+    g = _with_concat(published_genotype("DARTS_V2"), "normal", (1, 2, 3, 4, 5))
+    net = space.build_network(g).eval()
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_text_round_trips_where_the_darts_form_cannot_say_the_genotype(tmp_path):
+    """A two_input recurrent cell numbers its nodes from 2; the DARTS form would shift them
+    to 1. str() then writes the generic form, which reads back exactly."""
+    space = create_space({"name": "darts_rnn", "backbone": "two_input", "nodes": 3,
+                          "ninp": 6, "nhid": 6}, DataShape(num_classes=11))
+    torch.manual_seed(0)
+    g = discretize({"recurrent": torch.randn(len(space.edges()), 5)}, space)
+    assert g.cell("recurrent").nodes == (2, 3, 4)
+    text = str(g)
+    assert text.startswith("Genotype(space='darts_rnn', cells=")
+    p = tmp_path / "g.txt"
+    p.write_text(text)
+    assert Genotype.load(p) == g
+    space.validate(Genotype.load(p))
+    nb = create_space({"name": "nb201"}, CIFAR)  # no DARTS form at all: generic too
+    g = discretize({"cell": torch.randn(6, 5)}, nb)
+    assert from_darts_str(str(g)) == g
+    for name in ("DARTS_V2", "DARTS_RNN_V1"):  # the paper's form where it fits
+        assert str(published_genotype(name)).startswith("Genotype(normal=" if name == "DARTS_V2"
+                                                        else "Genotype(recurrent=")
+
+
+def test_unknown_genotype_name_lists_the_published_ones():
+    with pytest.raises(GenotypeError, match="not a published genotype name.*DARTS_V2"):
+        resolve_genotype("DARTS")
+
+
+def test_auxiliary_head_pools_8x8_maps_like_the_paper():
+    """On CIFAR the head sees 8x8 maps: the paper's AvgPool2d(5, stride=3, padding=0,
+    count_include_pad=False); other sizes pool adaptively to 2x2 with the same weights."""
+    from diffnas.supernet.network import AuxiliaryHead
+
+    torch.manual_seed(0)
+    head = AuxiliaryHead(6, 10).eval()
+    paper = torch.nn.Sequential(*head.features).eval()
+    paper[1] = torch.nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False)
+    x = torch.randn(2, 6, 8, 8)
+    torch.testing.assert_close(head(x), head.classifier(paper(x).flatten(1)))
+    assert head(torch.randn(2, 6, 5, 5)).shape == (2, 10)
+    space = create_space({"name": "darts_cnn"}, CIFAR)
+    net = space.build_network(published_genotype("DARTS_V2"), C=36, layers=20, auxiliary=True)
+    assert count_parameters(net.auxiliary_head, exclude=()) == 476_426  # as before the change

@@ -216,3 +216,25 @@ def test_supernet_gradients_reach_every_live_alpha():
     g = arch["cell"].grad
     assert g is not None and torch.isfinite(g).all()
     assert (g.abs() > 0).all()  # softmax couples every logit of an edge, none included
+
+
+@pytest.mark.parametrize("resolution", [7, 15])
+def test_odd_resolutions_build_and_run(resolution):
+    """The reduction block's shortcut pool halves odd sides rounding up, as its stride-2
+    conv does; a floor made the residual sum fail at 7, 14, 15, 30."""
+    from diffnas.supernet.nb201 import ResNetBasicBlock
+
+    torch.manual_seed(0)
+    shape = DataShape(1, resolution, 3)
+    space = create_space({"name": "nb201", "C": 4, "N": 1}, shape)
+    x = torch.randn(2, 1, resolution, resolution)
+    arch = ArchParams(space)
+    w = ArchWeights({"cell": torch.softmax(arch["cell"], -1)})
+    assert space.build_supernet()(x, w).shape == (2, 3)
+    assert space.build_network(str_to_genotype(EXAMPLE)).train()(x).shape == (2, 3)
+    block = ResNetBasicBlock(4, 8)
+    half = (resolution + 1) // 2
+    assert block(torch.randn(2, 4, resolution, resolution)).shape == (2, 8, half, half)
+    # on even sides the shortcut is still the benchmark's plain AvgPool2d(2)
+    even = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(block.downsample[0](even), torch.nn.functional.avg_pool2d(even, 2))

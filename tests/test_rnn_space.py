@@ -205,3 +205,28 @@ def test_dropout_masks_follow_the_batch_seed_and_vanish_in_eval():
     only_wd.load_state_dict(net.state_dict())
     dropped = only_wd(LmInput(x, h, 7)).logits
     assert not torch.allclose(dropped, plain.eval()(LmInput(x, h, 7)).logits)
+
+
+def test_search_cell_names_a_batch_of_one():
+    """Nodes are normalised by batch statistics in eval mode too: a batch of one sequence
+    cannot be, and the error says which setting to raise instead of torch's BN message."""
+    space = rnn_space()
+    torch.manual_seed(0)
+    net, arch = space.build_supernet().eval(), ArchParams(space)
+    w = ArchWeights({"recurrent": torch.softmax(arch["recurrent"], -1)})
+    batch = lm_batch(net, B=2)
+    assert net(LanguageModelObjective().inputs(batch), w).logits.shape == (4, 2, V)
+    batch = lm_batch(net, B=1)
+    with pytest.raises(ValueError, match=r"got eval batch size 1 \(lm.eval_batch_size"):
+        net(LanguageModelObjective().inputs(batch), w)
+    with pytest.raises(ValueError, match="got batch size 1$"):
+        net.train()(LanguageModelObjective().inputs(batch), w)
+
+
+def test_recurrent_concat_is_validated():
+    space = rnn_space()
+    edges = (Edge("relu", 0, 1), Edge("tanh", 1, 2), Edge("sigmoid", 2, 3))
+    for concat, match in [((), "concat is empty"), ((1, 1, 2, 3), "more than once"),
+                          ((1, 2, 4), r"node\(s\) \[4\]")]:
+        with pytest.raises(ValueError, match=match):
+            space.validate(Genotype("darts_rnn", (CellGenotype("recurrent", edges, concat),)))

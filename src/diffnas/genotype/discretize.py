@@ -4,7 +4,8 @@
 ``inputs_per_node()``) whose strongest non-``none`` op weight is largest; each kept edge
 takes that op. ``argmax``: every edge keeps its strongest op, ``none`` included (the
 NAS-Bench-201 rule). Ties are broken deterministically: the lower source node wins, and
-among ops the one listed first.
+among ops the one listed first. Logits that are not finite (a diverged search) are an
+error, not a genotype.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ Discretizer = Callable[[Mapping[str, torch.Tensor], SearchSpace], Genotype]
 DISCRETIZERS: Registry[Discretizer] = Registry("discretizer")
 
 
+def _check_finite(values: Mapping[str, torch.Tensor], what: str) -> None:
+    """NaN or inf would still pick ops (every comparison is false) and hand back a
+    valid-looking genotype from a diverged search: refuse instead."""
+    for g, a in values.items():
+        if not bool(torch.isfinite(a.detach()).all()):
+            raise ValueError(f"{what} of group {g!r} are not finite (NaN or inf): the search "
+                             "diverged, so there is no architecture to read from them")
+
+
 def _weights(logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    _check_finite(logits, "architecture logits")
     return {g: torch.softmax(a.detach().double(), dim=-1) for g, a in logits.items()}
 
 
@@ -48,6 +59,7 @@ def darts_discretize(
         W = weights[group].tolist()
         scale = [1.0] * len(edges)
         if edge_weights and group in edge_weights:
+            _check_finite({group: edge_weights[group]}, "edge weights")
             scale = edge_weights[group].detach().double().tolist()
         by_dst: dict[int, list[tuple[float, int, str]]] = {}
         for row, e, sc in zip(W, edges, scale, strict=True):

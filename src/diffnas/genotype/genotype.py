@@ -1,8 +1,10 @@
 """Genotypes: the discrete architecture a search returns, as plain, frozen data.
 
 A genotype lists, per cell type, the kept edges ``(op, src, dst)`` and the nodes whose
-outputs are concatenated. It round-trips through JSON and reads the original DARTS text
-form ``Genotype(normal=[('sep_conv_3x3', 0), ...], normal_concat=[2, 3, 4, 5], ...)``.
+outputs are concatenated. It round-trips through JSON and through text (``str``): the
+original DARTS form ``Genotype(normal=[('sep_conv_3x3', 0), ...], normal_concat=[2, 3, 4, 5],
+...)`` where that form can say it, a generic ``Genotype(space=..., cells={...})`` otherwise.
+Parsing is strict: node numbers are ints, unknown keys and repeated edges are errors.
 Whether a genotype fits a space is checked by the space (``SearchSpace.validate``).
 """
 
@@ -73,18 +75,34 @@ class Genotype:
 
     @classmethod
     def from_dict(cls, d: Any) -> Genotype:
-        try:
-            if not isinstance(d, dict) or set(d) != {"space", "cells"}:
-                raise GenotypeError("expected an object with exactly the keys 'space' and 'cells'")
-            cells = []
-            for name, c in d["cells"].items():
-                edges = tuple(Edge(str(op), int(src), int(dst)) for op, src, dst in c["edges"])
-                cells.append(CellGenotype(str(name), edges, tuple(int(i) for i in c["concat"])))
-            return cls(str(d["space"]), tuple(cells))
-        except GenotypeError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise GenotypeError(f"malformed genotype: {exc!r}") from exc
+        """Parse :meth:`to_dict` output strictly: node numbers must be ints (a float or a
+        string is a typo, not a node), cells have exactly the keys ``edges`` and ``concat``,
+        and an edge ``(src, dst)`` appears once."""
+        if not isinstance(d, dict) or set(d) != {"space", "cells"}:
+            raise GenotypeError("expected an object with exactly the keys 'space' and 'cells'")
+        if not isinstance(d["space"], str) or not isinstance(d["cells"], dict):
+            raise GenotypeError("malformed genotype: 'space' must be a string and 'cells' an "
+                                "object {cell name: {edges, concat}}")
+        cells = []
+        for name, c in d["cells"].items():
+            if not isinstance(c, dict) or set(c) != {"edges", "concat"}:
+                got = sorted(c) if isinstance(c, dict) else type(c).__name__
+                raise GenotypeError(f"malformed genotype: cell {name!r} needs exactly the keys "
+                                    f"'edges' and 'concat', got {got}")
+            edges = []
+            for entry in _as_list(c["edges"], f"cell {name!r} edges"):
+                if not (isinstance(entry, list | tuple) and len(entry) == 3):
+                    raise GenotypeError(f"malformed genotype: cell {name!r}: edge {entry!r} "
+                                        "must be [op, src, dst]")
+                op, src, dst = entry
+                if not isinstance(op, str):
+                    raise GenotypeError(f"malformed genotype: cell {name!r}: edge {entry!r}: "
+                                        "the op must be a name")
+                edges.append(Edge(op, _node(src, name, entry), _node(dst, name, entry)))
+            concat = tuple(_node(i, name, "concat")
+                           for i in _as_list(c["concat"], f"cell {name!r} concat"))
+            cells.append(_checked_cell(str(name), tuple(edges), concat))
+        return cls(d["space"], tuple(cells))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -102,7 +120,7 @@ class Genotype:
 
     @classmethod
     def load(cls, path: str | Path) -> Genotype:
-        """Read a genotype file: JSON, or the original DARTS ``Genotype(...)`` text."""
+        """Read a genotype file: JSON, or ``Genotype(...)`` text (:func:`from_darts_str`)."""
         p = Path(path)
         if not p.is_file():
             raise GenotypeError(f"genotype file not found: {p}")
@@ -116,6 +134,32 @@ class Genotype:
 
     def __str__(self) -> str:
         return to_darts_str(self)
+
+
+def _as_list(v: Any, what: str) -> list:
+    if not isinstance(v, list | tuple):
+        raise GenotypeError(f"malformed genotype: {what} must be a list, got {v!r}")
+    return list(v)
+
+
+def _node(v: Any, cell: str, where: Any) -> int:
+    """A node number: a real int (``True`` or ``0.9`` would silently become a node)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise GenotypeError(f"malformed genotype: cell {cell!r}: node {v!r} in {where!r} is not "
+                            "an integer")
+    return v
+
+
+def _checked_cell(name: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> CellGenotype:
+    """A parsed cell, refusing an edge ``(src, dst)`` listed twice (it would silently
+    count as two inputs of one node)."""
+    seen: set[tuple[int, int]] = set()
+    for e in edges:
+        if (e.src, e.dst) in seen:
+            raise GenotypeError(f"cell {name!r}: edge {e.src}->{e.dst} is listed twice "
+                                f"(second: {e.op!r})")
+        seen.add((e.src, e.dst))
+    return CellGenotype(name, edges, concat)
 
 
 # --- the original DARTS text form ---------------------------------------------------
@@ -134,17 +178,22 @@ def _literal(node: ast.AST) -> Any:
 
 
 def from_darts_str(text: str) -> Genotype:
-    """Parse ``Genotype(normal=[...], normal_concat=[...], reduce=[...], reduce_concat=[...])``
-    or the recurrent form ``Genotype(recurrent=[...], concat=range(1, 9))``."""
+    """Parse ``Genotype(normal=[...], normal_concat=[...], reduce=[...], reduce_concat=[...])``,
+    the recurrent form ``Genotype(recurrent=[...], concat=range(1, 9))``, or the generic form
+    ``Genotype(space=..., cells={...})`` that :func:`to_darts_str` writes for the rest."""
     try:
         expr = ast.parse(text.strip(), mode="eval").body
         if not (isinstance(expr, ast.Call) and getattr(expr.func, "id", None) == "Genotype"):
             raise GenotypeError("expected a call 'Genotype(...)'")
+        if expr.args or any(kw.arg is None for kw in expr.keywords):
+            raise GenotypeError("expected named fields only: 'Genotype(normal=..., ...)'")
         kwargs = {kw.arg: _literal(kw.value) for kw in expr.keywords}
     except GenotypeError:
         raise
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, TypeError) as exc:
         raise GenotypeError(f"malformed DARTS genotype text: {exc}") from exc
+    if set(kwargs) == {"space", "cells"}:
+        return Genotype.from_dict(kwargs)
     space = "darts_rnn" if "recurrent" in kwargs else "darts_cnn"
     layout = _DARTS_LAYOUTS[space]
     expected = set()
@@ -154,26 +203,39 @@ def from_darts_str(text: str) -> Genotype:
         raise GenotypeError(f"DARTS genotype needs fields {sorted(expected)}, got {sorted(kwargs)}")
     cells = []
     for name in layout["cells"]:
-        pairs = kwargs[name]
-        concat = kwargs["concat" if space == "darts_rnn" else f"{name}_concat"]
-        try:
-            edges = tuple(
-                Edge(str(op), int(src), layout["first"] + i // layout["per_node"])
-                for i, (op, src) in enumerate(pairs)
-            )
-        except (TypeError, ValueError) as exc:
-            raise GenotypeError(f"cell {name!r}: expected (op, input) pairs: {exc}") from exc
-        cells.append(CellGenotype(name, edges, tuple(int(i) for i in concat)))
+        edges = []
+        for i, pair in enumerate(_as_list(kwargs[name], f"cell {name!r}")):
+            if not (isinstance(pair, list | tuple) and len(pair) == 2
+                    and isinstance(pair[0], str)):
+                raise GenotypeError(f"cell {name!r}: expected (op, input) pairs, got {pair!r}")
+            dst = layout["first"] + i // layout["per_node"]
+            edges.append(Edge(pair[0], _node(pair[1], name, pair), dst))
+        concat_key = "concat" if space == "darts_rnn" else f"{name}_concat"
+        concat = tuple(_node(i, name, concat_key) for i in _as_list(kwargs[concat_key], concat_key))
+        cells.append(_checked_cell(name, tuple(edges), concat))
     return Genotype(space, tuple(cells))
 
 
-def to_darts_str(g: Genotype) -> str:
-    """Write a genotype in the original DARTS text form when its space has one."""
-    if g.space not in _DARTS_LAYOUTS:
-        return f"Genotype(space={g.space!r}, cells={g.to_dict()['cells']!r})"
+def _darts_form(g: Genotype) -> str:
     parts = []
     for c in g.cells:
         pairs = [(e.op, e.src) for e in sorted(c.edges, key=lambda e: e.dst)]
         concat_key = "concat" if g.space == "darts_rnn" else f"{c.name}_concat"
         parts.append(f"{c.name}={pairs!r}, {concat_key}={list(c.concat)!r}")
     return f"Genotype({', '.join(parts)})"
+
+
+def to_darts_str(g: Genotype) -> str:
+    """The original DARTS text form when it says exactly ``g``; otherwise the generic form
+    ``Genotype(space=..., cells={...})``. The DARTS form numbers nodes implicitly (from 2
+    in CNN cells, from 1 in recurrent ones, a fixed count of inputs per node), so e.g. a
+    ``two_input`` recurrent cell (nodes from 2) cannot be written in it; either way the
+    text reads back as ``g`` with :func:`from_darts_str`."""
+    if g.space in _DARTS_LAYOUTS:
+        text = _darts_form(g)
+        try:
+            if from_darts_str(text) == g:
+                return text
+        except GenotypeError:
+            pass
+    return f"Genotype(space={g.space!r}, cells={g.to_dict()['cells']!r})"

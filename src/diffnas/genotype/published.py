@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffnas.genotype.genotype import Genotype, GenotypeError, from_darts_str
 
 PUBLISHED: dict[str, str] = {
@@ -44,4 +46,7 @@ def resolve_genotype(ref: str) -> Genotype:
     """A published name (e.g. ``DARTS_V2``) or a path to a genotype file."""
     if ref in PUBLISHED:
         return published_genotype(ref)
+    if not Path(ref).is_file():  # a mistyped name should not read as a missing file only
+        raise GenotypeError(f"genotype file not found: {ref}, and not a published genotype "
+                            f"name either; published: {', '.join(sorted(PUBLISHED))}")
     return Genotype.load(ref)

@@ -69,6 +69,11 @@ class SearchSpace(ABC):
         """Nodes whose outputs form the cell output (default: every intermediate node)."""
         return tuple(sorted({e.dst for e in self.edge_groups()[group]}))
 
+    def concat_candidates(self, group: str) -> tuple[int, ...]:
+        """Nodes a genotype's concat may list (default: the input and intermediate nodes;
+        all have the cell's channels and resolution unless a space says otherwise)."""
+        return tuple(range(max(self.concat(group)) + 1))
+
     def inputs_per_node(self) -> int:
         """How many incoming edges each intermediate node keeps after discretization."""
         return 2
@@ -85,6 +90,7 @@ class SearchSpace(ABC):
         for cell in genotype.cells:
             allowed = {(e.src, e.dst): e.candidates for e in groups[cell.name]}
             nodes = sorted({e.dst for e in groups[cell.name]})
+            seen: set[tuple[int, int]] = set()
             for e in cell.edges:
                 if (e.src, e.dst) not in allowed:
                     raise GenotypeError(
@@ -96,12 +102,32 @@ class SearchSpace(ABC):
                         f"cell {cell.name!r}: unknown op {e.op!r} on edge {e.src}->{e.dst}; "
                         f"candidates: {', '.join(allowed[(e.src, e.dst)])}"
                     )
+                if (e.src, e.dst) in seen:
+                    raise GenotypeError(
+                        f"cell {cell.name!r}: edge {e.src}->{e.dst} is listed twice"
+                    )
+                seen.add((e.src, e.dst))
             for n in nodes:
                 got = len(cell.inputs_of(n))
                 if got != k:
                     raise GenotypeError(
                         f"cell {cell.name!r}: node {n} has {got} inputs, expected {k}"
                     )
-            bad = [i for i in cell.concat if i >= max(nodes) + 1 or i < 0]
-            if bad:
-                raise GenotypeError(f"cell {cell.name!r}: concat refers to missing nodes {bad}")
+            self._validate_concat(cell.name, cell.concat)
+
+    def _validate_concat(self, group: str, concat: tuple[int, ...]) -> None:
+        """Non-empty, no node twice (it would silently widen the output), and only nodes
+        the cell can concatenate (:meth:`concat_candidates`)."""
+        if not concat:
+            raise GenotypeError(f"cell {group!r}: concat is empty; list the nodes whose "
+                                "outputs form the cell output")
+        twice = sorted({i for i in concat if concat.count(i) > 1})
+        if twice:
+            raise GenotypeError(f"cell {group!r}: concat lists node(s) {twice} more than once")
+        ok = self.concat_candidates(group)
+        bad = [i for i in concat if i not in ok]
+        if bad:
+            raise GenotypeError(
+                f"cell {group!r}: concat refers to node(s) {bad} that space {self.name!r} "
+                f"cannot concatenate here; allowed: {list(ok)}"
+            )

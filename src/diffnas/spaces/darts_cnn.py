@@ -70,6 +70,14 @@ class DartsCnnSpace(SearchSpace):
             for src, dst in cell_edges(self.config.nodes)
         ]
 
+    def concat_candidates(self, group: str) -> tuple[int, ...]:
+        """Normal cells may also concatenate their input nodes (preprocessed to ``C``
+        channels at the cell's resolution); reduction cells only intermediate nodes, since
+        their inputs are not downsampled."""
+        if group == "reduce":
+            return self.concat(group)
+        return super().concat_candidates(group)
+
     def _mixed_op_factory(self):
         spec = dict(self.config.mixed_op)
         if not spec:

@@ -1,8 +1,9 @@
 """Edge modifiers: mixed-op factories selected by a space's ``mixed_op: {name: ..., ...}``.
 
 ``partial_channel`` (PC-DARTS, Xu et al. 2020): only ``C // k`` channels of an edge's input
-go through the candidate ops; the other channels bypass them (max-pooled on stride-2
-edges) and the concatenation is channel-shuffled so the next edge sees other channels.
+go through the candidate ops; the other channels bypass them (2x2 max-pooled on stride-2
+edges, odd sides rounded up as the ops round them) and the concatenation is
+channel-shuffled so the next edge sees other channels.
 
 Edge normalization, the other PC-DARTS modifier, weights the edges entering a node by
 ``softmax(beta)``. The betas are architecture parameters, so they live in
@@ -44,7 +45,9 @@ class PartialChannelMixedOp(nn.Module):
             raise ValueError(f"partial_channel k={k} must be >= 1 and divide the channels C={C}")
         self.k = k
         self.mixed = inner(C // k, stride, candidates)
-        self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
+        # ceil_mode: an odd side halves rounding up, as the stride-2 ops do (a floor would
+        # leave the bypass one pixel short and the concatenation would fail)
+        self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, active: int | None = None

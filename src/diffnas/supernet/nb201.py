@@ -44,7 +44,9 @@ class ResNetBasicBlock(nn.Module):
         self.conv_a = ReLUConvBN(C_in, C_out, 3, stride, 1, affine=True)
         self.conv_b = ReLUConvBN(C_out, C_out, 3, 1, 1, affine=True)
         self.downsample = nn.Sequential(
-            nn.AvgPool2d(kernel_size=2, stride=2, padding=0),
+            # ceil_mode: odd sides halve rounding up, as conv_a does (the benchmark only
+            # sees even sides, where this is its plain AvgPool2d(2))
+            nn.AvgPool2d(kernel_size=2, stride=2, padding=0, ceil_mode=True),
             nn.Conv2d(C_in, C_out, kernel_size=1, stride=1, padding=0, bias=False),
         )
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffnas.genotype import Genotype
@@ -95,16 +96,26 @@ class DartsSuperNet(nn.Module):
         return self.classifier(self.pool(s1).flatten(1))
 
 
+class AuxPool(nn.Module):
+    """Pools the auxiliary head's input to 2x2: on 8x8 maps (CIFAR at 2/3 depth) with the
+    paper's overlapping 5x5 window at stride 3, on other sizes adaptively (the paper's
+    window does not give 2x2 there). No parameters, so either way the head's are the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == (8, 8):
+            return F.avg_pool2d(x, 5, stride=3, padding=0, count_include_pad=False)
+        return F.adaptive_avg_pool2d(x, 2)
+
+
 class AuxiliaryHead(nn.Module):
-    """The DARTS auxiliary classifier at 2/3 depth. The paper pools 8x8 maps with a 5x5
-    window at stride 3 down to 2x2; adaptive pooling to 2x2 gives the same shapes and
-    parameters for any input resolution."""
+    """The DARTS auxiliary classifier at 2/3 depth: ReLU, pool to 2x2 (:class:`AuxPool`),
+    1x1 conv to 128, 2x2 conv to 768, linear."""
 
     def __init__(self, C: int, num_classes: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.AdaptiveAvgPool2d(2),
+            AuxPool(),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=False),

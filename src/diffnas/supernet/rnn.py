@@ -7,7 +7,9 @@ new hidden state) is the mean of the intermediate nodes. ``W_i`` belongs to the 
 is shared by its candidate ops and predecessors, as in the paper's code.
 
 - :class:`SearchCell` mixes every (predecessor, op) pair with relaxed weights and
-  normalises each node with batch statistics (affine-free BatchNorm, no running stats).
+  normalises each node with batch statistics (affine-free BatchNorm, no running stats),
+  in eval mode too: its outputs depend on the other sequences of the batch, and a batch
+  needs at least 2 sequences.
   It can *grow*: intermediate nodes beyond ``active_nodes`` are skipped, and a node added
   by :meth:`SearchCell.grow` enters the output average with weight (``maturity``) 0, so
   the cell computes exactly the same function right after growth (a function-preserving
@@ -231,6 +233,21 @@ class SearchCell(RecurrentCell):
         # Affine-free batch normalisation by batch statistics (no running state), as the
         # search cell of DARTS normalises every node.
         return F.batch_norm(s, None, None, training=True, eps=1e-5)
+
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor, masks: Masks | None = None,
+                arch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`RecurrentCell.forward`; refuses batches of one sequence, which batch
+        statistics cannot normalise (in eval mode too: the cell keeps no running ones)."""
+        B = inputs.shape[1]
+        if B < 2:
+            got = (f"batch size {B}" if self.training
+                   else f"eval batch size {B} (lm.eval_batch_size must be >= 2)")
+            raise ValueError(
+                "the recurrent search cell normalises every node by batch statistics, in "
+                f"eval mode too, so it needs at least 2 sequences per batch; got {got}"
+            )
+        return super().forward(inputs, hidden, masks, arch)
 
     def step(self, x, h_prev, x_mask, h_mask, W0, Ws, arch) -> torch.Tensor:
         if arch is None:
