@@ -92,3 +92,8 @@ def test_a_run_made_on_a_gpu_can_still_be_read_here(tmp_path):
         load_run_config(tmp_path)
     assert load_run_config(tmp_path, device=False).device == "cuda"
     assert load_run_config(tmp_path, ["device=cpu"]).device == "cpu"  # resume elsewhere
+
+
+def test_a_language_model_eval_batch_of_one_is_refused_at_load():
+    with pytest.raises(ValueError, match="lm.eval_batch_size must be >= 2"):
+        load_config(ROOT / "configs/darts_rnn_ptb.yaml", ["lm.eval_batch_size=1"])

@@ -75,6 +75,9 @@ class LmConfig:
             raise ValueError(f"lm.arch_data must be one of {ARCH_DATA}, got {self.arch_data!r}")
         if self.bptt < 2:
             raise ValueError(f"lm.bptt must be >= 2, got {self.bptt}")
+        if self.eval_batch_size < 2:  # the search cell's BN uses batch statistics
+            raise ValueError(f"lm.eval_batch_size must be >= 2 (the search cell normalizes "
+                             f"with batch statistics), got {self.eval_batch_size}")
 
 
 def lm_config(cfg: RunConfig) -> LmConfig:
