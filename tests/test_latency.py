@@ -76,6 +76,27 @@ def test_flops_by_op_of_a_network_adds_up():
     assert by_op["other"] > 0  # stem, preprocessing, classifier
 
 
+def test_flops_by_op_names_nb201_ops_by_their_edge():
+    from diffnas.genotype import CellGenotype, Edge, Genotype
+    from diffnas.spaces import DataShape, create_space
+
+    # listed out of the cell's (dst, src) order: naming by position would mislabel them
+    edges = (Edge("nor_conv_1x1", 2, 3), Edge("nor_conv_3x3", 0, 1), Edge("none", 1, 3),
+             Edge("skip_connect", 0, 2), Edge("avg_pool_3x3", 1, 2), Edge("nor_conv_3x3", 0, 3))
+    g = Genotype("nb201", (CellGenotype("cell", edges, (3,)),))
+    space = create_space({"name": "nb201", "C": C, "N": 1}, DataShape(1, H, 10))
+    model = space.build_network(g)
+    by_op = flops_by_op(model, g, (1, H, H))
+    # one cell per stage: C channels at HxH, 2C at H/2, 4C at H/4; every stage has the
+    # same 3x3 cost (channels^2 x side^2 is constant), 2 FLOPs per MAC
+    conv3 = sum(2 * (C * 2**s) ** 2 * 9 * (H // 2**s) ** 2 for s in range(3))
+    conv1 = sum(2 * (C * 2**s) ** 2 * (H // 2**s) ** 2 for s in range(3))
+    assert by_op["nor_conv_3x3"] == 2 * conv3 and by_op["nor_conv_1x1"] == conv1
+    assert by_op["skip_connect"] == by_op["none"] == by_op["avg_pool_3x3"] == 0
+    assert by_op["other"] > 0  # stem, reduction blocks, classifier
+    assert sum(by_op.values()) == count_flops(model, (1, H, H))
+
+
 class _Probe(nn.Module):
     """Records the thread count and mode seen in forward, and counts calls."""
 
@@ -204,6 +225,43 @@ def test_fit_rejects_mixed_devices():
     records[0] = {**records[0], "device": {"id": "other"}}
     with pytest.raises(ValueError, match="devices"):
         fit_predictor(records, space)
+
+
+def test_fit_rejects_records_measured_with_other_settings():
+    space = tiny_space()
+    records = _synthetic_records(space, 12)
+    for r in records:
+        r["settings"] = {"batch_size": 1, "clock": "thread", "repeats": 15}
+    records[5] = {**records[5], "settings": {**records[5]["settings"], "batch_size": 8}}
+    with pytest.raises(ValueError, match="batch_size: 1 vs 8"):
+        fit_predictor(records, space, epochs=2)
+    # repeats only change the precision of a median: such records may be fitted together
+    records[5] = {**records[5], "settings": {**records[5]["settings"], "batch_size": 1,
+                                             "repeats": 31}}
+    assert fit_predictor(records, space, epochs=2)[1]["records"] == 12
+
+
+def test_fit_refuses_a_holdout_that_leaves_too_few_to_train():
+    space = tiny_space()
+    with pytest.raises(ValueError, match="leaves 1 of 10 records to train on"):
+        fit_predictor(_synthetic_records(space, 10), space, holdout=0.9, epochs=2)
+
+
+def test_dataset_refuses_to_mix_settings_in_one_file(tmp_path):
+    space = tiny_space()
+    path = tmp_path / "lat.jsonl"
+    s = LatencySettings(warmup=0, repeats=2)
+    build_dataset(space, path, 2, (1, 8, 8), {}, s, chunk=2)
+    for shape, network, settings, what in [
+        ((1, 8, 8), {}, LatencySettings(warmup=0, repeats=2, batch_size=2), "batch_size"),
+        ((1, 4, 4), {}, s, "input_shape"),
+        ((1, 8, 8), {"C": 8}, s, "network"),
+    ]:
+        with pytest.raises(ValueError, match=f"other settings.*{what}"):
+            build_dataset(space, path, 1, shape, network, settings)
+    assert len(load_records(path)) == 2  # nothing was appended
+    build_dataset(space, path, 1, (1, 8, 8), {}, LatencySettings(warmup=1, repeats=3))
+    assert len(load_records(path)) == 3
 
 
 def _predictor_file(tmp_path, space):
@@ -428,3 +486,29 @@ def test_cli_measure_and_report(tmp_path, capsys):
     report = json.loads(text[text.index("{"):])
     assert report["params"] == records[0]["params"] and report["macs"] == records[0]["macs"]
     assert report["flops"] == 2 * report["macs"] == sum(report["flops_by_op"].values())
+
+
+def test_nb201_config_measures_and_reports_latency(tmp_path, capsys):
+    """The documented nb201 commands: the config's retrain.network is an nb201 one (the
+    DARTS default {C: 36, layers: 20} is not), and costs are split by nb201 op."""
+    from pathlib import Path
+
+    from diffnas.cli import main
+    from diffnas.spaces.nb201 import ops_to_genotype
+
+    config = str(Path(__file__).resolve().parents[1] / "configs/darts_nb201_fashion_mnist.yaml")
+    out = tmp_path / "lat.jsonl"
+    timing = ["--repeats", "1", "--warmup", "0", "--clock", "thread"]
+    assert main(["latency", "measure", "--config", config, "--out", str(out), "-n", "2",
+                 *timing, "data.resolution=8"]) == 0
+    assert load_records(out)[0]["settings"]["network"] == {"C": 16, "N": 5}
+    gfile = tmp_path / "g.json"
+    ops_to_genotype(("nor_conv_3x3", "skip_connect", "nor_conv_1x1", "none",
+                     "avg_pool_3x3", "nor_conv_3x3")).save(gfile)
+    capsys.readouterr()
+    assert main(["latency", "report", "--config", config, "--genotype", str(gfile), *timing,
+                 "data.resolution=8"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("\n{") + 1:])  # after the printed genotype
+    assert report["flops_by_op"]["nor_conv_3x3"] > report["flops_by_op"]["nor_conv_1x1"] > 0
+    assert sum(report["flops_by_op"].values()) == report["flops"]

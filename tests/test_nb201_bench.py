@@ -108,6 +108,22 @@ def test_csv_errors(tmp_path):
         CsvNb201Table(small)
 
 
+def test_queries_name_an_unknown_op_and_refuse_bools(tmp_path):
+    small = tmp_path / "small.csv"
+    small.write_text("index,arch_str,c10_test_200\n"
+                     "0,|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,10.0\n"
+                     "1,|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|,20.0\n")
+    t = CsvNb201Table(small)
+    assert t.query(("skip_connect",) + ("none",) * 5, "c10_test_200") == 20.0
+    with pytest.raises(GenotypeError, match="unknown nb201 op 1 .*op indices are not accepted"):
+        t.query((1, 0, 0, 0, 0, 0), "c10_test_200")
+    with pytest.raises(GenotypeError, match="unknown nb201 op 'conv_3x3'.*ops: none, skip"):
+        t.query(("conv_3x3",) + ("none",) * 5, "c10_test_200")
+    for flag in (True, np.bool_(True)):
+        with pytest.raises(GenotypeError, match="not an nb201 cell"):
+            t.query(flag, "c10_test_200")
+
+
 def test_api_backend_reads_the_official_fields(monkeypatch, tmp_path):
     """A stand-in ``nats_bench`` module: the backend must ask ``get_more_info`` for the
     right dataset, key and schedule, with seed averaging."""
@@ -251,6 +267,17 @@ def test_scrambling_test_columns_changes_nothing_in_the_search(name, table):
     assert plain.valid_acc == table.query(plain.arch_str, SEARCH_METRIC)
 
 
+def test_every_strategy_starts_with_the_same_seeded_random_cells():
+    from diffnas.nasbench import create_query_strategy
+
+    firsts = {}
+    for name in sorted(FAST):
+        oracle = QueryOracle(lambda cell: float(sum(cell)), budget=30)
+        create_query_strategy(name, FAST[name]).search(oracle, np.random.default_rng(3))
+        firsts[name] = [cell for cell, _ in oracle.history[:8]]  # 8: the smallest start
+    assert all(f == firsts["random"] for f in firsts.values()), firsts
+
+
 def test_nao_decoder_is_autoregressive_and_attends():
     import torch
 
@@ -324,6 +351,61 @@ def test_bench_command_prints_table_and_writes_json(tmp_path, capsys):
     assert entry["c10_test_200"]["std"] == pytest.approx(np.std(rea, ddof=1))
     assert main(["bench", "nb201", "--strategy", "nope", "--budget", "5", "--seeds", "1",
                  "--table", str(TABLE)]) == 2
+
+
+def test_set_reaches_the_strategies_that_have_the_setting():
+    from diffnas.nasbench.cli import _strategy_settings
+
+    got = _strategy_settings(["random", "rea", "reinforce"],
+                             ["rea.population=20", "lr=0.5", "population=7",
+                              "reinforce.initial=0"])
+    assert got == {"random": {}, "rea": {"population": 20},  # the prefixed value wins
+                   "reinforce": {"lr": 0.5, "initial": 0}}
+    for items, problem in [(["nope=1"], "none of the strategies random, rea has this"),
+                           (["rea.nope=1"], "strategy 'rea' has no setting 'nope'"),
+                           (["gcn.epochs=1"], "'gcn' is not one of the strategies run")]:
+        with pytest.raises(ValueError, match=problem):
+            _strategy_settings(["random", "rea"], items)
+
+
+def _one_with_threads(task: tuple) -> dict:
+    """The bench worker, also saying how many torch threads it ran with (module level:
+    the pool pickles it by name)."""
+    import torch
+
+    from diffnas.nasbench.cli import _BENCH_CACHE
+    from diffnas.nasbench.runner import run_query_search
+
+    strategy, table, budget, seed, settings = task
+    out = run_query_search(strategy, _BENCH_CACHE[table], budget, seed, settings).to_dict()
+    return {**out, "threads": torch.get_num_threads()}
+
+
+@needs_table
+def test_bench_command_sets_per_strategy_settings_in_one_thread_workers(
+        tmp_path, monkeypatch, table):
+    import torch
+
+    from diffnas.cli import main
+    from diffnas.nasbench import cli
+
+    monkeypatch.setattr(cli, "_one", _one_with_threads)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what the forked workers would otherwise inherit
+    try:
+        rc = main(["bench", "nb201", "--strategy", "random,rea", "--budget", "15", "--seeds",
+                   "2", "--table", str(TABLE), "--json", str(out), "--jobs", "2",
+                   "--set", "population=5", "--set", "rea.sample_size=2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    outcomes = json.loads(out.read_text())["outcomes"]
+    assert len(outcomes) == 4 and {o["threads"] for o in outcomes} == {1}
+    for o in outcomes:
+        settings = {"population": 5, "sample_size": 2} if o["strategy"] == "rea" else {}
+        assert o["arch_str"] == run_query_search(o["strategy"], table, 15, o["seed"],
+                                                 settings).arch_str
 
 
 @needs_table

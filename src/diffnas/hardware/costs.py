@@ -3,32 +3,55 @@ device and, given a fitted predictor, the predicted latency."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffnas.genotype import Genotype
+from diffnas.genotype import CellGenotype, Genotype
 from diffnas.hardware.dataset import encode_indices, one_hot
 from diffnas.hardware.latency import LatencySettings, device_fingerprint, measure_latency
 from diffnas.report.cost import count_macs, count_parameters, flops_by_module
 from diffnas.spaces import SearchSpace
-from diffnas.supernet.cell import FixedCell
+
+
+def _cell_of(module: nn.Module, genotype: Genotype) -> CellGenotype:
+    """The genotype cell a fixed cell module was built from: DARTS cells say whether they
+    reduce; a space with one cell type (``nb201``) has only one to choose."""
+    if hasattr(module, "reduction"):
+        return genotype.cell("reduce" if module.reduction else "normal")
+    if len(genotype.cells) == 1:
+        return genotype.cells[0]
+    names = [c.name for c in genotype.cells]
+    raise ValueError(f"cannot tell which of the genotype's cells {names} the module "
+                     f"{type(module).__name__} was built from")
 
 
 def flops_by_op(model: nn.Module, genotype: Genotype, input_shape: tuple[int, ...]) -> dict:
     """FLOPs of one forward pass split by op name of the cells' edges; what lies outside
-    the edge ops (stem, cell preprocessing, classifier) is reported as ``other``."""
+    the edge ops (stem, cell preprocessing, reduction blocks, classifier) is reported as
+    ``other``. A fixed cell is any module with ``ops`` and ``spec`` (the ``(src, dst)``
+    of each op, in any order, e.g. DARTS' ``FixedCell`` and ``Nb201FixedCell``); each op
+    is named by the genotype's op on its ``(src, dst)`` edge."""
     per_module = flops_by_module(model, input_shape)
     out: dict[str, int] = {}
     in_ops = 0
     for name, module in model.named_modules():
-        if not isinstance(module, FixedCell):
+        ops, spec = getattr(module, "ops", None), getattr(module, "spec", None)
+        if not isinstance(ops, nn.ModuleList) or spec is None:
             continue
-        cell = genotype.cell("reduce" if module.reduction else "normal")
-        for i, edge in enumerate(cell.edges):
+        # (src, dst) -> the genotype's ops on that edge, in order (DARTS may repeat one)
+        names: dict[tuple[int, int], deque[str]] = {}
+        for edge in _cell_of(module, genotype).edges:
+            names.setdefault((edge.src, edge.dst), deque()).append(edge.op)
+        for i, (src, dst) in enumerate(spec):
+            if not names.get((src, dst)):
+                raise ValueError(f"{name or 'model'} has an op on edge {src}->{dst} that the "
+                                 "genotype does not have")
+            op = names[(src, dst)].popleft()
             f = per_module.get(f"{name}.ops.{i}", 0)
-            out[edge.op] = out.get(edge.op, 0) + f
+            out[op] = out.get(op, 0) + f
             in_ops += f
     out["other"] = per_module[""] - in_ops
     return out

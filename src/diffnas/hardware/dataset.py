@@ -93,6 +93,23 @@ def anchored_latencies(records: list[dict[str, Any]]) -> list[float]:
     return [r["ratio"] * ref if "ratio" in r else r["latency_ms"] for r in records]
 
 
+#: Settings that only change how precisely a latency is estimated, not what is measured:
+#: records that differ in these alone may share a file and a fit.
+PRECISION_SETTINGS = ("warmup", "repeats")
+
+
+def settings_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (value in a, value in b)}`` for every measuring setting (batch size,
+    clock, threads, input shape, network, space, ...) in which two records' ``settings``
+    differ; latencies measured under different ones are not comparable."""
+    keys = sorted((set(a) | set(b)) - set(PRECISION_SETTINGS))
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+
+
+def describe_differences(diff: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diff.items())
+
+
 def genotype_key(genotype: Genotype) -> str:
     return json.dumps(genotype.to_dict(), sort_keys=True)
 
@@ -125,18 +142,25 @@ def build_dataset(
     space_section: dict | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``count`` new architectures (not already in ``path``), measure them in
-    interleaved chunks and append one record per architecture to ``path``."""
+    interleaved chunks and append one record per architecture to ``path``. A file that
+    holds records measured with other settings (see :func:`settings_differences`) is
+    refused before anything is measured."""
     settings = settings or LatencySettings()
     network = dict(network or {})
     path = Path(path)
-    seen = set()
-    if path.is_file():
-        seen = {genotype_key(Genotype.from_dict(r["genotype"])) for r in load_records(path)}
-    gen = torch.Generator().manual_seed(seed + len(seen))
     fp = device_fingerprint("cpu", settings.threads)
-    common = {"settings": {**settings_dict(settings), "input_shape": list(input_shape),
-                           "network": network, "space": space_section or {"name": space.name}},
-              "device": fp}
+    # through JSON, so the comparison below sees what the file will hold (lists, not tuples)
+    common = {"settings": json.loads(json.dumps(
+        {**settings_dict(settings), "input_shape": list(input_shape), "network": network,
+         "space": space_section or {"name": space.name}})), "device": fp}
+    existing = load_records(path) if path.is_file() else []
+    for n, r in enumerate(existing, 1):
+        diff = settings_differences(r["settings"], common["settings"])
+        if diff:  # one file = one way of measuring (fit_predictor refuses a mix anyway)
+            raise ValueError(f"{path} holds records measured with other settings (record "
+                             f"{n} vs now: {describe_differences(diff)}); use a new file")
+    seen = {genotype_key(Genotype.from_dict(r["genotype"])) for r in existing}
+    gen = torch.Generator().manual_seed(seed + len(seen))
     new: list[dict[str, Any]] = []
     path.parent.mkdir(parents=True, exist_ok=True)
     anchor = space.build_network(anchor_genotype(space), **network)

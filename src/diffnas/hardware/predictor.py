@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffnas.hardware.dataset import anchored_latencies, one_hot
+from diffnas.hardware.dataset import (
+    anchored_latencies,
+    describe_differences,
+    one_hot,
+    settings_differences,
+)
 from diffnas.spaces import SearchSpace
 
 
@@ -127,7 +132,9 @@ def fit_predictor(
     relative error; ``weight_decay`` on the shared op costs, ``edge_decay`` and
     ``mlp_decay`` on the rest) and report the mean relative error on the held-out rest.
     ``target``:
-    ``anchored`` (load-corrected, see :mod:`diffnas.hardware.dataset`) or ``raw`` medians."""
+    ``anchored`` (load-corrected, see :mod:`diffnas.hardware.dataset`) or ``raw`` medians.
+    Records must come from one device and one set of measuring settings (batch size, clock,
+    input shape, network, ...; only ``warmup`` and ``repeats`` may differ)."""
     if target not in ("anchored", "raw"):
         raise ValueError(f"target must be 'anchored' or 'raw', got {target!r}")
     if len(records) < 10:
@@ -136,6 +143,11 @@ def fit_predictor(
     if len(devices) > 1:
         raise ValueError(f"records come from {len(devices)} devices {sorted(devices)}; fit "
                          "one predictor per device")
+    for i, r in enumerate(records):
+        diff = settings_differences(records[0]["settings"], r["settings"])
+        if diff:
+            raise ValueError(f"records 0 and {i} were measured with different settings "
+                             f"({describe_differences(diff)}); fit one predictor per setting")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     x = encode_records(records, space)
@@ -144,6 +156,9 @@ def fit_predictor(
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(records), generator=g)
     n_test = max(1, round(holdout * len(records)))
+    if len(records) - n_test < 2:  # the target's std (and any fit) needs two records
+        raise ValueError(f"holdout {holdout} leaves {len(records) - n_test} of {len(records)} "
+                         "records to train on; need at least 2 (lower the holdout)")
     test, train = perm[:n_test], perm[n_test:]
     torch.manual_seed(seed)
     model = LatencyPredictor(space_shapes(space), hidden, y[train].mean().item(),

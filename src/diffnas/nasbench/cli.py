@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +56,49 @@ def _settings(items: list[str]) -> dict:
     return out
 
 
+def _strategy_settings(strategies: list[str], items: list[str]) -> dict[str, dict]:
+    """The ``--set`` values of each strategy. ``NAME.key=value`` sets ``key`` of strategy
+    ``NAME`` only (and wins over a plain ``key``); a plain ``key=value`` goes to every
+    strategy that has the setting, so ``random,rea`` with ``population=20`` changes REA's
+    population and leaves random search as it is. A setting that reaches no strategy is
+    an error, not silently ignored."""
+    from dataclasses import fields
+
+    from diffnas.nasbench.strategies import QUERY_STRATEGIES
+
+    known = {s: sorted(f.name for f in fields(QUERY_STRATEGIES.get(s).Config) if f.init)
+             for s in strategies}
+    out: dict[str, dict] = {s: {} for s in strategies}
+    values = _settings(items)
+    for key, value in sorted(values.items(), key=lambda kv: "." in kv[0]):  # plain first
+        name, dot, setting = key.rpartition(".")
+        if not dot:
+            takers = [s for s in strategies if key in known[s]]
+            if not takers:
+                raise ValueError(f"--set {key}: none of the strategies {', '.join(strategies)} "
+                                 f"has this setting; prefix it with a strategy name "
+                                 f"(e.g. rea.population=20) to name one")
+            for s in takers:
+                out[s][key] = value
+        elif name not in known:
+            raise ValueError(f"--set {key}: {name!r} is not one of the strategies run "
+                             f"(--strategy {','.join(strategies)})")
+        elif setting not in known[name]:
+            raise ValueError(f"--set {key}: strategy {name!r} has no setting {setting!r}; "
+                             f"its settings: {', '.join(known[name]) or 'none'}")
+        else:
+            out[name][setting] = value
+    return out
+
+
+def _worker_init() -> None:
+    """One torch thread per worker process: ``--jobs`` processes share the cores (setting
+    OMP_NUM_THREADS here would be too late, torch has already read it)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _one(task: tuple) -> dict:
     strategy, table, budget, seed, settings = task
     from diffnas.nasbench.runner import run_query_search
@@ -77,8 +119,9 @@ def _nb201(p: argparse.ArgumentParser):
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..S-1 per strategy and budget")
     p.add_argument("--table", required=True, help="nb201_compact.csv(.gz) or official file")
     p.add_argument("--backend", default="auto", help="auto, csv, nats_bench, nas_201_api")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="strategy setting (e.g. population=20); applies to every strategy")
+    p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                   help="strategy setting: rea.population=20 sets it for rea only; a plain "
+                        "population=20 for every strategy that has the setting")
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
     p.add_argument("--json", default="nb201_bench.json", help="where to write every outcome")
 
@@ -93,17 +136,16 @@ def _nb201(p: argparse.ArgumentParser):
         budgets = _csv_list(args.budget, int)
         if args.seeds < 1 or not budgets or min(budgets) < 1:
             raise ValueError("--seeds and every --budget must be >= 1")
-        settings = _settings(args.set)
+        settings = _strategy_settings(strategies, args.set)
         if args.backend == "auto":
             bench = open_benchmark(args.table)
         else:
             bench = open_benchmark(args.table, args.backend)
         _BENCH_CACHE[args.table] = bench
-        tasks = [(s, args.table, b, seed, settings)
+        tasks = [(s, args.table, b, seed, settings[s])
                  for s in strategies for b in budgets for seed in range(args.seeds)]
         if args.jobs > 1:
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
-            with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            with multiprocessing.get_context("fork").Pool(args.jobs, _worker_init) as pool:
                 outcomes = pool.map(_one, tasks, chunksize=1)
         else:
             outcomes = [_one(t) for t in tasks]

@@ -28,6 +28,7 @@ import numpy as np
 
 from diffnas.genotype import Genotype, GenotypeError
 from diffnas.spaces.nb201 import (
+    NB201_OPS,
     genotype_to_ops,
     ops_to_genotype,
     ops_to_str,
@@ -82,6 +83,9 @@ class Nb201Benchmark(ABC):
     # --- conversions ----------------------------------------------------------------------
     def index_of(self, arch: Arch) -> int:
         """Benchmark index of a genotype, string, op tuple or index."""
+        if isinstance(arch, (bool, np.bool_)):  # True is an int to Python, not a cell
+            raise GenotypeError(f"{arch!r} is not an nb201 cell: pass a genotype, an nb201 "
+                                "string, six op names or a benchmark index")
         if isinstance(arch, (int, np.integer)):
             index = int(arch)
             if not 0 <= index < len(self):
@@ -99,7 +103,14 @@ class Nb201Benchmark(ABC):
             return ops_to_str(genotype_to_ops(arch))
         if isinstance(arch, str):
             return ops_to_str(str_to_ops(arch))
-        return ops_to_str(tuple(arch))
+        ops = tuple(arch)
+        for op in ops:  # else an index or a typo would only be "not in the table"
+            if not isinstance(op, str) or op not in NB201_OPS:
+                hint = (" (op indices are not accepted: diffnas.nasbench.encoding.cell_names "
+                        "turns them into names)" if not isinstance(op, str) else "")
+                raise GenotypeError(f"unknown nb201 op {op!r} in {ops}; ops: "
+                                    f"{', '.join(NB201_OPS)}{hint}")
+        return ops_to_str(ops)
 
     # --- lookups --------------------------------------------------------------------------
     def query(self, arch: Arch, metric: str = SEARCH_METRIC) -> float:
