@@ -250,7 +250,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     def finished(d: Path) -> bool:
         try:
             return is_finished(d, load_run_config(d))
-        except (ConfigError, OSError):  # its worker will report the problem
+        except (ConfigError, KeyError, ValueError, OSError):  # its worker reports it
             return False
 
     pending = [d for d in dirs if not finished(d)]

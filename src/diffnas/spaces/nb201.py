@@ -192,7 +192,8 @@ def str_to_ops(text: str) -> tuple[str, ...]:
             if not sep or idx != str(src):
                 raise GenotypeError(f"node {dst} of {text!r}: expected 'op~{src}', got {item!r}")
             if op not in NB201_OPS:
-                raise GenotypeError(f"unknown nb201 op {op!r} in {text!r}")
+                raise GenotypeError(f"unknown nb201 op {op!r} in {text!r}; known: "
+                                    f"{', '.join(NB201_OPS)}")
             ops.append(op)
     # The string lists node by node, which is exactly NB201_EDGES order.
     return tuple(ops)
