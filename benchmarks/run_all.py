@@ -3,19 +3,20 @@
 Runs ``supernet_step.py`` with the benchmark venv (benchmarks/.venv-nni, with NNI 3.0)
 when it exists and imports nni, so NNI's DARTS supernet is timed side by side in the same
 process; otherwise with this Python, and the table says why NNI is missing. Make the venv
-with ``make bench-nni-venv`` or by hand:
+by hand:
 
     python3 -m venv benchmarks/.venv-nni
     benchmarks/.venv-nni/bin/pip install torch==2.13.0   # the CPU build
     benchmarks/.venv-nni/bin/pip install nni==3.0 pytorch-lightning pyyaml
 
-Writes bench_results/supernet_step_{paper,demo}.json and prints each table, then a
+Writes bench_results/supernet_step_{shape}_{i}.json and prints each table, then a
 summary. Budget: < 15 minutes on an idle 2-core CPU (the repetitions are sized for it);
 on a busy machine every figure is slower and noisier, the ratios less so.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -49,7 +50,8 @@ def pick_python() -> tuple[str, str | None]:
     return sys.executable, f"no NNI venv at {NNI_PY} (see benchmarks/run_all.py's docstring)"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # --help
     py, why = pick_python()
     if why:
         print(f"NNI 3.0 not available, comparing against the plain reference only: {why}")
@@ -79,7 +81,8 @@ def main() -> None:
             for r in rows:
                 if r["contender"].startswith("diffnas") or r["mode"] != ours["mode"]:
                     continue
-                mem = ours.get("peak_mem_mb", float("nan")) / r.get("peak_mem_mb", float("nan"))
+                a, b = ours.get("peak_mem_mb"), r.get("peak_mem_mb")  # None: a probe failed
+                mem = a / b if a and b else float("nan")
                 summary.append(
                     f"{r['shape']:6} {r['mode']:8} {ours['contender']:20} vs "
                     f"{r['contender']:10}: {r['median_ms'] / ours['median_ms']:.2f}x faster, "

@@ -367,15 +367,18 @@ def run(args) -> dict:
         for r in range(args.warmup + args.repeats):
             order = active[r % len(active):] + active[: r % len(active)]
             for n in order:
-                if device.type == "cuda":
+                if device.type == "cuda":  # every contender's weights and state are resident:
+                    sync(device)           # count only what this step allocates above them
                     torch.cuda.reset_peak_memory_stats()
+                    resident = torch.cuda.memory_allocated()
                 sync(device)
                 t0 = time.perf_counter()
                 contenders[n].step(mode, train, val)
                 sync(device)
                 dt = time.perf_counter() - t0
                 if device.type == "cuda":
-                    peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated() / 2**20)
+                    peaks[n] = max(peaks[n],
+                                   (torch.cuda.max_memory_allocated() - resident) / 2**20)
                 if r >= args.warmup:
                     times[n].append(dt)
             print(f"  [{args.shape} {mode}] round {r + 1}/{args.warmup + args.repeats}: "
@@ -390,7 +393,9 @@ def run(args) -> dict:
                    "num_weights": contenders[n].num_weights()}
             if device.type == "cuda":
                 row["peak_mem_mb"] = peaks[n]
-                row["peak_mem_kind"] = "cuda max_memory_allocated"
+                row["peak_mem_kind"] = ("cuda max_memory_allocated above the memory allocated "
+                                        "before the step (all contenders' resident weights "
+                                        "and optimizer state excluded)")
             elif args.memory:
                 p = cpu_peak(n, mode, args.shape, batch, args.probe_steps)
                 row.update(p)
@@ -433,7 +438,7 @@ def table(report: dict) -> str:
         lines.append(
             f"{r['shape']:6} {r['mode']:8} {r['contender']:15} {r['batch']:>5} "
             f"{r['median_ms']:>10.0f} {r['min_ms']:>8.0f} {r['max_ms']:>8.0f} "
-            f"{r['images_per_s']:>8.1f} {mem if mem is None else round(mem):>8} "
+            f"{r['images_per_s']:>8.1f} {'-' if mem is None else round(mem):>8} "
             f"{r.get('diffnas_speedup', float('nan')):>8.2f} "
             f"{r.get('diffnas_mem_ratio', float('nan')):>9.2f}")
     lines.append("x slower = contender median / diffnas median; mem ratio = diffnas peak / "
@@ -463,10 +468,10 @@ def main(argv: list[str] | None = None) -> None:
         probe(args)
         return
     report = run(args)
-    print(table(report))
-    out = Path(args.out)
+    out = Path(args.out)  # written before the table, so no printing problem can lose it
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+    print(table(report))
     print(f"wrote {out}")
 
 

@@ -97,3 +97,8 @@ def test_a_run_made_on_a_gpu_can_still_be_read_here(tmp_path):
 def test_a_language_model_eval_batch_of_one_is_refused_at_load():
     with pytest.raises(ValueError, match="lm.eval_batch_size must be >= 2"):
         load_config(ROOT / "configs/darts_rnn_ptb.yaml", ["lm.eval_batch_size=1"])
+
+
+def test_a_language_model_run_names_a_text_dataset():
+    with pytest.raises(ConfigError, match="'digits' is not a text dataset.*ptb"):
+        load_config(ROOT / "configs/darts_rnn_ptb.yaml", ["data.name=digits"])

@@ -93,10 +93,13 @@ def test_loader_order_depends_only_on_seed_and_epoch():
 def test_loader_shards_the_same_global_batch():
     x, y = torch.arange(16).float().view(16, 1, 1, 1), torch.arange(16)
     full = list(BatchLoader(x, y, 8, seed=0))
-    r0 = list(BatchLoader(x, y, 8, seed=0, rank=0, world_size=2))
-    r1 = list(BatchLoader(x, y, 8, seed=0, rank=1, world_size=2))
-    for f, a, b in zip(full, r0, r1):
+    r0 = list(BatchLoader(x, y, 8, seed=0, rank=0, world_size=2, drop_last=True))
+    r1 = list(BatchLoader(x, y, 8, seed=0, rank=1, world_size=2, drop_last=True))
+    for f, a, b in zip(full, r0, r1, strict=True):
         assert torch.equal(torch.cat([a[1], b[1]]), f[1])
+    # a last partial batch would give the ranks unequal or empty slices
+    with pytest.raises(ValueError, match="needs drop_last=True"):
+        BatchLoader(x[:10], y[:10], 4, rank=1, world_size=2)
 
 
 def test_split_is_disjoint_and_complete():

@@ -36,8 +36,13 @@ SEARCHES = {
     "darts2": "{name: darts, order: 2, a_optim: {lr: 0.03}}",
     # double backward through SyncBatchNorm's all-reduce
     "darts2_exact": "{name: darts, order: 2, hessian: exact, a_optim: {lr: 0.03}}",
-    # the reused virtual-step pass gives this rank's share of grad_alpha L_train(w)
-    "darts2_forward": "{name: darts, order: 2, hessian: fd_forward, a_optim: {lr: 0.03}}",
+    # the reused virtual-step pass gives this rank's share of grad_alpha L_train(w); a
+    # wider radius than the paper's: a forward difference turns rounding differences (split
+    # vs whole batch) into 1/eps-sized ones, and Adam's first steps turn near-zero gradient
+    # components into +-lr moves (at r=0.01 the match held at 2 threads, not at 1)
+    "darts2_forward": "{name: darts, order: 2, hessian: fd_forward, fd_radius: 0.1, "
+                      "a_optim: {lr: 0.03}}",
+    "single_level": "{name: single_level, a_optim: {lr: 0.03}}",
     "gdas": "{name: gdas, a_optim: {lr: 0.03}}",  # hard Gumbel samples: same on every rank
     "snas": "{name: snas, a_optim: {lr: 0.03}}",  # Gumbel-softmax, single level
     # Neumann-series Hessian products, each averaged (double backward through SyncBN)
@@ -45,6 +50,7 @@ SEARCHES = {
     # losses (and the unrolled weight gradients) averaged before they are compared
     "zero_order_mgs": "{name: zero_order, estimator: mgs, unroll: true, a_optim: {lr: 0.03}}",
     "zero_order_gld": "{name: zero_order, estimator: gld, samples: 3}",
+    "zero_order_rs": "{name: zero_order, estimator: rs, samples: 3}",
     "mean_shift": "{name: mean_shift, samples: 3, a_optim: {lr: 0.03}}",
     # one-shot epoch, then sub-supernets; the best is chosen by averaged validation losses
     "few_shot": "{name: few_shot, split_epoch: 1, a_optim: {lr: 0.03}}",
@@ -123,6 +129,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             found["drift_caught"] = False
         except RuntimeError:
             found["drift_caught"] = True
+        try:  # identical NaN weights: a diverged run, not a sync problem
+            dp.assert_replicated({"diverged": [torch.tensor([1.0, float("nan")])]})
+            found["nan_named"] = False
+        except FloatingPointError:
+            found["nan_named"] = True
         for name in SEARCHES:
             cfg = load_config(None, search_overrides(name, sync_bn=True))
             res = run_search(cfg, f"{out}/runs/{name}")
@@ -177,6 +188,7 @@ def test_ranks_share_rng_and_drift_is_detected(spawned):
     torch.manual_seed(100)
     assert torch.equal(r0["rng"], torch.rand(5)) and torch.equal(r1["rng"], r0["rng"])
     assert r0["drift_caught"] and r1["drift_caught"]
+    assert r0["nan_named"] and r1["nan_named"]
 
 
 @pytest.mark.parametrize("name", list(SEARCHES))

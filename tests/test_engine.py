@@ -105,3 +105,17 @@ def test_a_failed_text_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
         atomic_write_text(b"not text", path)  # fails inside the write
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
+
+
+def test_collapse_diagnostics_from_the_config_leave_the_search_unchanged(tmp_path):
+    plain = run_search(_cfg(), tmp_path / "plain")
+    cfg = _cfg("search.diagnostics.enabled=true", "search.diagnostics.hessian=true",
+               "search.diagnostics.iters=3")
+    diag = run_search(cfg, tmp_path / "diag")
+    rows = [json.loads(ln) for ln in
+            (tmp_path / "diag/search/diagnostics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["cell"] == "normal" and isinstance(r["skip_connect"], int)
+               and r["hessian_eig"] == r["hessian_eig"] for r in rows)  # not NaN
+    for a, b in zip(_alphas(plain), _alphas(diag), strict=True):  # measuring changes nothing
+        assert torch.equal(a, b)

@@ -12,6 +12,8 @@ from conftest import TINY_SHAPE, tiny_batch, tiny_space, tiny_strategy
 from diffnas.spaces import create_space
 
 SECTIONS = {
+    "darts": {"name": "darts"},
+    "darts_order2": {"name": "darts", "order": 2},
     "single_level": {"name": "single_level"},
     "snas": {"name": "snas", "cost_weight": 0.1},
     "gdas": {"name": "gdas"},

@@ -230,3 +230,30 @@ def test_report_opens_in_headless_chromium_without_console_errors(run_dir, tmp_p
     assert res["console"] == []
     assert len(res["image_widths"]) == 5 and all(w > 0 for w in res["image_widths"])
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_language_model_run_shows_perplexities(tmp_path):
+    """LM runs (engine/lm.py) log perplexity and report no MACs: the page and the curves
+    show the perplexities instead of failing on the missing accuracy keys."""
+    from diffnas.config import load_config, save_config
+
+    run = tmp_path / "lm"
+    (run / "search").mkdir(parents=True)
+    (run / "retrain").mkdir()
+    save_config(load_config(Path(__file__).parents[1] / "configs/darts_rnn_ptb.yaml"),
+                run / "config.yaml")
+    published_genotype("DARTS_RNN_V2").save(run / "search" / "genotype.json")
+    rows = [{"epoch": e, "loss": 6.0 - e, "ppl": 400.0 - 50 * e, "valid_loss": 6.1 - e,
+             "valid_ppl": 450.0 - 60 * e, "lr": 20.0} for e in range(3)]
+    for phase in ("search", "retrain"):
+        (run / phase / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "retrain" / "result.json").write_text(json.dumps(
+        {"params": 23_456_789, "epochs_done": 3, "valid_ppl": 312.25, "test_ppl": 298.5,
+         "test_loss": 5.7, "genotype": published_genotype("DARTS_RNN_V2").to_dict()}))
+    page = render_report(plots.load_run(run), backend="matplotlib")
+    assert "312.25 / 298.50" in page and "23,456,789" in page
+    curves = plots.curves_figure(rows, rows)
+    titles = [ax.get_title() for ax in curves.axes]
+    assert titles == ["search: loss", "search: perplexity", "retrain: loss",
+                      "retrain: perplexity"]
+    assert all(len(ax.lines) == 2 for ax in curves.axes)  # train and validation

@@ -233,12 +233,14 @@ def _list(p: argparse.ArgumentParser):
         import diffnas.ops as ops
         import diffnas.spaces as spaces
         import diffnas.strategies as strategies
+        from diffnas.data.text import TEXT_DATASETS
 
         names = {
             "ops": ops.list_ops,
             "spaces": spaces.list_spaces,
             "strategies": strategies.list_strategies,
-            "datasets": data.list_datasets,
+            "datasets": lambda: data.list_datasets() + [
+                f"{n} (text, for the darts_rnn space)" for n in sorted(TEXT_DATASETS)],
             "genotypes": lambda: sorted(genotype.PUBLISHED),
             "relaxations": arch.RELAXATIONS.names,
         }[args.kind]()

@@ -126,11 +126,24 @@ class DataConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Collapse diagnostics per search epoch (engine/diagnostics.py), written to
+    ``search/diagnostics.jsonl``: the skip_connect count of the derived cell and, with
+    ``hessian``, the dominant eigenvalue of the alpha Hessian on a fixed validation batch."""
+
+    enabled: bool = False
+    hessian: bool = False  # one power iteration costs two backward passes
+    iters: int = 20  # power iterations per epoch
+    cell: str | None = None  # None: the normal cell (the only cell on nb201)
+
+
+@dataclass
 class SearchConfig:
     epochs: int = 50
     space: dict = field(default_factory=lambda: {"name": "darts_cnn"})
     strategy: dict = field(default_factory=lambda: {"name": "darts"})
     discretizer: str | None = None  # None = the space's default rule
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     # GPU only: capture each search step once as a CUDA graph and replay it (first-order
     # DARTS; engine/cuda_graph.py, benchmarks/README.md "GPU figures")
     cuda_graph: bool = False
@@ -257,7 +270,13 @@ def validate_components(cfg: RunConfig, device: bool = True) -> None:
         from diffnas.genotype.discretize import DISCRETIZERS
 
         DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
-    if cfg.search.space.get("name") != "darts_rnn":  # language data: engine/lm.py
+    if cfg.search.space.get("name") == "darts_rnn":  # language data: engine/lm.py
+        from diffnas.data.text import TEXT_DATASETS
+
+        if cfg.data.name not in TEXT_DATASETS:
+            raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a text dataset; the "
+                              f"darts_rnn space reads one of {sorted(TEXT_DATASETS)}")
+    else:
         from diffnas.data import DATASETS
 
         DATASETS.get(cfg.data.name)

@@ -79,6 +79,9 @@ class BatchLoader:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must divide by world_size {world_size}")
+        if world_size > 1 and not drop_last:
+            raise ValueError("a loader sharded over ranks needs drop_last=True: a last, "
+                             "partial batch would give the ranks unequal (or empty) slices")
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last

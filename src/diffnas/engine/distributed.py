@@ -261,6 +261,12 @@ def assert_replicated(named: dict[str, Iterable[torch.Tensor]]) -> None:
         weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
         prints.append(torch.stack([flat.sum(), (flat * weights).sum()]))
     fp = torch.cat(prints)
+    finite = torch.isfinite(fp).all().to(torch.float64).reshape(1)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise FloatingPointError(
+            f"non-finite values (NaN or inf) in {', '.join(keys)} on some rank: the run "
+            "diverged (lower the learning rate or check the data), it is not a sync problem")
     lo, hi = fp.clone(), fp.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)

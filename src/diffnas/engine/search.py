@@ -82,6 +82,26 @@ class SearchTask:
         self.strategy.load_state_dict(state)
 
 
+def diagnostics_callbacks(cfg: RunConfig, task: SearchTask, out: Path,
+                          world_size: int) -> list[Callback]:
+    """``search.diagnostics``: a :class:`CollapseDiagnostics` writing
+    ``out/diagnostics.jsonl`` (rank 0), its Hessian batch the first validation batch (the
+    first training batch for strategies without one)."""
+    d = cfg.search.diagnostics
+    if not d.enabled:
+        return []
+    from diffnas.engine.diagnostics import CollapseDiagnostics
+
+    batch = None
+    if d.hessian:
+        if world_size > 1:
+            raise ValueError("search.diagnostics.hessian runs on one process; switch it off "
+                             "under torchrun")
+        batch = next(iter(task.val if task.val is not None else task.train))
+    return dp.main_process_only([CollapseDiagnostics(out / "diagnostics.jsonl", d.cell, batch,
+                                                     d.iters)])
+
+
 @dataclass
 class SearchResult:
     genotype: Genotype
@@ -219,6 +239,7 @@ def run_search(
         *logger_callbacks(cfg, out, task.strategy.arch_params),
         dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
     ]
+    callbacks[-1:-1] = diagnostics_callbacks(cfg, task, out, rank.world_size)
     loop = Loop(task, cfg.search.epochs, callbacks)
     ckpt = out / "checkpoint.pt"
     # rank 0 reads the checkpoint and hands it to all ranks (no shared disk needed)

@@ -69,14 +69,22 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
         last = run.search_metrics[-1]
         if "val_acc" in last:
             rows.append(("search validation accuracy (last epoch)", _pct(last["val_acc"])))
-    if res is not None:
+    if res is not None and "test_ppl" in res:  # a language model (engine/lm.py)
+        rows += [
+            ("final validation / test perplexity",
+             f"{res['valid_ppl']:.2f} / {res['test_ppl']:.2f}"),
+            ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
+            ("parameters", f"{res['params']:,}"),
+        ]
+    elif res is not None:
         rows += [
             ("final test accuracy", _pct(res.get("test_acc"))),
             ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
             ("parameters (without auxiliary head)", f"{res['params']:,}"),
-            ("MACs per image", f"{res['macs'] / 1e6:.2f} M"),
-            ("FLOPs per image (2 x MACs)", f"{2 * res['macs'] / 1e6:.2f} M"),
         ]
+        if res.get("macs") is not None:
+            rows += [("MACs per image", f"{res['macs'] / 1e6:.2f} M"),
+                     ("FLOPs per image (2 x MACs)", f"{2 * res['macs'] / 1e6:.2f} M")]
     else:
         rows.append(("retraining", "not run (or not finished)"))
     return rows

@@ -307,7 +307,7 @@ def alpha_heatmap_figure(
 
 def alpha_snapshot_image(probs: np.ndarray, scale: int = 12) -> np.ndarray:
     """An (edges x ops) probability matrix as an RGB uint8 image (for TensorBoard), each
-    entry a ``scale`` x ``scale`` square, colour = viridis of the value / row maximum."""
+    entry a ``scale`` x ``scale`` square, colour = viridis of the value / the matrix maximum."""
     p = np.asarray(probs, dtype=float)
     rgb = matplotlib.colormaps["viridis"](p / max(p.max(), 1e-12))[..., :3]
     img = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
@@ -315,14 +315,17 @@ def alpha_snapshot_image(probs: np.ndarray, scale: int = 12) -> np.ndarray:
 
 
 # --- curves --------------------------------------------------------------------------
-_SERIES = {  # (metric key, label) per phase
+_SERIES = {  # (loss key, accuracy key, label) per phase
     "search": (("loss", "acc", "train"), ("val_loss", "val_acc", "validation")),
     "retrain": (("loss", "acc", "train"), ("test_loss", "test_acc", "test")),
 }
+#: language models (engine/lm.py) log perplexity instead of accuracy, in both phases
+_LM_SERIES = (("loss", "ppl", "train"), ("valid_loss", "valid_ppl", "validation"))
 
 
 def curves_figure(search: Sequence[dict], retrain: Sequence[dict]) -> Figure:
-    """Loss and accuracy per epoch: a row for the search, a row for retraining."""
+    """Loss and accuracy (perplexity for language models) per epoch: a row for the search,
+    a row for retraining."""
     phases = [(name, rows) for name, rows in (("search", search), ("retrain", retrain)) if rows]
     if not phases:
         raise PlotError("no metrics to plot (search/metrics.jsonl and retrain/metrics.jsonl "
@@ -331,14 +334,15 @@ def curves_figure(search: Sequence[dict], retrain: Sequence[dict]) -> Figure:
     axes = fig.subplots(len(phases), 2, squeeze=False)
     for row, (name, rows) in enumerate(phases):
         epochs = [r["epoch"] + 1 for r in rows]
-        for loss_key, acc_key, label in _SERIES[name]:
+        lm = any("valid_ppl" in r or "ppl" in r for r in rows)
+        for loss_key, acc_key, label in (_LM_SERIES if lm else _SERIES[name]):
             for col, key in ((0, loss_key), (1, acc_key)):
                 ys = [r.get(key) for r in rows]
                 if all(y is None for y in ys):
                     continue
                 ys = [np.nan if y is None else y for y in ys]
                 axes[row][col].plot(epochs, ys, marker="o", ms=3, label=label)
-        for col, what in ((0, "loss"), (1, "accuracy")):
+        for col, what in ((0, "loss"), (1, "perplexity" if lm else "accuracy")):
             ax = axes[row][col]
             ax.set_title(f"{name}: {what}")
             ax.set_xlabel("epoch")
