@@ -123,3 +123,21 @@ def _ops_with_grad(supernet):
 def test_gdas_rejects_soft_relaxation():
     with pytest.raises(ValueError, match="hard_gumbel"):
         tiny_strategy({"name": "gdas", "relaxation": {"name": "softmax"}})
+
+
+def test_a_sampled_edge_gives_unsampled_ops_the_gdas_authors_gradient():
+    """Only the sampled op runs; as in GDAS's code, every other op's weight (zero in value)
+    is added to the output, so its gradient is sum(dL/d out) instead of nothing."""
+    from diffnas.supernet.mixed import MixedOp
+
+    torch.manual_seed(0)
+    ops = ["none", "skip_connect", "max_pool_3x3", "sep_conv_3x3"]
+    m = MixedOp(4, 1, ops)
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.tensor([0.0, 0.0, 0.0, 1.0], requires_grad=True)
+    g = torch.randn(2, 4, 6, 6)
+    out = m(x, w, 3)
+    assert torch.equal(out, w[3].detach() * m.ops[3](x))  # the added term is exactly zero
+    (out * g).sum().backward()
+    assert torch.allclose(w.grad[:3], g.sum().expand(3))
+    assert torch.allclose(w.grad[3], (m.ops[3](x) * g).sum())

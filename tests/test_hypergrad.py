@@ -19,7 +19,8 @@ def _prime_momentum(s, batch):
 
 
 def _reference_unrolled_grad(s, train, val):
-    """Autograd through w'(alpha) = w - xi (m buf + grad_w L_train(w, alpha) + wd w)."""
+    """Autograd through w'(alpha) = w - xi (m buf + c grad_w L_train(w, alpha) + wd w), with
+    c = min(1, clip / ||grad||) held constant (the weight step's gradient clipping)."""
     named = dict(s.supernet.named_parameters())
     cfg = s.config.w_optim
     aw = s.arch_weights()
@@ -28,10 +29,13 @@ def _reference_unrolled_grad(s, train, val):
         loss = s.objective(functional_call(s.supernet, named, (x, aw)), train)[0]
     grads = torch.autograd.grad(loss, list(named.values()), create_graph=True, allow_unused=True,
                                 materialize_grads=True)  # GDAS leaves unsampled ops unused
+    norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))
+    c = min(1.0, float(cfg.grad_clip / (norm + 1e-6)))
     w_prime = {}
     for (n, p), g in zip(named.items(), grads):
         buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p))
-        w_prime[n] = p.detach() - s.lr * (cfg.momentum * buf + g + cfg.weight_decay * p.detach())
+        w_prime[n] = p.detach() - s.lr * (cfg.momentum * buf + c * g
+                                          + cfg.weight_decay * p.detach())
     xv, _ = val
     val_loss = s.objective(functional_call(s.supernet, w_prime, (xv, s.arch_weights())), val)[0]
     return torch.autograd.grad(val_loss, s.alphas())
@@ -194,3 +198,23 @@ def test_an_alpha_step_evaluates_one_sample_and_the_weight_step_draws_anew(key):
     for w in alpha_step[1:]:
         assert torch.equal(w, alpha_step[0])
     assert not torch.equal(weight_step, alpha_step[0])
+
+
+def test_the_virtual_step_clips_like_the_weight_step():
+    """With a clip that bites, w' moves as far as the real (clipped) weight step would, and
+    the second-order term is scaled by the same factor (autograd agrees)."""
+    from diffnas.strategies.hypergrad import virtual_step
+
+    s, train, val = _setup({"name": "darts", "order": 2, "w_optim": {"grad_clip": 0.01,
+                                                                     "momentum": 0.0,
+                                                                     "weight_decay": 0.0}})
+    w0 = {n: p.detach().clone() for n, p in s.supernet.named_parameters()}
+    w_prime = virtual_step(s, train)
+    s.weight_step(train, s.arch_weights())  # the real step, clipped to norm 0.01
+    for n, p in s.supernet.named_parameters():
+        assert torch.allclose(w_prime[n], p.detach(), atol=1e-12), n
+    moved = torch.sqrt(sum(((w_prime[n] - w0[n]) ** 2).sum() for n in w0))
+    assert abs(moved.item() - s.lr * 0.01) < 1e-9
+    ref = _reference_unrolled_grad(s, train, val)
+    got, _ = unrolled(s, train, val, hessian="exact")
+    assert _rel_err(got, ref) < 1e-9

@@ -57,17 +57,18 @@ def frozen(params: Iterable[torch.Tensor]) -> Iterator[None]:
 
 
 def virtual_step(s: SearchStrategy, train_batch: Batch) -> dict[str, torch.Tensor]:
-    """w' = w - xi * (momentum * buf + grad_w L_train(w, alpha) + wd * w), exactly the
-    update the weight optimizer (SGD with momentum and weight decay) would make, with
-    xi its current learning rate. Returned detached, keyed by parameter name."""
+    """w' = w - xi * (momentum * buf + c * grad_w L_train(w, alpha) + wd * w), exactly the
+    update the weight optimizer (SGD with momentum and weight decay, after the weight
+    step's gradient clipping: ``c = min(1, grad_clip / ||grad||)``) would make, with xi its
+    current learning rate. Returned detached, keyed by parameter name."""
     return _virtual_step(s, train_batch, alpha_grads=False)[0]
 
 
 def _virtual_step(
     s: SearchStrategy, train_batch: Batch, alpha_grads: bool
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None, float]:
     """:func:`virtual_step`, and with ``alpha_grads`` also grad_alpha L_train(w, alpha)
-    from the same backward pass (this rank's share)."""
+    from the same backward pass (this rank's share); also the clip factor ``c``."""
     named = dict(s.supernet.named_parameters())
     arch_weights = s.arch_weights()
     loss, _ = s.loss(train_batch, arch_weights if alpha_grads else arch_weights.detach())
@@ -79,11 +80,19 @@ def _virtual_step(
     xi = s.lr
     out = {}
     with torch.no_grad():
+        coef = clip_factor(g_w, w.grad_clip)
         for (name, p), g in zip(named.items(), g_w):
             buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer")
             moment = torch.zeros_like(p) if buf is None else w.momentum * buf
-            out[name] = p - xi * (moment + g + w.weight_decay * p)
-    return out, d_alpha
+            out[name] = p - xi * (moment + coef * g + w.weight_decay * p)
+    return out, d_alpha, coef
+
+
+def clip_factor(grads: Sequence[torch.Tensor], max_norm: float) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` scales ``grads`` by (1 when their
+    total L2 norm is within ``max_norm``)."""
+    total = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads))
+    return min(1.0, float(max_norm / (total + 1e-6)))
 
 
 def mixed_hvp_fd(
@@ -127,9 +136,10 @@ def unrolled(
     hessian: str = "fd",
     fd_radius: float = 1e-2,
 ):
-    """DARTS second order: grad_alpha L_val(w', alpha) - xi * d2L_train/(dalpha dw) v,
-    v = grad_w' L_val(w', alpha), with w' one virtual weight step (plus the gradient of
-    the strategy's penalties, which depend on alpha only).
+    """DARTS second order: grad_alpha L_val(w', alpha) - xi * c * d2L_train/(dalpha dw) v,
+    v = grad_w' L_val(w', alpha), with w' one virtual weight step and ``c`` its gradient
+    clip factor (held constant, as DARTS's RNN architect does; 1 unless the clip bites),
+    plus the gradient of the strategy's penalties, which depend on alpha only.
 
     ``fd_radius`` is the paper's 0.01 (the weights move by that much in L2 norm). On a
     ReLU network the two perturbed points can straddle activation kinks, so the central
@@ -140,7 +150,7 @@ def unrolled(
     if hessian not in HESSIAN_MODES:
         raise ValueError(f"unknown hessian mode {hessian!r}; use one of {HESSIAN_MODES}")
     forward = hessian == "fd_forward"
-    w_prime, at_w = _virtual_step(s, train_batch, alpha_grads=forward)
+    w_prime, at_w, coef = _virtual_step(s, train_batch, alpha_grads=forward)
     w_prime = {n: t.requires_grad_(True) for n, t in w_prime.items()}
     arch_weights = s.arch_weights()
     loss, stats = s.loss(val_batch, arch_weights, params=w_prime)
@@ -153,4 +163,4 @@ def unrolled(
         hvp = mixed_hvp_exact(s, train_batch, vector)
     else:
         hvp = mixed_hvp_fd(s, train_batch, vector, r=fd_radius, at_w=at_w)
-    return [da - s.lr * h for da, h in zip(d_alpha, hvp)], stats
+    return [da - s.lr * coef * h for da, h in zip(d_alpha, hvp)], stats

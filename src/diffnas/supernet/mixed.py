@@ -32,6 +32,16 @@ def search_op(name: str, C: int, stride: int) -> nn.Module:
     return op
 
 
+def sampled_op_output(ops: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor,
+                      active: int) -> torch.Tensor:
+    """GDAS's edge: only the sampled op is computed, ``w[a] * op_a(x)``. As in the GDAS
+    authors' code, the other ops' weights (zero in value under the straight-through
+    one-hot) are added too, so each gets the gradient ``sum(dL/d out)`` rather than none;
+    the added term is exactly zero in value."""
+    rest = weights.sum() - weights[active]
+    return weights[active] * ops[active](x) + (rest - rest.detach())
+
+
 def _final_bn(op: nn.Module) -> nn.Module | None:
     if isinstance(op, FactorizedReduce):
         return op.bn
@@ -94,7 +104,7 @@ class MixedOp(nn.Module):
         one forward pass (the cell does, one per node). ``relu(x)`` and its NCHW copy are
         computed once, kept there and reused, instead of once per edge."""
         if active is not None:
-            return weights[active] * self.ops[active](x)
+            return sampled_op_output(self.ops, x, weights, active)
         out: torch.Tensor | None = None
         terms: list[torch.Tensor] = []
         savers = memory_savers_allowed()

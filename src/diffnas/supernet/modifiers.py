@@ -34,7 +34,12 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class PartialChannelMixedOp(nn.Module):
-    """A mixed op on the first ``C // k`` channels; the rest bypass, then shuffle."""
+    """A mixed op on the first ``C // k`` channels; the rest bypass, then shuffle.
+
+    The bypass is scaled by ``weights.sum()``: 1 for a relaxed row (softmax, Gumbel,
+    one-hot), so plain PC-DARTS is unchanged, and the edge's weight when edge normalization
+    has scaled the row (``ArchParams.normalize``), so the whole edge output is scaled by it,
+    bypass included, as in PC-DARTS's ``sum_j beta_j * edge_j(h)``."""
 
     def __init__(
         self, C: int, stride: int, candidates: Sequence[str], k: int,
@@ -53,7 +58,8 @@ class PartialChannelMixedOp(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, active: int | None = None
     ) -> torch.Tensor:
         c = x.shape[1] // self.k
-        out = torch.cat([self.mixed(x[:, :c], weights, active), self.bypass(x[:, c:])], dim=1)
+        out = torch.cat([self.mixed(x[:, :c], weights, active),
+                         self.bypass(x[:, c:]) * weights.sum()], dim=1)
         return channel_shuffle(out, self.k) if self.k > 1 else out
 
 

@@ -18,7 +18,7 @@ from diffnas.genotype import CellGenotype
 from diffnas.ops import create_op
 from diffnas.ops.conv import ReLUConvBN
 from diffnas.ops.savers import stem_channels_last
-from diffnas.supernet.mixed import MixedOpFactory
+from diffnas.supernet.mixed import MixedOpFactory, sampled_op_output
 
 if TYPE_CHECKING:  # a runtime import would cycle: arch -> spaces -> supernet
     from diffnas.arch.relax import ArchWeights
@@ -82,7 +82,7 @@ class Nb201MixedOp(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, active: int | None = None
     ) -> torch.Tensor:
         if active is not None:
-            return weights[active] * self.ops[active](x)
+            return sampled_op_output(self.ops, x, weights, active)
         if not self._live:
             return x.mul(0.0) * weights.sum()
         out = weights[self._live[0]] * self.ops[self._live[0]](x)
