@@ -127,6 +127,9 @@ def test_search_command_runs_lm_search_and_retrain(tmp_path, capsys):
     run = tmp_path / "runs" / "t"
     hist = [json.loads(ln) for ln in (run / "search/metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 2 and all(math.isfinite(h["valid_ppl"]) for h in hist)
+    # the training perplexity is exp of the epoch's token-weighted loss, not a mean of
+    # per-window perplexities
+    assert all(math.isclose(h["ppl"], math.exp(h["loss"]), rel_tol=1e-12) for h in hist)
     result = json.loads((run / "retrain/result.json").read_text())
     assert math.isfinite(result["test_ppl"]) and 1 < result["test_ppl"] < 1e4
     assert (run / "search/DONE").exists()

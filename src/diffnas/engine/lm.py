@@ -75,6 +75,9 @@ class LmConfig:
             raise ValueError(f"lm.arch_data must be one of {ARCH_DATA}, got {self.arch_data!r}")
         if self.bptt < 2:
             raise ValueError(f"lm.bptt must be >= 2, got {self.bptt}")
+        if self.nonmono < 1:
+            raise ValueError(f"lm.nonmono must be >= 1 (epochs the ASGD switch looks back), "
+                             f"got {self.nonmono}")
         if self.eval_batch_size < 2:  # the search cell's BN uses batch statistics
             raise ValueError(f"lm.eval_batch_size must be >= 2 (the search cell normalizes "
                              f"with batch statistics), got {self.eval_batch_size}")
@@ -109,9 +112,31 @@ class LmBatch:
         return self.data.shape[0]
 
 
+class TokenMeanLoss:
+    """The training cross-entropy of an epoch weighted by tokens (windows vary in length)
+    and its perplexity, ``exp`` of that mean (not a mean of per-window perplexities)."""
+
+    def __init__(self) -> None:
+        self.total, self.tokens = 0.0, 0
+
+    def add(self, mean_nll: float, tokens: int) -> None:
+        self.total += float(mean_nll) * tokens
+        self.tokens += tokens
+
+    def pop(self) -> dict[str, float]:
+        """``{"loss", "ppl"}`` of the epoch so far, then start a new one."""
+        loss = self.total / max(self.tokens, 1)
+        self.total, self.tokens = 0.0, 0
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
 class LanguageModelObjective:
     """Cross-entropy of the next token, plus AR (``alpha``) and TAR (``beta``) as in
-    AWD-LSTM/DARTS; reports the plain cross-entropy as ``loss`` and its perplexity."""
+    AWD-LSTM/DARTS; reports the plain cross-entropy as ``loss``. AR and TAR regularize the
+    weights: as in DARTS, a search adds them in the weight step only, and the architecture
+    passes use the plain cross-entropy (``regularize=False``, see SearchStrategy.loss)."""
+
+    has_regularizers = True
 
     def __init__(self, alpha: float = 0.0, beta: float = 1e-3) -> None:
         self.alpha, self.beta = alpha, beta
@@ -119,19 +144,20 @@ class LanguageModelObjective:
     def inputs(self, batch: LmBatch) -> LmInput:
         return LmInput(batch.data, batch.state.h, batch.seed)
 
-    def __call__(self, output: LmOutput, batch: LmBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, output: LmOutput, batch: LmBatch,
+                 regularize: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         logits = output.logits
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
         if not torch.isfinite(nll):
             raise FloatingPointError(f"loss is {nll.item()} (NaN/inf): lower the learning rate?")
         loss = nll
-        if self.alpha:
+        if regularize and self.alpha:
             loss = loss + self.alpha * output.dropped.pow(2).mean()
-        if self.beta and output.raw.shape[0] > 1:
+        if regularize and self.beta and output.raw.shape[0] > 1:
             loss = loss + self.beta * (output.raw[1:] - output.raw[:-1]).pow(2).mean()
         batch.state.pending = output.hidden.detach()
-        v = nll.item()
-        return loss, {"loss": v, "ppl": math.exp(min(v, 50.0))}
+        # per window; a task reports the epoch's perplexity from its token-weighted mean
+        return loss, {"loss": nll.item()}
 
 
 def _seed(*parts: int) -> int:
@@ -218,6 +244,7 @@ class LmSearchTask:
                  rule: str | None = None) -> None:
         self.strategy, self.space, self.lm, self.seed, self.rule = strategy, space, lm, seed, rule
         self.train, self.arch, self.valid = train, arch, valid
+        self.train_nll = TokenMeanLoss()
 
     @property
     def supernet(self) -> nn.Module:
@@ -244,6 +271,7 @@ class LmSearchTask:
             stats = self.strategy.step(train, arch)
         train.state.commit()
         arch.state.commit()
+        self.train_nll.add(stats["loss"], train.targets.numel())
         return stats
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
@@ -252,7 +280,8 @@ class LmSearchTask:
         with torch.no_grad():
             aw = self.strategy.arch_weights()
         v = evaluate_lm(self.supernet, self.valid, self.lm.bptt, aw)
-        return {"lr": lr, "valid_loss": v["loss"], "valid_ppl": v["ppl"]}
+        return {"lr": lr, **self.train_nll.pop(), "valid_loss": v["loss"],
+                "valid_ppl": v["ppl"]}
 
     def genotype(self) -> Genotype:
         return discretize(self.strategy.arch_params.as_dict(), self.space, self.rule)
@@ -371,6 +400,7 @@ class LmTrainTask:
         self.optimizer = self._sgd()
         self.asgd = False
         self.val_history: list[float] = []
+        self.train_nll = TokenMeanLoss()
 
     def _sgd(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=self.r.lr, momentum=self.r.momentum,
@@ -399,6 +429,7 @@ class LmTrainTask:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
             self.optimizer.step()
         batch.state.commit()
+        self.train_nll.add(stats["loss"], batch.targets.numel())
         return stats
 
     def averaged(self) -> _Averaged:
@@ -413,8 +444,8 @@ class LmTrainTask:
             log.info("retrain: validation stalled, switching to ASGD at epoch %d", epoch + 1)
             self.optimizer, self.asgd = self._asgd(), True
         hist.append(v["loss"])
-        return {"lr": self.r.lr, "valid_loss": v["loss"], "valid_ppl": v["ppl"],
-                "asgd": float(self.asgd)}
+        return {"lr": self.r.lr, **self.train_nll.pop(), "valid_loss": v["loss"],
+                "valid_ppl": v["ppl"], "asgd": float(self.asgd)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

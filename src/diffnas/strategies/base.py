@@ -160,14 +160,20 @@ class SearchStrategy:
         batch: Batch,
         arch_weights: ArchWeights,
         params: dict[str, torch.Tensor] | None = None,
+        regularize: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Objective of the supernet on ``batch``; ``params`` substitutes weights (for
-        virtual steps and finite differences) without touching the module."""
+        virtual steps and finite differences) without touching the module. An objective
+        with weight regularizers (``has_regularizers``: AR/TAR of language models) adds
+        them only with ``regularize``, which the weight steps pass (DARTS's architecture
+        passes use the plain loss)."""
         x = self.objective.inputs(batch)
         if params is None:
             out = self.supernet(x, arch_weights)
         else:
             out = functional_call(self.supernet, params, (x, arch_weights))
+        if getattr(self.objective, "has_regularizers", False):
+            return self.objective(out, batch, regularize=regularize)
         return self.objective(out, batch)
 
     def add_penalty(
@@ -187,7 +193,7 @@ class SearchStrategy:
     def weight_step(self, batch: Batch, arch_weights: ArchWeights) -> dict[str, float]:
         """One SGD step on ``w`` with the arch weights held fixed (detached)."""
         self.w_optimizer.zero_grad(set_to_none=True)
-        loss, stats = self.loss(batch, arch_weights.detach())
+        loss, stats = self.loss(batch, arch_weights.detach(), regularize=True)
         loss.backward()
         self.average_weight_grads()
         nn.utils.clip_grad_norm_(self.supernet.parameters(), self.config.w_optim.grad_clip)

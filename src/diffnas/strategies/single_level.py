@@ -41,7 +41,7 @@ class SingleLevelStrategy(SearchStrategy):
         self.w_optimizer.zero_grad(set_to_none=True)
         self.a_optimizer.zero_grad(set_to_none=True)
         aw = self.arch_weights()
-        loss, stats = self.loss(train_batch, aw)
+        loss, stats = self.loss(train_batch, aw, regularize=True)  # one loss for both
         loss = self.add_penalty(loss, aw, stats)  # configured penalties (e.g. latency)
         extra, extra_stats = self.extra_loss(aw)
         (loss if extra is None else loss + extra).backward()
