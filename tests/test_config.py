@@ -42,6 +42,7 @@ def test_overrides_and_round_trip(tmp_path):
     ("device=gpu", r"config.device: 'gpu' is not a device"),
     ("search.discretizer=foo", r"unknown discretizer 'foo'"),
     ("data.name=imagenet", r"unknown dataset 'imagenet'"),
+    ("search.space.ops=[none]", r"at least one op besides 'none'"),
 ])
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises((ConfigError, ValueError, KeyError), match=match):

@@ -41,6 +41,9 @@ class DartsCnnConfig:
         unknown = [o for o in self.ops if o not in OPS]
         if unknown:
             raise ValueError(f"unknown op(s) {unknown} in space ops; known: {OPS.names()}")
+        if not [o for o in self.ops if o != "none"]:
+            raise ValueError("darts_cnn ops need at least one op besides 'none' (every edge "
+                             "would be empty)")
 
 
 @dataclass
