@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
+from diffnas.strategies.hypergrad import grads as grads_or_zeros
 from diffnas.strategies.registry import register_strategy
 
 
@@ -37,9 +38,7 @@ def mean_shift(
     for _ in range(samples):
         d = [bandwidth * torch.randn_like(p) for p in params]
         loss = loss_at(d)
-        got = torch.autograd.grad(loss, targets, allow_unused=True)
-        grads.append([torch.zeros_like(p) if g is None else g
-                      for g, p in zip(got, targets, strict=True)])
+        grads.append(grads_or_zeros(loss, targets))
         deltas.append(d)
         losses.append(loss.detach())
     L = torch.stack(losses)
