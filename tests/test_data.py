@@ -123,3 +123,23 @@ def test_augment_crop_is_a_shifted_window_and_cutout_zeroes_a_square():
     assert ((zeros >= 1) & (zeros <= 4)).all() and (zeros == 4).any()
     flipped = Augment(flip=True)(x, torch.Generator().manual_seed(1))
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
+
+
+def test_the_crop_pads_with_black_not_with_the_mean_pixel():
+    """Normalised data: the reference pads raw images with black, then normalises, so the
+    border is -mean/std per channel (0 would be the mean colour)."""
+    from diffnas.data.base import prepare
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (32, 3, 6, 6), generator=g, dtype=torch.uint8)
+    data = prepare("toy", raw, torch.zeros(32), raw[:4], torch.zeros(4), 2, 255.0)
+    black = (torch.zeros(1, 3, 1, 1) - raw.float().div(255).mean(dim=(0, 2, 3), keepdim=True)) \
+        / raw.float().div(255).std(dim=(0, 2, 3), keepdim=True)
+    assert torch.allclose(torch.tensor(data.black), black.flatten(), atol=1e-5)
+    out = Augment(crop_padding=6, fill=data.black)(data.train_x[:16], g)
+    for i in range(16):  # a 6-pixel shift in some direction shows only the border colour
+        for c in range(3):
+            values = set(out[i, c].flatten().tolist()) - set(data.train_x[i, c].flatten().tolist())
+            assert values <= {data.black[c]}
+    assert any(torch.equal(out[i, c], torch.full((6, 6), data.black[c]))
+               for i in range(16) for c in range(3))

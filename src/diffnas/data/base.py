@@ -23,6 +23,9 @@ class ImageData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    #: the normalised value of a black pixel per channel (``-mean / std``): what the random
+    #: crop pads with, as torchvision's RandomCrop does before normalisation; None: 0
+    black: tuple[float, ...] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -42,8 +45,9 @@ def prepare(
     ex = test_x.float() / scale
     mean = tx.mean(dim=(0, 2, 3), keepdim=True)
     std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    black = tuple((-mean / std).flatten().tolist())
     return ImageData(name, (tx - mean) / std, train_y.long(), (ex - mean) / std, test_y.long(),
-                     num_classes)
+                     num_classes, black)
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int):

@@ -16,11 +16,15 @@ import torch.nn.functional as F
 
 @dataclass
 class Augment:
-    """Random crop with zero padding, horizontal flip and cutout, applied per batch."""
+    """Random crop, horizontal flip and cutout, applied per batch to normalised images.
+    The crop pads with ``fill`` per channel (``ImageData.black``: black, as the reference
+    pipeline pads before normalising; None: 0, the mean pixel); cutout zeroes after
+    normalisation, as the reference does."""
 
     crop_padding: int = 0
     flip: bool = False
     cutout: int = 0
+    fill: tuple[float, ...] | None = None
 
     @property
     def active(self) -> bool:
@@ -31,6 +35,11 @@ class Augment:
         if self.crop_padding:
             p = self.crop_padding
             padded = F.pad(x, (p, p, p, p))
+            if self.fill is not None:
+                border = torch.ones(1, 1, h + 2 * p, w + 2 * p, dtype=torch.bool)
+                border[..., p:p + h, p:p + w] = False
+                fill = torch.tensor(self.fill, dtype=x.dtype).view(1, -1, 1, 1)
+                padded = torch.where(border, fill, padded)
             dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
             dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
             rows = (

@@ -28,4 +28,4 @@ def load_dataset(
     trx, try_ = subset(data.train_x, data.train_y, train_subset, seed)
     tex, tey = subset(data.test_x, data.test_y, test_subset, seed + 1)
     return ImageData(data.name, resize(trx, resolution), try_, resize(tex, resolution), tey,
-                     data.num_classes)
+                     data.num_classes, data.black)

@@ -162,7 +162,7 @@ def run_retrain(
         f"{summary['params']:,}",
         summary["macs"] / 1e6,
     )
-    augment = Augment(r.crop_padding, r.flip, r.cutout)
+    augment = Augment(r.crop_padding, r.flip, r.cutout, data.black)
     train = BatchLoader(
         data.train_x,
         data.train_y,
