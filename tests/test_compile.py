@@ -45,3 +45,21 @@ def test_compile_settings_are_checked():
 def test_compile_refuses_second_order_strategies():
     with pytest.raises(ValueError, match="'darts'.*not declared first-order.*search.compile"):
         _task("search.strategy.order=2", "search.compile={backend: aot_eager}")
+
+
+def test_compile_refuses_what_it_cannot_run_before_compiling_anything(tmp_path):
+    from diffnas.engine.search import configured_step, run_search
+
+    with pytest.raises(ValueError, match="'gdas' samples one op per edge"):
+        _task("search.strategy.name=gdas", "search.compile={backend: aot_eager}")
+    with pytest.raises(ValueError, match="mode applies to the inductor backend only"):
+        _task("search.compile={backend: aot_eager, mode: max-autotune}")
+    with pytest.raises(ValueError, match="diagnostics.hessian differentiates twice"):
+        run_search(_cfg("search.compile={backend: aot_eager}", "search.diagnostics.enabled=true",
+                        "search.diagnostics.hessian=true"), tmp_path)
+    task = _task()  # a refused combination leaves the supernet as it was
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        configured_step(task.strategy, torch.device("cpu"), cuda_graph=True,
+                        compile={"backend": "aot_eager"})
+    assert not any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
+                   for m in task.strategy.supernet.modules())

@@ -34,6 +34,9 @@ class Relaxation:
     """Base class: ``__call__(logits) -> ArchWeights``. Stateless unless it says so."""
 
     stochastic = False
+    #: True where it samples one op per edge (``ArchWeights.active``): the edges then run a
+    #: different op each step, which compiled mixed ops would recompile for
+    hard = False
 
     def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
         raise NotImplementedError
@@ -163,6 +166,8 @@ class HardGumbelRelaxation(GumbelSoftmaxRelaxation):
     """GDAS: one op per edge sampled by Gumbel-argmax; the weight is one-hot in the
     forward pass and carries the Gumbel-softmax gradient (straight-through). ``active``
     holds the sampled index, so the supernet computes only that op."""
+
+    hard = True
 
     def __init__(self, tau: float = 10.0, tau_min: float | None = 0.1,
                  anneal: str = "linear") -> None:

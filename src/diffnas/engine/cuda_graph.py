@@ -47,7 +47,9 @@ class GraphedStep:
 
     Every call is one real step on its own batch: the capture records without running, and
     the step is then replayed on the call's batch. Metrics come back as floats; a
-    non-finite loss raises ``FloatingPointError`` as in an eager step."""
+    non-finite loss raises ``FloatingPointError`` as in an eager step, but only after the
+    replay, when the optimizers have already stepped: the weights and alphas in memory are
+    then invalid, and the run continues from its last checkpoint (``--resume``)."""
 
     def __init__(
         self, step: Step, optimizers: Sequence[torch.optim.Optimizer], warmup: int = 2,
@@ -73,6 +75,7 @@ class GraphedStep:
     def __call__(self, train: Any, val: Any) -> dict[str, float]:
         key = self._key(train, val)
         _check_device(train)
+        _check_device(val)
         if key not in self.graphs:
             shape_key = key[:2]
             if self.seen.get(shape_key, 0) < self.warmup:

@@ -97,6 +97,9 @@ def diagnostics_callbacks(cfg: RunConfig, task: SearchTask, out: Path,
         if world_size > 1:
             raise ValueError("search.diagnostics.hessian runs on one process; switch it off "
                              "under torchrun")
+        if cfg.search.compile is not None:
+            raise ValueError("search.diagnostics.hessian differentiates twice, which compiled "
+                             "mixed ops cannot: switch off search.compile or the Hessian")
         batch = next(iter(task.val if task.val is not None else task.train))
     return dp.main_process_only([CollapseDiagnostics(out / "diagnostics.jsonl", d.cell, batch,
                                                      d.iters)])
@@ -163,6 +166,7 @@ def configured_step(
     replayed as a CUDA graph (``search.cuda_graph``, engine/cuda_graph.py); refuses what a
     strategy cannot do, naming why. ``benchmarks/search_epoch.py`` times this same function."""
     step = step or s.step
+    # every refusal first, so that a refused configuration has compiled nothing
     if compile is not None:
         if not s.first_order:
             raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
@@ -170,19 +174,16 @@ def configured_step(
         if not isinstance(compile, dict):
             raise ValueError("search.compile must be null or a mapping such as "
                              f"{{backend: inductor}}, got {compile!r}")
-        compile_mixed_ops(s.supernet, compile)
-        # compiled graphs do not take the memory savers' custom autograd functions
-        step = _inside(step, twice_differentiable)
+        if getattr(s.relaxation, "hard", False):
+            raise ValueError(f"strategy {s.name!r} samples one op per edge each step: "
+                             "compiled mixed ops would recompile for every sample; run it "
+                             "without search.compile")
     if amp is not None:
         if amp != "bf16":
             raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
         if not s.first_order:
             raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
                              "first-order (docs/strategies.md): run it without search.amp")
-        # no weight-cast cache inside a CUDA graph (torch's notes: it must not outlive a
-        # capture)
-        step = _inside(step, lambda: torch.autocast(device.type, dtype=torch.bfloat16,
-                                                    cache_enabled=not cuda_graph))
     if cuda_graph:
         if device.type != "cuda":
             raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
@@ -192,6 +193,16 @@ def configured_step(
             raise ValueError(f"strategy {s.name!r} (as configured) cannot be captured as "
                              "a CUDA graph: search.cuda_graph is for first-order darts "
                              "with the softmax relaxation and no penalties")
+    if compile is not None:
+        compile_mixed_ops(s.supernet, compile)
+        # compiled graphs do not take the memory savers' custom autograd functions
+        step = _inside(step, twice_differentiable)
+    if amp is not None:
+        # no weight-cast cache inside a CUDA graph (torch's notes: it must not outlive a
+        # capture)
+        step = _inside(step, lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                                    cache_enabled=not cuda_graph))
+    if cuda_graph:
         step = GraphedStep(step, [s.w_optimizer, s.a_optimizer], warmup=graph_warmup)
     return step
 
@@ -223,6 +234,8 @@ def run_search(
         out.mkdir(parents=True, exist_ok=True)
     device = dp.rank_device(resolve_device(cfg.device))
     if cfg.search.cudnn_benchmark:  # fixed batch shapes: let cuDNN time its algorithms
+        if device.type != "cuda":
+            log.warning("search.cudnn_benchmark does nothing on %s (cuDNN is CUDA's)", device)
         torch.backends.cudnn.benchmark = True
     data = data or load_search_data(cfg)
     task = build_search(cfg, data, device, rank.rank, rank.world_size)

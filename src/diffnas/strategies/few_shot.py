@@ -36,6 +36,7 @@ class FixedOpRelaxation(Relaxation):
         self.inner = inner
         self.fixed = fixed
         self.stochastic = inner.stochastic
+        self.hard = inner.hard
 
     def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
         aw = self.inner(logits)

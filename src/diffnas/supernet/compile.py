@@ -34,6 +34,9 @@ def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
     _raise_recompile_limits(per_code=64, total=4096)
     kw = {"backend": spec.get("backend", "inductor"), "dynamic": False}
     if spec.get("mode") is not None:
+        if kw["backend"] != "inductor":  # other backends ignore it (a log line, no error)
+            raise ValueError(f"search.compile.mode applies to the inductor backend only, "
+                             f"not {kw['backend']!r}")
         kw["mode"] = spec["mode"]
     for m in ops:
         m.compile(**kw)
