@@ -77,7 +77,9 @@ def _search(p: argparse.ArgumentParser):
         def open_run():  # rank 0 alone touches the run directory; the others get the result
             if args.resume:
                 run_dir = Path(args.resume)
-                if (run_dir / "seeds.json").is_file():
+                from diffnas.engine.multiseed import SEEDS_FILE
+
+                if (run_dir / SEEDS_FILE).is_file():
                     raise ConfigError(f"{run_dir} is a multi-seed run: continue it with "
                                       f"--seeds ... --resume {run_dir}")
                 cfg = _resume_config(args)

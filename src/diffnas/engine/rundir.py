@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from diffnas.config import ConfigError, RunConfig, load_config, save_config
+from diffnas.config import ConfigError, RunConfig, check_device, load_config, save_config
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.genotype import Genotype
 
@@ -16,12 +16,12 @@ CONFIG_FILE = "config.yaml"
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``config.device`` (``auto``: CUDA when present), checked as
+    config loading checks it (:func:`diffnas.config.check_device`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return dev
+    check_device(name)
+    return torch.device(name)
 
 
 def new_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
