@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 from diffnas.data.base import ImageData, resize, subset
@@ -23,9 +25,15 @@ def load_dataset(
     name: str, root: str | None = None, download: bool = False, resolution: int | None = None,
     train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
 ) -> ImageData:
-    """Load dataset ``name``, then take seeded subsets and resize as configured."""
-    data = DATASETS.get(name)(root=root, download=download)
+    """Load dataset ``name``, then take seeded subsets and resize as configured. A loader
+    with a ``resolution`` parameter receives it (data/custom.py: images of mixed sizes are
+    resized as they are read, and only when it is set). The loader's ``ImageData`` subclass
+    and its extra fields (e.g. class names) are kept."""
+    loader = DATASETS.get(name)
+    extra = {"resolution": resolution} if "resolution" in inspect.signature(loader).parameters \
+        else {}
+    data = loader(root=root, download=download, **extra)
     trx, try_ = subset(data.train_x, data.train_y, train_subset, seed)
     tex, tey = subset(data.test_x, data.test_y, test_subset, seed + 1)
-    return ImageData(data.name, resize(trx, resolution), try_, resize(tex, resolution), tey,
-                     data.num_classes, data.black)
+    return dataclasses.replace(data, train_x=resize(trx, resolution), train_y=try_,
+                               test_x=resize(tex, resolution), test_y=tey)
