@@ -95,11 +95,12 @@ def _search(p: argparse.ArgumentParser):
         setup_logging(run_dir if main else None, verbose=main)
         if main:
             print(f"run directory: {run_dir}")
-        if _is_lm(cfg):  # language models: engine/lm.py
-            _refuse_lm_data_parallel(dp)
+        if _is_lm(cfg):  # language models: engine/lm.py (data parallel under torchrun too)
             from diffnas.engine.lm import run_lm
 
-            return run_lm(cfg, run_dir, resume=bool(args.resume))
+            rc = run_lm(cfg, run_dir, resume=bool(args.resume))
+            dp.shutdown()
+            return rc
         if genotype is None:
             genotype = run_search(cfg, run_dir, resume=bool(args.resume)).genotype
         result = None
@@ -166,11 +167,12 @@ def _train(p: argparse.ArgumentParser):
         cfg, run_dir = dp.main_process_result(open_run)
         setup_logging(run_dir if main else None, verbose=main)
         if _is_lm(cfg):
-            _refuse_lm_data_parallel(dp)
             from diffnas.engine.lm import print_lm_result, run_lm_retrain
 
-            print_lm_result(genotype, run_lm_retrain(cfg, genotype, run_dir,
-                                                     resume=bool(args.resume)))
+            result = run_lm_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
+            if main:
+                print_lm_result(genotype, result)
+            dp.shutdown()
             return 0
         d = cfg.data
         data = load_dataset(
@@ -206,14 +208,6 @@ def _resume_config(args: argparse.Namespace):
 def _is_lm(cfg) -> bool:
     """A language-model run (the recurrent space), served by engine/lm.py."""
     return cfg.search.space.get("name") == "darts_rnn"
-
-
-def _refuse_lm_data_parallel(dp) -> None:
-    if dp.get_world_size() > 1:
-        raise ValueError(
-            "darts_rnn (language models) does not run data parallel yet: "
-            "run it in one process, without torchrun"
-        )
 
 
 def _dry_run_shape(name: str, resolution: int | None) -> tuple[int, int, int]:

@@ -99,6 +99,21 @@ def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
     return data[: steps * batch_size].view(batch_size, steps).t().contiguous()
 
 
+def shard_columns(source: torch.Tensor, rank: int, world_size: int,
+                  what: str = "batch size") -> torch.Tensor:
+    """Rank ``rank``'s contiguous share of the columns of a batchified ``(steps, B)`` text:
+    the columns are independent streams, so ``world_size`` ranks holding ``B / world_size``
+    columns each see together exactly what one process sees. ``B`` must divide by
+    ``world_size`` (``what`` names the setting in the error)."""
+    B = source.shape[1]
+    if B % world_size:
+        raise ValueError(f"{what} {B} does not divide by the {world_size} data-parallel "
+                         f"processes: each rank takes {B}/{world_size} columns (streams) of "
+                         "the batchified text; use a multiple of the number of processes")
+    per = B // world_size
+    return source[:, rank * per : (rank + 1) * per].contiguous()
+
+
 def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``source[i:i+L]`` and next-token targets ``source[i+1:i+1+L]`` (both (L, B))."""
     L = min(seq_len, source.shape[0] - 1 - i)

@@ -347,6 +347,29 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out
 
 
+def global_batch_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Affine-free batch normalisation of ``x`` (N, C, ...) by the statistics of the global
+    batch over all ranks (``F.batch_norm(x, None, None, training=True)`` of one process
+    holding every rank's rows). The functional form of :class:`SyncBatchNorm` without
+    parameters or running statistics (the recurrent search cell normalises every node this
+    way): one all-reduce per call, float64 sums, differentiable any number of times."""
+    if get_world_size() == 1:
+        return nn.functional.batch_norm(x, None, None, training=True, eps=eps)
+    dims = [0, *range(2, x.dim())]
+    C = x.size(1)
+    total = sum_over_ranks(torch.cat([
+        x.sum(dims, dtype=torch.float64),
+        (x * x).sum(dims, dtype=torch.float64),
+        torch.full((1,), float(x.numel() // C), dtype=torch.float64, device=x.device),
+    ]))
+    n = total[-1].detach()
+    mean64 = total[:C] / n
+    var64 = (total[C : 2 * C] / n - mean64 * mean64).clamp_min(0.0)
+    shape = [1, C] + [1] * (x.dim() - 2)
+    return ((x - mean64.to(x.dtype).view(shape))
+            * torch.rsqrt(var64 + eps).to(x.dtype).view(shape))
+
+
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm in ``module`` by :class:`SyncBatchNorm`, keeping its
     parameters (the same tensors, so optimizers built later see the same order), running

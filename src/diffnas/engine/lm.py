@@ -17,6 +17,21 @@ Settings: ``data`` (``name: ptb``, ``root``, ``batch_size`` = search batch,
 ``network``: the evaluation network) and the ``lm`` section (:class:`LmConfig`). The
 image-only retrain keys (auxiliary head, drop path, cutout, crop, flip, ``lr_min``) are
 not used here.
+
+Data parallel (torchrun, ``engine/distributed.py``): the columns of a batchified text are
+independent streams, so each rank takes ``B / world_size`` contiguous columns of every
+training text (``data.batch_size`` / ``retrain.batch_size`` are global and must divide by
+the number of processes) and carries the hidden states of its own columns. Every rank
+has the same number of tokens per window, so the mean of the ranks' token-mean losses
+and of their gradients is the global one: the strategies average their gradients (and
+whatever they compare) as in image search, the retraining averages the weight gradients
+before clipping. With ``distributed.sync_bn`` the search cell normalises its nodes by the
+statistics of the global batch, and N ranks compute what one process computes with the
+global batch. Evaluation (validation and test perplexity) runs on rank 0 alone over the
+whole text and is broadcast, so it is that of one process and every rank takes the same
+ASGD decision. Dropout masks are seeded per window and per rank (a rank cannot draw the
+one-process mask's slice of its columns), so with dropout on the ranks train with masks
+that differ from one process's, drawn alike.
 """
 
 from __future__ import annotations
@@ -35,7 +50,15 @@ from torch import nn
 
 from diffnas.arch import ArchParams
 from diffnas.config import RunConfig, from_dict
-from diffnas.data.text import Corpus, batchify, bptt_windows, get_batch, load_corpus
+from diffnas.data.text import (
+    Corpus,
+    batchify,
+    bptt_windows,
+    get_batch,
+    load_corpus,
+    shard_columns,
+)
+from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import (
     atomic_save,
@@ -48,7 +71,7 @@ from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space
-from diffnas.strategies import SearchStrategy, create_strategy
+from diffnas.strategies import STRATEGIES, SearchStrategy, create_strategy
 from diffnas.supernet.rnn import LmInput, LmOutput
 
 log = logging.getLogger("diffnas")
@@ -167,6 +190,13 @@ def _seed(*parts: int) -> int:
     return s
 
 
+def _rank_seed(seed: int, rank: int, world_size: int) -> int:
+    """A window's dropout-mask seed on ``rank``: unchanged in one process; under torchrun
+    mixed with the rank, so the ranks' columns get independent masks (with one seed, column
+    j of every rank would get the same mask)."""
+    return seed if world_size == 1 else _seed(seed, 1 + rank)
+
+
 def _windows(steps: int, lm: LmConfig, seed: int, epoch: int, variable: bool
              ) -> Iterator[tuple[int, int]]:
     g = torch.Generator().manual_seed(_seed(seed, epoch, 7)) if variable else None
@@ -237,13 +267,17 @@ class GrowthSchedule(Callback):
 
 
 class LmSearchTask:
-    """Bilevel search over BPTT windows: weights on ``train``, alphas on ``arch``."""
+    """Bilevel search over BPTT windows: weights on ``train``, alphas on ``arch``.
+
+    Under torchrun ``train`` and ``arch`` hold this rank's columns; ``valid`` is the whole
+    validation text, evaluated on rank 0."""
 
     def __init__(self, strategy: SearchStrategy, space: SearchSpace, train: torch.Tensor,
                  arch: torch.Tensor, valid: torch.Tensor, lm: LmConfig, seed: int,
-                 rule: str | None = None) -> None:
+                 rule: str | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.strategy, self.space, self.lm, self.seed, self.rule = strategy, space, lm, seed, rule
         self.train, self.arch, self.valid = train, arch, valid
+        self.rank, self.world_size = rank, world_size
         self.train_nll = TokenMeanLoss()
 
     @property
@@ -259,8 +293,9 @@ class LmSearchTask:
                                             self.lm.variable_bptt)):
             x, y = get_batch(self.train, i, L)
             xa, ya = get_batch(self.arch, i % arch_steps, L)
-            yield (LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0)),
-                   LmBatch(xa, ya, ha, _seed(self.seed, epoch, n, 1)))
+            r, w = self.rank, self.world_size
+            yield (LmBatch(x, y, ht, _rank_seed(_seed(self.seed, epoch, n, 0), r, w)),
+                   LmBatch(xa, ya, ha, _rank_seed(_seed(self.seed, epoch, n, 1), r, w)))
 
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
@@ -268,18 +303,21 @@ class LmSearchTask:
     def step(self, batch: tuple[LmBatch, LmBatch]) -> dict[str, float]:
         train, arch = batch
         with _ScaledLr(self.strategy.w_optimizer, train.seq_len / self.lm.bptt):
-            stats = self.strategy.step(train, arch)
+            stats = dp.all_reduce_metrics(self.strategy.step(train, arch))  # mean over ranks
         train.state.commit()
         arch.state.commit()
-        self.train_nll.add(stats["loss"], train.targets.numel())
+        # every rank has as many tokens: the mean over ranks is the global token mean
+        self.train_nll.add(stats["loss"], train.targets.numel() * self.world_size)
         return stats
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
+        dp.assert_replicated({"architecture parameters": self.strategy.alphas(),
+                              "supernet weights": self.supernet.parameters()})
         lr = self.strategy.lr
         self.strategy.end_epoch()
-        with torch.no_grad():
+        with torch.no_grad():  # on every rank: a random relaxation draws from the shared RNG
             aw = self.strategy.arch_weights()
-        v = evaluate_lm(self.supernet, self.valid, self.lm.bptt, aw)
+        v = dp.main_process_result(evaluate_lm, self.supernet, self.valid, self.lm.bptt, aw)
         return {"lr": lr, **self.train_nll.pop(), "valid_loss": v["loss"],
                 "valid_ppl": v["ppl"]}
 
@@ -302,9 +340,25 @@ def lm_space(cfg: RunConfig, corpus: Corpus) -> SearchSpace:
                                                     num_classes=corpus.vocab_size))
 
 
-def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str = "cpu"
-                    ) -> LmSearchTask:
-    """Space, supernet, alphas, strategy and batchified texts for an LM search."""
+class _GlobalNodeNorm:
+    """The search cell's node normalisation over the global batch (``distributed.sync_bn``
+    under torchrun): installed on a :class:`~diffnas.supernet.rnn.SearchCell` instance in
+    place of its ``_bn``. In eval mode it normalises the batch at hand, since evaluation
+    runs on rank 0 alone over the whole text (no other rank joins a collective)."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        self.cell = cell
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        if self.cell.training:
+            return dp.global_batch_norm(s, eps=1e-5)
+        return F.batch_norm(s, None, None, training=True, eps=1e-5)
+
+
+def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str = "cpu",
+                    rank: int = 0, world_size: int = 1) -> LmSearchTask:
+    """Space, supernet, alphas, strategy and batchified texts for an LM search (under
+    torchrun: this rank's columns of the training texts)."""
     lm, d = lm_config(cfg), cfg.data
     s = cfg.search
     gpu = [k for k, on in (("amp", s.amp), ("compile", s.compile), ("cuda_graph", s.cuda_graph),
@@ -316,10 +370,32 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
         if e >= cfg.search.epochs:
             raise ValueError(f"growth epoch {e} is not before search.epochs={cfg.search.epochs}:"
                              " every node must be grown during the search")
+    bs = d.batch_size
+    if world_size > 1:
+        cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+        if not cls.data_parallel:
+            raise ValueError(
+                f"strategy {cls.name!r} does not run data parallel yet (not all of its "
+                "gradients are averaged over ranks; see docs/distributed.md): run it in one "
+                "process")
+        if bs % world_size:
+            raise ValueError(
+                f"data.batch_size {bs} does not divide by the {world_size} data-parallel "
+                f"processes: each rank takes data.batch_size / {world_size} columns "
+                "(streams) of the batchified text; use a multiple of the number of processes")
+        if bs // world_size < 2:
+            raise ValueError(
+                f"data.batch_size {bs} over {world_size} processes leaves 1 column per rank: "
+                "the recurrent search cell normalises its nodes by batch statistics and "
+                "needs at least 2 sequences per rank")
     seed_everything(cfg.seed)
     space = lm_space(cfg, corpus)
     supernet = space.build_supernet().to(device)
     arch = ArchParams(space).to(device)
+    dp.broadcast_([*supernet.state_dict().values(), *arch.parameters()])  # replicas of rank 0
+    if world_size > 1 and cfg.distributed.sync_bn:
+        # an instance attribute shadows SearchCell's static _bn
+        supernet.cell._bn = _GlobalNodeNorm(supernet.cell)
     objective = LanguageModelObjective(lm.alpha, lm.beta)
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
     if not strategy.uses_validation:
@@ -332,11 +408,13 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
         cut = int(len(train) * d.search_split)
         train, arch_text = train[:cut], train[cut:]
     valid = _subset(corpus.valid, d.test_subset)
-    bs = d.batch_size
-    return LmSearchTask(strategy, space, batchify(train, bs).to(device),
-                        batchify(arch_text, bs).to(device),
+
+    def columns(text: torch.Tensor) -> torch.Tensor:
+        return shard_columns(batchify(text, bs), rank, world_size, "data.batch_size").to(device)
+
+    return LmSearchTask(strategy, space, columns(train), columns(arch_text),
                         batchify(valid, lm.eval_batch_size).to(device), lm, cfg.seed,
-                        cfg.search.discretizer)
+                        cfg.search.discretizer, rank, world_size)
 
 
 @dataclass
@@ -355,34 +433,46 @@ def _alpha_record(task: LmSearchTask):
 
 def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                   stop_after: int | None = None, corpus: Corpus | None = None) -> LmSearchResult:
-    """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``."""
+    """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
+    (under torchrun: rank 0 alone)."""
     out = Path(run_dir) / "search"
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    rank = dp.env()
+    if rank.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = dp.rank_device(resolve_device(cfg.device))
     corpus = corpus or load_corpus(cfg.data.name, cfg.data.root)
-    task = build_lm_search(cfg, corpus, device)
+    task = build_lm_search(cfg, corpus, device, rank.rank, rank.world_size)
+    # every rank runs every callback (states stay aligned in checkpoints); writers on rank 0
     callbacks: list[Callback] = [
         GrowthSchedule(task.supernet, task.space),
-        ProgressBar("search", cfg.progress),
-        JsonLines(out / "metrics.jsonl"),
-        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-        JsonLines(out / "alphas.jsonl", _alpha_record(task)),
-        Checkpoint(out / "checkpoint.pt"),
+        *dp.main_process_only([
+            ProgressBar("search", cfg.progress),
+            JsonLines(out / "metrics.jsonl"),
+            JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
+            JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+            Checkpoint(out / "checkpoint.pt"),
+        ]),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)
     ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt))
+    # rank 0 reads the checkpoint and hands it to all ranks (no shared disk needed)
+    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
+                                   if resume and ckpt.exists() else None)
+    if state is not None:
+        loop.load_state_dict(state)
         log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
+    dp.sync_rng()  # the same random relaxation samples on every rank
     log.info("LM search: space=%s strategy=%s supernet weights=%d alphas=%d, %d windows/epoch",
              task.space.name, task.strategy.name,
              sum(p.numel() for p in task.supernet.parameters()),
              sum(p.numel() for p in task.strategy.alphas()), task.num_batches())
     history = loop.run(stop_after=stop_after)
     genotype = task.genotype()
-    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
-    if loop.epoch >= loop.epochs:
-        (out / "DONE").touch()
+    if rank.is_main:
+        atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
+        if loop.epoch >= loop.epochs:
+            (out / "DONE").touch()
+    dp.barrier()  # every rank returns once the results are on disk
     return LmSearchResult(genotype, history, task)
 
 
@@ -390,12 +480,18 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
 class LmTrainTask:
     """Train a fixed LM: SGD with per-window lr scaling, switching to averaged SGD (ASGD)
     when validation stops improving (non-monotonic trigger, AWD-LSTM/DARTS); validation
-    and test use the averaged weights once ASGD runs."""
+    and test use the averaged weights once ASGD runs.
+
+    Under torchrun ``train`` holds this rank's columns, the weight gradients are averaged
+    over ranks before clipping (so SGD and ASGD, and ASGD's averages, stay replicated), and
+    rank 0 evaluates ``valid`` (the whole text) for every rank, which then takes the same
+    ASGD decision."""
 
     def __init__(self, model: nn.Module, train: torch.Tensor, valid: torch.Tensor,
-                 cfg: RunConfig, lm: LmConfig) -> None:
+                 cfg: RunConfig, lm: LmConfig, rank: int = 0, world_size: int = 1) -> None:
         self.model, self.train, self.valid, self.lm = model, train, valid, lm
         self.r, self.seed = cfg.retrain, cfg.seed
+        self.rank, self.world_size = rank, world_size
         self.objective = LanguageModelObjective(lm.alpha, lm.beta)
         self.optimizer = self._sgd()
         self.asgd = False
@@ -416,7 +512,8 @@ class LmTrainTask:
         for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
                                             self.lm.variable_bptt)):
             x, y = get_batch(self.train, i, L)
-            yield LmBatch(x, y, h, _seed(self.seed, epoch, n, 2))
+            yield LmBatch(x, y, h, _rank_seed(_seed(self.seed, epoch, n, 2), self.rank,
+                                              self.world_size))
 
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
@@ -426,18 +523,27 @@ class LmTrainTask:
             self.optimizer.zero_grad(set_to_none=True)
             loss, stats = self.objective(self.model(self.objective.inputs(batch)), batch)
             loss.backward()
+            dp.average_grads_(self.model.parameters())  # the global batch's gradient
             nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
             self.optimizer.step()
         batch.state.commit()
-        self.train_nll.add(stats["loss"], batch.targets.numel())
+        stats = dp.all_reduce_metrics(stats)  # equal tokens per rank: the global mean
+        self.train_nll.add(stats["loss"], batch.targets.numel() * self.world_size)
         return stats
 
     def averaged(self) -> _Averaged:
         return _Averaged(self.model, self.optimizer if self.asgd else None)
 
+    def evaluate(self, source: torch.Tensor) -> dict[str, float]:
+        """:func:`evaluate_lm` of the (ASGD-averaged) weights on rank 0, for every rank."""
+        def run() -> dict[str, float]:
+            with self.averaged():
+                return evaluate_lm(self.model, source, self.lm.bptt)
+        return dp.main_process_result(run)
+
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        with self.averaged():
-            v = evaluate_lm(self.model, self.valid, self.lm.bptt)
+        dp.assert_replicated({"weights": self.model.parameters()})
+        v = self.evaluate(self.valid)
         hist = self.val_history
         if (self.lm.asgd and not self.asgd and len(hist) > self.lm.nonmono
                 and v["loss"] > min(hist[: -self.lm.nonmono])):
@@ -493,49 +599,62 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     """Train ``genotype``'s language model from scratch; writes ``run_dir/retrain`` with the
     validation history and the final test perplexity."""
     out = Path(run_dir) / "retrain"
-    out.mkdir(parents=True, exist_ok=True)
-    pin_genotype(out, genotype, resume)
+    rank = dp.env()
+
+    def open_dir() -> None:  # rank 0 alone touches the run directory
+        out.mkdir(parents=True, exist_ok=True)
+        pin_genotype(out, genotype, resume)
+
+    dp.main_process_result(open_dir)
     lm, r, d = lm_config(cfg), cfg.retrain, cfg.data
-    device = resolve_device(cfg.device)
+    device = dp.rank_device(resolve_device(cfg.device))
     corpus = corpus or load_corpus(d.name, d.root)
+    train = shard_columns(batchify(_subset(corpus.train, r.train_subset), r.batch_size),
+                          rank.rank, rank.world_size, "retrain.batch_size").to(device)
     seed_everything(cfg.seed)
     model = lm_space(cfg, corpus).build_network(genotype, **r.network).to(device)
+    dp.broadcast_(model.state_dict().values())  # replicas of rank 0
     params = count_lm_parameters(model)
     log.info("LM retrain: %s params", f"{params:,}")
-    train = batchify(_subset(corpus.train, r.train_subset), r.batch_size).to(device)
     valid = batchify(_subset(corpus.valid, d.test_subset), lm.eval_batch_size).to(device)
     test = batchify(_subset(corpus.test, d.test_subset), lm.test_batch_size).to(device)
-    task = LmTrainTask(model, train, valid, cfg, lm)
-    loop = Loop(task, r.epochs, [ProgressBar("retrain", cfg.progress),
-                                 JsonLines(out / "metrics.jsonl"),
-                                 Checkpoint(out / "checkpoint.pt")])
+    task = LmTrainTask(model, train, valid, cfg, lm, rank.rank, rank.world_size)
+    loop = Loop(task, r.epochs, dp.main_process_only([ProgressBar("retrain", cfg.progress),
+                                                      JsonLines(out / "metrics.jsonl"),
+                                                      Checkpoint(out / "checkpoint.pt")]))
     ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt))
+    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
+                                   if resume and ckpt.exists() else None)
+    if state is not None:
+        loop.load_state_dict(state)
         log.info("resumed LM retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
-    with task.averaged():
-        final_valid = evaluate_lm(model, valid, lm.bptt)
-        final_test = evaluate_lm(model, test, lm.bptt)
-        atomic_save(model.state_dict(), out / "model.pt")
+    final_valid, final_test = task.evaluate(valid), task.evaluate(test)
     result = {"genotype": genotype.to_dict(), "params": params, "epochs_done": loop.epoch,
               "asgd": task.asgd, "valid_ppl": final_valid["ppl"], "test_ppl": final_test["ppl"],
               "test_loss": final_test["loss"], "history": history}
-    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    if rank.is_main:
+        with task.averaged():
+            atomic_save(model.state_dict(), out / "model.pt")
+        atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    dp.barrier()
     return result
 
 
 def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
-    """``diffnas search`` for the recurrent space: search, then retrain if enabled."""
+    """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
+    torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
     corpus = load_corpus(cfg.data.name, cfg.data.root)
-    if (Path(run_dir) / "search" / "DONE").exists():
-        genotype = Genotype.load(Path(run_dir) / "search" / "genotype.json")
-    else:
+    search = Path(run_dir) / "search"
+    genotype = dp.main_process_result(lambda: Genotype.load(search / "genotype.json")
+                                      if (search / "DONE").exists() else None)
+    if genotype is None:
         genotype = run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype
     res = None
     if cfg.retrain.enabled:
         res = run_lm_retrain(cfg, genotype, run_dir, resume=resume, corpus=corpus)
-    print_lm_result(genotype, res)
+    if dp.is_main_process():
+        print_lm_result(genotype, res)
     return 0
 
 

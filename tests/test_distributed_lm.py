@@ -1,0 +1,313 @@
+"""Data-parallel language-model search and retraining (the darts_rnn space): 2 CPU
+processes (gloo) against one process with the global batch.
+
+Each rank takes half of the columns (independent streams) of the batchified texts. The
+search cell normalises its nodes by batch statistics, so the distributed runs use
+``distributed.sync_bn=true`` (the global batch's statistics); dropout is off, since a rank
+cannot draw the one-process mask's slice of its columns (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from diffnas.config import load_config
+from diffnas.data.text import Corpus, batchify
+from diffnas.engine import distributed as dp
+from diffnas.genotype import Genotype
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 12
+SPACE = ("{name: darts_rnn, ninp: 8, nhid: 8, nodes: 2, dropout: 0, dropouth: 0, "
+         "dropoutx: 0, dropouti: 0, dropoute: 0}")
+# a large alpha learning rate makes the few steps visible
+SEARCHES = {
+    "darts1": "{name: darts, order: 1, a_optim: {lr: 0.03}}",
+    "darts2": "{name: darts, order: 2, a_optim: {lr: 0.03}}",
+    # double backward through the cell's global batch normalisation
+    "darts2_exact": "{name: darts, order: 2, hessian: exact, a_optim: {lr: 0.03}}",
+    # hard Gumbel samples: synchronised RNG (a low temperature: larger alpha gradients)
+    "gdas": "{name: gdas, relaxation: {name: hard_gumbel, tau: 1.0, tau_min: 0.5}, "
+            "a_optim: {lr: 0.03}}",
+}
+NET = "{ninp: 8, nhid: 8, dropout: 0, dropouth: 0, dropoutx: 0, dropouti: 0, dropoute: 0}"
+
+
+def tiny_corpus() -> Corpus:
+    g = torch.Generator().manual_seed(0)
+
+    def text(n: int) -> torch.Tensor:  # some structure: a token often follows its predecessor
+        t = torch.randint(0, VOCAB, (n,), generator=g)
+        follow = torch.rand(n, generator=g) < 0.5
+        for i in range(1, n):
+            if follow[i]:
+                t[i] = (t[i - 1] + 1) % VOCAB
+        return t
+
+    return Corpus("ptb", [f"w{i}" for i in range(VOCAB)], text(160), text(96), text(64))
+
+
+def overrides(strategy: str = SEARCHES["darts1"], sync_bn: bool = True, epochs: int = 1,
+              batch: int = 4, dropout: bool = False) -> list[str]:
+    """Global batch 4 (2 columns per rank), BPTT windows of about 8 tokens (variable)."""
+    space = SPACE if not dropout else SPACE.replace("dropout: 0", "dropout: 0.3").replace(
+        "dropouth: 0", "dropouth: 0.2")
+    return ["data.name=ptb", "data.train_subset=null", "data.test_subset=null",
+            f"data.batch_size={batch}", "progress=false", f"search.epochs={epochs}",
+            f"search.space={space}", f"search.strategy={strategy}",
+            f"distributed.sync_bn={'true' if sync_bn else 'false'}",
+            "retrain.epochs=2", f"retrain.batch_size={batch}", "retrain.lr=2.0",
+            "retrain.momentum=0.0", "retrain.train_subset=null", f"retrain.network={NET}",
+            "lm={bptt: 8, max_seq_len_delta: 4, eval_batch_size: 2, test_batch_size: 2, "
+            "beta: 0.001, alpha: 0.001}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alphas(res) -> dict[str, torch.Tensor]:
+    return {g: a.detach().clone() for g, a in res.task.strategy.arch_params.as_dict().items()}
+
+
+def _asgd_case(out: str) -> dict:
+    """A retrain task switched to ASGD (forced), one epoch on it: the ASGD averages and
+    the evaluation of the averaged weights."""
+    from diffnas.data.text import shard_columns
+    from diffnas.engine.lm import LmConfig, LmTrainTask, lm_space
+
+    cfg = load_config(None, overrides())
+    corpus = tiny_corpus()
+    env = dp.env()
+    torch.manual_seed(0)
+    model = lm_space(cfg, corpus).build_network(Genotype.load(f"{out}/genotype.json"),
+                                                **cfg.retrain.network)
+    train = shard_columns(batchify(corpus.train, 4), env.rank, env.world_size)
+    lm = LmConfig(bptt=8, max_seq_len_delta=4, eval_batch_size=2, nonmono=2)
+    task = LmTrainTask(model, train, batchify(corpus.valid, 2), cfg, lm, env.rank,
+                       env.world_size)
+    task.val_history = [0.1, 9.0, 9.0]  # the best is older than nonmono epochs: switch
+    switched = task.end_epoch(0)["asgd"]
+    for batch in task.batches(1):
+        task.step(batch)
+    ax = [task.optimizer.state[p]["ax"].clone() for p in model.parameters()]
+    return {"switched": switched, "ax": ax, "valid": task.end_epoch(1)["valid_loss"]}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from diffnas.engine.lm import run_lm_retrain, run_lm_search
+
+    assert dp.init_distributed().world_size == world
+    corpus = tiny_corpus()
+    try:
+        found: dict = {}
+        for name, strategy in SEARCHES.items():
+            epochs = 2 if name == "darts1" else 1
+            cfg = load_config(None, overrides(strategy, epochs=epochs))
+            if name == "darts1":  # stopped after its first epoch (as if killed), resumed
+                run_lm_search(cfg, f"{out}/runs/{name}", corpus=corpus, stop_after=1)
+            res = run_lm_search(cfg, f"{out}/runs/{name}", resume=True, corpus=corpus)
+            found[name] = _alphas(res)
+            if name == "darts1":
+                found["columns"] = (res.task.train.clone(), res.task.arch.clone())
+                found["genotype"] = res.genotype.to_json()
+                found["retrain"] = run_lm_retrain(cfg, res.genotype, f"{out}/runs/{name}",
+                                                  corpus=corpus)
+        found["asgd"] = _asgd_case(f"{out}/runs/darts1/retrain")
+        # dropout on: masks differ from one process's, but the replicas stay identical
+        # (end_epoch checks) and the run finishes; per-rank normalisation (ghost batches)
+        cfg = load_config(None, overrides(dropout=True, sync_bn=False))
+        found["dropout"] = _alphas(run_lm_search(cfg, f"{out}/runs/dropout", corpus=corpus))
+        found["refused"] = {}
+        for key in ("data.batch_size", "retrain.batch_size"):
+            cfg = load_config(None, [*overrides(), f"{key}=5"])
+            try:
+                if key == "data.batch_size":
+                    run_lm_search(cfg, f"{out}/runs/refused", corpus=corpus)
+                else:
+                    run_lm_retrain(cfg, Genotype.from_json(found["genotype"]),
+                                   f"{out}/runs/refused", corpus=corpus)
+            except ValueError as exc:
+                found["refused"][key] = str(exc)
+        torch.save(found, f"{out}/rank{rank}.pt")
+    finally:
+        dp.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_lm")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2,
+                       start_method="spawn")
+    return out
+
+
+def _load(out: Path, rank: int) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+def test_each_rank_holds_its_columns_of_the_batchified_text(spawned):
+    corpus = tiny_corpus()
+    train, arch = batchify(corpus.train, 4), batchify(corpus.valid, 4)
+    for rank in (0, 1):
+        got_train, got_arch = _load(spawned, rank)["columns"]
+        cols = slice(2 * rank, 2 * rank + 2)
+        assert torch.equal(got_train, train[:, cols]) and torch.equal(got_arch, arch[:, cols])
+
+
+@pytest.mark.parametrize("name", list(SEARCHES))
+def test_two_ranks_match_one_process_lm_search(spawned, tmp_path, name):
+    """Global batch 4 split 2 + 2 columns over two ranks vs one process with batch 4."""
+    from diffnas.engine.lm import run_lm_search
+
+    cfg = load_config(None, overrides(SEARCHES[name], sync_bn=False,
+                                      epochs=2 if name == "darts1" else 1))
+    ref = run_lm_search(cfg, tmp_path, corpus=tiny_corpus())
+    for rank in (0, 1):
+        got = _load(spawned, rank)[name]
+        for g, a in _alphas(ref).items():
+            # alphas start at N(0, 1e-3): they moved, so matching them proves something
+            assert a.abs().max().item() > 1e-2, f"{name}: alphas barely moved"
+            err = (got[g] - a).abs().max().item()
+            assert err < 1e-5, f"{name} rank {rank} group {g}: max |alpha diff| {err:.2e}"
+    if name == "darts1":  # the 2-rank run was stopped after epoch 1 and resumed
+        assert Genotype.from_json(_load(spawned, 0)["genotype"]) == ref.genotype
+        hist = [json.loads(ln) for ln in
+                (spawned / "runs/darts1/search/metrics.jsonl").read_text().splitlines()]
+        assert len(hist) == 2
+        for h, want in zip(hist, ref.history, strict=True):
+            for k in ("loss", "valid_loss"):  # train loss: mean over ranks; valid: rank 0
+                assert abs(h[k] - want[k]) < 1e-5, (k, h[k], want[k])
+
+
+def test_two_ranks_match_one_process_lm_retrain(spawned, tmp_path):
+    from diffnas.engine.lm import run_lm_retrain
+
+    cfg = load_config(None, overrides(sync_bn=False, epochs=2))
+    genotype = Genotype.from_json(_load(spawned, 0)["genotype"])
+    ref = run_lm_retrain(cfg, genotype, tmp_path, corpus=tiny_corpus())
+    got = torch.load(spawned / "runs/darts1/retrain/model.pt")
+    want = torch.load(tmp_path / "retrain/model.pt")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
+    for rank in (0, 1):
+        res = _load(spawned, rank)["retrain"]
+        for h, w in zip(res["history"], ref["history"], strict=True):
+            for k in ("loss", "valid_loss"):
+                assert abs(h[k] - w[k]) < 1e-5, (rank, k, h[k], w[k])
+        assert abs(res["test_ppl"] - ref["test_ppl"]) < 1e-4 * ref["test_ppl"]
+        assert abs(res["valid_ppl"] - ref["valid_ppl"]) < 1e-4 * ref["valid_ppl"]
+
+
+def test_asgd_stays_consistent_over_ranks(spawned, tmp_path):
+    (tmp_path / "genotype.json").write_bytes(
+        (spawned / "runs/darts1/retrain/genotype.json").read_bytes())
+    ref = _asgd_case(str(tmp_path))
+    assert ref["switched"] == 1.0
+    for rank in (0, 1):
+        got = _load(spawned, rank)["asgd"]
+        assert got["switched"] == 1.0
+        for a, b in zip(got["ax"], ref["ax"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert abs(got["valid"] - ref["valid"]) < 1e-5
+
+
+def test_dropout_runs_replicated(spawned):
+    r0, r1 = _load(spawned, 0)["dropout"], _load(spawned, 1)["dropout"]
+    for g in r0:
+        assert torch.equal(r0[g], r1[g])
+
+
+def test_batch_not_divisible_by_the_world_size_is_refused(spawned):
+    for rank in (0, 1):  # search and retraining, under two ranks, on every rank
+        for key, msg in _load(spawned, rank)["refused"].items():
+            assert f"{key} 5 does not divide by the 2 data-parallel processes" in msg, msg
+    from diffnas.engine.lm import build_lm_search
+
+    with pytest.raises(ValueError, match="data.batch_size 5 does not divide by the 2 data"):
+        build_lm_search(load_config(None, overrides(batch=5)), tiny_corpus(), world_size=2)
+    with pytest.raises(ValueError, match="leaves 1 column per rank"):
+        build_lm_search(load_config(None, overrides(batch=2)), tiny_corpus(), world_size=2)
+
+
+# --- torchrun end to end: `diffnas search` on a darts_rnn config writes the run dir once ----
+AUDIT = '''
+import os
+_root, _log = os.environ.get("DIFFNAS_AUDIT_ROOT"), os.environ.get("DIFFNAS_AUDIT_LOG")
+if _root and _log and "LOCAL_RANK" in os.environ:
+    _fd = os.open(_log + ".rank" + os.environ["RANK"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    _root = os.path.abspath(_root) + os.sep
+    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def _hook(event, args):
+        if event == "open":
+            paths, mode, flags = [args[0]], args[1], args[2]
+            write = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and bool(flags & _W))
+        elif event in ("os.rename", "os.remove", "os.mkdir", "tempfile.mkstemp"):
+            paths, write = list(args[:2]) if event == "os.rename" else [args[0]], True
+        else:
+            return
+        for p in paths:
+            if isinstance(p, (str, bytes, os.PathLike)):
+                p = os.path.abspath(os.fsdecode(p))
+                if p.startswith(_root):
+                    os.write(_fd, f"{'w' if write else 'r'} {event} {p}\\n".encode())
+
+    import sys
+    sys.addaudithook(_hook)
+'''
+
+
+def _write_ptb(d: Path) -> Path:
+    c = tiny_corpus()
+    for split in ("train", "valid", "test"):
+        ids = getattr(c, split).tolist()
+        lines = [" ".join(f"w{i}" for i in ids[j : j + 8]) for j in range(0, len(ids), 8)]
+        (d / f"ptb.{split}.txt").write_text("".join(f" {ln} \n" for ln in lines))
+    return d
+
+
+def test_torchrun_lm_search_and_retrain_rank0_writes(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "DIFFNAS_AUDIT_ROOT": str(runs), "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit")}
+    args = ["--config", str(ROOT / "configs/darts_rnn_ptb.yaml"),
+            f"data.root={_write_ptb(tmp_path)}", f"out_dir={runs}", "name=lm",
+            *[o for o in overrides(sync_bn=True) if not o.startswith("data.name")],
+            "retrain.epochs=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc_per_node", "2", "-m", "diffnas", "search", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.stdout.count("test perplexity") == 1  # rank 0 prints
+    run = runs / "lm"
+    assert (run / "search/DONE").exists()
+    result = json.loads((run / "retrain/result.json").read_text())
+    assert result["epochs_done"] == 1 and result["test_ppl"] > 1
+    rank0 = Path(f"{tmp_path / 'audit'}.rank0").read_text().splitlines()
+    rank1 = Path(f"{tmp_path / 'audit'}.rank1").read_text().splitlines()
+    assert rank1 == [], rank1[:5]  # rank 1 neither read nor wrote in the run directory
+    written = {Path(line.split(" ", 2)[2]).name for line in rank0 if line.startswith("w ")}
+    assert {"config.yaml", "log.txt", "checkpoint.pt", "metrics.jsonl", "genotype.json",
+            "model.pt", "result.json"} <= written
