@@ -1,0 +1,303 @@
+"""Your own images: data.name=npz (one .npz file) and data.name=folder (train/ and test/
+trees of class folders), loaded through load_dataset; every malformed input is a clear error;
+a search and retraining through the command line on an npz file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from diffnas.cli import main
+from diffnas.config import load_config
+from diffnas.data import DatasetNotFoundError, load_dataset
+from diffnas.data.custom import CustomImageData, DataFormatError, peek_shape
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+def _digits(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` scikit-learn digits as uint8 images (0-16 scaled to 0-240)."""
+    d = load_digits()
+    return (d.images[:n] * 15).astype(np.uint8), d.target[:n].astype(np.int64)
+
+
+def _npz(path: Path, **arrays) -> str:
+    x, y = _digits()
+    base = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+    base.update(arrays)
+    np.savez(path, **{k: v for k, v in base.items() if v is not None})
+    return str(path)
+
+
+# --- npz -------------------------------------------------------------------------------
+def test_npz_grayscale_shapes_labels_and_train_statistics(tmp_path):
+    x, y = _digits()
+    d = load_dataset("npz", _npz(tmp_path / "d.npz"))
+    assert isinstance(d, CustomImageData) and d.name == "npz"
+    assert d.train_x.shape == (150, 1, 8, 8) and d.test_x.shape == (50, 1, 8, 8)
+    assert torch.equal(d.train_y, torch.from_numpy(y[:150])) and d.train_y.dtype == torch.long
+    assert torch.equal(d.test_y, torch.from_numpy(y[150:]))
+    assert d.num_classes == 10 and d.classes == tuple(str(i) for i in range(10))
+    # normalised with the training set's mean and std, the test set with the same numbers
+    raw = torch.from_numpy(x).float() / 255
+    mean, std = raw[:150].mean(), raw[:150].std()
+    assert abs(d.train_x.mean().item()) < 1e-5 and abs(d.train_x.std().item() - 1) < 1e-5
+    torch.testing.assert_close(d.test_x[:, 0], (raw[150:] - mean) / std)
+    assert d.black == pytest.approx((-(mean / std).item(),), rel=1e-5)  # the crop pads black
+
+
+def test_npz_channels_last_first_and_float_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    y = np.arange(20) % 4
+    ref = load_dataset("npz", _npz(tmp_path / "a.npz", x_train=nhwc, y_train=y, x_test=nhwc[:5],
+                                   y_test=y[:5], classes=np.array(["a", "b", "c", "d"])))
+    assert ref.train_x.shape == (20, 3, 6, 6) and ref.classes == ("a", "b", "c", "d")
+    raw = torch.from_numpy(nhwc).float() / 255  # per-channel statistics, channels last
+    expected = (raw - raw.mean((0, 1, 2))) / raw.std((0, 1, 2))
+    torch.testing.assert_close(ref.train_x, expected.permute(0, 3, 1, 2))
+    nchw = nhwc.transpose(0, 3, 1, 2)
+    first = load_dataset("npz", _npz(tmp_path / "b.npz", x_train=nchw, y_train=y,
+                                     x_test=nchw[:5], y_test=y[:5]))
+    assert torch.equal(first.train_x, ref.train_x) and torch.equal(first.test_x, ref.test_x)
+    floats = load_dataset("npz", _npz(tmp_path / "c.npz", x_train=nhwc / 255.0, y_train=y,
+                                      x_test=nhwc[:5] / 255.0, y_test=y[:5]))
+    torch.testing.assert_close(floats.train_x, ref.train_x, atol=1e-5, rtol=1e-5)
+    assert floats.num_classes == 4 and floats.classes == ("0", "1", "2", "3")
+
+
+def test_npz_ambiguous_layout_is_refused_unless_stored(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)  # 4x4 RGB, or 4 channels of 4x3?
+    y = np.arange(8) % 2
+    kw = {"x_train": x, "y_train": y, "x_test": x, "y_test": y}
+    with pytest.raises(DataFormatError, match=r"cannot tell channels-first.*layout='NHWC'"):
+        load_dataset("npz", _npz(tmp_path / "amb.npz", **kw))
+    d = load_dataset("npz", _npz(tmp_path / "ok.npz", layout="NHWC", **kw))
+    assert d.train_x.shape == (8, 3, 4, 4)
+    neither = rng.integers(0, 256, (8, 5, 6, 6), dtype=np.uint8)
+    with pytest.raises(DataFormatError, match="neither dim 1 nor dim 3"):
+        load_dataset("npz", _npz(tmp_path / "n.npz", x_train=neither, y_train=y, x_test=neither,
+                                 y_test=y))
+    # an explicit layout allows any channel count
+    d = load_dataset("npz", _npz(tmp_path / "n2.npz", x_train=neither, y_train=y,
+                                 x_test=neither, y_test=y, layout="NCHW"))
+    assert d.in_channels == 5
+    with pytest.raises(DataFormatError, match="layout must be one of"):
+        load_dataset("npz", _npz(tmp_path / "bad.npz", layout="HWC", **kw))
+
+
+def test_npz_subsets_resolution_and_non_square(tmp_path):
+    d = load_dataset("npz", _npz(tmp_path / "d.npz", classes=np.array(list("abcdefghij"))),
+                     resolution=16, train_subset=40, test_subset=10, seed=3)
+    assert d.train_x.shape == (40, 1, 16, 16) and d.test_x.shape == (10, 1, 16, 16)
+    assert isinstance(d, CustomImageData) and d.classes[1] == "b"  # kept through subsets
+    rect = np.zeros((10, 6, 8), dtype=np.uint8)
+    rect[:, :3] = 200
+    y = np.arange(10) % 2
+    path = _npz(tmp_path / "r.npz", x_train=rect, y_train=y, x_test=rect, y_test=y)
+    with pytest.raises(DataFormatError, match=r"6x8 \(height x width\), not square.*resolution"):
+        load_dataset("npz", path)
+    d = load_dataset("npz", path, resolution=4)
+    assert d.train_x.shape == (10, 1, 4, 4)
+    assert (d.train_x[:, 0, :2] > 0).all() and (d.train_x[:, 0, 2:] < 0).all()  # stretched
+
+
+def test_npz_missing_paths_and_arrays(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="needs data.root"):
+        load_dataset("npz")
+    with pytest.raises(DatasetNotFoundError, match=f"{tmp_path / 'nope.npz'}: no such file"):
+        load_dataset("npz", str(tmp_path / "nope.npz"))
+    with pytest.raises(DatasetNotFoundError, match="is a directory"):
+        load_dataset("npz", str(tmp_path))
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(DataFormatError, match="not a .npz archive"):
+        load_dataset("npz", str(tmp_path / "one.npy"))
+    with pytest.raises(DataFormatError, match=r"missing array\(s\) y_test; it holds x_test, "):
+        load_dataset("npz", _npz(tmp_path / "m.npz", y_test=None))
+    with pytest.raises(DataFormatError, match=r"unexpected array\(s\) x_val"):
+        load_dataset("npz", _npz(tmp_path / "u.npz", x_val=np.zeros(3)))
+    with pytest.raises(DataFormatError, match="data.download=true applies only to cifar10"):
+        load_dataset("npz", _npz(tmp_path / "d.npz"), download=True)
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"y_test": np.full(50, 10)}, r"y_test has label 10 but y_train's labels are 0..9"),
+    ({"y_train": np.r_[np.arange(149), -1]}, "label -1 is negative"),
+    ({"y_train": np.arange(150) % 10 + 1, "y_test": np.arange(50) % 10 + 1},
+     r"class\(es\) \[0\] have no training images"),
+    ({"y_train": (np.arange(150) % 10).astype(np.float32)}, "labels must be integers.*float32"),
+    ({"y_train": np.eye(10, dtype=np.int64)[np.arange(150) % 10]}, "one-hot"),
+    ({"y_train": np.arange(149) % 10}, "149 labels for 150 images"),
+    ({"y_test": np.arange(49) % 10}, "y_test: 49 labels for 50 images"),
+    ({"classes": np.array(["a", "b"])}, "y_train has label 9 but classes has 2 names"),
+    ({"y_train": np.zeros(150, dtype=np.int64), "y_test": np.zeros(50, dtype=np.int64)},
+     "single class"),
+    ({"x_test": np.zeros((50, 7, 7), dtype=np.uint8)}, r"x_test images are \(1, 7, 7\)"),
+    ({"x_train": np.full((150, 8, 8), np.nan)}, "NaN or infinite"),
+    ({"x_train": np.zeros((150, 64), dtype=np.uint8)}, r"got shape \(150, 64\)"),
+    ({"x_train": np.zeros((150, 8, 8), dtype=bool)}, "dtype bool"),
+    ({"x_test": np.zeros((50, 8, 8))}, "same scale"),
+])
+def test_npz_malformed_arrays_name_the_file_and_the_problem(tmp_path, arrays, match):
+    path = _npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataFormatError, match=match) as err:
+        load_dataset("npz", path)
+    assert path in str(err.value)
+
+
+# --- folder ----------------------------------------------------------------------------
+CLASSES = {"cat": 3, "ant": 1, "bee": 2}  # name -> the digit whose images it holds
+
+
+def _folder(root: Path, per_class: int = 4, mode: str = "L", side: int = 8) -> Path:
+    x, y = _digits()
+    for split, offset in (("train", 0), ("test", per_class)):
+        for name, digit in CLASSES.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i, img in enumerate(x[y == digit][offset:offset + per_class]):
+                im = PIL.fromarray(img).convert(mode)
+                if side != 8:
+                    im = im.resize((side, side), PIL.Resampling.NEAREST)
+                im.save(d / f"img{i}.png")
+    return root
+
+
+def test_folder_classes_sorted_labels_and_pixels(tmp_path):
+    root = _folder(tmp_path / "f")
+    d = load_dataset("folder", str(root))
+    assert isinstance(d, CustomImageData) and d.name == "folder"
+    assert d.classes == ("ant", "bee", "cat") and d.num_classes == 3
+    assert d.train_x.shape == (12, 1, 8, 8) and d.test_x.shape == (12, 1, 8, 8)
+    assert d.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # sorted class, sorted file
+    x, y = _digits()
+    expected = np.concatenate([x[y == CLASSES[c]][:4] for c in d.classes]).astype(np.float32)
+    raw = torch.from_numpy(expected) / 255
+    torch.testing.assert_close(d.train_x[:, 0], (raw - raw.mean()) / raw.std())
+    assert abs(d.train_x.mean().item()) < 1e-5 and d.black == pytest.approx(
+        (-(raw.mean() / raw.std()).item(),), rel=1e-5)
+    rgb = load_dataset("folder", str(_folder(tmp_path / "rgb", mode="RGB")))
+    assert rgb.in_channels == 3
+    torch.testing.assert_close(rgb.train_x[:, 1], d.train_x[:, 0])  # gray saved as RGB
+
+
+def test_folder_mixed_sizes_need_a_resolution(tmp_path):
+    root = _folder(tmp_path / "f")
+    big = root / "train" / "bee" / "big.png"
+    PIL.new("L", (12, 12), 100).save(big)
+    with pytest.raises(DataFormatError, match=f"{big}: 12x12 pixels but .* is 8x8.*resolution"):
+        load_dataset("folder", str(root))
+    d = load_dataset("folder", str(root), resolution=10)
+    assert d.train_x.shape == (13, 1, 10, 10) and d.test_x.shape == (12, 1, 10, 10)
+    assert d.resolution == 10
+    wide = tmp_path / "w"
+    _folder(wide, side=8)
+    for p in sorted(wide.rglob("*.png")):
+        PIL.new("L", (10, 6), 50).save(p)
+    with pytest.raises(DataFormatError, match=r"6x10 \(height x width\), not square"):
+        load_dataset("folder", str(wide))
+    assert load_dataset("folder", str(wide), resolution=5).train_x.shape[-2:] == (5, 5)
+
+
+def test_folder_missing_paths(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="needs data.root"):
+        load_dataset("folder")
+    with pytest.raises(DatasetNotFoundError, match=f"{tmp_path / 'nope'} does not exist"):
+        load_dataset("folder", str(tmp_path / "nope"))
+    root = _folder(tmp_path / "f")
+    for p in sorted((root / "test").rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (root / "test").rmdir()
+    with pytest.raises(DatasetNotFoundError, match=f"{root / 'test'} does not exist"):
+        load_dataset("folder", str(root))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda r: (r / "train" / "dog").mkdir(), "train/dog: empty class folder"),
+    (lambda r: PIL.new("RGB", (8, 8)).save(r / "train" / "bee" / "rgb.png"),
+     r"rgb.png: 3 channel\(s\) \(RGB\) but .* has 1"),
+    (lambda r: (r / "train" / "ant" / "notes.txt").write_text("x"), "notes.txt: not an image"),
+    (lambda r: (r / "train" / "cat" / "broken.png").write_bytes(b"not a png"),
+     "broken.png: cannot read the image"),
+    (lambda r: PIL.new("L", (8, 8)).save(r / "train" / "loose.png"),
+     "loose.png: files directly in .* have no class"),
+    (lambda r: (r / "test" / "dog").mkdir(), r"class folder\(s\) \['dog'\] have no training"),
+    (lambda r: PIL.new("I;16", (8, 8)).save(r / "train" / "cat" / "deep.png"),
+     "deep.png: PIL mode 'I;16'"),
+])
+def test_folder_malformed_trees_name_the_path(tmp_path, damage, match):
+    root = _folder(tmp_path / "f")
+    damage(root)
+    with pytest.raises(DataFormatError, match=match):
+        load_dataset("folder", str(root))
+
+
+def test_folder_needs_two_classes_and_ignores_hidden_files(tmp_path):
+    root = _folder(tmp_path / "f")
+    (root / "train" / "ant" / ".DS_Store").write_text("x")  # hidden: not data
+    assert load_dataset("folder", str(root)).train_x.shape[0] == 12
+    one = tmp_path / "one"
+    (one / "train" / "a").mkdir(parents=True)
+    (one / "test").mkdir()
+    PIL.new("L", (8, 8)).save(one / "train" / "a" / "x.png")
+    with pytest.raises(DataFormatError, match=r"1 class folder\(s\) \['a'\]"):
+        load_dataset("folder", str(one))
+
+
+# --- shapes without loading, config, command line --------------------------------------
+def test_peek_shape_matches_the_loaded_data(tmp_path):
+    npz = _npz(tmp_path / "d.npz", x_train=np.zeros((150, 3, 8, 8), dtype=np.uint8),
+               x_test=np.zeros((50, 3, 8, 8), dtype=np.uint8))
+    assert peek_shape("npz", npz) == (3, 8, 10)
+    assert peek_shape("npz", npz, resolution=32) == (3, 32, 10)
+    root = str(_folder(tmp_path / "f", mode="RGB"))
+    d = load_dataset("folder", root)
+    assert peek_shape("folder", root) == (d.in_channels, d.resolution, d.num_classes) == (3, 8, 3)
+    assert peek_shape("digits", None) is None and peek_shape("cifar10", "/x") is None
+    with pytest.raises(DatasetNotFoundError):
+        peek_shape("npz", str(tmp_path / "nope.npz"))
+
+
+def test_config_accepts_the_new_dataset_names():
+    assert load_config(None, ["data.name=npz", "data.root=/x.npz"]).data.name == "npz"
+    assert load_config(None, ["data.name=folder"]).data.name == "folder"
+
+
+def test_search_and_retrain_on_an_npz_from_the_command_line(tmp_path, capsys):
+    path = _npz(tmp_path / "mine.npz", classes=np.array([f"digit{i}" for i in range(10)]))
+    argv = [
+        "search", f"out_dir={tmp_path}", "name=r", "data.name=npz", f"data.root={path}",
+        "progress=false", "data.train_subset=32", "data.test_subset=16", "data.batch_size=16",
+        "search.epochs=1", "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2}",
+        "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=32",
+        "retrain.network={C: 4, layers: 3}",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Genotype(normal=" in out and "test accuracy:" in out
+    result = json.loads((tmp_path / "r/retrain/result.json").read_text())
+    assert 0.0 <= result["test_acc"] <= 1.0
+    assert "0=digit0, 1=digit1" in (tmp_path / "r/log.txt").read_text()  # labels -> names
+
+
+def test_command_line_reports_bad_data_as_an_error(tmp_path, capsys):
+    path = _npz(tmp_path / "bad.npz", y_test=np.full(50, 12))
+    argv = ["search", f"out_dir={tmp_path}", "name=r", "data.name=npz", f"data.root={path}",
+            "search.epochs=1", "progress=false"]
+    assert main(argv) == 2
+    assert f"{path}: y_test has label 12" in capsys.readouterr().err
+
+
+def test_importing_diffnas_data_registers_both(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from diffnas.data import list_datasets; print(' '.join(list_datasets()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert {"npz", "folder"} <= set(out.stdout.split())
