@@ -18,6 +18,7 @@ from diffnas.data import DatasetNotFoundError, load_dataset
 from diffnas.data.custom import CustomImageData, DataFormatError, peek_shape
 
 PIL = pytest.importorskip("PIL.Image")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _digits(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
@@ -271,8 +272,9 @@ def test_config_accepts_the_new_dataset_names():
 
 def test_search_and_retrain_on_an_npz_from_the_command_line(tmp_path, capsys):
     path = _npz(tmp_path / "mine.npz", classes=np.array([f"digit{i}" for i in range(10)]))
-    argv = [
-        "search", f"out_dir={tmp_path}", "name=r", "data.name=npz", f"data.root={path}",
+    argv = [  # the example recipe, shrunk to seconds
+        "search", "--config", str(ROOT / "configs/own_data_example.yaml"), f"out_dir={tmp_path}",
+        "name=r", f"data.root={path}", "device=cpu",
         "progress=false", "data.train_subset=32", "data.test_subset=16", "data.batch_size=16",
         "search.epochs=1", "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2}",
         "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=32",
