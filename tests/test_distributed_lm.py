@@ -85,7 +85,6 @@ def _alphas(res) -> dict[str, torch.Tensor]:
 def _asgd_case(out: str) -> dict:
     """A retrain task switched to ASGD (forced), one epoch on it: the ASGD averages and
     the evaluation of the averaged weights."""
-    from diffnas.data.text import shard_columns
     from diffnas.engine.lm import LmConfig, LmTrainTask, lm_space
 
     cfg = load_config(None, overrides())
@@ -94,7 +93,7 @@ def _asgd_case(out: str) -> dict:
     torch.manual_seed(0)
     model = lm_space(cfg, corpus).build_network(Genotype.load(f"{out}/genotype.json"),
                                                 **cfg.retrain.network)
-    train = shard_columns(batchify(corpus.train, 4), env.rank, env.world_size)
+    train = batchify(corpus.train, 4)[:, 2 * env.rank : 2 * env.rank + 4 // env.world_size]
     lm = LmConfig(bptt=8, max_seq_len_delta=4, eval_batch_size=2, nonmono=2)
     task = LmTrainTask(model, train, batchify(corpus.valid, 2), cfg, lm, env.rank,
                        env.world_size)
@@ -115,7 +114,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     assert dp.init_distributed().world_size == world
     corpus = tiny_corpus()
     try:
-        found: dict = {}
+        found: dict = {"local_columns": {}}
         for name, strategy in SEARCHES.items():
             epochs = 2 if name == "darts1" else 1
             cfg = load_config(None, overrides(strategy, epochs=epochs))
@@ -123,6 +122,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 run_lm_search(cfg, f"{out}/runs/{name}", corpus=corpus, stop_after=1)
             res = run_lm_search(cfg, f"{out}/runs/{name}", resume=True, corpus=corpus)
             found[name] = _alphas(res)
+            found["local_columns"][name] = (res.task.train.shape[1], res.task.arch.shape[1])
             if name == "darts1":
                 found["columns"] = (res.task.train.clone(), res.task.arch.clone())
                 found["genotype"] = res.genotype.to_json()
@@ -180,6 +180,8 @@ def test_two_ranks_match_one_process_lm_search(spawned, tmp_path, name):
     ref = run_lm_search(cfg, tmp_path, corpus=tiny_corpus())
     for rank in (0, 1):
         got = _load(spawned, rank)[name]
+        # each rank learned on 2 of the 4 columns, and together they match one process
+        assert _load(spawned, rank)["local_columns"][name] == (2, 2)
         for g, a in _alphas(ref).items():
             # alphas start at N(0, 1e-3): they moved, so matching them proves something
             assert a.abs().max().item() > 1e-2, f"{name}: alphas barely moved"
