@@ -1,11 +1,14 @@
 """Neural Architecture Optimization (Luo et al., 2018), compact: an LSTM encoder maps the
-6 op tokens of a cell to a sequence of embeddings, a predictor maps their mean to
-accuracy, and an attention decoder (an LSTM cell started from the mean embedding, reading
-the previous token and attending over the embeddings, as in the paper) maps them back to
-tokens. Trained jointly (``trade_off`` * prediction MSE + (1 - ``trade_off``) *
-reconstruction cross-entropy, the decoder fed the true previous tokens) on the queried
-cells; then the best cells' embeddings move up the predictor's gradient, with a growing
-step size until they decode (greedily) to unseen cells, which are queried."""
+6 op tokens of a cell to 6 unit-norm embeddings (one per token), a predictor maps their
+normalized mean (the architecture embedding) to accuracy, and an attention decoder maps
+them back to tokens: an LSTM cell whose hidden and cell states start at the architecture
+embedding, that reads the previous token and at every step attends over the 6 per-token
+embeddings (Luong-style, as in the paper's released code). Trained jointly
+(``trade_off`` * prediction MSE + (1 - ``trade_off``) * reconstruction cross-entropy, the
+decoder fed the true previous tokens) on the queried cells; then the best cells'
+per-token embeddings move up the predictor's gradient (e + eta * d pred / d e), with a
+growing step size eta until the decoder, attending over the moved embeddings, decodes
+them (greedily) to unseen cells, which are queried."""
 
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ class NaoConfig(PredictorConfig):
     lr: float = 5e-3
     trade_off: float = 0.8
     step_sizes: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16, 32, 64)
+    # Renormalize the moved embeddings to unit norm, as NAO's released code does (the
+    # paper's update has no renormalization; on NB-201 it measured worse, docs/nb201.md).
+    renormalize: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,6 +50,13 @@ class NaoConfig(PredictorConfig):
 
 
 class Nao(nn.Module):
+    """Encoder, predictor and attention decoder, after NAO's released code: the encoder's
+    per-token outputs are unit vectors; the architecture embedding is their normalized
+    mean; the predictor reads the architecture embedding; the decoder LSTM starts with
+    both its hidden and its cell state at the architecture embedding and at every step
+    attends over the per-token outputs (dot-product scores, softmax over the 6 positions,
+    then ``tanh(W [output; context])``, Luong-style) before predicting the token."""
+
     def __init__(self, embed: int, hidden: int) -> None:
         super().__init__()
         self.tokens = nn.Embedding(NUM_OPS, embed)
@@ -56,26 +69,45 @@ class Nao(nn.Module):
         self.out = nn.Linear(hidden, NUM_OPS)
 
     def encode(self, cells: torch.Tensor) -> torch.Tensor:
+        """(n, 6) op indices -> (n, 6, hidden) per-token outputs, each of unit norm."""
         h, _ = self.encoder(self.tokens(cells) + self.positions)
         return nn.functional.normalize(h, dim=-1)
 
-    def predict(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.predictor(emb.mean(1)).squeeze(-1)
+    @staticmethod
+    def pool(emb: torch.Tensor) -> torch.Tensor:
+        """The architecture embedding: the normalized mean of the per-token outputs."""
+        return nn.functional.normalize(emb.mean(1), dim=-1)
 
-    def decode(self, emb: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, 6, ops) logits. Step t reads token t-1 (the true one from ``cells`` when
+    @staticmethod
+    def move(emb: torch.Tensor, grad: torch.Tensor, eta: float,
+             renormalize: bool = False) -> torch.Tensor:
+        """The search step on the per-token outputs: ``emb + eta * grad`` (with
+        ``renormalize``, back to unit norm as encoded outputs are)."""
+        moved = emb + eta * grad
+        return nn.functional.normalize(moved, dim=-1) if renormalize else moved
+
+    def predict(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.pool(emb)).squeeze(-1)
+
+    def decode(self, emb: torch.Tensor, cells: torch.Tensor | None = None, *,
+               attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(n, 6, ops) logits (and with ``attention`` the (n, 6, 6) weights, step x
+        encoder position). Step t reads token t-1 (the true one from ``cells`` when
         given, for training; else the greedy choice) and attends over ``emb``."""
-        h = emb.mean(1)
-        c = torch.zeros_like(h)
+        h = self.pool(emb)
+        c = h
         prev = torch.full(emb.shape[:1], NUM_OPS, dtype=torch.long, device=emb.device)
-        logits = []
+        logits, weights = [], []
         for t in range(NUM_EDGES):
             h, c = self.decoder(self.dec_tokens(prev) + self.positions[t], (h, c))
-            weights = torch.softmax(torch.einsum("nh,nlh->nl", h, emb), -1)
-            context = torch.einsum("nl,nlh->nh", weights, emb)
+            w = torch.softmax(torch.einsum("nh,nlh->nl", h, emb), -1)
+            context = torch.einsum("nl,nlh->nh", w, emb)
             step = self.out(torch.tanh(self.attend(torch.cat([h, context], -1))))
             logits.append(step)
+            weights.append(w)
             prev = step.argmax(-1) if cells is None else cells[:, t]
+        if attention:
+            return torch.stack(logits, 1), torch.stack(weights, 1)
         return torch.stack(logits, 1)
 
 
@@ -117,8 +149,9 @@ class NaoSearch(PredictorSearch):
 
     def _propose(self, model: Nao, oracle: QueryOracle, cells: np.ndarray,
                  accs: np.ndarray, seeds: int) -> list[Cell]:
-        """Move the best cells' embeddings up the predicted accuracy; decode new cells,
-        ranked by the prediction for the decoded cell."""
+        """Move the best cells' per-token embeddings up the predicted accuracy; decode
+        new cells (the decoder attends over the moved embeddings and starts from their
+        pooled mean), ranked by the prediction for the decoded cell."""
         c = self.config
         top = cells[np.argsort(-accs, kind="stable")[:seeds]]
         emb = model.encode(torch.from_numpy(top)).detach().requires_grad_(True)
@@ -129,7 +162,8 @@ class NaoSearch(PredictorSearch):
             for eta in c.step_sizes:
                 if not pending:
                     break
-                dec = model.decode(emb[pending] + eta * grad[pending]).argmax(-1).numpy()
+                moved = model.move(emb[pending], grad[pending], eta, c.renormalize)
+                dec = model.decode(moved).argmax(-1).numpy()
                 still = []
                 for row, i in zip(dec, pending, strict=True):
                     cell = tuple(int(v) for v in row)
