@@ -140,7 +140,7 @@ def _train(p: argparse.ArgumentParser):
                 print(json.dumps(summary, indent=1))
                 return 0
             d = cfg.data
-            shape = DataShape(*_dry_run_shape(d.name, d.resolution))
+            shape = DataShape(*_dry_run_shape(d.name, d.resolution, d.root))
             _, model = build_network(cfg, genotype, shape)
             print(genotype)
             summary = network_summary(model, shape)
@@ -210,8 +210,14 @@ def _is_lm(cfg) -> bool:
     return cfg.search.space.get("name") == "darts_rnn"
 
 
-def _dry_run_shape(name: str, resolution: int | None) -> tuple[int, int, int]:
-    """(channels, side, classes) of a dataset without reading it."""
+def _dry_run_shape(name: str, resolution: int | None, root: str | None = None
+                   ) -> tuple[int, int, int]:
+    """(channels, side, classes) of a dataset without reading its images: your own data
+    (``npz``, ``folder``) is peeked at (headers, class folders, one image)."""
+    from diffnas.data.custom import peek_shape
+
+    if (peeked := peek_shape(name, root, resolution)) is not None:
+        return peeked
     native = {"fashion_mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10)}
     c, side, k = native.get(name, (3, 32, 10))
     return c, resolution or side, k

@@ -64,6 +64,18 @@ def infer_shape(state: dict[str, torch.Tensor], data_name: str,
     return DataShape(int(convs[0].shape[1]), int(side), int(state["classifier.weight"].shape[0]))
 
 
+def _own_data_side(name: str, root: str | None) -> int | None:
+    """The image side of your own data (``npz``, ``folder``) read from its files when they
+    are still there; None otherwise (then ``--resolution`` names it)."""
+    from diffnas.data.custom import peek_shape
+
+    try:
+        peeked = peek_shape(name, root)
+    except (OSError, ValueError):
+        return None
+    return None if peeked is None else peeked[1]
+
+
 def load_retrained(run_dir: str | Path, resolution: int | None = None
                    ) -> tuple[nn.Module, DataShape]:
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
@@ -79,7 +91,8 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
                                 "retrain/result.json); run or finish the retraining first")
     genotype = Genotype.from_dict(json.loads(result.read_text())["genotype"])
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    shape = infer_shape(state, cfg.data.name, resolution or cfg.data.resolution)
+    side = resolution or cfg.data.resolution or _own_data_side(cfg.data.name, cfg.data.root)
+    shape = infer_shape(state, cfg.data.name, side)
     _, model = build_network(cfg, genotype, shape)
     model.load_state_dict(state)
     model.drop_path_prob = 0.0

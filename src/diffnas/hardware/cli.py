@@ -17,7 +17,7 @@ def _space_from_config(config: str | None, overrides: list[str]):
     from diffnas.spaces import DataShape, create_space
 
     cfg = load_config(config, overrides)
-    c, side, k = _dry_run_shape(cfg.data.name, cfg.data.resolution)
+    c, side, k = _dry_run_shape(cfg.data.name, cfg.data.resolution, cfg.data.root)
     space = create_space(cfg.search.space, DataShape(c, side, k))
     network = {key: v for key, v in cfg.retrain.network.items() if key != "auxiliary"}
     return cfg, space, (c, side, side), network

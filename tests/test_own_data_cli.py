@@ -1,0 +1,73 @@
+"""Your own data (npz, folder) through the commands that size a network without loading
+the images: `train --dry-run` and `export` read the input shape from the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from diffnas.cli import main
+from diffnas.export import load_retrained
+
+RUN = [  # a search + retrain on an 8x8 grayscale npz, shrunk to seconds
+    "data.name=npz", "data.train_subset=32", "data.test_subset=16", "data.batch_size=16",
+    "search.epochs=1", "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2}",
+    "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=32",
+    "retrain.network={C: 4, layers: 3}", "retrain.auxiliary_weight=0", "progress=false",
+]
+
+
+def _digits_npz(path: Path, classes: int = 10) -> Path:
+    d = load_digits()
+    keep = d.target < classes
+    x, y = (d.images[keep] * 15).astype(np.uint8), d.target[keep].astype(np.int64)
+    np.savez(path, x_train=x[:120], y_train=y[:120], x_test=x[120:160], y_test=y[120:160])
+    return path
+
+
+def test_dry_run_reads_the_shape_of_an_npz(tmp_path, capsys):
+    path = _digits_npz(tmp_path / "d.npz", classes=4)
+    argv = ["train", "--genotype", "DARTS_V2", "--dry-run", "data.name=npz", f"data.root={path}",
+            "retrain.network={C: 4, layers: 3}"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert summary["input"] == [1, 8, 8] and summary["classes"] == 4
+    assert main([*argv, "data.resolution=16"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["input"] == [1, 16, 16]
+
+
+def test_dry_run_names_a_missing_npz(tmp_path, capsys):
+    argv = ["train", "--genotype", "DARTS_V2", "--dry-run", "data.name=npz",
+            f"data.root={tmp_path / 'nope.npz'}"]
+    assert main(argv) == 2
+    assert "nope.npz" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def npz_run(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    path = _digits_npz(out / "d.npz")
+    assert main(["search", f"out_dir={out}", "name=mine", f"data.root={path}", *RUN]) == 0
+    return out / "mine", path
+
+
+def test_export_finds_the_side_of_an_npz_run(npz_run):
+    run, _ = npz_run
+    _, shape = load_retrained(run)  # no resolution in the config: read from the npz
+    assert (shape.in_channels, shape.resolution, shape.num_classes) == (1, 8, 10)
+
+
+def test_export_without_the_data_asks_for_the_resolution(npz_run, tmp_path):
+    run, path = npz_run
+    moved = tmp_path / "elsewhere.npz"
+    path.rename(moved)
+    try:
+        with pytest.raises(Exception, match="pass --resolution"):
+            load_retrained(run)
+        assert load_retrained(run, resolution=8)[1].resolution == 8
+    finally:
+        moved.rename(path)
