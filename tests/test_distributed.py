@@ -27,6 +27,7 @@ from torch import nn
 from diffnas.config import load_config
 from diffnas.engine import distributed as dp
 from diffnas.genotype import Genotype
+from diffnas.genotype.published import published_genotype
 
 SPACE = ("{name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1, "
          "ops: [none, max_pool_3x3, skip_connect, sep_conv_3x3]}")
@@ -142,6 +143,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             if name == "darts1":  # what `diffnas search` does next
                 found["genotype"] = res.genotype.to_json()
                 found["retrain"] = run_retrain(cfg, res.genotype, f"{out}/runs/{name}")
+                other = published_genotype("DARTS_V2")  # not what this search found
+                try:  # rank 0 refuses; every rank must hear it, not wait in a collective
+                    run_retrain(cfg, other, f"{out}/runs/{name}", resume=True)
+                    found["pin_refused"] = ""
+                except ValueError as exc:
+                    found["pin_refused"] = str(exc)
         torch.save(found, f"{out}/rank{rank}.pt")
     finally:
         dp.shutdown()
@@ -181,6 +188,11 @@ def test_sync_batchnorm_matches_batchnorm_on_global_batch(spawned):
     # per-rank BatchNorm would have differed: the halves' statistics are not the global ones
     assert not torch.allclose(r0["out"], nn.functional.batch_norm(
         x.detach()[:4], None, None, bn.weight.detach(), bn.bias.detach(), training=True))
+
+
+def test_every_rank_hears_that_another_genotype_is_refused(spawned):
+    for rank in (0, 1):
+        assert "another genotype" in _load(spawned, rank)["pin_refused"]
 
 
 def test_ranks_share_rng_and_drift_is_detected(spawned):

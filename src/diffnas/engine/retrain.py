@@ -142,9 +142,12 @@ def run_retrain(
     """Train ``genotype`` from scratch as ``cfg.retrain`` says; writes ``run_dir/retrain``."""
     out = Path(run_dir) / "retrain"
     rank = dp.env()
-    if rank.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+
+    def open_dir() -> None:  # rank 0 alone touches the run directory; its refusal of
+        out.mkdir(parents=True, exist_ok=True)  # another genotype reaches every rank
         pin_genotype(out, genotype, resume)
+
+    dp.main_process_result(open_dir)
     r, d = cfg.retrain, cfg.data
     device = dp.rank_device(resolve_device(cfg.device))
     data = data or load_dataset(
