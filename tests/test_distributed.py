@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import load_rank, spawn_ranks
 from torch import nn
 
 from diffnas.config import load_config
@@ -78,11 +77,6 @@ def search_overrides(name: str, sync_bn: bool) -> list[str]:
         return overrides(SEARCHES[name], sync_bn, epochs=2, retrain=True)
     return overrides(SEARCHES[name], sync_bn, epochs=EPOCHS.get(name, 1))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- 2 processes spawned once; they save what they computed, the tests compare it ----------
@@ -156,18 +150,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2,
-                       start_method="spawn")
-    return out
-
-
-def _load(out: Path, rank: int) -> dict:
-    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def test_sync_batchnorm_matches_batchnorm_on_global_batch(spawned):
-    r0, r1 = _load(spawned, 0)["bn"], _load(spawned, 1)["bn"]
+    r0, r1 = load_rank(spawned, 0)["bn"], load_rank(spawned, 1)["bn"]
     assert r0["is_sync"]
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_(True)
@@ -192,11 +179,11 @@ def test_sync_batchnorm_matches_batchnorm_on_global_batch(spawned):
 
 def test_every_rank_hears_that_another_genotype_is_refused(spawned):
     for rank in (0, 1):
-        assert "another genotype" in _load(spawned, rank)["pin_refused"]
+        assert "another genotype" in load_rank(spawned, rank)["pin_refused"]
 
 
 def test_ranks_share_rng_and_drift_is_detected(spawned):
-    r0, r1 = _load(spawned, 0), _load(spawned, 1)
+    r0, r1 = load_rank(spawned, 0), load_rank(spawned, 1)
     torch.manual_seed(100)
     assert torch.equal(r0["rng"], torch.rand(5)) and torch.equal(r1["rng"], r0["rng"])
     assert r0["drift_caught"] and r1["drift_caught"]
@@ -211,21 +198,21 @@ def test_two_ranks_match_one_process(spawned, tmp_path, name):
     ref = run_search(load_config(None, search_overrides(name, sync_bn=False)), tmp_path)
     ref_alpha = ref.task.strategy.arch_params.as_dict()
     for rank in (0, 1):
-        got = _load(spawned, rank)[name]
+        got = load_rank(spawned, rank)[name]
         for g, a in ref_alpha.items():
             # alphas start at N(0, 1e-3): they moved, so matching them proves something
             assert a.abs().max().item() > 1e-2, f"{name}: alphas barely moved"
             err = (got[g] - a.detach()).abs().max().item()
             assert err < 1e-5, f"{name} rank {rank} group {g}: max |alpha diff| {err:.2e}"
     if name == "darts1":
-        assert Genotype.from_json(_load(spawned, 0)["genotype"]) == ref.genotype
+        assert Genotype.from_json(load_rank(spawned, 0)["genotype"]) == ref.genotype
 
 
 def test_ddp_retrain_matches_one_process(spawned, tmp_path):
     from diffnas.engine.retrain import run_retrain
 
     cfg = load_config(None, search_overrides("darts1", sync_bn=False))
-    genotype = Genotype.from_json(_load(spawned, 0)["genotype"])
+    genotype = Genotype.from_json(load_rank(spawned, 0)["genotype"])
     ref = run_retrain(cfg, genotype, tmp_path)
     got = torch.load(spawned / "runs" / "darts1" / "retrain" / "model.pt")
     want = torch.load(tmp_path / "retrain" / "model.pt")
@@ -234,7 +221,7 @@ def test_ddp_retrain_matches_one_process(spawned, tmp_path):
         if want[k].is_floating_point():
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
     for rank in (0, 1):
-        res = _load(spawned, rank)["retrain"]
+        res = load_rank(spawned, rank)["retrain"]
         assert abs(res["history"][0]["loss"] - ref["history"][0]["loss"]) < 1e-5
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import load_rank, spawn_ranks
 
 from diffnas.config import load_config
 from diffnas.data.text import Corpus, batchify
@@ -70,12 +69,6 @@ def overrides(strategy: str = SEARCHES["darts1"], sync_bn: bool = True, epochs: 
             "retrain.momentum=0.0", "retrain.train_subset=null", f"retrain.network={NET}",
             "lm={bptt: 8, max_seq_len_delta: 4, eval_batch_size: 2, test_batch_size: 2, "
             "beta: 0.001, alpha: 0.001}"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alphas(res) -> dict[str, torch.Tensor]:
@@ -151,21 +144,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp_lm")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2,
-                       start_method="spawn")
-    return out
-
-
-def _load(out: Path, rank: int) -> dict:
-    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp_lm"))
 
 
 def test_each_rank_holds_its_columns_of_the_batchified_text(spawned):
     corpus = tiny_corpus()
     train, arch = batchify(corpus.train, 4), batchify(corpus.valid, 4)
     for rank in (0, 1):
-        got_train, got_arch = _load(spawned, rank)["columns"]
+        got_train, got_arch = load_rank(spawned, rank)["columns"]
         cols = slice(2 * rank, 2 * rank + 2)
         assert torch.equal(got_train, train[:, cols]) and torch.equal(got_arch, arch[:, cols])
 
@@ -179,16 +165,16 @@ def test_two_ranks_match_one_process_lm_search(spawned, tmp_path, name):
                                       epochs=2 if name == "darts1" else 1))
     ref = run_lm_search(cfg, tmp_path, corpus=tiny_corpus())
     for rank in (0, 1):
-        got = _load(spawned, rank)[name]
+        got = load_rank(spawned, rank)[name]
         # each rank learned on 2 of the 4 columns, and together they match one process
-        assert _load(spawned, rank)["local_columns"][name] == (2, 2)
+        assert load_rank(spawned, rank)["local_columns"][name] == (2, 2)
         for g, a in _alphas(ref).items():
             # alphas start at N(0, 1e-3): they moved, so matching them proves something
             assert a.abs().max().item() > 1e-2, f"{name}: alphas barely moved"
             err = (got[g] - a).abs().max().item()
             assert err < 1e-5, f"{name} rank {rank} group {g}: max |alpha diff| {err:.2e}"
     if name == "darts1":  # the 2-rank run was stopped after epoch 1 and resumed
-        assert Genotype.from_json(_load(spawned, 0)["genotype"]) == ref.genotype
+        assert Genotype.from_json(load_rank(spawned, 0)["genotype"]) == ref.genotype
         hist = [json.loads(ln) for ln in
                 (spawned / "runs/darts1/search/metrics.jsonl").read_text().splitlines()]
         assert len(hist) == 2
@@ -201,7 +187,7 @@ def test_two_ranks_match_one_process_lm_retrain(spawned, tmp_path):
     from diffnas.engine.lm import run_lm_retrain
 
     cfg = load_config(None, overrides(sync_bn=False, epochs=2))
-    genotype = Genotype.from_json(_load(spawned, 0)["genotype"])
+    genotype = Genotype.from_json(load_rank(spawned, 0)["genotype"])
     ref = run_lm_retrain(cfg, genotype, tmp_path, corpus=tiny_corpus())
     got = torch.load(spawned / "runs/darts1/retrain/model.pt")
     want = torch.load(tmp_path / "retrain/model.pt")
@@ -209,7 +195,7 @@ def test_two_ranks_match_one_process_lm_retrain(spawned, tmp_path):
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
     for rank in (0, 1):
-        res = _load(spawned, rank)["retrain"]
+        res = load_rank(spawned, rank)["retrain"]
         for h, w in zip(res["history"], ref["history"], strict=True):
             for k in ("loss", "valid_loss"):
                 assert abs(h[k] - w[k]) < 1e-5, (rank, k, h[k], w[k])
@@ -223,7 +209,7 @@ def test_asgd_stays_consistent_over_ranks(spawned, tmp_path):
     ref = _asgd_case(str(tmp_path))
     assert ref["switched"] == 1.0
     for rank in (0, 1):
-        got = _load(spawned, rank)["asgd"]
+        got = load_rank(spawned, rank)["asgd"]
         assert got["switched"] == 1.0
         for a, b in zip(got["ax"], ref["ax"], strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -231,14 +217,14 @@ def test_asgd_stays_consistent_over_ranks(spawned, tmp_path):
 
 
 def test_dropout_runs_replicated(spawned):
-    r0, r1 = _load(spawned, 0)["dropout"], _load(spawned, 1)["dropout"]
+    r0, r1 = load_rank(spawned, 0)["dropout"], load_rank(spawned, 1)["dropout"]
     for g in r0:
         assert torch.equal(r0[g], r1[g])
 
 
 def test_batch_not_divisible_by_the_world_size_is_refused(spawned):
     for rank in (0, 1):  # search and retraining, under two ranks, on every rank
-        for key, msg in _load(spawned, rank)["refused"].items():
+        for key, msg in load_rank(spawned, rank)["refused"].items():
             assert f"{key} 5 does not divide by the 2 data-parallel processes" in msg, msg
     from diffnas.engine.lm import build_lm_search
 
