@@ -3,7 +3,10 @@ to ``out/rank{r}.pt``, and load what a rank saved."""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,3 +31,81 @@ def spawn_ranks(worker: Callable[[int, int, int, str], None], out: Path, world: 
 def load_rank(out: Path, rank: int) -> dict:
     """What rank ``rank`` saved."""
     return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+# --- in a spawned rank ---------------------------------------------------------------------
+def join_ranks(rank: int, world: int, port: int, audit_out: str | None = None) -> None:
+    """Set the environment torchrun would set for ``rank``, one thread, and (with
+    ``audit_out``) log every file this rank touches under ``audit_out/runs``; then join."""
+    from diffnas.engine import distributed as dp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if audit_out is not None:
+        os.environ.update(DIFFNAS_AUDIT_ROOT=f"{audit_out}/runs",
+                          DIFFNAS_AUDIT_LOG=f"{audit_out}/audit")
+        exec(textwrap.dedent(AUDIT), {})  # what the sitecustomize does under torchrun
+    torch.set_num_threads(1)
+    assert dp.init_distributed().world_size == world
+
+
+def save_rank(found: dict, out: str, rank: int) -> None:
+    """What this rank computed, for the tests to compare."""
+    torch.save(found, f"{out}/rank{rank}.pt")
+
+
+# --- torchrun end to end: who touches the run directory --------------------------------------
+AUDIT = '''
+import os
+_root, _log = os.environ.get("DIFFNAS_AUDIT_ROOT"), os.environ.get("DIFFNAS_AUDIT_LOG")
+if _root and _log and "LOCAL_RANK" in os.environ:
+    _fd = os.open(_log + ".rank" + os.environ["RANK"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    _root = os.path.abspath(_root) + os.sep
+    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    _EVENTS = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate",
+               "tempfile.mkstemp")
+
+    def _hook(event, args):
+        if event == "open":
+            paths, mode, flags = [args[0]], args[1], args[2]
+            write = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and bool(flags & _W))
+        elif event in _EVENTS:
+            paths, write = list(args[:2]) if event == "os.rename" else [args[0]], True
+        else:
+            return
+        for p in paths:
+            if isinstance(p, (str, bytes, os.PathLike)):
+                p = os.path.abspath(os.fsdecode(p))
+                if p.startswith(_root):
+                    os.write(_fd, f"{'w' if write else 'r'} {event} {p}\\n".encode())
+
+    import sys
+    sys.addaudithook(_hook)
+'''
+
+
+def audited_env(tmp_path: Path, runs: Path) -> dict[str, str]:
+    """The environment for a torchrun whose ranks log what they touch under ``runs``."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
+            "DIFFNAS_AUDIT_ROOT": str(runs), "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit")}
+
+
+def torchrun_search(args: list[str]) -> list[str]:
+    """The command line of `torchrun --nproc_per_node 2 -m diffnas search ARGS`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", "2", "-m", "diffnas", "search", *args]
+
+
+def assert_rank0_only(audit: Path) -> set[str]:
+    """Rank 1 left no trace in the run directory, rank 0 did (so the hook was live); the
+    names of the files rank 0 wrote."""
+    rank0 = Path(f"{audit}.rank0").read_text().splitlines()
+    rank1 = Path(f"{audit}.rank1").read_text().splitlines()
+    assert any(line.startswith("w ") for line in rank0), rank0
+    assert rank1 == [], rank1[:5]
+    return {Path(line.split(" ", 2)[2]).name for line in rank0 if line.startswith("w ")}

@@ -13,14 +13,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from ranks import load_rank, spawn_ranks
+from ranks import (
+    assert_rank0_only,
+    audited_env,
+    join_ranks,
+    load_rank,
+    save_rank,
+    spawn_ranks,
+    torchrun_search,
+)
 from torch import nn
 
 from diffnas.config import load_config
@@ -103,15 +109,10 @@ def _bn_case(rank: int, world: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      DIFFNAS_AUDIT_ROOT=f"{out}/runs", DIFFNAS_AUDIT_LOG=f"{out}/audit")
-    exec(textwrap.dedent(AUDIT), {})  # what the sitecustomize does under torchrun
-    torch.set_num_threads(1)
+    join_ranks(rank, world, port, audit_out=out)
     from diffnas.engine.retrain import run_retrain
     from diffnas.engine.search import run_search
 
-    assert dp.init_distributed().world_size == world
     try:
         found: dict = {"bn": _bn_case(rank, world)}
         torch.manual_seed(100 + rank)  # different streams until synchronised
@@ -143,7 +144,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                     found["pin_refused"] = ""
                 except ValueError as exc:
                     found["pin_refused"] = str(exc)
-        torch.save(found, f"{out}/rank{rank}.pt")
+        save_rank(found, out, rank)
     finally:
         dp.shutdown()
 
@@ -240,41 +241,11 @@ def test_strategy_without_data_parallel_support_is_refused(monkeypatch):
 
 
 # --- torchrun end to end: kill, resume, and who writes the run directory ---------------------
-AUDIT = '''
-import os
-_root, _log = os.environ.get("DIFFNAS_AUDIT_ROOT"), os.environ.get("DIFFNAS_AUDIT_LOG")
-if _root and _log and "LOCAL_RANK" in os.environ:
-    _fd = os.open(_log + ".rank" + os.environ["RANK"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    _root = os.path.abspath(_root) + os.sep
-    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    _EVENTS = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate",
-               "tempfile.mkstemp")
-
-    def _hook(event, args):
-        if event == "open":
-            paths, mode, flags = [args[0]], args[1], args[2]
-            write = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and bool(flags & _W))
-        elif event in _EVENTS:
-            paths, write = list(args[:2]) if event == "os.rename" else [args[0]], True
-        else:
-            return
-        for p in paths:
-            if isinstance(p, (str, bytes, os.PathLike)):
-                p = os.path.abspath(os.fsdecode(p))
-                if p.startswith(_root):
-                    os.write(_fd, f"{'w' if write else 'r'} {event} {p}\\n".encode())
-
-    import sys
-    sys.addaudithook(_hook)
-'''
 
 
 def _torchrun(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", "2", "-m", "diffnas", "search", *args]
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(torchrun_search(args), env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -286,30 +257,16 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     assert rc == 0, log.read_text()[-3000:]
 
 
-def _assert_rank0_only(audit: Path) -> set[str]:
-    """Rank 1 left no trace in the run directory, rank 0 did (so the hook was live)."""
-    rank0 = Path(f"{audit}.rank0").read_text().splitlines()
-    rank1 = Path(f"{audit}.rank1").read_text().splitlines()
-    assert any(line.startswith("w ") for line in rank0), rank0
-    assert rank1 == [], rank1[:5]
-    return {Path(line.split(" ", 2)[2]).name for line in rank0 if line.startswith("w ")}
-
-
 def test_only_rank0_writes_the_run_directory(spawned):
-    written = _assert_rank0_only(spawned / "audit")
+    written = assert_rank0_only(spawned / "audit")
     assert {"checkpoint.pt", "metrics.jsonl", "genotype.json", "model.pt"} <= written
 
 
 def test_torchrun_killed_run_resumes_to_the_uninterrupted_result(spawned, tmp_path):
     """`torchrun -m diffnas search` killed (SIGKILL to launcher and workers) after its first
     checkpoint, then resumed, ends where the uninterrupted 2-process run ended."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
     runs = tmp_path / "runs"
-    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
-           "DIFFNAS_AUDIT_ROOT": str(runs), "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit")}
+    env = audited_env(tmp_path, runs)
     args = [*search_overrides("darts1", sync_bn=True), f"out_dir={runs}", "name=killed"]
     killed = _torchrun(args, env, tmp_path / "killed.log")
     ckpt = runs / "killed" / "search" / "checkpoint.pt"
@@ -331,5 +288,5 @@ def test_torchrun_killed_run_resumes_to_the_uninterrupted_result(spawned, tmp_pa
     assert len(alphas.splitlines()) == 2
     ra, rb = (json.loads((d / "retrain" / "result.json").read_text()) for d in (a, b))
     assert ra["test_loss"] == rb["test_loss"]  # DDP retraining after the resumed search
-    written = _assert_rank0_only(tmp_path / "audit")
+    written = assert_rank0_only(tmp_path / "audit")
     assert {"config.yaml", "log.txt", "checkpoint.pt", "result.json"} <= written

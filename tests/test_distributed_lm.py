@@ -10,15 +10,20 @@ cannot draw the one-process mask's slice of its columns (docs/distributed.md).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from ranks import load_rank, spawn_ranks
+from ranks import (
+    assert_rank0_only,
+    audited_env,
+    join_ranks,
+    load_rank,
+    save_rank,
+    spawn_ranks,
+    torchrun_search,
+)
 
 from diffnas.config import load_config
 from diffnas.data.text import Corpus, batchify
@@ -99,12 +104,9 @@ def _asgd_case(out: str) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join_ranks(rank, world, port)
     from diffnas.engine.lm import run_lm_retrain, run_lm_search
 
-    assert dp.init_distributed().world_size == world
     corpus = tiny_corpus()
     try:
         found: dict = {"local_columns": {}}
@@ -137,7 +139,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                    f"{out}/runs/refused", corpus=corpus)
             except ValueError as exc:
                 found["refused"][key] = str(exc)
-        torch.save(found, f"{out}/rank{rank}.pt")
+        save_rank(found, out, rank)
     finally:
         dp.shutdown()
 
@@ -235,32 +237,6 @@ def test_batch_not_divisible_by_the_world_size_is_refused(spawned):
 
 
 # --- torchrun end to end: `diffnas search` on a darts_rnn config writes the run dir once ----
-AUDIT = '''
-import os
-_root, _log = os.environ.get("DIFFNAS_AUDIT_ROOT"), os.environ.get("DIFFNAS_AUDIT_LOG")
-if _root and _log and "LOCAL_RANK" in os.environ:
-    _fd = os.open(_log + ".rank" + os.environ["RANK"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    _root = os.path.abspath(_root) + os.sep
-    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def _hook(event, args):
-        if event == "open":
-            paths, mode, flags = [args[0]], args[1], args[2]
-            write = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and bool(flags & _W))
-        elif event in ("os.rename", "os.remove", "os.mkdir", "tempfile.mkstemp"):
-            paths, write = list(args[:2]) if event == "os.rename" else [args[0]], True
-        else:
-            return
-        for p in paths:
-            if isinstance(p, (str, bytes, os.PathLike)):
-                p = os.path.abspath(os.fsdecode(p))
-                if p.startswith(_root):
-                    os.write(_fd, f"{'w' if write else 'r'} {event} {p}\\n".encode())
-
-    import sys
-    sys.addaudithook(_hook)
-'''
 
 
 def _write_ptb(d: Path) -> Path:
@@ -273,29 +249,20 @@ def _write_ptb(d: Path) -> Path:
 
 
 def test_torchrun_lm_search_and_retrain_rank0_writes(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(AUDIT))
     runs = tmp_path / "runs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "DIFFNAS_AUDIT_ROOT": str(runs), "DIFFNAS_AUDIT_LOG": str(tmp_path / "audit")}
+    env = audited_env(tmp_path, runs)
     args = ["--config", str(ROOT / "configs/darts_rnn_ptb.yaml"),
             f"data.root={_write_ptb(tmp_path)}", f"out_dir={runs}", "name=lm",
             *[o for o in overrides(sync_bn=True) if not o.startswith("data.name")],
             "retrain.epochs=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", "2", "-m", "diffnas", "search", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(torchrun_search(args), env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert proc.stdout.count("test perplexity") == 1  # rank 0 prints
     run = runs / "lm"
     assert (run / "search/DONE").exists()
     result = json.loads((run / "retrain/result.json").read_text())
     assert result["epochs_done"] == 1 and result["test_ppl"] > 1
-    rank0 = Path(f"{tmp_path / 'audit'}.rank0").read_text().splitlines()
-    rank1 = Path(f"{tmp_path / 'audit'}.rank1").read_text().splitlines()
-    assert rank1 == [], rank1[:5]  # rank 1 neither read nor wrote in the run directory
-    written = {Path(line.split(" ", 2)[2]).name for line in rank0 if line.startswith("w ")}
+    written = assert_rank0_only(tmp_path / "audit")  # rank 1 neither read nor wrote there
     assert {"config.yaml", "log.txt", "checkpoint.pt", "metrics.jsonl", "genotype.json",
             "model.pt", "result.json"} <= written
