@@ -71,7 +71,7 @@ from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space
-from diffnas.strategies import STRATEGIES, SearchStrategy, create_strategy
+from diffnas.strategies import SearchStrategy, create_strategy, require_data_parallel
 from diffnas.supernet.rnn import LmInput, LmOutput
 
 log = logging.getLogger("diffnas")
@@ -340,21 +340,6 @@ def lm_space(cfg: RunConfig, corpus: Corpus) -> SearchSpace:
                                                     num_classes=corpus.vocab_size))
 
 
-class _GlobalNodeNorm:
-    """The search cell's node normalisation over the global batch (``distributed.sync_bn``
-    under torchrun): installed on a :class:`~diffnas.supernet.rnn.SearchCell` instance in
-    place of its ``_bn``. In eval mode it normalises the batch at hand, since evaluation
-    runs on rank 0 alone over the whole text (no other rank joins a collective)."""
-
-    def __init__(self, cell: nn.Module) -> None:
-        self.cell = cell
-
-    def __call__(self, s: torch.Tensor) -> torch.Tensor:
-        if self.cell.training:
-            return dp.global_batch_norm(s, eps=1e-5)
-        return F.batch_norm(s, None, None, training=True, eps=1e-5)
-
-
 def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str = "cpu",
                     rank: int = 0, world_size: int = 1) -> LmSearchTask:
     """Space, supernet, alphas, strategy and batchified texts for an LM search (under
@@ -372,20 +357,11 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
                              " every node must be grown during the search")
     bs = d.batch_size
     if world_size > 1:
-        cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
-        if not cls.data_parallel:
+        require_data_parallel(cfg.search.strategy, world_size)
+        if bs // world_size < 2:  # (a batch that does not divide: shard_columns says so)
             raise ValueError(
-                f"strategy {cls.name!r} does not run data parallel yet (not all of its "
-                "gradients are averaged over ranks; see docs/distributed.md): run it in one "
-                "process")
-        if bs % world_size:
-            raise ValueError(
-                f"data.batch_size {bs} does not divide by the {world_size} data-parallel "
-                f"processes: each rank takes data.batch_size / {world_size} columns "
-                "(streams) of the batchified text; use a multiple of the number of processes")
-        if bs // world_size < 2:
-            raise ValueError(
-                f"data.batch_size {bs} over {world_size} processes leaves 1 column per rank: "
+                f"data.batch_size {bs} over {world_size} processes leaves {bs // world_size} "
+                "column per rank: "
                 "the recurrent search cell normalises its nodes by batch statistics and "
                 "needs at least 2 sequences per rank")
     seed_everything(cfg.seed)
@@ -394,8 +370,7 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     arch = ArchParams(space).to(device)
     dp.broadcast_([*supernet.state_dict().values(), *arch.parameters()])  # replicas of rank 0
     if world_size > 1 and cfg.distributed.sync_bn:
-        # an instance attribute shadows SearchCell's static _bn
-        supernet.cell._bn = _GlobalNodeNorm(supernet.cell)
+        supernet.cell.global_norm = dp.global_batch_norm  # nodes: global-batch statistics
     objective = LanguageModelObjective(lm.alpha, lm.beta)
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
     if not strategy.uses_validation:

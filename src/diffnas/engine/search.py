@@ -25,7 +25,13 @@ from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.ops import twice_differentiable
 from diffnas.spaces import DataShape, SearchSpace, create_space
-from diffnas.strategies import STRATEGIES, ClassificationObjective, SearchStrategy, create_strategy
+from diffnas.strategies import (
+    STRATEGIES,
+    ClassificationObjective,
+    SearchStrategy,
+    create_strategy,
+    require_data_parallel,
+)
 from diffnas.supernet.compile import compile_mixed_ops
 
 log = logging.getLogger("diffnas")
@@ -134,12 +140,8 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     dp.broadcast_([*supernet.state_dict().values(), *arch.parameters()])  # replicas of rank 0
     objective = getattr(space, "objective", lambda: ClassificationObjective())()
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
+    require_data_parallel(cfg.search.strategy, world_size)
     cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
-    if world_size > 1 and not cls.data_parallel:
-        raise ValueError(
-            f"strategy {cls.name!r} does not run data parallel yet (not all of its gradients "
-            "are averaged over ranks; see docs/distributed.md): run it in one process"
-        )
     data_y = strategy.relabel(data.train_y)  # identity, except e.g. RLNAS's random labels
     bs, seed = cfg.data.batch_size, cfg.seed
     common = {"batch_size": bs, "seed": seed, "device": device, "rank": rank,

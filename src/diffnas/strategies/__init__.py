@@ -18,6 +18,7 @@ from diffnas.strategies.registry import (
     create_strategy,
     list_strategies,
     register_strategy,
+    require_data_parallel,
     strategy_config,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "create_strategy",
     "list_strategies",
     "register_strategy",
+    "require_data_parallel",
     "strategy_config",
 ]

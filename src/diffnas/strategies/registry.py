@@ -30,5 +30,16 @@ def create_strategy(section: dict, supernet, arch_params, objective, epochs: int
     return cls(strategy_config(section), supernet, arch_params, objective, epochs)
 
 
+def require_data_parallel(section: dict, world_size: int) -> None:
+    """Refuse more than one process for a strategy that does not declare
+    ``data_parallel`` (not all of its gradients are averaged over ranks)."""
+    cls = STRATEGIES.get(section.get("name", "darts"))
+    if world_size > 1 and not cls.data_parallel:
+        raise ValueError(
+            f"strategy {cls.name!r} does not run data parallel yet (not all of its gradients "
+            "are averaged over ranks; see docs/distributed.md): run it in one process"
+        )
+
+
 def list_strategies() -> list[str]:
     return STRATEGIES.names()

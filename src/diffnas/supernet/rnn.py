@@ -27,7 +27,7 @@ evaluations of the same batch (virtual steps, finite differences) see the same m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -228,10 +228,17 @@ class SearchCell(RecurrentCell):
             n = int(self.active_nodes)
             self.maturity[:n] = (self.maturity[:n] + amount).clamp(max=1.0)
 
-    @staticmethod
-    def _bn(s: torch.Tensor) -> torch.Tensor:
+    #: Training-time node normalisation over more than the batch at hand, e.g.
+    #: ``distributed.global_batch_norm`` (the LM engine sets it under torchrun with
+    #: ``distributed.sync_bn``); None: the batch at hand. Evaluation always uses the batch at
+    #: hand (it runs on one rank).
+    global_norm: Callable[..., torch.Tensor] | None = None
+
+    def _bn(self, s: torch.Tensor) -> torch.Tensor:
         # Affine-free batch normalisation by batch statistics (no running state), as the
         # search cell of DARTS normalises every node.
+        if self.training and self.global_norm is not None:
+            return self.global_norm(s, eps=1e-5)
         return F.batch_norm(s, None, None, training=True, eps=1e-5)
 
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor, masks: Masks | None = None,
