@@ -99,7 +99,7 @@ def _search(p: argparse.ArgumentParser):
             from diffnas.engine.lm import run_lm
 
             rc = run_lm(cfg, run_dir, resume=bool(args.resume))
-            dp.shutdown()
+            dp.shutdown(together=True)
             return rc
         if genotype is None:
             genotype = run_search(cfg, run_dir, resume=bool(args.resume)).genotype
@@ -108,7 +108,7 @@ def _search(p: argparse.ArgumentParser):
             result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
         if main:
             _print_result(genotype, result)
-        dp.shutdown()
+        dp.shutdown(together=True)
         return 0
 
     return run
@@ -172,7 +172,7 @@ def _train(p: argparse.ArgumentParser):
             result = run_lm_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
             if main:
                 print_lm_result(genotype, result)
-            dp.shutdown()
+            dp.shutdown(together=True)
             return 0
         d = cfg.data
         data = load_dataset(
@@ -187,7 +187,7 @@ def _train(p: argparse.ArgumentParser):
         result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume), data=data)
         if main:
             _print_result(genotype, result)
-        dp.shutdown()
+        dp.shutdown(together=True)
         return 0
 
     return run

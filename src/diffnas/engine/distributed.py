@@ -89,9 +89,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     return env()
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command)."""
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. ``together`` (a command's normal end): after a barrier, so
+    no rank tears its group down while a peer is still in it (gloo can abort at exit then);
+    not after an error, when a peer may never reach the barrier."""
     if is_distributed():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
