@@ -50,6 +50,11 @@ def test_npz_grayscale_shapes_labels_and_train_statistics(tmp_path):
     assert abs(d.train_x.mean().item()) < 1e-5 and abs(d.train_x.std().item() - 1) < 1e-5
     torch.testing.assert_close(d.test_x[:, 0], (raw[150:] - mean) / std)
     assert d.black == pytest.approx((-(mean / std).item(),), rel=1e-5)  # the crop pads black
+    # recorded in pixel units, so a deployed model can normalise raw 0..255 pixels itself
+    assert d.mean == pytest.approx((255 * mean.item(),), rel=1e-5)
+    assert d.std == pytest.approx((255 * std.item(),), rel=1e-5)
+    torch.testing.assert_close((torch.from_numpy(x[150:]).float() - d.mean[0]) / d.std[0],
+                               d.test_x[:, 0])
 
 
 def test_npz_channels_last_first_and_float_agree(tmp_path):
@@ -286,6 +291,9 @@ def test_search_and_retrain_on_an_npz_from_the_command_line(tmp_path, capsys):
     result = json.loads((tmp_path / "r/retrain/result.json").read_text())
     assert 0.0 <= result["test_acc"] <= 1.0
     assert "0=digit0, 1=digit1" in (tmp_path / "r/log.txt").read_text()  # labels -> names
+    # what a user of the model needs is recorded with the result: names, normalisation
+    assert result["data"]["classes"] == [f"digit{i}" for i in range(10)]
+    assert result["data"]["input"] == [1, 8, 8] and len(result["data"]["mean"]) == 1
 
 
 def test_command_line_reports_bad_data_as_an_error(tmp_path, capsys):

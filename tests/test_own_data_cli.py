@@ -71,3 +71,26 @@ def test_export_without_the_data_asks_for_the_resolution(npz_run, tmp_path):
         assert load_retrained(run, resolution=8)[1].resolution == 8
     finally:
         moved.rename(path)
+
+
+def test_export_writes_what_a_deployment_needs(npz_run, tmp_path):
+    """model.json beside the exported model: fed raw pixels normalised as it says, the
+    exported model gives the retrained model's outputs on the run's own test images."""
+    import torch
+
+    from diffnas.data import load_dataset
+    from diffnas.export import export_run, run_exported
+
+    run, path = npz_run
+    res = export_run(run, "torchscript", tmp_path / "m.pt")
+    assert res.info == tmp_path / "m.json"
+    info = json.loads(res.info.read_text())
+    assert info["classes"] == [str(i) for i in range(10)] and info["input_shape"][1:] == [1, 8, 8]
+    raw = torch.from_numpy(np.load(path)["x_test"][:, None]).float()  # uint8 pixels as stored
+    x = (raw - torch.tensor(info["mean"])[:, None, None]) / torch.tensor(info["std"])[:, None, None]
+    model, _ = load_retrained(run)
+    data = load_dataset("npz", str(path))
+    torch.testing.assert_close(x, data.test_x, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(run_exported(res.path, "torchscript", x), model(x),
+                                   rtol=1e-4, atol=1e-4)

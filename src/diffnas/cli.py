@@ -73,6 +73,7 @@ def _search(p: argparse.ArgumentParser):
         from diffnas.engine.rundir import new_run_dir, setup_logging
         from diffnas.engine.search import run_search
         from diffnas.genotype import Genotype
+        from diffnas.plugins import import_plugins
 
         def open_run():  # rank 0 alone touches the run directory; the others get the result
             if args.resume:
@@ -92,6 +93,7 @@ def _search(p: argparse.ArgumentParser):
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group
         cfg, run_dir, genotype = dp.main_process_result(open_run)
+        import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
         setup_logging(run_dir if main else None, verbose=main)
         if main:
             print(f"run directory: {run_dir}")
@@ -127,6 +129,7 @@ def _train(p: argparse.ArgumentParser):
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
         from diffnas.engine.rundir import new_run_dir, setup_logging
         from diffnas.genotype import resolve_genotype
+        from diffnas.plugins import import_plugins
         from diffnas.spaces import DataShape
 
         genotype = resolve_genotype(args.genotype)
@@ -165,6 +168,7 @@ def _train(p: argparse.ArgumentParser):
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group
         cfg, run_dir = dp.main_process_result(open_run)
+        import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
         setup_logging(run_dir if main else None, verbose=main)
         if _is_lm(cfg):
             from diffnas.engine.lm import print_lm_result, run_lm_retrain
@@ -212,15 +216,20 @@ def _is_lm(cfg) -> bool:
 
 def _dry_run_shape(name: str, resolution: int | None, root: str | None = None
                    ) -> tuple[int, int, int]:
-    """(channels, side, classes) of a dataset without reading its images: your own data
-    (``npz``, ``folder``) is peeked at (headers, class folders, one image)."""
+    """(channels, side, classes) of a dataset, reading as little as possible: built-in
+    sets are known, your own data (``npz``, ``folder``) is peeked at (headers, class
+    folders, one image), and a dataset registered in Python (a plugin) is loaded."""
+    from diffnas.data import load_dataset
     from diffnas.data.custom import peek_shape
 
     if (peeked := peek_shape(name, root, resolution)) is not None:
         return peeked
     native = {"fashion_mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10)}
-    c, side, k = native.get(name, (3, 32, 10))
-    return c, resolution or side, k
+    if name in native:
+        c, side, k = native[name]
+        return c, resolution or side, k
+    data = load_dataset(name, root, False, resolution)
+    return data.in_channels, data.resolution, data.num_classes
 
 
 @register_command("list", "list registered ops, spaces, strategies, datasets, genotypes")

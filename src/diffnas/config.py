@@ -208,6 +208,9 @@ class RunConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     lm: dict = field(default_factory=dict)  # language models: engine/lm.py LmConfig
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # modules or .py files that register your own datasets, ops, spaces or strategies;
+    # imported whenever this config is read (diffnas/plugins.py)
+    plugins: list[str] = field(default_factory=list)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -250,6 +253,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: top level must be a mapping")
     data = apply_overrides(data, overrides or [], to_dict(RunConfig()))
     cfg = from_dict(RunConfig, data, "config")
+    from diffnas.plugins import absolute_plugins, import_plugins
+
+    cfg = dataclasses.replace(cfg, plugins=absolute_plugins(cfg.plugins))
+    import_plugins(cfg.plugins)  # before validation: they may register the names it checks
     validate_components(cfg, device)
     return cfg
 

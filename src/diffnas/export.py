@@ -38,9 +38,11 @@ class ExportResult:
     input_shape: tuple[int, ...]
     max_abs_diff: float
     atol: float
+    info: Path | None = None  # the JSON beside the model: input normalisation, class names
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "path": str(self.path)}
+        return {**asdict(self), "path": str(self.path),
+                "info": None if self.info is None else str(self.info)}
 
 
 def _require(module: str, why: str) -> Any:
@@ -174,4 +176,28 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
         if not diff <= atol:
             raise ExportError(f"{path}: exported outputs differ from PyTorch by {diff:.3g} "
                               f"(> atol {atol:g})")
-    return ExportResult(path, fmt, (1, *dims), diff, atol)
+    return ExportResult(path, fmt, (1, *dims), diff, atol, write_model_info(run_dir, path, dims))
+
+
+def write_model_info(run_dir: str | Path, path: Path, dims: tuple[int, ...]) -> Path | None:
+    """``model.json`` beside an exported model: what to feed it (shape, normalisation of
+    raw pixels) and what its outputs mean (class names), read from the run's retraining
+    result; None for runs retrained before the result recorded its data."""
+    from diffnas.engine.checkpoint import atomic_write_text
+
+    result = json.loads((Path(run_dir) / "retrain" / "result.json").read_text())
+    data = result.get("data")
+    if data is None:
+        return None
+    info = {
+        "input_shape": ["batch", *dims],
+        "preprocess": "resize to input_shape, then (pixels - mean) / std per channel, with "
+                      "pixels in the units the dataset was read in (0..255 for 8-bit images)",
+        "mean": data["mean"], "std": data["std"],
+        "outputs": "logits, one per class (index = label)",
+        "classes": data["classes"], "dataset": data["name"],
+        "test_acc": result.get("test_acc"),
+    }
+    out = path.with_suffix(".json")
+    atomic_write_text(json.dumps(info, indent=1) + "\n", out)
+    return out

@@ -42,7 +42,9 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))} "
+                "(one registered in your own Python code: name its module or file in the "
+                "config's plugins)"
             ) from None
 
     def names(self) -> list[str]:

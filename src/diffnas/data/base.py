@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,21 @@ class ImageData:
     #: the normalised value of a black pixel per channel (``-mean / std``): what the random
     #: crop pads with, as torchvision's RandomCrop does before normalisation; None: 0
     black: tuple[float, ...] | None = None
+    #: per-channel mean and std in the units the pixels were read in (e.g. 0..255): a
+    #: deployed model's input is ``(pixels - mean) / std``; None where a loader did not say
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    #: class names, ``classes[label]``; empty where the source has none
+    classes: tuple[str, ...] = ()
+
+    def describe(self) -> dict:
+        """What a user of the trained model needs about its input and output: shape, the
+        normalisation to apply to raw pixels, and the class names."""
+        return {"name": self.name, "input": [self.in_channels, self.resolution,
+                                             self.resolution],
+                "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None,
+                "num_classes": self.num_classes, "classes": list(self.classes)}
 
     @property
     def in_channels(self) -> int:
@@ -38,7 +54,7 @@ class ImageData:
 
 def prepare(
     name: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-    test_y: torch.Tensor, num_classes: int, scale: float,
+    test_y: torch.Tensor, num_classes: int, scale: float, classes: Sequence[str] = (),
 ) -> ImageData:
     """uint8/float arrays -> normalised float tensors (per-channel train mean/std)."""
     tx = train_x.float() / scale
@@ -47,7 +63,8 @@ def prepare(
     std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     black = tuple((-mean / std).flatten().tolist())
     return ImageData(name, (tx - mean) / std, train_y.long(), (ex - mean) / std, test_y.long(),
-                     num_classes, black)
+                     num_classes, black, mean=tuple((mean * scale).flatten().tolist()),
+                     std=tuple((std * scale).flatten().tolist()), classes=tuple(classes))
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int):

@@ -46,9 +46,8 @@ class DataFormatError(ValueError):
 
 @dataclass
 class CustomImageData(ImageData):
-    """:class:`ImageData` plus the class names (``classes[label]``) and where it came from."""
+    """:class:`ImageData` plus where it came from."""
 
-    classes: tuple[str, ...] = ()
     source: str = ""
 
 
@@ -267,11 +266,12 @@ def load_npz(root: str | None = None, download: bool = False,
     k = _num_classes(path, y_train, y_test, classes)
     if trx.shape[2] != trx.shape[3]:  # load_dataset's resize keeps the aspect of non-squares
         trx, tex = _to_square(trx.float(), side), _to_square(tex.float(), side)
-    data = prepare("npz", trx, torch.from_numpy(y_train), tex, torch.from_numpy(y_test), k, scale)
     names = tuple(str(c) for c in classes) if classes is not None else \
         tuple(str(i) for i in range(k))
+    data = prepare("npz", trx, torch.from_numpy(y_train), tex, torch.from_numpy(y_test), k, scale,
+                   names)
     _log_loaded("npz", path, data, names)
-    return CustomImageData(**vars(data), classes=names, source=str(path))
+    return CustomImageData(**vars(data), source=str(path))
 
 
 def _log_loaded(name: str, source: Path, data: ImageData, classes: tuple[str, ...]) -> None:
@@ -408,9 +408,9 @@ def load_folder(root: str | None = None, download: bool = False,
         x = torch.from_numpy(_read_folder_images(files, resolution, ref)).permute(0, 3, 1, 2)
         tensors += [x.contiguous(), torch.tensor([label for _, label in files])]
     trx, try_, tex, tey = tensors
-    data = prepare("folder", trx, try_, tex, tey, len(classes), 255.0)
+    data = prepare("folder", trx, try_, tex, tey, len(classes), 255.0, classes)
     _log_loaded("folder", base, data, tuple(classes))
-    return CustomImageData(**vars(data), classes=tuple(classes), source=str(base))
+    return CustomImageData(**vars(data), source=str(base))
 
 
 # --- shapes without loading --------------------------------------------------------------

@@ -14,6 +14,8 @@ from diffnas.data.base import DatasetNotFoundError, ImageData, prepare
 from diffnas.data.registry import register_dataset
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_HELP = (
     "Install Debian's package (sudo apt-get install dataset-fashion-mnist, files in "
     "/usr/share/datasets/fashion-mnist) or put the four IDX files "
@@ -61,7 +63,8 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Image
         if all(paths):
             arrays = [torch.from_numpy(read_idx(p).copy()) for p in paths]
             trx, try_, tex, tey = arrays
-            return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0)
+            return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0,
+                           FASHION_MNIST_CLASSES)
     looked = ", ".join(str(r) for r in roots)
     raise DatasetNotFoundError(
         f"Fashion-MNIST IDX files not found in: {looked}. {FASHION_MNIST_HELP}"
@@ -80,9 +83,11 @@ def load_digits(root: str | None = None, download: bool = False) -> ImageData:
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     n_train = int(0.8 * len(x))
     tr, te = perm[:n_train], perm[n_train:]
-    return prepare("digits", x[tr], y[tr], x[te], y[te], 10, 16.0)
+    return prepare("digits", x[tr], y[tr], x[te], y[te], 10, 16.0, [str(i) for i in range(10)])
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 CIFAR_HELP = (
     "Give data.root = a directory containing 'cifar-10-batches-py' (torchvision's on-disk "
     "format: data_batch_1..5 and test_batch), or set data.download=true to fetch it with "
@@ -123,4 +128,4 @@ def load_cifar10(root: str | None = None, download: bool = False) -> ImageData:
     trx = torch.from_numpy(np.concatenate([p[0] for p in parts[:5]]))
     try_ = torch.from_numpy(np.concatenate([p[1] for p in parts[:5]]))
     tex, tey = (torch.from_numpy(a) for a in parts[5])
-    return prepare("cifar10", trx, try_, tex, tey, 10, 255.0)
+    return prepare("cifar10", trx, try_, tex, tey, 10, 255.0, CIFAR10_CLASSES)

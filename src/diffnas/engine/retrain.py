@@ -209,6 +209,7 @@ def run_retrain(
         "epochs_done": loop.epoch,
         "test_acc": final["test_acc"],
         "test_loss": final["test_loss"],
+        "data": data.describe(),  # input normalisation and class names, for deployment
         "history": history,
     }
     if rank.is_main:

@@ -1,0 +1,87 @@
+"""Your own components from Python, named in the config: ``plugins: [my_data, ./my_ops.py]``.
+
+A plugin is a module that registers datasets, ops, spaces or strategies with the usual
+decorators when it is imported. Naming it in the config (instead of importing it in a
+wrapper script) means every process that reads the config imports it too: ``--seeds``
+workers, ``--resume``, every rank under torchrun, ``diffnas train --dry-run`` and the
+reports. An entry is either a module name (looked up on ``sys.path``, then in the current
+directory) or the path of a ``.py`` file (made absolute when the config is read, so a run
+resumed from another directory still finds it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from diffnas.config import ConfigError
+
+
+def is_file_plugin(entry: str) -> bool:
+    """A path to a Python file (``x.py``, or anything with a slash) rather than a module."""
+    return entry.endswith(".py") or "/" in entry or "\\" in entry
+
+
+def absolute_plugins(entries: Sequence[str]) -> list[str]:
+    """File entries made absolute (relative to the current directory); modules kept."""
+    return [str(Path(e).expanduser().resolve()) if is_file_plugin(e) else e for e in entries]
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ConfigError(f"config.plugins: {str(path)!r} is not a file")
+    name = "diffnas_plugin_" + "".join(c if c.isalnum() else "_" for c in str(path.resolve()))
+    if name in sys.modules:  # already imported: registering twice would be an error
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config.plugins: cannot import {str(path)!r} (not a Python file)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _import_module(name: str) -> ModuleType:
+    top, cwd = name.split(".")[0], str(Path.cwd())
+    added = False
+    while True:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != top:  # the plugin itself imports something missing
+                raise
+            if not added and cwd not in sys.path:  # `diffnas` (a console script) skips it
+                sys.path.insert(0, cwd)
+                added = True
+                continue
+            if added:
+                sys.path.remove(cwd)
+            raise ConfigError(f"config.plugins: no module named {name!r} on the Python path "
+                              f"or in {cwd}; name an importable module or a .py file") from None
+
+
+def import_plugins(entries: Sequence[str]) -> list[ModuleType]:
+    """Import each plugin once (a second call is free). An error raised inside a plugin
+    propagates with the plugin's name added, so its own traceback stays visible."""
+    modules = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"config.plugins: {entry!r} is not a module name or file path")
+        try:
+            modules.append(_import_file(Path(entry)) if is_file_plugin(entry)
+                           else _import_module(entry))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"config.plugins: importing {entry!r} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return modules

@@ -1,0 +1,121 @@
+"""Plugins: your own dataset (or op, space, strategy) in a Python file named by the config,
+imported by every process that reads the config (seed workers, resume, dry runs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from diffnas.cli import main
+from diffnas.config import ConfigError, load_config, save_config
+from diffnas.data import DATASETS
+from diffnas.engine import multiseed as ms
+from diffnas.plugins import import_plugins
+
+PLUGIN = '''
+import torch
+from sklearn.datasets import load_digits
+from diffnas.data import register_dataset
+from diffnas.data.base import prepare
+
+@register_dataset("{name}")
+def load(root=None, download=False):
+    d = load_digits()
+    keep = d.target < 3                       # 3 classes, 2 channels: not a built-in shape
+    x = torch.tensor(d.images[keep] * 15, dtype=torch.uint8)[:, None].repeat(1, 2, 1, 1)
+    y = torch.tensor(d.target[keep])
+    return prepare("{name}", x[:120], y[:120], x[120:180], y[120:180], num_classes=3,
+                   scale=255.0)
+'''
+
+TINY = [
+    "data.train_subset=48", "data.test_subset=32", "data.batch_size=16", "search.epochs=1",
+    "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+    "retrain.enabled=false", "progress=false",
+]
+
+
+def _plugin(folder: Path, module: str | None = None) -> tuple[Path, str]:
+    """A plugin file registering a dataset of a fresh name (the registry is global)."""
+    name = f"scans_{uuid.uuid4().hex[:8]}"
+    path = folder / f"{module or name}.py"
+    path.write_text(PLUGIN.format(name=name))
+    return path, name
+
+
+def test_seed_workers_import_a_plugin_file(tmp_path):
+    path, name = _plugin(tmp_path)
+    cfg = load_config(None, [f"plugins=[{path}]", f"data.name={name}", *TINY])
+    summary = ms.run_seeds(cfg, [0, 1], tmp_path / "seeds", workers=2, echo=False)
+    assert summary["failed"] == [], [r.get("error") for r in summary["runs"]]
+    assert all(r["genotype"] is not None for r in summary["runs"])
+
+
+def test_a_relative_file_is_saved_absolute_and_found_from_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "proj").mkdir()
+    path, name = _plugin(tmp_path / "proj")
+    monkeypatch.chdir(tmp_path / "proj")
+    cfg = load_config(None, [f"plugins=[{path.name}]", f"data.name={name}"])
+    assert cfg.plugins == [str(path.resolve())]
+    save_config(cfg, tmp_path / "config.yaml")
+    monkeypatch.chdir(tmp_path)  # a resume from another directory
+    assert load_config(tmp_path / "config.yaml").plugins == [str(path.resolve())]
+
+
+def test_a_module_in_the_current_directory_is_found(tmp_path, monkeypatch):
+    module = f"my_data_{uuid.uuid4().hex[:8]}"
+    _, name = _plugin(tmp_path, module)
+    monkeypatch.chdir(tmp_path)
+    # as under the `diffnas` console script: the current directory is not on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    cfg = load_config(None, [f"plugins=[{module}]", f"data.name={name}"])
+    assert cfg.plugins == [module] and name in DATASETS
+    assert import_plugins([module])[0] is sys.modules[module]  # a second import is free
+
+
+def test_importing_a_file_twice_registers_once(tmp_path):
+    path, name = _plugin(tmp_path)
+    first = import_plugins([str(path)])
+    assert import_plugins([str(path)]) == first and name in DATASETS
+
+
+def test_dry_run_sizes_the_network_from_the_plugin_dataset(tmp_path, capsys):
+    path, name = _plugin(tmp_path)
+    argv = ["train", "--genotype", "DARTS_V2", "--dry-run", f"plugins=[{path}]",
+            f"data.name={name}", "retrain.network={C: 4, layers: 3}"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert summary["input"] == [2, 8, 8] and summary["classes"] == 3
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("no_such_module_zz", ["no module named 'no_such_module_zz'"]),
+    ("missing/plugin.py", ["plugin.py", "is not a file"]),
+    ("", ["is not a module name or file path"]),
+])
+def test_a_plugin_that_cannot_be_found_is_named(entry, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"plugins=[{entry!r}]" if entry == "" else f"plugins=[{entry}]"])
+    assert all(w in str(err.value) for w in words), err.value
+
+
+def test_a_failing_plugin_is_named_with_its_own_error(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import no_such_dependency_zz\n")
+    with pytest.raises(ConfigError) as err:
+        import_plugins([str(bad)])
+    assert "broken.py" in str(err.value) and "no_such_dependency_zz" in str(err.value)
+    bad.write_text("raise RuntimeError('scanner offline')\n")
+    with pytest.raises(ConfigError, match="scanner offline"):
+        import_plugins([str(bad)])
+
+
+def test_an_unknown_dataset_points_at_plugins(capsys):
+    assert main(["train", "--genotype", "DARTS_V2", "--dry-run", "data.name=my_scans_zz"]) == 2
+    err = capsys.readouterr().err
+    assert "my_scans_zz" in err and "plugins" in err
