@@ -14,6 +14,7 @@ from diffnas.cli import main
 from diffnas.config import ConfigError, load_config, save_config
 from diffnas.data import DATASETS
 from diffnas.engine import multiseed as ms
+from diffnas.engine.rundir import load_run_config
 from diffnas.plugins import import_plugins
 
 PLUGIN = '''
@@ -119,3 +120,15 @@ def test_an_unknown_dataset_points_at_plugins(capsys):
     assert main(["train", "--genotype", "DARTS_V2", "--dry-run", "data.name=my_scans_zz"]) == 2
     err = capsys.readouterr().err
     assert "my_scans_zz" in err and "plugins" in err
+
+
+def test_a_resumed_run_finds_a_moved_plugin_when_told(tmp_path):
+    path, name = _plugin(tmp_path)
+    save_config(load_config(None, [f"plugins=[{path}]", f"data.name={name}"]),
+                tmp_path / "config.yaml")
+    path.unlink()  # moved: (a fresh name, as this process already registered the old one)
+    (tmp_path / "lib").mkdir()
+    moved, _ = _plugin(tmp_path / "lib")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_run_config(tmp_path)
+    assert load_run_config(tmp_path, [f"plugins=[{moved}]"]).plugins == [str(moved)]

@@ -39,7 +39,7 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
 
 #: settings a resumed run may change: where it runs, where its data lives and how it
 #: reports, never what it computes
-RESUME_OVERRIDES = ("device", "progress", "data.root")
+RESUME_OVERRIDES = ("device", "progress", "data.root", "plugins")
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
