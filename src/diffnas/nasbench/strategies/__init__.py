@@ -2,6 +2,7 @@
 
 from diffnas.nasbench.strategies import (  # noqa: F401  (registration)
     comparator,
+    ctnas,
     evolution,
     gcn,
     nao,
