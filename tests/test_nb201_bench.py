@@ -43,6 +43,8 @@ FAST = {
     "gcn": {"initial": 8, "batch": 6, "epochs": 5, "pool": 200, "hidden": 16},
     "comparator": {"initial": 8, "batch": 6, "epochs": 5, "pool": 200, "hidden": 16,
                    "pairs": 64},
+    "ctnas": {"initial": 8, "batch": 6, "epochs": 5, "hidden": 16, "pairs": 64,
+              "policy_steps": 10, "proposals": 50, "explore": 20},
 }
 
 

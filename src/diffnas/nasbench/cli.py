@@ -114,7 +114,7 @@ _BENCH_CACHE: dict = {}
 @register_bench("nb201", "query-based search on NAS-Bench-201 (no test leakage)")
 def _nb201(p: argparse.ArgumentParser):
     p.add_argument("--strategy", required=True,
-                   help="comma-separated: random, rea, reinforce, nao, gcn, comparator")
+                   help="comma-separated: random, rea, reinforce, nao, gcn, comparator, ctnas")
     p.add_argument("--budget", required=True, help="queries (distinct cells), comma-separated")
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..S-1 per strategy and budget")
     p.add_argument("--table", required=True, help="nb201_compact.csv(.gz) or official file")
