@@ -3,8 +3,9 @@ processes (gloo) against one process with the global batch.
 
 Each rank takes half of the columns (independent streams) of the batchified texts. The
 search cell normalises its nodes by batch statistics, so the distributed runs use
-``distributed.sync_bn=true`` (the global batch's statistics); dropout is off, since a rank
-cannot draw the one-process mask's slice of its columns (docs/distributed.md).
+``distributed.sync_bn=true`` (the global batch's statistics). Dropout masks are drawn in
+the global batch's shape from the window's seed on every rank and sliced to the rank's
+columns, so runs with every dropout on match one process too (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ SEARCHES = {
             "a_optim: {lr: 0.03}}",
 }
 NET = "{ninp: 8, nhid: 8, dropout: 0, dropouth: 0, dropoutx: 0, dropouti: 0, dropoute: 0}"
+# every dropout of the DARTS/AWD-LSTM recipe on, weight drop included
+DROPOUTS = ("dropout: 0.3, dropouth: 0.2, dropoutx: 0.25, dropouti: 0.15, dropoute: 0.1, "
+            "weight_drop: 0.2")
+SPACE_DROPOUT = "{name: darts_rnn, ninp: 8, nhid: 8, nodes: 2, " + DROPOUTS + "}"
+NET_DROPOUT = "{ninp: 8, nhid: 8, " + DROPOUTS + "}"
 
 
 def tiny_corpus() -> Corpus:
@@ -64,14 +70,13 @@ def tiny_corpus() -> Corpus:
 def overrides(strategy: str = SEARCHES["darts1"], sync_bn: bool = True, epochs: int = 1,
               batch: int = 4, dropout: bool = False) -> list[str]:
     """Global batch 4 (2 columns per rank), BPTT windows of about 8 tokens (variable)."""
-    space = SPACE if not dropout else SPACE.replace("dropout: 0", "dropout: 0.3").replace(
-        "dropouth: 0", "dropouth: 0.2")
+    space, net = (SPACE_DROPOUT, NET_DROPOUT) if dropout else (SPACE, NET)
     return ["data.name=ptb", "data.train_subset=null", "data.test_subset=null",
             f"data.batch_size={batch}", "progress=false", f"search.epochs={epochs}",
             f"search.space={space}", f"search.strategy={strategy}",
             f"distributed.sync_bn={'true' if sync_bn else 'false'}",
             "retrain.epochs=2", f"retrain.batch_size={batch}", "retrain.lr=2.0",
-            "retrain.momentum=0.0", "retrain.train_subset=null", f"retrain.network={NET}",
+            "retrain.momentum=0.0", "retrain.train_subset=null", f"retrain.network={net}",
             "lm={bptt: 8, max_seq_len_delta: 4, eval_batch_size: 2, test_batch_size: 2, "
             "beta: 0.001, alpha: 0.001}"]
 
@@ -124,10 +129,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 found["retrain"] = run_lm_retrain(cfg, res.genotype, f"{out}/runs/{name}",
                                                   corpus=corpus)
         found["asgd"] = _asgd_case(f"{out}/runs/darts1/retrain")
-        # dropout on: masks differ from one process's, but the replicas stay identical
-        # (end_epoch checks) and the run finishes; per-rank normalisation (ghost batches)
-        cfg = load_config(None, overrides(dropout=True, sync_bn=False))
-        found["dropout"] = _alphas(run_lm_search(cfg, f"{out}/runs/dropout", corpus=corpus))
+        # every dropout on: each rank applies its columns' slice of one process's masks
+        cfg = load_config(None, overrides(dropout=True))
+        res = run_lm_search(cfg, f"{out}/runs/dropout", corpus=corpus)
+        found["dropout"] = {"alphas": _alphas(res), "genotype": res.genotype.to_json(),
+                            "retrain": run_lm_retrain(cfg, Genotype.from_json(found["genotype"]),
+                                                      f"{out}/runs/dropout", corpus=corpus)}
         found["refused"] = {}
         for key in ("data.batch_size", "retrain.batch_size"):
             cfg = load_config(None, [*overrides(), f"{key}=5"])
@@ -218,10 +225,95 @@ def test_asgd_stays_consistent_over_ranks(spawned, tmp_path):
         assert abs(got["valid"] - ref["valid"]) < 1e-5
 
 
-def test_dropout_runs_replicated(spawned):
-    r0, r1 = load_rank(spawned, 0)["dropout"], load_rank(spawned, 1)["dropout"]
-    for g in r0:
-        assert torch.equal(r0[g], r1[g])
+def test_rank_masks_are_the_column_slices_of_one_process_masks():
+    """The mask helper: a rank's masks with a batch dimension are its block of the global
+    batch's masks, the others (embedding, weight drop) the global ones; one process draws
+    what a plain ``bernoulli_`` from the seed draws (unchanged single-process results)."""
+    from diffnas.supernet.rnn import Masks
+
+    # (shape with 2 columns per rank, batch dimension): in the order the LM draws them
+    shapes = [((7, 1), None), ((1, 2, 3), 1), ((2, 3), 0), ((3, 6), None), ((1, 2, 3), 1)]
+
+    def widen(shape: tuple[int, ...], d: int | None, ranks: int) -> tuple[int, ...]:
+        return shape if d is None else (*shape[:d], shape[d] * ranks, *shape[d + 1 :])
+
+    def draws(rank: int, ranks: int, blocks: int = 1) -> list[torch.Tensor]:
+        m = Masks(True, 5, columns=(rank, ranks))
+        return [m(widen(shape, d, blocks), 0.4, torch.empty(0), d) for shape, d in shapes]
+
+    one = draws(0, 1, blocks=3)  # one process, global batch 6
+    g = torch.Generator().manual_seed(5)
+    for (shape, d), mask in zip(shapes, one, strict=True):
+        assert torch.equal(mask, torch.empty(widen(shape, d, 3)).bernoulli_(0.6, generator=g)
+                           / 0.6)
+    per_rank = [draws(r, 3) for r in range(3)]  # 3 ranks of 2 columns
+    for k, (_, d) in enumerate(shapes):
+        got = [masks[k] for masks in per_rank]
+        if d is None:
+            assert all(torch.equal(m, one[k]) for m in got)
+        else:
+            assert torch.equal(torch.cat(got, d), one[k])
+    with pytest.raises(ValueError, match="columns must be"):
+        Masks(True, 5, columns=(2, 2))
+
+
+def test_rank_columns_reproduce_the_global_batch_forward_with_dropout():
+    """The retrain network, every dropout on, training mode, float64: three ranks' blocks of
+    2 columns (``LmInput.columns``) give the global batch's logits, their slices."""
+    from diffnas.arch import ArchParams
+    from diffnas.engine.lm import lm_space
+    from diffnas.genotype.discretize import discretize
+    from diffnas.supernet.rnn import LmInput
+
+    cfg = load_config(None, overrides(dropout=True))
+    space = lm_space(cfg, tiny_corpus())
+    torch.manual_seed(0)
+    genotype = discretize(ArchParams(space).as_dict(), space)
+    net = space.build_network(genotype, **cfg.retrain.network).double().train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (5, 6), generator=g)
+    h = 0.1 * torch.randn(6, 8, generator=g, dtype=torch.float64)
+    want = net(LmInput(x, h, 123))
+    assert not torch.allclose(want.logits, net.eval()(LmInput(x, h, 123)).logits)
+    net.train()
+    for r in range(3):
+        cols = slice(2 * r, 2 * r + 2)
+        got = net(LmInput(x[:, cols], h[cols], 123, (r, 3)))
+        torch.testing.assert_close(got.logits, want.logits[:, cols], atol=1e-12, rtol=0)
+        torch.testing.assert_close(got.hidden, want.hidden[cols], atol=1e-12, rtol=0)
+
+
+def test_two_ranks_match_one_process_with_dropout(spawned, tmp_path):
+    """Every dropout on (sync_bn for the search): DARTS first order and the retraining of
+    two ranks match one process with the global batch, the dropout masks included."""
+    from diffnas.engine.lm import run_lm_retrain, run_lm_search
+
+    cfg = load_config(None, overrides(dropout=True, sync_bn=False))
+    ref = run_lm_search(cfg, tmp_path / "search", corpus=tiny_corpus())
+    plain = run_lm_search(load_config(None, overrides(sync_bn=False)), tmp_path / "plain",
+                          corpus=tiny_corpus())
+    genotype = Genotype.from_json(load_rank(spawned, 0)["genotype"])
+    ref_retrain = run_lm_retrain(cfg, genotype, tmp_path / "retrain", corpus=tiny_corpus())
+    for rank in (0, 1):
+        got = load_rank(spawned, rank)["dropout"]
+        assert Genotype.from_json(got["genotype"]) == ref.genotype
+        for g, a in _alphas(ref).items():
+            # the masks matter: dropout moved the alphas away from the dropout-free run
+            assert (a - _alphas(plain)[g]).abs().max().item() > 1e-3
+            err = (got["alphas"][g] - a).abs().max().item()
+            assert err < 1e-5, f"rank {rank} group {g}: max |alpha diff| {err:.2e}"
+        res = got["retrain"]
+        for h, w in zip(res["history"], ref_retrain["history"], strict=True):
+            for k in ("loss", "valid_loss"):
+                assert abs(h[k] - w[k]) < 1e-5, (rank, k, h[k], w[k])
+        assert abs(res["test_ppl"] - ref_retrain["test_ppl"]) < 1e-5 * ref_retrain["test_ppl"]
+    got = torch.load(spawned / "runs/dropout/retrain/model.pt")
+    want = torch.load(tmp_path / "retrain/retrain/model.pt")
+    without = torch.load(spawned / "runs/darts1/retrain/model.pt")  # same genotype, no dropout
+    assert got.keys() == want.keys()
+    assert any(not torch.allclose(want[k], without[k], atol=1e-3) for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_batch_not_divisible_by_the_world_size_is_refused(spawned):

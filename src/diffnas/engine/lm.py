@@ -29,9 +29,10 @@ before clipping. With ``distributed.sync_bn`` the search cell normalises its nod
 statistics of the global batch, and N ranks compute what one process computes with the
 global batch. Evaluation (validation and test perplexity) runs on rank 0 alone over the
 whole text and is broadcast, so it is that of one process and every rank takes the same
-ASGD decision. Dropout masks are seeded per window and per rank (a rank cannot draw the
-one-process mask's slice of its columns), so with dropout on the ranks train with masks
-that differ from one process's, drawn alike.
+ASGD decision. Dropout masks are seeded per window alike on every rank, and each rank
+draws them in the global batch's shape and keeps its columns' slice
+(``LmBatch.columns``, see ``supernet.rnn.Masks``): with dropout on, N ranks apply exactly
+the masks of one process.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ class LmBatch:
     data: torch.Tensor  # (L, B) inputs
     targets: torch.Tensor  # (L, B) next tokens
     state: HiddenState
-    seed: int | None = None  # dropout-mask seed of this window
+    seed: int | None = None  # dropout-mask seed of this window (the same on every rank)
+    columns: tuple[int, int] = (0, 1)  # (rank, world size): which block of the global batch
 
     @property
     def seq_len(self) -> int:
@@ -165,7 +167,7 @@ class LanguageModelObjective:
         self.alpha, self.beta = alpha, beta
 
     def inputs(self, batch: LmBatch) -> LmInput:
-        return LmInput(batch.data, batch.state.h, batch.seed)
+        return LmInput(batch.data, batch.state.h, batch.seed, batch.columns)
 
     def __call__(self, output: LmOutput, batch: LmBatch,
                  regularize: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
@@ -188,13 +190,6 @@ def _seed(*parts: int) -> int:
     for p in parts:
         s = (s * 1_000_003 + int(p)) % (2**62)
     return s
-
-
-def _rank_seed(seed: int, rank: int, world_size: int) -> int:
-    """A window's dropout-mask seed on ``rank``: unchanged in one process; under torchrun
-    mixed with the rank, so the ranks' columns get independent masks (with one seed, column
-    j of every rank would get the same mask)."""
-    return seed if world_size == 1 else _seed(seed, 1 + rank)
 
 
 def _windows(steps: int, lm: LmConfig, seed: int, epoch: int, variable: bool
@@ -293,9 +288,9 @@ class LmSearchTask:
                                             self.lm.variable_bptt)):
             x, y = get_batch(self.train, i, L)
             xa, ya = get_batch(self.arch, i % arch_steps, L)
-            r, w = self.rank, self.world_size
-            yield (LmBatch(x, y, ht, _rank_seed(_seed(self.seed, epoch, n, 0), r, w)),
-                   LmBatch(xa, ya, ha, _rank_seed(_seed(self.seed, epoch, n, 1), r, w)))
+            cols = (self.rank, self.world_size)
+            yield (LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0), cols),
+                   LmBatch(xa, ya, ha, _seed(self.seed, epoch, n, 1), cols))
 
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
@@ -487,8 +482,7 @@ class LmTrainTask:
         for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
                                             self.lm.variable_bptt)):
             x, y = get_batch(self.train, i, L)
-            yield LmBatch(x, y, h, _rank_seed(_seed(self.seed, epoch, n, 2), self.rank,
-                                              self.world_size))
+            yield LmBatch(x, y, h, _seed(self.seed, epoch, n, 2), (self.rank, self.world_size))
 
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)

@@ -23,6 +23,10 @@ Dropout follows the DARTS/AWD-LSTM recipe: embedding dropout (whole words), vari
 outputs, and optional weight drop (DropConnect) on the recurrent matrices. All masks of a
 forward pass come from one generator seeded by ``LmInput.seed`` when given, so repeated
 evaluations of the same batch (virtual steps, finite differences) see the same masks.
+Under data parallelism (``LmInput.columns`` = (rank, world size)) a batch holds one
+contiguous block of the global batch's columns: every rank draws each mask in the global
+batch's shape, in the same order from the same seed, and keeps its own block, so the
+ranks together apply exactly the masks one process draws for the global batch.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class LmInput(NamedTuple):
     tokens: torch.Tensor  # (T, B) token ids, time-major
     hidden: torch.Tensor  # (B, nhid) state carried over from the previous window
     seed: int | None = None  # dropout-mask seed; None draws from the global RNG
+    # (rank, world size): the batch is block ``rank`` of ``world size`` equal contiguous
+    # blocks of a global batch's columns (``data.text.shard_columns``); masks follow suit
+    columns: tuple[int, int] = (0, 1)
 
 
 class LmOutput(NamedTuple):
@@ -76,21 +83,39 @@ class Dropouts:
 
 
 class Masks:
-    """Dropout masks for one forward pass (scaled by 1/keep); ``None`` when inactive."""
+    """Dropout masks for one forward pass (scaled by 1/keep); ``None`` when inactive.
+
+    ``columns`` = (rank, world size) when the batch is a rank's block of the global
+    batch's columns: a mask with a batch dimension is drawn in the global batch's shape and
+    sliced to this block, so every draw consumes the generator as one process does and
+    ranks seeded alike get the one-process masks (their slices of them) exactly."""
 
     def __init__(self, active: bool, seed: int | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, columns: tuple[int, int] = (0, 1)) -> None:
         self.active = active
+        self.rank, self.world_size = columns
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"columns must be (rank, world size) with 0 <= rank < world "
+                             f"size, got {columns}")
         self.gen = None
         if active and seed is not None:
             self.gen = torch.Generator(device=device or torch.device("cpu")).manual_seed(seed)
 
-    def __call__(self, shape: Sequence[int], p: float, like: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, shape: Sequence[int], p: float, like: torch.Tensor,
+                 batch_dim: int | None = None) -> torch.Tensor | None:
+        """A mask of ``shape`` (``shape[batch_dim]`` = this batch's columns, if any)."""
         if not self.active or p <= 0:
             return None
         keep = 1.0 - p
-        m = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-        return m.bernoulli_(keep, generator=self.gen) / keep
+        full = list(shape)
+        if batch_dim is not None:
+            full[batch_dim] *= self.world_size
+        m = torch.empty(full, dtype=like.dtype, device=like.device)
+        m = m.bernoulli_(keep, generator=self.gen)
+        if batch_dim is not None:  # this rank's block (all of it in one process)
+            B = shape[batch_dim]
+            m = m.narrow(batch_dim, self.rank * B, B)
+        return m / keep
 
 
 def _mul(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -129,8 +154,8 @@ class RecurrentCell(nn.Module):
         masks = masks or Masks(False)
         B = inputs.shape[1]
         d = self.dropouts
-        x_mask = masks((B, self.ninp), d.x, inputs)
-        h_mask = masks((B, self.nhid), d.h, hidden)
+        x_mask = masks((B, self.ninp), d.x, inputs, batch_dim=0)
+        h_mask = masks((B, self.nhid), d.h, hidden, batch_dim=0)
         W0 = getattr(self, "W0", None)
         if W0 is not None and d.weight > 0 and masks.active:
             wm = masks((self.nhid, 2 * self.nhid), d.weight, W0)
@@ -321,15 +346,15 @@ class RnnLanguageModel(nn.Module):
         return None
 
     def forward(self, inp: LmInput, arch_weights=None) -> LmOutput:
-        tokens, hidden, seed = inp
+        tokens, hidden, seed, columns = inp
         B = tokens.shape[1]
         d = self.dropouts
-        masks = Masks(self.training, seed, tokens.device)
-        W = self.encoder.weight
+        masks = Masks(self.training, seed, tokens.device, columns)
+        W = self.encoder.weight  # embedding dropout: one mask over the vocabulary, all ranks
         emb = F.embedding(tokens, _mul(W, masks((W.shape[0], 1), d.embedding, W)))
-        emb = _mul(emb, masks((1, B, emb.shape[-1]), d.input, emb))
+        emb = _mul(emb, masks((1, B, emb.shape[-1]), d.input, emb, batch_dim=1))
         raw, last = self.cell(emb, hidden, masks, self._arch(arch_weights))
-        out = _mul(raw, masks((1, B, raw.shape[-1]), d.output, raw))
+        out = _mul(raw, masks((1, B, raw.shape[-1]), d.output, raw, batch_dim=1))
         return LmOutput(self.decoder(out), last, raw, out)
 
 
