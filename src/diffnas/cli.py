@@ -103,6 +103,10 @@ def _search(p: argparse.ArgumentParser):
             rc = run_lm(cfg, run_dir, resume=bool(args.resume))
             dp.shutdown(together=True)
             return rc
+        if _is_graph(cfg):  # node classification: engine/graph.py (one process)
+            from diffnas.engine.graph import run_graph
+
+            return run_graph(cfg, run_dir, resume=bool(args.resume))
         if genotype is None:
             genotype = run_search(cfg, run_dir, resume=bool(args.resume)).genotype
         result = None
@@ -135,10 +139,12 @@ def _train(p: argparse.ArgumentParser):
         genotype = resolve_genotype(args.genotype)
         if args.dry_run:
             cfg = load_config(args.config, args.overrides)
-            if _is_lm(cfg):
+            if _is_lm(cfg) or _is_graph(cfg):
+                from diffnas.engine.graph import graph_network_summary
                 from diffnas.engine.lm import lm_network_summary
 
-                summary = lm_network_summary(cfg, genotype)
+                summary = (lm_network_summary if _is_lm(cfg) else graph_network_summary)(
+                    cfg, genotype)
                 print(genotype)
                 print(json.dumps(summary, indent=1))
                 return 0
@@ -178,6 +184,12 @@ def _train(p: argparse.ArgumentParser):
                 print_lm_result(genotype, result)
             dp.shutdown(together=True)
             return 0
+        if _is_graph(cfg):
+            from diffnas.engine.graph import print_graph_result, run_graph_retrain
+
+            result = run_graph_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
+            print_graph_result(genotype, result)
+            return 0
         d = cfg.data
         data = load_dataset(
             d.name,
@@ -212,6 +224,11 @@ def _resume_config(args: argparse.Namespace):
 def _is_lm(cfg) -> bool:
     """A language-model run (the recurrent space), served by engine/lm.py."""
     return cfg.search.space.get("name") == "darts_rnn"
+
+
+def _is_graph(cfg) -> bool:
+    """A node-classification run (the gnn space), served by engine/graph.py."""
+    return cfg.search.space.get("name") == "gnn"
 
 
 def _dry_run_shape(name: str, resolution: int | None, root: str | None = None

@@ -277,12 +277,21 @@ def validate_components(cfg: RunConfig, device: bool = True) -> None:
         from diffnas.genotype.discretize import DISCRETIZERS
 
         DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
+    from diffnas.data.graph import GRAPH_DATASETS
+
     if cfg.search.space.get("name") == "darts_rnn":  # language data: engine/lm.py
         from diffnas.data.text import TEXT_DATASETS
 
         if cfg.data.name not in TEXT_DATASETS:
             raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a text dataset; the "
                               f"darts_rnn space reads one of {sorted(TEXT_DATASETS)}")
+    elif cfg.search.space.get("name") == "gnn":  # graphs: engine/graph.py
+        if cfg.data.name not in GRAPH_DATASETS:
+            raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a graph dataset; "
+                              f"the gnn space reads one of {GRAPH_DATASETS.names()}")
+    elif cfg.data.name in GRAPH_DATASETS:
+        raise ConfigError(f"config.data.name: {cfg.data.name!r} is a graph: search it with "
+                          "search.space.name=gnn (configs/gnn_cora.yaml)")
     else:
         from diffnas.data import DATASETS
 

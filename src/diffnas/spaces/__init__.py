@@ -3,6 +3,7 @@
 from diffnas.spaces import (
     darts_cnn,  # noqa: F401  (registration)
     darts_rnn,  # noqa: F401  (registration)
+    gnn,  # noqa: F401  (registration)
     nb201,  # noqa: F401  (registration)
 )
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace

@@ -1,0 +1,378 @@
+"""Node classification: search of a GNN cell (space ``gnn``) and retraining of its
+genotype, full batch, on the shared :class:`~diffnas.engine.loop.Loop` (docs/graph.md).
+
+What differs from image search is only the data flow. A graph is one example: every
+step runs the network over all nodes and takes the loss on a set of labelled nodes. A
+*batch* is therefore (features, graph, labels, which nodes count, a dropout seed), and an
+epoch is one step:
+
+- search: the weights learn on the **train** nodes, the architecture on the **val**
+  nodes (bilevel strategies: darts first/second order, implicit, zero_order, gdas as
+  configured); single-level strategies (``uses_validation = False``) learn both on the
+  train nodes. Each epoch reports the supernet's loss and accuracy on the val nodes
+  (eval mode, current relaxed weights). The test nodes are never read.
+- retrain: the genotype's network from scratch, Adam (``retrain.lr``,
+  ``retrain.weight_decay``; ``momentum`` is not used), ``retrain.epochs`` full-batch steps
+  on the train nodes with ``retrain.grad_clip``; the weights of the epoch with the best
+  val accuracy (ties: lower val loss) are kept and give the test accuracy (model
+  selection on val, the Planetoid protocol); the last epoch's test accuracy is reported
+  too.
+
+Dropout masks are seeded per (run seed, epoch, stream), so the passes of one strategy
+step share them and a resumed run redraws exactly the same ones. Resume restarts at an
+epoch boundary from ``checkpoint.pt`` (the loop state, RNG included): bitwise equal to an
+uninterrupted run. One process only (no torchrun); image-only settings (``search.amp``,
+``search.compile``, ``search.cuda_graph``, ``search.diagnostics``) are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffnas.arch import ArchParams
+from diffnas.config import RunConfig
+from diffnas.data.graph import GraphData, load_graph
+from diffnas.engine import distributed as dp
+from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    seed_everything,
+)
+from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.genotype import Genotype
+from diffnas.genotype.discretize import discretize
+from diffnas.ops.graph import Graph
+from diffnas.spaces import DataShape, SearchSpace, create_space
+from diffnas.strategies import SearchStrategy, create_strategy
+from diffnas.strategies.objective import check_finite_loss
+from diffnas.supernet.gnn import GraphInput
+
+log = logging.getLogger("diffnas")
+
+
+# --- batches and the objective ------------------------------------------------------------
+@dataclass
+class GraphBatch:
+    """The whole graph, with the nodes whose labels the loss reads (``idx``)."""
+
+    x: torch.Tensor
+    graph: Graph
+    y: torch.Tensor  # labels of every node
+    idx: torch.Tensor  # the labelled nodes this batch trains or evaluates on
+    seed: int | None = None  # dropout masks of this step
+    x_support: torch.Tensor | None = None  # flat indices of the non-zero features
+
+
+class NodeClassificationObjective:
+    """Cross-entropy over the batch's nodes; reports accuracy there."""
+
+    def inputs(self, batch: GraphBatch) -> GraphInput:
+        return GraphInput(batch.x, batch.graph, batch.seed, batch.x_support)
+
+    def __call__(self, output: torch.Tensor, batch: GraphBatch
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, y = output.index_select(0, batch.idx), batch.y.index_select(0, batch.idx)
+        loss = F.cross_entropy(logits, y)
+        check_finite_loss(loss.item())
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        return loss, {"loss": loss.item(), "acc": acc.item()}
+
+
+def _seed(*parts: int) -> int:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p)) % (2**62)
+    return s
+
+
+@torch.no_grad()
+def evaluate_nodes(model: nn.Module, batch: GraphBatch, arch_weights: Any = None
+                   ) -> dict[str, float]:
+    """Loss and accuracy on ``batch.idx`` in eval mode (``arch_weights`` for a supernet)."""
+    was_training = model.training
+    model.eval()
+    inp = GraphInput(batch.x, batch.graph, x_support=batch.x_support)
+    out = model(inp) if arch_weights is None else model(inp, arch_weights)
+    model.train(was_training)
+    _, stats = NodeClassificationObjective()(out, batch)
+    return stats
+
+
+class GraphSplits:
+    """The graph on a device and a batch per node split."""
+
+    def __init__(self, data: GraphData, device: torch.device | str = "cpu",
+                 train_y: torch.Tensor | None = None) -> None:
+        self.data = data.to(device)
+        self.graph = Graph(self.data.edge_index, data.num_nodes).to(device)
+        self.train_y = self.data.y if train_y is None else train_y.to(device)
+        self.x_support = torch.nonzero(self.data.x.flatten()).squeeze(1)
+
+    def batch(self, split: str, seed: int | None = None) -> GraphBatch:
+        d = self.data
+        y = self.train_y if split == "train" else d.y
+        return GraphBatch(d.x, self.graph, y, getattr(d, f"{split}_idx"), seed, self.x_support)
+
+
+def graph_space(cfg: RunConfig, data: GraphData) -> SearchSpace:
+    return create_space(cfg.search.space, DataShape(in_channels=data.num_features,
+                                                    resolution=1,
+                                                    num_classes=data.num_classes))
+
+
+def _refuse_image_settings(cfg: RunConfig) -> None:
+    s = cfg.search
+    for name, on in (("search.amp", s.amp is not None), ("search.compile", s.compile is not None),
+                     ("search.cuda_graph", s.cuda_graph),
+                     ("search.diagnostics.enabled", s.diagnostics.enabled)):
+        if on:
+            raise ValueError(f"{name} is not supported by the graph engine (engine/graph.py); "
+                             "switch it off")
+    if dp.env().world_size > 1:
+        raise ValueError("the graph engine runs full batch in one process; run it without "
+                         "torchrun")
+
+
+# --- search -------------------------------------------------------------------------------
+class GraphSearchTask:
+    """One full-batch strategy step per epoch: weights on the train nodes, alphas on the
+    val nodes (bilevel strategies)."""
+
+    def __init__(self, strategy: SearchStrategy, space: SearchSpace, splits: GraphSplits,
+                 seed: int, rule: str | None = None) -> None:
+        self.strategy, self.space, self.splits = strategy, space, splits
+        self.seed, self.rule = seed, rule
+
+    @property
+    def supernet(self) -> nn.Module:
+        return self.strategy.supernet
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        self.supernet.train()
+        train = self.splits.batch("train", _seed(self.seed, epoch, 0))
+        val = self.splits.batch("val", _seed(self.seed, epoch, 1))
+        yield (train, val if self.strategy.uses_validation else None)
+
+    def num_batches(self) -> int:
+        return 1
+
+    def step(self, batch: tuple[GraphBatch, GraphBatch | None]) -> dict[str, float]:
+        return self.strategy.step(*batch)
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        lr = self.strategy.lr
+        self.strategy.end_epoch()
+        with torch.no_grad():
+            aw = self.strategy.arch_weights()
+        v = evaluate_nodes(self.supernet, self.splits.batch("val"), aw)
+        return {"lr": lr, "eval_val_loss": v["loss"], "eval_val_acc": v["acc"]}
+
+    def genotype(self) -> Genotype:
+        arch = self.strategy.arch_params
+        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
+
+def build_graph_search(cfg: RunConfig, data: GraphData,
+                       device: torch.device | str = "cpu") -> GraphSearchTask:
+    """Space, supernet, architecture parameters and strategy for ``cfg`` on ``data``."""
+    _refuse_image_settings(cfg)
+    seed_everything(cfg.seed)
+    space = graph_space(cfg, data)
+    supernet = space.build_supernet().to(device)
+    arch = ArchParams(space).to(device)
+    strategy = create_strategy(cfg.search.strategy, supernet, arch, space.objective(),
+                               cfg.search.epochs)
+    splits = GraphSplits(data, device, strategy.relabel(data.y))
+    return GraphSearchTask(strategy, space, splits, cfg.seed, cfg.search.discretizer)
+
+
+@dataclass
+class GraphSearchResult:
+    genotype: Genotype
+    history: list[dict[str, float]]
+    task: GraphSearchTask
+
+
+def _alpha_record(task: GraphSearchTask):
+    def record(loop: Loop, epoch: int, metrics: dict) -> dict:
+        return {g: torch.softmax(a.detach().float(), -1).cpu().tolist()
+                for g, a in task.strategy.arch_params.as_dict().items()}
+    return record
+
+
+def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
+                     stop_after: int | None = None, data: GraphData | None = None
+                     ) -> GraphSearchResult:
+    """Search a GNN cell as configured; writes ``run_dir/search`` like ``run_search``
+    (metrics, genotypes and alphas per epoch, checkpoint, genotype.json, DONE)."""
+    out = Path(run_dir) / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    data = data or load_graph(cfg.data.name, cfg.data.root)
+    task = build_graph_search(cfg, data, device)
+    callbacks: list[Callback] = [
+        ProgressBar("search", cfg.progress),
+        JsonLines(out / "metrics.jsonl"),
+        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
+        JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+        Checkpoint(out / "checkpoint.pt"),
+    ]
+    loop = Loop(task, cfg.search.epochs, callbacks)
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        loop.load_state_dict(load_checkpoint(ckpt))
+        log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
+    log.info("graph search: %s (%d nodes, %d edges), space=%s strategy=%s supernet weights=%d "
+             "alphas=%d", data.name, data.num_nodes, data.edge_index.shape[1],
+             task.space.name, task.strategy.name,
+             sum(p.numel() for p in task.supernet.parameters()),
+             sum(p.numel() for p in task.strategy.alphas()))
+    history = loop.run(stop_after=stop_after)
+    genotype = task.genotype()
+    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
+    if loop.epoch >= loop.epochs:
+        (out / "DONE").touch()
+    return GraphSearchResult(genotype, history, task)
+
+
+# --- retraining ---------------------------------------------------------------------------
+class GraphTrainTask:
+    """Full-batch Adam on the train nodes; keeps the weights of the best val epoch."""
+
+    def __init__(self, model: nn.Module, splits: GraphSplits, cfg: RunConfig) -> None:
+        self.model, self.splits, self.r, self.seed = model, splits, cfg.retrain, cfg.seed
+        self.objective = NodeClassificationObjective()
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.r.lr,
+                                          weight_decay=self.r.weight_decay)
+        self.best: dict[str, float] = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        self.model.train()
+        yield self.splits.batch("train", _seed(self.seed, epoch, 2))
+
+    def num_batches(self) -> int:
+        return 1
+
+    def step(self, batch: GraphBatch) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.objective(self.model(self.objective.inputs(batch)), batch)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+        self.optimizer.step()
+        return stats
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        v = evaluate_nodes(self.model, self.splits.batch("val"))
+        b = self.best
+        if v["acc"] > b["val_acc"] or (v["acc"] == b["val_acc"] and v["loss"] < b["val_loss"]):
+            self.best = {"val_acc": v["acc"], "val_loss": v["loss"], "epoch": epoch}
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        return {"val_loss": v["loss"], "val_acc": v["acc"],
+                "best_val_acc": self.best["val_acc"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "best": dict(self.best), "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best, self.best_state = dict(state["best"]), state["best_state"]
+
+
+def build_graph_network(cfg: RunConfig, genotype: Genotype, data: GraphData) -> nn.Module:
+    return graph_space(cfg, data).build_network(genotype, **cfg.retrain.network)
+
+
+def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
+                      resume: bool = False, stop_after: int | None = None,
+                      data: GraphData | None = None) -> dict[str, Any]:
+    """Train ``genotype``'s network from scratch; writes ``run_dir/retrain`` (metrics,
+    checkpoint, genotype.json, model.pt = the best-val weights, result.json)."""
+    _refuse_image_settings(cfg)
+    out = Path(run_dir) / "retrain"
+    out.mkdir(parents=True, exist_ok=True)
+    pin_genotype(out, genotype, resume)
+    device = resolve_device(cfg.device)
+    data = data or load_graph(cfg.data.name, cfg.data.root)
+    seed_everything(cfg.seed)
+    model = build_graph_network(cfg, genotype, data).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("graph retrain: %s params", f"{params:,}")
+    splits = GraphSplits(data, device)
+    task = GraphTrainTask(model, splits, cfg)
+    loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
+                                           JsonLines(out / "metrics.jsonl"),
+                                           Checkpoint(out / "checkpoint.pt")])
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        loop.load_state_dict(load_checkpoint(ckpt))
+        log.info("resumed graph retraining at epoch %d", loop.epoch)
+    history = loop.run(stop_after=stop_after)
+    last_test = evaluate_nodes(model, splits.batch("test"))
+    if task.best_state is not None:
+        model.load_state_dict(task.best_state)
+    test = evaluate_nodes(model, splits.batch("test"))
+    result = {"genotype": genotype.to_dict(), "params": params, "epochs_done": loop.epoch,
+              "best_epoch": task.best["epoch"], "valid_acc": task.best["val_acc"],
+              "test_acc": test["acc"], "test_loss": test["loss"],
+              "last_test_acc": last_test["acc"], "history": history}
+    atomic_save(model.state_dict(), out / "model.pt")
+    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    return result
+
+
+def run_graph(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
+    """``diffnas search`` for the gnn space: search, then retrain if enabled."""
+    data = load_graph(cfg.data.name, cfg.data.root)
+    search = Path(run_dir) / "search"
+    if (search / "DONE").exists():
+        genotype = Genotype.load(search / "genotype.json")
+    else:
+        genotype = run_graph_search(cfg, run_dir, resume=resume, data=data).genotype
+    res = None
+    if cfg.retrain.enabled:
+        res = run_graph_retrain(cfg, genotype, run_dir, resume=resume, data=data)
+    print_graph_result(genotype, res)
+    return 0
+
+
+def print_graph_result(genotype: Genotype, result: dict[str, Any] | None) -> None:
+    """The genotype and, after a retrain, its parameters and accuracies."""
+    print("\n== genotype ==")
+    print(genotype)
+    if result is not None:
+        print(f"params: {result['params']:,}")
+        print(f"test accuracy: {100 * result['test_acc']:.2f}% (weights of the best val "
+              f"epoch {result['best_epoch'] + 1}, val {100 * result['valid_acc']:.2f}%; last "
+              f"epoch: {100 * result['last_test_acc']:.2f}%) after {result['epochs_done']} "
+              "epochs")
+
+
+def graph_network_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
+    """What ``diffnas train --dry-run`` reports for a graph network: its parameters and
+    the graph it is built for. Reads the graph, builds the model, trains nothing."""
+    data = load_graph(cfg.data.name, cfg.data.root)
+    model = build_graph_network(cfg, genotype, data)
+    return {"nodes": data.num_nodes, "features": data.num_features,
+            "classes": data.num_classes, "params": sum(p.numel() for p in model.parameters())}
