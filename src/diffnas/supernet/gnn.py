@@ -157,6 +157,15 @@ class _GnnBase(nn.Module):
         return Dropout(self.training, inp.seed, inp.x.device)
 
     def _stem(self, inp: GraphInput, drop: Dropout) -> torch.Tensor:
+        """``stem(dropout(x))`` standardised per channel over the nodes."""
+        h = self._project(inp, drop)
+        # Row-normalised bag-of-words features give stem outputs of ~1e-2; through the
+        # cell's linear maps the signal then fades and plain SGD (the strategies' weight
+        # optimizer) barely moves. Standardising over all nodes (always the whole graph,
+        # so train and eval agree; no state) gives the cell unit-scale inputs.
+        return (h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt()
+
+    def _project(self, inp: GraphInput, drop: Dropout) -> torch.Tensor:
         """``stem(dropout(x))``; with ``x_support`` over the non-zero features only."""
         x, support = inp.x, inp.x_support
         if support is None:
