@@ -19,6 +19,15 @@ def test_list_commands(capsys):
     assert "darts" in capsys.readouterr().out.split()
     assert main(["list", "genotypes"]) == 0
     assert "DARTS_V2" in capsys.readouterr().out.split()
+    # every domain's components, each marked with the space it serves
+    assert main(["list", "ops"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "gat (graph, for the gnn space)" in out and "tanh (recurrent, for the darts_rnn " \
+        "space)" in out
+    assert main(["list", "datasets"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert {"cora (graph, for the gnn space)", "ptb (text, for the darts_rnn space)",
+            "npz"} <= set(out)
 
 
 def test_train_dry_run_prints_params_and_macs(capsys):

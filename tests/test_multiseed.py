@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,25 @@ def test_a_failing_seed_is_reported_and_the_others_kept(tmp_path):
     assert summary["failed"] == [1]
     assert summary["runs"][0]["genotype"] is not None
     assert "FAILED seeds: [1]" in ms.summary_markdown(summary)
+
+
+def test_graph_searches_run_in_seed_workers(tmp_path):
+    """--seeds dispatches a gnn config to the graph engine in each worker; a seed's
+    result equals the same seed run in this process."""
+    from diffnas.engine.graph import run_graph_retrain, run_graph_search
+
+    graph = ["data.name=karate", "search.epochs=3", "retrain.epochs=3", "progress=false"]
+    config = Path(__file__).resolve().parents[1] / "configs/gnn_cora.yaml"
+    cfg = load_config(config, graph)
+    summary = ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=2, echo=False)
+    assert summary["failed"] == [] and None not in [r["test_acc"] for r in summary["runs"]]
+    one = load_config(config, [*graph, "seed=1"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each worker had
+    try:
+        genotype = run_graph_search(one, tmp_path / "seq").genotype
+        result = run_graph_retrain(one, genotype, tmp_path / "seq")
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["runs"][1]["genotype"] == genotype.to_dict()
+    assert summary["runs"][1]["test_acc"] == result["test_acc"]

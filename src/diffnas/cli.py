@@ -261,14 +261,20 @@ def _list(p: argparse.ArgumentParser):
         import diffnas.ops as ops
         import diffnas.spaces as spaces
         import diffnas.strategies as strategies
+        from diffnas.data.graph import list_graph_datasets
         from diffnas.data.text import TEXT_DATASETS
+        from diffnas.ops.graph import list_graph_ops
+        from diffnas.ops.rnn import RNN_OPS
 
         names = {
-            "ops": ops.list_ops,
+            "ops": lambda: ops.list_ops() + [
+                f"{n} (recurrent, for the darts_rnn space)" for n in RNN_OPS.names()] + [
+                f"{n} (graph, for the gnn space)" for n in list_graph_ops()],
             "spaces": spaces.list_spaces,
             "strategies": strategies.list_strategies,
             "datasets": lambda: data.list_datasets() + [
-                f"{n} (text, for the darts_rnn space)" for n in sorted(TEXT_DATASETS)],
+                f"{n} (text, for the darts_rnn space)" for n in sorted(TEXT_DATASETS)] + [
+                f"{n} (graph, for the gnn space)" for n in list_graph_datasets()],
             "genotypes": lambda: sorted(genotype.PUBLISHED),
             "relaxations": arch.RELAXATIONS.names,
         }[args.kind]()

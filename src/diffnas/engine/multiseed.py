@@ -82,9 +82,7 @@ def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
     return its record for the summary."""
     import torch
 
-    from diffnas.engine.retrain import run_retrain
     from diffnas.engine.rundir import load_run_config, setup_logging
-    from diffnas.engine.search import run_search
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
@@ -92,6 +90,12 @@ def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     cfg = load_run_config(run)
     cfg = dataclasses.replace(cfg, progress=False)
+    if cfg.search.space.get("name") == "gnn":  # node classification: engine/graph.py
+        from diffnas.engine.graph import run_graph_retrain as run_retrain
+        from diffnas.engine.graph import run_graph_search as run_search
+    else:
+        from diffnas.engine.retrain import run_retrain
+        from diffnas.engine.search import run_search
     setup_logging(run, verbose=False)
     if (run / "search" / "DONE").exists():
         genotype = Genotype.load(run / "search" / "genotype.json")
@@ -119,7 +123,7 @@ def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     res = run / "retrain" / "result.json"
     if res.is_file():
         r = json.loads(res.read_text())
-        rec.update(test_acc=r["test_acc"], params=r["params"], macs=r["macs"])
+        rec.update(test_acc=r["test_acc"], params=r["params"], macs=r.get("macs"))
     return rec
 
 
@@ -325,8 +329,9 @@ def seeds_command(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
     if cfg.search.space.get("name") == "darts_rnn":
-        raise ConfigError("--seeds runs image searches; language-model runs (darts_rnn) are "
-                          "not supported by it yet: run one search per seed (seed=N)")
+        raise ConfigError("--seeds runs image and graph searches; language-model runs "
+                          "(darts_rnn) are not supported by it yet: run one search per seed "
+                          "(seed=N)")
     if not args.resume:
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
     print(f"multi-seed run directory: {parent}")
