@@ -52,8 +52,8 @@ from diffnas.engine.checkpoint import (
 )
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.engine.search import StrategyTask, alpha_record
 from diffnas.genotype import Genotype
-from diffnas.genotype.discretize import discretize
 from diffnas.ops.graph import Graph
 from diffnas.spaces import DataShape, SearchSpace, create_space
 from diffnas.strategies import SearchStrategy, create_strategy
@@ -147,7 +147,7 @@ def _refuse_image_settings(cfg: RunConfig) -> None:
 
 
 # --- search -------------------------------------------------------------------------------
-class GraphSearchTask:
+class GraphSearchTask(StrategyTask):
     """One full-batch strategy step per epoch: weights on the train nodes, alphas on the
     val nodes (bilevel strategies)."""
 
@@ -180,17 +180,6 @@ class GraphSearchTask:
         v = evaluate_nodes(self.supernet, self.splits.batch("val"), aw)
         return {"lr": lr, "eval_val_loss": v["loss"], "eval_val_acc": v["acc"]}
 
-    def genotype(self) -> Genotype:
-        arch = self.strategy.arch_params
-        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.strategy.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state)
-
-
 def build_graph_search(cfg: RunConfig, data: GraphData,
                        device: torch.device | str = "cpu") -> GraphSearchTask:
     """Space, supernet, architecture parameters and strategy for ``cfg`` on ``data``."""
@@ -212,13 +201,6 @@ class GraphSearchResult:
     task: GraphSearchTask
 
 
-def _alpha_record(task: GraphSearchTask):
-    def record(loop: Loop, epoch: int, metrics: dict) -> dict:
-        return {g: torch.softmax(a.detach().float(), -1).cpu().tolist()
-                for g, a in task.strategy.arch_params.as_dict().items()}
-    return record
-
-
 def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                      stop_after: int | None = None, data: GraphData | None = None
                      ) -> GraphSearchResult:
@@ -233,7 +215,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         ProgressBar("search", cfg.progress),
         JsonLines(out / "metrics.jsonl"),
         JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-        JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+        JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
         Checkpoint(out / "checkpoint.pt"),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)

@@ -69,6 +69,7 @@ from diffnas.engine.checkpoint import (
 )
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.engine.search import alpha_record
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -394,13 +395,6 @@ class LmSearchResult:
     task: LmSearchTask
 
 
-def _alpha_record(task: LmSearchTask):
-    def record(loop: Loop, epoch: int, metrics: dict) -> dict:
-        return {g: torch.softmax(a.detach().float(), -1).cpu().tolist()
-                for g, a in task.strategy.arch_params.as_dict().items()}
-    return record
-
-
 def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                   stop_after: int | None = None, corpus: Corpus | None = None) -> LmSearchResult:
     """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
@@ -419,7 +413,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
             ProgressBar("search", cfg.progress),
             JsonLines(out / "metrics.jsonl"),
             JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-            JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+            JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
             Checkpoint(out / "checkpoint.pt"),
         ]),
     ]

@@ -37,7 +37,35 @@ from diffnas.supernet.compile import compile_mixed_ops
 log = logging.getLogger("diffnas")
 
 
-class SearchTask:
+class StrategyTask:
+    """What every search task shares (images, graphs): the genotype its strategy's
+    alphas discretize to, and the strategy's state for checkpoints. Subclasses set
+    ``strategy``, ``space`` and ``rule``."""
+
+    strategy: SearchStrategy
+    space: SearchSpace
+    rule: str | None
+
+    def genotype(self) -> Genotype:
+        arch = self.strategy.arch_params
+        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
+
+def alpha_record(strategy: SearchStrategy) -> Callable[[Loop, int, dict], dict]:
+    """The row ``alphas.jsonl`` gets each epoch: softmax(alpha) per edge group."""
+    def record(loop: Loop, epoch: int, metrics: dict) -> dict:
+        return {g: torch.softmax(a.detach().float(), -1).cpu().tolist()
+                for g, a in strategy.arch_params.as_dict().items()}
+    return record
+
+
+class SearchTask(StrategyTask):
     """What the loop drives during search: zipped (train, val) batches -> strategy.step."""
 
     def __init__(
@@ -76,16 +104,6 @@ class SearchTask:
         lr = self.strategy.lr
         self.strategy.end_epoch()
         return {"lr": lr}
-
-    def genotype(self) -> Genotype:
-        arch = self.strategy.arch_params
-        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.strategy.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state)
 
 
 def diagnostics_callbacks(cfg: RunConfig, task: SearchTask, out: Path,
@@ -217,13 +235,6 @@ def _inside(step: Callable, context: Callable[[], AbstractContextManager]) -> Ca
     return run
 
 
-def _alpha_record(task: SearchTask):
-    def record(loop: Loop, epoch: int, metrics: dict) -> dict:
-        return {g: torch.softmax(a.detach().float(), -1).cpu().tolist()
-                for g, a in task.strategy.arch_params.as_dict().items()}
-    return record
-
-
 def run_search(
     cfg: RunConfig, run_dir: str | Path, resume: bool = False, stop_after: int | None = None,
     extra_callbacks: list[Callback] | None = None, data: ImageData | None = None,
@@ -248,7 +259,7 @@ def run_search(
             ProgressBar("search", cfg.progress),
             JsonLines(out / "metrics.jsonl"),
             JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-            JsonLines(out / "alphas.jsonl", _alpha_record(task)),
+            JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
         ]),
         *(extra_callbacks or []),
         *logger_callbacks(cfg, out, task.strategy.arch_params),
