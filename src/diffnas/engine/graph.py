@@ -52,7 +52,7 @@ from diffnas.engine.checkpoint import (
 )
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
-from diffnas.engine.search import StrategyTask, alpha_record
+from diffnas.engine.search import StrategyTask, alpha_record, search_then_retrain
 from diffnas.genotype import Genotype
 from diffnas.ops.graph import Graph
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -327,16 +327,10 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
 def run_graph(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the gnn space: search, then retrain if enabled."""
     data = load_graph(cfg.data.name, cfg.data.root)
-    search = Path(run_dir) / "search"
-    if (search / "DONE").exists():
-        genotype = Genotype.load(search / "genotype.json")
-    else:
-        genotype = run_graph_search(cfg, run_dir, resume=resume, data=data).genotype
-    res = None
-    if cfg.retrain.enabled:
-        res = run_graph_retrain(cfg, genotype, run_dir, resume=resume, data=data)
-    print_graph_result(genotype, res)
-    return 0
+    return search_then_retrain(
+        cfg, run_dir, lambda: run_graph_search(cfg, run_dir, resume=resume, data=data).genotype,
+        lambda g: run_graph_retrain(cfg, g, run_dir, resume=resume, data=data),
+        print_graph_result)
 
 
 def print_graph_result(genotype: Genotype, result: dict[str, Any] | None) -> None:

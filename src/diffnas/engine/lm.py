@@ -69,7 +69,7 @@ from diffnas.engine.checkpoint import (
 )
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
-from diffnas.engine.search import alpha_record
+from diffnas.engine.search import alpha_record, search_then_retrain
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -608,17 +608,10 @@ def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
     torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
     corpus = load_corpus(cfg.data.name, cfg.data.root)
-    search = Path(run_dir) / "search"
-    genotype = dp.main_process_result(lambda: Genotype.load(search / "genotype.json")
-                                      if (search / "DONE").exists() else None)
-    if genotype is None:
-        genotype = run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype
-    res = None
-    if cfg.retrain.enabled:
-        res = run_lm_retrain(cfg, genotype, run_dir, resume=resume, corpus=corpus)
-    if dp.is_main_process():
-        print_lm_result(genotype, res)
-    return 0
+    return search_then_retrain(
+        cfg, run_dir, lambda: run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype,
+        lambda g: run_lm_retrain(cfg, g, run_dir, resume=resume, corpus=corpus),
+        print_lm_result)
 
 
 def print_lm_result(genotype: Genotype, result: dict[str, Any] | None) -> None:

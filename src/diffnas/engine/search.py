@@ -57,6 +57,25 @@ class StrategyTask:
         self.strategy.load_state_dict(state)
 
 
+def search_then_retrain(
+    cfg: RunConfig, run_dir: str | Path, search: Callable[[], Genotype],
+    retrain: Callable[[Genotype], dict[str, Any]],
+    report: Callable[[Genotype, dict[str, Any] | None], None],
+) -> int:
+    """``diffnas search`` for an engine: the finished search's genotype (read by rank 0,
+    shared with every rank) or ``search()``, then ``retrain`` when enabled, then ``report``
+    on rank 0 alone."""
+    done = Path(run_dir) / "search"
+    genotype = dp.main_process_result(lambda: Genotype.load(done / "genotype.json")
+                                      if (done / "DONE").exists() else None)
+    if genotype is None:
+        genotype = search()
+    result = retrain(genotype) if cfg.retrain.enabled else None
+    if dp.is_main_process():
+        report(genotype, result)
+    return 0
+
+
 def alpha_record(strategy: SearchStrategy) -> Callable[[Loop, int, dict], dict]:
     """The row ``alphas.jsonl`` gets each epoch: softmax(alpha) per edge group."""
     def record(loop: Loop, epoch: int, metrics: dict) -> dict:
