@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU checks, in priority order, each under its own time limit
 # so that a slow step cannot take the rest with it (the device tool gives 10 min per call
-# and 30 min per session; a machine goes back after 30 s idle, so chain work in one call).
+# and 15 min of device time per session; a machine goes back after 30 s idle, so chain
+# work in one call).
 #   run: bash benchmarks/gpu_session.sh [tests|epoch|all|batch|mm]   (default: all)
 # Writes logs and JSON under $OUT (the device tool's folder) or bench_results/gpu/.
 set -u
@@ -14,19 +15,28 @@ py=python3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 $py -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
 
+tests_pid=
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  # the correctness guard, the savers, the avg-pool workaround and the CUDA graph step on CUDA
-  timeout 150 $py -m pytest -q -p no:cacheprovider -rf --tb=line \
-    tests/test_fast_supernet.py tests/test_ops.py tests/test_cuda_graph.py -k "cuda or graph" \
-    2>&1 | tail -15 | tee "$out/tests.log"
+  # the correctness guard, the savers, the avg-pool workaround and the CUDA graph step on
+  # CUDA; with "all" they run beside the epoch's cold compile (CPU-bound, minutes) and are
+  # over (or killed) before its timed part begins
+  ( echo "tests start $(date +%T)"
+    timeout 170 $py -m pytest -q -p no:cacheprovider -rf --tb=short \
+      tests/test_fast_supernet.py tests/test_ops.py tests/test_cuda_graph.py -k "cuda or graph" \
+      2>&1 | tail -40
+    echo "tests end $(date +%T)" ) > "$out/tests.log" 2>&1 &
+  tests_pid=$!
 fi
 if [ "$what" = epoch ] || [ "$what" = all ]; then
   # the issue-5 figure through the library's configured_step: Inductor per edge, bf16,
   # cudnn.benchmark, whole-step CUDA graph, batch 1250, one measured epoch
-  timeout 420 $py benchmarks/search_epoch.py --amp bf16 --batches 1250 --steps 5 --warmup 2 \
+  echo "epoch start $(date +%T)"
+  timeout 470 $py benchmarks/search_epoch.py --amp bf16 --batches 1250 --steps 5 --warmup 2 \
     --cudnn-benchmark 1 --compile default --scope edge --graph 1 --full-epoch 1250 \
-    --out "$out/epoch_graph_b1250.json" 2>&1 | grep -v "warm-up step [1-9]" | tail -8
+    --out "$out/epoch_graph_b1250.json" 2>&1 | tee "$out/epoch.log" | tail -12
+  echo "epoch end $(date +%T)"
 fi
+if [ -n "$tests_pid" ]; then wait "$tests_pid"; cat "$out/tests.log"; fi
 # Candidates for the last percent, one per device call (each compiles cold for ~6 min):
 #   batch: the same step at batch 1563 (16 steps, the last of 1555; ~57 GB est.), since a
 #          GPU-bound step may still gain a little throughput from a bigger batch;
