@@ -28,6 +28,7 @@ other writes with :func:`is_main_process`.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     if backend is None:
         gpu = torch.cuda.is_available() and dist.is_nccl_available()
         backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
+    # Dynamo first: importing torch._dynamo while a group exists (any optimizer's first
+    # construction does) leaks references to that group, so destroy_process_group cannot
+    # free it, its gloo threads outlive the interpreter and can abort the process at exit
+    # ("terminate called without an active exception", torch 2.13). Imported before the
+    # group, it takes no such references.
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(backend=backend, init_method="env://",
                             timeout=datetime.timedelta(seconds=timeout_s))
     return env()
