@@ -71,6 +71,8 @@ def test_temperature_schedule_and_state(anneal):
     assert fresh.tau == relax.tau
 
 
+# no step was taken, so torch warns that the schedulers stepped before the optimizers
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 def test_strategy_anneals_the_temperature():
     s = tiny_strategy({"name": "gdas"})  # epochs=2: 10 -> 0.1
     assert s.relaxation.tau == 10.0
