@@ -46,8 +46,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dp.broadcast_([w])
         total = torch.ones(1)
         torch.distributed.all_reduce(total)
-    finally:
-        dp.shutdown(together=True)
+    except BaseException:
+        dp.shutdown()  # not together: the peer may never reach the barrier
+        raise
+    dp.shutdown(together=True)  # as a command ends
     save_rank({"before": before, "joined": joined, "after": _threads(),
                "first_dynamo_import": first_dynamo_import, "w": w.detach(),
                "total": float(total)}, out, rank)
