@@ -181,3 +181,33 @@ def test_lm_search_refuses_the_image_search_gpu_settings(tmp_path, setting):
     cfg = load_config(str(_tiny_lm_config(tmp_path)), [setting])
     with pytest.raises(ValueError, match=f"search.{setting.split('=')[0][7:]} is for image"):
         build_lm_search(cfg, load_corpus(cfg.data.name, cfg.data.root))
+
+
+def test_lm_search_genotype_ranks_edges_by_their_edge_normalization_weight():
+    """With ``edge_norm`` (PC-DARTS betas) an edge's strength is beta-weight x op weight,
+    as in the image and graph searches: a strong op on an edge with a tiny beta loses."""
+    from diffnas.arch import ArchParams
+    from diffnas.engine.lm import LanguageModelObjective, LmSearchTask
+    from diffnas.strategies import create_strategy
+
+    space = create_space({"name": "darts_rnn", "ninp": 8, "nhid": 8, "nodes": 2},
+                         DataShape(1, 1, 20))
+    arch = ArchParams(space)
+    strategy = create_strategy({"name": "darts", "edge_norm": True}, space.build_supernet(),
+                               arch, LanguageModelObjective(), epochs=2)
+    edges, ops = arch.edges["recurrent"], arch.candidates("recurrent")
+    row = {(e.src, e.dst): i for i, e in enumerate(edges)}
+    with torch.no_grad():
+        for p in arch.parameters():
+            p.zero_()
+        arch["recurrent"][row[0, 2], ops.index("tanh")] = 5.0  # stronger op ...
+        arch["recurrent"][row[1, 2], ops.index("relu")] = 3.0
+        arch.betas["recurrent"][row[0, 2]] = -5.0  # ... on an edge the betas turn down
+    tokens = torch.zeros(10, 2, dtype=torch.long)
+    task = LmSearchTask(strategy, space, tokens, tokens, tokens[:, :1], lm=LmConfig(), seed=0)
+    (edge,) = task.genotype().cell("recurrent").inputs_of(2)
+    assert (edge.op, edge.src) == ("relu", 1)
+    with torch.no_grad():
+        arch.betas["recurrent"].zero_()  # without the betas the stronger op wins
+    (edge,) = task.genotype().cell("recurrent").inputs_of(2)
+    assert (edge.op, edge.src) == ("tanh", 0)

@@ -318,7 +318,8 @@ class LmSearchTask:
                 "valid_ppl": v["ppl"]}
 
     def genotype(self) -> Genotype:
-        return discretize(self.strategy.arch_params.as_dict(), self.space, self.rule)
+        arch = self.strategy.arch_params
+        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()
