@@ -41,8 +41,47 @@ def test_each_sub_supernet_fixes_its_edge_op():
     s.end_epoch()
     geno = discretize(s.arch_params.as_dict(), _space())
     edge = [e for e in geno.cell(g).edges if (e.src, e.dst) == (1, 3)]
-    if ops[best] != "none":
+    if ops[best] != "none":  # a 'none' winner: test_a_winning_none_sub_supernet_...
         assert edge and edge[0].op == ops[best]
+
+
+@pytest.mark.parametrize("label,dst_inputs", [("normal/n2/e0", 2), ("normal/n3/e1", 3)])
+def test_a_winning_none_sub_supernet_exports_a_meaningful_genotype(label, dst_inputs):
+    """The DARTS rule never picks ``none``. When the ``none`` sub-supernet wins, a node
+    with only k=2 inputs must still keep the edge: it gets the op its logits rank first
+    (not the first-listed op); a node with more inputs drops the edge."""
+    s = tiny_strategy({"name": "few_shot", "split_edges": [label], "split_epoch": 1})
+    g, row = s.split_rows[0]
+    ops = s.arch_params.candidates(g)
+    _one_shot_epoch(s)
+    i_none = next(i for i, f in enumerate(s.fixed) if f[g][row] == ops.index("none"))
+    favourite = ops.index("sep_conv_5x5")  # not the first non-'none' op listed
+    assert favourite != next(i for i, o in enumerate(ops) if o != "none")
+    with torch.no_grad():
+        s.subnets[i_none].arch_params[g][row, favourite] += 1.0
+    s.export(i_none)  # as end_epoch does when best() is the 'none' sub-supernet
+    w = torch.softmax(s.arch_params[g][row], -1)
+    assert w[ops.index("none")] > 0.999  # the fixed op dominates its row
+    e = s.arch_params.edges[g][row]
+    geno = discretize(s.arch_params.as_dict(), _space(), None, s.arch_params.edge_weights())
+    kept = [x for x in geno.cell(g).edges if (x.src, x.dst) == (e.src, e.dst)]
+    if dst_inputs == 2:
+        assert [x.op for x in kept] == ["sep_conv_5x5"]
+    else:
+        assert kept == []
+
+
+def test_a_winning_op_sub_supernet_exports_its_op():
+    s = tiny_strategy({"name": "few_shot", "split_edges": ["normal/n2/e0"], "split_epoch": 1})
+    g, row = s.split_rows[0]
+    ops = s.arch_params.candidates(g)
+    _one_shot_epoch(s)
+    i = next(i for i, f in enumerate(s.fixed) if ops[f[g][row]] == "avg_pool_3x3")
+    with torch.no_grad():  # even against a one-shot ranking that favours another op
+        s.subnets[i].arch_params[g][row, ops.index("sep_conv_5x5")] += 3.0
+    s.export(i)
+    geno = discretize(s.arch_params.as_dict(), _space())
+    assert [x.op for x in geno.cell(g).inputs_of(2) if x.src == 0] == ["avg_pool_3x3"]
 
 
 def _space():

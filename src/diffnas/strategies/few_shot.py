@@ -7,8 +7,9 @@ copy of the trained supernet and its alphas whose split edges are fixed to their
 relaxed weight row is one-hot and constant), and each is fine-tuned by DARTS first order.
 Sub-supernets take the batches in turn (round robin), so the total cost stays that of one
 supernet. After every epoch the sub-supernet with the lowest mean validation loss is
-exported: its alphas (split rows set to the fixed op) and weights are copied into this
-strategy's, so the run's genotype is the best across sub-supernets.
+exported: its alphas (split rows made near one-hot at the fixed op) and weights are copied
+into this strategy's, so the run's genotype is the best across sub-supernets (see
+:meth:`FewShotStrategy.export` for a winning ``none``).
 """
 
 from __future__ import annotations
@@ -167,15 +168,23 @@ class FewShotStrategy(SearchStrategy):
         return min(range(len(means)), key=lambda i: (means[i], i))
 
     def export(self, i: int) -> None:
-        """Copy sub-supernet ``i`` (alphas with fixed rows one-hot, weights) into self."""
+        """Copy sub-supernet ``i`` (alphas, weights) into self, its fixed ops made dominant.
+
+        A fixed row keeps the sub-supernet's logits (those of the one-shot phase: a constant
+        one-hot row gets no gradient) and its fixed op is raised 10 above them, so the
+        relaxed weight is near one-hot while the other ops keep their ranking. That ranking
+        matters when the fixed op is ``none``: the DARTS rule never picks ``none`` and may
+        still have to keep the edge (a node with only k inputs), and then it takes the op
+        the one-shot phase ranked first, not an arbitrary one; where the node has more
+        inputs the edge's tiny weight drops it, as the winning sub-supernet has it."""
         sub = self.subnets[i]
         self.arch_params.load_state_dict(sub.arch_params.state_dict())
         self.supernet.load_state_dict(sub.supernet.state_dict())
         with torch.no_grad():
             for g, rows in self.fixed[i].items():
                 for row, op in rows.items():
-                    self.arch_params[g][row].fill_(0.0)
-                    self.arch_params[g][row, op] = 10.0
+                    logits = self.arch_params[g][row]
+                    logits[op] = logits.max() + 10.0
 
     def end_epoch(self) -> None:
         self.epoch += 1
