@@ -106,3 +106,28 @@ def test_evolution_exports_its_best_path():
     # the export reflects the angle ranking: the best path beats the untouched ones
     assert angle > s.angle({"cell": torch.full((6,), int(s.allowed["cell"][0]))}) or \
         torch.equal(best["cell"], torch.full((6,), int(s.allowed["cell"][0])))
+
+
+def test_graph_space_search_maps_every_edge_and_exports_its_best_path(tmp_path):
+    """RLNAS works on the gnn space too: its mixed ops take the weight row at another
+    argument position and its input is one whole graph (not a batch to slice)."""
+    from test_graph_space import tiny_cfg
+
+    from diffnas.data.graph import load_graph
+    from diffnas.engine.graph import build_graph_search
+    from diffnas.supernet.gnn import CELL
+
+    cfg = tiny_cfg(tmp_path, "search.strategy={name: random_labels, population: 6, "
+                             "iterations: 2, parents: 2}")
+    task = build_graph_search(cfg, load_graph("karate"))
+    s = task.strategy
+    torch.manual_seed(0)
+    for epoch in range(2):
+        for batch in task.batches(epoch):
+            assert math.isfinite(task.step(batch)["loss"])
+        s.end_epoch()
+    rows = len(s.arch_params.edges[CELL])
+    mapped = {(g, r) for g, r, _ in s.edge_params if g}
+    assert mapped == {(CELL, r) for r in range(rows)}  # every edge found by its weight row
+    assert s.best_angle == s.angle(s.best_path) > 0
+    assert torch.equal(s.arch_params[CELL].argmax(-1), s.best_path[CELL])

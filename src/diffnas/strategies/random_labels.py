@@ -115,15 +115,18 @@ class RandomLabelsStrategy(SearchStrategy):
         rows = {}
         for g, w in aw.weights.items():
             for r in range(w.shape[0]):
-                rows[w[r].data_ptr()] = (g, r)
+                rows[(w[r].data_ptr(), tuple(w[r].shape))] = (g, r)
         seen: dict[torch.nn.Module, tuple[str, int]] = {}
 
         def hook(module, args):
-            key = rows.get(args[1].data_ptr())
-            if key is None:
-                raise RuntimeError(f"random_labels: mixed op {mixed[module]!r} received a "
-                                   "weight row that is not a view of the arch weights")
-            seen[module] = key
+            # the weight row's position differs between spaces' mixed ops: match any argument
+            keys = {rows.get((a.data_ptr(), tuple(a.shape))) for a in args
+                    if isinstance(a, torch.Tensor)} - {None}
+            if len(keys) != 1:
+                raise RuntimeError(f"random_labels: mixed op {mixed[module]!r} received "
+                                   f"{len(keys)} views of weight rows of the arch weights "
+                                   "(needs exactly one)")
+            seen[module] = keys.pop()
 
         handles = [m.register_forward_pre_hook(hook) for m in mixed]
         training = self.supernet.training
@@ -231,7 +234,9 @@ class RandomLabelsStrategy(SearchStrategy):
         if val_batch is not None:
             raise ValueError("random_labels trains on one stream; it got a validation batch")
         if self.edge_params is None:
-            self.map_edges(self.objective.inputs(train_batch)[:2])
+            x = self.objective.inputs(train_batch)
+            # a few samples suffice to trace; a graph input (one whole graph) stays whole
+            self.map_edges(x[:2] if isinstance(x, torch.Tensor) else x)
         path = self.sample_path()
         for g, idx in path.items():
             self.counts[g][torch.arange(len(idx)), idx] += 1
