@@ -187,6 +187,10 @@ def from_darts_str(text: str) -> Genotype:
             raise GenotypeError("expected a call 'Genotype(...)'")
         if expr.args or any(kw.arg is None for kw in expr.keywords):
             raise GenotypeError("expected named fields only: 'Genotype(normal=..., ...)'")
+        names = [kw.arg for kw in expr.keywords]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # Python refuses it too; the last one must not silently win
+            raise GenotypeError(f"field(s) given twice: {repeated}")
         kwargs = {kw.arg: _literal(kw.value) for kw in expr.keywords}
     except GenotypeError:
         raise
