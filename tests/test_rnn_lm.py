@@ -211,3 +211,37 @@ def test_lm_search_genotype_ranks_edges_by_their_edge_normalization_weight():
         arch.betas["recurrent"].zero_()  # without the betas the stronger op wins
     (edge,) = task.genotype().cell("recurrent").inputs_of(2)
     assert (edge.op, edge.src) == ("tanh", 0)
+
+
+@pytest.mark.parametrize("section", [
+    {"name": "darts"}, {"name": "zero_order", "estimator": "mgs"},
+    {"name": "zero_order", "estimator": "rs"}, {"name": "zero_order", "estimator": "gld"},
+    {"name": "mean_shift"}])
+def test_arch_stream_carries_the_hidden_state_of_the_current_alpha(section):
+    """The next window of the architecture stream starts from the state of a pass at the
+    alpha the step started from (as DARTS-RNN does), not from a perturbed candidate's."""
+    from diffnas.arch import ArchParams
+    from diffnas.engine.lm import HiddenState, LmBatch
+    from diffnas.strategies import create_strategy
+
+    vocab = 9
+    space = create_space({"name": "darts_rnn", "ninp": 6, "nhid": 6, "nodes": 3},
+                         DataShape(num_classes=vocab))
+    g = torch.Generator().manual_seed(1)
+    xt, yt, xa, ya = (torch.randint(0, vocab, (5, 4), generator=g) for _ in range(4))
+    torch.manual_seed(0)
+    net = space.build_supernet().double()
+    arch = ArchParams(space).double()
+    with torch.no_grad():
+        for p in arch.parameters():
+            p.normal_(0, 0.5)  # candidates then differ clearly from the current alpha
+    s = create_strategy(section, net, arch, space.objective(), epochs=2)
+    h0 = net.init_hidden(4) + 0.3
+    reference = LmBatch(xa, ya, HiddenState(h0.clone()), seed=11)
+    with torch.no_grad():
+        s.loss(reference, s.arch_weights())
+    val = LmBatch(xa, ya, HiddenState(h0.clone()), seed=11)
+    torch.manual_seed(5)
+    s.step(LmBatch(xt, yt, HiddenState(h0.clone()), seed=10), val)
+    assert not torch.equal(reference.state.pending, h0)
+    torch.testing.assert_close(val.state.pending, reference.state.pending, rtol=0, atol=1e-12)

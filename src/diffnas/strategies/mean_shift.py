@@ -91,6 +91,12 @@ class MeanShiftStrategy(SearchStrategy):
             shift, grads, losses = mean_shift(loss_at, params, c.bandwidth, c.samples,
                                               c.temperature, grad_params=self.alphas(),
                                               average=self.mean_over_ranks)
+            if getattr(val_batch, "state", None) is not None:
+                # a stream that carries state (language models' hidden state) keeps that of
+                # a pass at the current alpha, as in DARTS, not the last sample's; on the
+                # samples' noise, so no extra RNG draw
+                with torch.no_grad():
+                    self.loss(val_batch, self.arch_weights())
         with torch.no_grad():
             for p, d in zip(params, shift, strict=True):
                 p.add_(d)

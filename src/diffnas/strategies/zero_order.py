@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -125,8 +126,19 @@ class ZeroOrderStrategy(SearchStrategy):
         if val_batch is None:
             raise ValueError("zero_order needs a validation batch (bilevel search)")
         c = self.config
-        f = self.objective_at(train_batch, val_batch)
+        f_any = self.objective_at(train_batch, val_batch)
         x = self._flat()
+        # a stream that carries state (language models' hidden state) keeps that of the
+        # pass at the current alpha, as in DARTS, not the last (perturbed) candidate's
+        state = getattr(val_batch, "state", None)
+        carried: list[Any] = []
+
+        def f(flat: torch.Tensor) -> float:
+            value = f_any(flat)
+            if state is not None and not carried and torch.equal(flat, x):
+                carried.append(state.pending)
+            return value
+
         with self.relaxation.fixed_noise():
             if c.estimator == "mgs":
                 g = mgs_estimate(f, x, c.mu, c.samples)
@@ -139,6 +151,8 @@ class ZeroOrderStrategy(SearchStrategy):
             self.a_optimizer.step()
         else:
             self._assign(new)
+        if carried:
+            state.pending = carried[0]
         with torch.no_grad():
             aw = self.arch_weights()
         stats = self.weight_step(train_batch, aw)
