@@ -112,6 +112,14 @@ def test_fd_hvp_matches_double_backward():
     assert _rel_err(fd, ex) < 1e-4
 
 
+def test_fd_hvp_with_a_zero_vector_is_zero_like_double_backward():
+    """eps = r / ||v|| is undefined for v = 0; the product is then exactly zero."""
+    s, train, _ = _setup()
+    vec = {n: torch.zeros_like(p) for n, p in s.supernet.named_parameters()}
+    for hvp in (mixed_hvp_fd(s, train, vec), mixed_hvp_exact(s, train, vec)):
+        assert all(torch.equal(h, torch.zeros_like(a)) for h, a in zip(hvp, s.alphas()))
+
+
 def test_first_order_is_val_gradient_at_fixed_weights():
     s, train, val = _setup()
     s.w_optimizer.zero_grad(set_to_none=True)

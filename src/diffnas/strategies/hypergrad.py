@@ -106,6 +106,8 @@ def mixed_hvp_fd(
     instead of O(eps^2)."""
     named = dict(s.supernet.named_parameters())
     norm = torch.sqrt(sum((v * v).sum() for v in vector.values()))
+    if norm == 0:  # the product with a zero vector (eps = r / 0 would make NaN weights)
+        return [torch.zeros_like(a) for a in s.alphas()]
     eps = r / norm
     result = []
     for sign in (1.0,) if at_w is not None else (1.0, -1.0):
