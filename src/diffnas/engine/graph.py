@@ -23,6 +23,7 @@ step share them and a resumed run redraws exactly the same ones. Resume restarts
 epoch boundary from ``checkpoint.pt`` (the loop state, RNG included): bitwise equal to an
 uninterrupted run. One process only (no torchrun); image-only settings (``search.amp``,
 ``search.compile``, ``search.cuda_graph``, ``search.diagnostics``) are refused.
+``logger: tensorboard`` writes ``RUN_DIR/tensorboard/{search,retrain}`` as for images.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from diffnas.engine.checkpoint import (
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.engine.search import StrategyTask, alpha_record, search_then_retrain
+from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.ops.graph import Graph
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -206,6 +208,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                      ) -> GraphSearchResult:
     """Search a GNN cell as configured; writes ``run_dir/search`` like ``run_search``
     (metrics, genotypes and alphas per epoch, checkpoint, genotype.json, DONE)."""
+    _refuse_image_settings(cfg)  # before the run directory is touched
     out = Path(run_dir) / "search"
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -216,6 +219,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         JsonLines(out / "metrics.jsonl"),
         JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
         JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
+        *logger_callbacks(cfg, out, task.strategy.arch_params),
         Checkpoint(out / "checkpoint.pt"),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)
@@ -305,6 +309,7 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     task = GraphTrainTask(model, splits, cfg)
     loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
                                            JsonLines(out / "metrics.jsonl"),
+                                           *logger_callbacks(cfg, out),
                                            Checkpoint(out / "checkpoint.pt")])
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():

@@ -16,7 +16,9 @@ Settings: ``data`` (``name: ptb``, ``root``, ``batch_size`` = search batch,
 ``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``, ``momentum``, ``train_subset``,
 ``network``: the evaluation network) and the ``lm`` section (:class:`LmConfig`). The
 image-only retrain keys (auxiliary head, drop path, cutout, crop, flip, ``lr_min``) are
-not used here.
+not used here, and the image-search settings (``search.amp``, ``search.compile``,
+``search.cuda_graph``, ``search.cudnn_benchmark``, ``search.diagnostics``) are refused.
+``logger: tensorboard`` writes ``RUN_DIR/tensorboard/{search,retrain}`` as for images.
 
 Data parallel (torchrun, ``engine/distributed.py``): the columns of a batchified text are
 independent streams, so each rank takes ``B / world_size`` contiguous columns of every
@@ -70,6 +72,7 @@ from diffnas.engine.checkpoint import (
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.engine.search import alpha_record, search_then_retrain
+from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -337,17 +340,25 @@ def lm_space(cfg: RunConfig, corpus: Corpus) -> SearchSpace:
                                                     num_classes=corpus.vocab_size))
 
 
-def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str = "cpu",
-                    rank: int = 0, world_size: int = 1) -> LmSearchTask:
-    """Space, supernet, alphas, strategy and batchified texts for an LM search (under
-    torchrun: this rank's columns of the training texts)."""
-    lm, d = lm_config(cfg), cfg.data
+def _refuse_image_settings(cfg: RunConfig) -> None:
+    """The image-search settings this engine does not take: an error, not silence."""
     s = cfg.search
     gpu = [k for k, on in (("amp", s.amp), ("compile", s.compile), ("cuda_graph", s.cuda_graph),
                            ("cudnn_benchmark", s.cudnn_benchmark)) if on]
     if gpu:
         raise ValueError(f"search.{gpu[0]} is for image searches; the language-model search "
                          "engine (engine/lm.py) does not take it yet")
+    if s.diagnostics.enabled:
+        raise ValueError("search.diagnostics.enabled is not supported by the language-model "
+                         "engine (engine/lm.py); switch it off")
+
+
+def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str = "cpu",
+                    rank: int = 0, world_size: int = 1) -> LmSearchTask:
+    """Space, supernet, alphas, strategy and batchified texts for an LM search (under
+    torchrun: this rank's columns of the training texts)."""
+    lm, d = lm_config(cfg), cfg.data
+    _refuse_image_settings(cfg)
     for e in lm_space(cfg, corpus).config.growth.grow_epochs:
         if e >= cfg.search.epochs:
             raise ValueError(f"growth epoch {e} is not before search.epochs={cfg.search.epochs}:"
@@ -400,6 +411,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                   stop_after: int | None = None, corpus: Corpus | None = None) -> LmSearchResult:
     """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
     (under torchrun: rank 0 alone)."""
+    _refuse_image_settings(cfg)  # before the run directory is touched
     out = Path(run_dir) / "search"
     rank = dp.env()
     if rank.is_main:
@@ -415,8 +427,9 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
             JsonLines(out / "metrics.jsonl"),
             JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
             JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
-            Checkpoint(out / "checkpoint.pt"),
         ]),
+        *logger_callbacks(cfg, out, task.strategy.arch_params),  # writes on rank 0 alone
+        dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)
     ckpt = out / "checkpoint.pt"
@@ -583,9 +596,10 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     valid = batchify(_subset(corpus.valid, d.test_subset), lm.eval_batch_size).to(device)
     test = batchify(_subset(corpus.test, d.test_subset), lm.test_batch_size).to(device)
     task = LmTrainTask(model, train, valid, cfg, lm, rank.rank, rank.world_size)
-    loop = Loop(task, r.epochs, dp.main_process_only([ProgressBar("retrain", cfg.progress),
-                                                      JsonLines(out / "metrics.jsonl"),
-                                                      Checkpoint(out / "checkpoint.pt")]))
+    loop = Loop(task, r.epochs, [*dp.main_process_only([ProgressBar("retrain", cfg.progress),
+                                                       JsonLines(out / "metrics.jsonl")]),
+                                 *logger_callbacks(cfg, out),  # writes on rank 0 alone
+                                 dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt"))])
     ckpt = out / "checkpoint.pt"
     state = dp.main_process_result(lambda: load_checkpoint(ckpt)
                                    if resume and ckpt.exists() else None)
@@ -608,6 +622,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
 def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
     torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
+    _refuse_image_settings(cfg)  # before the corpus is read or the search starts
     corpus = load_corpus(cfg.data.name, cfg.data.root)
     return search_then_retrain(
         cfg, run_dir, lambda: run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype,
