@@ -67,7 +67,7 @@ def _search(p: argparse.ArgumentParser):
             from diffnas.engine.multiseed import seeds_command
 
             return seeds_command(args)
-        from diffnas.config import ConfigError, load_config
+        from diffnas.config import load_config
         from diffnas.engine import distributed as dp
         from diffnas.engine.retrain import run_retrain
         from diffnas.engine.rundir import new_run_dir, setup_logging
@@ -78,11 +78,6 @@ def _search(p: argparse.ArgumentParser):
         def open_run():  # rank 0 alone touches the run directory; the others get the result
             if args.resume:
                 run_dir = Path(args.resume)
-                from diffnas.engine.multiseed import SEEDS_FILE
-
-                if (run_dir / SEEDS_FILE).is_file():
-                    raise ConfigError(f"{run_dir} is a multi-seed run: continue it with "
-                                      f"--seeds ... --resume {run_dir}")
                 cfg = _resume_config(args)
             else:
                 cfg = load_config(args.config, args.overrides)
@@ -211,10 +206,15 @@ def _train(p: argparse.ArgumentParser):
 
 def _resume_config(args: argparse.Namespace):
     """The saved config of ``--resume RUN_DIR``; ``--config`` is refused and overrides are
-    limited to where the run executes (``engine/rundir.RESUME_OVERRIDES``)."""
+    limited to where the run executes (``engine/rundir.RESUME_OVERRIDES``). A multi-seed
+    parent is refused: its seeds are continued with ``search --seeds ... --resume``."""
     from diffnas.config import ConfigError
+    from diffnas.engine.multiseed import SEEDS_FILE
     from diffnas.engine.rundir import load_run_config
 
+    if (Path(args.resume) / SEEDS_FILE).is_file():
+        raise ConfigError(f"{args.resume} is a multi-seed run: continue it with "
+                          f"diffnas search --seeds ... --resume {args.resume}")
     if args.config:
         raise ConfigError(f"--resume {args.resume} continues with the run's own config.yaml; "
                           "drop --config")

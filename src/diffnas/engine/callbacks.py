@@ -16,6 +16,41 @@ from diffnas.engine.loop import Callback, Loop
 log = logging.getLogger("diffnas")
 
 
+def _jsonl_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, row)`` for each non-blank line of a JSON-lines file (see :func:`read_jsonl`)."""
+    lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    out = []
+    for n, ln in enumerate(lines, 1):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError(f"a {type(row).__name__}, not an object")
+        except ValueError as exc:
+            if n == len(lines):  # cut short by a crash mid-write: the epoch is rerun
+                log.warning("%s: dropped its incomplete last line %.60r", path, ln)
+                break
+            raise ValueError(f"{path}, line {n}: not a JSON object ({exc}); repair or remove "
+                             "that line") from exc
+        out.append((ln, row))
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file. An unreadable last line (a write cut short by a crash)
+    is dropped with a warning; an unreadable line elsewhere is a ``ValueError`` naming the
+    file and line."""
+    return [row for _, row in _jsonl_rows(Path(path))]
+
+
+def drop_epochs_from(path: str | Path, epoch: int) -> None:
+    """On resume from a checkpoint at ``epoch``: drop the rows of that epoch and later
+    from ``path`` (if it exists), and a torn last line."""
+    path = Path(path)
+    if path.exists():
+        kept = [ln for ln, row in _jsonl_rows(path) if row.get("epoch", -1) < epoch]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
 class ProgressBar(Callback):
     """A bar per epoch showing the running loss and accuracy."""
 
@@ -57,13 +92,7 @@ class JsonLines(Callback):
         self.record = record
 
     def on_run_start(self, loop: Loop) -> None:
-        if self.path.exists():
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln and json.loads(ln).get("epoch", -1) < loop.epoch
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        drop_epochs_from(self.path, loop.epoch)
 
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
         row = (

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from diffnas.arch.relax import SoftmaxRelaxation
+from diffnas.engine.callbacks import drop_epochs_from
 from diffnas.engine.loop import Callback, Loop
 from diffnas.genotype import Genotype
 from diffnas.ops import twice_differentiable
@@ -96,10 +97,7 @@ class CollapseDiagnostics(Callback):
         self.hessian_iters = hessian_iters
 
     def on_run_start(self, loop: Loop) -> None:
-        if self.path.exists():  # drop lines past the checkpoint (as JsonLines does)
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln and json.loads(ln).get("epoch", -1) < loop.epoch]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        drop_epochs_from(self.path, loop.epoch)  # lines past the checkpoint (as JsonLines)
 
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
         genotype = loop.task.genotype()

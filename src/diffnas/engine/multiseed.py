@@ -36,18 +36,19 @@ SEEDS_FILE = "seeds.json"
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2,3"`` -> ``[0, 1, 2, 3]``; ranges ``"0-3"`` work too. Duplicates are errors."""
     seeds: list[int] = []
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if re.fullmatch(r"\d+-\d+", part):
-                lo, hi = part.split("-")
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
+    for part in str(text).split(","):
+        part = part.strip()
+        if re.fullmatch(r"\d+-\d+", part):
+            lo, hi = map(int, part.split("-"))
+            if lo > hi:
+                raise ConfigError(f"--seeds {text!r}: the range {part!r} is reversed "
+                                  f"(write {hi}-{lo})")
+            seeds.extend(range(lo, hi + 1))
+        elif part:
+            try:
                 seeds.append(int(part))
-    except ValueError as exc:
-        raise ConfigError(f"--seeds {text!r}: expected integers like 0,1,2,3") from exc
+            except ValueError as exc:
+                raise ConfigError(f"--seeds {text!r}: expected integers like 0,1,2,3") from exc
     if not seeds:
         raise ConfigError(f"--seeds {text!r}: no seed given")
     if len(set(seeds)) != len(seeds):
@@ -59,6 +60,12 @@ def default_workers(n_runs: int, cores: int | None = None) -> int:
     """One process per core (each run then uses one thread), at most one per seed."""
     cores = cores or os.cpu_count() or 1
     return max(1, min(n_runs, cores))
+
+
+def check_workers(workers: int | None) -> None:
+    """``None`` (one per core) or a positive count."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
 
 
 def seed_dir(parent: str | Path, seed: int) -> Path:
@@ -108,6 +115,7 @@ def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
 
 def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     """What the summary needs from a seed directory (None where a part is missing)."""
+    from diffnas.engine.callbacks import read_jsonl
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
@@ -116,8 +124,8 @@ def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     gfile = run / "search" / "genotype.json"
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
-    metrics = [json.loads(ln) for ln in (run / "search" / "metrics.jsonl").read_text().splitlines()
-               if ln.strip()] if (run / "search" / "metrics.jsonl").is_file() else []
+    mfile = run / "search" / "metrics.jsonl"
+    metrics = read_jsonl(mfile) if mfile.is_file() else []
     if metrics and "val_acc" in metrics[-1]:
         rec["search_val_acc"] = metrics[-1]["val_acc"]
     res = run / "retrain" / "result.json"
@@ -249,6 +257,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     threads; ``workers=1`` runs in this process), then write and return the summary."""
     from diffnas.engine.rundir import load_run_config
 
+    check_workers(workers)
     parent = Path(parent)
     dirs = prepare_seeds(cfg, seeds, parent)
     def finished(d: Path) -> bool:
@@ -258,9 +267,8 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
             return False
 
     pending = [d for d in dirs if not finished(d)]
-    workers = workers or default_workers(len(pending) or 1)
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if workers is None:
+        workers = default_workers(len(pending) or 1)
     threads = max(1, (os.cpu_count() or 1) // workers)
     say = print if echo else log.info
     say(f"{len(seeds)} seeds in {parent}: {len(dirs) - len(pending)} already done, "
@@ -320,11 +328,15 @@ def seeds_command(args: argparse.Namespace) -> int:
     from diffnas.engine.rundir import load_run_config, new_run_dir
 
     seeds = parse_seeds(args.seeds)
+    check_workers(args.workers)
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError(f"--seeds ... --resume {args.resume} continues every seed with "
                               "its own config.yaml; drop --config and the overrides")
         parent = Path(args.resume)
+        if not (parent / SEEDS_FILE).is_file():  # never turn an ordinary run into a parent
+            raise ConfigError(f"{parent} is not a multi-seed run (no {SEEDS_FILE}): continue "
+                              f"an ordinary run with --resume {parent} without --seeds")
         cfg = load_run_config(parent, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)

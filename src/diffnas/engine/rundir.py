@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -25,15 +26,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def new_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
-    name = cfg.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out_dir) / name
-    if (run_dir / CONFIG_FILE).exists():
-        raise FileExistsError(
-            f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue "
-            "it or choose another name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    """Create a new run's directory (claimed atomically) and save its config there.
+    Unnamed: ``CONFIG_NAME-YYYYmmdd-HHMMSS``, plus ``-2``, ``-3``, ... for runs started in
+    the same second; a ``cfg.name`` that already holds a run is refused."""
+    out = Path(cfg.out_dir)
+    if cfg.name:
+        run_dir = out / cfg.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # claim the config file: a concurrent run of the same name fails here
+            (run_dir / CONFIG_FILE).open("x").close()
+        except FileExistsError:
+            raise FileExistsError(
+                f"run directory {run_dir} already holds a run; use --resume {run_dir} to "
+                "continue it or choose another name") from None
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        base = f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in itertools.count(1):
+            run_dir = out / (base if n == 1 else f"{base}-{n}")
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+    try:
+        save_config(cfg, run_dir / CONFIG_FILE)
+    except BaseException:
+        (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no empty claim left behind
+        raise
     return run_dir
 
 
