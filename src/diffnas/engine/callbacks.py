@@ -36,10 +36,11 @@ def _jsonl_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file. An unreadable last line (a write cut short by a crash)
-    is dropped with a warning; an unreadable line elsewhere is a ``ValueError`` naming the
-    file and line."""
-    return [row for _, row in _jsonl_rows(Path(path))]
+    """The rows of a JSON-lines file (none if it does not exist). An unreadable last line
+    (a write cut short by a crash) is dropped with a warning; an unreadable line elsewhere
+    is a ``ValueError`` naming the file and line."""
+    path = Path(path)
+    return [row for _, row in _jsonl_rows(path)] if path.is_file() else []
 
 
 def drop_epochs_from(path: str | Path, epoch: int) -> None:

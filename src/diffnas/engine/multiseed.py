@@ -124,8 +124,7 @@ def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     gfile = run / "search" / "genotype.json"
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
-    mfile = run / "search" / "metrics.jsonl"
-    metrics = read_jsonl(mfile) if mfile.is_file() else []
+    metrics = read_jsonl(run / "search" / "metrics.jsonl")
     if metrics and "val_acc" in metrics[-1]:
         rec["search_val_acc"] = metrics[-1]["val_acc"]
     res = run / "retrain" / "result.json"

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from diffnas.engine.callbacks import read_jsonl
 from diffnas.genotype import CellGenotype, Genotype
 
 FORMATS = ("png", "svg")
@@ -38,14 +39,6 @@ class PlotError(RuntimeError):
 
 
 # --- run directory contents ----------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; an empty list when the file does not exist."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-
-
 @dataclass
 class RunData:
     """What the plots and the report read from a run directory."""
