@@ -68,6 +68,12 @@ def test_workers_zero_is_refused_before_anything_is_made(tmp_path, capsys):
     assert not (tmp_path / "p").exists()
 
 
+def test_workers_without_seeds_is_refused(tmp_path, capsys):
+    assert main(["search", "--workers", "2", f"out_dir={tmp_path}", *TINY]) == 2
+    assert "--workers sets the parallel processes of --seeds" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_reversed_seed_range_is_an_error():
     with pytest.raises(ConfigError, match="reversed"):
         ms.parse_seeds("0,3-1")

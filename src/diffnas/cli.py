@@ -63,10 +63,15 @@ def _search(p: argparse.ArgumentParser):
     p.add_argument("--workers", type=int, help="parallel processes for --seeds")
 
     def run(args: argparse.Namespace) -> int:
+        from diffnas.config import ConfigError
+
         if args.seeds:
             from diffnas.engine.multiseed import seeds_command
 
             return seeds_command(args)
+        if args.workers is not None:
+            raise ConfigError("--workers sets the parallel processes of --seeds; give --seeds "
+                              "too or drop it")
         from diffnas.config import load_config
         from diffnas.engine import distributed as dp
         from diffnas.engine.retrain import run_retrain
