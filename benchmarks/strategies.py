@@ -91,7 +91,7 @@ def _run_one(args: tuple) -> dict:
         f"data.train_subset={data_opts['train_subset']}", "data.test_subset=100",
         f"data.batch_size={data_opts['batch_size']}", "progress=false", f"seed={seed}",
         f"search.epochs={epochs}", "search.space={name: nb201, C: 8, N: 1}",
-        f"search.strategy={json.dumps(section)}",
+        f"search.strategy={json.dumps(section)}", "retrain.enabled=false",  # search only
     ])
     run_dir = Path(out_dir) / f"{name}_s{seed}"
     diag = CollapseDiagnostics(run_dir / "collapse.jsonl")

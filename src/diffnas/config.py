@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +24,50 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid."""
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``; malformed YAML is a :class:`ConfigError` naming ``where``
+    (a file or an override) and the line and column of the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML: {problem}{at}") from None
+
+
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise :class:`ConfigError` ``"<key> must be <rule>, got <value>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def require_sizes(obj: Any, keys: tuple[str, ...], where: str) -> None:
+    """Each ``obj.<key>`` is ``None`` or an int >= 1 (a width, a depth, a count)."""
+    for key in keys:
+        value = getattr(obj, key)
+        require(value is None or value >= 1, f"{where}.{key}", ">= 1 (or null)", value)
+
+
+def check_call(fn: Callable[..., Any], settings: dict, where: str) -> None:
+    """Refuse ``settings`` that ``fn(**settings)`` would not accept (unknown or missing
+    keyword arguments), naming the keys under ``where`` and the accepted ones; builds
+    nothing, so a setting that names a file is not read here."""
+    params = inspect.signature(fn).parameters.values()
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    accepted = ", ".join(["name", *named])
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        unknown = sorted(set(settings) - set(named))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}"
+                              f"; valid keys of {where}: {accepted}")
+    missing = [p.name for p in params if p.name in named and p.default is p.empty
+               and p.name not in settings]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}; "
+                          f"valid keys: {accepted}")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -123,6 +169,7 @@ class DataConfig:
             raise ConfigError(f"data.search_split must be in (0, 1), got {self.search_split}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        require_sizes(self, ("resolution", "train_subset", "test_subset"), "data")
 
 
 @dataclass
@@ -135,6 +182,9 @@ class DiagnosticsConfig:
     hessian: bool = False  # one power iteration costs two backward passes
     iters: int = 20  # power iterations per epoch
     cell: str | None = None  # None: the normal cell (the only cell on nb201)
+
+    def __post_init__(self) -> None:
+        require(self.iters >= 1, "search.diagnostics.iters", ">= 1", self.iters)
 
 
 @dataclass
@@ -186,6 +236,18 @@ class RetrainConfig:
             raise ConfigError(f"retrain.epochs and retrain.batch_size must be >= 1, got "
                               f"{self.epochs} and {self.batch_size} (retrain.enabled=false "
                               "skips retraining)")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Optimizer and augmentation settings torch would refuse (or silently misuse)
+        only once retraining starts, after the whole search."""
+        for key in ("lr", "lr_min", "momentum", "weight_decay", "auxiliary_weight",
+                    "cutout", "crop_padding"):
+            value = getattr(self, key)
+            require(value >= 0, f"retrain.{key}", ">= 0", value)
+        require(self.grad_clip > 0, "retrain.grad_clip", "> 0", self.grad_clip)
+        require(0 <= self.drop_path < 1, "retrain.drop_path", "in [0, 1)", self.drop_path)
+        require_sizes(self, ("train_subset",), "retrain")
 
 
 @dataclass
@@ -214,10 +276,11 @@ class RunConfig:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> ``(["a", "b"], value read as YAML)``."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), _load_yaml(value, f"override {text!r}")
 
 
 def apply_overrides(data: dict, overrides: list[str], defaults: dict | None = None) -> dict:
@@ -248,7 +311,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _load_yaml(p.read_text(), str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     data = apply_overrides(data, overrides or [], to_dict(RunConfig()))
@@ -262,30 +325,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_components(cfg: RunConfig, device: bool = True) -> None:
-    """Check the space/strategy sections against the classes their names select, the
-    discretizer, dataset and (``device``) the device."""
+    """Check what the config names against the classes that use it, before a run directory
+    is written: the space and strategy sections (relaxation and penalties included), the
+    discretizer, dataset, ``lm`` section, retrain network, diagnostics cell and
+    (``device``) the device."""
     from diffnas.spaces import space_config
-    from diffnas.strategies import strategy_config
+    from diffnas.strategies.registry import check_strategy
 
     if cfg.logger not in ("jsonl", "tensorboard"):
         raise ConfigError(f"config.logger: {cfg.logger!r} is not one of jsonl, tensorboard")
     if device:
         check_device(cfg.device)
     space_config(cfg.search.space)
-    strategy_config(cfg.search.strategy)
+    check_strategy(cfg.search.strategy)
     if cfg.search.discretizer is not None:
         from diffnas.genotype.discretize import DISCRETIZERS
 
         DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
+    _check_data(cfg)
+    _check_lm(cfg)
+    _check_retrain(cfg)
+    _check_diagnostics(cfg)
+
+
+def _space_name(cfg: RunConfig) -> str:
+    return cfg.search.space.get("name", "darts_cnn")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """``data.name`` is a dataset of the kind the space reads (text, graph or images)."""
     from diffnas.data.graph import GRAPH_DATASETS
 
-    if cfg.search.space.get("name") == "darts_rnn":  # language data: engine/lm.py
+    if _space_name(cfg) == "darts_rnn":  # language data: engine/lm.py
         from diffnas.data.text import TEXT_DATASETS
 
         if cfg.data.name not in TEXT_DATASETS:
             raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a text dataset; the "
                               f"darts_rnn space reads one of {sorted(TEXT_DATASETS)}")
-    elif cfg.search.space.get("name") == "gnn":  # graphs: engine/graph.py
+    elif _space_name(cfg) == "gnn":  # graphs: engine/graph.py
         if cfg.data.name not in GRAPH_DATASETS:
             raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a graph dataset; "
                               f"the gnn space reads one of {GRAPH_DATASETS.names()}")
@@ -296,10 +373,60 @@ def validate_components(cfg: RunConfig, device: bool = True) -> None:
         from diffnas.data import DATASETS
 
         DATASETS.get(cfg.data.name)
-    if cfg.lm:
+
+
+def _check_lm(cfg: RunConfig) -> None:
+    """The ``lm`` section is read by language-model runs alone; elsewhere it is refused
+    rather than silently ignored."""
+    if _space_name(cfg) == "darts_rnn":
         from diffnas.engine.lm import lm_config
 
         lm_config(cfg)
+    elif cfg.lm:
+        keys = ", ".join(f"lm.{k}" for k in cfg.lm)
+        raise ConfigError(f"config.lm: the lm section ({keys}) is read by language-model "
+                          "runs alone (search.space.name=darts_rnn), not by space "
+                          f"{_space_name(cfg)!r}: remove it")
+
+
+def _check_retrain(cfg: RunConfig) -> None:
+    """With ``retrain.enabled``: ``retrain.network`` against the network settings of the
+    space (as engine/retrain.py passes them) and the batch against ``retrain.train_subset``,
+    so that a mistake shows before the search rather than after it."""
+    r = cfg.retrain
+    if not r.enabled:
+        return
+    from diffnas.spaces.registry import network_config
+
+    network = dict(r.network)
+    image = _space_name(cfg) not in ("darts_rnn", "gnn")
+    if image and r.auxiliary_weight > 0:  # as engine/retrain.build_network does
+        network.setdefault("auxiliary", True)
+    try:
+        network_config(cfg.search.space, network)
+    except ValueError as exc:  # ConfigError, or a space's own check (nb201: no auxiliary)
+        if r.network == RetrainConfig().network:  # the user wrote none of it
+            raise ConfigError(f"{exc}. retrain.network defaults to the DARTS CIFAR network "
+                              f"{r.network}, made for space darts_cnn: give space "
+                              f"{_space_name(cfg)!r} its own retrain.network, or set "
+                              "retrain.enabled=false") from None
+        raise
+    if image and r.train_subset is not None and r.batch_size > r.train_subset:
+        raise ConfigError(f"retrain.batch_size={r.batch_size} exceeds retrain.train_subset="
+                          f"{r.train_subset}: no complete batch (incomplete ones are dropped)")
+
+
+def _check_diagnostics(cfg: RunConfig) -> None:
+    """``search.diagnostics.cell`` names a cell type of the space."""
+    cell = cfg.search.diagnostics.cell
+    if cell is None:
+        return
+    from diffnas.spaces import create_space
+
+    cells = sorted(create_space(cfg.search.space).edge_groups())
+    if cell not in cells:
+        raise ConfigError(f"search.diagnostics.cell: {cell!r} is not a cell of space "
+                          f"{_space_name(cfg)!r}; its cells: {', '.join(cells)}")
 
 
 def check_device(device: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict
+from diffnas.config import from_dict, require_sizes
 from diffnas.genotype import Genotype
 from diffnas.ops import OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -55,6 +55,9 @@ class DartsCnnNetworkConfig:
     auxiliary: bool = False
     stem_multiplier: int | None = None
     channels_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        require_sizes(self, ("C", "layers", "stem_multiplier"), "retrain.network")
 
 
 @register_space("darts_cnn")

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict
+from diffnas.config import from_dict, require, require_sizes
 from diffnas.genotype import Genotype
 from diffnas.ops.rnn import DARTS_RNN_OPS, RNN_OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -101,6 +101,12 @@ class DartsRnnNetworkConfig:
     dropouti: float | None = None
     dropoute: float | None = None
     weight_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        require_sizes(self, ("ninp", "nhid"), "retrain.network")
+        for key in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "weight_drop"):
+            p = getattr(self, key)
+            require(p is None or 0 <= p < 1, f"retrain.network.{key}", "in [0, 1)", p)
 
 
 @register_space("darts_rnn")

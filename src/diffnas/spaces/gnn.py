@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict
+from diffnas.config import from_dict, require_sizes
 from diffnas.genotype import CellGenotype, Edge, Genotype
 from diffnas.ops.graph import GNN_OPS, GRAPH_OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -69,6 +69,7 @@ class GnnNetworkConfig:
     in_dropout: float | None = None
 
     def __post_init__(self) -> None:
+        require_sizes(self, ("hidden", "cells"), "retrain.network")
         _check_dropout("retrain.network.dropout", self.dropout)
         _check_dropout("retrain.network.in_dropout", self.in_dropout)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict
+from diffnas.config import from_dict, require_sizes
 from diffnas.genotype import CellGenotype, Edge, Genotype, GenotypeError
 from diffnas.ops import OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -63,6 +63,7 @@ class Nb201NetworkConfig:
     channels_last: bool | None = None
 
     def __post_init__(self) -> None:
+        require_sizes(self, ("C", "N"), "retrain.network")
         if self.auxiliary:
             raise ValueError(
                 "nb201 networks have no auxiliary head: set retrain.auxiliary_weight=0"

@@ -26,6 +26,15 @@ def space_config(section: dict) -> Any:
     return from_dict(cls.Config, section, f"search.space[{cls.name}]")
 
 
+def network_config(section: dict, network: dict) -> Any:
+    """Validate ``retrain.network`` against the ``NetworkConfig`` dataclass of the space
+    ``section`` names (the settings its ``build_network`` reads); ``None`` for a space that
+    declares no such class (its ``build_network`` alone can check them)."""
+    cls = SPACES.get(section.get("name", "darts_cnn"))
+    net_cls = getattr(cls, "NetworkConfig", None)
+    return None if net_cls is None else from_dict(net_cls, network, "retrain.network")
+
+
 def create_space(section: dict, shape: DataShape | None = None) -> SearchSpace:
     """Build the space named by ``section['name']`` with its settings."""
     cls = SPACES.get(section.get("name", "darts_cnn"))

@@ -13,7 +13,8 @@ from torch import nn
 from torch.func import functional_call
 
 from diffnas.arch.params import ArchParams
-from diffnas.arch.relax import ArchWeights, create_relaxation
+from diffnas.arch.relax import RELAXATIONS, ArchWeights, create_relaxation
+from diffnas.config import ConfigError, check_call, require
 from diffnas.engine.distributed import all_reduce_mean, average_grads_
 from diffnas.registry import Registry
 from diffnas.strategies.objective import Objective, metric
@@ -30,14 +31,54 @@ def register_penalty(name: str):
     return PENALTIES.register(name)
 
 
-def create_penalty(spec: dict) -> Callable:
-    """Build ``{name: ..., **settings}`` from :data:`PENALTIES`."""
+def _import_penalty_modules() -> None:
     for mod in PENALTY_MODULES:
         importlib.import_module(mod)
-    spec = dict(spec)
-    if "name" not in spec:
-        raise ValueError(f"penalty {spec} needs a 'name'; known: {PENALTIES.names()}")
-    return PENALTIES.get(spec.pop("name"))(**spec)
+
+
+def _penalty_factory(spec: dict, where: str) -> tuple[Callable[..., Callable], dict]:
+    """The factory ``spec['name']`` selects and the settings it accepts (else a
+    :class:`ConfigError` naming the key under ``where``)."""
+    _import_penalty_modules()
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"{where}: a penalty is a mapping with a 'name', got {spec!r}; "
+                          f"known: {PENALTIES.names()}")
+    settings = {k: v for k, v in spec.items() if k != "name"}
+    factory = PENALTIES.get(spec["name"])
+    check_call(factory, settings, where)
+    return factory, settings
+
+
+def check_penalties(specs: list[dict], where: str = "search.strategy.penalties") -> None:
+    """Each ``{name, **settings}`` of a registered penalty has settings its factory takes;
+    builds none (a penalty may read files, e.g. a latency predictor). An unregistered name
+    is left to :func:`create_penalty`, which lists the known ones."""
+    _import_penalty_modules()
+    for i, spec in enumerate(specs):
+        if isinstance(spec, dict) and "name" in spec and spec["name"] not in PENALTIES:
+            continue
+        _penalty_factory(spec, f"{where}[{i}]")
+
+
+def create_penalty(spec: dict, where: str = "search.strategy.penalties") -> Callable:
+    """Build ``{name: ..., **settings}`` from :data:`PENALTIES`."""
+    factory, settings = _penalty_factory(spec, where)
+    return factory(**settings)
+
+
+def check_relaxation(section: dict, where: str = "search.strategy.relaxation") -> None:
+    """``{name, **settings}`` names a registered relaxation, with settings its class takes
+    and accepts (built once here: relaxations are cheap and hold no tensors)."""
+    if not isinstance(section, dict) or "name" not in section:
+        raise ConfigError(f"{where} needs a 'name' (one of {RELAXATIONS.names()}), got "
+                          f"{section!r}")
+    settings = {k: v for k, v in section.items() if k != "name"}
+    cls = RELAXATIONS.get(section["name"])
+    check_call(cls, settings, where)
+    try:
+        cls(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass
@@ -50,6 +91,12 @@ class WeightOptimConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
 
+    def __post_init__(self) -> None:
+        for key in ("lr", "lr_min", "momentum", "weight_decay"):
+            value = getattr(self, key)
+            require(value >= 0, f"search.strategy.w_optim.{key}", ">= 0", value)
+        require(self.grad_clip > 0, "search.strategy.w_optim.grad_clip", "> 0", self.grad_clip)
+
 
 @dataclass
 class ArchOptimConfig:
@@ -58,6 +105,13 @@ class ArchOptimConfig:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 1e-3
+
+    def __post_init__(self) -> None:
+        require(self.lr >= 0, "search.strategy.a_optim.lr", ">= 0", self.lr)
+        require(self.weight_decay >= 0, "search.strategy.a_optim.weight_decay", ">= 0",
+                self.weight_decay)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                "search.strategy.a_optim.betas", "two numbers in [0, 1)", self.betas)
 
 
 @dataclass
@@ -111,11 +165,7 @@ class SearchStrategy:
         self.objective = objective
         self.epochs = epochs
         relax = dict(config.relaxation)
-        if "name" not in relax:
-            from diffnas.arch.relax import RELAXATIONS
-
-            raise ValueError(f"search.strategy.relaxation needs a 'name' (one of "
-                             f"{RELAXATIONS.names()}), got {config.relaxation}")
+        check_relaxation(relax)
         self.relaxation = create_relaxation(relax.pop("name"), **relax)
         self.relaxation.set_epochs(epochs)
         if config.edge_norm:  # before the optimizer, so the betas are optimized with alpha

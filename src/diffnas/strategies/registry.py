@@ -24,6 +24,17 @@ def strategy_config(section: dict) -> Any:
     return from_dict(cls.Config, section, f"search.strategy[{cls.name}]")
 
 
+def check_strategy(section: dict) -> Any:
+    """:func:`strategy_config`, plus its relaxation and penalties checked against the
+    classes they name (config.validate_components, before a run directory exists)."""
+    from diffnas.strategies.base import check_penalties, check_relaxation
+
+    config = strategy_config(section)
+    check_relaxation(getattr(config, "relaxation", {"name": "softmax"}))
+    check_penalties(getattr(config, "penalties", []))
+    return config
+
+
 def create_strategy(section: dict, supernet, arch_params, objective, epochs: int):
     """Build the strategy named by ``section['name']`` over the given parameter sets."""
     cls = STRATEGIES.get(section.get("name", "darts"))

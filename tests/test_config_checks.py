@@ -1,0 +1,164 @@
+"""Config checks that must hold before a run directory is written: retrain settings,
+malformed YAML, penalty and relaxation settings, value ranges, the ``lm`` section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffnas.cli import main
+from diffnas.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = ROOT / "configs/darts_fashion_mnist.yaml"
+RNN = ROOT / "configs/darts_rnn_ptb.yaml"
+TINY = """\
+seed: 0
+device: cpu
+progress: false
+data: {name: digits, train_subset: 64, test_subset: 32, batch_size: 16}
+search:
+  epochs: 1
+  space: {name: darts_cnn, C: 4, layers: 2, nodes: 2}
+  strategy: {name: darts, order: 1}
+retrain: {epochs: 1, batch_size: 16, train_subset: 64, auxiliary_weight: 0.0,
+          network: {C: 4, layers: 2}}
+"""
+
+
+def _refused(overrides: list[str], match: str, path: Path = FASHION) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, overrides)
+
+
+# --- 1. retrain and diagnostics settings, checked before the search ---------------------
+@pytest.mark.parametrize("override, match", [
+    ("retrain.network.Cx=8", r"retrain\.network\.Cx; valid keys of retrain\.network: C, "),
+    ("retrain.network.C=0", r"retrain\.network\.C must be >= 1"),
+    ("retrain.lr=-1", r"retrain\.lr must be >= 0, got -1"),
+    ("retrain.momentum=-0.5", r"retrain\.momentum must be >= 0"),
+    ("retrain.weight_decay=-1", r"retrain\.weight_decay must be >= 0"),
+    ("retrain.grad_clip=0", r"retrain\.grad_clip must be > 0"),
+    ("retrain.drop_path=1", r"retrain\.drop_path must be in \[0, 1\)"),
+    ("retrain.auxiliary_weight=-1", r"retrain\.auxiliary_weight must be >= 0"),
+    ("retrain.train_subset=0", r"retrain\.train_subset must be >= 1"),
+    ("search.diagnostics.cell=foo", r"search\.diagnostics\.cell: 'foo' .*normal, reduce"),
+    ("search.strategy.w_optim.lr=-1", r"search\.strategy\.w_optim\.lr must be >= 0"),
+    ("search.strategy.w_optim.grad_clip=-5", r"w_optim\.grad_clip must be > 0"),
+    ("search.strategy.a_optim.betas=[0.5, 1.5]", r"a_optim\.betas must be two numbers"),
+])
+def test_retrain_and_search_settings_are_checked_at_load(override, match):
+    _refused([override], match)
+
+
+def test_retrain_batch_larger_than_its_subset_is_refused():
+    _refused(["retrain.train_subset=50", "retrain.batch_size=64"],
+             r"retrain\.batch_size=64 exceeds retrain\.train_subset=50")
+
+
+def test_a_diagnostics_cell_of_the_space_is_accepted():
+    cfg = load_config(FASHION, ["search.diagnostics.cell=reduce"])
+    assert cfg.search.diagnostics.cell == "reduce"
+
+
+def test_the_network_is_checked_against_the_configured_space():
+    nb201 = "search.space={name: nb201, C: 4, N: 1}"
+    _refused([nb201, "retrain.auxiliary_weight=0", "retrain.network={C: 4, layers: 2}"],
+             r"retrain\.network\.layers; valid keys of retrain\.network: C, N, ")
+    # the auxiliary head retraining adds for auxiliary_weight > 0
+    with pytest.raises(ValueError, match="no auxiliary head"):
+        load_config(FASHION, [nb201, "retrain.auxiliary_weight=0.4",
+                              "retrain.network={C: 4, N: 1}"])
+    _refused(["retrain.network.C=8"], r"retrain\.network\.C; valid keys of retrain\.network: "
+             "dropout, ", RNN)
+    _refused(["retrain.network.nhid=0"], r"retrain\.network\.nhid must be >= 1", RNN)
+    _refused(["retrain.network.dropout=1.5"], r"retrain\.network\.dropout must be in", RNN)
+
+
+def test_the_default_network_of_another_space_says_what_to_set():
+    """The default retrain.network is darts_cnn's; on another space the error says so."""
+    _refused(["search.space={name: nb201, C: 4, N: 1}"],
+             r"retrain\.network defaults to the DARTS CIFAR network .* give space 'nb201' "
+             r"its own retrain\.network, or set retrain\.enabled=false", path=None)
+    cfg = load_config(None, ["search.space={name: nb201, C: 4, N: 1}", "retrain.network={}",
+                             "retrain.auxiliary_weight=0"])
+    assert cfg.retrain.network == {}
+
+
+def test_a_network_is_not_checked_when_retraining_is_off():
+    cfg = load_config(FASHION, ["search.space={name: nb201, C: 4, N: 1}",
+                                "retrain.enabled=false"])
+    assert cfg.retrain.network == {"C": 16, "layers": 8}
+
+
+def test_a_bad_retrain_network_writes_no_run_directory(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    argv = ["search", "--config", str(tmp_path / "tiny.yaml"), f"out_dir={tmp_path / 'runs'}",
+            "name=r", "retrain.network.Cx=8"]
+    assert main(argv) == 2
+    assert "retrain.network.Cx" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+# --- 2. malformed YAML ------------------------------------------------------------------
+def test_a_malformed_override_names_the_override():
+    _refused(["search.space={name: darts_cnn, C: 4"],
+             r"override 'search\.space=\{name: darts_cnn, C: 4': invalid YAML")
+
+
+def test_a_malformed_file_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\ndata:\n  name: digits\n batch_size: 4\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: invalid YAML: .*\(line 4, column 2\)"):
+        load_config(bad)
+
+
+# --- 3. penalty and relaxation settings -------------------------------------------------
+@pytest.mark.parametrize("override, match", [
+    ("search.strategy.penalties=[{name: latency, predictor: p.pt, lamx: 1}]",
+     r"search\.strategy\.penalties\[0\]\.lamx; valid keys of search\.strategy\.penalties\[0\]:"
+     r" name, predictor, lam"),
+    ("search.strategy.penalties=[{name: latency, lam: 1}]",
+     r"penalties\[0\]: missing required key\(s\) predictor"),
+    ("search.strategy.penalties=[{lam: 1}]", r"penalties\[0\]: a penalty is a mapping with a "
+     "'name'"),
+    ("search.strategy.relaxation={name: gumbel, tau_typo: 1}",
+     r"search\.strategy\.relaxation\.tau_typo; valid keys of search\.strategy\.relaxation: "
+     "name, tau, tau_min, anneal"),
+    ("search.strategy.relaxation={name: gumbel, tau: -1}",
+     r"search\.strategy\.relaxation: temperatures must be positive"),
+    ("search.strategy.relaxation={tau: 1}", r"search\.strategy\.relaxation needs a 'name'"),
+])
+def test_penalty_and_relaxation_settings_are_checked_at_load(override, match):
+    _refused([override], match)
+
+
+def test_create_penalty_names_a_bad_key():
+    from diffnas.strategies.base import create_penalty
+
+    with pytest.raises(ConfigError, match=r"penalties\.lamx"):
+        create_penalty({"name": "latency", "predictor": "p.pt", "lamx": 1})
+
+
+# --- 4. value ranges --------------------------------------------------------------------
+@pytest.mark.parametrize("override, match", [
+    ("data.resolution=-4", r"data\.resolution must be >= 1"),
+    ("data.train_subset=0", r"data\.train_subset must be >= 1"),
+    ("data.test_subset=-1", r"data\.test_subset must be >= 1"),
+    ("retrain.crop_padding=-1", r"retrain\.crop_padding must be >= 0, got -1"),
+    ("retrain.cutout=-3", r"retrain\.cutout must be >= 0, got -3"),
+    ("search.diagnostics.iters=-3", r"search\.diagnostics\.iters must be >= 1, got -3"),
+    ("search.diagnostics.iters=0", r"search\.diagnostics\.iters must be >= 1, got 0"),
+])
+def test_out_of_range_numbers_name_their_key(override, match):
+    _refused([override], match)
+
+
+# --- 5. the lm section ------------------------------------------------------------------
+def test_an_lm_section_outside_language_models_is_refused():
+    _refused(["lm.bptt=10"], r"config\.lm: the lm section \(lm\.bptt\) .*space 'darts_cnn'")
+
+
+def test_an_lm_section_of_a_language_model_is_read():
+    assert load_config(RNN, ["lm.bptt=10"]).lm["bptt"] == 10
