@@ -350,7 +350,10 @@ def test_sampled_genotypes_are_valid_and_varied():
 
 def _nb201_predictor(tmp_path):
     """latency = 10 ms + 10 ms per nor_conv_3x3 edge (op index 3), exactly."""
-    p = LatencyPredictor({"cell": (6, 5)}, hidden=4, mean_ms=0.0, std_ms=1.0)
+    from diffnas.spaces.nb201 import NB201_OPS
+
+    p = LatencyPredictor({"cell": (6, 5)}, hidden=4, mean_ms=0.0, std_ms=1.0,
+                         ops={"cell": NB201_OPS})
     with torch.no_grad():
         for t in p.mlp[-1].parameters():
             t.zero_()

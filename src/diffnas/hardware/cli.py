@@ -97,10 +97,11 @@ def _measure(args: argparse.Namespace) -> int:
     cfg, space, shape, network = _space_from_config(args.config, args.overrides)
     print(f"measuring {args.count} {space.name} architectures, input {shape}, network "
           f"{network}, {_settings(args)}", flush=True)
-    build_dataset(space, args.out, args.count, shape, network, _settings(args), args.seed,
-                  args.chunk, progress=lambda i, n: print(f"  {i}/{n}", flush=True),
-                  space_section=dict(cfg.search.space))
-    print(f"appended {args.count} records to {args.out}")
+    new = build_dataset(space, args.out, args.count, shape, network, _settings(args),
+                        args.seed, args.chunk,
+                        progress=lambda i, n: print(f"  {i}/{n}", flush=True),
+                        space_section=dict(cfg.search.space))
+    print(f"appended {len(new)} records to {args.out}")
     return 0
 
 

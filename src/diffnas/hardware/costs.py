@@ -63,8 +63,15 @@ def genotype_costs(
     predictor: str | None = None,
 ) -> dict[str, Any]:
     """Parameters, MACs, FLOPs (total and per op), measured latency and, when a predictor
-    file is given, the predicted latency of ``genotype`` built with ``network``."""
+    file is given, the predicted latency of ``genotype`` built with ``network`` (a
+    predictor fitted on another op list or edge count than ``space``'s is refused)."""
     settings = settings or LatencySettings()
+    p = None
+    if predictor is not None:
+        from diffnas.hardware.predictor import LatencyPredictor
+
+        p = LatencyPredictor.load(predictor)
+        p.check_space(space)
     model = space.build_network(genotype, **(network or {}))
     stats = measure_latency(model, input_shape, settings)
     out: dict[str, Any] = {
@@ -75,10 +82,7 @@ def genotype_costs(
         "latency_q75_ms": stats.q75_ms, "settings": vars(settings),
         "device": device_fingerprint("cpu", settings.threads),
     }
-    if predictor is not None:
-        from diffnas.hardware.predictor import LatencyPredictor
-
-        p = LatencyPredictor.load(predictor)
+    if p is not None:
         with torch.no_grad():
             out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
     return out

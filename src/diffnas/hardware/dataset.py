@@ -1,8 +1,9 @@
 """Latency datasets: sample architectures of a space, build each fixed network, measure
 it, and keep the records in a JSON Lines file that later runs extend and reuse.
 
-A record holds the genotype, its per-edge encoding (op index per edge, ``-1`` for an
-edge the genotype drops), the median latency and quartiles, parameters and MACs, the
+A record holds the genotype, its per-edge encoding (op index per edge into the space's op
+list, ``-1`` for an edge the genotype drops), that op list (``ops``, per cell type), the
+median latency and quartiles, parameters and MACs, the
 device fingerprint, the measuring settings and the machine load while measuring.
 
 On a shared machine the load changes over minutes, so every chunk of architectures is
@@ -15,6 +16,7 @@ anchor's median over the whole file is the load-corrected latency the predictor 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +37,8 @@ from diffnas.hardware.latency import (
 from diffnas.report.cost import count_macs, count_parameters
 from diffnas.spaces import SearchSpace
 
+log = logging.getLogger("diffnas")
+
 
 def sample_genotype(space: SearchSpace, generator: torch.Generator) -> Genotype:
     """A random genotype of ``space``, through the space's own discretizer (so any space
@@ -52,16 +56,47 @@ def sample_genotype(space: SearchSpace, generator: torch.Generator) -> Genotype:
     return discretize(logits, space)
 
 
+def space_ops(space: SearchSpace) -> dict[str, tuple[str, ...]]:
+    """The candidate op names of each cell type, in the order op indices refer to."""
+    return {g: tuple(es[0].candidates) for g, es in space.edge_groups().items()}
+
+
 def encode_indices(genotype: Genotype, space: SearchSpace) -> dict[str, list[int]]:
     """Op index per edge of each cell type in the space's edge order; ``-1`` = dropped."""
     out = {}
     for group, edges in space.edge_groups().items():
         kept = {(e.src, e.dst): e.op for e in genotype.cell(group).edges}
-        out[group] = [
-            e.candidates.index(kept[(e.src, e.dst)]) if (e.src, e.dst) in kept else -1
-            for e in edges
-        ]
+        out[group] = []
+        for e in edges:
+            op = kept.get((e.src, e.dst))
+            if op is not None and op not in e.candidates:
+                raise ValueError(f"op {op!r} on edge {e.src}->{e.dst} of {group!r} is not "
+                                 f"among the space's ops {list(e.candidates)}")
+            out[group].append(-1 if op is None else e.candidates.index(op))
     return out
+
+
+def record_op_mismatch(record: dict[str, Any], space: SearchSpace) -> str | None:
+    """Why a record's op indices cannot be read against ``space``'s op lists, or ``None``.
+    A record that names its op lists (``ops``) must name the space's; every record's
+    encoding must equal its genotype encoded with the space's op lists (records written
+    before ``ops`` was stored are checked by this alone: it catches a reordered or
+    different op list wherever the record's genotype uses an op it affects)."""
+    ops = space_ops(space)
+    if "ops" in record:
+        named = {g: tuple(v) for g, v in record["ops"].items()}
+        if named != ops:
+            return f"it was measured with ops {named}, the space has {ops}"
+    if "genotype" not in record or "encoding" not in record:
+        return "it lacks its genotype or encoding"
+    try:
+        enc = encode_indices(Genotype.from_dict(record["genotype"]), space)
+    except (KeyError, ValueError) as exc:
+        return f"its genotype does not fit the space ({exc})"
+    if enc != record["encoding"]:
+        return ("its op indices are not its genotype's under the space's op lists "
+                f"{ops} (measured with another op list or order?)")
+    return None
 
 
 def one_hot(indices: dict[str, list[int]], space: SearchSpace) -> dict[str, torch.Tensor]:
@@ -139,12 +174,18 @@ def build_dataset(
     space: SearchSpace, path: str | Path, count: int, input_shape: tuple[int, int, int],
     network: dict | None = None, settings: LatencySettings | None = None, seed: int = 0,
     chunk: int = 25, progress: Callable[[int, int], None] | None = None,
-    space_section: dict | None = None,
+    space_section: dict | None = None, max_misses: int = 1000,
 ) -> list[dict[str, Any]]:
     """Sample ``count`` new architectures (not already in ``path``), measure them in
-    interleaved chunks and append one record per architecture to ``path``. A file that
-    holds records measured with other settings (see :func:`settings_differences`) is
-    refused before anything is measured."""
+    interleaved chunks and append one record per architecture to ``path``; returns the new
+    records. A file that holds records measured with other settings (see
+    :func:`settings_differences`) or op lists (:func:`record_op_mismatch`) is refused
+    before anything is measured. When ``max_misses`` samples in a row are all
+    architectures already seen, the space (as the sampler reaches it) is taken to be
+    exhausted: what was found is measured and a warning logged, so fewer than ``count``
+    records may come back."""
+    if max_misses < 1:
+        raise ValueError(f"max_misses must be >= 1, got {max_misses}")
     settings = settings or LatencySettings()
     network = dict(network or {})
     path = Path(path)
@@ -152,26 +193,47 @@ def build_dataset(
     # through JSON, so the comparison below sees what the file will hold (lists, not tuples)
     common = {"settings": json.loads(json.dumps(
         {**settings_dict(settings), "input_shape": list(input_shape), "network": network,
-         "space": space_section or {"name": space.name}})), "device": fp}
+         "space": space_section or {"name": space.name}})), "device": fp,
+        "ops": {g: list(v) for g, v in space_ops(space).items()}}
     existing = load_records(path) if path.is_file() else []
     for n, r in enumerate(existing, 1):
         diff = settings_differences(r["settings"], common["settings"])
         if diff:  # one file = one way of measuring (fit_predictor refuses a mix anyway)
             raise ValueError(f"{path} holds records measured with other settings (record "
                              f"{n} vs now: {describe_differences(diff)}); use a new file")
+        why = record_op_mismatch(r, space)
+        if why:
+            raise ValueError(f"{path} holds records of another op list (record {n}: {why}); "
+                             "use a new file")
     seen = {genotype_key(Genotype.from_dict(r["genotype"])) for r in existing}
     gen = torch.Generator().manual_seed(seed + len(seen))
     new: list[dict[str, Any]] = []
     path.parent.mkdir(parents=True, exist_ok=True)
     anchor = space.build_network(anchor_genotype(space), **network)
-    while len(new) < count:
-        genotypes = []
+    exhausted = False
+    while len(new) < count and not exhausted:
+        genotypes: list[Genotype] = []
+        misses = 0
         while len(genotypes) < min(chunk, count - len(new)):
             g = sample_genotype(space, gen)
             k = genotype_key(g)
             if k not in seen:
                 seen.add(k)
                 genotypes.append(g)
+                misses = 0
+            else:
+                misses += 1
+                if misses >= max_misses:
+                    exhausted = True
+                    break
+        if exhausted:
+            log.warning("%s: %d samples in a row were architectures already seen (%d known, "
+                        "%d of them from the file): the space looks exhausted; measuring the "
+                        "%d new ones found, %d fewer than the %d asked for", path, max_misses,
+                        len(seen), len(existing), len(new) + len(genotypes),
+                        count - len(new) - len(genotypes), count)
+        if not genotypes:
+            break
         models = [space.build_network(g, **network) for g in genotypes]
         load_before = load_average()
         *stats, anchor_stats = measure_many([*models, anchor], input_shape, settings,

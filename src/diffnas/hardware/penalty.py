@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffnas.hardware.predictor import LatencyPredictor
+from diffnas.spaces.nb201 import NB201_OPS
 from diffnas.strategies.base import register_penalty
 
 
@@ -41,6 +42,20 @@ class LatencyPenalty(nn.Module):
         self.lam, self.input = float(lam), input
         self.scale = 1.0 / self.predictor.ref_ms if normalize else 1.0
 
+    def bind(self, arch_params: Any) -> None:
+        """Refuse architecture parameters (an :class:`~diffnas.arch.ArchParams`) whose cell
+        types, edges or op lists differ from the predictor's: its input columns follow the
+        op list of the space it was fitted on, so another order would read the wrong ops."""
+        shapes = {g: (len(es), len(es[0].candidates)) for g, es in arch_params.edges.items()}
+        if shapes != self.predictor.shapes:
+            raise ValueError(f"latency penalty: the predictor expects (edges, ops) per cell "
+                             f"type {self.predictor.shapes}, the search has {shapes}")
+        ops = {g: tuple(es[0].candidates) for g, es in arch_params.edges.items()}
+        if self.predictor.ops is not None and self.predictor.ops != ops:
+            raise ValueError(f"latency penalty: the predictor was fitted with ops "
+                             f"{self.predictor.ops}, the search has {ops}; fit it with the "
+                             "search's search.space section")
+
     def latency(self, arch_weights: Any, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         """Predicted latency (ms) of the relaxed architecture."""
         if self.input == "probs":
@@ -63,22 +78,37 @@ def mnasnet_reward(acc: float, latency: float, target: float,
     return float(acc) * (float(latency) / float(target)) ** float(w)
 
 
-def cell_latency_fn(predictor: str | LatencyPredictor) -> Callable[[Sequence[int]], float]:
+def cell_latency_fn(predictor: str | LatencyPredictor,
+                    ops: Sequence[str] = NB201_OPS) -> Callable[[Sequence[int]], float]:
     """``latency(op_indices) -> ms`` for a space with one cell type (e.g. ``nb201``): the
-    predictor applied to the one-hot of the op index per edge. For query-based searches
-    (REINFORCE with :func:`mnasnet_reward`)."""
+    predictor applied to the one-hot of the op per edge. For query-based searches
+    (REINFORCE with :func:`mnasnet_reward`). The indices are into ``ops`` (NAS-Bench-201's
+    fixed order by default, as its query strategies use) and are mapped to the
+    predictor's columns by op name, since a predictor's columns follow the op list of the
+    space it was fitted on; edges are in the predictor's (the space's) edge order. A cell
+    with an op the predictor was not fitted with is an error naming the op."""
     p = predictor if isinstance(predictor, LatencyPredictor) else LatencyPredictor.load(predictor)
     if len(p.shapes) != 1:
         raise ValueError(f"cell_latency_fn needs a one-cell-type predictor, got {list(p.shapes)}")
-    (group, (edges, ops)), = p.shapes.items()
+    (group, (edges, n_columns)), = p.shapes.items()
+    names = p.op_names(group)
+    ops = tuple(ops)
+    column = {op: names.index(op) for op in ops if op in names}
     cache: dict[tuple[int, ...], float] = {}
 
     def latency(cell: Sequence[int]) -> float:
         key = tuple(int(i) for i in cell)
-        if len(key) != edges or not all(0 <= i < ops for i in key):
-            raise ValueError(f"cell {key} does not fit the predictor ({edges} edges, {ops} ops)")
+        if len(key) != edges or not all(0 <= i < len(ops) for i in key):
+            raise ValueError(f"cell {key} does not fit: the predictor has {edges} edges and "
+                             f"the indices are into {len(ops)} ops {list(ops)}")
         if key not in cache:
-            w = torch.nn.functional.one_hot(torch.tensor(key), ops).float()
+            missing = sorted({ops[i] for i in key if ops[i] not in column})
+            if missing:
+                raise ValueError(f"cell {key} uses op(s) {missing} that the latency predictor "
+                                 f"was not fitted with (its ops: {list(names)}); fit it on a "
+                                 "space with these ops")
+            w = torch.zeros(edges, n_columns)
+            w[torch.arange(edges), torch.tensor([column[ops[i]] for i in key])] = 1.0
             with torch.no_grad():
                 cache[key] = float(p({group: w}))
         return cache[key]

@@ -13,10 +13,15 @@ down; ``edge_linear`` (per-edge corrections, e.g. strided edges of a reduction c
 the MLP (interactions between op mixtures) are weight-decayed more strongly, so they only
 take what the data supports. Fitting only an MLP on the 224 raw one-hot inputs of
 ``darts_cnn`` overfits 300 records badly (docs/latency.md).
+
+The predictor stores the op name of each column (``ops``, per cell type): the columns
+follow the op list of the space it was fitted on, which a config may reorder or shorten,
+so anything that builds its input from op indices of another list maps them by name.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -30,19 +35,35 @@ from diffnas.hardware.dataset import (
     anchored_latencies,
     describe_differences,
     one_hot,
+    record_op_mismatch,
     settings_differences,
+    space_ops,
 )
 from diffnas.spaces import SearchSpace
+from diffnas.spaces.nb201 import GROUP as NB201_GROUP
+from diffnas.spaces.nb201 import NB201_EDGES, NB201_OPS
+
+log = logging.getLogger("diffnas")
 
 
 class LatencyPredictor(nn.Module):
     """``forward(weights) -> latency in ms``; ``weights[group]`` is ``(..., edges, ops)``
-    (leading batch dimensions allowed), e.g. an :class:`~diffnas.arch.relax.ArchWeights`."""
+    (leading batch dimensions allowed), e.g. an :class:`~diffnas.arch.relax.ArchWeights`.
+    ``ops[group]`` names the op of each column; ``None`` where unknown (a hand-built
+    predictor, or a file saved before the names were stored)."""
 
     def __init__(self, shapes: Mapping[str, Sequence[int]], hidden: int = 64,
-                 mean_ms: float = 1.0, std_ms: float = 1.0) -> None:
+                 mean_ms: float = 1.0, std_ms: float = 1.0,
+                 ops: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__()
         self.shapes = {g: (int(s[0]), int(s[1])) for g, s in shapes.items()}
+        self.ops: dict[str, tuple[str, ...]] | None = None
+        if ops is not None:
+            self.ops = {g: tuple(str(o) for o in names) for g, names in ops.items()}
+            if set(self.ops) != set(self.shapes) or any(
+                    len(self.ops[g]) != o for g, (_, o) in self.shapes.items()):
+                raise ValueError(f"op names {self.ops} do not match the predictor's shapes "
+                                 f"{self.shapes} (one name per op column of each group)")
         self.hidden = hidden
         d = sum(e * o for e, o in self.shapes.values())
         k = sum(o for _, o in self.shapes.values())
@@ -83,11 +104,33 @@ class LatencyPredictor(nn.Module):
         """The typical latency of the training set (to make penalties unit-free)."""
         return float(self.mean_ms)
 
+    def op_names(self, group: str) -> tuple[str, ...]:
+        """The op of each column of ``group``; an error where the predictor does not know
+        them (nothing that maps ops by name should guess)."""
+        if self.ops is None:
+            raise ValueError("this latency predictor does not record which op each input "
+                             "column is (a hand-built one, or a file saved before op names "
+                             "were stored); refit it (`diffnas latency fit`)")
+        return self.ops[group]
+
+    def check_space(self, space: SearchSpace) -> None:
+        """Refuse a space whose edges or op lists differ from the predictor's, so its
+        one-hot encodings would land on the wrong columns. A predictor without op names
+        is only checked for its shapes."""
+        shapes = space_shapes(space)
+        if shapes != self.shapes:
+            raise ValueError(f"the latency predictor expects (edges, ops) per cell type "
+                             f"{self.shapes}, space {space.name!r} has {shapes}")
+        if self.ops is not None and self.ops != space_ops(space):
+            raise ValueError(f"the latency predictor was fitted with ops {self.ops}, space "
+                             f"{space.name!r} has {space_ops(space)}; the op columns would "
+                             "not match (fit a predictor on this space)")
+
     # --- files ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"shapes": self.shapes, "hidden": self.hidden, "meta": self.meta,
-                    "state": self.state_dict()}, path)
+                    "ops": self.ops, "state": self.state_dict()}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyPredictor:
@@ -95,10 +138,36 @@ class LatencyPredictor(nn.Module):
         if not p.is_file():
             raise FileNotFoundError(f"latency predictor not found: {p}")
         blob = torch.load(p, map_location="cpu", weights_only=False)
-        model = cls(blob["shapes"], blob["hidden"])
+        meta = blob.get("meta", {})
+        ops = blob.get("ops")
+        if ops is None and "ops" not in blob:  # saved before op names were stored
+            ops = legacy_ops(blob["shapes"], meta)
+            if ops is not None:
+                log.warning("latency predictor %s does not record its op names; its records "
+                            "were measured on nb201 with the default ops, so the default "
+                            "order %s is assumed (refit to record them)", p, list(NB201_OPS))
+        model = cls(blob["shapes"], blob["hidden"], ops=ops)
         model.load_state_dict(blob["state"])
-        model.meta = blob.get("meta", {})
+        model.meta = meta
         return model
+
+
+def legacy_ops(shapes: Mapping[str, Sequence[int]],
+               meta: Mapping[str, Any]) -> dict[str, tuple[str, ...]] | None:
+    """Op names of a predictor file saved before they were stored, where unambiguous: its
+    records were measured on ``nb201`` with the default op list (the ``space`` section in
+    the fit report's settings names no other) and it has that shape: NAS-Bench-201's
+    default order. ``None`` (unknown) otherwise."""
+    settings = meta.get("settings")
+    section = settings.get("space") if isinstance(settings, Mapping) else None
+    if not isinstance(section, Mapping) or section.get("name") != "nb201":
+        return None
+    if list(section.get("ops", NB201_OPS)) != list(NB201_OPS):
+        return None
+    if {g: tuple(s) for g, s in shapes.items()} != {
+            NB201_GROUP: (len(NB201_EDGES), len(NB201_OPS))}:
+        return None
+    return {NB201_GROUP: tuple(NB201_OPS)}
 
 
 def space_shapes(space: SearchSpace) -> dict[str, tuple[int, int]]:
@@ -134,7 +203,10 @@ def fit_predictor(
     ``target``:
     ``anchored`` (load-corrected, see :mod:`diffnas.hardware.dataset`) or ``raw`` medians.
     Records must come from one device and one set of measuring settings (batch size, clock,
-    input shape, network, ...; only ``warmup`` and ``repeats`` may differ)."""
+    input shape, network, ...; only ``warmup`` and ``repeats`` may differ), and from a
+    space with ``space``'s op lists: a record's op indices are read against them (see
+    :func:`~diffnas.hardware.dataset.record_op_mismatch`). The predictor stores the op
+    names."""
     if target not in ("anchored", "raw"):
         raise ValueError(f"target must be 'anchored' or 'raw', got {target!r}")
     if len(records) < 10:
@@ -148,6 +220,11 @@ def fit_predictor(
         if diff:
             raise ValueError(f"records 0 and {i} were measured with different settings "
                              f"({describe_differences(diff)}); fit one predictor per setting")
+    for i, r in enumerate(records):
+        why = record_op_mismatch(r, space)
+        if why:
+            raise ValueError(f"record {i} does not fit space {space.name!r}: {why}; fit with "
+                             "the op list the records were measured with")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     x = encode_records(records, space)
@@ -162,7 +239,7 @@ def fit_predictor(
     test, train = perm[:n_test], perm[n_test:]
     torch.manual_seed(seed)
     model = LatencyPredictor(space_shapes(space), hidden, y[train].mean().item(),
-                             y[train].std().item())
+                             y[train].std().item(), ops=space_ops(space))
     opt = torch.optim.Adam([
         {"params": model.linear.parameters(), "weight_decay": weight_decay},
         {"params": model.edge_linear.parameters(), "weight_decay": edge_decay},

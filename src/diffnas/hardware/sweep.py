@@ -53,6 +53,7 @@ def run_sweep(
     shape = DataShape(retrain_data.in_channels, retrain_data.resolution,
                       retrain_data.num_classes)
     space = create_space(base.search.space, shape)
+    pred.check_space(space)
     rows = []
     for lam in lambdas:
         cfg = _with_penalty(base, lam, predictor)
@@ -99,7 +100,7 @@ def run_sweep(
                "overrides": overrides, "predictor": str(predictor)}
     (out / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "sweep.md").write_text(table(rows) + "\n")
-    plot(rows, out / "sweep.png")
+    plot(rows, out / "sweep.png", sweep_title(base))
     print(table(rows))
     return rows
 
@@ -116,7 +117,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def sweep_title(cfg: Any) -> str:
+    """The plot title of a sweep of ``cfg``: its search strategy, space and dataset."""
+    strategy = dict(cfg.search.strategy).get("name", "darts")  # the config's defaults
+    space = dict(cfg.search.space).get("name", "darts_cnn")
+    return f"Latency-penalised {strategy} ({space}) on {cfg.data.name}"
+
+
+def plot(rows: list[dict[str, Any]], path: Path,
+         title: str = "Latency-penalised search") -> None:
+    """Accuracy against measured (and predicted) latency, one point per lambda."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +146,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("latency of the derived network (ms; measured: median)")
     ax.legend(loc="best", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Latency-penalised DARTS on Fashion-MNIST")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

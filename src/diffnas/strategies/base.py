@@ -22,6 +22,8 @@ from diffnas.strategies.objective import Objective, metric
 #: Extra differentiable losses on the architecture (e.g. predicted latency): a factory
 #: ``(**settings) -> penalty`` with ``penalty(arch_weights, logits) -> scalar tensor``,
 #: added to the alpha objective by the hypergradient rules (``SearchStrategy.add_penalty``).
+#: A penalty with a ``bind(arch_params)`` method is given the architecture parameters once,
+#: to refuse ones it cannot read (e.g. another op list than its latency predictor's).
 PENALTIES: Registry[Callable[..., Callable]] = Registry("architecture penalty")
 #: Modules that register penalties, imported when a strategy first builds one.
 PENALTY_MODULES: list[str] = ["diffnas.hardware.penalty"]
@@ -189,6 +191,9 @@ class SearchStrategy:
         for _, p in self.penalties:
             if isinstance(p, nn.Module):
                 p.to(device)
+            bind = getattr(p, "bind", None)  # a penalty may check what it will be given
+            if bind is not None:
+                bind(arch_params)
 
     # --- parameter sets ---------------------------------------------------------------
     def weights(self) -> Iterator[nn.Parameter]:

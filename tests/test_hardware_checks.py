@@ -1,0 +1,296 @@
+"""Hardware checks: the latency predictor's op columns are matched by name (NAS-Bench-201
+cells, fitting records, saved files), a latency dataset stops when the space has no new
+architectures left, and a sweep's plot is titled after its own config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffnas.hardware.dataset import (
+    build_dataset,
+    encode_indices,
+    load_records,
+    one_hot,
+    sample_genotype,
+    space_ops,
+)
+from diffnas.hardware.latency import LatencySettings
+from diffnas.hardware.penalty import cell_latency_fn
+from diffnas.hardware.predictor import LatencyPredictor, fit_predictor, space_shapes
+from diffnas.spaces import DataShape, create_space
+from diffnas.spaces.nb201 import NB201_OPS, ops_to_genotype
+
+SHAPE = DataShape(1, 8, 10)
+NO_NONE = ["skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]  # common variant
+
+
+def _nb201(ops=None, **kw):
+    section = {"name": "nb201", "C": 2, "N": 1, **kw}
+    if ops is not None:
+        section["ops"] = list(ops)
+    return create_space(section, SHAPE)
+
+
+def _cost_predictor(ops: list[str], costs: dict[str, float], base: float = 10.0):
+    """A predictor over columns ``ops``: ``base`` + ``costs[op]`` ms per edge, exactly."""
+    p = LatencyPredictor({"cell": (6, len(ops))}, hidden=4, mean_ms=0.0, std_ms=1.0,
+                         ops={"cell": ops})
+    with torch.no_grad():
+        for t in p.mlp[-1].parameters():
+            t.zero_()
+        p.linear.weight.zero_()
+        for j, op in enumerate(ops):
+            p.linear.weight[0, j] = costs.get(op, 0.0)
+        p.linear.bias.fill_(base)
+    return p
+
+
+def _cell(names):
+    return tuple(NB201_OPS.index(n) for n in names)
+
+
+# --- cell_latency_fn: NAS-Bench-201 indices mapped to the predictor's columns by name ----
+
+def test_cell_latency_fn_maps_nb201_indices_by_op_name(tmp_path):
+    costs = {"nor_conv_3x3": 10.0, "nor_conv_1x1": 3.0, "avg_pool_3x3": 1.0}
+    path = tmp_path / "pred.pt"
+    _cost_predictor(NO_NONE, costs).save(path)
+    lat = cell_latency_fn(str(path))  # loaded: the names travel with the file
+    for names in [("nor_conv_3x3",) * 6, ("nor_conv_1x1",) * 6,
+                  ("skip_connect", "nor_conv_3x3", "avg_pool_3x3", "nor_conv_1x1",
+                   "nor_conv_3x3", "skip_connect")]:
+        assert lat(_cell(names)) == pytest.approx(10.0 + sum(costs.get(n, 0.0) for n in names))
+    # 'none' is an NB201 op the predictor was not fitted with: refused, naming it
+    with pytest.raises(ValueError, match="'none'.*not fitted with"):
+        lat(_cell(("none",) + ("skip_connect",) * 5))
+    with pytest.raises(ValueError, match="does not fit"):
+        lat((0, 0, 5, 0, 0, 0))
+
+
+def test_cell_latency_fn_agrees_with_the_space_encoding():
+    """A fitted predictor, queried with NB201 cells, gives what it gives the same
+    architectures encoded through the space it was fitted on (whose op list differs)."""
+    space = _nb201(NO_NONE)
+    model, _ = fit_predictor(_records(space), space, target="raw", epochs=5)
+    lat = cell_latency_fn(model)
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        names = tuple(NO_NONE[int(i)] for i in torch.randint(0, 4, (6,), generator=rng))
+        with torch.no_grad():
+            direct = float(model(one_hot(encode_indices(ops_to_genotype(names), space), space)))
+        assert lat(_cell(names)) == pytest.approx(direct, rel=1e-6)
+
+
+def test_cell_latency_fn_takes_other_index_lists():
+    costs = {"nor_conv_3x3": 10.0}
+    lat = cell_latency_fn(_cost_predictor(NO_NONE, costs), ops=list(reversed(NO_NONE)))
+    conv3 = list(reversed(NO_NONE)).index("nor_conv_3x3")
+    assert lat((conv3,) * 3 + (0,) * 3) == pytest.approx(40.0)
+
+
+def test_cell_latency_fn_refuses_a_predictor_without_op_names():
+    p = LatencyPredictor({"cell": (6, 5)}, hidden=4)
+    with pytest.raises(ValueError, match="does not record which op"):
+        cell_latency_fn(p)
+    with pytest.raises(ValueError, match="do not match the predictor's shapes"):
+        LatencyPredictor({"cell": (6, 5)}, hidden=4, ops={"cell": NO_NONE})
+
+
+def _legacy_file(tmp_path, space_section):
+    """A predictor file as saved before op names were stored (no 'ops' entry)."""
+    p = _cost_predictor(list(NB201_OPS), {"nor_conv_3x3": 10.0})
+    meta = {} if space_section is None else {"settings": {"space": space_section}}
+    path = tmp_path / "old.pt"
+    torch.save({"shapes": p.shapes, "hidden": p.hidden, "meta": meta,
+                "state": p.state_dict()}, path)
+    return path
+
+
+def test_old_predictor_files_load_with_default_order_only_where_unambiguous(tmp_path):
+    lat = cell_latency_fn(str(_legacy_file(tmp_path, {"name": "nb201", "C": 16})))
+    assert lat(_cell(("nor_conv_3x3",) * 2 + ("none",) * 4)) == pytest.approx(30.0)
+    for section in [None, {"name": "nb201", "ops": list(reversed(NB201_OPS))},
+                    {"name": "darts_cnn"}]:
+        path = _legacy_file(tmp_path, section)
+        assert LatencyPredictor.load(path).ops is None  # still loads (shape checks only)
+        with pytest.raises(ValueError, match="does not record which op"):
+            cell_latency_fn(str(path))
+
+
+# --- fitting: records are read against the op list they were measured with ---------------
+
+def _records(space, n=12, seed=0, with_ops=True):
+    """Latency = 1 ms + 2 ms per nor_conv_3x3 edge."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        geno = sample_genotype(space, g)
+        r = {"genotype": geno.to_dict(), "encoding": encode_indices(geno, space),
+             "latency_ms": 1.0 + 2.0 * sum(e.op == "nor_conv_3x3" for e in geno.cells[0].edges),
+             "device": {"id": "x"}, "settings": {"space": {"name": "nb201"}}}
+        if with_ops:
+            r["ops"] = {k: list(v) for k, v in space_ops(space).items()}
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("with_ops", [True, False])
+def test_fit_refuses_records_of_another_op_order(with_ops):
+    measured, fitted = _nb201(), _nb201(list(reversed(NB201_OPS)))
+    with pytest.raises(ValueError, match="record 0 does not fit space 'nb201'"):
+        fit_predictor(_records(measured, with_ops=with_ops), fitted, target="raw", epochs=2)
+
+
+def test_fit_refuses_records_that_name_another_op_list():
+    # indices agree (the fitting list extends the measured one) but the lists differ
+    measured, fitted = _nb201(NO_NONE), _nb201([*NO_NONE, "none"])
+    with pytest.raises(ValueError, match="measured with ops"):
+        fit_predictor(_records(measured), fitted, target="raw", epochs=2)
+
+
+def test_fitted_predictor_keeps_its_op_names(tmp_path):
+    space = _nb201(NO_NONE)
+    model, _ = fit_predictor(_records(space), space, target="raw", epochs=2)
+    assert model.ops == {"cell": tuple(NO_NONE)}
+    model.save(tmp_path / "p.pt")
+    loaded = LatencyPredictor.load(tmp_path / "p.pt")
+    assert loaded.ops == model.ops
+    loaded.check_space(space)
+    with pytest.raises(ValueError, match="fitted with ops"):
+        loaded.check_space(_nb201(list(reversed(NO_NONE))))
+
+
+def test_genotype_costs_refuses_a_predictor_of_another_op_list(tmp_path):
+    from diffnas.hardware.costs import genotype_costs
+
+    space = _nb201(NO_NONE)
+    path = tmp_path / "p.pt"
+    LatencyPredictor(space_shapes(space), hidden=4,
+                     ops={"cell": list(reversed(NO_NONE))}).save(path)
+    geno = sample_genotype(space, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="fitted with ops"):
+        genotype_costs(space, geno, (1, 8, 8), {"C": 2, "N": 1}, predictor=str(path))
+
+
+# --- build_dataset: a space with no new architectures left ------------------------------
+
+class _Hang(Exception):
+    pass
+
+
+def _raise_hang(*_):
+    raise _Hang("build_dataset still sampling after 60 s")
+
+
+def test_dataset_stops_when_the_space_is_exhausted(tmp_path):
+    space = _nb201(["skip_connect", "avg_pool_3x3"])  # 2 ** 6 = 64 cells
+    path = tmp_path / "lat.jsonl"
+    s = LatencySettings(warmup=0, repeats=1)
+    logger = logging.getLogger("diffnas")
+    handler = _ListHandler()
+    logger.addHandler(handler)
+    old = signal.signal(signal.SIGALRM, _raise_hang)  # fail, rather than hang, if it loops
+    signal.alarm(60)
+    try:
+        new = build_dataset(space, path, 65, (1, 8, 8), {}, s, chunk=100, max_misses=100)
+        # again: the file's architectures count as seen; at most the rest can be new
+        again = build_dataset(space, path, 65, (1, 8, 8), {}, s, max_misses=100)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        logger.removeHandler(handler)
+    assert 0 < len(new) and len(new) + len(again) <= 64
+    records = load_records(path)
+    assert len(records) == len(new) + len(again)
+    assert len({json.dumps(r["genotype"], sort_keys=True) for r in records}) == len(records)
+    assert sum("looks exhausted" in m for m in handler.messages) == 2
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_dataset_refuses_to_extend_a_file_of_another_op_list(tmp_path):
+    path = tmp_path / "lat.jsonl"
+    s = LatencySettings(warmup=0, repeats=1)
+    build_dataset(_nb201(), path, 2, (1, 8, 8), {}, s)
+    assert all(r["ops"] == {"cell": list(NB201_OPS)} for r in load_records(path))
+    with pytest.raises(ValueError, match="another op list"):
+        build_dataset(_nb201(list(reversed(NB201_OPS))), path, 1, (1, 8, 8), {}, s)
+    assert len(load_records(path)) == 2
+
+
+# --- sweep: the plot says which search it shows --------------------------------------------
+
+def test_sweep_plot_is_titled_after_the_config(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from diffnas.hardware import sweep
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        "device: cpu\ndata: {name: cifar10, resolution: 8}\n"
+        "search: {space: {name: nb201, C: 2, N: 1}, strategy: {name: gdas}}\n"
+        "retrain: {auxiliary_weight: 0.0, network: {C: 2, N: 1}}\n")
+    space = _nb201()
+    pred_file = tmp_path / "p.pt"
+    LatencyPredictor(space_shapes(space), hidden=4).save(pred_file)
+    geno = sample_genotype(space, torch.Generator().manual_seed(0))
+
+    def fake_search(cfg, run_dir, data=None):
+        (run_dir / "search").mkdir(parents=True, exist_ok=True)
+        w = one_hot(encode_indices(geno, space), space)
+        (run_dir / "search" / "alphas.jsonl").write_text(
+            json.dumps({g: v.tolist() for g, v in w.items()}) + "\n")
+        return SimpleNamespace(genotype=geno)
+
+    def fake_measure(models, input_shape, settings, seed=0):
+        return [SimpleNamespace(samples_ms=[1.0, 1.0], median_ms=1.0, q25_ms=1.0,
+                                q75_ms=1.0) for _ in models]
+
+    titles: list[str] = []
+    monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
+    monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: SimpleNamespace(
+        in_channels=1, resolution=8, num_classes=10))
+    monkeypatch.setattr(sweep, "run_search", fake_search)
+    monkeypatch.setattr(sweep, "run_retrain", lambda *a, **k: {"test_acc": 0.5})
+    monkeypatch.setattr(sweep, "measure_many", fake_measure)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: titles.extend(ax.get_title() for ax in fig.axes))
+    sweep.run_sweep(str(cfg_file), [], str(pred_file), [0.0], tmp_path / "out")
+    assert len(titles) == 1
+    assert "gdas" in titles[0] and "cifar10" in titles[0] and "nb201" in titles[0]
+    assert "Fashion" not in titles[0] and "DARTS" not in titles[0]
+
+
+# --- the search penalty: a predictor of another op list is refused up front --------------
+def test_latency_penalty_refuses_a_search_of_another_op_list(tmp_path):
+    from diffnas.arch import ArchParams
+    from diffnas.strategies import ClassificationObjective, create_strategy
+
+    path = tmp_path / "pred.pt"
+    _cost_predictor(NO_NONE, {"nor_conv_3x3": 1.0}).save(path)
+
+    def strategy(ops):
+        space = _nb201(ops)
+        return create_strategy({"name": "darts", "penalties": [
+            {"name": "latency", "predictor": str(path), "normalize": False}]},
+            space.build_supernet(),
+            ArchParams(space), ClassificationObjective(), epochs=1)
+
+    assert strategy(NO_NONE).penalties  # the predictor's own op list: accepted
+    with pytest.raises(ValueError, match="fitted with ops .* the search has"):
+        strategy(list(reversed(NO_NONE)))  # same shape, other columns
+    with pytest.raises(ValueError, match=r"expects \(edges, ops\)"):
+        strategy(NB201_OPS)  # five ops
