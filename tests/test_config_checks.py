@@ -134,6 +134,15 @@ def test_penalty_and_relaxation_settings_are_checked_at_load(override, match):
     _refused([override], match)
 
 
+def test_an_unknown_penalty_name_writes_no_run_directory(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    argv = ["search", "--config", str(tmp_path / "tiny.yaml"), f"out_dir={tmp_path / 'runs'}",
+            "name=r", "search.strategy.penalties=[{name: latncy, lam: 1}]"]
+    assert main(argv) == 2
+    assert "unknown architecture penalty 'latncy'; known: latency" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "r").exists()
+
+
 def test_create_penalty_names_a_bad_key():
     from diffnas.strategies.base import create_penalty
 

@@ -427,10 +427,13 @@ def test_cli_fit_writes_a_predictor_and_report(tmp_path, capsys):
     assert "does not fit space" in capsys.readouterr().err
 
 
-def test_sweep_config_gets_exactly_one_latency_penalty():
+def test_sweep_config_gets_exactly_one_latency_penalty(monkeypatch):
     from diffnas.config import load_config
     from diffnas.hardware.sweep import _with_penalty
+    from diffnas.strategies.base import PENALTIES
 
+    # another (registered: a config naming an unknown penalty is refused) penalty
+    monkeypatch.setitem(PENALTIES._items, "other", lambda x: (lambda aw, logits: 0.0))
     base = load_config(None, ["search.strategy.penalties=[{name: other, x: 1}]"])
     cfg = _with_penalty(_with_penalty(base, 2.0, "p.pt"), 3.0, "p.pt")
     assert cfg.search.strategy["penalties"] == [

@@ -52,13 +52,10 @@ def _penalty_factory(spec: dict, where: str) -> tuple[Callable[..., Callable], d
 
 
 def check_penalties(specs: list[dict], where: str = "search.strategy.penalties") -> None:
-    """Each ``{name, **settings}`` of a registered penalty has settings its factory takes;
-    builds none (a penalty may read files, e.g. a latency predictor). An unregistered name
-    is left to :func:`create_penalty`, which lists the known ones."""
-    _import_penalty_modules()
+    """Each ``{name, **settings}`` names a registered penalty (plugins are imported before
+    a config is checked) with settings its factory takes; builds none (a penalty may read
+    files, e.g. a latency predictor)."""
     for i, spec in enumerate(specs):
-        if isinstance(spec, dict) and "name" in spec and spec["name"] not in PENALTIES:
-            continue
         _penalty_factory(spec, f"{where}[{i}]")
 
 
