@@ -80,6 +80,30 @@ def test_growth_schedule_grows_at_the_configured_epochs_and_fades_in():
         net.grow()
 
 
+def test_few_shot_sub_supernets_grow_and_fade_in_with_the_supernet():
+    """After a few-shot split, training runs in the sub-supernets: they grow and fade in
+    too, so exporting the best one into the supernet keeps the growth."""
+    from diffnas.engine.lm import LanguageModelObjective
+    from diffnas.strategies import create_strategy
+
+    space = growing()
+    s = create_strategy({"name": "few_shot", "split_epoch": 1}, space.build_supernet(),
+                        ArchParams(space), LanguageModelObjective(), epochs=4)
+    cb = GrowthSchedule(s.supernets, space)
+    cb.on_epoch_start(None, 0)
+    s.split()
+    assert len(s.supernets()) == 1 + len(s.subnets) > 2
+    cb.on_epoch_start(None, 1)
+    cb.on_step_end(None, 0, {})
+    for net in s.supernets():
+        assert int(net.cell.active_nodes) == 3
+        assert net.cell.maturity.tolist() == [1.0, 1.0, 0.25, 0.0]
+    s.export(1)
+    assert int(s.supernet.cell.active_nodes) == 3  # the export keeps the growth
+    cb.on_epoch_start(None, 2)  # no node grows twice
+    assert [int(n.cell.active_nodes) for n in s.supernets()] == [4] * len(s.supernets())
+
+
 def test_growth_config_errors():
     with pytest.raises(ValueError, match="grow_epochs must list 2 epochs"):
         growing(growth={"mode": "grow_prune", "init_nodes": 2, "grow_epochs": [1]})

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,10 +244,16 @@ def evaluate_lm(model: nn.Module, source: torch.Tensor, bptt: int,
 class GrowthSchedule(Callback):
     """``grow_prune``: add a node at the start of each epoch in ``grow_epochs`` and fade
     new nodes in over ``fade_steps`` steps. The supernet keeps the growth state (buffers),
-    so a resumed run continues where it stopped."""
+    so a resumed run continues where it stopped. ``supernets``: one supernet, or a function
+    giving every supernet the strategy trains now (``SearchStrategy.supernets``: a few-shot
+    search's sub-supernets too), which all grow and fade in alike."""
 
-    def __init__(self, supernet: nn.Module, space: SearchSpace) -> None:
-        self.cell = supernet.cell
+    def __init__(self, supernets: nn.Module | Callable[[], list[nn.Module]],
+                 space: SearchSpace) -> None:
+        if isinstance(supernets, nn.Module):
+            self.supernets = lambda: [supernets]
+        else:
+            self.supernets = supernets
         g = space.config.growth
         self.enabled = g.mode == "grow_prune"
         self.init_nodes, self.epochs, self.fade = g.init_nodes, list(g.grow_epochs), g.fade_steps
@@ -256,13 +262,16 @@ class GrowthSchedule(Callback):
         if not self.enabled:
             return
         due = self.init_nodes + sum(e <= epoch for e in self.epochs)
-        while int(self.cell.active_nodes) < due:
-            n = self.cell.grow()
-            log.info("growth: epoch %d, the cell now has %d nodes", epoch, n)
+        for i, net in enumerate(self.supernets()):
+            while int(net.cell.active_nodes) < due:
+                n = net.cell.grow()
+                if i == 0:
+                    log.info("growth: epoch %d, the cell now has %d nodes", epoch, n)
 
     def on_step_end(self, loop: Loop, step: int, metrics: dict[str, float]) -> None:
         if self.enabled:
-            self.cell.fade_in(1.0 / self.fade)
+            for net in self.supernets():
+                net.cell.fade_in(1.0 / self.fade)
 
 
 class LmSearchTask:
@@ -421,7 +430,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     task = build_lm_search(cfg, corpus, device, rank.rank, rank.world_size)
     # every rank runs every callback (states stay aligned in checkpoints); writers on rank 0
     callbacks: list[Callback] = [
-        GrowthSchedule(task.supernet, task.space),
+        GrowthSchedule(task.strategy.supernets, task.space),
         *dp.main_process_only([
             ProgressBar("search", cfg.progress),
             JsonLines(out / "metrics.jsonl"),

@@ -193,6 +193,11 @@ class SearchStrategy:
                 bind(arch_params)
 
     # --- parameter sets ---------------------------------------------------------------
+    def supernets(self) -> list[nn.Module]:
+        """Every supernet this strategy trains now (schedules that change a supernet's
+        structure, e.g. growth, apply to all of them)."""
+        return [self.supernet]
+
     def weights(self) -> Iterator[nn.Parameter]:
         return self.supernet.parameters()
 

@@ -107,6 +107,10 @@ class FewShotStrategy(SearchStrategy):
         self.fixed: list[dict[str, dict[int, int]]] = []
         self.val_loss: list[list[float]] = []
 
+    def supernets(self) -> list[torch.nn.Module]:
+        """The supernet (exported into each epoch) and, after the split, the sub-supernets."""
+        return [self.supernet, *(sub.supernet for sub in self.subnets)]
+
     def combos(self) -> list[dict[str, dict[int, int]]]:
         """One ``{group: {row: op}}`` per sub-supernet."""
         ranges = [range(len(self.arch_params.candidates(g))) for g, _ in self.split_rows]
