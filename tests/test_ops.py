@@ -72,3 +72,14 @@ def test_avg_pool_gradient_on_cuda_channels_last_matches_cpu(stride):
         go = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape).to(device)
         grads.append(torch.autograd.grad(y, xd, go)[0].cpu())
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("name", ["skip_connect", "sep_conv_3x3"])
+def test_stride_two_ops_pass_gradcheck_with_undefined_gradients(name):
+    """gradcheck's default also feeds undefined (None) output gradients; the dense-gradient
+    hooks of the memory-saving ops must pass them on, not fail on them."""
+    torch.manual_seed(0)
+    op = create_op(name, 2, 2, affine=True).double()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 2, 6, 6, dtype=torch.float64).to(memory_format=layout)
+        assert torch.autograd.gradcheck(op, (x.requires_grad_(),))

@@ -59,7 +59,8 @@ def dense_grad(
         return t
     if memory_format is None:
         memory_format = torch.channels_last if is_channels_last(t) else torch.contiguous_format
-    t.register_hook(lambda g: g.contiguous(memory_format=memory_format))
+    # autograd may hand a hook an undefined gradient (None), e.g. from a custom Function
+    t.register_hook(lambda g: None if g is None else g.contiguous(memory_format=memory_format))
     return t
 
 
