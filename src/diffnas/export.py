@@ -91,9 +91,12 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
     if not weights.is_file() or not result.is_file():
         raise FileNotFoundError(f"{run} has no retrained model (retrain/model.pt and "
                                 "retrain/result.json); run or finish the retraining first")
-    genotype = Genotype.from_dict(json.loads(result.read_text())["genotype"])
+    record = json.loads(result.read_text())
+    genotype = Genotype.from_dict(record["genotype"])
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    side = resolution or cfg.data.resolution or _own_data_side(cfg.data.name, cfg.data.root)
+    recorded = (record.get("data") or {}).get("input")  # [C, side, side] the model trained on
+    side = (resolution or (recorded[-1] if recorded else None) or cfg.data.resolution
+            or _own_data_side(cfg.data.name, cfg.data.root))
     shape = infer_shape(state, cfg.data.name, side)
     _, model = build_network(cfg, genotype, shape)
     model.load_state_dict(state)
