@@ -178,6 +178,30 @@ def test_genotype_costs_refuses_a_predictor_of_another_op_list(tmp_path):
         genotype_costs(space, geno, (1, 8, 8), {"C": 2, "N": 1}, predictor=str(path))
 
 
+def test_genotype_costs_flags_a_predictor_fitted_under_other_settings(tmp_path):
+    """A predictor's records were measured with one network, input and device: a report
+    measured otherwise says so next to the prediction (it is not for that measurement)."""
+    from diffnas.hardware.costs import genotype_costs
+    from diffnas.hardware.latency import device_fingerprint, settings_dict
+
+    space = _nb201(NO_NONE)
+    s = LatencySettings(warmup=0, repeats=1)
+    fitted = {**settings_dict(s), "input_shape": [1, 8, 8], "network": {"C": 2, "N": 1},
+              "space": {"name": "nb201"}}
+    pred = LatencyPredictor(space_shapes(space), hidden=4, ops={"cell": NO_NONE})
+    pred.meta = {"settings": fitted, "device": device_fingerprint("cpu", s.threads)}
+    pred.save(tmp_path / "p.pt")
+    geno = sample_genotype(space, torch.Generator().manual_seed(0))
+    same = genotype_costs(space, geno, (1, 8, 8), {"C": 2, "N": 1}, s, str(tmp_path / "p.pt"))
+    assert "predicted_ms" in same and "predictor_mismatch" not in same
+    other = genotype_costs(space, geno, (1, 8, 8), {"C": 4, "N": 1}, s, str(tmp_path / "p.pt"))
+    assert "network: {'C': 2, 'N': 1} vs {'C': 4, 'N': 1}" in other["predictor_mismatch"]
+    pred.meta["device"] = {**pred.meta["device"], "id": "elsewhere"}
+    pred.save(tmp_path / "p.pt")
+    moved = genotype_costs(space, geno, (1, 8, 8), {"C": 2, "N": 1}, s, str(tmp_path / "p.pt"))
+    assert moved["predictor_mismatch"].startswith("device: 'elsewhere' vs ")
+
+
 # --- build_dataset: a space with no new architectures left ------------------------------
 
 class _Hang(Exception):

@@ -3,6 +3,8 @@ device and, given a fitted predictor, the predicted latency."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import deque
 from typing import Any
 
@@ -10,10 +12,22 @@ import torch
 from torch import nn
 
 from diffnas.genotype import CellGenotype, Genotype
-from diffnas.hardware.dataset import encode_indices, one_hot
-from diffnas.hardware.latency import LatencySettings, device_fingerprint, measure_latency
+from diffnas.hardware.dataset import (
+    describe_differences,
+    encode_indices,
+    one_hot,
+    settings_differences,
+)
+from diffnas.hardware.latency import (
+    LatencySettings,
+    device_fingerprint,
+    measure_latency,
+    settings_dict,
+)
 from diffnas.report.cost import count_macs, count_parameters, flops_by_module
 from diffnas.spaces import SearchSpace
+
+log = logging.getLogger("diffnas")
 
 
 def _cell_of(module: nn.Module, genotype: Genotype) -> CellGenotype:
@@ -85,4 +99,27 @@ def genotype_costs(
     if p is not None:
         with torch.no_grad():
             out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
+        differ = predictor_mismatch(p.meta, out["device"], {
+            **settings_dict(settings), "input_shape": list(input_shape),
+            "network": dict(network or {})})
+        if differ:
+            out["predictor_mismatch"] = differ
+            log.warning("the latency predictor was fitted on records measured otherwise (%s): "
+                        "its prediction is not for this measurement", differ)
     return out
+
+
+def predictor_mismatch(meta: dict[str, Any], device: dict[str, Any],
+                       settings: dict[str, Any]) -> str:
+    """What differs between the device and measuring settings a predictor's records were
+    taken with (its fit report, ``meta``) and ``device``/``settings``; empty when nothing
+    does or the predictor does not record them (the space is checked by name elsewhere)."""
+    fitted = {k: v for k, v in (meta.get("settings") or {}).items() if k != "space"}
+    if not fitted:
+        return ""
+    diff = settings_differences(fitted, json.loads(json.dumps(settings)))
+    parts = [describe_differences(diff)] if diff else []
+    theirs = (meta.get("device") or {}).get("id")
+    if theirs is not None and theirs != device.get("id"):
+        parts.append(f"device: {theirs!r} vs {device.get('id')!r}")
+    return ", ".join(parts)
