@@ -1,8 +1,11 @@
 """Config checks that must hold before a run directory is written: retrain settings,
-malformed YAML, penalty and relaxation settings, value ranges, the ``lm`` section."""
+malformed YAML, penalty and relaxation settings, value ranges, the ``lm`` section, what
+the search engines refuse, and the genotype ``diffnas train`` is given."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from diffnas.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "configs/darts_fashion_mnist.yaml"
 RNN = ROOT / "configs/darts_rnn_ptb.yaml"
+GNN = ROOT / "configs/gnn_cora.yaml"
+NB201 = ROOT / "configs/darts_nb201_fashion_mnist.yaml"
 TINY = """\
 seed: 0
 device: cpu
@@ -171,3 +176,156 @@ def test_an_lm_section_outside_language_models_is_refused():
 
 def test_an_lm_section_of_a_language_model_is_read():
     assert load_config(RNN, ["lm.bptt=10"]).lm["bptt"] == 10
+
+
+# --- 6. what the search engines refuse, at load ----------------------------------------
+GDAS_COMPILE = ["search.strategy.name=gdas", "search.compile={backend: inductor}"]
+IMAGE_REFUSALS = [  # (overrides, match): configured_step's refusals and the diagnostics'
+    (["search.amp=fp16"], r"search\.amp must be null or 'bf16', got 'fp16'"),
+    (["search.strategy.order=2", "search.amp=bf16"],
+     r"'darts' \(as configured\) is not declared first-order.*without search\.amp"),
+    (["search.strategy.order=2", "search.compile={backend: inductor}"],
+     r"'darts' \(as configured\) is not declared first-order.*without search\.compile"),
+    (GDAS_COMPILE, r"'gdas' samples one op per edge.*without search\.compile"),
+    (["device=cpu", "search.cuda_graph=true"], r"search\.cuda_graph needs a CUDA device"),
+    (["search.diagnostics.enabled=true", "search.diagnostics.hessian=true",
+      "search.compile={backend: inductor}"], r"search\.diagnostics\.hessian differentiates"),
+    (["data.train_subset=64", "data.batch_size=64"],
+     r"data\.batch_size=64 gives no full batch per epoch from data\.train_subset=64: .* 32 "
+     r"images to train the weights and 32 the architecture"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", IMAGE_REFUSALS)
+def test_image_search_refusals_are_made_at_load(overrides, match):
+    _refused(overrides, match)
+
+
+@pytest.mark.parametrize("overrides, match", IMAGE_REFUSALS)
+def test_image_search_refusals_write_no_run_directory(tmp_path, capsys, overrides, match):
+    argv = ["search", "--config", str(FASHION), "data.name=digits", "progress=false",
+            f"out_dir={tmp_path / 'runs'}", "name=r", *overrides]
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_the_device_is_only_checked_with_the_device_flag():
+    """Reading a run made elsewhere (``device=False``) leaves the device out; what the
+    strategy cannot do is refused on any device."""
+    cfg = load_config(FASHION, ["device=cpu", "search.cuda_graph=true"], device=False)
+    assert cfg.search.cuda_graph
+    with pytest.raises(ConfigError, match=r"'darts' \(as configured\) cannot be captured"):
+        load_config(FASHION, ["search.strategy.order=2", "search.cuda_graph=true"],
+                    device=False)
+
+
+STRATEGY_SECTIONS = [
+    {"name": "darts"}, {"name": "darts", "order": 2}, {"name": "darts", "edge_norm": True},
+    {"name": "darts", "relaxation": {"name": "gumbel"}}, {"name": "gdas"}, {"name": "snas"},
+    {"name": "single_level"}, {"name": "implicit"}, {"name": "zero_order"},
+    {"name": "mean_shift"}, {"name": "few_shot"}, {"name": "random_labels"},
+]
+
+
+@pytest.mark.parametrize("section", STRATEGY_SECTIONS, ids=lambda s: str(s))
+def test_traits_read_from_the_config_are_those_of_the_built_strategy(section):
+    """Config loading reads first_order / graph_safe / hard without building the strategy;
+    they must agree with what the built strategy declares."""
+    from conftest import tiny_strategy
+
+    from diffnas.engine.search import StepTraits
+
+    assert StepTraits.from_config(section) == StepTraits.of(tiny_strategy(section))
+
+
+@pytest.mark.parametrize("n, split", [(63, ("32", "31")), (64, None), (65, None)])
+def test_the_full_batch_check_agrees_with_the_search_loaders(tmp_path, n, split):
+    """The split rounds (63 images -> 32 + 31): the load check refuses a batch of 32
+    exactly where the search's own loaders would have no full batch."""
+    from diffnas.engine.search import build_search, load_search_data
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    error = _error(tmp_path / "tiny.yaml", [f"data.train_subset={n}", "data.batch_size=32"])
+    found = re.search(r"(\d+) images to train the weights and (\d+)", error)
+    assert (found and found.groups()) == split, error
+    cfg = load_config(tmp_path / "tiny.yaml")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_subset=n,
+                                                            batch_size=32))
+    assert (build_search(cfg, load_search_data(cfg)).num_batches() == 0) == (split is not None)
+
+
+def _error(path: Path, overrides: list[str]) -> str:
+    """The ConfigError message of loading ``path`` with ``overrides`` ("" if it loads)."""
+    try:
+        load_config(path, overrides)
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
+def test_a_single_level_strategy_searches_on_every_subset_image():
+    cfg = load_config(FASHION, ["data.train_subset=64", "data.batch_size=64",
+                                "search.strategy={name: single_level}"])
+    assert cfg.data.batch_size == 64
+
+
+@pytest.mark.parametrize("setting", ["search.amp=bf16", "search.compile={backend: inductor}",
+                                     "search.cuda_graph=true", "search.cudnn_benchmark=true",
+                                     "search.diagnostics.enabled=true"])
+@pytest.mark.parametrize("path", [RNN, GNN], ids=["darts_rnn", "gnn"])
+def test_language_and_graph_searches_refuse_image_settings_at_load(path, setting):
+    _refused([setting], rf"{re.escape(setting.split('=')[0])} is (for image searches|not "
+             "supported)", path)
+
+
+def test_growth_epochs_after_the_search_are_refused_at_load():
+    growth = "search.space.growth={mode: grow_prune, init_nodes: 7, grow_epochs: [2], " \
+             "fade_steps: 5}"
+    _refused([growth, "search.epochs=2"],
+             r"search\.space\.growth\.grow_epochs: growth epoch 2 is not before "
+             r"search\.epochs=2", RNN)
+    assert load_config(RNN, [growth, "search.epochs=3"]).search.epochs == 3
+
+
+@pytest.mark.parametrize("path, overrides, match", [
+    (RNN, ["search.cudnn_benchmark=true"], r"search\.cudnn_benchmark is for image searches"),
+    (RNN, ["search.epochs=2", "search.space.growth={mode: grow_prune, init_nodes: 7, "
+           "grow_epochs: [2], fade_steps: 5}"], r"growth epoch 2 is not before"),
+    (GNN, ["search.amp=bf16"], r"search\.amp is not supported by the graph engine"),
+], ids=["rnn-image-setting", "rnn-growth", "gnn-image-setting"])
+def test_language_and_graph_refusals_write_no_run_directory(tmp_path, capsys, path,
+                                                              overrides, match):
+    argv = ["search", "--config", str(path), f"out_dir={tmp_path / 'runs'}", "name=r",
+            *overrides]
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+# --- 7. the genotype of diffnas train, against the configured space ---------------------
+@pytest.mark.parametrize("path, overrides, match", [
+    (NB201, [], "genotype is for space 'darts_cnn', not 'nb201'"),
+    (FASHION, ["search.space.nodes=5"], "cell 'normal': node 6 has 0 inputs, expected 2"),
+], ids=["other-space", "fewer-nodes"])
+def test_a_genotype_that_does_not_fit_the_space_writes_no_run_directory(
+        tmp_path, capsys, path, overrides, match):
+    argv = ["train", "--genotype", "DARTS_V2", "--config", str(path),
+            f"out_dir={tmp_path / 'runs'}", "name=t", *overrides]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_train_is_not_refused_for_settings_only_a_search_reads(tmp_path, capsys):
+    """``diffnas train`` reads no search settings: a config whose search part would be
+    refused (here a CUDA-graph step on a CPU) still retrains; ``search`` refuses it."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    common = ["--config", str(tmp_path / "tiny.yaml"), f"out_dir={tmp_path / 'runs'}",
+              "search.cuda_graph=true", "device=cpu"]
+    assert main(["search", *common, "name=s"]) == 2
+    assert "search.cuda_graph needs a CUDA device" in capsys.readouterr().err
+    assert load_config(tmp_path / "tiny.yaml", ["search.cuda_graph=true", "device=cpu"],
+                       search=False).search.cuda_graph
+    assert main(["train", "--genotype", "DARTS_V2", "--dry-run", "--config", str(FASHION),
+                 "search.cuda_graph=true", "device=cpu"]) == 0

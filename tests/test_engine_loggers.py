@@ -101,7 +101,8 @@ def test_lm_engine_entry_points_refuse_diagnostics(tmp_path):
     from diffnas.data.text import load_corpus
     from diffnas.engine.lm import build_lm_search, run_lm, run_lm_search
 
-    cfg = load_config(str(_tiny_lm_config(tmp_path)), [*TINY_LM, "search.diagnostics.enabled=true"])
+    cfg = load_config(str(_tiny_lm_config(tmp_path)), TINY_LM)
+    cfg.search.diagnostics.enabled = True  # past load_config, which refuses it
     with pytest.raises(ValueError, match=DIAGNOSTICS):
         build_lm_search(cfg, load_corpus(cfg.data.name, cfg.data.root))
     for run in (lambda d: run_lm_search(cfg, d), lambda d: run_lm(cfg, d)):

@@ -178,8 +178,10 @@ def test_train_command_refuses_a_convolutional_genotype_for_a_language_model(tmp
 def test_lm_search_refuses_the_image_search_gpu_settings(tmp_path, setting):
     from diffnas.engine.lm import build_lm_search
 
-    cfg = load_config(str(_tiny_lm_config(tmp_path)), [setting])
-    with pytest.raises(ValueError, match=f"search.{setting.split('=')[0][7:]} is for image"):
+    key, value = setting.split("=", 1)
+    cfg = load_config(str(_tiny_lm_config(tmp_path)))
+    setattr(cfg.search, key[7:], yaml.safe_load(value))  # past load_config, which refuses it
+    with pytest.raises(ValueError, match=f"search.{key[7:]} is for image"):
         build_lm_search(cfg, load_corpus(cfg.data.name, cfg.data.root))
 
 

@@ -13,6 +13,11 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffnas.config import RunConfig
+    from diffnas.genotype import Genotype
 
 CommandSetup = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
 _COMMANDS: dict[str, tuple[str, CommandSetup]] = {}
@@ -138,7 +143,7 @@ def _train(p: argparse.ArgumentParser):
 
         genotype = resolve_genotype(args.genotype)
         if args.dry_run:
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_config(args.config, args.overrides, search=False)
             if _is_lm(cfg) or _is_graph(cfg):
                 from diffnas.engine.graph import graph_network_summary
                 from diffnas.engine.lm import lm_network_summary
@@ -168,8 +173,9 @@ def _train(p: argparse.ArgumentParser):
 
         def open_run():  # rank 0 alone touches the run directory
             if args.resume:
-                return _resume_config(args), Path(args.resume)
-            cfg = load_config(args.config, args.overrides)
+                return _resume_config(args, search=False), Path(args.resume)
+            cfg = load_config(args.config, args.overrides, search=False)
+            _check_genotype(cfg, genotype)  # before the run directory exists
             return cfg, new_run_dir(cfg, "train")
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group
@@ -209,10 +215,11 @@ def _train(p: argparse.ArgumentParser):
     return run
 
 
-def _resume_config(args: argparse.Namespace):
+def _resume_config(args: argparse.Namespace, search: bool = True):
     """The saved config of ``--resume RUN_DIR``; ``--config`` is refused and overrides are
     limited to where the run executes (``engine/rundir.RESUME_OVERRIDES``). A multi-seed
-    parent is refused: its seeds are continued with ``search --seeds ... --resume``."""
+    parent is refused: its seeds are continued with ``search --seeds ... --resume``.
+    ``search=False``: a retraining, which reads no search settings."""
     from diffnas.config import ConfigError
     from diffnas.engine.multiseed import SEEDS_FILE
     from diffnas.engine.rundir import load_run_config
@@ -223,7 +230,15 @@ def _resume_config(args: argparse.Namespace):
     if args.config:
         raise ConfigError(f"--resume {args.resume} continues with the run's own config.yaml; "
                           "drop --config")
-    return load_run_config(Path(args.resume), args.overrides)
+    return load_run_config(Path(args.resume), args.overrides, search=search)
+
+
+def _check_genotype(cfg: RunConfig, genotype: Genotype) -> None:
+    """Refuse a genotype that does not fit the configured space (another space, other
+    nodes, cells or ops), as the space's ``build_network`` would once training starts."""
+    from diffnas.spaces import create_space
+
+    create_space(cfg.search.space).validate(genotype)
 
 
 def _is_lm(cfg) -> bool:

@@ -302,10 +302,11 @@ def apply_overrides(data: dict, overrides: list[str], defaults: dict | None = No
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                device: bool = True) -> RunConfig:
+                device: bool = True, search: bool = True) -> RunConfig:
     """Read YAML (or start from defaults), apply ``a.b=value`` overrides, validate
     (``device=False``: not whether this machine has the configured device, for reading
-    a run made elsewhere)."""
+    a run made elsewhere; ``search=False``: not what only a search reads, for
+    ``diffnas train``)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -320,15 +321,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     cfg = dataclasses.replace(cfg, plugins=absolute_plugins(cfg.plugins))
     import_plugins(cfg.plugins)  # before validation: they may register the names it checks
-    validate_components(cfg, device)
+    validate_components(cfg, device, search)
     return cfg
 
 
-def validate_components(cfg: RunConfig, device: bool = True) -> None:
+def validate_components(cfg: RunConfig, device: bool = True, search: bool = True) -> None:
     """Check what the config names against the classes that use it, before a run directory
     is written: the space and strategy sections (relaxation and penalties included), the
-    discretizer, dataset, ``lm`` section, retrain network, diagnostics cell and
-    (``device``) the device."""
+    discretizer, dataset, ``lm`` section, retrain network, diagnostics cell, what the
+    space's search engine refuses (with ``search``) and (``device``) the device."""
     from diffnas.spaces import space_config
     from diffnas.strategies.registry import check_strategy
 
@@ -346,6 +347,8 @@ def validate_components(cfg: RunConfig, device: bool = True) -> None:
     _check_lm(cfg)
     _check_retrain(cfg)
     _check_diagnostics(cfg)
+    if search:
+        _check_engine(cfg, device)
 
 
 def _space_name(cfg: RunConfig) -> str:
@@ -427,6 +430,26 @@ def _check_diagnostics(cfg: RunConfig) -> None:
     if cell not in cells:
         raise ConfigError(f"search.diagnostics.cell: {cell!r} is not a cell of space "
                           f"{_space_name(cfg)!r}; its cells: {', '.join(cells)}")
+
+
+def _check_engine(cfg: RunConfig, device: bool) -> None:
+    """The refusals of the engine that will search the space, made from the config alone:
+    the language-model and graph engines' (image-search settings, growth epochs), or the
+    image search's (GPU settings against the strategy and, with ``device``, the device;
+    diagnostics; a full batch from ``data.train_subset``)."""
+    if _space_name(cfg) == "darts_rnn":
+        from diffnas.engine.lm import check_growth, refuse_image_settings
+
+        refuse_image_settings(cfg)
+        check_growth(cfg)
+    elif _space_name(cfg) == "gnn":
+        from diffnas.engine.graph import refuse_image_settings
+
+        refuse_image_settings(cfg)
+    else:
+        from diffnas.engine.search import check_search_config
+
+        check_search_config(cfg, device)
 
 
 def check_device(device: str) -> None:

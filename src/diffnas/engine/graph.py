@@ -22,7 +22,8 @@ Dropout masks are seeded per (run seed, epoch, stream), so the passes of one str
 step share them and a resumed run redraws exactly the same ones. Resume restarts at an
 epoch boundary from ``checkpoint.pt`` (the loop state, RNG included): bitwise equal to an
 uninterrupted run. One process only (no torchrun); image-only settings (``search.amp``,
-``search.compile``, ``search.cuda_graph``, ``search.diagnostics``) are refused.
+``search.compile``, ``search.cuda_graph``, ``search.cudnn_benchmark``,
+``search.diagnostics``) are refused.
 ``logger: tensorboard`` writes ``RUN_DIR/tensorboard/{search,retrain}`` as for images.
 """
 
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffnas.arch import ArchParams
-from diffnas.config import RunConfig
+from diffnas.config import ConfigError, RunConfig
 from diffnas.data.graph import GraphData, load_graph
 from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
@@ -135,17 +136,20 @@ def graph_space(cfg: RunConfig, data: GraphData) -> SearchSpace:
                                                     num_classes=data.num_classes))
 
 
-def _refuse_image_settings(cfg: RunConfig) -> None:
+def refuse_image_settings(cfg: RunConfig) -> None:
+    """The image-search settings (and torchrun) this engine does not take: an error, not
+    silence (also at config loading, before a run directory exists)."""
     s = cfg.search
     for name, on in (("search.amp", s.amp is not None), ("search.compile", s.compile is not None),
                      ("search.cuda_graph", s.cuda_graph),
+                     ("search.cudnn_benchmark", s.cudnn_benchmark),
                      ("search.diagnostics.enabled", s.diagnostics.enabled)):
         if on:
-            raise ValueError(f"{name} is not supported by the graph engine (engine/graph.py); "
-                             "switch it off")
+            raise ConfigError(f"{name} is not supported by the graph engine (engine/graph.py); "
+                              "switch it off")
     if dp.env().world_size > 1:
-        raise ValueError("the graph engine runs full batch in one process; run it without "
-                         "torchrun")
+        raise ConfigError("the graph engine runs full batch in one process; run it without "
+                          "torchrun")
 
 
 # --- search -------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ class GraphSearchTask(StrategyTask):
 def build_graph_search(cfg: RunConfig, data: GraphData,
                        device: torch.device | str = "cpu") -> GraphSearchTask:
     """Space, supernet, architecture parameters and strategy for ``cfg`` on ``data``."""
-    _refuse_image_settings(cfg)
+    refuse_image_settings(cfg)
     seed_everything(cfg.seed)
     space = graph_space(cfg, data)
     supernet = space.build_supernet().to(device)
@@ -208,7 +212,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                      ) -> GraphSearchResult:
     """Search a GNN cell as configured; writes ``run_dir/search`` like ``run_search``
     (metrics, genotypes and alphas per epoch, checkpoint, genotype.json, DONE)."""
-    _refuse_image_settings(cfg)  # before the run directory is touched
+    refuse_image_settings(cfg)  # before the run directory is touched
     out = Path(run_dir) / "search"
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -295,7 +299,7 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                       data: GraphData | None = None) -> dict[str, Any]:
     """Train ``genotype``'s network from scratch; writes ``run_dir/retrain`` (metrics,
     checkpoint, genotype.json, model.pt = the best-val weights, result.json)."""
-    _refuse_image_settings(cfg)
+    refuse_image_settings(cfg)
     out = Path(run_dir) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
     pin_genotype(out, genotype, resume)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffnas.arch import ArchParams
-from diffnas.config import RunConfig, from_dict
+from diffnas.config import ConfigError, RunConfig, from_dict
 from diffnas.data.text import (
     Corpus,
     batchify,
@@ -75,7 +75,7 @@ from diffnas.engine.search import alpha_record, search_then_retrain
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
-from diffnas.spaces import DataShape, SearchSpace, create_space
+from diffnas.spaces import DataShape, SearchSpace, create_space, space_config
 from diffnas.strategies import SearchStrategy, create_strategy, require_data_parallel
 from diffnas.supernet.rnn import LmInput, LmOutput
 
@@ -349,17 +349,28 @@ def lm_space(cfg: RunConfig, corpus: Corpus) -> SearchSpace:
                                                     num_classes=corpus.vocab_size))
 
 
-def _refuse_image_settings(cfg: RunConfig) -> None:
-    """The image-search settings this engine does not take: an error, not silence."""
+def refuse_image_settings(cfg: RunConfig) -> None:
+    """The image-search settings this engine does not take: an error, not silence (also
+    at config loading, before a run directory exists)."""
     s = cfg.search
     gpu = [k for k, on in (("amp", s.amp), ("compile", s.compile), ("cuda_graph", s.cuda_graph),
                            ("cudnn_benchmark", s.cudnn_benchmark)) if on]
     if gpu:
-        raise ValueError(f"search.{gpu[0]} is for image searches; the language-model search "
-                         "engine (engine/lm.py) does not take it yet")
+        raise ConfigError(f"search.{gpu[0]} is for image searches; the language-model search "
+                          "engine (engine/lm.py) does not take it yet")
     if s.diagnostics.enabled:
-        raise ValueError("search.diagnostics.enabled is not supported by the language-model "
-                         "engine (engine/lm.py); switch it off")
+        raise ConfigError("search.diagnostics.enabled is not supported by the language-model "
+                          "engine (engine/lm.py); switch it off")
+
+
+def check_growth(cfg: RunConfig) -> None:
+    """Every epoch of ``search.space.growth.grow_epochs`` starts within the search (also
+    checked at config loading)."""
+    for e in space_config(cfg.search.space).growth.grow_epochs:
+        if e >= cfg.search.epochs:
+            raise ConfigError(f"search.space.growth.grow_epochs: growth epoch {e} is not before "
+                              f"search.epochs={cfg.search.epochs}: every node must be grown "
+                              "during the search")
 
 
 def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str = "cpu",
@@ -367,11 +378,8 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     """Space, supernet, alphas, strategy and batchified texts for an LM search (under
     torchrun: this rank's columns of the training texts)."""
     lm, d = lm_config(cfg), cfg.data
-    _refuse_image_settings(cfg)
-    for e in lm_space(cfg, corpus).config.growth.grow_epochs:
-        if e >= cfg.search.epochs:
-            raise ValueError(f"growth epoch {e} is not before search.epochs={cfg.search.epochs}:"
-                             " every node must be grown during the search")
+    refuse_image_settings(cfg)
+    check_growth(cfg)
     bs = d.batch_size
     if world_size > 1:
         require_data_parallel(cfg.search.strategy, world_size)
@@ -420,7 +428,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                   stop_after: int | None = None, corpus: Corpus | None = None) -> LmSearchResult:
     """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
     (under torchrun: rank 0 alone)."""
-    _refuse_image_settings(cfg)  # before the run directory is touched
+    refuse_image_settings(cfg)  # before the run directory is touched
     out = Path(run_dir) / "search"
     rank = dp.env()
     if rank.is_main:
@@ -631,7 +639,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
 def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
     torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
-    _refuse_image_settings(cfg)  # before the corpus is read or the search starts
+    refuse_image_settings(cfg)  # before the corpus is read or the search starts
     corpus = load_corpus(cfg.data.name, cfg.data.root)
     return search_then_retrain(
         cfg, run_dir, lambda: run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype,

@@ -63,10 +63,11 @@ RESUME_OVERRIDES = ("device", "progress", "data.root", "plugins")
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
-                    device: bool = True) -> RunConfig:
+                    device: bool = True, search: bool = True) -> RunConfig:
     """The saved config of ``run_dir``, with ``overrides`` limited to
     :data:`RESUME_OVERRIDES` (a run continues with the settings it started with);
-    ``device=False`` to read a run made on another machine (reports, export)."""
+    ``device=False`` to read a run made on another machine (reports, export);
+    ``search=False`` for a retraining (``diffnas train``), which reads no search settings."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
@@ -77,7 +78,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
             f"--resume continues {run_dir} with its saved {CONFIG_FILE}; only "
             f"{', '.join(RESUME_OVERRIDES)} may change, not {refused} (start a new run for "
             "other settings)")
-    return load_config(path, overrides, device=device)
+    return load_config(path, overrides, device=device, search=search)
 
 
 def pin_genotype(out: str | Path, genotype: Genotype, resume: bool) -> None:

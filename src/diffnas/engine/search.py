@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from diffnas.arch import ArchParams
-from diffnas.config import RunConfig
+from diffnas.config import ConfigError, RunConfig
 from diffnas.data import BatchLoader, ImageData, load_dataset, split_train_val
 from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
@@ -31,6 +31,7 @@ from diffnas.strategies import (
     SearchStrategy,
     create_strategy,
     require_data_parallel,
+    strategy_config,
 )
 from diffnas.supernet.compile import compile_mixed_ops
 
@@ -112,7 +113,7 @@ class SearchTask(StrategyTask):
         return zip(self.train, self.val)
 
     def num_batches(self) -> int:
-        return len(self.train) if self.val is None else min(len(self.train), len(self.val))
+        return batches_per_epoch(self.train, self.val)
 
     def step(self, batch: tuple[Any, Any]) -> dict[str, float]:
         return dp.all_reduce_metrics(self._step(*batch))  # mean over ranks
@@ -135,14 +136,9 @@ def diagnostics_callbacks(cfg: RunConfig, task: SearchTask, out: Path,
         return []
     from diffnas.engine.diagnostics import CollapseDiagnostics
 
+    check_diagnostics_settings(cfg, world_size)
     batch = None
     if d.hessian:
-        if world_size > 1:
-            raise ValueError("search.diagnostics.hessian runs on one process; switch it off "
-                             "under torchrun")
-        if cfg.search.compile is not None:
-            raise ValueError("search.diagnostics.hessian differentiates twice, which compiled "
-                             "mixed ops cannot: switch off search.compile or the Hessian")
         batch = next(iter(task.val if task.val is not None else task.train))
     return dp.main_process_only([CollapseDiagnostics(out / "diagnostics.jsonl", d.cell, batch,
                                                      d.iters)])
@@ -180,15 +176,8 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     require_data_parallel(cfg.search.strategy, world_size)
     cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
     data_y = strategy.relabel(data.train_y)  # identity, except e.g. RLNAS's random labels
-    bs, seed = cfg.data.batch_size, cfg.seed
-    common = {"batch_size": bs, "seed": seed, "device": device, "rank": rank,
-              "world_size": world_size, "drop_last": True}
-    if cls.uses_validation:
-        (tx, ty), (vx, vy) = split_train_val(data.train_x, data_y, cfg.data.search_split, seed)
-        train = BatchLoader(tx, ty, **common)
-        val = BatchLoader(vx, vy, **{**common, "seed": seed + 1})
-    else:
-        train, val = BatchLoader(data.train_x, data_y, **common), None
+    train, val = search_loaders(cfg, data.train_x, data_y, cls.uses_validation, device, rank,
+                                world_size)
     task = SearchTask(strategy, space, train, val, cfg.search.discretizer)
     task.configure_step(torch.device(device), cfg.search.amp, cfg.search.cuda_graph, world_size,
                         cfg.search.compile)
@@ -206,32 +195,7 @@ def configured_step(
     strategy cannot do, naming why. ``benchmarks/search_epoch.py`` times this same function."""
     step = step or s.step
     # every refusal first, so that a refused configuration has compiled nothing
-    if compile is not None:
-        if not s.first_order:
-            raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
-                             "first-order (docs/strategies.md): run it without search.compile")
-        if not isinstance(compile, dict):
-            raise ValueError("search.compile must be null or a mapping such as "
-                             f"{{backend: inductor}}, got {compile!r}")
-        if getattr(s.relaxation, "hard", False):
-            raise ValueError(f"strategy {s.name!r} samples one op per edge each step: "
-                             "compiled mixed ops would recompile for every sample; run it "
-                             "without search.compile")
-    if amp is not None:
-        if amp != "bf16":
-            raise ValueError(f"search.amp must be null or 'bf16', got {amp!r}")
-        if not s.first_order:
-            raise ValueError(f"strategy {s.name!r} (as configured) is not declared "
-                             "first-order (docs/strategies.md): run it without search.amp")
-    if cuda_graph:
-        if device.type != "cuda":
-            raise ValueError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
-        if world_size > 1:
-            raise ValueError("search.cuda_graph does not run data parallel: run one process")
-        if not s.graph_safe:
-            raise ValueError(f"strategy {s.name!r} (as configured) cannot be captured as "
-                             "a CUDA graph: search.cuda_graph is for first-order darts "
-                             "with the softmax relaxation and no penalties")
+    check_step_settings(StepTraits.of(s), amp, cuda_graph, compile, device.type, world_size)
     if compile is not None:
         compile_mixed_ops(s.supernet, compile)
         # compiled graphs do not take the memory savers' custom autograd functions
@@ -244,6 +208,141 @@ def configured_step(
     if cuda_graph:
         step = GraphedStep(step, [s.w_optimizer, s.a_optimizer], warmup=graph_warmup)
     return step
+
+
+@dataclass(frozen=True)
+class StepTraits:
+    """What a strategy declares about its step, which decides the GPU settings it takes
+    (docs/strategies.md): ``first_order`` (``search.amp``, ``search.compile``),
+    ``graph_safe`` (``search.cuda_graph``) and ``hard`` (its relaxation samples one op per
+    edge, so compiled edges would recompile every step)."""
+
+    name: str
+    first_order: bool
+    graph_safe: bool
+    hard: bool
+
+    @classmethod
+    def of(cls, s: SearchStrategy) -> StepTraits:
+        """The traits of a built strategy."""
+        return cls(s.name, s.first_order, s.graph_safe, bool(getattr(s.relaxation, "hard", False)))
+
+    @classmethod
+    def from_config(cls, section: dict) -> StepTraits:
+        """The traits a strategy built from ``section`` will have, read without building
+        it (``SearchStrategy.declared``; tests/test_config_checks.py holds the two to
+        agree)."""
+        from diffnas.arch.relax import RELAXATIONS
+
+        strategy = STRATEGIES.get(section.get("name", "darts"))
+        c = strategy_config(section)
+        relax = getattr(c, "relaxation", {"name": "softmax"})
+        first, safe = strategy.declared(c)
+        return cls(strategy.name, first, safe, RELAXATIONS.get(relax["name"]).hard)
+
+
+def check_step_settings(
+    t: StepTraits, amp: str | None = None, cuda_graph: bool = False,
+    compile: dict | None = None, device: str | None = None, world_size: int = 1,
+) -> None:
+    """Refuse the ``search.compile`` / ``search.amp`` / ``search.cuda_graph`` settings a
+    strategy with traits ``t`` cannot take, naming why; ``device`` (a torch device type,
+    ``None``: not checked) and ``world_size`` are where the step runs. Reads settings alone:
+    :func:`configured_step` calls it, and config loading (:func:`check_search_config`)
+    before a run directory exists."""
+    if compile is not None:
+        if not t.first_order:
+            raise ConfigError(f"strategy {t.name!r} (as configured) is not declared "
+                              "first-order (docs/strategies.md): run it without search.compile")
+        if not isinstance(compile, dict):
+            raise ConfigError("search.compile must be null or a mapping such as "
+                              f"{{backend: inductor}}, got {compile!r}")
+        if t.hard:
+            raise ConfigError(f"strategy {t.name!r} samples one op per edge each step: "
+                              "compiled mixed ops would recompile for every sample; run it "
+                              "without search.compile")
+    if amp is not None:
+        if amp != "bf16":
+            raise ConfigError(f"search.amp must be null or 'bf16', got {amp!r}")
+        if not t.first_order:
+            raise ConfigError(f"strategy {t.name!r} (as configured) is not declared "
+                              "first-order (docs/strategies.md): run it without search.amp")
+    if cuda_graph:
+        if device is not None and device != "cuda":
+            raise ConfigError(f"search.cuda_graph needs a CUDA device, the run is on {device}")
+        if world_size > 1:
+            raise ConfigError("search.cuda_graph does not run data parallel: run one process")
+        if not t.graph_safe:
+            raise ConfigError(f"strategy {t.name!r} (as configured) cannot be captured as "
+                              "a CUDA graph: search.cuda_graph is for first-order darts "
+                              "with the softmax relaxation and no penalties")
+
+
+def check_diagnostics_settings(cfg: RunConfig, world_size: int = 1) -> None:
+    """Refuse a ``search.diagnostics.hessian`` that cannot run: under torchrun, or with
+    compiled mixed ops (the Hessian differentiates twice)."""
+    d = cfg.search.diagnostics
+    if not (d.enabled and d.hessian):
+        return
+    if world_size > 1:
+        raise ConfigError("search.diagnostics.hessian runs on one process; switch it off "
+                          "under torchrun")
+    if cfg.search.compile is not None:
+        raise ConfigError("search.diagnostics.hessian differentiates twice, which compiled "
+                          "mixed ops cannot: switch off search.compile or the Hessian")
+
+
+def search_loaders(
+    cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, uses_validation: bool,
+    device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+) -> tuple[BatchLoader, BatchLoader | None]:
+    """The search's loaders over the training set ``(x, y)``: search-train and search-val
+    (``data.search_split``) for bilevel strategies, one loader for single-level ones;
+    incomplete batches are dropped."""
+    bs, seed = cfg.data.batch_size, cfg.seed
+    common = {"batch_size": bs, "seed": seed, "device": device, "rank": rank,
+              "world_size": world_size, "drop_last": True}
+    if not uses_validation:
+        return BatchLoader(x, y, **common), None
+    (tx, ty), (vx, vy) = split_train_val(x, y, cfg.data.search_split, seed)
+    return BatchLoader(tx, ty, **common), BatchLoader(vx, vy, **{**common, "seed": seed + 1})
+
+
+def batches_per_epoch(train: BatchLoader, val: BatchLoader | None) -> int:
+    """Search steps per epoch: one per (train, val) pair of batches."""
+    return len(train) if val is None else min(len(train), len(val))
+
+
+def check_full_batch(cfg: RunConfig) -> None:
+    """With ``data.train_subset``: at least one full search batch per epoch from that many
+    images, counted by :func:`search_loaders` itself (over empty rows). A dataset smaller
+    than the subset is only seen once read (the loop refuses it then)."""
+    n, d = cfg.data.train_subset, cfg.data
+    if n is None or min(d.search_split, 1 - d.search_split) * n >= d.batch_size + 1:
+        return  # either part of the split holds a full batch, whatever the rounding
+    rows = torch.empty(n, 0)
+    uses_val = STRATEGIES.get(cfg.search.strategy.get("name", "darts")).uses_validation
+    train, val = search_loaders(cfg, rows, rows, uses_val)
+    if batches_per_epoch(train, val) == 0:
+        parts = (f"its split (data.search_split={d.search_split}) leaves {len(train.x)} "
+                 f"images to train the weights and {len(val.x)} the architecture"
+                 if val is not None else "")
+        raise ConfigError(f"data.batch_size={d.batch_size} gives no full batch per epoch "
+                          f"from data.train_subset={n}{': ' if parts else ''}{parts} "
+                          "(incomplete batches are dropped); lower data.batch_size or raise "
+                          "data.train_subset")
+
+
+def check_search_config(cfg: RunConfig, device: bool = True) -> None:
+    """What an image search would refuse that its config alone shows, for config loading
+    (before a run directory exists): the GPU settings against the strategy (the device
+    too, with ``device``), the diagnostics, and a full batch from ``data.train_subset``."""
+    s, world_size = cfg.search, dp.env().world_size
+    where = resolve_device(cfg.device).type if device else None
+    check_step_settings(StepTraits.from_config(s.strategy), s.amp, s.cuda_graph, s.compile,
+                        where, world_size)
+    check_diagnostics_settings(cfg, world_size)
+    check_full_batch(cfg)
 
 
 def _inside(step: Callable, context: Callable[[], AbstractContextManager]) -> Callable:

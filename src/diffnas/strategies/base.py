@@ -150,6 +150,13 @@ class SearchStrategy:
     #: ``search.compile``.
     first_order: bool = False
 
+    @classmethod
+    def declared(cls, config: StrategyConfig) -> tuple[bool, bool]:
+        """``(first_order, graph_safe)`` of this strategy built from ``config``, known
+        without building it (config checks use it before a run directory exists); the
+        class's declarations unless a strategy's settings decide them."""
+        return cls.first_order, cls.graph_safe
+
     def __init__(
         self,
         config: StrategyConfig,

@@ -40,14 +40,18 @@ class DartsStrategy(SearchStrategy):
     Config = DartsConfig
     data_parallel = True
 
-    def __init__(self, config: DartsConfig, *args, **kwargs) -> None:
-        super().__init__(config, *args, **kwargs)
+    @classmethod
+    def declared(cls, config: DartsConfig) -> tuple[bool, bool]:
         # a captured graph replays fixed Python values: no temperature schedule, no sampled
         # ops (GDAS), no penalty settings (tested on a GPU: tests/test_cuda_graph.py)
         # (edge_norm's per-node softmax reads its index lists on the host)
-        self.graph_safe = (config.order == 1 and config.relaxation.get("name") == "softmax"
-                           and not config.penalties and not config.edge_norm)
-        self.first_order = config.order == 1
+        first = config.order == 1
+        return first, (first and config.relaxation.get("name") == "softmax"
+                       and not config.penalties and not config.edge_norm)
+
+    def __init__(self, config: DartsConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.first_order, self.graph_safe = self.declared(config)
         self.hypergrad = (
             first_order
             if config.order == 1
