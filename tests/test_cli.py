@@ -131,3 +131,16 @@ def test_retrain_resume_refuses_another_genotype(tmp_path, capsys):
                  str(tmp_path / "t")]) == 2
     assert "retraining another genotype" in capsys.readouterr().err
     assert main(["train", "--genotype", "DARTS_V2", "--resume", str(tmp_path / "t")]) == 0
+
+
+def test_overrides_may_follow_a_flag(capsys):
+    """``--config C a=1 --dry-run b=2``: the overrides after the flag count too, and an
+    unknown flag is still an error."""
+    argv = ["train", "--genotype", "DARTS_V2", "--config", str(ROOT / "configs/darts_cifar10.yaml"),
+            "retrain.network.C=8", "--dry-run", "retrain.network.layers=5"]
+    assert main(argv) == 0
+    small = capsys.readouterr().out
+    assert main(argv[:-1]) == 0
+    assert capsys.readouterr().out != small  # layers=5 took effect
+    with pytest.raises(SystemExit):
+        main([*argv, "--no-such-flag"])

@@ -323,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     from diffnas.registry import UnknownNameError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after a flag too (`--seeds 0,1 search.epochs=3`): argparse takes
+    # only the first run of positionals, so the later ones arrive here
+    if extra and hasattr(args, "overrides") and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args._handlers[args.command](args)
     except (
