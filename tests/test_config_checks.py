@@ -190,6 +190,10 @@ IMAGE_REFUSALS = [  # (overrides, match): configured_step's refusals and the dia
     (["device=cpu", "search.cuda_graph=true"], r"search\.cuda_graph needs a CUDA device"),
     (["search.diagnostics.enabled=true", "search.diagnostics.hessian=true",
       "search.compile={backend: inductor}"], r"search\.diagnostics\.hessian differentiates"),
+    (["search.compile={backend: inductor, fullgraph: true}"],
+     r"search\.compile: unknown setting\(s\) \['fullgraph'\]"),
+    (["search.compile={backend: eager, mode: max-autotune}"],
+     r"search\.compile\.mode applies to the inductor backend only"),
     (["data.train_subset=64", "data.batch_size=64"],
      r"data\.batch_size=64 gives no full batch per epoch from data\.train_subset=64: .* 32 "
      r"images to train the weights and 32 the architecture"),
@@ -329,3 +333,15 @@ def test_train_is_not_refused_for_settings_only_a_search_reads(tmp_path, capsys)
                        search=False).search.cuda_graph
     assert main(["train", "--genotype", "DARTS_V2", "--dry-run", "--config", str(FASHION),
                  "search.cuda_graph=true", "device=cpu"]) == 0
+
+
+def test_train_checks_the_network_even_with_retraining_off_for_search(tmp_path, capsys):
+    """``retrain.enabled=false`` skips the network check of a search config; ``diffnas
+    train`` retrains anyway, so it checks the network before its run directory."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    argv = ["train", "--genotype", "DARTS_V2", "--config", str(FASHION),
+            f"out_dir={tmp_path / 'runs'}", "name=t", "retrain.enabled=false",
+            "retrain.network.Cx=8"]
+    assert main(argv) == 2
+    assert "retrain.network.Cx" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "t").exists()

@@ -345,7 +345,7 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
         DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
     _check_data(cfg)
     _check_lm(cfg)
-    _check_retrain(cfg)
+    _check_retrain(cfg, always=not search)
     _check_diagnostics(cfg)
     if search:
         _check_engine(cfg, device)
@@ -392,12 +392,13 @@ def _check_lm(cfg: RunConfig) -> None:
                           f"{_space_name(cfg)!r}: remove it")
 
 
-def _check_retrain(cfg: RunConfig) -> None:
-    """With ``retrain.enabled``: ``retrain.network`` against the network settings of the
-    space (as engine/retrain.py passes them) and the batch against ``retrain.train_subset``,
-    so that a mistake shows before the search rather than after it."""
+def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
+    """With ``retrain.enabled`` (or ``always``: ``diffnas train`` retrains whatever that
+    flag says): ``retrain.network`` against the network settings of the space (as
+    engine/retrain.py passes them) and the batch against ``retrain.train_subset``, so that
+    a mistake shows before the search rather than after it."""
     r = cfg.retrain
-    if not r.enabled:
+    if not (r.enabled or always):
         return
     from diffnas.spaces.registry import network_config
 

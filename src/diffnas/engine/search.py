@@ -33,7 +33,7 @@ from diffnas.strategies import (
     require_data_parallel,
     strategy_config,
 )
-from diffnas.supernet.compile import compile_mixed_ops
+from diffnas.supernet.compile import check_compile_settings, compile_mixed_ops
 
 log = logging.getLogger("diffnas")
 
@@ -257,6 +257,10 @@ def check_step_settings(
         if not isinstance(compile, dict):
             raise ConfigError("search.compile must be null or a mapping such as "
                               f"{{backend: inductor}}, got {compile!r}")
+        try:
+            check_compile_settings(compile)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if t.hard:
             raise ConfigError(f"strategy {t.name!r} samples one op per edge each step: "
                               "compiled mixed ops would recompile for every sample; run it "

@@ -22,21 +22,28 @@ MIXED_OPS: tuple[type[nn.Module], ...] = (MixedOp, Nb201MixedOp)
 COMPILE_KEYS = ("backend", "mode")
 
 
-def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
-    """Compile every mixed op of ``net`` in place with ``torch.compile(**spec)`` (keys
-    ``backend``, default ``inductor``, and ``mode``); returns how many were compiled."""
+def check_compile_settings(spec: dict[str, Any]) -> None:
+    """Refuse ``search.compile`` settings :func:`compile_mixed_ops` cannot take (config
+    loading calls it too, before a run directory exists)."""
     unknown = sorted(set(spec) - set(COMPILE_KEYS))
     if unknown:
         raise ValueError(f"search.compile: unknown setting(s) {unknown}; known: {COMPILE_KEYS}")
+    # other backends ignore a mode (a log line, no error)
+    if spec.get("mode") is not None and spec.get("backend", "inductor") != "inductor":
+        raise ValueError(f"search.compile.mode applies to the inductor backend only, "
+                         f"not {spec['backend']!r}")
+
+
+def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
+    """Compile every mixed op of ``net`` in place with ``torch.compile(**spec)`` (keys
+    ``backend``, default ``inductor``, and ``mode``); returns how many were compiled."""
+    check_compile_settings(spec)
     ops = [m for m in net.modules() if isinstance(m, MIXED_OPS)]
     if not ops:
         raise ValueError(f"search.compile: {type(net).__name__} has no mixed ops to compile")
     _raise_recompile_limits(per_code=64, total=4096)
     kw = {"backend": spec.get("backend", "inductor"), "dynamic": False}
     if spec.get("mode") is not None:
-        if kw["backend"] != "inductor":  # other backends ignore it (a log line, no error)
-            raise ValueError(f"search.compile.mode applies to the inductor backend only, "
-                             f"not {kw['backend']!r}")
         kw["mode"] = spec["mode"]
     for m in ops:
         m.compile(**kw)
