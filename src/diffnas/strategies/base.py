@@ -38,17 +38,21 @@ def _import_penalty_modules() -> None:
         importlib.import_module(mod)
 
 
-def _penalty_factory(spec: dict, where: str) -> tuple[Callable[..., Callable], dict]:
-    """The factory ``spec['name']`` selects and the settings it accepts (else a
-    :class:`ConfigError` naming the key under ``where``)."""
-    _import_penalty_modules()
+def _select(registry: Registry, spec: dict, where: str) -> tuple[Callable[..., Any], dict]:
+    """What ``spec['name']`` selects in ``registry`` and the other keys of ``spec``, which
+    it must accept (else a :class:`ConfigError` naming the key under ``where``)."""
     if not isinstance(spec, dict) or "name" not in spec:
-        raise ConfigError(f"{where}: a penalty is a mapping with a 'name', got {spec!r}; "
-                          f"known: {PENALTIES.names()}")
+        raise ConfigError(f"{where} needs a 'name' (one of {registry.names()}), got {spec!r}")
     settings = {k: v for k, v in spec.items() if k != "name"}
-    factory = PENALTIES.get(spec["name"])
-    check_call(factory, settings, where)
-    return factory, settings
+    target = registry.get(spec["name"])
+    check_call(target, settings, where)
+    return target, settings
+
+
+def _penalty_factory(spec: dict, where: str) -> tuple[Callable[..., Callable], dict]:
+    """The factory ``spec['name']`` selects and the settings it accepts."""
+    _import_penalty_modules()
+    return _select(PENALTIES, spec, where)
 
 
 def check_penalties(specs: list[dict], where: str = "search.strategy.penalties") -> None:
@@ -68,12 +72,7 @@ def create_penalty(spec: dict, where: str = "search.strategy.penalties") -> Call
 def check_relaxation(section: dict, where: str = "search.strategy.relaxation") -> None:
     """``{name, **settings}`` names a registered relaxation, with settings its class takes
     and accepts (built once here: relaxations are cheap and hold no tensors)."""
-    if not isinstance(section, dict) or "name" not in section:
-        raise ConfigError(f"{where} needs a 'name' (one of {RELAXATIONS.names()}), got "
-                          f"{section!r}")
-    settings = {k: v for k, v in section.items() if k != "name"}
-    cls = RELAXATIONS.get(section["name"])
-    check_call(cls, settings, where)
+    cls, settings = _select(RELAXATIONS, section, where)
     try:
         cls(**settings)
     except (TypeError, ValueError) as exc:
