@@ -84,18 +84,3 @@ def test_export_without_retraining_is_a_clear_error(run_dir, tmp_path):
 def test_unknown_format_is_an_error(run_dir):
     with pytest.raises(ExportError, match="unknown export format"):
         export_run(run_dir, "tflite")
-
-
-
-def test_the_input_side_recorded_by_the_retraining_needs_no_resolution(run_dir, tmp_path):
-    """Own data (npz, a plugin dataset) has no known native side and its files may be gone
-    by export time: the side comes from retrain/result.json's ``data.input``."""
-    import yaml
-
-    moved = tmp_path / "moved"
-    shutil.copytree(run_dir, moved)
-    cfg = yaml.safe_load((moved / "config.yaml").read_text())
-    cfg["data"].update({"name": "npz", "root": str(tmp_path / "gone.npz")})
-    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
-    _, shape = load_retrained(moved)
-    assert (shape.in_channels, shape.resolution, shape.num_classes) == (1, 8, 10)

@@ -61,14 +61,25 @@ def test_export_finds_the_side_of_an_npz_run(npz_run):
     assert (shape.in_channels, shape.resolution, shape.num_classes) == (1, 8, 10)
 
 
-def test_export_without_the_data_asks_for_the_resolution(npz_run, tmp_path):
+def test_export_without_the_data_reads_the_side_the_retraining_recorded(npz_run, tmp_path):
+    """The data may be gone by export time: the side comes from retrain/result.json's
+    ``data.input``; a result without it (an older run) asks for --resolution."""
+    import json
+    import shutil
+
     run, path = npz_run
     moved = tmp_path / "elsewhere.npz"
     path.rename(moved)
     try:
+        assert load_retrained(run)[1].resolution == 8
+        old = tmp_path / "old_run"
+        shutil.copytree(run, old)
+        result = json.loads((old / "retrain/result.json").read_text())
+        del result["data"]["input"]
+        (old / "retrain/result.json").write_text(json.dumps(result))
         with pytest.raises(Exception, match="pass --resolution"):
-            load_retrained(run)
-        assert load_retrained(run, resolution=8)[1].resolution == 8
+            load_retrained(old)
+        assert load_retrained(old, resolution=8)[1].resolution == 8
     finally:
         moved.rename(path)
 
