@@ -131,3 +131,25 @@ def test_graph_space_search_maps_every_edge_and_exports_its_best_path(tmp_path):
     assert mapped == {(CELL, r) for r in range(rows)}  # every edge found by its weight row
     assert s.best_angle == s.angle(s.best_path) > 0
     assert torch.equal(s.arch_params[CELL].argmax(-1), s.best_path[CELL])
+
+
+def test_graph_random_labels_are_drawn_from_the_training_nodes_only(tmp_path):
+    """The search reads no validation or test label: the training nodes' random targets
+    are a permutation of their own labels and do not move when other labels change."""
+    import copy
+
+    from test_graph_space import tiny_cfg
+
+    from diffnas.data.graph import load_graph
+    from diffnas.engine.graph import build_graph_search
+
+    cfg = tiny_cfg(tmp_path, "search.strategy={name: random_labels}")
+    data = load_graph("karate")
+    tr = data.train_idx
+    targets = build_graph_search(cfg, data).splits.train_y[tr]
+    assert sorted(targets.tolist()) == sorted(data.y[tr].tolist())
+    assert not torch.equal(targets, data.y[tr])  # permuted
+    other = copy.deepcopy(data)
+    rest = torch.cat([other.val_idx, other.test_idx])
+    other.y[rest] = 1 - other.y[rest]  # karate has two classes
+    assert torch.equal(build_graph_search(cfg, other).splits.train_y[tr], targets)

@@ -196,7 +196,9 @@ def build_graph_search(cfg: RunConfig, data: GraphData,
     arch = ArchParams(space).to(device)
     strategy = create_strategy(cfg.search.strategy, supernet, arch, space.objective(),
                                cfg.search.epochs)
-    splits = GraphSplits(data, device, strategy.relabel(data.y))
+    y = data.y.clone()  # relabel (RLNAS) among the training nodes only: the others'
+    y[data.train_idx] = strategy.relabel(data.y[data.train_idx])  # labels stay unread
+    splits = GraphSplits(data, device, y)
     return GraphSearchTask(strategy, space, splits, cfg.seed, cfg.search.discretizer)
 
 
