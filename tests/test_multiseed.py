@@ -134,6 +134,19 @@ def test_a_failing_seed_is_reported_and_the_others_kept(tmp_path):
     assert "FAILED seeds: [1]" in ms.summary_markdown(summary)
 
 
+def test_a_seed_failed_in_an_earlier_call_stays_reported(tmp_path):
+    """Continuing some seeds of a parent (``--seeds 0 --resume``) must not hide another
+    seed that is still unfinished: the summary counts it as failed."""
+    cfg = load_config(None, [*TINY_RUN, "retrain.enabled=false"])
+    dirs = ms.prepare_seeds(cfg, [0, 1], tmp_path)
+    (dirs[1] / "config.yaml").write_text("data: {name: no_such_dataset}\n")
+    assert ms.run_seeds(cfg, [0, 1], tmp_path, workers=1, echo=False)["failed"] == [1]
+    again = ms.run_seeds(cfg, [0], tmp_path, workers=1, echo=False)
+    assert again["failed"] == [1]
+    assert "not finished" in again["runs"][1]["error"]
+    assert "FAILED seeds: [1]" in ms.summary_markdown(again)
+
+
 def test_graph_searches_run_in_seed_workers(tmp_path):
     """--seeds dispatches a gnn config to the graph engine in each worker; a seed's
     result equals the same seed run in this process."""

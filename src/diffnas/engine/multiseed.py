@@ -289,6 +289,9 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
         rec = seed_record(d, s)
         if d in errors:
             rec["error"] = errors[d]
+        elif not finished(d):  # a seed of the parent that this call did not run
+            rec["error"] = (f"not finished (not run by this call: continue it with --seeds "
+                            f"{s} --resume {parent})")
         records.append(rec)
     return write_summary(parent, records)
 
