@@ -144,6 +144,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                     found["pin_refused"] = ""
                 except ValueError as exc:
                     found["pin_refused"] = str(exc)
+        # after the searches, whose RNG streams the tests compare with one process
+        plain = load_config(None, [*search_overrides("darts1", sync_bn=False),
+                                   "retrain.epochs=2"])
+        found["retrain_plain"] = run_retrain(plain, Genotype.from_json(found["genotype"]),
+                                             f"{out}/runs/plain")
         save_rank(found, out, rank)
     finally:
         dp.shutdown()
@@ -224,6 +229,16 @@ def test_ddp_retrain_matches_one_process(spawned, tmp_path):
     for rank in (0, 1):
         res = load_rank(spawned, rank)["retrain"]
         assert abs(res["history"][0]["loss"] - ref["history"][0]["loss"]) < 1e-5
+
+
+def test_every_rank_reports_the_same_test_numbers_without_sync_bn(spawned):
+    """Without sync_bn each rank's BN statistics come from its own batches; evaluation
+    uses rank 0's (the saved model's), so every rank reports the same numbers."""
+    a, b = (load_rank(spawned, r)["retrain_plain"] for r in (0, 1))
+    assert len(a["history"]) == 2
+    for key in ("test_acc", "test_loss"):
+        assert [h[key] for h in a["history"]] == [h[key] for h in b["history"]], key
+        assert a[key] == b[key], key
 
 
 def test_strategy_without_data_parallel_support_is_refused(monkeypatch):

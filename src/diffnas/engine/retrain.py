@@ -88,7 +88,7 @@ class TrainTask:
     def end_epoch(self, epoch: int) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        return {"lr": lr, **evaluate(dp.unwrap(self.model), self.test)}
+        return {"lr": lr, **evaluate_replicated(self.model, self.test)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +112,16 @@ class DropPathSchedule(Callback):
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         if hasattr(self.model, "drop_path_prob"):
             self.model.drop_path_prob = self.final * epoch / max(loop.epochs, 1)
+
+
+def evaluate_replicated(model: nn.Module, test: Iterable) -> dict[str, float]:
+    """:func:`evaluate` of a (possibly DDP-wrapped) model on every rank, with rank 0's
+    buffers: without ``sync_bn`` each rank's BatchNorm statistics come from its own slice
+    of the last batches, so every rank now reports what rank 0 (which saves the model)
+    measures. DDP itself copies rank 0's buffers at the next training forward anyway."""
+    net = dp.unwrap(model)
+    dp.broadcast_(net.buffers())
+    return evaluate(net, test)
 
 
 def build_network(
@@ -202,7 +212,7 @@ def run_retrain(
         loop.load_state_dict(state)
         log.info("resumed retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
-    final = evaluate(model, test)
+    final = evaluate_replicated(model, test)
     result = {
         "genotype": genotype.to_dict(),
         **summary,
