@@ -238,6 +238,14 @@ class RetrainConfig:
                               "skips retraining)")
         self._check_ranges()
 
+    def image_network(self) -> dict:
+        """``network`` as the image retraining passes it to the space's ``build_network``:
+        with the auxiliary head when ``auxiliary_weight > 0``."""
+        network = dict(self.network)
+        if self.auxiliary_weight > 0:
+            network.setdefault("auxiliary", True)
+        return network
+
     def _check_ranges(self) -> None:
         """Optimizer and augmentation settings torch would refuse (or silently misuse)
         only once retraining starts, after the whole search."""
@@ -402,10 +410,8 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
         return
     from diffnas.spaces.registry import network_config
 
-    network = dict(r.network)
     image = _space_name(cfg) not in ("darts_rnn", "gnn")
-    if image and r.auxiliary_weight > 0:  # as engine/retrain.build_network does
-        network.setdefault("auxiliary", True)
+    network = r.image_network() if image else dict(r.network)
     try:
         network_config(cfg.search.space, network)
     except ValueError as exc:  # ConfigError, or a space's own check (nb201: no auxiliary)

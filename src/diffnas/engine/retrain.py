@@ -128,10 +128,7 @@ def build_network(
     cfg: RunConfig, genotype: Genotype, shape: DataShape
 ) -> tuple[SearchSpace, nn.Module]:
     space = create_space(cfg.search.space, shape)
-    network = dict(cfg.retrain.network)
-    if cfg.retrain.auxiliary_weight > 0:
-        network.setdefault("auxiliary", True)
-    return space, space.build_network(genotype, **network)
+    return space, space.build_network(genotype, **cfg.retrain.image_network())
 
 
 def network_summary(model: nn.Module, shape: DataShape) -> dict[str, int]:

@@ -257,10 +257,7 @@ def check_step_settings(
         if not isinstance(compile, dict):
             raise ConfigError("search.compile must be null or a mapping such as "
                               f"{{backend: inductor}}, got {compile!r}")
-        try:
-            check_compile_settings(compile)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_compile_settings(compile)
         if t.hard:
             raise ConfigError(f"strategy {t.name!r} samples one op per edge each step: "
                               "compiled mixed ops would recompile for every sample; run it "

@@ -19,7 +19,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from diffnas.hardware.latency import (
 )
 from diffnas.report.cost import count_macs, count_parameters
 from diffnas.spaces import SearchSpace
+from diffnas.spaces.base import EdgeSpec
 
 log = logging.getLogger("diffnas")
 
@@ -56,9 +57,14 @@ def sample_genotype(space: SearchSpace, generator: torch.Generator) -> Genotype:
     return discretize(logits, space)
 
 
+def edge_ops(groups: Mapping[str, Sequence[EdgeSpec]]) -> dict[str, tuple[str, ...]]:
+    """The candidate op names of each cell type of edge groups, in the order op indices
+    refer to."""
+    return {g: tuple(es[0].candidates) for g, es in groups.items()}
+
+
 def space_ops(space: SearchSpace) -> dict[str, tuple[str, ...]]:
-    """The candidate op names of each cell type, in the order op indices refer to."""
-    return {g: tuple(es[0].candidates) for g, es in space.edge_groups().items()}
+    return edge_ops(space.edge_groups())
 
 
 def encode_indices(genotype: Genotype, space: SearchSpace) -> dict[str, list[int]]:

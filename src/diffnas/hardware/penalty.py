@@ -46,15 +46,7 @@ class LatencyPenalty(nn.Module):
         """Refuse architecture parameters (an :class:`~diffnas.arch.ArchParams`) whose cell
         types, edges or op lists differ from the predictor's: its input columns follow the
         op list of the space it was fitted on, so another order would read the wrong ops."""
-        shapes = {g: (len(es), len(es[0].candidates)) for g, es in arch_params.edges.items()}
-        if shapes != self.predictor.shapes:
-            raise ValueError(f"latency penalty: the predictor expects (edges, ops) per cell "
-                             f"type {self.predictor.shapes}, the search has {shapes}")
-        ops = {g: tuple(es[0].candidates) for g, es in arch_params.edges.items()}
-        if self.predictor.ops is not None and self.predictor.ops != ops:
-            raise ValueError(f"latency penalty: the predictor was fitted with ops "
-                             f"{self.predictor.ops}, the search has {ops}; fit it with the "
-                             "search's search.space section")
+        self.predictor.check_edges(arch_params.edges, "the search")
 
     def latency(self, arch_weights: Any, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         """Predicted latency (ms) of the relaxed architecture."""

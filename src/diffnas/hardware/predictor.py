@@ -34,12 +34,14 @@ from torch import nn
 from diffnas.hardware.dataset import (
     anchored_latencies,
     describe_differences,
+    edge_ops,
     one_hot,
     record_op_mismatch,
     settings_differences,
     space_ops,
 )
 from diffnas.spaces import SearchSpace
+from diffnas.spaces.base import EdgeSpec
 from diffnas.spaces.nb201 import GROUP as NB201_GROUP
 from diffnas.spaces.nb201 import NB201_EDGES, NB201_OPS
 
@@ -117,14 +119,20 @@ class LatencyPredictor(nn.Module):
         """Refuse a space whose edges or op lists differ from the predictor's, so its
         one-hot encodings would land on the wrong columns. A predictor without op names
         is only checked for its shapes."""
-        shapes = space_shapes(space)
+        self.check_edges(space.edge_groups(), f"space {space.name!r}")
+
+    def check_edges(self, groups: Mapping[str, Sequence[EdgeSpec]], what: str) -> None:
+        """:meth:`check_space` for edge groups (a space's, or an ``ArchParams.edges``);
+        ``what`` names their owner in the error."""
+        shapes = edge_shapes(groups)
         if shapes != self.shapes:
             raise ValueError(f"the latency predictor expects (edges, ops) per cell type "
-                             f"{self.shapes}, space {space.name!r} has {shapes}")
-        if self.ops is not None and self.ops != space_ops(space):
-            raise ValueError(f"the latency predictor was fitted with ops {self.ops}, space "
-                             f"{space.name!r} has {space_ops(space)}; the op columns would "
-                             "not match (fit a predictor on this space)")
+                             f"{self.shapes}, {what} has {shapes}")
+        ops = edge_ops(groups)
+        if self.ops is not None and self.ops != ops:
+            raise ValueError(f"the latency predictor was fitted with ops {self.ops}, {what} "
+                             f"has {ops}; the op columns would not match (fit a predictor "
+                             "with the same search.space section)")
 
     # --- files ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -170,8 +178,13 @@ def legacy_ops(shapes: Mapping[str, Sequence[int]],
     return {NB201_GROUP: tuple(NB201_OPS)}
 
 
+def edge_shapes(groups: Mapping[str, Sequence[EdgeSpec]]) -> dict[str, tuple[int, int]]:
+    """``(edges, ops)`` per cell type of edge groups (``space.edge_groups()``)."""
+    return {g: (len(es), len(es[0].candidates)) for g, es in groups.items()}
+
+
 def space_shapes(space: SearchSpace) -> dict[str, tuple[int, int]]:
-    return {g: (len(es), len(es[0].candidates)) for g, es in space.edge_groups().items()}
+    return edge_shapes(space.edge_groups())
 
 
 def encode_records(records: Sequence[dict], space: SearchSpace) -> dict[str, torch.Tensor]:

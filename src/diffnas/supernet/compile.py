@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from diffnas.config import ConfigError
 from diffnas.supernet.mixed import MixedOp
 from diffnas.supernet.nb201 import Nb201MixedOp
 
@@ -27,11 +28,11 @@ def check_compile_settings(spec: dict[str, Any]) -> None:
     loading calls it too, before a run directory exists)."""
     unknown = sorted(set(spec) - set(COMPILE_KEYS))
     if unknown:
-        raise ValueError(f"search.compile: unknown setting(s) {unknown}; known: {COMPILE_KEYS}")
+        raise ConfigError(f"search.compile: unknown setting(s) {unknown}; known: {COMPILE_KEYS}")
     # other backends ignore a mode (a log line, no error)
     if spec.get("mode") is not None and spec.get("backend", "inductor") != "inductor":
-        raise ValueError(f"search.compile.mode applies to the inductor backend only, "
-                         f"not {spec['backend']!r}")
+        raise ConfigError(f"search.compile.mode applies to the inductor backend only, "
+                          f"not {spec['backend']!r}")
 
 
 def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
