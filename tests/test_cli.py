@@ -142,5 +142,8 @@ def test_overrides_may_follow_a_flag(capsys):
     small = capsys.readouterr().out
     assert main(argv[:-1]) == 0
     assert capsys.readouterr().out != small  # layers=5 took effect
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main([*argv, "--no-such-flag"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments:" in err and "--no-such-flag" in err

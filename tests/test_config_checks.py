@@ -223,23 +223,29 @@ def test_the_device_is_only_checked_with_the_device_flag():
                     device=False)
 
 
-STRATEGY_SECTIONS = [
-    {"name": "darts"}, {"name": "darts", "order": 2}, {"name": "darts", "edge_norm": True},
-    {"name": "darts", "relaxation": {"name": "gumbel"}}, {"name": "gdas"}, {"name": "snas"},
-    {"name": "single_level"}, {"name": "implicit"}, {"name": "zero_order"},
-    {"name": "mean_shift"}, {"name": "few_shot"}, {"name": "random_labels"},
+STRATEGY_TRAITS = [  # (section, (first_order, graph_safe, hard)) by docs/strategies.md
+    ({"name": "darts"}, (True, True, False)),
+    ({"name": "darts", "order": 2}, (False, False, False)),
+    ({"name": "darts", "edge_norm": True}, (True, False, False)),
+    ({"name": "darts", "relaxation": {"name": "gumbel"}}, (True, False, False)),
+    ({"name": "gdas"}, (True, False, True)),
+    ({"name": "single_level"}, (True, False, False)),
+    ({"name": "implicit"}, (False, False, False)),
+    ({"name": "zero_order"}, (False, False, False)),
 ]
 
 
-@pytest.mark.parametrize("section", STRATEGY_SECTIONS, ids=lambda s: str(s))
-def test_traits_read_from_the_config_are_those_of_the_built_strategy(section):
-    """Config loading reads first_order / graph_safe / hard without building the strategy;
-    they must agree with what the built strategy declares."""
+@pytest.mark.parametrize("section, expected", STRATEGY_TRAITS, ids=lambda s: str(s))
+def test_traits_read_from_the_config_are_the_documented_ones(section, expected):
+    """Config loading reads first_order / graph_safe / hard without building the strategy:
+    they are the documented ones, and the built strategy's too."""
     from conftest import tiny_strategy
 
     from diffnas.engine.search import StepTraits
 
-    assert StepTraits.from_config(section) == StepTraits.of(tiny_strategy(section))
+    got = StepTraits.from_config(section)
+    assert (got.first_order, got.graph_safe, got.hard) == expected
+    assert StepTraits.of(tiny_strategy(section)) == got
 
 
 @pytest.mark.parametrize("n, split", [(63, ("32", "31")), (64, None), (65, None)])
@@ -320,7 +326,8 @@ def test_a_genotype_that_does_not_fit_the_space_writes_no_run_directory(
     assert not (tmp_path / "runs" / "t").exists()
 
 
-def test_train_is_not_refused_for_settings_only_a_search_reads(tmp_path, capsys):
+def test_train_is_not_refused_for_settings_only_a_search_reads(tmp_path, capsys,
+                                                               monkeypatch):
     """``diffnas train`` reads no search settings: a config whose search part would be
     refused (here a CUDA-graph step on a CPU) still retrains; ``search`` refuses it."""
     (tmp_path / "tiny.yaml").write_text(TINY)
@@ -328,16 +335,22 @@ def test_train_is_not_refused_for_settings_only_a_search_reads(tmp_path, capsys)
               "search.cuda_graph=true", "device=cpu"]
     assert main(["search", *common, "name=s"]) == 2
     assert "search.cuda_graph needs a CUDA device" in capsys.readouterr().err
-    assert load_config(tmp_path / "tiny.yaml", ["search.cuda_graph=true", "device=cpu"],
-                       search=False).search.cuda_graph
     assert main(["train", "--genotype", "DARTS_V2", "--dry-run", "--config", str(FASHION),
                  "search.cuda_graph=true", "device=cpu"]) == 0
+    import diffnas.engine.retrain as retrain
+
+    reached = []
+    monkeypatch.setattr(retrain, "run_retrain",
+                        lambda cfg, *a, **k: reached.append(cfg.search.cuda_graph) or {
+                            "params": 1, "macs": 1, "test_acc": 0.0, "epochs_done": 0})
+    main(["train", "--genotype", "DARTS_V2", "--config", str(FASHION),
+          f"out_dir={tmp_path / 'runs'}", "name=t", "search.cuda_graph=true", "device=cpu"])
+    assert reached == [True]  # the real train path loaded the config and went on
 
 
 def test_train_checks_the_network_even_with_retraining_off_for_search(tmp_path, capsys):
     """``retrain.enabled=false`` skips the network check of a search config; ``diffnas
     train`` retrains anyway, so it checks the network before its run directory."""
-    (tmp_path / "tiny.yaml").write_text(TINY)
     argv = ["train", "--genotype", "DARTS_V2", "--config", str(FASHION),
             f"out_dir={tmp_path / 'runs'}", "name=t", "retrain.enabled=false",
             "retrain.network.Cx=8"]
