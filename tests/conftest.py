@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +42,37 @@ def tiny_strategy(section: dict, space=None, dtype=torch.float32, seed: int = 0)
 @pytest.fixture
 def space():
     return tiny_space()
+
+
+def jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, read plainly (not with the library's reader, which
+    the tests check)."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def tb_events(log_dir: Path):
+    """A loaded TensorBoard event accumulator of ``log_dir`` (skips without tensorboard)."""
+    pytest.importorskip("tensorboard", reason="pip install 'diffnas[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert log_dir.is_dir(), f"no event files: {log_dir} is missing"
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def cost_predictor(ops: list[str], costs: dict[str, float], base: float = 10.0):
+    """A NAS-Bench-201 latency predictor over columns ``ops`` (6 edges): ``base`` plus
+    ``costs[op]`` ms per edge, exactly."""
+    from diffnas.hardware.predictor import LatencyPredictor
+
+    p = LatencyPredictor({"cell": (6, len(ops))}, hidden=4, mean_ms=0.0, std_ms=1.0,
+                         ops={"cell": ops})
+    with torch.no_grad():
+        for t in p.mlp[-1].parameters():
+            t.zero_()
+        p.linear.weight.zero_()
+        for j, op in enumerate(ops):
+            p.linear.weight[0, j] = costs.get(op, 0.0)
+        p.linear.bias.fill_(base)
+    return p

@@ -5,9 +5,8 @@ refuses ``search.diagnostics`` (as the graph engine does) instead of ignoring it
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from conftest import jsonl, tb_events
 from test_graph_space import CONFIG as GRAPH_CONFIG
 from test_graph_space import KARATE
 from test_rnn_lm import _tiny_lm_config
@@ -17,20 +16,6 @@ from diffnas.config import load_config
 
 TINY_LM = ["search.epochs=2", "search.space.ninp=8", "search.space.nhid=8",
            "search.space.nodes=3", "retrain.epochs=1"]
-
-
-def _events(log_dir):
-    pytest.importorskip("tensorboard", reason="pip install 'diffnas[tensorboard]'")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    assert log_dir.is_dir(), f"no event files: {log_dir} is missing"
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return acc
-
-
-def _jsonl(path):
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def _assert_scalars_match(acc, phase, rows, keys):
@@ -48,14 +33,14 @@ def test_lm_search_and_retrain_write_tensorboard_events(tmp_path):
     path = _tiny_lm_config(tmp_path)
     assert main(["search", "--config", str(path), "logger=tensorboard", *TINY_LM]) == 0
     run = tmp_path / "runs" / "t"
-    search = _events(run / "tensorboard" / "search")
-    rows = _jsonl(run / "search" / "metrics.jsonl")
+    search = tb_events(run / "tensorboard" / "search")
+    rows = jsonl(run / "search" / "metrics.jsonl")
     assert len(rows) == 2
     _assert_scalars_match(search, "search", rows, ("loss", "ppl", "valid_loss", "valid_ppl",
                                                    "lr"))
     _assert_alpha_images(search, "recurrent", 2)
-    retrain = _events(run / "tensorboard" / "retrain")
-    rows = _jsonl(run / "retrain" / "metrics.jsonl")
+    retrain = tb_events(run / "tensorboard" / "retrain")
+    rows = jsonl(run / "retrain" / "metrics.jsonl")
     assert len(rows) == 1
     _assert_scalars_match(retrain, "retrain", rows, ("loss", "ppl", "valid_ppl", "asgd"))
 
@@ -65,14 +50,14 @@ def test_graph_search_and_retrain_write_tensorboard_events(tmp_path):
                  "retrain.epochs=3", f"out_dir={tmp_path}", "name=g",
                  "logger=tensorboard"]) == 0
     run = tmp_path / "g"
-    search = _events(run / "tensorboard" / "search")
-    rows = _jsonl(run / "search" / "metrics.jsonl")
+    search = tb_events(run / "tensorboard" / "search")
+    rows = jsonl(run / "search" / "metrics.jsonl")
     assert len(rows) == 2
     _assert_scalars_match(search, "search", rows, ("loss", "acc", "eval_val_loss",
                                                    "eval_val_acc", "lr"))
     _assert_alpha_images(search, "cell", 2)
-    retrain = _events(run / "tensorboard" / "retrain")
-    rows = _jsonl(run / "retrain" / "metrics.jsonl")
+    retrain = tb_events(run / "tensorboard" / "retrain")
+    rows = jsonl(run / "retrain" / "metrics.jsonl")
     assert len(rows) == 3
     _assert_scalars_match(retrain, "retrain", rows, ("loss", "acc", "val_loss", "val_acc",
                                                      "best_val_acc"))

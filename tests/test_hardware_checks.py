@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import cost_predictor
 
 from diffnas.hardware.dataset import (
     build_dataset,
@@ -37,20 +38,6 @@ def _nb201(ops=None, **kw):
     return create_space(section, SHAPE)
 
 
-def _cost_predictor(ops: list[str], costs: dict[str, float], base: float = 10.0):
-    """A predictor over columns ``ops``: ``base`` + ``costs[op]`` ms per edge, exactly."""
-    p = LatencyPredictor({"cell": (6, len(ops))}, hidden=4, mean_ms=0.0, std_ms=1.0,
-                         ops={"cell": ops})
-    with torch.no_grad():
-        for t in p.mlp[-1].parameters():
-            t.zero_()
-        p.linear.weight.zero_()
-        for j, op in enumerate(ops):
-            p.linear.weight[0, j] = costs.get(op, 0.0)
-        p.linear.bias.fill_(base)
-    return p
-
-
 def _cell(names):
     return tuple(NB201_OPS.index(n) for n in names)
 
@@ -60,7 +47,7 @@ def _cell(names):
 def test_cell_latency_fn_maps_nb201_indices_by_op_name(tmp_path):
     costs = {"nor_conv_3x3": 10.0, "nor_conv_1x1": 3.0, "avg_pool_3x3": 1.0}
     path = tmp_path / "pred.pt"
-    _cost_predictor(NO_NONE, costs).save(path)
+    cost_predictor(NO_NONE, costs).save(path)
     lat = cell_latency_fn(str(path))  # loaded: the names travel with the file
     for names in [("nor_conv_3x3",) * 6, ("nor_conv_1x1",) * 6,
                   ("skip_connect", "nor_conv_3x3", "avg_pool_3x3", "nor_conv_1x1",
@@ -89,7 +76,7 @@ def test_cell_latency_fn_agrees_with_the_space_encoding():
 
 def test_cell_latency_fn_takes_other_index_lists():
     costs = {"nor_conv_3x3": 10.0}
-    lat = cell_latency_fn(_cost_predictor(NO_NONE, costs), ops=list(reversed(NO_NONE)))
+    lat = cell_latency_fn(cost_predictor(NO_NONE, costs), ops=list(reversed(NO_NONE)))
     conv3 = list(reversed(NO_NONE)).index("nor_conv_3x3")
     assert lat((conv3,) * 3 + (0,) * 3) == pytest.approx(40.0)
 
@@ -104,7 +91,7 @@ def test_cell_latency_fn_refuses_a_predictor_without_op_names():
 
 def _legacy_file(tmp_path, space_section):
     """A predictor file as saved before op names were stored (no 'ops' entry)."""
-    p = _cost_predictor(list(NB201_OPS), {"nor_conv_3x3": 10.0})
+    p = cost_predictor(list(NB201_OPS), {"nor_conv_3x3": 10.0})
     meta = {} if space_section is None else {"settings": {"space": space_section}}
     path = tmp_path / "old.pt"
     torch.save({"shapes": p.shapes, "hidden": p.hidden, "meta": meta,
@@ -304,7 +291,7 @@ def test_latency_penalty_refuses_a_search_of_another_op_list(tmp_path):
     from diffnas.strategies import ClassificationObjective, create_strategy
 
     path = tmp_path / "pred.pt"
-    _cost_predictor(NO_NONE, {"nor_conv_3x3": 1.0}).save(path)
+    cost_predictor(NO_NONE, {"nor_conv_3x3": 1.0}).save(path)
 
     def strategy(ops):
         space = _nb201(ops)

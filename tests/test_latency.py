@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_SHAPE, tiny_batch, tiny_space, tiny_strategy
+from conftest import TINY_SHAPE, cost_predictor, tiny_batch, tiny_space, tiny_strategy
 from torch import nn
 
 from diffnas.hardware.costs import flops_by_op
@@ -352,16 +352,8 @@ def _nb201_predictor(tmp_path):
     """latency = 10 ms + 10 ms per nor_conv_3x3 edge (op index 3), exactly."""
     from diffnas.spaces.nb201 import NB201_OPS
 
-    p = LatencyPredictor({"cell": (6, 5)}, hidden=4, mean_ms=0.0, std_ms=1.0,
-                         ops={"cell": NB201_OPS})
-    with torch.no_grad():
-        for t in p.mlp[-1].parameters():
-            t.zero_()
-        p.linear.weight.zero_()
-        p.linear.weight[0, 3] = 10.0  # on the op counts of the cell
-        p.linear.bias.fill_(10.0)
     path = tmp_path / "nb201_pred.pt"
-    p.save(path)
+    cost_predictor(list(NB201_OPS), {"nor_conv_3x3": 10.0}).save(path)
     return path
 
 

@@ -4,10 +4,10 @@ and the alpha images are the softmax(alpha) matrices that search/alphas.jsonl re
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
+from conftest import jsonl, tb_events
 
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config
@@ -25,30 +25,18 @@ TINY_RUN = [
 ]
 
 
-def _events(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return acc
-
-
-def _jsonl(path):
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def test_tensorboard_logs_match_the_json_lines(tmp_path):
     import matplotlib.image as mpimg
 
     assert main(["search", f"out_dir={tmp_path}", "name=tb", "logger=tensorboard",
                  *TINY_RUN]) == 0
     run = tmp_path / "tb"
-    search = _events(run / "tensorboard" / "search")
-    rows = _jsonl(run / "search" / "metrics.jsonl")
+    search = tb_events(run / "tensorboard" / "search")
+    rows = jsonl(run / "search" / "metrics.jsonl")
     for key in ("loss", "val_acc", "lr"):
         got = [(e.step, e.value) for e in search.Scalars(f"search/{key}")]
         assert got == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows]
-    alphas = _jsonl(run / "search" / "alphas.jsonl")
+    alphas = jsonl(run / "search" / "alphas.jsonl")
     for group in ("normal", "reduce"):
         images = search.Images(f"alphas/{group}")
         assert [im.step for im in images] == [0, 1]
@@ -58,10 +46,10 @@ def test_tensorboard_logs_match_the_json_lines(tmp_path):
             assert pixels.shape[:2] == (5 * 12, 8 * 12)  # 5 edges x 8 ops, 12 px each
             # float32 JSON vs float32 tensor may differ in the last bit: 1 colour level
             assert np.abs(pixels[..., :3] - expected).max() <= 1
-    retrain = _events(run / "tensorboard" / "retrain")
+    retrain = tb_events(run / "tensorboard" / "retrain")
     test_acc = [e.value for e in retrain.Scalars("retrain/test_acc")]
     assert test_acc == [pytest.approx(r["test_acc"])
-                        for r in _jsonl(run / "retrain" / "metrics.jsonl")]
+                        for r in jsonl(run / "retrain" / "metrics.jsonl")]
 
 
 def test_unknown_logger_is_a_config_error():
