@@ -1,6 +1,6 @@
 """Config checks that must hold before a run directory is written: retrain settings,
 malformed YAML, penalty and relaxation settings, value ranges, the ``lm`` section, what
-the search engines refuse, and the genotype ``diffnas train`` is given."""
+the search engines refuse, the genotype ``diffnas train`` is given, and saving the config."""
 
 from __future__ import annotations
 
@@ -168,6 +168,59 @@ def test_out_of_range_numbers_name_their_key(override, match):
     _refused([override], match)
 
 
+@pytest.mark.parametrize("override, match", [
+    ("search.space.C=0", r"search\.space\.C must be >= 1, got 0"),
+    ("search.space.C=-4", r"search\.space\.C must be >= 1, got -4"),
+    ("search.space.layers=0", r"search\.space\.layers must be >= 1, got 0"),
+    ("search.space.nodes=0", r"search\.space\.nodes must be >= 1, got 0"),
+    ("search.space.nodes=-1", r"search\.space\.nodes must be >= 1, got -1"),
+    ("search.space.stem_multiplier=0", r"search\.space\.stem_multiplier must be >= 1, got 0"),
+    ("search.space.recompute=-1",
+     r"search\.space\.recompute must be true, false or a number of cells >= 0, got -1"),
+])
+def test_darts_cnn_sizes_are_checked_at_load(override, match):
+    """torch would refuse these only inside the first search step, after the run
+    directory (an empty parameter list, a negative dimension, no gradient at all)."""
+    _refused([override], match)
+
+
+def test_darts_cnn_sizes_write_no_run_directory(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    argv = ["search", "--config", str(tmp_path / "tiny.yaml"), f"out_dir={tmp_path / 'runs'}",
+            "name=r", "search.space.layers=0"]
+    assert main(argv) == 2
+    assert "search.space.layers must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("retrain.lr=1e39", r"retrain\.lr must be finite and at most 3\.403e\+38 .*, got 1e\+39"),
+    ("retrain.lr=.inf", r"retrain\.lr must be finite .*, got inf"),
+    ("retrain.lr_min=1e39", r"retrain\.lr_min must be finite"),
+    ("retrain.momentum=1e39", r"retrain\.momentum must be finite"),
+    ("retrain.weight_decay=.inf", r"retrain\.weight_decay must be finite"),
+    ("retrain.auxiliary_weight=.inf", r"retrain\.auxiliary_weight must be finite"),
+    ("search.strategy.w_optim={lr: 1e300}",
+     r"search\.strategy\.w_optim\.lr must be finite .*, got 1e\+300"),
+    ("search.strategy.w_optim.weight_decay=1e39", r"w_optim\.weight_decay must be finite"),
+    ("search.strategy.a_optim={lr: 1e300}",
+     r"search\.strategy\.a_optim\.lr must be finite .*, got 1e\+300"),
+    ("search.strategy.a_optim.weight_decay=.inf", r"a_optim\.weight_decay must be finite"),
+])
+def test_optimizer_numbers_beyond_float32_are_refused_at_load(override, match):
+    """torch's optimizers take these as float32 and fail ("cannot be converted to type
+    float without overflow") only when they first step: for retraining, after a search."""
+    _refused([override], match)
+
+
+def test_the_largest_float32_learning_rate_is_accepted():
+    import torch
+
+    big = float(torch.finfo(torch.float32).max)
+    cfg = load_config(FASHION, [f"retrain.lr={big!r}", f"search.strategy.w_optim.lr={big!r}"])
+    assert cfg.retrain.lr == big
+
+
 # --- 5. the lm section ------------------------------------------------------------------
 def test_an_lm_section_outside_language_models_is_refused():
     _refused(["lm.bptt=10"], r"config\.lm: the lm section \(lm\.bptt\) .*space 'darts_cnn'")
@@ -193,6 +246,11 @@ IMAGE_REFUSALS = [  # (overrides, match): configured_step's refusals and the dia
      r"search\.compile: unknown setting\(s\) \['fullgraph'\]"),
     (["search.compile={backend: eager, mode: max-autotune}"],
      r"search\.compile\.mode applies to the inductor backend only"),
+    (["search.compile={backend: foo}"],
+     r"search\.compile\.backend must be a torch\.compile backend: one of .*inductor.*, "
+     r"got 'foo'"),
+    (["search.compile={mode: fast}"],
+     r"search\.compile\.mode must be null or one of default, .*max-autotune.*, got 'fast'"),
     (["data.train_subset=64", "data.batch_size=64"],
      r"data\.batch_size=64 gives no full batch per epoch from data\.train_subset=64: .* 32 "
      r"images to train the weights and 32 the architecture"),
@@ -211,6 +269,15 @@ def test_image_search_refusals_write_no_run_directory(tmp_path, capsys, override
     assert main(argv) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "runs" / "r").exists()
+
+
+@pytest.mark.parametrize("spec", [{}, {"backend": "inductor", "mode": "reduce-overhead"},
+                                  {"mode": "max-autotune-no-cudagraphs"},
+                                  {"backend": "eager"}, {"backend": "aot_eager"}])
+def test_compile_settings_torch_takes_are_accepted(spec):
+    from diffnas.supernet.compile import check_compile_settings
+
+    check_compile_settings(spec)
 
 
 def test_the_device_is_only_checked_with_the_device_flag():
@@ -357,3 +424,29 @@ def test_train_checks_the_network_even_with_retraining_off_for_search(tmp_path, 
     assert main(argv) == 2
     assert "retrain.network.Cx" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "t").exists()
+
+
+# --- 8. saving the config -----------------------------------------------------------------
+def test_save_config_leaves_the_old_file_whole_when_a_write_fails(tmp_path, monkeypatch):
+    """config.yaml is written atomically: a write that fails (here in the fsync before the
+    rename) leaves the previous file as it was and no temporary file behind."""
+    import os
+
+    from diffnas.config import save_config
+
+    path = tmp_path / "config.yaml"
+    cfg = load_config(FASHION)
+    save_config(cfg, path)
+    before = path.read_text()
+
+    def crash(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_config(dataclasses.replace(cfg, seed=cfg.seed + 1), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    monkeypatch.undo()
+    save_config(dataclasses.replace(cfg, seed=cfg.seed + 1), path)
+    assert load_config(path).seed == cfg.seed + 1

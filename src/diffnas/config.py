@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -49,6 +50,19 @@ def require_sizes(obj: Any, keys: tuple[str, ...], where: str) -> None:
     for key in keys:
         value = getattr(obj, key)
         require(value is None or value >= 1, f"{where}.{key}", ">= 1 (or null)", value)
+
+
+def require_float32(obj: Any, keys: tuple[str, ...], where: str) -> None:
+    """Each ``obj.<key>`` is finite and at most float32's largest value: torch's optimizers
+    hand learning rates, momenta and weight decays to float32 kernels and refuse a larger
+    number ("cannot be converted to type float without overflow") only when they step."""
+    import torch
+
+    big = torch.finfo(torch.float32).max
+    for key in keys:
+        value = getattr(obj, key)
+        require(math.isfinite(value) and abs(value) <= big, f"{where}.{key}",
+                f"finite and at most {big:.4g} (float32's largest)", value)
 
 
 def check_call(fn: Callable[..., Any], settings: dict, where: str) -> None:
@@ -253,6 +267,8 @@ class RetrainConfig:
                     "cutout", "crop_padding"):
             value = getattr(self, key)
             require(value >= 0, f"retrain.{key}", ">= 0", value)
+        require_float32(self, ("lr", "lr_min", "momentum", "weight_decay", "auxiliary_weight"),
+                        "retrain")
         require(self.grad_clip > 0, "retrain.grad_clip", "> 0", self.grad_clip)
         require(0 <= self.drop_path < 1, "retrain.drop_path", "in [0, 1)", self.drop_path)
         require_sizes(self, ("train_subset",), "retrain")
@@ -482,4 +498,9 @@ def check_device(device: str) -> None:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML to ``path`` atomically (a crash leaves no torn config.yaml for
+    ``--resume`` to read)."""
+    # imported here: the checkpoint module imports torch, which reading a config does not need
+    from diffnas.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), path)

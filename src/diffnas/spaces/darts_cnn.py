@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict, require_sizes
+from diffnas.config import from_dict, require, require_sizes
 from diffnas.genotype import Genotype
 from diffnas.ops import OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -44,6 +44,13 @@ class DartsCnnConfig:
         if not [o for o in self.ops if o != "none"]:
             raise ValueError("darts_cnn ops need at least one op besides 'none' (every edge "
                              "would be empty)")
+        # refused here rather than by torch inside the first step, after the run directory
+        for key in ("C", "layers", "nodes", "stem_multiplier"):
+            value = getattr(self, key)
+            require(value >= 1, f"search.space.{key}", ">= 1", value)
+        recompute = self.recompute
+        require(isinstance(recompute, bool) or recompute >= 0, "search.space.recompute",
+                "true, false or a number of cells >= 0", recompute)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from diffnas.arch.params import ArchParams
 from diffnas.arch.relax import RELAXATIONS, ArchWeights, create_relaxation
-from diffnas.config import ConfigError, check_call, require
+from diffnas.config import ConfigError, check_call, require, require_float32
 from diffnas.engine.distributed import all_reduce_mean, average_grads_
 from diffnas.registry import Registry
 from diffnas.strategies.objective import Objective, metric
@@ -93,6 +93,8 @@ class WeightOptimConfig:
         for key in ("lr", "lr_min", "momentum", "weight_decay"):
             value = getattr(self, key)
             require(value >= 0, f"search.strategy.w_optim.{key}", ">= 0", value)
+        require_float32(self, ("lr", "lr_min", "momentum", "weight_decay"),
+                        "search.strategy.w_optim")
         require(self.grad_clip > 0, "search.strategy.w_optim.grad_clip", "> 0", self.grad_clip)
 
 
@@ -108,6 +110,7 @@ class ArchOptimConfig:
         require(self.lr >= 0, "search.strategy.a_optim.lr", ">= 0", self.lr)
         require(self.weight_decay >= 0, "search.strategy.a_optim.weight_decay", ">= 0",
                 self.weight_decay)
+        require_float32(self, ("lr", "weight_decay"), "search.strategy.a_optim")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 "search.strategy.a_optim.betas", "two numbers in [0, 1)", self.betas)
 

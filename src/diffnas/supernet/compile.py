@@ -29,10 +29,36 @@ def check_compile_settings(spec: dict[str, Any]) -> None:
     unknown = sorted(set(spec) - set(COMPILE_KEYS))
     if unknown:
         raise ConfigError(f"search.compile: unknown setting(s) {unknown}; known: {COMPILE_KEYS}")
+    backend, mode = spec.get("backend", "inductor"), spec.get("mode")
+    if backend not in compile_backends(debug=True):
+        raise ConfigError(f"search.compile.backend must be a torch.compile backend: one of "
+                          f"{', '.join(compile_backends())} (or a debug one such as eager, "
+                          f"aot_eager), got {backend!r}")
+    modes = compile_modes()
+    if mode is not None and mode not in modes:
+        raise ConfigError(f"search.compile.mode must be null or one of {', '.join(modes)}, "
+                          f"got {mode!r}")
     # other backends ignore a mode (a log line, no error)
-    if spec.get("mode") is not None and spec.get("backend", "inductor") != "inductor":
+    if mode is not None and backend != "inductor":
         raise ConfigError(f"search.compile.mode applies to the inductor backend only, "
-                          f"not {spec['backend']!r}")
+                          f"not {backend!r}")
+
+
+def compile_backends(debug: bool = False) -> list[str]:
+    """The backend names ``torch.compile`` accepts; with ``debug`` also those dynamo tags
+    debug or experimental (``eager``, ``aot_eager``). Dynamo is imported only when asked:
+    loading it takes a second."""
+    import torch._dynamo
+
+    listed = torch._dynamo.list_backends
+    return sorted(listed(exclude_tags=()) if debug else listed())
+
+
+def compile_modes() -> list[str]:
+    """The ``mode`` values ``torch.compile`` accepts (Inductor's mode table)."""
+    import torch._inductor
+
+    return list(torch._inductor.list_mode_options())
 
 
 def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
@@ -66,4 +92,4 @@ def _raise_recompile_limits(per_code: int, total: int) -> None:
                 break
 
 
-__all__ = ["COMPILE_KEYS", "compile_mixed_ops"]
+__all__ = ["COMPILE_KEYS", "compile_backends", "compile_mixed_ops", "compile_modes"]
