@@ -167,3 +167,35 @@ def test_graph_searches_run_in_seed_workers(tmp_path):
         torch.set_num_threads(threads)
     assert summary["runs"][1]["genotype"] == genotype.to_dict()
     assert summary["runs"][1]["test_acc"] == result["test_acc"]
+
+
+def test_an_interrupted_parent_stops_its_workers(tmp_path, monkeypatch):
+    """SIGINT to the parent alone (kill -INT PID; a terminal's Ctrl-C reaches the whole
+    group) must not leave the seeds' worker processes running."""
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def sleeper(cmd, **kw):  # a worker that would run for minutes
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(300)"], **kw)
+        started.append(proc)
+        return proc
+
+    calls = {"n": 0}
+
+    def interrupting_sleep(_):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ms.subprocess, "Popen", sleeper)
+    monkeypatch.setattr(ms.time, "sleep", interrupting_sleep)
+    dirs = [tmp_path / f"seed{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        ms._run_in_processes(dirs, workers=2, threads=1, say=lambda _: None)
+    assert len(started) == 2
+    assert all(p.poll() is not None for p in started)  # none left running

@@ -1,20 +1,31 @@
 """Run directories under stress: resuming the wrong kind of run, bad --seeds/--workers,
-metrics files torn by a crash, and runs started in the same second."""
+metrics files torn by a crash, runs started in the same second, damaged checkpoints and
+configs, Ctrl-C, and the permissions of what a run writes."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config, save_config
 from diffnas.engine import multiseed as ms
 from diffnas.engine import rundir
 from diffnas.engine.callbacks import JsonLines
+from diffnas.engine.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+)
 from diffnas.engine.diagnostics import CollapseDiagnostics
 from diffnas.engine.search import run_search
 
@@ -23,6 +34,13 @@ TINY = [
     "search.epochs=2",
     "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
     "retrain.enabled=false", "progress=false",
+]
+
+#: a tiny ``diffnas train`` of DARTS_V2 (the default space, 4 nodes)
+TINY_TRAIN = [
+    "data.name=digits", "data.test_subset=32", "progress=false", "retrain.epochs=1",
+    "retrain.batch_size=16", "retrain.train_subset=32", "retrain.network={C: 4, layers: 2}",
+    "retrain.auxiliary_weight=0", "retrain.cutout=0",
 ]
 
 
@@ -146,3 +164,177 @@ def test_a_named_run_is_refused_when_it_exists(tmp_path):
     assert rundir.new_run_dir(cfg) == tmp_path / "n"
     with pytest.raises(FileExistsError, match="already holds a run"):
         rundir.new_run_dir(cfg)
+
+
+# --- damaged checkpoints on --resume --------------------------------------------------
+DAMAGE = {
+    "truncated": lambda b: b[: len(b) // 2],
+    "empty": lambda b: b"",
+    "garbage": lambda b: b"garbage\n",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_load_checkpoint_names_a_damaged_file(tmp_path, damage):
+    path = tmp_path / "search" / "checkpoint.pt"
+    atomic_save({"epoch": 1, "w": torch.zeros(64)}, path)
+    path.write_bytes(DAMAGE[damage](path.read_bytes()))
+    with pytest.raises(CheckpointError, match="unreadable") as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert str(path) in msg and "delete it to restart this phase (search)" in msg
+    assert "restore a copy" in msg and "\n" not in msg
+    atomic_save([1, 2], path)  # loads, but is no checkpoint
+    with pytest.raises(CheckpointError, match="does not hold a diffnas checkpoint"):
+        load_checkpoint(path)
+
+
+def test_search_resume_reports_a_truncated_checkpoint(tmp_path, capsys):
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "name=r"])
+    run = rundir.new_run_dir(cfg)
+    run_search(cfg, run, stop_after=1)
+    ckpt = run / "search/checkpoint.pt"
+    damaged = DAMAGE["truncated"](ckpt.read_bytes())
+    ckpt.write_bytes(damaged)
+    metrics = (run / "search/metrics.jsonl").read_text()
+    assert main(["search", "--resume", str(run)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # (the log of run_search came before)
+    assert last.startswith(f"diffnas: error: checkpoint {ckpt} is unreadable"), last
+    assert ckpt.read_bytes() == damaged  # left for the user to restore or delete
+    assert (run / "search/metrics.jsonl").read_text() == metrics
+    ckpt.unlink()  # as the message says: the search restarts from scratch
+    assert main(["search", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert (run / "search/DONE").exists()
+
+
+def test_train_resume_reports_an_empty_checkpoint(tmp_path, capsys):
+    argv = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, f"out_dir={tmp_path}", "name=t"]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    ckpt = tmp_path / "t/retrain/checkpoint.pt"
+    ckpt.write_bytes(b"")
+    assert main(["train", "--genotype", "DARTS_V2", "--resume", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt} is unreadable (EOFError" in err
+    assert "delete it to restart this phase (retrain)" in err
+
+
+# --- a config.yaml without settings -----------------------------------------------------
+@pytest.mark.parametrize("text, computed, match", [
+    ("", False, "is empty: the run was stopped before its config was saved, so nothing was "
+                "computed; delete"),
+    ("# a comment\n\n", False, "holds no settings (only comments): the run was stopped"),
+    ("", True, "is empty, so the run's settings are lost: restore it from a copy, or delete"),
+    ("- search\n", True, "must hold a mapping of settings, not a list"),
+])
+def test_resume_refuses_a_config_without_settings(tmp_path, capsys, monkeypatch, text,
+                                                  computed, match):
+    import diffnas.engine.search as search
+
+    monkeypatch.setattr(search, "run_search", _must_not_run)
+    run = tmp_path / "r"
+    run.mkdir()
+    if computed:
+        (run / "search").mkdir()
+    (run / "config.yaml").write_text(text)
+    assert main(["search", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffnas: error: {run / 'config.yaml'}") and match in err, err
+    assert (run / "config.yaml").read_text() == text
+
+
+def test_a_config_claim_left_by_a_killed_start_is_refused(tmp_path, capsys):
+    run = tmp_path / "k"
+    run.mkdir()
+    (run / "config.yaml").open("x").close()  # new_run_dir's claim; SIGKILL before the save
+    with pytest.raises(ConfigError, match="nothing was computed; delete .*k and start"):
+        rundir.load_run_config(run)
+    assert main(["search", "--resume", str(run)]) == 2
+    assert "start the run again" in capsys.readouterr().err
+
+
+# --- search --resume on a train run, train --resume on a search run ------------------------
+def test_search_resume_refuses_a_train_run(tmp_path, capsys, monkeypatch):
+    import diffnas.engine.search as search
+
+    monkeypatch.setattr(search, "run_search", _must_not_run)
+    run = _run(tmp_path / "t")
+    (run / "retrain").mkdir()
+    assert main(["search", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is a retraining made by diffnas train" in err
+    assert f"diffnas train --resume {run} --genotype {run / 'retrain/genotype.json'}" in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "retrain"]
+
+
+def test_train_resume_refuses_a_search_run(tmp_path, capsys, monkeypatch):
+    import diffnas.engine.retrain as retrain
+
+    monkeypatch.setattr(retrain, "run_retrain", _must_not_run)
+    run = _run(tmp_path / "s")
+    (run / "search").mkdir()
+    assert main(["train", "--genotype", "DARTS_V2", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is a search run made by diffnas search" in err
+    assert f"continue it with diffnas search --resume {run}" in err
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------
+def _interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.fixture
+def sigint_restored():
+    """main() leaves SIGINT at its default after Ctrl-C (a second one ends the process):
+    give pytest its own handler back."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch,
+                                                         sigint_restored):
+    import diffnas.engine.retrain as retrain
+    import diffnas.engine.search as search
+
+    monkeypatch.setattr(search, "run_search", _interrupt)
+    assert main(["search", f"out_dir={tmp_path}", "name=a", *TINY]) == 130
+    hint = "diffnas: interrupted; resume with: diffnas search --resume "
+    assert capsys.readouterr().err == f"{hint}{tmp_path / 'a'}\n"
+    assert main(["search", "--resume", str(tmp_path / "a")]) == 130
+    assert capsys.readouterr().err == f"{hint}{tmp_path / 'a'}\n"
+    monkeypatch.setattr(retrain, "run_retrain", _interrupt)
+    argv = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, f"out_dir={tmp_path}", "name=b"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == ("diffnas: interrupted; resume with: diffnas train "
+                                       f"--resume {tmp_path / 'b'} --genotype DARTS_V2\n")
+    monkeypatch.setattr(ms, "run_seeds", _interrupt)
+    assert main(["search", "--seeds", "0,1", f"out_dir={tmp_path}", *TINY]) == 130
+    assert capsys.readouterr().err == "diffnas: interrupted\n"  # parent named on stdout
+    par = _run(tmp_path / "par", seeds=[0, 1])
+    assert main(["search", "--seeds", "0,1", "--resume", str(par)]) == 130
+    assert capsys.readouterr().err == (f"diffnas: interrupted; resume with: diffnas search "
+                                       f"--seeds 0,1 --resume {par}\n")
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    monkeypatch.setenv("RANK", "1")  # under torchrun rank 0 alone reports it
+    assert main(["search", "--resume", str(tmp_path / "a")]) == 130
+    assert capsys.readouterr().err == ""
+
+
+# --- file modes -------------------------------------------------------------------------
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_text("{}\n", tmp_path / "result.json")
+        atomic_save({"a": 1}, tmp_path / "checkpoint.pt")
+        for name in ("result.json", "checkpoint.pt"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+        (tmp_path / "result.json").chmod(0o640)  # a mode the user chose is kept, as by open
+        atomic_write_text("{}\n", tmp_path / "result.json")
+        assert stat.S_IMODE((tmp_path / "result.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

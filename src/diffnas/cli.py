@@ -98,6 +98,7 @@ def _search(p: argparse.ArgumentParser):
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group
         cfg, run_dir, genotype = dp.main_process_result(open_run)
+        args._run_dir = run_dir  # for the resume hint of an interrupted run (main)
         import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
         setup_logging(run_dir if main else None, verbose=main)
         if main:
@@ -180,6 +181,7 @@ def _train(p: argparse.ArgumentParser):
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group
         cfg, run_dir = dp.main_process_result(open_run)
+        args._run_dir = run_dir  # for the resume hint of an interrupted run (main)
         import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
         setup_logging(run_dir if main else None, verbose=main)
         if _is_lm(cfg):
@@ -230,7 +232,16 @@ def _resume_config(args: argparse.Namespace, search: bool = True):
     if args.config:
         raise ConfigError(f"--resume {args.resume} continues with the run's own config.yaml; "
                           "drop --config")
-    return load_run_config(Path(args.resume), args.overrides, search=search)
+    run = Path(args.resume)
+    if search and (run / "retrain").is_dir() and not (run / "search").is_dir():
+        raise ConfigError(
+            f"{run} is a retraining made by diffnas train (it holds retrain/ but no search/): "
+            f"continue it with diffnas train --resume {run} --genotype "
+            f"{run / 'retrain' / 'genotype.json'}")
+    if not search and (run / "search").is_dir():
+        raise ConfigError(f"{run} is a search run made by diffnas search (it holds search/): "
+                          f"continue it with diffnas search --resume {run}")
+    return load_run_config(run, args.overrides, search=search)
 
 
 def _check_genotype(cfg: RunConfig, genotype: Genotype) -> None:
@@ -304,6 +315,40 @@ def _list(p: argparse.ArgumentParser):
     return run
 
 
+def _resume_hint(args: argparse.Namespace) -> str | None:
+    """The command that continues the interrupted ``search``/``train`` of ``args``, or None
+    when no run directory was made yet (or its name is not known here)."""
+    import shlex
+
+    if args.command not in ("search", "train") or getattr(args, "dry_run", False):
+        return None
+    run_dir = getattr(args, "_run_dir", None) or args.resume
+    if run_dir is None:
+        return None
+    if args.command == "train":
+        return (f"diffnas train --resume {shlex.quote(str(run_dir))} "
+                f"--genotype {shlex.quote(args.genotype)}")
+    seeds = f" --seeds {shlex.quote(args.seeds)}" if args.seeds else ""
+    return f"diffnas search{seeds} --resume {shlex.quote(str(run_dir))}"
+
+
+def _interrupted(args: argparse.Namespace) -> None:
+    """Report Ctrl-C in one line (rank 0 alone under torchrun), not a traceback. A second
+    SIGINT (``timeout -s INT`` signals the process and then its group; an impatient user)
+    now ends the process at once instead of raising a traceback from exit handlers. The
+    ``--seeds`` workers and torchrun ranks receive the terminal's SIGINT themselves."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    hint = _resume_hint(args)
+    print("diffnas: interrupted" + (f"; resume with: {hint}" if hint else ""), file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     for mod in COMMAND_MODULES:
         importlib.import_module(mod)
@@ -333,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args._handlers[args.command](args)
+    except KeyboardInterrupt:
+        _interrupted(args)
+        return 130
     except (
         ConfigError,
         GenotypeError,

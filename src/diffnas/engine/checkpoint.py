@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,14 +15,43 @@ import numpy as np
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read back (reported by the CLI as a one-line error)."""
+
+
+def _umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where Linux (>= 4.7) tells it;
+    elsewhere set and restored at once (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_open_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: those of the file it replaces,
+    else ``0o666`` less the umask (``mkstemp`` alone gives 0600 whatever the umask)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def _atomic_write(write: Callable[[IO], None], path: str | Path, mode: str) -> None:
     """Write through a temporary file in the same directory, fsync it, then rename it over
     ``path``: a crash leaves the old file or the new one, never a torn one, and no
-    temporary file behind."""
+    temporary file behind. The file gets the permissions a plain ``open`` would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, _plain_open_mode(path))
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -43,11 +73,38 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     _atomic_write(lambda f: f.write(text), path, "w")
 
 
+def load_saved(path: str | Path, remedy: str, weights_only: bool = False,
+               what: str = "checkpoint") -> dict[str, Any]:
+    """The dict ``torch.save`` wrote to ``path`` (on the CPU). A file that cannot be read
+    back (cut short or damaged outside diffnas: diffnas writes atomically) is a
+    :class:`CheckpointError` naming it, the ``what`` it should hold and ``remedy``."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except ImportError:  # a class of a plugin that is not imported: not a damaged file
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc}") from exc
+    except Exception as exc:  # torch.load's error depends on where the bytes stop
+        first = (str(exc).splitlines() or [""])[0].split(". ")[0][:100]  # torch's run long
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise CheckpointError(
+            f"{what} {path} is unreadable ({detail}): it was cut short (a crash or a "
+            f"full disk) or damaged in a copy; {remedy}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a diffnas {what} (a "
+                              f"{type(state).__name__}, not a dict); {remedy}")
+    return state
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The state saved at ``path`` (:func:`load_saved`; a missing file is a
+    ``FileNotFoundError``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_saved(path, f"delete it to restart this phase ({path.parent.name}) from "
+                            "scratch, or restore a copy")
 
 
 def rng_state() -> dict[str, Any]:

@@ -300,6 +300,24 @@ def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say) -> 
     """Run ``python -m diffnas.engine.multiseed DIR`` for each dir, ``workers`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     queue, running, errors = list(dirs), {}, {}
+    try:
+        _schedule(queue, running, errors, workers, threads, env, say)
+    except KeyboardInterrupt:  # also when only this process got the SIGINT (kill -INT)
+        for proc, _ in running.values():
+            proc.terminate()  # each worker's state stays resumable (atomic checkpoints)
+        for proc, logf in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            logf.close()
+        raise
+    return errors
+
+
+def _schedule(queue: list[Path], running: dict, errors: dict[Path, str], workers: int,
+              threads: int, env: dict[str, str], say) -> None:
+    """Start workers from ``queue`` as slots free up until every one has ended."""
     while queue or running:
         while queue and len(running) < workers:
             d = queue.pop(0)
@@ -320,7 +338,6 @@ def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say) -> 
                 tail = (d / "worker.log").read_text().strip().splitlines()[-1:] or ["?"]
                 errors[d] = f"worker exit code {proc.returncode}: {tail[0]}"
                 say(f"  {d.name}: FAILED ({errors[d]}; see {d / 'worker.log'})")
-    return errors
 
 
 def seeds_command(args: argparse.Namespace) -> int:

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from diffnas.config import ConfigError, RunConfig, check_device, load_config, save_config
+from diffnas.config import (
+    ConfigError,
+    RunConfig,
+    _load_yaml,
+    check_device,
+    load_config,
+    save_config,
+)
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.genotype import Genotype
 
@@ -71,6 +78,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    _check_saved_config(path)
     overrides = list(overrides or [])
     refused = [o for o in overrides if o.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
     if refused:
@@ -79,6 +87,26 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
             f"{', '.join(RESUME_OVERRIDES)} may change, not {refused} (start a new run for "
             "other settings)")
     return load_config(path, overrides, device=device, search=search)
+
+
+def _check_saved_config(path: Path) -> None:
+    """Refuse a run's ``config.yaml`` that holds no settings, which would read as the
+    defaults and run something else: empty (the claim :func:`new_run_dir` makes before
+    saving the config, left by a run stopped in between), only comments, or no mapping."""
+    run_dir = path.parent
+    text = path.read_text()
+    data = _load_yaml(text, str(path)) if text.strip() else None
+    if data is None:
+        what = "is empty" if not text.strip() else "holds no settings (only comments)"
+        if all(p.name in (CONFIG_FILE, "log.txt") for p in run_dir.iterdir()):
+            raise ConfigError(
+                f"{path} {what}: the run was stopped before its config was saved, so "
+                f"nothing was computed; delete {run_dir} and start the run again")
+        raise ConfigError(f"{path} {what}, so the run's settings are lost: restore it "
+                          f"from a copy, or delete {run_dir} and start the run again")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not a "
+                          f"{type(data).__name__}: restore it from a copy")
 
 
 def pin_genotype(out: str | Path, genotype: Genotype, resume: bool) -> None:
