@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffnas.engine.callbacks import read_json
 from diffnas.spaces import DataShape
 
 FORMATS = ("onnx", "torchscript")
@@ -58,8 +59,9 @@ def infer_shape(state: dict[str, torch.Tensor], data_name: str,
     dict; the side from the config's resolution or the dataset's native size."""
     convs = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 4]
     if not convs or "classifier.weight" not in state:
-        raise ExportError("retrain/model.pt does not look like a classification network "
-                          "(no convolution or no 'classifier.weight')")
+        raise ExportError("retrain/model.pt does not look like an image classification network "
+                          "(no convolution or no 'classifier.weight'), the only kind export "
+                          "writes")
     side = resolution or NATIVE_RESOLUTION.get(data_name)
     if side is None:
         raise ExportError(f"unknown input resolution for dataset {data_name!r}: pass --resolution")
@@ -78,22 +80,52 @@ def _own_data_side(name: str, root: str | None) -> int | None:
     return None if peeked is None else peeked[1]
 
 
+#: spaces whose runs export refuses: ``search.space.name`` -> what such a run trains
+NOT_EXPORTABLE = {"gnn": "a graph (node classification) run",
+                  "darts_rnn": "a language-model run"}
+RETRAIN_FIX = "restore it, or run the retraining again (diffnas train) to rewrite it"
+
+
+def check_exportable(cfg: Any, run: Path) -> None:
+    """Refuse runs whose network is not an image classifier (graph and language-model
+    runs): export writes image classifiers only."""
+    space = cfg.search.space.get("name", "darts_cnn")
+    if space in NOT_EXPORTABLE:
+        raise ExportError(
+            f"{run} is {NOT_EXPORTABLE[space]} (search.space.name={space}), which cannot be "
+            f"exported: diffnas export writes the retrained image classifier of an image run "
+            f"as {' or '.join(FORMATS)}")
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict saved in ``path``; a damaged file is a ``ValueError`` naming it."""
+    from diffnas.engine.checkpoint import load_saved
+
+    return load_saved(path, RETRAIN_FIX, weights_only=True, what="state dict")
+
+
 def load_retrained(run_dir: str | Path, resolution: int | None = None
                    ) -> tuple[nn.Module, DataShape]:
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
     from diffnas.engine.retrain import build_network
     from diffnas.engine.rundir import load_run_config
-    from diffnas.genotype import Genotype
+    from diffnas.genotype import Genotype, GenotypeError
 
     run = Path(run_dir)
     cfg = load_run_config(run, device=False)  # loaded on the CPU wherever it ran
+    check_exportable(cfg, run)
     weights, result = run / "retrain" / "model.pt", run / "retrain" / "result.json"
     if not weights.is_file() or not result.is_file():
         raise FileNotFoundError(f"{run} has no retrained model (retrain/model.pt and "
                                 "retrain/result.json); run or finish the retraining first")
-    record = json.loads(result.read_text())
-    genotype = Genotype.from_dict(record["genotype"])
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    record = read_json(result, RETRAIN_FIX)
+    if "genotype" not in record:
+        raise ValueError(f"{result}: damaged, no 'genotype'; {RETRAIN_FIX}")
+    try:
+        genotype = Genotype.from_dict(record["genotype"])
+    except GenotypeError as exc:
+        raise GenotypeError(f"{result}: {exc}") from None
+    state = _load_state(weights)
     recorded = (record.get("data") or {}).get("input")  # [C, side, side] the model trained on
     side = (resolution or (recorded[-1] if recorded else None) or cfg.data.resolution
             or _own_data_side(cfg.data.name, cfg.data.root))
@@ -188,7 +220,7 @@ def write_model_info(run_dir: str | Path, path: Path, dims: tuple[int, ...]) -> 
     result; None for runs retrained before the result recorded its data."""
     from diffnas.engine.checkpoint import atomic_write_text
 
-    result = json.loads((Path(run_dir) / "retrain" / "result.json").read_text())
+    result = read_json(Path(run_dir) / "retrain" / "result.json", RETRAIN_FIX)
     data = result.get("data")
     if data is None:
         return None

@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffnas.data.base import DatasetNotFoundError, ImageData, prepare
+from diffnas.data.custom import DataFormatError
 from diffnas.data.registry import register_dataset
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
@@ -24,18 +26,32 @@ FASHION_MNIST_HELP = (
 )
 
 
+IDX_FIX = "the file is damaged (cut short or not the original): download or copy it again"
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped): magic, ndim in byte 3, big-endian dims, data."""
+    """Read an IDX file (optionally gzipped): magic, ndim in byte 3, big-endian dims, data.
+    A file that cannot be decompressed or whose size does not match its header is a
+    :class:`DataFormatError` naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataFormatError(f"{path}: cannot be decompressed ({exc}); {IDX_FIX}") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 + 4 * ndim:
+        raise DataFormatError(f"{path}: {len(raw)} bytes, too short for an IDX header; "
+                              f"{IDX_FIX}")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        raise DataFormatError(f"{path}: not an unsigned-byte IDX file; {IDX_FIX}")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values, found {data.size}")
+        raise DataFormatError(f"{path}: its header says {'x'.join(map(str, dims))} = "
+                              f"{int(np.prod(dims))} values, the file holds {data.size}; "
+                              f"{IDX_FIX}")
     return data.reshape(dims)
 
 
@@ -62,7 +78,16 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Image
         paths = [_find_idx(r, s) for s in stems]
         if all(paths):
             arrays = [torch.from_numpy(read_idx(p).copy()) for p in paths]
+            for p, a, ndim in zip(paths, arrays, (3, 1, 3, 1), strict=True):
+                if a.dim() != ndim:
+                    raise DataFormatError(f"{p}: {a.dim()}-D, expected {ndim}-D "
+                                          f"({'images' if ndim == 3 else 'labels'}); {IDX_FIX}")
             trx, try_, tex, tey = arrays
+            for i in (0, 2):  # images and labels of one split
+                if len(arrays[i]) != len(arrays[i + 1]):
+                    raise DataFormatError(f"{paths[i]} holds {len(arrays[i])} images but "
+                                          f"{paths[i + 1]} {len(arrays[i + 1])} labels; one "
+                                          "of them is damaged: download or copy both again")
             return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0,
                            FASHION_MNIST_CLASSES)
     looked = ", ".join(str(r) for r in roots)
@@ -95,11 +120,31 @@ CIFAR_HELP = (
 )
 
 
+#: what unpickling a damaged file may raise (the pickle docs list more than UnpicklingError)
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
+                  KeyError, TypeError, ValueError, OverflowError)
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(d["labels"], dtype=np.int64)
+    """Images ``(N, 3, 32, 32)`` and labels of one CIFAR-10 python batch; a damaged file
+    is a :class:`DataFormatError` naming it."""
+    fix = ("the file is damaged (cut short or not the original): delete it and download "
+           "(data.download=true) or copy the cifar-10-batches-py folder again")
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+    except _PICKLE_ERRORS as exc:
+        raise DataFormatError(f"{path}: not a readable CIFAR-10 batch ({exc}); {fix}") from None
+    if not isinstance(d, dict) or "data" not in d or "labels" not in d:
+        raise DataFormatError(f"{path}: not a CIFAR-10 batch (no 'data' and 'labels'); {fix}")
+    try:
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{path}: malformed CIFAR-10 batch ({exc}); {fix}") from None
+    if len(x) != len(y):
+        raise DataFormatError(f"{path}: {len(x)} images but {len(y)} labels; {fix}")
+    return x, y
 
 
 @register_dataset("cifar10")

@@ -35,6 +35,21 @@ def _jsonl_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def read_json(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a run artefact such as ``retrain/result.json``); a file
+    that is not one (cut short, not UTF-8, another kind of value) is a ``ValueError``
+    naming it and saying ``fix``, how to get a good one back."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: damaged, not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: damaged, holds a JSON {type(data).__name__}, not an object; "
+                         f"{fix}")
+    return data
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file (none if it does not exist). An unreadable last line
     (a write cut short by a crash) is dropped with a warning; an unreadable line elsewhere

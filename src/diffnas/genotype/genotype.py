@@ -124,7 +124,12 @@ class Genotype:
         p = Path(path)
         if not p.is_file():
             raise GenotypeError(f"genotype file not found: {p}")
-        text = p.read_text().strip()
+        try:
+            text = p.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise GenotypeError(f"{p}: not a genotype file (binary, not text); give a genotype "
+                                "JSON file (e.g. RUN/search/genotype.json) or Genotype(...) "
+                                "text") from None
         try:
             if text.startswith("{"):
                 return cls.from_json(text)

@@ -40,8 +40,22 @@ def _bench(p: argparse.ArgumentParser):
     return run
 
 
-def _csv_list(text: str, kind: Callable = str) -> list:
-    return [kind(t) for t in text.split(",") if t.strip()]
+def _csv_list(text: str, flag: str, kind: Callable = str) -> list:
+    """The items of a comma-separated flag value, each converted by ``kind``; an item
+    ``kind`` refuses is a ``ValueError`` naming ``flag`` and the item."""
+    out = []
+    for t in (t.strip() for t in text.split(",")):
+        if not t:
+            continue
+        try:
+            out.append(kind(t))
+        except ValueError:
+            what = "an integer" if kind is int else f"a valid {kind.__name__}"
+            raise ValueError(f"{flag}: {t!r} is not {what} (in {flag} {text}, a "
+                             "comma-separated list)") from None
+    if not out:
+        raise ValueError(f"{flag}: empty; give a comma-separated list")
+    return out
 
 
 def _settings(items: list[str]) -> dict:
@@ -130,10 +144,10 @@ def _nb201(p: argparse.ArgumentParser):
         from diffnas.nasbench.strategies import QUERY_STRATEGIES
         from diffnas.nasbench.table import open_benchmark
 
-        strategies = _csv_list(args.strategy)
+        strategies = _csv_list(args.strategy, "--strategy")
         for s in strategies:
             QUERY_STRATEGIES.get(s)  # unknown names fail before any work
-        budgets = _csv_list(args.budget, int)
+        budgets = _csv_list(args.budget, "--budget", int)
         if args.seeds < 1 or not budgets or min(budgets) < 1:
             raise ValueError("--seeds and every --budget must be >= 1")
         settings = _strategy_settings(strategies, args.set)
@@ -203,11 +217,12 @@ def _summary(p: argparse.ArgumentParser):
     p.add_argument("--json", help="write the merged summary here")
 
     def run(args: argparse.Namespace) -> int:
+        from diffnas.engine.callbacks import read_json
         from diffnas.nasbench.runner import summarize
 
         merged: dict[tuple, dict] = {}
         for f in args.files:
-            data = json.loads(Path(f).read_text())
+            data = read_json(f, "give a JSON file written by 'diffnas bench nb201'")
             if "outcomes" not in data:
                 raise ValueError(f"{f}: not a 'bench nb201' JSON file (no 'outcomes')")
             for o in data["outcomes"]:  # a (strategy, budget, seed) run repeated: keep one

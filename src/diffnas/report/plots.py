@@ -9,7 +9,6 @@ Every figure is written as PNG and SVG; SVG keeps text as ``<text>`` elements
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from diffnas.engine.callbacks import read_jsonl
+from diffnas.engine.callbacks import read_json, read_jsonl
 from diffnas.genotype import CellGenotype, Genotype
 
 FORMATS = ("png", "svg")
@@ -63,6 +62,7 @@ class RunData:
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory (``diffnas search`` output); a clear error when it is not one."""
     from diffnas.engine.rundir import load_run_config
+    from diffnas.export import RETRAIN_FIX
 
     path = Path(run_dir)
     cfg = load_run_config(path, device=False)  # a report reads, it does not run
@@ -74,7 +74,7 @@ def load_run(run_dir: str | Path) -> RunData:
         if rows:
             genotype = Genotype.from_dict({k: v for k, v in rows[-1].items() if k != "epoch"})
     rpath = path / "retrain" / "result.json"
-    result = json.loads(rpath.read_text()) if rpath.is_file() else None
+    result = read_json(rpath, RETRAIN_FIX) if rpath.is_file() else None
     if genotype is None and result is not None:
         genotype = Genotype.from_dict(result["genotype"])
     return RunData(path, cfg, genotype, read_jsonl(path / "search" / "metrics.jsonl"),
