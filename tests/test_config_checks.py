@@ -184,6 +184,16 @@ def test_darts_cnn_sizes_are_checked_at_load(override, match):
     _refused([override], match)
 
 
+@pytest.mark.parametrize("space, match", [
+    ("{name: nb201, C: 0}", r"search\.space\.C must be >= 1, got 0"),
+    ("{name: nb201, N: -1}", r"search\.space\.N must be >= 1, got -1"),
+    ("{name: gnn, hidden: 0}", r"search\.space\.hidden must be >= 1, got 0"),
+    ("{name: gnn, cells: 0}", r"search\.space\.cells must be >= 1, got 0"),
+])
+def test_other_space_sizes_name_their_key(space, match):
+    _refused([f"search.space={space}"], match)
+
+
 def test_darts_cnn_sizes_write_no_run_directory(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(TINY)
     argv = ["search", "--config", str(tmp_path / "tiny.yaml"), f"out_dir={tmp_path / 'runs'}",

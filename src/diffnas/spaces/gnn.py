@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict, require_sizes
+from diffnas.config import from_dict, require, require_sizes
 from diffnas.genotype import CellGenotype, Edge, Genotype
 from diffnas.ops.graph import GNN_OPS, GRAPH_OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -50,9 +50,8 @@ class GnnConfig:
             raise ValueError(f"unknown graph op(s) {unknown}; known: {GRAPH_OPS.names()}")
         if all(o == "none" for o in self.ops):
             raise ValueError("the gnn space needs an op besides 'none'")
-        if self.hidden < 1 or self.nodes < 1 or self.cells < 1:
-            raise ValueError(f"hidden, nodes and cells must be >= 1, got {self.hidden}, "
-                             f"{self.nodes}, {self.cells}")
+        for key in ("hidden", "nodes", "cells"):
+            require(getattr(self, key) >= 1, f"search.space.{key}", ">= 1", getattr(self, key))
         if "gat" in self.ops and self.hidden % 4:
             raise ValueError(f"hidden={self.hidden} must divide by 4 for gat's 4 heads")
         _check_dropout("dropout", self.dropout)

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict, require_sizes
+from diffnas.config import from_dict, require, require_sizes
 from diffnas.genotype import CellGenotype, Edge, Genotype, GenotypeError
 from diffnas.ops import OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -49,8 +49,8 @@ class Nb201Config:
             raise ValueError(f"unknown op(s) {unknown} in nb201 ops; known: {OPS.names()}")
         if not self.ops or all(o == "none" for o in self.ops):
             raise ValueError("nb201 ops need at least one op besides 'none'")
-        if self.C < 1 or self.N < 1:
-            raise ValueError(f"nb201 needs C >= 1 and N >= 1, got C={self.C}, N={self.N}")
+        for key in ("C", "N"):
+            require(getattr(self, key) >= 1, f"search.space.{key}", ">= 1", getattr(self, key))
 
 
 @dataclass
