@@ -304,6 +304,10 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkey
     assert capsys.readouterr().err == f"{hint}{tmp_path / 'a'}\n"
     assert main(["search", "--resume", str(tmp_path / "a")]) == 130
     assert capsys.readouterr().err == f"{hint}{tmp_path / 'a'}\n"
+    # a resume's overrides are not saved in config.yaml, so the hint repeats them
+    assert main(["search", "--resume", str(tmp_path / "a"), "device=cpu",
+                 "data.root=/my data"]) == 130
+    assert capsys.readouterr().err == f"{hint}{tmp_path / 'a'} device=cpu 'data.root=/my data'\n"
     monkeypatch.setattr(retrain, "run_retrain", _interrupt)
     argv = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, f"out_dir={tmp_path}", "name=b"]
     assert main(argv) == 130

@@ -325,11 +325,13 @@ def _resume_hint(args: argparse.Namespace) -> str | None:
     run_dir = getattr(args, "_run_dir", None) or args.resume
     if run_dir is None:
         return None
+    # a resume's overrides (data.root=, device=, ...) are not saved: the hint repeats them
+    extra = "".join(f" {shlex.quote(o)}" for o in args.overrides) if args.resume else ""
     if args.command == "train":
         return (f"diffnas train --resume {shlex.quote(str(run_dir))} "
-                f"--genotype {shlex.quote(args.genotype)}")
+                f"--genotype {shlex.quote(args.genotype)}{extra}")
     seeds = f" --seeds {shlex.quote(args.seeds)}" if args.seeds else ""
-    return f"diffnas search{seeds} --resume {shlex.quote(str(run_dir))}"
+    return f"diffnas search{seeds} --resume {shlex.quote(str(run_dir))}{extra}"
 
 
 def _interrupted(args: argparse.Namespace) -> None:
