@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -286,8 +287,8 @@ def _interrupt(*args: object, **kwargs: object) -> None:
 
 @pytest.fixture
 def sigint_restored():
-    """main() leaves SIGINT at its default after Ctrl-C (a second one ends the process):
-    give pytest its own handler back."""
+    """main() run as the process's entry leaves SIGINT at its default after Ctrl-C (a
+    second one ends the process): give pytest its own handler back."""
     handler = signal.getsignal(signal.SIGINT)
     yield
     signal.signal(signal.SIGINT, handler)
@@ -298,6 +299,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkey
     import diffnas.engine.retrain as retrain
     import diffnas.engine.search as search
 
+    handler = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(search, "run_search", _interrupt)
     assert main(["search", f"out_dir={tmp_path}", "name=a", *TINY]) == 130
     hint = "diffnas: interrupted; resume with: diffnas search --resume "
@@ -320,6 +322,10 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkey
     assert main(["search", "--seeds", "0,1", "--resume", str(par)]) == 130
     assert capsys.readouterr().err == (f"diffnas: interrupted; resume with: diffnas search "
                                        f"--seeds 0,1 --resume {par}\n")
+    assert signal.getsignal(signal.SIGINT) is handler  # an in-process caller keeps its own
+    monkeypatch.setattr(sys, "argv", ["diffnas", "search", "--seeds", "0,1", "--resume", str(par)])
+    assert main() == 130  # the process's entry: a second Ctrl-C ends it at once
+    capsys.readouterr()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
     monkeypatch.setenv("RANK", "1")  # under torchrun rank 0 alone reports it
     assert main(["search", "--resume", str(tmp_path / "a")]) == 130

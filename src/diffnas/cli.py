@@ -334,16 +334,18 @@ def _resume_hint(args: argparse.Namespace) -> str | None:
     return f"diffnas search{seeds} --resume {shlex.quote(str(run_dir))}{extra}"
 
 
-def _interrupted(args: argparse.Namespace) -> None:
-    """Report Ctrl-C in one line (rank 0 alone under torchrun), not a traceback. A second
+def _interrupted(args: argparse.Namespace, process_entry: bool) -> None:
+    """Report Ctrl-C in one line (rank 0 alone under torchrun), not a traceback. When
+    ``main`` is the process's entry (``process_entry``: it read ``sys.argv``), a second
     SIGINT (``timeout -s INT`` signals the process and then its group; an impatient user)
-    now ends the process at once instead of raising a traceback from exit handlers. The
-    ``--seeds`` workers and torchrun ranks receive the terminal's SIGINT themselves."""
+    then ends the process at once instead of raising a traceback from exit handlers; an
+    in-process caller (``main([...])``, a notebook) keeps its own handler. The ``--seeds``
+    workers and torchrun ranks receive the terminal's SIGINT themselves."""
     import os
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
+    if process_entry and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     if os.environ.get("RANK", "0") != "0":
         return
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args._handlers[args.command](args)
     except KeyboardInterrupt:
-        _interrupted(args)
+        _interrupted(args, process_entry=argv is None)
         return 130
     except (
         ConfigError,
