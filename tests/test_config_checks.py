@@ -52,6 +52,8 @@ def _refused(overrides: list[str], match: str, path: Path = FASHION) -> None:
     ("search.strategy.w_optim.lr=-1", r"search\.strategy\.w_optim\.lr must be >= 0"),
     ("search.strategy.w_optim.grad_clip=-5", r"w_optim\.grad_clip must be > 0"),
     ("search.strategy.a_optim.betas=[0.5, 1.5]", r"a_optim\.betas must be two numbers"),
+    ("search.strategy={name: implicit, eta: 1e39}", r"search\.strategy\.eta must be finite"),
+    ("search.strategy={name: implicit, eta: .inf}", r"search\.strategy\.eta must be finite"),
 ])
 def test_retrain_and_search_settings_are_checked_at_load(override, match):
     _refused([override], match)

@@ -316,8 +316,18 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkey
     assert capsys.readouterr().err == ("diffnas: interrupted; resume with: diffnas train "
                                        f"--resume {tmp_path / 'b'} --genotype DARTS_V2\n")
     monkeypatch.setattr(ms, "run_seeds", _interrupt)
-    assert main(["search", "--seeds", "0,1", f"out_dir={tmp_path}", *TINY]) == 130
+    assert main(["search", "--seeds", "0,1", f"out_dir={tmp_path}", "name=new", *TINY]) == 130
+    # before the seeds are written down, --resume would refuse the parent: no hint
     assert capsys.readouterr().err == "diffnas: interrupted\n"  # parent named on stdout
+
+    def prepared_then_interrupted(cfg, seeds, parent, **kw):
+        ms.prepare_seeds(cfg, seeds, parent)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ms, "run_seeds", prepared_then_interrupted)
+    assert main(["search", "--seeds", "0,1", f"out_dir={tmp_path}", "name=new2", *TINY]) == 130
+    assert capsys.readouterr().err == (f"diffnas: interrupted; resume with: diffnas search "
+                                       f"--seeds 0,1 --resume {tmp_path / 'new2'}\n")
     par = _run(tmp_path / "par", seeds=[0, 1])
     assert main(["search", "--seeds", "0,1", "--resume", str(par)]) == 130
     assert capsys.readouterr().err == (f"diffnas: interrupted; resume with: diffnas search "

@@ -330,6 +330,11 @@ def _resume_hint(args: argparse.Namespace) -> str | None:
     if args.command == "train":
         return (f"diffnas train --resume {shlex.quote(str(run_dir))} "
                 f"--genotype {shlex.quote(args.genotype)}{extra}")
+    if args.seeds:
+        from diffnas.engine.multiseed import SEEDS_FILE
+
+        if not (Path(run_dir) / SEEDS_FILE).is_file():  # a parent --resume would refuse
+            return None
     seeds = f" --seeds {shlex.quote(args.seeds)}" if args.seeds else ""
     return f"diffnas search{seeds} --resume {shlex.quote(str(run_dir))}{extra}"
 

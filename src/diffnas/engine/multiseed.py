@@ -365,6 +365,7 @@ def seeds_command(args: argparse.Namespace) -> int:
                           "(seed=N)")
     if not args.resume:
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
+    args._run_dir = parent  # for the resume hint of an interrupted run (cli.main)
     print(f"multi-seed run directory: {parent}")
     summary = run_seeds(cfg, seeds, parent, workers=args.workers)
     print()

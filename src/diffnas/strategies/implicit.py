@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffnas.config import require_float32
 from diffnas.ops import twice_differentiable
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.hypergrad import grads as _grads
@@ -98,6 +99,8 @@ class ImplicitConfig(StrategyConfig):
             raise ValueError(f"implicit K must be >= 1, got {self.K}")
         if self.eta is not None and self.eta <= 0:
             raise ValueError(f"implicit eta must be positive, got {self.eta}")
+        if self.eta is not None:  # the Neumann terms are float32 tensors times eta
+            require_float32(self, ("eta",), "search.strategy")
 
 
 @register_strategy("implicit")
