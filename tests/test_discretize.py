@@ -38,9 +38,10 @@ def test_top2_inputs_by_strongest_non_none_op():
         Edge("sep_conv_3x3", 0, 2), Edge("max_pool_3x3", 1, 2),
         Edge("skip_connect", 1, 3), Edge("sep_conv_5x5", 2, 3),
     )
+    # a node's inputs are listed strongest first, as DARTS's genotype() lists them
     assert g.cell("reduce").edges == (
         Edge("avg_pool_3x3", 0, 2), Edge("dil_conv_5x5", 1, 2),
-        Edge("max_pool_3x3", 0, 3), Edge("skip_connect", 2, 3),
+        Edge("skip_connect", 2, 3), Edge("max_pool_3x3", 0, 3),
     )
     assert g.cell("normal").concat == (2, 3)
     space.validate(g)

@@ -2,7 +2,8 @@
 
 ``darts``: per intermediate node, keep the ``k`` incoming edges (``k`` = the space's
 ``inputs_per_node()``) whose strongest non-``none`` op weight is largest; each kept edge
-takes that op. ``argmax``: every edge keeps its strongest op, ``none`` included (the
+takes that op; a node's kept edges are listed strongest first, as DARTS's ``genotype()``
+lists them. ``argmax``: every edge keeps its strongest op, ``none`` included (the
 NAS-Bench-201 rule). Ties are broken deterministically: the lower source node wins, and
 among ops the one listed first. Logits that are not finite (a diverged search) are an
 error, not a genotype.
@@ -68,9 +69,11 @@ def darts_discretize(
             by_dst.setdefault(e.dst, []).append((sc * row[best], e.src, e.candidates[best]))
         kept: list[Edge] = []
         for dst in sorted(by_dst):
-            # sorted() is stable: equal strengths keep the lower source first.
+            # strongest first, as DARTS's genotype() lists them (the text then reads the
+            # same, and a retrained network builds its ops in DARTS's order); equal
+            # strengths keep the lower source first, like DARTS's stable sort
             ranked = sorted(by_dst[dst], key=lambda t: (-t[0], t[1]))[:k]
-            kept += [Edge(op, src, dst) for _, src, op in sorted(ranked, key=lambda t: t[1])]
+            kept += [Edge(op, src, dst) for _, src, op in ranked]
         cells.append(CellGenotype(group, tuple(kept), space.concat(group)))
     return Genotype(space.name, tuple(cells))
 
