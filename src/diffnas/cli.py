@@ -50,7 +50,7 @@ def _print_result(genotype, result: dict | None) -> None:
     print(genotype)
     if result is not None:
         print(f"params (no auxiliary head): {result['params']:,}")
-        print(f"MACs: {result['macs'] / 1e6:.1f} M")
+        print(f"MACs: {result['macs'] / 1e6:.2f} M")
         print(
             f"test accuracy: {100 * result['test_acc']:.2f}% after {result['epochs_done']} epochs"
         )

@@ -168,7 +168,7 @@ def run_retrain(
     if cfg.distributed.sync_bn:
         model = dp.convert_sync_batchnorm(model)
     log.info(
-        "retrain: %s params (without auxiliary head), %.1f M MACs",
+        "retrain: %s params (without auxiliary head), %.2f M MACs",
         f"{summary['params']:,}",
         summary["macs"] / 1e6,
     )
