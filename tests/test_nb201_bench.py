@@ -29,7 +29,7 @@ from diffnas.nasbench import (
     paired_comparison,
     run_query_search,
 )
-from diffnas.nasbench.encoding import graph_arrays, mutate
+from diffnas.nasbench.encoding import NUM_CELLS, graph_arrays, mutate
 from diffnas.spaces.nb201 import NB201_OPS, ops_to_genotype, str_to_genotype
 
 TABLE = Path(__file__).resolve().parents[2] / "shared/data/nb201/nb201_compact.csv.gz"
@@ -184,6 +184,56 @@ def test_mutation_changes_exactly_one_edge():
         child = mutate(cell, rng)
         assert sum(a != b for a, b in zip(cell, child, strict=True)) == 1
         assert all(0 <= v < len(NB201_OPS) for v in child)
+
+
+def test_random_search_can_spend_a_budget_of_the_whole_space():
+    """Drawing until an unseen cell comes up stalls when few are left; the last ones
+    come from the unseen cells directly."""
+    from diffnas.nasbench import create_query_strategy
+
+    oracle = QueryOracle(lambda c: float(sum(c)), budget=NUM_CELLS)
+    create_query_strategy("random").search(oracle, np.random.default_rng(0))
+    assert oracle.used == NUM_CELLS
+    # a budget over the space's size stops when every cell is known
+    oracle = QueryOracle(lambda c: float(sum(c)), budget=NUM_CELLS + 5)
+    create_query_strategy("random").search(oracle, np.random.default_rng(0))
+    assert oracle.used == NUM_CELLS
+
+
+def test_rea_tournament_draws_with_replacement(monkeypatch):
+    """Real et al. (2019), Algorithm 1: a sampled candidate stays in the population, so a
+    tournament as large as the population does not always pick its best member."""
+    from collections import deque
+
+    import diffnas.nasbench.strategies.evolution as evolution
+    from diffnas.nasbench import create_query_strategy
+
+    start, cycles = [], []
+    real_start = evolution.query_random
+
+    def spy_start(*args, **kw):
+        start.extend(out := real_start(*args, **kw))
+        return out
+
+    def spy_mutate(cell, rng):
+        cycles.append((cell, child := mutate(cell, rng)))
+        return child
+
+    monkeypatch.setattr(evolution, "query_random", spy_start)
+    monkeypatch.setattr(evolution, "mutate", spy_mutate)
+    oracle = QueryOracle(lambda c: float(sum(c)), budget=100)
+    create_query_strategy("rea", {"population": 2, "sample_size": 2}).search(
+        oracle, np.random.default_rng(0))
+    population, weaker = deque(c for c, _ in start), 0
+    for parent, child in cycles:  # replay the aging population
+        assert parent in population
+        weaker += sum(parent) < max(sum(c) for c in population)
+        population.append(child)
+        population.popleft()
+    # without replacement both members always meet and the stronger always wins
+    assert len(cycles) > 50 and weaker > 0
+    big = create_query_strategy("rea", {"population": 2, "sample_size": 5})  # S > P is fine
+    big.search(QueryOracle(lambda c: float(sum(c)), budget=20), np.random.default_rng(0))
 
 
 def test_graph_encoding_by_hand():

@@ -73,13 +73,22 @@ def list_query_strategies() -> list[str]:
 def query_random(oracle: QueryOracle, rng: np.random.Generator, n: int,
                  max_tries: int = 100_000) -> list[tuple[Cell, float]]:
     """Query up to ``n`` new uniformly random cells. Every strategy starts with this, so
-    with one seed all strategies share their first random cells (a paired comparison)."""
+    with one seed all strategies share their first random cells (a paired comparison).
+    Cells are drawn until an unseen one comes up; when ``max_tries`` draws were not enough
+    (few cells left unseen), the rest come in random order from the unseen ones."""
     out = []
     tries = 0
     while len(out) < n and not oracle.exhausted and tries < max_tries:
         tries += 1
         cell = random_cell(rng)
         if not oracle.seen(cell):
+            out.append((cell, oracle.query(cell)))
+    if len(out) < n and not oracle.exhausted:
+        cells = all_cells_array()
+        for code in rng.permutation(np.flatnonzero(unseen_mask(oracle))):
+            if len(out) >= n or oracle.exhausted:
+                break
+            cell = tuple(int(i) for i in cells[code])
             out.append((cell, oracle.query(cell)))
     return out
 

@@ -37,8 +37,10 @@ policy steps:
 - an optional moving-average reward baseline (``reward_baseline_decay``; default off, as
   in the released code, where the baseline *cell* already centres the reward near 0.5);
 - explored pairs whose two cells were both queried are dropped (their true order is
-  labelled data already), and confidence is |p - 0.5| (the code keeps the top p of
-  ordered pairs: the same pairs up to orientation, since the NAC is antisymmetric);
+  labelled data already), and confidence is |p - 0.5|, so confident "a loses to b" pairs
+  are kept as well as "a beats b" ones. The released code scores one orientation of each
+  pair and keeps the top p, i.e. only pairs labelled 1; a deliberate change here, for
+  labels of both kinds;
 - the result is the queried cell with the best validation accuracy (this package's
   protocol), not the NAC's pick among the history of baselines.
 """

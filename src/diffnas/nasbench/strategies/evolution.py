@@ -28,9 +28,9 @@ class EvolutionConfig(QueryStrategyConfig):
     max_cycles_factor: int = 50  # give up after this many cycles per query of budget
 
     def __post_init__(self) -> None:
-        if not 1 <= self.sample_size <= self.population:
-            raise ValueError(f"rea needs 1 <= sample_size <= population, got "
-                             f"{self.sample_size}, {self.population}")
+        if self.population < 1 or self.sample_size < 1:
+            raise ValueError(f"rea needs population >= 1 and sample_size >= 1, got "
+                             f"{self.population}, {self.sample_size}")
 
 
 @register_query_strategy("rea")
@@ -43,8 +43,9 @@ class RegularizedEvolution(QueryStrategy):
         cycles = 0
         while not oracle.exhausted and cycles < c.max_cycles_factor * oracle.budget:
             cycles += 1
-            picks = rng.choice(len(population), size=min(c.sample_size, len(population)),
-                               replace=False)
+            # the tournament draws with replacement (Real et al. 2019, Algorithm 1: a
+            # sampled candidate "stays in the population")
+            picks = rng.integers(len(population), size=c.sample_size)
             parent = max((population[i] for i in sorted(picks)), key=lambda t: t[1])
             child = mutate(parent[0], rng)
             # A child seen before costs nothing and still ages the population.
