@@ -5,12 +5,13 @@ weights after one virtual SGD step on the training batch) is evaluated at pertur
 alphas under ``torch.no_grad``; no gradient with respect to alpha is ever formed.
 
 Estimators (functions on one flat vector, so they are tested on toy losses):
-- ``rs``: random search: the best of ``samples`` Gaussian perturbations of radius
-  ``mu``, taken only when it lowers ``f``.
+- ``rs``: random search: the best of ``samples`` Gaussian perturbations (standard
+  deviation ``mu`` per coordinate), taken only when it lowers ``f``.
 - ``mgs``: multi-point Gaussian smoothing: ``g = 1/n sum (f(x + mu u) - f(x)) / mu * u``,
   fed to the architecture optimizer as its gradient.
 - ``gld``: gradientless descent: directions on the sphere at radii ``mu, mu/2, ...``;
   the best point is taken when it lowers ``f``.
+``rs`` and ``gld`` set alpha directly: the architecture optimizer serves ``mgs`` only.
 Random directions come from torch's global RNG, so a seed fixes them and resume is exact.
 """
 
@@ -69,7 +70,7 @@ ESTIMATORS = ("rs", "mgs", "gld")
 class ZeroOrderConfig(StrategyConfig):
     estimator: str = "mgs"  # rs | mgs | gld
     samples: int = 4  # loss evaluations per alpha step (besides f(alpha))
-    mu: float = 0.1  # smoothing / search radius
+    mu: float = 0.1  # mgs: smoothing scale; rs: std per coordinate; gld: largest radius
     unroll: bool = False  # evaluate at w' = w - lr grad_w L_train(w, alpha) (ZARTS's w*)
 
     def __post_init__(self) -> None:
