@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import TINY_SHAPE, tiny_batch, tiny_strategy
 from test_family_smoke import nb201_space
@@ -69,6 +70,26 @@ def test_untrained_path_has_angle_zero_and_trained_paths_do_not():
     assert s.angle(paths[0], include_shared=False) > 0
 
 
+def test_a_pooling_path_counts_its_fixed_kernel_and_ranks_below_a_skip_path():
+    """RLNAS's code: pooling enters both vectors as a fixed C x k x k kernel of 1/k^2,
+    which pulls the angle down; a skip connection has no weights."""
+    s = tiny_strategy(SEC, space=nb201_space())
+    s.map_edges(tiny_batch(4, 0)[0][:2])
+    for i in range(4):
+        s.step(tiny_batch(4, i), None)
+    (g,) = s.allowed
+    names = s.arch_params.candidates(g)
+    n = len(s.arch_params.edges[g])
+    path = {op: {g: torch.full((n,), names.index(op))} for op in ("avg_pool_3x3", "skip_connect")}
+    shared = angle_from_sums(*s._sums()[("", -1, -1)])
+    assert shared > 0
+    assert s.angle(path["skip_connect"]) == shared  # no weights on the path
+    # the pools' kernels: squared norm C / 9 each, in the dot product and both norms; the
+    # three cells (C = 4, 8, 16) share the group's alphas, so an edge's op is in all three
+    assert s._sums()[(g, 0, names.index("avg_pool_3x3"))] == pytest.approx((28 / 9,) * 3)
+    assert 0 < s.angle(path["avg_pool_3x3"]) < shared
+
+
 def test_angle_formula():
     a = torch.tensor([1.0, 0.0], dtype=torch.float64)
     b = torch.tensor([1.0, 1.0], dtype=torch.float64)
@@ -94,7 +115,7 @@ def test_single_path_computes_one_op_per_edge_and_alphas_stay():
 
 
 def test_evolution_exports_its_best_path():
-    s = tiny_strategy(SEC, space=nb201_space())
+    s = tiny_strategy({**SEC, "exclude_ops": ["none", "nor_conv_1x1"]}, space=nb201_space())
     torch.manual_seed(0)
     for i in range(3):
         s.step(tiny_batch(4, i), None)
@@ -103,9 +124,10 @@ def test_evolution_exports_its_best_path():
     assert angle == s.angle(best) > 0
     chosen = s.arch_params["cell"].argmax(-1)
     assert torch.equal(chosen, best["cell"])
-    # the export reflects the angle ranking: the best path beats the untouched ones
-    assert angle > s.angle({"cell": torch.full((6,), int(s.allowed["cell"][0]))}) or \
-        torch.equal(best["cell"], torch.full((6,), int(s.allowed["cell"][0])))
+    # the export reflects the angle ranking: the best path beats a path of convolutions
+    # that were never sampled (their weights did not move, which pulls the angle down)
+    untouched = {"cell": torch.full((6,), s.arch_params.candidates("cell").index("nor_conv_1x1"))}
+    assert angle > s.angle(untouched)
 
 
 def test_graph_space_search_maps_every_edge_and_exports_its_best_path(tmp_path):

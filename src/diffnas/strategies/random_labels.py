@@ -7,7 +7,11 @@ only those. Architecture parameters are never trained. After each epoch an evolu
 search looks for the path whose weights moved most from their initialization, by the
 *angle* between the initial and current weight vectors of the path (the shared weights
 plus the ops on the path); the best path is written into the architecture logits, so the
-usual discretizer returns it.
+usual discretizer returns it. As in RLNAS's code, a pooling op enters the vectors as a
+fixed ``C x k x k`` kernel of ``1/k^2`` (the same in both, so it pulls the angle towards
+0 and a pooling path ranks below a skip path), and a skip connection has no weights (its
+NAS-Bench-201 code; its DARTS code counts an identity matrix there). Each op counts once,
+where RLNAS's code concatenates the vector per input-to-output path.
 
 Genotype: in spaces that keep every edge (nb201, ``argmax``) it is exactly the path. In
 spaces that keep ``k`` inputs per node (``darts``), the path's op logit on each edge is
@@ -81,6 +85,8 @@ class RandomLabelsStrategy(SearchStrategy):
         self.counts = {g: torch.zeros_like(a, dtype=torch.long)
                        for g, a in self.arch_params.as_dict().items()}
         self.edge_params: dict[tuple[str, int, int], list[str]] | None = None
+        # |fixed kernel|^2 of the pooling ops, by (group, edge, op)
+        self.fixed: dict[tuple[str, int, int], float] = {}
         self.best_path: Path | None = None
         self.best_angle = 0.0
 
@@ -117,6 +123,7 @@ class RandomLabelsStrategy(SearchStrategy):
             for r in range(w.shape[0]):
                 rows[(w[r].data_ptr(), tuple(w[r].shape))] = (g, r)
         seen: dict[torch.nn.Module, tuple[str, int]] = {}
+        channels: dict[torch.nn.Module, int] = {}
 
         def hook(module, args):
             # the weight row's position differs between spaces' mixed ops: match any argument
@@ -127,6 +134,8 @@ class RandomLabelsStrategy(SearchStrategy):
                                    f"{len(keys)} views of weight rows of the arch weights "
                                    "(needs exactly one)")
             seen[module] = keys.pop()
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+                channels[module] = args[0].shape[1]  # the ops' input (C // k under PC)
 
         handles = [m.register_forward_pre_hook(hook) for m in mixed]
         training = self.supernet.training
@@ -141,11 +150,19 @@ class RandomLabelsStrategy(SearchStrategy):
         names = {id(p): n for n, p in self.supernet.named_parameters()}
         edge_params: dict[tuple[str, int, int], list[str]] = {}
         owned = set()
+        self.fixed = {}
         for m, (g, r) in seen.items():
             for j, op in enumerate(m.ops):
                 for p in op.parameters():
                     edge_params.setdefault((g, r, j), []).append(names[id(p)])
                     owned.add(names[id(p)])
+                for pool in op.modules():
+                    if isinstance(pool, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
+                        ks = pool.kernel_size
+                        area = ks * ks if isinstance(ks, int) else ks[0] * ks[1]
+                        # C * area entries of 1/area: squared norm C / area
+                        self.fixed[(g, r, j)] = (self.fixed.get((g, r, j), 0.0)
+                                                 + channels[m] / area)
         edge_params[("", -1, -1)] = [n for n in names.values() if n not in owned]  # shared
         self.edge_params = edge_params
 
@@ -161,6 +178,9 @@ class RandomLabelsStrategy(SearchStrategy):
                 a += float((w0 * w0).sum())
                 b += float((w * w).sum())
             out[key] = (d, a, b)
+        for key, f in self.fixed.items():  # a fixed kernel: the same in both vectors
+            d, a, b = out.get(key, (0.0, 0.0, 0.0))
+            out[key] = (d + f, a + f, b + f)
         return out
 
     def angle(self, path: Path, include_shared: bool = True, sums=None) -> float:
