@@ -55,7 +55,7 @@ def test_snas_resource_term_favours_cheap_ops():
         s = tiny_strategy({"name": "snas", "cost_weight": cost_weight,
                            "a_optim": {"lr": 0.05, "weight_decay": 0.0}})
         ops = s.arch_params.candidates("normal")
-        costly = max(range(len(ops)), key=lambda i: float(s.costs["normal"][i]))
+        costly = max(range(len(ops)), key=lambda i: float(s.costs["normal"][0, i]))
         skip = ops.index("skip_connect")
         a0 = s.arch_params["normal"].detach().clone()
         torch.manual_seed(0)
@@ -66,6 +66,24 @@ def test_snas_resource_term_favours_cheap_ops():
 
     assert drift(50.0) < -0.1
     assert drift(50.0) < drift(0.0) - 0.1
+
+
+def test_snas_costs_each_edge_at_its_stride():
+    """The reduction cell's edges from its inputs downsample: their skip_connect is a
+    FactorizedReduce with weights, so it costs what the supernet's op there holds."""
+    s = tiny_strategy({"name": "snas"})
+    ops = s.arch_params.candidates("reduce")
+    skip, sep5 = ops.index("skip_connect"), ops.index("sep_conv_5x5")
+    cells = [m for m in s.supernet.modules() if hasattr(m, "reduction")]
+    for g, reduction in (("normal", False), ("reduce", True)):
+        cell = next(c for c in cells if c.reduction == reduction)
+        C = cell.edges[0].ops[sep5][0][1].in_channels  # the cell's width
+        costs = tiny_strategy({"name": "snas", "cost_channels": C}).costs[g]
+        for row, (e, mixed) in enumerate(zip(s.arch_params.edges[g], cell.edges, strict=True)):
+            held = torch.tensor([float(sum(p.numel() for p in op.parameters()))
+                                 for op in mixed.ops])
+            assert torch.allclose(costs[row] / costs[row, sep5], held / held[sep5]), e.label
+            assert (costs[row, skip] > 0) == (reduction and e.src < 2)
 
 
 def test_snas_needs_gumbel():

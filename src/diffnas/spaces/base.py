@@ -23,6 +23,7 @@ class EdgeSpec:
     src: int
     dst: int
     candidates: tuple[str, ...]
+    stride: int = 1  # of the edge's ops (2 on a DARTS reduction cell's edges from its inputs)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from diffnas.genotype import Genotype
 from diffnas.ops import OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
 from diffnas.spaces.registry import register_space
-from diffnas.supernet.cell import cell_edges
+from diffnas.supernet.cell import cell_edges, edge_stride
 from diffnas.supernet.mixed import default_mixed_op
 from diffnas.supernet.network import DartsNetwork, DartsSuperNet
 
@@ -78,7 +78,8 @@ class DartsCnnSpace(SearchSpace):
     def edges(self) -> list[EdgeSpec]:
         ops = tuple(self.config.ops)
         return [
-            EdgeSpec(f"{cell}/n{dst}/e{src}", cell, src, dst, ops)
+            EdgeSpec(f"{cell}/n{dst}/e{src}", cell, src, dst, ops,
+                     edge_stride(cell == "reduce", src))
             for cell in ("normal", "reduce")
             for src, dst in cell_edges(self.config.nodes)
         ]

@@ -4,12 +4,14 @@ optional resource term: the expected cost of the sampled ops."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from diffnas.arch.relax import ArchWeights
 from diffnas.ops import create_op
+from diffnas.spaces.base import EdgeSpec
 from diffnas.strategies.registry import register_strategy
 from diffnas.strategies.single_level import SingleLevelConfig, SingleLevelStrategy
 
@@ -31,12 +33,19 @@ class SnasConfig(SingleLevelConfig):
             raise ValueError(f"snas cost_weight must be >= 0, got {self.cost_weight}")
 
 
-def op_costs(candidates: tuple[str, ...], C: int) -> torch.Tensor:
-    """Parameter count of each candidate op at width ``C``, divided by the largest."""
-    counts = torch.tensor(
-        [float(sum(p.numel() for p in create_op(n, C, 1, affine=False).parameters()))
-         for n in candidates]
-    )
+def op_costs(edges: Sequence[EdgeSpec], C: int) -> torch.Tensor:
+    """Parameter count of each candidate op of each edge at width ``C`` and the edge's
+    stride (a strided ``skip_connect`` is a FactorizedReduce with weights), divided by the
+    largest: shape ``(len(edges), len(candidates))``."""
+    cache: dict[tuple[str, int], float] = {}
+
+    def count(name: str, stride: int) -> float:
+        if (name, stride) not in cache:
+            op = create_op(name, C, stride, affine=False)
+            cache[(name, stride)] = float(sum(p.numel() for p in op.parameters()))
+        return cache[(name, stride)]
+
+    counts = torch.tensor([[count(n, e.stride) for n in e.candidates] for e in edges])
     return counts / counts.max() if counts.max() > 0 else counts
 
 
@@ -46,10 +55,8 @@ class SnasStrategy(SingleLevelStrategy):
 
     def __init__(self, config: SnasConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        self.costs = {
-            g: op_costs(self.arch_params.candidates(g), config.cost_channels)
-            for g in self.arch_params.groups()
-        }
+        self.costs = {g: op_costs(self.arch_params.edges[g], config.cost_channels)
+                      for g in self.arch_params.groups()}
 
     def extra_loss(self, arch_weights: ArchWeights) -> tuple[torch.Tensor | None, dict]:
         """cost_weight * sum over edges of sum_k w_k cost_k (the sampled ops' cost)."""

@@ -20,6 +20,12 @@ def cell_edges(nodes: int) -> list[tuple[int, int]]:
     return [(j, 2 + i) for i in range(nodes) for j in range(2 + i)]
 
 
+def edge_stride(reduction: bool, src: int) -> int:
+    """A DARTS cell's edge downsamples when the cell is a reduction cell and the edge
+    reads one of the cell's two inputs."""
+    return 2 if reduction and src < 2 else 1
+
+
 def preprocess(C_pp: int, C_p: int, C: int, reduction_prev: bool, affine: bool):
     p0 = (
         FactorizedReduce(C_pp, C, affine)
@@ -46,7 +52,7 @@ class SearchCell(nn.Module):
         self.nodes = nodes
         self.preprocess0, self.preprocess1 = preprocess(C_pp, C_p, C, reduction_prev, False)
         self.edges = nn.ModuleList(
-            mixed_op(C, 2 if reduction and src < 2 else 1, candidates)
+            mixed_op(C, edge_stride(reduction, src), candidates)
             for src, _ in cell_edges(nodes)
         )
 
