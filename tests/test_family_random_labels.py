@@ -90,6 +90,19 @@ def test_a_pooling_path_counts_its_fixed_kernel_and_ranks_below_a_skip_path():
     assert 0 < s.angle(path["avg_pool_3x3"]) < shared
 
 
+@pytest.mark.parametrize("setting, key", [
+    ("relaxation: {name: hard_gumbel}", "relaxation"),
+    ("edge_norm: true", "edge_norm"),
+    ("a_optim: {lr: 1.0}", "a_optim"),
+])
+def test_architecture_settings_it_would_ignore_are_refused(setting, key):
+    from diffnas.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=rf"no use for search\.strategy\.{key}"):
+        load_config(None, [f"search.strategy={{name: random_labels, {setting}}}"])
+    load_config(None, ["search.strategy={name: random_labels, a_optim: {betas: [0.5, 0.999]}}"])
+
+
 def test_angle_formula():
     a = torch.tensor([1.0, 0.0], dtype=torch.float64)
     b = torch.tensor([1.0, 1.0], dtype=torch.float64)

@@ -174,8 +174,9 @@ class FewShotStrategy(SearchStrategy):
     def export(self, i: int) -> None:
         """Copy sub-supernet ``i`` (alphas, weights) into self, its fixed ops made dominant.
 
-        A fixed row keeps the sub-supernet's logits (those of the one-shot phase: a constant
-        one-hot row gets no gradient) and its fixed op is raised 10 above them, so the
+        A fixed row keeps the sub-supernet's logits (those of the one-shot phase, shrunk a
+        little by Adam's weight decay: a constant one-hot row gets a zero gradient) and its
+        fixed op is raised 10 above them, so the
         relaxed weight is near one-hot while the other ops keep their ranking. That ranking
         matters when the fixed op is ``none``: the DARTS rule never picks ``none`` and may
         still have to keep the edge (a node with only k inputs), and then it takes the op

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from diffnas.arch.relax import ArchWeights
-from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
+from diffnas.strategies.base import ArchOptimConfig, Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.registry import register_strategy
 
 Path = dict[str, torch.Tensor]  # group -> op index per edge
@@ -57,6 +57,18 @@ class RandomLabelsConfig(StrategyConfig):
                              f"population, got {self.population}, {self.parents}")
         if self.iterations < 0 or not 0 <= self.mutate_prob <= 1:
             raise ValueError("random_labels needs iterations >= 0 and mutate_prob in [0, 1]")
+        default = ArchOptimConfig()
+        unused = [key for key, used in (
+            ("relaxation", self.relaxation != {"name": "softmax"}),
+            ("edge_norm", self.edge_norm),
+            ("a_optim", (self.a_optim.lr, self.a_optim.weight_decay, tuple(self.a_optim.betas))
+             != (default.lr, default.weight_decay, tuple(default.betas))),
+        ) if used]
+        if unused:  # settings that would otherwise be accepted and silently ignored
+            raise ValueError(
+                "random_labels samples paths uniformly and trains no architecture "
+                "parameters, so it has no use for "
+                f"{', '.join('search.strategy.' + k for k in unused)}: drop them")
 
 
 @register_strategy("random_labels")
