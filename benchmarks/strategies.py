@@ -83,9 +83,9 @@ def _run_one(args: tuple) -> dict:
     from diffnas.engine.diagnostics import CollapseDiagnostics
     from diffnas.engine.search import load_search_data, run_search
 
-    section = {**STRATEGIES[name],
-               "w_optim": {"lr": 0.05, "lr_min": 0.001},
-               "a_optim": {"lr": 3e-3, "weight_decay": 1e-3}}
+    section = {**STRATEGIES[name], "w_optim": {"lr": 0.05, "lr_min": 0.001}}
+    if STRATEGIES[name].get("name") != "random_labels":  # it trains no alphas (refuses it)
+        section["a_optim"] = {"lr": 3e-3, "weight_decay": 1e-3}
     cfg = load_config(None, [
         "data.name=fashion_mnist", f"data.resolution={data_opts['resolution']}",
         f"data.train_subset={data_opts['train_subset']}", "data.test_subset=100",

@@ -13,9 +13,11 @@ import pytest
 import torch
 from conftest import cost_predictor
 
+from diffnas.genotype import Genotype
 from diffnas.hardware.dataset import (
     build_dataset,
     encode_indices,
+    genotype_key,
     load_records,
     one_hot,
     sample_genotype,
@@ -199,8 +201,14 @@ def _raise_hang(*_):
     raise _Hang("build_dataset still sampling after 60 s")
 
 
-def test_dataset_stops_when_the_space_is_exhausted(tmp_path):
-    space = _nb201(["skip_connect", "avg_pool_3x3"])  # 2 ** 6 = 64 cells
+@pytest.mark.parametrize("which", ["nb201", "darts_cnn"])
+def test_dataset_stops_when_the_space_is_exhausted(tmp_path, which):
+    if which == "nb201":
+        space = _nb201(["skip_connect", "avg_pool_3x3"])  # 2 ** 6 = 64 cells
+    else:  # node 3 keeps 2 of its 3 inputs, ops fixed: 3 x 3 = 9 networks, whose
+        # discretized genotypes list a node's inputs in the order of random strengths
+        space = create_space({"name": "darts_cnn", "C": 2, "layers": 3, "nodes": 2,
+                              "stem_multiplier": 1, "ops": ["none", "skip_connect"]}, SHAPE)
     path = tmp_path / "lat.jsonl"
     s = LatencySettings(warmup=0, repeats=1)
     logger = logging.getLogger("diffnas")
@@ -219,7 +227,9 @@ def test_dataset_stops_when_the_space_is_exhausted(tmp_path):
     assert 0 < len(new) and len(new) + len(again) <= 64
     records = load_records(path)
     assert len(records) == len(new) + len(again)
-    assert len({json.dumps(r["genotype"], sort_keys=True) for r in records}) == len(records)
+    assert len({genotype_key(Genotype.from_dict(r["genotype"])) for r in records}) == \
+        len(records)
+    assert len({json.dumps(r["encoding"]) for r in records}) == len(records)
     assert sum("looks exhausted" in m for m in handler.messages) == 2
 
 

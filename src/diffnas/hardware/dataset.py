@@ -152,7 +152,13 @@ def describe_differences(diff: dict[str, tuple[Any, Any]]) -> str:
 
 
 def genotype_key(genotype: Genotype) -> str:
-    return json.dumps(genotype.to_dict(), sort_keys=True)
+    """One string per architecture: a node's inputs sorted by source (the discretizer
+    lists them strongest first, which says nothing about the network), as files written
+    before it did so list them."""
+    d = genotype.to_dict()
+    for cell in d["cells"].values():
+        cell["edges"] = sorted(cell["edges"], key=lambda e: (e[2], e[1], e[0]))
+    return json.dumps(d, sort_keys=True)
 
 
 def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[str, Any]]:
