@@ -242,6 +242,17 @@ def test_search_step_moves_alphas(tmp_path, section):
     assert all(torch.isfinite(p).all() for p in task.supernet.parameters())
 
 
+def test_snas_searches_graphs_and_its_cnn_cost_term_is_refused_by_name(tmp_path):
+    cfg = tiny_cfg(tmp_path, "search.strategy={name: snas}")
+    task = build_graph_search(cfg, load_graph("karate"))
+    before = task.strategy.arch_params[CELL].detach().clone()
+    task.step(next(iter(task.batches(0))))
+    assert not torch.equal(task.strategy.arch_params[CELL], before)
+    cfg = tiny_cfg(tmp_path / "c", "search.strategy={name: snas, cost_weight: 0.5}")
+    with pytest.raises(ValueError, match="snas cost_weight counts the parameters of conv"):
+        build_graph_search(cfg, load_graph("karate"))
+
+
 def test_search_and_retrain_resume_equal_an_uninterrupted_run(tmp_path):
     cfg = tiny_cfg(tmp_path)
     data = load_graph("karate")

@@ -11,6 +11,7 @@ import torch
 
 from diffnas.arch.relax import ArchWeights
 from diffnas.ops import create_op
+from diffnas.registry import UnknownNameError
 from diffnas.spaces.base import EdgeSpec
 from diffnas.strategies.registry import register_strategy
 from diffnas.strategies.single_level import SingleLevelConfig, SingleLevelStrategy
@@ -55,8 +56,16 @@ class SnasStrategy(SingleLevelStrategy):
 
     def __init__(self, config: SnasConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        self.costs = {g: op_costs(self.arch_params.edges[g], config.cost_channels)
-                      for g in self.arch_params.groups()}
+        try:  # counted with the convolutional ops' registry
+            self.costs = {g: op_costs(self.arch_params.edges[g], config.cost_channels)
+                          for g in self.arch_params.groups()}
+        except UnknownNameError as exc:
+            if config.cost_weight > 0:
+                raise ValueError(
+                    "snas cost_weight counts the parameters of convolutional ops (darts_cnn, "
+                    f"nb201 spaces); this space's ops are not among them ({exc}): set "
+                    "cost_weight: 0, or use a latency penalty (docs/latency.md)") from exc
+            self.costs = {}  # graph or recurrent ops: no resource term asked for
 
     def extra_loss(self, arch_weights: ArchWeights) -> tuple[torch.Tensor | None, dict]:
         """cost_weight * sum over edges of sum_k w_k cost_k (the sampled ops' cost)."""
