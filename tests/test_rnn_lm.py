@@ -3,6 +3,7 @@ retrain path through ``diffnas search`` on a tiny PTB-format corpus."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -247,3 +248,42 @@ def test_arch_stream_carries_the_hidden_state_of_the_current_alpha(section):
     s.step(LmBatch(xt, yt, HiddenState(h0.clone()), seed=10), val)
     assert not torch.equal(reference.state.pending, h0)
     torch.testing.assert_close(val.state.pending, reference.state.pending, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", [{"name": "single_level"}, {"name": "snas"}])
+def test_single_level_lm_search_learns_alphas_on_the_training_text_alone(tmp_path, strategy):
+    """A single-level strategy gets one stream (no architecture batch) and reads neither
+    the validation text nor a split of the training text for its alphas: replacing the
+    validation text changes the reported validation perplexity but not the alphas, and
+    the whole training text trains (no ``search_split`` cut)."""
+    from diffnas.engine.lm import build_lm_search
+
+    cfg = load_config(str(_tiny_lm_config(tmp_path)), [f"search.strategy={strategy}"])
+    corpus = load_corpus(cfg.data.name, cfg.data.root)
+    results = []
+    for valid in (corpus.valid, corpus.valid.flip(0)):
+        task = build_lm_search(cfg, dataclasses.replace(corpus, valid=valid))
+        assert task.arch is None and task.train.numel() == len(corpus.train) // 4 * 4
+        a0 = [a.detach().clone() for a in task.strategy.alphas()]
+        for batch in task.batches(0):
+            assert batch[1] is None
+            task.step(batch)
+        m = task.end_epoch(0)
+        alphas = [a.detach().clone() for a in task.strategy.alphas()]
+        assert any(not torch.equal(a, b) for a, b in zip(alphas, a0, strict=True))
+        results.append((alphas, m["valid_loss"]))
+    (a1, v1), (a2, v2) = results
+    assert all(torch.equal(a, b) for a, b in zip(a1, a2, strict=True)) and v1 != v2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.strategy={name: random_labels}", "does not relabel a text"),
+    ("search.strategy={name: single_level}", "lm.arch_data: 'single_level' is single-level"),
+])
+def test_lm_search_refuses_strategies_it_cannot_run_before_a_run_directory(tmp_path, capsys,
+                                                                           override, message):
+    path = _tiny_lm_config(tmp_path)
+    extra = ["lm.arch_data=split"] if "single_level" in override else []
+    assert main(["search", "--config", str(path), override, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

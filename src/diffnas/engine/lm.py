@@ -275,13 +275,14 @@ class GrowthSchedule(Callback):
 
 
 class LmSearchTask:
-    """Bilevel search over BPTT windows: weights on ``train``, alphas on ``arch``.
+    """Search over BPTT windows: weights on ``train``, alphas on ``arch`` (bilevel
+    strategies), or both on ``train`` (single-level ones, ``arch`` None).
 
     Under torchrun ``train`` and ``arch`` hold this rank's columns; ``valid`` is the whole
     validation text, evaluated on rank 0."""
 
     def __init__(self, strategy: SearchStrategy, space: SearchSpace, train: torch.Tensor,
-                 arch: torch.Tensor, valid: torch.Tensor, lm: LmConfig, seed: int,
+                 arch: torch.Tensor | None, valid: torch.Tensor, lm: LmConfig, seed: int,
                  rule: str | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.strategy, self.space, self.lm, self.seed, self.rule = strategy, space, lm, seed, rule
         self.train, self.arch, self.valid = train, arch, valid
@@ -295,25 +296,32 @@ class LmSearchTask:
     def batches(self, epoch: int) -> Iterable[Any]:
         self.supernet.train()
         ht = HiddenState(self.supernet.init_hidden(self.train.shape[1]))
+        cols = (self.rank, self.world_size)
+        if self.arch is None:  # single-level: one stream
+            for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
+                                                self.lm.variable_bptt)):
+                x, y = get_batch(self.train, i, L)
+                yield LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0), cols), None
+            return
         ha = HiddenState(self.supernet.init_hidden(self.arch.shape[1]))
         arch_steps = self.arch.shape[0] - 1
         for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
                                             self.lm.variable_bptt)):
             x, y = get_batch(self.train, i, L)
             xa, ya = get_batch(self.arch, i % arch_steps, L)
-            cols = (self.rank, self.world_size)
             yield (LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0), cols),
                    LmBatch(xa, ya, ha, _seed(self.seed, epoch, n, 1), cols))
 
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
 
-    def step(self, batch: tuple[LmBatch, LmBatch]) -> dict[str, float]:
+    def step(self, batch: tuple[LmBatch, LmBatch | None]) -> dict[str, float]:
         train, arch = batch
         with _ScaledLr(self.strategy.w_optimizer, train.seq_len / self.lm.bptt):
             stats = dp.all_reduce_metrics(self.strategy.step(train, arch))  # mean over ranks
         train.state.commit()
-        arch.state.commit()
+        if arch is not None:
+            arch.state.commit()
         # every rank has as many tokens: the mean over ranks is the global token mean
         self.train_nll.add(stats["loss"], train.targets.numel() * self.world_size)
         return stats
@@ -363,6 +371,24 @@ def refuse_image_settings(cfg: RunConfig) -> None:
                           "engine (engine/lm.py); switch it off")
 
 
+def check_strategy(cfg: RunConfig) -> None:
+    """The strategy can search a language model (also checked at config loading): not one
+    that relabels the training targets (RLNAS's random labels are defined for classes), and
+    a single-level one (it learns alphas on the training text) with no ``lm.arch_data:
+    split``, which it would ignore."""
+    from diffnas.strategies.registry import STRATEGIES
+
+    cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+    if cls.relabel is not SearchStrategy.relabel:
+        raise ConfigError(f"search.strategy.name: {cls.name!r} trains on relabelled targets; "
+                          "the language-model engine (engine/lm.py) does not relabel a text: "
+                          "use it on image or graph spaces")
+    if not cls.uses_validation and lm_config(cfg).arch_data != "valid":
+        raise ConfigError(f"lm.arch_data: {cls.name!r} is single-level and learns the alphas on "
+                          "the training text, so it keeps no split of it for them: remove "
+                          "lm.arch_data")
+
+
 def check_growth(cfg: RunConfig) -> None:
     """Every epoch of ``search.space.growth.grow_epochs`` starts within the search (also
     checked at config loading)."""
@@ -379,6 +405,7 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     torchrun: this rank's columns of the training texts)."""
     lm, d = lm_config(cfg), cfg.data
     refuse_image_settings(cfg)
+    check_strategy(cfg)
     check_growth(cfg)
     bs = d.batch_size
     if world_size > 1:
@@ -398,13 +425,11 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
         supernet.cell.global_norm = dp.global_batch_norm  # nodes: global-batch statistics
     objective = LanguageModelObjective(lm.alpha, lm.beta)
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
-    if not strategy.uses_validation:
-        raise ValueError(f"strategy {strategy.name!r} is single-level; the LM search engine "
-                         "needs a bilevel strategy (e.g. darts)")
     train = _subset(corpus.train, d.train_subset)
-    if lm.arch_data == "valid":
+    arch_text: torch.Tensor | None = None  # single-level: alphas learn on the training text
+    if strategy.uses_validation and lm.arch_data == "valid":
         arch_text = _subset(corpus.valid, d.test_subset)
-    else:
+    elif strategy.uses_validation:
         cut = int(len(train) * d.search_split)
         train, arch_text = train[:cut], train[cut:]
     valid = _subset(corpus.valid, d.test_subset)
@@ -412,7 +437,8 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     def columns(text: torch.Tensor) -> torch.Tensor:
         return shard_columns(batchify(text, bs), rank, world_size, "data.batch_size").to(device)
 
-    return LmSearchTask(strategy, space, columns(train), columns(arch_text),
+    return LmSearchTask(strategy, space, columns(train),
+                        None if arch_text is None else columns(arch_text),
                         batchify(valid, lm.eval_batch_size).to(device), lm, cfg.seed,
                         cfg.search.discretizer, rank, world_size)
 
@@ -429,6 +455,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
     (under torchrun: rank 0 alone)."""
     refuse_image_settings(cfg)  # before the run directory is touched
+    check_strategy(cfg)
     out = Path(run_dir) / "search"
     rank = dp.env()
     if rank.is_main:
@@ -640,6 +667,7 @@ def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
     torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
     refuse_image_settings(cfg)  # before the corpus is read or the search starts
+    check_strategy(cfg)
     corpus = load_corpus(cfg.data.name, cfg.data.root)
     return search_then_retrain(
         cfg, run_dir, lambda: run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype,
