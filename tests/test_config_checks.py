@@ -391,6 +391,39 @@ def test_language_and_graph_refusals_write_no_run_directory(tmp_path, capsys, pa
     assert not (tmp_path / "runs" / "r").exists()
 
 
+@pytest.mark.parametrize("path, overrides, match", [
+    (FASHION, ["search.strategy={name: few_shot, split_epoch: 3}", "search.epochs=3"],
+     r"few_shot split_epoch must be in \[1, epochs\), got 3 with epochs=3"),
+    (RNN, ["search.strategy={name: few_shot, split_edges: [normal/n2/e0]}"],
+     r"split_edges \['normal/n2/e0'\] are not edges of the space; edges: recurrent/n1/e0"),
+    (FASHION, ["search.strategy={name: few_shot, split_edges: [normal/n2/e0, normal/n2/e1, "
+               "normal/n3/e0]}"], r"few_shot would make 512 sub-supernets"),
+    (GNN, ["search.strategy={name: snas, cost_weight: 0.5}"],
+     r"snas cost_weight counts the parameters of convolutional ops"),
+    (RNN, ["search.strategy={name: snas, cost_weight: 0.5}"], r"unknown op 'tanh'"),
+    (NB201, ["search.strategy={name: random_labels, exclude_ops: [none, skip_connect, "
+             "nor_conv_1x1, nor_conv_3x3, avg_pool_3x3]}"], r"leave no op in group 'cell'"),
+], ids=["few-shot-epoch", "few-shot-edge", "few-shot-size", "snas-gnn", "snas-rnn",
+        "rlnas-ops"])
+def test_strategy_settings_judged_by_the_space_write_no_run_directory(tmp_path, capsys, path,
+                                                                       overrides, match):
+    """Settings a strategy checks against the space's edges or the epochs are refused when
+    the config is read (they used to surface after the run directory and the data)."""
+    _refused(overrides, match, path)
+    argv = ["search", "--config", str(path), f"out_dir={tmp_path / 'runs'}", "name=r",
+            *overrides]
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_strategy_settings_the_space_allows_are_accepted():
+    assert load_config(FASHION, ["search.strategy={name: few_shot, split_epoch: 2}",
+                                 "search.epochs=3"]).search.epochs == 3
+    load_config(FASHION, ["search.strategy={name: snas, cost_weight: 0.5}"])
+    load_config(GNN, ["search.strategy={name: snas}"])
+
+
 # --- 7. the genotype of diffnas train, against the configured space ---------------------
 @pytest.mark.parametrize("path, overrides, match", [
     (NB201, [], "genotype is for space 'darts_cnn', not 'nb201'"),

@@ -248,7 +248,9 @@ def test_snas_searches_graphs_and_its_cnn_cost_term_is_refused_by_name(tmp_path)
     before = task.strategy.arch_params[CELL].detach().clone()
     task.step(next(iter(task.batches(0))))
     assert not torch.equal(task.strategy.arch_params[CELL], before)
-    cfg = tiny_cfg(tmp_path / "c", "search.strategy={name: snas, cost_weight: 0.5}")
+    with pytest.raises(ValueError, match="snas cost_weight counts the parameters of conv"):
+        tiny_cfg(tmp_path / "c", "search.strategy={name: snas, cost_weight: 0.5}")  # at load
+    cfg.search.strategy["cost_weight"] = 0.5  # past the config check: the strategy refuses it
     with pytest.raises(ValueError, match="snas cost_weight counts the parameters of conv"):
         build_graph_search(cfg, load_graph("karate"))
 

@@ -352,8 +352,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate_components(cfg: RunConfig, device: bool = True, search: bool = True) -> None:
     """Check what the config names against the classes that use it, before a run directory
     is written: the space and strategy sections (relaxation and penalties included), the
-    discretizer, dataset, ``lm`` section, retrain network, diagnostics cell, what the
-    space's search engine refuses (with ``search``) and (``device``) the device."""
+    discretizer, dataset, ``lm`` section, retrain network, diagnostics cell, with
+    ``search`` the strategy against the space and epochs and what the space's search
+    engine refuses, and (``device``) the device."""
     from diffnas.spaces import space_config
     from diffnas.strategies.registry import check_strategy
 
@@ -372,7 +373,27 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
     _check_retrain(cfg, always=not search)
     _check_diagnostics(cfg)
     if search:
+        _check_strategy_setup(cfg)
         _check_engine(cfg, device)
+
+
+def _check_strategy_setup(cfg: RunConfig) -> None:
+    """The strategy's settings that only the space's edges or ``search.epochs`` can judge
+    (few_shot's split, snas's cost term, random_labels' excluded ops), against the alphas
+    of the configured space."""
+    from diffnas.arch import ArchParams
+    from diffnas.spaces import create_space
+    from diffnas.strategies.registry import STRATEGIES, strategy_config
+
+    section = cfg.search.strategy
+    cls = STRATEGIES.get(section.get("name", "darts"))
+    try:
+        cls.check_setup(strategy_config(section), ArchParams(create_space(cfg.search.space)),
+                        cfg.search.epochs)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"search.strategy: {exc}") from None
 
 
 def _space_name(cfg: RunConfig) -> str:

@@ -159,6 +159,12 @@ class SearchStrategy:
         class's declarations unless a strategy's settings decide them."""
         return cls.first_order, cls.graph_safe
 
+    @classmethod
+    def check_setup(cls, config: StrategyConfig, arch_params: ArchParams, epochs: int) -> None:
+        """Refuse settings that only the space's edges or the number of epochs can judge
+        (a ValueError naming the key). Config checks call it with the space's alphas before
+        a run directory exists; ``__init__`` calls it too. Nothing to check here."""
+
     def __init__(
         self,
         config: StrategyConfig,
@@ -167,6 +173,7 @@ class SearchStrategy:
         objective: Objective,
         epochs: int,
     ) -> None:
+        type(self).check_setup(config, arch_params, epochs)
         self.config = config
         self.supernet = supernet
         self.arch_params = arch_params

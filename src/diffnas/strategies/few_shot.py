@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from diffnas.arch import ArchParams
 from diffnas.arch.relax import ArchWeights, Relaxation
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.darts import DartsConfig, DartsStrategy
@@ -83,24 +84,38 @@ class FewShotStrategy(SearchStrategy):
     # the choice of the best sub-supernet averages the validation losses
     data_parallel = True
 
-    def __init__(self, config: FewShotConfig, *args, **kwargs) -> None:
-        super().__init__(config, *args, **kwargs)
-        labels = {e.label: (g, i) for g, es in self.arch_params.edges.items()
+    @staticmethod
+    def _split_rows(config: FewShotConfig, arch_params: ArchParams) -> list[tuple[str, int]]:
+        """(group, row) of each edge to split, refusing unknown edges."""
+        labels = {e.label: (g, i) for g, es in arch_params.edges.items()
                   for i, e in enumerate(es)}
         chosen = config.split_edges or [next(iter(labels))]
         unknown = [lb for lb in chosen if lb not in labels]
         if unknown:
             raise ValueError(f"few_shot split_edges {unknown} are not edges of the space; "
                              f"edges: {', '.join(labels)}")
-        self.split_rows = [labels[lb] for lb in chosen]
-        n = math.prod(len(self.arch_params.candidates(g)) for g, _ in self.split_rows)
+        return [labels[lb] for lb in chosen]
+
+    @staticmethod
+    def _split_epoch(config: FewShotConfig, epochs: int) -> int:
+        return config.split_epoch if config.split_epoch is not None else epochs // 2
+
+    @classmethod
+    def check_setup(cls, config: FewShotConfig, arch_params: ArchParams, epochs: int) -> None:
+        rows = cls._split_rows(config, arch_params)
+        n = math.prod(len(arch_params.candidates(g)) for g, _ in rows)
         if n > config.max_subnets:
             raise ValueError(f"few_shot would make {n} sub-supernets (> max_subnets="
                              f"{config.max_subnets}); split fewer edges")
-        self.split_at = config.split_epoch if config.split_epoch is not None else self.epochs // 2
-        if not 1 <= self.split_at < self.epochs:
-            raise ValueError(f"few_shot split_epoch must be in [1, epochs), got {self.split_at} "
-                             f"with epochs={self.epochs}")
+        split_at = cls._split_epoch(config, epochs)
+        if not 1 <= split_at < epochs:
+            raise ValueError(f"few_shot split_epoch must be in [1, epochs), got {split_at} "
+                             f"with epochs={epochs}")
+
+    def __init__(self, config: FewShotConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)  # check_setup first
+        self.split_rows = self._split_rows(config, self.arch_params)
+        self.split_at = self._split_epoch(config, self.epochs)
         self.epoch = 0
         self.turn = 0
         self.subnets: list[DartsStrategy] = []

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from diffnas.arch import ArchParams
 from diffnas.arch.relax import ArchWeights
 from diffnas.strategies.base import ArchOptimConfig, Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.registry import register_strategy
@@ -79,20 +80,31 @@ class RandomLabelsStrategy(SearchStrategy):
     # evolution draw from torch's RNG (synchronised), the weight step averages gradients
     data_parallel = True
 
-    def __init__(self, config: RandomLabelsConfig, *args, **kwargs) -> None:
-        if config.penalties:
-            raise ValueError("random_labels ranks paths by the angle of their weights and "
-                             "takes no alpha gradient: it cannot use search.strategy."
-                             f"penalties ({[p.get('name') for p in config.penalties]})")
-        super().__init__(config, *args, **kwargs)
-        self.allowed: dict[str, torch.Tensor] = {}
-        for g in self.arch_params.groups():
-            ok = [i for i, n in enumerate(self.arch_params.candidates(g))
+    @staticmethod
+    def _allowed(config: RandomLabelsConfig, arch_params: ArchParams) -> dict[str, torch.Tensor]:
+        """Indices of the ops each group may sample (not in ``exclude_ops``)."""
+        allowed = {}
+        for g in arch_params.groups():
+            ok = [i for i, n in enumerate(arch_params.candidates(g))
                   if n not in config.exclude_ops]
             if not ok:
                 raise ValueError(f"random_labels: exclude_ops {config.exclude_ops} leave no op "
                                  f"in group {g!r}")
-            self.allowed[g] = torch.tensor(ok)
+            allowed[g] = torch.tensor(ok)
+        return allowed
+
+    @classmethod
+    def check_setup(cls, config: RandomLabelsConfig, arch_params: ArchParams,
+                    epochs: int) -> None:
+        if config.penalties:
+            raise ValueError("random_labels ranks paths by the angle of their weights and "
+                             "takes no alpha gradient: it cannot use search.strategy."
+                             f"penalties ({[p.get('name') for p in config.penalties]})")
+        cls._allowed(config, arch_params)
+
+    def __init__(self, config: RandomLabelsConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)  # check_setup first
+        self.allowed = self._allowed(config, self.arch_params)
         self.init_weights = {n: p.detach().clone() for n, p in self.supernet.named_parameters()}
         self.counts = {g: torch.zeros_like(a, dtype=torch.long)
                        for g, a in self.arch_params.as_dict().items()}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffnas.arch import ArchParams
 from diffnas.arch.relax import ArchWeights
 from diffnas.ops import create_op
 from diffnas.registry import UnknownNameError
@@ -54,18 +55,29 @@ def op_costs(edges: Sequence[EdgeSpec], C: int) -> torch.Tensor:
 class SnasStrategy(SingleLevelStrategy):
     Config = SnasConfig
 
-    def __init__(self, config: SnasConfig, *args, **kwargs) -> None:
-        super().__init__(config, *args, **kwargs)
+    @staticmethod
+    def _costs(config: SnasConfig, arch_params: ArchParams) -> dict[str, torch.Tensor]:
+        """The per-edge op costs of each group; {} where the space's ops are not the
+        convolutional ones and no resource term is asked for."""
         try:  # counted with the convolutional ops' registry
-            self.costs = {g: op_costs(self.arch_params.edges[g], config.cost_channels)
-                          for g in self.arch_params.groups()}
+            return {g: op_costs(arch_params.edges[g], config.cost_channels)
+                    for g in arch_params.groups()}
         except UnknownNameError as exc:
             if config.cost_weight > 0:
                 raise ValueError(
                     "snas cost_weight counts the parameters of convolutional ops (darts_cnn, "
                     f"nb201 spaces); this space's ops are not among them ({exc}): set "
                     "cost_weight: 0, or use a latency penalty (docs/latency.md)") from exc
-            self.costs = {}  # graph or recurrent ops: no resource term asked for
+            return {}  # graph or recurrent ops: no resource term asked for
+
+    @classmethod
+    def check_setup(cls, config: SnasConfig, arch_params: ArchParams, epochs: int) -> None:
+        if config.cost_weight > 0:
+            cls._costs(config, arch_params)
+
+    def __init__(self, config: SnasConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.costs = self._costs(config, self.arch_params)
 
     def extra_loss(self, arch_weights: ArchWeights) -> tuple[torch.Tensor | None, dict]:
         """cost_weight * sum over edges of sum_k w_k cost_k (the sampled ops' cost)."""
