@@ -482,10 +482,10 @@ def _check_engine(cfg: RunConfig, device: bool) -> None:
     image search's (GPU settings against the strategy and, with ``device``, the device;
     diagnostics; a full batch from ``data.train_subset``)."""
     if _space_name(cfg) == "darts_rnn":
-        from diffnas.engine.lm import check_growth, check_strategy, refuse_image_settings
+        from diffnas.engine.lm import check_growth, check_lm_strategy, refuse_image_settings
 
         refuse_image_settings(cfg)
-        check_strategy(cfg)
+        check_lm_strategy(cfg)
         check_growth(cfg)
     elif _space_name(cfg) == "gnn":
         from diffnas.engine.graph import refuse_image_settings

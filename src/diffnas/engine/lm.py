@@ -371,7 +371,7 @@ def refuse_image_settings(cfg: RunConfig) -> None:
                           "engine (engine/lm.py); switch it off")
 
 
-def check_strategy(cfg: RunConfig) -> None:
+def check_lm_strategy(cfg: RunConfig) -> None:
     """The strategy can search a language model (also checked at config loading): not one
     that relabels the training targets (RLNAS's random labels are defined for classes), and
     a single-level one (it learns alphas on the training text) with no ``lm.arch_data:
@@ -405,7 +405,7 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     torchrun: this rank's columns of the training texts)."""
     lm, d = lm_config(cfg), cfg.data
     refuse_image_settings(cfg)
-    check_strategy(cfg)
+    check_lm_strategy(cfg)
     check_growth(cfg)
     bs = d.batch_size
     if world_size > 1:
@@ -455,7 +455,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
     (under torchrun: rank 0 alone)."""
     refuse_image_settings(cfg)  # before the run directory is touched
-    check_strategy(cfg)
+    check_lm_strategy(cfg)
     out = Path(run_dir) / "search"
     rank = dp.env()
     if rank.is_main:
@@ -667,7 +667,7 @@ def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
     torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
     refuse_image_settings(cfg)  # before the corpus is read or the search starts
-    check_strategy(cfg)
+    check_lm_strategy(cfg)
     corpus = load_corpus(cfg.data.name, cfg.data.root)
     return search_then_retrain(
         cfg, run_dir, lambda: run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype,
