@@ -131,7 +131,10 @@ def test_a_failing_seed_is_reported_and_the_others_kept(tmp_path):
     summary = ms.run_seeds(cfg, [0, 1], tmp_path, workers=1, echo=False)
     assert summary["failed"] == [1]
     assert summary["runs"][0]["genotype"] is not None
-    assert "FAILED seeds: [1]" in ms.summary_markdown(summary)
+    assert "FAILED or unfinished seeds: [1]" in ms.summary_markdown(summary)
+    # in this process: the traceback goes to the seed's own log, and the table says so
+    assert "Traceback" in (dirs[1] / "log.txt").read_text()
+    assert f"traceback in {dirs[1] / 'log.txt'}" in summary["runs"][1]["error"]
 
 
 def test_a_seed_failed_in_an_earlier_call_stays_reported(tmp_path):
@@ -144,7 +147,48 @@ def test_a_seed_failed_in_an_earlier_call_stays_reported(tmp_path):
     again = ms.run_seeds(cfg, [0], tmp_path, workers=1, echo=False)
     assert again["failed"] == [1]
     assert "not finished" in again["runs"][1]["error"]
-    assert "FAILED seeds: [1]" in ms.summary_markdown(again)
+    assert "FAILED or unfinished seeds: [1]" in ms.summary_markdown(again)
+
+
+def test_statistics_leave_out_failed_and_unfinished_seeds():
+    """A seed that stopped mid-search has a mid-search accuracy: its row shows it, the mean
+    does not take it; a statistic over no seed is None and summary.json stays JSON."""
+    recs = [{"seed": 0, "run_dir": "a", "genotype": _geno([["skip_connect", 0, 2]]),
+             "test_acc": 0.9, "search_val_acc": 0.8, "params": 1, "macs": 1},
+            {"seed": 1, "run_dir": "b", "genotype": _geno([["sep_conv_3x3", 0, 2]]),
+             "test_acc": None, "search_val_acc": 0.1, "params": None, "macs": None,
+             "error": "not finished"}]
+    summary = ms.summarize(recs)
+    assert summary["search_val_acc"] == {"mean": 0.8, "std": 0.0, "n": 1}
+    assert summary["op_frequency"]["normal"]["0->2"] == {"skip_connect": 1}
+    assert "| 1 | - | 10.00% |" in ms.summary_markdown(summary)
+    none = ms.summarize(recs[1:])
+    assert none["test_acc"] == {"mean": None, "std": None, "n": 0}
+    json.loads(json.dumps(none, allow_nan=False))
+
+
+def test_resume_passes_the_resume_overrides_to_every_seed(tmp_path, capsys):
+    """--seeds --resume takes data.root= (and the other resume overrides) for the seeds,
+    in this process and in worker processes; other overrides are still refused."""
+    argv = ["search", "--seeds", "0,1", f"out_dir={tmp_path}", "name=p", *TINY_RUN,
+            "retrain.enabled=false", "data.name=fashion_mnist", "data.train_subset=32",
+            "data.test_subset=16", f"data.root={tmp_path / 'nowhere'}"]
+    assert main([*argv, "--workers", "1"]) == 1  # no data there: both seeds fail
+    par = tmp_path / "p"
+    capsys.readouterr()
+    assert main(["search", "--seeds", "0,1", "--resume", str(par), "search.epochs=2"]) == 2
+    assert "only device, progress, data.root, plugins may change" in capsys.readouterr().err
+    fm = "/usr/share/datasets/fashion-mnist"
+    if not Path(fm).is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    assert main(["search", "--seeds", "0", "--resume", str(par), f"data.root={fm}",
+                 "--workers", "1"]) == 1  # seed 0 done; seed 1 still unfinished
+    assert (par / "seed_0/search/DONE").exists()
+    assert main(["search", "--seeds", "0,1", "--resume", str(par), f"data.root={fm}",
+                 "--workers", "2"]) == 0
+    assert (par / "seed_1/search/DONE").exists()
+    summary = json.loads((par / "summary.json").read_text())
+    assert summary["failed"] == [] and summary["search_val_acc"]["n"] == 2
 
 
 def test_graph_searches_run_in_seed_workers(tmp_path):

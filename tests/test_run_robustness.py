@@ -30,6 +30,7 @@ from diffnas.engine.checkpoint import (
 from diffnas.engine.diagnostics import CollapseDiagnostics
 from diffnas.engine.search import run_search
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
     "search.epochs=2",
@@ -220,6 +221,25 @@ def test_train_resume_reports_an_empty_checkpoint(tmp_path, capsys):
     assert "delete it to restart this phase (retrain)" in err
 
 
+def test_a_retraining_killed_before_its_model_is_saved_is_not_finished(tmp_path, capsys,
+                                                                       monkeypatch):
+    """result.json marks a retraining finished (multi-seed resume skips such seeds), so it
+    is written after model.pt: a kill between them leaves no result.json."""
+    import diffnas.engine.retrain as retrain
+
+    def killed(obj, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrain, "atomic_save", killed)  # model.pt; checkpoints save elsewhere
+    argv = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, f"out_dir={tmp_path}", "name=t"]
+    assert main(argv) == 130
+    out = tmp_path / "t/retrain"
+    assert (out / "checkpoint.pt").exists() and not (out / "result.json").exists()
+    monkeypatch.undo()
+    assert main(["train", "--genotype", "DARTS_V2", "--resume", str(tmp_path / "t")]) == 0
+    assert (out / "model.pt").exists() and (out / "result.json").exists()
+
+
 # --- a config.yaml without settings -----------------------------------------------------
 @pytest.mark.parametrize("text, computed, match", [
     ("", False, "is empty: the run was stopped before its config was saved, so nothing was "
@@ -264,8 +284,32 @@ def test_search_resume_refuses_a_train_run(tmp_path, capsys, monkeypatch):
     assert main(["search", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "is a retraining made by diffnas train" in err
-    assert f"diffnas train --resume {run} --genotype {run / 'retrain/genotype.json'}" in err
+    assert f"diffnas train --resume {run} --genotype GENOTYPE" in err  # none pinned yet
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "retrain"]
+    (run / "retrain/genotype.json").write_text("{}")
+    assert main(["search", "--resume", str(run)]) == 2
+    assert f"--genotype {run / 'retrain/genotype.json'}" in capsys.readouterr().err
+
+
+def test_a_train_run_whose_data_was_missing_stays_a_train_run(tmp_path, capsys):
+    """diffnas train stopped by a missing dataset leaves only its config: search --resume
+    must not take the run over (it used to, and train --resume was refused from then on)."""
+    out = tmp_path / "runs"
+    argv = ["--config", str(ROOT / "configs/darts_fashion_mnist.yaml"), f"out_dir={out}",
+            "name=t", f"data.root={tmp_path / 'nowhere'}"]
+    assert main(["train", "--genotype", "DARTS_V2", *argv]) == 2
+    run = out / "t"
+    assert rundir.made_by(run) == "train" and not (run / "retrain").exists()
+    capsys.readouterr()
+    assert main(["search", "--resume", str(run), f"data.root={tmp_path}"]) == 2
+    assert "is a retraining made by diffnas train" in capsys.readouterr().err
+    assert not (run / "search").exists()
+    # and a search stopped by missing data is not continued by train, whatever it holds
+    assert main(["search", *argv[:3], "name=s", argv[4]]) == 2
+    assert rundir.made_by(out / "s") == "search"
+    (out / "s/search").rmdir()  # (it made an empty search/: judged by made_by.txt alone)
+    assert main(["train", "--genotype", "DARTS_V2", "--resume", str(out / "s")]) == 2
+    assert "is a search run made by diffnas search" in capsys.readouterr().err
 
 
 def test_train_resume_refuses_a_search_run(tmp_path, capsys, monkeypatch):

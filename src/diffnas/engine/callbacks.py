@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffnas.engine.checkpoint import atomic_save
+from diffnas.engine.checkpoint import atomic_save, atomic_write_text
 from diffnas.engine.loop import Callback, Loop
 
 log = logging.getLogger("diffnas")
@@ -64,7 +64,7 @@ def drop_epochs_from(path: str | Path, epoch: int) -> None:
     path = Path(path)
     if path.exists():
         kept = [ln for ln, row in _jsonl_rows(path) if row.get("epoch", -1) < epoch]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        atomic_write_text("".join(ln + "\n" for ln in kept), path)  # a kill keeps them all
 
 
 class ProgressBar(Callback):

@@ -51,8 +51,8 @@ def _atomic_write(write: Callable[[IO], None], path: str | Path, mode: str) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.chmod(tmp, _plain_open_mode(path))
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode) as f:  # owns fd from here: closed whatever happens
+            os.chmod(tmp, _plain_open_mode(path))
             write(f)
             f.flush()
             os.fsync(f.fileno())

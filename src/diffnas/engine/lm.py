@@ -281,6 +281,8 @@ class LmSearchTask:
     Under torchrun ``train`` and ``arch`` hold this rank's columns; ``valid`` is the whole
     validation text, evaluated on rank 0."""
 
+    batch_setting = "data.batch_size"  # named when the data holds no full batch
+
     def __init__(self, strategy: SearchStrategy, space: SearchSpace, train: torch.Tensor,
                  arch: torch.Tensor | None, valid: torch.Tensor, lm: LmConfig, seed: int,
                  rule: str | None = None, rank: int = 0, world_size: int = 1) -> None:
@@ -508,6 +510,8 @@ class LmTrainTask:
     over ranks before clipping (so SGD and ASGD, and ASGD's averages, stay replicated), and
     rank 0 evaluates ``valid`` (the whole text) for every rank, which then takes the same
     ASGD decision."""
+
+    batch_setting = "retrain.batch_size"  # named when the data holds no full batch
 
     def __init__(self, model: nn.Module, train: torch.Tensor, valid: torch.Tensor,
                  cfg: RunConfig, lm: LmConfig, rank: int = 0, world_size: int = 1) -> None:

@@ -67,10 +67,11 @@ class Loop:
     def run(self, stop_after: int | None = None) -> list[dict[str, float]]:
         """Run the remaining epochs (or only ``stop_after`` of them, for tests/preemption)."""
         if self.epoch < self.epochs and self.task.num_batches() == 0:
+            what = getattr(self.task, "batch_setting", None)  # the key that sets the batch
             raise ValueError(
                 f"{type(self.task).__name__} has no full batch per epoch: the data is smaller "
-                "than one batch (incomplete batches are dropped); lower the batch size or use "
-                "more data")
+                "than one batch (incomplete batches are dropped); lower the batch size"
+                f"{f' ({what})' if what else ''} or use more data")
         for cb in self.callbacks:
             cb.on_run_start(self)
         done = 0

@@ -6,7 +6,9 @@ DARTS results move from seed to seed; reporting one seed hides that. ``diffnas s
 worker ``python -m diffnas.engine.multiseed SEED_DIR``, its output in
 ``seed_<s>/worker.log``), and writes ``summary.json`` and ``summary.md``: mean +- std of the
 final retrained accuracy, each seed's genotype, and how often each op was chosen per edge.
-Rerunning with ``--resume PARENT`` continues the unfinished seeds.
+Rerunning with ``--resume PARENT`` continues the unfinished seeds (with the overrides a
+resume takes, ``rundir.RESUME_OVERRIDES``, for every seed). The statistics cover the
+finished seeds; a failed or unfinished one keeps its row and says why.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,9 +87,11 @@ def is_finished(run_dir: str | Path, cfg: RunConfig) -> bool:
     return res.is_file() and json.loads(res.read_text()).get("epochs_done") == cfg.retrain.epochs
 
 
-def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
-    """Search and retrain one prepared seed directory (continuing where it stopped) and
-    return its record for the summary."""
+def run_seed(run_dir: str | Path, threads: int | None = None,
+             overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Search and retrain one prepared seed directory (continuing where it stopped, with
+    the resume ``overrides`` of ``rundir.RESUME_OVERRIDES``) and return its record for the
+    summary."""
     import torch
 
     from diffnas.engine.rundir import load_run_config, setup_logging
@@ -95,7 +100,7 @@ def run_seed(run_dir: str | Path, threads: int | None = None) -> dict[str, Any]:
     run = Path(run_dir)
     if threads:  # only in worker processes: never change the caller's thread count
         torch.set_num_threads(threads)
-    cfg = load_run_config(run)
+    cfg = load_run_config(run, list(overrides))
     cfg = dataclasses.replace(cfg, progress=False)
     if cfg.search.space.get("name") == "gnn":  # node classification: engine/graph.py
         from diffnas.engine.graph import run_graph_retrain as run_retrain
@@ -167,19 +172,25 @@ def _edge_key(label: str) -> tuple[int, int]:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy mean +- std, the genotypes, and op counts per edge over the seeds."""
+    """Accuracy mean +- std, the genotypes, and op counts per edge over the finished seeds
+    (a failed or unfinished seed's figures are mid-run ones: its row shows them, the
+    statistics leave them out). A statistic over no seed is None (valid JSON)."""
     from diffnas.genotype import Genotype
 
-    accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
-    vals = [r["search_val_acc"] for r in records if r.get("search_val_acc") is not None]
-    mean, std = mean_std(accs)
-    vmean, vstd = mean_std(vals)
-    genos = [r["genotype"] for r in records if r.get("genotype") is not None]
+    done = [r for r in records if not r.get("error")]
+    accs = [r["test_acc"] for r in done if r.get("test_acc") is not None]
+    vals = [r["search_val_acc"] for r in done if r.get("search_val_acc") is not None]
+    genos = [r["genotype"] for r in done if r.get("genotype") is not None]
+
+    def stat(values: list[float]) -> dict[str, Any]:
+        mean, std = mean_std(values) if values else (None, None)
+        return {"mean": mean, "std": std, "n": len(values)}
+
     return {
         "seeds": [r["seed"] for r in records],
         "n": len(records),
-        "test_acc": {"mean": mean, "std": std, "n": len(accs)},
-        "search_val_acc": {"mean": vmean, "std": vstd, "n": len(vals)},
+        "test_acc": stat(accs),
+        "search_val_acc": stat(vals),
         "runs": [{**r, "genotype_text": str(Genotype.from_dict(r["genotype"]))
                   if r.get("genotype") else None} for r in records],
         "op_frequency": op_frequency(genos),
@@ -205,7 +216,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"Search validation accuracy, last epoch: {_pct(val['mean'])} +- "
                      f"{_pct(val['std'])}")
     if summary["failed"]:
-        lines.append(f"FAILED seeds: {summary['failed']} (see seed_<s>/worker.log)")
+        lines.append(f"FAILED or unfinished seeds: {summary['failed']} (the table says why; "
+                     "they are left out of the statistics)")
     lines += ["", "| seed | test acc | search val acc | params | genotype |",
               "|---|---|---|---|---|"]
     for r in summary["runs"]:
@@ -223,7 +235,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def write_summary(parent: str | Path, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summary = summarize(records)
-    atomic_write_text(json.dumps(summary, indent=1) + "\n", Path(parent) / "summary.json")
+    atomic_write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n",
+                      Path(parent) / "summary.json")
     atomic_write_text(summary_markdown(summary), Path(parent) / "summary.md")
     return summary
 
@@ -232,6 +245,7 @@ def write_summary(parent: str | Path, records: Sequence[dict[str, Any]]) -> dict
 def prepare_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path) -> list[Path]:
     """Create (or find) one run directory per seed under ``parent``."""
     from diffnas.config import save_config
+    from diffnas.engine.rundir import mark_made_by
 
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
@@ -246,14 +260,17 @@ def prepare_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path) -> l
             d.mkdir(parents=True, exist_ok=True)
             save_config(dataclasses.replace(cfg, seed=s, out_dir=str(parent), name=d.name),
                         d / "config.yaml")
+            mark_made_by(d, "search")
         dirs.append(d)
     return dirs
 
 
 def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
-              workers: int | None = None, echo: bool = True) -> dict[str, Any]:
+              workers: int | None = None, echo: bool = True,
+              overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run every seed (``workers`` processes at a time, each with ``cores // workers``
-    threads; ``workers=1`` runs in this process), then write and return the summary."""
+    threads; ``workers=1`` runs in this process; ``overrides``: a resume's
+    ``rundir.RESUME_OVERRIDES``, for every seed), then write and return the summary."""
     from diffnas.engine.rundir import load_run_config
 
     check_workers(workers)
@@ -261,7 +278,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     dirs = prepare_seeds(cfg, seeds, parent)
     def finished(d: Path) -> bool:
         try:
-            return is_finished(d, load_run_config(d))
+            return is_finished(d, load_run_config(d, list(overrides)))
         except (ConfigError, KeyError, ValueError, OSError):  # its worker reports it
             return False
 
@@ -276,13 +293,15 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     if workers == 1:
         for d in pending:
             try:
-                run_seed(d)
+                run_seed(d, overrides=overrides)
                 say(f"  {d.name}: done")
             except Exception as exc:  # one failing seed must not lose the others
-                errors[d] = f"{type(exc).__name__}: {exc}"
+                with (d / "log.txt").open("a") as f:  # where a worker's would be: its log
+                    f.write(traceback.format_exc())
+                errors[d] = f"{type(exc).__name__}: {exc} (traceback in {d / 'log.txt'})"
                 say(f"  {d.name}: FAILED ({errors[d]})")
     else:
-        errors = _run_in_processes(pending, workers, threads, say)
+        errors = _run_in_processes(pending, workers, threads, say, overrides)
     records = []  # every seed of the parent, also those run by earlier calls
     for s in json.loads((parent / SEEDS_FILE).read_text())["seeds"]:
         d = seed_dir(parent, s)
@@ -296,12 +315,13 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     return write_summary(parent, records)
 
 
-def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say) -> dict[Path, str]:
+def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say,
+                      overrides: Sequence[str] = ()) -> dict[Path, str]:
     """Run ``python -m diffnas.engine.multiseed DIR`` for each dir, ``workers`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     queue, running, errors = list(dirs), {}, {}
     try:
-        _schedule(queue, running, errors, workers, threads, env, say)
+        _schedule(queue, running, errors, workers, threads, env, say, overrides)
     except KeyboardInterrupt:  # also when only this process got the SIGINT (kill -INT)
         for proc, _ in running.values():
             proc.terminate()  # each worker's state stays resumable (atomic checkpoints)
@@ -316,14 +336,14 @@ def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say) -> 
 
 
 def _schedule(queue: list[Path], running: dict, errors: dict[Path, str], workers: int,
-              threads: int, env: dict[str, str], say) -> None:
+              threads: int, env: dict[str, str], say, overrides: Sequence[str] = ()) -> None:
     """Start workers from ``queue`` as slots free up until every one has ended."""
     while queue or running:
         while queue and len(running) < workers:
             d = queue.pop(0)
             logf = (d / "worker.log").open("w")
             cmd = [sys.executable, "-m", "diffnas.engine.multiseed", str(d), "--threads",
-                   str(threads)]
+                   str(threads), *(a for o in overrides for a in ("--override", o))]
             running[d] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env),
                           logf)
         time.sleep(0.2)
@@ -336,7 +356,8 @@ def _schedule(queue: list[Path], running: dict, errors: dict[Path, str], workers
                 say(f"  {d.name}: done")
             else:
                 tail = (d / "worker.log").read_text().strip().splitlines()[-1:] or ["?"]
-                errors[d] = f"worker exit code {proc.returncode}: {tail[0]}"
+                errors[d] = (f"worker exit code {proc.returncode}: {tail[0]} (see "
+                             f"{d / 'worker.log'})")
                 say(f"  {d.name}: FAILED ({errors[d]}; see {d / 'worker.log'})")
 
 
@@ -349,9 +370,9 @@ def seeds_command(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     check_workers(args.workers)
     if args.resume:
-        if args.config or args.overrides:
+        if args.config:
             raise ConfigError(f"--seeds ... --resume {args.resume} continues every seed with "
-                              "its own config.yaml; drop --config and the overrides")
+                              "its own config.yaml; drop --config")
         parent = Path(args.resume)
         if not (parent / SEEDS_FILE).is_file():  # never turn an ordinary run into a parent
             raise ConfigError(f"{parent} is not a multi-seed run (no {SEEDS_FILE}): continue "
@@ -367,7 +388,8 @@ def seeds_command(args: argparse.Namespace) -> int:
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
     args._run_dir = parent  # for the resume hint of an interrupted run (cli.main)
     print(f"multi-seed run directory: {parent}")
-    summary = run_seeds(cfg, seeds, parent, workers=args.workers)
+    summary = run_seeds(cfg, seeds, parent, workers=args.workers,
+                        overrides=args.overrides if args.resume else ())
     print()
     print(summary_markdown(summary))
     print(f"summary written to {parent / 'summary.md'} and {parent / 'summary.json'}")
@@ -378,8 +400,9 @@ def _worker_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="run one prepared seed directory (internal)")
     p.add_argument("run_dir")
     p.add_argument("--threads", type=int)
+    p.add_argument("--override", action="append", default=[])
     a = p.parse_args(argv)
-    rec = run_seed(a.run_dir, a.threads)
+    rec = run_seed(a.run_dir, a.threads, a.override)
     print(json.dumps({k: rec[k] for k in ("seed", "test_acc", "search_val_acc")}))
     return 0
 

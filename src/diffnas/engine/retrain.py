@@ -50,6 +50,8 @@ class TrainTask:
     ``model`` may be wrapped in DistributedDataParallel; state and evaluation use the
     module inside, so checkpoints load with or without DDP."""
 
+    batch_setting = "retrain.batch_size"  # named when the data holds no full batch
+
     def __init__(
         self, model: nn.Module, train: BatchLoader, test: BatchLoader, cfg: RetrainConfig
     ) -> None:
@@ -195,10 +197,10 @@ def run_retrain(
                 [
                     ProgressBar("retrain", cfg.progress),
                     JsonLines(out / "metrics.jsonl"),
-                    Checkpoint(out / "checkpoint.pt"),
                 ]
             ),
-            *logger_callbacks(cfg, out),
+            *logger_callbacks(cfg, out),  # before the checkpoint, as every writer
+            *dp.main_process_only([Checkpoint(out / "checkpoint.pt")]),
         ],
     )
     ckpt = out / "checkpoint.pt"
@@ -219,8 +221,8 @@ def run_retrain(
         "data": data.describe(),  # input normalisation and class names, for deployment
         "history": history,
     }
-    if rank.is_main:
-        atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    if rank.is_main:  # result.json last: it marks the retraining finished (multiseed)
         atomic_save(model.state_dict(), out / "model.pt")
+        atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
     dp.barrier()
     return result

@@ -21,6 +21,9 @@ from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.genotype import Genotype
 
 CONFIG_FILE = "config.yaml"
+#: the command that created a run ("search" or "train"), so that --resume of the other
+#: command is refused whatever the run holds so far
+MADE_BY_FILE = "made_by.txt"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,10 +35,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def new_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
-    """Create a new run's directory (claimed atomically) and save its config there.
-    Unnamed: ``CONFIG_NAME-YYYYmmdd-HHMMSS``, plus ``-2``, ``-3``, ... for runs started in
-    the same second; a ``cfg.name`` that already holds a run is refused."""
+def new_run_dir(cfg: RunConfig, config_name: str = "run", command: str = "search") -> Path:
+    """Create a new run's directory (claimed atomically) and save its config there, and
+    which ``command`` made it (:data:`MADE_BY_FILE`). Unnamed:
+    ``CONFIG_NAME-YYYYmmdd-HHMMSS``, plus ``-2``, ``-3``, ... for runs started in the same
+    second; a ``cfg.name`` that already holds a run is refused."""
     out = Path(cfg.out_dir)
     if cfg.name:
         run_dir = out / cfg.name
@@ -61,7 +65,21 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run") -> Path:
     except BaseException:
         (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no empty claim left behind
         raise
+    mark_made_by(run_dir, command)
     return run_dir
+
+
+def mark_made_by(run_dir: str | Path, command: str) -> None:
+    """Record that ``command`` ("search" or "train") made ``run_dir``."""
+    if command not in ("search", "train"):
+        raise ValueError(f"a run is made by 'search' or 'train', not {command!r}")
+    atomic_write_text(command + "\n", Path(run_dir) / MADE_BY_FILE)
+
+
+def made_by(run_dir: str | Path) -> str | None:
+    """The command that made ``run_dir``; None for runs made before it was recorded."""
+    path = Path(run_dir) / MADE_BY_FILE
+    return path.read_text().strip() if path.is_file() else None
 
 
 #: settings a resumed run may change: where it runs, where its data lives and how it
@@ -98,7 +116,7 @@ def _check_saved_config(path: Path) -> None:
     data = _load_yaml(text, str(path)) if text.strip() else None
     if data is None:
         what = "is empty" if not text.strip() else "holds no settings (only comments)"
-        if all(p.name in (CONFIG_FILE, "log.txt") for p in run_dir.iterdir()):
+        if all(p.name in (CONFIG_FILE, "log.txt", MADE_BY_FILE) for p in run_dir.iterdir()):
             raise ConfigError(
                 f"{path} {what}: the run was stopped before its config was saved, so "
                 f"nothing was computed; delete {run_dir} and start the run again")

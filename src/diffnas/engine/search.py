@@ -88,6 +88,8 @@ def alpha_record(strategy: SearchStrategy) -> Callable[[Loop, int, dict], dict]:
 class SearchTask(StrategyTask):
     """What the loop drives during search: zipped (train, val) batches -> strategy.step."""
 
+    batch_setting = "data.batch_size"  # named when the data holds no full batch
+
     def __init__(
         self, strategy: SearchStrategy, space: SearchSpace, train: BatchLoader,
         val: BatchLoader | None, rule: str | None = None,

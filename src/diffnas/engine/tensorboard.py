@@ -50,7 +50,8 @@ class TensorBoardLogger(Callback):
     def on_run_start(self, loop: Loop) -> None:
         if self.writer is None and self._is_main():
             # purge_step drops events past a resumed checkpoint, as JsonLines does.
-            self.writer = self._writer_cls(str(self.log_dir), purge_step=loop.epoch or None)
+            # (epoch 0 too: a run stopped before its first checkpoint starts over)
+            self.writer = self._writer_cls(str(self.log_dir), purge_step=loop.epoch)
 
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, float]) -> None:
         if self.writer is None:
