@@ -120,3 +120,33 @@ def test_collapse_diagnostics_from_the_config_leave_the_search_unchanged(tmp_pat
                and r["hessian_eig"] == r["hessian_eig"] for r in rows)  # not NaN
     for a, b in zip(_alphas(plain), _alphas(diag), strict=True):  # measuring changes nothing
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("split", [0.8, 0.5, 0.3])
+def test_a_search_epoch_uses_every_training_batch_and_cycles_validation(split):
+    """One step per training batch whatever ``data.search_split``: the validation batches
+    start over (reshuffled) when they run out, instead of cutting the epoch short."""
+    from types import SimpleNamespace
+
+    from diffnas.engine.search import SearchTask, search_loaders
+
+    cfg = load_config(None, ["data.name=digits", "data.batch_size=10",
+                             f"data.search_split={split}"])
+    n = 100
+    x, y = torch.arange(n).float().view(n, 1), torch.arange(n)
+    train, val = search_loaders(cfg, x, y, uses_validation=True)
+    task = SearchTask(SimpleNamespace(step=None), None, train, val)
+    for epoch in (0, 1):
+        pairs = list(task.batches(epoch))
+        assert len(pairs) == task.num_batches() == len(train) == int(n * split) // 10
+        seen = torch.cat([t[1] for t, _ in pairs])
+        assert sorted(seen.tolist()) == sorted(train.y.tolist())  # every weight image once
+        vy = torch.cat([v[1] for _, v in pairs])
+        assert set(vy.tolist()) <= set(val.y.tolist())
+        per_pass = len(val) * 10
+        if len(pairs) > len(val):  # a second pass: every val image, then a new order
+            assert sorted(vy[:per_pass].tolist()) == sorted(val.y.tolist())
+            assert not torch.equal(vy[:10], vy[per_pass:per_pass + 10])
+        # the same epoch again gives the same batches (resume at an epoch boundary)
+        again = list(task.batches(epoch))
+        assert all(torch.equal(a[1][1], b[1][1]) for a, b in zip(pairs, again, strict=True))

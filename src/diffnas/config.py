@@ -176,6 +176,7 @@ class DataConfig:
     train_subset: int | None = None  # use N training images (a seeded random subset)
     test_subset: int | None = None
     search_split: float = 0.5  # fraction of training images that train weights in search
+    # (an epoch is one pass over them; the architecture's part cycles: engine/search.py)
     batch_size: int = 64
 
     def __post_init__(self) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,21 @@ class SearchTask(StrategyTask):
                                      compile)
 
     def batches(self, epoch: int) -> Iterable[Any]:
+        """Every training batch once, each with the next validation batch: the validation
+        loader starts over (reshuffled) when it runs out, as DARTS draws a validation
+        batch per training batch, so ``data.search_split`` != 0.5 shortens no epoch."""
         self.train.set_epoch(epoch)
         if self.val is None:
             return ((b, None) for b in self.train)
-        self.val.set_epoch(epoch)
-        return zip(self.train, self.val)
+        return zip(self.train, self._val_passes(epoch))
+
+    def _val_passes(self, epoch: int) -> Iterator[Any]:
+        """The validation batches of ``epoch``, pass after pass; pass ``k`` is ordered by
+        epoch index ``epoch + k * VAL_PASS_STRIDE`` (pass 0: the epoch itself), so each
+        order depends on (seed, epoch, pass) alone and resume stays exact."""
+        for k in itertools.count():
+            self.val.set_epoch(epoch + k * VAL_PASS_STRIDE)
+            yield from self.val
 
     def num_batches(self) -> int:
         return batches_per_epoch(self.train, self.val)
@@ -311,9 +322,14 @@ def search_loaders(
     return BatchLoader(tx, ty, **common), BatchLoader(vx, vy, **{**common, "seed": seed + 1})
 
 
+#: epoch-index offset of each further pass over the validation batches in one epoch
+VAL_PASS_STRIDE = 1_000_000
+
+
 def batches_per_epoch(train: BatchLoader, val: BatchLoader | None) -> int:
-    """Search steps per epoch: one per (train, val) pair of batches."""
-    return len(train) if val is None else min(len(train), len(val))
+    """Search steps per epoch: one per training batch (the validation batches cycle),
+    none when the validation part holds no full batch."""
+    return 0 if val is not None and len(val) == 0 else len(train)
 
 
 def check_full_batch(cfg: RunConfig) -> None:
