@@ -98,6 +98,32 @@ def test_npz_ambiguous_layout_is_refused_unless_stored(tmp_path):
         load_dataset("npz", _npz(tmp_path / "bad.npz", layout="HWC", **kw))
 
 
+def test_npz_a_guess_that_reads_non_square_images_asks_for_the_layout(tmp_path):
+    """3x3 patches of 13 bands (NHWC): dim 1 alone holds a channel-like 3, but reading
+    them channels-first gives 3x13 images where channels-last gives square ones; a resize
+    would stretch the wrong axes, so the layout is asked for."""
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 3, 3, 13)).astype(np.float32)
+    y = np.arange(8) % 2
+    kw = {"x_train": x, "y_train": y, "x_test": x, "y_test": y}
+    with pytest.raises(DataFormatError, match=r"reads as NCHW \(3x13 images, not square\) or "
+                       r"as NHWC \(3x3\); add layout='NHWC'"):
+        load_dataset("npz", _npz(tmp_path / "hs.npz", **kw), resolution=3)
+    d = load_dataset("npz", _npz(tmp_path / "hs2.npz", layout="NHWC", **kw))
+    assert d.train_x.shape == (8, 13, 3, 3)
+    # a guess whose other reading is not square either stays (non-square, resized)
+    wide = rng.random((8, 3, 4, 6)).astype(np.float32)
+    d = load_dataset("npz", _npz(tmp_path / "w.npz", x_train=wide, y_train=y, x_test=wide,
+                                 y_test=y), resolution=4)
+    assert d.train_x.shape == (8, 3, 4, 4)
+
+
+def test_npz_class_names_stored_as_bytes_are_text(tmp_path):
+    d = load_dataset("npz", _npz(tmp_path / "b.npz",
+                                 classes=np.array([f"c{i}".encode() for i in range(10)])))
+    assert d.classes[:2] == ("c0", "c1")
+
+
 def test_npz_subsets_resolution_and_non_square(tmp_path):
     d = load_dataset("npz", _npz(tmp_path / "d.npz", classes=np.array(list("abcdefghij"))),
                      resolution=16, train_subset=40, test_subset=10, seed=3)
@@ -146,6 +172,7 @@ def test_npz_missing_paths_and_arrays(tmp_path):
      "single class"),
     ({"x_test": np.zeros((50, 7, 7), dtype=np.uint8)}, r"x_test images are \(1, 7, 7\)"),
     ({"x_train": np.full((150, 8, 8), np.nan)}, "NaN or infinite"),
+    ({"x_train": np.full((150, 8, 8), 1e300)}, "values up to 1e.300 are beyond float32"),
     ({"x_train": np.zeros((150, 64), dtype=np.uint8)}, r"got shape \(150, 64\)"),
     ({"x_train": np.zeros((150, 8, 8), dtype=bool)}, "dtype bool"),
     ({"x_test": np.zeros((50, 8, 8))}, "same scale"),
@@ -268,6 +295,11 @@ def test_peek_shape_matches_the_loaded_data(tmp_path):
     assert peek_shape("digits", None) is None and peek_shape("cifar10", "/x") is None
     with pytest.raises(DatasetNotFoundError):
         peek_shape("npz", str(tmp_path / "nope.npz"))
+    # an object array (needs pickle) is the loader's error, naming the file
+    obj = _npz(tmp_path / "obj.npz", y_train=np.array([[1], [1, 2]] * 75, dtype=object))
+    for read in (lambda: peek_shape("npz", obj), lambda: load_dataset("npz", obj)):
+        with pytest.raises(DataFormatError, match=f"{obj}: Object arrays cannot be loaded"):
+            read()
 
 
 def test_config_accepts_the_new_dataset_names():

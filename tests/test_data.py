@@ -143,3 +143,15 @@ def test_the_crop_pads_with_black_not_with_the_mean_pixel():
             assert values <= {data.black[c]}
     assert any(torch.equal(out[i, c], torch.full((6, 6), data.black[c]))
                for i in range(16) for c in range(3))
+
+
+def test_the_test_subset_is_the_same_for_every_seed_the_training_subset_follows_it():
+    """Seeds of one study are scored on the same test images (and seed 0 keeps the subset
+    it always had); the training subset still follows the seed."""
+    from diffnas.data.base import subset
+
+    a, b = (load_dataset("digits", train_subset=100, test_subset=50, seed=s) for s in (0, 3))
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, b.train_x)
+    full = load_dataset("digits")
+    assert torch.equal(a.test_y, subset(full.test_x, full.test_y, 50, 0 + 1)[1])

@@ -287,3 +287,16 @@ def test_lm_search_refuses_strategies_it_cannot_run_before_a_run_directory(tmp_p
     assert main(["search", "--config", str(path), override, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_lines_break_at_newlines_only_as_iterating_the_file_does(tmp_path):
+    """A form feed or a Unicode line separator inside a line is whitespace between words,
+    not an end of line (str.splitlines would add an <eos> there); UTF-8 whatever the
+    locale."""
+    (tmp_path / "ptb.train.txt").write_text(" a b\x0cc d \n é\u2028f \n", encoding="utf-8")
+    (tmp_path / "ptb.valid.txt").write_text(" a \n", encoding="utf-8")
+    (tmp_path / "ptb.test.txt").write_text(" a", encoding="utf-8")  # no final newline
+    c = load_corpus("ptb", str(tmp_path))
+    words = [c.vocab[i] for i in c.train.tolist()]
+    assert words == ["a", "b", "c", "d", "<eos>", "é", "f", "<eos>"]
+    assert [c.vocab[i] for i in c.test.tolist()] == ["a", "<eos>"]

