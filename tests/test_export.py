@@ -84,3 +84,15 @@ def test_export_without_retraining_is_a_clear_error(run_dir, tmp_path):
 def test_unknown_format_is_an_error(run_dir):
     with pytest.raises(ExportError, match="unknown export format"):
         export_run(run_dir, "tflite")
+
+
+def test_a_resolution_other_than_the_trained_one_is_refused(run_dir, capsys):
+    """--resolution is for runs that record no input side; the trained side wins, and a
+    different one would make model.json describe inputs the model never saw."""
+    with pytest.raises(ExportError, match=r"trained on 8x8 inputs; --resolution 16"):
+        load_retrained(run_dir, resolution=16)
+    assert load_retrained(run_dir, resolution=8)[1].resolution == 8
+    assert main(["export", str(run_dir), "--format", "torchscript", "--no-check"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["max_abs_diff"] is None  # valid JSON

@@ -405,6 +405,41 @@ def test_bench_command_prints_table_and_writes_json(tmp_path, capsys):
                  "--table", str(TABLE)]) == 2
 
 
+@needs_table
+def test_summary_merges_like_with_like_and_lists_have_no_repeats(tmp_path, capsys):
+    """nb201-summary refuses to pool one strategy's runs made with different --set values
+    (whatever the file order), also for files whose outcomes predate their settings; a
+    repeated --strategy or --budget item (which would count its seeds twice) is refused."""
+    from diffnas.cli import main
+
+    def bench(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        assert main(["bench", "nb201", "--strategy", "random,rea", "--budget", "10", "--seeds",
+                     "2", "--table", str(TABLE), "--json", str(out), *extra]) == 0
+        return out
+
+    a, b = bench("a.json"), bench("b.json", "--set", "rea.population=3")
+    assert json.loads(b.read_text())["outcomes"][-1]["settings"] == {"population": 3}
+    capsys.readouterr()
+    for files in ((a, b), (b, a)):
+        assert main(["bench", "nb201-summary", *map(str, files)]) == 2
+        err = capsys.readouterr().err
+        assert "strategy 'rea' ran with settings" in err and "summarise those files" in err
+    old = json.loads(b.read_text())  # as written before outcomes held their settings
+    for o in old["outcomes"]:
+        del o["settings"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["bench", "nb201-summary", str(a), str(tmp_path / "old.json")]) == 2
+    assert "{'population': 3} in" in capsys.readouterr().err
+    assert main(["bench", "nb201-summary", str(b), str(tmp_path / "old.json")]) == 0
+    for flag, value in (("--strategy", "random,rea,random"), ("--budget", "10,10")):
+        argv = ["bench", "nb201", "--strategy", "random,rea", "--budget", "10", "--seeds", "1",
+                "--table", str(TABLE), "--json", str(tmp_path / "r.json")]
+        argv[argv.index(flag) + 1] = value
+        assert main(argv) == 2
+        assert "given more than once" in capsys.readouterr().err
+
+
 def test_set_reaches_the_strategies_that_have_the_setting():
     from diffnas.nasbench.cli import _strategy_settings
 

@@ -118,6 +118,23 @@ def test_heatmap_has_one_row_per_edge():
     assert all(texts[o] == 1 for o in ("a_op", "b_op", "c_op"))
 
 
+def test_a_diverged_epoch_does_not_take_the_heatmap_scale_with_it():
+    mat = plots.alpha_matrix(_records(3, 4, 3), "normal")
+    finite = mat.copy()
+    mat[:, :, -1] = np.nan  # the last epoch diverged
+    im = plots.alpha_heatmap_figure(mat, [f"normal/n2/e{i}" for i in range(4)],
+                                    ["a", "b", "c"]).axes[0].images[0]
+    lo, hi = im.get_clim()
+    assert (lo, hi) == (float(finite[:, :, :-1].min()), float(finite[:, :, :-1].max()))
+
+
+def test_retrain_curves_show_a_validation_series_when_logged():
+    rows = [{"epoch": e, "loss": 1.0 / (e + 1), "acc": 0.5, "val_loss": 1.2, "val_acc": 0.4}
+            for e in range(3)]  # as the graph engine's retraining logs them
+    fig = plots.curves_figure([], rows)
+    assert [ln.get_label() for ln in fig.axes[1].lines] == ["train", "validation"]
+
+
 def test_heatmap_rejects_mismatched_labels():
     mat = plots.alpha_matrix(_records(2, 3, 2), "normal")
     with pytest.raises(plots.PlotError, match="do not match"):
@@ -199,6 +216,28 @@ def test_report_is_one_file_with_no_external_resources(run_dir, tmp_path):
     result = json.loads((run_dir / "retrain/result.json").read_text())
     assert f"{100 * result['test_acc']:.2f}%" in page
     assert f"{result['params']:,}" in page and str(run.genotype).replace("'", "&#x27;") in page
+
+
+def test_report_and_export_of_a_train_run(run_dir, tmp_path, monkeypatch, capsys):
+    """A diffnas train run is read as train read its config (no search-only checks: here
+    data.batch_size gives no search batch from data.train_subset), shows its pinned
+    genotype while unfinished, and every metrics key of any row gets a column."""
+    from diffnas.export import export_run
+
+    out = tmp_path / "runs"
+    argv = ["train", "--genotype", str(run_dir / "search/genotype.json"), f"out_dir={out}",
+            "name=t", *TINY_RUN, "data.batch_size=64"]
+    assert main(argv) == 0, capsys.readouterr().err
+    run = plots.load_run(out / "t")
+    assert run.genotype is not None and run.result is not None
+    assert export_run(out / "t", "torchscript", check=False).max_abs_diff is None
+    (out / "t/retrain/result.json").unlink()  # unfinished: the pinned genotype shows
+    assert plots.load_run(out / "t").genotype == run.genotype
+    with (out / "t/retrain/metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"epoch": 1, "loss": 1.0, "late_key": 0.5}) + "\n")
+    monkeypatch.chdir(out / "t")
+    page = render_report(plots.load_run("."), backend="matplotlib")
+    assert "<title>diffnas run t</title>" in page and "<th>late_key</th>" in page
 
 
 def test_report_of_a_search_without_retraining(run_dir, tmp_path):

@@ -37,7 +37,7 @@ class ExportResult:
     path: Path
     format: str
     input_shape: tuple[int, ...]
-    max_abs_diff: float
+    max_abs_diff: float | None  # None: not checked (--no-check)
     atol: float
     info: Path | None = None  # the JSON beside the model: input normalisation, class names
 
@@ -108,11 +108,12 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
                    ) -> tuple[nn.Module, DataShape]:
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
     from diffnas.engine.retrain import build_network
-    from diffnas.engine.rundir import load_run_config
+    from diffnas.engine.rundir import is_train_run, load_run_config
     from diffnas.genotype import Genotype, GenotypeError
 
     run = Path(run_dir)
-    cfg = load_run_config(run, device=False)  # loaded on the CPU wherever it ran
+    # loaded on the CPU wherever it ran; a train run's config checked as train checked it
+    cfg = load_run_config(run, device=False, search=not is_train_run(run))
     check_exportable(cfg, run)
     weights, result = run / "retrain" / "model.pt", run / "retrain" / "result.json"
     if not weights.is_file() or not result.is_file():
@@ -127,8 +128,11 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
         raise GenotypeError(f"{result}: {exc}") from None
     state = _load_state(weights)
     recorded = (record.get("data") or {}).get("input")  # [C, side, side] the model trained on
-    side = (resolution or (recorded[-1] if recorded else None) or cfg.data.resolution
-            or _own_data_side(cfg.data.name, cfg.data.root))
+    known = (recorded[-1] if recorded else None) or cfg.data.resolution
+    if resolution is not None and known is not None and resolution != known:
+        raise ExportError(f"{run} was trained on {known}x{known} inputs; --resolution "
+                          f"{resolution} is for runs that record no side: drop it")
+    side = known or resolution or _own_data_side(cfg.data.name, cfg.data.root)
     shape = infer_shape(state, cfg.data.name, side)
     _, model = build_network(cfg, genotype, shape)
     model.load_state_dict(state)
@@ -204,7 +208,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{SUFFIX[fmt]}"
     g = torch.Generator().manual_seed(seed)
     export_model(model, torch.randn(2, *dims, generator=g), path, fmt)
-    diff = float("nan")
+    diff = None
     if check:
         diff = max_output_diff(model, path, fmt, [torch.randn(n, *dims, generator=g)
                                                   for n in (2, 5)])

@@ -82,6 +82,15 @@ def made_by(run_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def is_train_run(run_dir: str | Path) -> bool:
+    """Whether ``diffnas train`` made ``run_dir`` (for runs made before that was recorded:
+    it holds retrain/ but no search/)."""
+    run, kind = Path(run_dir), made_by(run_dir)
+    if kind is not None:
+        return kind == "train"
+    return (run / "retrain").is_dir() and not (run / "search").is_dir()
+
+
 #: settings a resumed run may change: where it runs, where its data lives and how it
 #: reports, never what it computes
 RESUME_OVERRIDES = ("device", "progress", "data.root", "plugins")

@@ -55,6 +55,9 @@ def _csv_list(text: str, flag: str, kind: Callable = str) -> list:
                              "comma-separated list)") from None
     if not out:
         raise ValueError(f"{flag}: empty; give a comma-separated list")
+    repeated = sorted({str(v) for v in out if out.count(v) > 1})
+    if repeated:  # each would run the same seeds again and count them twice
+        raise ValueError(f"{flag}: {', '.join(repeated)} given more than once")
     return out
 
 
@@ -119,7 +122,9 @@ def _one(task: tuple) -> dict:
     from diffnas.nasbench.table import open_benchmark
 
     bench = _BENCH_CACHE.get(table) or _BENCH_CACHE.setdefault(table, open_benchmark(table))
-    return run_query_search(strategy, bench, budget, seed, settings).to_dict()
+    # the settings travel with the outcome: nb201-summary merges only like with like
+    return {**run_query_search(strategy, bench, budget, seed, settings).to_dict(),
+            "settings": settings}
 
 
 _BENCH_CACHE: dict = {}
@@ -211,6 +216,16 @@ def _lookup(p: argparse.ArgumentParser):
     return run
 
 
+def _file_settings(data: dict) -> dict[str, dict]:
+    """Each strategy's settings in a 'bench nb201' JSON file written before its outcomes
+    held them, from the command's ``--strategy`` and ``--set``."""
+    args = data.get("args") or {}
+    names = sorted({o["strategy"] for o in data["outcomes"]})
+    if isinstance(args.get("strategy"), str):
+        names = _csv_list(args["strategy"], "--strategy")
+    return _strategy_settings(names, args.get("set") or [])
+
+
 @register_bench("nb201-summary", "merge JSON files of 'bench nb201' runs and print the table")
 def _summary(p: argparse.ArgumentParser):
     p.add_argument("files", nargs="+", help="JSON files written by 'diffnas bench nb201'")
@@ -221,11 +236,20 @@ def _summary(p: argparse.ArgumentParser):
         from diffnas.nasbench.runner import summarize
 
         merged: dict[tuple, dict] = {}
+        setting_of: dict[str, tuple[dict, str]] = {}  # strategy -> (its settings, a file)
         for f in args.files:
             data = read_json(f, "give a JSON file written by 'diffnas bench nb201'")
             if "outcomes" not in data:
                 raise ValueError(f"{f}: not a 'bench nb201' JSON file (no 'outcomes')")
+            legacy = _file_settings(data)
             for o in data["outcomes"]:  # a (strategy, budget, seed) run repeated: keep one
+                mine = o["settings"] if "settings" in o else legacy.get(o["strategy"], {})
+                seen, where = setting_of.setdefault(o["strategy"], (mine, f))
+                if seen != mine:
+                    raise ValueError(
+                        f"strategy {o['strategy']!r} ran with settings {seen or 'defaults'} in "
+                        f"{where} and {mine or 'defaults'} in {f}: one row cannot mix them; "
+                        "summarise those files separately")
                 merged[(o["strategy"], o["budget"], o["seed"])] = o
         outcomes = sorted(merged.values(), key=lambda o: (o["budget"], o["strategy"] != "random",
                                                           o["strategy"], o["seed"]))

@@ -107,7 +107,7 @@ def _genotype_table(run: RunData) -> str:
 def _metrics_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    keys = [k for k in rows[0] if k != "epoch"]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "epoch"]  # all rows
     head = "".join(f"<th>{_esc(k)}</th>" for k in ["epoch", *keys])
     body = "".join(
         "<tr>" + f'<td class="num">{r["epoch"] + 1}</td>' + "".join(
@@ -119,7 +119,7 @@ def _metrics_table(rows: list[dict[str, Any]]) -> str:
 def render_report(run: RunData, backend: str = "auto") -> str:
     """The HTML text of a run's report."""
     figs = run_figures(run, backend, "svg")
-    title = f"diffnas run {run.path.name}"
+    title = f"diffnas run {run.path.resolve().name}"  # (the name of '.' too)
     out = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',

@@ -60,12 +60,14 @@ class RunData:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory (``diffnas search`` output); a clear error when it is not one."""
-    from diffnas.engine.rundir import load_run_config
+    """Read a run directory (``diffnas search`` or ``diffnas train`` output); a clear
+    error when it is not one."""
+    from diffnas.engine.rundir import is_train_run, load_run_config
     from diffnas.export import RETRAIN_FIX
 
     path = Path(run_dir)
-    cfg = load_run_config(path, device=False)  # a report reads, it does not run
+    # a report reads, it does not run: a train run's config is checked as train checked it
+    cfg = load_run_config(path, device=False, search=not is_train_run(path))
     gpath = path / "search" / "genotype.json"
     genotype = Genotype.load(gpath) if gpath.is_file() else None
     if genotype is None:
@@ -77,6 +79,9 @@ def load_run(run_dir: str | Path) -> RunData:
     result = read_json(rpath, RETRAIN_FIX) if rpath.is_file() else None
     if genotype is None and result is not None:
         genotype = Genotype.from_dict(result["genotype"])
+    pinned = path / "retrain" / "genotype.json"  # what a retraining trains, from its start
+    if genotype is None and pinned.is_file():
+        genotype = Genotype.load(pinned)
     return RunData(path, cfg, genotype, read_jsonl(path / "search" / "metrics.jsonl"),
                    read_jsonl(path / "search" / "alphas.jsonl"),
                    read_jsonl(path / "retrain" / "metrics.jsonl"), result)
@@ -279,7 +284,9 @@ def alpha_heatmap_figure(
     fig = Figure(figsize=(2.2 + cell_w * n_ops * n_epochs + 1.2, 1.3 + 0.26 * n_edges))
     ax = fig.add_subplot()
     # The colour range spans the data: early in a search all weights sit near 1/ops.
-    lo, hi = float(image.min()), float(image.max())
+    # (nan-aware: a diverged epoch's NaN rows must not take the scale with them)
+    finite = image[np.isfinite(image)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     im = ax.imshow(image, aspect="auto", cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9),
                    interpolation="nearest")
     for k in range(1, n_ops):
@@ -310,7 +317,8 @@ def alpha_snapshot_image(probs: np.ndarray, scale: int = 12) -> np.ndarray:
 # --- curves --------------------------------------------------------------------------
 _SERIES = {  # (loss key, accuracy key, label) per phase
     "search": (("loss", "acc", "train"), ("val_loss", "val_acc", "validation")),
-    "retrain": (("loss", "acc", "train"), ("test_loss", "test_acc", "test")),
+    "retrain": (("loss", "acc", "train"), ("val_loss", "val_acc", "validation"),  # graph
+                ("test_loss", "test_acc", "test")),
 }
 #: language models (engine/lm.py) log perplexity instead of accuracy, in both phases
 _LM_SERIES = (("loss", "ppl", "train"), ("valid_loss", "valid_ppl", "validation"))
