@@ -163,6 +163,22 @@ def test_api_backend_reads_the_official_fields(monkeypatch, tmp_path):
         api.index_of(("none",) * 6)
 
 
+def test_nas_201_api_before_v2_is_refused_with_the_reason(monkeypatch, tmp_path):
+    class OldApi:  # v1.x: get_more_info(index, dataset, iepoch, use_12epochs_result, ...)
+        def __init__(self, path, verbose=True):
+            pass
+
+        def get_more_info(self, index, dataset, iepoch=None, use_12epochs_result=False,
+                          is_random=True):
+            raise AssertionError("never called")
+
+    old = types.ModuleType("nas_201_api")
+    old.API = OldApi
+    monkeypatch.setitem(sys.modules, "nas_201_api", old)
+    with pytest.raises(ImportError, match="nas_201_api before v2.0 has no hp="):
+        ApiNb201Table(tmp_path / "NAS-Bench-201-v1_0.pth", package="nas_201_api")
+
+
 # --- oracle, encodings, statistics ----------------------------------------------------------
 def test_oracle_counts_distinct_cells_and_stops_at_the_budget():
     seen = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib
+import inspect
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -264,7 +265,13 @@ def _open_api(path: str | Path | None, package: str):
         p = None if path is None else str(path)
         if name == "nats_bench":
             return name, mod.create(p, "tss", fast_mode=True, verbose=False)
-        return name, mod.API(p, verbose=False)
+        api = mod.API(p, verbose=False)
+        if "hp" not in inspect.signature(api.get_more_info).parameters:
+            raise ImportError(  # v1.x: use_12epochs_result instead of hp
+                "nas_201_api before v2.0 has no hp= in get_more_info, which this backend "
+                "reads: upgrade nas-bench-201 (>= 2.0) or use nats_bench "
+                "(pip install 'diffnas[nb201]')")
+        return name, api
     raise ImportError(
         "the NAS-Bench-201 API backend needs the package nats_bench (pip install "
         "'diffnas[nb201]') or nas-bench-201, plus the benchmark file; or use the CSV table"
