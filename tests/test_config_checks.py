@@ -424,6 +424,52 @@ def test_strategy_settings_the_space_allows_are_accepted():
     load_config(GNN, ["search.strategy={name: snas}"])
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["search.discretizer=argmax"], r"search\.discretizer: 'argmax' derives genotypes that "
+     r"space 'darts_rnn' does not take \(cell 'recurrent': node 2 has 2 inputs, expected 1"),
+    (["lm.test_batch_size=0"], r"lm\.test_batch_size must be >= 1, got 0"),
+    (["lm.max_seq_len_delta=-40"], r"lm\.max_seq_len_delta must be >= 0"),
+    (["lm.beta=-1"], r"lm\.beta must be finite and >= 0"),
+    (["retrain.network.ninp=16"], r"retrain\.network\.ninp must be equal to nhid \(64"),
+    (["search.space.ninp=16"], r"search\.space\.ninp must be equal to search\.space\.nhid"),
+    (["search.space.nodes=0"], r"search\.space\.nodes must be >= 1"),
+    (["search.space.ninp=0", "search.space.nhid=0"], r"search\.space\.ninp must be >= 1"),
+    (["search.space.ops=[none]"], r"search\.space\.ops must be a list with an op other"),
+    (["search.space.ops=[tanh, tanh]"], r"search\.space\.ops must be without repeats"),
+    (["data.batch_size=1"], r"data\.batch_size must be >= 2 in a search"),
+    (["lm.eval_batch_size=1"], r"lm\.eval_batch_size must be >= 2 in a search"),
+    (["retrain.train_subset=100", "retrain.batch_size=64"], r"retrain\.train_subset=100 "
+     r"tokens are too few for retrain\.batch_size=64"),
+    (["seed=-1"], r"seed must be an integer in \[0, 2\*\*32\)"),
+], ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_language_model_settings_that_used_to_fail_after_the_run_directory(tmp_path, capsys,
+                                                                          overrides, match):
+    """Each of these loaded and then failed once the run had started (some after the whole
+    search), with a run directory --resume could not repair."""
+    _refused(overrides, match, RNN)
+    assert main(["search", "--config", str(RNN), f"out_dir={tmp_path / 'runs'}", *overrides]) \
+        == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_settings_only_a_search_needs_do_not_refuse_a_retraining(tmp_path):
+    """The fixed recurrent network has no batch normalization: diffnas train takes an
+    evaluation batch of 1; a dotted retrain.network key on darts_rnn does not start from
+    the darts_cnn network's C and layers (it used to name those unknown keys)."""
+    cfg = load_config(RNN, ["lm.eval_batch_size=1"], search=False)
+    assert cfg.lm["eval_batch_size"] == 1
+    import yaml
+
+    data = yaml.safe_load(RNN.read_text())
+    del data["retrain"]["network"]
+    (tmp_path / "rnn.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "rnn.yaml", ["retrain.network.dropoute=0.1"])
+    assert cfg.retrain.network == {"dropoute": 0.1}
+    cfg = load_config(FASHION, ["retrain.network.C=8"])  # darts_cnn: the default's layers stay
+    assert cfg.retrain.network["C"] == 8 and "layers" in cfg.retrain.network
+
+
 # --- 7. the genotype of diffnas train, against the configured space ---------------------
 @pytest.mark.parametrize("path, overrides, match", [
     (NB201, [], "genotype is for space 'darts_cnn', not 'nb201'"),

@@ -299,6 +299,10 @@ class RunConfig:
     # imported whenever this config is read (diffnas/plugins.py)
     plugins: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        require(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed",
+                "an integer in [0, 2**32) (numpy's seed range)", self.seed)
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=value"`` -> ``(["a", "b"], value read as YAML)``."""
@@ -340,7 +344,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _load_yaml(p.read_text(), str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-    data = apply_overrides(data, overrides or [], to_dict(RunConfig()))
+    defaults = to_dict(RunConfig())
+    trial = apply_overrides(copy.deepcopy(data), overrides or [], defaults)
+    section = trial.get("search")
+    space = section.get("space") if isinstance(section, dict) else None
+    name = space.get("name", "darts_cnn") if isinstance(space, dict) else "darts_cnn"
+    if name != "darts_cnn":  # retrain.network.X=... must not start from darts_cnn's C, layers
+        defaults["retrain"]["network"] = {}
+    data = apply_overrides(data, overrides or [], defaults)
     cfg = from_dict(RunConfig, data, "config")
     from diffnas.plugins import absolute_plugins, import_plugins
 
@@ -381,20 +392,34 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
 def _check_strategy_setup(cfg: RunConfig) -> None:
     """The strategy's settings that only the space's edges or ``search.epochs`` can judge
     (few_shot's split, snas's cost term, random_labels' excluded ops), against the alphas
-    of the configured space."""
+    of the configured space; and the discretizer against the space."""
+    import torch
+
     from diffnas.arch import ArchParams
+    from diffnas.genotype.discretize import discretize
     from diffnas.spaces import create_space
     from diffnas.strategies.registry import STRATEGIES, strategy_config
 
     section = cfg.search.strategy
     cls = STRATEGIES.get(section.get("name", "darts"))
+    space = create_space(cfg.search.space)
+    with torch.random.fork_rng(devices=[]):  # the alphas' draw leaves the run's RNG alone
+        arch = ArchParams(space)
     try:
-        cls.check_setup(strategy_config(section), ArchParams(create_space(cfg.search.space)),
-                        cfg.search.epochs)
+        cls.check_setup(strategy_config(section), arch, cfg.search.epochs)
     except ConfigError:
         raise
     except ValueError as exc:
         raise ConfigError(f"search.strategy: {exc}") from None
+    # the discretizer gives genotypes the space takes (argmax keeps every edge: not a cell
+    # whose nodes take fewer inputs than they have predecessors)
+    try:
+        space.validate(discretize(arch.as_dict(), space, cfg.search.discretizer,
+                                  arch.edge_weights()))
+    except ValueError as exc:
+        rule = cfg.search.discretizer or getattr(space, "default_discretizer", "darts")
+        raise ConfigError(f"search.discretizer: {rule!r} derives genotypes that space "
+                          f"{_space_name(cfg)!r} does not take ({exc})") from None
 
 
 def _space_name(cfg: RunConfig) -> str:
@@ -462,6 +487,10 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
     if image and r.train_subset is not None and r.batch_size > r.train_subset:
         raise ConfigError(f"retrain.batch_size={r.batch_size} exceeds retrain.train_subset="
                           f"{r.train_subset}: no complete batch (incomplete ones are dropped)")
+    if _space_name(cfg) == "darts_rnn" and r.train_subset is not None \
+            and r.train_subset < 2 * r.batch_size:  # batchify: 2 tokens per column at least
+        raise ConfigError(f"retrain.train_subset={r.train_subset} tokens are too few for "
+                          f"retrain.batch_size={r.batch_size} columns (2 tokens each at least)")
 
 
 def _check_diagnostics(cfg: RunConfig) -> None:
@@ -483,10 +512,10 @@ def _check_engine(cfg: RunConfig, device: bool) -> None:
     image search's (GPU settings against the strategy and, with ``device``, the device;
     diagnostics; a full batch from ``data.train_subset``)."""
     if _space_name(cfg) == "darts_rnn":
-        from diffnas.engine.lm import check_growth, check_lm_strategy, refuse_image_settings
+        from diffnas.engine.lm import check_growth, check_lm_search, refuse_image_settings
 
         refuse_image_settings(cfg)
-        check_lm_strategy(cfg)
+        check_lm_search(cfg)
         check_growth(cfg)
     elif _space_name(cfg) == "gnn":
         from diffnas.engine.graph import refuse_image_settings

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffnas.arch import ArchParams
-from diffnas.config import ConfigError, RunConfig, from_dict
+from diffnas.config import ConfigError, RunConfig, from_dict, require
 from diffnas.data.text import (
     Corpus,
     batchify,
@@ -106,9 +106,13 @@ class LmConfig:
         if self.nonmono < 1:
             raise ValueError(f"lm.nonmono must be >= 1 (epochs the ASGD switch looks back), "
                              f"got {self.nonmono}")
-        if self.eval_batch_size < 2:  # the search cell's BN uses batch statistics
-            raise ValueError(f"lm.eval_batch_size must be >= 2 (the search cell normalizes "
-                             f"with batch statistics), got {self.eval_batch_size}")
+        for key in ("eval_batch_size", "test_batch_size"):  # (>= 2 in search: check_lm_search)
+            require(getattr(self, key) >= 1, f"lm.{key}", ">= 1", getattr(self, key))
+        require(self.max_seq_len_delta >= 0, "lm.max_seq_len_delta", ">= 0",
+                self.max_seq_len_delta)
+        for key in ("alpha", "beta"):
+            v = getattr(self, key)
+            require(math.isfinite(v) and v >= 0, f"lm.{key}", "finite and >= 0", v)
 
 
 def lm_config(cfg: RunConfig) -> LmConfig:
@@ -373,19 +377,25 @@ def refuse_image_settings(cfg: RunConfig) -> None:
                           "engine (engine/lm.py); switch it off")
 
 
-def check_lm_strategy(cfg: RunConfig) -> None:
-    """The strategy can search a language model (also checked at config loading): not one
-    that relabels the training targets (RLNAS's random labels are defined for classes), and
-    a single-level one (it learns alphas on the training text) with no ``lm.arch_data:
-    split``, which it would ignore."""
+def check_lm_search(cfg: RunConfig) -> None:
+    """What an LM search needs that its config shows (also checked at config loading):
+    at least 2 sequences per search and validation batch (the search cell normalizes with
+    batch statistics); a strategy that does not relabel the training targets (RLNAS's
+    random labels are defined for classes); for a single-level one (it learns alphas on
+    the training text) no ``lm.arch_data: split``, which it would ignore."""
     from diffnas.strategies.registry import STRATEGIES
 
+    lm = lm_config(cfg)
+    for key, value in (("data.batch_size", cfg.data.batch_size),
+                       ("lm.eval_batch_size", lm.eval_batch_size)):
+        require(value >= 2, key, ">= 2 in a search (the search cell normalizes with batch "
+                "statistics)", value)
     cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
     if cls.relabel is not SearchStrategy.relabel:
         raise ConfigError(f"search.strategy.name: {cls.name!r} trains on relabelled targets; "
                           "the language-model engine (engine/lm.py) does not relabel a text: "
                           "use it on image or graph spaces")
-    if not cls.uses_validation and lm_config(cfg).arch_data != "valid":
+    if not cls.uses_validation and lm.arch_data != "valid":
         raise ConfigError(f"lm.arch_data: {cls.name!r} is single-level and learns the alphas on "
                           "the training text, so it keeps no split of it for them: remove "
                           "lm.arch_data")
@@ -407,7 +417,7 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     torchrun: this rank's columns of the training texts)."""
     lm, d = lm_config(cfg), cfg.data
     refuse_image_settings(cfg)
-    check_lm_strategy(cfg)
+    check_lm_search(cfg)
     check_growth(cfg)
     bs = d.batch_size
     if world_size > 1:
@@ -457,7 +467,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
     (under torchrun: rank 0 alone)."""
     refuse_image_settings(cfg)  # before the run directory is touched
-    check_lm_strategy(cfg)
+    check_lm_search(cfg)
     out = Path(run_dir) / "search"
     rank = dp.env()
     if rank.is_main:
@@ -671,7 +681,7 @@ def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
     torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
     refuse_image_settings(cfg)  # before the corpus is read or the search starts
-    check_lm_strategy(cfg)
+    check_lm_search(cfg)
     corpus = load_corpus(cfg.data.name, cfg.data.root)
     return search_then_retrain(
         cfg, run_dir, lambda: run_lm_search(cfg, run_dir, resume=resume, corpus=corpus).genotype,

@@ -62,9 +62,16 @@ class DartsRnnConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
 
     def __post_init__(self) -> None:
+        require_sizes(self, ("ninp", "nhid", "nodes"), "search.space")
+        require(self.ninp == self.nhid, "search.space.ninp", "equal to search.space.nhid (the "
+                "decoder is tied to the embedding, as in DARTS)", self.ninp)
         unknown = [o for o in self.ops if o not in RNN_OPS]
         if unknown:
             raise ValueError(f"unknown recurrent op(s) {unknown}; known: {RNN_OPS.names()}")
+        require(len(set(self.ops)) == len(self.ops), "search.space.ops", "without repeats",
+                self.ops)
+        require(any(o != "none" for o in self.ops), "search.space.ops",
+                "a list with an op other than 'none'", self.ops)
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; use one of {BACKBONES}")
         g = self.growth
@@ -101,6 +108,14 @@ class DartsRnnNetworkConfig:
     dropouti: float | None = None
     dropoute: float | None = None
     weight_drop: float | None = None
+
+    def check_against(self, space: DartsRnnConfig) -> None:
+        """The widths resolved against the search space's (None = the search value) are
+        equal: the decoder is tied to the embedding."""
+        ninp = space.ninp if self.ninp is None else self.ninp
+        nhid = space.nhid if self.nhid is None else self.nhid
+        require(ninp == nhid, "retrain.network.ninp", f"equal to nhid ({nhid}; the decoder is "
+                "tied to the embedding; null takes the search value)", ninp)
 
     def __post_init__(self) -> None:
         require_sizes(self, ("ninp", "nhid"), "retrain.network")
@@ -147,6 +162,7 @@ class DartsRnnSpace(SearchSpace):
         self.validate(genotype)
         n = from_dict(DartsRnnNetworkConfig, overrides, "retrain.network")
         c = self.config
+        n.check_against(c)
 
         def pick(name: str, search: Any) -> Any:
             v = getattr(n, name)

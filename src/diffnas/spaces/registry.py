@@ -32,7 +32,12 @@ def network_config(section: dict, network: dict) -> Any:
     declares no such class (its ``build_network`` alone can check them)."""
     cls = SPACES.get(section.get("name", "darts_cnn"))
     net_cls = getattr(cls, "NetworkConfig", None)
-    return None if net_cls is None else from_dict(net_cls, network, "retrain.network")
+    if net_cls is None:
+        return None
+    net = from_dict(net_cls, network, "retrain.network")
+    if hasattr(net, "check_against"):  # settings that depend on the search space's own
+        net.check_against(space_config(section))
+    return net
 
 
 def create_space(section: dict, shape: DataShape | None = None) -> SearchSpace:
