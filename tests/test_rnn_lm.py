@@ -300,3 +300,29 @@ def test_lines_break_at_newlines_only_as_iterating_the_file_does(tmp_path):
     words = [c.vocab[i] for i in c.train.tolist()]
     assert words == ["a", "b", "c", "d", "<eos>", "é", "f", "<eos>"]
     assert [c.vocab[i] for i in c.test.tolist()] == ["a", "<eos>"]
+
+
+def test_retrain_reports_and_saves_the_best_validation_epoch(tmp_path):
+    """As DARTS's train.py: the result and model.pt are the weights of the epoch with the
+    best validation loss (averaged under ASGD), not the last epoch's; resume keeps them."""
+    from diffnas.engine.lm import run_lm_retrain
+
+    cfg = load_config(str(_tiny_lm_config(tmp_path)), ["retrain.epochs=3", "retrain.lr=40"])
+    from diffnas.genotype import published_genotype
+
+    g = published_genotype("DARTS_RNN_V2")
+    res = run_lm_retrain(cfg, g, tmp_path / "a")
+    losses = [h["valid_loss"] for h in res["history"]]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert res["best_epoch"] == best < len(losses) - 1, losses  # (lr 40: the last is worse)
+    assert math.isclose(res["valid_ppl"], math.exp(losses[best]), rel_tol=1e-9)
+    # model.pt holds those weights: it reproduces the reported validation perplexity
+    corpus = load_corpus(cfg.data.name, cfg.data.root)
+    model = create_space(cfg.search.space, DataShape(num_classes=corpus.vocab_size)) \
+        .build_network(g, **cfg.retrain.network)
+    model.load_state_dict(torch.load(tmp_path / "a/retrain/model.pt", weights_only=True))
+    valid = batchify(corpus.valid, 2)
+    assert math.isclose(evaluate_lm(model, valid, 10)["ppl"], res["valid_ppl"], rel_tol=1e-6)
+    run_lm_retrain(cfg, g, tmp_path / "b", stop_after=2)
+    resumed = run_lm_retrain(cfg, g, tmp_path / "b", resume=True)
+    assert resumed["best_epoch"] == res["best_epoch"] and resumed["test_ppl"] == res["test_ppl"]

@@ -39,6 +39,7 @@ the masks of one process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -533,6 +534,9 @@ class LmTrainTask:
         self.asgd = False
         self.val_history: list[float] = []
         self.train_nll = TokenMeanLoss()
+        # the weights evaluated at the best validation loss so far (ASGD averages once on),
+        # which the result reports and model.pt holds, as DARTS's and AWD-LSTM's train.py
+        self.best: dict[str, Any] | None = None
 
     def _sgd(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=self.r.lr, momentum=self.r.momentum,
@@ -579,6 +583,10 @@ class LmTrainTask:
     def end_epoch(self, epoch: int) -> dict[str, float]:
         dp.assert_replicated({"weights": self.model.parameters()})
         v = self.evaluate(self.valid)
+        if self.best is None or v["loss"] < self.best["valid_loss"]:  # on every rank alike
+            with self.averaged(), torch.no_grad():
+                state = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
+            self.best = {"epoch": epoch, "valid_loss": v["loss"], "state": state}
         hist = self.val_history
         if (self.lm.asgd and not self.asgd and len(hist) > self.lm.nonmono
                 and v["loss"] > min(hist[: -self.lm.nonmono])):
@@ -590,7 +598,7 @@ class LmTrainTask:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "asgd": self.asgd, "val_history": list(self.val_history)}
+                "asgd": self.asgd, "val_history": list(self.val_history), "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -598,6 +606,15 @@ class LmTrainTask:
         self.optimizer = self._asgd() if self.asgd else self._sgd()
         self.optimizer.load_state_dict(state["optimizer"])
         self.val_history = list(state["val_history"])
+        self.best = state.get("best")  # (checkpoints before it was kept: from here on)
+
+    def evaluate_best(self, source: torch.Tensor) -> dict[str, float]:
+        """:func:`evaluate_lm` of the best weights (the last ones when no epoch has ended)
+        on rank 0, for every rank; leaves the model holding them."""
+        if self.best is None:
+            return self.evaluate(source)
+        self.model.load_state_dict(self.best["state"])
+        return dp.main_process_result(evaluate_lm, self.model, source, self.lm.bptt)
 
 
 class _Averaged:
@@ -665,12 +682,15 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
         loop.load_state_dict(state)
         log.info("resumed LM retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
-    final_valid, final_test = task.evaluate(valid), task.evaluate(test)
+    # the best epoch's weights by validation, as DARTS's train.py reloads before testing
+    final_valid, final_test = task.evaluate_best(valid), task.evaluate_best(test)
+    best = task.best
     result = {"genotype": genotype.to_dict(), "params": params, "epochs_done": loop.epoch,
-              "asgd": task.asgd, "valid_ppl": final_valid["ppl"], "test_ppl": final_test["ppl"],
+              "asgd": task.asgd, "best_epoch": None if best is None else best["epoch"],
+              "valid_ppl": final_valid["ppl"], "test_ppl": final_test["ppl"],
               "test_loss": final_test["loss"], "history": history}
     if rank.is_main:
-        with task.averaged():
+        with task.averaged() if best is None else contextlib.nullcontext():
             atomic_save(model.state_dict(), out / "model.pt")
         atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
     dp.barrier()
@@ -696,7 +716,9 @@ def print_lm_result(genotype: Genotype, result: dict[str, Any] | None) -> None:
     if result is not None:
         print(f"params: {result['params']:,}")
         print(f"valid perplexity: {result['valid_ppl']:.2f}, test perplexity: "
-              f"{result['test_ppl']:.2f} after {result['epochs_done']} epochs")
+              f"{result['test_ppl']:.2f} after {result['epochs_done']} epochs"
+              + (f" (weights of the best validation epoch, {result['best_epoch'] + 1})"
+                 if result.get("best_epoch") is not None else ""))
 
 
 def lm_network_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
