@@ -155,3 +155,20 @@ def test_the_test_subset_is_the_same_for_every_seed_the_training_subset_follows_
     assert not torch.equal(a.train_x, b.train_x)
     full = load_dataset("digits")
     assert torch.equal(a.test_y, subset(full.test_x, full.test_y, 50, 0 + 1)[1])
+
+
+def test_a_retraining_begun_before_the_fixed_test_subset_keeps_its_own(tmp_path):
+    """Runs made before made_by.txt drew their test subset from seed + 1: continuing such a
+    retraining keeps those images (its logged epochs were scored on them); anything else
+    uses the fixed subset."""
+    from diffnas.engine.rundir import mark_made_by, test_subset_seed
+
+    (tmp_path / "retrain").mkdir()
+    assert test_subset_seed(tmp_path, 3) is None  # no retraining logged yet
+    (tmp_path / "retrain/metrics.jsonl").write_text('{"epoch": 0}\n')
+    assert test_subset_seed(tmp_path, 3) == 4
+    mark_made_by(tmp_path, "train")
+    assert test_subset_seed(tmp_path, 3) is None
+    old = load_dataset("digits", test_subset=50, seed=3, test_seed=4)
+    new = load_dataset("digits", test_subset=50, seed=3)
+    assert not torch.equal(old.test_y, new.test_y)

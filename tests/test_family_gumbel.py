@@ -143,3 +143,24 @@ def test_a_sampled_edge_gives_unsampled_ops_the_gdas_authors_gradient():
     (out * g).sum().backward()
     assert torch.allclose(w.grad[:3], g.sum().expand(3))
     assert torch.allclose(w.grad[3], (m.ops[3](x) * g).sum())
+
+
+def test_snas_draws_from_the_rng_as_its_cost_table_alone_does():
+    """Building snas with a resource term draws from torch's RNG only for its one cost
+    table (check_setup's own build of it is RNG-neutral), so a search with cost_weight > 0
+    draws its Gumbel samples as before check_setup existed."""
+    from diffnas.arch import ArchParams
+    from diffnas.strategies import create_strategy
+    from diffnas.strategies.objective import ClassificationObjective
+    from diffnas.strategies.snas import op_costs
+
+    space = tiny_space()
+    supernet, arch = space.build_supernet(), ArchParams(space)
+    torch.manual_seed(3)
+    create_strategy({"name": "snas", "cost_weight": 0.1}, supernet, arch,
+                    ClassificationObjective(), epochs=2)
+    after_build = torch.get_rng_state()
+    torch.manual_seed(3)
+    for g in arch.groups():
+        op_costs(arch.edges[g], 16)
+    assert torch.equal(after_build, torch.get_rng_state())

@@ -165,6 +165,24 @@ def test_statistics_leave_out_failed_and_unfinished_seeds():
     none = ms.summarize(recs[1:])
     assert none["test_acc"] == {"mean": None, "std": None, "n": 0}
     json.loads(json.dumps(none, allow_nan=False))
+    # the table's last column says why a seed is left out, even when it has a genotype
+    assert "`not finished` |" in ms.summary_markdown(summary)
+
+
+def test_summary_json_stays_json_with_a_nan_value(tmp_path):
+    rec = {"seed": 0, "run_dir": "a", "genotype": None, "test_acc": float("nan"),
+           "search_val_acc": 0.5, "params": 1, "macs": 1}
+    summary = ms.write_summary(tmp_path, [rec])
+    assert summary["test_acc"]["n"] == 0
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["runs"][0]["test_acc"] is None
+
+
+def test_out_of_range_seeds_are_refused_before_the_parent_directory(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"seeds must be in \[0, 2\*\*32\)"):
+        ms.parse_seeds("0,4294967296")
+    assert main(["search", "--seeds", "0,4294967296", f"out_dir={tmp_path}", *TINY_RUN]) == 2
+    assert not any(tmp_path.iterdir())
 
 
 def test_resume_passes_the_resume_overrides_to_every_seed(tmp_path, capsys):

@@ -137,7 +137,7 @@ def _train(p: argparse.ArgumentParser):
         from diffnas.config import load_config
         from diffnas.data import load_dataset
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
-        from diffnas.engine.rundir import new_run_dir, setup_logging
+        from diffnas.engine.rundir import new_run_dir, setup_logging, test_subset_seed
         from diffnas.genotype import resolve_genotype
         from diffnas.plugins import import_plugins
         from diffnas.spaces import DataShape
@@ -207,6 +207,7 @@ def _train(p: argparse.ArgumentParser):
             cfg.retrain.train_subset,
             d.test_subset,
             cfg.seed,
+            test_subset_seed(run_dir, cfg.seed),
         )
         result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume), data=data)
         if main:

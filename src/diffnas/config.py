@@ -403,10 +403,10 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
     section = cfg.search.strategy
     cls = STRATEGIES.get(section.get("name", "darts"))
     space = create_space(cfg.search.space)
-    with torch.random.fork_rng(devices=[]):  # the alphas' draw leaves the run's RNG alone
-        arch = ArchParams(space)
     try:
-        cls.check_setup(strategy_config(section), arch, cfg.search.epochs)
+        with torch.random.fork_rng(devices=[]):  # the alphas' draw, and a check that builds
+            arch = ArchParams(space)  # ops, leave the run's RNG alone
+            cls.check_setup(strategy_config(section), arch, cfg.search.epochs)
     except ConfigError:
         raise
     except ValueError as exc:

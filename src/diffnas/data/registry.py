@@ -28,9 +28,11 @@ def list_datasets() -> list[str]:
 def load_dataset(
     name: str, root: str | None = None, download: bool = False, resolution: int | None = None,
     train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
+    test_seed: int | None = None,
 ) -> ImageData:
     """Load dataset ``name``, then take subsets (the training one seeded by ``seed``, the
-    test one the same for every seed) and resize as configured. A loader
+    test one the same for every seed, unless ``test_seed`` says otherwise) and resize as
+    configured. A loader
     with a ``resolution`` parameter receives it (data/custom.py: images of mixed sizes are
     resized as they are read, and only when it is set). The loader's ``ImageData`` subclass
     and its extra fields (e.g. class names) are kept."""
@@ -41,6 +43,7 @@ def load_dataset(
     trx, try_ = subset(data.train_x, data.train_y, train_subset, seed)
     # the test subset is the same whatever the seed, so that seeds (--seeds) are scored on
     # the same images (its generator seed, 1, is the one seed 0 always used)
-    tex, tey = subset(data.test_x, data.test_y, test_subset, TEST_SUBSET_SEED)
+    tex, tey = subset(data.test_x, data.test_y, test_subset,
+                      TEST_SUBSET_SEED if test_seed is None else test_seed)
     return dataclasses.replace(data, train_x=resize(trx, resolution), train_y=try_,
                                test_x=resize(tex, resolution), test_y=tey)

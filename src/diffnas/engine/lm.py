@@ -583,7 +583,9 @@ class LmTrainTask:
     def end_epoch(self, epoch: int) -> dict[str, float]:
         dp.assert_replicated({"weights": self.model.parameters()})
         v = self.evaluate(self.valid)
-        if self.best is None or v["loss"] < self.best["valid_loss"]:  # on every rank alike
+        # (on every rank alike; a NaN best, e.g. a diverged first epoch, is replaced)
+        if self.best is None or v["loss"] < self.best["valid_loss"] \
+                or math.isnan(self.best["valid_loss"]):
             with self.averaged(), torch.no_grad():
                 state = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
             self.best = {"epoch": epoch, "valid_loss": v["loss"], "state": state}

@@ -56,6 +56,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds {text!r}: no seed given")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: a seed is repeated")
+    if not all(0 <= s < 2**32 for s in seeds):  # before the parent directory is made
+        raise ConfigError(f"--seeds {text!r}: seeds must be in [0, 2**32) (numpy's range)")
     return seeds
 
 
@@ -183,6 +185,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     genos = [r["genotype"] for r in done if r.get("genotype") is not None]
 
     def stat(values: list[float]) -> dict[str, Any]:
+        values = [v for v in values if math.isfinite(v)]  # (a NaN makes no statistic)
         mean, std = mean_std(values) if values else (None, None)
         return {"mean": mean, "std": std, "n": len(values)}
 
@@ -224,7 +227,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         params = f"{r['params']:,}" if r.get("params") is not None else "-"
         lines.append(f"| {r['seed']} | {_pct(r.get('test_acc'))} | "
                      f"{_pct(r.get('search_val_acc'))} | {params} | "
-                     f"`{r.get('genotype_text') or r.get('error') or '-'}` |")
+                     f"`{r.get('error') or r.get('genotype_text') or '-'}` |")
     for cell, edges in summary["op_frequency"].items():
         lines += ["", f"## {cell} cell: how often each op was chosen per edge", "",
                   "| edge (src->dst) | ops chosen (count over seeds) |", "|---|---|"]
@@ -233,9 +236,20 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None (standard JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_summary(parent: str | Path, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summary = summarize(records)
-    atomic_write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n",
+    atomic_write_text(json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n",
                       Path(parent) / "summary.json")
     atomic_write_text(summary_markdown(summary), Path(parent) / "summary.md")
     return summary

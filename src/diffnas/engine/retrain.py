@@ -23,7 +23,7 @@ from diffnas.engine.checkpoint import (
     seed_everything,
 )
 from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.engine.rundir import pin_genotype, resolve_device, test_subset_seed
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.report.cost import count_macs, count_parameters
@@ -160,7 +160,8 @@ def run_retrain(
     r, d = cfg.retrain, cfg.data
     device = dp.rank_device(resolve_device(cfg.device))
     data = data or load_dataset(
-        d.name, d.root, d.download, d.resolution, r.train_subset, d.test_subset, cfg.seed
+        d.name, d.root, d.download, d.resolution, r.train_subset, d.test_subset, cfg.seed,
+        test_subset_seed(run_dir, cfg.seed),
     )
     shape = DataShape(data.in_channels, data.resolution, data.num_classes)
     seed_everything(cfg.seed)

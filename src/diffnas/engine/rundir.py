@@ -82,6 +82,17 @@ def made_by(run_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def test_subset_seed(run_dir: str | Path, seed: int) -> int | None:
+    """The generator seed of ``data.test_subset`` for a retraining in ``run_dir``: None
+    (the fixed one of ``data.load_dataset``), except when continuing a retraining begun
+    before runs recorded ``made_by.txt``, whose test subset followed the run's seed
+    (``seed + 1``): its logged epochs were scored on those images."""
+    run = Path(run_dir)
+    if made_by(run) is None and (run / "retrain" / "metrics.jsonl").is_file():
+        return seed + 1
+    return None
+
+
 def is_train_run(run_dir: str | Path) -> bool:
     """Whether ``diffnas train`` made ``run_dir`` (for runs made before that was recorded:
     it holds retrain/ but no search/)."""

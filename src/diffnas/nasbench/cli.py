@@ -221,8 +221,8 @@ def _file_settings(data: dict) -> dict[str, dict]:
     held them, from the command's ``--strategy`` and ``--set``."""
     args = data.get("args") or {}
     names = sorted({o["strategy"] for o in data["outcomes"]})
-    if isinstance(args.get("strategy"), str):
-        names = _csv_list(args["strategy"], "--strategy")
+    if isinstance(args.get("strategy"), str):  # (as it ran: repeats allowed then)
+        names = list(dict.fromkeys(t.strip() for t in args["strategy"].split(",") if t.strip()))
     return _strategy_settings(names, args.get("set") or [])
 
 
@@ -241,7 +241,11 @@ def _summary(p: argparse.ArgumentParser):
             data = read_json(f, "give a JSON file written by 'diffnas bench nb201'")
             if "outcomes" not in data:
                 raise ValueError(f"{f}: not a 'bench nb201' JSON file (no 'outcomes')")
-            legacy = _file_settings(data)
+            try:
+                legacy = _file_settings(data)
+            except ValueError as exc:  # e.g. a strategy renamed since
+                raise ValueError(f"{f}: cannot tell the settings its runs used ({exc})") \
+                    from None
             for o in data["outcomes"]:  # a (strategy, budget, seed) run repeated: keep one
                 mine = o["settings"] if "settings" in o else legacy.get(o["strategy"], {})
                 seen, where = setting_of.setdefault(o["strategy"], (mine, f))

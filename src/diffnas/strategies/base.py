@@ -173,7 +173,8 @@ class SearchStrategy:
         objective: Objective,
         epochs: int,
     ) -> None:
-        type(self).check_setup(config, arch_params, epochs)
+        with torch.random.fork_rng(devices=[]):  # (a check may build ops: not the run's draws)
+            type(self).check_setup(config, arch_params, epochs)
         self.config = config
         self.supernet = supernet
         self.arch_params = arch_params
