@@ -207,7 +207,7 @@ def _train(p: argparse.ArgumentParser):
             cfg.retrain.train_subset,
             d.test_subset,
             cfg.seed,
-            test_subset_seed(run_dir, cfg.seed),
+            dp.main_process_result(test_subset_seed, run_dir, cfg.seed),  # rank 0 reads
         )
         result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume), data=data)
         if main:

@@ -161,7 +161,7 @@ def run_retrain(
     device = dp.rank_device(resolve_device(cfg.device))
     data = data or load_dataset(
         d.name, d.root, d.download, d.resolution, r.train_subset, d.test_subset, cfg.seed,
-        test_subset_seed(run_dir, cfg.seed),
+        dp.main_process_result(test_subset_seed, run_dir, cfg.seed),  # rank 0 reads the dir
     )
     shape = DataShape(data.in_channels, data.resolution, data.num_classes)
     seed_everything(cfg.seed)
