@@ -510,3 +510,74 @@ def test_nb201_config_measures_and_reports_latency(tmp_path, capsys):
     report = json.loads(text[text.index("\n{") + 1:])  # after the printed genotype
     assert report["flops_by_op"]["nor_conv_3x3"] > report["flops_by_op"]["nor_conv_1x1"] > 0
     assert sum(report["flops_by_op"].values()) == report["flops"]
+
+
+def test_a_torn_last_record_is_dropped_and_the_next_measurement_appends_cleanly(tmp_path):
+    space = tiny_space()
+    path = tmp_path / "lat.jsonl"
+    s = LatencySettings(warmup=0, repeats=2)
+    build_dataset(space, path, 2, (1, 8, 8), {}, s, chunk=2)
+    text = path.read_text()
+    path.write_text(text + text.splitlines()[0][:40])  # a kill while appending a record
+    assert len(load_records(path)) == 2
+    build_dataset(space, path, 1, (1, 8, 8), {}, s, chunk=1)
+    assert len(load_records(path)) == 3 and path.read_text().endswith("\n")
+    path.write_text("{oops\n" + path.read_text())  # a bad line elsewhere is still an error
+    with pytest.raises(ValueError, match=r"lat.jsonl:1: not a JSON record"):
+        load_records(path)
+
+
+def test_fit_keeps_repeated_measurements_of_one_network_on_one_side():
+    """Merged files can hold one architecture twice: both copies train or both are held
+    out, or the held-out error flatters the predictor. Without repeats the split is the
+    one of a plain permutation of the records."""
+    from diffnas.genotype import Genotype
+    from diffnas.hardware.dataset import genotype_key
+    from diffnas.hardware.predictor import split_by_architecture
+
+    space = tiny_space()
+    records = _synthetic_records(space, 40)
+    train, test = split_by_architecture(records, 0.2, seed=3)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(test, perm[:8]) and torch.equal(train, perm[8:])
+    merged = records + [dict(r) for r in records[:15]]  # 15 networks measured twice
+    train, test = split_by_architecture(merged, 0.2, seed=3)
+    assert sorted([*train.tolist(), *test.tolist()]) == list(range(55))
+    key = [genotype_key(Genotype.from_dict(r["genotype"])) for r in merged]
+    assert not {key[i] for i in train.tolist()} & {key[i] for i in test.tolist()}
+    assert len({key[i] for i in test.tolist()}) == 8  # 20% of the 40 architectures
+
+
+def test_cli_refuses_settings_that_would_measure_nothing_or_overwrite(tmp_path, capsys):
+    from diffnas.cli import main
+
+    tiny = "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}"
+    for flag in ("--count", "--chunk"):
+        assert main(["latency", "measure", "--out", str(tmp_path / "l.jsonl"), flag, "0",
+                     tiny]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "l.jsonl").exists()
+    assert main(["latency", "fit", "--data", str(tmp_path / "l.jsonl"), "--out",
+                 str(tmp_path / "p.json"), tiny]) == 2
+    assert "name the predictor .pt" in capsys.readouterr().err
+
+
+def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, monkeypatch):
+    from diffnas.config import load_config, save_config
+    from diffnas.hardware import sweep
+
+    for lams, match in (([-1.0], "finite and >= 0"), ([1.0, 1], "a value is repeated")):
+        with pytest.raises(ValueError, match=match):
+            sweep.run_sweep(None, [], "p.pt", lams, tmp_path / "s")
+    monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
+    monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: type(
+        "D", (), {"in_channels": 1, "resolution": 8, "num_classes": 10})())
+    monkeypatch.setattr(sweep.LatencyPredictor, "load", staticmethod(
+        lambda path: type("P", (), {"check_space": lambda self, s: None})()))
+    old = tmp_path / "s/lam0.5"
+    old.mkdir(parents=True)
+    save_config(sweep._with_penalty(load_config(None, ["search.epochs=1"]), 0.5, "p.pt"),
+                old / "config.yaml")
+    with pytest.raises(ValueError, match="holds a run made with other settings"):
+        sweep.run_sweep(None, ["search.epochs=50"], "p.pt", [0.5], tmp_path / "s")
+    assert load_config(old / "config.yaml").search.epochs == 1  # left as it was

@@ -94,6 +94,9 @@ def _latency(p: argparse.ArgumentParser):
 def _measure(args: argparse.Namespace) -> int:
     from diffnas.hardware.dataset import build_dataset
 
+    for flag, value in (("--count", args.count), ("--chunk", args.chunk)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     cfg, space, shape, network = _space_from_config(args.config, args.overrides)
     print(f"measuring {args.count} {space.name} architectures, input {shape}, network "
           f"{network}, {_settings(args)}", flush=True)
@@ -109,6 +112,9 @@ def _fit(args: argparse.Namespace) -> int:
     from diffnas.hardware.dataset import load_records
     from diffnas.hardware.predictor import fit_predictor
 
+    if Path(args.out).suffix == ".json":  # the report goes to OUT with the suffix .json
+        raise ValueError(f"--out {args.out}: the predictor's report is written beside it as "
+                         "a .json file; name the predictor .pt")
     _, space, _, _ = _space_from_config(args.config, args.overrides)
     records = load_records(args.data, args.fingerprint)
     predictor, report = fit_predictor(records, space, holdout=args.holdout,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -167,12 +168,18 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
     if not p.is_file():
         raise FileNotFoundError(f"latency dataset not found: {p}")
     records = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    text = p.read_text()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as exc:
+            if n == len(lines) and not text.endswith("\n"):  # a write cut short by a kill
+                log.warning("%s:%d: dropping a torn last record (a measurement run stopped "
+                            "while writing it)", p, n)
+                continue
             raise ValueError(f"{p}:{n}: not a JSON record: {exc}") from exc
         missing = {"genotype", "encoding", "latency_ms", "device", "settings"} - set(r)
         if missing:
@@ -180,6 +187,16 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
         if fingerprint is None or r["device"]["id"] == fingerprint:
             records.append(r)
     return records
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut ``path`` back to its last complete line (load_records skips a torn one)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def build_dataset(
@@ -263,9 +280,11 @@ def build_dataset(
                 "load": [load_before, load_after],
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **common,
             })
-        with path.open("a") as f:
-            for r in batch:
-                f.write(json.dumps(r) + "\n")
+        _drop_torn_tail(path)  # (a record cut short by a kill would swallow the next one)
+        with path.open("a") as f:  # one write per chunk, on disk before the next chunk
+            f.write("".join(json.dumps(r) + "\n" for r in batch))
+            f.flush()
+            os.fsync(f.fileno())
         new += batch
         if progress is not None:
             progress(len(new), count)

@@ -31,10 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffnas.genotype import Genotype
 from diffnas.hardware.dataset import (
     anchored_latencies,
     describe_differences,
     edge_ops,
+    genotype_key,
     one_hot,
     record_op_mismatch,
     settings_differences,
@@ -205,6 +207,23 @@ def mean_relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(((pred - target).abs() / target).mean())
 
 
+def split_by_architecture(records: Sequence[Mapping[str, Any]], holdout: float, seed: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) record indices, a ``holdout`` fraction of the architectures held
+    out: repeated measurements of one network (merged files) stay on one side, or the
+    held-out error would flatter the predictor. Without repeats: a seeded permutation of
+    the records, its first ``round(holdout * n)`` (at least 1) held out."""
+    keys = [genotype_key(Genotype.from_dict(r["genotype"])) for r in records]
+    groups = list(dict.fromkeys(keys))
+    perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(holdout * len(groups)))
+    if len(groups) == len(keys):
+        return perm[n_test:], perm[:n_test]
+    held = {groups[i] for i in perm[:n_test].tolist()}
+    return (torch.tensor([i for i, k in enumerate(keys) if k not in held], dtype=torch.long),
+            torch.tensor([i for i, k in enumerate(keys) if k in held], dtype=torch.long))
+
+
 def fit_predictor(
     records: Sequence[dict], space: SearchSpace, holdout: float = 0.2, epochs: int = 600,
     lr: float = 3e-3, weight_decay: float = 1e-4, hidden: int = 32, seed: int = 0,
@@ -243,13 +262,10 @@ def fit_predictor(
     x = encode_records(records, space)
     raw = torch.tensor([float(r["latency_ms"]) for r in records])
     y = torch.tensor(anchored_latencies(list(records))) if target == "anchored" else raw
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(records), generator=g)
-    n_test = max(1, round(holdout * len(records)))
-    if len(records) - n_test < 2:  # the target's std (and any fit) needs two records
-        raise ValueError(f"holdout {holdout} leaves {len(records) - n_test} of {len(records)} "
+    train, test = split_by_architecture(records, holdout, seed)
+    if len(train) < 2:  # the target's std (and any fit) needs two records
+        raise ValueError(f"holdout {holdout} leaves {len(train)} of {len(records)} "
                          "records to train on; need at least 2 (lower the holdout)")
-    test, train = perm[:n_test], perm[n_test:]
     torch.manual_seed(seed)
     model = LatencyPredictor(space_shapes(space), hidden, y[train].mean().item(),
                              y[train].std().item(), ops=space_ops(space))

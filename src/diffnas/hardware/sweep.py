@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffnas.config import load_config, save_config
+from diffnas.config import load_config, save_config, to_dict
 from diffnas.data import load_dataset
 from diffnas.engine.retrain import run_retrain
 from diffnas.engine.search import load_search_data, run_search
@@ -43,6 +44,12 @@ def run_sweep(
     """One search + retrain per lambda (reusing finished runs under ``out``), then the
     derived networks are measured together (interleaved) and a table and plot written."""
     settings = settings or LatencySettings()
+    bad = [lam for lam in lambdas if not (math.isfinite(lam) and lam >= 0)]
+    if bad:
+        raise ValueError(f"--lambdas {bad}: each must be finite and >= 0 (0: no penalty)")
+    if len({f"{lam:g}" for lam in lambdas}) != len(lambdas):
+        raise ValueError(f"--lambdas {lambdas}: a value is repeated (they name the run "
+                         "directories lam<value>)")
     base = load_config(config, overrides)
     out.mkdir(parents=True, exist_ok=True)
     pred = LatencyPredictor.load(predictor)
@@ -59,11 +66,19 @@ def run_sweep(
         cfg = _with_penalty(base, lam, predictor)
         run_dir = out / f"lam{lam:g}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        saved = run_dir / "config.yaml"
+        if saved.is_file():  # a run of an earlier sweep: reused only with the same settings
+            if to_dict(load_config(saved, device=False)) != to_dict(cfg):
+                raise ValueError(
+                    f"{run_dir} holds a run made with other settings (its config.yaml differs "
+                    "from this sweep's config, overrides or predictor): sweep into another "
+                    "--out, or delete it to run it again")
+        else:
+            save_config(cfg, saved)
         if (run_dir / "search" / "DONE").exists():
             genotype = Genotype.load(run_dir / "search" / "genotype.json")
-        else:
-            genotype = run_search(cfg, run_dir, data=search_data).genotype
+        else:  # (continues a stopped search from its checkpoint)
+            genotype = run_search(cfg, run_dir, resume=True, data=search_data).genotype
         # the softmax weights at the end of the search (the last alphas.jsonl record)
         final = json.loads((run_dir / "search" / "alphas.jsonl").read_text().splitlines()[-1])
         with torch.no_grad():
@@ -72,7 +87,8 @@ def run_sweep(
         if result_file.exists():
             acc = json.loads(result_file.read_text())["test_acc"]
         else:
-            acc = run_retrain(cfg, genotype, run_dir, data=retrain_data)["test_acc"]
+            acc = run_retrain(cfg, genotype, run_dir, resume=True,
+                              data=retrain_data)["test_acc"]
         with torch.no_grad():
             predicted = float(pred(one_hot(encode_indices(genotype, space), space)))
         rows.append({"lambda": lam, "test_acc": acc, "predicted_ms": predicted,
