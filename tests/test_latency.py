@@ -581,3 +581,10 @@ def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, m
     with pytest.raises(ValueError, match="holds a run made with other settings"):
         sweep.run_sweep(None, ["search.epochs=50"], "p.pt", [0.5], tmp_path / "s")
     assert load_config(old / "config.yaml").search.epochs == 1  # left as it was
+
+    def reached(cfg, run_dir, resume=False, data=None):
+        raise RuntimeError(f"search reached, resume={resume}")
+
+    monkeypatch.setattr(sweep, "run_search", reached)  # the same settings pass the check
+    with pytest.raises(RuntimeError, match="search reached, resume=True"):
+        sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [0.5], tmp_path / "s")
