@@ -300,3 +300,36 @@ def test_cli_search_writes_the_run_dir(tmp_path, capsys):
     assert main(["train", "--config", str(CONFIG), "--genotype", str(tmp_path / "gcn.json"),
                  *KARATE, "retrain.epochs=3", f"out_dir={tmp_path}", "name=train"]) == 0
     assert (tmp_path / "train/retrain/result.json").is_file()
+
+
+def test_edge_lists_the_ops_cannot_use_are_refused():
+    """gcn's D^-1/2 (A+I) D^-1/2 and gat's self-attention need one self loop per node and
+    each edge once: a PyG-style list without loops, or with a repeat, is an error."""
+    from diffnas.ops.graph import Graph
+
+    ring = torch.tensor([[0, 1, 1, 2, 2, 0], [1, 0, 2, 1, 0, 2]])
+    loops = torch.arange(3).repeat(2, 1)
+    Graph(torch.cat([ring, loops], 1), 3)
+    with pytest.raises(ValueError, match="0 self loops for 3 nodes"):
+        Graph(ring, 3)
+    with pytest.raises(ValueError, match="1 repeated edges"):
+        Graph(torch.cat([ring, loops, ring[:, :1]], 1), 3)
+
+
+def test_repeated_gnn_ops_are_refused():
+    with pytest.raises(ConfigError, match=r"search\.space\.ops must be without repeats"):
+        load_config(str(CONFIG), ["search.space.ops=[gcn, gcn, none]"])
+
+
+@pytest.mark.skipif(not CORA.is_dir(), reason="needs ../shared/data/cora")
+def test_a_test_index_naming_a_node_twice_is_refused(tmp_path):
+    """The test rows are put back at their node ids: a repeated id (and so a missing one)
+    would scramble features and labels silently."""
+    from diffnas.data.graph import load_graph
+
+    for f in CORA.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    ids = (tmp_path / "ind.cora.test.index").read_text().split()
+    (tmp_path / "ind.cora.test.index").write_text("\n".join([ids[0], *ids[:-1]]) + "\n")
+    with pytest.raises(ValueError, match="must name each of the nodes 1708..2707 once"):
+        load_graph("cora", str(tmp_path))

@@ -61,7 +61,7 @@ class GraphData:
 
     def adjacency(self) -> torch.Tensor:
         """The adjacency (self loops included) as a sparse COO ``(N, N)`` tensor."""
-        ones = torch.ones(self.edge_index.shape[1])
+        ones = torch.ones(self.edge_index.shape[1], device=self.edge_index.device)
         return torch.sparse_coo_tensor(self.edge_index, ones,
                                        (self.num_nodes, self.num_nodes),
                                        check_invariants=True).coalesce()
@@ -152,6 +152,9 @@ def load_cora(root: str | None) -> GraphData:
     if test_sorted.min() < allx.shape[0] or test_sorted.max() >= n:
         raise ValueError(f"Cora: {paths['test.index']} names nodes outside "
                          f"{allx.shape[0]}..{n - 1}; {CORA_HELP}")
+    if not np.array_equal(test_sorted, np.arange(allx.shape[0], n)):  # (the reorder needs
+        raise ValueError(f"Cora: {paths['test.index']} must name each of the nodes "  # all)
+                         f"{allx.shape[0]}..{n - 1} once; {CORA_HELP}")
     # the test rows come in test.index order; put them back at their node ids (GCN code)
     features[test_order] = features[test_sorted]
     labels[test_order] = labels[test_sorted]

@@ -50,6 +50,14 @@ class Graph:
             raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
         self.num_nodes = num_nodes
         self.src, self.dst = edge_index[0].long(), edge_index[1].long()
+        loops = int((self.src == self.dst).sum())
+        pairs = self.src * num_nodes + self.dst
+        if loops != num_nodes or torch.unique(pairs).numel() != pairs.numel():
+            raise ValueError(  # gcn's D^-1/2 (A+I) D^-1/2 and gat's self-attention need both
+                f"edge_index must hold each edge once and one self loop per node: it has "
+                f"{loops} self loops for {num_nodes} nodes and "
+                f"{pairs.numel() - torch.unique(pairs).numel()} repeated edges "
+                "(data.graph.symmetric_edges builds such an edge list)")
         deg = torch.bincount(self.dst, minlength=num_nodes).to(torch.get_default_dtype())
         inv_sqrt = deg.clamp(min=1).rsqrt()
         self.gcn_weight = inv_sqrt[self.src] * inv_sqrt[self.dst]  # D^-1/2 (A+I) D^-1/2

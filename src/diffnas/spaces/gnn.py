@@ -50,6 +50,8 @@ class GnnConfig:
             raise ValueError(f"unknown graph op(s) {unknown}; known: {GRAPH_OPS.names()}")
         if all(o == "none" for o in self.ops):
             raise ValueError("the gnn space needs an op besides 'none'")
+        require(len(set(self.ops)) == len(self.ops), "search.space.ops", "without repeats",
+                self.ops)
         for key in ("hidden", "nodes", "cells"):
             require(getattr(self, key) >= 1, f"search.space.{key}", ">= 1", getattr(self, key))
         if "gat" in self.ops and self.hidden % 4:
