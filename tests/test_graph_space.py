@@ -314,6 +314,8 @@ def test_edge_lists_the_ops_cannot_use_are_refused():
         Graph(ring, 3)
     with pytest.raises(ValueError, match="1 repeated edges"):
         Graph(torch.cat([ring, loops, ring[:, :1]], 1), 3)
+    with pytest.raises(ValueError, match=r"names nodes outside 0..1"):
+        Graph(torch.tensor([[0, 1, 0, 1, 0], [3, 0, 0, 1, 2]]), 2)
 
 
 def test_repeated_gnn_ops_are_refused():

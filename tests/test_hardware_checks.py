@@ -269,7 +269,7 @@ def test_sweep_plot_is_titled_after_the_config(tmp_path, monkeypatch):
     LatencyPredictor(space_shapes(space), hidden=4).save(pred_file)
     geno = sample_genotype(space, torch.Generator().manual_seed(0))
 
-    def fake_search(cfg, run_dir, data=None):
+    def fake_search(cfg, run_dir, resume=False, data=None):
         (run_dir / "search").mkdir(parents=True, exist_ok=True)
         w = one_hot(encode_indices(geno, space), space)
         (run_dir / "search" / "alphas.jsonl").write_text(

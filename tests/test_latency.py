@@ -522,6 +522,9 @@ def test_a_torn_last_record_is_dropped_and_the_next_measurement_appends_cleanly(
     assert len(load_records(path)) == 2
     build_dataset(space, path, 1, (1, 8, 8), {}, s, chunk=1)
     assert len(load_records(path)) == 3 and path.read_text().endswith("\n")
+    path.write_text(path.read_text().rstrip("\n"))  # a whole last record, its newline lost
+    build_dataset(space, path, 1, (1, 8, 8), {}, s, chunk=1)
+    assert len(load_records(path)) == 4  # kept: not mistaken for a torn one
     path.write_text("{oops\n" + path.read_text())  # a bad line elsewhere is still an error
     with pytest.raises(ValueError, match=r"lat.jsonl:1: not a JSON record"):
         load_records(path)
@@ -588,3 +591,46 @@ def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, m
     monkeypatch.setattr(sweep, "run_search", reached)  # the same settings pass the check
     with pytest.raises(RuntimeError, match="search reached, resume=True"):
         sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [0.5], tmp_path / "s")
+
+
+def test_sweep_reuse_ignores_how_a_run_executes_but_not_a_refitted_predictor(tmp_path,
+                                                                             monkeypatch):
+    """A rerun with the predictor named by another path, or with progress/device/logger
+    changed, reuses the runs; a predictor file refitted in place does not. Conflicts are
+    found before any lambda runs."""
+    from diffnas.hardware import sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.pt").write_bytes(b"v1")
+    searched = []
+
+    def reached(cfg, run_dir, resume=False, data=None):
+        searched.append(run_dir.name)
+        raise RuntimeError("search reached")
+
+    monkeypatch.setattr(sweep, "run_search", reached)
+    monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
+    monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: type(
+        "D", (), {"in_channels": 1, "resolution": 8, "num_classes": 10})())
+    monkeypatch.setattr(sweep.LatencyPredictor, "load", staticmethod(
+        lambda path: type("P", (), {"check_space": lambda self, s: None})()))
+    out = tmp_path / "s"
+    with pytest.raises(RuntimeError):  # a first sweep: lam1 is made, its search starts
+        sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [1.0], out)
+    assert (out / "lam1" / sweep.PREDICTOR_DIGEST).is_file()
+    for predictor, extra in ((str(tmp_path / "p.pt"), ["progress=false"]),
+                             ("./p.pt", ["logger=tensorboard"])):
+        with pytest.raises(RuntimeError, match="search reached"):
+            sweep.run_sweep(None, ["search.epochs=1", *extra], predictor, [1.0], out)
+    (tmp_path / "p.pt").write_bytes(b"v2")  # refitted in place
+    searched.clear()
+    with pytest.raises(ValueError, match="another version of the predictor file"):
+        sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [0.5, 1.0], out)
+    assert searched == [] and not (out / "lam0.5").exists()  # checked before any work
+
+
+def test_records_of_one_architecture_say_so():
+    space = tiny_space()
+    rec = _synthetic_records(space, 1)[0]
+    with pytest.raises(ValueError, match="measure one architecture only"):
+        fit_predictor([rec] * 12, space, epochs=1, target="raw")

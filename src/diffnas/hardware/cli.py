@@ -112,7 +112,7 @@ def _fit(args: argparse.Namespace) -> int:
     from diffnas.hardware.dataset import load_records
     from diffnas.hardware.predictor import fit_predictor
 
-    if Path(args.out).suffix == ".json":  # the report goes to OUT with the suffix .json
+    if Path(args.out).suffix.lower() == ".json":  # the report goes to OUT with the suffix .json
         raise ValueError(f"--out {args.out}: the predictor's report is written beside it as "
                          "a .json file; name the predictor .pt")
     _, space, _, _ = _space_from_config(args.config, args.overrides)

@@ -190,13 +190,26 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
 
 
 def _drop_torn_tail(path: Path) -> None:
-    """Cut ``path`` back to its last complete line (load_records skips a torn one)."""
-    if not path.is_file():
+    """End ``path`` with a newline before appending: a last line that is a whole record
+    (a file whose final newline was lost) gets one; a torn record (load_records skips it)
+    is cut off, with a warning."""
+    if not path.is_file() or path.stat().st_size == 0:
         return
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+    except ValueError:
+        log.warning("%s: cutting off a torn last record before appending", path)
         with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+            f.truncate(cut)
+    else:
+        with path.open("ab") as f:
+            f.write(b"\n")
 
 
 def build_dataset(
@@ -240,6 +253,7 @@ def build_dataset(
     path.parent.mkdir(parents=True, exist_ok=True)
     anchor = space.build_network(anchor_genotype(space), **network)
     exhausted = False
+    _drop_torn_tail(path)  # (a record cut short by a kill would swallow the next one)
     while len(new) < count and not exhausted:
         genotypes: list[Genotype] = []
         misses = 0
@@ -280,7 +294,6 @@ def build_dataset(
                 "load": [load_before, load_after],
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **common,
             })
-        _drop_torn_tail(path)  # (a record cut short by a kill would swallow the next one)
         with path.open("a") as f:  # one write per chunk, on disk before the next chunk
             f.write("".join(json.dumps(r) + "\n" for r in batch))
             f.flush()

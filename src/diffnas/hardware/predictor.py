@@ -263,6 +263,9 @@ def fit_predictor(
     raw = torch.tensor([float(r["latency_ms"]) for r in records])
     y = torch.tensor(anchored_latencies(list(records))) if target == "anchored" else raw
     train, test = split_by_architecture(records, holdout, seed)
+    if len(train) == 0:
+        raise ValueError(f"the {len(records)} records measure one architecture only: a "
+                         "predictor needs several (measure more)")
     if len(train) < 2:  # the target's std (and any fit) needs two records
         raise ValueError(f"holdout {holdout} leaves {len(train)} of {len(records)} "
                          "records to train on; need at least 2 (lower the holdout)")

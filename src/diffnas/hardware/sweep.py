@@ -4,6 +4,7 @@ derived architecture briefly, measure it, and plot accuracy against measured lat
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,44 @@ def _with_penalty(cfg, lam: float, predictor: str):
     return c
 
 
+#: the sha256 of the predictor file a lambda's run searched with (beside its config.yaml)
+PREDICTOR_DIGEST = "predictor.sha256"
+#: where and how a run executes: not what it computes, so not compared on reuse
+_RUN_ONLY = ("device", "progress", "logger")
+
+
+def _computed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the settings of where a run executes, predictor paths
+    resolved (a relative and an absolute path to one file are one predictor)."""
+    out = {k: v for k, v in cfg.items() if k not in _RUN_ONLY}
+    strategy = dict(out["search"]["strategy"])
+    strategy["penalties"] = [
+        {**p, "predictor": str(Path(p["predictor"]).resolve())} if "predictor" in p else p
+        for p in strategy.get("penalties", [])]
+    out["search"] = {**out["search"], "strategy": strategy}
+    return out
+
+
+def _check_reusable(run_dir: Path, cfg: Any, digest: str) -> None:
+    """A run under ``run_dir`` from an earlier sweep is reused only if it computes what
+    this sweep would: the same settings and the same predictor file (its content)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old, new = (_computed(to_dict(c)) for c in (load_config(saved, device=False), cfg))
+    same = old == new
+    recorded = run_dir / PREDICTOR_DIGEST
+    if same and recorded.is_file() and recorded.read_text().strip() != digest:
+        raise ValueError(f"{run_dir} searched with another version of the predictor file "
+                         "(it was refitted since): sweep into another --out, or delete the "
+                         "run to search again")
+    if not same:
+        raise ValueError(
+            f"{run_dir} holds a run made with other settings (its config.yaml differs from "
+            "this sweep's config, overrides or predictor): sweep into another --out, or "
+            "delete it to run it again")
+
+
 def run_sweep(
     config: str, overrides: list[str], predictor: str, lambdas: list[float], out: Path,
     settings: LatencySettings | None = None,
@@ -44,6 +83,7 @@ def run_sweep(
     """One search + retrain per lambda (reusing finished runs under ``out``), then the
     derived networks are measured together (interleaved) and a table and plot written."""
     settings = settings or LatencySettings()
+    lambdas = [lam + 0.0 for lam in lambdas]  # (-0.0 is 0.0: one directory, lam0)
     bad = [lam for lam in lambdas if not (math.isfinite(lam) and lam >= 0)]
     if bad:
         raise ValueError(f"--lambdas {bad}: each must be finite and >= 0 (0: no penalty)")
@@ -51,6 +91,13 @@ def run_sweep(
         raise ValueError(f"--lambdas {lambdas}: a value is repeated (they name the run "
                          "directories lam<value>)")
     base = load_config(config, overrides)
+    predictor = str(Path(predictor).resolve())  # as the runs record it
+    digest = hashlib.sha256(Path(predictor).read_bytes()).hexdigest() \
+        if Path(predictor).is_file() else ""
+    # every earlier run under ``out`` is checked before any work starts
+    runs = {lam: (out / f"lam{lam:g}", _with_penalty(base, lam, predictor)) for lam in lambdas}
+    for run_dir, cfg in runs.values():
+        _check_reusable(run_dir, cfg, digest)
     out.mkdir(parents=True, exist_ok=True)
     pred = LatencyPredictor.load(predictor)
     search_data = load_search_data(base)
@@ -63,18 +110,11 @@ def run_sweep(
     pred.check_space(space)
     rows = []
     for lam in lambdas:
-        cfg = _with_penalty(base, lam, predictor)
-        run_dir = out / f"lam{lam:g}"
+        run_dir, cfg = runs[lam]
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / "config.yaml"
-        if saved.is_file():  # a run of an earlier sweep: reused only with the same settings
-            if to_dict(load_config(saved, device=False)) != to_dict(cfg):
-                raise ValueError(
-                    f"{run_dir} holds a run made with other settings (its config.yaml differs "
-                    "from this sweep's config, overrides or predictor): sweep into another "
-                    "--out, or delete it to run it again")
-        else:
-            save_config(cfg, saved)
+        if not (run_dir / "config.yaml").is_file():
+            save_config(cfg, run_dir / "config.yaml")
+            (run_dir / PREDICTOR_DIGEST).write_text(digest + "\n")
         if (run_dir / "search" / "DONE").exists():
             genotype = Genotype.load(run_dir / "search" / "genotype.json")
         else:  # (continues a stopped search from its checkpoint)

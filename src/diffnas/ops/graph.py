@@ -50,6 +50,9 @@ class Graph:
             raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
         self.num_nodes = num_nodes
         self.src, self.dst = edge_index[0].long(), edge_index[1].long()
+        if edge_index.numel() and not (0 <= int(edge_index.min())
+                                       and int(edge_index.max()) < num_nodes):
+            raise ValueError(f"edge_index names nodes outside 0..{num_nodes - 1}")
         loops = int((self.src == self.dst).sum())
         pairs = self.src * num_nodes + self.dst
         if loops != num_nodes or torch.unique(pairs).numel() != pairs.numel():
