@@ -541,3 +541,18 @@ def test_save_config_leaves_the_old_file_whole_when_a_write_fails(tmp_path, monk
     monkeypatch.undo()
     save_config(dataclasses.replace(cfg, seed=cfg.seed + 1), path)
     assert load_config(path).seed == cfg.seed + 1
+
+
+@pytest.mark.parametrize("path, override, engine", [
+    (RNN, "retrain.lr_min=0.001", "language-model"),
+    (RNN, "retrain.cutout=8", "language-model"),
+    (GNN, "retrain.lr_min=0.001", "graph"),
+    (GNN, "retrain.batch_size=32", "graph"),
+    (GNN, "retrain.momentum=0.5", "graph"),
+], ids=["rnn-lr_min", "rnn-cutout", "gnn-lr_min", "gnn-batch", "gnn-momentum"])
+def test_retrain_settings_an_engine_never_reads_are_refused(path, override, engine):
+    """Changed from their defaults they would be silently ignored (lr_min promising a
+    decay the Adam/SGD retraining of these engines does not do)."""
+    key = override.split("=")[0]
+    _refused([override], rf"{re.escape(key)}: the {engine} .* does not read this", path)
+    load_config(path, ["retrain.lr=0.02"])  # settings the engine reads are accepted

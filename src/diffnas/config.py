@@ -383,6 +383,7 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
     _check_data(cfg)
     _check_lm(cfg)
     _check_retrain(cfg, always=not search)
+    _check_unread_retrain(cfg)
     _check_diagnostics(cfg)
     if search:
         _check_strategy_setup(cfg)
@@ -491,6 +492,27 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
             and r.train_subset < 2 * r.batch_size:  # batchify: 2 tokens per column at least
         raise ConfigError(f"retrain.train_subset={r.train_subset} tokens are too few for "
                           f"retrain.batch_size={r.batch_size} columns (2 tokens each at least)")
+
+
+#: the retrain settings of the image retraining that the other engines never read
+UNREAD_RETRAIN = {
+    "darts_rnn": ("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding", "flip"),
+    "gnn": ("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path", "cutout",
+            "crop_padding", "flip", "train_subset"),
+}
+
+
+def _check_unread_retrain(cfg: RunConfig) -> None:
+    """A retrain setting the space's engine never reads, changed from its default, is an
+    error rather than silently ignored (e.g. ``lr_min`` expecting a cosine decay)."""
+    keys = UNREAD_RETRAIN.get(_space_name(cfg), ())
+    default = RetrainConfig()
+    changed = [k for k in keys if getattr(cfg.retrain, k) != getattr(default, k)]
+    if changed:
+        engine = "language-model (engine/lm.py)" if _space_name(cfg) == "darts_rnn" \
+            else "graph (engine/graph.py)"
+        raise ConfigError(f"{', '.join('retrain.' + k for k in changed)}: the {engine} "
+                          "retraining does not read this; remove it")
 
 
 def _check_diagnostics(cfg: RunConfig) -> None:
