@@ -634,3 +634,17 @@ def test_records_of_one_architecture_say_so():
     rec = _synthetic_records(space, 1)[0]
     with pytest.raises(ValueError, match="measure one architecture only"):
         fit_predictor([rec] * 12, space, epochs=1, target="raw")
+
+
+def test_measure_and_report_refuse_a_device_they_would_not_time_on(tmp_path, capsys,
+                                                                    monkeypatch):
+    import diffnas.config
+    from diffnas.cli import main
+
+    monkeypatch.setattr(diffnas.config, "check_device", lambda name: None)  # as on a GPU box
+    tiny = "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}"
+    assert main(["latency", "measure", "--out", str(tmp_path / "l.jsonl"), "-n", "1", tiny,
+                 "device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "device=cuda: latency measure and report time networks on the CPU" in err
+    assert not (tmp_path / "l.jsonl").exists()

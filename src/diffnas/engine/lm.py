@@ -16,8 +16,9 @@ Settings: ``data`` (``name: ptb``, ``root``, ``batch_size`` = search batch,
 ``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``, ``momentum``, ``train_subset``,
 ``network``: the evaluation network) and the ``lm`` section (:class:`LmConfig`). The
 image-only retrain keys (auxiliary head, drop path, cutout, crop, flip, ``lr_min``) are
-not read here (refused when set: ``config.UNREAD_RETRAIN``), and the image-search settings (``search.amp``, ``search.compile``,
-``search.cuda_graph``, ``search.cudnn_benchmark``, ``search.diagnostics``) are refused.
+not read here (refused when set: ``config.UNREAD_RETRAIN``), and the image-search
+settings (``search.amp``, ``search.compile``, ``search.cuda_graph``,
+``search.cudnn_benchmark``, ``search.diagnostics``) are refused.
 ``logger: tensorboard`` writes ``RUN_DIR/tensorboard/{search,retrain}`` as for images.
 
 Data parallel (torchrun, ``engine/distributed.py``): the columns of a batchified text are

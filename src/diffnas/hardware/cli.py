@@ -10,13 +10,18 @@ from pathlib import Path
 from diffnas.cli import register_command
 
 
-def _space_from_config(config: str | None, overrides: list[str]):
-    """(run config, space, input shape (C, H, W), retrain network settings)."""
+def _space_from_config(config: str | None, overrides: list[str], timing: bool = False):
+    """(run config, space, input shape (C, H, W), retrain network settings); with
+    ``timing`` (measure, report: they time networks on this machine's CPU) a config whose
+    ``device`` is not the CPU is refused rather than silently timed on the CPU."""
     from diffnas.cli import _dry_run_shape
-    from diffnas.config import load_config
+    from diffnas.config import ConfigError, load_config
     from diffnas.spaces import DataShape, create_space
 
     cfg = load_config(config, overrides)
+    if timing and cfg.device not in ("cpu", "auto"):
+        raise ConfigError(f"device={cfg.device}: latency measure and report time networks on "
+                          "the CPU; set device=cpu (GPU timing is not supported yet)")
     c, side, k = _dry_run_shape(cfg.data.name, cfg.data.resolution, cfg.data.root)
     space = create_space(cfg.search.space, DataShape(c, side, k))
     network = {key: v for key, v in cfg.retrain.network.items() if key != "auxiliary"}
@@ -97,7 +102,7 @@ def _measure(args: argparse.Namespace) -> int:
     for flag, value in (("--count", args.count), ("--chunk", args.chunk)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    cfg, space, shape, network = _space_from_config(args.config, args.overrides)
+    cfg, space, shape, network = _space_from_config(args.config, args.overrides, timing=True)
     print(f"measuring {args.count} {space.name} architectures, input {shape}, network "
           f"{network}, {_settings(args)}", flush=True)
     new = build_dataset(space, args.out, args.count, shape, network, _settings(args),
@@ -131,7 +136,7 @@ def _report(args: argparse.Namespace) -> int:
     from diffnas.genotype import resolve_genotype
     from diffnas.hardware.costs import genotype_costs
 
-    _, space, shape, network = _space_from_config(args.config, args.overrides)
+    _, space, shape, network = _space_from_config(args.config, args.overrides, timing=True)
     genotype = resolve_genotype(args.genotype)
     out = genotype_costs(space, genotype, shape, network, _settings(args), args.predictor)
     print(genotype)
