@@ -638,10 +638,10 @@ def test_records_of_one_architecture_say_so():
 
 def test_measure_and_report_refuse_a_device_they_would_not_time_on(tmp_path, capsys,
                                                                     monkeypatch):
-    import diffnas.config
     from diffnas.cli import main
 
-    monkeypatch.setattr(diffnas.config, "check_device", lambda name: None)  # as on a GPU box
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     tiny = "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}"
     assert main(["latency", "measure", "--out", str(tmp_path / "l.jsonl"), "-n", "1", tiny,
                  "device=cuda"]) == 2
