@@ -565,6 +565,17 @@ def test_cli_refuses_settings_that_would_measure_nothing_or_overwrite(tmp_path, 
     assert "name the predictor .pt" in capsys.readouterr().err
 
 
+def _stub_sweep_inputs(monkeypatch) -> None:
+    """The sweep's data and predictor replaced by stand-ins: only its run bookkeeping runs."""
+    from diffnas.hardware import sweep
+
+    monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
+    monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: type(
+        "D", (), {"in_channels": 1, "resolution": 8, "num_classes": 10})())
+    monkeypatch.setattr(sweep.LatencyPredictor, "load", staticmethod(
+        lambda path: type("P", (), {"check_space": lambda self, s: None})()))
+
+
 def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, monkeypatch):
     from diffnas.config import load_config, save_config
     from diffnas.hardware import sweep
@@ -572,11 +583,7 @@ def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, m
     for lams, match in (([-1.0], "finite and >= 0"), ([1.0, 1], "a value is repeated")):
         with pytest.raises(ValueError, match=match):
             sweep.run_sweep(None, [], "p.pt", lams, tmp_path / "s")
-    monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
-    monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: type(
-        "D", (), {"in_channels": 1, "resolution": 8, "num_classes": 10})())
-    monkeypatch.setattr(sweep.LatencyPredictor, "load", staticmethod(
-        lambda path: type("P", (), {"check_space": lambda self, s: None})()))
+    _stub_sweep_inputs(monkeypatch)
     old = tmp_path / "s/lam0.5"
     old.mkdir(parents=True)
     save_config(sweep._with_penalty(load_config(None, ["search.epochs=1"]), 0.5, "p.pt"),
@@ -609,11 +616,7 @@ def test_sweep_reuse_ignores_how_a_run_executes_but_not_a_refitted_predictor(tmp
         raise RuntimeError("search reached")
 
     monkeypatch.setattr(sweep, "run_search", reached)
-    monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
-    monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: type(
-        "D", (), {"in_channels": 1, "resolution": 8, "num_classes": 10})())
-    monkeypatch.setattr(sweep.LatencyPredictor, "load", staticmethod(
-        lambda path: type("P", (), {"check_space": lambda self, s: None})()))
+    _stub_sweep_inputs(monkeypatch)
     out = tmp_path / "s"
     with pytest.raises(RuntimeError):  # a first sweep: lam1 is made, its search starts
         sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [1.0], out)

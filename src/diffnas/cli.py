@@ -225,7 +225,7 @@ def _resume_config(args: argparse.Namespace, search: bool = True):
     ``search=False``: a retraining, which reads no search settings."""
     from diffnas.config import ConfigError
     from diffnas.engine.multiseed import SEEDS_FILE
-    from diffnas.engine.rundir import is_train_run, load_run_config, made_by
+    from diffnas.engine.rundir import load_run_config, run_kind
 
     if (Path(args.resume) / SEEDS_FILE).is_file():
         raise ConfigError(f"{args.resume} is a multi-seed run: continue it with "
@@ -234,13 +234,13 @@ def _resume_config(args: argparse.Namespace, search: bool = True):
         raise ConfigError(f"--resume {args.resume} continues with the run's own config.yaml; "
                           "drop --config")
     run = Path(args.resume)
-    if search and is_train_run(run):
+    kind = run_kind(run)
+    if search and kind == "train":
         pinned = run / "retrain" / "genotype.json"
         raise ConfigError(
             f"{run} is a retraining made by diffnas train: continue it with diffnas train "
             f"--resume {run} --genotype {pinned if pinned.is_file() else 'GENOTYPE'}")
-    if not search and (made_by(run) == "search" or made_by(run) is None
-                       and (run / "search").is_dir()):
+    if not search and kind == "search":
         raise ConfigError(f"{run} is a search run made by diffnas search: continue it with "
                           f"diffnas search --resume {run}")
     return load_run_config(run, args.overrides, search=search)

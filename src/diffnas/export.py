@@ -108,12 +108,12 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
                    ) -> tuple[nn.Module, DataShape]:
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
     from diffnas.engine.retrain import build_network
-    from diffnas.engine.rundir import is_train_run, load_run_config
+    from diffnas.engine.rundir import load_run_config, run_kind
     from diffnas.genotype import Genotype, GenotypeError
 
     run = Path(run_dir)
     # loaded on the CPU wherever it ran; a train run's config checked as train checked it
-    cfg = load_run_config(run, device=False, search=not is_train_run(run))
+    cfg = load_run_config(run, device=False, search=run_kind(run) != "train")
     check_exportable(cfg, run)
     weights, result = run / "retrain" / "model.pt", run / "retrain" / "result.json"
     if not weights.is_file() or not result.is_file():

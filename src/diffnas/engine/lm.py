@@ -305,20 +305,17 @@ class LmSearchTask:
         self.supernet.train()
         ht = HiddenState(self.supernet.init_hidden(self.train.shape[1]))
         cols = (self.rank, self.world_size)
-        if self.arch is None:  # single-level: one stream
-            for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
-                                                self.lm.variable_bptt)):
-                x, y = get_batch(self.train, i, L)
-                yield LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0), cols), None
-            return
-        ha = HiddenState(self.supernet.init_hidden(self.arch.shape[1]))
-        arch_steps = self.arch.shape[0] - 1
+        arch = self.arch  # None: single-level, one stream
+        ha = None if arch is None else HiddenState(self.supernet.init_hidden(arch.shape[1]))
         for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
                                             self.lm.variable_bptt)):
             x, y = get_batch(self.train, i, L)
-            xa, ya = get_batch(self.arch, i % arch_steps, L)
-            yield (LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0), cols),
-                   LmBatch(xa, ya, ha, _seed(self.seed, epoch, n, 1), cols))
+            train = LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0), cols)
+            if arch is None:
+                yield train, None
+                continue
+            xa, ya = get_batch(arch, i % (arch.shape[0] - 1), L)
+            yield train, LmBatch(xa, ya, ha, _seed(self.seed, epoch, n, 1), cols)
 
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
@@ -441,11 +438,12 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
     train = _subset(corpus.train, d.train_subset)
     arch_text: torch.Tensor | None = None  # single-level: alphas learn on the training text
-    if strategy.uses_validation and lm.arch_data == "valid":
-        arch_text = _subset(corpus.valid, d.test_subset)
-    elif strategy.uses_validation:
-        cut = int(len(train) * d.search_split)
-        train, arch_text = train[:cut], train[cut:]
+    if strategy.uses_validation:
+        if lm.arch_data == "valid":
+            arch_text = _subset(corpus.valid, d.test_subset)
+        else:
+            cut = int(len(train) * d.search_split)
+            train, arch_text = train[:cut], train[cut:]
     valid = _subset(corpus.valid, d.test_subset)
 
     def columns(text: torch.Tensor) -> torch.Tensor:

@@ -372,7 +372,7 @@ def _schedule(queue: list[Path], running: dict, errors: dict[Path, str], workers
                 tail = (d / "worker.log").read_text().strip().splitlines()[-1:] or ["?"]
                 errors[d] = (f"worker exit code {proc.returncode}: {tail[0]} (see "
                              f"{d / 'worker.log'})")
-                say(f"  {d.name}: FAILED ({errors[d]}; see {d / 'worker.log'})")
+                say(f"  {d.name}: FAILED ({errors[d]})")
 
 
 def seeds_command(args: argparse.Namespace) -> int:

@@ -93,13 +93,16 @@ def test_subset_seed(run_dir: str | Path, seed: int) -> int | None:
     return None
 
 
-def is_train_run(run_dir: str | Path) -> bool:
-    """Whether ``diffnas train`` made ``run_dir`` (for runs made before that was recorded:
-    it holds retrain/ but no search/)."""
+def run_kind(run_dir: str | Path) -> str | None:
+    """The command ("search" or "train") that made ``run_dir``; for runs made before that
+    was recorded, judged by their folders (search/: a search; retrain/ alone: a train run;
+    neither: None)."""
     run, kind = Path(run_dir), made_by(run_dir)
     if kind is not None:
-        return kind == "train"
-    return (run / "retrain").is_dir() and not (run / "search").is_dir()
+        return kind
+    if (run / "search").is_dir():
+        return "search"
+    return "train" if (run / "retrain").is_dir() else None
 
 
 #: settings a resumed run may change: where it runs, where its data lives and how it

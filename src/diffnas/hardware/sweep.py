@@ -62,18 +62,16 @@ def _check_reusable(run_dir: Path, cfg: Any, digest: str) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    old, new = (_computed(to_dict(c)) for c in (load_config(saved, device=False), cfg))
-    same = old == new
-    recorded = run_dir / PREDICTOR_DIGEST
-    if same and recorded.is_file() and recorded.read_text().strip() != digest:
-        raise ValueError(f"{run_dir} searched with another version of the predictor file "
-                         "(it was refitted since): sweep into another --out, or delete the "
-                         "run to search again")
-    if not same:
+    if _computed(to_dict(load_config(saved, device=False))) != _computed(to_dict(cfg)):
         raise ValueError(
             f"{run_dir} holds a run made with other settings (its config.yaml differs from "
             "this sweep's config, overrides or predictor): sweep into another --out, or "
             "delete it to run it again")
+    recorded = run_dir / PREDICTOR_DIGEST
+    if recorded.is_file() and recorded.read_text().strip() != digest:
+        raise ValueError(f"{run_dir} searched with another version of the predictor file "
+                         "(it was refitted since): sweep into another --out, or delete the "
+                         "run to search again")
 
 
 def run_sweep(

@@ -62,12 +62,12 @@ class RunData:
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory (``diffnas search`` or ``diffnas train`` output); a clear
     error when it is not one."""
-    from diffnas.engine.rundir import is_train_run, load_run_config
+    from diffnas.engine.rundir import load_run_config, run_kind
     from diffnas.export import RETRAIN_FIX
 
     path = Path(run_dir)
     # a report reads, it does not run: a train run's config is checked as train checked it
-    cfg = load_run_config(path, device=False, search=not is_train_run(path))
+    cfg = load_run_config(path, device=False, search=run_kind(path) != "train")
     gpath = path / "search" / "genotype.json"
     genotype = Genotype.load(gpath) if gpath.is_file() else None
     if genotype is None:
