@@ -473,7 +473,9 @@ def test_cli_measure_and_report(tmp_path, capsys):
     assert len(records) == 3
     assert records[0]["settings"]["clock"] == "thread"
     assert records[0]["settings"]["input_shape"] == [1, 8, 8]
-    assert records[0]["settings"]["network"] == {"C": 4, "layers": 3}
+    # as built: what the config leaves unset comes from its search.space section
+    assert records[0]["settings"]["network"] == {"C": 4, "layers": 3, "auxiliary": False,
+                                                 "stem_multiplier": 1, "channels_last": True}
     from diffnas.genotype import Genotype
 
     gfile = tmp_path / "g.json"
@@ -499,7 +501,8 @@ def test_nb201_config_measures_and_reports_latency(tmp_path, capsys):
     timing = ["--repeats", "1", "--warmup", "0", "--clock", "thread"]
     assert main(["latency", "measure", "--config", config, "--out", str(out), "-n", "2",
                  *timing, "data.resolution=8"]) == 0
-    assert load_records(out)[0]["settings"]["network"] == {"C": 16, "N": 5}
+    assert load_records(out)[0]["settings"]["network"] == {"C": 16, "N": 5, "auxiliary": False,
+                                                        "channels_last": True}
     gfile = tmp_path / "g.json"
     ops_to_genotype(("nor_conv_3x3", "skip_connect", "nor_conv_1x1", "none",
                      "avg_pool_3x3", "nor_conv_3x3")).save(gfile)
@@ -651,3 +654,33 @@ def test_measure_and_report_refuse_a_device_they_would_not_time_on(tmp_path, cap
     err = capsys.readouterr().err
     assert "device=cuda: latency measure and report time networks on the CPU" in err
     assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_networks_compare_as_built_so_a_layout_set_in_the_space_is_a_mismatch():
+    """A record stores its network as built; one written before (raw overrides, the rest
+    in its space section) still compares equal to it, and a layout changed through
+    ``search.space`` (not ``retrain.network``) makes a predictor's records differ."""
+    from diffnas.hardware.costs import predictor_mismatch
+    from diffnas.hardware.dataset import settings_differences
+    from diffnas.spaces import create_space
+
+    section = {"name": "darts_cnn", "C": 4, "layers": 3, "channels_last": False}
+    space = create_space(section)
+    built = space.network_settings({"C": 8})
+    assert built == {"C": 8, "layers": 3, "auxiliary": False, "stem_multiplier": 3,
+                     "channels_last": False}
+    assert space.build_network(sample_genotype(space, torch.Generator()), C=8).channels_last \
+        is False
+    old = {"batch_size": 1, "network": {"C": 8}, "space": section}
+    new = {"batch_size": 1, "network": built, "space": section}
+    assert settings_differences(old, new) == {}
+    assert "network" in settings_differences(old, {**new, "network": {**built, "C": 4}})
+    # report on a space whose layout differs only in search.space.channels_last
+    now = create_space({**section, "channels_last": True})
+    meta = {"settings": old, "device": {"id": "cpu-x"}}
+    same = predictor_mismatch(meta, {"id": "cpu-x"}, {
+        "batch_size": 1, "network": space.network_settings({"C": 8})})
+    assert same == ""
+    differ = predictor_mismatch(meta, {"id": "cpu-x"}, {
+        "batch_size": 1, "network": now.network_settings({"C": 8})})
+    assert "channels_last" in differ

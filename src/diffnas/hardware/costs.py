@@ -13,6 +13,7 @@ from torch import nn
 
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.hardware.dataset import (
+    built_network_settings,
     describe_differences,
     encode_indices,
     one_hot,
@@ -101,7 +102,7 @@ def genotype_costs(
             out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
         differ = predictor_mismatch(p.meta, out["device"], {
             **settings_dict(settings), "input_shape": list(input_shape),
-            "network": dict(network or {})})
+            "network": space.network_settings(dict(network or {}))})
         if differ:
             out["predictor_mismatch"] = differ
             log.warning("the latency predictor was fitted on records measured otherwise (%s): "
@@ -113,8 +114,11 @@ def predictor_mismatch(meta: dict[str, Any], device: dict[str, Any],
                        settings: dict[str, Any]) -> str:
     """What differs between the device and measuring settings a predictor's records were
     taken with (its fit report, ``meta``) and ``device``/``settings``; empty when nothing
-    does or the predictor does not record them (the space is checked by name elsewhere)."""
-    fitted = {k: v for k, v in (meta.get("settings") or {}).items() if k != "space"}
+    does or the predictor does not record them. Networks compare as built (``settings``'
+    network resolved by the caller, the fitted one from the space section stored with it);
+    the space itself is checked by its op lists elsewhere."""
+    fitted = built_network_settings(meta.get("settings") or {})
+    fitted = {k: v for k, v in fitted.items() if k != "space"}
     if not fitted:
         return ""
     diff = settings_differences(fitted, json.loads(json.dumps(settings)))

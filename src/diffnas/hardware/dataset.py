@@ -140,10 +140,31 @@ def anchored_latencies(records: list[dict[str, Any]]) -> list[float]:
 PRECISION_SETTINGS = ("warmup", "repeats")
 
 
+def built_network_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``network`` as the network was built: the settings it left unset
+    filled in from the ``space`` section stored beside it (records written before they
+    stored them so). Without a readable space section, ``settings`` unchanged."""
+    section = settings.get("space")
+    if not isinstance(section, dict) or not isinstance(settings.get("network"), dict):
+        return settings
+    from diffnas.spaces import DataShape
+    from diffnas.spaces.registry import SPACES, space_config
+
+    try:
+        space = SPACES.get(section.get("name", "darts_cnn"))(space_config(section), DataShape())
+        network = space.network_settings(settings["network"])
+    except (KeyError, TypeError, ValueError):  # a space or setting this version lacks
+        return settings
+    return {**settings, "network": network}
+
+
 def settings_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{setting: (value in a, value in b)}`` for every measuring setting (batch size,
     clock, threads, input shape, network, space, ...) in which two records' ``settings``
-    differ; latencies measured under different ones are not comparable."""
+    differ; latencies measured under different ones are not comparable. Networks compare
+    as built (:func:`built_network_settings`): a layout set through the space section
+    counts the same as one set as a network override."""
+    a, b = built_network_settings(a), built_network_settings(b)
     keys = sorted((set(a) | set(b)) - set(PRECISION_SETTINGS))
     return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
@@ -229,7 +250,7 @@ def build_dataset(
     if max_misses < 1:
         raise ValueError(f"max_misses must be >= 1, got {max_misses}")
     settings = settings or LatencySettings()
-    network = dict(network or {})
+    network = space.network_settings(dict(network or {}))  # stored as built
     path = Path(path)
     fp = device_fingerprint("cpu", settings.threads)
     # through JSON, so the comparison below sees what the file will hold (lists, not tuples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -65,6 +66,24 @@ class SearchSpace(ABC):
     @abstractmethod
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
         """A fixed network from a genotype (``overrides``: the space's network settings)."""
+
+    def network_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Every setting ``build_network(**overrides)`` builds with: each one the overrides
+        leave unset (None) taken from the space's own config, as ``build_network`` does. So
+        ``channels_last`` set in ``search.space`` and the same value set in
+        ``retrain.network`` give equal settings (latency records compare these). A space
+        without a ``NetworkConfig`` class returns the overrides as given."""
+        cls = getattr(self, "NetworkConfig", None)
+        if cls is None:
+            return dict(overrides)
+        from diffnas.config import from_dict
+
+        n = from_dict(cls, dict(overrides), "retrain.network")
+        out = {}
+        for f in dataclasses.fields(n):
+            v = getattr(n, f.name)
+            out[f.name] = getattr(self.config, f.name, None) if v is None else v
+        return out
 
     def concat(self, group: str) -> tuple[int, ...]:
         """Nodes whose outputs form the cell output (default: every intermediate node)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict, require, require_sizes
+from diffnas.config import require, require_sizes
 from diffnas.genotype import Genotype
 from diffnas.ops import OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -111,11 +111,9 @@ class DartsCnnSpace(SearchSpace):
 
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
         self.validate(genotype)
-        n = from_dict(DartsCnnNetworkConfig, overrides, "retrain.network")
-        c = self.config
+        n = self.network_settings(overrides)
         return DartsNetwork(
-            genotype, n.C or c.C, self.shape.num_classes, n.layers or c.layers, n.auxiliary,
-            in_channels=self.shape.in_channels,
-            stem_multiplier=n.stem_multiplier or c.stem_multiplier,
-            channels_last=c.channels_last if n.channels_last is None else n.channels_last,
+            genotype, n["C"], self.shape.num_classes, n["layers"], n["auxiliary"],
+            in_channels=self.shape.in_channels, stem_multiplier=n["stem_multiplier"],
+            channels_last=n["channels_last"],
         )

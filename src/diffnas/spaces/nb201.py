@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict, require, require_sizes
+from diffnas.config import require, require_sizes
 from diffnas.genotype import CellGenotype, Edge, Genotype, GenotypeError
 from diffnas.ops import OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -133,11 +133,9 @@ class Nb201Space(SearchSpace):
 
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
         self.validate(genotype)
-        n = from_dict(Nb201NetworkConfig, overrides, "retrain.network")
-        c = self.config
-        return Nb201Network(genotype.cell(GROUP), n.C or c.C, n.N or c.N, self.shape.num_classes,
-                            self.shape.in_channels,
-                            c.channels_last if n.channels_last is None else n.channels_last)
+        n = self.network_settings(overrides)
+        return Nb201Network(genotype.cell(GROUP), n["C"], n["N"], self.shape.num_classes,
+                            self.shape.in_channels, n["channels_last"])
 
 
 # --- conversions --------------------------------------------------------------------------
