@@ -166,7 +166,15 @@ def settings_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tupl
     counts the same as one set as a network override."""
     a, b = built_network_settings(a), built_network_settings(b)
     keys = sorted((set(a) | set(b)) - set(PRECISION_SETTINGS))
-    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in keys:
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):  # name the inner settings that differ
+            out.update({f"{k}.{i}": (x.get(i), y.get(i)) for i in sorted(set(x) | set(y))
+                        if x.get(i) != y.get(i)})
+        elif x != y:
+            out[k] = (x, y)
+    return out
 
 
 def describe_differences(diff: dict[str, tuple[Any, Any]]) -> str:
