@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,29 @@ def _bn_case(rank: int, world: int) -> dict:
             "running_var": bn.running_var.clone(), "is_sync": isinstance(bn, dp.SyncBatchNorm)}
 
 
+def _fetch_case(rank: int, out: str) -> dict:
+    """dp.fetch_in_turn on one node (local ranks 0, 1: one shared disk), then as if each
+    rank were a node of its own (local rank 0 each, a disk each): who fetched, and what
+    each found when it did."""
+    def fetcher(path: Path, seen: list) -> Callable[[], None]:
+        def fetch() -> None:
+            seen.append({"mine": path.exists(), "node0": (Path(out) / "node0.txt").exists()})
+            if not path.exists():
+                path.write_text(str(rank))
+        return fetch
+
+    shared: list = []
+    dp.fetch_in_turn(fetcher(Path(out) / "shared.txt", shared))
+    content = (Path(out) / "shared.txt").read_text()
+    own: list = []
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        dp.fetch_in_turn(fetcher(Path(out) / f"node{rank}.txt", own))
+    finally:
+        os.environ["LOCAL_RANK"] = str(rank)
+    return {"shared": shared, "content": content, "own": own}
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     join_ranks(rank, world, port, audit_out=out)
     from diffnas.engine.retrain import run_retrain
@@ -130,6 +154,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             found["nan_named"] = False
         except FloatingPointError:
             found["nan_named"] = True
+        found["fetch"] = _fetch_case(rank, out)
         for name in SEARCHES:
             cfg = load_config(None, search_overrides(name, sync_bn=True))
             res = run_search(cfg, f"{out}/runs/{name}")
@@ -194,6 +219,17 @@ def test_ranks_share_rng_and_drift_is_detected(spawned):
     assert torch.equal(r0["rng"], torch.rand(5)) and torch.equal(r1["rng"], r0["rng"])
     assert r0["drift_caught"] and r1["drift_caught"]
     assert r0["nan_named"] and r1["nan_named"]
+
+
+def test_downloads_happen_one_process_at_a_time(spawned):
+    """data.download under torchrun: rank 0 fetches while the others wait; another node's
+    local rank 0 fetches to its own disk after it; a rank sharing rank 0's disk never
+    fetches, and finds the file complete."""
+    r0, r1 = load_rank(spawned, 0)["fetch"], load_rank(spawned, 1)["fetch"]
+    assert r0["shared"] == [{"mine": False, "node0": False}] and r1["shared"] == []
+    assert r0["content"] == r1["content"] == "0"
+    assert r0["own"] == [{"mine": False, "node0": False}]
+    assert r1["own"] == [{"mine": False, "node0": True}]  # rank 0's turn had ended
 
 
 @pytest.mark.parametrize("name", list(SEARCHES))
@@ -314,3 +350,41 @@ def test_torchrun_killed_run_resumes_to_the_uninterrupted_result(spawned, tmp_pa
     assert ra["test_loss"] == rb["test_loss"]  # DDP retraining after the resumed search
     written = assert_rank0_only(tmp_path / "audit")
     assert {"config.yaml", "log.txt", "checkpoint.pt", "result.json"} <= written
+
+
+def _as_rank_of(monkeypatch, world: int) -> None:
+    """The environment torchrun gives a process of ``world`` (no group joined)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+
+
+def test_settings_torchrun_cannot_split_are_refused_before_a_run_directory(
+        monkeypatch, tmp_path, capsys):
+    """Under torchrun with 2 processes: batches that do not halve (the retrain one used
+    to fail after the whole search), one GPU named for every process, and --seeds (each
+    process would run every seed) are refused from the config, naming the setting."""
+    from diffnas.cli import main
+    from diffnas.config import ConfigError, check_device
+
+    _as_rank_of(monkeypatch, 2)
+    base = search_overrides("darts1", sync_bn=False)
+    assert load_config(None, base).data.batch_size % 2 == 0
+    with pytest.raises(ConfigError, match=r"data.batch_size=9 does not divide by the 2 proc"):
+        load_config(None, [*base, "data.batch_size=9"])
+    with pytest.raises(ConfigError, match=r"retrain.batch_size=7 does not divide by the 2"):
+        load_config(None, [*base, "retrain.batch_size=7"])
+    with pytest.raises(ConfigError, match=r"retrain.batch_size=7 does not divide"):
+        load_config(None, [*base, "retrain.batch_size=7", "retrain.enabled=false"],
+                    search=False)  # diffnas train retrains anyway
+    load_config(None, [*base, "retrain.batch_size=7", "retrain.enabled=false"])
+    with pytest.raises(ConfigError, match="'cuda:0' would put all 2 processes on one GPU"):
+        check_device("cuda:0")
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--seeds", "0,1", *base]) == 2
+    assert "not under torchrun with 2 processes" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    _as_rank_of(monkeypatch, 1)
+    load_config(None, [*base, "data.batch_size=9", "retrain.batch_size=7"])

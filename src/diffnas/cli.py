@@ -71,7 +71,13 @@ def _search(p: argparse.ArgumentParser):
         from diffnas.config import ConfigError
 
         if args.seeds:
+            from diffnas.engine.distributed import planned_world_size
             from diffnas.engine.multiseed import seeds_command
+
+            if planned_world_size() > 1:  # each process would run every seed on its own
+                raise ConfigError(f"--seeds runs its seeds as separate processes itself; "
+                                  f"launch it with python -m diffnas, not under torchrun "
+                                  f"with {planned_world_size()} processes")
 
             return seeds_command(args)
         if args.workers is not None:

@@ -485,6 +485,13 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
                               f"{_space_name(cfg)!r} its own retrain.network, or set "
                               "retrain.enabled=false") from None
         raise
+    if image:
+        from diffnas.engine.distributed import planned_world_size
+
+        world_size = planned_world_size()
+        if r.batch_size % world_size:
+            raise ConfigError(f"retrain.batch_size={r.batch_size} does not divide by the "
+                              f"{world_size} processes (each takes an equal slice of a batch)")
     if image and r.train_subset is not None and r.batch_size > r.train_subset:
         raise ConfigError(f"retrain.batch_size={r.batch_size} exceeds retrain.train_subset="
                           f"{r.train_subset}: no complete batch (incomplete ones are dropped)")
@@ -561,6 +568,12 @@ def check_device(device: str) -> None:
     except RuntimeError as exc:
         raise ConfigError(f"config.device: {device!r} is not a device ({exc}); use cpu, "
                           "cuda, cuda:N or auto") from None
+    from diffnas.engine.distributed import nccl_for_cuda, planned_world_size
+
+    world_size = planned_world_size()
+    if dev.type == "cuda" and dev.index is not None and world_size > 1 and nccl_for_cuda():
+        raise ConfigError(f"config.device: {device!r} would put all {world_size} processes "
+                          "on one GPU; use device=cuda (each process takes cuda:LOCAL_RANK)")
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (dev.index or 0) >= n:

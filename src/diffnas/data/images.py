@@ -153,22 +153,31 @@ def load_cifar10(root: str | None = None, download: bool = False) -> ImageData:
     if root is None:
         raise DatasetNotFoundError("CIFAR-10 needs data.root. " + CIFAR_HELP)
     base = Path(root)
-    folder = base / "cifar-10-batches-py" if (base / "cifar-10-batches-py").is_dir() else base
-    files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+
+    def cifar_files() -> list[Path]:
+        inner = base / "cifar-10-batches-py"
+        folder = inner if inner.is_dir() else base
+        return [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+
+    def fetch() -> None:
+        if all(f.is_file() for f in cifar_files()):
+            return
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise DatasetNotFoundError(
+                "data.download=true needs torchvision: pip install 'diffnas[vision]'"
+            ) from exc
+        torchvision.datasets.CIFAR10(str(base), train=True, download=True)
+
+    if download:  # under torchrun every rank calls this: one process writes at a time
+        from diffnas.engine.distributed import fetch_in_turn
+
+        fetch_in_turn(fetch)
+    files = cifar_files()
     if not all(f.is_file() for f in files):
-        if download:
-            try:
-                import torchvision
-            except ImportError as exc:
-                raise DatasetNotFoundError(
-                    "data.download=true needs torchvision: pip install 'diffnas[vision]'"
-                ) from exc
-            torchvision.datasets.CIFAR10(str(base), train=True, download=True)
-            folder = base / "cifar-10-batches-py"
-            files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
-        else:
-            missing = [str(f) for f in files if not f.is_file()]
-            raise DatasetNotFoundError(f"CIFAR-10 files missing: {missing[:3]}... {CIFAR_HELP}")
+        missing = [str(f) for f in files if not f.is_file()]
+        raise DatasetNotFoundError(f"CIFAR-10 files missing: {missing[:3]}... {CIFAR_HELP}")
     parts = [_cifar_batch(f) for f in files]
     trx = torch.from_numpy(np.concatenate([p[0] for p in parts[:5]]))
     try_ = torch.from_numpy(np.concatenate([p[1] for p in parts[:5]]))

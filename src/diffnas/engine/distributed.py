@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,20 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def planned_world_size() -> int:
+    """The processes this run has, known before the group is joined too (for config
+    checks): the group's size, else torchrun's ``WORLD_SIZE``, else 1."""
+    if is_distributed():
+        return dist.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
+def nccl_for_cuda() -> bool:
+    """Whether CUDA tensors go over NCCL (which refuses two ranks on one GPU): true unless
+    a group was already joined with gloo alone (init_distributed's default uses NCCL)."""
+    return not is_distributed() or "nccl" in str(dist.get_backend())
+
+
 def env() -> DistEnv:
     """The current rank layout (a single process when no group is initialised)."""
     if not is_distributed():
@@ -147,6 +161,22 @@ def rank_device(device: torch.device) -> torch.device:
             )
         return torch.device(device.type, local)
     return device
+
+
+def fetch_in_turn(fetch: Callable[[], None]) -> None:
+    """Call ``fetch`` (download what is missing; nothing when it is there) so that no two
+    processes write one file at once: rank 0 first, then, with the files still missing
+    on another node's disk, each node's local rank 0; every rank waits for both turns, so
+    all call this together. A single process just calls it."""
+    if not is_distributed():
+        fetch()
+        return
+    if get_rank() == 0:
+        fetch()
+    barrier()
+    if get_rank() != 0 and env().local_rank == 0:
+        fetch()
+    barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -355,8 +355,12 @@ def check_full_batch(cfg: RunConfig) -> None:
 def check_search_config(cfg: RunConfig, device: bool = True) -> None:
     """What an image search would refuse that its config alone shows, for config loading
     (before a run directory exists): the GPU settings against the strategy (the device
-    too, with ``device``), the diagnostics, and a full batch from ``data.train_subset``."""
-    s, world_size = cfg.search, dp.env().world_size
+    too, with ``device``), the diagnostics, a full batch from ``data.train_subset`` and a
+    batch every process gets an equal share of."""
+    s, world_size = cfg.search, dp.planned_world_size()
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not divide by the "
+                          f"{world_size} processes (each takes an equal slice of a batch)")
     where = resolve_device(cfg.device).type if device else None
     check_step_settings(StepTraits.from_config(s.strategy), s.amp, s.cuda_graph, s.compile,
                         where, world_size)

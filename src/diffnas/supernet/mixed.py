@@ -127,7 +127,10 @@ class MixedOp(nn.Module):
         for i in self._prenorm:
             op = self.ops[i]
             if recompute and stateless_bn(op[1]) and not any(True for _ in op.parameters()):
-                terms.append(checkpoint(_pool_bn, x, weights[i], op, use_reentrant=False))
+                # no randomness inside: no RNG state to stash (a CUDA-graph capture
+                # refuses reading it)
+                terms.append(checkpoint(_pool_bn, x, weights[i], op, use_reentrant=False,
+                                        preserve_rng_state=False))
             else:
                 terms.append(_pool_bn(x, weights[i], op, compact=savers))
         for i in self._identity:
