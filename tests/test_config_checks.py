@@ -549,10 +549,12 @@ def test_save_config_leaves_the_old_file_whole_when_a_write_fails(tmp_path, monk
     (GNN, "retrain.lr_min=0.001", "graph"),
     (GNN, "retrain.batch_size=32", "graph"),
     (GNN, "retrain.momentum=0.5", "graph"),
-], ids=["rnn-lr_min", "rnn-cutout", "gnn-lr_min", "gnn-batch", "gnn-momentum"])
+    (NB201, "retrain.drop_path=0.3 retrain.enabled=true", "nb201 network's"),
+], ids=["rnn-lr_min", "rnn-cutout", "gnn-lr_min", "gnn-batch", "gnn-momentum",
+        "nb201-drop_path"])
 def test_retrain_settings_an_engine_never_reads_are_refused(path, override, engine):
     """Changed from their defaults they would be silently ignored (lr_min promising a
     decay the Adam/SGD retraining of these engines does not do)."""
     key = override.split("=")[0]
-    _refused([override], rf"{re.escape(key)}: the {engine} .* does not read this", path)
+    _refused(override.split(), rf"{re.escape(key)}: the {engine} .* does not read this", path)
     load_config(path, ["retrain.lr=0.02"])  # settings the engine reads are accepted

@@ -88,3 +88,20 @@ def test_non_finite_logits_are_an_error_naming_the_group():
             "reduce": torch.zeros(5)}
     with pytest.raises(ValueError, match="edge weights of group 'normal' are not finite"):
         discretize({"normal": good, "reduce": good}, space, edge_weights=beta)
+
+
+def test_an_edge_whose_only_candidate_is_none_is_named():
+    """A plugin space may give an edge no op but 'none': the rule has nothing to keep
+    there, and says which edge (it used to fail with an IndexError)."""
+    space = tiny_space()
+
+    class NoneOnly(type(space)):
+        def edges(self):
+            es = super().edges()
+            first = es[0]
+            return [type(first)(first.label, first.cell, first.src, first.dst, ("none",),
+                                first.stride), *es[1:]]
+
+    odd = NoneOnly(space.config, space.shape)
+    with pytest.raises(ValueError, match=r"edge normal/n2/e0: every candidate op is 'none'"):
+        discretize({"normal": _alphas({}), "reduce": _alphas({})}, odd)

@@ -110,6 +110,35 @@ def test_partial_channel_on_nb201_wraps_its_own_mixed_op():
     s.step(tiny_batch(4, 1), tiny_batch(4, 2))
 
 
+def test_partial_channel_k1_is_plain_darts_on_reduction_edges_too():
+    """k=1 sends every channel through the ops: the edge equals the plain mixed op (it
+    used to max-pool an empty bypass on stride-2 edges and fail)."""
+    torch.manual_seed(0)
+    w = torch.softmax(torch.randn(len(OPS)), 0)
+    for stride in (1, 2):
+        op = PartialChannelMixedOp(4, stride, OPS, 1)
+        x = torch.randn(2, 4, 5, 5)
+        torch.testing.assert_close(op(x, w), op.mixed(x, w))
+    space = tiny_space(C=4, mixed_op={"name": "partial_channel", "k": 1})
+    s = tiny_strategy({"name": "darts"}, space=space)
+    assert s.supernet(tiny_batch(4, 1)[0], s.arch_weights()).shape == (4, 3)
+
+
+@pytest.mark.parametrize("space, mixed_op, match", [
+    ("darts_cnn", {"name": "partial_channel", "k": 3}, "k=3 must be >= 1 and divide .*C=16"),
+    ("nb201", {"name": "partial_channel", "k": 5}, "k=5 must be >= 1 and divide .*C=16"),
+    ("darts_cnn", {"name": "partial_channel", "k": 0}, "k=0 must be >= 1"),
+    ("darts_cnn", {"name": "partial_channel", "q": 2}, r"unknown setting\(s\) \['q'\]"),
+    ("nb201", {"name": "pc"}, "unknown mixed_op 'pc'"),
+])
+def test_bad_mixed_op_is_refused_when_the_config_is_read(space, mixed_op, match):
+    """Not when the supernet is built, after the run directory and the data."""
+    from diffnas.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"search.space.mixed_op: .*{match}"):
+        load_config(None, [f"search.space={{name: {space}, mixed_op: {mixed_op}}}"])
+
+
 def test_bad_modifier_specs():
     with pytest.raises(ValueError, match="unknown mixed_op"):
         create_mixed_op_factory({"name": "nope"})

@@ -16,6 +16,7 @@ from diffnas.genotype import (
     from_darts_str,
     published_genotype,
     resolve_genotype,
+    to_darts_str,
 )
 from diffnas.genotype.discretize import discretize
 from diffnas.report import count_parameters
@@ -102,6 +103,33 @@ def test_malformed_genotype_files(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(GenotypeError, match=match):
         Genotype.load(p)
+
+
+def test_a_json_file_with_a_byte_order_mark_loads(tmp_path):
+    g = published_genotype("DARTS_V2")
+    p = tmp_path / "g.json"
+    p.write_bytes(b"\xef\xbb\xbf" + g.to_json().encode())  # as some Windows editors save
+    assert Genotype.load(p) == g
+
+
+def test_a_huge_range_in_genotype_text_is_refused_before_it_is_expanded():
+    text = to_darts_str(published_genotype("DARTS_V2")).replace(
+        "normal_concat=[2, 3, 4, 5]", "normal_concat=range(2, 1000000000000)")
+    with pytest.raises(GenotypeError, match=r"range of 999999999998 nodes .*at most 1000"):
+        from_darts_str(text)
+
+
+def test_a_recurrent_genotype_with_a_none_edge_is_refused_by_validation():
+    """Before a run directory (a fixed recurrent cell cannot build it)."""
+    space = create_space({"name": "darts_rnn"}, DataShape(num_classes=10))
+    g = published_genotype("DARTS_RNN_V2")
+    cell = g.cell("recurrent")
+    e = cell.edges[2]
+    edges = (*cell.edges[:2], Edge("none", e.src, e.dst), *cell.edges[3:])
+    dead = Genotype(g.space, (CellGenotype("recurrent", edges, cell.concat),))
+    space.validate(g)
+    with pytest.raises(GenotypeError, match=r"edge\(s\) 1->3 use op 'none'"):
+        space.validate(dead)
 
 
 def test_resolve_genotype_by_name_or_file(tmp_path):

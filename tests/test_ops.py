@@ -51,6 +51,13 @@ def test_dil_conv_has_dilation_two():
     assert [c.dilation for c in convs] == [(2, 2)]
 
 
+@pytest.mark.parametrize("stride", [0, 3])
+def test_a_stride_the_ops_do_not_keep_to_is_refused(stride):
+    # skip_connect would have reduced by 2 while sep_conv_3x3 reduced by 3
+    with pytest.raises(ValueError, match=f"stride {stride} is not supported"):
+        create_op("skip_connect", 4, stride)
+
+
 def test_unknown_op_names_the_known_ones():
     with pytest.raises(UnknownNameError, match="unknown op 'conv_9x9'.*sep_conv_3x3"):
         create_op("conv_9x9", 4, 1)

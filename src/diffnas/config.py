@@ -383,7 +383,7 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
     _check_data(cfg)
     _check_lm(cfg)
     _check_retrain(cfg, always=not search)
-    _check_unread_retrain(cfg)
+    _check_unread_retrain(cfg, always=not search)
     _check_diagnostics(cfg)
     if search:
         _check_strategy_setup(cfg)
@@ -506,18 +506,22 @@ UNREAD_RETRAIN = {
     "darts_rnn": ("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding", "flip"),
     "gnn": ("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path", "cutout",
             "crop_padding", "flip", "train_subset"),
+    "nb201": ("drop_path",),  # its networks have no drop-path, as NAS-Bench-201 trains them
 }
 
 
-def _check_unread_retrain(cfg: RunConfig) -> None:
+def _check_unread_retrain(cfg: RunConfig, always: bool = False) -> None:
     """A retrain setting the space's engine never reads, changed from its default, is an
-    error rather than silently ignored (e.g. ``lr_min`` expecting a cosine decay)."""
+    error rather than silently ignored (e.g. ``lr_min`` expecting a cosine decay); with
+    retraining off (and not ``always``, ``diffnas train``) nothing is read anyway."""
+    if not (cfg.retrain.enabled or always):
+        return
     keys = UNREAD_RETRAIN.get(_space_name(cfg), ())
     default = RetrainConfig()
     changed = [k for k in keys if getattr(cfg.retrain, k) != getattr(default, k)]
     if changed:
-        engine = "language-model (engine/lm.py)" if _space_name(cfg) == "darts_rnn" \
-            else "graph (engine/graph.py)"
+        engine = {"darts_rnn": "language-model (engine/lm.py)", "gnn": "graph (engine/graph.py)",
+                  "nb201": "nb201 network's"}[_space_name(cfg)]
         raise ConfigError(f"{', '.join('retrain.' + k for k in changed)}: the {engine} "
                           "retraining does not read this; remove it")
 

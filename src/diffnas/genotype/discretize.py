@@ -65,6 +65,9 @@ def darts_discretize(
         by_dst: dict[int, list[tuple[float, int, str]]] = {}
         for row, e, sc in zip(W, edges, scale, strict=True):
             live = [i for i, name in enumerate(e.candidates) if name != "none"]
+            if not live:
+                raise ValueError(f"edge {e.label}: every candidate op is 'none'; the darts "
+                                 "rule keeps an edge's strongest other op")
             best = live[_first_argmax([row[i] for i in live])]
             by_dst.setdefault(e.dst, []).append((sc * row[best], e.src, e.candidates[best]))
         kept: list[Edge] = []

@@ -125,7 +125,7 @@ class Genotype:
         if not p.is_file():
             raise GenotypeError(f"genotype file not found: {p}")
         try:
-            text = p.read_text(encoding="utf-8").strip()
+            text = p.read_text(encoding="utf-8-sig").strip()  # (a BOM some editors add)
         except UnicodeDecodeError:
             raise GenotypeError(f"{p}: not a genotype file (binary, not text); give a genotype "
                                 "JSON file (e.g. RUN/search/genotype.json) or Genotype(...) "
@@ -176,9 +176,16 @@ _DARTS_LAYOUTS = {
 }
 
 
+#: the longest ``range(...)`` a genotype text may give as a concat
+MAX_RANGE = 1000
+
+
 def _literal(node: ast.AST) -> Any:
     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range":
-        return list(range(*[_literal(a) for a in node.args]))
+        r = range(*[_literal(a) for a in node.args])
+        if len(r) > MAX_RANGE:  # a cell has a handful of nodes; refuse before expanding
+            raise ValueError(f"range of {len(r)} nodes in a concat (at most {MAX_RANGE})")
+        return list(r)
     return ast.literal_eval(node)
 
 

@@ -17,9 +17,10 @@ from diffnas.ops.savers import (
 
 def batch_norm(C: int, affine: bool) -> nn.BatchNorm2d:
     """BatchNorm used inside ops. Search-time networks (affine=False) also drop running
-    statistics: they always normalise by the batch, so the supernet carries no state
-    besides its weights, unrolled/perturbed passes have no side effects, and results are
-    reproducible on resume."""
+    statistics: they always normalise by the batch, so the ops carry no state besides
+    their weights and unrolled/perturbed passes change nothing in them. (The supernets'
+    stem, and NB-201's residual blocks, keep ordinary BatchNorms, whose statistics the
+    search never reads.)"""
     return nn.BatchNorm2d(C, affine=affine, track_running_stats=affine)
 
 

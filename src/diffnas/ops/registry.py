@@ -24,8 +24,12 @@ def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
 
 
 def create_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:
-    """Build op ``name`` for ``C`` channels at ``stride``; unknown names raise with the list."""
-    return OPS.get(name)(C, stride, affine)
+    """Build op ``name`` for ``C`` channels at ``stride`` (1 or 2: the ops keep or halve
+    the side); unknown names raise with the list."""
+    factory = OPS.get(name)
+    if stride not in (1, 2):
+        raise ValueError(f"op {name!r}: stride {stride} is not supported (1 or 2)")
+    return factory(C, stride, affine)
 
 
 def list_ops() -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -141,7 +142,7 @@ class SearchSpace(ABC):
         if not concat:
             raise GenotypeError(f"cell {group!r}: concat is empty; list the nodes whose "
                                 "outputs form the cell output")
-        twice = sorted({i for i in concat if concat.count(i) > 1})
+        twice = sorted(i for i, n in Counter(concat).items() if n > 1)
         if twice:
             raise GenotypeError(f"cell {group!r}: concat lists node(s) {twice} more than once")
         ok = self.concat_candidates(group)

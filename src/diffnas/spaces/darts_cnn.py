@@ -51,6 +51,11 @@ class DartsCnnConfig:
         recompute = self.recompute
         require(isinstance(recompute, bool) or recompute >= 0, "search.space.recompute",
                 "true, false or a number of cells >= 0", recompute)
+        require(len(set(self.ops)) == len(self.ops), "search.space.ops", "without repeats",
+                self.ops)
+        from diffnas.supernet.modifiers import check_mixed_op
+
+        check_mixed_op(self.mixed_op, self.C, self.ops)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from diffnas.config import from_dict, require, require_sizes
-from diffnas.genotype import Genotype
+from diffnas.genotype import Genotype, GenotypeError
 from diffnas.ops.rnn import DARTS_RNN_OPS, RNN_OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
 from diffnas.spaces.registry import register_space
@@ -146,6 +146,16 @@ class DartsRnnSpace(SearchSpace):
 
     def inputs_per_node(self) -> int:
         return 1
+
+    def validate(self, genotype: Genotype) -> None:
+        """As every space, and no ``none`` edge: a node's one input is its only state, so
+        a fixed recurrent cell cannot build one (refused here, before a run directory)."""
+        super().validate(genotype)
+        for cell in genotype.cells:
+            dead = [f"{e.src}->{e.dst}" for e in cell.edges if e.op == "none"]
+            if dead:
+                raise GenotypeError(f"cell {cell.name!r}: edge(s) {', '.join(dead)} use op "
+                                    "'none'; a recurrent node's single input needs a real op")
 
     def objective(self):
         from diffnas.engine.lm import LanguageModelObjective

@@ -51,6 +51,11 @@ class Nb201Config:
             raise ValueError("nb201 ops need at least one op besides 'none'")
         for key in ("C", "N"):
             require(getattr(self, key) >= 1, f"search.space.{key}", ">= 1", getattr(self, key))
+        require(len(set(self.ops)) == len(self.ops), "search.space.ops", "without repeats",
+                self.ops)
+        from diffnas.supernet.modifiers import check_mixed_op
+
+        check_mixed_op(self.mixed_op, self.C, self.ops)
 
 
 @dataclass

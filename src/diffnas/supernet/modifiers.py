@@ -46,7 +46,7 @@ class PartialChannelMixedOp(nn.Module):
         inner: MixedOpFactory = MixedOp,
     ) -> None:
         super().__init__()
-        if k < 1 or C % k:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or C % k:
             raise ValueError(f"partial_channel k={k} must be >= 1 and divide the channels C={C}")
         self.k = k
         self.mixed = inner(C // k, stride, candidates)
@@ -57,10 +57,12 @@ class PartialChannelMixedOp(nn.Module):
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, active: int | None = None
     ) -> torch.Tensor:
+        if self.k == 1:  # every channel goes through the ops: plain DARTS, no bypass
+            return self.mixed(x, weights, active)
         c = x.shape[1] // self.k
         out = torch.cat([self.mixed(x[:, :c], weights, active),
                          self.bypass(x[:, c:]) * weights.sum()], dim=1)
-        return channel_shuffle(out, self.k) if self.k > 1 else out
+        return channel_shuffle(out, self.k)
 
 
 def _partial_channel(k: int = 4, inner: MixedOpFactory = default_mixed_op) -> MixedOpFactory:
@@ -71,6 +73,19 @@ def _partial_channel(k: int = 4, inner: MixedOpFactory = default_mixed_op) -> Mi
 
 
 _MODIFIERS = {"partial_channel": _partial_channel, "default": lambda inner: inner}
+
+
+def check_mixed_op(spec: dict, C: int, ops: Sequence[str]) -> None:
+    """Refuse a ``mixed_op`` setting (unknown name or key, a ``k`` that does not divide
+    ``C``) when the config is read: build the factory and one edge of ``C`` channels."""
+    if not spec:
+        return
+    from diffnas.config import ConfigError
+
+    try:
+        create_mixed_op_factory(spec)(C, 1, tuple(ops))
+    except ValueError as exc:
+        raise ConfigError(f"search.space.mixed_op: {exc}") from None
 
 
 def create_mixed_op_factory(
