@@ -116,6 +116,40 @@ def test_a_failing_plugin_is_named_with_its_own_error(tmp_path):
         import_plugins([str(bad)])
 
 
+def test_a_plugin_that_fails_halfway_says_where_and_can_be_fixed_and_imported_again(
+        tmp_path):
+    """The message names the plugin's file and line (the command line prints it alone);
+    what it registered before failing is unregistered, so the fixed file imports in the
+    same process (it used to fail on its own first name as a duplicate)."""
+    name = f"halfway_{uuid.uuid4().hex[:8]}"
+    p = tmp_path / f"{name}.py"
+    body = PLUGIN.format(name=name)
+    p.write_text(body + "\nraise RuntimeError('fix me')\n")
+    with pytest.raises(ConfigError) as err:
+        import_plugins([str(p)])
+    line = len(body.splitlines()) + 2
+    assert f"RuntimeError: fix me (at {p}:{line})" in str(err.value)
+    assert name not in DATASETS
+    p.write_text(body)
+    import_plugins([str(p)])
+    assert name in DATASETS
+
+
+def test_a_plugin_file_imports_the_modules_beside_it_from_any_directory(
+        tmp_path, monkeypatch):
+    """As running the file as a script would: its folder goes on the path."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    helper = f"helpers_{uuid.uuid4().hex[:8]}"
+    (folder / f"{helper}.py").write_text("ANSWER = 42\n")
+    (folder / "uses_helper.py").write_text(f"from {helper} import ANSWER\nassert ANSWER == 42\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [x for x in sys.path if x not in ("", str(folder))])
+    import_plugins([str(folder / "uses_helper.py")])
+
+
 def test_an_unknown_dataset_points_at_plugins(capsys):
     assert main(["train", "--genotype", "DARTS_V2", "--dry-run", "data.name=my_scans_zz"]) == 2
     err = capsys.readouterr().err

@@ -14,11 +14,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 from diffnas.config import ConfigError
+from diffnas.registry import registrations_undone_on_error
 
 
 def is_file_plugin(entry: str) -> bool:
@@ -42,10 +44,18 @@ def _import_file(path: Path) -> ModuleType:
         raise ConfigError(f"config.plugins: cannot import {str(path)!r} (not a Python file)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    # its own folder on the path, as running the file as a script would put it, so it can
+    # import the modules beside it whatever the current directory
+    folder = str(path.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
+        if added:
+            sys.path.remove(folder)
         raise
     return module
 
@@ -71,17 +81,23 @@ def _import_module(name: str) -> ModuleType:
 
 def import_plugins(entries: Sequence[str]) -> list[ModuleType]:
     """Import each plugin once (a second call is free). An error raised inside a plugin
-    propagates with the plugin's name added, so its own traceback stays visible."""
+    propagates with the plugin's name and the file and line it was raised at added (the
+    command line prints the message alone); what the plugin registered before failing is
+    unregistered, so it can be fixed and imported again."""
     modules = []
     for entry in entries:
         if not isinstance(entry, str) or not entry.strip():
             raise ConfigError(f"config.plugins: {entry!r} is not a module name or file path")
         try:
-            modules.append(_import_file(Path(entry)) if is_file_plugin(entry)
-                           else _import_module(entry))
+            with registrations_undone_on_error():
+                modules.append(_import_file(Path(entry)) if is_file_plugin(entry)
+                               else _import_module(entry))
         except ConfigError:
             raise
         except Exception as exc:
+            frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                      if not f.filename.startswith("<")]  # not importlib's own frames
+            where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
             raise ConfigError(f"config.plugins: importing {entry!r} failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{type(exc).__name__}: {exc}{where}") from exc
     return modules

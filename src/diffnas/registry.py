@@ -7,7 +7,8 @@ the words used in configs and genotypes, so a new one is a new file plus one dec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from contextlib import contextmanager
+from typing import ClassVar, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -22,9 +23,12 @@ class UnknownNameError(KeyError):
 class Registry(Generic[T]):
     """Maps names to objects (usually classes or factories) of one kind."""
 
+    _every: ClassVar[list[Registry]] = []  # for registrations_undone_on_error
+
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        Registry._every.append(self)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers ``obj`` under ``name``; a duplicate name is an error."""
@@ -55,3 +59,18 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+@contextmanager
+def registrations_undone_on_error() -> Iterator[None]:
+    """Names registered inside the block, in any registry, are unregistered again if it
+    raises: a plugin that fails halfway can be fixed and imported again in the same
+    process (a notebook) instead of failing on its own first names as duplicates."""
+    before = [(r, set(r._items)) for r in Registry._every]
+    try:
+        yield
+    except BaseException:
+        for registry, names in before:
+            for name in set(registry._items) - names:
+                del registry._items[name]
+        raise
