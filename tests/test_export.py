@@ -81,6 +81,16 @@ def test_export_without_retraining_is_a_clear_error(run_dir, tmp_path):
     assert main(["export", str(partial), "--format", "torchscript"]) == 2
 
 
+def test_an_out_path_that_would_lose_the_model_is_refused(run_dir, tmp_path):
+    """model.json (the description) would overwrite a model named X.json; a directory
+    would fail deep inside torch's writer."""
+    with pytest.raises(ExportError, match=r"\.json is the name of the model's description"):
+        export_run(run_dir, "torchscript", tmp_path / "model.json", check=False)
+    with pytest.raises(ExportError, match="is a directory"):
+        export_run(run_dir, "torchscript", tmp_path, check=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_format_is_an_error(run_dir):
     with pytest.raises(ExportError, match="unknown export format"):
         export_run(run_dir, "tflite")

@@ -22,7 +22,7 @@ from diffnas.hardware.latency import LatencySettings, measure_latency, measure_m
 from diffnas.hardware.penalty import LatencyPenalty, mnasnet_reward
 from diffnas.hardware.predictor import LatencyPredictor, fit_predictor, space_shapes
 from diffnas.ops import create_op
-from diffnas.report.cost import count_flops
+from diffnas.report.cost import count_flops, count_macs
 from diffnas.strategies.hypergrad import first_order, unrolled
 
 C, H = 4, 8  # op inputs (1, C, H, H)
@@ -654,6 +654,25 @@ def test_measure_and_report_refuse_a_device_they_would_not_time_on(tmp_path, cap
     err = capsys.readouterr().err
     assert "device=cuda: latency measure and report time networks on the CPU" in err
     assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_latency_tools_name_the_spaces_they_time(tmp_path, capsys):
+    """A recurrent or graph config is refused by its space (it used to end in 'unknown
+    dataset ptb', about a dataset the image reader does not know)."""
+    from pathlib import Path
+
+    from diffnas.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for config in ("darts_rnn_ptb.yaml", "gnn_cora.yaml"):
+        assert main(["latency", "measure", "--out", str(tmp_path / "l.jsonl"), "-n", "1",
+                     "--config", str(configs / config)]) == 2
+        assert "the latency tools time image networks" in capsys.readouterr().err
+    assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_macs_of_a_model_without_parameters():
+    assert count_macs(nn.ReLU(), (3, 4, 4)) == 0
 
 
 def test_networks_compare_as_built_so_a_layout_set_in_the_space_is_a_mismatch():

@@ -206,6 +206,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     model, shape = load_retrained(run_dir, resolution)
     dims = (shape.in_channels, shape.resolution, shape.resolution)
     path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{SUFFIX[fmt]}"
+    if path.is_dir():
+        raise ExportError(f"--out {path} is a directory; give the file to write, e.g. "
+                          f"{path / ('model' + SUFFIX[fmt])}")
+    if path.suffix == ".json":  # the model's description is written to PATH.json
+        raise ExportError(f"--out {path}: .json is the name of the model's description "
+                          f"written beside it; use {path.with_suffix(SUFFIX[fmt])}")
     g = torch.Generator().manual_seed(seed)
     export_model(model, torch.randn(2, *dims, generator=g), path, fmt)
     diff = None

@@ -23,8 +23,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], *args) -> int:
     was_training = model.training
     model.eval()
     try:
-        p = next(model.parameters())
-        x = torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype)
+        p = next(model.parameters(), None)  # (none: a parameter-free model, on the CPU)
+        x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu",
+                        dtype=p.dtype if p is not None else torch.float32)
         counter = FlopCounterMode(display=False)
         with counter:
             model(x, *args)
