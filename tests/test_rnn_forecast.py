@@ -44,3 +44,31 @@ def test_forecasters_learn_a_periodic_series_better_than_naive():
     for name in ("darts_cell", "lstm"):
         assert res[name]["rmse"] < 0.5 * res["naive"]["rmse"], (name, res)
     assert torch.isfinite(torch.tensor(res["darts_cell"]["mae"]))
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"test_fraction": 0.0}, r"test_fraction=0.0 and val_fraction=0.15 must each be in"),
+    ({"test_fraction": -0.2}, "must each be in"),
+    ({"val_fraction": 0.0}, "must each be in"),
+    ({"test_fraction": 0.6, "val_fraction": 0.6}, "sum below 1"),
+    ({"series": "foo"}, "unknown series 'foo'"),
+    ({"lookback": 0}, "lookback must be >= 1"),
+    ({"lr": 0.0}, "lr must be > 0"),
+])
+def test_settings_that_would_report_nothing_are_refused(settings, match):
+    """A zero test split used to report RMSE nan; a zero validation split kept the last
+    epoch while the docs promise the best validation one."""
+    with pytest.raises(ValueError, match=match):
+        ForecastConfig(**settings)
+
+
+def test_a_short_series_and_a_convolutional_genotype_are_named(capsys):
+    from diffnas.engine.forecast import main
+
+    with pytest.raises(ValueError, match=r"split .* leaves too little for lookback 20"):
+        run_forecast(ForecastConfig(lookback=20), np.arange(30.0))
+    with pytest.raises(SystemExit) as stop:
+        main(["--genotype", "DARTS_V2", "--epochs", "1"])
+    assert stop.value.code == 2
+    assert "for space 'darts_cnn'; the forecaster needs a recurrent cell" in \
+        capsys.readouterr().err

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffnas.genotype import Genotype, resolve_genotype
+from diffnas.genotype import Genotype, GenotypeError, resolve_genotype
 from diffnas.supernet.rnn import Dropouts, FixedCell
 
 SERIES = ("co2", "sunspots")
@@ -99,6 +99,21 @@ class ForecastConfig:
     val_fraction: float = 0.15
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.series not in SERIES:
+            raise ValueError(f"unknown series {self.series!r}; known: {', '.join(SERIES)}")
+        for key in ("hidden", "lookback", "epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        # a test split to report on, a validation split to pick the best epoch with, and
+        # something left to train on
+        if not (0 < self.test_fraction < 1 and 0 < self.val_fraction < 1
+                and self.test_fraction + self.val_fraction < 1):
+            raise ValueError(f"test_fraction={self.test_fraction} and val_fraction="
+                             f"{self.val_fraction} must each be in (0, 1) and sum below 1")
+
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
         cfg: ForecastConfig) -> nn.Module:
@@ -133,9 +148,11 @@ def run_forecast(cfg: ForecastConfig, series: np.ndarray | None = None) -> dict:
     n = len(diff)
     n_test, n_val = int(n * cfg.test_fraction), int(n * cfg.val_fraction)
     n_train = n - n_test - n_val
-    if n_train <= cfg.lookback + 1:
-        raise ValueError(f"series of {len(values)} points is too short for lookback "
-                         f"{cfg.lookback}")
+    if n_train <= cfg.lookback + 1 or min(n_test, n_val) < 1:
+        raise ValueError(f"series of {len(values)} points split {n_train}/{n_val}/{n_test} "
+                         f"(train/val/test differences) leaves too little for lookback "
+                         f"{cfg.lookback}: train needs more than {cfg.lookback + 1}, val "
+                         "and test at least 1 each")
     mu, sd = diff[:n_train].mean(), diff[:n_train].std() + 1e-12
     z = (diff - mu) / sd
     x, y = windows(z, cfg.lookback)  # target j is diff index lookback + j
@@ -150,8 +167,12 @@ def run_forecast(cfg: ForecastConfig, series: np.ndarray | None = None) -> dict:
         err = prev + pred_z.double() * sd + mu - truth
         return {"rmse": err.pow(2).mean().sqrt().item(), "mae": err.abs().mean().item()}
 
+    genotype = resolve_genotype(cfg.genotype)
+    if genotype.space != "darts_rnn":
+        raise GenotypeError(f"genotype {cfg.genotype!r} is for space {genotype.space!r}; the "
+                            "forecaster needs a recurrent cell (darts_rnn), e.g. DARTS_RNN_V2")
     torch.manual_seed(cfg.seed)
-    cell = CellForecaster(resolve_genotype(cfg.genotype), cfg.hidden)
+    cell = CellForecaster(genotype, cfg.hidden)
     torch.manual_seed(cfg.seed)
     lstm = matched_lstm(n_params(cell))
     out = {"config": asdict(cfg), "points": len(values),
@@ -168,11 +189,15 @@ def run_forecast(cfg: ForecastConfig, series: np.ndarray | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f, v in asdict(ForecastConfig()).items():
-        ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+        extra = {"choices": SERIES} if f == "series" else {}
+        ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v, **extra)
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     a = vars(ap.parse_args(argv))
     out_path = a.pop("out")
-    res = run_forecast(ForecastConfig(**a))
+    try:
+        res = run_forecast(ForecastConfig(**a))
+    except (ValueError, ImportError) as exc:  # GenotypeError included: a bad input, said
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     print(f"{'model':<11} {'params':>7} {'test RMSE':>10} {'test MAE':>9}")
     for k in ("naive", "darts_cell", "lstm"):
         r = res[k]
