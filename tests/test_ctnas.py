@@ -248,3 +248,23 @@ def test_on_the_table_reads_only_validation_and_spends_the_budget():
     oracle = make_oracle(table, budget=30)
     strategy().search(oracle, np.random.default_rng(0))
     assert oracle.used == 30 and set(reads) == {SEARCH_METRIC} and len(reads) == 30
+
+
+@pytest.mark.parametrize("choice", [1, 4])
+def test_the_comparator_chooses_from_choice_times_k_unseen_cells(choice):
+    """A concentrated policy samples few distinct cells: the proposals are filled up with
+    its most probable unseen cells to choice * k, so the NAC still picks k of many (with
+    choice 1 the list held exactly k, and every proposal was queried)."""
+    policy = EdgePolicy()
+    with torch.no_grad():
+        policy.logits[:, CONV3] = 8.0  # nearly every sample is the all-conv3 cell
+    oracle = smooth_oracle(100)
+    oracle.query((CONV3,) * NUM_EDGES)
+    strategy = create_query_strategy("ctnas", {**FAST, "choice": choice})
+    codes = strategy.proposals(policy, oracle, torch.Generator().manual_seed(0), 5)
+    assert len(codes) == len(set(codes.tolist())) == choice * 5
+    assert code_of((CONV3,) * NUM_EDGES) not in codes.tolist()
+    logp = policy.log_prob(torch.stack([torch.tensor([c // NUM_OPS ** (5 - e) % NUM_OPS
+                                                      for e in range(NUM_EDGES)])
+                                        for c in codes.tolist()]))
+    assert (logp > -9.0).all()  # one edge off the mode each: the most probable unseen

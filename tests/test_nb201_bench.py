@@ -193,6 +193,18 @@ def test_oracle_counts_distinct_cells_and_stops_at_the_budget():
     assert oracle.query((1,) * 6) == 6.0  # known answers stay free
 
 
+def test_oracle_refuses_cells_outside_the_space_and_answers_that_are_not_numbers():
+    oracle = QueryOracle(lambda c: float(sum(c)), budget=3)
+    for bad in [(-1, 0, 0, 0, 0, 0), (5, 0, 0, 0, 0, 0), (0, 0, 0)]:
+        with pytest.raises(ValueError, match="op indices in 0..4"):
+            oracle.query(bad)
+    assert oracle.used == 0
+    nan = QueryOracle(lambda c: float("nan"), budget=3)
+    with pytest.raises(ValueError, match="answered nan"):
+        nan.query((0,) * 6)
+    assert nan.used == 0
+
+
 def test_mutation_changes_exactly_one_edge():
     rng = np.random.default_rng(0)
     cell = (0, 1, 2, 3, 4, 0)
@@ -374,7 +386,17 @@ def test_nao_decoder_is_autoregressive_and_attends():
 @pytest.mark.parametrize(
     "name,settings,problem",
     [("gcn", {"initial": 1}, "initial >= 2"), ("nao", {"batch": 0}, "batch >= 1"),
-     ("nao", {"trade_off": 1.5}, "trade_off"), ("comparator", {"pairs": 0}, "pairs >= 1")],
+     ("nao", {"trade_off": 1.5}, "trade_off"), ("comparator", {"pairs": 0}, "pairs >= 1"),
+     # these used to fail after queries were spent, run empty, or mean something else
+     ("gcn", {"layers": 0}, "predictor.layers must be >= 1"),
+     ("gcn", {"hidden": 0}, "predictor.hidden must be >= 1"),
+     ("comparator", {"neighbours_of": -1}, "predictor.neighbours_of must be >= 0"),
+     ("nao", {"step_sizes": []}, "nao.step_sizes must be a non-empty list"),
+     ("reinforce", {"baseline_decay": 1.5}, r"reinforce.baseline_decay must be in \[0, 1\)"),
+     ("reinforce", {"lr": -5}, "reinforce.lr must be > 0"),
+     ("reinforce", {"max_steps_factor": 0}, "reinforce.max_steps_factor must be >= 1"),
+     ("rea", {"max_cycles_factor": 0}, "rea.max_cycles_factor must be >= 1"),
+     ("ctnas", {"choice": 0}, "ctnas.choice must be >= 1")],
 )
 def test_bad_predictor_settings_are_refused(name, settings, problem):
     from diffnas.nasbench import create_query_strategy
@@ -522,3 +544,40 @@ def test_lookup_command_reports_a_genotype_file(tmp_path, capsys):
                  "--json", str(tmp_path / "rec.json")]) == 0
     rec = json.loads((tmp_path / "rec.json").read_text())
     assert rec["c10_test_200"] == pytest.approx(54.2967) and rec["skip_connect_edges"] == 6
+
+
+def test_a_search_runs_on_one_thread_whatever_the_process_has(monkeypatch):
+    """Predictor-based strategies queried other cells at 1 and 2 threads (float sums);
+    the runner gives every search one thread and restores the caller's afterwards."""
+    import torch
+
+    from diffnas.nasbench import runner
+    from diffnas.nasbench.strategies.base import QueryStrategy
+
+    seen = []
+
+    class Probe(QueryStrategy):
+        def search(self, oracle, rng):
+            seen.append(torch.get_num_threads())
+            oracle.query((0,) * 6)
+
+    class Bench:
+        metrics = ()
+
+        def query(self, ops, metric):
+            return 50.0
+
+        def index_of(self, ops):
+            return 0
+
+        def arch_str(self, index):
+            return "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+
+    monkeypatch.setattr(runner, "create_query_strategy", lambda name, settings: Probe(None))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner.run_query_search("probe", Bench(), 1, 0)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -8,11 +8,12 @@ the search has returned (see :mod:`diffnas.nasbench.runner`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
-from diffnas.nasbench.encoding import Cell, code_of
+from diffnas.nasbench.encoding import NUM_EDGES, NUM_OPS, Cell, code_of
 
 
 class BudgetExhausted(RuntimeError):
@@ -51,11 +52,17 @@ class QueryOracle:
     def query(self, cell: Cell) -> float:
         """Validation accuracy (percent) of ``cell``; a new cell costs one query."""
         cell = tuple(int(i) for i in cell)
+        if len(cell) != NUM_EDGES or not all(0 <= i < NUM_OPS for i in cell):
+            # (a -1 would read as another cell's op and be charged as a new cell)
+            raise ValueError(f"cell {cell}: expected {NUM_EDGES} op indices in 0..{NUM_OPS - 1}")
         if cell in self._answers:
             return self._answers[cell]
         if self.exhausted:
             raise BudgetExhausted(f"query budget of {self.budget} cells is spent")
         acc = float(self._lookup(cell))
+        if not math.isfinite(acc):  # best() would keep a NaN first answer for good
+            raise ValueError(f"cell {cell}: the benchmark answered {acc} (not a number); "
+                             "check the table's validation column")
         self._answers[cell] = acc
         self.history.append((cell, acc))
         return acc

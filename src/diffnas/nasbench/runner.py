@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from diffnas.genotype import Genotype
 from diffnas.nasbench.encoding import cell_names
@@ -50,12 +51,19 @@ def run_query_search(
     strategy: str, bench: Nb201Benchmark, budget: int, seed: int,
     settings: dict | None = None,
 ) -> SearchOutcome:
-    """Run ``strategy`` for ``budget`` queries with ``seed``; report the chosen cell."""
+    """Run ``strategy`` for ``budget`` queries with ``seed``; report the chosen cell. The
+    search runs on one torch thread: its float sums, and so the cells a predictor-based
+    strategy queries, would otherwise depend on the thread count (``--jobs 1`` vs 2)."""
     search = create_query_strategy(strategy, settings)
     oracle = make_oracle(bench, budget)
-    t0 = time.perf_counter()
-    search.search(oracle, np.random.default_rng(seed))
-    seconds = time.perf_counter() - t0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        search.search(oracle, np.random.default_rng(seed))
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
     cell, valid = oracle.best()
     ops = cell_names(cell)
     # The search is over: from here on test columns may be read.

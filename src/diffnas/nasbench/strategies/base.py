@@ -31,7 +31,14 @@ from diffnas.registry import Registry
 
 @dataclass
 class QueryStrategyConfig:
-    pass
+    def require(self, strategy: str, checks: list[tuple[str, bool, str]]) -> None:
+        """Raise for the first ``(setting, ok, rule)`` that is not ok, naming it (a
+        setting out of range would otherwise fail after queries were spent, or be quietly
+        read as something else)."""
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{strategy}.{name} must be {rule}, got "
+                                 f"{getattr(self, name)!r}")
 
 
 class QueryStrategy(ABC):

@@ -24,10 +24,12 @@ policy steps:
   strategy shares), each round (1) fits the NAC (``epochs`` warm-started Adam steps, as
   the ``comparator`` strategy does), (2) runs ``policy_steps`` REINFORCE steps of
   ``policy_batch`` samples against the current baseline, (3) updates the baseline, (4)
-  queries the ``round_size`` unseen cells among ``proposals`` policy samples that the NAC
-  rates most likely to beat the new baseline (when the policy has concentrated and fewer
-  unseen samples appear, the most probable unseen cells under the policy fill the list, so
-  the budget is always spent), (5) explores new pseudo-labelled pairs;
+  queries the ``round_size`` (k) unseen cells among ``proposals`` policy samples that the
+  NAC rates most likely to beat the new baseline; when the policy has concentrated and
+  fewer than ``choice`` * k unseen samples appear, the most probable unseen cells under the
+  policy fill the list up to that, so the NAC still chooses (with ``choice`` 1 the list
+  was filled to k only, and from about 60 queries on it decided nothing: every proposal
+  was queried), (5) explores new pseudo-labelled pairs;
 - the policy is a categorical distribution per edge (6 x 5 logits), not the paper's LSTM
   controller: the paper's LSTM serves NAS-Bench-101's variable graphs (node count, inputs,
   ops); NAS-Bench-201 is six independent 5-way choices, for which NAS-Bench-201's own
@@ -95,13 +97,17 @@ class CtnasConfig(QueryStrategyConfig):
     # the curriculum and the queries
     candidates: int = 10  # K cells sampled to pick the next baseline
     proposals: int = 200  # policy samples per round from which the queries are picked
+    # the NAC picks a round's k queries from at least choice * k unseen cells (the policy's
+    # most probable unseen cells fill up the samples), so it still chooses once the policy
+    # has concentrated; 1: only when fewer than k unseen samples remain
+    choice: int = 4
     # data exploration
     explore: int = 100  # confident pseudo-labelled pairs added per round (0: off)
     explore_ratio: float = 1.0  # explored pairs per labelled pair in a NAC step
 
     def __post_init__(self) -> None:
         positive = ("batch", "hidden", "layers", "epochs", "pairs", "policy_steps",
-                    "policy_batch", "proposals")
+                    "policy_batch", "proposals", "choice")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"ctnas.{name} must be >= 1, got {getattr(self, name)}")
@@ -243,18 +249,20 @@ class Ctnas(QueryStrategy):
 
     def proposals(self, policy: EdgePolicy, oracle: QueryOracle, gen: torch.Generator,
                   k: int) -> torch.Tensor:
-        """Unseen cells among ``proposals`` policy samples, topped up to ``k`` (when the
-        space has that many) with the most probable unseen cells under the policy."""
+        """Unseen cells among ``proposals`` policy samples, topped up to ``choice * k``
+        (when the space has that many) with the most probable unseen cells under the
+        policy, for the NAC to pick ``k`` of."""
         unseen = torch.from_numpy(unseen_mask(oracle))
         codes = torch.unique(codes_of(policy.sample(self.config.proposals, gen)))
         codes = codes[unseen[codes]]
-        if len(codes) < k:
+        want = self.config.choice * k
+        if len(codes) < want:
             with torch.no_grad():
                 logp = policy.log_prob(torch.tensor(all_cells_array()))
             free = unseen.clone()
             free[codes] = False
             extra = free.nonzero().squeeze(1)
-            order = torch.argsort(-logp[extra], stable=True)[:k - len(codes)]
+            order = torch.argsort(-logp[extra], stable=True)[:want - len(codes)]
             codes = torch.cat([codes, extra[order]])
         return codes
 

@@ -31,6 +31,7 @@ class EvolutionConfig(QueryStrategyConfig):
         if self.population < 1 or self.sample_size < 1:
             raise ValueError(f"rea needs population >= 1 and sample_size >= 1, got "
                              f"{self.population}, {self.sample_size}")
+        self.require("rea", [("max_cycles_factor", self.max_cycles_factor >= 1, ">= 1")])
 
 
 @register_query_strategy("rea")

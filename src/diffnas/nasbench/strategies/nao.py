@@ -47,6 +47,10 @@ class NaoConfig(PredictorConfig):
             raise ValueError(f"nao needs seeds >= 1, got {self.seeds}")
         if not 0 <= self.trade_off <= 1:
             raise ValueError(f"nao trade_off must be in [0, 1], got {self.trade_off}")
+        self.require("nao", [
+            ("embed", self.embed >= 1, ">= 1"), ("hidden", self.hidden >= 1, ">= 1"),
+            ("step_sizes", len(self.step_sizes) > 0 and all(s > 0 for s in self.step_sizes),
+             "a non-empty list of positive steps")])
 
 
 class Nao(nn.Module):

@@ -43,6 +43,9 @@ class PredictorConfig(QueryStrategyConfig):
         if self.initial < 2 or self.batch < 1:
             raise ValueError("a predictor-guided strategy needs initial >= 2 and batch >= 1, "
                              f"got initial={self.initial}, batch={self.batch}")
+        self.require("predictor", [
+            ("growth", self.growth >= 0, ">= 0"), ("epochs", self.epochs >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0")])
 
 
 class PredictorSearch(QueryStrategy):
@@ -100,6 +103,13 @@ class RankingConfig(PredictorConfig):
     hidden: int = 64
     layers: int = 3
     weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("predictor", [
+            ("pool", self.pool >= 0, ">= 0 (0: the whole space)"),
+            ("neighbours_of", self.neighbours_of >= 0, ">= 0"),
+            ("hidden", self.hidden >= 1, ">= 1"), ("layers", self.layers >= 1, ">= 1")])
 
 
 class RankingSearch(PredictorSearch):

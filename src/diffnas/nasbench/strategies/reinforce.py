@@ -38,6 +38,11 @@ class ReinforceConfig(QueryStrategyConfig):
     def __post_init__(self) -> None:
         if self.initial < 0:
             raise ValueError(f"reinforce needs initial >= 0, got {self.initial}")
+        self.require("reinforce", [
+            ("lr", self.lr > 0, "> 0"),
+            ("baseline_decay", 0 <= self.baseline_decay < 1, "in [0, 1)"),
+            ("max_steps_factor", self.max_steps_factor >= 1, ">= 1"),
+            ("latency_target_ms", self.latency_target_ms > 0, "> 0")])
 
 
 @register_query_strategy("reinforce")
