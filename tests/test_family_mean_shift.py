@@ -61,3 +61,20 @@ def test_smoothed_loss_falls():
     shifts = [mean_shift(lambda d: rugged(x0 + d[0]), [x0], h, 8, 0.5)[0][0]
               for _ in range(50)]
     assert float(torch.stack(shifts).mean(0).sum()) > 0  # towards the bowl's centre 1.5
+
+
+def test_the_kernel_reads_the_losses_relative_to_their_spread():
+    """Sample losses on a real batch differ by ~0.01: the kernel must still prefer the
+    lower ones (softmax(-L) weighed them alike, leaving the shift a random walk). The
+    shift is the same for the loss times 1e-3 or plus 100, and points downhill."""
+    def shift_for(scale: float, offset: float, seed: int) -> torch.Tensor:
+        x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(seed)
+        return mean_shift(lambda d: offset + scale * ((x + d[0] - 1.5) ** 2).sum(), [x],
+                          0.3, 8, 0.5)[0][0]
+
+    for seed in range(3):
+        base = shift_for(1.0, 0.0, seed)
+        torch.testing.assert_close(shift_for(1e-3, 100.0, seed), base)
+    mean = torch.stack([shift_for(1e-3, 100.0, s) for s in range(40)]).mean(0)
+    assert bool((mean > 0.05).all())  # towards 1.5 on every coordinate

@@ -3,7 +3,11 @@
 Each alpha step samples ``samples`` architectures ``alpha_i = alpha + bandwidth * eps_i``
 (``eps_i`` standard normal, torch's global RNG), evaluates the validation loss ``L_i`` and
 its gradient at each, and weights the samples by a kernel of their loss,
-``k_i = softmax(-L_i / temperature)``. Alpha shifts to the weighted mean
+``k_i = softmax(-z_i / temperature)`` with ``z_i`` the loss standardised over the samples
+(``(L_i - mean L) / std L``). Standardised, because the samples' losses differ by about
+0.01 on a real batch: ``softmax(-L_i)`` weighed them all alike (0.2517 vs 0.25 each for 4
+samples) and the shift was a random walk the loss did not steer; ``temperature`` is now
+in units of that spread, whatever the loss's scale. Alpha shifts to the weighted mean
 ``sum k_i alpha_i`` and then takes an optimizer step along ``sum k_i grad L(alpha_i)``:
 a descent step on the loss smoothed over the bandwidth, which steers away from sharp
 minima. As ``bandwidth -> 0`` every sample is ``alpha`` and the step is DARTS first order.
@@ -19,6 +23,13 @@ import torch
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.hypergrad import grads as grads_or_zeros
 from diffnas.strategies.registry import register_strategy
+
+
+def standardized(L: torch.Tensor) -> torch.Tensor:
+    """``(L - mean) / std`` over the samples; zeros when they are all equal (or one)."""
+    centred = L - L.mean()
+    spread = centred.pow(2).mean().sqrt()
+    return centred / spread if float(spread) > 0 else torch.zeros_like(L)
 
 
 def mean_shift(
@@ -44,7 +55,7 @@ def mean_shift(
     L = torch.stack(losses)
     if average is not None:
         L = average(L)
-    k = torch.softmax(-L / temperature, dim=0)
+    k = torch.softmax(-standardized(L) / temperature, dim=0)
     shift = [sum(k[i] * deltas[i][j] for i in range(samples)) for j in range(len(params))]
     grad = [sum(k[i] * grads[i][j] for i in range(samples)) for j in range(len(targets))]
     return shift, grad, L
@@ -54,7 +65,8 @@ def mean_shift(
 class MeanShiftConfig(StrategyConfig):
     bandwidth: float = 0.1  # std of the architecture samples around alpha (the key setting)
     samples: int = 4
-    temperature: float = 1.0  # kernel of the loss: weight ~ exp(-L / temperature)
+    # kernel of the loss: weight ~ exp(-z / temperature), z the standardised loss
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.bandwidth < 0 or self.samples < 1 or self.temperature <= 0:
