@@ -71,6 +71,25 @@ def test_temperature_schedule_and_state(anneal):
     assert fresh.tau == relax.tau
 
 
+def test_an_anneal_without_its_end_or_a_rising_temperature_is_refused():
+    """anneal without tau_min used to run at a constant tau, silently (SNAS's defining
+    annealing switched off); each relaxation anneals its own way when tau_min alone is
+    given, and tau_min=None alone keeps tau constant."""
+    from diffnas.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="anneal='linear' needs tau_min"):
+        load_config(None, ["search.strategy={name: snas, relaxation: "
+                           "{name: gumbel, tau: 1, anneal: linear}}"])
+    with pytest.raises(ValueError, match="tau_min=5.0 > tau=1.0: the temperature would rise"):
+        create_relaxation("hard_gumbel", tau=1.0, tau_min=5.0)
+    for name, default in (("gumbel", "exp"), ("hard_gumbel", "linear")):
+        assert create_relaxation(name, tau=2.0, tau_min=0.5).schedule.anneal == default
+    constant = create_relaxation("hard_gumbel", tau=5.0, tau_min=None)
+    constant.set_epochs(3)
+    constant.end_epoch()
+    assert constant.tau == 5.0
+
+
 # no step was taken, so torch warns that the schedulers stepped before the optimizers
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 def test_strategy_anneals_the_temperature():

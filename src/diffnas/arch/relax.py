@@ -77,9 +77,17 @@ class TemperatureSchedule:
     """``tau`` annealed per epoch from ``tau`` to ``tau_min`` over the run, linearly
     (GDAS) or exponentially (SNAS); ``tau_min=None`` keeps it constant."""
 
-    def __init__(self, tau: float, tau_min: float | None, anneal: str) -> None:
+    def __init__(self, tau: float, tau_min: float | None, anneal: str | None,
+                 default_anneal: str = "exp") -> None:
         if tau <= 0 or (tau_min is not None and tau_min <= 0):
             raise ValueError(f"temperatures must be positive, got tau={tau}, tau_min={tau_min}")
+        if anneal is not None and tau_min is None:  # it would silently stay at tau
+            raise ValueError(f"anneal={anneal!r} needs tau_min, the temperature it anneals "
+                             "to (without tau_min the temperature stays at tau)")
+        if tau_min is not None and tau_min > tau:
+            raise ValueError(f"tau_min={tau_min} > tau={tau}: the temperature would rise; "
+                             "anneal from the larger to the smaller")
+        anneal = default_anneal if anneal is None else anneal
         if anneal not in ("linear", "exp"):
             raise ValueError(f"anneal must be 'linear' or 'exp', got {anneal!r}")
         self.tau_max, self.tau_min, self.anneal = tau, tau_min, anneal
@@ -114,9 +122,11 @@ class GumbelSoftmaxRelaxation(Relaxation):
 
     stochastic = True
 
+    default_anneal = "exp"  # SNAS
+
     def __init__(self, tau: float = 1.0, tau_min: float | None = None,
-                 anneal: str = "exp") -> None:
-        self.schedule = TemperatureSchedule(tau, tau_min, anneal)
+                 anneal: str | None = None) -> None:
+        self.schedule = TemperatureSchedule(tau, tau_min, anneal, self.default_anneal)
         self._held: dict[str, torch.Tensor] | None = None
 
     @property
@@ -169,8 +179,10 @@ class HardGumbelRelaxation(GumbelSoftmaxRelaxation):
 
     hard = True
 
+    default_anneal = "linear"  # GDAS
+
     def __init__(self, tau: float = 10.0, tau_min: float | None = 0.1,
-                 anneal: str = "linear") -> None:
+                 anneal: str | None = None) -> None:
         super().__init__(tau, tau_min, anneal)
 
     def __call__(self, logits: dict[str, torch.Tensor]) -> ArchWeights:
