@@ -92,6 +92,11 @@ def test_unrolled_rejects_an_unknown_hessian_mode():
         unrolled(s, train, val, hessian="central")
     with pytest.raises(ValueError, match="only applies to order=2"):
         tiny_strategy({"name": "darts", "order": 1, "hessian": "fd_forward"}, dtype=F64)
+    # a finite-difference radius where no finite difference is taken was silently ignored
+    for section in ({"order": 1, "fd_radius": 0.5}, {"order": 2, "hessian": "exact",
+                                                    "fd_radius": 0.5}):
+        with pytest.raises(ValueError, match="fd_radius=0.5 only applies to a finite-diff"):
+            tiny_strategy({"name": "darts", **section}, dtype=F64)
 
 
 def test_unrolled_exact_matches_tightly():

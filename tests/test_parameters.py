@@ -16,6 +16,23 @@ def test_parameter_sets_are_disjoint():
     assert opt_w == w and opt_a == a
 
 
+def test_a_supernet_that_holds_the_alphas_is_refused():
+    """A supernet keeping ArchParams as a submodule would hand the alphas to the weight
+    optimizer too (two optimizers moving one parameter), silently."""
+    import pytest
+    from conftest import tiny_space
+
+    from diffnas.arch import ArchParams
+    from diffnas.strategies import create_strategy
+    from diffnas.strategies.objective import ClassificationObjective
+
+    space = tiny_space()
+    supernet, arch = space.build_supernet(), ArchParams(space)
+    supernet.arch = arch
+    with pytest.raises(ValueError, match="architecture parameter.* also among the supernet"):
+        create_strategy({"name": "darts"}, supernet, arch, ClassificationObjective(), epochs=1)
+
+
 def test_supernet_output_is_driven_by_the_weights_it_is_given():
     """The supernet keeps no alphas: its output follows the arch weights passed in."""
     s = tiny_strategy({"name": "darts"})

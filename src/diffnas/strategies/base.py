@@ -186,6 +186,11 @@ class SearchStrategy:
         self.relaxation.set_epochs(epochs)
         if config.edge_norm:  # before the optimizer, so the betas are optimized with alpha
             arch_params.add_edge_betas()
+        shared = {id(p) for p in self.weights()} & {id(p) for p in arch_params.parameters()}
+        if shared:  # SGD would move the alphas too: two optimizers, one parameter
+            raise ValueError(f"{len(shared)} architecture parameter(s) are also among the "
+                             "supernet's weights; keep ArchParams out of the supernet (it "
+                             "receives arch_weights as a forward argument)")
         w = config.w_optim
         self.w_optimizer = torch.optim.SGD(
             self.weights(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay

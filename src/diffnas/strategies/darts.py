@@ -28,6 +28,9 @@ class DartsConfig(StrategyConfig):
             raise ValueError(f"darts fd_radius must be positive, got {self.fd_radius}")
         if self.order == 1 and self.hessian != "fd":
             raise ValueError(f"hessian={self.hessian!r} only applies to order=2")
+        if self.fd_radius != 1e-2 and (self.order == 1 or self.hessian == "exact"):
+            raise ValueError(f"fd_radius={self.fd_radius} only applies to a finite-difference "
+                             "Hessian (order=2 with hessian fd or fd_forward)")
 
 
 @register_strategy("darts")
