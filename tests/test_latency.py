@@ -568,15 +568,17 @@ def test_cli_refuses_settings_that_would_measure_nothing_or_overwrite(tmp_path, 
     assert "name the predictor .pt" in capsys.readouterr().err
 
 
-def _stub_sweep_inputs(monkeypatch) -> None:
-    """The sweep's data and predictor replaced by stand-ins: only its run bookkeeping runs."""
+def _stub_sweep_inputs(monkeypatch, meta: dict | None = None) -> None:
+    """The sweep's data and predictor replaced by stand-ins: only its run bookkeeping runs.
+    ``meta``: the stand-in predictor's fit report (default: none recorded)."""
     from diffnas.hardware import sweep
 
     monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
     monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: type(
         "D", (), {"in_channels": 1, "resolution": 8, "num_classes": 10})())
     monkeypatch.setattr(sweep.LatencyPredictor, "load", staticmethod(
-        lambda path: type("P", (), {"check_space": lambda self, s: None})()))
+        lambda path: type("P", (), {"check_space": lambda self, s: None,
+                                    "meta": meta or {}})()))
 
 
 def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, monkeypatch):
@@ -633,6 +635,33 @@ def test_sweep_reuse_ignores_how_a_run_executes_but_not_a_refitted_predictor(tmp
     with pytest.raises(ValueError, match="another version of the predictor file"):
         sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [0.5, 1.0], out)
     assert searched == [] and not (out / "lam0.5").exists()  # checked before any work
+
+
+def test_sweep_warns_before_searching_when_the_predictor_measured_otherwise(
+        tmp_path, monkeypatch, caplog):
+    """Its measured latencies would not be comparable with the predicted ones: said
+    before hours of search, not only (if at all) in sweep.json."""
+    from diffnas.hardware import sweep
+    from diffnas.hardware.latency import settings_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.pt").write_bytes(b"v1")
+
+    def reached(cfg, run_dir, resume=False, data=None):
+        raise RuntimeError("search reached")
+
+    monkeypatch.setattr(sweep, "run_search", reached)
+    space = {"name": "darts_cnn", "C": 4, "layers": 3, "nodes": 2}
+    fitted = {**settings_dict(LatencySettings()), "input_shape": [1, 8, 8],
+              "network": {"C": 8, "layers": 3}, "space": space}
+    _stub_sweep_inputs(monkeypatch, {"settings": fitted, "device": {"id": "cpu-other"}})
+    overrides = ["search.epochs=1", f"search.space={json.dumps(space)}",
+                 "retrain.network={C: 4, layers: 3}"]
+    with caplog.at_level("WARNING", logger="diffnas"), pytest.raises(RuntimeError):
+        sweep.run_sweep(None, overrides, "p.pt", [1.0], tmp_path / "s")
+    said = caplog.text
+    assert "fitted on records measured otherwise" in said
+    assert "network.C: 8 vs 4" in said and "device: 'cpu-other'" in said
 
 
 def test_records_of_one_architecture_say_so():

@@ -19,8 +19,14 @@ from diffnas.data import load_dataset
 from diffnas.engine.retrain import run_retrain
 from diffnas.engine.search import load_search_data, run_search
 from diffnas.genotype import Genotype
+from diffnas.hardware.costs import predictor_mismatch
 from diffnas.hardware.dataset import anchor_genotype, encode_indices, one_hot
-from diffnas.hardware.latency import LatencySettings, device_fingerprint, measure_many
+from diffnas.hardware.latency import (
+    LatencySettings,
+    device_fingerprint,
+    measure_many,
+    settings_dict,
+)
 from diffnas.hardware.predictor import LatencyPredictor
 from diffnas.spaces import DataShape, create_space
 
@@ -106,6 +112,17 @@ def run_sweep(
                       retrain_data.num_classes)
     space = create_space(base.search.space, shape)
     pred.check_space(space)
+    network = space.network_settings(
+        {k: v for k, v in base.retrain.network.items() if k != "auxiliary"})
+    input_shape = (shape.in_channels, shape.resolution, shape.resolution)
+    device = device_fingerprint("cpu", settings.threads)
+    # said before the searches: measured and predicted latencies will not be comparable
+    mismatch = predictor_mismatch(pred.meta, device, {
+        **settings_dict(settings), "input_shape": list(input_shape), "network": network})
+    if mismatch:
+        log.warning("the latency predictor was fitted on records measured otherwise (%s): "
+                    "the sweep's measured and predicted latencies are not comparable",
+                    mismatch)
     rows = []
     for lam in lambdas:
         run_dir, cfg = runs[lam]
@@ -133,10 +150,8 @@ def run_sweep(
                      "relaxed_predicted_ms": relaxed, "genotype": genotype.to_dict(),
                      "genotype_text": str(genotype)})
         log.info("lambda=%g: acc %.4f, predicted %.2f ms", lam, acc, predicted)
-    network = {k: v for k, v in base.retrain.network.items() if k != "auxiliary"}
     models = [space.build_network(Genotype.from_dict(row["genotype"]), **network)
               for row in rows]
-    input_shape = (shape.in_channels, shape.resolution, shape.resolution)
     # timed interleaved with the dataset's anchor network, so the load-corrected latency
     # (ratio to the anchor times the anchor's median over the dataset) is comparable with
     # what the predictor was fitted on
@@ -150,8 +165,8 @@ def run_sweep(
                    measured_q75_ms=st.q75_ms,
                    anchored_ms=ratio * anchor_ref if anchor_ref else None)
     summary = {"rows": rows, "settings": vars(settings), "network": network,
-               "device": device_fingerprint("cpu", settings.threads), "config": config,
-               "overrides": overrides, "predictor": str(predictor)}
+               "device": device, "config": config, "overrides": overrides,
+               "predictor": str(predictor), "predictor_mismatch": mismatch or None}
     (out / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "sweep.md").write_text(table(rows) + "\n")
     plot(rows, out / "sweep.png", sweep_title(base))
