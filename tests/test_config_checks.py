@@ -558,3 +558,5 @@ def test_retrain_settings_an_engine_never_reads_are_refused(path, override, engi
     key = override.split("=")[0]
     _refused(override.split(), rf"{re.escape(key)}: the {engine} .* does not read this", path)
     load_config(path, ["retrain.lr=0.02"])  # settings the engine reads are accepted
+    if key in ("retrain.drop_path", "retrain.cutout"):  # 0 says "off", what they do
+        load_config(path, [f"{key}=0", *override.split()[1:]])

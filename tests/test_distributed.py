@@ -129,7 +129,15 @@ def _fetch_case(rank: int, out: str) -> dict:
         dp.fetch_in_turn(fetcher(Path(out) / f"node{rank}.txt", own))
     finally:
         os.environ["LOCAL_RANK"] = str(rank)
-    return {"shared": shared, "content": content, "own": own}
+    def failing() -> None:
+        raise ConnectionError("mirror down")
+
+    try:  # rank 0's turn fails: every rank hears it at once, none waits out a timeout
+        dp.fetch_in_turn(failing)
+        failed = ""
+    except Exception as exc:
+        failed = f"{type(exc).__name__}: {exc}"
+    return {"shared": shared, "content": content, "own": own, "failed": failed}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -230,6 +238,9 @@ def test_downloads_happen_one_process_at_a_time(spawned):
     assert r0["content"] == r1["content"] == "0"
     assert r0["own"] == [{"mine": False, "node0": False}]
     assert r1["own"] == [{"mine": False, "node0": True}]  # rank 0's turn had ended
+    assert r0["failed"] == "ConnectionError: mirror down"
+    assert r1["failed"] == ("RuntimeError: rank 0 failed to fetch the data: "
+                            "ConnectionError: mirror down")
 
 
 @pytest.mark.parametrize("name", list(SEARCHES))

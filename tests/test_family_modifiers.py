@@ -139,6 +139,20 @@ def test_bad_mixed_op_is_refused_when_the_config_is_read(space, mixed_op, match)
         load_config(None, [f"search.space={{name: {space}, mixed_op: {mixed_op}}}"])
 
 
+def test_checking_a_mixed_op_draws_no_random_numbers():
+    """The config check builds an edge (on the meta device): it must not move the seeded
+    initialisation of the supernet built after it."""
+    from diffnas.spaces import create_space
+
+    for section in ({"name": "darts_cnn", "mixed_op": {"name": "partial_channel", "k": 4}},
+                    {"name": "nb201", "mixed_op": {"name": "partial_channel", "k": 2}}):
+        torch.manual_seed(0)
+        create_space(section)
+        drawn = torch.rand(3)
+        torch.manual_seed(0)
+        assert torch.equal(drawn, torch.rand(3))
+
+
 def test_bad_modifier_specs():
     with pytest.raises(ValueError, match="unknown mixed_op"):
         create_mixed_op_factory({"name": "nope"})

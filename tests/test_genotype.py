@@ -117,6 +117,9 @@ def test_a_huge_range_in_genotype_text_is_refused_before_it_is_expanded():
         "normal_concat=[2, 3, 4, 5]", "normal_concat=range(2, 1000000000000)")
     with pytest.raises(GenotypeError, match=r"range of 999999999998 nodes .*at most 1000"):
         from_darts_str(text)
+    with pytest.raises(GenotypeError, match="malformed DARTS genotype text"):  # overflow
+        from_darts_str(text.replace("range(2, 1000000000000)", "range(10**100)".replace(
+            "10**100", "1" + "0" * 100)))
 
 
 def test_a_recurrent_genotype_with_a_none_edge_is_refused_by_validation():

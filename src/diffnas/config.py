@@ -508,6 +508,8 @@ UNREAD_RETRAIN = {
             "crop_padding", "flip", "train_subset"),
     "nb201": ("drop_path",),  # its networks have no drop-path, as NAS-Bench-201 trains them
 }
+#: unread settings whose 0 says "off", which is what these engines do: 0 is accepted
+OFF_WHEN_ZERO = ("drop_path", "cutout", "auxiliary_weight")
 
 
 def _check_unread_retrain(cfg: RunConfig, always: bool = False) -> None:
@@ -518,7 +520,8 @@ def _check_unread_retrain(cfg: RunConfig, always: bool = False) -> None:
         return
     keys = UNREAD_RETRAIN.get(_space_name(cfg), ())
     default = RetrainConfig()
-    changed = [k for k in keys if getattr(cfg.retrain, k) != getattr(default, k)]
+    changed = [k for k in keys if getattr(cfg.retrain, k) != getattr(default, k)
+               and not (k in OFF_WHEN_ZERO and getattr(cfg.retrain, k) == 0)]
     if changed:
         engine = {"darts_rnn": "language-model (engine/lm.py)", "gnn": "graph (engine/graph.py)",
                   "nb201": "nb201 network's"}[_space_name(cfg)]

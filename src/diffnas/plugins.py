@@ -22,6 +22,8 @@ from types import ModuleType
 from diffnas.config import ConfigError
 from diffnas.registry import registrations_undone_on_error
 
+_PACKAGE = Path(__file__).resolve().parent  # diffnas's own source files
+
 
 def is_file_plugin(entry: str) -> bool:
     """A path to a Python file (``x.py``, or anything with a slash) rather than a module."""
@@ -97,7 +99,10 @@ def import_plugins(entries: Sequence[str]) -> list[ModuleType]:
         except Exception as exc:
             frames = [f for f in traceback.extract_tb(exc.__traceback__)
                       if not f.filename.startswith("<")]  # not importlib's own frames
-            where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+            # the plugin's own line, not diffnas's (a duplicate name fails in registry.py)
+            own = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_PACKAGE)]
+            at = (own or frames)[-1:]
+            where = f" (at {at[0].filename}:{at[0].lineno})" if at else ""
             raise ConfigError(f"config.plugins: importing {entry!r} failed: "
                               f"{type(exc).__name__}: {exc}{where}") from exc
     return modules

@@ -6,6 +6,7 @@ the words used in configs and genotypes, so a new one is a new file plus one dec
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar, Generic, TypeVar
@@ -61,16 +62,31 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
+def _builtin(module: str | None) -> bool:
+    return module is not None and (module == "diffnas" or module.startswith("diffnas."))
+
+
 @contextmanager
 def registrations_undone_on_error() -> Iterator[None]:
-    """Names registered inside the block, in any registry, are unregistered again if it
-    raises: a plugin that fails halfway can be fixed and imported again in the same
-    process (a notebook) instead of failing on its own first names as duplicates."""
-    before = [(r, set(r._items)) for r in Registry._every]
+    """If the block (a plugin's import) raises, undo what it did, so the fixed plugin can
+    be imported again in the same process (a notebook) instead of failing on its own
+    first names as duplicates: the names registered meanwhile are unregistered, except
+    diffnas's built-ins (a diffnas module the plugin happened to import first stays
+    imported, so its names must stay too), and the newly imported modules that defined
+    them leave ``sys.modules`` (a helper beside the plugin is imported afresh next time;
+    libraries, which register nothing here, stay)."""
+    modules = set(sys.modules)
+    before = {id(r): set(r._items) for r in Registry._every}
     try:
         yield
     except BaseException:
-        for registry, names in before:
-            for name in set(registry._items) - names:
-                del registry._items[name]
+        defined_in = set()
+        for registry in Registry._every:
+            for name in set(registry._items) - before.get(id(registry), set()):
+                module = getattr(registry._items[name], "__module__", None)
+                if not _builtin(module):
+                    del registry._items[name]
+                    defined_in.add(module)
+        for name in defined_in & (set(sys.modules) - modules):
+            del sys.modules[name]
         raise

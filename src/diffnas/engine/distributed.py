@@ -167,16 +167,32 @@ def fetch_in_turn(fetch: Callable[[], None]) -> None:
     """Call ``fetch`` (download what is missing; nothing when it is there) so that no two
     processes write one file at once: rank 0 first, then, with the files still missing
     on another node's disk, each node's local rank 0; every rank waits for both turns, so
-    all call this together. A single process just calls it."""
+    all call this together. A fetch that fails is raised on every rank at the end of its
+    turn (not left for the others to wait out the group's timeout). A single process just
+    calls it."""
     if not is_distributed():
         fetch()
         return
-    if get_rank() == 0:
-        fetch()
-    barrier()
-    if get_rank() != 0 and env().local_rank == 0:
-        fetch()
-    barrier()
+
+    def turn(mine: bool) -> None:
+        error = None
+        if mine:
+            try:
+                fetch()
+            except Exception as exc:  # raised on every rank below
+                error = exc
+        errors: list[Any] = [None] * get_world_size()
+        dist.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, exc = failed[0]
+            if rank == get_rank():
+                raise exc
+            raise RuntimeError(f"rank {rank} failed to fetch the data: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+    turn(get_rank() == 0)
+    turn(get_rank() != 0 and env().local_rank == 0)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

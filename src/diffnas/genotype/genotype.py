@@ -206,7 +206,7 @@ def from_darts_str(text: str) -> Genotype:
         kwargs = {kw.arg: _literal(kw.value) for kw in expr.keywords}
     except GenotypeError:
         raise
-    except (SyntaxError, ValueError, TypeError) as exc:
+    except (SyntaxError, ValueError, TypeError, OverflowError) as exc:
         raise GenotypeError(f"malformed DARTS genotype text: {exc}") from exc
     if set(kwargs) == {"space", "cells"}:
         return Genotype.from_dict(kwargs)

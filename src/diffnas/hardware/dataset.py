@@ -15,6 +15,7 @@ anchor's median over the whole file is the load-corrected latency the predictor 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -147,15 +148,23 @@ def built_network_settings(settings: dict[str, Any]) -> dict[str, Any]:
     section = settings.get("space")
     if not isinstance(section, dict) or not isinstance(settings.get("network"), dict):
         return settings
+    try:
+        built = _built_network(json.dumps([section, settings["network"]], sort_keys=True))
+    except (KeyError, TypeError, ValueError):  # a space or setting this version lacks
+        return settings
+    return {**settings, "network": json.loads(built)}
+
+
+@functools.lru_cache(maxsize=64)
+def _built_network(key: str) -> str:
+    """(JSON of [space section, network]) -> JSON of the network as built; cached (a
+    file's records mostly share one pair); failures raise, so they are not cached."""
     from diffnas.spaces import DataShape
     from diffnas.spaces.registry import SPACES, space_config
 
-    try:
-        space = SPACES.get(section.get("name", "darts_cnn"))(space_config(section), DataShape())
-        network = space.network_settings(settings["network"])
-    except (KeyError, TypeError, ValueError):  # a space or setting this version lacks
-        return settings
-    return {**settings, "network": network}
+    section, network = json.loads(key)
+    space = SPACES.get(section.get("name", "darts_cnn"))(space_config(section), DataShape())
+    return json.dumps(space.network_settings(network))
 
 
 def settings_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

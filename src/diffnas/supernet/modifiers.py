@@ -82,8 +82,10 @@ def check_mixed_op(spec: dict, C: int, ops: Sequence[str]) -> None:
         return
     from diffnas.config import ConfigError
 
-    try:
-        create_mixed_op_factory(spec)(C, 1, tuple(ops))
+    try:  # on the meta device, RNG untouched: no memory, no draw that would move the
+        # seeded supernet initialisation that follows
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            create_mixed_op_factory(spec)(C, 1, tuple(ops))
     except ValueError as exc:
         raise ConfigError(f"search.space.mixed_op: {exc}") from None
 
