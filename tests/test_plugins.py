@@ -135,6 +135,26 @@ def test_a_plugin_that_fails_halfway_says_where_and_can_be_fixed_and_imported_ag
     assert name in DATASETS
 
 
+def test_a_failed_plugin_s_helper_is_imported_afresh_with_the_fixed_plugin(tmp_path):
+    """The helper beside the plugin registered an op before the plugin failed: the undo
+    unregisters it and forgets the helper, so the fixed plugin's import registers it
+    again (kept imported, the op would have been missing)."""
+    from diffnas.ops import OPS
+
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / f"helper_{tag}.py").write_text(
+        "from torch import nn\nfrom diffnas.ops import register_op\n\n"
+        f"@register_op('op_{tag}')\ndef make(C, stride, affine):\n    return nn.Identity()\n")
+    plugin = tmp_path / f"plugin_{tag}.py"
+    plugin.write_text(f"import helper_{tag}\nraise RuntimeError('fix me')\n")
+    with pytest.raises(ConfigError, match="fix me"):
+        import_plugins([str(plugin)])
+    assert f"op_{tag}" not in OPS and f"helper_{tag}" not in sys.modules
+    plugin.write_text(f"import helper_{tag}\n")
+    import_plugins([str(plugin)])
+    assert f"op_{tag}" in OPS
+
+
 def test_a_plugin_file_imports_the_modules_beside_it_from_any_directory(
         tmp_path, monkeypatch):
     """As running the file as a script would: its folder goes on the path."""
