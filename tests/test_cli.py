@@ -131,6 +131,11 @@ def test_retrain_resume_refuses_another_genotype(tmp_path, capsys):
                  str(tmp_path / "t")]) == 2
     assert "retraining another genotype" in capsys.readouterr().err
     assert main(["train", "--genotype", "DARTS_V2", "--resume", str(tmp_path / "t")]) == 0
+    # as the README says: --resume RUN alone continues with the genotype the run recorded
+    assert main(["train", "--resume", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--dry-run"]) == 2
+    assert "--genotype is required" in capsys.readouterr().err
 
 
 def test_overrides_may_follow_a_flag(capsys):

@@ -188,3 +188,9 @@ def test_graph_random_labels_are_drawn_from_the_training_nodes_only(tmp_path):
     rest = torch.cat([other.val_idx, other.test_idx])
     other.y[rest] = 1 - other.y[rest]  # karate has two classes
     assert torch.equal(build_graph_search(cfg, other).splits.train_y[tr], targets)
+
+
+def test_a_misspelt_excluded_op_is_named():
+    """exclude_ops: [nonee] used to exclude nothing, silently ('none' stayed sampleable)."""
+    with pytest.raises(ValueError, match=r"exclude_ops \['nonee'\] are not ops of this space"):
+        tiny_strategy({**SEC, "exclude_ops": ["nonee"]}, space=nb201_space())

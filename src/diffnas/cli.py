@@ -1,4 +1,6 @@
-"""Command line: ``diffnas search | train | list ...``. argparse stops here: everything
+"""diffnas: differentiable architecture search, retraining, reports and export.
+
+Command line: ``diffnas search | train | list ...``. argparse stops here: everything
 below receives a validated :class:`~diffnas.config.RunConfig`.
 
 Other modules add commands with :func:`register_command`; they are imported lazily in
@@ -135,12 +137,13 @@ def _search(p: argparse.ArgumentParser):
 @register_command("train", "retrain a genotype (a file or a published name) from scratch")
 def _train(p: argparse.ArgumentParser):
     _config_args(p)
-    p.add_argument("--genotype", required=True, help="genotype JSON/DARTS-text file or a name")
+    p.add_argument("--genotype", help="genotype JSON/DARTS-text file or a name (with --resume: "
+                   "defaults to the one the run recorded)")
     p.add_argument("--dry-run", action="store_true", help="build, print params and MACs, exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted retraining")
 
     def run(args: argparse.Namespace) -> int:
-        from diffnas.config import load_config
+        from diffnas.config import ConfigError, load_config
         from diffnas.data import load_dataset
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
         from diffnas.engine.rundir import new_run_dir, setup_logging, test_subset_seed
@@ -148,6 +151,13 @@ def _train(p: argparse.ArgumentParser):
         from diffnas.plugins import import_plugins
         from diffnas.spaces import DataShape
 
+        if args.genotype is None:  # a resumed run knows its genotype
+            recorded = Path(args.resume or "") / "retrain" / "genotype.json"
+            if not args.resume or args.dry_run or not recorded.is_file():
+                raise ConfigError("--genotype is required" + (
+                    f" ({recorded} does not exist: the run stopped before retraining "
+                    "began)" if args.resume and not args.dry_run else ""))
+            args.genotype = str(recorded)
         genotype = resolve_genotype(args.genotype)
         if args.dry_run:
             cfg = load_config(args.config, args.overrides, search=False)
@@ -288,7 +298,8 @@ def _dry_run_shape(name: str, resolution: int | None, root: str | None = None
     return data.in_channels, data.resolution, data.num_classes
 
 
-@register_command("list", "list registered ops, spaces, strategies, datasets, genotypes")
+@register_command("list", "list registered ops, spaces, strategies, datasets, genotypes, "
+                          "relaxations")
 def _list(p: argparse.ArgumentParser):
     kinds = ["ops", "spaces", "strategies", "datasets", "genotypes", "relaxations"]
     p.add_argument("kind", choices=kinds)

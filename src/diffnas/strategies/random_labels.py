@@ -82,7 +82,13 @@ class RandomLabelsStrategy(SearchStrategy):
 
     @staticmethod
     def _allowed(config: RandomLabelsConfig, arch_params: ArchParams) -> dict[str, torch.Tensor]:
-        """Indices of the ops each group may sample (not in ``exclude_ops``)."""
+        """Indices of the ops each group may sample (not in ``exclude_ops``, whose names
+        must be candidates of the space: a typo would silently exclude nothing)."""
+        known = {n for g in arch_params.groups() for n in arch_params.candidates(g)}
+        unknown = [n for n in config.exclude_ops if n not in known and n != "none"]
+        if unknown:
+            raise ValueError(f"random_labels: exclude_ops {unknown} are not ops of this space; "
+                             f"its ops: {', '.join(sorted(known))}")
         allowed = {}
         for g in arch_params.groups():
             ok = [i for i, n in enumerate(arch_params.candidates(g))
