@@ -97,6 +97,34 @@ def test_best_is_lowest_mean_validation_loss():
     assert s.best() == 1
 
 
+def test_every_sub_supernet_is_scored_on_the_same_last_batches():
+    """With fewer batches than sub-supernets in an epoch, the winner was picked among the
+    few that had a turn (the others scored inf), each on its own batch. Now each is
+    scored on the epoch's last validation batches, turn or not, without drawing random
+    numbers."""
+    from diffnas.strategies.few_shot import SCORE_BATCHES
+
+    s = tiny_strategy({"name": "few_shot", "split_edges": ["normal/n3/e1"], "split_epoch": 1})
+    _one_shot_epoch(s)
+    n = len(s.subnets)
+    batches = [tiny_batch(4, 10 + i) for i in range(SCORE_BATCHES + 1)]
+    for b in batches[:2]:  # two turns of n: most sub-supernets never step this epoch
+        s.step(tiny_batch(4, 3), b)
+    with torch.no_grad():
+        expected = [sum(float(sub.loss(b, sub.arch_weights())[0]) for b in batches[:2]) / 2
+                    for sub in s.subnets]
+    state = torch.get_rng_state()
+    assert s.scores() == pytest.approx(expected)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(v < float("inf") for v in s.scores()) and n > 2
+    assert s.best() == min(range(n), key=lambda i: (expected[i], i))
+    for b in batches[2:]:  # only the last SCORE_BATCHES are held
+        s.step(tiny_batch(4, 3), b)
+    assert len(s.held) == SCORE_BATCHES and s.held[0] is batches[1]
+    s.end_epoch()
+    assert len(s.held) == 0
+
+
 def test_split_edge_must_exist():
     with pytest.raises(ValueError, match="split_edges"):
         tiny_strategy({"name": "few_shot", "split_edges": ["normal/n9/e0"]})

@@ -14,6 +14,7 @@ into this strategy's, so the run's genotype is the best across sub-supernets (se
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
@@ -70,6 +71,10 @@ class FixedOpRelaxation(Relaxation):
         self.inner.load_state_dict(state)
 
 
+#: validation batches (the epoch's last) every sub-supernet is scored on at an epoch's end
+SCORE_BATCHES = 4
+
+
 @dataclass
 class FewShotConfig(StrategyConfig):
     split_edges: list[str] = field(default_factory=list)  # edge labels; []: the first edge
@@ -121,6 +126,10 @@ class FewShotStrategy(SearchStrategy):
         self.subnets: list[DartsStrategy] = []
         self.fixed: list[dict[str, dict[int, int]]] = []
         self.val_loss: list[list[float]] = []
+        # the epoch's last validation batches, on which every sub-supernet is scored at
+        # its end (a batch a turn saw is not one the others saw); epoch ends are where
+        # checkpoints are taken, so nothing held here needs saving
+        self.held: collections.deque = collections.deque(maxlen=SCORE_BATCHES)
 
     def supernets(self) -> list[torch.nn.Module]:
         """The supernet (exported into each epoch) and, after the split, the sub-supernets."""
@@ -176,13 +185,27 @@ class FewShotStrategy(SearchStrategy):
         self.turn += 1
         stats = self.subnets[i].step(train_batch, val_batch)
         self.val_loss[i].append(stats["val_loss"])
+        if getattr(val_batch, "state", None) is None:  # (a stream's state is not reusable)
+            self.held.append(val_batch)
         return {**stats, "subnet": float(i)}
 
+    @torch.no_grad()
+    def scores(self) -> list[float]:
+        """Each sub-supernet's mean validation loss on the same batches: the epoch's last
+        ``SCORE_BATCHES`` (RNG untouched). Without held batches, the losses of each one's
+        own turns (a sub-supernet with no turn this epoch: inf)."""
+        if not self.held:
+            return [sum(v) / len(v) if v else math.inf for v in self.val_loss]
+        device = self.alphas()[0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return [sum(float(sub.loss(b, sub.arch_weights())[0]) for b in self.held)
+                    / len(self.held) for sub in self.subnets]
+
     def best(self) -> int:
-        """The sub-supernet with the lowest mean validation loss this epoch (averaged over
-        data-parallel ranks, so every rank picks the same)."""
-        local = torch.tensor([sum(v) / len(v) if v else math.inf for v in self.val_loss],
-                             dtype=torch.float64, device=self.alphas()[0].device)
+        """The sub-supernet with the lowest validation loss on the epoch's last batches
+        (:meth:`scores`; averaged over data-parallel ranks, so every rank picks the
+        same)."""
+        local = torch.tensor(self.scores(), dtype=torch.float64, device=self.alphas()[0].device)
         means = self.mean_over_ranks(local).tolist()
         return min(range(len(means)), key=lambda i: (means[i], i))
 
@@ -219,6 +242,7 @@ class FewShotStrategy(SearchStrategy):
                 sub.end_epoch()
         self.export(self.best())
         self.val_loss = [[] for _ in self.subnets]
+        self.held.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "epoch": self.epoch, "turn": self.turn,
