@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_batch, tiny_space, tiny_strategy
 
@@ -11,6 +12,7 @@ from diffnas.engine.diagnostics import (
     CollapseDiagnostics,
     alpha_hessian_eigenvalue,
     dominant_eigenvalue,
+    largest_eigenvalue,
     skip_count,
 )
 from diffnas.engine.loop import Loop
@@ -27,6 +29,21 @@ def test_power_iteration_matches_the_explicit_spectrum():
     x = torch.randn(5, generator=g, dtype=F64, requires_grad=True)
     loss = 0.5 * x @ H @ x + (x ** 3).sum() * 0  # the Hessian is H
     assert abs(dominant_eigenvalue(loss, [x], iters=200, tol=1e-12) - 4.0) < 1e-6
+
+
+@pytest.mark.parametrize("spectrum", [
+    [3.0, -3.0, 0.5, 0.1],    # +-a: the quotient stops changing at once, on a wrong value
+    [3.0, -2.9, 0.5, 0.1],
+    [1.0, -4.0, 0.5, 0.2],    # the largest in magnitude is negative
+    [-1.0, -4.0, -0.5, -0.2],  # all negative: the largest is -0.2
+])
+def test_largest_eigenvalue_of_indefinite_hessians(spectrum):
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
+    H = q @ torch.diag(torch.tensor(spectrum, dtype=F64)) @ q.T
+    x = torch.randn(4, generator=g, dtype=F64, requires_grad=True)
+    got = largest_eigenvalue(0.5 * x @ H @ x, [x], iters=2000, tol=1e-10)
+    assert abs(got - max(spectrum)) < 1e-6
 
 
 def test_alpha_hessian_eigenvalue_on_the_supernet():
@@ -46,8 +63,8 @@ def test_alpha_hessian_eigenvalue_on_the_supernet():
     with twice_differentiable():  # the reference Hessian needs double backward
         H = torch.autograd.functional.hessian(loss_of, flat)
     eig = torch.linalg.eigvalsh(H)
-    ref = float(eig[eig.abs().argmax()])
-    got = alpha_hessian_eigenvalue(s, batch, iters=300, tol=1e-10)
+    ref = float(eig.max())  # RobustDARTS's max(eig(H)), not the largest in magnitude
+    got = alpha_hessian_eigenvalue(s, batch, iters=1000, tol=1e-10)
     assert abs(got - ref) < 1e-3 * abs(ref)
     rng = torch.get_rng_state()
     buffers = {n: b.clone() for n, b in s.supernet.named_buffers()}

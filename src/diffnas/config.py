@@ -191,7 +191,7 @@ class DataConfig:
 class DiagnosticsConfig:
     """Collapse diagnostics per search epoch (engine/diagnostics.py), written to
     ``search/diagnostics.jsonl``: the skip_connect count of the derived cell and, with
-    ``hessian``, the dominant eigenvalue of the alpha Hessian on a fixed validation batch."""
+    ``hessian``, the largest eigenvalue of the alpha Hessian on a fixed validation batch."""
 
     enabled: bool = False
     hessian: bool = False  # one power iteration costs two backward passes

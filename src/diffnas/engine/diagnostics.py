@@ -2,14 +2,15 @@
 
 DARTS-like searches can collapse onto parameter-free ops: the number of ``skip_connect``
 edges in the derived normal cell grows with the epochs (Liang et al., DARTS+), and the
-dominant eigenvalue of the validation-loss Hessian with respect to alpha grows before
-it (Zela et al., RobustDARTS). :class:`CollapseDiagnostics` writes both per epoch to a
+largest eigenvalue of the validation-loss Hessian with respect to alpha grows before it
+(Zela et al., RobustDARTS). :class:`CollapseDiagnostics` writes both per epoch to a
 JSON-lines file; the eigenvalue is optional (power iteration on Hessian-vector products).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +30,95 @@ def skip_count(genotype: Genotype, cell: str | None = None, op: str = "skip_conn
     return sum(e.op == op for e in genotype.cell(name).edges)
 
 
+Vec = list[torch.Tensor]
+
+
+def _dot(a: Vec, b: Vec) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+
+
+def _power(op: Callable[[Vec], Vec], v: Vec, iters: int, tol: float) -> tuple[float, float]:
+    """Power iteration on the symmetric ``op`` from unit ``v``: (Rayleigh quotient, norm of
+    ``op(v)``) at the last iterate; stops when the residual ``|op(v) - lambda v|`` is at
+    most ``tol * |lambda|`` (a quotient that merely stops changing is not enough: with
+    eigenvalues +a and -a the iterate swings between two vectors of equal quotient)."""
+    lam, norm = 0.0, 0.0
+    for _ in range(iters):
+        hv = op(v)
+        lam = float(_dot(hv, v))
+        norm = float(torch.sqrt(_dot(hv, hv)))
+        if norm == 0:
+            return 0.0, 0.0
+        residual = float(torch.sqrt(sum(((h - lam * x) ** 2).sum()
+                                        for h, x in zip(hv, v, strict=True))))
+        if residual <= tol * max(abs(lam), 1e-12):
+            break
+        v = [x / norm for x in hv]
+    return lam, norm
+
+
+def _hessian_operator(loss: torch.Tensor, params: list[torch.Tensor],
+                      seed: int) -> tuple[Callable[[Vec], Vec], Vec] | None:
+    """Hessian-vector products of ``loss`` w.r.t. the ``params`` it uses (double
+    backward) and a unit start vector from a private generator (torch's global RNG is
+    left untouched); None when the loss uses none of them."""
+    got = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # parameters the loss does not use have zero Hessian rows: leave them out
+    used = [(p, g) for p, g in zip(params, got, strict=True) if g is not None]
+    if not used:
+        return None
+    params, grads = [p for p, _ in used], [g for _, g in used]
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for p in params]
+    norm = torch.sqrt(_dot(v, v))
+
+    def hvp(x: Vec) -> Vec:
+        return list(torch.autograd.grad(grads, params, grad_outputs=x, retain_graph=True))
+
+    return hvp, [x / norm for x in v]
+
+
 def dominant_eigenvalue(
     loss: torch.Tensor, params: list[torch.Tensor], iters: int = 20, tol: float = 1e-4,
     seed: int = 0,
 ) -> float:
     """Largest-magnitude eigenvalue of the Hessian of ``loss`` w.r.t. ``params`` by power
-    iteration on Hessian-vector products (double backward). The start vector comes from a
-    private generator, so calling this leaves torch's global RNG untouched."""
-    got = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    # parameters the loss does not use have zero Hessian rows: leave them out
-    used = [(p, g) for p, g in zip(params, got, strict=True) if g is not None]
-    if not used:
+    iteration on Hessian-vector products."""
+    found = _hessian_operator(loss, params, seed)
+    return 0.0 if found is None else _power(*found, iters, tol)[0]
+
+
+def largest_eigenvalue(
+    loss: torch.Tensor, params: list[torch.Tensor], iters: int = 20, tol: float = 1e-4,
+    seed: int = 0,
+) -> float:
+    """The largest (most positive) eigenvalue of the Hessian of ``loss`` w.r.t.
+    ``params``, RobustDARTS's collapse signal ``max(eig(H))``: the alpha Hessian is
+    indefinite, so the largest-magnitude one is often its most negative. Power iteration
+    first finds the spectral radius ``rho`` (the norm of ``H v`` settles on it even when
+    +rho and -rho are both eigenvalues), then runs on ``H + rho I``, whose eigenvalues are
+    >= 0 and whose largest is ``lambda_max + rho``. ``iters`` per stage."""
+    found = _hessian_operator(loss, params, seed)
+    if found is None:
         return 0.0
-    params, grads = [p for p, _ in used], [g for _, g in used]
-    g = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for p in params]
-    norm = torch.sqrt(sum((x * x).sum() for x in v))
-    v = [x / norm for x in v]
-    eig = 0.0
-    for i in range(iters):
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-        new = float(sum((a * b).sum() for a, b in zip(hv, v, strict=True)))  # Rayleigh
-        norm = torch.sqrt(sum((x * x).sum() for x in hv))
-        if norm == 0:
-            return 0.0
-        v = [x / norm for x in hv]
-        if i > 0 and abs(new - eig) <= tol * max(abs(new), 1e-12):
-            return new
-        eig = new
-    return eig
+    hvp, v = found
+    _, rho = _power(hvp, v, iters, tol)
+    if rho == 0:
+        return 0.0
+
+    def shifted(x: Vec) -> Vec:
+        return [h + rho * xi for h, xi in zip(hvp(x), x, strict=True)]
+
+    lam, _ = _power(shifted, v, iters, tol)
+    return lam - rho
 
 
 def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20,
                              tol: float = 1e-4) -> float:
-    """Dominant eigenvalue of the Hessian of the loss on ``batch`` w.r.t. the architecture
-    parameters, at the current weights. A stochastic relaxation (Gumbel) is replaced by
-    its expectation-free counterpart, the softmax, so the quantity is deterministic. The
+    """Largest eigenvalue (:func:`largest_eigenvalue`) of the Hessian of the loss on
+    ``batch`` w.r.t. the architecture parameters, at the current weights. A stochastic
+    relaxation (Gumbel) is replaced by its expectation-free counterpart, the softmax, so
+    the quantity is deterministic. The
     supernet's buffers (BN running statistics) are restored afterwards: measuring must not
     change the run."""
     relax = strategy.relaxation
@@ -79,7 +133,7 @@ def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20,
         with torch.no_grad():
             for n, b in strategy.supernet.named_buffers():
                 b.copy_(buffers[n])
-    return dominant_eigenvalue(loss, strategy.alphas(), iters, tol)
+    return largest_eigenvalue(loss, strategy.alphas(), iters, tol)
 
 
 class CollapseDiagnostics(Callback):
