@@ -152,3 +152,19 @@ def test_overrides_may_follow_a_flag(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments:" in err and "--no-such-flag" in err
+
+
+def test_a_dataset_read_from_data_root_with_none_set_writes_no_run_directory(tmp_path,
+                                                                              capsys):
+    """data.root unset for CIFAR-10 (or npz, folder, Cora) is refused before the run
+    directory is made; a dry run, which reads no data, still works without it."""
+    for config in ("darts_cifar10.yaml", "gnn_cora.yaml"):
+        argv = ["search", "--config", str(ROOT / "configs" / config), f"out_dir={tmp_path}",
+                "name=r"]
+        assert main(argv) == 2
+        assert "data.root is not set" in capsys.readouterr().err
+    assert main(["train", "--genotype", "DARTS_V2", "--config",
+                 str(ROOT / "configs/darts_cifar10.yaml"), f"out_dir={tmp_path}"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert main(["train", "--genotype", "DARTS_V2", "--config",
+                 str(ROOT / "configs/darts_cifar10.yaml"), "--dry-run"]) == 0

@@ -85,7 +85,7 @@ def _search(p: argparse.ArgumentParser):
         if args.workers is not None:
             raise ConfigError("--workers sets the parallel processes of --seeds; give --seeds "
                               "too or drop it")
-        from diffnas.config import load_config
+        from diffnas.config import check_data_root, load_config
         from diffnas.engine import distributed as dp
         from diffnas.engine.retrain import run_retrain
         from diffnas.engine.rundir import new_run_dir, setup_logging
@@ -99,6 +99,7 @@ def _search(p: argparse.ArgumentParser):
                 cfg = _resume_config(args)
             else:
                 cfg = load_config(args.config, args.overrides)
+                check_data_root(cfg)  # before the run directory exists
                 run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
             found = (run_dir / "search" / "DONE").exists()
             done = Genotype.load(run_dir / "search" / "genotype.json") if found else None
@@ -143,7 +144,7 @@ def _train(p: argparse.ArgumentParser):
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted retraining")
 
     def run(args: argparse.Namespace) -> int:
-        from diffnas.config import ConfigError, load_config
+        from diffnas.config import ConfigError, check_data_root, load_config
         from diffnas.data import load_dataset
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
         from diffnas.engine.rundir import new_run_dir, setup_logging, test_subset_seed
@@ -193,6 +194,7 @@ def _train(p: argparse.ArgumentParser):
                 return _resume_config(args, search=False), Path(args.resume)
             cfg = load_config(args.config, args.overrides, search=False)
             _check_genotype(cfg, genotype)  # before the run directory exists
+            check_data_root(cfg)
             return cfg, new_run_dir(cfg, "train", command="train")
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group

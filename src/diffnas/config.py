@@ -450,6 +450,22 @@ def _check_data(cfg: RunConfig) -> None:
         DATASETS.get(cfg.data.name)
 
 
+#: datasets read only from the local files ``data.root`` names (cifar10 unless downloaded)
+ROOT_REQUIRED = ("cifar10", "npz", "folder", "cora")
+
+
+def check_data_root(cfg: RunConfig) -> None:
+    """A dataset that reads only the files ``data.root`` names, with ``data.root`` unset,
+    is refused before a run directory exists (not by ``load_config``: a dry run needs no
+    data). Missing files under a root that is set are found when the run starts."""
+    d = cfg.data
+    if d.root is None and not d.download and d.name in ROOT_REQUIRED:
+        extra = " (or data.download=true)" if d.name == "cifar10" else ""
+        raise ConfigError(f"data.root is not set, and data.name={d.name} is read from local "
+                          f"files: give data.root=PATH{extra}; docs/data.md says what it "
+                          "holds")
+
+
 def _check_lm(cfg: RunConfig) -> None:
     """The ``lm`` section is read by language-model runs alone; elsewhere it is refused
     rather than silently ignored."""
