@@ -165,6 +165,23 @@ def test_a_dataset_read_from_data_root_with_none_set_writes_no_run_directory(tmp
         assert "data.root is not set" in capsys.readouterr().err
     assert main(["train", "--genotype", "DARTS_V2", "--config",
                  str(ROOT / "configs/darts_cifar10.yaml"), f"out_dir={tmp_path}"]) == 2
+    assert main(["search", "--config", str(ROOT / "configs/darts_cifar10.yaml"),
+                 "--seeds", "0", "--workers", "1", f"out_dir={tmp_path}"]) == 2
     assert list(tmp_path.iterdir()) == []
     assert main(["train", "--genotype", "DARTS_V2", "--config",
                  str(ROOT / "configs/darts_cifar10.yaml"), "--dry-run"]) == 0
+
+
+def test_train_resume_knows_the_genotype_even_when_the_data_was_missing(tmp_path, capsys):
+    """The genotype is recorded with the run directory, before the data is read: a run
+    stopped by a missing dataset resumes with `train --resume RUN data.root=...`."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["train", "--genotype", "DARTS_V1", "--config", str(ROOT / "configs/darts_cifar10.yaml"),
+            f"out_dir={tmp_path / 'runs'}", "name=t", f"data.root={empty}"]
+    assert main(argv) == 2
+    assert "CIFAR-10 files missing" in capsys.readouterr().err
+    from diffnas.genotype import Genotype, resolve_genotype
+
+    recorded = Genotype.load(tmp_path / "runs/t/retrain/genotype.json")
+    assert recorded == resolve_genotype("DARTS_V1")

@@ -42,8 +42,21 @@ def test_largest_eigenvalue_of_indefinite_hessians(spectrum):
     q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
     H = q @ torch.diag(torch.tensor(spectrum, dtype=F64)) @ q.T
     x = torch.randn(4, generator=g, dtype=F64, requires_grad=True)
-    got = largest_eigenvalue(0.5 * x @ H @ x, [x], iters=2000, tol=1e-10)
+    got = largest_eigenvalue(0.5 * x @ H @ x, [x], iters=20)  # the default
     assert abs(got - max(spectrum)) < 1e-6
+
+
+def test_largest_eigenvalue_small_next_to_a_large_negative_one_at_default_iters():
+    """224 alphas (the DARTS cell pair), top 0.5, bottom -3, the rest in [0, 0.15]: a
+    shifted power iteration was 37-86% low after 20 steps."""
+    g = torch.Generator().manual_seed(2)
+    n = 224
+    spectrum = torch.cat([torch.tensor([0.5, -3.0], dtype=F64),
+                          0.15 * torch.rand(n - 2, generator=g, dtype=F64)])
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    H = q @ torch.diag(spectrum) @ q.T
+    x = torch.randn(n, generator=g, dtype=F64, requires_grad=True)
+    assert abs(largest_eigenvalue(0.5 * x @ H @ x, [x]) - 0.5) < 1e-3
 
 
 def test_alpha_hessian_eigenvalue_on_the_supernet():
@@ -64,7 +77,7 @@ def test_alpha_hessian_eigenvalue_on_the_supernet():
         H = torch.autograd.functional.hessian(loss_of, flat)
     eig = torch.linalg.eigvalsh(H)
     ref = float(eig.max())  # RobustDARTS's max(eig(H)), not the largest in magnitude
-    got = alpha_hessian_eigenvalue(s, batch, iters=1000, tol=1e-10)
+    got = alpha_hessian_eigenvalue(s, batch)  # the default 20 iterations
     assert abs(got - ref) < 1e-3 * abs(ref)
     rng = torch.get_rng_state()
     buffers = {n: b.clone() for n, b in s.supernet.named_buffers()}

@@ -114,8 +114,11 @@ def test_every_sub_supernet_is_scored_on_the_same_last_batches():
         expected = [sum(float(sub.loss(b, sub.arch_weights())[0]) for b in batches[:2]) / 2
                     for sub in s.subnets]
     state = torch.get_rng_state()
+    buffers = [{n: b.clone() for n, b in sub.supernet.named_buffers()} for sub in s.subnets]
     assert s.scores() == pytest.approx(expected)
     assert torch.equal(torch.get_rng_state(), state)
+    for sub, saved in zip(s.subnets, buffers, strict=True):  # stem BN statistics kept
+        assert all(torch.equal(b, saved[n]) for n, b in sub.supernet.named_buffers())
     assert all(v < float("inf") for v in s.scores()) and n > 2
     assert s.best() == min(range(n), key=lambda i: (expected[i], i))
     for b in batches[2:]:  # only the last SCORE_BATCHES are held

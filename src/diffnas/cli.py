@@ -147,7 +147,12 @@ def _train(p: argparse.ArgumentParser):
         from diffnas.config import ConfigError, check_data_root, load_config
         from diffnas.data import load_dataset
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
-        from diffnas.engine.rundir import new_run_dir, setup_logging, test_subset_seed
+        from diffnas.engine.rundir import (
+            new_run_dir,
+            pin_genotype,
+            setup_logging,
+            test_subset_seed,
+        )
         from diffnas.genotype import resolve_genotype
         from diffnas.plugins import import_plugins
         from diffnas.spaces import DataShape
@@ -195,7 +200,11 @@ def _train(p: argparse.ArgumentParser):
             cfg = load_config(args.config, args.overrides, search=False)
             _check_genotype(cfg, genotype)  # before the run directory exists
             check_data_root(cfg)
-            return cfg, new_run_dir(cfg, "train", command="train")
+            run_dir = new_run_dir(cfg, "train", command="train")
+            # recorded now, so `train --resume RUN` knows it even if the data was missing
+            (run_dir / "retrain").mkdir(parents=True, exist_ok=True)
+            pin_genotype(run_dir / "retrain", genotype, resume=False)
+            return cfg, run_dir
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group
         cfg, run_dir = dp.main_process_result(open_run)

@@ -93,24 +93,38 @@ def largest_eigenvalue(
     seed: int = 0,
 ) -> float:
     """The largest (most positive) eigenvalue of the Hessian of ``loss`` w.r.t.
-    ``params``, RobustDARTS's collapse signal ``max(eig(H))``: the alpha Hessian is
-    indefinite, so the largest-magnitude one is often its most negative. Power iteration
-    first finds the spectral radius ``rho`` (the norm of ``H v`` settles on it even when
-    +rho and -rho are both eigenvalues), then runs on ``H + rho I``, whose eigenvalues are
-    >= 0 and whose largest is ``lambda_max + rho``. ``iters`` per stage."""
+    ``params``, RobustDARTS's collapse signal ``max(eig(H))`` (the alpha Hessian is
+    indefinite: the largest-magnitude eigenvalue is often its most negative). Lanczos with
+    full reorthogonalisation: ``iters`` Hessian-vector products build a tridiagonal
+    matrix whose largest eigenvalue converges to ``lambda_max`` much faster than power
+    iteration (which needs a shift here, and then crawls when ``lambda_max`` is small next
+    to the most negative one). Stops early when the Krylov space is exhausted; ``tol``
+    is the relative size of that breakdown."""
     found = _hessian_operator(loss, params, seed)
     if found is None:
         return 0.0
     hvp, v = found
-    _, rho = _power(hvp, v, iters, tol)
-    if rho == 0:
-        return 0.0
-
-    def shifted(x: Vec) -> Vec:
-        return [h + rho * xi for h, xi in zip(hvp(x), x, strict=True)]
-
-    lam, _ = _power(shifted, v, iters, tol)
-    return lam - rho
+    basis: list[Vec] = [v]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for _ in range(iters):
+        w = hvp(basis[-1])
+        a = float(_dot(w, basis[-1]))
+        alphas.append(a)
+        for q in basis:  # full reorthogonalisation (the basis is small)
+            c = _dot(w, q)
+            w = [wi - c * qi for wi, qi in zip(w, q, strict=True)]
+        b = float(torch.sqrt(_dot(w, w)))
+        if b <= tol * max(abs(a), 1e-12):
+            break
+        betas.append(b)
+        basis.append([wi / b for wi in w])
+    n = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if n > 1:
+        off = torch.tensor(betas[:n - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return float(torch.linalg.eigvalsh(T).max())
 
 
 def alpha_hessian_eigenvalue(strategy: Any, batch: Any, iters: int = 20,

@@ -192,14 +192,22 @@ class FewShotStrategy(SearchStrategy):
     @torch.no_grad()
     def scores(self) -> list[float]:
         """Each sub-supernet's mean validation loss on the same batches: the epoch's last
-        ``SCORE_BATCHES`` (RNG untouched). Without held batches, the losses of each one's
-        own turns (a sub-supernet with no turn this epoch: inf)."""
+        ``SCORE_BATCHES`` (RNG and BN running statistics untouched). Without held batches,
+        the losses of each one's own turns (a sub-supernet with no turn this epoch:
+        inf)."""
         if not self.held:
             return [sum(v) / len(v) if v else math.inf for v in self.val_loss]
         device = self.alphas()[0].device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return [sum(float(sub.loss(b, sub.arch_weights())[0]) for b in self.held)
-                    / len(self.held) for sub in self.subnets]
+        buffers = [{n: b.clone() for n, b in sub.supernet.named_buffers()}
+                   for sub in self.subnets]
+        try:  # measuring changes neither the RNG nor BN's running statistics
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                return [sum(float(sub.loss(b, sub.arch_weights())[0]) for b in self.held)
+                        / len(self.held) for sub in self.subnets]
+        finally:
+            for sub, saved in zip(self.subnets, buffers, strict=True):
+                for n, b in sub.supernet.named_buffers():
+                    b.copy_(saved[n])
 
     def best(self) -> int:
         """The sub-supernet with the lowest validation loss on the epoch's last batches
