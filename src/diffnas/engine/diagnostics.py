@@ -37,24 +37,24 @@ def _dot(a: Vec, b: Vec) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b, strict=True))
 
 
-def _power(op: Callable[[Vec], Vec], v: Vec, iters: int, tol: float) -> tuple[float, float]:
-    """Power iteration on the symmetric ``op`` from unit ``v``: (Rayleigh quotient, norm of
-    ``op(v)``) at the last iterate; stops when the residual ``|op(v) - lambda v|`` is at
-    most ``tol * |lambda|`` (a quotient that merely stops changing is not enough: with
+def _power(op: Callable[[Vec], Vec], v: Vec, iters: int, tol: float) -> float:
+    """Power iteration on the symmetric ``op`` from unit ``v``: the Rayleigh quotient at
+    the last iterate; stops when the residual ``|op(v) - lambda v|`` is at most
+    ``tol * |lambda|`` (a quotient that merely stops changing is not enough: with
     eigenvalues +a and -a the iterate swings between two vectors of equal quotient)."""
-    lam, norm = 0.0, 0.0
+    lam = 0.0
     for _ in range(iters):
         hv = op(v)
         lam = float(_dot(hv, v))
         norm = float(torch.sqrt(_dot(hv, hv)))
         if norm == 0:
-            return 0.0, 0.0
+            return 0.0
         residual = float(torch.sqrt(sum(((h - lam * x) ** 2).sum()
                                         for h, x in zip(hv, v, strict=True))))
         if residual <= tol * max(abs(lam), 1e-12):
             break
         v = [x / norm for x in hv]
-    return lam, norm
+    return lam
 
 
 def _hessian_operator(loss: torch.Tensor, params: list[torch.Tensor],
@@ -85,7 +85,7 @@ def dominant_eigenvalue(
     """Largest-magnitude eigenvalue of the Hessian of ``loss`` w.r.t. ``params`` by power
     iteration on Hessian-vector products."""
     found = _hessian_operator(loss, params, seed)
-    return 0.0 if found is None else _power(*found, iters, tol)[0]
+    return 0.0 if found is None else _power(*found, iters, tol)
 
 
 def largest_eigenvalue(
