@@ -145,6 +145,26 @@ def test_the_crop_pads_with_black_not_with_the_mean_pixel():
                for i in range(16) for c in range(3))
 
 
+def test_a_constant_channel_is_not_blown_up_by_normalisation(caplog):
+    """An opaque alpha channel has std 0 over the training images: dividing by a floor of
+    1e-6 made the crop's border -1e6 and a half-transparent test pixel about -5e5."""
+    from diffnas.data.base import prepare
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (16, 4, 6, 6), generator=g, dtype=torch.uint8)
+    raw[:, 3] = 255
+    test = raw[:4].clone()
+    test[0, 3] = 128
+    data = prepare("rgba", raw, torch.zeros(16), test, torch.zeros(4), 2, 255.0)
+    assert "channel(s) [3]" in caplog.text
+    assert data.black[3] == pytest.approx(-1.0)
+    assert data.train_x[:, 3].abs().max() == 0
+    assert data.test_x[0, 3].min() == pytest.approx(128 / 255 - 1)
+    # the varying channels are normalised by their std as before
+    std = raw[:, :3].float().div(255).std(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(data.std[:3]) / 255, std)
+
+
 def test_the_test_subset_is_the_same_for_every_seed_the_training_subset_follows_it():
     """Seeds of one study are scored on the same test images (and seed 0 keeps the subset
     it always had); the training subset still follows the seed."""

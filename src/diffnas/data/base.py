@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -56,11 +60,24 @@ def prepare(
     name: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     test_y: torch.Tensor, num_classes: int, scale: float, classes: Sequence[str] = (),
 ) -> ImageData:
-    """uint8/float arrays -> normalised float tensors (per-channel train mean/std)."""
+    """uint8/float arrays -> normalised float tensors (per-channel train mean/std).
+
+    A channel (almost) constant over the training images, such as an opaque alpha
+    channel, is divided by its largest magnitude (1 where it is all zero) instead of
+    its std: dividing by a std near 0 turned any test pixel that differs, and the
+    crop's padding, into values near +-1e6."""
     tx = train_x.float() / scale
     ex = test_x.float() / scale
     mean = tx.mean(dim=(0, 2, 3), keepdim=True)
-    std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    std = tx.std(dim=(0, 2, 3), keepdim=True)
+    peak = tx.abs().amax(dim=(0, 2, 3), keepdim=True)
+    flat = (std <= 1e-3 * peak) | (std == 0)
+    if flat.any():
+        channels = flat.flatten().nonzero().flatten().tolist()
+        log.warning("%s: channel(s) %s barely vary over the training images (std %s); "
+                    "they are scaled by their largest value instead of their std",
+                    name, channels, [float(std.flatten()[c]) * scale for c in channels])
+        std = torch.where(flat, torch.where(peak > 0, peak, torch.ones_like(peak)), std)
     black = tuple((-mean / std).flatten().tolist())
     return ImageData(name, (tx - mean) / std, train_y.long(), (ex - mean) / std, test_y.long(),
                      num_classes, black, mean=tuple((mean * scale).flatten().tolist()),

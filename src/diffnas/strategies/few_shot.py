@@ -192,18 +192,28 @@ class FewShotStrategy(SearchStrategy):
     @torch.no_grad()
     def scores(self) -> list[float]:
         """Each sub-supernet's mean validation loss on the same batches: the epoch's last
-        ``SCORE_BATCHES`` (RNG and BN running statistics untouched). Without held batches,
-        the losses of each one's own turns (a sub-supernet with no turn this epoch:
-        inf)."""
+        ``SCORE_BATCHES`` (RNG and BN running statistics untouched). Every sub-supernet
+        starts from the same random state, so a stochastic relaxation (Gumbel) compares
+        them under the same noise. Without held batches, the losses of each one's own
+        turns (a sub-supernet with no turn this epoch: inf)."""
         if not self.held:
             return [sum(v) / len(v) if v else math.inf for v in self.val_loss]
         device = self.alphas()[0].device
+        cuda = device.type == "cuda"
         buffers = [{n: b.clone() for n, b in sub.supernet.named_buffers()}
                    for sub in self.subnets]
+        out = []
         try:  # measuring changes neither the RNG nor BN's running statistics
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                return [sum(float(sub.loss(b, sub.arch_weights())[0]) for b in self.held)
-                        / len(self.held) for sub in self.subnets]
+            with torch.random.fork_rng(devices=[device] if cuda else []):
+                cpu_state = torch.get_rng_state()
+                cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+                for sub in self.subnets:  # common random numbers
+                    torch.set_rng_state(cpu_state)
+                    if cuda_state is not None:
+                        torch.cuda.set_rng_state(cuda_state, device)
+                    out.append(sum(float(sub.loss(b, sub.arch_weights())[0])
+                                   for b in self.held) / len(self.held))
+            return out
         finally:
             for sub, saved in zip(self.subnets, buffers, strict=True):
                 for n, b in sub.supernet.named_buffers():
