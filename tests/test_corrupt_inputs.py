@@ -64,16 +64,32 @@ def _fake_cifar(root: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("damage", ["truncated", "junk", "not_a_batch", "odd_size"])
+@pytest.mark.parametrize("damage", ["truncated", "junk", "not_a_batch", "odd_size", "label_17",
+                                    "pixel_300"])
 def test_damaged_cifar_batch_is_named(tmp_path, damage):
     batch = _fake_cifar(tmp_path) / "data_batch_3"
     raw = batch.read_bytes()
+    pixels = np.zeros((1, 3072), np.int64)
+    pixels[0, 5] = 300  # wrapped to 44 by a plain uint8 cast
     batch.write_bytes({"truncated": raw[: len(raw) // 2], "junk": b"\x00junk" * 50,
                        "not_a_batch": pickle.dumps([1, 2, 3]),
                        "odd_size": pickle.dumps({"data": np.zeros(100, np.uint8),
-                                                 "labels": [0]})}[damage])
-    with pytest.raises(ValueError, match=f"{batch}: .*damaged"):
+                                                 "labels": [0]}),
+                       "label_17": pickle.dumps({"data": np.zeros((1, 3072), np.uint8),
+                                                 "labels": [17]}),
+                       "pixel_300": pickle.dumps({"data": pixels, "labels": [0]})}[damage])
+    with pytest.raises(ValueError, match=f"{batch}: .*damaged") as err:
         load_dataset("cifar10", root=str(tmp_path))
+    assert {"label_17": "labels 17..17, expected 0..9", "pixel_300": "values 0..300"}.get(
+        damage, "") in str(err.value)
+
+
+def test_fashion_labels_out_of_range_are_named(tmp_path):
+    _fake_fashion(tmp_path)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    _write_idx(labels, np.full(10, 12))
+    with pytest.raises(ValueError, match=f"{labels}: labels 12..12, expected 0..9; .*damaged"):
+        load_dataset("fashion_mnist", root=str(tmp_path))
 
 
 @pytest.mark.parametrize("damage", ["junk_gz", "truncated_gz", "corrupt_deflate"])

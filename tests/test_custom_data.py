@@ -176,12 +176,36 @@ def test_npz_missing_paths_and_arrays(tmp_path):
     ({"x_train": np.zeros((150, 64), dtype=np.uint8)}, r"got shape \(150, 64\)"),
     ({"x_train": np.zeros((150, 8, 8), dtype=bool)}, "dtype bool"),
     ({"x_test": np.zeros((50, 8, 8))}, "same scale"),
+    ({"x_train": np.ones((150, 8, 8), dtype=np.int16), "x_test": np.ones((50, 8, 8))},
+     "x_train is int16 but x_test is float64; store both on the same scale"),
+    ({"x_train": np.full((150, 8, 8), 255.0), "x_test": np.full((50, 8, 8), 1.0)},
+     "x_train's values reach 255 but x_test's reach 1; store both on the same scale"),
+    ({"y_train": np.r_[np.arange(149) % 10, 0].astype(np.uint64) + np.uint64(2**63 + 1) * (
+        np.arange(150) == 149)},
+     "label 9223372036854775809 is beyond int64"),
+    ({"x_train": np.zeros((0, 8, 8), dtype=np.uint8), "y_train": np.zeros(0, np.int64)},
+     r"x_train: no images \(0 in the array\)"),
 ])
 def test_npz_malformed_arrays_name_the_file_and_the_problem(tmp_path, arrays, match):
     path = _npz(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataFormatError, match=match) as err:
         load_dataset("npz", path)
     assert path in str(err.value)
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"x_train": np.zeros((150, 8, 8), dtype=bool)}, "dtype bool"),
+    ({"x_train": np.zeros((0, 8, 8), dtype=np.uint8), "y_train": np.zeros(0, np.int64)},
+     "no images"),
+    ({"x_test": np.zeros((50, 7, 7), dtype=np.uint8)}, r"x_test images are \(1, 7, 7\)"),
+])
+def test_peek_shape_refuses_what_the_load_refuses(tmp_path, arrays, match):
+    """``train --dry-run`` peeks at the headers: it passed boolean images and a test set
+    of another shape, and crashed on empty arrays with numpy's own error."""
+    path = _npz(tmp_path / "bad.npz", **arrays)
+    for read in (lambda: peek_shape("npz", path), lambda: load_dataset("npz", path)):
+        with pytest.raises(DataFormatError, match=match):
+            read()
 
 
 # --- folder ----------------------------------------------------------------------------

@@ -174,11 +174,27 @@ def _chw(shape: tuple[int, ...], layout: str) -> tuple[int, int, int]:
     return shape[1], shape[2], shape[3]
 
 
+def _image_kind(dtype: np.dtype, n: int, where: str) -> str:
+    """``uint8``, ``integer`` or ``float`` for images of ``dtype`` (``n`` of them); other
+    dtypes (bool, complex, strings) and no images are errors naming ``where``. Checks what
+    the array's header tells, so :func:`peek_shape` refuses what the load refuses."""
+    if n == 0:
+        raise DataFormatError(f"{where}: no images (0 in the array)")
+    if dtype == np.uint8:
+        return "uint8"
+    if np.issubdtype(dtype, np.integer):
+        return "integer"
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    raise DataFormatError(f"{where}: images must be integers (uint8 0-255) or floats, got "
+                          f"dtype {dtype}")
+
+
 def _images(x: np.ndarray, layout: str, where: str) -> tuple[torch.Tensor, float]:
     """``x`` as a ``(N, C, H, W)`` tensor and the scale dividing it (255 for uint8)."""
-    if x.dtype == np.uint8:
+    if _image_kind(x.dtype, len(x), where) == "uint8":
         scale = 255.0
-    elif np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating):
+    else:
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise DataFormatError(f"{where}: images contain NaN or infinite values")
         if x.size and np.abs(x).max() > np.finfo(np.float32).max:
@@ -187,11 +203,6 @@ def _images(x: np.ndarray, layout: str, where: str) -> tuple[torch.Tensor, float
                                   "rescale them")
         x = x.astype(np.float32, copy=False)
         scale = 1.0
-    else:
-        raise DataFormatError(f"{where}: images must be integers (uint8 0-255) or floats, got "
-                              f"dtype {x.dtype}")
-    if len(x) == 0:
-        raise DataFormatError(f"{where}: no images (shape {x.shape})")
     t = torch.from_numpy(np.ascontiguousarray(x))
     if layout == "NHW":
         t = t[:, None]
@@ -211,6 +222,9 @@ def _labels(y: np.ndarray, n_images: int, where: str) -> np.ndarray:
                               "(convert with y.astype(np.int64), or map names to indices)")
     if len(y) != n_images:
         raise DataFormatError(f"{where}: {len(y)} labels for {n_images} images")
+    if len(y) and y.dtype.kind == "u" and int(y.max()) > np.iinfo(np.int64).max:
+        raise DataFormatError(f"{where}: label {int(y.max())} is beyond int64; labels must "
+                              "be 0..K-1")
     if len(y) and y.min() < 0:
         raise DataFormatError(f"{where}: label {int(y.min())} is negative; labels must be 0..K-1")
     return y.astype(np.int64, copy=False)
@@ -259,6 +273,24 @@ def _npz_read(path: Path, keys: tuple[str, ...]
             raise DataFormatError(f"{path}: {exc}") from None
 
 
+def _same_scale(path: Path, train: np.ndarray, test: np.ndarray) -> None:
+    """Refuse train and test images stored on different scales (uint8 against another
+    dtype, integers against floats, or largest values more than 10x apart, as 0-255
+    against 0-1): the test images would be normalised by the wrong statistics."""
+    kinds = [_image_kind(a.dtype, len(a), f"{path}: x_{s}")
+             for s, a in (("train", train), ("test", test))]
+    if kinds[0] != kinds[1]:
+        raise DataFormatError(f"{path}: x_train is {train.dtype} but x_test is {test.dtype}; "
+                              "store both on the same scale (and dtype kind)")
+    if kinds[0] != "uint8":
+        peaks = [float(np.abs(a).max()) for a in (train, test)]
+        if min(peaks) > 0 and max(peaks) > 10 * min(peaks) or (min(peaks) == 0) != (
+                max(peaks) == 0):
+            raise DataFormatError(
+                f"{path}: x_train's values reach {peaks[0]:.4g} but x_test's reach "
+                f"{peaks[1]:.4g}; store both on the same scale (both 0-255 or both 0-1)")
+
+
 @register_dataset("npz")
 def load_npz(root: str | None = None, download: bool = False,
              resolution: int | None = None) -> CustomImageData:
@@ -277,9 +309,7 @@ def load_npz(root: str | None = None, download: bool = False,
     if trx.shape[1:] != tex.shape[1:]:
         raise DataFormatError(f"{path}: x_train images are {tuple(trx.shape[1:])} (C, H, W) but "
                               f"x_test images are {tuple(tex.shape[1:])}")
-    if (arrays["x_train"].dtype == np.uint8) != (arrays["x_test"].dtype == np.uint8):
-        raise DataFormatError(f"{path}: x_train is {arrays['x_train'].dtype} but x_test is "
-                              f"{arrays['x_test'].dtype}; store both on the same scale")
+    _same_scale(path, arrays["x_train"], arrays["x_test"])
     side = _check_side(trx.shape[2], trx.shape[3], resolution, f"{path}: x_train")
     y_train = _labels(arrays["y_train"], len(trx), f"{path}: y_train")
     y_test = _labels(arrays["y_test"], len(tex), f"{path}: y_test")
@@ -444,9 +474,15 @@ def peek_shape(name: str, root: str | None, resolution: int | None = None
         _npz_keys(path)
         labels, classes, layout = _npz_read(path, ("y_train", "y_test"))
         y_train, y_test = labels["y_train"], labels["y_test"]
-        shape, _ = _npz_header_shape(path, "x_train")
-        test_shape, _ = _npz_header_shape(path, "x_test")
+        shape, dtype = _npz_header_shape(path, "x_train")
+        test_shape, test_dtype = _npz_header_shape(path, "x_test")
+        _image_kind(dtype, shape[0] if shape else 0, f"{path}: x_train")
+        _image_kind(test_dtype, test_shape[0] if test_shape else 0, f"{path}: x_test")
         c, h, w = _chw(shape, infer_layout(shape, layout, f"{path}: x_train"))
+        test_chw = _chw(test_shape, infer_layout(test_shape, layout, f"{path}: x_test"))
+        if test_chw != (c, h, w):
+            raise DataFormatError(f"{path}: x_train images are {(c, h, w)} (C, H, W) but "
+                                  f"x_test images are {test_chw}")
         y_train = _labels(y_train, shape[0], f"{path}: y_train")
         y_test = _labels(y_test, test_shape[0], f"{path}: y_test")
         k = _num_classes(path, y_train, y_test, classes)

@@ -88,6 +88,9 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Image
                     raise DataFormatError(f"{paths[i]} holds {len(arrays[i])} images but "
                                           f"{paths[i + 1]} {len(arrays[i + 1])} labels; one "
                                           "of them is damaged: download or copy both again")
+            for i in (1, 3):
+                _check_labels(paths[i], arrays[i], "one of the files is damaged: download or "
+                              "copy the four files again")
             return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0,
                            FASHION_MNIST_CLASSES)
     looked = ", ".join(str(r) for r in roots)
@@ -138,13 +141,28 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(d, dict) or "data" not in d or "labels" not in d:
         raise DataFormatError(f"{path}: not a CIFAR-10 batch (no 'data' and 'labels'); {fix}")
     try:
-        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        raw = np.asarray(d["data"])
+        if raw.dtype != np.uint8 and (not np.issubdtype(raw.dtype, np.integer) or raw.size
+                                      and (raw.min() < 0 or raw.max() > 255)):
+            raise ValueError(f"pixels must be bytes 0..255, got dtype {raw.dtype}"
+                             + (f" values {raw.min()}..{raw.max()}"
+                                if raw.size and raw.dtype.kind in "iuf" else ""))
+        x = raw.astype(np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DataFormatError(f"{path}: malformed CIFAR-10 batch ({exc}); {fix}") from None
     if len(x) != len(y):
         raise DataFormatError(f"{path}: {len(x)} images but {len(y)} labels; {fix}")
+    _check_labels(path, y, fix)
     return x, y
+
+
+def _check_labels(path: Path, y: np.ndarray | torch.Tensor, fix: str) -> None:
+    """Labels of a 10-class dataset must be 0..9 (a damaged file otherwise fails late,
+    inside the loss)."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) > 9):
+        raise DataFormatError(f"{path}: labels {int(y.min())}..{int(y.max())}, expected "
+                              f"0..9; {fix}")
 
 
 @register_dataset("cifar10")
