@@ -560,3 +560,28 @@ def test_retrain_settings_an_engine_never_reads_are_refused(path, override, engi
     load_config(path, ["retrain.lr=0.02"])  # settings the engine reads are accepted
     if key in ("retrain.drop_path", "retrain.cutout"):  # 0 says "off", what they do
         load_config(path, [f"{key}=0", *override.split()[1:]])
+
+
+@pytest.mark.parametrize("path, override", [
+    (RNN, "data.download=true"), (RNN, "data.resolution=32"),
+    (GNN, "data.download=true"), (GNN, "data.resolution=32"), (GNN, "data.train_subset=100"),
+    (GNN, "data.test_subset=100"), (GNN, "data.search_split=0.8"), (GNN, "data.batch_size=8"),
+    (FASHION, "data.download=true"), (FASHION, "data.name=npz data.download=true"),
+], ids=["rnn-download", "rnn-resolution", "gnn-download", "gnn-resolution", "gnn-subset",
+        "gnn-test_subset", "gnn-split", "gnn-batch", "fashion-download", "npz-download"])
+def test_data_settings_the_run_never_reads_are_refused_at_load(path, override):
+    """They were accepted and ignored (``download`` for cora also skipped the data.root
+    check, so the error came after the run directory existed)."""
+    key = override.split()[-1].split("=")[0]
+    _refused(override.split(), rf"config.data: {re.escape(key)} is not used by", path)
+
+
+def test_cora_needs_its_root_even_with_download_asked():
+    from diffnas.config import check_data_root
+
+    cfg = load_config(GNN)
+    cfg.data.download = True  # (refused at load; a config built in Python may still hold it)
+    with pytest.raises(ConfigError, match="data.root is not set, and data.name=cora"):
+        check_data_root(cfg)
+    cfg.data.name, cfg.data.root = "cifar10", None  # cifar10 alone downloads
+    check_data_root(cfg)

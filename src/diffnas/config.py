@@ -448,6 +448,33 @@ def _check_data(cfg: RunConfig) -> None:
         from diffnas.data import DATASETS
 
         DATASETS.get(cfg.data.name)
+    _check_unused_data(cfg)
+
+
+#: built-in datasets read from local files alone (a plugin's loader may download)
+NO_DOWNLOAD = ("fashion_mnist", "digits", "npz", "folder")
+
+
+def _check_unused_data(cfg: RunConfig) -> None:
+    """``data`` settings the run's kind of data never reads are refused rather than
+    silently ignored: the image settings for text and graph runs, and for graph runs
+    (full-batch, fixed split) the batch size, subsets and split too."""
+    d, default, space = cfg.data, DataConfig(), _space_name(cfg)
+    unused = []
+    if space in ("darts_rnn", "gnn") or d.name in NO_DOWNLOAD:
+        unused += [k for k in ("download",) if d.download]
+    if space in ("darts_rnn", "gnn"):
+        unused += [k for k in ("resolution",) if d.resolution is not None]
+    if space == "gnn":
+        unused += [k for k in ("train_subset", "test_subset", "search_split", "batch_size")
+                   if getattr(d, k) != getattr(default, k)]
+    if unused:
+        what = ("a text run" if space == "darts_rnn" else "a graph run (full batch, the "
+                "dataset's own split)" if space == "gnn" else f"data.name={d.name}, read "
+                "from local files alone")
+        raise ConfigError(f"config.data: {', '.join('data.' + k for k in unused)} "
+                          f"{'is' if len(unused) == 1 else 'are'} not used by {what}: remove "
+                          f"{'it' if len(unused) == 1 else 'them'}")
 
 
 #: datasets read only from the local files ``data.root`` names (cifar10 unless downloaded)
@@ -459,7 +486,7 @@ def check_data_root(cfg: RunConfig) -> None:
     is refused before a run directory exists (not by ``load_config``: a dry run needs no
     data). Missing files under a root that is set are found when the run starts."""
     d = cfg.data
-    if d.root is None and not d.download and d.name in ROOT_REQUIRED:
+    if d.root is None and not (d.download and d.name == "cifar10") and d.name in ROOT_REQUIRED:
         extra = " (or data.download=true)" if d.name == "cifar10" else ""
         raise ConfigError(f"data.root is not set, and data.name={d.name} is read from local "
                           f"files: give data.root=PATH{extra}; docs/data.md says what it "
