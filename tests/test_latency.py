@@ -320,6 +320,9 @@ def test_penalty_config_errors(tmp_path):
     path, _ = _predictor_file(tmp_path, space)
     with pytest.raises(ValueError, match="input"):
         LatencyPenalty(str(path), input="expected")
+    for lam in ("fast", -1, float("nan"), True):
+        with pytest.raises(ValueError, match="lam must be a number >= 0"):
+            LatencyPenalty(str(path), lam=lam)
     with pytest.raises(FileNotFoundError):
         LatencyPenalty(str(tmp_path / "missing.pt"))
     big = tiny_space(nodes=3)
@@ -433,6 +436,12 @@ def test_sweep_config_gets_exactly_one_latency_penalty(monkeypatch):
     assert _with_penalty(base, 0.0, "p.pt").search.strategy["penalties"] == [
         {"name": "other", "x": 1}]
     assert base.search.strategy["penalties"] == [{"name": "other", "x": 1}]  # not mutated
+    # the config's own latency settings are kept: only lam and the predictor change
+    own = load_config(None, ["search.strategy.penalties=[{name: latency, predictor: a.pt, "
+                             "lam: 1, input: probs, normalize: false}]"])
+    assert _with_penalty(own, 2.0, "p.pt").search.strategy["penalties"] == [
+        {"name": "latency", "predictor": "p.pt", "lam": 2.0, "input": "probs",
+         "normalize": False}]
 
 
 def test_snas_resource_constraint_uses_the_predictor(tmp_path):
@@ -733,3 +742,28 @@ def test_networks_compare_as_built_so_a_layout_set_in_the_space_is_a_mismatch():
     differ = predictor_mismatch(meta, {"id": "cpu-x"}, {
         "batch_size": 1, "network": now.network_settings({"C": 8})})
     assert differ == "network.channels_last: False vs True"
+
+
+@pytest.mark.parametrize("penalty, match", [
+    ("{name: latency, predictor: MISSING}", "latency predictor not found"),
+    ("{name: latency, predictor: PRED, lam: fast}", "lam must be a number"),
+    ("{name: latency, predictor: PRED, input: expected}", "input must be"),
+    ("{name: latency, predictor: PRED, lam: 1}", "the latency predictor expects (edges, ops)"),
+], ids=["missing", "lam", "input", "other-space"])
+def test_a_bad_latency_penalty_writes_no_run_directory(tmp_path, capsys, penalty, match):
+    """The penalty was first built with the strategy, after the run directory existed, and
+    a resume may not change ``penalties``: the directory could never continue."""
+    from diffnas.cli import main
+
+    space = tiny_space()
+    pred, _ = _predictor_file(tmp_path, space)
+    penalty = penalty.replace("MISSING", str(tmp_path / "nope.pt")).replace("PRED", str(pred))
+    runs = tmp_path / "runs"
+    args = ["search", "data.name=digits", "search.epochs=1", f"out_dir={runs}",
+            "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+            f"search.strategy.penalties=[{penalty}]"]
+    if match.startswith("the latency predictor expects"):  # a space with more nodes
+        args[4] = args[4].replace("nodes: 2", "nodes: 3")
+    assert main(args) == 2
+    assert match in capsys.readouterr().err
+    assert not runs.exists()

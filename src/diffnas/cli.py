@@ -85,7 +85,7 @@ def _search(p: argparse.ArgumentParser):
         if args.workers is not None:
             raise ConfigError("--workers sets the parallel processes of --seeds; give --seeds "
                               "too or drop it")
-        from diffnas.config import check_data_root, load_config
+        from diffnas.config import check_run_files, load_config
         from diffnas.engine import distributed as dp
         from diffnas.engine.retrain import run_retrain
         from diffnas.engine.rundir import new_run_dir, setup_logging
@@ -99,7 +99,7 @@ def _search(p: argparse.ArgumentParser):
                 cfg = _resume_config(args)
             else:
                 cfg = load_config(args.config, args.overrides)
-                check_data_root(cfg)  # before the run directory exists
+                check_run_files(cfg)  # before the run directory exists
                 run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
             found = (run_dir / "search" / "DONE").exists()
             done = Genotype.load(run_dir / "search" / "genotype.json") if found else None

@@ -493,6 +493,44 @@ def check_data_root(cfg: RunConfig) -> None:
                           "holds")
 
 
+def check_penalties_setup(cfg: RunConfig) -> None:
+    """Build the search's architecture penalties and bind them to the space's alphas, so a
+    missing latency predictor, a bad ``lam``/``input`` or a predictor fitted on other ops
+    is refused before a run directory exists (a resume may not change ``penalties``, so a
+    run refused later could never continue). Not in ``load_config``: a penalty may read
+    files (the predictor) that a dry run or a report does not need."""
+    specs = cfg.search.strategy.get("penalties") or []
+    if not specs:
+        return
+    import torch
+
+    from diffnas.arch import ArchParams
+    from diffnas.spaces import create_space
+    from diffnas.strategies.base import create_penalty
+
+    with torch.random.fork_rng(devices=[]):  # the alphas' draw leaves the run's RNG alone
+        arch = ArchParams(create_space(cfg.search.space))
+    for i, spec in enumerate(specs):
+        where = f"search.strategy.penalties[{i}]"
+        try:
+            penalty = create_penalty(spec, where)
+            bind = getattr(penalty, "bind", None)
+            if bind is not None:
+                bind(arch)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, OSError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_run_files(cfg: RunConfig) -> None:
+    """What a search needs beyond its config, checked before its run directory exists:
+    the data root (:func:`check_data_root`) and the penalties' files and settings
+    (:func:`check_penalties_setup`)."""
+    check_data_root(cfg)
+    check_penalties_setup(cfg)
+
+
 def _check_lm(cfg: RunConfig) -> None:
     """The ``lm`` section is read by language-model runs alone; elsewhere it is refused
     rather than silently ignored."""

@@ -378,7 +378,7 @@ def _schedule(queue: list[Path], running: dict, errors: dict[Path, str], workers
 def seeds_command(args: argparse.Namespace) -> int:
     """``diffnas search --seeds 0,1,2,3 [--workers N] [--config ...] [overrides]`` or
     ``--seeds ... --resume PARENT``."""
-    from diffnas.config import check_data_root, load_config
+    from diffnas.config import check_run_files, load_config
     from diffnas.engine.rundir import load_run_config, new_run_dir
 
     seeds = parse_seeds(args.seeds)
@@ -399,7 +399,7 @@ def seeds_command(args: argparse.Namespace) -> int:
                           "(darts_rnn) are not supported by it yet: run one search per seed "
                           "(seed=N)")
     if not args.resume:
-        check_data_root(cfg)  # before the parent directory exists
+        check_run_files(cfg)  # before the parent directory exists
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
     args._run_dir = parent  # for the resume hint of an interrupted run (cli.main)
     print(f"multi-seed run directory: {parent}")

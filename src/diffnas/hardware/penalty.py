@@ -32,8 +32,8 @@ class LatencyPenalty(nn.Module):
         super().__init__()
         if input not in ("weights", "probs"):
             raise ValueError(f"latency penalty input must be 'weights' or 'probs', got {input!r}")
-        if lam < 0:
-            raise ValueError(f"latency penalty lam must be >= 0, got {lam}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+            raise ValueError(f"latency penalty lam must be a number >= 0, got {lam!r}")
         self.predictor = (predictor if isinstance(predictor, LatencyPredictor)
                           else LatencyPredictor.load(predictor))
         for p in self.predictor.parameters():

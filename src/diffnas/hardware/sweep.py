@@ -34,11 +34,15 @@ log = logging.getLogger("diffnas")
 
 
 def _with_penalty(cfg, lam: float, predictor: str):
+    """``cfg`` with one latency penalty of weight ``lam`` (none at 0) and ``predictor``;
+    the config's own latency settings (``input``, ``normalize``) are kept."""
     c = copy.deepcopy(cfg)
     strategy = dict(c.search.strategy)
-    others = [p for p in strategy.get("penalties", []) if p.get("name") != "latency"]
+    penalties = strategy.get("penalties", [])
+    own = next((p for p in penalties if p.get("name") == "latency"), {})
+    others = [p for p in penalties if p.get("name") != "latency"]
     if lam > 0:
-        others.append({"name": "latency", "predictor": str(predictor), "lam": lam})
+        others.append({**own, "name": "latency", "predictor": str(predictor), "lam": lam})
     strategy["penalties"] = others
     c.search.strategy = strategy
     return c
