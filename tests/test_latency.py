@@ -575,6 +575,10 @@ def test_cli_refuses_settings_that_would_measure_nothing_or_overwrite(tmp_path, 
     assert main(["latency", "fit", "--data", str(tmp_path / "l.jsonl"), "--out",
                  str(tmp_path / "p.json"), tiny]) == 2
     assert "name the predictor .pt" in capsys.readouterr().err
+    assert main(["latency", "fit", "--data", str(tmp_path / "l.jsonl"), "--out",
+                 str(tmp_path / "p.pt"), "--epochs", "0", tiny]) == 2
+    assert "--epochs 0: the predictor needs at least 1 epoch" in capsys.readouterr().err
+    assert not (tmp_path / "p.pt").exists()
 
 
 def _stub_sweep_inputs(monkeypatch, meta: dict | None = None) -> None:
@@ -594,7 +598,8 @@ def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, m
     from diffnas.config import load_config, save_config
     from diffnas.hardware import sweep
 
-    for lams, match in (([-1.0], "finite and >= 0"), ([1.0, 1], "a value is repeated")):
+    for lams, match in (([-1.0], "finite and >= 0"), ([1.0, 1], "a value is repeated"),
+                        ([], "names no value")):
         with pytest.raises(ValueError, match=match):
             sweep.run_sweep(None, [], "p.pt", lams, tmp_path / "s")
     _stub_sweep_inputs(monkeypatch)

@@ -291,8 +291,31 @@ def test_report_of_a_language_model_run_shows_perplexities(tmp_path):
          "test_loss": 5.7, "genotype": published_genotype("DARTS_RNN_V2").to_dict()}))
     page = render_report(plots.load_run(run), backend="matplotlib")
     assert "312.25 / 298.50" in page and "23,456,789" in page
+    assert "perplexity, final" in page  # no best_epoch: the last (averaged) weights
+    # a retraining that kept the best validation epoch's weights says so, not "final"
+    result = json.loads((run / "retrain" / "result.json").read_text())
+    (run / "retrain" / "result.json").write_text(json.dumps({**result, "best_epoch": 1}))
+    page = render_report(plots.load_run(run), backend="matplotlib")
+    assert "perplexity, best validation epoch (2)" in page and "final" not in page
     curves = plots.curves_figure(rows, rows)
     titles = [ax.get_title() for ax in curves.axes]
     assert titles == ["search: loss", "search: perplexity", "retrain: loss",
                       "retrain: perplexity"]
     assert all(len(ax.lines) == 2 for ax in curves.axes)  # train and validation
+
+
+def test_report_of_a_graph_run_names_the_best_epoch_and_the_last(tmp_path, run_dir):
+    """Graph retrainings report the test accuracy of the best validation epoch's weights
+    (and the last epoch's beside it); the page called the first "final"."""
+    import shutil
+
+    run = tmp_path / "g"
+    shutil.copytree(run_dir, run)
+    result = json.loads((run / "retrain" / "result.json").read_text())
+    page = render_report(plots.load_run(run), backend="matplotlib")
+    assert "test accuracy, final" in page and "test accuracy, last epoch" not in page
+    (run / "retrain" / "result.json").write_text(json.dumps(
+        {**result, "test_acc": 0.5, "best_epoch": 31, "last_test_acc": 0.7222}))
+    page = render_report(plots.load_run(run), backend="matplotlib")
+    assert "test accuracy, best validation epoch (32)</th><td>50.00%" in page
+    assert "test accuracy, last epoch</th><td>72.22%" in page

@@ -123,6 +123,8 @@ def _fit(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() == ".json":  # the report goes to OUT with the suffix .json
         raise ValueError(f"--out {args.out}: the predictor's report is written beside it as "
                          "a .json file; name the predictor .pt")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: the predictor needs at least 1 epoch")
     _, space, _, _ = _space_from_config(args.config, args.overrides)
     records = load_records(args.data, args.fingerprint)
     predictor, report = fit_predictor(records, space, holdout=args.holdout,

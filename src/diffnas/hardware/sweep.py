@@ -91,6 +91,8 @@ def run_sweep(
     """One search + retrain per lambda (reusing finished runs under ``out``), then the
     derived networks are measured together (interleaved) and a table and plot written."""
     settings = settings or LatencySettings()
+    if not lambdas:
+        raise ValueError("--lambdas names no value: give at least one (e.g. 0,0.1,0.3,1)")
     lambdas = [lam + 0.0 for lam in lambdas]  # (-0.0 is 0.0: one directory, lam0)
     bad = [lam for lam in lambdas if not (math.isfinite(lam) and lam >= 0)]
     if bad:

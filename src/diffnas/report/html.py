@@ -69,16 +69,22 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
         last = run.search_metrics[-1]
         if "val_acc" in last:
             rows.append(("search validation accuracy (last epoch)", _pct(last["val_acc"])))
+    # graph and language-model retrainings report the weights of the best validation
+    # epoch (``best_epoch``, 0-based), as the command line says; image ones the last epoch
+    best = res.get("best_epoch") if res is not None else None
+    which = "final" if best is None else f"best validation epoch ({best + 1})"
     if res is not None and "test_ppl" in res:  # a language model (engine/lm.py)
         rows += [
-            ("final validation / test perplexity",
+            (f"validation / test perplexity, {which}",
              f"{res['valid_ppl']:.2f} / {res['test_ppl']:.2f}"),
             ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
             ("parameters", f"{res['params']:,}"),
         ]
     elif res is not None:
+        rows.append((f"test accuracy, {which}", _pct(res.get("test_acc"))))
+        if res.get("last_test_acc") is not None:
+            rows.append(("test accuracy, last epoch", _pct(res["last_test_acc"])))
         rows += [
-            ("final test accuracy", _pct(res.get("test_acc"))),
             ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
             ("parameters (without auxiliary head)", f"{res['params']:,}"),
         ]
