@@ -261,3 +261,21 @@ def test_an_interrupted_parent_stops_its_workers(tmp_path, monkeypatch):
         ms._run_in_processes(dirs, workers=2, threads=1, say=lambda _: None)
     assert len(started) == 2
     assert all(p.poll() is not None for p in started)  # none left running
+
+
+def test_report_plot_and_export_of_a_seeds_parent_point_at_its_seeds(tmp_path):
+    """A parent holds a config.yaml, so it read as a run: the report showed 0 search
+    epochs and no retraining, plot found nothing and export asked to retrain."""
+    from diffnas.config import save_config
+    from diffnas.export import ExportError, load_retrained
+    from diffnas.report.plots import PlotError, load_run
+
+    parent = tmp_path / "par"
+    (parent / "seed_0").mkdir(parents=True)
+    save_config(load_config(None, TINY_RUN), parent / "config.yaml")
+    (parent / ms.SEEDS_FILE).write_text('{"seeds": [0]}\n')
+    with pytest.raises(PlotError, match=rf"multi-seed run: report or plot one of its seeds "
+                                        rf"\({parent / 'seed_0'}\); .*summary.md"):
+        load_run(parent)
+    with pytest.raises(ExportError, match="multi-seed run: export one of its seeds"):
+        load_retrained(parent)

@@ -108,10 +108,13 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
                    ) -> tuple[nn.Module, DataShape]:
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
     from diffnas.engine.retrain import build_network
-    from diffnas.engine.rundir import load_run_config, run_kind
+    from diffnas.engine.rundir import load_run_config, run_kind, seeds_parent_message
     from diffnas.genotype import Genotype, GenotypeError
 
     run = Path(run_dir)
+    why = seeds_parent_message(run, "export")
+    if why:
+        raise ExportError(why)
     # loaded on the CPU wherever it ran; a train run's config checked as train checked it
     cfg = load_run_config(run, device=False, search=run_kind(run) != "train")
     check_exportable(cfg, run)

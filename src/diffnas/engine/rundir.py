@@ -93,6 +93,18 @@ def test_subset_seed(run_dir: str | Path, seed: int) -> int | None:
     return None
 
 
+def seeds_parent_message(run_dir: str | Path, what: str) -> str | None:
+    """Why ``what`` (report, plot, export) does not read ``run_dir`` when it is the parent
+    of a ``--seeds`` run (its seeds are runs of their own), else None."""
+    run = Path(run_dir)
+    if not (run / "seeds.json").is_file():
+        return None
+    seeds = sorted(p.name for p in run.glob("seed_*") if p.is_dir())
+    return (f"{run} is a multi-seed run: {what} one of its seeds "
+            f"({', '.join(str(run / s) for s in seeds[:3]) or 'seed_<s>/'}"
+            f"{', ...' if len(seeds) > 3 else ''}); {run / 'summary.md'} compares them")
+
+
 def run_kind(run_dir: str | Path) -> str | None:
     """The command ("search" or "train") that made ``run_dir``; for runs made before that
     was recorded, judged by their folders (search/: a search; retrain/ alone: a train run;

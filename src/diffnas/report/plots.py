@@ -62,10 +62,13 @@ class RunData:
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory (``diffnas search`` or ``diffnas train`` output); a clear
     error when it is not one."""
-    from diffnas.engine.rundir import load_run_config, run_kind
+    from diffnas.engine.rundir import load_run_config, run_kind, seeds_parent_message
     from diffnas.export import RETRAIN_FIX
 
     path = Path(run_dir)
+    why = seeds_parent_message(path, "report or plot")
+    if why:
+        raise PlotError(why)
     # a report reads, it does not run: a train run's config is checked as train checked it
     cfg = load_run_config(path, device=False, search=run_kind(path) != "train")
     gpath = path / "search" / "genotype.json"
