@@ -72,3 +72,19 @@ def test_a_short_series_and_a_convolutional_genotype_are_named(capsys):
     assert stop.value.code == 2
     assert "for space 'darts_cnn'; the forecaster needs a recurrent cell" in \
         capsys.readouterr().err
+
+
+def test_an_out_path_in_a_missing_directory_is_refused_before_training(tmp_path, capsys,
+                                                                      monkeypatch):
+    """It failed with a traceback after the whole training, and the result was lost."""
+    from diffnas.engine import forecast
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(forecast, "run_forecast", never)
+    out = tmp_path / "nodir" / "f.json"
+    with pytest.raises(SystemExit) as stop:
+        forecast.main(["--epochs", "1", "--out", str(out)])
+    assert stop.value.code == 2
+    assert f"--out {out}: the directory {out.parent} does not exist" in capsys.readouterr().err

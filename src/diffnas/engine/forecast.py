@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     a = vars(ap.parse_args(argv))
     out_path = a.pop("out")
+    if out_path and not Path(out_path).parent.is_dir():  # found before training, not after
+        ap.exit(2, f"{ap.prog}: error: --out {out_path}: the directory "
+                   f"{Path(out_path).parent} does not exist\n")
     try:
         res = run_forecast(ForecastConfig(**a))
     except (ValueError, ImportError) as exc:  # GenotypeError included: a bad input, said
@@ -203,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         r = res[k]
         print(f"{k:<11} {r.get('params', 0):>7} {r['rmse']:>10.4f} {r['mae']:>9.4f}")
     if out_path:
-        with open(out_path, "w") as f:
-            json.dump(res, f, indent=1)
+        from diffnas.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(json.dumps(res, indent=1) + "\n", Path(out_path))
     return 0
 
 
