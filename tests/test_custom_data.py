@@ -180,6 +180,8 @@ def test_npz_missing_paths_and_arrays(tmp_path):
      "x_train is int16 but x_test is float64; store both on the same scale"),
     ({"x_train": np.full((150, 8, 8), 255.0), "x_test": np.full((50, 8, 8), 1.0)},
      "x_train's values reach 255 but x_test's reach 1; store both on the same scale"),
+    ({"x_train": np.full((150, 8, 8), -128, np.int8), "x_test": np.full((50, 8, 8), 3, np.int8)},
+     "x_train's values reach 128 but x_test's reach 3"),  # abs(int8 -128) overflows
     ({"y_train": np.r_[np.arange(149) % 10, 0].astype(np.uint64) + np.uint64(2**63 + 1) * (
         np.arange(150) == 149)},
      "label 9223372036854775809 is beyond int64"),
@@ -198,6 +200,7 @@ def test_npz_malformed_arrays_name_the_file_and_the_problem(tmp_path, arrays, ma
     ({"x_train": np.zeros((0, 8, 8), dtype=np.uint8), "y_train": np.zeros(0, np.int64)},
      "no images"),
     ({"x_test": np.zeros((50, 7, 7), dtype=np.uint8)}, r"x_test images are \(1, 7, 7\)"),
+    ({"x_test": np.zeros((50, 8, 8))}, "x_train is uint8 but x_test is float64"),
 ])
 def test_peek_shape_refuses_what_the_load_refuses(tmp_path, arrays, match):
     """``train --dry-run`` peeks at the headers: it passed boolean images and a test set

@@ -320,9 +320,10 @@ def test_penalty_config_errors(tmp_path):
     path, _ = _predictor_file(tmp_path, space)
     with pytest.raises(ValueError, match="input"):
         LatencyPenalty(str(path), input="expected")
-    for lam in ("fast", -1, float("nan"), True):
-        with pytest.raises(ValueError, match="lam must be a number >= 0"):
+    for lam in ("fast", -1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
             LatencyPenalty(str(path), lam=lam)
+    assert LatencyPenalty(str(path), lam="1e-3").lam == 1e-3  # YAML's reading of 1e-3
     with pytest.raises(FileNotFoundError):
         LatencyPenalty(str(tmp_path / "missing.pt"))
     big = tiny_space(nodes=3)
@@ -751,7 +752,7 @@ def test_networks_compare_as_built_so_a_layout_set_in_the_space_is_a_mismatch():
 
 @pytest.mark.parametrize("penalty, match", [
     ("{name: latency, predictor: MISSING}", "latency predictor not found"),
-    ("{name: latency, predictor: PRED, lam: fast}", "lam must be a number"),
+    ("{name: latency, predictor: PRED, lam: fast}", "lam must be a finite number"),
     ("{name: latency, predictor: PRED, input: expected}", "input must be"),
     ("{name: latency, predictor: PRED, lam: 1}", "the latency predictor expects (edges, ops)"),
 ], ids=["missing", "lam", "input", "other-space"])

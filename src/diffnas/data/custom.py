@@ -283,7 +283,7 @@ def _same_scale(path: Path, train: np.ndarray, test: np.ndarray) -> None:
         raise DataFormatError(f"{path}: x_train is {train.dtype} but x_test is {test.dtype}; "
                               "store both on the same scale (and dtype kind)")
     if kinds[0] != "uint8":
-        peaks = [float(np.abs(a).max()) for a in (train, test)]
+        peaks = [float(np.abs(a.astype(np.float64)).max()) for a in (train, test)]
         if min(peaks) > 0 and max(peaks) > 10 * min(peaks) or (min(peaks) == 0) != (
                 max(peaks) == 0):
             raise DataFormatError(
@@ -476,8 +476,11 @@ def peek_shape(name: str, root: str | None, resolution: int | None = None
         y_train, y_test = labels["y_train"], labels["y_test"]
         shape, dtype = _npz_header_shape(path, "x_train")
         test_shape, test_dtype = _npz_header_shape(path, "x_test")
-        _image_kind(dtype, shape[0] if shape else 0, f"{path}: x_train")
-        _image_kind(test_dtype, test_shape[0] if test_shape else 0, f"{path}: x_test")
+        kinds = (_image_kind(dtype, shape[0] if shape else 0, f"{path}: x_train"),
+                 _image_kind(test_dtype, test_shape[0] if test_shape else 0, f"{path}: x_test"))
+        if kinds[0] != kinds[1]:  # as the load's _same_scale says
+            raise DataFormatError(f"{path}: x_train is {dtype} but x_test is {test_dtype}; "
+                                  "store both on the same scale (and dtype kind)")
         c, h, w = _chw(shape, infer_layout(shape, layout, f"{path}: x_train"))
         test_chw = _chw(test_shape, infer_layout(test_shape, layout, f"{path}: x_test"))
         if test_chw != (c, h, w):

@@ -11,6 +11,7 @@ cost, a first-order approximation through the MLP).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,8 +33,14 @@ class LatencyPenalty(nn.Module):
         super().__init__()
         if input not in ("weights", "probs"):
             raise ValueError(f"latency penalty input must be 'weights' or 'probs', got {input!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"latency penalty lam must be a number >= 0, got {lam!r}")
+        if isinstance(lam, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                lam = float(lam)
+            except ValueError:
+                pass
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (
+                math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"latency penalty lam must be a finite number >= 0, got {lam!r}")
         self.predictor = (predictor if isinstance(predictor, LatencyPredictor)
                           else LatencyPredictor.load(predictor))
         for p in self.predictor.parameters():
