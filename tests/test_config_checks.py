@@ -576,6 +576,24 @@ def test_data_settings_the_run_never_reads_are_refused_at_load(path, override):
     _refused(override.split(), rf"config.data: {re.escape(key)} is not used by", path)
 
 
+def test_a_saved_run_holding_a_setting_refused_since_still_loads(tmp_path):
+    """A run saved before these settings were refused (a graph run with its own batch
+    size) must still be resumable, reportable and exportable from its config.yaml; the
+    same file as a new run's config is refused."""
+    import dataclasses
+
+    from diffnas.config import save_config
+    from diffnas.engine.rundir import load_run_config
+
+    cfg = load_config(GNN)
+    old = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=8))
+    save_config(old, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path).data.batch_size == 8
+    assert load_run_config(tmp_path, device=False, search=False).data.batch_size == 8
+    with pytest.raises(ConfigError, match="data.batch_size is not used by a graph run"):
+        load_config(tmp_path / "config.yaml")
+
+
 def test_cora_needs_its_root_even_with_download_asked():
     from diffnas.config import check_data_root
 

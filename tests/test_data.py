@@ -180,15 +180,24 @@ def test_the_test_subset_is_the_same_for_every_seed_the_training_subset_follows_
 def test_a_retraining_begun_before_the_fixed_test_subset_keeps_its_own(tmp_path):
     """Runs made before made_by.txt drew their test subset from seed + 1: continuing such a
     retraining keeps those images (its logged epochs were scored on them); anything else
-    uses the fixed subset."""
+    uses the fixed subset. The choice is made once, at the retraining's first start: a run
+    without made_by.txt (one driven from Python) keeps the fixed subset when resumed."""
     from diffnas.engine.rundir import mark_made_by, test_subset_seed
 
-    (tmp_path / "retrain").mkdir()
-    assert test_subset_seed(tmp_path, 3) is None  # no retraining logged yet
-    (tmp_path / "retrain/metrics.jsonl").write_text('{"epoch": 0}\n')
-    assert test_subset_seed(tmp_path, 3) == 4
-    mark_made_by(tmp_path, "train")
-    assert test_subset_seed(tmp_path, 3) is None
+    legacy, fresh, made = tmp_path / "legacy", tmp_path / "fresh", tmp_path / "made"
+    (legacy / "retrain").mkdir(parents=True)
+    (legacy / "retrain/metrics.jsonl").write_text('{"epoch": 0}\n')  # begun by old code
+    assert test_subset_seed(legacy, 3) == 4
+    assert test_subset_seed(legacy, 3) == 4  # and recorded
+    fresh.mkdir()  # no made_by.txt, first start: the fixed subset...
+    assert test_subset_seed(fresh, 3) is None
+    (fresh / "retrain/metrics.jsonl").write_text('{"epoch": 0}\n')
+    assert test_subset_seed(fresh, 3) is None  # ...kept when resumed after epochs logged
+    made.mkdir()
+    mark_made_by(made, "train")
+    (made / "retrain").mkdir()
+    (made / "retrain/metrics.jsonl").write_text('{"epoch": 0}\n')
+    assert test_subset_seed(made, 3) is None
     old = load_dataset("digits", test_subset=50, seed=3, test_seed=4)
     new = load_dataset("digits", test_subset=50, seed=3)
     assert not torch.equal(old.test_y, new.test_y)

@@ -189,7 +189,9 @@ def test_dataset_records_extend_and_encode(tmp_path):
         assert sum(int((v.argmax(-1) != none_idx).sum()) for v in w.values()) == kept
         assert r["latency_ms"] > 0 and r["ratio"] > 0 and r["settings"]["repeats"] == 2
     fp = records[0]["device"]["id"]
-    assert len(load_records(path, fp)) == 5 and load_records(path, "other") == []
+    assert len(load_records(path, fp)) == 5
+    with pytest.raises(ValueError, match=f"no record of device 'other'; its devices: {fp}"):
+        load_records(path, "other")
 
 
 def _synthetic_records(space, n, seed=0):
@@ -773,3 +775,49 @@ def test_a_bad_latency_penalty_writes_no_run_directory(tmp_path, capsys, penalty
     assert main(args) == 2
     assert match in capsys.readouterr().err
     assert not runs.exists()
+
+
+def test_a_refused_model_leaves_every_model_in_its_mode(monkeypatch):
+    """measure_many put the models before a refused one in eval mode and left them so."""
+    import diffnas.hardware.latency as L
+
+    a, b = _Probe(), _Probe()
+    monkeypatch.setattr(L, "_device_of", lambda m: torch.device("cuda" if m is b else "cpu"))
+    with pytest.raises(ValueError, match="clock='thread' only measures CPU work"):
+        L.measure_many([a, b], (3,), LatencySettings(warmup=0, repeats=1, clock="thread"))
+    assert a.training and b.training
+
+
+def test_measure_refuses_to_append_records_of_another_device(tmp_path):
+    """The docs said measure refuses to mix devices in one file; it appended, and only fit
+    caught the mix."""
+    space = tiny_space()
+    path = tmp_path / "lat.jsonl"
+    s = LatencySettings(warmup=0, repeats=2)
+    build_dataset(space, path, 2, (1, 8, 8), {}, s, chunk=2)
+    lines = path.read_text().splitlines()
+    other = json.loads(lines[0])
+    other["device"] = {**other["device"], "cpu": "Some Other CPU", "id": "0123456789ab"}
+    path.write_text("\n".join([json.dumps(other), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"records measured on another device \(record 1 vs "
+                                         r"this machine: cpu: 'Some Other CPU' vs "):
+        build_dataset(space, path, 1, (1, 8, 8), {}, s)
+    assert len(load_records(path)) == 2  # nothing appended
+
+
+def test_fit_names_the_cause_when_the_holdout_takes_every_architecture():
+    """holdout 0.99 of 12 architectures held all of them out, and the error said the
+    records measured one architecture only."""
+    space = tiny_space()
+    with pytest.raises(ValueError, match="holdout 0.99 leaves 0 of 12 records to train on"):
+        fit_predictor(_synthetic_records(space, 12), space, holdout=0.99, epochs=2)
+
+
+def test_an_unknown_fingerprint_names_the_devices_the_file_holds(tmp_path):
+    path = tmp_path / "lat.jsonl"
+    records = _synthetic_records(tiny_space(), 3)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert len(load_records(path, "synthetic")) == 3
+    with pytest.raises(ValueError, match=r"holds no record of device 'abc'; its devices: "
+                                         r"synthetic \(3 records\)"):
+        load_records(path, "abc")

@@ -238,6 +238,32 @@ def test_report_and_export_of_a_train_run(run_dir, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(out / "t")
     page = render_report(plots.load_run("."), backend="matplotlib")
     assert "<title>diffnas run t</title>" in page and "<th>late_key</th>" in page
+    # it ran no search: no search rows (they showed the config's unread defaults)
+    assert "retraining of a given genotype (diffnas train)" in page
+    assert "space / strategy" not in page and "search epochs" not in page
+
+
+def test_report_out_a_folder_and_damaged_result_files(run_dir, tmp_path, capsys):
+    """--out naming an existing folder writes report.html in it (it was a traceback); a
+    result.json without params shows '-' (KeyError); a metrics row without an epoch is an
+    error naming the file and row (KeyError)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    assert main(["report", str(run), "--out", str(folder)]) == 0
+    assert (folder / "report.html").is_file()
+    result = json.loads((run / "retrain/result.json").read_text())
+    del result["params"]
+    (run / "retrain/result.json").write_text(json.dumps(result))
+    page = render_report(plots.load_run(run), backend="matplotlib")
+    assert "<tr><th>parameters (without auxiliary head)</th><td>-</td></tr>" in page
+    with (run / "search/metrics.jsonl").open("a") as f:
+        f.write('{"loss": 1.0}\n')
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'search/metrics.jsonl'}: row 4 has no integer 'epoch'" in err
 
 
 def test_report_of_a_search_without_retraining(run_dir, tmp_path):

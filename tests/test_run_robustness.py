@@ -403,3 +403,81 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path, umask):
     finally:
         os.umask(old)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(tmp_path, capsys):
+    """Resuming with data.root at other data (another class count) rebuilt another model;
+    loading the checkpoint into it gave torch's raw RuntimeError traceback."""
+    import torch
+
+    argv = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, f"out_dir={tmp_path}", "name=t"]
+    assert main(argv) == 0, capsys.readouterr().err
+    ckpt = tmp_path / "t/retrain/checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    model = state["task"]["model"]
+    head = next(k for k in model if k.endswith("classifier.weight"))
+    model[head] = torch.zeros(model[head].shape[0] + 3, model[head].shape[1])  # 13 classes
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"diffnas: error: the checkpoint {ckpt} does not fit the model this "
+                          "run rebuilds (Error(s) in loading state_dict"), err
+    assert "was data.root pointed at other data" in err
+
+
+@pytest.mark.parametrize("saved, visible", [(4, 1), (1, 2)])
+def test_cuda_rng_states_go_to_the_gpus_this_machine_has(monkeypatch, saved, visible):
+    """A checkpoint of a run with more GPUs visible, resumed with fewer, indexed a missing
+    device in set_rng_state_all."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from diffnas.engine import checkpoint
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+
+    def set_state(s, device):
+        if device >= visible:
+            raise IndexError(f"no CUDA device {device}")
+        calls.append((int(s[0]), device))
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [
+        set_state(s, i) for i, s in enumerate(states)])
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate(),
+             "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(saved)]}
+    checkpoint.set_rng_state(state)
+    assert calls == [(i, i) for i in range(min(saved, visible))]
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path):
+    """data.root may change on resume (the files moved); a root holding other data of the
+    same shapes continued the weights on a dataset they were not computed on. A float
+    rounding difference (another machine's normalisation) is not other data."""
+    import dataclasses
+
+    from diffnas.data import load_dataset
+    from diffnas.engine.search import load_search_data
+
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "name=r"])
+    run = rundir.new_run_dir(cfg)
+    data = load_search_data(cfg)
+    run_search(cfg, run, stop_after=1, data=data)
+    recorded = json.loads((run / "search" / rundir.DATA_FILE).read_text())
+    assert recorded["train_y"]["shape"] == [48] and recorded["num_classes"] == 10
+    other = dataclasses.replace(data, train_y=data.train_y.roll(1))  # same shapes
+    with pytest.raises(ValueError, match=r"search was computed on other data than data.root "
+                                         r"now gives \(differs: train_y;"):
+        run_search(cfg, run, resume=True, data=other)
+    full = load_dataset("digits")
+    with pytest.raises(ValueError, match="differs: train_x, train_y"):
+        run_search(cfg, run, resume=True, data=dataclasses.replace(
+            data, train_x=full.train_x[:48], train_y=full.train_y[:48]))
+    rounded = dataclasses.replace(data, train_x=data.train_x * (1 + 1e-7))
+    assert run_search(cfg, run, resume=True, data=rounded).genotype is not None

@@ -89,6 +89,7 @@ def _search(p: argparse.ArgumentParser):
         from diffnas.engine import distributed as dp
         from diffnas.engine.retrain import run_retrain
         from diffnas.engine.rundir import new_run_dir, setup_logging
+        from diffnas.engine.runlock import acquire_run_lock
         from diffnas.engine.search import run_search
         from diffnas.genotype import Genotype
         from diffnas.plugins import import_plugins
@@ -101,6 +102,7 @@ def _search(p: argparse.ArgumentParser):
                 cfg = load_config(args.config, args.overrides)
                 check_run_files(cfg)  # before the run directory exists
                 run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
+            acquire_run_lock(run_dir)  # freed when the command returns (main)
             found = (run_dir / "search" / "DONE").exists()
             done = Genotype.load(run_dir / "search" / "genotype.json") if found else None
             return cfg, run_dir, done
@@ -153,6 +155,7 @@ def _train(p: argparse.ArgumentParser):
             setup_logging,
             test_subset_seed,
         )
+        from diffnas.engine.runlock import acquire_run_lock
         from diffnas.genotype import resolve_genotype
         from diffnas.plugins import import_plugins
         from diffnas.spaces import DataShape
@@ -196,11 +199,14 @@ def _train(p: argparse.ArgumentParser):
 
         def open_run():  # rank 0 alone touches the run directory
             if args.resume:
-                return _resume_config(args, search=False), Path(args.resume)
+                cfg, run_dir = _resume_config(args, search=False), Path(args.resume)
+                acquire_run_lock(run_dir)  # freed when the command returns (main)
+                return cfg, run_dir
             cfg = load_config(args.config, args.overrides, search=False)
             _check_genotype(cfg, genotype)  # before the run directory exists
             check_data_root(cfg)
             run_dir = new_run_dir(cfg, "train", command="train")
+            acquire_run_lock(run_dir)
             # recorded now, so `train --resume RUN` knows it even if the data was missing
             (run_dir / "retrain").mkdir(parents=True, exist_ok=True)
             pin_genotype(run_dir / "retrain", genotype, resume=False)
@@ -403,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from diffnas.config import ConfigError
     from diffnas.data import DatasetNotFoundError
+    from diffnas.engine.runlock import lock_scope
     from diffnas.genotype import GenotypeError
     from diffnas.registry import UnknownNameError
 
@@ -416,10 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args._handlers[args.command](args)
-    except KeyboardInterrupt:
+        with lock_scope():  # the run directories a command locked are freed as it returns
+            return args._handlers[args.command](args)
+    except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM/SIGHUP of --seeds (Terminated)
         _interrupted(args, process_entry=argv is None)
-        return 130
+        return 128 + getattr(exc, "signum", 2)
     except (
         ConfigError,
         GenotypeError,

@@ -331,11 +331,13 @@ def apply_overrides(data: dict, overrides: list[str], defaults: dict | None = No
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                device: bool = True, search: bool = True) -> RunConfig:
+                device: bool = True, search: bool = True, saved: bool = False) -> RunConfig:
     """Read YAML (or start from defaults), apply ``a.b=value`` overrides, validate
     (``device=False``: not whether this machine has the configured device, for reading
     a run made elsewhere; ``search=False``: not what only a search reads, for
-    ``diffnas train``)."""
+    ``diffnas train``; ``saved``: a run's own config.yaml, whose data settings the run
+    never read are let through, as they were when it started: a run saved before
+    :func:`_check_unused_data` refused them can still be resumed, reported, exported)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -357,16 +359,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     cfg = dataclasses.replace(cfg, plugins=absolute_plugins(cfg.plugins))
     import_plugins(cfg.plugins)  # before validation: they may register the names it checks
-    validate_components(cfg, device, search)
+    validate_components(cfg, device, search, unused_data=not saved)
     return cfg
 
 
-def validate_components(cfg: RunConfig, device: bool = True, search: bool = True) -> None:
+def validate_components(cfg: RunConfig, device: bool = True, search: bool = True,
+                        unused_data: bool = True) -> None:
     """Check what the config names against the classes that use it, before a run directory
     is written: the space and strategy sections (relaxation and penalties included), the
     discretizer, dataset, ``lm`` section, retrain network, diagnostics cell, with
     ``search`` the strategy against the space and epochs and what the space's search
-    engine refuses, and (``device``) the device."""
+    engine refuses, (``device``) the device, and (``unused_data``) data settings the run
+    would never read."""
     from diffnas.spaces import space_config
     from diffnas.strategies.registry import check_strategy
 
@@ -380,7 +384,7 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
         from diffnas.genotype.discretize import DISCRETIZERS
 
         DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
-    _check_data(cfg)
+    _check_data(cfg, unused_data)
     _check_lm(cfg)
     _check_retrain(cfg, always=not search)
     _check_unread_retrain(cfg, always=not search)
@@ -396,18 +400,15 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
     of the configured space; and the discretizer against the space."""
     import torch
 
-    from diffnas.arch import ArchParams
     from diffnas.genotype.discretize import discretize
-    from diffnas.spaces import create_space
     from diffnas.strategies.registry import STRATEGIES, strategy_config
 
     section = cfg.search.strategy
     cls = STRATEGIES.get(section.get("name", "darts"))
-    space = create_space(cfg.search.space)
+    space, arch = _space_and_alphas(cfg)
     try:
-        with torch.random.fork_rng(devices=[]):  # the alphas' draw, and a check that builds
-            arch = ArchParams(space)  # ops, leave the run's RNG alone
-            cls.check_setup(strategy_config(section), arch, cfg.search.epochs)
+        with torch.random.fork_rng(devices=[]):  # a check that builds ops leaves the run's
+            cls.check_setup(strategy_config(section), arch, cfg.search.epochs)  # RNG alone
     except ConfigError:
         raise
     except ValueError as exc:
@@ -423,12 +424,26 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
                           f"{_space_name(cfg)!r} does not take ({exc})") from None
 
 
+def _space_and_alphas(cfg: RunConfig) -> tuple[Any, Any]:
+    """The configured space and fresh architecture parameters for it, for checks; their
+    draw leaves the run's RNG alone."""
+    import torch
+
+    from diffnas.arch import ArchParams
+    from diffnas.spaces import create_space
+
+    space = create_space(cfg.search.space)
+    with torch.random.fork_rng(devices=[]):
+        return space, ArchParams(space)
+
+
 def _space_name(cfg: RunConfig) -> str:
     return cfg.search.space.get("name", "darts_cnn")
 
 
-def _check_data(cfg: RunConfig) -> None:
-    """``data.name`` is a dataset of the kind the space reads (text, graph or images)."""
+def _check_data(cfg: RunConfig, unused: bool = True) -> None:
+    """``data.name`` is a dataset of the kind the space reads (text, graph or images), and
+    (``unused``) no data setting is one it never reads."""
     from diffnas.data.graph import GRAPH_DATASETS
 
     if _space_name(cfg) == "darts_rnn":  # language data: engine/lm.py
@@ -448,7 +463,8 @@ def _check_data(cfg: RunConfig) -> None:
         from diffnas.data import DATASETS
 
         DATASETS.get(cfg.data.name)
-    _check_unused_data(cfg)
+    if unused:
+        _check_unused_data(cfg)
 
 
 #: built-in datasets read from local files alone (a plugin's loader may download)
@@ -502,14 +518,9 @@ def check_penalties_setup(cfg: RunConfig) -> None:
     specs = cfg.search.strategy.get("penalties") or []
     if not specs:
         return
-    import torch
-
-    from diffnas.arch import ArchParams
-    from diffnas.spaces import create_space
     from diffnas.strategies.base import create_penalty
 
-    with torch.random.fork_rng(devices=[]):  # the alphas' draw leaves the run's RNG alone
-        arch = ArchParams(create_space(cfg.search.space))
+    _, arch = _space_and_alphas(cfg)
     for i, spec in enumerate(specs):
         where = f"search.strategy.penalties[{i}]"
         try:

@@ -273,16 +273,23 @@ def _npz_read(path: Path, keys: tuple[str, ...]
             raise DataFormatError(f"{path}: {exc}") from None
 
 
-def _same_scale(path: Path, train: np.ndarray, test: np.ndarray) -> None:
-    """Refuse train and test images stored on different scales (uint8 against another
-    dtype, integers against floats, or largest values more than 10x apart, as 0-255
-    against 0-1): the test images would be normalised by the wrong statistics."""
-    kinds = [_image_kind(a.dtype, len(a), f"{path}: x_{s}")
-             for s, a in (("train", train), ("test", test))]
+def _same_kind(path: Path, train: tuple[np.dtype, int], test: tuple[np.dtype, int]) -> str:
+    """The image kind (:func:`_image_kind`) shared by x_train and x_test, given as
+    ``(dtype, count)``; different kinds (uint8 against another dtype, integers against
+    floats) are refused. Shared by the load and :func:`peek_shape`."""
+    kinds = [_image_kind(dtype, n, f"{path}: x_{s}")
+             for s, (dtype, n) in (("train", train), ("test", test))]
     if kinds[0] != kinds[1]:
-        raise DataFormatError(f"{path}: x_train is {train.dtype} but x_test is {test.dtype}; "
+        raise DataFormatError(f"{path}: x_train is {train[0]} but x_test is {test[0]}; "
                               "store both on the same scale (and dtype kind)")
-    if kinds[0] != "uint8":
+    return kinds[0]
+
+
+def _same_scale(path: Path, train: np.ndarray, test: np.ndarray) -> None:
+    """Refuse train and test images stored on different scales (:func:`_same_kind`, or
+    largest values more than 10x apart, as 0-255 against 0-1): the test images would be
+    normalised by the wrong statistics."""
+    if _same_kind(path, (train.dtype, len(train)), (test.dtype, len(test))) != "uint8":
         peaks = [float(np.abs(a.astype(np.float64)).max()) for a in (train, test)]
         if min(peaks) > 0 and max(peaks) > 10 * min(peaks) or (min(peaks) == 0) != (
                 max(peaks) == 0):
@@ -476,11 +483,8 @@ def peek_shape(name: str, root: str | None, resolution: int | None = None
         y_train, y_test = labels["y_train"], labels["y_test"]
         shape, dtype = _npz_header_shape(path, "x_train")
         test_shape, test_dtype = _npz_header_shape(path, "x_test")
-        kinds = (_image_kind(dtype, shape[0] if shape else 0, f"{path}: x_train"),
-                 _image_kind(test_dtype, test_shape[0] if test_shape else 0, f"{path}: x_test"))
-        if kinds[0] != kinds[1]:  # as the load's _same_scale says
-            raise DataFormatError(f"{path}: x_train is {dtype} but x_test is {test_dtype}; "
-                                  "store both on the same scale (and dtype kind)")
+        _same_kind(path, (dtype, shape[0] if shape else 0),
+                   (test_dtype, test_shape[0] if test_shape else 0))
         c, h, w = _chw(shape, infer_layout(shape, layout, f"{path}: x_train"))
         test_chw = _chw(test_shape, infer_layout(test_shape, layout, f"{path}: x_test"))
         if test_chw != (c, h, w):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,8 @@ class JsonLines(Callback):
         )
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()  # on disk before the checkpoint that counts this epoch done (a power
+            os.fsync(f.fileno())  # loss must not leave a checkpoint past its metrics)
 
 
 class Checkpoint(Callback):

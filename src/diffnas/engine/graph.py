@@ -53,7 +53,7 @@ from diffnas.engine.checkpoint import (
     seed_everything,
 )
 from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import StrategyTask, alpha_record, search_then_retrain
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
@@ -219,6 +219,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     data = data or load_graph(cfg.data.name, cfg.data.root)
+    check_same_data(out, data, resume)  # a resume on other data
     task = build_graph_search(cfg, data, device)
     callbacks: list[Callback] = [
         ProgressBar("search", cfg.progress),
@@ -231,7 +232,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     loop = Loop(task, cfg.search.epochs, callbacks)
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt))
+        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
         log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
     log.info("graph search: %s (%d nodes, %d edges), space=%s strategy=%s supernet weights=%d "
              "alphas=%d", data.name, data.num_nodes, data.edge_index.shape[1],
@@ -307,6 +308,7 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     pin_genotype(out, genotype, resume)
     device = resolve_device(cfg.device)
     data = data or load_graph(cfg.data.name, cfg.data.root)
+    check_same_data(out, data, resume)  # a resume on other data
     seed_everything(cfg.seed)
     model = build_graph_network(cfg, genotype, data).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -319,7 +321,7 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                                            Checkpoint(out / "checkpoint.pt")])
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt))
+        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
         log.info("resumed graph retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
     last_test = evaluate_nodes(model, splits.batch("test"))

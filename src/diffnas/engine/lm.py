@@ -72,7 +72,7 @@ from diffnas.engine.checkpoint import (
     seed_everything,
 )
 from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import alpha_record, search_then_retrain
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
@@ -474,6 +474,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         out.mkdir(parents=True, exist_ok=True)
     device = dp.rank_device(resolve_device(cfg.device))
     corpus = corpus or load_corpus(cfg.data.name, cfg.data.root)
+    dp.main_process_result(check_same_data, out, corpus, resume)  # a resume on other data
     task = build_lm_search(cfg, corpus, device, rank.rank, rank.world_size)
     # every rank runs every callback (states stay aligned in checkpoints); writers on rank 0
     callbacks: list[Callback] = [
@@ -493,7 +494,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     state = dp.main_process_result(lambda: load_checkpoint(ckpt)
                                    if resume and ckpt.exists() else None)
     if state is not None:
-        loop.load_state_dict(state)
+        loop.load_state_dict(state, source=ckpt)
         log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
     dp.sync_rng()  # the same random relaxation samples on every rank
     log.info("LM search: space=%s strategy=%s supernet weights=%d alphas=%d, %d windows/epoch",
@@ -662,6 +663,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     lm, r, d = lm_config(cfg), cfg.retrain, cfg.data
     device = dp.rank_device(resolve_device(cfg.device))
     corpus = corpus or load_corpus(d.name, d.root)
+    dp.main_process_result(check_same_data, out, corpus, resume)  # a resume on other data
     train = shard_columns(batchify(_subset(corpus.train, r.train_subset), r.batch_size),
                           rank.rank, rank.world_size, "retrain.batch_size").to(device)
     seed_everything(cfg.seed)
@@ -680,7 +682,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     state = dp.main_process_result(lambda: load_checkpoint(ckpt)
                                    if resume and ckpt.exists() else None)
     if state is not None:
-        loop.load_state_dict(state)
+        loop.load_state_dict(state, source=ckpt)
         log.info("resumed LM retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
     # the best epoch's weights by validation, as DARTS's train.py reloads before testing

@@ -9,9 +9,15 @@ that must survive a restart (task state, callback state, RNG) goes through
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 from diffnas.engine.checkpoint import rng_state, set_rng_state
+
+#: what torch's load_state_dict says of a state that does not fit (module, optimizer)
+_MISFIT = ("Error(s) in loading state_dict", "size mismatch",
+           "doesn't match the size of optimizer's group",
+           "has a different number of parameter groups")
 
 
 class Task(Protocol):
@@ -105,10 +111,23 @@ class Loop:
             "rng": rng_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = state["epoch"]
-        self.history = list(state["history"])
-        self.task.load_state_dict(state["task"])
+    def load_state_dict(self, state: dict[str, Any], source: str | Path | None = None) -> None:
+        """Continue from ``state`` (a checkpoint read from ``source``); a checkpoint that
+        does not fit the rebuilt model or optimizer is a ValueError that says so."""
+        try:
+            self.epoch = state["epoch"]
+            self.history = list(state["history"])
+            self.task.load_state_dict(state["task"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            text = str(exc)
+            if not isinstance(exc, KeyError) and not any(m in text for m in _MISFIT):
+                raise
+            where = f"the checkpoint {source}" if source is not None else "the checkpoint"
+            raise ValueError(
+                f"{where} does not fit the model this run rebuilds ({text.splitlines()[0]}"
+                "...): was data.root pointed at other data (another number of classes, "
+                "channels or another vocabulary) than the run started with? Resume with its "
+                "own data, or start a new run") from None
         for cb, s in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(s)
         set_rng_state(state["rng"])

@@ -20,8 +20,10 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -96,12 +98,19 @@ def run_seed(run_dir: str | Path, threads: int | None = None,
     summary."""
     import torch
 
-    from diffnas.engine.rundir import load_run_config, setup_logging
-    from diffnas.genotype import Genotype
+    from diffnas.engine.runlock import run_lock
 
     run = Path(run_dir)
     if threads:  # only in worker processes: never change the caller's thread count
         torch.set_num_threads(threads)
+    with run_lock(run):  # a second process on the same seed is refused
+        return _run_seed(run, overrides)
+
+
+def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    from diffnas.engine.rundir import load_run_config, setup_logging
+    from diffnas.genotype import Genotype
+
     cfg = load_run_config(run, list(overrides))
     cfg = dataclasses.replace(cfg, progress=False)
     if cfg.search.space.get("name") == "gnn":  # node classification: engine/graph.py
@@ -329,16 +338,39 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     return write_summary(parent, records)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the ``--seeds`` parent: it stops its workers and ends as
+    an interrupted run does (``diffnas.cli.main`` exits with ``128 + signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+#: signals that stop the parent as Ctrl-C does (its workers are stopped with it)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say,
                       overrides: Sequence[str] = ()) -> dict[Path, str]:
-    """Run ``python -m diffnas.engine.multiseed DIR`` for each dir, ``workers`` at a time."""
+    """Run ``python -m diffnas.engine.multiseed DIR`` for each dir, ``workers`` at a time.
+    Ctrl-C, SIGTERM or SIGHUP stops the running workers first (each seed stays resumable:
+    checkpoints are atomic); a worker whose parent dies anyway (SIGKILL) stops itself
+    (:func:`_die_with_parent`)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     queue, running, errors = list(dirs), {}, {}
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers need it
+        handlers = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
     try:
         _schedule(queue, running, errors, workers, threads, env, say, overrides)
     except KeyboardInterrupt:  # also when only this process got the SIGINT (kill -INT)
         for proc, _ in running.values():
-            proc.terminate()  # each worker's state stays resumable (atomic checkpoints)
+            proc.terminate()
         for proc, logf in running.values():
             try:
                 proc.wait(timeout=30)
@@ -346,6 +378,9 @@ def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say,
                 proc.kill()
             logf.close()
         raise
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
     return errors
 
 
@@ -355,9 +390,12 @@ def _schedule(queue: list[Path], running: dict, errors: dict[Path, str], workers
     while queue or running:
         while queue and len(running) < workers:
             d = queue.pop(0)
-            logf = (d / "worker.log").open("w")
+            logf = (d / "worker.log").open("a")  # a resumed seed keeps its earlier output
+            logf.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
+            logf.flush()
             cmd = [sys.executable, "-m", "diffnas.engine.multiseed", str(d), "--threads",
-                   str(threads), *(a for o in overrides for a in ("--override", o))]
+                   str(threads), "--parent-pid", str(os.getpid()),
+                   *(a for o in overrides for a in ("--override", o))]
             running[d] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env),
                           logf)
         time.sleep(0.2)
@@ -402,6 +440,9 @@ def seeds_command(args: argparse.Namespace) -> int:
         check_run_files(cfg)  # before the parent directory exists
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
     args._run_dir = parent  # for the resume hint of an interrupted run (cli.main)
+    from diffnas.engine.runlock import acquire_run_lock
+
+    acquire_run_lock(parent)  # one multi-seed run per parent; freed as the command returns
     print(f"multi-seed run directory: {parent}")
     summary = run_seeds(cfg, seeds, parent, workers=args.workers,
                         overrides=args.overrides if args.resume else ())
@@ -411,12 +452,40 @@ def seeds_command(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this worker (SIGTERM to itself) when the ``--seeds`` process that started it
+    ends, even by SIGKILL: its seed would otherwise run on unwatched, holding the seed's
+    lock, and a later ``--resume`` could not continue it. Linux tells at once
+    (``PR_SET_PDEATHSIG``); elsewhere a thread checks the parent every second."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, TypeError):
+        pass
+
+    def gone() -> bool:
+        return os.getppid() != parent
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if gone():  # it ended before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="diffnas-parent-watch", daemon=True).start()
+
+
 def _worker_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="run one prepared seed directory (internal)")
     p.add_argument("run_dir")
     p.add_argument("--threads", type=int)
+    p.add_argument("--parent-pid", type=int, help="end when this process ends")
     p.add_argument("--override", action="append", default=[])
     a = p.parse_args(argv)
+    if a.parent_pid:
+        _die_with_parent(a.parent_pid)
     rec = run_seed(a.run_dir, a.threads, a.override)
     print(json.dumps({k: rec[k] for k in ("seed", "test_acc", "search_val_acc")}))
     return 0

@@ -23,7 +23,12 @@ from diffnas.engine.checkpoint import (
     seed_everything,
 )
 from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import pin_genotype, resolve_device, test_subset_seed
+from diffnas.engine.rundir import (
+    check_same_data,
+    pin_genotype,
+    resolve_device,
+    test_subset_seed,
+)
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.report.cost import count_macs, count_parameters
@@ -163,6 +168,7 @@ def run_retrain(
         d.name, d.root, d.download, d.resolution, r.train_subset, d.test_subset, cfg.seed,
         dp.main_process_result(test_subset_seed, run_dir, cfg.seed),  # rank 0 reads the dir
     )
+    dp.main_process_result(check_same_data, out, data, resume)  # a resume on other data
     shape = DataShape(data.in_channels, data.resolution, data.num_classes)
     seed_everything(cfg.seed)
     _, model = build_network(cfg, genotype, shape)
@@ -209,7 +215,7 @@ def run_retrain(
         lambda: load_checkpoint(ckpt) if resume and ckpt.exists() else None
     )
     if state is not None:
-        loop.load_state_dict(state)
+        loop.load_state_dict(state, source=ckpt)
         log.info("resumed retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
     final = evaluate_replicated(model, test)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,12 +22,17 @@ from diffnas.config import (
     save_config,
 )
 from diffnas.engine.checkpoint import atomic_write_text
+from diffnas.engine.runlock import LOCK_FILE
 from diffnas.genotype import Genotype
 
 CONFIG_FILE = "config.yaml"
 #: the command that created a run ("search" or "train"), so that --resume of the other
 #: command is refused whatever the run holds so far
 MADE_BY_FILE = "made_by.txt"
+#: the test-subset seed a retraining started with (:func:`test_subset_seed`)
+TEST_SUBSET_FILE = "test_subset.json"
+#: what a phase (search/, retrain/) computed on: :func:`check_same_data`
+DATA_FILE = "data.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,14 +92,87 @@ def made_by(run_dir: str | Path) -> str | None:
 
 
 def test_subset_seed(run_dir: str | Path, seed: int) -> int | None:
-    """The generator seed of ``data.test_subset`` for a retraining in ``run_dir``: None
-    (the fixed one of ``data.load_dataset``), except when continuing a retraining begun
-    before runs recorded ``made_by.txt``, whose test subset followed the run's seed
-    (``seed + 1``): its logged epochs were scored on those images."""
-    run = Path(run_dir)
-    if made_by(run) is None and (run / "retrain" / "metrics.jsonl").is_file():
-        return seed + 1
-    return None
+    """The generator seed of ``data.test_subset`` for a retraining in ``run_dir``, chosen
+    at its first start and recorded in ``retrain/test_subset.json``, so a resumed
+    retraining scores the same images as its logged epochs: None (the fixed one of
+    ``data.load_dataset``), except when continuing a retraining begun before runs recorded
+    ``made_by.txt`` or this file, whose test subset followed the run's seed (``seed + 1``)."""
+    out = Path(run_dir) / "retrain"
+    record = out / TEST_SUBSET_FILE
+    if record.is_file():
+        return json.loads(record.read_text())["seed"]
+    legacy = made_by(run_dir) is None and (out / "metrics.jsonl").is_file()
+    chosen = seed + 1 if legacy else None
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"seed": chosen}) + "\n", record)
+    return chosen
+
+
+def data_fingerprint(data: Any) -> dict[str, Any]:
+    """What identifies the data a run computes on, per field of a dataset dataclass
+    (images, a corpus, a graph): an integer tensor (labels, tokens, edges) by its shape and
+    a SHA-1 of its contents; a float tensor (normalised images, features) by its shape,
+    mean, std and 16 values at fixed places, compared with a tolerance
+    (:func:`same_data`), since the normalisation may round differently on another machine;
+    a long list (a vocabulary) by its length and SHA-1; anything else as it is."""
+    out: dict[str, Any] = {"type": type(data).__name__}
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            rec: dict[str, Any] = {"shape": list(value.shape),
+                                   "dtype": str(value.dtype).replace("torch.", "")}
+            if t.is_floating_point():  # (float32 reductions: no copy of the images)
+                picks = [i * (t.numel() - 1) // 15 for i in range(16)] if t.numel() else []
+                rec.update(mean=t.float().mean().item() if t.numel() else 0.0,
+                           std=t.float().std().item() if t.numel() > 1 else 0.0,
+                           values=t[picks].double().tolist())
+            else:
+                rec["sha1"] = hashlib.sha1(t.view(torch.uint8).numpy().data).hexdigest()
+            out[f.name] = rec
+        elif isinstance(value, list | tuple) and len(value) > 64:  # a vocabulary
+            out[f.name] = {"len": len(value),
+                           "sha1": hashlib.sha1("\n".join(map(str, value)).encode()).hexdigest()}
+        else:
+            out[f.name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats within a relative 1e-4 (absolute 1e-6)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (isinstance(a, int | float) and isinstance(b, int | float)
+                and abs(a - b) <= 1e-6 + 1e-4 * max(abs(a), abs(b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def same_data(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields in which two :func:`data_fingerprint` records differ."""
+    return [k for k in dict.fromkeys([*before, *now]) if not _same(before.get(k), now.get(k))]
+
+
+def check_same_data(out: str | Path, data: Any, resume: bool) -> None:
+    """Record in ``out/data.json`` what a phase computes on (:func:`data_fingerprint`) at
+    its start; a resume on other data is refused. ``data.root`` may change on resume (the
+    files moved), but a root now holding other images, texts or graphs would continue the
+    weights and metrics on a dataset they were not computed on. A phase begun before this
+    record existed gets one now."""
+    path = Path(out) / DATA_FILE
+    now = data_fingerprint(data)
+    if resume and path.is_file():
+        diff = same_data(json.loads(path.read_text()), now)
+        if diff:
+            raise ValueError(
+                f"{Path(out)} was computed on other data than data.root now gives (differs: "
+                f"{', '.join(diff)}; recorded in {path}): resume with the data the run "
+                "started with, or start a new run")
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(now, indent=1) + "\n", path)
 
 
 def seeds_parent_message(run_dir: str | Path, what: str) -> str | None:
@@ -139,7 +221,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
             f"--resume continues {run_dir} with its saved {CONFIG_FILE}; only "
             f"{', '.join(RESUME_OVERRIDES)} may change, not {refused} (start a new run for "
             "other settings)")
-    return load_config(path, overrides, device=device, search=search)
+    return load_config(path, overrides, device=device, search=search, saved=True)
 
 
 def _check_saved_config(path: Path) -> None:
@@ -151,7 +233,8 @@ def _check_saved_config(path: Path) -> None:
     data = _load_yaml(text, str(path)) if text.strip() else None
     if data is None:
         what = "is empty" if not text.strip() else "holds no settings (only comments)"
-        if all(p.name in (CONFIG_FILE, "log.txt", MADE_BY_FILE) for p in run_dir.iterdir()):
+        if all(p.name in (CONFIG_FILE, "log.txt", MADE_BY_FILE, LOCK_FILE)
+               for p in run_dir.iterdir()):
             raise ConfigError(
                 f"{path} {what}: the run was stopped before its config was saved, so "
                 f"nothing was computed; delete {run_dir} and start the run again")

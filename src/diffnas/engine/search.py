@@ -20,7 +20,7 @@ from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.cuda_graph import GraphedStep
 from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import resolve_device
+from diffnas.engine.rundir import check_same_data, resolve_device
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
@@ -392,6 +392,7 @@ def run_search(
             log.warning("search.cudnn_benchmark does nothing on %s (cuDNN is CUDA's)", device)
         torch.backends.cudnn.benchmark = True
     data = data or load_search_data(cfg)
+    dp.main_process_result(check_same_data, out, data, resume)  # a resume on other data
     task = build_search(cfg, data, device, rank.rank, rank.world_size)
     # Under torchrun every rank runs every callback in the same order (their states stay
     # aligned in the checkpoint), but the writers act on rank 0 only.
@@ -413,7 +414,7 @@ def run_search(
     state = dp.main_process_result(lambda: load_checkpoint(ckpt)
                                    if resume and ckpt.exists() else None)
     if state is not None:
-        loop.load_state_dict(state)
+        loop.load_state_dict(state, source=ckpt)
         log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
     dp.sync_rng()  # the same Gumbel samples on every rank
     n_w = sum(p.numel() for p in task.strategy.supernet.parameters())

@@ -205,7 +205,7 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"latency dataset not found: {p}")
-    records = []
+    records, seen = [], {}
     text = p.read_text()
     lines = text.splitlines()
     for n, line in enumerate(lines, 1):
@@ -224,6 +224,10 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
             raise ValueError(f"{p}:{n}: record lacks {sorted(missing)}")
         if fingerprint is None or r["device"]["id"] == fingerprint:
             records.append(r)
+        seen[r["device"]["id"]] = seen.get(r["device"]["id"], 0) + 1
+    if fingerprint is not None and not records and seen:
+        known = ", ".join(f"{k} ({n} records)" for k, n in seen.items())
+        raise ValueError(f"{p} holds no record of device {fingerprint!r}; its devices: {known}")
     return records
 
 
@@ -277,6 +281,12 @@ def build_dataset(
         "ops": {g: list(v) for g, v in space_ops(space).items()}}
     existing = load_records(path) if path.is_file() else []
     for n, r in enumerate(existing, 1):
+        if r["device"]["id"] != fp["id"]:  # one file = one device (fit refuses a mix)
+            what = describe_differences({k: (r["device"].get(k), fp.get(k)) for k in fp
+                                         if k != "id" and r["device"].get(k) != fp.get(k)})
+            raise ValueError(f"{path} holds records measured on another device (record {n} "
+                             f"vs this machine: {what or 'device id ' + r['device']['id']}); "
+                             "use a new file")
         diff = settings_differences(r["settings"], common["settings"])
         if diff:  # one file = one way of measuring (fit_predictor refuses a mix anyway)
             raise ValueError(f"{path} holds records measured with other settings (record "

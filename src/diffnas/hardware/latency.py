@@ -117,12 +117,14 @@ def measure_many(
     s = settings or LatencySettings()
     rng = random.Random(seed)
     prepared = []
+    for m in models:  # every model is checked before any is put in eval mode
+        dev = _device_of(m)
+        if s.clock == "thread" and dev.type != "cpu":
+            raise ValueError(f"clock='thread' only measures CPU work; the model is on {dev}")
     for m in models:
         was = m.training
         m.eval()
         dev = _device_of(m)
-        if s.clock == "thread" and dev.type != "cpu":
-            raise ValueError(f"clock='thread' only measures CPU work; the model is on {dev}")
         p = next(iter(m.parameters()), None)
         dtype = p.dtype if p is not None else torch.get_default_dtype()
         x = torch.randn(s.batch_size, *input_shape, device=dev, dtype=dtype)

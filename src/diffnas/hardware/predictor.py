@@ -263,7 +263,8 @@ def fit_predictor(
     raw = torch.tensor([float(r["latency_ms"]) for r in records])
     y = torch.tensor(anchored_latencies(list(records))) if target == "anchored" else raw
     train, test = split_by_architecture(records, holdout, seed)
-    if len(train) == 0:
+    archs = len({genotype_key(Genotype.from_dict(r["genotype"])) for r in records})
+    if archs == 1:
         raise ValueError(f"the {len(records)} records measure one architecture only: a "
                          "predictor needs several (measure more)")
     if len(train) < 2:  # the target's std (and any fit) needs two records

@@ -72,7 +72,7 @@ def _check_reusable(run_dir: Path, cfg: Any, digest: str) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    if _computed(to_dict(load_config(saved, device=False))) != _computed(to_dict(cfg)):
+    if _computed(to_dict(load_config(saved, device=False, saved=True))) != _computed(to_dict(cfg)):
         raise ValueError(
             f"{run_dir} holds a run made with other settings (its config.yaml differs from "
             "this sweep's config, overrides or predictor): sweep into another --out, or "

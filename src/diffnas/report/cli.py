@@ -33,7 +33,8 @@ def _plot(p: argparse.ArgumentParser):
 @register_command("report", "one self-contained HTML page about a run")
 def _report(p: argparse.ArgumentParser):
     p.add_argument("run_dir", help="a run directory (diffnas search output)")
-    p.add_argument("--out", help="output file (default RUN_DIR/report.html)")
+    p.add_argument("--out", help="output file, or a folder to write report.html in "
+                   "(default RUN_DIR/report.html)")
     p.add_argument("--backend", choices=["auto", "graphviz", "matplotlib"], default="auto")
     p.add_argument("--check-browser", action="store_true",
                    help="open the page in headless Chromium: fail on console messages or "

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from diffnas.config import to_dict
+from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.report.plots import RunData, load_run, resolve_backend, run_figures
 
 STYLE = """
@@ -52,6 +53,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def _count(n: Any) -> str:
+    return f"{n:,}" if isinstance(n, int) else "-"
+
+
 def _img(data: bytes, caption: str) -> str:
     return (f'<figure><img alt="{_esc(caption)}" src="{data_uri(data, "image/svg+xml")}">'
             f"<figcaption>{_esc(caption)}</figcaption></figure>")
@@ -61,10 +66,13 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
     cfg, res = run.config, run.result
     rows = [("run directory", str(run.path.resolve())),
             ("dataset", f"{cfg.data.name}" + (f" at {cfg.data.resolution}px"
-                                             if cfg.data.resolution else "")),
-            ("space / strategy", f"{cfg.search.space.get('name')} / "
-                                 f"{cfg.search.strategy.get('name', 'darts')}"),
-            ("search epochs", f"{len(run.search_metrics)} of {cfg.search.epochs}")]
+                                             if cfg.data.resolution else ""))]
+    if run.kind == "train":  # no search: its config's search settings were never read
+        rows.append(("run", "retraining of a given genotype (diffnas train)"))
+    else:
+        rows += [("space / strategy", f"{cfg.search.space.get('name')} / "
+                                      f"{cfg.search.strategy.get('name', 'darts')}"),
+                 ("search epochs", f"{len(run.search_metrics)} of {cfg.search.epochs}")]
     if run.search_metrics:
         last = run.search_metrics[-1]
         if "val_acc" in last:
@@ -78,7 +86,7 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             (f"validation / test perplexity, {which}",
              f"{res['valid_ppl']:.2f} / {res['test_ppl']:.2f}"),
             ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
-            ("parameters", f"{res['params']:,}"),
+            ("parameters", _count(res.get("params"))),
         ]
     elif res is not None:
         rows.append((f"test accuracy, {which}", _pct(res.get("test_acc"))))
@@ -86,7 +94,7 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             rows.append(("test accuracy, last epoch", _pct(res["last_test_acc"])))
         rows += [
             ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
-            ("parameters (without auxiliary head)", f"{res['params']:,}"),
+            ("parameters (without auxiliary head)", _count(res.get("params"))),
         ]
         if res.get("macs") is not None:
             rows += [("MACs per image", f"{res['macs'] / 1e6:.2f} M"),
@@ -167,11 +175,14 @@ def render_report(run: RunData, backend: str = "auto") -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None,
                  backend: str = "auto") -> Path:
-    """Write ``RUN_DIR/report.html`` (or ``out``) and return its path."""
+    """Write ``RUN_DIR/report.html`` (or ``out``: a file, or a directory to write
+    ``report.html`` in) and return its path."""
     run = load_run(run_dir)
     path = Path(out) if out is not None else run.path / "report.html"
+    if path.is_dir():
+        path = path / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(run, backend), encoding="utf-8")
+    atomic_write_text(render_report(run, backend), path)
     return path
 
 

@@ -49,6 +49,7 @@ class RunData:
     alphas: list[dict[str, Any]]
     retrain_metrics: list[dict[str, Any]]
     result: dict[str, Any] | None
+    kind: str | None = None  # the command that made the run (rundir.run_kind)
 
     def edge_groups(self) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         """Per cell type: the edge labels (alpha-row order) and the candidate ops."""
@@ -70,7 +71,8 @@ def load_run(run_dir: str | Path) -> RunData:
     if why:
         raise PlotError(why)
     # a report reads, it does not run: a train run's config is checked as train checked it
-    cfg = load_run_config(path, device=False, search=run_kind(path) != "train")
+    kind = run_kind(path)
+    cfg = load_run_config(path, device=False, search=kind != "train")
     gpath = path / "search" / "genotype.json"
     genotype = Genotype.load(gpath) if gpath.is_file() else None
     if genotype is None:
@@ -80,14 +82,25 @@ def load_run(run_dir: str | Path) -> RunData:
             genotype = Genotype.from_dict({k: v for k, v in rows[-1].items() if k != "epoch"})
     rpath = path / "retrain" / "result.json"
     result = read_json(rpath, RETRAIN_FIX) if rpath.is_file() else None
-    if genotype is None and result is not None:
+    if genotype is None and result is not None and result.get("genotype"):
         genotype = Genotype.from_dict(result["genotype"])
     pinned = path / "retrain" / "genotype.json"  # what a retraining trains, from its start
     if genotype is None and pinned.is_file():
         genotype = Genotype.load(pinned)
-    return RunData(path, cfg, genotype, read_jsonl(path / "search" / "metrics.jsonl"),
-                   read_jsonl(path / "search" / "alphas.jsonl"),
-                   read_jsonl(path / "retrain" / "metrics.jsonl"), result)
+    return RunData(path, cfg, genotype, _epoch_rows(path / "search" / "metrics.jsonl"),
+                   _epoch_rows(path / "search" / "alphas.jsonl"),
+                   _epoch_rows(path / "retrain" / "metrics.jsonl"), result, kind)
+
+
+def _epoch_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a per-epoch JSON-lines file; a row without an integer ``epoch`` (an
+    edited or foreign file) is an error naming the file and row, not a KeyError later."""
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise PlotError(f"{path}: row {i + 1} has no integer 'epoch' ({str(row)[:80]}); "
+                            "restore the file from the run or remove that row")
+    return rows
 
 
 # --- cell diagrams -------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""One process per run directory, and --seeds workers that never outlive their parent.
+
+Before: a second ``--resume`` of a running run (or a ``--seeds --resume`` while workers of
+an earlier call, orphaned by SIGTERM to their parent, still ran) wrote the same run, and
+its metrics held duplicated, out-of-order rows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffnas.cli import main
+from diffnas.config import load_config
+from diffnas.engine import multiseed as ms
+from diffnas.engine.runlock import (
+    LOCK_FILE,
+    RunInUseError,
+    acquire_run_lock,
+    lock_scope,
+    release_run_lock,
+    run_lock,
+)
+
+TINY = [
+    "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
+    "search.epochs=1",
+    "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+    "retrain.enabled=false", "progress=false",
+]
+TINY_TRAIN = [
+    "data.name=digits", "data.test_subset=32", "progress=false", "retrain.epochs=1",
+    "retrain.batch_size=16", "retrain.train_subset=32", "retrain.network={C: 4, layers: 2}",
+    "retrain.auxiliary_weight=0", "retrain.cutout=0",
+]
+
+
+def _locked_elsewhere(run: Path) -> bool:
+    """Whether a lock on ``run`` is held (an flock from a new descriptor conflicts with
+    any other, this process's included)."""
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_locks_are_reentrant_and_freed_by_the_last_release(tmp_path):
+    acquire_run_lock(tmp_path)
+    with run_lock(tmp_path):  # a search, then its retraining, in one process
+        assert _locked_elsewhere(tmp_path)
+    assert _locked_elsewhere(tmp_path)  # the outer hold remains
+    assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+    release_run_lock(tmp_path)
+    assert not _locked_elsewhere(tmp_path)
+    with lock_scope():  # what cli.main does around a command
+        acquire_run_lock(tmp_path)
+        acquire_run_lock(tmp_path)
+    assert not _locked_elsewhere(tmp_path)
+
+
+def _hold_in_subprocess(run: Path) -> subprocess.Popen:
+    code = ("import sys, time; from diffnas.engine.runlock import acquire_run_lock; "
+            "acquire_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_a_run_in_use_is_refused_and_free_again_when_its_process_dies(tmp_path, capsys,
+                                                                      command):
+    if command == "search":
+        assert main(["search", f"out_dir={tmp_path}", "name=a", *TINY]) == 0
+        phase = "search"
+    else:
+        assert main(["train", "--genotype", "DARTS_V2", *TINY_TRAIN, f"out_dir={tmp_path}",
+                     "name=a"]) == 0
+        phase = "retrain"
+    run = tmp_path / "a"
+    assert not _locked_elsewhere(run)  # freed as the command returned
+    metrics = (run / phase / "metrics.jsonl").read_text()
+    holder = _hold_in_subprocess(run)
+    try:
+        capsys.readouterr()
+        assert main([command, "--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run} is in use by another diffnas process (pid {holder.pid})" in err
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, yet no stale lock
+        holder.wait()
+    assert (run / phase / "metrics.jsonl").read_text() == metrics  # the refusal wrote nothing
+    assert main([command, "--resume", str(run)]) == 0
+
+
+def test_a_seed_in_use_is_refused_by_run_seed(tmp_path):
+    cfg_dirs = ms.prepare_seeds(load_config(None, TINY), [0], tmp_path / "par")
+    holder = _hold_in_subprocess(cfg_dirs[0])
+    try:
+        with pytest.raises(RunInUseError, match=f"pid {holder.pid}"):
+            ms.run_seed(cfg_dirs[0])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (cfg_dirs[0] / "search").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not ended, and not a zombie waiting for a reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker states from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_seeds_workers_end_with_their_parent(tmp_path, sig):
+    """SIGTERM/SIGHUP to the parent stop its workers as Ctrl-C does (exit 128 + signum,
+    a resume hint); after SIGKILL, which the parent cannot handle, the workers stop
+    themselves. Each seed can be continued afterwards (its lock went with its worker)."""
+    long = [o if not o.startswith("search.epochs") else "search.epochs=400" for o in TINY]
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "diffnas", "search", "--seeds", "0,1", "--workers", "2",
+         f"out_dir={tmp_path}", "name=par", *long],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    locks = [tmp_path / "par" / f"seed_{s}" / LOCK_FILE for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(p.is_file() and p.read_text().strip() for p in locks):
+        assert parent.poll() is None, parent.communicate()
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.2)
+    workers = [int(p.read_text()) for p in locks]
+    assert all(_alive(w) for w in workers)
+    parent.send_signal(sig)
+    _, err = parent.communicate(timeout=60)
+    if sig != signal.SIGKILL:
+        assert parent.returncode == 128 + sig, err
+        assert "interrupted; resume with: diffnas search --seeds 0,1 --resume" in err
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "a worker outlived its parent"
+    for s in (0, 1):  # free to continue
+        assert not _locked_elsewhere(tmp_path / "par" / f"seed_{s}")
+    assert "--- worker started" in (tmp_path / "par/seed_0/worker.log").read_text()
+
+
+def test_a_resumed_seed_keeps_its_earlier_worker_log(tmp_path, monkeypatch):
+    """worker.log was opened with "w": a resumed seed lost the output of its first call."""
+    real_popen = subprocess.Popen
+
+    def quick(cmd, **kw):
+        assert "--parent-pid" in cmd and cmd[cmd.index("--parent-pid") + 1] == str(os.getpid())
+        return real_popen([sys.executable, "-c", "print('second call')"], **kw)
+
+    monkeypatch.setattr(ms.subprocess, "Popen", quick)
+    d = tmp_path / "seed_0"
+    d.mkdir()
+    (d / "worker.log").write_text("first call\n")
+    assert ms._run_in_processes([d], workers=1, threads=1, say=lambda _: None) == {}
+    text = (d / "worker.log").read_text()
+    assert text.startswith("first call\n--- worker started ") and "second call" in text
