@@ -403,8 +403,12 @@ def test_language_and_graph_refusals_write_no_run_directory(tmp_path, capsys, pa
     (RNN, ["search.strategy={name: snas, cost_weight: 0.5}"], r"unknown op 'tanh'"),
     (NB201, ["search.strategy={name: random_labels, exclude_ops: [none, skip_connect, "
              "nor_conv_1x1, nor_conv_3x3, avg_pool_3x3]}"], r"leave no op in group 'cell'"),
+    (FASHION, ["search.strategy={name: few_shot, split_edges: [normal/n2/e0, normal/n2/e0]}"],
+     r"few_shot split_edges names \['normal/n2/e0'\] more than once"),
+    (FASHION, ["search.strategy={name: few_shot}", "search.epochs=1"],
+     r"few_shot needs search.epochs >= 2 .*split_epoch defaults to epochs // 2\), got 1"),
 ], ids=["few-shot-epoch", "few-shot-edge", "few-shot-size", "snas-gnn", "snas-rnn",
-        "rlnas-ops"])
+        "rlnas-ops", "few-shot-repeated-edge", "few-shot-one-epoch"])
 def test_strategy_settings_judged_by_the_space_write_no_run_directory(tmp_path, capsys, path,
                                                                        overrides, match):
     """Settings a strategy checks against the space's edges or the epochs are refused when
@@ -415,6 +419,24 @@ def test_strategy_settings_judged_by_the_space_write_no_run_directory(tmp_path, 
     assert main(argv) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("strategy, match", [
+    ("{name: snas, cost_channels: 0}", r"snas cost_channels must be >= 1, got 0"),
+    ("{name: mean_shift, samples: 1}", r"mean_shift needs samples >= 2 when bandwidth > 0"),
+], ids=["snas-cost-channels", "mean-shift-one-sample"])
+def test_strategy_values_refused_when_the_config_is_read(tmp_path, capsys, strategy, match):
+    """snas cost_channels 0 failed when the strategy was built, after the run directory,
+    with torch's "groups must be a positive integer"; one mean_shift sample made the
+    shift a random walk."""
+    with pytest.raises(ValueError, match=match):
+        load_config(FASHION, [f"search.strategy={strategy}"])
+    argv = ["search", "--config", str(FASHION), f"out_dir={tmp_path / 'runs'}", "name=r",
+            f"search.strategy={strategy}"]
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+    load_config(FASHION, ["search.strategy={name: mean_shift, samples: 1, bandwidth: 0}"])
 
 
 def test_strategy_settings_the_space_allows_are_accepted():

@@ -11,6 +11,7 @@ from conftest import tiny_batch, tiny_space, tiny_strategy
 from test_family_smoke import nb201_space
 
 from diffnas.arch.relax import create_relaxation
+from diffnas.ops import create_op
 
 
 def test_hard_gumbel_is_one_hot_with_soft_gradient():
@@ -164,10 +165,12 @@ def test_a_sampled_edge_gives_unsampled_ops_the_gdas_authors_gradient():
     assert torch.allclose(w.grad[3], (m.ops[3](x) * g).sum())
 
 
-def test_snas_draws_from_the_rng_as_its_cost_table_alone_does():
-    """Building snas with a resource term draws from torch's RNG only for its one cost
-    table (check_setup's own build of it is RNG-neutral), so a search with cost_weight > 0
-    draws its Gumbel samples as before check_setup existed."""
+@pytest.mark.parametrize("cost_weight", [0.0, 0.1])
+def test_building_snas_draws_nothing_from_the_rng(cost_weight):
+    """The cost table is counted on the meta device: building snas leaves torch's RNG
+    alone, so cost_channels (ignored without a resource term) cannot change a run's
+    draws. (Its conv initialisations drew from it: cost_channels 16 vs 8 gave other
+    alphas after one step with cost_weight 0.)"""
     from diffnas.arch import ArchParams
     from diffnas.strategies import create_strategy
     from diffnas.strategies.objective import ClassificationObjective
@@ -176,10 +179,20 @@ def test_snas_draws_from_the_rng_as_its_cost_table_alone_does():
     space = tiny_space()
     supernet, arch = space.build_supernet(), ArchParams(space)
     torch.manual_seed(3)
-    create_strategy({"name": "snas", "cost_weight": 0.1}, supernet, arch,
-                    ClassificationObjective(), epochs=2)
-    after_build = torch.get_rng_state()
-    torch.manual_seed(3)
-    for g in arch.groups():
-        op_costs(arch.edges[g], 16)
-    assert torch.equal(after_build, torch.get_rng_state())
+    before = torch.get_rng_state()
+    strategy = create_strategy({"name": "snas", "cost_weight": cost_weight, "cost_channels": 8},
+                               supernet, arch, ClassificationObjective(), epochs=2)
+    assert torch.equal(before, torch.get_rng_state())
+    if cost_weight:  # the meta-device count is the real one
+        real = {}
+        for g in arch.groups():
+            with torch.device("cpu"):
+                counts = [[sum(p.numel() for p in create_op(n, 8, e.stride, affine=False)
+                               .parameters()) for n in e.candidates] for e in arch.edges[g]]
+            real[g] = torch.tensor(counts, dtype=torch.float) / max(map(max, counts))
+            assert torch.equal(strategy.costs[g], real[g])
+            assert torch.equal(op_costs(arch.edges[g], 8), real[g])
+    for bad in (0, -4):  # (refused only when the strategy was built, after the run dir)
+        with pytest.raises(ValueError, match=f"snas cost_channels must be >= 1, got {bad}"):
+            create_strategy({"name": "snas", "cost_channels": bad}, supernet, arch,
+                            ClassificationObjective(), epochs=2)

@@ -99,6 +99,9 @@ class FewShotStrategy(SearchStrategy):
         if unknown:
             raise ValueError(f"few_shot split_edges {unknown} are not edges of the space; "
                              f"edges: {', '.join(labels)}")
+        repeated = sorted({lb for lb in chosen if chosen.count(lb) > 1})
+        if repeated:  # each copy would multiply the sub-supernets by the op count again
+            raise ValueError(f"few_shot split_edges names {repeated} more than once")
         return [labels[lb] for lb in chosen]
 
     @staticmethod
@@ -113,6 +116,10 @@ class FewShotStrategy(SearchStrategy):
             raise ValueError(f"few_shot would make {n} sub-supernets (> max_subnets="
                              f"{config.max_subnets}); split fewer edges")
         split_at = cls._split_epoch(config, epochs)
+        if config.split_epoch is None and epochs < 2:
+            raise ValueError(f"few_shot needs search.epochs >= 2 (one-shot epochs, then the "
+                             f"sub-supernets'; split_epoch defaults to epochs // 2), got "
+                             f"{epochs}")
         if not 1 <= split_at < epochs:
             raise ValueError(f"few_shot split_epoch must be in [1, epochs), got {split_at} "
                              f"with epochs={epochs}")

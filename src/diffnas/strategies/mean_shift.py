@@ -6,11 +6,15 @@ its gradient at each, and weights the samples by a kernel of their loss,
 ``k_i = softmax(-z_i / temperature)`` with ``z_i`` the loss standardised over the samples
 (``(L_i - mean L) / std L``). Standardised, because the samples' losses differ by about
 0.01 on a real batch: ``softmax(-L_i)`` weighed them all alike (0.2517 vs 0.25 each for 4
-samples) and the shift was a random walk the loss did not steer; ``temperature`` is now
-in units of that spread, whatever the loss's scale. Alpha shifts to the weighted mean
-``sum k_i alpha_i`` and then takes an optimizer step along ``sum k_i grad L(alpha_i)``:
-a descent step on the loss smoothed over the bandwidth, which steers away from sharp
-minima. As ``bandwidth -> 0`` every sample is ``alpha`` and the step is DARTS first order.
+samples); ``temperature`` is now in units of that spread, whatever the loss's scale.
+Alpha shifts to the weighted mean ``sum k_i alpha_i`` and then takes an optimizer step
+along ``sum k_i grad L(alpha_i)``: a descent step on the loss smoothed over the
+bandwidth, which steers away from sharp minima. As ``bandwidth -> 0`` every sample is
+``alpha`` and the step is DARTS first order.
+
+The shift itself is still mostly noise: a few samples in hundreds of dimensions steer it
+only weakly (docs/strategies.md gives the measured sizes). One sample is refused: its
+shift is the sample's random offset alone.
 """
 
 from __future__ import annotations
@@ -74,6 +78,11 @@ class MeanShiftConfig(StrategyConfig):
                 f"mean_shift needs bandwidth >= 0, samples >= 1, temperature > 0; got "
                 f"{self.bandwidth}, {self.samples}, {self.temperature}"
             )
+        if self.samples < 2 and self.bandwidth > 0:  # one sample's kernel weight is 1
+            raise ValueError(
+                "mean_shift needs samples >= 2 when bandwidth > 0: with one sample the "
+                "shift is that sample's random offset, whatever the loss says (a random "
+                "walk of alpha); bandwidth 0 is DARTS first order")
 
 
 @register_strategy("mean_shift")

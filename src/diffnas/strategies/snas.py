@@ -33,6 +33,8 @@ class SnasConfig(SingleLevelConfig):
             )
         if self.cost_weight < 0:
             raise ValueError(f"snas cost_weight must be >= 0, got {self.cost_weight}")
+        if self.cost_channels < 1:  # (its type is checked with the config)
+            raise ValueError(f"snas cost_channels must be >= 1, got {self.cost_channels}")
 
 
 def op_costs(edges: Sequence[EdgeSpec], C: int) -> torch.Tensor:
@@ -43,7 +45,8 @@ def op_costs(edges: Sequence[EdgeSpec], C: int) -> torch.Tensor:
 
     def count(name: str, stride: int) -> float:
         if (name, stride) not in cache:
-            op = create_op(name, C, stride, affine=False)
+            with torch.device("meta"):  # shapes only: no memory, and no draw from the RNG
+                op = create_op(name, C, stride, affine=False)
             cache[(name, stride)] = float(sum(p.numel() for p in op.parameters()))
         return cache[(name, stride)]
 
@@ -77,7 +80,8 @@ class SnasStrategy(SingleLevelStrategy):
 
     def __init__(self, config: SnasConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        self.costs = self._costs(config, self.arch_params)
+        # (none without a resource term: cost_channels then changes nothing)
+        self.costs = self._costs(config, self.arch_params) if config.cost_weight > 0 else {}
 
     def extra_loss(self, arch_weights: ArchWeights) -> tuple[torch.Tensor | None, dict]:
         """cost_weight * sum over edges of sum_k w_k cost_k (the sampled ops' cost)."""
