@@ -253,6 +253,8 @@ def test_report_out_a_folder_and_damaged_result_files(run_dir, tmp_path, capsys)
     folder.mkdir()
     assert main(["report", str(run), "--out", str(folder)]) == 0
     assert (folder / "report.html").is_file()
+    assert main(["report", str(run), "--out", f"{tmp_path / 'new'}/"]) == 0  # made
+    assert (tmp_path / "new/report.html").is_file()
     result = json.loads((run / "retrain/result.json").read_text())
     del result["params"]
     (run / "retrain/result.json").write_text(json.dumps(result))

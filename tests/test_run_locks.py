@@ -174,3 +174,57 @@ def test_a_resumed_seed_keeps_its_earlier_worker_log(tmp_path, monkeypatch):
     assert ms._run_in_processes([d], workers=1, threads=1, say=lambda _: None) == {}
     text = (d / "worker.log").read_text()
     assert text.startswith("first call\n--- worker started ") and "second call" in text
+
+
+def test_a_worker_stops_when_its_stdin_pipe_closes():
+    """The watch that works on any OS (a Windows venv's launcher is the worker's parent,
+    so comparing parent pids would not do): end-of-file on the pipe the parent holds."""
+    code = ("import os, time; from diffnas.engine.multiseed import _die_with_parent; "
+            "_die_with_parent(os.getppid()); print('watching', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "watching"
+    assert proc.poll() is None  # the pipe is open: it keeps running
+    proc.stdin.close()  # what the parent's end does when the parent dies
+    assert proc.wait(timeout=20) == -signal.SIGTERM
+
+
+def test_an_ignored_sighup_stays_ignored_and_silent_workers_are_reported(tmp_path,
+                                                                         monkeypatch):
+    """nohup diffnas search --seeds ...: the parent's SIGHUP handler stopped the run at
+    logout. A worker that printed nothing was reported by the worker.log header line."""
+    seen = {}
+    real_popen = subprocess.Popen
+
+    def silent(cmd, **kw):
+        seen["hup"] = signal.getsignal(signal.SIGHUP)
+        seen["term"] = signal.getsignal(signal.SIGTERM)
+        return real_popen([sys.executable, "-c", "raise SystemExit(3)"], **kw)
+
+    monkeypatch.setattr(ms.subprocess, "Popen", silent)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        d = tmp_path / "seed_0"
+        d.mkdir()
+        errors = ms._run_in_processes([d], workers=1, threads=1, say=lambda _: None)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert seen["hup"] is signal.SIG_IGN and seen["term"] is ms._raise_terminated
+    assert errors[d].startswith("worker exit code 3: (no output) (see ")
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch,
+                                                                 caplog):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="diffnas"), run_lock(tmp_path):
+        pass
+    assert "this filesystem takes no locks (No locks available)" in caplog.text
+    monkeypatch.undo()
+    with run_lock(tmp_path):  # nothing was left held
+        assert _locked_elsewhere(tmp_path)

@@ -481,3 +481,42 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
             data, train_x=full.train_x[:48], train_y=full.train_y[:48]))
     rounded = dataclasses.replace(data, train_x=data.train_x * (1 + 1e-7))
     assert run_search(cfg, run, resume=True, data=rounded).genotype is not None
+
+
+def test_the_data_fingerprint_leaves_out_where_the_files_are_and_keeps_nan():
+    """npz and folder data name their file (source): a moved file, or the same file named
+    relatively, was refused as other data. A NaN in plugin data never equalled itself."""
+    import dataclasses
+
+    from diffnas.data.custom import CustomImageData
+    from diffnas.data.graph import GraphData
+
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.arange(4)
+    a = CustomImageData("npz", x, y, x, y, 4, source="/data/old/set.npz")
+    b = dataclasses.replace(a, source="set.npz")
+    assert rundir.same_data(rundir.data_fingerprint(a), rundir.data_fingerprint(b)) == []
+    c = dataclasses.replace(a, test_x=x.flip(0))
+    assert rundir.same_data(rundir.data_fingerprint(a), rundir.data_fingerprint(c)) == [
+        "test_x"]
+    feats = torch.rand(5, 3)
+    feats[0, 0] = float("nan")
+    g = GraphData("g", feats, torch.arange(5), torch.zeros(2, 0, dtype=torch.long),
+                  torch.arange(2), torch.arange(2, 3), torch.arange(3, 5), 5)
+    before = json.loads(json.dumps(rundir.data_fingerprint(g)))  # as data.json holds it
+    assert rundir.same_data(before, rundir.data_fingerprint(g)) == []
+
+
+@pytest.mark.parametrize("exc", [KeyError("arch_optimizer"), KeyError()])
+def test_a_checkpoint_missing_an_entry_says_so(exc):
+    """Every KeyError read as "other data?"; an empty one raised IndexError."""
+    from diffnas.engine.loop import Loop
+
+    class Task:
+        def load_state_dict(self, state):
+            raise exc
+
+    loop = Loop(Task(), 2, [])
+    with pytest.raises(ValueError, match=r"the checkpoint ck.pt holds no .* entry that this "
+                                         r"run reads: was it written by another diffnas"):
+        loop.load_state_dict({"epoch": 1, "history": [], "task": {}}, source="ck.pt")

@@ -69,8 +69,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """A text file written atomically (genotype, result and summary JSON)."""
-    _atomic_write(lambda f: f.write(text), path, "w")
+    """A text file written atomically, in UTF-8 (genotype, result and summary JSON)."""
+    _atomic_write(lambda f: f.write(text.encode("utf-8")), path, "wb")
 
 
 def load_saved(path: str | Path, remedy: str, weights_only: bool = False,

@@ -120,9 +120,15 @@ class Loop:
             self.task.load_state_dict(state["task"])
         except (RuntimeError, ValueError, KeyError) as exc:
             text = str(exc)
-            if not isinstance(exc, KeyError) and not any(m in text for m in _MISFIT):
-                raise
             where = f"the checkpoint {source}" if source is not None else "the checkpoint"
+            if isinstance(exc, KeyError):
+                raise ValueError(
+                    f"{where} holds no {text or repr(exc)} entry that this run reads: was it "
+                    "written by another diffnas version or for another strategy? Delete it "
+                    "to restart this phase from scratch, or resume with the version that "
+                    "wrote it") from None
+            if not any(m in text for m in _MISFIT):
+                raise
             raise ValueError(
                 f"{where} does not fit the model this run rebuilds ({text.splitlines()[0]}"
                 "...): was data.root pointed at other data (another number of classes, "

@@ -351,6 +351,8 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+#: the line each start of a worker adds to its seed's worker.log
+WORKER_HEADER = "--- worker started"
 #: signals that stop the parent as Ctrl-C does (its workers are stopped with it)
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
@@ -365,10 +367,14 @@ def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say,
     queue, running, errors = list(dirs), {}, {}
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers need it
-        handlers = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
+        # (a signal ignored stays ignored: nohup's SIGHUP must not stop the run)
+        handlers = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         _schedule(queue, running, errors, workers, threads, env, say, overrides)
     except KeyboardInterrupt:  # also when only this process got the SIGINT (kill -INT)
+        for sig in handlers:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         for proc, _ in running.values():
             proc.terminate()
         for proc, logf in running.values():
@@ -391,23 +397,28 @@ def _schedule(queue: list[Path], running: dict, errors: dict[Path, str], workers
         while queue and len(running) < workers:
             d = queue.pop(0)
             logf = (d / "worker.log").open("a")  # a resumed seed keeps its earlier output
-            logf.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
+            logf.write(f"{WORKER_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
             logf.flush()
             cmd = [sys.executable, "-m", "diffnas.engine.multiseed", str(d), "--threads",
                    str(threads), "--parent-pid", str(os.getpid()),
                    *(a for o in overrides for a in ("--override", o))]
-            running[d] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env),
-                          logf)
+            # stdin: a pipe the worker watches; it reads end-of-file when this process ends
+            running[d] = (subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=logf,
+                                           stderr=subprocess.STDOUT, env=env), logf)
         time.sleep(0.2)
         for d, (proc, logf) in list(running.items()):
             if proc.poll() is None:
                 continue
             logf.close()
+            if proc.stdin is not None:
+                proc.stdin.close()
             del running[d]
             if proc.returncode == 0:
                 say(f"  {d.name}: done")
             else:
-                tail = (d / "worker.log").read_text().strip().splitlines()[-1:] or ["?"]
+                lines = [ln for ln in (d / "worker.log").read_text().strip().splitlines()
+                         if not ln.startswith(WORKER_HEADER)]
+                tail = lines[-1:] or ["(no output)"]
                 errors[d] = (f"worker exit code {proc.returncode}: {tail[0]} (see "
                              f"{d / 'worker.log'})")
                 say(f"  {d.name}: FAILED ({errors[d]})")
@@ -455,25 +466,28 @@ def seeds_command(args: argparse.Namespace) -> int:
 def _die_with_parent(parent: int) -> None:
     """End this worker (SIGTERM to itself) when the ``--seeds`` process that started it
     ends, even by SIGKILL: its seed would otherwise run on unwatched, holding the seed's
-    lock, and a later ``--resume`` could not continue it. Linux tells at once
-    (``PR_SET_PDEATHSIG``); elsewhere a thread checks the parent every second."""
+    lock, and a later ``--resume`` could not continue it. The parent holds the other end
+    of this worker's stdin, so a thread reading it gets end-of-file when the parent ends,
+    on any OS and through a venv launcher (Windows); Linux also tells at once
+    (``PR_SET_PDEATHSIG``)."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError, TypeError):
         pass
-
-    def gone() -> bool:
-        return os.getppid() != parent
+    if os.name == "posix" and os.getppid() != parent:  # it ended before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def watch() -> None:
-        while not gone():
-            time.sleep(1.0)
+        try:  # the raw descriptor: a read blocked in sys.stdin's buffer would hold its lock
+            fd = sys.stdin.fileno()  # and stop the interpreter's shutdown
+            while os.read(fd, 4096):  # the parent writes nothing
+                pass
+        except (OSError, ValueError, AttributeError):  # no stdin to watch
+            return
         os.kill(os.getpid(), signal.SIGTERM)
 
-    if gone():  # it ended before the line above took effect
-        os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, name="diffnas-parent-watch", daemon=True).start()
 
 

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ MADE_BY_FILE = "made_by.txt"
 TEST_SUBSET_FILE = "test_subset.json"
 #: what a phase (search/, retrain/) computed on: :func:`check_same_data`
 DATA_FILE = "data.json"
+#: dataset fields that say where the data was read from, not what it is (left out of
+#: :func:`data_fingerprint`: a resume may find the same files elsewhere)
+LOCATION_FIELDS = frozenset({"source", "sources", "root", "path", "paths"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,9 +118,12 @@ def data_fingerprint(data: Any) -> dict[str, Any]:
     a SHA-1 of its contents; a float tensor (normalised images, features) by its shape,
     mean, std and 16 values at fixed places, compared with a tolerance
     (:func:`same_data`), since the normalisation may round differently on another machine;
-    a long list (a vocabulary) by its length and SHA-1; anything else as it is."""
+    a long list (a vocabulary) by its length and SHA-1; anything else as it is, except
+    where the data was read from (:data:`LOCATION_FIELDS`: files may move)."""
     out: dict[str, Any] = {"type": type(data).__name__}
     for f in dataclasses.fields(data):
+        if f.name in LOCATION_FIELDS:
+            continue
         value = getattr(data, f.name)
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous().reshape(-1)
@@ -139,10 +146,14 @@ def data_fingerprint(data: Any) -> dict[str, Any]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal, floats within a relative 1e-4 (absolute 1e-6)."""
+    """Equal, floats within a relative 1e-4 (absolute 1e-6); NaN equals NaN, and an
+    infinity itself."""
     if isinstance(a, float) or isinstance(b, float):
-        return (isinstance(a, int | float) and isinstance(b, int | float)
-                and abs(a - b) <= 1e-6 + 1e-4 * max(abs(a), abs(b)))
+        if not (isinstance(a, int | float) and isinstance(b, int | float)):
+            return False
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return a == b or (math.isnan(a) and math.isnan(b))
+        return abs(a - b) <= 1e-6 + 1e-4 * max(abs(a), abs(b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):

@@ -10,6 +10,8 @@ killed run never leaves a stale lock. No torch here: the CLI takes its locks che
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,9 @@ class RunInUseError(FileExistsError):
     """Another process holds the run directory's lock (:func:`acquire_run_lock`)."""
 
 
+log = logging.getLogger("diffnas")
+#: what flock raises where the filesystem takes no locks
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _LOCKS: dict[str, list[int]] = {}  # resolved run dir -> [fd, depth], this process's locks
 
 
@@ -44,7 +49,16 @@ def acquire_run_lock(run_dir: str | Path) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
+        if not isinstance(exc, BlockingIOError) and exc.errno in _NO_LOCKS:
+            os.close(fd)  # a filesystem without locks (NFS without lockd, some FUSE)
+            log.warning("%s: this filesystem takes no locks (%s): nothing stops a second "
+                        "process from writing this run", run_dir, exc.strerror)
+            _LOCKS[key] = [-1, 1]
+            return
+        if not isinstance(exc, BlockingIOError):
+            os.close(fd)
+            raise
         holder = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
         raise RunInUseError(

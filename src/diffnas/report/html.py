@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -179,7 +180,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     ``report.html`` in) and return its path."""
     run = load_run(run_dir)
     path = Path(out) if out is not None else run.path / "report.html"
-    if path.is_dir():
+    if path.is_dir() or str(out).endswith(("/", os.sep)):  # a folder, or one to make
         path = path / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(render_report(run, backend), path)
