@@ -102,7 +102,7 @@ def test_a_failed_text_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     path = tmp_path / "g.json"
     atomic_write_text("old\n", path)
 
-    with pytest.raises(TypeError):
+    with pytest.raises(AttributeError):
         atomic_write_text(b"not text", path)  # fails inside the write
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
