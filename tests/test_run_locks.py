@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_run_robustness import TINY, TINY_TRAIN
 
 from diffnas.cli import main
 from diffnas.config import load_config
@@ -28,18 +29,6 @@ from diffnas.engine.runlock import (
     release_run_lock,
     run_lock,
 )
-
-TINY = [
-    "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
-    "search.epochs=1",
-    "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
-    "retrain.enabled=false", "progress=false",
-]
-TINY_TRAIN = [
-    "data.name=digits", "data.test_subset=32", "progress=false", "retrain.epochs=1",
-    "retrain.batch_size=16", "retrain.train_subset=32", "retrain.network={C: 4, layers: 2}",
-    "retrain.auxiliary_weight=0", "retrain.cutout=0",
-]
 
 
 def _locked_elsewhere(run: Path) -> bool:
