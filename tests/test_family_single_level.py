@@ -51,12 +51,14 @@ def test_single_level_refuses_a_validation_batch():
 def test_snas_resource_term_favours_cheap_ops():
     """With a heavy cost weight, the logit of the costliest op falls relative to the
     parameter-free skip_connect; without it the difference stays small."""
+    costed = tiny_strategy({"name": "snas", "cost_weight": 1.0})
+    ops = costed.arch_params.candidates("normal")
+    costly = max(range(len(ops)), key=lambda i: float(costed.costs["normal"][0, i]))
+    skip = ops.index("skip_connect")
+
     def drift(cost_weight):
         s = tiny_strategy({"name": "snas", "cost_weight": cost_weight,
                            "a_optim": {"lr": 0.05, "weight_decay": 0.0}})
-        ops = s.arch_params.candidates("normal")
-        costly = max(range(len(ops)), key=lambda i: float(s.costs["normal"][0, i]))
-        skip = ops.index("skip_connect")
         a0 = s.arch_params["normal"].detach().clone()
         torch.manual_seed(0)
         for i in range(5):
@@ -78,7 +80,7 @@ def test_snas_costs_each_edge_at_its_stride():
     for g, reduction in (("normal", False), ("reduce", True)):
         cell = next(c for c in cells if c.reduction == reduction)
         C = cell.edges[0].ops[sep5][0][1].in_channels  # the cell's width
-        costs = tiny_strategy({"name": "snas", "cost_channels": C}).costs[g]
+        costs = tiny_strategy({"name": "snas", "cost_channels": C, "cost_weight": 1.0}).costs[g]
         for row, (e, mixed) in enumerate(zip(s.arch_params.edges[g], cell.edges, strict=True)):
             held = torch.tensor([float(sum(p.numel() for p in op.parameters()))
                                  for op in mixed.ops])
