@@ -106,3 +106,48 @@ def test_a_resolution_other_than_the_trained_one_is_refused(run_dir, capsys):
     import json
 
     assert json.loads(capsys.readouterr().out)["max_abs_diff"] is None  # valid JSON
+
+
+def test_a_failed_check_leaves_the_previous_export(run_dir, tmp_path, monkeypatch):
+    """The file appears at --out only after it passed the output check: a failing check
+    keeps the earlier export byte for byte and leaves no temporary file."""
+    out = tmp_path / "m.pt"
+    export_run(run_dir, "torchscript", out)
+    before = out.read_bytes()
+    monkeypatch.setattr("diffnas.export.max_output_diff", lambda *a, **k: 1.0)
+    with pytest.raises(ExportError, match="differ from PyTorch by 1 .*nothing was written"):
+        export_run(run_dir, "torchscript", out, seed=1)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt"]
+
+
+def test_a_users_json_beside_the_export_is_not_replaced(run_dir, tmp_path):
+    mine = tmp_path / "net.json"
+    mine.write_text('{"mine": 1}')
+    with pytest.raises(ExportError, match="net.json exists and is not a model description"):
+        export_run(run_dir, "torchscript", tmp_path / "net.pt", check=False)
+    assert mine.read_text() == '{"mine": 1}' and not (tmp_path / "net.pt").exists()
+    export_run(run_dir, "torchscript", tmp_path / "again.pt", check=False)
+    export_run(run_dir, "torchscript", tmp_path / "again.pt", check=False)  # its own: fine
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--atol", "nan", "--atol must be a finite number >= 0"),
+    ("--atol", "-1", "--atol must be a finite number >= 0"),
+    ("--resolution", "0", "--resolution must be between 1 and"),
+    ("--resolution", "100000", "--resolution must be between 1 and"),
+])
+def test_bad_export_flags_are_named(run_dir, capsys, flag, value, message):
+    assert main(["export", str(run_dir), "--format", "torchscript", flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_output_path_under_a_file_is_a_one_line_error(run_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["export", str(run_dir), "--format", "torchscript", "--out",
+                  str(afile / "m.pt")],
+                 ["plot", str(run_dir), "--out", str(afile / "plots")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"diffnas: error: {afile}") and "\n" not in err, err

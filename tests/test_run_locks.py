@@ -125,7 +125,9 @@ def test_seeds_workers_end_with_their_parent(tmp_path, sig):
     parent = subprocess.Popen(
         [sys.executable, "-m", "diffnas", "search", "--seeds", "0,1", "--workers", "2",
          f"out_dir={tmp_path}", "name=par", *long],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # under nohup (a CI runner may use it) SIGHUP arrives ignored and stays so, by design
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     locks = [tmp_path / "par" / f"seed_{s}" / LOCK_FILE for s in (0, 1)]
     deadline = time.monotonic() + 120
     while not all(p.is_file() and p.read_text().strip() for p in locks):

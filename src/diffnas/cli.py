@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -433,13 +434,24 @@ def main(argv: list[str] | None = None) -> int:
         GenotypeError,
         DatasetNotFoundError,
         UnknownNameError,
-        FileExistsError,
-        FileNotFoundError,
+        OSError,  # a missing input, an output under a file, a folder given for a file
         FloatingPointError,
         ValueError,
     ) as exc:
-        print(f"diffnas: error: {exc}", file=sys.stderr)
+        message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"diffnas: error: {message}", file=sys.stderr)
         return 2
+
+
+def os_error_message(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError the filesystem raised (the path first, so the user
+    sees which of the command's files is at fault); diffnas's own messages unchanged."""
+    if exc.filename is None:
+        return str(exc)
+    if isinstance(exc, FileExistsError) and os.path.isfile(exc.filename):
+        return f"{exc.filename} is a file, not a folder: choose another path"
+    paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{paths}: {exc.strerror or type(exc).__name__}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ ONNX export needs the ``onnx`` package and the check needs ``onnxruntime``
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +21,19 @@ import torch
 from torch import nn
 
 from diffnas.engine.callbacks import read_json
+from diffnas.engine.checkpoint import atomic_write_text, staged_path
 from diffnas.spaces import DataShape
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 NATIVE_RESOLUTION = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
 EXPORT_EXTRA = "pip install 'diffnas[export]'"
+
+
+#: the largest --resolution export accepts: the check runs batches of 5 at that side
+MAX_RESOLUTION = 4096
+#: keys every model.json written beside an export holds (how a diffnas one is known)
+DESCRIPTION_KEYS = {"input_shape", "preprocess", "mean", "std", "outputs", "classes"}
 
 
 class ExportError(RuntimeError):
@@ -206,6 +214,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
         _require("onnx", "ONNX export")
         if check:
             _require("onnxruntime", "checking an ONNX export")
+    if not math.isfinite(atol) or atol < 0:
+        raise ExportError(f"--atol must be a finite number >= 0, got {atol}")
+    if resolution is not None and not 1 <= resolution <= MAX_RESOLUTION:
+        raise ExportError(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, "
+                          f"got {resolution}")
+    _check_data_record(Path(run_dir) / "retrain" / "result.json")
     model, shape = load_retrained(run_dir, resolution)
     dims = (shape.in_channels, shape.resolution, shape.resolution)
     path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{SUFFIX[fmt]}"
@@ -215,29 +229,62 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     if path.suffix == ".json":  # the model's description is written to PATH.json
         raise ExportError(f"--out {path}: .json is the name of the model's description "
                           f"written beside it; use {path.with_suffix(SUFFIX[fmt])}")
+    _check_description_path(path.with_suffix(".json"))
+    info = model_info(run_dir, dims)
     g = torch.Generator().manual_seed(seed)
-    export_model(model, torch.randn(2, *dims, generator=g), path, fmt)
     diff = None
-    if check:
-        diff = max_output_diff(model, path, fmt, [torch.randn(n, *dims, generator=g)
-                                                  for n in (2, 5)])
-        if not diff <= atol:
-            raise ExportError(f"{path}: exported outputs differ from PyTorch by {diff:.3g} "
-                              f"(> atol {atol:g})")
-    return ExportResult(path, fmt, (1, *dims), diff, atol, write_model_info(run_dir, path, dims))
+    with staged_path(path) as staged:  # the file appears at path only once it passed
+        export_model(model, torch.randn(2, *dims, generator=g), staged, fmt)
+        if check:
+            diff = max_output_diff(model, staged, fmt, [torch.randn(n, *dims, generator=g)
+                                                        for n in (2, 5)])
+            if not diff <= atol:
+                raise ExportError(f"{path}: exported outputs differ from PyTorch by "
+                                  f"{diff:.3g} (> atol {atol:g}); nothing was written")
+    described = None
+    if info is not None:
+        described = path.with_suffix(".json")
+        atomic_write_text(json.dumps(info, indent=1) + "\n", described)
+    return ExportResult(path, fmt, (1, *dims), diff, atol, described)
 
 
-def write_model_info(run_dir: str | Path, path: Path, dims: tuple[int, ...]) -> Path | None:
-    """``model.json`` beside an exported model: what to feed it (shape, normalisation of
-    raw pixels) and what its outputs mean (class names), read from the run's retraining
-    result; None for runs retrained before the result recorded its data."""
-    from diffnas.engine.checkpoint import atomic_write_text
+def _check_description_path(described: Path) -> None:
+    """Refuse to replace a JSON file beside the export that is not a model description
+    diffnas wrote (a user's own file of that name), before anything is written."""
+    if not described.exists():
+        return
+    try:
+        own = set(json.loads(described.read_text(encoding="utf-8"))) >= DESCRIPTION_KEYS
+    except (OSError, ValueError, TypeError):
+        own = False
+    if not own:
+        raise ExportError(f"{described} exists and is not a model description diffnas "
+                          "wrote; the export writes one beside its file: move that file "
+                          "or choose another --out")
 
+
+def _check_data_record(result_path: Path) -> None:
+    """A result whose 'data' entry lacks what model.json copies is refused up front."""
+    if not result_path.is_file():
+        return  # load_retrained names the missing retraining
+    data = read_json(result_path, RETRAIN_FIX).get("data")
+    missing = [k for k in ("mean", "std", "classes", "name")
+               if data is not None and (not isinstance(data, dict) or k not in data)]
+    if missing:
+        raise ExportError(f"{result_path}: damaged, its 'data' entry lacks "
+                          f"{', '.join(missing)}; {RETRAIN_FIX}")
+
+
+def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
+    """The ``model.json`` written beside an exported model: what to feed it (shape,
+    normalisation of raw pixels) and what its outputs mean (class names), read from the
+    run's retraining result; None for runs retrained before the result recorded its
+    data."""
     result = read_json(Path(run_dir) / "retrain" / "result.json", RETRAIN_FIX)
     data = result.get("data")
     if data is None:
         return None
-    info = {
+    return {
         "input_shape": ["batch", *dims],
         "preprocess": "resize to input_shape, then (pixels - mean) / std per channel, with "
                       "pixels in the units the dataset was read in (0..255 for 8-bit images)",
@@ -246,6 +293,3 @@ def write_model_info(run_dir: str | Path, path: Path, dims: tuple[int, ...]) -> 
         "classes": data["classes"], "dataset": data["name"],
         "test_acc": result.get("test_acc"),
     }
-    out = path.with_suffix(".json")
-    atomic_write_text(json.dumps(info, indent=1) + "\n", out)
-    return out

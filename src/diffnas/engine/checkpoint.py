@@ -3,11 +3,12 @@ crash mid-write never leaves a truncated checkpoint behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,6 +56,28 @@ def _atomic_write(write: Callable[[IO], None], path: str | Path, mode: str) -> N
             os.chmod(tmp, _plain_open_mode(path))
             write(f)
             f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that want a file name rather than a
+    file object (``torch.jit.save``, ``torch.onnx.export``): renamed over ``path`` when
+    the block ends, removed when it raises, so a failed write or a failed check of what
+    was written leaves the old file (or none) in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _plain_open_mode(path))
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
