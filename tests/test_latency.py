@@ -249,6 +249,37 @@ def test_fit_refuses_a_holdout_that_leaves_too_few_to_train():
         fit_predictor(_synthetic_records(space, 10), space, holdout=0.9, epochs=2)
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("mlp_decay", float("nan"), "mlp_decay must be a finite number >= 0"),
+    ("edge_decay", -1.0, "edge_decay must be a finite number >= 0"),
+    ("lr", 0.0, "lr must be a finite number > 0"),
+    ("hidden", 0, "hidden must be >= 1"),
+])
+def test_fit_refuses_bad_options_before_fitting(option, value, message):
+    """A NaN decay or an empty MLP would save a predictor that predicts NaN."""
+    space = tiny_space()
+    with pytest.raises(ValueError, match=message):
+        fit_predictor(_synthetic_records(space, 12), space, epochs=2, **{option: value})
+
+
+def test_fit_refuses_a_diverged_predictor():
+    space = tiny_space()
+    with pytest.raises(FloatingPointError, match="fit diverged"):
+        fit_predictor(_synthetic_records(space, 12), space, epochs=3, lr=1e20)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "junk", "not_a_predictor"])
+def test_a_damaged_predictor_file_is_named(tmp_path, damage):
+    path, _ = _predictor_file(tmp_path, tiny_space())
+    raw = path.read_bytes()
+    if damage == "not_a_predictor":
+        torch.save({"w": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"junk" * 30)
+    with pytest.raises(ValueError, match=f"{path}.*(unreadable|not a latency predictor)"):
+        LatencyPredictor.load(path)
+
+
 def test_dataset_refuses_to_mix_settings_in_one_file(tmp_path):
     space = tiny_space()
     path = tmp_path / "lat.jsonl"

@@ -117,6 +117,7 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from diffnas.engine.checkpoint import atomic_write_text
     from diffnas.hardware.dataset import load_records
     from diffnas.hardware.predictor import fit_predictor
 
@@ -133,7 +134,7 @@ def _fit(args: argparse.Namespace) -> int:
                                       edge_decay=args.edge_decay)
     predictor.save(args.out)
     print(json.dumps(report, indent=1))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(json.dumps(report, indent=1) + "\n", Path(args.out).with_suffix(".json"))
     return 0
 
 

@@ -138,16 +138,23 @@ class LatencyPredictor(nn.Module):
 
     # --- files ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"shapes": self.shapes, "hidden": self.hidden, "meta": self.meta,
-                    "ops": self.ops, "state": self.state_dict()}, path)
+        from diffnas.engine.checkpoint import atomic_save
+
+        atomic_save({"shapes": self.shapes, "hidden": self.hidden, "meta": self.meta,
+                     "ops": self.ops, "state": self.state_dict()}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyPredictor:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"latency predictor not found: {p}")
-        blob = torch.load(p, map_location="cpu", weights_only=False)
+        from diffnas.engine.checkpoint import load_saved
+
+        blob = load_saved(p, "refit it with `diffnas latency fit`", what="latency predictor")
+        missing = [k for k in ("shapes", "hidden", "state") if k not in blob]
+        if missing:
+            raise ValueError(f"{p} is not a latency predictor (no {', '.join(missing)}); "
+                             "refit it with `diffnas latency fit`")
         meta = blob.get("meta", {})
         ops = blob.get("ops")
         if ops is None and "ops" not in blob:  # saved before op names were stored
@@ -259,6 +266,13 @@ def fit_predictor(
                              "the op list the records were measured with")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    if hidden < 1:
+        raise ValueError(f"hidden must be >= 1 (the MLP's width), got {hidden}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay),
+                        ("edge_decay", edge_decay), ("mlp_decay", mlp_decay)):
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise ValueError(f"{name} must be a finite number "
+                             f"{'> 0' if name == 'lr' else '>= 0'}, got {value}")
     x = encode_records(records, space)
     raw = torch.tensor([float(r["latency_ms"]) for r in records])
     y = torch.tensor(anchored_latencies(list(records))) if target == "anchored" else raw
@@ -307,6 +321,10 @@ def fit_predictor(
                              if all("anchor_ms" in r for r in records) else None),
         "device": records[0]["device"], "settings": records[0]["settings"],
     }
+    if not torch.isfinite(pred).all():
+        raise FloatingPointError(
+            "the latency predictor's fit diverged (non-finite predictions); lower lr or "
+            "the decays, or check the records' latencies")
     model.meta = report
     return model, report
 
