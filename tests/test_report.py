@@ -347,3 +347,19 @@ def test_report_of_a_graph_run_names_the_best_epoch_and_the_last(tmp_path, run_d
     page = render_report(plots.load_run(run), backend="matplotlib")
     assert "test accuracy, best validation epoch (32)</th><td>50.00%" in page
     assert "test accuracy, last epoch</th><td>72.22%" in page
+
+
+def test_a_screenshot_chromium_did_not_write_is_an_error(tmp_path, monkeypatch):
+    """--screenshot used to print its path even when the browser wrote nothing there; now
+    the PNG appears only when written, and an older file of that name stays."""
+    from diffnas.report import html as report_html
+
+    page = tmp_path / "report.html"
+    page.write_text("<html><body>hi</body></html>")
+    shot = tmp_path / "shot.png"
+    shot.write_bytes(b"old png")
+    monkeypatch.setattr(report_html, "_chromium", lambda *a, **k: "")
+    with pytest.raises(OSError, match="Chromium wrote no screenshot"):
+        browser_check(page, screenshot=shot, browser="chromium")
+    assert shot.read_bytes() == b"old png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "shot.png"]

@@ -46,22 +46,11 @@ def _plain_open_mode(path: Path) -> int:
 
 def _atomic_write(write: Callable[[IO], None], path: str | Path, mode: str) -> None:
     """Write through a temporary file in the same directory, fsync it, then rename it over
-    ``path``: a crash leaves the old file or the new one, never a torn one, and no
-    temporary file behind. The file gets the permissions a plain ``open`` would give."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:  # owns fd from here: closed whatever happens
-            os.chmod(tmp, _plain_open_mode(path))
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    ``path`` (:func:`staged_path`): a crash leaves the old file or the new one, never a
+    torn one, and no temporary file behind. The file gets the permissions a plain
+    ``open`` would give."""
+    with staged_path(path) as tmp, open(tmp, mode) as f:
+        write(f)
 
 
 @contextlib.contextmanager

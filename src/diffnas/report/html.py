@@ -8,6 +8,7 @@ archived or opened offline and shows the same thing years later.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import json
 import math
@@ -242,9 +243,13 @@ def browser_check(report: str | Path, screenshot: str | Path | None = None,
         else:
             messages.append(f"{msg} ({m.group(2)})")
     if screenshot is not None:
+        from diffnas.engine.checkpoint import staged_path
+
         shot = Path(screenshot).resolve()
-        shot.parent.mkdir(parents=True, exist_ok=True)
-        _chromium(exe, report.as_uri(), f"--screenshot={shot}", "--hide-scrollbars",
-                  f"--window-size={width},{height}")
+        with staged_path(shot) as staged:  # shot appears only when Chromium wrote it
+            _chromium(exe, report.as_uri(), f"--screenshot={staged}", "--hide-scrollbars",
+                      f"--window-size={width},{height}")
+            if staged.stat().st_size == 0:
+                raise OSError(errno.EIO, "Chromium wrote no screenshot", str(shot))
     return {"console": messages, "image_widths": [widths[i] for i in sorted(widths)],
             "browser": exe}
