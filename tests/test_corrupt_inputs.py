@@ -220,14 +220,3 @@ def test_binary_genotype_file_is_named(tmp_path, capsys):
     err = cli_error(["train", "--genotype", str(png), "--dry-run", *TINY_RUN], capsys)
     assert f"{png}: not a genotype file" in err
 
-
-def test_result_data_without_its_normalisation_is_named_before_export(tmp_path, capsys):
-    """model.json needs the data's mean and std: a record without them is refused before
-    any file is written, not after the model file."""
-    result = json.loads(GOOD_RESULT)
-    result["data"] = {"name": "digits", "classes": list(range(10))}
-    run = _fake_run(tmp_path, result=json.dumps(result), state={})
-    out = tmp_path / "m.pt"
-    err = cli_error(["export", str(run), "--format", "torchscript", "--out", str(out)], capsys)
-    assert "result.json: damaged, its 'data' entry lacks mean, std" in err
-    assert not out.exists()

@@ -151,3 +151,20 @@ def test_an_output_path_under_a_file_is_a_one_line_error(run_dir, tmp_path, caps
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"diffnas: error: {afile}") and "\n" not in err, err
+
+
+def test_result_data_without_its_normalisation_is_refused_before_writing(run_dir, tmp_path,
+                                                                        capsys):
+    """model.json needs the data's mean and std: a record without them is refused before
+    the model file is written, not after."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    record = json.loads((run / "retrain" / "result.json").read_text())
+    del record["data"]["mean"], record["data"]["std"]
+    (run / "retrain" / "result.json").write_text(json.dumps(record))
+    out = tmp_path / "m.pt"
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 2
+    assert "its 'data' entry lacks mean, std" in capsys.readouterr().err
+    assert not out.exists()

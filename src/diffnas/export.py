@@ -219,7 +219,6 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     if resolution is not None and not 1 <= resolution <= MAX_RESOLUTION:
         raise ExportError(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, "
                           f"got {resolution}")
-    _check_data_record(Path(run_dir) / "retrain" / "result.json")
     model, shape = load_retrained(run_dir, resolution)
     dims = (shape.in_channels, shape.resolution, shape.resolution)
     path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{SUFFIX[fmt]}"
@@ -230,7 +229,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
         raise ExportError(f"--out {path}: .json is the name of the model's description "
                           f"written beside it; use {path.with_suffix(SUFFIX[fmt])}")
     _check_description_path(path.with_suffix(".json"))
-    info = model_info(run_dir, dims)
+    info = model_info(run_dir, dims)  # a damaged record is refused before writing
     g = torch.Generator().manual_seed(seed)
     diff = None
     with staged_path(path) as staged:  # the file appears at path only once it passed
@@ -254,25 +253,14 @@ def _check_description_path(described: Path) -> None:
     if not described.exists():
         return
     try:
-        own = set(json.loads(described.read_text(encoding="utf-8"))) >= DESCRIPTION_KEYS
-    except (OSError, ValueError, TypeError):
-        own = False
+        held = json.loads(described.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        held = None
+    own = isinstance(held, dict) and DESCRIPTION_KEYS <= held.keys()
     if not own:
         raise ExportError(f"{described} exists and is not a model description diffnas "
                           "wrote; the export writes one beside its file: move that file "
                           "or choose another --out")
-
-
-def _check_data_record(result_path: Path) -> None:
-    """A result whose 'data' entry lacks what model.json copies is refused up front."""
-    if not result_path.is_file():
-        return  # load_retrained names the missing retraining
-    data = read_json(result_path, RETRAIN_FIX).get("data")
-    missing = [k for k in ("mean", "std", "classes", "name")
-               if data is not None and (not isinstance(data, dict) or k not in data)]
-    if missing:
-        raise ExportError(f"{result_path}: damaged, its 'data' entry lacks "
-                          f"{', '.join(missing)}; {RETRAIN_FIX}")
 
 
 def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
@@ -280,10 +268,16 @@ def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
     normalisation of raw pixels) and what its outputs mean (class names), read from the
     run's retraining result; None for runs retrained before the result recorded its
     data."""
-    result = read_json(Path(run_dir) / "retrain" / "result.json", RETRAIN_FIX)
+    result_path = Path(run_dir) / "retrain" / "result.json"
+    result = read_json(result_path, RETRAIN_FIX)
     data = result.get("data")
     if data is None:
         return None
+    missing = [k for k in ("mean", "std", "classes", "name")
+               if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ExportError(f"{result_path}: damaged, its 'data' entry lacks "
+                          f"{', '.join(missing)}; {RETRAIN_FIX}")
     return {
         "input_shape": ["batch", *dims],
         "preprocess": "resize to input_shape, then (pixels - mean) / std per channel, with "
