@@ -185,3 +185,16 @@ def test_train_resume_knows_the_genotype_even_when_the_data_was_missing(tmp_path
 
     recorded = Genotype.load(tmp_path / "runs/t/retrain/genotype.json")
     assert recorded == resolve_genotype("DARTS_V1")
+
+
+def test_a_reader_that_stops_reading_is_not_an_error():
+    """``diffnas list | head -1``: the closed pipe ends the command quietly with the status
+    a shell gives SIGPIPE (141), not a traceback or an error line on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "diffnas.cli", "list", "ops"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

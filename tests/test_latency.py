@@ -454,6 +454,16 @@ def test_cli_fit_writes_a_predictor_and_report(tmp_path, capsys):
     # a dataset of another space is a clear error, not a crash
     assert main(["latency", "fit", "--data", str(data), "--out", str(out)]) == 2
     assert "does not fit space" in capsys.readouterr().err
+    # refitted, the report diffnas wrote is replaced; a user's own X.json beside is not
+    assert main(["latency", "fit", "--data", str(data), "--out", str(out), "--target", "raw",
+                 "--epochs", "5", tiny]) == 0
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"notes": 1}')
+    capsys.readouterr()
+    assert main(["latency", "fit", "--data", str(data), "--out", str(tmp_path / "mine.pt"),
+                 "--epochs", "5", tiny]) == 2
+    assert "not a report diffnas wrote" in capsys.readouterr().err
+    assert mine.read_text() == '{"notes": 1}' and not (tmp_path / "mine.pt").exists()
 
 
 def test_sweep_config_gets_exactly_one_latency_penalty(monkeypatch):

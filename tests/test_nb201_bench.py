@@ -581,3 +581,107 @@ def test_a_search_runs_on_one_thread_whatever_the_process_has(monkeypatch):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@needs_table
+def test_bench_outputs_never_replace_a_users_file_and_bad_counts_are_refused(
+        tmp_path, capsys):
+    """Each command's --json replaces only a file that command wrote before (checked before
+    any search runs); --jobs below 1 and a budget over the table's cells are refused."""
+    from diffnas.cli import main
+
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}\n')
+    own = tmp_path / "sub" / "bench.json"  # (a new folder is made)
+    run = ["bench", "nb201", "--strategy", "random", "--budget", "5", "--seeds", "1",
+           "--table", str(TABLE)]
+    assert main([*run, "--json", str(mine)]) == 2
+    assert "holds something other than a 'bench nb201' result" in capsys.readouterr().err
+    assert main([*run, "--json", str(own)]) == 0
+    assert main([*run, "--json", str(own), "--seeds", "2"]) == 0  # its own: replaced
+    assert len(json.loads(own.read_text())["outcomes"]) == 2
+    for flag, value, problem in (("--jobs", "0", "--jobs 0: give 1 or more"),
+                                 ("--budget", "15626", "more queries than the 15625 cells")):
+        assert main([*run, "--json", str(own), flag, value]) == 2
+        assert problem in capsys.readouterr().err
+    summary = ["bench", "nb201-summary", str(own)]
+    assert main([*summary, "--json", str(own)]) == 2
+    assert "is one of the files summarised" in capsys.readouterr().err
+    assert main([*summary, "--json", str(mine)]) == 2
+    assert main([*summary, "--json", str(tmp_path / "s.json")]) == 0
+    assert main([*summary, "--json", str(tmp_path / "s.json")]) == 0
+    lookup = ["bench", "nb201-lookup", "--genotype", "7", "--table", str(TABLE)]
+    assert main([*lookup, "--json", str(mine)]) == 2
+    assert main([*lookup, "--json", str(tmp_path / "new" / "rec.json")]) == 0
+    assert json.loads((tmp_path / "new" / "rec.json").read_text())["index"] == 7
+    assert mine.read_text() == '{"my": "notes"}\n'
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: d.update(outcomes={}), "'outcomes' is {}, not a list"),
+    (lambda d: d["outcomes"].append(3), "outcomes[1] is 3, not an object"),
+    (lambda d: d["outcomes"][0].pop("seed"), "outcomes[0] has no valid 'seed' (got None)"),
+    (lambda d: d["outcomes"][0].update(budget="5"), "no valid 'budget' (got '5')"),
+    (lambda d: d["outcomes"][0].update(budget=True), "no valid 'budget' (got True)"),
+    (lambda d: d["outcomes"][0]["test"].update(c10_test_200="x"), "invalid test['c10_test"),
+    (lambda d: d["outcomes"][0].update(settings=[1]), "invalid 'settings'"),
+])
+def test_summary_names_a_damaged_outcome(damage, problem, tmp_path, capsys):
+    from diffnas.cli import main
+
+    outcome = {"strategy": "random", "seed": 0, "budget": 5, "queries": 5, "arch_str": "x",
+               "index": 1, "valid_acc": 80.0, "test": {"c10_test_200": 90.0},
+               "seconds": 0.1, "settings": {}}
+    data = {"command": "diffnas bench nb201", "outcomes": [outcome]}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(data))
+    assert main(["bench", "nb201-summary", str(good)]) == 0  # the undamaged file is read
+    damage(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["bench", "nb201-summary", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffnas: error: {bad}: ") and problem in err, err
+
+
+@needs_table
+@pytest.mark.parametrize("genotype, problem", [
+    ("-1", "nb201 index -1 out of range 0..15624"),
+    ("15625", "nb201 index 15625 out of range"),
+    ("run/genotype.json", "--genotype run/genotype.json: no such file, and not a benchmark"),
+    ("|nor_conv_3x3~0|+|", "nb201 string needs 3"),
+])
+def test_lookup_says_what_a_genotype_argument_is_not(genotype, problem, capsys):
+    from diffnas.cli import main
+
+    assert main(["bench", "nb201-lookup", "--genotype", genotype, "--table", str(TABLE)]) == 2
+    assert problem in capsys.readouterr().err
+
+
+HEADER = "index,arch_str,c10_test_200\n"
+CELL = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("cut.csv.gz", None, "not a readable NAS-Bench-201 table (EOFError"),
+    ("text.csv.gz", b"index,arch_str\n", "not a readable NAS-Bench-201 table (BadGzipFile"),
+    ("latin.csv", b"\xff\xfeindex\n", "not a readable NAS-Bench-201 table (UnicodeDecodeError"),
+    ("float.csv", f"{HEADER}0,{CELL},abc\n".encode(), "float.csv, line 2: could not convert"),
+    ("short.csv", f"{HEADER}0,{CELL},1\n1,{CELL}\n".encode(), "line 3: 2 values for 3 columns"),
+    ("index.csv", f"{HEADER}x,{CELL},1\n".encode(), "line 2: invalid literal for int()"),
+    ("op.csv", f"{HEADER}0,{CELL.replace('none~2', 'conv~2')},1\n".encode(),
+     "line 2: unknown nb201 op 'conv'"),
+])
+def test_a_damaged_table_is_named_with_its_line(name, content, problem, tmp_path):
+    import gzip
+
+    path = tmp_path / name
+    if content is None:  # a download cut short
+        path.write_bytes(gzip.compress((HEADER + f"0,{CELL},1\n" * 2000).encode())[:300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        CsvNb201Table(path)
+    assert str(err.value).startswith(str(path)) and problem in str(err.value), err.value

@@ -186,3 +186,20 @@ def test_a_resumed_run_finds_a_moved_plugin_when_told(tmp_path):
     with pytest.raises(ConfigError, match=str(path)):
         load_run_config(tmp_path)
     assert load_run_config(tmp_path, [f"plugins=[{moved}]"]).plugins == [str(moved)]
+
+
+def test_a_plugin_with_a_syntax_error_or_an_exit_is_named(tmp_path, capsys):
+    """A syntax error is reported at the plugin's own line (not plugins.py's); a plugin
+    that calls sys.exit(0) while imported is an error, not a silent exit with status 0."""
+    bad = tmp_path / "typo.py"
+    bad.write_text("x = 1\ndef f(:\n    pass\n")
+    with pytest.raises(ConfigError) as err:
+        import_plugins([str(bad)])
+    assert "SyntaxError: " in str(err.value) and f"(at {bad}:2)" in str(err.value), err.value
+    quits = tmp_path / "quits.py"
+    quits.write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(ConfigError, match=r"called sys.exit\(0\); a plugin should register"):
+        import_plugins([str(quits)])
+    assert main(["search", f"plugins=[{quits}]", "out_dir=" + str(tmp_path / "run")]) == 2
+    assert "called sys.exit(0)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -425,10 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with lock_scope():  # the run directories a command locked are freed as it returns
-            return args._handlers[args.command](args)
+            rc = args._handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+        return rc
     except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM/SIGHUP of --seeds (Terminated)
         _interrupted(args, process_entry=argv is None)
         return 128 + getattr(exc, "signum", 2)
+    except BrokenPipeError:  # the reader of the output went away (`| head`): no error
+        _silence_stdout()
+        return 141  # as a shell reports a process ended by SIGPIPE
     except (
         ConfigError,
         GenotypeError,
@@ -441,6 +446,16 @@ def main(argv: list[str] | None = None) -> int:
         message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
         print(f"diffnas: error: {message}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point the standard output at ``os.devnull``, so the flush at exit does not fail
+    again on the closed pipe (as the Python documentation advises for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+        pass
 
 
 def os_error_message(exc: OSError) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from diffnas.engine.callbacks import read_json
-from diffnas.engine.checkpoint import atomic_write_text, staged_path
+from diffnas.engine.checkpoint import atomic_write_text, staged_path, written_by_diffnas
 from diffnas.spaces import DataShape
 
 FORMATS = ("onnx", "torchscript")
@@ -250,14 +250,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
 def _check_description_path(described: Path) -> None:
     """Refuse to replace a JSON file beside the export that is not a model description
     diffnas wrote (a user's own file of that name), before anything is written."""
-    if not described.exists():
-        return
-    try:
-        held = json.loads(described.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        held = None
-    own = isinstance(held, dict) and DESCRIPTION_KEYS <= held.keys()
-    if not own:
+    if not written_by_diffnas(described, DESCRIPTION_KEYS):
         raise ExportError(f"{described} exists and is not a model description diffnas "
                           "wrote; the export writes one beside its file: move that file "
                           "or choose another --out")

@@ -96,13 +96,24 @@ def import_plugins(entries: Sequence[str]) -> list[ModuleType]:
                                else _import_module(entry))
         except ConfigError:
             raise
+        except SystemExit as exc:  # would end the command silently, maybe with status 0
+            raise ConfigError(f"config.plugins: importing {entry!r} called sys.exit"
+                              f"({exc.code!r}); a plugin should register components, not "
+                              "end the program") from exc
         except Exception as exc:
-            frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                      if not f.filename.startswith("<")]  # not importlib's own frames
-            # the plugin's own line, not diffnas's (a duplicate name fails in registry.py)
-            own = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_PACKAGE)]
-            at = (own or frames)[-1:]
-            where = f" (at {at[0].filename}:{at[0].lineno})" if at else ""
             raise ConfigError(f"config.plugins: importing {entry!r} failed: "
-                              f"{type(exc).__name__}: {exc}{where}") from exc
+                              f"{type(exc).__name__}: {exc}{_where(exc)}") from exc
     return modules
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at FILE:LINE)``: where a plugin's import failed. A syntax error is at the line
+    it names (the plugin never ran); otherwise the last frame of the plugin's own code,
+    not diffnas's (a duplicate name fails in registry.py)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" (at {exc.filename}:{exc.lineno})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<")]  # not importlib's own frames
+    own = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_PACKAGE)]
+    at = (own or frames)[-1:]
+    return f" (at {at[0].filename}:{at[0].lineno})" if at else ""

@@ -4,6 +4,7 @@ crash mid-write never leaves a truncated checkpoint behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import stat
@@ -80,9 +81,41 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     _atomic_write(lambda f: torch.save(obj, f), path, "wb")
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """A binary file written atomically (a rendered picture)."""
+    _atomic_write(lambda f: f.write(data), path, "wb")
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
     """A text file written atomically, in UTF-8 (genotype, result and summary JSON)."""
-    _atomic_write(lambda f: f.write(text.encode("utf-8")), path, "wb")
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def written_by_diffnas(path: str | Path, keys: frozenset[str] | set[str]) -> bool:
+    """Whether ``path`` may be replaced by a JSON file diffnas writes: it does not exist,
+    or it holds a JSON object with all of ``keys`` (one diffnas wrote there before). A
+    user's own file of that name, or anything else, is not replaced."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    if not path.is_file():
+        return False
+    try:
+        held = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(held, dict) and set(keys) <= held.keys()
+
+
+def refuse_foreign_json(path: str | Path, keys: frozenset[str] | set[str], what: str,
+                        flag: str) -> None:
+    """A ``ValueError`` unless :func:`written_by_diffnas`: ``path`` (given by ``flag``)
+    holds something other than ``what`` and would be lost. Called before any work, so a
+    long command does not stop at its end for it."""
+    if not written_by_diffnas(path, keys):
+        raise ValueError(f"{flag} {path}: that path holds something other than {what} "
+                         f"diffnas wrote, which would be replaced; move it or choose another "
+                         f"{flag}")
 
 
 def load_saved(path: str | Path, remedy: str, weights_only: bool = False,

@@ -116,7 +116,11 @@ class Genotype:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the genotype's JSON to ``path`` atomically (an earlier file stays whole
+        if writing fails)."""
+        from diffnas.engine.checkpoint import atomic_write_text  # (torch: imported late)
+
+        atomic_write_text(self.to_json() + "\n", path)
 
     @classmethod
     def load(cls, path: str | Path) -> Genotype:

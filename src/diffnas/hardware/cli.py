@@ -116,8 +116,12 @@ def _measure(args: argparse.Namespace) -> int:
     return 0
 
 
+#: keys of the report ``latency fit`` writes beside the predictor (``X.json`` for ``X.pt``)
+FIT_REPORT_KEYS = frozenset({"records", "heldout_mre", "target"})
+
+
 def _fit(args: argparse.Namespace) -> int:
-    from diffnas.engine.checkpoint import atomic_write_text
+    from diffnas.engine.checkpoint import atomic_write_text, written_by_diffnas
     from diffnas.hardware.dataset import load_records
     from diffnas.hardware.predictor import fit_predictor
 
@@ -126,6 +130,11 @@ def _fit(args: argparse.Namespace) -> int:
                          "a .json file; name the predictor .pt")
     if args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: the predictor needs at least 1 epoch")
+    described = Path(args.out).with_suffix(".json")
+    if not written_by_diffnas(described, FIT_REPORT_KEYS):  # a user's own file of that name
+        raise ValueError(f"--out {args.out}: the fit's report would replace {described}, "
+                         "which is not a report diffnas wrote; move it or name the "
+                         "predictor otherwise")
     _, space, _, _ = _space_from_config(args.config, args.overrides)
     records = load_records(args.data, args.fingerprint)
     predictor, report = fit_predictor(records, space, holdout=args.holdout,

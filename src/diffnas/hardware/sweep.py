@@ -16,6 +16,7 @@ import torch
 
 from diffnas.config import load_config, save_config, to_dict
 from diffnas.data import load_dataset
+from diffnas.engine.checkpoint import atomic_write_text, staged_path
 from diffnas.engine.retrain import run_retrain
 from diffnas.engine.search import load_search_data, run_search
 from diffnas.genotype import Genotype
@@ -133,9 +134,10 @@ def run_sweep(
     for lam in lambdas:
         run_dir, cfg = runs[lam]
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / "config.yaml").is_file():  # (the digest first: a config.yaml
+            # without the digest beside it would let a refitted predictor's run be reused)
+            atomic_write_text(digest + "\n", run_dir / PREDICTOR_DIGEST)
             save_config(cfg, run_dir / "config.yaml")
-            (run_dir / PREDICTOR_DIGEST).write_text(digest + "\n")
         if (run_dir / "search" / "DONE").exists():
             genotype = Genotype.load(run_dir / "search" / "genotype.json")
         else:  # (continues a stopped search from its checkpoint)
@@ -173,8 +175,8 @@ def run_sweep(
     summary = {"rows": rows, "settings": vars(settings), "network": network,
                "device": device, "config": config, "overrides": overrides,
                "predictor": str(predictor), "predictor_mismatch": mismatch or None}
-    (out / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "sweep.md").write_text(table(rows) + "\n")
+    atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "sweep.json")
+    atomic_write_text(table(rows) + "\n", out / "sweep.md")
     plot(rows, out / "sweep.png", sweep_title(base))
     print(table(rows))
     return rows
@@ -224,5 +226,6 @@ def plot(rows: list[dict[str, Any]], path: Path,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with staged_path(path) as staged:  # (matplotlib picks the format by the suffix)
+        fig.savefig(staged, dpi=120)
     plt.close(fig)

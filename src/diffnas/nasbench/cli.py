@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from diffnas.cli import register_command
+from diffnas.engine.checkpoint import atomic_write_text, refuse_foreign_json
 
 BenchSetup = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
 _BENCHES: dict[str, tuple[str, BenchSetup]] = {}
@@ -129,6 +131,11 @@ def _one(task: tuple) -> dict:
 
 _BENCH_CACHE: dict = {}
 
+# the keys that mark each command's JSON output as one diffnas wrote (and may replace)
+BENCH_KEYS = frozenset({"command", "summary", "outcomes"})
+SUMMARY_KEYS = frozenset({"files", "summary", "outcomes"})
+LOOKUP_KEYS = frozenset({"index", "arch_str"})
+
 
 @register_bench("nb201", "query-based search on NAS-Bench-201 (no test leakage)")
 def _nb201(p: argparse.ArgumentParser):
@@ -155,11 +162,18 @@ def _nb201(p: argparse.ArgumentParser):
         budgets = _csv_list(args.budget, "--budget", int)
         if args.seeds < 1 or not budgets or min(budgets) < 1:
             raise ValueError("--seeds and every --budget must be >= 1")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: give 1 or more worker processes")
         settings = _strategy_settings(strategies, args.set)
+        # checked before the searches, which can take hours: not after them
+        refuse_foreign_json(args.json, BENCH_KEYS, "a 'bench nb201' result", "--json")
         if args.backend == "auto":
             bench = open_benchmark(args.table)
         else:
             bench = open_benchmark(args.table, args.backend)
+        if max(budgets) > len(bench):  # the queries are distinct cells
+            raise ValueError(f"--budget {max(budgets)}: more queries than the {len(bench)} "
+                             f"cells of the table {args.table}")
         _BENCH_CACHE[args.table] = bench
         tasks = [(s, args.table, b, seed, settings[s])
                  for s in strategies for b in budgets for seed in range(args.seeds)]
@@ -176,8 +190,7 @@ def _nb201(p: argparse.ArgumentParser):
                                                           if not k.startswith("_")},
                "summary": report["summary"], "paired_vs_random": report["paired"],
                "outcomes": outcomes}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
         print(f"wrote {args.json}")
         return 0
 
@@ -198,22 +211,57 @@ def _lookup(p: argparse.ArgumentParser):
         from diffnas.nasbench.table import open_benchmark
         from diffnas.spaces.nb201 import str_to_genotype
 
+        if args.json:
+            refuse_foreign_json(args.json, LOOKUP_KEYS, "an 'nb201-lookup' record", "--json")
         bench = open_benchmark(args.table, args.backend)
         g = args.genotype
         if Path(g).is_file():
             genotype = Genotype.load(g)
-        elif g.strip().isdigit():
+        elif re.fullmatch(r"\s*[-+]?\d+\s*", g):
             genotype = bench.genotype(int(g))
+        elif "|" not in g:  # neither a cell string nor an index: a path that is not there
+            raise FileNotFoundError(f"--genotype {g}: no such file, and not a benchmark index "
+                                    "or an nb201 string (|op~0|+|op~0|op~1|+|...|)")
         else:
             genotype = str_to_genotype(g)
         record = describe_cell(bench, genotype)
         for k, v in record.items():
             print(f"{k:>20}: {v}")
         if args.json:
-            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+            atomic_write_text(json.dumps(record, indent=1) + "\n", args.json)
         return 0
 
     return run
+
+
+#: what each outcome of a 'bench nb201' file must hold for the summary: name -> types
+_OUTCOME_FIELDS: dict[str, tuple[type, ...]] = {
+    "strategy": (str,), "budget": (int,), "seed": (int,), "queries": (int, float),
+    "valid_acc": (int, float), "seconds": (int, float), "test": (dict,)}
+
+
+def _check_outcomes(outcomes: object, path: str) -> None:
+    """A ``ValueError`` naming ``path`` and the entry when ``outcomes`` is not the list of
+    outcome objects 'bench nb201' writes (a damaged or hand-edited file), instead of a
+    ``KeyError`` from deep in the summary."""
+    if not isinstance(outcomes, list):
+        raise ValueError(f"{path}: 'outcomes' is {outcomes!r:.40}, not a list; "
+                         "give a JSON file written by 'diffnas bench nb201'")
+    for n, o in enumerate(outcomes):
+        if not isinstance(o, dict):
+            raise ValueError(f"{path}: outcomes[{n}] is {o!r:.40}, not an object")
+        for key, types in _OUTCOME_FIELDS.items():
+            value = o.get(key)
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise ValueError(f"{path}: outcomes[{n}] has no valid {key!r} (got "
+                                 f"{value!r}); the file is damaged or not from 'diffnas "
+                                 "bench nb201'")
+        bad = [m for m, v in o["test"].items()
+               if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad or ("settings" in o and not isinstance(o["settings"], dict)):
+            what = f"test[{bad[0]!r}]" if bad else "'settings'"
+            raise ValueError(f"{path}: outcomes[{n}] has an invalid {what}; the file is "
+                             "damaged or not from 'diffnas bench nb201'")
 
 
 def _file_settings(data: dict) -> dict[str, dict]:
@@ -235,12 +283,20 @@ def _summary(p: argparse.ArgumentParser):
         from diffnas.engine.callbacks import read_json
         from diffnas.nasbench.runner import summarize
 
+        if args.json:
+            inputs = [f for f in args.files if Path(f).exists()
+                      and Path(f).resolve() == Path(args.json).resolve()]
+            if inputs:
+                raise ValueError(f"--json {args.json} is one of the files summarised; write "
+                                 "the summary to another path")
+            refuse_foreign_json(args.json, SUMMARY_KEYS, "an 'nb201-summary' result", "--json")
         merged: dict[tuple, dict] = {}
         setting_of: dict[str, tuple[dict, str]] = {}  # strategy -> (its settings, a file)
         for f in args.files:
             data = read_json(f, "give a JSON file written by 'diffnas bench nb201'")
             if "outcomes" not in data:
                 raise ValueError(f"{f}: not a 'bench nb201' JSON file (no 'outcomes')")
+            _check_outcomes(data["outcomes"], f)
             try:
                 legacy = _file_settings(data)
             except ValueError as exc:  # e.g. a strategy renamed since
@@ -262,9 +318,10 @@ def _summary(p: argparse.ArgumentParser):
         for line in report["paired_lines"]:
             print(line)
         if args.json:
-            Path(args.json).write_text(json.dumps(
+            atomic_write_text(json.dumps(
                 {"files": args.files, "summary": report["summary"],
-                 "paired_vs_random": report["paired"], "outcomes": outcomes}, indent=1) + "\n")
+                 "paired_vs_random": report["paired"], "outcomes": outcomes}, indent=1) + "\n",
+                args.json)
         return 0
 
     return run

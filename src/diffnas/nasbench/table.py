@@ -149,9 +149,15 @@ class CsvNb201Table(Nb201Benchmark):
                 "or a CSV with columns index, arch_str, c10valid_valid_200, ...)"
             )
         self.path = p
-        raw = gzip.open(p, "rt") if p.suffix == ".gz" else p.open("r", newline="")
-        with raw as f:
-            rows = list(csv.reader(io.StringIO(f.read())))
+        try:
+            raw = gzip.open(p, "rt") if p.suffix == ".gz" else p.open("r", newline="")
+            with raw as f:
+                rows = list(csv.reader(io.StringIO(f.read())))
+        except (EOFError, UnicodeDecodeError, gzip.BadGzipFile, csv.Error) as exc:
+            # cut short, not gzip, not text: a download or copy gone wrong
+            raise ValueError(f"{p}: not a readable NAS-Bench-201 table "
+                             f"({type(exc).__name__}: {exc}); fetch or copy it again "
+                             "(see docs/nb201.md)") from None
         if not rows:
             raise ValueError(f"{p}: empty NAS-Bench-201 table")
         header = rows[0]
@@ -162,20 +168,34 @@ class CsvNb201Table(Nb201Benchmark):
         if not self._metrics:
             raise ValueError(f"{p}: no accuracy columns among {header}; expected {ALL_METRICS}")
         col = {name: i for i, name in enumerate(header)}
-        body = rows[1:]
-        indices = [int(r[col["index"]]) for r in body]
+        body = [r for r in rows[1:] if r]  # (a blank last line)
         n = len(body)
-        if sorted(indices) != list(range(n)):
+        parsed = [self._row(p, line, r, col) for line, r in enumerate(body, 2)]
+        if sorted(index for index, _, _ in parsed) != list(range(n)):
             raise ValueError(f"{p}: the index column must hold 0..{n - 1} once each")
         self._strs = [""] * n
         self._data = {m: np.empty(n) for m in self._metrics}
-        for r, index in zip(body, indices, strict=True):
-            self._strs[index] = ops_to_str(str_to_ops(r[col["arch_str"]]))
-            for m in self._metrics:
-                self._data[m][index] = float(r[col[m]])
+        for index, arch, values in parsed:
+            self._strs[index] = arch
+            for m, v in zip(self._metrics, values, strict=True):
+                self._data[m][index] = v
         self._by_str = {s: i for i, s in enumerate(self._strs)}
         if len(self._by_str) != n:
             raise ValueError(f"{p}: some arch_str appears more than once")
+
+    def _row(self, path: Path, line: int, row: list[str],
+             col: dict[str, int]) -> tuple[int, str, list[float]]:
+        """(index, canonical arch string, metric values) of one CSV row; a short row or
+        a value that is not a number is a ``ValueError`` naming the file and line."""
+        if len(row) < len(col):
+            raise ValueError(f"{path}, line {line}: {len(row)} values for {len(col)} columns")
+        try:
+            index = int(row[col["index"]])
+            values = [float(row[col[m]]) for m in self._metrics]
+            arch = ops_to_str(str_to_ops(row[col["arch_str"]]))
+        except ValueError as exc:  # GenotypeError is one too
+            raise ValueError(f"{path}, line {line}: {exc}") from None
+        return index, arch, values
 
     def __len__(self) -> int:
         return len(self._strs)

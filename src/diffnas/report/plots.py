@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from diffnas.engine.callbacks import read_json, read_jsonl
+from diffnas.engine.checkpoint import atomic_write_bytes
 from diffnas.genotype import CellGenotype, Genotype
 
 FORMATS = ("png", "svg")
@@ -403,7 +404,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     for fmt in formats:
         for name, data in run_figures(run, backend, fmt).items():
             path = out / f"{name}.{fmt}"
-            path.write_bytes(data)
+            atomic_write_bytes(data, path)  # an earlier picture stays whole on a crash
             written.append(path)
     if not written:
         raise PlotError(f"{run_dir}: nothing to plot yet (no genotype, alphas or metrics)")
