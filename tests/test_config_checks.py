@@ -121,6 +121,16 @@ def test_a_malformed_file_names_the_file_and_line(tmp_path):
         load_config(bad)
 
 
+def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 0\n# caf\u00e9\n".encode("latin-1"))  # an editor's Latin-1
+    with pytest.raises(ConfigError, match=rf"{latin}: this config file is not UTF-8 text "
+                                          r"\(byte 0xe9 on line 2\); save it as UTF-8"):
+        load_config(latin)
+    latin.write_bytes("seed: 0\n# caf\u00e9\n".encode("utf-8"))
+    assert load_config(latin).seed == 0
+
+
 # --- 3. penalty and relaxation settings -------------------------------------------------
 @pytest.mark.parametrize("override, match", [
     ("search.strategy.penalties=[{name: latency, predictor: p.pt, lamx: 1}]",

@@ -190,6 +190,11 @@ def test_dataset_records_extend_and_encode(tmp_path):
         assert r["latency_ms"] > 0 and r["ratio"] > 0 and r["settings"]["repeats"] == 2
     fp = records[0]["device"]["id"]
     assert len(load_records(path, fp)) == 5
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(path.read_bytes() + '{"note": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{latin}: this latency dataset file is not UTF-8 "
+                                         r"text \(byte 0xe9 on line 6\)"):
+        load_records(latin)
     with pytest.raises(ValueError, match=f"no record of device 'other'; its devices: {fp}"):
         load_records(path, "other")
 

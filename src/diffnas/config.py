@@ -27,6 +27,20 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid."""
 
 
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of ``path``; a file that is not UTF-8 (saved as Latin-1 by an editor, or
+    not text at all) is a :class:`ConfigError` naming the file, line and byte, not
+    Python's bare codec message."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: this {what} file is not UTF-8 text (byte "
+                          f"0x{raw[exc.start]:02x} on line {line}); save it as UTF-8") \
+            from None
+
+
 def _load_yaml(text: str, where: str) -> Any:
     """``yaml.safe_load(text)``; malformed YAML is a :class:`ConfigError` naming ``where``
     (a file or an override) and the line and column of the problem."""
@@ -343,7 +357,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = _load_yaml(p.read_text(), str(p)) or {}
+        data = _load_yaml(read_utf8(p, "config"), str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     defaults = to_dict(RunConfig())

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from diffnas.config import read_utf8
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
 from diffnas.hardware.latency import (
@@ -206,7 +207,7 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
     if not p.is_file():
         raise FileNotFoundError(f"latency dataset not found: {p}")
     records, seen = [], {}
-    text = p.read_text()
+    text = read_utf8(p, "latency dataset")
     lines = text.splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
