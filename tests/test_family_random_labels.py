@@ -194,3 +194,20 @@ def test_a_misspelt_excluded_op_is_named():
     """exclude_ops: [nonee] used to exclude nothing, silently ('none' stayed sampleable)."""
     with pytest.raises(ValueError, match=r"exclude_ops \['nonee'\] are not ops of this space"):
         tiny_strategy({**SEC, "exclude_ops": ["nonee"]}, space=nb201_space())
+
+
+def test_sampling_none_is_refused_where_the_discretizer_drops_it():
+    """Under the darts rule a path with 'none' on most of a node's edges would be turned
+    into a genotype with inputs (and ops) the path never trained: refused before the run.
+    NAS-Bench-201 (argmax: 'none' is a kept op) may sample it."""
+    from diffnas.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"exclude_ops \[\] lets paths sample 'none'"):
+        load_config(None, ["search.strategy={name: random_labels, exclude_ops: []}"])
+    with pytest.raises(ConfigError, match="exclude_ops"):
+        load_config(None, ["search.strategy={name: random_labels, exclude_ops: []}",
+                           "search.space={name: nb201}", "search.discretizer=darts",
+                           "retrain.enabled=false"])
+    cfg = load_config(None, ["search.strategy={name: random_labels, exclude_ops: []}",
+                             "search.space={name: nb201}", "retrain.enabled=false"])
+    assert cfg.search.strategy["exclude_ops"] == []

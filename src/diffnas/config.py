@@ -420,9 +420,11 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
     section = cfg.search.strategy
     cls = STRATEGIES.get(section.get("name", "darts"))
     space, arch = _space_and_alphas(cfg)
+    rule = cfg.search.discretizer or getattr(space, "default_discretizer", "darts")
     try:
         with torch.random.fork_rng(devices=[]):  # a check that builds ops leaves the run's
             cls.check_setup(strategy_config(section), arch, cfg.search.epochs)  # RNG alone
+        cls.check_discretizer(strategy_config(section), rule)
     except ConfigError:
         raise
     except ValueError as exc:
@@ -433,7 +435,6 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
         space.validate(discretize(arch.as_dict(), space, cfg.search.discretizer,
                                   arch.edge_weights()))
     except ValueError as exc:
-        rule = cfg.search.discretizer or getattr(space, "default_discretizer", "darts")
         raise ConfigError(f"search.discretizer: {rule!r} derives genotypes that space "
                           f"{_space_name(cfg)!r} does not take ({exc})") from None
 

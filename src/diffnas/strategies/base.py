@@ -165,6 +165,12 @@ class SearchStrategy:
         (a ValueError naming the key). Config checks call it with the space's alphas before
         a run directory exists; ``__init__`` calls it too. Nothing to check here."""
 
+    @classmethod
+    def check_discretizer(cls, config: StrategyConfig, rule: str) -> None:
+        """Refuse settings whose search cannot be read by the discretizer ``rule`` (the
+        run's ``search.discretizer`` or its space's default; a ValueError naming the key).
+        Config checks call it before a run directory exists. Nothing to check here."""
+
     def __init__(
         self,
         config: StrategyConfig,

@@ -108,6 +108,18 @@ class RandomLabelsStrategy(SearchStrategy):
                              f"penalties ({[p.get('name') for p in config.penalties]})")
         cls._allowed(config, arch_params)
 
+    @classmethod
+    def check_discretizer(cls, config: RandomLabelsConfig, rule: str) -> None:
+        """Under the ``darts`` rule (every node keeps its top-k inputs, ``none`` dropped) a
+        path may sample ``none`` only if excluded: a node whose path edges are mostly
+        ``none`` would get an input, with an op, that the path never trained."""
+        if rule == "darts" and "none" not in config.exclude_ops:
+            raise ValueError(f"random_labels: exclude_ops {config.exclude_ops} lets paths "
+                             "sample 'none', but the 'darts' discretizer keeps a fixed number "
+                             "of non-'none' inputs per node, so the genotype could hold ops "
+                             "the best path never had; keep 'none' in exclude_ops (the "
+                             "default) or use the 'argmax' discretizer where the space takes it")
+
     def __init__(self, config: RandomLabelsConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)  # check_setup first
         self.allowed = self._allowed(config, self.arch_params)
