@@ -685,3 +685,28 @@ def test_a_damaged_table_is_named_with_its_line(name, content, problem, tmp_path
     with pytest.raises(ValueError) as err:
         CsvNb201Table(path)
     assert str(err.value).startswith(str(path)) and problem in str(err.value), err.value
+
+
+def test_a_missing_table_or_api_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A --table that is not there is named (not a missing API package); a folder or file
+    for the API backend without nats_bench / nas_201_api says what to install."""
+    import importlib
+
+    from diffnas.cli import main
+
+    real = importlib.import_module
+
+    def no_api(name, *args, **kwargs):
+        if name in ("nats_bench", "nas_201_api"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", no_api)
+    lookup = ["bench", "nb201-lookup", "--genotype", "0", "--table"]
+    assert main([*lookup, str(tmp_path / "NATS-tss-v1_0-3ffb9-simple")]) == 2
+    assert "NAS-Bench-201 file not found: " in capsys.readouterr().err
+    (tmp_path / "NATS-tss-v1_0-3ffb9-simple").mkdir()
+    assert main([*lookup, str(tmp_path / "NATS-tss-v1_0-3ffb9-simple")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffnas: error: the NAS-Bench-201 API backend needs the package "
+                          "nats_bench") and "Traceback" not in err

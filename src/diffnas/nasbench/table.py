@@ -59,6 +59,12 @@ TEST_METRICS: tuple[str, ...] = tuple(m for (_, split, _), m in COLUMNS.items() 
 Arch = Genotype | str | int | Sequence[str]
 
 
+class Nb201BackendError(ImportError, ValueError):
+    """The official API backend cannot be used (its package is missing or too old): an
+    ImportError for code that catches those, a ValueError so the command line reports
+    it in one line."""
+
+
 class Nb201Benchmark(ABC):
     """Index <-> string mapping and per-metric accuracy (percent) of every cell."""
 
@@ -287,12 +293,12 @@ def _open_api(path: str | Path | None, package: str):
             return name, mod.create(p, "tss", fast_mode=True, verbose=False)
         api = mod.API(p, verbose=False)
         if "hp" not in inspect.signature(api.get_more_info).parameters:
-            raise ImportError(  # v1.x: use_12epochs_result instead of hp
+            raise Nb201BackendError(  # v1.x: use_12epochs_result instead of hp
                 "nas_201_api before v2.0 has no hp= in get_more_info, which this backend "
                 "reads: upgrade nas-bench-201 (>= 2.0) or use nats_bench "
                 "(pip install 'diffnas[nb201]')")
         return name, api
-    raise ImportError(
+    raise Nb201BackendError(
         "the NAS-Bench-201 API backend needs the package nats_bench (pip install "
         "'diffnas[nb201]') or nas-bench-201, plus the benchmark file; or use the CSV table"
     )
@@ -306,4 +312,8 @@ def open_benchmark(path: str | Path | None, backend: str = "auto") -> Nb201Bench
         if path is None:
             raise ValueError("the CSV backend needs a table path")
         return CsvNb201Table(path)
+    if path is not None and not Path(path).exists():  # before asking for the API package
+        raise FileNotFoundError(
+            f"NAS-Bench-201 file not found: {path} (pass the path of nb201_compact.csv.gz, "
+            "or of the official benchmark file or folder for the API backend)")
     return ApiNb201Table(path, "auto" if backend == "auto" else backend)
