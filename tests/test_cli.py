@@ -198,3 +198,13 @@ def test_a_reader_that_stops_reading_is_not_an_error():
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "..", "/tmp/abs"])
+def test_a_run_name_that_is_a_path_is_refused(name, tmp_path, capsys):
+    """name= is the run folder inside out_dir: '../x' used to write outside out_dir."""
+    out = tmp_path / "runs"
+    argv = ["search", f"out_dir={out}", f"name={name}", "retrain.enabled=false"]
+    assert main(argv) == 2
+    assert f"name={name}: the run directory's own name" in capsys.readouterr().err
+    assert not out.exists() and sorted(tmp_path.iterdir()) == []

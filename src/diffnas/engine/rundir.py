@@ -54,6 +54,10 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run", command: str = "search
     ``CONFIG_NAME-YYYYmmdd-HHMMSS``, plus ``-2``, ``-3``, ... for runs started in the same
     second; a ``cfg.name`` that already holds a run is refused."""
     out = Path(cfg.out_dir)
+    if cfg.name and (Path(cfg.name).name != cfg.name or cfg.name in (".", "..")):
+        raise ConfigError(f"name={cfg.name}: the run directory's own name, a single folder "
+                          f"inside out_dir ({cfg.out_dir}), not a path; give the parent "
+                          "folder as out_dir")
     if cfg.name:
         run_dir = out / cfg.name
         run_dir.mkdir(parents=True, exist_ok=True)
