@@ -94,6 +94,7 @@ def test_genotype_structure_is_validated():
     ("Genotype(normal=[('sep_conv_3x3', 0)], normal_concat=[2])", "needs fields"),
     ("Genotype(normal=[('sep_conv_3x3', 0)", "malformed DARTS genotype text"),
     ("print('hi')", "expected a call 'Genotype"),
+    ("[1, 2]", "expected an object with exactly the keys"),
     ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal=[('max_pool_3x3', 0),"
      " ('skip_connect', 1)], normal_concat=[2], reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)],"
      " reduce_concat=[2])", r"field\(s\) given twice: \['normal'\]"),
@@ -143,6 +144,15 @@ def test_resolve_genotype_by_name_or_file(tmp_path):
     assert json.loads(p.read_text())["space"] == "darts_cnn"
     with pytest.raises(GenotypeError, match="not found"):
         resolve_genotype(str(tmp_path / "missing.json"))
+    # a run directory, or DARTS text given in place of a file, says what to give instead
+    (tmp_path / "run" / "search").mkdir(parents=True)
+    with pytest.raises(GenotypeError, match=r"run is a folder: give a genotype file or a pub"):
+        resolve_genotype(str(tmp_path / "run"))
+    g.save(tmp_path / "run" / "search" / "genotype.json")
+    with pytest.raises(GenotypeError, match=r"\(this run's: .*run/search/genotype.json\)"):
+        resolve_genotype(str(tmp_path / "run"))
+    with pytest.raises(GenotypeError, match=r"DARTS Genotype\(...\) text, not a file name"):
+        resolve_genotype(str(g))
 
 
 def _v2_dict() -> dict:

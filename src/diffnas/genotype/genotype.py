@@ -135,7 +135,7 @@ class Genotype:
                                 "JSON file (e.g. RUN/search/genotype.json) or Genotype(...) "
                                 "text") from None
         try:
-            if text.startswith("{"):
+            if text.startswith(("{", "[")):  # JSON (a list is refused by from_dict)
                 return cls.from_json(text)
             return from_darts_str(text)
         except GenotypeError as exc:

@@ -46,6 +46,14 @@ def resolve_genotype(ref: str) -> Genotype:
     """A published name (e.g. ``DARTS_V2``) or a path to a genotype file."""
     if ref in PUBLISHED:
         return published_genotype(ref)
+    if ref.lstrip().startswith("Genotype("):
+        raise GenotypeError("the genotype is DARTS Genotype(...) text, not a file name: save "
+                            "that text in a file and give the file's path")
+    if Path(ref).is_dir():
+        run = Path(ref) / "search" / "genotype.json"
+        hint = f" (this run's: {run})" if run.is_file() else ""
+        raise GenotypeError(f"{ref} is a folder: give a genotype file{hint} or a published "
+                            f"name ({', '.join(sorted(PUBLISHED))})")
     if not Path(ref).is_file():  # a mistyped name should not read as a missing file only
         raise GenotypeError(f"genotype file not found: {ref}, and not a published genotype "
                             f"name either; published: {', '.join(sorted(PUBLISHED))}")
