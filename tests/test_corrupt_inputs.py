@@ -220,3 +220,12 @@ def test_binary_genotype_file_is_named(tmp_path, capsys):
     err = cli_error(["train", "--genotype", str(png), "--dry-run", *TINY_RUN], capsys)
     assert f"{png}: not a genotype file" in err
 
+
+
+@pytest.mark.parametrize("command", [["plot"], ["report"], ["search", "--resume"]])
+def test_a_missing_run_directory_and_a_folder_that_is_not_one_are_told_apart(
+        command, tmp_path, capsys):
+    missing = tmp_path / "runs" / "typo"
+    assert f"{missing}: no such run directory" in cli_error([*command, str(missing)], capsys)
+    assert f"{tmp_path} is not a run directory (no config.yaml)" in cli_error(
+        [*command, str(tmp_path)], capsys)

@@ -226,6 +226,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
     ``device=False`` to read a run made on another machine (reports, export);
     ``search=False`` for a retraining (``diffnas train``), which reads no search settings."""
     path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).exists():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     _check_saved_config(path)
