@@ -422,9 +422,10 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
     space, arch = _space_and_alphas(cfg)
     rule = cfg.search.discretizer or getattr(space, "default_discretizer", "darts")
     try:
+        config = strategy_config(section)
         with torch.random.fork_rng(devices=[]):  # a check that builds ops leaves the run's
-            cls.check_setup(strategy_config(section), arch, cfg.search.epochs)  # RNG alone
-        cls.check_discretizer(strategy_config(section), rule)
+            cls.check_setup(config, arch, cfg.search.epochs)  # RNG alone
+        cls.check_discretizer(config, rule)
     except ConfigError:
         raise
     except ValueError as exc:

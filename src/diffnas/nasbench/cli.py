@@ -284,9 +284,7 @@ def _summary(p: argparse.ArgumentParser):
         from diffnas.nasbench.runner import summarize
 
         if args.json:
-            inputs = [f for f in args.files if Path(f).exists()
-                      and Path(f).resolve() == Path(args.json).resolve()]
-            if inputs:
+            if any(Path(f).resolve() == Path(args.json).resolve() for f in args.files):
                 raise ValueError(f"--json {args.json} is one of the files summarised; write "
                                  "the summary to another path")
             refuse_foreign_json(args.json, SUMMARY_KEYS, "an 'nb201-summary' result", "--json")
