@@ -363,6 +363,93 @@ def test_dw_pw_conv_matches_plain_autograd(layout, cl_out, stride, dilation, dev
         torch.autograd.grad(gx.sum(), w_pw)
 
 
+@pytest.mark.parametrize(
+    "hw,kernel,dilation",
+    [((8, 8), 3, 2), ((12, 16), 5, 2), ((9, 12), 3, 3), ((10, 10), 5, 2),
+     ((8, 8), 5, 2), ((9, 8), 3, 2)],  # the last two: phases smaller than 5x5, odd size
+)
+def test_dilated_weight_gradient_on_phases_matches_plain_autograd(hw, kernel, dilation,
+                                                                  monkeypatch):
+    # A stride-1 dilated depthwise conv's weight gradient, taken as the plain kernel's on
+    # the d*d phases of a channels-last CPU image, equals autograd's; the phase path is
+    # the one taken (it is where the phases are at least as large as the kernel).
+    from diffnas.ops import savers
+    from diffnas.ops.savers import DwPwConv
+
+    taken = []
+    real = savers._polyphase_weight_grad
+    monkeypatch.setattr(savers, "_polyphase_weight_grad",
+                        lambda *a: taken.append(1) or real(*a))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, *hw, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w_dw = torch.randn(3, 1, kernel, kernel, generator=g, dtype=torch.float64,
+                       requires_grad=True)
+    w_pw = torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    pad = dilation * (kernel - 1) // 2
+    out = DwPwConv.apply(x, w_dw, w_pw, (1, 1), (pad, pad), (dilation, dilation), 3, False)
+    want_out = _dw_pw_plain(x, w_dw, w_pw, 1, pad, dilation, False)
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, [x, w_dw, w_pw], gout)
+    want = torch.autograd.grad(want_out, [x, w_dw, w_pw], gout)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    phases_fit = all(n % dilation == 0 and n // dilation >= kernel for n in hw)
+    assert bool(taken) == phases_fit
+
+
+def test_phase_path_is_refused_where_it_does_not_hold():
+    from diffnas.ops.savers import _polyphase_factor
+
+    x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 1, 3, 3)
+    assert _polyphase_factor(w, x, (1, 1), (2, 2), (2, 2), 3) == 2
+    assert _polyphase_factor(w, x.contiguous(), (1, 1), (2, 2), (2, 2), 3) == 0  # NCHW
+    assert _polyphase_factor(w, x, (2, 2), (2, 2), (2, 2), 3) == 0  # strided
+    assert _polyphase_factor(w, x, (1, 1), (1, 1), (2, 2), 3) == 0  # not "same" padding
+    assert _polyphase_factor(w, x, (1, 1), (1, 1), (1, 1), 3) == 0  # not dilated
+    assert _polyphase_factor(w, x[:, :, :7, :7].contiguous(
+        memory_format=torch.channels_last), (1, 1), (2, 2), (2, 2), 3) == 0  # odd size
+    w5 = torch.randn(3, 1, 5, 5)
+    assert _polyphase_factor(w5, x, (1, 1), (4, 4), (2, 2), 3) == 0  # 4x4 phases, 5x5 kernel
+    assert _polyphase_factor(torch.randn(3, 3, 3, 3), x, (1, 1), (2, 2), (2, 2), 1) == 0
+
+
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_strided_dilated_conv_reads_one_phase(size, kernel, layout):
+    # A DilConv with stride 2 at dilation 2 (a DARTS reduction edge) computes the plain
+    # conv of x[..., ::2, ::2]: the same output and gradients as the conv it replaces,
+    # with the memory savers and without, on odd and even image sizes.
+    import torch.nn.functional as F
+
+    from diffnas.ops import twice_differentiable
+    from diffnas.ops.conv import DilConv, phase_only
+
+    torch.manual_seed(3)
+    op = DilConv(3, 4, kernel, 2, kernel - 1, 2, affine=False).double()
+    assert phase_only(op[1]) == 2
+    assert phase_only(DilConv(3, 4, kernel, 1, kernel - 1, 2, affine=False)[1]) == 0
+    assert phase_only(DilConv(3, 4, kernel, 2, kernel // 2, 1, affine=False)[1]) == 0
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    want = op[2](F.conv2d(x, op[1].weight, None, 2, kernel - 1, 2, 3))
+    gout = torch.randn(want.shape, dtype=torch.float64)
+    params = [x, op[1].weight, op[2].weight]
+    want_g = torch.autograd.grad(want, params, gout)
+    for twice in (False, True):
+        if twice:
+            with twice_differentiable():
+                got = op.forward_preact(x)
+        else:
+            got = op.forward_preact(x)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, params, gout), want_g, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_conv_savers_recompute_only_for_weight_gradients(monkeypatch):
     # An architecture step asks for no weight gradient: its backward must recompute no
     # depthwise output. A weight step needs the 1x1 weight gradients, so it recomputes.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffnas.ops.registry import register_op
@@ -66,24 +67,56 @@ class DilConv(nn.Sequential):
         )
 
     def forward_preact(
-        self, x: torch.Tensor, x_nchw: torch.Tensor | None = None
+        self, x: torch.Tensor, x_nchw: torch.Tensor | None = None,
+        x_phase: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pre-BN output for an input already passed through ReLU (see ReLUConvBN).
-        ``x_nchw``: ``x`` as an NCHW-contiguous copy, if the caller already made one."""
+        ``x_nchw``: ``x`` as an NCHW-contiguous copy, if the caller already made one;
+        ``x_phase``: ``phase_subsample(x, d)`` for a conv that reads only that phase
+        (:func:`phase_only`), if the caller already made it."""
         dw = self[1]
-        slow = slow_channels_last(dw, x)
+        stride, padding, dilation = dw.stride, dw.padding, dw.dilation
+        d = phase_only(dw)
+        if d:
+            # stride d at dilation d reads only x[..., ::d, ::d]: the plain conv of that
+            # phase at stride 1 (the same numbers; oneDNN's CPU kernels for stride and
+            # dilation together are 5-30x slower in backward, benchmarks/README.md)
+            x = phase_subsample(x, d) if x_phase is None else x_phase
+            stride, dilation = (1, 1), (1, 1)
+            padding = tuple((k - 1) // 2 for k in dw.kernel_size)
+        slow = slow_channels_last(dw, x) and not d
         if slow:
             # oneDNN's CPU depthwise conv with both stride and dilation is about twice as
             # slow on channels-last tensors as on NCHW ones (benchmarks/README.md): take
             # the NCHW path for this conv and return to channels-last for the rest.
             x = x.contiguous() if x_nchw is None else x_nchw
         if memory_savers_allowed():
-            return DwPwConv.apply(x, dw.weight, self[2].weight, dw.stride, dw.padding,
-                                  dw.dilation, dw.groups, slow)
+            return DwPwConv.apply(x, dw.weight, self[2].weight, stride, padding, dilation,
+                                  dw.groups, slow)
+        y = F.conv2d(x, dw.weight, None, stride, padding, dilation, dw.groups)
         if slow:
-            y = dense_grad(dw(x), torch.contiguous_format)
+            y = dense_grad(y, torch.contiguous_format)
             return self[2](y.contiguous(memory_format=torch.channels_last))
-        return self[2](dw(x))
+        return self[2](y)
+
+
+def phase_only(conv: nn.Conv2d) -> int:
+    """``d`` for a conv with stride d, dilation d > 1 and padding d*(k-1)/2 (the DARTS
+    dilated convs of a reduction cell): each output pixel then reads only input pixels
+    whose coordinates are multiples of d, so the conv equals the plain k x k conv (stride
+    1, padding (k-1)/2) of ``x[..., ::d, ::d]``, output size included. 0 otherwise."""
+    s, dil, p, k = conv.stride, conv.dilation, conv.padding, conv.kernel_size
+    if s[0] != s[1] or s != dil or s[0] < 2 or isinstance(p, str):
+        return 0
+    if any(kk % 2 == 0 or pp != s[0] * (kk - 1) // 2 for kk, pp in zip(k, p, strict=True)):
+        return 0
+    return s[0]
+
+
+def phase_subsample(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x[..., ::d, ::d]`` as a dense tensor in ``x``'s layout (channels-last stays)."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return x[:, :, ::d, ::d].contiguous(memory_format=fmt)
 
 
 def slow_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> bool:

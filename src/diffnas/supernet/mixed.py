@@ -15,6 +15,8 @@ from diffnas.ops.conv import (
     FactorizedReduce,
     Identity,
     batch_norm,
+    phase_only,
+    phase_subsample,
     slow_channels_last,
     stateless_bn,
 )
@@ -116,7 +118,14 @@ class MixedOp(nn.Module):
             r = shared["relu"]
             for i in self._preact:
                 op = self.ops[i]
-                if isinstance(op, DilConv) and slow_channels_last(op[1], r):
+                d = phase_only(op[1]) if isinstance(op, DilConv) else 0
+                if d:
+                    key = f"relu_phase{d}"
+                    if key not in shared:  # one subsampled copy for the dilated convs
+                        shared[key] = phase_subsample(r, d)
+                        dense_grad(r)  # the slice's gradient back to r's layout
+                    h = op.forward_preact(r, x_phase=shared[key])
+                elif isinstance(op, DilConv) and slow_channels_last(op[1], r):
                     if "relu_nchw" not in shared:  # one NCHW copy for the dilated convs
                         shared["relu_nchw"] = r.contiguous()
                         dense_grad(r)  # its NCHW gradient back to r's layout
