@@ -421,7 +421,8 @@ def test_phase_path_is_refused_where_it_does_not_hold():
 def test_strided_dilated_conv_reads_one_phase(size, kernel, layout):
     # A DilConv with stride 2 at dilation 2 (a DARTS reduction edge) computes the plain
     # conv of x[..., ::2, ::2]: the same output and gradients as the conv it replaces,
-    # with the memory savers and without, on odd and even image sizes.
+    # in the supernet (with the memory savers and without) and in a retrain network, on
+    # odd and even image sizes.
     import torch.nn.functional as F
 
     from diffnas.ops import twice_differentiable
@@ -448,6 +449,14 @@ def test_strided_dilated_conv_reads_one_phase(size, kernel, layout):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
         for a, b in zip(torch.autograd.grad(got, params, gout), want_g, strict=True):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    # the whole op as a retrain network runs it (ReLU -> conv -> 1x1 -> BN)
+    want = op[3](op[2](op[1](op[0](x))))
+    got = op(x)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    params = [x, op[1].weight, op[2].weight]
+    for a, b in zip(torch.autograd.grad(got, params, gout),
+                    torch.autograd.grad(want, params, gout), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_conv_savers_recompute_only_for_weight_gradients(monkeypatch):

@@ -66,6 +66,18 @@ class DilConv(nn.Sequential):
             batch_norm(C_out, affine),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU -> conv -> 1x1 -> BN; a conv with stride d at dilation d reads only
+        ``x[..., ::d, ::d]`` and runs as the plain conv of that phase (see
+        :func:`phase_only`): same numbers, far faster CPU backward kernels."""
+        d = phase_only(self[1])
+        if not d:
+            return super().forward(x)
+        dw = self[1]
+        pad = tuple((k - 1) // 2 for k in dw.kernel_size)
+        h = F.conv2d(self[0](phase_subsample(x, d)), dw.weight, None, 1, pad, 1, dw.groups)
+        return self[3](self[2](h))
+
     def forward_preact(
         self, x: torch.Tensor, x_nchw: torch.Tensor | None = None,
         x_phase: torch.Tensor | None = None,
