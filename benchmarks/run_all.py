@@ -14,8 +14,8 @@ summary. Budget: < 15 minutes on an idle 2-core CPU. The side-by-side parts alwa
 ablations (``diffnas_twice``, the GDAS and partial-channel variants) run last, and only
 if they start within ``OPTIONAL_START_S`` (``--all`` runs them whatever the time): on a
 2-core VM twice as slow as the one the repetitions were sized on, everything took 15 min
-0 s without NNI (2026-12-05). On a busy machine every figure is slower and noisier, the
-ratios less so.
+0 s without NNI (2026-12-05); with NNI and the ablations skipped it takes 12.5-14.5 min
+there. On a busy machine every figure is slower and noisier, the ratios less so.
 """
 
 from __future__ import annotations
