@@ -91,8 +91,8 @@ class DilConv(nn.Sequential):
         d = phase_only(dw)
         if d:
             # stride d at dilation d reads only x[..., ::d, ::d]: the plain conv of that
-            # phase at stride 1 (the same numbers; oneDNN's CPU kernels for stride and
-            # dilation together are 5-30x slower in backward, benchmarks/README.md)
+            # phase at stride 1 (the same numbers; oneDNN's CPU backward kernels for
+            # stride and dilation together are 3-40x slower, benchmarks/README.md)
             x = phase_subsample(x, d) if x_phase is None else x_phase
             stride, dilation = (1, 1), (1, 1)
             padding = tuple((k - 1) // 2 for k in dw.kernel_size)
