@@ -459,6 +459,38 @@ def test_strided_dilated_conv_reads_one_phase(size, kernel, layout):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_retrain_dilated_conv_runs_through_the_savers(kernel, layout, monkeypatch):
+    # A stride-1 DilConv in a retrain network runs through DwPwConv (fast CPU backward)
+    # with the gradients of the plain module; inside twice_differentiable() it takes
+    # plain autograd, so a double backward still works there.
+    from diffnas.ops import savers, twice_differentiable
+    from diffnas.ops.conv import DilConv
+
+    calls = []
+    real = savers.DwPwConv.apply
+    monkeypatch.setattr(savers.DwPwConv, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(4)
+    op = DilConv(3, 4, kernel, 1, kernel - 1, 2, affine=True).double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    params = [x, *op.parameters()]
+    want = op[3](op[2](op[1](op[0](x))))
+    got = op(x)
+    assert calls, "the savers' path was not taken"
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    gout = torch.randn(want.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, params, gout),
+                    torch.autograd.grad(want, params, gout), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    calls.clear()
+    with twice_differentiable():
+        gx = torch.autograd.grad((op(x) * gout).sum(), x, create_graph=True)[0]
+        assert torch.autograd.grad(gx.pow(2).sum(), op[1].weight)[0].abs().sum() > 0
+    assert not calls
+
+
 def test_conv_savers_recompute_only_for_weight_gradients(monkeypatch):
     # An architecture step asks for no weight gradient: its backward must recompute no
     # depthwise output. A weight step needs the 1x1 weight gradients, so it recomputes.
