@@ -69,7 +69,7 @@ class DilConv(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU -> conv -> 1x1 -> BN, as a retrain network runs it. A conv with stride d
         at dilation d reads only ``x[..., ::d, ::d]`` and runs as the plain conv of that
-        phase (see :func:`phase_only`); a stride-1 dilated conv runs through
+        phase (see :func:`phase_only`); on CPU a stride-1 dilated conv runs through
         :class:`DwPwConv` (input gradient as a forward conv, weight gradient on the
         image's phases). Same numbers, far faster CPU backward kernels."""
         dw = self[1]
@@ -79,7 +79,8 @@ class DilConv(nn.Sequential):
             h = F.conv2d(self[0](phase_subsample(x, d)), dw.weight, None, 1, pad, 1,
                          dw.groups)
             return self[3](self[2](h))
-        if dw.stride == (1, 1) and dw.dilation != (1, 1) and memory_savers_allowed():
+        if (x.device.type == "cpu" and dw.stride == (1, 1) and dw.dilation != (1, 1)
+                and memory_savers_allowed()):  # measured on CPU only
             h = DwPwConv.apply(self[0](x), dw.weight, self[2].weight, dw.stride,
                                dw.padding, dw.dilation, dw.groups, False)
             return self[3](h)
