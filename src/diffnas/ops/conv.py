@@ -75,9 +75,8 @@ class DilConv(nn.Sequential):
         dw = self[1]
         d = phase_only(dw)
         if d:
-            pad = tuple((k - 1) // 2 for k in dw.kernel_size)
-            h = F.conv2d(self[0](phase_subsample(x, d)), dw.weight, None, 1, pad, 1,
-                         dw.groups)
+            h = F.conv2d(self[0](phase_subsample(x, d)), dw.weight, None, 1,
+                         _phase_padding(dw), 1, dw.groups)
             return self[3](self[2](h))
         if (x.device.type == "cpu" and dw.stride == (1, 1) and dw.dilation != (1, 1)
                 and memory_savers_allowed()):  # measured on CPU only
@@ -102,9 +101,8 @@ class DilConv(nn.Sequential):
             # phase at stride 1 (the same numbers; oneDNN's CPU backward kernels for
             # stride and dilation together are 3-40x slower, benchmarks/README.md)
             x = phase_subsample(x, d) if x_phase is None else x_phase
-            stride, dilation = (1, 1), (1, 1)
-            padding = tuple((k - 1) // 2 for k in dw.kernel_size)
-        slow = slow_channels_last(dw, x) and not d
+            stride, padding, dilation = (1, 1), _phase_padding(dw), (1, 1)
+        slow = not d and slow_channels_last(dw, x)
         if slow:
             # oneDNN's CPU depthwise conv with both stride and dilation is about twice as
             # slow on channels-last tensors as on NCHW ones (benchmarks/README.md): take
@@ -131,6 +129,11 @@ def phase_only(conv: nn.Conv2d) -> int:
     if any(kk % 2 == 0 or pp != s[0] * (kk - 1) // 2 for kk, pp in zip(k, p, strict=True)):
         return 0
     return s[0]
+
+
+def _phase_padding(conv: nn.Conv2d) -> tuple[int, ...]:
+    """The padding of the plain conv that replaces a :func:`phase_only` one."""
+    return tuple((k - 1) // 2 for k in conv.kernel_size)
 
 
 def phase_subsample(x: torch.Tensor, d: int) -> torch.Tensor:
