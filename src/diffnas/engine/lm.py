@@ -73,10 +73,9 @@ from diffnas.engine.checkpoint import (
 )
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
-from diffnas.engine.search import alpha_record, search_then_retrain
+from diffnas.engine.search import StrategyTask, alpha_record, search_then_retrain
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
-from diffnas.genotype.discretize import discretize
 from diffnas.spaces import DataShape, SearchSpace, create_space, space_config
 from diffnas.strategies import SearchStrategy, create_strategy, require_data_parallel
 from diffnas.supernet.rnn import LmInput, LmOutput
@@ -280,7 +279,7 @@ class GrowthSchedule(Callback):
                 net.cell.fade_in(1.0 / self.fade)
 
 
-class LmSearchTask:
+class LmSearchTask(StrategyTask):
     """Search over BPTT windows: weights on ``train``, alphas on ``arch`` (bilevel
     strategies), or both on ``train`` (single-level ones, ``arch`` None).
 
@@ -342,15 +341,6 @@ class LmSearchTask:
         return {"lr": lr, **self.train_nll.pop(), "valid_loss": v["loss"],
                 "valid_ppl": v["ppl"]}
 
-    def genotype(self) -> Genotype:
-        arch = self.strategy.arch_params
-        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.strategy.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state)
 
 
 def _subset(t: torch.Tensor, n: int | None) -> torch.Tensor:

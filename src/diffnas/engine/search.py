@@ -40,7 +40,7 @@ log = logging.getLogger("diffnas")
 
 
 class StrategyTask:
-    """What every search task shares (images, graphs): the genotype its strategy's
+    """What every search task shares (images, graphs, language models): the genotype its strategy's
     alphas discretize to, and the strategy's state for checkpoints. Subclasses set
     ``strategy``, ``space`` and ``rule``."""
 
