@@ -73,7 +73,12 @@ from diffnas.engine.checkpoint import (
 )
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
-from diffnas.engine.search import StrategyTask, alpha_record, search_then_retrain
+from diffnas.engine.search import (
+    StrategyTask,
+    alpha_record,
+    run_search_loop,
+    search_then_retrain,
+)
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.spaces import DataShape, SearchSpace, create_space, space_config
@@ -479,25 +484,9 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)
-    ckpt = out / "checkpoint.pt"
-    # rank 0 reads the checkpoint and hands it to all ranks (no shared disk needed)
-    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
-                                   if resume and ckpt.exists() else None)
-    if state is not None:
-        loop.load_state_dict(state, source=ckpt)
-        log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
-    dp.sync_rng()  # the same random relaxation samples on every rank
-    log.info("LM search: space=%s strategy=%s supernet weights=%d alphas=%d, %d windows/epoch",
-             task.space.name, task.strategy.name,
-             sum(p.numel() for p in task.supernet.parameters()),
-             sum(p.numel() for p in task.strategy.alphas()), task.num_batches())
-    history = loop.run(stop_after=stop_after)
-    genotype = task.genotype()
-    if rank.is_main:
-        atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
-        if loop.epoch >= loop.epochs:
-            (out / "DONE").touch()
-    dp.barrier()  # every rank returns once the results are on disk
+    n_w = sum(p.numel() for p in task.supernet.parameters())
+    history, genotype = run_search_loop(loop, task, out, resume, stop_after,
+                                        f"LM search: supernet weights={n_w}", "windows")
     return LmSearchResult(genotype, history, task)
 
 

@@ -40,13 +40,17 @@ log = logging.getLogger("diffnas")
 
 
 class StrategyTask:
-    """What every search task shares (images, graphs, language models): the genotype its strategy's
-    alphas discretize to, and the strategy's state for checkpoints. Subclasses set
-    ``strategy``, ``space`` and ``rule``."""
+    """What every search task shares (images, graphs, language models): the genotype its
+    strategy's alphas discretize to, and the strategy's state for checkpoints. Subclasses
+    set ``strategy``, ``space`` and ``rule`` and count their batches."""
 
     strategy: SearchStrategy
     space: SearchSpace
     rule: str | None
+
+    def num_batches(self) -> int:
+        """Training batches per epoch (the loop's task protocol)."""
+        raise NotImplementedError
 
     def genotype(self) -> Genotype:
         arch = self.strategy.arch_params
@@ -409,23 +413,36 @@ def run_search(
     ]
     callbacks[-1:-1] = diagnostics_callbacks(cfg, task, out, rank.world_size)
     loop = Loop(task, cfg.search.epochs, callbacks)
+    n_w = sum(p.numel() for p in task.strategy.supernet.parameters())
+    history, genotype = run_search_loop(loop, task, out, resume, stop_after,
+                                        f"search: supernet weights={n_w}", "batches")
+    return SearchResult(genotype, history, task)
+
+
+def run_search_loop(
+    loop: Loop, task: StrategyTask, out: Path, resume: bool, stop_after: int | None, what: str,
+    unit: str,
+) -> tuple[list[dict[str, float]], Genotype]:
+    """What every search run does around its loop (images, language models): resume from
+    ``out/checkpoint.pt`` when asked (rank 0 reads it, every rank loads it), align the
+    ranks' random generators (the same relaxation samples everywhere), run, and write
+    ``genotype.json`` (and ``DONE`` once every epoch ran) on rank 0 before any rank
+    returns. ``what`` and ``unit`` word the log line."""
     ckpt = out / "checkpoint.pt"
-    # rank 0 reads the checkpoint and hands it to all ranks (no shared disk needed)
     state = dp.main_process_result(lambda: load_checkpoint(ckpt)
                                    if resume and ckpt.exists() else None)
     if state is not None:
         loop.load_state_dict(state, source=ckpt)
         log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
-    dp.sync_rng()  # the same Gumbel samples on every rank
-    n_w = sum(p.numel() for p in task.strategy.supernet.parameters())
-    log.info("search: space=%s strategy=%s supernet weights=%d alphas=%d, %d batches/epoch",
-             task.space.name, task.strategy.name, n_w,
-             sum(p.numel() for p in task.strategy.alphas()), task.num_batches())
+    dp.sync_rng()
+    log.info("%s space=%s strategy=%s alphas=%d, %d %s/epoch", what, task.space.name,
+             task.strategy.name, sum(p.numel() for p in task.strategy.alphas()),
+             task.num_batches(), unit)
     history = loop.run(stop_after=stop_after)
     genotype = task.genotype()
-    if rank.is_main:
+    if dp.env().is_main:
         atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
         if loop.epoch >= loop.epochs:
             (out / "DONE").touch()
     dp.barrier()  # every rank returns once the results are on disk
-    return SearchResult(genotype, history, task)
+    return history, genotype
