@@ -54,7 +54,12 @@ from diffnas.engine.checkpoint import (
 )
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
-from diffnas.engine.search import StrategyTask, alpha_record, search_then_retrain
+from diffnas.engine.search import (
+    StrategyTask,
+    alpha_record,
+    run_search_loop,
+    search_then_retrain,
+)
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.ops.graph import Graph
@@ -230,20 +235,9 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         Checkpoint(out / "checkpoint.pt"),
     ]
     loop = Loop(task, cfg.search.epochs, callbacks)
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
-        log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
-    log.info("graph search: %s (%d nodes, %d edges), space=%s strategy=%s supernet weights=%d "
-             "alphas=%d", data.name, data.num_nodes, data.edge_index.shape[1],
-             task.space.name, task.strategy.name,
-             sum(p.numel() for p in task.supernet.parameters()),
-             sum(p.numel() for p in task.strategy.alphas()))
-    history = loop.run(stop_after=stop_after)
-    genotype = task.genotype()
-    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
-    if loop.epoch >= loop.epochs:
-        (out / "DONE").touch()
+    what = (f"graph search: {data.name} ({data.num_nodes} nodes, {data.edge_index.shape[1]} "
+            f"edges), supernet weights={sum(p.numel() for p in task.supernet.parameters())}")
+    history, genotype = run_search_loop(loop, task, out, resume, stop_after, what, "steps")
     return GraphSearchResult(genotype, history, task)
 
 
