@@ -347,7 +347,6 @@ class LmSearchTask(StrategyTask):
                 "valid_ppl": v["ppl"]}
 
 
-
 def _subset(t: torch.Tensor, n: int | None) -> torch.Tensor:
     return t if n is None else t[:n]
 
