@@ -14,8 +14,10 @@ summary. Budget: < 15 minutes on an idle 2-core CPU. The side-by-side parts alwa
 ablations (``diffnas_twice``, the GDAS and partial-channel variants) run last, and only
 if they start within ``OPTIONAL_START_S`` (``--all`` runs them whatever the time): on a
 2-core VM twice as slow as the one the repetitions were sized on, everything took 15 min
-0 s without NNI (2026-12-05); with NNI and the ablations skipped it takes 12.5-14.5 min
-there. On a busy machine every figure is slower and noisier, the ratios less so.
+0 s without NNI (2026-12-05); with NNI and the ablations skipped it took 12.5-14.5 min
+there, and 12 min 46 s once the memory probe became one process per contender and
+``diffnas_recompute:4`` an ablation. On a busy machine every figure is slower and noisier,
+the ratios less so.
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NNI_PY = HERE / ".venv-nni" / "bin" / "python"
 
-# (shape, batch, modes, contenders, warmup, repeats, optional). diffnas_recompute:4 is
-# diffnas with the first 4 cells recomputing activations in backward (``recompute: 4``).
-# The optional parts (ablations) come last: they are the ones a slow machine skips.
+# (shape, batch, modes, contenders, warmup, repeats, optional). The optional parts
+# (ablations) come last: they are the ones a slow machine skips. diffnas_recompute:4 is
+# diffnas with the pool branches of the first 4 cells recomputed in backward
+# (``recompute: 4``), diffnas_twice diffnas without the once-differentiable memory savers.
 PLAN = [
-    ("paper", 16, ["first"], ["diffnas", "diffnas_recompute:4", "nni", "reference"], 1, 3,
-     False),
+    ("paper", 16, ["first"], ["diffnas", "nni", "reference"], 1, 3, False),
     ("paper", 16, ["weights", "second"], ["diffnas", "reference"], 1, 2, False),
     ("demo", 64, ["weights", "first", "second"], ["diffnas", "reference", "nni"], 1, 2, False),
-    ("paper", 16, ["first"], ["diffnas", "diffnas_twice"], 1, 2, True),
+    ("paper", 16, ["first"], ["diffnas", "diffnas_recompute:4", "diffnas_twice"], 1, 2, True),
     # the GDAS (one sampled op per edge) and partial-channel (k=4) variants
     ("paper", 16, ["first"], ["diffnas", "diffnas_gdas", "diffnas_pc"], 1, 2, True),
 ]

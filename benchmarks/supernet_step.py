@@ -24,8 +24,9 @@ search step, finite-difference Hessian-vector product, then the weight step).
 
 Timing alternates the contenders (rotating who goes first), after warm-up steps, and
 reports the median, min and max. Peak memory: on CUDA the max allocated bytes of the step;
-on CPU the peak resident memory of a fresh process that builds one contender and runs that
-mode (``--probe``), together with the resident memory before its first step.
+on CPU the peak resident memory of one step in a fresh process that builds one contender
+and steps it once before (a search's steady state: a first step peaks 5-15% lower),
+together with the resident memory before its first step.
 Writes JSON (``--out``) and prints a table. Example:
 
     python benchmarks/supernet_step.py --shape paper --batch 16 --modes first
@@ -317,28 +318,52 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: ``clear_refs``
+    5); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def probe(args) -> None:
-    """Child process: one contender, one mode; print JSON with peak and start RSS."""
+    """Child process: one contender; for each of its modes (in ``MODES`` order, lightest
+    first) the peak RSS of one step taken once the process is warm. The first mode gets a
+    step of its own before the measured one, a later mode follows the earlier modes'
+    steps. A fresh process's first step peaks 5-15% below its later ones (glibc keeps
+    freed memory after it; 2026-12-05), so a search's steady state is the later figure.
+    Prints JSON: per mode, the start RSS (after building) and the step's peak RSS."""
     spec = shape_spec(args.shape)
     device = torch.device("cpu")
     torch.manual_seed(0)
     c = build(args.probe_contender, spec, device)
     train, val = batches(spec, args.batch, device)
     start = rss_mb()
-    for _ in range(args.probe_steps):
-        c.step(args.probe_mode, train, val)
-    peak = rss_mb("VmHWM")
-    print("PROBE " + json.dumps({"start_rss_mb": start, "peak_rss_mb": peak}))
+    modes = [m for m in MODES if m in args.probe_modes]
+    c.step(modes[0], train, val)  # warm-up: allocator, oneDNN primitives
+    result, resettable = {}, True
+    for m in modes:
+        resettable = reset_peak_rss() and resettable
+        c.step(m, train, val)
+        result[m] = {"start_rss_mb": start, "peak_rss_mb": rss_mb("VmHWM"),
+                     "peak_rss_scope": "one warm step" if resettable
+                     else "since the process started (VmHWM could not be reset)"}
+    print("PROBE " + json.dumps(result))
 
 
-def cpu_peak(contender: str, mode: str, shape: str, batch: int, steps: int) -> dict:
+def cpu_peaks(contender: str, modes: list[str], shape: str, batch: int) -> dict[str, dict]:
+    """Per mode, :func:`probe`'s figures for ``contender`` from a fresh process (or the
+    error it printed)."""
     cmd = [sys.executable, __file__, "--shape", shape, "--batch", str(batch),
-           "--probe-contender", contender, "--probe-mode", mode, "--probe-steps", str(steps)]
+           "--probe-contender", contender, "--probe-modes", *modes]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     for line in out.stdout.splitlines():
         if line.startswith("PROBE "):
             return json.loads(line[6:])
-    return {"error": (out.stderr or out.stdout)[-500:]}
+    return {m: {"error": (out.stderr or out.stdout)[-500:]} for m in modes}
 
 
 def run(args) -> dict:
@@ -396,12 +421,17 @@ def run(args) -> dict:
                 row["peak_mem_kind"] = ("cuda max_memory_allocated above the memory allocated "
                                         "before the step (all contenders' resident weights "
                                         "and optimizer state excluded)")
-            elif args.memory:
-                p = cpu_peak(n, mode, args.shape, batch, args.probe_steps)
-                row.update(p)
-                row["peak_mem_mb"] = p.get("peak_rss_mb")
-                row["peak_mem_kind"] = "peak RSS (VmHWM) of a fresh process"
             results.append(row)
+    if device.type != "cuda" and args.memory:  # after all timing: one process per contender
+        for n in names:
+            rows = [r for r in results if r["contender"] == n]
+            peaks = cpu_peaks(n, [r["mode"] for r in rows], args.shape, batch)
+            for r in rows:
+                p = peaks.get(r["mode"], {"error": "no figure"})
+                r.update(p)
+                r["peak_mem_mb"] = p.get("peak_rss_mb")
+                r["peak_mem_kind"] = ("peak RSS (VmHWM) of one step in a fresh process, after "
+                                      "a warm-up step or the lighter modes' steps")
     for row in results:  # ratios against diffnas for the same shape and mode
         base = next((r for r in results if r["contender"] == "diffnas"
                      and r["mode"] == row["mode"]), None)
@@ -458,11 +488,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: measure peak RSS in a fresh process per contender and mode")
+                   help="CPU: measure peak RSS in a fresh process per contender")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "supernet_step.json"))
     p.add_argument("--probe-contender", help=argparse.SUPPRESS)
-    p.add_argument("--probe-mode", help=argparse.SUPPRESS)
-    p.add_argument("--probe-steps", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--probe-modes", nargs="+", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe_contender:
         probe(args)
