@@ -25,7 +25,7 @@ search step, finite-difference Hessian-vector product, then the weight step).
 Timing alternates the contenders (rotating who goes first), after warm-up steps, and
 reports the median, min and max. Peak memory: on CUDA the max allocated bytes of the step;
 on CPU the peak resident memory of one step in a fresh process that builds one contender
-and steps it once before (a search's steady state: a first step peaks 5-15% lower),
+and steps it once before (a search's steady state: a first step peaks 3-15% lower),
 together with the resident memory before its first step.
 Writes JSON (``--out``) and prints a table. Example:
 
@@ -333,7 +333,7 @@ def probe(args) -> None:
     """Child process: one contender; for each of its modes (in ``MODES`` order, lightest
     first) the peak RSS of one step taken once the process is warm. The first mode gets a
     step of its own before the measured one, a later mode follows the earlier modes'
-    steps. A fresh process's first step peaks 5-15% below its later ones (glibc keeps
+    steps. A fresh process's first step peaks 3-15% below its later ones (glibc keeps
     freed memory after it; 2026-12-05), so a search's steady state is the later figure.
     Prints JSON: per mode, the start RSS (after building) and the step's peak RSS."""
     spec = shape_spec(args.shape)
