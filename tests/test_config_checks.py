@@ -59,6 +59,29 @@ def test_retrain_and_search_settings_are_checked_at_load(override, match):
     _refused([override], match)
 
 
+# NaN passes every range check (each comparison is false) and inf breaks the step's
+# arithmetic: both used to surface only as "loss is nan" (or a traceback) at the first step.
+@pytest.mark.parametrize("override, match", [
+    ("data.search_split=.nan", r"data\.search_split: expected a number, got NaN"),
+    ("retrain.grad_clip=.nan", r"retrain\.grad_clip: expected a number, got NaN"),
+    ("search.strategy={name: darts, order: 2, fd_radius: .nan}", r"fd_radius: .* got NaN"),
+    ("search.strategy={name: darts, order: 2, fd_radius: .inf}",
+     r"fd_radius must be finite and > 0, got inf"),
+    ("search.strategy={name: zero_order, mu: .nan}", r"mu: expected a number, got NaN"),
+    ("search.strategy={name: zero_order, mu: .inf}", r"strategy\.mu must be finite"),
+    ("search.strategy={name: mean_shift, bandwidth: .inf}", r"bandwidth must be finite"),
+    ("search.strategy={name: mean_shift, temperature: .inf}", r"temperature must be finite"),
+    ("search.strategy={name: snas, cost_weight: .nan}", r"cost_weight: .* got NaN"),
+    ("search.strategy={name: snas, cost_weight: .inf}", r"cost_weight must be finite"),
+    ("search.strategy={name: snas, relaxation: {name: gumbel, tau: .nan}}",
+     r"temperatures must be finite, got tau=nan"),
+    ("search.strategy={name: gdas, relaxation: {name: hard_gumbel, tau: 10, tau_min: .inf}}",
+     r"temperatures must be finite"),
+])
+def test_non_finite_settings_are_refused_at_load(override, match):
+    _refused([override], match, NB201)
+
+
 def test_retrain_batch_larger_than_its_subset_is_refused():
     _refused(["retrain.train_subset=50", "retrain.batch_size=64"],
              r"retrain\.batch_size=64 exceeds retrain\.train_subset=50")

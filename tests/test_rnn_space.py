@@ -251,3 +251,28 @@ def test_the_architecture_passes_use_the_plain_cross_entropy():
     reg = s.loss(train, s.arch_weights(), regularize=True)[0]
     plain = s.loss(train, s.arch_weights())[0]
     assert reg.item() > plain.item()  # the weight step's loss carries them
+
+
+def test_a_sampled_recurrent_cell_gives_unsampled_ops_the_same_gradient_as_other_spaces():
+    """GDAS on the recurrent cell: only the sampled op of each edge runs and the output is
+    that of the hard one-hot mixture, yet every unsampled op's weight gets the gradient
+    sum(dL/d node) (mixed.unsampled_weights), one value per edge, as on darts_cnn; an edge
+    whose sample is ``none`` passes gradient to its other ops too."""
+    space = rnn_space(backbone="two_input", ops=["none", "tanh", "relu", "identity"])
+    torch.manual_seed(0)
+    net = space.build_supernet().double().eval()
+    E, K = ArchParams(space)["recurrent"].shape
+    active = torch.tensor([(e % (K - 1)) + 1 for e in range(E)])
+    active[1] = 0  # one edge samples `none`
+    w = torch.nn.functional.one_hot(active, K).to(F64).requires_grad_()
+    batch = lm_batch(net, dtype=F64)
+    inp = LanguageModelObjective().inputs(batch)
+    out = net(inp, ArchWeights({"recurrent": w}, {"recurrent": active}))
+    dense = net(inp, ArchWeights({"recurrent": w.detach()}))  # every op, weights one-hot
+    assert torch.allclose(out.logits, dense.logits, atol=1e-12)
+    out.logits.square().sum().backward()
+    for e in range(E):
+        others = [k for k in range(K) if k != int(active[e])]
+        g = w.grad[e, others]
+        assert g.abs().min() > 0, e
+        assert torch.allclose(g, g[:1].expand_as(g)), e

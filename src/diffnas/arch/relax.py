@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -79,6 +80,8 @@ class TemperatureSchedule:
 
     def __init__(self, tau: float, tau_min: float | None, anneal: str | None,
                  default_anneal: str = "exp") -> None:
+        if not (math.isfinite(tau) and (tau_min is None or math.isfinite(tau_min))):
+            raise ValueError(f"temperatures must be finite, got tau={tau}, tau_min={tau_min}")
         if tau <= 0 or (tau_min is not None and tau_min <= 0):
             raise ValueError(f"temperatures must be positive, got tau={tau}, tau_min={tau_min}")
         if anneal is not None and tau_min is None:  # it would silently stay at tau

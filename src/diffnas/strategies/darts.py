@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
+from diffnas.config import require
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.hypergrad import HESSIAN_MODES, first_order, unrolled
 from diffnas.strategies.registry import register_strategy
@@ -24,8 +26,8 @@ class DartsConfig(StrategyConfig):
         if self.hessian not in HESSIAN_MODES:
             raise ValueError(f"darts hessian must be one of {HESSIAN_MODES}, "
                              f"got {self.hessian!r}")
-        if self.fd_radius <= 0:
-            raise ValueError(f"darts fd_radius must be positive, got {self.fd_radius}")
+        require(math.isfinite(self.fd_radius) and self.fd_radius > 0,
+                "search.strategy.fd_radius", "finite and > 0", self.fd_radius)
         if self.order == 1 and self.hessian != "fd":
             raise ValueError(f"hessian={self.hessian!r} only applies to order=2")
         if self.fd_radius != 1e-2 and (self.order == 1 or self.hessian == "exact"):

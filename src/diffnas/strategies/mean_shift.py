@@ -19,11 +19,13 @@ shift is the sample's random offset alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from diffnas.config import require
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.hypergrad import grads as grads_or_zeros
 from diffnas.strategies.registry import register_strategy
@@ -73,6 +75,9 @@ class MeanShiftConfig(StrategyConfig):
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        for key in ("bandwidth", "temperature"):
+            require(math.isfinite(getattr(self, key)), f"search.strategy.{key}", "finite",
+                    getattr(self, key))
         if self.bandwidth < 0 or self.samples < 1 or self.temperature <= 0:
             raise ValueError(
                 f"mean_shift needs bandwidth >= 0, samples >= 1, temperature > 0; got "

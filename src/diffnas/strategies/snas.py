@@ -4,6 +4,7 @@ optional resource term: the expected cost of the sampled ops."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ import torch
 
 from diffnas.arch import ArchParams
 from diffnas.arch.relax import ArchWeights
+from diffnas.config import require
 from diffnas.ops import create_op
 from diffnas.registry import UnknownNameError
 from diffnas.spaces.base import EdgeSpec
@@ -31,8 +33,8 @@ class SnasConfig(SingleLevelConfig):
             raise ValueError(
                 f"snas needs a Gumbel relaxation, got {self.relaxation.get('name')!r}"
             )
-        if self.cost_weight < 0:
-            raise ValueError(f"snas cost_weight must be >= 0, got {self.cost_weight}")
+        require(math.isfinite(self.cost_weight) and self.cost_weight >= 0,
+                "search.strategy.cost_weight", "finite and >= 0", self.cost_weight)
         if self.cost_channels < 1:  # (its type is checked with the config)
             raise ValueError(f"snas cost_channels must be >= 1, got {self.cost_channels}")
 

@@ -17,12 +17,14 @@ Random directions come from torch's global RNG, so a seed fixes them and resume 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from diffnas.config import require
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.hypergrad import grads
 from diffnas.strategies.registry import register_strategy
@@ -77,6 +79,7 @@ class ZeroOrderConfig(StrategyConfig):
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"zero_order estimator must be one of {ESTIMATORS}, "
                              f"got {self.estimator!r}")
+        require(math.isfinite(self.mu), "search.strategy.mu", "finite", self.mu)
         if self.samples < 1 or self.mu <= 0:
             raise ValueError(f"zero_order needs samples >= 1 and mu > 0, got "
                              f"samples={self.samples}, mu={self.mu}")

@@ -34,14 +34,19 @@ def search_op(name: str, C: int, stride: int) -> nn.Module:
     return op
 
 
+def unsampled_weights(weights: torch.Tensor, active: int) -> torch.Tensor:
+    """The ops' weights but the sampled one's, as a term exactly zero in value: added to an
+    edge's output it gives each unsampled op the gradient ``sum(dL/d out)`` rather than
+    none (the GDAS authors' NAS-Bench-201 cell; their DARTS-space cell gives none)."""
+    rest = weights.sum() - weights[active]
+    return rest - rest.detach()
+
+
 def sampled_op_output(ops: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor,
                       active: int) -> torch.Tensor:
-    """GDAS's edge: only the sampled op is computed, ``w[a] * op_a(x)``. As in the GDAS
-    authors' code, the other ops' weights (zero in value under the straight-through
-    one-hot) are added too, so each gets the gradient ``sum(dL/d out)`` rather than none;
-    the added term is exactly zero in value."""
-    rest = weights.sum() - weights[active]
-    return weights[active] * ops[active](x) + (rest - rest.detach())
+    """GDAS's edge: only the sampled op is computed, ``w[a] * op_a(x)``, plus
+    :func:`unsampled_weights` (zero in value under the straight-through one-hot)."""
+    return weights[active] * ops[active](x) + unsampled_weights(weights, active)
 
 
 def _final_bn(op: nn.Module) -> nn.Module | None:

@@ -41,6 +41,7 @@ from torch import nn
 
 from diffnas.genotype import Genotype
 from diffnas.ops.rnn import create_rnn_op
+from diffnas.supernet.mixed import unsampled_weights
 
 INIT_RANGE = 0.04  # uniform init of the cell matrices (DARTS)
 EMB_INIT_RANGE = 0.1  # uniform init of the embedding (DARTS / AWD-LSTM)
@@ -310,6 +311,7 @@ class SearchCell(RecurrentCell):
                     if self.candidates[k] != "none":
                         v = self.ops[k](h[j], S[j])
                         s = s + rows[j, k] * (S[j] + c[j] * (v - S[j]))
+                    s = s + unsampled_weights(rows[j], k)  # as on the other spaces
             states.append(self._bn(s))
             smasks.append(h_mask)
             offset += len(states) - 1
