@@ -469,6 +469,19 @@ def test_cli_fit_writes_a_predictor_and_report(tmp_path, capsys):
                  "--epochs", "5", tiny]) == 2
     assert "not a report diffnas wrote" in capsys.readouterr().err
     assert mine.read_text() == '{"notes": 1}' and not (tmp_path / "mine.pt").exists()
+    # --out never replaces the measured records, nor a file that is not a predictor
+    measured = data.read_bytes()
+    assert main(["latency", "fit", "--data", str(data), "--out", str(data), tiny]) == 2
+    assert "is the --data file" in capsys.readouterr().err
+    (tmp_path / "notes.pt").write_text("my notes")
+    assert main(["latency", "fit", "--data", str(data), "--out", str(tmp_path / "notes.pt"),
+                 "--epochs", "5", tiny]) == 2
+    assert "other than a latency predictor" in capsys.readouterr().err
+    assert data.read_bytes() == measured
+    assert (tmp_path / "notes.pt").read_text() == "my notes"
+    assert main(["latency", "sweep", "--lambdas", "1,abc", "--predictor", str(out),
+                 "--config", "c.yaml", "--out", str(tmp_path / "sw")]) == 2
+    assert "--lambdas '1,abc': give numbers" in capsys.readouterr().err
 
 
 def test_sweep_config_gets_exactly_one_latency_penalty(monkeypatch):

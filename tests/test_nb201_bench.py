@@ -470,6 +470,9 @@ def test_summary_merges_like_with_like_and_lists_have_no_repeats(tmp_path, capsy
     assert main(["bench", "nb201-summary", str(a), str(tmp_path / "old.json")]) == 2
     assert "{'population': 3} in" in capsys.readouterr().err
     assert main(["bench", "nb201-summary", str(b), str(tmp_path / "old.json")]) == 0
+    # a default given explicitly (rea's population is 10) is the same setting as none
+    c = bench("c.json", "--set", "rea.population=10")
+    assert main(["bench", "nb201-summary", str(a), str(c)]) == 0
     for flag, value in (("--strategy", "random,rea,random"), ("--budget", "10,10")):
         argv = ["bench", "nb201", "--strategy", "random,rea", "--budget", "10", "--seeds", "1",
                 "--table", str(TABLE), "--json", str(tmp_path / "r.json")]
@@ -673,6 +676,9 @@ CELL = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
     ("index.csv", f"{HEADER}x,{CELL},1\n".encode(), "line 2: invalid literal for int()"),
     ("op.csv", f"{HEADER}0,{CELL.replace('none~2', 'conv~2')},1\n".encode(),
      "line 2: unknown nb201 op 'conv'"),
+    ("nan.csv", f"{HEADER}0,{CELL},nan\n".encode(), "line 2: c10_test_200 not finite"),
+    ("inf.csv", f"{HEADER}0,{CELL},1\n1,{CELL.replace('none~0', 'skip_connect~0', 1)},-inf\n"
+     .encode(), "line 3: c10_test_200 not finite"),
 ])
 def test_a_damaged_table_is_named_with_its_line(name, content, problem, tmp_path):
     import gzip
@@ -710,3 +716,56 @@ def test_a_missing_table_or_api_package_is_a_one_line_error(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.startswith("diffnas: error: the NAS-Bench-201 API backend needs the package "
                           "nats_bench") and "Traceback" not in err
+
+
+@needs_table
+def test_a_table_without_a_column_is_refused_before_or_reported_after_the_searches(
+        tmp_path, capsys, table):
+    """Without the validation column the searches query, one line before any search;
+    without c10_test_200 (a table may hold any of the report columns) the searches run,
+    the table reports the other columns and the paired comparison is left out (it was a
+    KeyError after every search, and nothing was written)."""
+    from diffnas.cli import main
+
+    def subset(name: str, metrics: list[str]) -> Path:
+        path = tmp_path / name
+        rows = ["index,arch_str," + ",".join(metrics)]
+        for i in range(len(table)):  # (a search may query any cell)
+            rows.append(f"{i},{table.arch_str(i)}," + ",".join(
+                str(table.query(table.arch_str(i), m)) for m in metrics))
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    run = ["bench", "nb201", "--strategy", "random,rea", "--budget", "20", "--seeds", "2"]
+    novalid = subset("novalid.csv", ["c10_test_200"])
+    assert main([*run, "--table", str(novalid), "--json", str(tmp_path / "a.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"has no {SEARCH_METRIC} column" in err and "Traceback" not in err
+    assert not (tmp_path / "a.json").exists()
+    noc10 = subset("noc10.csv", [SEARCH_METRIC, "c100_test_200"])
+    assert main([*run, "--table", str(noc10), "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "vs random" not in out
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["paired_vs_random"] == [] and len(data["outcomes"]) == 4
+    assert all("c100_test_200" in e for e in data["summary"])
+
+
+def test_an_unwritable_json_path_is_refused_before_any_work(tmp_path):
+    from diffnas.engine.checkpoint import refuse_foreign_json
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"--json .*file/out\.json: cannot write there"):
+        refuse_foreign_json(blocker / "out.json", {"k"}, "a result", "--json")
+    refuse_foreign_json(tmp_path / "new" / "out.json", {"k"}, "a result", "--json")
+    assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
+
+
+def test_cell_names_refuses_indices_outside_the_ops():
+    from diffnas.nasbench.encoding import cell_names
+
+    assert cell_names((0, 1, 2, 3, 4, 0)) == tuple(NB201_OPS[i] for i in (0, 1, 2, 3, 4, 0))
+    for bad in ((-1, 0, 0, 0, 0, 3), (0, 0, 0, 0, 0, len(NB201_OPS))):
+        with pytest.raises(ValueError, match="op indices must be in 0..4"):
+            cell_names(bad)

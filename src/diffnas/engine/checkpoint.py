@@ -111,11 +111,21 @@ def refuse_foreign_json(path: str | Path, keys: frozenset[str] | set[str], what:
                         flag: str) -> None:
     """A ``ValueError`` unless :func:`written_by_diffnas`: ``path`` (given by ``flag``)
     holds something other than ``what`` and would be lost. Called before any work, so a
-    long command does not stop at its end for it."""
+    long command does not stop at its end for it. A folder where nothing can be written is
+    refused too (its parent folders are made here)."""
     if not written_by_diffnas(path, keys):
         raise ValueError(f"{flag} {path}: that path holds something other than {what} "
                          f"diffnas wrote, which would be replaced; move it or choose another "
                          f"{flag}")
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); "
+                         f"choose another {flag}") from None
 
 
 def load_saved(path: str | Path, remedy: str, weights_only: bool = False,

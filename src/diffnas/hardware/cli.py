@@ -120,6 +120,17 @@ def _measure(args: argparse.Namespace) -> int:
 FIT_REPORT_KEYS = frozenset({"records", "heldout_mre", "target"})
 
 
+def _is_predictor(path: str | Path) -> bool:
+    """Whether ``path`` holds a latency predictor (a refit may replace it)."""
+    from diffnas.hardware.predictor import LatencyPredictor
+
+    try:
+        LatencyPredictor.load(path)
+    except Exception:  # noqa: BLE001 - whatever it is, it is not a predictor to replace
+        return False
+    return True
+
+
 def _fit(args: argparse.Namespace) -> int:
     from diffnas.engine.checkpoint import atomic_write_text, written_by_diffnas
     from diffnas.hardware.dataset import load_records
@@ -130,6 +141,13 @@ def _fit(args: argparse.Namespace) -> int:
                          "a .json file; name the predictor .pt")
     if args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: the predictor needs at least 1 epoch")
+    if Path(args.out).resolve() == Path(args.data).resolve():
+        raise ValueError(f"--out {args.out} is the --data file: the predictor would replace "
+                         "the measured records; name the predictor otherwise")
+    if Path(args.out).exists() and not _is_predictor(args.out):
+        raise ValueError(f"--out {args.out}: that path holds something other than a latency "
+                         "predictor diffnas wrote, which would be replaced; move it or name "
+                         "the predictor otherwise")
     described = Path(args.out).with_suffix(".json")
     if not written_by_diffnas(described, FIT_REPORT_KEYS):  # a user's own file of that name
         raise ValueError(f"--out {args.out}: the fit's report would replace {described}, "
@@ -162,7 +180,11 @@ def _report(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from diffnas.hardware.sweep import run_sweep
 
-    lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+    try:
+        lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lambdas {args.lambdas!r}: give numbers separated by commas, "
+                         "e.g. 0,0.5,2") from None
     run_sweep(args.config, args.overrides, args.predictor, lambdas, Path(args.out),
               _settings(args))
     return 0

@@ -154,7 +154,7 @@ def _nb201(p: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from diffnas.nasbench.runner import summarize
         from diffnas.nasbench.strategies import QUERY_STRATEGIES
-        from diffnas.nasbench.table import open_benchmark
+        from diffnas.nasbench.table import SEARCH_METRIC, open_benchmark
 
         strategies = _csv_list(args.strategy, "--strategy")
         for s in strategies:
@@ -171,6 +171,10 @@ def _nb201(p: argparse.ArgumentParser):
             bench = open_benchmark(args.table)
         else:
             bench = open_benchmark(args.table, args.backend)
+        if SEARCH_METRIC not in bench.metrics:
+            raise ValueError(f"{args.table}: the table has no {SEARCH_METRIC} column, the "
+                             f"validation accuracy the searches query (it has "
+                             f"{', '.join(bench.metrics) or 'no metric'})")
         if max(budgets) > len(bench):  # the queries are distinct cells
             raise ValueError(f"--budget {max(budgets)}: more queries than the {len(bench)} "
                              f"cells of the table {args.table}")
@@ -264,6 +268,21 @@ def _check_outcomes(outcomes: object, path: str) -> None:
                              "damaged or not from 'diffnas bench nb201'")
 
 
+def _without_defaults(strategy: str, settings: dict) -> dict:
+    """``settings`` less those equal to the strategy's defaults: a run that set
+    ``rea.population=10`` explicitly ran with the same settings as one that did not."""
+    from dataclasses import MISSING, fields
+
+    from diffnas.nasbench.strategies import QUERY_STRATEGIES
+
+    try:
+        config = QUERY_STRATEGIES.get(strategy).Config
+    except Exception:  # noqa: BLE001 - a strategy unknown here: compare as written
+        return dict(settings)
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    return {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}
+
+
 def _file_settings(data: dict) -> dict[str, dict]:
     """Each strategy's settings in a 'bench nb201' JSON file written before its outcomes
     held them, from the command's ``--strategy`` and ``--set``."""
@@ -301,7 +320,8 @@ def _summary(p: argparse.ArgumentParser):
                 raise ValueError(f"{f}: cannot tell the settings its runs used ({exc})") \
                     from None
             for o in data["outcomes"]:  # a (strategy, budget, seed) run repeated: keep one
-                mine = o["settings"] if "settings" in o else legacy.get(o["strategy"], {})
+                mine = _without_defaults(o["strategy"], o["settings"] if "settings" in o
+                                         else legacy.get(o["strategy"], {}))
                 seen, where = setting_of.setdefault(o["strategy"], (mine, f))
                 if seen != mine:
                     raise ValueError(

@@ -19,6 +19,11 @@ NONE = NB201_OPS.index("none")
 
 
 def cell_names(cell: Cell) -> tuple[str, ...]:
+    """Op names of a cell of op indices; an index outside ``0..NUM_OPS-1`` (``-1`` marks
+    an edge not kept in latency records) is a ``ValueError``, not a wrapped-around op."""
+    bad = [i for i in cell if not 0 <= i < NUM_OPS]
+    if bad:
+        raise ValueError(f"op indices must be in 0..{NUM_OPS - 1}, got {bad} in {tuple(cell)}")
     return tuple(NB201_OPS[i] for i in cell)
 
 

@@ -157,8 +157,9 @@ def summarize(outcomes: list[dict]) -> dict:
         base = {r["seed"]: r for r in groups.get(("random", budget), [])}
         if strategy == "random" or not base:
             continue
-        both = [(r, base[r["seed"]]) for r in rows if r["seed"] in base]
-        if not both:
+        both = [(r, base[r["seed"]]) for r in rows if r["seed"] in base
+                and metric in r["test"] and metric in base[r["seed"]]["test"]]
+        if not both:  # (a table without the metric: no comparison, the rest is reported)
             continue
         cmp = paired_comparison([a["test"][metric] for a, _ in both],
                                 [b["test"][metric] for _, b in both])

@@ -21,6 +21,7 @@ import gzip
 import importlib
 import inspect
 import io
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -198,6 +199,9 @@ class CsvNb201Table(Nb201Benchmark):
         try:
             index = int(row[col["index"]])
             values = [float(row[col[m]]) for m in self._metrics]
+            bad = [m for m, v in zip(self._metrics, values, strict=True) if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} not finite (NaN or inf)")
             arch = ops_to_str(str_to_ops(row[col["arch_str"]]))
         except ValueError as exc:  # GenotypeError is one too
             raise ValueError(f"{path}, line {line}: {exc}") from None
