@@ -144,6 +144,18 @@ def test_a_malformed_file_names_the_file_and_line(tmp_path):
         load_config(bad)
 
 
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``search:`` dropped the first
+    one's space and strategy without a word."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("seed: 0\nsearch:\n  epochs: 2\n  space: {name: nb201}\n"
+                     "search:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=rf"{twice}: invalid YAML: key 'search' given twice "
+                                          r"in one mapping \(line 5, column 1\)"):
+        load_config(twice)
+    _refused(["search.space={name: darts_cnn, C: 4, C: 8}"], r"key 'C' given twice")
+
+
 def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("seed: 0\n# caf\u00e9\n".encode("latin-1"))  # an editor's Latin-1

@@ -98,6 +98,8 @@ def test_genotype_structure_is_validated():
     ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal=[('max_pool_3x3', 0),"
      " ('skip_connect', 1)], normal_concat=[2], reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)],"
      " reduce_concat=[2])", r"field\(s\) given twice: \['normal'\]"),
+    ('{"space": "darts_cnn", "cells": {"normal": {"edges": [], "concat": []}, "normal": {"edges":'
+     ' [], "concat": []}}}', r"key\(s\) 'normal' given twice in one object"),
 ])
 def test_malformed_genotype_files(tmp_path, text, match):
     p = tmp_path / "g.txt"

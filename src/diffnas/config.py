@@ -41,11 +41,29 @@ def read_utf8(path: str | Path, what: str) -> str:
             from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last: a second ``search:`` section would silently drop the first one's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # (an unhashable key: the base class says what is wrong)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _load_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)``; malformed YAML is a :class:`ConfigError` naming ``where``
-    (a file or an override) and the line and column of the problem."""
+    """``yaml.safe_load(text)`` with keys given twice refused; malformed YAML is a
+    :class:`ConfigError` naming ``where`` (a file or an override) and the line and column
+    of the problem."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         mark = getattr(exc, "problem_mark", None)

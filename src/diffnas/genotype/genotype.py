@@ -21,6 +21,17 @@ class GenotypeError(ValueError):
     """A genotype is malformed or does not fit its space."""
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict, refusing a key given twice (``json`` keeps the last: a second
+    ``"normal"`` cell would silently replace the first)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise GenotypeError(f"malformed genotype JSON: key(s) {', '.join(map(repr, twice))} "
+                            "given twice in one object")
+    return dict(pairs)
+
+
 @dataclass(frozen=True)
 class Edge:
     """One kept edge: ``op`` applied to node ``src``, summed into node ``dst``."""
@@ -110,7 +121,7 @@ class Genotype:
     @classmethod
     def from_json(cls, text: str) -> Genotype:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise GenotypeError(f"malformed genotype JSON: {exc}") from exc
         return cls.from_dict(data)
