@@ -25,7 +25,7 @@ progress: false
 data: {name: digits, train_subset: 64, test_subset: 32, batch_size: 16}
 search:
   epochs: 1
-  space: {name: darts_cnn, C: 4, layers: 2, nodes: 2}
+  space: {name: darts_cnn, C: 4, layers: 3, nodes: 2}
   strategy: {name: darts, order: 1}
 retrain: {epochs: 1, batch_size: 16, train_subset: 64, auxiliary_weight: 0.0,
           network: {C: 4, layers: 2}}
@@ -41,6 +41,7 @@ def _refused(overrides: list[str], match: str, path: Path = FASHION) -> None:
 @pytest.mark.parametrize("override, match", [
     ("retrain.network.Cx=8", r"retrain\.network\.Cx; valid keys of retrain\.network: C, "),
     ("retrain.network.C=0", r"retrain\.network\.C must be >= 1"),
+    ("search.space.layers=2", r"search\.space\.layers must be >= 3 \(with fewer, every cell"),
     ("retrain.lr=-1", r"retrain\.lr must be >= 0, got -1"),
     ("retrain.momentum=-0.5", r"retrain\.momentum must be >= 0"),
     ("retrain.weight_decay=-1", r"retrain\.weight_decay must be >= 0"),

@@ -60,7 +60,7 @@ def test_largest_eigenvalue_small_next_to_a_large_negative_one_at_default_iters(
 
 
 def test_alpha_hessian_eigenvalue_on_the_supernet():
-    space = tiny_space(ops=["skip_connect", "avg_pool_3x3", "sep_conv_3x3"], layers=2)
+    space = tiny_space(ops=["skip_connect", "avg_pool_3x3", "sep_conv_3x3"])
     s = tiny_strategy({"name": "darts"}, space=space, dtype=F64)
     batch = tiny_batch(4, 2, F64)
     flat = torch.cat([p.detach().flatten() for p in s.alphas()]).requires_grad_(True)

@@ -602,8 +602,9 @@ def test_dense_grad_hands_on_a_dense_gradient():
 
 def test_search_cell_computes_one_relu_per_edge_input():
     # Every edge reading a node shares that node's relu(x): 2 cell inputs + 3 inner
-    # nodes feed edges (nodes=4), plus one ReLU in each of the 2 preprocessing convs.
-    fast, _, arch = _pair(True, torch.float32, layers=1, nodes=4)
+    # nodes feed edges (nodes=4), plus one ReLU in each of the 2 preprocessing convs (a
+    # FactorizedReduce after the reduction has one), in each of the 3 cells.
+    fast, _, arch = _pair(True, torch.float32, layers=3, nodes=4)
     w = ArchWeights({g: torch.softmax(a, -1) for g, a in arch.as_dict().items()})
     out = fast(torch.randn(2, 2, 8, 8), w)
     relus, stack, seen = 0, [out.grad_fn], set()
@@ -614,4 +615,4 @@ def test_search_cell_computes_one_relu_per_edge_input():
         seen.add(node)
         relus += type(node).__name__ == "ReluBackward0"
         stack.extend(f for f, _ in node.next_functions)
-    assert relus == 5 + 2
+    assert relus == 3 * (5 + 2)

@@ -48,6 +48,11 @@ class DartsCnnConfig:
         for key in ("C", "layers", "nodes", "stem_multiplier"):
             value = getattr(self, key)
             require(value >= 1, f"search.space.{key}", ">= 1", value)
+        # reductions sit at layers // 3 and 2 * layers // 3: with 1 or 2 cells every cell
+        # reduces, the normal alphas get no gradient and the normal genotype is noise
+        require(self.layers >= 3, "search.space.layers",
+                ">= 3 (with fewer, every cell is a reduction cell and the normal cell is "
+                "never searched)", self.layers)
         recompute = self.recompute
         require(isinstance(recompute, bool) or recompute >= 0, "search.space.recompute",
                 "true, false or a number of cells >= 0", recompute)
