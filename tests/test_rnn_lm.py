@@ -345,3 +345,37 @@ def test_retrain_reports_and_saves_the_best_validation_epoch(tmp_path):
     run_lm_retrain(cfg, g, tmp_path / "b", stop_after=2)
     resumed = run_lm_retrain(cfg, g, tmp_path / "b", resume=True)
     assert resumed["best_epoch"] == res["best_epoch"] and resumed["test_ppl"] == res["test_ppl"]
+
+
+def test_every_weight_optimizer_a_strategy_steps_gets_the_window_scaled_lr(tmp_path):
+    """AWD-LSTM scales the lr by seq_len / bptt for each window. After few_shot's split
+    the sub-supernets' optimizers step; they ran at the base lr (only the strategy's own
+    optimizer was scaled)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from diffnas.engine.lm import build_lm_search
+
+    cfg = load_config(str(_tiny_lm_config(tmp_path)), [
+        "search.strategy={name: few_shot, split_epoch: 1}",
+        "search.space.nodes=2", "search.epochs=2"])
+    task = build_lm_search(cfg, load_corpus(cfg.data.name, cfg.data.root))
+    task.strategy.split()
+    used = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append((opt, opt.param_groups[0]["lr"]))
+        if isinstance(opt, torch.optim.SGD) else None)
+    base = task.strategy.lr
+    lengths = []
+    try:
+        for batch in task.batches(0):
+            lengths.append(batch[0].seq_len)
+            task.step(batch)
+    finally:
+        hook.remove()
+    subs = {id(s.w_optimizer) for s in task.strategy.subnets}
+    assert len(used) == len(lengths) > 1 and len(set(lengths)) > 1
+    for (opt, lr), L in zip(used, lengths, strict=True):
+        assert id(opt) in subs
+        assert lr == pytest.approx(base * L / task.lm.bptt)
+    assert all(g["lr"] == pytest.approx(base) for o in task.strategy.weight_optimizers()
+               for g in o.param_groups)  # restored after each step

@@ -213,18 +213,20 @@ def _windows(steps: int, lm: LmConfig, seed: int, epoch: int, variable: bool
 
 
 class _ScaledLr:
-    """Scale the learning rate by ``seq_len / bptt`` for one step (AWD-LSTM), restoring it."""
+    """Scale the learning rates by ``seq_len / bptt`` for one step (AWD-LSTM), restoring
+    them: every optimizer given (a strategy's :meth:`weight_optimizers`)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, factor: float) -> None:
-        self.optimizer, self.factor = optimizer, factor
+    def __init__(self, optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+        self.groups = [g for opt in optimizers for g in opt.param_groups]
+        self.factor = factor
 
     def __enter__(self) -> None:
-        self.saved = [g["lr"] for g in self.optimizer.param_groups]
-        for g in self.optimizer.param_groups:
+        self.saved = [g["lr"] for g in self.groups]
+        for g in self.groups:
             g["lr"] = g["lr"] * self.factor
 
     def __exit__(self, *exc: Any) -> None:
-        for g, lr in zip(self.optimizer.param_groups, self.saved, strict=True):
+        for g, lr in zip(self.groups, self.saved, strict=True):
             g["lr"] = lr
 
 
@@ -326,7 +328,7 @@ class LmSearchTask(StrategyTask):
 
     def step(self, batch: tuple[LmBatch, LmBatch | None]) -> dict[str, float]:
         train, arch = batch
-        with _ScaledLr(self.strategy.w_optimizer, train.seq_len / self.lm.bptt):
+        with _ScaledLr(self.strategy.weight_optimizers(), train.seq_len / self.lm.bptt):
             stats = dp.all_reduce_metrics(self.strategy.step(train, arch))  # mean over ranks
         train.state.commit()
         if arch is not None:
@@ -536,7 +538,7 @@ class LmTrainTask:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
 
     def step(self, batch: LmBatch) -> dict[str, float]:
-        with _ScaledLr(self.optimizer, batch.seq_len / self.lm.bptt):
+        with _ScaledLr([self.optimizer], batch.seq_len / self.lm.bptt):
             self.optimizer.zero_grad(set_to_none=True)
             loss, stats = self.objective(self.model(self.objective.inputs(batch)), batch)
             loss.backward()

@@ -226,6 +226,11 @@ class SearchStrategy:
         structure, e.g. growth, apply to all of them)."""
         return [self.supernet]
 
+    def weight_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer that steps weights now (one per supernet of :meth:`supernets`):
+        a learning rate scaled for one step, e.g. per BPTT window, scales them all."""
+        return [self.w_optimizer]
+
     def weights(self) -> Iterator[nn.Parameter]:
         return self.supernet.parameters()
 

@@ -142,6 +142,10 @@ class FewShotStrategy(SearchStrategy):
         """The supernet (exported into each epoch) and, after the split, the sub-supernets."""
         return [self.supernet, *(sub.supernet for sub in self.subnets)]
 
+    def weight_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The one-shot optimizer and, after the split, the sub-supernets' (which step)."""
+        return [self.w_optimizer, *(sub.w_optimizer for sub in self.subnets)]
+
     def combos(self) -> list[dict[str, dict[int, int]]]:
         """One ``{group: {row: op}}`` per sub-supernet."""
         ranges = [range(len(self.arch_params.candidates(g))) for g, _ in self.split_rows]
