@@ -82,6 +82,9 @@ def test_genotype_structure_is_validated():
                                    g.cell("reduce")))
     with pytest.raises(GenotypeError, match="node 2 has 1 inputs, expected 2"):
         create_space({"name": "darts_cnn"}, CIFAR).validate(one_input)
+    with pytest.raises(GenotypeError, match=r"edges end at 4 intermediate node\(s\), the space "
+                                            r"has 5 .*search\.space\.nodes=4\)"):
+        create_space({"name": "darts_cnn", "nodes": 5}, CIFAR).validate(g)
     with pytest.raises(GenotypeError, match="space 'darts_rnn'"):
         space.validate(published_genotype("DARTS_RNN_V1"))
 

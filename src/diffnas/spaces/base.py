@@ -128,8 +128,15 @@ class SearchSpace(ABC):
                         f"cell {cell.name!r}: edge {e.src}->{e.dst} is listed twice"
                     )
                 seen.add((e.src, e.dst))
+            ends = {e.dst for e in cell.edges}
             for n in nodes:
                 got = len(cell.inputs_of(n))
+                if got == 0 and ends and n > max(ends):  # a genotype of a smaller cell
+                    raise GenotypeError(
+                        f"cell {cell.name!r}: the genotype's edges end at {len(ends)} "
+                        f"intermediate node(s), the space has {len(nodes)} (node {n} has no "
+                        f"inputs): build the space with the genotype's number of nodes "
+                        f"(search.space.nodes={len(ends)})")
                 if got != k:
                     raise GenotypeError(
                         f"cell {cell.name!r}: node {n} has {got} inputs, expected {k}"
