@@ -274,10 +274,11 @@ def _without_defaults(strategy: str, settings: dict) -> dict:
     from dataclasses import MISSING, fields
 
     from diffnas.nasbench.strategies import QUERY_STRATEGIES
+    from diffnas.registry import UnknownNameError
 
     try:
         config = QUERY_STRATEGIES.get(strategy).Config
-    except Exception:  # noqa: BLE001 - a strategy unknown here: compare as written
+    except UnknownNameError:  # a strategy unknown here (renamed since): compare as written
         return dict(settings)
     defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
     return {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}
