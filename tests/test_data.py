@@ -157,12 +157,36 @@ def test_a_constant_channel_is_not_blown_up_by_normalisation(caplog):
     test[0, 3] = 128
     data = prepare("rgba", raw, torch.zeros(16), test, torch.zeros(4), 2, 255.0)
     assert "channel(s) [3]" in caplog.text
-    assert data.black[3] == pytest.approx(-1.0)
+    assert data.black[3] == pytest.approx(0.0)  # pads opaque: the only alpha training has
     assert data.train_x[:, 3].abs().max() == 0
     assert data.test_x[0, 3].min() == pytest.approx(128 / 255 - 1)
     # the varying channels are normalised by their std as before
     std = raw[:, :3].float().div(255).std(dim=(0, 2, 3))
     assert torch.allclose(torch.tensor(data.std[:3]) / 255, std)
+
+
+@pytest.mark.parametrize("offset", [1000.0, 100000.0, -3000.0])
+def test_data_stored_with_an_offset_is_normalised_and_padded_like_the_same_data_without(
+        offset, caplog):
+    """Kelvin-like data (a constant added to every pixel): a 0 border was tens of stds
+    from every pixel (retraining at chance), and at 1e5 the std/largest-value rule called
+    the channel flat and squeezed it to std 3e-4. Normalisation is offset-free, so the
+    normalised images and the crop's border must be those of the data without offset."""
+    from diffnas.data.base import prepare
+
+    caplog.set_level("INFO", logger="diffnas.data.base")
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 17, (64, 1, 8, 8), generator=g).float()  # digits-like 0..16
+    test = torch.randint(0, 17, (8, 1, 8, 8), generator=g).float()
+    y = torch.zeros(64)
+    plain = prepare("plain", raw, y, test, y[:8], 2, 1.0)
+    shifted = prepare("shifted", raw * 5 + offset, y, test * 5 + offset, y[:8], 2, 1.0)
+    assert "barely vary" not in caplog.text
+    torch.testing.assert_close(shifted.train_x, plain.train_x, atol=2e-3, rtol=0)
+    torch.testing.assert_close(shifted.test_x, plain.test_x, atol=2e-3, rtol=0)
+    assert shifted.black == pytest.approx(plain.black, abs=2e-3)
+    assert plain.black[0] == pytest.approx(-raw.mean().item() / raw.std().item(), rel=1e-5)
+    assert "pads them with that value" in caplog.text
 
 
 def test_the_test_subset_is_the_same_for_every_seed_the_training_subset_follows_it():

@@ -27,8 +27,9 @@ class ImageData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    #: the normalised value of a black pixel per channel (``-mean / std``): what the random
-    #: crop pads with, as torchvision's RandomCrop does before normalisation; None: 0
+    #: what the random crop pads with per channel, normalised: the darkest training pixel,
+    #: i.e. black (0) for images stored as 0-255 or 0-1, as torchvision's RandomCrop pads
+    #: before normalisation, and the same for data stored with an offset; None: 0
     black: tuple[float, ...] | None = None
     #: per-channel mean and std in the units the pixels were read in (e.g. 0..255): a
     #: deployed model's input is ``(pixels - mean) / std``; None where a loader did not say
@@ -62,22 +63,38 @@ def prepare(
     """uint8/float arrays -> normalised float tensors (per-channel train mean/std).
 
     A channel (almost) constant over the training images, such as an opaque alpha
-    channel, is divided by its largest magnitude (1 where it is all zero) instead of
-    its std: dividing by a std near 0 turned any test pixel that differs, and the
-    crop's padding, into values near +-1e6."""
+    channel, is divided by its range (by its largest magnitude, or 1, where it is
+    constant) instead of its std: dividing by a std near 0 turned any test pixel that
+    differs, and the crop's padding, into values near +-1e6. "Almost constant" compares
+    the std with the range, not with the values' size, so data stored with an offset
+    (temperatures in kelvin, raw sensor counts) is treated like the same data without.
+
+    The crop pads with the smallest training value per channel: black for images stored
+    as 0-255 or 0-1 (what the reference pads with), and for data stored with an offset the
+    same darkest value, where a 0 border would lie tens of standard deviations away from
+    every real pixel and swamp the image."""
     tx = train_x.float() / scale
     ex = test_x.float() / scale
-    mean = tx.mean(dim=(0, 2, 3), keepdim=True)
-    std = tx.std(dim=(0, 2, 3), keepdim=True)
-    peak = tx.abs().amax(dim=(0, 2, 3), keepdim=True)
-    flat = (std <= 1e-3 * peak) | (std == 0)
+    dims = (0, 2, 3)
+    mean = tx.mean(dim=dims, keepdim=True)
+    std = tx.std(dim=dims, keepdim=True)
+    lo, hi = tx.amin(dim=dims, keepdim=True), tx.amax(dim=dims, keepdim=True)
+    spread = hi - lo
+    flat = (std <= 1e-3 * spread) | (std == 0)
     if flat.any():
         channels = flat.flatten().nonzero().flatten().tolist()
         log.warning("%s: channel(s) %s barely vary over the training images (std %s); "
-                    "they are scaled by their largest value instead of their std",
+                    "they are scaled by their range instead of their std",
                     name, channels, [float(std.flatten()[c]) * scale for c in channels])
-        std = torch.where(flat, torch.where(peak > 0, peak, torch.ones_like(peak)), std)
-    black = tuple((-mean / std).flatten().tolist())
+        peak = tx.abs().amax(dim=dims, keepdim=True)
+        constant = torch.where(peak > 0, peak, torch.ones_like(peak))
+        std = torch.where(flat, torch.where(spread > 0, spread, constant), std)
+    offset = (lo != 0).flatten().nonzero().flatten().tolist()
+    if offset:
+        log.info("%s: the darkest training pixel of channel(s) %s is not 0; the random crop "
+                 "pads them with that value (%s), not with 0", name, offset,
+                 [float(lo.flatten()[c]) * scale for c in offset])
+    black = tuple(((lo - mean) / std).flatten().tolist())
     return ImageData(name, (tx - mean) / std, train_y.long(), (ex - mean) / std, test_y.long(),
                      num_classes, black, mean=tuple((mean * scale).flatten().tolist()),
                      std=tuple((std * scale).flatten().tolist()), classes=tuple(classes))
