@@ -187,6 +187,12 @@ def test_npz_missing_paths_and_arrays(tmp_path):
      "label 9223372036854775809 is beyond int64"),
     ({"x_train": np.zeros((0, 8, 8), dtype=np.uint8), "y_train": np.zeros(0, np.int64)},
      r"x_train: no images \(0 in the array\)"),
+    ({"x_train": np.zeros((150, 0, 0), dtype=np.uint8), "x_test": np.zeros((50, 0, 0), np.uint8)},
+     r"x_train: images of shape \(150, 0, 0\) have a dimension of size 0"),
+    # ID-like labels: the check of missing classes built set(range(2e9)) (gigabytes)
+    ({"y_train": np.where(np.arange(150) % 2, 2_000_000_003, 1_000_000_003),
+      "y_test": np.full(50, 1_000_000_003)}, r"class\(es\) \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] "
+     r"have no training images"),
 ])
 def test_npz_malformed_arrays_name_the_file_and_the_problem(tmp_path, arrays, match):
     path = _npz(tmp_path / "bad.npz", **arrays)
@@ -208,6 +214,40 @@ def test_peek_shape_refuses_what_the_load_refuses(tmp_path, arrays, match):
     path = _npz(tmp_path / "bad.npz", **arrays)
     for read in (lambda: peek_shape("npz", path), lambda: load_dataset("npz", path)):
         with pytest.raises(DataFormatError, match=match):
+            read()
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_npz_is_named_not_a_zipfile_traceback(tmp_path):
+    """A bad CRC raised zipfile.BadZipFile from the load (after the run directory
+    existed) while the header-only peek passed it; a member that is not a .npy array came
+    back as bytes and failed with an AttributeError."""
+    import zipfile
+
+    path = Path(_npz(tmp_path / "flip.npz"))
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("x_train.npy")
+    _flip_byte(path, info.header_offset + 30 + len(info.filename) + 200)  # inside the pixels
+    with pytest.raises(DataFormatError, match=r"flip.npz: x_train is damaged.*write the file"):
+        load_dataset("npz", str(path))
+    raw = tmp_path / "raw.npz"
+    with zipfile.ZipFile(raw, "w") as z:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            z.writestr(key, b"not an array")  # no .npy suffix: np.load gives bytes
+    with pytest.raises(DataFormatError, match="raw.npz: x_train is damaged or not a .npy"):
+        load_dataset("npz", str(raw))
+    garbled = tmp_path / "garbled.npz"
+    with zipfile.ZipFile(garbled, "w") as z:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            z.writestr(f"{key}.npy", b"garbage, not a .npy header")
+    for read in (lambda: peek_shape("npz", str(garbled)),
+                 lambda: load_dataset("npz", str(garbled))):
+        with pytest.raises(DataFormatError, match=r"garbled.npz: [xy]_train is damaged"):
             read()
 
 
@@ -325,7 +365,8 @@ def test_peek_shape_matches_the_loaded_data(tmp_path):
     # an object array (needs pickle) is the loader's error, naming the file
     obj = _npz(tmp_path / "obj.npz", y_train=np.array([[1], [1, 2]] * 75, dtype=object))
     for read in (lambda: peek_shape("npz", obj), lambda: load_dataset("npz", obj)):
-        with pytest.raises(DataFormatError, match=f"{obj}: Object arrays cannot be loaded"):
+        with pytest.raises(DataFormatError,
+                           match=f"{obj}: y_train: Object arrays cannot be loaded"):
             read()
 
 

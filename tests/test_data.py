@@ -18,6 +18,7 @@ from diffnas.data import (
     load_dataset,
     split_train_val,
 )
+from diffnas.data.custom import DataFormatError
 from diffnas.data.images import read_idx
 
 
@@ -43,6 +44,15 @@ def test_idx_reader_and_fashion_loader(tmp_path):
     d = load_dataset("fashion_mnist", root=str(tmp_path), resolution=14)
     assert d.train_x.shape == (20, 1, 14, 14) and d.test_x.shape == (10, 1, 14, 14)
     assert d.num_classes == 10 and d.train_y.dtype == torch.long
+
+
+def test_fashion_train_and_test_images_of_different_sizes_are_refused(tmp_path):
+    """A 4x4 training file with the 28x28 test file loaded, and a whole search and
+    retraining ran on it (adaptive pooling swallowed the test size)."""
+    _fake_fashion(tmp_path)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((20, 4, 4), dtype=np.int64))
+    with pytest.raises(DataFormatError, match=r"\(4, 4\) images but .*t10k-images.* \(28, 28\)"):
+        load_dataset("fashion_mnist", root=str(tmp_path))
 
 
 def test_missing_dataset_path_says_where_and_how(tmp_path):

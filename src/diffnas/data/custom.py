@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,14 +112,26 @@ def _npz_keys(path: Path) -> list[str]:
     return names
 
 
+#: what reading a damaged npz (bad CRC, truncated or garbled member) raises
+DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
+
+
+def _damaged(path: Path, key: str, exc: BaseException) -> DataFormatError:
+    return DataFormatError(f"{path}: {key} is damaged or not a .npy array ({exc}); write the "
+                           "file again (np.savez)")
+
+
 def _npz_header_shape(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of array ``key`` from its .npy header, without reading the data."""
-    with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    try:
+        with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, *DAMAGED) as exc:
+        raise _damaged(path, key, exc) from None
     return tuple(shape), dtype
 
 
@@ -140,6 +153,8 @@ def infer_layout(shape: tuple[int, ...], layout: str | None, where: str) -> str:
     if len(shape) not in (3, 4):
         raise DataFormatError(f"{where}: images must be N x H x W, N x H x W x C or N x C x H x "
                               f"W, got shape {shape}")
+    if 0 in shape[1:]:
+        raise DataFormatError(f"{where}: images of shape {shape} have a dimension of size 0")
     if layout is not None:
         if len(layout) != len(shape):
             raise DataFormatError(f"{where}: layout {layout} does not fit shape {shape}")
@@ -248,7 +263,10 @@ def _num_classes(path: Path, y_train: np.ndarray, y_test: np.ndarray,
             bound = f"classes has {k} names" if classes is not None else \
                 f"y_train's labels are 0..{k - 1}"
             raise DataFormatError(f"{path}: {key} has label {int(y.max())} but {bound}")
-    absent = sorted(set(range(k)) - set(np.unique(y_train).tolist()))
+    present = np.unique(y_train)
+    # the first missing labels without building range(k): ID-like labels (1e9) made that
+    # set gigabytes; among the first len(present) + 10 integers at least 10 are missing
+    absent = np.setdiff1d(np.arange(min(k, len(present) + 10)), present).tolist()
     if absent:
         raise DataFormatError(
             f"{path}: class(es) {absent[:10]} have no training images; labels must be 0..K-1 "
@@ -263,14 +281,19 @@ def _npz_read(path: Path, keys: tuple[str, ...]
               ) -> tuple[dict[str, np.ndarray], np.ndarray | None, str | None]:
     """Arrays ``keys``, the optional ``classes`` and the layout of the npz at ``path``."""
     with np.load(path, allow_pickle=False) as npz:
-        try:
-            arrays = {k: npz[k] for k in keys}
-            classes = npz["classes"] if "classes" in npz.files else None
-            return arrays, classes, _read_layout(path, npz)
-        except DataFormatError:
-            raise
-        except ValueError as exc:  # an object array would need pickle: refused, as untrusted
-            raise DataFormatError(f"{path}: {exc}") from None
+        wanted = [*keys, *(k for k in ("classes",) if k in npz.files)]
+        read = {}
+        for k in wanted:
+            try:
+                read[k] = npz[k]
+            except DAMAGED as exc:
+                raise _damaged(path, k, exc) from None
+            except ValueError as exc:  # an object array would need pickle: refused, as untrusted
+                raise DataFormatError(f"{path}: {k}: {exc}") from None
+            if not isinstance(read[k], np.ndarray):  # a member that is not a .npy comes as bytes
+                raise _damaged(path, k, TypeError("not a .npy member"))
+        arrays = {k: read[k] for k in keys}
+        return arrays, read.get("classes"), _read_layout(path, npz)
 
 
 def _same_kind(path: Path, train: tuple[np.dtype, int], test: tuple[np.dtype, int]) -> str:

@@ -91,6 +91,10 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Image
             for i in (1, 3):
                 _check_labels(paths[i], arrays[i], "one of the files is damaged: download or "
                               "copy the four files again")
+            if trx.shape[1:] != tex.shape[1:]:
+                raise DataFormatError(f"{paths[0]} holds {tuple(trx.shape[1:])} images but "
+                                      f"{paths[2]} {tuple(tex.shape[1:])} ones; copy the four "
+                                      "files of one Fashion-MNIST again")
             return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0,
                            FASHION_MNIST_CLASSES)
     looked = ", ".join(str(r) for r in roots)
