@@ -132,6 +132,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(a, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # X | None: X's own message says more than "does not fit"
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} does not fit {tp}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -161,6 +163,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if math.isnan(number):  # every comparison with NaN is false: no range check holds
             raise ConfigError(f"{where}: expected a number, got NaN")
+        if math.isinf(number):  # passes every lower bound, then overflows or poisons a step
+            raise ConfigError(f"{where}: expected a finite number, got {number}")
         return number
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected int, got {value!r}")
