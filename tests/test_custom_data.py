@@ -16,6 +16,7 @@ from diffnas.cli import main
 from diffnas.config import load_config
 from diffnas.data import DatasetNotFoundError, load_dataset
 from diffnas.data.custom import CustomImageData, DataFormatError, peek_shape
+from diffnas.genotype import Genotype
 
 PIL = pytest.importorskip("PIL.Image")
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,6 +395,35 @@ def test_search_and_retrain_on_an_npz_from_the_command_line(tmp_path, capsys):
     # what a user of the model needs is recorded with the result: names, normalisation
     assert result["data"]["classes"] == [f"digit{i}" for i in range(10)]
     assert result["data"]["input"] == [1, 8, 8] and len(result["data"]["mean"]) == 1
+
+
+def test_a_retraining_batch_larger_than_the_data_is_refused_before_the_search(tmp_path, capsys):
+    """20 training images and retrain.batch_size=32: the loop found it only after the
+    whole search, and --resume cannot change retrain.*. Now refused before any search
+    step; where the search did finish, the error says how to retrain its genotype."""
+    from diffnas.engine.retrain import run_retrain
+    from diffnas.engine.search import run_search
+
+    x, y = _digits(40)
+    path = _npz(tmp_path / "tiny.npz", x_train=x[:20], y_train=y[:20], x_test=x[20:],
+                y_test=y[20:])
+    argv = ["search", f"out_dir={tmp_path}", "name=r", "data.name=npz", f"data.root={path}",
+            "device=cpu", "progress=false", "data.batch_size=4", "search.epochs=1",
+            "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2}", "retrain.epochs=1",
+            "retrain.network={C: 4, layers: 3}", "retrain.batch_size=32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "retrain.batch_size=32 exceeds the 20 training images" in err
+    assert "search has not started" in err
+    assert not (tmp_path / "r/search/metrics.jsonl").exists()
+    # a search that did run (e.g. resumed): the error names the way to its genotype
+    cfg = load_config(None, argv[3:] + ["name=s", "retrain.enabled=false"])
+    run_search(cfg, tmp_path / "s")
+    cfg.retrain.enabled = True
+    with pytest.raises(ValueError, match=r"no full batch.*genotype is kept.*diffnas train "
+                                         r"--config .*s/config.yaml --genotype "
+                                         r".*s/search/genotype.json retrain.batch_size=N"):
+        run_retrain(cfg, Genotype.load(tmp_path / "s/search/genotype.json"), tmp_path / "s")
 
 
 def test_command_line_reports_bad_data_as_an_error(tmp_path, capsys):

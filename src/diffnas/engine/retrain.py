@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffnas.config import RetrainConfig, RunConfig
+from diffnas.config import ConfigError, RetrainConfig, RunConfig
 from diffnas.data import Augment, BatchLoader, ImageData, load_dataset
 from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
@@ -48,6 +48,36 @@ def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
         correct += (logits.argmax(-1) == y).sum().item()
         total += len(y)
     return {"test_loss": loss_sum / max(total, 1), "test_acc": correct / max(total, 1)}
+
+
+def check_retrain_batch(cfg: RunConfig, search_data: ImageData) -> None:
+    """Before a search: refuse a ``retrain.batch_size`` larger than the images the
+    retraining will train on, which the loop found only after the whole search (and a
+    ``--resume`` cannot change ``retrain.*``). The size is known when the search's images
+    are the whole training set (no ``data.train_subset``, or one larger than the set)."""
+    r, d = cfg.retrain, cfg.data
+    n = len(search_data.train_x)
+    if not r.enabled or (d.train_subset is not None and n >= d.train_subset):
+        return  # retraining reads the whole set, which may be larger than the search's
+    n_retrain = min(n, r.train_subset or n)
+    if r.batch_size > n_retrain:
+        raise ConfigError(
+            f"retrain.batch_size={r.batch_size} exceeds the {n_retrain} training images the "
+            "retraining would use: no complete batch (incomplete ones are dropped); lower "
+            "retrain.batch_size (the search has not started)")
+
+
+def no_full_batch_hint(run_dir: str | Path, batches: int) -> str:
+    """What to do when the retraining has no full batch after a search: the genotype is
+    kept, and ``diffnas train`` retrains it with other retrain settings."""
+    if batches:
+        return ""
+    genotype = Path(run_dir) / "search" / "genotype.json"
+    if not genotype.exists():
+        return ""
+    return (f"; the search's genotype is kept: retrain it with a smaller batch by "
+            f"`diffnas train --config {Path(run_dir) / 'config.yaml'} --genotype {genotype} "
+            "retrain.batch_size=N`")
 
 
 class TrainTask:
@@ -217,7 +247,13 @@ def run_retrain(
     if state is not None:
         loop.load_state_dict(state, source=ckpt)
         log.info("resumed retraining at epoch %d", loop.epoch)
-    history = loop.run(stop_after=stop_after)
+    try:
+        history = loop.run(stop_after=stop_after)
+    except ValueError as exc:  # no full batch: say how to use the search's genotype
+        hint = no_full_batch_hint(run_dir, task.num_batches())
+        if not hint:
+            raise
+        raise ConfigError(f"{exc}{hint}") from None
     final = evaluate_replicated(model, test)
     result = {
         "genotype": genotype.to_dict(),

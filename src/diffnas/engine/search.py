@@ -20,6 +20,7 @@ from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.cuda_graph import GraphedStep
 from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.retrain import check_retrain_batch
 from diffnas.engine.rundir import check_same_data, resolve_device
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
@@ -397,6 +398,8 @@ def run_search(
         torch.backends.cudnn.benchmark = True
     data = data or load_search_data(cfg)
     dp.main_process_result(check_same_data, out, data, resume)  # a resume on other data
+    if not resume:  # resumed, retrain.* is fixed: the search's genotype is still worth having
+        check_retrain_batch(cfg, data)
     task = build_search(cfg, data, device, rank.rank, rank.world_size)
     # Under torchrun every rank runs every callback in the same order (their states stay
     # aligned in the checkpoint), but the writers act on rank 0 only.
