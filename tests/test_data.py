@@ -235,3 +235,11 @@ def test_a_retraining_begun_before_the_fixed_test_subset_keeps_its_own(tmp_path)
     old = load_dataset("digits", test_subset=50, seed=3, test_seed=4)
     new = load_dataset("digits", test_subset=50, seed=3)
     assert not torch.equal(old.test_y, new.test_y)
+
+
+def test_the_log_says_how_many_images_a_subset_keeps(caplog):
+    """The loader's line counts every image; with data.test_subset the score is over fewer,
+    which the log did not say."""
+    caplog.set_level("INFO", logger="diffnas.data")
+    load_dataset("digits", train_subset=100, test_subset=50)
+    assert "digits: using 100 of 1437 train / 50 of 360 test images" in caplog.text

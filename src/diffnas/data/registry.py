@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Callable
 
 from diffnas.data.base import ImageData, resize, subset
 from diffnas.registry import Registry
+
+log = logging.getLogger(__name__)
 
 DatasetLoader = Callable[..., ImageData]
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
@@ -45,5 +48,8 @@ def load_dataset(
     # the same images (its generator seed, 1, is the one seed 0 always used)
     tex, tey = subset(data.test_x, data.test_y, test_subset,
                       TEST_SUBSET_SEED if test_seed is None else test_seed)
+    if len(trx) < len(data.train_x) or len(tex) < len(data.test_x):  # the loader logged all
+        log.info("%s: using %d of %d train / %d of %d test images (the subsets)", name,
+                 len(trx), len(data.train_x), len(tex), len(data.test_x))
     return dataclasses.replace(data, train_x=resize(trx, resolution), train_y=try_,
                                test_x=resize(tex, resolution), test_y=tey)
