@@ -81,6 +81,38 @@ def test_cifar10_from_torchvision_layout(tmp_path):
     assert d.test_x.shape[1] == 3 and raw.shape[1] == 3
 
 
+class _RunsCode:
+    """Unpickling this calls ``list.append`` on a global list: the stand-in for a
+    crafted batch whose pickle names ``os.system``."""
+
+    def __reduce__(self):
+        return (_RAN.append, ("ran",))
+
+
+_RAN: list[str] = []
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_batches_are_read_without_running_code(tmp_path, protocol):
+    """A CIFAR batch is a pickle: a plain pickle.load runs whatever a crafted file names.
+    The real files (Python 2 pickles) and those written by any protocol still load."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+                 "labels": list(rng.integers(0, 10, 2)), "filenames": [b"a.png", "b.png"]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+    assert load_dataset("cifar10", root=str(tmp_path)).train_x.shape == (10, 3, 32, 32)
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({"data": _RunsCode(), "labels": []}, f, protocol=protocol)
+    with pytest.raises(DataFormatError, match=r"data_batch_3: not a readable CIFAR-10 batch "
+                                              r"\(refused to load \S*getattr: "):
+        load_dataset("cifar10", root=str(tmp_path))
+    assert _RAN == []
+
+
 def test_digits_ships_in_the_wheel():
     d = load_dataset("digits", train_subset=100, seed=3)
     assert d.train_x.shape == (100, 1, 8, 8) and d.test_x.shape[0] == 360

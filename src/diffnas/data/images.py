@@ -7,6 +7,7 @@ import pickle
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,25 @@ _PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError,
                   KeyError, TypeError, ValueError, OverflowError)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, strings, numpy arrays and
+    scalars) and refuses any other global: a plain ``pickle.load`` runs whatever code a
+    crafted file names (npz files are read without pickle for the same reason)."""
+
+    ALLOWED = {
+        *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+          for n in ("_reconstruct", "scalar")),
+        *((m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds "
+                                     "only arrays, lists and strings")
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(N, 3, 32, 32)`` and labels of one CIFAR-10 python batch; a damaged file
     is a :class:`DataFormatError` naming it."""
@@ -139,7 +159,7 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
            "(data.download=true) or copy the cifar-10-batches-py folder again")
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _ArrayUnpickler(f, encoding="latin1").load()
     except _PICKLE_ERRORS as exc:
         raise DataFormatError(f"{path}: not a readable CIFAR-10 batch ({exc}); {fix}") from None
     if not isinstance(d, dict) or "data" not in d or "labels" not in d:
