@@ -462,14 +462,18 @@ def test_summary_merges_like_with_like_and_lists_have_no_repeats(tmp_path, capsy
     for files in ((a, b), (b, a)):
         assert main(["bench", "nb201-summary", *map(str, files)]) == 2
         err = capsys.readouterr().err
-        assert "strategy 'rea' ran with settings" in err and "summarise those files" in err
+        assert "strategy 'rea' ran with other settings" in err and "population: " in err
+        assert "summarise those files" in err
     old = json.loads(b.read_text())  # as written before outcomes held their settings
     for o in old["outcomes"]:
-        del o["settings"]
+        del o["settings"], o["config"], o["code"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert main(["bench", "nb201-summary", str(a), str(tmp_path / "old.json")]) == 2
     assert "{'population': 3} in" in capsys.readouterr().err
-    assert main(["bench", "nb201-summary", str(b), str(tmp_path / "old.json")]) == 0
+    # the same --set values, but the legacy file's defaults are unknown: refused unless
+    # --allow-legacy (test_summary_refuses_a_legacy_file_mixed_with_a_recording_one)
+    assert main(["bench", "nb201-summary", str(b), str(tmp_path / "old.json"),
+                 "--allow-legacy"]) == 0
     # a default given explicitly (rea's population is 10) is the same setting as none
     c = bench("c.json", "--set", "rea.population=10")
     assert main(["bench", "nb201-summary", str(a), str(c)]) == 0
@@ -629,6 +633,8 @@ def test_bench_outputs_never_replace_a_users_file_and_bad_counts_are_refused(
     (lambda d: d["outcomes"][0].update(budget=True), "no valid 'budget' (got True)"),
     (lambda d: d["outcomes"][0]["test"].update(c10_test_200="x"), "invalid test['c10_test"),
     (lambda d: d["outcomes"][0].update(settings=[1]), "invalid 'settings'"),
+    (lambda d: d["outcomes"][0].update(config="x"), "invalid 'config'"),
+    (lambda d: d["outcomes"][0].update(code=3), "invalid 'code'"),
 ])
 def test_summary_names_a_damaged_outcome(damage, problem, tmp_path, capsys):
     from diffnas.cli import main
@@ -769,3 +775,244 @@ def test_cell_names_refuses_indices_outside_the_ops():
     for bad in ((-1, 0, 0, 0, 0, 3), (0, 0, 0, 0, 0, len(NB201_OPS))):
         with pytest.raises(ValueError, match="op indices must be in 0..4"):
             cell_names(bad)
+
+
+# --- the audit of 2026-12 (docs/nb201.md): settings recorded, checks before any search --------
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def full_table(tmp_path_factory) -> Path:
+    """A made-up table of every one of the 15,625 cells (no download needed): validation
+    and test accuracies are a fixed function of the cell."""
+    from diffnas.nasbench.encoding import all_cells_array
+    from diffnas.spaces.nb201 import ops_to_str
+
+    path = tmp_path_factory.mktemp("nb201") / "full.csv"
+    rows = [f"index,arch_str,{SEARCH_METRIC},c10_test_200,c100_test_200"]
+    for i, cell in enumerate(all_cells_array()):
+        valid = 50 + 5 * float(np.sum(cell == 3)) + 2 * float(np.sum(cell == 2)) + (i % 97) / 97
+        rows.append(f"{i},{ops_to_str([NB201_OPS[k] for k in cell])},{valid:.4f},"
+                    f"{valid + 2:.4f},{valid - 20:.4f}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _spy_searches(monkeypatch) -> list:
+    """The tasks 'bench nb201' runs (each one search), recorded; the searches still run."""
+    from diffnas.nasbench import cli
+
+    calls, real = [], cli._one
+
+    def spy(task):
+        calls.append(task)
+        return real(task)
+
+    monkeypatch.setattr(cli, "_one", spy)
+    return calls
+
+
+def _bench_file(main, table: Path, out: Path, *extra: str) -> dict:
+    assert main(["bench", "nb201", "--strategy", "random,rea", "--budget", "12", "--seeds",
+                 "2", "--table", str(table), "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_outcomes_record_their_resolved_settings_and_the_code(full_table, tmp_path):
+    """Finding 1: every outcome holds every setting as it ran (defaults included), not
+    only the --set values, and which diffnas made it."""
+    from importlib.metadata import version
+
+    from diffnas.cli import main
+
+    data = _bench_file(main, full_table, tmp_path / "a.json", "--set", "rea.population=3")
+    for o in data["outcomes"]:
+        assert o["config"] == ({} if o["strategy"] == "random" else
+                               {"population": 3, "sample_size": 3, "max_cycles_factor": 50})
+        assert o["code"]["diffnas"] == version("diffnas")
+        assert o["code"]["commit"] is None or len(o["code"]["commit"]) == 40
+    nao = run_query_search("nao", CsvNb201Table(full_table), 10, 0, FAST["nao"]).to_dict()
+    assert nao["config"]["step_sizes"] == [0.5, 1, 2, 4, 8, 16, 32, 64]  # (as JSON reads it)
+    assert nao["config"]["epochs"] == 5 and nao["config"]["renormalize"] is False
+
+
+def test_summary_refuses_outcomes_whose_resolved_settings_differ(full_table, tmp_path, capsys):
+    """Finding 1: two files with the same --set values (none) whose strategy ran with other
+    defaults (as ctnas's choice changed from 1 to 4) are not one row; other code with the
+    same settings is merged with a warning."""
+    from diffnas.cli import main
+
+    a = tmp_path / "a.json"
+    data = _bench_file(main, full_table, a)
+    for o in data["outcomes"]:  # other seeds, run when rea's default population was 20
+        o["seed"] += 2
+        if o["strategy"] == "rea":
+            o["config"]["population"] = 20
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["bench", "nb201-summary", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert f"strategy 'rea' ran with other settings in {a} and in {b}" in err
+    assert "population: 10 vs 20" in err and "summarise those files separately" in err
+    for o in data["outcomes"]:  # the same settings, made by another commit
+        if o["strategy"] == "rea":
+            o["config"]["population"] = 10
+        o["code"] = {**o["code"], "commit": "f" * 40, "dirty": False}
+    b.write_text(json.dumps(data))
+    assert main(["bench", "nb201-summary", str(a), str(b)]) == 0
+    captured = capsys.readouterr()
+    assert "diffnas: warning: strategy 'rea': merged outcomes of diffnas" in captured.err
+    assert "at commit ffffffffffff" in captured.err
+    assert "rea             12     4" in captured.out  # seeds 0..3
+
+
+def test_summary_refuses_a_legacy_file_mixed_with_a_recording_one(full_table, tmp_path,
+                                                                   capsys):
+    """Finding 1: a file written before outcomes recorded their settings (its defaults are
+    unknown) is not merged with a newer one for the same strategy unless --allow-legacy,
+    which warns; a strategy without settings (random) merges with a warning."""
+    from diffnas.cli import main
+
+    new = tmp_path / "new.json"
+    data = _bench_file(main, full_table, new)
+    for o in data["outcomes"]:
+        del o["config"], o["code"], o["settings"]
+        o["seed"] += 2
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    capsys.readouterr()
+    for files in ((new, old), (old, new)):
+        assert main(["bench", "nb201-summary", *map(str, files)]) == 2
+        err = capsys.readouterr().err
+        assert f"strategy 'rea': {old} was written before outcomes recorded every setting" in err
+        assert "give --allow-legacy" in err
+    assert main(["bench", "nb201-summary", str(new), str(old), "--allow-legacy"]) == 0
+    captured = capsys.readouterr()
+    assert "merged as --allow-legacy asks" in captured.err
+    assert "strategy 'random'" in captured.err and "random has no settings" in captured.err
+    assert "rea             12     4" in captured.out
+    data["outcomes"] = [o for o in data["outcomes"] if o["strategy"] == "random"]
+    old.write_text(json.dumps(data))
+    assert main(["bench", "nb201-summary", str(new), str(old)]) == 0
+    assert "random has no settings" in capsys.readouterr().err
+
+
+def test_summary_refuses_one_run_with_two_results_and_counts_a_repeat_once(
+        full_table, tmp_path, capsys):
+    """Finding 1: the same (strategy, budget, seed) in two files with different results is
+    an error naming both (it was "keep the last"); the same result again counts once."""
+    from diffnas.cli import main
+
+    a = tmp_path / "a.json"
+    data = _bench_file(main, full_table, a)
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["bench", "nb201-summary", str(a), str(same)]) == 0
+    assert "rea             12     2" in capsys.readouterr().out
+    rea = next(o for o in data["outcomes"] if o["strategy"] == "rea" and o["seed"] == 1)
+    rea["valid_acc"] += 1
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    assert main(["bench", "nb201-summary", str(a), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"strategy 'rea', budget 12, seed 1 is in {a} and in {other} with different " \
+           "results (valid_acc:" in err
+
+
+def test_committed_result_files_stay_readable_and_a_mix_of_defaults_is_refused(capsys):
+    """Finding 1 on the repository's own files (written before outcomes recorded their
+    settings): the docs' CTNAS summary still works; the ctnas run with choice 1 (then the
+    default) and the one with choice 4 hold different results for the same seeds."""
+    from diffnas.cli import main
+
+    files = [RESULTS / n for n in ("nb201_ctnas_comparator_2026-11-23.json",
+                                   "nb201_ctnas_choice4_100_2026-12-04.json",
+                                   "nb201_ctnas_choice4_500_2026-12-04.json")]
+    assert main(["bench", "nb201-summary", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert "ctnas          100    30   94.32 +- 0.18" in out
+    assert "comparator     500    30   94.37 +- 0.00" in out
+    choice1 = RESULTS / "nb201_ctnas_100_2026-11-23.json"
+    assert main(["bench", "nb201-summary", str(choice1), str(files[1])]) == 2
+    err = capsys.readouterr().err
+    assert f"strategy 'ctnas', budget 100, seed 3 is in {choice1} and in {files[1]} with " \
+           "different results" in err
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("rea.population=0", "rea needs population >= 1"),
+    ("rea.population=abc", "strategy[rea].population: expected int, got 'abc'"),
+    ("nao.step_sizes=3", "strategy[nao].step_sizes: expected a list, got 3"),
+])
+def test_every_strategys_settings_are_checked_before_any_search(
+        value, problem, full_table, tmp_path, monkeypatch, capsys):
+    """Finding 2: a bad value for a later strategy stopped the command only when that
+    strategy's first search started, after the earlier ones had run, and nothing was
+    written."""
+    from diffnas.cli import main
+
+    calls = _spy_searches(monkeypatch)
+    out = tmp_path / "lost.json"
+    assert main(["bench", "nb201", "--strategy", "random,gcn,rea,nao", "--budget", "10",
+                 "--seeds", "2", "--table", str(full_table), "--json", str(out),
+                 "--set", value]) == 2
+    assert problem in capsys.readouterr().err
+    assert calls == [] and not out.exists()
+
+
+def test_set_with_malformed_yaml_is_a_one_line_error(tmp_path, capsys):
+    """Finding 3: it was a yaml traceback; a key given twice inside one value was quietly
+    the last one."""
+    from diffnas.cli import main
+    from diffnas.nasbench.cli import _settings
+
+    assert main(["bench", "nb201", "--strategy", "rea", "--budget", "10", "--seeds", "1",
+                 "--table", str(tmp_path / "t.csv"), "--set", "rea.population=[1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffnas: error: --set 'rea.population=[1': invalid YAML: expected")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(ValueError, match="--set 'x={a: 1, a: 2}': invalid YAML: key 'a' "
+                                         "given twice"):
+        _settings(["x={a: 1, a: 2}"])
+    assert _settings(["a=[1, 2]", "b= 0.5", "c=null"]) == {"a": [1, 2], "b": 0.5, "c": None}
+
+
+def test_bench_refuses_an_incomplete_table_before_any_search(full_table, tmp_path,
+                                                             monkeypatch, capsys):
+    """Finding 4: a table cut short at a line boundary loaded, and the searches failed at
+    the first missing cell ("not in the table"), after others had run; lookups may still
+    read a partial table."""
+    from diffnas.cli import main
+
+    cut = tmp_path / "cut.csv"
+    cut.write_text("".join(full_table.read_text().splitlines(keepends=True)[:15601]))
+    calls = _spy_searches(monkeypatch)
+    out = tmp_path / "cut.json"
+    assert main(["bench", "nb201", "--strategy", "random,rea", "--budget", "100", "--seeds",
+                 "30", "--table", str(cut), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cut}: 15600 cells, not the 15625 of NAS-Bench-201: the table is incomplete" in err
+    assert calls == [] and not out.exists()
+    assert main(["bench", "nb201-lookup", "--genotype", "7", "--table", str(cut)]) == 0
+
+
+def test_seed_is_not_read_as_seeds_and_the_help_says_seeds_is_a_count(tmp_path, capsys):
+    """Finding 6: argparse took `--seed 3` for `--seeds 3` (seeds 0, 1, 2, not seed 3)."""
+    from diffnas.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "nb201", "--strategy", "random", "--budget", "5", "--seed", "3",
+              "--table", str(tmp_path / "t.csv"), "--json", str(tmp_path / "x.json")])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --seed 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "nb201-summary", "x.json", "--js", str(tmp_path / "s.json")])
+    assert exit_.value.code == 2 and "unrecognized arguments: --js" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "nb201", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--seeds S how many seeds (a count, not a list" in help_text
+    assert "runs seeds 0..S-1" in help_text

@@ -11,6 +11,7 @@ import argparse
 import json
 import multiprocessing
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def register_bench(name: str, help: str) -> Callable[[BenchSetup], BenchSetup]:
 
 @register_command("bench", "benchmarks: query-based search and lookups on NAS-Bench-201")
 def _bench(p: argparse.ArgumentParser):
+    p.allow_abbrev = False  # `--seed 3` is not taken for `--seeds 3` (a count)
     sub = p.add_subparsers(dest="bench", required=True)
-    handlers = {name: setup(sub.add_parser(name, help=h)) for name, (h, setup) in _BENCHES.items()}
+    handlers = {name: setup(sub.add_parser(name, help=h, allow_abbrev=False))
+                for name, (h, setup) in _BENCHES.items()}
 
     def run(args: argparse.Namespace) -> int:
         return handlers[args.bench](args)
@@ -64,14 +67,16 @@ def _csv_list(text: str, flag: str, kind: Callable = str) -> list:
 
 
 def _settings(items: list[str]) -> dict:
-    import yaml
+    """``key -> value`` of ``--set key=value`` items; a value is YAML, and malformed YAML
+    (or a key given twice inside one value) is a one-line error naming the item."""
+    from diffnas.config import _load_yaml
 
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = _load_yaml(v, f"--set {item!r}")
     return out
 
 
@@ -124,9 +129,39 @@ def _one(task: tuple) -> dict:
     from diffnas.nasbench.table import open_benchmark
 
     bench = _BENCH_CACHE.get(table) or _BENCH_CACHE.setdefault(table, open_benchmark(table))
-    # the settings travel with the outcome: nb201-summary merges only like with like
+    # the settings (the --set values; the outcome's 'config' holds every setting as it
+    # ran) travel with the outcome: nb201-summary merges only like with like
     return {**run_query_search(strategy, bench, budget, seed, settings).to_dict(),
             "settings": settings}
+
+
+def code_version() -> dict:
+    """Which diffnas made an outcome: the package version and, where the package is a
+    git checkout, its commit and whether ``src/diffnas`` had uncommitted changes (each
+    ``None`` when git cannot tell)."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("diffnas")
+    except PackageNotFoundError:
+        release = None
+    here = Path(__file__).resolve().parents[1]  # the diffnas package
+
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *argv], capture_output=True,
+                                  text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = dirty = None
+    if git("ls-files", "--", "__init__.py"):  # the package is tracked by this checkout
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        dirty = None if commit is None or status is None else bool(status)
+    return {"diffnas": release, "commit": commit, "dirty": dirty}
 
 
 _BENCH_CACHE: dict = {}
@@ -142,7 +177,9 @@ def _nb201(p: argparse.ArgumentParser):
     p.add_argument("--strategy", required=True,
                    help="comma-separated: random, rea, reinforce, nao, gcn, comparator, ctnas")
     p.add_argument("--budget", required=True, help="queries (distinct cells), comma-separated")
-    p.add_argument("--seeds", type=int, default=10, help="seeds 0..S-1 per strategy and budget")
+    p.add_argument("--seeds", type=int, default=10, metavar="S",
+                   help="how many seeds (a count, not a list as in 'diffnas search "
+                        "--seeds'): runs seeds 0..S-1 per strategy and budget (default 10)")
     p.add_argument("--table", required=True, help="nb201_compact.csv(.gz) or official file")
     p.add_argument("--backend", default="auto", help="auto, csv, nats_bench, nas_201_api")
     p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE",
@@ -165,6 +202,10 @@ def _nb201(p: argparse.ArgumentParser):
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs}: give 1 or more worker processes")
         settings = _strategy_settings(strategies, args.set)
+        from diffnas.nasbench.strategies import create_query_strategy
+
+        for s in strategies:  # every value checked now, not when s's first search starts
+            create_query_strategy(s, settings[s])
         # checked before the searches, which can take hours: not after them
         refuse_foreign_json(args.json, BENCH_KEYS, "a 'bench nb201' result", "--json")
         if args.backend == "auto":
@@ -175,10 +216,19 @@ def _nb201(p: argparse.ArgumentParser):
             raise ValueError(f"{args.table}: the table has no {SEARCH_METRIC} column, the "
                              f"validation accuracy the searches query (it has "
                              f"{', '.join(bench.metrics) or 'no metric'})")
+        from diffnas.nasbench.encoding import NUM_CELLS
+
+        if len(bench) != NUM_CELLS:  # a search may query any cell of the space
+            what = ("the table is incomplete (cut short?)" if len(bench) < NUM_CELLS
+                    else "the table has more rows than the space has cells")
+            raise ValueError(f"{args.table}: {len(bench)} cells, not the {NUM_CELLS} of "
+                             f"NAS-Bench-201: {what}; a search needs them all "
+                             "(nb201-lookup still reads it)")
         if max(budgets) > len(bench):  # the queries are distinct cells
             raise ValueError(f"--budget {max(budgets)}: more queries than the {len(bench)} "
                              f"cells of the table {args.table}")
         _BENCH_CACHE[args.table] = bench
+        code = code_version()  # the code these searches run (read before they start)
         tasks = [(s, args.table, b, seed, settings[s])
                  for s in strategies for b in budgets for seed in range(args.seeds)]
         if args.jobs > 1:
@@ -186,6 +236,7 @@ def _nb201(p: argparse.ArgumentParser):
                 outcomes = pool.map(_one, tasks, chunksize=1)
         else:
             outcomes = [_one(t) for t in tasks]
+        outcomes = [{**o, "code": code} for o in outcomes]
         report = summarize(outcomes)
         print(report["table"])
         for line in report["paired_lines"]:
@@ -262,8 +313,10 @@ def _check_outcomes(outcomes: object, path: str) -> None:
                                  "bench nb201'")
         bad = [m for m, v in o["test"].items()
                if isinstance(v, bool) or not isinstance(v, (int, float))]
-        if bad or ("settings" in o and not isinstance(o["settings"], dict)):
-            what = f"test[{bad[0]!r}]" if bad else "'settings'"
+        bad_key = next((k for k in ("settings", "config", "code")
+                        if k in o and not isinstance(o[k], dict)), None)
+        if bad or bad_key:
+            what = f"test[{bad[0]!r}]" if bad else repr(bad_key)
             raise ValueError(f"{path}: outcomes[{n}] has an invalid {what}; the file is "
                              "damaged or not from 'diffnas bench nb201'")
 
@@ -294,10 +347,128 @@ def _file_settings(data: dict) -> dict[str, dict]:
     return _strategy_settings(names, args.get("set") or [])
 
 
+#: what makes two outcomes of one (strategy, budget, seed) the same run (not 'seconds')
+_RESULT_KEYS = ("arch_str", "index", "queries", "valid_acc", "test")
+
+
+def _code_name(code: object) -> str:
+    if not isinstance(code, dict):
+        return "an unrecorded diffnas version"
+    name = f"diffnas {code.get('diffnas') or '(version unknown)'}"
+    if code.get("commit"):
+        name += f" at commit {str(code['commit'])[:12]}"
+        if code.get("dirty"):
+            name += " with uncommitted changes"
+    return name
+
+
+def _differences(a: dict, b: dict) -> str:
+    """The settings that differ between ``a`` and ``b``: ``key: A vs B``."""
+    absent = "(not recorded)"
+    return "; ".join(f"{k}: {a.get(k, absent)!r} vs {b.get(k, absent)!r}"
+                     for k in sorted(set(a) | set(b), key=str)
+                     if k not in a or k not in b or a[k] != b[k])
+
+
+def merge_outcomes(files: list[tuple[str, dict]], allow_legacy: bool = False,
+                   ) -> tuple[list[dict], list[str]]:
+    """The outcomes of 'bench nb201' files (``(path, data)`` pairs, already checked) as one
+    list, and the warnings to show. Like is merged only with like, per strategy:
+
+    - outcomes that record their resolved settings (``config``: every setting as it ran,
+      defaults included) merge where those agree; they are an error otherwise, naming the
+      files and the settings. Different code versions (``code``) with equal settings are
+      merged with a warning: a code change that kept the settings would not show.
+    - outcomes written before outcomes held ``config`` (legacy files) are compared on
+      their ``--set`` values less the defaults of today's code; a legacy file and a
+      recording one for the same strategy are refused unless ``allow_legacy`` (then a
+      warning): the defaults the legacy run used are unknown (ctnas's ``choice`` changed).
+    - the same (strategy, budget, seed) in two places is counted once where the results
+      agree (every search is deterministic per seed) and is an error naming both files
+      where they differ.
+    """
+    merged: dict[tuple, tuple[dict, str]] = {}
+    recorded: dict[str, tuple[dict, dict, str, object]] = {}  # -> config, --set, file, code
+    legacy_of: dict[str, tuple[dict, str]] = {}  # strategy -> (--set less defaults, file)
+    warnings: list[str] = []
+
+    def warn(text: str) -> None:
+        if text not in warnings:
+            warnings.append(text)
+
+    for f, data in files:
+        try:
+            legacy = _file_settings(data)
+        except ValueError as exc:  # e.g. a strategy renamed since
+            raise ValueError(f"{f}: cannot tell the settings its runs used ({exc})") from None
+        for o in data["outcomes"]:
+            s = o["strategy"]
+            mine = _without_defaults(s, o["settings"] if "settings" in o
+                                     else legacy.get(s, {}))
+            others = [legacy_of[s]] if s in legacy_of else []
+            if "config" not in o and s in recorded:
+                others.append(recorded[s][1:3])
+            for seen, where in others:  # (a legacy outcome involved: its --set values)
+                if seen != mine:
+                    raise ValueError(
+                        f"strategy {s!r} ran with settings {seen or 'defaults'} in {where} "
+                        f"and {mine or 'defaults'} in {f}: one row cannot mix them; "
+                        "summarise those files separately")
+            if "config" in o:
+                if s in recorded:
+                    config, _, where, code = recorded[s]
+                    if o["config"] != config:
+                        raise ValueError(
+                            f"strategy {s!r} ran with other settings in {where} and in {f} "
+                            f"({_differences(config, o['config'])}): one row cannot mix "
+                            "them; summarise those files separately")
+                    if o.get("code") != code:
+                        warn(f"strategy {s!r}: merged outcomes of {_code_name(code)} "
+                             f"({where}) and of {_code_name(o.get('code'))} ({f}); their "
+                             "settings agree, but a change of the code that kept the "
+                             "settings would not show here")
+                else:
+                    recorded[s] = (o["config"], mine, f, o.get("code"))
+            else:
+                legacy_of.setdefault(s, (mine, f))
+            if s in recorded and s in legacy_of:
+                old, new = legacy_of[s][1], recorded[s][2]
+                text = (f"strategy {s!r}: {old} was written before outcomes recorded every "
+                        f"setting and the diffnas version, {new} after")
+                unknown = ("the defaults of the older run are unknown (they have changed, "
+                           "e.g. ctnas's choice on 2026-12-04)")
+                if recorded[s][0] == {}:  # a strategy without settings: only the code
+                    warn(f"{text}; merged ({s} has no settings), but a change of its code "
+                         "would not show here")
+                elif allow_legacy:
+                    warn(f"{text}; {unknown}; merged as --allow-legacy asks")
+                else:
+                    raise ValueError(f"{text}; {unknown}, so one row must not mix them: "
+                                     "summarise them separately, or give --allow-legacy to "
+                                     "merge them anyway")
+            key = (s, o["budget"], o["seed"])
+            if key in merged:
+                prev, where = merged[key]
+                differ = [k for k in _RESULT_KEYS if prev.get(k) != o.get(k)]
+                if differ:
+                    k = differ[0]
+                    raise ValueError(
+                        f"strategy {s!r}, budget {o['budget']}, seed {o['seed']} is in {where} "
+                        f"and in {f} with different results ({k}: {prev.get(k)!r} vs "
+                        f"{o.get(k)!r}): they come from other code or settings; summarise "
+                        "those files separately")
+                continue  # the same run twice (deterministic per seed): counted once
+            merged[key] = (o, f)
+    return [o for o, _ in merged.values()], warnings
+
+
 @register_bench("nb201-summary", "merge JSON files of 'bench nb201' runs and print the table")
 def _summary(p: argparse.ArgumentParser):
     p.add_argument("files", nargs="+", help="JSON files written by 'diffnas bench nb201'")
     p.add_argument("--json", help="write the merged summary here")
+    p.add_argument("--allow-legacy", action="store_true",
+                   help="merge a file written before outcomes recorded their settings with "
+                        "a newer one for the same strategy (a warning, not an error)")
 
     def run(args: argparse.Namespace) -> int:
         from diffnas.engine.callbacks import read_json
@@ -308,30 +479,18 @@ def _summary(p: argparse.ArgumentParser):
                 raise ValueError(f"--json {args.json} is one of the files summarised; write "
                                  "the summary to another path")
             refuse_foreign_json(args.json, SUMMARY_KEYS, "an 'nb201-summary' result", "--json")
-        merged: dict[tuple, dict] = {}
-        setting_of: dict[str, tuple[dict, str]] = {}  # strategy -> (its settings, a file)
+        files = []
         for f in args.files:
             data = read_json(f, "give a JSON file written by 'diffnas bench nb201'")
             if "outcomes" not in data:
                 raise ValueError(f"{f}: not a 'bench nb201' JSON file (no 'outcomes')")
             _check_outcomes(data["outcomes"], f)
-            try:
-                legacy = _file_settings(data)
-            except ValueError as exc:  # e.g. a strategy renamed since
-                raise ValueError(f"{f}: cannot tell the settings its runs used ({exc})") \
-                    from None
-            for o in data["outcomes"]:  # a (strategy, budget, seed) run repeated: keep one
-                mine = _without_defaults(o["strategy"], o["settings"] if "settings" in o
-                                         else legacy.get(o["strategy"], {}))
-                seen, where = setting_of.setdefault(o["strategy"], (mine, f))
-                if seen != mine:
-                    raise ValueError(
-                        f"strategy {o['strategy']!r} ran with settings {seen or 'defaults'} in "
-                        f"{where} and {mine or 'defaults'} in {f}: one row cannot mix them; "
-                        "summarise those files separately")
-                merged[(o["strategy"], o["budget"], o["seed"])] = o
-        outcomes = sorted(merged.values(), key=lambda o: (o["budget"], o["strategy"] != "random",
-                                                          o["strategy"], o["seed"]))
+            files.append((f, data))
+        outcomes, warnings = merge_outcomes(files, args.allow_legacy)
+        for text in warnings:
+            print(f"diffnas: warning: {text}", file=sys.stderr)
+        outcomes.sort(key=lambda o: (o["budget"], o["strategy"] != "random", o["strategy"],
+                                     o["seed"]))
         report = summarize(outcomes)
         print(report["table"])
         for line in report["paired_lines"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ class SearchOutcome:
     valid_acc: float
     test: dict[str, float]  # REPORT_METRICS of the chosen cell
     seconds: float
+    # every setting of the strategy as the search ran (defaults included), JSON-ready:
+    # nb201-summary merges outcomes only where these agree
+    config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +73,19 @@ def run_query_search(
     test = {m: bench.query(ops, m) for m in REPORT_METRICS if m in bench.metrics}
     index = bench.index_of(ops)
     return SearchOutcome(strategy, seed, budget, oracle.used, bench.arch_str(index), index,
-                         valid, test, seconds)
+                         valid, test, seconds, resolved_config(search.config))
+
+
+def resolved_config(config: object) -> dict:
+    """Every setting of a strategy config (defaults included) as plain JSON values (a
+    tuple becomes a list), so that one read back from an outcome file compares equal."""
+    import json
+
+    from diffnas.config import to_dict
+
+    if config is None:
+        return {}
+    return json.loads(json.dumps(to_dict(config)))
 
 
 def chosen_genotype(outcome: SearchOutcome) -> Genotype:
