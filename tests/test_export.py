@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from diffnas.cli import main
-from diffnas.export import ExportError, export_run, load_retrained, max_output_diff, run_exported
+from diffnas.export import (
+    ExportError,
+    export_run,
+    is_export,
+    load_retrained,
+    max_output_diff,
+    run_exported,
+)
 
 TINY_RUN = [
     "data.name=digits", "data.train_subset=64", "data.test_subset=32", "data.batch_size=16",
@@ -168,3 +175,52 @@ def test_result_data_without_its_normalisation_is_refused_before_writing(run_dir
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 2
     assert "its 'data' entry lacks mean, std" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_export_never_replaces_a_run_file_and_a_users_only_with_force(run_dir, tmp_path,
+                                                                      capsys):
+    """--out naming the run's own weights or checkpoint is refused even with --force (it
+    was replaced, and the retraining lost); a user's file is kept unless --force."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
+    for target in (run / "retrain/model.pt", run / "search/checkpoint.pt"):
+        before = target.read_bytes()
+        for force in ([], ["--force"]):
+            assert main(["export", str(run), "--format", "torchscript", "--out", str(target),
+                         *force]) == 2
+            assert f"--out {target}: that path is the run {run}'s own" in \
+                capsys.readouterr().err
+        assert target.read_bytes() == before
+    load_retrained(run)  # still loads
+    mine = tmp_path / "thing.pt"
+    mine.write_text("my precious")
+    with pytest.raises(ValueError, match="thing.pt: that file is not a model diffnas wrote"):
+        export_run(run, "torchscript", mine, check=False)
+    assert mine.read_text() == "my precious" and not mine.with_suffix(".json").exists()
+    export_run(run, "torchscript", mine, check=False, force=True)
+    assert is_export(mine)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_export_is_known_by_its_marker(run_dir, tmp_path, fmt):
+    """Running export again replaces its own file, known by the marker in the file even
+    when the description beside it is gone."""
+    out = export_run(run_dir, fmt, tmp_path / "m").path
+    out.with_suffix(".json").unlink()
+    assert is_export(out)
+    export_run(run_dir, fmt, out)  # replaced: no error
+    other = tmp_path / ("x" + out.suffix)
+    other.write_bytes(b"PK\x03\x04 not a model")
+    assert not is_export(other)
+
+
+def test_an_unwritable_export_folder_names_the_target(run_dir, tmp_path, monkeypatch,
+                                                      capsys):
+    def denied(*args, dir=None, **kw):
+        raise PermissionError(13, "Permission denied", f"{dir}/.tmp123")
+
+    monkeypatch.setattr("diffnas.report.outputs.tempfile.mkstemp", denied)
+    assert main(["export", str(run_dir), "--format", "torchscript"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {run_dir / 'export/model.pt'} (Permission denied" in err
+    assert "pass --out to write elsewhere" in err and ".tmp" not in err

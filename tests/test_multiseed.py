@@ -79,7 +79,7 @@ def test_summary_matches_hand_computation():
 
 
 def test_mean_std_edge_cases():
-    assert ms.mean_std([0.5]) == (0.5, 0.0)
+    assert ms.mean_std([0.5]) == (0.5, None)  # no sample std of one value
     mean, std = ms.mean_std([])
     assert mean != mean and std != std  # NaN
 
@@ -159,7 +159,7 @@ def test_statistics_leave_out_failed_and_unfinished_seeds():
              "test_acc": None, "search_val_acc": 0.1, "params": None, "macs": None,
              "error": "not finished"}]
     summary = ms.summarize(recs)
-    assert summary["search_val_acc"] == {"mean": 0.8, "std": 0.0, "n": 1}
+    assert summary["search_val_acc"] == {"mean": 0.8, "std": None, "n": 1}
     assert summary["op_frequency"]["normal"]["0->2"] == {"skip_connect": 1}
     assert "| 1 | - | 10.00% |" in ms.summary_markdown(summary)
     none = ms.summarize(recs[1:])
@@ -279,3 +279,79 @@ def test_report_plot_and_export_of_a_seeds_parent_point_at_its_seeds(tmp_path):
         load_run(parent)
     with pytest.raises(ExportError, match="multi-seed run: export one of its seeds"):
         load_retrained(parent)
+
+
+# --- damaged seed files (audit F3) and one seed (F6) ---------------------------------
+GENO = _geno([["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["sep_conv_3x3", 0, 3],
+              ["dil_conv_3x3", 2, 3]])
+
+
+def _finished_seeds(parent: Path, seeds: list[int]) -> tuple:
+    """A parent whose seeds look finished (search and a 1-epoch retraining), made by hand
+    so that no training runs."""
+    cfg = load_config(None, TINY_RUN)
+    dirs = ms.prepare_seeds(cfg, seeds, parent)
+    for s, d in zip(seeds, dirs, strict=True):
+        (d / "search").mkdir()
+        (d / "search" / "DONE").write_text("")
+        (d / "search" / "genotype.json").write_text(json.dumps(GENO))
+        (d / "search" / "metrics.jsonl").write_text('{"epoch": 0, "val_acc": 0.5}\n')
+        (d / "retrain").mkdir()
+        (d / "retrain" / "result.json").write_text(json.dumps(
+            {"epochs_done": 1, "test_acc": 0.1 * (s + 1), "params": 100, "macs": 10}))
+    return cfg, dirs
+
+
+def test_one_damaged_seed_becomes_a_failed_row_and_the_summary_is_written(tmp_path):
+    """A cut-short result.json of one seed: that seed is a FAILED row naming the file and
+    what to do, the others are summarised (the summary was not rewritten at all)."""
+    cfg, dirs = _finished_seeds(tmp_path, [0, 1, 2])
+    res = dirs[1] / "retrain" / "result.json"
+    res.write_bytes(res.read_bytes()[:20])
+    summary = ms.run_seeds(cfg, [0, 1, 2], tmp_path, workers=1, echo=False)
+    assert summary["failed"] == [1]
+    assert summary["test_acc"]["n"] == 2
+    assert summary["test_acc"]["mean"] == pytest.approx(0.2)
+    error = summary["runs"][1]["error"]
+    assert f"{res}: damaged, not valid JSON" in error and "--resume" in error
+    assert "FAILED or unfinished seeds: [1]" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == [1]
+
+
+def test_a_result_without_params_or_a_damaged_genotype_is_no_traceback(tmp_path):
+    cfg, dirs = _finished_seeds(tmp_path, [0, 1, 2])
+    res = dirs[0] / "retrain" / "result.json"
+    res.write_text(json.dumps({"epochs_done": 1, "test_acc": 0.5}))  # no params
+    (dirs[2] / "search" / "genotype.json").write_text("{")
+    summary = ms.run_seeds(cfg, [0, 1, 2], tmp_path, workers=1, echo=False)
+    assert summary["runs"][0]["params"] is None and summary["runs"][0]["test_acc"] == 0.5
+    assert summary["failed"] == [2]
+    assert str(dirs[2] / "search" / "genotype.json") in summary["runs"][2]["error"]
+    assert (tmp_path / "summary.md").is_file()
+
+
+def test_a_damaged_seeds_file_is_an_error_naming_it(tmp_path, capsys):
+    from diffnas.config import save_config
+
+    cfg, _ = _finished_seeds(tmp_path / "par", [0, 1])
+    save_config(cfg, tmp_path / "par" / "config.yaml")  # as the command writes it
+    (tmp_path / "par" / "seeds.json").write_text('{"seeds": [0, 1\n')
+    with pytest.raises(ConfigError, match=r"seeds\.json: damaged, not valid JSON"):
+        ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=1, echo=False)
+    assert main(["search", "--seeds", "0,1", "--workers", "1", "--resume",
+                 str(tmp_path / "par")]) == 2
+    assert f"{tmp_path / 'par' / 'seeds.json'}: damaged" in capsys.readouterr().err
+    (tmp_path / "par" / "seeds.json").write_text('{"seeds": "0,1"}')
+    with pytest.raises(ConfigError, match="'seeds' is not a list of integers"):
+        ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=1, echo=False)
+
+
+def test_one_seed_has_no_standard_deviation(tmp_path):
+    """A sample std is undefined for one value: JSON null and 'one seed', not +- 0.00%."""
+    rec = {"seed": 0, "run_dir": "a", "genotype": GENO, "test_acc": 0.9,
+           "search_val_acc": 0.5, "params": 1, "macs": 1}
+    summary = ms.write_summary(tmp_path, [rec])
+    assert summary["test_acc"] == {"mean": 0.9, "std": None, "n": 1}
+    assert json.loads((tmp_path / "summary.json").read_text())["test_acc"]["std"] is None
+    md = (tmp_path / "summary.md").read_text()
+    assert "90.00%** (one seed" in md and "+- 0.00%" not in md and "+- -" not in md

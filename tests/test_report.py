@@ -363,3 +363,100 @@ def test_a_screenshot_chromium_did_not_write_is_an_error(tmp_path, monkeypatch):
         browser_check(page, screenshot=shot, browser="chromium")
     assert shot.read_bytes() == b"old png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "shot.png"]
+
+
+# --- outputs that would lose work (audit F2, F5), damaged alphas (F4), provisional (F7)
+def test_report_and_plot_never_replace_a_run_file_and_a_users_only_with_force(run_dir,
+                                                                              tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    kept = {p: p.read_bytes() for p in (run / "retrain/result.json", run / "config.yaml")}
+    for target in kept:
+        for force in ([], ["--force"]):  # a run's own file: not even with --force
+            assert main(["report", str(run), "--out", str(target), *force]) == 2
+            err = capsys.readouterr().err
+            assert f"--out {target}: that path is the run {run}'s own" in err
+    assert main(["plot", str(run), "--out", str(run / "search")]) == 2
+    assert "that path is the run" in capsys.readouterr().err
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert not list((run / "search").glob("*.svg"))
+    # a user's file: refused, kept, replaced with --force
+    mine = tmp_path / "report.html"
+    mine.write_text("precious report")
+    assert main(["report", str(run), "--out", str(mine)]) == 2
+    assert "not a report diffnas wrote" in capsys.readouterr().err
+    assert mine.read_text() == "precious report"
+    assert main(["report", str(run), "--out", str(mine), "--force"]) == 0
+    assert main(["report", str(run), "--out", str(mine)]) == 0  # its own report: replaced
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "curves.svg").write_text("mine")
+    assert main(["plot", str(run), "--out", str(pics), "--format", "svg"]) == 2
+    assert f"--out {pics / 'curves.svg'}: that file is not a picture" in capsys.readouterr().err
+    assert [p.name for p in pics.iterdir()] == ["curves.svg"]  # nothing written
+    assert main(["plot", str(run), "--out", str(pics), "--format", "svg", "--force"]) == 0
+    assert main(["plot", str(run), "--out", str(pics)]) == 0  # its own pictures (PNG too)
+    assert main(["plot", str(run), "--out", str(pics)]) == 0
+    from diffnas.report.outputs import is_plot
+
+    assert all(is_plot(p) for p in pics.iterdir())
+
+
+def test_pictures_and_reports_carry_their_marker(run_dir, tmp_path):
+    from diffnas.report.outputs import is_plot, is_report
+
+    paths = plots.plot_run(run_dir, tmp_path / "p", backend="matplotlib")
+    assert paths and all(is_plot(p) for p in paths)
+    from PIL import Image  # the PNG chunk added keeps the file a valid PNG
+
+    png = next(p for p in paths if p.suffix == ".png")
+    Image.open(png).load()
+    assert all(ET.fromstring(p.read_bytes()) is not None for p in paths if p.suffix == ".svg")
+    page = write_report(run_dir, tmp_path / "r.html", backend="matplotlib")
+    assert is_report(page) and not is_report(png)
+    assert not is_plot(page)
+
+
+def test_an_unwritable_run_folder_names_the_target_and_suggests_out(run_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """A read-only run directory (simulated: root ignores permissions): the error names
+    the file to write, not a temporary one, and says to pass --out."""
+    def denied(*args, dir=None, **kw):
+        raise PermissionError(13, "Permission denied", f"{dir}/.tmp123")
+
+    monkeypatch.setattr("diffnas.report.outputs.tempfile.mkstemp", denied)
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {run_dir / 'report.html'} (Permission denied" in err
+    assert "pass --out to write elsewhere" in err and ".tmp" not in err
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'p'} (Permission denied" in err
+    assert "choose another --out" in err
+
+
+def test_a_malformed_alpha_row_names_the_file_and_row(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with (run / "search/alphas.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "normal": [[1, 2], [3]]}\n')
+    for cmd in ("report", "plot"):
+        assert main([cmd, str(run), "--out", str(tmp_path / cmd)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'search/alphas.jsonl'}: row 4 (\"epoch\": 3): its 'normal'" in err
+        assert "inhomogeneous" not in err
+    with pytest.raises(plots.PlotError, match="row 2 .* of shape"):
+        plots.alpha_matrix([{"epoch": 0, "n": [[1, 2]]}, {"epoch": 1, "n": [[1, 2, 3]]}], "n")
+
+
+def test_the_report_of_an_unfinished_search_says_its_genotype_is_provisional(run_dir,
+                                                                            tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("retrain"))
+    (run / "search/genotype.json").unlink()
+    (run / "search/DONE").unlink()
+    page = render_report(plots.load_run(run), backend="matplotlib")
+    assert "Latest genotype, after epoch 3 of 3; the search has not finished" in page
+    assert "normal cell (latest genotype, after epoch 3 of 3" in page
+    final = render_report(plots.load_run(run_dir), backend="matplotlib")
+    assert "the search has not finished" not in final

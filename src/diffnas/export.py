@@ -36,6 +36,11 @@ MAX_RESOLUTION = 4096
 DESCRIPTION_KEYS = {"input_shape", "preprocess", "mean", "std", "outputs", "classes"}
 
 
+#: the marker an exported model carries: a file of the TorchScript archive, a metadata
+#: entry of the ONNX model (how a file ``diffnas export`` wrote is known)
+MARK_FILE, MARK_KEY, MARK = "diffnas.json", "diffnas", '{"generator": "diffnas export"}'
+
+
 class ExportError(RuntimeError):
     """Export failed, a needed package is missing, or the exported outputs differ."""
 
@@ -164,7 +169,8 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str | Path, fmt:
         # still produce files we check below, and need no extra packages.
         warnings.simplefilter("ignore")
         if fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(model, example), str(path))
+            torch.jit.save(torch.jit.trace(model, example), str(path),
+                           _extra_files={MARK_FILE: MARK})
         else:
             onnx = _require("onnx", "ONNX export")
             torch.onnx.export(
@@ -172,8 +178,34 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str | Path, fmt:
                 output_names=["logits"], opset_version=17,
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
-            onnx.checker.check_model(onnx.load(str(path)))
+            proto = onnx.load(str(path))
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = MARK_KEY, MARK
+            onnx.save(proto, str(path))
+            onnx.checker.check_model(proto)
     return path
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is a model ``diffnas export`` wrote: its marker (an entry of the
+    TorchScript archive, a metadata entry of the ONNX model) or, for exports made before
+    the marker, the model description diffnas wrote beside it."""
+    import zipfile
+
+    path = Path(path)
+    described = path.with_suffix(".json")
+    if described.is_file() and written_by_diffnas(described, DESCRIPTION_KEYS):
+        return True
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith(f"/extra/{MARK_FILE}") for n in z.namelist())
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return any(p.key == MARK_KEY for p in proto.metadata_props)
+    except Exception:  # not a model, or no onnx package to read one: not known as ours
+        return False
 
 
 def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
@@ -205,9 +237,18 @@ def max_output_diff(model: nn.Module, path: str | Path, fmt: str,
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
                atol: float = 1e-5, resolution: int | None = None, seed: int = 0,
-               check: bool = True) -> ExportResult:
+               check: bool = True, force: bool = False) -> ExportResult:
     """Export a run's retrained network (default ``RUN_DIR/export/model.{onnx,pt}``) and
-    check it against PyTorch on random batches of 2 and 5 inputs."""
+    check it against PyTorch on random batches of 2 and 5 inputs. An existing file at the
+    path is replaced only when it is an earlier export (:func:`is_export`; with ``force``
+    also a file of the user's), never when a run needs it (``retrain/model.pt``, ...)."""
+    from diffnas.report.outputs import (
+        WRITE_DENIED,
+        cannot_write,
+        check_output,
+        check_writable,
+    )
+
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "onnx":
@@ -228,22 +269,32 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     if path.suffix == ".json":  # the model's description is written to PATH.json
         raise ExportError(f"--out {path}: .json is the name of the model's description "
                           f"written beside it; use {path.with_suffix(SUFFIX[fmt])}")
+    flag = "--out" if out is not None else None
+    check_output(path, is_export, "a model", flag, force)
+    # the description written beside it: never a run's file, never a user's (no --force)
+    check_output(path.with_suffix(".json"), lambda p: True, "a model description", flag)
     _check_description_path(path.with_suffix(".json"))
+    check_writable(path.parent, path, flag)
     info = model_info(run_dir, dims)  # a damaged record is refused before writing
     g = torch.Generator().manual_seed(seed)
     diff = None
-    with staged_path(path) as staged:  # the file appears at path only once it passed
-        export_model(model, torch.randn(2, *dims, generator=g), staged, fmt)
-        if check:
-            diff = max_output_diff(model, staged, fmt, [torch.randn(n, *dims, generator=g)
-                                                        for n in (2, 5)])
-            if not diff <= atol:
-                raise ExportError(f"{path}: exported outputs differ from PyTorch by "
-                                  f"{diff:.3g} (> atol {atol:g}); nothing was written")
-    described = None
-    if info is not None:
-        described = path.with_suffix(".json")
-        atomic_write_text(json.dumps(info, indent=1) + "\n", described)
+    try:
+        with staged_path(path) as staged:  # the file appears at path only once it passed
+            export_model(model, torch.randn(2, *dims, generator=g), staged, fmt)
+            if check:
+                diff = max_output_diff(model, staged, fmt,
+                                       [torch.randn(n, *dims, generator=g) for n in (2, 5)])
+                if not diff <= atol:
+                    raise ExportError(f"{path}: exported outputs differ from PyTorch by "
+                                      f"{diff:.3g} (> atol {atol:g}); nothing was written")
+        described = None
+        if info is not None:
+            described = path.with_suffix(".json")
+            atomic_write_text(json.dumps(info, indent=1) + "\n", described)
+    except OSError as exc:
+        if exc.errno not in WRITE_DENIED:
+            raise
+        raise cannot_write(path, exc, flag) from None
     return ExportResult(path, fmt, (1, *dims), diff, atol, described)
 
 

@@ -79,16 +79,46 @@ def seed_dir(parent: str | Path, seed: int) -> Path:
     return Path(parent) / f"seed_{seed}"
 
 
+def read_seeds(parent: str | Path) -> list[int]:
+    """The seeds recorded in ``PARENT/seeds.json`` (none when it does not exist); a damaged
+    file is a ``ConfigError`` naming it."""
+    from diffnas.engine.callbacks import read_json
+
+    path = Path(parent) / SEEDS_FILE
+    if not path.is_file():
+        return []
+    fix = (f"restore it, or write the seeds of the folders {path.parent}/seed_<s> in it "
+           'as {"seeds": [0, 1, ...]}')
+    try:
+        seeds = read_json(path, fix).get("seeds")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not isinstance(seeds, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"{path}: damaged, 'seeds' is not a list of integers; {fix}")
+    return seeds
+
+
 # --- one seed ----------------------------------------------------------------------
+def result_fix(run: Path) -> str:
+    """How to get a good ``retrain/result.json`` of the seed ``run`` back."""
+    return (f"restore it, or delete it and continue the seed (--seeds "
+            f"{run.name.removeprefix('seed_')} --resume {run.parent}) to write it again")
+
+
 def is_finished(run_dir: str | Path, cfg: RunConfig) -> bool:
-    """Search done, and retraining done when it is enabled."""
+    """Search done, and retraining done when it is enabled. A damaged ``result.json`` is a
+    ``ValueError`` naming it and saying what to do."""
+    from diffnas.engine.callbacks import read_json
+
     run = Path(run_dir)
     if not (run / "search" / "DONE").exists():
         return False
     if not cfg.retrain.enabled:
         return True
     res = run / "retrain" / "result.json"
-    return res.is_file() and json.loads(res.read_text()).get("epochs_done") == cfg.retrain.epochs
+    return res.is_file() and \
+        read_json(res, result_fix(run)).get("epochs_done") == cfg.retrain.epochs
 
 
 def run_seed(run_dir: str | Path, threads: int | None = None,
@@ -130,8 +160,9 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
-    """What the summary needs from a seed directory (None where a part is missing)."""
-    from diffnas.engine.callbacks import read_jsonl
+    """What the summary needs from a seed directory (None where a part is missing). A
+    damaged file is a ``ValueError`` naming it (``GenotypeError`` for a genotype)."""
+    from diffnas.engine.callbacks import read_json, read_jsonl
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
@@ -141,24 +172,39 @@ def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
     metrics = read_jsonl(run / "search" / "metrics.jsonl")
-    if metrics and "val_acc" in metrics[-1]:
+    if metrics and isinstance(metrics[-1], dict) and _number(metrics[-1].get("val_acc")):
         rec["search_val_acc"] = metrics[-1]["val_acc"]
     res = run / "retrain" / "result.json"
     if res.is_file():
-        r = json.loads(res.read_text())
-        rec.update(test_acc=r["test_acc"], params=r["params"], macs=r.get("macs"))
+        r = read_json(res, result_fix(run))
+        if not _number(r.get("test_acc")):
+            raise ValueError(f"{res}: damaged, no number 'test_acc'; {result_fix(run)}")
+        rec.update(test_acc=r["test_acc"],
+                   params=r.get("params") if isinstance(r.get("params"), int) else None,
+                   macs=r.get("macs") if _number(r.get("macs")) else None)
     return rec
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def failed_record(run_dir: str | Path, seed: int, error: str) -> dict[str, Any]:
+    """The summary row of a seed whose files cannot be read: it says why."""
+    return {"seed": seed, "run_dir": str(run_dir), "genotype": None, "test_acc": None,
+            "params": None, "macs": None, "search_val_acc": None, "error": error}
+
+
 # --- the summary --------------------------------------------------------------------
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1 in the denominator; 0 for one value)."""
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator). One value has no
+    sample standard deviation: None (JSON null), not 0, which would read as no spread."""
     n = len(values)
     if n == 0:
         return math.nan, math.nan
     mean = sum(values) / n
     if n == 1:
-        return mean, 0.0
+        return mean, None
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
@@ -219,12 +265,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     acc, val = summary["test_acc"], summary["search_val_acc"]
     lines = [f"# Multi-seed summary ({summary['n']} seeds: "
              f"{', '.join(map(str, summary['seeds']))})", ""]
-    if acc["n"]:
+    if acc["n"] == 1:
+        lines.append(f"Retrained test accuracy: **{_pct(acc['mean'])}** (one seed: no spread "
+                     "to report)")
+    elif acc["n"]:
         lines.append(f"Retrained test accuracy: **{_pct(acc['mean'])} +- {_pct(acc['std'])}** "
                      f"(mean +- sample std over {acc['n']} seeds)")
     else:
         lines.append("Retrained test accuracy: none (retraining disabled or not finished)")
-    if val["n"]:
+    if val["n"] == 1:
+        lines.append(f"Search validation accuracy, last epoch: {_pct(val['mean'])} (one seed)")
+    elif val["n"]:
         lines.append(f"Search validation accuracy, last epoch: {_pct(val['mean'])} +- "
                      f"{_pct(val['std'])}")
     if summary["failed"]:
@@ -272,8 +323,7 @@ def prepare_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path) -> l
 
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    known = json.loads((parent / SEEDS_FILE).read_text())["seeds"] \
-        if (parent / SEEDS_FILE).is_file() else []
+    known = read_seeds(parent)
     all_seeds = list(dict.fromkeys([*known, *seeds]))
     atomic_write_text(json.dumps({"seeds": all_seeds}) + "\n", parent / SEEDS_FILE)
     dirs = []
@@ -326,9 +376,15 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     else:
         errors = _run_in_processes(pending, workers, threads, say, overrides)
     records = []  # every seed of the parent, also those run by earlier calls
-    for s in json.loads((parent / SEEDS_FILE).read_text())["seeds"]:
+    for s in read_seeds(parent):
         d = seed_dir(parent, s)
-        rec = seed_record(d, s)
+        try:
+            rec = seed_record(d, s)
+        except (ValueError, KeyError, TypeError, OSError) as exc:  # (GenotypeError too)
+            # one damaged seed must not keep the others' summary from being written
+            rec = failed_record(d, s, errors.get(d) or str(exc))
+            records.append(rec)
+            continue
         if d in errors:
             rec["error"] = errors[d]
         elif not finished(d):  # a seed of the parent that this call did not run

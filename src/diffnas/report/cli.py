@@ -15,13 +15,16 @@ def _plot(p: argparse.ArgumentParser):
     p.add_argument("--format", choices=["png", "svg", "both"], default="both")
     p.add_argument("--backend", choices=["auto", "graphviz", "matplotlib"], default="auto",
                    help="cell diagrams: Graphviz's dot when installed (auto) or matplotlib")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file at --out that diffnas did not write as a picture "
+                        "(a run's own files are never replaced)")
 
     def run(args: argparse.Namespace) -> int:
         from diffnas.report.plots import PlotError, plot_run
 
         formats = ("png", "svg") if args.format == "both" else (args.format,)
         try:
-            paths = plot_run(args.run_dir, args.out, formats, args.backend)
+            paths = plot_run(args.run_dir, args.out, formats, args.backend, args.force)
         except PlotError as exc:
             raise ValueError(str(exc)) from exc
         print("\n".join(str(p) for p in paths))
@@ -40,13 +43,16 @@ def _report(p: argparse.ArgumentParser):
                    help="open the page in headless Chromium: fail on console messages or "
                         "images that do not load")
     p.add_argument("--screenshot", metavar="PNG", help="with --check-browser: save a screenshot")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file at --out that diffnas did not write as a report "
+                        "(a run's own files are never replaced)")
 
     def run(args: argparse.Namespace) -> int:
         from diffnas.report.html import browser_check, write_report
         from diffnas.report.plots import PlotError
 
         try:
-            path = write_report(args.run_dir, args.out, args.backend)
+            path = write_report(args.run_dir, args.out, args.backend, args.force)
         except PlotError as exc:
             raise ValueError(str(exc)) from exc
         print(path)
@@ -75,13 +81,16 @@ def _export(p: argparse.ArgumentParser):
                    help="largest allowed output difference from PyTorch (default 1e-5)")
     p.add_argument("--resolution", type=int, help="input side when the config has none")
     p.add_argument("--no-check", action="store_true", help="skip the output comparison")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file at --out that diffnas did not write as an export "
+                        "(a run's own files are never replaced)")
 
     def run(args: argparse.Namespace) -> int:
         from diffnas.export import ExportError, export_run
 
         try:
             res = export_run(args.run_dir, args.format, args.out, args.atol, args.resolution,
-                             check=not args.no_check)
+                             check=not args.no_check, force=args.force)
         except ExportError as exc:
             raise ValueError(str(exc)) from exc
         print(json.dumps(res.to_dict(), indent=1))

@@ -51,6 +51,17 @@ class RunData:
     retrain_metrics: list[dict[str, Any]]
     result: dict[str, Any] | None
     kind: str | None = None  # the command that made the run (rundir.run_kind)
+    #: for an unfinished search: the (0-based) epoch after which its latest genotype, the
+    #: one shown, was logged; None when the genotype is the search's final one
+    provisional_epoch: int | None = None
+
+    def genotype_note(self) -> str | None:
+        """What to say of a genotype that is not the search's final one, else None."""
+        if self.provisional_epoch is None:
+            return None
+        return (f"latest genotype, after epoch {self.provisional_epoch + 1} of "
+                f"{self.config.search.epochs}; the search has not finished, so it may still "
+                "change")
 
     def edge_groups(self) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         """Per cell type: the edge labels (alpha-row order) and the candidate ops."""
@@ -76,11 +87,14 @@ def load_run(run_dir: str | Path) -> RunData:
     cfg = load_run_config(path, device=False, search=kind != "train")
     gpath = path / "search" / "genotype.json"
     genotype = Genotype.load(gpath) if gpath.is_file() else None
+    provisional = None
     if genotype is None:
-        # An unfinished search: use the latest genotype it logged, if any.
+        # An unfinished search: use the latest genotype it logged, if any (said so).
         rows = read_jsonl(path / "search" / "genotypes.jsonl")
         if rows:
             genotype = Genotype.from_dict({k: v for k, v in rows[-1].items() if k != "epoch"})
+            epoch = rows[-1].get("epoch")
+            provisional = epoch if isinstance(epoch, int) else len(rows) - 1
     rpath = path / "retrain" / "result.json"
     result = read_json(rpath, RETRAIN_FIX) if rpath.is_file() else None
     if genotype is None and result is not None and result.get("genotype"):
@@ -90,7 +104,7 @@ def load_run(run_dir: str | Path) -> RunData:
         genotype = Genotype.load(pinned)
     return RunData(path, cfg, genotype, _epoch_rows(path / "search" / "metrics.jsonl"),
                    _epoch_rows(path / "search" / "alphas.jsonl"),
-                   _epoch_rows(path / "retrain" / "metrics.jsonl"), result, kind)
+                   _epoch_rows(path / "retrain" / "metrics.jsonl"), result, kind, provisional)
 
 
 def _epoch_rows(path: Path) -> list[dict[str, Any]]:
@@ -266,16 +280,33 @@ def render_cell(cell: CellGenotype, fmt: str = "svg", backend: str = "auto") -> 
 
 
 # --- alpha heatmap -------------------------------------------------------------------
-def alpha_matrix(records: Sequence[dict[str, Any]], group: str) -> np.ndarray:
+def alpha_matrix(records: Sequence[dict[str, Any]], group: str,
+                 source: str | Path = "search/alphas.jsonl",
+                 shape: tuple[int, int] | None = None) -> np.ndarray:
     """softmax(alpha) of ``group`` over epochs as ``(edges, ops, epochs)``, from the rows of
-    ``search/alphas.jsonl`` (sorted by epoch)."""
+    ``search/alphas.jsonl`` (sorted by epoch). A row that is not an (edges x ops) matrix of
+    numbers, of ``shape`` when given and of one shape in every row, is a
+    :class:`PlotError` naming ``source`` (the file) and the row."""
     rows = sorted((r for r in records if group in r), key=lambda r: r["epoch"])
     if not rows:
         raise PlotError(f"no alpha records for cell type {group!r}")
-    stack = np.asarray([r[group] for r in rows], dtype=float)  # (epochs, edges, ops)
-    if stack.ndim != 3:
-        raise PlotError(f"alpha records of {group!r} are not (edges x ops) matrices")
-    return stack.transpose(1, 2, 0)
+    fix = "restore the file from the run or remove that row"
+    mats = []
+    for r in rows:
+        try:
+            mat = np.asarray(r[group], dtype=float)
+        except (ValueError, TypeError):
+            mat = None
+        if mat is None or mat.ndim != 2 or (shape is not None and mat.shape != shape) \
+                or (mats and mat.shape != mats[0].shape):
+            want = (f"a {shape[0]} x {shape[1]} (edges x ops) matrix" if shape is not None
+                    else "an (edges x ops) matrix of numbers"
+                    + (f" of shape {mats[0].shape}" if mats else ""))
+            row = next(i for i, x in enumerate(records) if x is r) + 1
+            raise PlotError(f"{source}: row {row} (\"epoch\": {r['epoch']}): its {group!r} "
+                            f"entry is not {want} ({str(r[group])[:80]}); {fix}")
+        mats.append(mat)
+    return np.stack(mats).transpose(1, 2, 0)  # (epochs, edges, ops) -> (edges, ops, epochs)
 
 
 def _edge_tick(label: str) -> str:
@@ -384,7 +415,8 @@ def run_figures(run: RunData, backend: str = "auto", fmt: str = "svg") -> dict[s
         for group, (labels, ops) in run.edge_groups().items():
             if not any(group in r for r in run.alphas):
                 continue
-            mat = alpha_matrix(run.alphas, group)
+            mat = alpha_matrix(run.alphas, group, run.path / "search" / "alphas.jsonl",
+                               (len(labels), len(ops)))
             epochs = sorted(r["epoch"] for r in run.alphas if group in r)
             fig = alpha_heatmap_figure(mat, labels, ops, f"{group} cell: softmax(alpha) per "
                                        "edge over epochs", epochs)
@@ -395,17 +427,41 @@ def run_figures(run: RunData, backend: str = "auto", fmt: str = "svg") -> dict[s
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
-             formats: Sequence[str] = FORMATS, backend: str = "auto") -> list[Path]:
-    """Write every picture of a run (default: ``RUN_DIR/plots``) in each format."""
+             formats: Sequence[str] = FORMATS, backend: str = "auto",
+             force: bool = False) -> list[Path]:
+    """Write every picture of a run (default: ``RUN_DIR/plots``) in each format. A file of
+    that name in the folder is replaced only when ``diffnas plot`` wrote it (or, with
+    ``force``, when it is the user's), never when a run needs it; every name is checked
+    before any picture is written."""
+    from diffnas.report.outputs import (
+        WRITE_DENIED,
+        cannot_write,
+        check_output,
+        check_writable,
+        is_plot,
+        mark_picture,
+    )
+
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.path / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        for name, data in run_figures(run, backend, fmt).items():
-            path = out / f"{name}.{fmt}"
-            atomic_write_bytes(data, path)  # an earlier picture stays whole on a crash
-            written.append(path)
-    if not written:
+    flag = "--out" if out_dir is not None else None
+    figures = {fmt: run_figures(run, backend, fmt) for fmt in formats}
+    paths = [(out / f"{name}.{fmt}", fmt, data) for fmt, figs in figures.items()
+             for name, data in figs.items()]
+    if not paths:
         raise PlotError(f"{run_dir}: nothing to plot yet (no genotype, alphas or metrics)")
-    return written
+    legacy = out_dir is None  # the run's own plots/ folder: pictures from before the marker
+    for path, _, _ in paths:
+        check_output(path, lambda p: is_plot(p, legacy), "a picture", flag, force)
+        if path.is_dir():
+            raise PlotError(f"{path} is a folder where plot writes a picture; move it"
+                            + (" or choose another --out" if flag else ""))
+    check_writable(out, out, flag)
+    for path, fmt, data in paths:
+        try:  # an earlier picture stays whole on a crash
+            atomic_write_bytes(mark_picture(data, fmt), path)
+        except OSError as exc:
+            if exc.errno not in WRITE_DENIED:
+                raise
+            raise cannot_write(path, exc, flag) from None
+    return [path for path, _, _ in paths]
