@@ -616,3 +616,23 @@ def test_search_cell_computes_one_relu_per_edge_input():
         relus += type(node).__name__ == "ReluBackward0"
         stack.extend(f for f, _ in node.next_functions)
     assert relus == 3 * (5 + 2)
+
+
+@pytest.mark.parametrize("net, arch", [(torch.float64, torch.float32),
+                                       (torch.float32, torch.float64)])
+def test_mixed_op_takes_arch_weights_of_another_dtype_as_the_plain_sum_does(net, arch):
+    """The fused pool/BN path passed the mixing weight to the batch-norm kernel uncast:
+    a float64 supernet with float32 weights (a float64 check) failed with "mixed dtype
+    (CPU)", where ``sum_i w_i * op_i(x)`` computes in the supernet's dtype."""
+    from diffnas.supernet.mixed import MixedOp
+
+    ops = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
+           "dil_conv_3x3")
+    torch.manual_seed(0)
+    m = MixedOp(4, 1, ops).to(net)
+    x = torch.randn(2, 4, 7, 7, dtype=net)
+    w = torch.softmax(torch.randn(len(ops), dtype=arch), -1)
+    out = m(x, w)
+    plain = sum(w[i].to(net) * op(x) for i, op in enumerate(m.ops) if ops[i] != "none")
+    assert out.dtype == net
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)

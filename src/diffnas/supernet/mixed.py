@@ -172,6 +172,11 @@ def _weighted_bn(h: torch.Tensor, bn: nn.Module, w: torch.Tensor) -> torch.Tenso
         return w * bn(h)
     # contiguous(): torch's CPU batch-norm backward on channels-last inputs computes a
     # wrong input gradient for a stride-0 (expanded) weight (seen with torch 2.13).
+    if w.dtype != h.dtype and h.dtype not in (torch.bfloat16, torch.float16):
+        # ``w * bn(h)`` takes h's dtype (a 0-d weight does not promote); the batch-norm
+        # kernel refuses a float32 weight on float64 input (and the reverse) instead.
+        # Reduced-precision input (autocast) keeps its float32 weight, which it accepts.
+        w = w.to(h.dtype)
     weight = w.expand(h.shape[1]).contiguous()
     return F.batch_norm(h, None, None, weight, None, True, 0.0, bn.eps)
 
