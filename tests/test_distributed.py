@@ -399,3 +399,19 @@ def test_settings_torchrun_cannot_split_are_refused_before_a_run_directory(
     assert list(tmp_path.iterdir()) == []
     _as_rank_of(monkeypatch, 1)
     load_config(None, [*base, "data.batch_size=9", "retrain.batch_size=7"])
+
+
+def test_a_config_error_is_printed_by_rank_0_alone(monkeypatch, capsys):
+    """Under torchrun every rank read the config and printed the same refusal (two on one
+    line at times), burying it above torchrun's traceback; other errors name their rank."""
+    from diffnas.cli import main
+
+    argv = ["search", "data.name=digits", "search.epochs=0"]
+    for rank, printed in (("0", "diffnas: error: search.epochs"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(printed) if rank == "0" else err == ""
+    monkeypatch.setenv("RANK", "1")
+    assert main(["export", "/no/such/run", "--format", "torchscript"]) == 2
+    assert capsys.readouterr().err.startswith("diffnas (rank 1): error: ")

@@ -444,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as exc:
         message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
-        print(f"diffnas: error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # set by torchrun
+        if rank != "0" and isinstance(exc, (ConfigError, UnknownNameError,
+                                            DatasetNotFoundError)):
+            return 2  # the same on every rank, and rank 0 says it: once, not once per rank
+        who = "diffnas" if rank == "0" else f"diffnas (rank {rank})"
+        print(f"{who}: error: {message}", file=sys.stderr)
         return 2
 
 
