@@ -522,3 +522,20 @@ def test_a_checkpoint_missing_an_entry_says_so(exc):
     with pytest.raises(ValueError, match=r"the checkpoint ck.pt holds no .* entry that this "
                                          r"run reads: was it written by another diffnas"):
         loop.load_state_dict({"epoch": 1, "history": [], "task": {}}, source="ck.pt")
+
+
+def test_a_search_without_config_says_it_runs_the_built_in_defaults(tmp_path, capsys,
+                                                                    monkeypatch):
+    """Forgetting --config started the paper's settings on all of Fashion-MNIST (hours on
+    a CPU) without a word; the first lines now say so (and --help does)."""
+    import diffnas.engine.search as search
+
+    monkeypatch.setattr(search, "run_search", _interrupt)
+    assert main(["search", f"out_dir={tmp_path}", "name=a", *TINY]) == 130
+    assert "no --config: the built-in defaults" in capsys.readouterr().out
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "darts_fashion_mnist.yaml")
+    assert main(["search", "--config", cfg, f"out_dir={tmp_path}", "name=b", *TINY]) == 130
+    assert "no --config" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert "without it the built-in defaults" in " ".join(capsys.readouterr().out.split())
