@@ -63,3 +63,16 @@ def test_compile_refuses_what_it_cannot_run_before_compiling_anything(tmp_path):
                         compile={"backend": "aot_eager"})
     assert not any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
                    for m in task.strategy.supernet.modules())
+
+
+def test_compiling_says_the_first_steps_will_be_slow(caplog):
+    """On a CPU the first compiled step took minutes with nothing on the screen; the
+    compile is lazy (at the first forward), so the log says so when it is set up."""
+    from conftest import tiny_space
+
+    from diffnas.supernet.compile import compile_mixed_ops
+
+    caplog.set_level("INFO", logger="diffnas.supernet.compile")
+    n = compile_mixed_ops(tiny_space().build_supernet(), {"backend": "eager"})
+    assert n > 0 and f"search.compile: {n} mixed ops compile (backend eager)" in caplog.text
+    torch._dynamo.reset()

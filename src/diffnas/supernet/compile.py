@@ -11,6 +11,7 @@ custom autograd functions that compiled graphs do not take).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -18,6 +19,8 @@ from torch import nn
 from diffnas.config import ConfigError
 from diffnas.supernet.mixed import MixedOp
 from diffnas.supernet.nb201 import Nb201MixedOp
+
+log = logging.getLogger(__name__)
 
 MIXED_OPS: tuple[type[nn.Module], ...] = (MixedOp, Nb201MixedOp)
 COMPILE_KEYS = ("backend", "mode")
@@ -74,6 +77,9 @@ def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
         kw["mode"] = spec["mode"]
     for m in ops:
         m.compile(**kw)
+    log.info("search.compile: %d mixed ops compile (backend %s) during the first steps, one "
+             "graph per edge shape and pass kind: minutes before the first batch (longest on "
+             "a CPU); benchmarks/README.md says where it pays", len(ops), kw["backend"])
     return len(ops)
 
 
