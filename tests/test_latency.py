@@ -681,6 +681,16 @@ def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, m
         sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [0.5], tmp_path / "s")
 
 
+def test_sweep_with_a_missing_predictor_leaves_no_out_folder(tmp_path):
+    """The predictor was loaded after --out was made: a typo in its path left an empty
+    folder behind."""
+    from diffnas.hardware import sweep
+
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        sweep.run_sweep(None, [], str(tmp_path / "nope.pt"), [0.0, 1.0], tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()
+
+
 def test_sweep_reuse_ignores_how_a_run_executes_but_not_a_refitted_predictor(tmp_path,
                                                                              monkeypatch):
     """A rerun with the predictor named by another path, or with progress/device/logger

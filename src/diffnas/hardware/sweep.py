@@ -109,8 +109,8 @@ def run_sweep(
     runs = {lam: (out / f"lam{lam:g}", _with_penalty(base, lam, predictor)) for lam in lambdas}
     for run_dir, cfg in runs.values():
         _check_reusable(run_dir, cfg, digest)
+    pred = LatencyPredictor.load(predictor)  # a missing or damaged one leaves no --out behind
     out.mkdir(parents=True, exist_ok=True)
-    pred = LatencyPredictor.load(predictor)
     search_data = load_search_data(base)
     d, r = base.data, base.retrain
     retrain_data = load_dataset(d.name, d.root, d.download, d.resolution, r.train_subset,
