@@ -379,3 +379,24 @@ def test_every_weight_optimizer_a_strategy_steps_gets_the_window_scaled_lr(tmp_p
         assert lr == pytest.approx(base * L / task.lm.bptt)
     assert all(g["lr"] == pytest.approx(base) for o in task.strategy.weight_optimizers()
                for g in o.param_groups)  # restored after each step
+
+
+def test_the_progress_bar_counts_the_windows_an_epoch_really_has(tmp_path):
+    """With variable window lengths an epoch has more or fewer windows than
+    ceil(tokens / bptt): the bar showed 8/9, then ran on to 10."""
+    from diffnas.engine.lm import build_lm_search
+
+    cfg = load_config(str(_tiny_lm_config(tmp_path)), ["search.space.nodes=2"])
+    task = build_lm_search(cfg, load_corpus(cfg.data.name, cfg.data.root))
+    counts = [sum(1 for _ in task.batches(e)) for e in range(4)]
+    assert [task.epoch_batches(e) for e in range(4)] == counts
+    assert any(c != task.num_batches() for c in counts)  # variable: the estimate is off
+    from types import SimpleNamespace
+
+    from diffnas.engine.callbacks import ProgressBar
+
+    bar = ProgressBar("search")
+    for e in range(4):
+        bar.on_epoch_start(SimpleNamespace(task=task, epochs=4), e)
+        assert bar.bar.total == counts[e]
+        bar.bar.close()

@@ -78,8 +78,9 @@ class ProgressBar(Callback):
 
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         if self.enabled:
+            count = getattr(loop.task, "epoch_batches", None)  # exact where it varies
             self.bar = tqdm(
-                total=loop.task.num_batches(),
+                total=count(epoch) if count else loop.task.num_batches(),
                 desc=f"{self.desc} {epoch + 1}/{loop.epochs}",
                 leave=False,
                 dynamic_ncols=True,

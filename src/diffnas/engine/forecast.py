@@ -187,11 +187,29 @@ def run_forecast(cfg: ForecastConfig, series: np.ndarray | None = None) -> dict:
     return out
 
 
+#: the --help text of each ForecastConfig field
+FIELD_HELP = {
+    "series": "the bundled series to forecast",
+    "genotype": "the recurrent cell: a genotype file or a published name",
+    "hidden": "the DARTS cell's hidden size; the LSTM is sized to about its parameter count",
+    "lookback": "past steps (first differences) each prediction reads",
+    "epochs": "training epochs of each model (the best validation epoch is kept)",
+    "batch_size": "windows per batch",
+    "lr": "learning rate (Adam)",
+    "test_fraction": "the last fraction of the series, reported on",
+    "val_fraction": "the fraction before it, which picks the best epoch",
+    "seed": "seed of the initialisation and batch order",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, v in asdict(ForecastConfig()).items():
         extra = {"choices": SERIES} if f == "series" else {}
-        ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v, **extra)
+        ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v,
+                        help=FIELD_HELP[f], **extra)
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     a = vars(ap.parse_args(argv))
     out_path = a.pop("out")

@@ -349,7 +349,7 @@ def print_graph_result(genotype: Genotype, result: dict[str, Any] | None) -> Non
         print(f"test accuracy: {100 * result['test_acc']:.2f}% (weights of the best val "
               f"epoch {result['best_epoch'] + 1}, val {100 * result['valid_acc']:.2f}%; last "
               f"epoch: {100 * result['last_test_acc']:.2f}%) after {result['epochs_done']} "
-              "epochs")
+              f"epoch{'' if result['epochs_done'] == 1 else 's'}")
 
 
 def graph_network_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:

@@ -326,6 +326,12 @@ class LmSearchTask(StrategyTask):
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
 
+    def epoch_batches(self, epoch: int) -> int:
+        """The windows of ``epoch``: with variable lengths their count differs from
+        :meth:`num_batches` (the progress bar's total)."""
+        return sum(1 for _ in _windows(self.train.shape[0], self.lm, self.seed, epoch,
+                                       self.lm.variable_bptt))
+
     def step(self, batch: tuple[LmBatch, LmBatch | None]) -> dict[str, float]:
         train, arch = batch
         with _ScaledLr(self.strategy.weight_optimizers(), train.seq_len / self.lm.bptt):
@@ -537,6 +543,12 @@ class LmTrainTask:
     def num_batches(self) -> int:
         return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
 
+    def epoch_batches(self, epoch: int) -> int:
+        """The windows of ``epoch``: with variable lengths their count differs from
+        :meth:`num_batches` (the progress bar's total)."""
+        return sum(1 for _ in _windows(self.train.shape[0], self.lm, self.seed, epoch,
+                                       self.lm.variable_bptt))
+
     def step(self, batch: LmBatch) -> dict[str, float]:
         with _ScaledLr([self.optimizer], batch.seq_len / self.lm.bptt):
             self.optimizer.zero_grad(set_to_none=True)
@@ -699,7 +711,8 @@ def print_lm_result(genotype: Genotype, result: dict[str, Any] | None) -> None:
     if result is not None:
         print(f"params: {result['params']:,}")
         print(f"valid perplexity: {result['valid_ppl']:.2f}, test perplexity: "
-              f"{result['test_ppl']:.2f} after {result['epochs_done']} epochs"
+              f"{result['test_ppl']:.2f} after {result['epochs_done']} "
+              f"epoch{'' if result['epochs_done'] == 1 else 's'}"
               + (f" (weights of the best validation epoch, {result['best_epoch'] + 1})"
                  if result.get("best_epoch") is not None else ""))
 
