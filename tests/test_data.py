@@ -207,6 +207,24 @@ def test_a_constant_channel_is_not_blown_up_by_normalisation(caplog):
     assert torch.allclose(torch.tensor(data.std[:3]) / 255, std)
 
 
+def test_a_nearly_constant_channel_is_not_blown_up_either(caplog):
+    """Opaque alpha but for five anti-aliased pixels one level lower: its std is 0.02
+    levels, and a transparent test pixel became -12,904 (the crop border -50.6) when
+    "almost constant" compared the std with the channel's own range."""
+    from diffnas.data.base import prepare
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (256, 4, 8, 8), generator=g, dtype=torch.uint8)
+    raw[:, 3] = 255
+    raw[0, 3, 0, :5] = 254  # 5 of 16,384 pixels
+    test = raw[:4].clone()
+    test[0, 3] = 0
+    data = prepare("rgba", raw, torch.zeros(256), test, torch.zeros(4), 2, 255.0)
+    assert "channel(s) [3]" in caplog.text
+    assert data.test_x[0, 3].min() == pytest.approx(-1.0, abs=0.01)
+    assert abs(data.black[3]) < 0.01 and data.train_x[:, 3].abs().max() < 0.01
+
+
 @pytest.mark.parametrize("offset", [1000.0, 100000.0, -3000.0])
 def test_data_stored_with_an_offset_is_normalised_and_padded_like_the_same_data_without(
         offset, caplog):

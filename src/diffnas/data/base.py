@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,11 +64,11 @@ def prepare(
     """uint8/float arrays -> normalised float tensors (per-channel train mean/std).
 
     A channel (almost) constant over the training images, such as an opaque alpha
-    channel, is divided by its range (by its largest magnitude, or 1, where it is
-    constant) instead of its std: dividing by a std near 0 turned any test pixel that
-    differs, and the crop's padding, into values near +-1e6. "Almost constant" compares
-    the std with the range, not with the values' size, so data stored with an offset
-    (temperatures in kelvin, raw sensor counts) is treated like the same data without.
+    channel (:func:`barely_varying`), is divided by its largest magnitude (1 where it is all
+    zero) instead of its std: dividing by a std near 0 turned any test pixel that differs,
+    and the crop's padding, into values near +-1e6. Data stored with an offset
+    (temperatures in kelvin, raw sensor counts) is not "almost constant": its values are
+    large, but so is their spread, and it is normalised like the same data without.
 
     The crop pads with the smallest training value per channel: black for images stored
     as 0-255 or 0-1 (what the reference pads with), and for data stored with an offset the
@@ -79,16 +80,14 @@ def prepare(
     mean = tx.mean(dim=dims, keepdim=True)
     std = tx.std(dim=dims, keepdim=True)
     lo, hi = tx.amin(dim=dims, keepdim=True), tx.amax(dim=dims, keepdim=True)
-    spread = hi - lo
-    flat = (std <= 1e-3 * spread) | (std == 0)
+    flat = barely_varying(tx, std.flatten(), (hi - lo).flatten()).view_as(std)
     if flat.any():
         channels = flat.flatten().nonzero().flatten().tolist()
         log.warning("%s: channel(s) %s barely vary over the training images (std %s); "
-                    "they are scaled by their range instead of their std",
+                    "they are scaled by their largest value instead of their std",
                     name, channels, [float(std.flatten()[c]) * scale for c in channels])
         peak = tx.abs().amax(dim=dims, keepdim=True)
-        constant = torch.where(peak > 0, peak, torch.ones_like(peak))
-        std = torch.where(flat, torch.where(spread > 0, spread, constant), std)
+        std = torch.where(flat, torch.where(peak > 0, peak, torch.ones_like(peak)), std)
     offset = (lo != 0).flatten().nonzero().flatten().tolist()
     if offset:
         log.info("%s: the darkest training pixel of channel(s) %s is not 0; the random crop "
@@ -98,6 +97,26 @@ def prepare(
     return ImageData(name, (tx - mean) / std, train_y.long(), (ex - mean) / std, test_y.long(),
                      num_classes, black, mean=tuple((mean * scale).flatten().tolist()),
                      std=tuple((std * scale).flatten().tolist()), classes=tuple(classes))
+
+
+#: a channel is "almost constant" when at least this share of its training pixels hold one
+#: value (an alpha channel opaque but for a few anti-aliased pixels)
+CONSTANT_SHARE = 0.999
+
+
+def barely_varying(x: torch.Tensor, std: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Per channel of ``x`` ``(N, C, H, W)``: whether it is constant or nearly so, i.e.
+    :data:`CONSTANT_SHARE` of its pixels hold its most common value. That share bounds the
+    std by ``sqrt(1 - share)`` times the spread, so only channels under that bound are
+    counted (none in ordinary images). Independent of offset and scale, unlike comparing
+    the std with the values' size (offset data looked flat) or with their spread (one
+    level of anti-aliasing looked like a full-range channel)."""
+    flat = std == 0
+    bound = math.sqrt(1 - CONSTANT_SHARE) * spread
+    for c in ((std <= bound) & ~flat).nonzero().flatten().tolist():
+        values = x[:, c].flatten()
+        flat[c] = (values == values.mode().values).sum() >= CONSTANT_SHARE * values.numel()
+    return flat
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int):
