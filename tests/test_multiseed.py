@@ -302,6 +302,27 @@ def _finished_seeds(parent: Path, seeds: list[int]) -> tuple:
     return cfg, dirs
 
 
+def test_a_seeds_own_outputs_are_free_its_run_files_are_not(tmp_path, capsys):
+    """The parent's rule "everything under seed_*" claimed each seed's plots/, report.html
+    and export/: plot, report and export of every seed were refused at their defaults.
+    The innermost run decides; a seed folder that is no run yet stays the parent's."""
+    from diffnas.cli import main
+    from diffnas.config import save_config
+    from diffnas.report.outputs import run_file_owner
+
+    cfg, (seed0,) = _finished_seeds(tmp_path, [0])
+    save_config(cfg, tmp_path / "config.yaml")  # as `search --seeds` writes its parent
+    for free in ("plots/curves.svg", "report.html", "export/model.pt"):
+        assert run_file_owner(seed0 / free) is None
+    for own in ("config.yaml", "search/genotype.json", "retrain/result.json", "log.txt"):
+        assert run_file_owner(seed0 / own) == seed0
+    assert run_file_owner(tmp_path / "seed_7" / "anything") == tmp_path  # not a run yet
+    assert run_file_owner(tmp_path / "summary.md") == tmp_path
+    for _ in range(2):  # and again: its own earlier report is replaced
+        assert main(["report", str(seed0)]) == 0, capsys.readouterr().err
+    assert (seed0 / "report.html").is_file()
+
+
 def test_one_damaged_seed_becomes_a_failed_row_and_the_summary_is_written(tmp_path):
     """A cut-short result.json of one seed: that seed is a FAILED row naming the file and
     what to do, the others are summarised (the summary was not rewritten at all)."""

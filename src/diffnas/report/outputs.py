@@ -55,9 +55,12 @@ def run_file_owner(path: str | Path) -> Path | None:
             if not _is_run_dir(folder):
                 continue
             parts = p.relative_to(folder).parts
-            if (parts[0] in RUN_FOLDERS or (len(parts) == 1 and parts[0] in RUN_FILES)
-                    or (parts[0].startswith("seed_") and (folder / "seeds.json").is_file())):
+            # a --seeds parent claims a seed folder that is no run (yet) of its own
+            seed = (parts[0].startswith("seed_") and (folder / "seeds.json").is_file()
+                    and (len(parts) == 1 or not _is_run_dir(folder / parts[0])))
+            if parts[0] in RUN_FOLDERS or (len(parts) == 1 and parts[0] in RUN_FILES) or seed:
                 return folder
+            break  # the innermost run decides: a seed's plots/ is free, though under a parent
     return None
 
 
