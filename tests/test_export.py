@@ -199,6 +199,12 @@ def test_export_never_replaces_a_run_file_and_a_users_only_with_force(run_dir, t
     assert mine.read_text() == "my precious" and not mine.with_suffix(".json").exists()
     export_run(run, "torchscript", mine, check=False, force=True)
     assert is_export(mine)
+    # the run's own export/ folder: an export from before the marker, without a
+    # description beside it (no data in result.json), is replaced by export again
+    (run / "export").mkdir()
+    (run / "export" / "model.pt").write_bytes(b"an old export")
+    export_run(run, "torchscript", check=False)
+    assert is_export(run / "export" / "model.pt")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -417,6 +417,26 @@ def test_pictures_and_reports_carry_their_marker(run_dir, tmp_path):
     assert not is_plot(page)
 
 
+def test_pictures_from_before_the_marker_in_the_runs_plots_are_replaced(run_dir, tmp_path,
+                                                                      capsys):
+    """Graphviz's PNGs name no tool, so a run plotted before the marker could not be
+    plotted again at its default folder. There, a PNG or SVG of plot's names is plot's;
+    elsewhere (--out) a picture without the marker is still the user's."""
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "plots").mkdir(exist_ok=True)
+    Image.new("RGB", (4, 4)).save(run / "plots" / "curves.png")  # no tool named inside
+    assert main(["plot", str(run), "--format", "png"]) == 0, capsys.readouterr().err
+    assert b"diffnas plot" in (run / "plots" / "curves.png").read_bytes()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    Image.new("RGB", (4, 4)).save(mine / "curves.png")
+    assert main(["plot", str(run), "--out", str(mine), "--format", "png"]) == 2
+    assert "not a picture diffnas wrote" in capsys.readouterr().err
+
+
 def test_an_unwritable_run_folder_names_the_target_and_suggests_out(run_dir, tmp_path,
                                                                     monkeypatch, capsys):
     """A read-only run directory (simulated: root ignores permissions): the error names

@@ -270,7 +270,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
         raise ExportError(f"--out {path}: .json is the name of the model's description "
                           f"written beside it; use {path.with_suffix(SUFFIX[fmt])}")
     flag = "--out" if out is not None else None
-    check_output(path, is_export, "a model", flag, force)
+    # at the default path, the run's own export/ folder: any file of that name is an
+    # earlier export (those made before the marker and without a description too)
+    check_output(path, is_export if out is not None else (lambda p: True), "a model", flag,
+                 force)
     # the description written beside it: never a run's file, never a user's (no --force)
     check_output(path.with_suffix(".json"), lambda p: True, "a model description", flag)
     _check_description_path(path.with_suffix(".json"))

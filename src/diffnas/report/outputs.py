@@ -149,9 +149,9 @@ def mark_picture(data: bytes, fmt: str) -> bytes:
 
 def is_plot(path: str | Path, legacy: bool = False) -> bool:
     """Whether ``path`` is a picture ``diffnas plot`` wrote (its marker); with ``legacy``,
-    also one made by matplotlib or Graphviz (pictures of the run's own ``plots/`` folder
-    written before the marker existed)."""
+    any PNG or SVG (the caller passes it for the names plot writes in the run's own
+    ``plots/`` folder, written before the marker existed: Graphviz's PNGs name no tool)."""
     head = _head(Path(path))
     if (b"tEXtComment\0" + PLOT_MARK.encode()) in head or f"<!-- {PLOT_MARK} -->".encode() in head:
         return True
-    return legacy and any(m in head for m in (b"Matplotlib", b"matplotlib", b"graphviz"))
+    return legacy and (head.startswith(b"\x89PNG\r\n\x1a\n") or b"<svg" in head)
