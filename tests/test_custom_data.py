@@ -5,6 +5,7 @@ a search and retraining through the command line on an npz file."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -416,14 +417,23 @@ def test_a_retraining_batch_larger_than_the_data_is_refused_before_the_search(tm
     assert "retrain.batch_size=32 exceeds the 20 training images" in err
     assert "search has not started" in err
     assert not (tmp_path / "r/search/metrics.jsonl").exists()
+    # --seeds and latency sweep start each run as a resume: checked there too
+    with pytest.raises(ValueError, match="retrain.batch_size=32 exceeds the 20 training"):
+        run_search(load_config(None, argv[3:] + ["name=t"]), tmp_path / "t", resume=True)
     # a search that did run (e.g. resumed): the error names the way to its genotype
     cfg = load_config(None, argv[3:] + ["name=s", "retrain.enabled=false"])
     run_search(cfg, tmp_path / "s")
     cfg.retrain.enabled = True
-    with pytest.raises(ValueError, match=r"no full batch.*genotype is kept.*diffnas train "
-                                         r"--config .*s/config.yaml --genotype "
-                                         r".*s/search/genotype.json retrain.batch_size=N"):
+    from diffnas.config import save_config
+
+    save_config(cfg, tmp_path / "s" / "config.yaml")  # as the command line writes it
+    with pytest.raises(ValueError, match=r"no full batch.*genotype is kept") as err:
         run_retrain(cfg, Genotype.load(tmp_path / "s/search/genotype.json"), tmp_path / "s")
+    # the command it gives works as printed (the run's config names the run: a new name)
+    command = str(err.value).split("as a new run beside this one: ")[1]
+    argv = shlex.split(command.replace("retrain.batch_size=N", "retrain.batch_size=4"))
+    assert argv[0] == "diffnas" and main(argv[1:]) == 0, capsys.readouterr().err
+    assert (tmp_path / "s-retrain/retrain/result.json").is_file()
 
 
 def test_command_line_reports_bad_data_as_an_error(tmp_path, capsys):

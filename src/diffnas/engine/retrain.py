@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,12 @@ def no_full_batch_hint(run_dir: str | Path, batches: int) -> str:
     genotype = Path(run_dir) / "search" / "genotype.json"
     if not genotype.exists():
         return ""
-    return (f"; the search's genotype is kept: retrain it with a smaller batch by "
-            f"`diffnas train --config {Path(run_dir) / 'config.yaml'} --genotype {genotype} "
-            "retrain.batch_size=N`")
+    run = Path(run_dir)
+    command = shlex.join(["diffnas", "train", "--config", str(run / "config.yaml"),
+                          "--genotype", str(genotype), f"out_dir={run.parent}",
+                          f"name={run.name}-retrain"])
+    return (f"; the search's genotype is kept: retrain it with a smaller batch, as a new "
+            f"run beside this one: {command} retrain.batch_size=N")
 
 
 class TrainTask:

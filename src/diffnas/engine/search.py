@@ -398,7 +398,9 @@ def run_search(
         torch.backends.cudnn.benchmark = True
     data = data or load_search_data(cfg)
     dp.main_process_result(check_same_data, out, data, resume)  # a resume on other data
-    if not resume:  # resumed, retrain.* is fixed: the search's genotype is still worth having
+    # before the first epoch (--seeds and latency sweep start every run as a resume); once
+    # an epoch is done retrain.* is fixed, and the search's genotype is still worth having
+    if not (out / "checkpoint.pt").exists():
         check_retrain_batch(cfg, data)
     task = build_search(cfg, data, device, rank.rank, rank.world_size)
     # Under torchrun every rank runs every callback in the same order (their states stay
