@@ -403,15 +403,21 @@ def test_settings_torchrun_cannot_split_are_refused_before_a_run_directory(
 
 def test_a_config_error_is_printed_by_rank_0_alone(monkeypatch, capsys):
     """Under torchrun every rank read the config and printed the same refusal (two on one
-    line at times), burying it above torchrun's traceback; other errors name their rank."""
+    line at times), burying it above torchrun's traceback; other errors name their rank.
+    RANK alone (a pod, a shell) is no torchrun: printed as ever."""
+    import diffnas.engine.distributed as dist
     from diffnas.cli import main
 
-    argv = ["search", "data.name=digits", "search.epochs=0"]
-    for rank, printed in (("0", "diffnas: error: search.epochs"), ("1", "")):
+    argv = ["bench", "nb201", "--strategy", "rea", "--budget", "10", "--table", "t.csv",
+            "--json", "o.json", "--set", "rea.population=abc"]  # a ConfigError, no group
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("diffnas: error: ")
+    monkeypatch.setattr(dist, "launched_by_torchrun", lambda: True)
+    for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith(printed) if rank == "0" else err == ""
-    monkeypatch.setenv("RANK", "1")
+        assert err.startswith("diffnas: error: ") if rank == "0" else err == ""
     assert main(["export", "/no/such/run", "--format", "torchscript"]) == 2
     assert capsys.readouterr().err.startswith("diffnas (rank 1): error: ")

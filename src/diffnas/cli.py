@@ -453,9 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as exc:
         message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
-        rank = os.environ.get("RANK", "0")  # set by torchrun
-        if rank != "0" and isinstance(exc, (ConfigError, UnknownNameError,
-                                            DatasetNotFoundError)):
+        from diffnas.engine.distributed import launched_by_torchrun
+
+        rank = os.environ["RANK"] if launched_by_torchrun() else "0"
+        if rank != "0" and isinstance(exc, (ConfigError, UnknownNameError)):
             return 2  # the same on every rank, and rank 0 says it: once, not once per rank
         who = "diffnas" if rank == "0" else f"diffnas (rank {rank})"
         print(f"{who}: error: {message}", file=sys.stderr)
