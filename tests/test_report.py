@@ -476,7 +476,13 @@ def test_the_report_of_an_unfinished_search_says_its_genotype_is_provisional(run
     (run / "search/genotype.json").unlink()
     (run / "search/DONE").unlink()
     page = render_report(plots.load_run(run), backend="matplotlib")
-    assert "Latest genotype, after epoch 3 of 3; the search has not finished" in page
-    assert "normal cell (latest genotype, after epoch 3 of 3" in page
+    # every epoch logged, only genotype.json missing: not "may still change"
+    assert "genotype logged after the last epoch (3); the search stopped before writing" \
+        in page and "may still change" not in page
+    rows = (run / "search/genotypes.jsonl").read_text().splitlines()
+    (run / "search/genotypes.jsonl").write_text("\n".join(rows[:2]) + "\n")  # 2 epochs ran
+    page = render_report(plots.load_run(run), backend="matplotlib")
+    assert "Latest genotype, after epoch 2 of 3; the search has not finished" in page
+    assert "normal cell (latest genotype, after epoch 2 of 3" in page
     final = render_report(plots.load_run(run_dir), backend="matplotlib")
     assert "the search has not finished" not in final

@@ -59,9 +59,12 @@ class RunData:
         """What to say of a genotype that is not the search's final one, else None."""
         if self.provisional_epoch is None:
             return None
-        return (f"latest genotype, after epoch {self.provisional_epoch + 1} of "
-                f"{self.config.search.epochs}; the search has not finished, so it may still "
-                "change")
+        epochs = self.config.search.epochs
+        if self.provisional_epoch + 1 >= epochs:  # every epoch ran; search/genotype.json not
+            return (f"the genotype logged after the last epoch ({epochs}); the search stopped "
+                    "before writing search/genotype.json (--resume finishes it)")
+        return (f"latest genotype, after epoch {self.provisional_epoch + 1} of {epochs}; the "
+                "search has not finished, so it may still change")
 
     def edge_groups(self) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         """Per cell type: the edge labels (alpha-row order) and the candidate ops."""
