@@ -376,3 +376,4 @@ def test_one_seed_has_no_standard_deviation(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["test_acc"]["std"] is None
     md = (tmp_path / "summary.md").read_text()
     assert "90.00%** (one seed" in md and "+- 0.00%" not in md and "+- -" not in md
+    assert md.startswith("# Multi-seed summary (1 seed: 0)")  # not "1 seeds"

@@ -50,19 +50,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=3")
 
 
-def _epochs(n: int) -> str:
-    return f"{n} epoch{'' if n == 1 else 's'}"
-
-
 def _print_result(genotype, result: dict | None) -> None:
+    from diffnas.engine.callbacks import counted
+
     print("\n== genotype ==")
     print(genotype)
     if result is not None:
         print(f"params (no auxiliary head): {result['params']:,}")
         print(f"MACs: {result['macs'] / 1e6:.2f} M")
-        print(
-            f"test accuracy: {100 * result['test_acc']:.2f}% after {_epochs(result['epochs_done'])}"
-        )
+        print(f"test accuracy: {100 * result['test_acc']:.2f}% after "
+              f"{counted(result['epochs_done'], 'epoch')}")
 
 
 @register_command("search", "search an architecture, then retrain it (retrain.enabled)")

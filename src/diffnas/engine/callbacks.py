@@ -17,6 +17,11 @@ from diffnas.engine.loop import Callback, Loop
 log = logging.getLogger("diffnas")
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 epoch"``, ``"3 epochs"``: a count with its noun, for what runs print."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _jsonl_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """``(line, row)`` for each non-blank line of a JSON-lines file (see :func:`read_jsonl`)."""
     lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]

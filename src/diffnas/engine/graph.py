@@ -45,7 +45,7 @@ from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig
 from diffnas.data.graph import GraphData, load_graph
 from diffnas.engine import distributed as dp
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
     atomic_save,
     atomic_write_text,
@@ -348,8 +348,8 @@ def print_graph_result(genotype: Genotype, result: dict[str, Any] | None) -> Non
         print(f"params: {result['params']:,}")
         print(f"test accuracy: {100 * result['test_acc']:.2f}% (weights of the best val "
               f"epoch {result['best_epoch'] + 1}, val {100 * result['valid_acc']:.2f}%; last "
-              f"epoch: {100 * result['last_test_acc']:.2f}%) after {result['epochs_done']} "
-              f"epoch{'' if result['epochs_done'] == 1 else 's'}")
+              f"epoch: {100 * result['last_test_acc']:.2f}%) after "
+              f"{counted(result['epochs_done'], 'epoch')}")
 
 
 def graph_network_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:

@@ -64,7 +64,7 @@ from diffnas.data.text import (
     shard_columns,
 )
 from diffnas.engine import distributed as dp
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
     atomic_save,
     atomic_write_text,
@@ -711,8 +711,7 @@ def print_lm_result(genotype: Genotype, result: dict[str, Any] | None) -> None:
     if result is not None:
         print(f"params: {result['params']:,}")
         print(f"valid perplexity: {result['valid_ppl']:.2f}, test perplexity: "
-              f"{result['test_ppl']:.2f} after {result['epochs_done']} "
-              f"epoch{'' if result['epochs_done'] == 1 else 's'}"
+              f"{result['test_ppl']:.2f} after {counted(result['epochs_done'], 'epoch')}"
               + (f" (weights of the best validation epoch, {result['best_epoch'] + 1})"
                  if result.get("best_epoch") is not None else ""))
 

@@ -262,8 +262,10 @@ def _pct(x: float | None) -> str:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown page (also printed by the command)."""
+    from diffnas.engine.callbacks import counted
+
     acc, val = summary["test_acc"], summary["search_val_acc"]
-    lines = [f"# Multi-seed summary ({summary['n']} seed{'' if summary['n'] == 1 else 's'}: "
+    lines = [f"# Multi-seed summary ({counted(summary['n'], 'seed')}: "
              f"{', '.join(map(str, summary['seeds']))})", ""]
     if acc["n"] == 1:
         lines.append(f"Retrained test accuracy: **{_pct(acc['mean'])}** (one seed: no spread "
