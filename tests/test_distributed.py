@@ -311,6 +311,20 @@ def test_strategy_without_data_parallel_support_is_refused(monkeypatch):
         build_search(cfg, data, rank=0, world_size=2)
 
 
+
+def test_a_strategy_without_data_parallel_is_refused_before_a_run_directory(
+        monkeypatch, tmp_path, capsys):
+    from diffnas.cli import main
+    from diffnas.strategies.implicit import ImplicitStrategy
+
+    monkeypatch.setattr(ImplicitStrategy, "data_parallel", False)
+    _as_rank_of(monkeypatch, 2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", *overrides("{name: implicit}", sync_bn=False)]) == 2
+    assert "strategy 'implicit' does not run data parallel" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- torchrun end to end: kill, resume, and who writes the run directory ---------------------
 
 

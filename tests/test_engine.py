@@ -117,7 +117,7 @@ def test_collapse_diagnostics_from_the_config_leave_the_search_unchanged(tmp_pat
             (tmp_path / "diag/search/diagnostics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(r["cell"] == "normal" and isinstance(r["skip_connect"], int)
-               and r["hessian_eig"] == r["hessian_eig"] for r in rows)  # not NaN
+               and isinstance(r["hessian_eig"], float) for r in rows)  # not NaN (null)
     for a, b in zip(_alphas(plain), _alphas(diag), strict=True):  # measuring changes nothing
         assert torch.equal(a, b)
 
@@ -150,3 +150,111 @@ def test_a_search_epoch_uses_every_training_batch_and_cycles_validation(split):
         # the same epoch again gives the same batches (resume at an epoch boundary)
         again = list(task.batches(epoch))
         assert all(torch.equal(a[1][1], b[1][1]) for a, b in zip(pairs, again, strict=True))
+
+
+def test_the_search_evaluates_the_supernet_on_every_validation_image_in_eval_mode(tmp_path):
+    """``eval_val_*`` (``search.evaluate``) is the supernet over the whole validation split
+    (35 images: batches of 16, 16 and 3, in order) in eval mode, as DARTS's infer()."""
+    import torch.nn.functional as F
+
+    res = run_search(_cfg("search.epochs=1", "data.train_subset=70"), tmp_path)
+    row = json.loads((tmp_path / "search/metrics.jsonl").read_text().splitlines()[-1])
+    s, val = res.task.strategy, res.task.val
+    assert len(val.y) == 35 and s.supernet.training  # train mode restored
+
+    def measure() -> tuple[float, float]:
+        logits = torch.cat([s.supernet(val.x[i:i + 16], s.arch_weights())
+                            for i in range(0, 35, 16)])
+        return (F.cross_entropy(logits, val.y).item(),
+                (logits.argmax(-1) == val.y).float().mean().item())
+
+    with torch.no_grad():
+        s.supernet.eval()
+        loss, acc = measure()
+        assert row["eval_val_loss"] == pytest.approx(loss, rel=1e-5)
+        assert row["eval_val_acc"] == pytest.approx(acc)
+        s.supernet.train()  # the stem's batch statistics give another figure
+        assert abs(measure()[0] - loss) > 1e-4
+
+
+@pytest.mark.parametrize("setting", ["search.evaluate=false", "search.strategy.name=single_level"])
+def test_no_validation_pass_when_switched_off_or_without_a_validation_split(tmp_path, setting):
+    run_search(_cfg("search.epochs=1", setting), tmp_path)
+    row = json.loads((tmp_path / "search/metrics.jsonl").read_text().splitlines()[-1])
+    assert "eval_val_acc" not in row and "eval_val_loss" not in row and "loss" in row
+
+
+def test_the_retrain_loss_is_the_main_head_s_and_the_auxiliary_one_is_apart():
+    """``loss`` is comparable with ``test_loss`` (one head's cross-entropy); the auxiliary
+    head's, trained with weight ``retrain.auxiliary_weight``, is ``aux_loss``."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from diffnas.engine.retrain import TrainTask
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.main, self.aux = nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.main(x), self.aux(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    model = TwoHeads()
+    with torch.no_grad():
+        main, aux = (F.cross_entropy(h, y).item() for h in model(x))
+    cfg = _cfg("retrain.auxiliary_weight=0.4").retrain
+    stats = TrainTask(model, None, None, cfg).step((x, y))
+    assert stats["loss"] == pytest.approx(main) and stats["aux_loss"] == pytest.approx(aux)
+
+
+@pytest.mark.parametrize("returned, words", [
+    (None, "returned NoneType"), (0.5, "returned float"),
+    ({"loss": "low"}, "'loss': str"), ({"loss": torch.ones(2)}, "'loss': Tensor"),
+])
+def test_a_step_that_returns_no_dict_of_numbers_names_the_strategy(returned, words):
+    from types import SimpleNamespace
+
+    from diffnas.engine.loop import Loop
+
+    task = SimpleNamespace(strategy=SimpleNamespace(name="mine"), num_batches=lambda: 1,
+                           batches=lambda epoch: [0], step=lambda batch: returned,
+                           end_epoch=lambda epoch: {})
+    with pytest.raises(TypeError, match=f"the step of strategy 'mine' .*{words}"):
+        Loop(task, 1).run()
+
+
+def test_metrics_files_are_strict_json_with_null_for_non_finite_values(tmp_path):
+    """jq and browsers refuse Python's NaN/Infinity tokens: a non-finite metric is null."""
+    from types import SimpleNamespace
+
+    from diffnas.engine.callbacks import JsonLines
+
+    JsonLines(tmp_path / "m.jsonl").on_epoch_end(
+        SimpleNamespace(), 0, {"epoch": 0, "loss": float("inf"), "x": [float("nan"), 1.0]})
+    line = (tmp_path / "m.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == \
+        {"epoch": 0, "loss": None, "x": [None, 1.0]}
+
+
+def test_measuring_the_validation_split_changes_nothing_the_search_does():
+    """A random relaxation (GDAS) draws an architecture to evaluate with: from a forked
+    generator, so ``search.evaluate`` on or off finds the same alphas."""
+    import tempfile
+
+    gdas = "search.strategy={name: gdas}"
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        on = run_search(_cfg(gdas), a)
+        off = run_search(_cfg(gdas, "search.evaluate=false"), b)
+    assert all(torch.equal(x, y) for x, y in zip(_alphas(on), _alphas(off), strict=True))
+
+
+def test_a_resume_removes_the_temporary_of_a_checkpoint_write_a_kill_cut_short(tmp_path):
+    cfg = _cfg()
+    run_search(cfg, tmp_path, stop_after=1)
+    stray = tmp_path / "search" / ".checkpoint.pt.k1ll3d.pt"
+    stray.write_bytes(b"half a checkpoint")
+    run_search(cfg, tmp_path, resume=True)
+    assert not stray.exists() and (tmp_path / "search/checkpoint.pt").is_file()

@@ -377,3 +377,36 @@ def test_one_seed_has_no_standard_deviation(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "90.00%** (one seed" in md and "+- 0.00%" not in md and "+- -" not in md
     assert md.startswith("# Multi-seed summary (1 seed: 0)")  # not "1 seeds"
+
+
+def test_the_search_accuracy_says_what_it_measured_and_mixes_no_measures():
+    """A seed's search accuracy is the eval-mode pass where the run made one; seeds that
+    measured differently (resumed across versions) make no statistic."""
+    from diffnas.engine.callbacks import search_val_acc
+
+    assert search_val_acc({"val_acc": 0.5, "eval_val_acc": 0.7}) == (0.7, "eval_val_acc")
+    assert search_val_acc({"val_acc": 0.5}) == (0.5, "val_acc")
+    assert search_val_acc({"val_acc": float("nan")}) == (None, None)
+    rec = {"run_dir": "r", "genotype": None, "test_acc": 0.9, "params": 1, "macs": 1}
+    same = [{**rec, "seed": s, "search_val_acc": v, "search_val_measure": "eval_val_acc"}
+            for s, v in ((0, 0.6), (1, 0.8))]
+    summary = ms.summarize(same)
+    assert summary["search_val_acc"]["mean"] == pytest.approx(0.7)
+    assert "(end of epoch, whole validation split): 70.00% +- 14.14%" in \
+        ms.summary_markdown(summary)
+    mixed = ms.summarize([same[0], {**same[1], "search_val_measure": "val_acc"}])
+    assert mixed["search_val_acc"]["n"] == 0
+    assert "measured differently between seeds" in ms.summary_markdown(mixed)
+
+
+def test_a_seed_resumes_with_the_thread_count_it_started_with(tmp_path, monkeypatch):
+    """However many seeds are left (the worker count, so the threads per worker, follows
+    them), a seed continues with the count it began with: 1 vs 2 threads round apart."""
+    seen = []
+    monkeypatch.setattr(ms, "_run_seed", lambda run, overrides: seen.append(
+        torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    ms.run_seed(tmp_path, threads=1)
+    ms.run_seed(tmp_path, threads=2)  # resumed when it was the last seed left
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    assert json.loads((tmp_path / ms.THREADS_FILE).read_text()) == {"threads": 1}

@@ -1016,3 +1016,16 @@ def test_seed_is_not_read_as_seeds_and_the_help_says_seeds_is_a_count(tmp_path, 
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--seeds S how many seeds (a count, not a list" in help_text
     assert "runs seeds 0..S-1" in help_text
+
+
+def test_one_seed_has_no_spread_in_the_table_or_the_json(full_table, tmp_path, capsys):
+    """As ``--seeds`` (engine/multiseed.mean_std): one value has no sample std, shown as
+    n/a and written as null, not as 0.00, which would read as no spread."""
+    from diffnas.cli import main
+
+    out = tmp_path / "one.json"
+    assert main(["bench", "nb201", "--strategy", "random", "--budget", "12", "--seeds", "1",
+                 "--table", str(full_table), "--json", str(out)]) == 0
+    assert "+-  n/a" in capsys.readouterr().out
+    entry = json.loads(out.read_text())["summary"][0]
+    assert entry["valid"]["std"] is None and entry["c10_test_200"]["std"] is None

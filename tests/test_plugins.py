@@ -4,6 +4,7 @@ imported by every process that reads the config (seed workers, resume, dry runs)
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -203,3 +204,86 @@ def test_a_plugin_with_a_syntax_error_or_an_exit_is_named(tmp_path, capsys):
     assert main(["search", f"plugins=[{quits}]", "out_dir=" + str(tmp_path / "run")]) == 2
     assert "called sys.exit(0)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("order", ["ops_first", "strategy_first"])
+def test_two_plugins_where_one_imports_the_other_register_once(tmp_path, order):
+    """The usual layout: an ops file and a file beside it that imports from it, both
+    listed. The imported one runs once, whichever is listed first."""
+    tag = uuid.uuid4().hex[:8]
+    ops, user = tmp_path / f"ops_{tag}.py", tmp_path / f"user_{tag}.py"
+    ops.write_text("import torch.nn as nn\nfrom diffnas.ops import register_op\n"
+                   f"@register_op('twice_{tag}')\n"
+                   "def make(C, stride, affine):\n    return nn.Identity()\n")
+    user.write_text(f"from ops_{tag} import make\nUSES = make\n")
+    entries = [str(ops), str(user)] if order == "ops_first" else [str(user), str(ops)]
+    modules = import_plugins(entries)
+    by_file = {Path(m.__file__).name: m for m in modules}
+    assert by_file[user.name].USES is by_file[ops.name].make
+
+
+BAD_OPS = {
+    "keeps_the_side": "lambda C, stride, affine: nn.Conv2d(C, C, 3, 1, 1)",
+    "doubles_channels": "lambda C, stride, affine: nn.Conv2d(C, 2 * C, 3, stride, 1)",
+    "two_arguments": "lambda C, stride: nn.Identity()",
+    "no_module": "lambda C, stride, affine: None",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_OPS)
+def test_a_plugin_op_that_breaks_the_op_contract_is_refused_before_the_run(
+        tmp_path, capsys, kind):
+    name = f"{kind}_{uuid.uuid4().hex[:6]}"
+    plugin = tmp_path / f"op_{name}.py"
+    plugin.write_text("import torch.nn as nn\nfrom diffnas.ops import register_op\n"
+                      f"register_op('{name}')({BAD_OPS[kind]})\n")
+    rc = main(["search", f"plugins=[{plugin}]", "data.name=digits", *TINY[:3],
+               f"search.space={{name: darts_cnn, C: 4, layers: 3, nodes: 2, "
+               f"ops: [skip_connect, {name}]}}", f"out_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"op {name!r} (registered in {plugin})" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plot_of_a_run_whose_plugin_moved_is_told_where_it_is_now(tmp_path, capsys):
+    path, name = _plugin(tmp_path)
+    assert main(["search", f"plugins=[{path}]", f"data.name={name}", *TINY,
+                 f"out_dir={tmp_path / 'runs'}", "name=r"]) == 0
+    run = tmp_path / "runs" / "r"
+    (tmp_path / "lib").mkdir()
+    moved = tmp_path / "lib" / path.name
+    path.rename(moved)
+    capsys.readouterr()
+    assert main(["plot", str(run), "--backend", "matplotlib", "--format", "svg"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(path)!r} is not a file" in err and "plugins=[NEW/PLACE.py" in err, err
+    # (a fresh process: this one registered the plugin's names from its old place)
+    subprocess.run([sys.executable, "-m", "diffnas", "plot", str(run), f"plugins=[{moved}]",
+                    "--backend", "matplotlib", "--format", "svg"], check=True,
+                   capture_output=True)
+    assert (run / "plots" / "curves.svg").is_file()
+
+
+def test_a_run_records_its_plugins_code_and_an_edit_is_reported(tmp_path):
+    import logging
+
+    from diffnas.engine.rundir import PLUGINS_FILE, warn_changed_plugins
+
+    path, name = _plugin(tmp_path)
+    assert main(["search", f"plugins=[{path}]", f"data.name={name}", *TINY,
+                 f"out_dir={tmp_path / 'runs'}", "name=r"]) == 0
+    run = tmp_path / "runs" / "r"
+    recorded = json.loads((run / PLUGINS_FILE).read_text())
+    assert list(recorded) == [str(path)] and len(recorded[str(path)]["sha256"]) == 64
+    cfg = load_run_config(run)
+    assert warn_changed_plugins(run, cfg) == []
+    path.write_text(path.read_text() + "\n# an edit\n")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("diffnas").addHandler(handler)
+    try:
+        assert warn_changed_plugins(run, cfg) == [str(path)]
+    finally:
+        logging.getLogger("diffnas").removeHandler(handler)
+    assert any(f"plugin {path} changed since {run} started" in m for m in seen), seen

@@ -539,3 +539,54 @@ def test_a_search_without_config_says_it_runs_the_built_in_defaults(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     assert "without it the built-in defaults" in " ".join(capsys.readouterr().out.split())
+
+
+def _disk_full_save(obj: object, f: object) -> None:
+    """torch.save on a full disk: its zip writer's RuntimeError, the OSError in context."""
+    import errno
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from diffnas.engine.checkpoint import atomic_save
+
+    atomic_save({"epoch": 1}, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(torch, "save", _disk_full_save)
+    with pytest.raises(OSError) as err:
+        atomic_save({"epoch": 2}, tmp_path / "checkpoint.pt")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "checkpoint.pt")
+    assert "no space left" in str(err.value)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "checkpoint.pt") == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+
+
+def test_a_full_disk_during_a_search_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "save", _disk_full_save)
+    assert main(["search", *TINY, f"out_dir={tmp_path}", "name=full"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'full/search/checkpoint.pt'}: no space left on the device" in err, err
+    assert f"free some space, then resume with: diffnas search --resume {tmp_path / 'full'}" \
+        in err
+
+
+def test_a_diverged_retraining_keeps_no_diverged_checkpoint_and_says_what_to_do(
+        tmp_path, capsys):
+    """One step per epoch at lr 1e30: the step's loss is finite, the weights after it are
+    not. The epoch is refused before its checkpoint, and since a resume keeps the lr, the
+    message gives the command of a new retraining."""
+    args = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, "retrain.train_subset=16",
+            "retrain.epochs=2", "retrain.lr=1e30", "retrain.grad_clip=1e30",
+            f"out_dir={tmp_path}", "name=nan"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "retrain epoch 1: the weights diverged" in err and "retrain.lr=1e+30" in err, err
+    assert "retrain the genotype in a new run with a lower retrain.lr: diffnas train " \
+           f"--genotype DARTS_V2 --config {tmp_path / 'nan/config.yaml'}" in err
+    assert not (tmp_path / "nan/retrain/checkpoint.pt").exists()

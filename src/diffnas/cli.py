@@ -382,6 +382,32 @@ def _resume_hint(args: argparse.Namespace) -> str | None:
     return f"diffnas search{seeds} --resume {shlex.quote(str(run_dir))}{extra}"
 
 
+def _way_on(args: argparse.Namespace, exc: Exception) -> str:
+    """What to do after a full disk (free space, resume: the checkpoint before it is kept)
+    or a diverged run (a resume keeps the settings that diverged: a new run, from the
+    finished search's genotype when there is one); empty for other errors."""
+    import errno
+    import shlex
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        hint = _resume_hint(args)
+        return f"; free some space, then resume with: {hint}" if hint else ""
+    if not isinstance(exc, FloatingPointError) or args.command not in ("search", "train"):
+        return ""
+    run_dir = getattr(args, "_run_dir", None) or getattr(args, "resume", None)
+    if run_dir is None:
+        return ""
+    run = Path(run_dir)
+    q = shlex.quote
+    if args.command == "search" and not (run / "search" / "DONE").exists():
+        return (" (a --resume keeps the run's settings: start a new run with a lower "
+                "search.strategy.w_optim.lr or a_optim.lr)")
+    genotype = args.genotype if args.command == "train" else str(run / "search/genotype.json")
+    return (f" (a --resume keeps the run's settings; retrain the genotype in a new run with "
+            f"a lower retrain.lr: diffnas train --genotype {q(genotype)} --config "
+            f"{q(str(run / 'config.yaml'))} retrain.lr=...)")
+
+
 def _interrupted(args: argparse.Namespace, process_entry: bool) -> None:
     """Report Ctrl-C in one line (rank 0 alone under torchrun), not a traceback. When
     ``main`` is the process's entry (``process_entry``: it read ``sys.argv``), a second
@@ -397,8 +423,12 @@ def _interrupted(args: argparse.Namespace, process_entry: bool) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     if os.environ.get("RANK", "0") != "0":
         return
+    # a command that continues where it stopped when run again sets ``args._interrupt_hint``
+    # (what to say, e.g. "run the same command again to continue")
+    own = getattr(args, "_interrupt_hint", None)
     hint = _resume_hint(args)
-    print("diffnas: interrupted" + (f"; resume with: {hint}" if hint else ""), file=sys.stderr)
+    print("diffnas: interrupted" + (f"; {own}" if own else f"; resume with: {hint}" if hint
+                                    else ""), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as exc:
         message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+        message += _way_on(args, exc)
         from diffnas.engine.distributed import launched_by_torchrun
 
         rank = os.environ["RANK"] if launched_by_torchrun() else "0"

@@ -250,6 +250,11 @@ class SearchConfig:
     strategy: dict = field(default_factory=lambda: {"name": "darts"})
     discretizer: str | None = None  # None = the space's default rule
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # after every epoch: the supernet's loss and accuracy on the whole validation split, in
+    # order and in eval mode, as DARTS's infer() (eval_val_loss / eval_val_acc in
+    # metrics.jsonl; bilevel strategies, which have a validation split); one forward pass
+    # per validation image
+    evaluate: bool = True
     # GPU only: capture each search step once as a CUDA graph and replay it (first-order
     # DARTS; engine/cuda_graph.py, benchmarks/README.md "GPU figures")
     cuda_graph: bool = False
@@ -681,7 +686,15 @@ def _check_engine(cfg: RunConfig, device: bool) -> None:
     """The refusals of the engine that will search the space, made from the config alone:
     the language-model and graph engines' (image-search settings, growth epochs), or the
     image search's (GPU settings against the strategy and, with ``device``, the device;
-    diagnostics; a full batch from ``data.train_subset``)."""
+    diagnostics; a full batch from ``data.train_subset``); under torchrun a strategy that
+    does not run data parallel."""
+    from diffnas.engine.distributed import planned_world_size
+    from diffnas.strategies.registry import require_data_parallel
+
+    try:
+        require_data_parallel(cfg.search.strategy, planned_world_size())
+    except ValueError as exc:
+        raise ConfigError(f"search.strategy: {exc}") from None
     if _space_name(cfg) == "darts_rnn":
         from diffnas.engine.lm import check_growth, check_lm_search, refuse_image_settings
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,8 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return load_saved(path, RETRAIN_FIX, weights_only=True, what="state dict")
 
 
-def load_retrained(run_dir: str | Path, resolution: int | None = None
-                   ) -> tuple[nn.Module, DataShape]:
+def load_retrained(run_dir: str | Path, resolution: int | None = None,
+                   overrides: Sequence[str] = ()) -> tuple[nn.Module, DataShape]:
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
     from diffnas.engine.retrain import build_network
     from diffnas.engine.rundir import load_run_config, run_kind, seeds_parent_message
@@ -129,7 +130,7 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None
     if why:
         raise ExportError(why)
     # loaded on the CPU wherever it ran; a train run's config checked as train checked it
-    cfg = load_run_config(run, device=False, search=run_kind(run) != "train")
+    cfg = load_run_config(run, list(overrides), device=False, search=run_kind(run) != "train")
     check_exportable(cfg, run)
     weights, result = run / "retrain" / "model.pt", run / "retrain" / "result.json"
     if not weights.is_file() or not result.is_file():
@@ -237,7 +238,8 @@ def max_output_diff(model: nn.Module, path: str | Path, fmt: str,
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
                atol: float = 1e-5, resolution: int | None = None, seed: int = 0,
-               check: bool = True, force: bool = False) -> ExportResult:
+               check: bool = True, force: bool = False, overrides: Sequence[str] = ()
+               ) -> ExportResult:
     """Export a run's retrained network (default ``RUN_DIR/export/model.{onnx,pt}``) and
     check it against PyTorch on random batches of 2 and 5 inputs. An existing file at the
     path is replaced only when it is an earlier export (:func:`is_export`; with ``force``
@@ -260,7 +262,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     if resolution is not None and not 1 <= resolution <= MAX_RESOLUTION:
         raise ExportError(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, "
                           f"got {resolution}")
-    model, shape = load_retrained(run_dir, resolution)
+    model, shape = load_retrained(run_dir, resolution, overrides)
     dims = (shape.in_channels, shape.resolution, shape.resolution)
     path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{SUFFIX[fmt]}"
     if path.is_dir():

@@ -11,6 +11,7 @@ resumed from another directory still finds it).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -38,9 +39,15 @@ def absolute_plugins(entries: Sequence[str]) -> list[str]:
 def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise ConfigError(f"config.plugins: {str(path)!r} is not a file")
-    name = "diffnas_plugin_" + "".join(c if c.isalnum() else "_" for c in str(path.resolve()))
-    if name in sys.modules:  # already imported: registering twice would be an error
-        return sys.modules[name]
+    resolved = path.resolve()
+    imported = _imported_from(resolved)
+    if imported is not None:  # already imported (as a plugin, or by a plugin beside it):
+        return imported       # registering twice would be an error
+    # imported under its own name, so that a plugin beside it that imports it (``from
+    # my_ops import ...``) gets this module rather than running the file a second time;
+    # under a name made of its path when that name is taken
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else \
+        "diffnas_plugin_" + "".join(c if c.isalnum() else "_" for c in str(resolved))
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"config.plugins: cannot import {str(path)!r} (not a Python file)")
@@ -60,6 +67,15 @@ def _import_file(path: Path) -> ModuleType:
             sys.path.remove(folder)
         raise
     return module
+
+
+def _imported_from(path: Path) -> ModuleType | None:
+    """The module already imported from the file ``path`` (resolved), if any."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and file.endswith(path.name) and Path(file).resolve() == path:
+            return module
+    return None
 
 
 def _import_module(name: str) -> ModuleType:
@@ -104,6 +120,32 @@ def import_plugins(entries: Sequence[str]) -> list[ModuleType]:
             raise ConfigError(f"config.plugins: importing {entry!r} failed: "
                               f"{type(exc).__name__}: {exc}{_where(exc)}") from exc
     return modules
+
+
+def plugin_sources(entries: Sequence[str]) -> dict[str, dict[str, str]]:
+    """What each (imported) plugin's code is: ``{entry: {"file", "sha256"}}`` of its source
+    file, recorded in a run (``plugins.json``) so that a resume or report can say when a
+    plugin was edited since the run computed with it."""
+    out = {}
+    for entry, module in zip(entries, import_plugins(entries), strict=True):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and Path(file).is_file():
+            digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+            out[entry] = {"file": str(Path(file).resolve()), "sha256": digest}
+    return out
+
+
+def changed_plugins(recorded: dict[str, dict[str, str]], now: dict[str, dict[str, str]]
+                    ) -> list[str]:
+    """The recorded plugin files whose code differs now (matched by entry, else by file
+    name, so a plugin that moved is compared with its new place)."""
+    by_name = {Path(v["file"]).name: v for v in now.values()}
+    changed = []
+    for entry, rec in recorded.items():
+        cur = now.get(entry) or by_name.get(Path(rec.get("file", "")).name)
+        if cur is not None and cur.get("sha256") != rec.get("sha256"):
+            changed.append(cur["file"])
+    return changed
 
 
 def _where(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,42 @@ log = logging.getLogger("diffnas")
 def counted(n: int, noun: str) -> str:
     """``"1 epoch"``, ``"3 epochs"``: a count with its noun, for what runs print."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+#: what a search's validation accuracy measured, by the metrics.jsonl key it came from
+SEARCH_VAL_MEASURES = {
+    "eval_val_acc": "end of epoch, whole validation split",
+    "val_acc": "mean over the epoch's architecture steps",
+}
+
+
+def search_val_acc(row: dict[str, Any]) -> tuple[float | None, str | None]:
+    """A search epoch's validation accuracy and the key it came from: the end-of-epoch pass
+    over the whole validation split (``eval_val_acc``: ``search.evaluate``, graph searches)
+    where the run made one, else the mean of the architecture steps' validation batches
+    (``val_acc``: weights moving, at the virtual weights for second order)."""
+    for key in SEARCH_VAL_MEASURES:
+        v = row.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v), key
+    return None, None
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: standard JSON has no NaN or inf (jq,
+    browsers and most readers refuse Python's ``NaN``/``Infinity`` tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One line of a ``.jsonl`` file, strict JSON (a non-finite number is null)."""
+    return json.dumps(finite_json(row), allow_nan=False) + "\n"
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -124,7 +161,7 @@ class JsonLines(Callback):
             else {"epoch": epoch, **self.record(loop, epoch, metrics)}
         )
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row))
             f.flush()  # on disk before the checkpoint that counts this epoch done (a power
             os.fsync(f.fileno())  # loss must not leave a checkpoint past its metrics)
 
@@ -135,6 +172,12 @@ class Checkpoint(Callback):
     def __init__(self, path: Path, every: int = 1) -> None:
         self.path = Path(path)
         self.every = every
+
+    def on_run_start(self, loop: Loop) -> None:
+        # the temporary file of a write a kill cut short (the checkpoint itself is whole:
+        # old or new); the run's lock keeps any other writer out, so none is in use
+        for tmp in self.path.parent.glob(f".{self.path.name}.*{self.path.suffix}"):
+            tmp.unlink(missing_ok=True)
 
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, float]) -> None:
         if (epoch + 1) % self.every == 0 or loop.epoch >= loop.epochs:

@@ -4,6 +4,7 @@ crash mid-write never leaves a truncated checkpoint behind."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -50,8 +51,28 @@ def _atomic_write(write: Callable[[IO], None], path: str | Path, mode: str) -> N
     ``path`` (:func:`staged_path`): a crash leaves the old file or the new one, never a
     torn one, and no temporary file behind. The file gets the permissions a plain
     ``open`` would give."""
-    with staged_path(path) as tmp, open(tmp, mode) as f:
-        write(f)
+    try:
+        with staged_path(path) as tmp, open(tmp, mode) as f:
+            write(f)
+    except Exception as exc:
+        raise write_error(exc, path) from exc
+
+
+def write_error(exc: Exception, path: str | Path) -> Exception:
+    """``exc`` (raised while writing ``path``) as an ``OSError`` naming ``path`` when an
+    OS error caused it: a full disk inside ``torch.save`` surfaces as a RuntimeError of
+    its zip writer ("unexpected pos") with the ``OSError`` only in its context, and a
+    failed write or flush names no file. Other errors are returned as they are."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__ or cause.__cause__
+    if not isinstance(cause, OSError) or (cause is exc and cause.filename is not None):
+        return exc
+    if cause.errno == errno.ENOSPC:
+        why = "no space left on the device (the file it replaces, if any, is kept)"
+    else:
+        why = cause.strerror or str(cause)
+    return OSError(cause.errno, why, str(path))
 
 
 @contextlib.contextmanager

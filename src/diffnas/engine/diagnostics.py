@@ -9,7 +9,6 @@ JSON-lines file; the eigenvalue is optional (power iteration on Hessian-vector p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from diffnas.arch.relax import SoftmaxRelaxation
-from diffnas.engine.callbacks import drop_epochs_from
+from diffnas.engine.callbacks import drop_epochs_from, json_line
 from diffnas.engine.loop import Callback, Loop
 from diffnas.genotype import Genotype
 from diffnas.ops import twice_differentiable
@@ -177,4 +176,4 @@ class CollapseDiagnostics(Callback):
             row["hessian_eig"] = alpha_hessian_eigenvalue(
                 loop.task.strategy, self.hessian_batch, self.hessian_iters)
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row))

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from diffnas.engine.checkpoint import rng_state, set_rng_state
 
 #: what torch's load_state_dict says of a state that does not fit (module, optimizer)
@@ -43,6 +45,30 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def checked_metrics(metrics: Any, task: Any) -> dict[str, Any]:
+    """``metrics`` if it is what a step must return, a dict of metric name -> number (a
+    float, or a one-element tensor while a CUDA graph is being captured); else a
+    ``TypeError`` naming the strategy (a plugin's step that returns something else)."""
+    strategy = getattr(task, "strategy", None)
+    who = f"strategy {strategy.name!r}" if strategy is not None and hasattr(strategy, "name") \
+        else type(task).__name__
+
+    def number(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return v.numel() == 1 and not v.dtype.is_complex
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(metrics, dict):
+        raise TypeError(f"the step of {who} returned {type(metrics).__name__}: a step returns "
+                        "a dict of metric name -> float (e.g. {'loss': 0.5, 'acc': 0.9})")
+    bad = {k: v for k, v in metrics.items() if not (isinstance(k, str) and number(v))}
+    if bad:
+        shown = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(bad.items())[:3])
+        raise TypeError(f"the step of {who} returned metrics that are not numbers ({shown}): "
+                        "a step returns a dict of metric name -> float")
+    return metrics
 
 
 class Mean:
@@ -87,7 +113,7 @@ class Loop:
                 cb.on_epoch_start(self, epoch)
             self.running = Mean()
             for step, batch in enumerate(self.task.batches(epoch)):
-                metrics = self.task.step(batch)
+                metrics = checked_metrics(self.task.step(batch), self.task)
                 self.running.update(metrics)
                 for cb in self.callbacks:
                     cb.on_step_end(self, step, metrics)

@@ -131,10 +131,32 @@ def run_seed(run_dir: str | Path, threads: int | None = None,
     from diffnas.engine.runlock import run_lock
 
     run = Path(run_dir)
-    if threads:  # only in worker processes: never change the caller's thread count
-        torch.set_num_threads(threads)
     with run_lock(run):  # a second process on the same seed is refused
-        return _run_seed(run, overrides)
+        before = torch.get_num_threads()
+        torch.set_num_threads(seed_threads(run, threads or before))
+        try:
+            return _run_seed(run, overrides)
+        finally:  # the caller's thread count (a seed run in this process)
+            torch.set_num_threads(before)
+
+
+#: a seed's thread count, recorded when it starts: resumed with it, it computes what an
+#: uninterrupted run does (float sums split over other thread counts round differently)
+THREADS_FILE = "threads.json"
+
+
+def seed_threads(run: Path, threads: int) -> int:
+    """The thread count seed ``run`` started with, else ``threads`` (recorded now)."""
+    from diffnas.engine.callbacks import read_json
+
+    path = run / THREADS_FILE
+    if path.is_file():
+        recorded = read_json(path, f"delete {path} to resume with this machine's count")
+        n = recorded.get("threads")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            return n
+    atomic_write_text(json.dumps({"threads": threads}) + "\n", path)
+    return threads
 
 
 def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
@@ -162,18 +184,19 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
 def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     """What the summary needs from a seed directory (None where a part is missing). A
     damaged file is a ``ValueError`` naming it (``GenotypeError`` for a genotype)."""
-    from diffnas.engine.callbacks import read_json, read_jsonl
+    from diffnas.engine.callbacks import read_json, read_jsonl, search_val_acc
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
     rec: dict[str, Any] = {"seed": seed, "run_dir": str(run), "genotype": None,
-                           "test_acc": None, "params": None, "macs": None, "search_val_acc": None}
+                           "test_acc": None, "params": None, "macs": None, "search_val_acc": None,
+                           "search_val_measure": None}
     gfile = run / "search" / "genotype.json"
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
     metrics = read_jsonl(run / "search" / "metrics.jsonl")
-    if metrics and isinstance(metrics[-1], dict) and _number(metrics[-1].get("val_acc")):
-        rec["search_val_acc"] = metrics[-1]["val_acc"]
+    if metrics and isinstance(metrics[-1], dict):
+        rec["search_val_acc"], rec["search_val_measure"] = search_val_acc(metrics[-1])
     res = run / "retrain" / "result.json"
     if res.is_file():
         r = read_json(res, result_fix(run))
@@ -192,7 +215,8 @@ def _number(x: Any) -> bool:
 def failed_record(run_dir: str | Path, seed: int, error: str) -> dict[str, Any]:
     """The summary row of a seed whose files cannot be read: it says why."""
     return {"seed": seed, "run_dir": str(run_dir), "genotype": None, "test_acc": None,
-            "params": None, "macs": None, "search_val_acc": None, "error": error}
+            "params": None, "macs": None, "search_val_acc": None, "search_val_measure": None,
+            "error": error}
 
 
 # --- the summary --------------------------------------------------------------------
@@ -237,6 +261,10 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     done = [r for r in records if not r.get("error")]
     accs = [r["test_acc"] for r in done if r.get("test_acc") is not None]
     vals = [r["search_val_acc"] for r in done if r.get("search_val_acc") is not None]
+    # what the search's validation accuracy measured (callbacks.search_val_acc): seeds
+    # that measured differently (runs resumed across versions) make no statistic
+    measures = sorted({r.get("search_val_measure") or "val_acc" for r in done
+                       if r.get("search_val_acc") is not None})
     genos = [r["genotype"] for r in done if r.get("genotype") is not None]
 
     def stat(values: list[float]) -> dict[str, Any]:
@@ -248,7 +276,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "seeds": [r["seed"] for r in records],
         "n": len(records),
         "test_acc": stat(accs),
-        "search_val_acc": stat(vals),
+        "search_val_acc": stat(vals if len(measures) <= 1 else []),
+        "search_val_measures": measures,
         "runs": [{**r, "genotype_text": str(Genotype.from_dict(r["genotype"]))
                   if r.get("genotype") else None} for r in records],
         "op_frequency": op_frequency(genos),
@@ -262,7 +291,7 @@ def _pct(x: float | None) -> str:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown page (also printed by the command)."""
-    from diffnas.engine.callbacks import counted
+    from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, counted
 
     acc, val = summary["test_acc"], summary["search_val_acc"]
     lines = [f"# Multi-seed summary ({counted(summary['n'], 'seed')}: "
@@ -275,11 +304,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"(mean +- sample std over {acc['n']} seeds)")
     else:
         lines.append("Retrained test accuracy: none (retraining disabled or not finished)")
-    if val["n"] == 1:
-        lines.append(f"Search validation accuracy, last epoch: {_pct(val['mean'])} (one seed)")
+    measures = summary.get("search_val_measures") or []
+    what = "Search validation accuracy, last epoch" + (
+        f" ({SEARCH_VAL_MEASURES[measures[0]]})" if len(measures) == 1 else "")
+    if len(measures) > 1:
+        lines.append(f"{what}: measured differently between seeds ("
+                     f"{'; '.join(SEARCH_VAL_MEASURES[m] for m in measures)}): no statistic")
+    elif val["n"] == 1:
+        lines.append(f"{what}: {_pct(val['mean'])} (one seed)")
     elif val["n"]:
-        lines.append(f"Search validation accuracy, last epoch: {_pct(val['mean'])} +- "
-                     f"{_pct(val['std'])}")
+        lines.append(f"{what}: {_pct(val['mean'])} +- {_pct(val['std'])}")
     if summary["failed"]:
         lines.append(f"FAILED or unfinished seeds: {summary['failed']} (the table says why; "
                      "they are left out of the statistics)")
@@ -298,20 +332,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float as None (standard JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_summary(parent: str | Path, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from diffnas.engine.callbacks import finite_json
+
     summary = summarize(records)
-    atomic_write_text(json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n",
+    atomic_write_text(json.dumps(finite_json(summary), indent=1, allow_nan=False) + "\n",
                       Path(parent) / "summary.json")
     atomic_write_text(summary_markdown(summary), Path(parent) / "summary.md")
     return summary
@@ -368,7 +393,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     if workers == 1:
         for d in pending:
             try:
-                run_seed(d, overrides=overrides)
+                run_seed(d, threads, overrides=overrides)
                 say(f"  {d.name}: done")
             except Exception as exc:  # one failing seed must not lose the others
                 with (d / "log.txt").open("a") as f:  # where a worker's would be: its log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
@@ -115,21 +116,35 @@ class TrainTask:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(x)
         logits, aux = out if isinstance(out, tuple) else (out, None)
-        loss = F.cross_entropy(logits, y)
+        main = F.cross_entropy(logits, y)
+        # ``loss`` is the main head's cross-entropy, comparable with ``test_loss``; the
+        # auxiliary head's (trained with weight retrain.auxiliary_weight) is ``aux_loss``
+        stats = {"loss": main.item()}
+        loss = main
         if aux is not None:
-            loss = loss + self.cfg.auxiliary_weight * F.cross_entropy(aux, y)
+            aux_loss = F.cross_entropy(aux, y)
+            loss = loss + self.cfg.auxiliary_weight * aux_loss
+            stats["aux_loss"] = aux_loss.item()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"retrain loss is {loss.item()}: lower retrain.lr?")
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        acc = (logits.argmax(-1) == y).float().mean().item()
-        return dp.all_reduce_metrics({"loss": loss.item(), "acc": acc})
+        stats["acc"] = (logits.argmax(-1) == y).float().mean().item()
+        return dp.all_reduce_metrics(stats)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        return {"lr": lr, **evaluate_replicated(self.model, self.test)}
+        result = evaluate_replicated(self.model, self.test)
+        # diverged weights are not checkpointed: the last good checkpoint stays the one a
+        # resume (or a look at the run) finds
+        if math.isnan(result["test_loss"]) or not all(
+                torch.isfinite(p).all() for p in self.model.parameters()):
+            raise FloatingPointError(
+                f"retrain epoch {epoch + 1}: the weights diverged (test loss "
+                f"{result['test_loss']}) at retrain.lr={lr:g}; lower retrain.lr?")
+        return {"lr": lr, **result}
 
     def state_dict(self) -> dict[str, Any]:
         return {

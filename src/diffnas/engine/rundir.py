@@ -26,10 +26,14 @@ from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.runlock import LOCK_FILE
 from diffnas.genotype import Genotype
 
+log = logging.getLogger("diffnas")
+
 CONFIG_FILE = "config.yaml"
 #: the command that created a run ("search" or "train"), so that --resume of the other
 #: command is refused whatever the run holds so far
 MADE_BY_FILE = "made_by.txt"
+#: the plugins' source files (path, sha256) when the run started: edits are reported
+PLUGINS_FILE = "plugins.json"
 #: the test-subset seed a retraining started with (:func:`test_subset_seed`)
 TEST_SUBSET_FILE = "test_subset.json"
 #: what a phase (search/, retrain/) computed on: :func:`check_same_data`
@@ -83,6 +87,11 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run", command: str = "search
         (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no empty claim left behind
         raise
     mark_made_by(run_dir, command)
+    if cfg.plugins:
+        from diffnas.plugins import plugin_sources
+
+        atomic_write_text(json.dumps(plugin_sources(cfg.plugins), indent=1) + "\n",
+                          run_dir / PLUGINS_FILE)
     return run_dir
 
 
@@ -238,7 +247,37 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
             f"--resume continues {run_dir} with its saved {CONFIG_FILE}; only "
             f"{', '.join(RESUME_OVERRIDES)} may change, not {refused} (start a new run for "
             "other settings)")
-    return load_config(path, overrides, device=device, search=search, saved=True)
+    try:
+        cfg = load_config(path, overrides, device=device, search=search, saved=True)
+        warn_changed_plugins(run_dir, cfg)
+        return cfg
+    except ConfigError as exc:
+        if not str(exc).startswith("config.plugins:") or not any(
+                words in str(exc) for words in ("is not a file", "no module named")):
+            raise
+        raise ConfigError(f"{exc} (named by {path}; if the plugin moved, say where it is now "
+                          "after the run directory: plugins=[NEW/PLACE.py, ...], which "
+                          "--resume, plot, report and export take)") from None
+
+
+def warn_changed_plugins(run_dir: str | Path, cfg: RunConfig) -> list[str]:
+    """Warn (and return) the plugin files whose code changed since ``run_dir`` started
+    (:data:`PLUGINS_FILE`): a resumed run would continue with other code than it began
+    with, and a checkpoint or data check that then fails may be the plugin's doing."""
+    from diffnas.plugins import changed_plugins, plugin_sources
+
+    record = Path(run_dir) / PLUGINS_FILE
+    if not cfg.plugins or not record.is_file():
+        return []
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return []
+    changed = changed_plugins(recorded, plugin_sources(cfg.plugins))
+    for file in changed:
+        log.warning("plugin %s changed since %s started (%s records its sha256): the run "
+                    "goes on with the edited code", file, run_dir, record)
+    return changed
 
 
 def _check_saved_config(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +20,7 @@ from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.cuda_graph import GraphedStep
-from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.loop import Callback, Loop, checked_metrics
 from diffnas.engine.retrain import check_retrain_batch
 from diffnas.engine.rundir import check_same_data, resolve_device
 from diffnas.engine.tensorboard import logger_callbacks
@@ -98,12 +99,14 @@ class SearchTask(StrategyTask):
 
     def __init__(
         self, strategy: SearchStrategy, space: SearchSpace, train: BatchLoader,
-        val: BatchLoader | None, rule: str | None = None,
+        val: BatchLoader | None, rule: str | None = None, eval_val: Iterable | None = None,
     ) -> None:
         self.strategy, self.space = strategy, space
         self.train, self.val = train, val
         self.rule = rule
         self._step: Callable[[Any, Any], dict[str, float]] = strategy.step
+        self.eval_val = eval_val  # ``search.evaluate``: batches measured after each epoch
+        self._eval_context: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     def configure_step(
         self, device: torch.device, amp: str | None = None, cuda_graph: bool = False,
@@ -112,6 +115,8 @@ class SearchTask(StrategyTask):
         """Drive the strategy through :func:`configured_step`."""
         self._step = configured_step(self.strategy, device, amp, cuda_graph, world_size,
                                      compile)
+        if compile is not None:  # compiled mixed ops take plain autograd (as the step)
+            self._eval_context = twice_differentiable
 
     def batches(self, epoch: int) -> Iterable[Any]:
         """Every training batch once, each with the next validation batch: the validation
@@ -134,14 +139,48 @@ class SearchTask(StrategyTask):
         return batches_per_epoch(self.train, self.val)
 
     def step(self, batch: tuple[Any, Any]) -> dict[str, float]:
-        return dp.all_reduce_metrics(self._step(*batch))  # mean over ranks
+        return dp.all_reduce_metrics(checked_metrics(self._step(*batch), self))  # rank mean
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         dp.assert_replicated({"architecture parameters": self.strategy.alphas(),
                               "supernet weights": self.strategy.supernet.parameters()})
         lr = self.strategy.lr
         self.strategy.end_epoch()
-        return {"lr": lr}
+        if self.eval_val is None:
+            return {"lr": lr}
+        # on every rank, the whole split each: with distributed.sync_bn the ops' BatchNorms
+        # (batch statistics in every mode) average over ranks, which then see the same
+        # batches as one process would. A random relaxation's draw is made on a forked
+        # generator: measuring changes nothing the search does next.
+        cuda = [p.device for p in self.strategy.alphas() if p.is_cuda][:1]
+        with torch.random.fork_rng(devices=cuda), self._eval_context():
+            with torch.no_grad():
+                aw = self.strategy.arch_weights()
+            v = evaluate_supernet(self.strategy, self.eval_val, aw)
+        return {"lr": lr, "eval_val_loss": v["loss"], "eval_val_acc": v["acc"]}
+
+
+def evaluate_supernet(strategy: SearchStrategy, loader: Iterable, arch_weights: Any
+                      ) -> dict[str, float]:
+    """The supernet's mean loss and accuracy over ``loader`` (weighted by batch size) in
+    eval mode, changing nothing, as DARTS's ``infer()`` measures the search's validation
+    accuracy. Eval mode reaches only the stem's BatchNorm (running statistics): the ops'
+    affine-free BatchNorms normalise by the batch in every mode (``ops.conv.batch_norm``),
+    so the figure depends on the batches, which are fixed (the split in order, in
+    ``data.batch_size``). The supernet goes back to train mode after."""
+    net = strategy.supernet
+    net.eval()
+    try:
+        total, loss_sum, acc_sum = 0, 0.0, 0.0
+        with torch.no_grad():
+            for batch in loader:
+                _, stats = strategy.loss(batch, arch_weights)
+                n = len(batch[1])
+                loss_sum, acc_sum, total = loss_sum + stats["loss"] * n, \
+                    acc_sum + stats["acc"] * n, total + n
+    finally:
+        net.train()
+    return {"loss": loss_sum / max(total, 1), "acc": acc_sum / max(total, 1)}
 
 
 def diagnostics_callbacks(cfg: RunConfig, task: SearchTask, out: Path,
@@ -196,7 +235,10 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     data_y = strategy.relabel(data.train_y)  # identity, except e.g. RLNAS's random labels
     train, val = search_loaders(cfg, data.train_x, data_y, cls.uses_validation, device, rank,
                                 world_size)
-    task = SearchTask(strategy, space, train, val, cfg.search.discretizer)
+    # search.evaluate: the whole validation split, in order, after each epoch
+    eval_val = BatchLoader(val.x, val.y, val.batch_size, shuffle=False, device=device) \
+        if val is not None and cfg.search.evaluate else None
+    task = SearchTask(strategy, space, train, val, cfg.search.discretizer, eval_val)
     task.configure_step(torch.device(device), cfg.search.amp, cfg.search.cuda_graph, world_size,
                         cfg.search.compile)
     return task

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from diffnas.engine.multiseed import mean_std
 from diffnas.genotype import Genotype
 from diffnas.nasbench.encoding import cell_names
 from diffnas.nasbench.oracle import QueryOracle
@@ -95,10 +96,10 @@ def chosen_genotype(outcome: SearchOutcome) -> Genotype:
 
 
 # --- statistics ---------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+def _pm(stat: dict) -> str:
+    """``mean +- std`` for the table; one seed has no sample std (``n/a``, JSON null)."""
+    std = "n/a" if stat["std"] is None else f"{stat['std']:4.2f}"
+    return f"{stat['mean']:7.2f} +- {std:>4}"
 
 
 def paired_comparison(a: list[float], b: list[float], permutations: int = 100_000,
@@ -154,7 +155,7 @@ def summarize(outcomes: list[dict]) -> dict:
             vals = [r["test"][m] for r in rows if m in r["test"]]
             if vals:
                 entry[m] = dict(zip(("mean", "std"), mean_std(vals), strict=True))
-                cells.append(f"{entry[m]['mean']:7.2f} +- {entry[m]['std']:4.2f}")
+                cells.append(_pm(entry[m]))
             else:
                 cells.append(f"{'-':>15}")
         entry["valid"] = dict(zip(("mean", "std"), mean_std([r["valid_acc"] for r in rows]),
@@ -163,8 +164,7 @@ def summarize(outcomes: list[dict]) -> dict:
         entry["seconds_per_run"] = float(np.mean([r["seconds"] for r in rows]))
         summary.append(entry)
         lines.append(f"{strategy:<11} {budget:>6} {len(rows):>5} {cells[0]:>15} {cells[1]:>15} "
-                     f"{cells[2]:>15} {entry['valid']['mean']:7.2f} +- "
-                     f"{entry['valid']['std']:4.2f} {entry['queries']:7.1f} "
+                     f"{cells[2]:>15} {_pm(entry['valid'])} {entry['queries']:7.1f} "
                      f"{entry['seconds_per_run']:6.2f}")
     paired, paired_lines = [], []
     metric = REPORT_METRICS[0]

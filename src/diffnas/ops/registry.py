@@ -7,8 +7,10 @@ to C channels (halving the resolution at stride 2). BatchNorm inside ops follows
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from diffnas.registry import Registry
@@ -34,3 +36,39 @@ def create_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:
 
 def list_ops() -> list[str]:
     return OPS.names()
+
+
+def check_op_contract(name: str) -> None:
+    """Hold an op registered outside diffnas (a plugin) to the factory contract before a
+    run starts: built for 4 channels at stride 1 and 2 it must be a module mapping a
+    ``(2, 4, 7, 7)`` batch to ``(2, 4, 7, 7)`` and ``(2, 4, 4, 4)``. A ``ValueError`` names
+    the op and the file that registered it. (diffnas's own ops: tests/test_ops.py.)"""
+    factory = OPS.get(name)
+    module = getattr(factory, "__module__", None) or ""
+    if module == "diffnas" or module.startswith("diffnas."):
+        return
+    try:
+        where = inspect.getsourcefile(factory) or module
+    except TypeError:
+        where = module
+    x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights
+        for stride, side in ((1, 7), (2, 4)):
+            try:
+                op = factory(4, stride, False)
+                if not isinstance(op, nn.Module):
+                    raise TypeError(f"the factory returned {type(op).__name__}, not an "
+                                    "nn.Module")
+                with torch.no_grad():
+                    out = op(x)
+            except Exception as exc:
+                raise ValueError(f"op {name!r} (registered in {where}) does not keep the op "
+                                 f"contract, (C, stride, affine) -> module mapping C to C "
+                                 f"channels: at stride {stride}: {type(exc).__name__}: "
+                                 f"{exc}") from exc
+            want = (2, 4, side, side)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"op {name!r} (registered in {where}) at stride {stride} maps "
+                                 f"a (2, 4, 7, 7) batch to {got}, expected {want} (an op keeps "
+                                 "its channels and halves the side, rounding up, at stride 2)")

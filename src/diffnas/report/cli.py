@@ -11,6 +11,8 @@ from diffnas.cli import register_command
 @register_command("plot", "cell diagrams, alpha heatmaps and curves of a run (PNG + SVG)")
 def _plot(p: argparse.ArgumentParser):
     p.add_argument("run_dir", help="a run directory (diffnas search output)")
+    p.add_argument("overrides", nargs="*", metavar="plugins=[...]",
+                   help="where the run's plugins are now, if they moved (as --resume takes it)")
     p.add_argument("--out", help="output folder (default RUN_DIR/plots)")
     p.add_argument("--format", choices=["png", "svg", "both"], default="both")
     p.add_argument("--backend", choices=["auto", "graphviz", "matplotlib"], default="auto",
@@ -24,7 +26,8 @@ def _plot(p: argparse.ArgumentParser):
 
         formats = ("png", "svg") if args.format == "both" else (args.format,)
         try:
-            paths = plot_run(args.run_dir, args.out, formats, args.backend, args.force)
+            paths = plot_run(args.run_dir, args.out, formats, args.backend, args.force,
+                             args.overrides)
         except PlotError as exc:
             raise ValueError(str(exc)) from exc
         print("\n".join(str(p) for p in paths))
@@ -36,6 +39,8 @@ def _plot(p: argparse.ArgumentParser):
 @register_command("report", "one self-contained HTML page about a run")
 def _report(p: argparse.ArgumentParser):
     p.add_argument("run_dir", help="a run directory (diffnas search output)")
+    p.add_argument("overrides", nargs="*", metavar="plugins=[...]",
+                   help="where the run's plugins are now, if they moved (as --resume takes it)")
     p.add_argument("--out", help="output file, or a folder to write report.html in "
                    "(default RUN_DIR/report.html)")
     p.add_argument("--backend", choices=["auto", "graphviz", "matplotlib"], default="auto")
@@ -52,7 +57,7 @@ def _report(p: argparse.ArgumentParser):
         from diffnas.report.plots import PlotError
 
         try:
-            path = write_report(args.run_dir, args.out, args.backend, args.force)
+            path = write_report(args.run_dir, args.out, args.backend, args.force, args.overrides)
         except PlotError as exc:
             raise ValueError(str(exc)) from exc
         print(path)
@@ -75,6 +80,8 @@ def _report(p: argparse.ArgumentParser):
 @register_command("export", "export the retrained network to ONNX or TorchScript, checked")
 def _export(p: argparse.ArgumentParser):
     p.add_argument("run_dir", help="a run directory with retrain/model.pt")
+    p.add_argument("overrides", nargs="*", metavar="plugins=[...]",
+                   help="where the run's plugins are now, if they moved (as --resume takes it)")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", help="output file (default RUN_DIR/export/model.onnx|.pt)")
     p.add_argument("--atol", type=float, default=1e-5,
@@ -90,7 +97,8 @@ def _export(p: argparse.ArgumentParser):
 
         try:
             res = export_run(args.run_dir, args.format, args.out, args.atol, args.resolution,
-                             check=not args.no_check, force=args.force)
+                             check=not args.no_check, force=args.force,
+                             overrides=args.overrides)
         except ExportError as exc:
             raise ValueError(str(exc)) from exc
         print(json.dumps(res.to_dict(), indent=1))

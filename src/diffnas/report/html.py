@@ -17,12 +17,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from diffnas.config import to_dict
+from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, search_val_acc
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.report.outputs import (
     REPORT_MARK,
@@ -84,9 +86,10 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
                                       f"{cfg.search.strategy.get('name', 'darts')}"),
                  ("search epochs", f"{len(run.search_metrics)} of {cfg.search.epochs}")]
     if run.search_metrics:
-        last = run.search_metrics[-1]
-        if "val_acc" in last:
-            rows.append(("search validation accuracy (last epoch)", _pct(last["val_acc"])))
+        acc, key = search_val_acc(run.search_metrics[-1])
+        if key is not None:
+            rows.append((f"search validation accuracy (last epoch; {SEARCH_VAL_MEASURES[key]})",
+                         _pct(acc)))
     # graph and language-model retrainings report the weights of the best validation
     # epoch (``best_epoch``, 0-based), as the command line says; image ones the last epoch
     best = res.get("best_epoch") if res is not None else None
@@ -187,12 +190,13 @@ def render_report(run: RunData, backend: str = "auto") -> str:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None,
-                 backend: str = "auto", force: bool = False) -> Path:
+                 backend: str = "auto", force: bool = False,
+                 overrides: Sequence[str] = ()) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``: a file, or a directory to write
     ``report.html`` in) and return its path. An existing file there is replaced only when
     it is an earlier diffnas report (or, with ``force``, a file of the user's), never when
     it is a file a run needs (:func:`diffnas.report.outputs.check_output`)."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, overrides)
     path = Path(out) if out is not None else run.path / "report.html"
     if path.is_dir() or str(out).endswith(("/", os.sep)):  # a folder, or one to make
         path = path / "report.html"

@@ -75,9 +75,10 @@ class RunData:
                 for g, es in space.edge_groups().items()}
 
 
-def load_run(run_dir: str | Path) -> RunData:
+def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunData:
     """Read a run directory (``diffnas search`` or ``diffnas train`` output); a clear
-    error when it is not one."""
+    error when it is not one. ``overrides``: those a resume takes (``plugins=[...]`` for
+    plugins that moved since the run)."""
     from diffnas.engine.rundir import load_run_config, run_kind, seeds_parent_message
     from diffnas.export import RETRAIN_FIX
 
@@ -87,7 +88,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise PlotError(why)
     # a report reads, it does not run: a train run's config is checked as train checked it
     kind = run_kind(path)
-    cfg = load_run_config(path, device=False, search=kind != "train")
+    cfg = load_run_config(path, list(overrides), device=False, search=kind != "train")
     gpath = path / "search" / "genotype.json"
     genotype = Genotype.load(gpath) if gpath.is_file() else None
     provisional = None
@@ -367,7 +368,8 @@ def alpha_snapshot_image(probs: np.ndarray, scale: int = 12) -> np.ndarray:
 
 # --- curves --------------------------------------------------------------------------
 _SERIES = {  # (loss key, accuracy key, label) per phase
-    "search": (("loss", "acc", "train"), ("val_loss", "val_acc", "validation")),
+    "search": (("loss", "acc", "train"), ("val_loss", "val_acc", "validation (alpha steps)"),
+               ("eval_val_loss", "eval_val_acc", "validation (end of epoch)")),
     "retrain": (("loss", "acc", "train"), ("val_loss", "val_acc", "validation"),  # graph
                 ("test_loss", "test_acc", "test")),
 }
@@ -431,7 +433,7 @@ def run_figures(run: RunData, backend: str = "auto", fmt: str = "svg") -> dict[s
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
              formats: Sequence[str] = FORMATS, backend: str = "auto",
-             force: bool = False) -> list[Path]:
+             force: bool = False, overrides: Sequence[str] = ()) -> list[Path]:
     """Write every picture of a run (default: ``RUN_DIR/plots``) in each format. A file of
     that name in the folder is replaced only when ``diffnas plot`` wrote it (or, with
     ``force``, when it is the user's), never when a run needs it; every name is checked
@@ -445,7 +447,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
         mark_picture,
     )
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, overrides)
     out = Path(out_dir) if out_dir is not None else run.path / "plots"
     flag = "--out" if out_dir is not None else None
     figures = {fmt: run_figures(run, backend, fmt) for fmt in formats}
