@@ -687,3 +687,30 @@ def test_infinite_query_strategy_settings_are_refused(strategy, key):
     with pytest.raises(ConfigError, match=rf"strategy\[{strategy}\]\.{key}: expected a "
                                           r"finite number, got -?inf"):
         create_query_strategy(strategy, {key: float("inf") if key != "lr" else -float("inf")})
+
+
+def test_an_auxiliary_key_the_user_never_wrote_is_explained(tmp_path):
+    """A plugin space whose network takes no auxiliary head: the key comes from
+    retrain.auxiliary_weight (default 0.4), and the error says so."""
+    from dataclasses import dataclass
+
+    from diffnas.spaces import SPACES
+    from diffnas.spaces.darts_cnn import DartsCnnSpace
+
+    @dataclass
+    class Net:
+        C: int = 4
+
+    class NoAux(DartsCnnSpace):
+        NetworkConfig = Net
+
+    SPACES.register("no_aux_space")(NoAux)
+    try:
+        with pytest.raises(ConfigError, match=r"retrain\.auxiliary_weight=0\.4 asks the "
+                           r"'no_aux_space' network for an auxiliary head .* set "
+                           r"retrain\.auxiliary_weight=0"):
+            load_config(None, ["search.space={name: no_aux_space}", "retrain.network={C: 4}"])
+        load_config(None, ["search.space={name: no_aux_space}", "retrain.network={C: 4}",
+                           "retrain.auxiliary_weight=0"])
+    finally:
+        SPACES._items.pop("no_aux_space")

@@ -229,3 +229,6 @@ def test_a_missing_run_directory_and_a_folder_that_is_not_one_are_told_apart(
     assert f"{missing}: no such run directory" in cli_error([*command, str(missing)], capsys)
     assert f"{tmp_path} is not a run directory (no config.yaml)" in cli_error(
         [*command, str(tmp_path)], capsys)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert f"{afile} is a file, not a run directory" in cli_error([*command, str(afile)], capsys)

@@ -312,17 +312,17 @@ def test_strategy_without_data_parallel_support_is_refused(monkeypatch):
 
 
 
-def test_a_strategy_without_data_parallel_is_refused_before_a_run_directory(
-        monkeypatch, tmp_path, capsys):
-    from diffnas.cli import main
+def test_a_strategy_without_data_parallel_is_refused_from_the_config(monkeypatch):
+    """Refused where rank 0 reads the config (cli: before the run directory)."""
+    from diffnas.config import ConfigError
     from diffnas.strategies.implicit import ImplicitStrategy
 
     monkeypatch.setattr(ImplicitStrategy, "data_parallel", False)
+    cfg = overrides("{name: implicit}", sync_bn=False)
+    load_config(None, cfg)  # one process: fine
     _as_rank_of(monkeypatch, 2)
-    monkeypatch.chdir(tmp_path)
-    assert main(["search", *overrides("{name: implicit}", sync_bn=False)]) == 2
-    assert "strategy 'implicit' does not run data parallel" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="strategy 'implicit' does not run data parallel"):
+        load_config(None, cfg)
 
 
 # --- torchrun end to end: kill, resume, and who writes the run directory ---------------------

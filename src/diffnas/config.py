@@ -624,6 +624,13 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
                               f"{r.network}, made for space darts_cnn: give space "
                               f"{_space_name(cfg)!r} its own retrain.network, or set "
                               "retrain.enabled=false") from None
+        if image and "auxiliary" in str(exc) and "auxiliary" not in r.network \
+                and r.auxiliary_weight > 0:  # the key came from auxiliary_weight's default
+            raise ConfigError(
+                f"{exc}. retrain.auxiliary_weight={r.auxiliary_weight:g} asks the "
+                f"{_space_name(cfg)!r} network for an auxiliary head (network key "
+                "'auxiliary'): set retrain.auxiliary_weight=0 for a network without one"
+            ) from None
         raise
     if image:
         from diffnas.engine.distributed import planned_world_size

@@ -164,6 +164,10 @@ class DropPathSchedule(Callback):
 
     def __init__(self, model: nn.Module, final: float) -> None:
         self.model, self.final = model, final
+        if final > 0 and not hasattr(model, "drop_path_prob"):  # (a plugin space's network)
+            log.warning("retrain.drop_path=%g does nothing: the %s network has no "
+                        "drop_path_prob attribute (set retrain.drop_path=0 to say so)", final,
+                        type(model).__name__)
 
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         if hasattr(self.model, "drop_path_prob"):

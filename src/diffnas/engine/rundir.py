@@ -237,6 +237,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).exists():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if not Path(run_dir).is_dir():
+        raise NotADirectoryError(f"{run_dir} is a file, not a run directory")
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     _check_saved_config(path)
