@@ -1029,3 +1029,139 @@ def test_one_seed_has_no_spread_in_the_table_or_the_json(full_table, tmp_path, c
     assert "+-  n/a" in capsys.readouterr().out
     entry = json.loads(out.read_text())["summary"][0]
     assert entry["valid"]["std"] is None and entry["c10_test_200"]["std"] is None
+
+
+# --- finished searches are kept: the sidecar beside --json (audit 2026-12) ------------------
+def _bench_run(table: Path, out: Path, *extra: str) -> list[str]:
+    return ["bench", "nb201", "--strategy", "random,rea", "--budget", "12", "--seeds", "3",
+            "--table", str(table), "--json", str(out), *extra]
+
+
+def _fixed_seconds(monkeypatch) -> None:
+    """Every search takes 0 s, so two runs' files can be compared byte for byte."""
+    from diffnas.nasbench import runner
+
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: 0.0))
+
+
+def _interrupt_after(monkeypatch, finished: int) -> None:
+    """Ctrl-C during the search after ``finished`` searches of this process finished."""
+    from diffnas.nasbench import cli
+
+    real, calls = cli._one, []
+
+    def one(task):
+        calls.append(task)
+        if len(calls) > finished:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(cli, "_one", one)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_an_interrupted_bench_keeps_finished_searches_and_a_rerun_continues(
+        jobs, full_table, tmp_path, monkeypatch, capsys):
+    """Ctrl-C keeps the searches that finished (appended to <json>.partial.jsonl as each
+    finished) and says so; the same command again runs only the others (also with
+    --jobs 2, results arriving in any order) and writes the very file an uninterrupted
+    run writes, summary and paired statistics included; the sidecar is then removed."""
+    from diffnas.cli import main
+    from diffnas.nasbench.cli import partial_path
+
+    _fixed_seconds(monkeypatch)
+    out = tmp_path / "k2.json"
+    sidecar = partial_path(out)
+    assert main(_bench_run(full_table, out)) == 0  # uninterrupted
+    reference = out.read_bytes()
+    assert not sidecar.exists()
+    out.unlink()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 4)
+        assert main(_bench_run(full_table, out)) == 130
+    err = capsys.readouterr().err
+    assert f"4 of 6 searches finished and are kept in {sidecar}" in err
+    assert "run the same command again" in err
+    assert not out.exists()
+    kept = [json.loads(ln) for ln in sidecar.read_text().splitlines()]
+    assert [(o["strategy"], o["seed"]) for o in kept] == [
+        ("random", 0), ("random", 1), ("random", 2), ("rea", 0)]
+    calls = _spy_searches(monkeypatch)
+    assert main(_bench_run(full_table, out, "--jobs", jobs)) == 0
+    assert "reusing 4 outcomes of finished searches from" in capsys.readouterr().out
+    if jobs == "1":  # (the forked workers' calls are not seen here)
+        assert [(t[0], t[3]) for t in calls] == [("rea", 1), ("rea", 2)]
+    if jobs == "1":
+        assert out.read_bytes() == reference
+    else:  # the file records --jobs 2; all else is the same
+        data, ref = json.loads(out.read_text()), json.loads(reference)
+        assert data["args"].pop("jobs") == 2 and ref["args"].pop("jobs") == 1
+        assert data == ref
+    assert not sidecar.exists()
+
+
+def test_a_failed_final_write_keeps_the_outcomes_and_says_where(
+        full_table, tmp_path, monkeypatch, capsys):
+    """A full disk at the final --json write (after every search) loses nothing: the
+    error names the sidecar that holds the outcomes, and the same command again writes
+    --json from it without searching."""
+    import errno
+
+    from diffnas.cli import main
+    from diffnas.nasbench import cli
+
+    out = tmp_path / "full.json"
+    sidecar = cli.partial_path(out)
+    real = cli.atomic_write_text
+
+    def full_disk(text, path):
+        if Path(path) == out:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(text, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "atomic_write_text", full_disk)
+        assert main(_bench_run(full_table, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: No space left on device; the 6 outcomes are kept in {sidecar}" in err
+    assert "run the same command again" in err
+    assert len(sidecar.read_text().splitlines()) == 6 and not out.exists()
+    calls = _spy_searches(monkeypatch)
+    assert main(_bench_run(full_table, out)) == 0
+    assert calls == [] and "reusing 6 outcomes of finished searches" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["outcomes"]) == 6 and not sidecar.exists()
+
+
+def test_a_rerun_reuses_only_outcomes_of_the_same_settings_and_table(
+        full_table, tmp_path, monkeypatch, capsys):
+    """Outcomes in the sidecar from other settings or another table are not reused (the
+    message says how many and why), and a last line cut short by a kill is dropped."""
+    from diffnas.cli import main
+    from diffnas.nasbench.cli import partial_path
+
+    out = tmp_path / "r.json"
+    sidecar = partial_path(out)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 6)
+        assert main(_bench_run(full_table, out, "--seeds", "4")) == 130
+    lines = sidecar.read_text().splitlines()
+    assert len(lines) == 6  # random 0..3, rea 0..1
+    sidecar.write_text("\n".join(lines) + "\n" + lines[-1][:30])  # a torn last line
+    capsys.readouterr()
+    calls = _spy_searches(monkeypatch)
+    assert main(_bench_run(full_table, out, "--set", "rea.population=3")) == 0
+    captured = capsys.readouterr()
+    assert "reusing 3 outcomes of finished searches" in captured.out  # random 0..2
+    assert (f"{sidecar}: not reusing 3 outcomes (1 not one of this command's searches, "
+            "2 other settings)") in captured.err
+    assert [(t[0], t[3]) for t in calls] == [("rea", 0), ("rea", 1), ("rea", 2)]
+    other = tmp_path / "other.csv"  # the same cells, another table
+    other.write_text(full_table.read_text().replace(",50.0000,", ",50.0001,", 1))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        assert main(_bench_run(full_table, out)) == 130
+    calls.clear()
+    assert main(_bench_run(other, out, "--seeds", "1")) == 0
+    assert "1 another table" in capsys.readouterr().err
+    assert len(calls) == 2

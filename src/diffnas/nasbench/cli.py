@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from diffnas.cli import register_command
 from diffnas.engine.checkpoint import atomic_write_text, refuse_foreign_json
@@ -172,6 +174,143 @@ SUMMARY_KEYS = frozenset({"files", "summary", "outcomes"})
 LOOKUP_KEYS = frozenset({"index", "arch_str"})
 
 
+# --- keeping finished searches: the sidecar beside --json -----------------------------------
+def partial_path(json_path: str | Path) -> Path:
+    """The sidecar of a 'bench nb201' ``--json``: one JSON line per finished search,
+    appended as each finishes, so an interrupted or failed command keeps them."""
+    return Path(f"{json_path}.partial.jsonl")
+
+
+def table_identity(table: str | Path) -> dict:
+    """What a reused outcome's table must match: the SHA-256 of a table file's bytes
+    (wherever it lies now), else the resolved path (the official backend's folder)."""
+    import hashlib
+
+    path = Path(table)
+    if not path.is_file():
+        return {"path": str(path.resolve())}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest()}
+
+
+def _reusable(sidecar: Path, tasks: list[tuple], expected: dict[str, dict], code: dict,
+              table: dict) -> dict[int, dict]:
+    """The outcomes in ``sidecar`` a rerun of the same command reuses, by task index: those
+    of one of ``tasks`` (strategy, budget, seed) with the same ``settings`` and resolved
+    ``config`` (``expected[strategy]``), ``code`` and ``table``. The others (another
+    command's, another diffnas version's) are said and dropped from the sidecar, and so is
+    a last line cut short by a kill (the file is rewritten atomically)."""
+    from diffnas.engine.callbacks import counted, read_jsonl
+
+    if not sidecar.is_file():
+        return {}
+    rows = read_jsonl(sidecar)  # a torn last line is dropped; damage elsewhere is an error
+    _check_outcomes(rows, str(sidecar))
+    index = {(s, b, seed): i for i, (s, _, b, seed, _) in enumerate(tasks)}
+    reused: dict[int, dict] = {}
+    kept, why = [], {}
+    for o in rows:
+        i = index.get((o["strategy"], o["budget"], o["seed"]))
+        want = expected.get(o["strategy"], {})
+        reason = ("not one of this command's searches" if i is None else
+                  "a repeat" if i in reused else
+                  "other settings" if any(o.get(k) != v for k, v in want.items()) else
+                  "another table" if o.get("table") != table else
+                  f"other code ({_code_name(o.get('code'))})" if o.get("code") != code
+                  else None)
+        if reason:
+            why[reason] = why.get(reason, 0) + 1
+            continue
+        kept.append(o)
+        reused[i] = {k: v for k, v in o.items() if k != "table"}
+    lines = [ln for ln in sidecar.read_text(errors="replace").splitlines() if ln.strip()]
+    if why:
+        print(f"diffnas: {sidecar}: not reusing {counted(sum(why.values()), 'outcome')} "
+              f"({', '.join(f'{n} {r}' for r, n in why.items())}); they are dropped",
+              file=sys.stderr)
+    if why or len(lines) != len(rows):
+        atomic_write_text("".join(json.dumps(o) + "\n" for o in kept), sidecar)
+    return reused
+
+
+def _append(f: IO[str], row: dict, sidecar: Path, kept: int) -> None:
+    """``row`` as one JSON line at the end of the sidecar, on disk before this returns (a
+    kill or a full disk later loses nothing written here)."""
+    from diffnas.engine.callbacks import counted
+
+    try:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror or exc} while appending a finished search; "
+                      f"the {counted(kept, 'outcome')} before it are kept there: free space "
+                      "and run the same command again to continue", str(sidecar)) from exc
+
+
+def _indexed(item: tuple[int, tuple]) -> tuple[int, dict]:
+    """``(i, outcome of task i)``: results arrive in any order under ``--jobs``."""
+    i, task = item
+    return i, _one(task)
+
+
+def _finished(todo: list[tuple[int, tuple]], jobs: int) -> Iterator[tuple[int, dict]]:
+    """``(index, outcome)`` of each task of ``todo`` as it finishes, in this process
+    (``jobs`` 1) or in ``jobs`` worker processes, so the caller keeps each at once."""
+    if jobs > 1 and len(todo) > 1:
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(todo)),
+                                                      _worker_init) as pool:
+            yield from pool.imap_unordered(_indexed, todo, chunksize=1)
+    else:
+        for item in todo:
+            yield _indexed(item)
+
+
+def _run_searches(args: argparse.Namespace, tasks: list[tuple], settings: dict[str, dict],
+                  code: dict) -> list[dict]:
+    """The outcome of every task, in the order of ``tasks``. Each finished search is
+    appended to the sidecar beside ``--json`` at once (by this process, also under
+    ``--jobs``); those a rerun of the same command finds there are reused, not run again.
+    ``args._interrupt_hint`` says on Ctrl-C what is kept and how to continue."""
+    from diffnas.engine.callbacks import counted
+    from diffnas.nasbench.runner import resolved_config
+    from diffnas.nasbench.strategies import create_query_strategy
+
+    sidecar = partial_path(args.json)
+    expected = {s: {"settings": json.loads(json.dumps(v)),
+                    "config": resolved_config(create_query_strategy(s, v).config)}
+                for s, v in settings.items()}
+    table = table_identity(args.table)
+    done = _reusable(sidecar, tasks, expected, code, table)
+    todo = [(i, t) for i, t in enumerate(tasks) if i not in done]
+    if done:
+        print(f"reusing {counted(len(done), 'outcome')} of finished searches from {sidecar}; "
+              f"running the other {len(todo)}")
+
+    def hint() -> str:
+        if not done:
+            return "no search had finished, so nothing is kept"
+        return (f"{len(done)} of {len(tasks)} searches finished and are kept in {sidecar}; "
+                "run the same command again to run only the others")
+
+    args._interrupt_hint = hint()
+    if todo:
+        try:
+            with open(sidecar, "a", encoding="utf-8") as f:
+                for i, outcome in _finished(todo, args.jobs):
+                    done[i] = {**outcome, "code": code}
+                    _append(f, {**done[i], "table": table}, sidecar, len(done) - 1)
+                    args._interrupt_hint = hint()
+        except BaseException:  # (Ctrl-C, an error): an empty sidecar is not left behind
+            if sidecar.is_file() and sidecar.stat().st_size == 0:
+                sidecar.unlink()
+            raise
+    return [done[i] for i in range(len(tasks))]
+
+
 @register_bench("nb201", "query-based search on NAS-Bench-201 (no test leakage)")
 def _nb201(p: argparse.ArgumentParser):
     p.add_argument("--strategy", required=True,
@@ -231,13 +370,8 @@ def _nb201(p: argparse.ArgumentParser):
         code = code_version()  # the code these searches run (read before they start)
         tasks = [(s, args.table, b, seed, settings[s])
                  for s in strategies for b in budgets for seed in range(args.seeds)]
-        if args.jobs > 1:
-            with multiprocessing.get_context("fork").Pool(args.jobs, _worker_init) as pool:
-                outcomes = pool.map(_one, tasks, chunksize=1)
-        else:
-            outcomes = [_one(t) for t in tasks]
-        outcomes = [{**o, "code": code} for o in outcomes]
-        report = summarize(outcomes)
+        outcomes = _run_searches(args, tasks, settings, code)
+        report = summarize(outcomes)  # over every outcome, in the order of the tasks
         print(report["table"])
         for line in report["paired_lines"]:
             print(line)
@@ -245,7 +379,15 @@ def _nb201(p: argparse.ArgumentParser):
                                                           if not k.startswith("_")},
                "summary": report["summary"], "paired_vs_random": report["paired"],
                "outcomes": outcomes}
-        atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
+        sidecar = partial_path(args.json)
+        try:
+            atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror or exc}; the {len(outcomes)} outcomes "
+                          f"are kept in {sidecar}: free space (or fix the path) and run the "
+                          "same command again to write --json from them, without searching "
+                          "again", exc.filename or args.json) from exc
+        sidecar.unlink(missing_ok=True)  # --json holds every outcome now
         print(f"wrote {args.json}")
         return 0
 
