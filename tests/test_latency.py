@@ -890,3 +890,146 @@ def test_an_unknown_fingerprint_names_the_devices_the_file_holds(tmp_path):
     with pytest.raises(ValueError, match=r"holds no record of device 'abc'; its devices: "
                                          r"synthetic \(3 records\)"):
         load_records(path, "abc")
+
+
+def _locked_elsewhere(run) -> bool:
+    """Whether ``run``'s run lock is held (a new descriptor's flock conflicts with any
+    other, this process's included)."""
+    import fcntl
+    import os
+
+    from diffnas.engine.runlock import LOCK_FILE
+
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _sweep_cli(tmp_path, out, lambdas: str = "0,1") -> list[str]:
+    """``diffnas latency sweep`` arguments for a tiny config and a (stand-in) predictor."""
+    (tmp_path / "c.yaml").write_text("search: {epochs: 1}\n")
+    (tmp_path / "p.pt").write_bytes(b"v1")
+    return ["latency", "sweep", "--config", str(tmp_path / "c.yaml"), "--predictor",
+            str(tmp_path / "p.pt"), "--lambdas", lambdas, "--out", str(out)]
+
+
+def test_a_sweep_refuses_a_lambda_run_another_process_holds(tmp_path, monkeypatch, capsys):
+    """The sweep searched without the run lock: a ``search --resume`` of one of its runs
+    (or a second sweep into the same --out) computed in the same run, and its metrics held
+    every epoch twice. Now it is refused before anything runs, naming the holder."""
+    import subprocess
+    import sys
+
+    from diffnas.cli import main
+    from diffnas.hardware import sweep
+
+    searched = []
+    monkeypatch.setattr(sweep, "run_search", lambda cfg, run_dir, **k: searched.append(run_dir))
+    _stub_sweep_inputs(monkeypatch)
+    out = tmp_path / "sw"
+    (out / "lam1").mkdir(parents=True)
+    code = ("import sys, time; from diffnas.engine.runlock import acquire_run_lock; "
+            "acquire_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out / "lam1")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_sweep_cli(tmp_path, out)) == 2
+        err = capsys.readouterr().err
+        assert f"{out / 'lam1'} is in use by another diffnas process (pid {holder.pid})" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert searched == []
+    assert not (out / "lam0").exists()  # made by the refused sweep: removed again
+    assert not (out / "lam1" / "config.yaml").exists()
+
+
+def test_sweep_runs_are_locked_search_runs_with_a_log(tmp_path, monkeypatch):
+    """Each lambda's directory is held with the run lock while the sweep runs (freed when
+    it ends), is marked a search run (``made_by.txt``: ``--resume`` and report take it
+    for one) and gets a ``log.txt`` with the sweep's progress and the engine's lines."""
+    import logging
+
+    from diffnas.engine.rundir import made_by
+    from diffnas.hardware import sweep
+
+    seen = {}
+
+    def search(cfg, run_dir, resume=False, data=None):
+        seen.update(locked=_locked_elsewhere(run_dir), made_by=made_by(run_dir))
+        logging.getLogger("diffnas").info("search epoch 1/1 loss=1.0 (stand-in)")
+        raise RuntimeError("search reached")
+
+    monkeypatch.setattr(sweep, "run_search", search)
+    _stub_sweep_inputs(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.pt").write_bytes(b"v1")
+    out = tmp_path / "sw"
+    with pytest.raises(RuntimeError, match="search reached"):
+        sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [1.0], out)
+    assert seen == {"locked": True, "made_by": "search"}
+    run = out / "lam1"
+    assert not _locked_elsewhere(run)  # freed as the sweep ended
+    log_text = (run / "log.txt").read_text()
+    assert f"lambda 1 (1/1): search in {run}" in log_text
+    assert "search epoch 1/1 loss=1.0 (stand-in)" in log_text
+
+
+def test_a_tiny_sweep_logs_its_epochs_into_each_run(tmp_path, capsys):
+    """A real (tiny) sweep: every lambda's run holds config, made_by.txt ("search") and a
+    log.txt with its search and retraining epochs, and is free once the sweep returns."""
+    from diffnas.cli import main
+    from diffnas.engine.rundir import made_by
+
+    pred, _ = _predictor_file(tmp_path, tiny_space())
+    out = tmp_path / "sw"
+    (tmp_path / "c.yaml").write_text("data: {name: digits, train_subset: 32, test_subset: 16, "
+                                     "batch_size: 16}\n")
+    assert main(["latency", "sweep", "--config", str(tmp_path / "c.yaml"), "--predictor",
+                 str(pred), "--lambdas", "0,1", "--out", str(out), "--repeats", "2",
+                 "--warmup", "0", "--clock", "thread", "search.epochs=1", "progress=false",
+                 "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, "
+                 "stem_multiplier: 1}", "retrain.epochs=1", "retrain.batch_size=16",
+                 "retrain.train_subset=32", "retrain.network={C: 4, layers: 2}",
+                 "retrain.auxiliary_weight=0", "retrain.cutout=0"]) == 0
+    for lam in ("0", "1"):
+        run = out / f"lam{lam}"
+        assert made_by(run) == "search" and not _locked_elsewhere(run)
+        text = (run / "log.txt").read_text()
+        assert f"lambda {lam} (" in text and "search epoch 1/1" in text
+        assert "retrain epoch 1/1" in text
+    assert "lambda 0 (1/2)" not in (out / "lam1" / "log.txt").read_text()
+    assert json.loads((out / "sweep.json").read_text())["rows"][1]["lambda"] == 1
+
+
+def test_an_interrupted_sweep_or_measure_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed only ``diffnas: interrupted``, though running the same command
+    again continues (the sweep reuses finished lambdas; measure appends)."""
+    from diffnas.cli import main
+    from diffnas.hardware import dataset, sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert main(_sweep_cli(tmp_path, tmp_path / "sw")) == 130
+    err = capsys.readouterr().err
+    assert "diffnas: interrupted; run the same command again to continue the sweep" in err
+
+    def two_chunks(space, path, count, *args, progress=None, **kwargs):
+        progress(5, count)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "build_dataset", two_chunks)
+    lat = tmp_path / "lat.jsonl"
+    tiny = "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}"
+    assert main(["latency", "measure", "--out", str(lat), "-n", "12", tiny]) == 130
+    err = capsys.readouterr().err
+    assert (f"5 of 12 new records were appended to {lat} and are kept; run the same "
+            "command again with -n 7 to measure the rest") in err

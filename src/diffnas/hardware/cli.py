@@ -99,6 +99,23 @@ def _latency(p: argparse.ArgumentParser):
     return run
 
 
+def measure_hint(out: str, done: int, count: int) -> str:
+    """What a Ctrl-C of ``latency measure`` says: the chunks measured so far are kept in
+    ``out``, and running the command again appends architectures it does not hold yet
+    (``-n`` counts new ones, so the rest is ``-n count - done``)."""
+    if not done:
+        return (f"nothing was appended to {out}; run the same command again to measure "
+                "(architectures the file already holds are skipped)")
+    return (f"{done} of {count} new records were appended to {out} and are kept; run the "
+            f"same command again with -n {count - done} to measure the rest (it appends "
+            "architectures the file does not hold yet)")
+
+
+#: what a Ctrl-C of ``latency sweep`` says (cli.main)
+SWEEP_HINT = ("run the same command again to continue the sweep: finished lambdas are "
+              "reused, a stopped search or retraining continues from its checkpoint")
+
+
 def _measure(args: argparse.Namespace) -> int:
     from diffnas.hardware.dataset import build_dataset
 
@@ -108,9 +125,14 @@ def _measure(args: argparse.Namespace) -> int:
     cfg, space, shape, network = _space_from_config(args.config, args.overrides, timing=True)
     print(f"measuring {args.count} {space.name} architectures, input {shape}, network "
           f"{network}, {_settings(args)}", flush=True)
+    args._interrupt_hint = measure_hint(args.out, 0, args.count)  # said on Ctrl-C (cli.main)
+
+    def progress(done: int, count: int) -> None:
+        print(f"  {done}/{count}", flush=True)
+        args._interrupt_hint = measure_hint(args.out, done, count)
+
     new = build_dataset(space, args.out, args.count, shape, network, _settings(args),
-                        args.seed, args.chunk,
-                        progress=lambda i, n: print(f"  {i}/{n}", flush=True),
+                        args.seed, args.chunk, progress=progress,
                         space_section=dict(cfg.search.space))
     print(f"appended {len(new)} records to {args.out}")
     return 0
@@ -185,6 +207,7 @@ def _sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--lambdas {args.lambdas!r}: give numbers separated by commas, "
                          "e.g. 0,0.5,2") from None
+    args._interrupt_hint = SWEEP_HINT  # said on Ctrl-C (cli.main)
     run_sweep(args.config, args.overrides, args.predictor, lambdas, Path(args.out),
               _settings(args))
     return 0

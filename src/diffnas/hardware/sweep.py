@@ -3,12 +3,14 @@ derived architecture briefly, measure it, and plot accuracy against measured lat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,11 @@ import torch
 
 from diffnas.config import load_config, save_config, to_dict
 from diffnas.data import load_dataset
+from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import atomic_write_text, staged_path
 from diffnas.engine.retrain import run_retrain
+from diffnas.engine.rundir import PLUGINS_FILE, made_by, mark_made_by
+from diffnas.engine.runlock import LOCK_FILE, acquire_run_lock, release_run_lock
 from diffnas.engine.search import load_search_data, run_search
 from diffnas.genotype import Genotype
 from diffnas.hardware.costs import predictor_mismatch
@@ -85,6 +90,97 @@ def _check_reusable(run_dir: Path, cfg: Any, digest: str) -> None:
                          "run to search again")
 
 
+@contextlib.contextmanager
+def _hold_runs(run_dirs: list[Path]) -> Iterator[None]:
+    """Hold every lambda's run directory with the run lock ``search --resume`` takes, for
+    the whole sweep: a resume of one of them, or a second sweep into the same ``--out``,
+    is refused (naming the holder) instead of mixing its metrics and checkpoints. On a
+    refusal the directories this call made (holding nothing but the lock) are removed."""
+    made: list[Path] = []
+    held: list[Path] = []
+    try:
+        for run_dir in run_dirs:
+            if not run_dir.is_dir():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                made.append(run_dir)
+            acquire_run_lock(run_dir)
+            held.append(run_dir)
+    except BaseException:
+        for run_dir in reversed(held):
+            if run_dir in made:  # (emptied while still held: no one else locks it meanwhile)
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            release_run_lock(run_dir)
+        raise
+    try:
+        yield
+    finally:
+        for run_dir in held:
+            release_run_lock(run_dir)
+
+
+#: the format of the run logs (``engine.rundir.setup_logging``)
+_LOG_FORMAT = ("%(asctime)s %(message)s", "%H:%M:%S")
+
+
+@contextlib.contextmanager
+def _sweep_logging() -> Iterator[None]:
+    """Let the sweep's progress (and the engine's epoch lines) through while it runs: the
+    ``diffnas`` logger at INFO, and a console handler when it has none of its own; the
+    logger is left as it was found afterwards."""
+    logger = logging.getLogger("diffnas")
+    level = logger.level
+    console = None
+    if not logger.handlers:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter(*_LOG_FORMAT))
+        logger.addHandler(console)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if console is not None:
+            logger.removeHandler(console)
+
+
+@contextlib.contextmanager
+def _log_to(run_dir: Path) -> Iterator[None]:
+    """Also write the log to ``run_dir/log.txt`` (appended, as a resumed run's) while the
+    block runs (unless the log already goes there: an earlier command in this process)."""
+    logger = logging.getLogger("diffnas")
+    path = (run_dir / "log.txt").resolve()
+    if any(Path(getattr(h, "baseFilename", "")) == path for h in logger.handlers):
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(*_LOG_FORMAT))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _open_run(run_dir: Path, cfg: Any, digest: str) -> None:
+    """Make ``run_dir`` a search run as ``diffnas search`` would: its config (after the
+    predictor's digest), ``made_by.txt`` (so ``--resume``, report and plot take it for a
+    search run) and the plugins' sources; a run of an earlier sweep keeps its own."""
+    if not (run_dir / "config.yaml").is_file():  # (the digest first: a config.yaml
+        # without the digest beside it would let a refitted predictor's run be reused)
+        atomic_write_text(digest + "\n", run_dir / PREDICTOR_DIGEST)
+        save_config(cfg, run_dir / "config.yaml")
+        if cfg.plugins:
+            from diffnas.plugins import plugin_sources
+
+            atomic_write_text(json.dumps(plugin_sources(cfg.plugins), indent=1) + "\n",
+                              run_dir / PLUGINS_FILE)
+    if made_by(run_dir) is None:  # (also a run of a sweep from before it was recorded)
+        mark_made_by(run_dir, "search")
+
+
 def run_sweep(
     config: str, overrides: list[str], predictor: str, lambdas: list[float], out: Path,
     settings: LatencySettings | None = None,
@@ -111,6 +207,28 @@ def run_sweep(
         _check_reusable(run_dir, cfg, digest)
     pred = LatencyPredictor.load(predictor)  # a missing or damaged one leaves no --out behind
     out.mkdir(parents=True, exist_ok=True)
+    # held until the sweep returns: refused here, before any data is read, when another
+    # process (a sweep, a search --resume) computes in one of these runs
+    with _hold_runs([run_dir for run_dir, _ in runs.values()]), _sweep_logging():
+        rows, measured = _sweep_runs(base, runs, pred, digest, settings, out)
+        mismatch = measured.pop("predictor_mismatch")
+        summary = {"rows": rows, **measured, "config": config, "overrides": overrides,
+                   "predictor": str(predictor), "predictor_mismatch": mismatch}
+        atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "sweep.json")
+        atomic_write_text(table(rows) + "\n", out / "sweep.md")
+        plot(rows, out / "sweep.png", sweep_title(base))
+        log.info("sweep: wrote %s, sweep.md and sweep.png", out / "sweep.json")
+    print(table(rows))
+    return rows
+
+
+def _sweep_runs(
+    base: Any, runs: dict[float, tuple[Path, Any]], pred: LatencyPredictor, digest: str,
+    settings: LatencySettings, out: Path,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The locked part of :func:`run_sweep`: each lambda's search and retraining (logged,
+    also to its ``log.txt``), then the derived networks timed together; the rows and the
+    summary's timing fields."""
     search_data = load_search_data(base)
     d, r = base.data, base.retrain
     retrain_data = load_dataset(d.name, d.root, d.download, d.resolution, r.train_subset,
@@ -130,34 +248,16 @@ def run_sweep(
         log.warning("the latency predictor was fitted on records measured otherwise (%s): "
                     "the sweep's measured and predicted latencies are not comparable",
                     mismatch)
+    log.info("sweep: %s (%s) into %s", counted(len(runs), "lambda"),
+             ", ".join(f"{lam:g}" for lam in runs), out)
     rows = []
-    for lam in lambdas:
-        run_dir, cfg = runs[lam]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").is_file():  # (the digest first: a config.yaml
-            # without the digest beside it would let a refitted predictor's run be reused)
-            atomic_write_text(digest + "\n", run_dir / PREDICTOR_DIGEST)
-            save_config(cfg, run_dir / "config.yaml")
-        if (run_dir / "search" / "DONE").exists():
-            genotype = Genotype.load(run_dir / "search" / "genotype.json")
-        else:  # (continues a stopped search from its checkpoint)
-            genotype = run_search(cfg, run_dir, resume=True, data=search_data).genotype
-        # the softmax weights at the end of the search (the last alphas.jsonl record)
-        final = json.loads((run_dir / "search" / "alphas.jsonl").read_text().splitlines()[-1])
-        with torch.no_grad():
-            relaxed = float(pred({g: torch.tensor(final[g]) for g in pred.shapes}))
-        result_file = run_dir / "retrain" / "result.json"
-        if result_file.exists():
-            acc = json.loads(result_file.read_text())["test_acc"]
-        else:
-            acc = run_retrain(cfg, genotype, run_dir, resume=True,
-                              data=retrain_data)["test_acc"]
-        with torch.no_grad():
-            predicted = float(pred(one_hot(encode_indices(genotype, space), space)))
-        rows.append({"lambda": lam, "test_acc": acc, "predicted_ms": predicted,
-                     "relaxed_predicted_ms": relaxed, "genotype": genotype.to_dict(),
-                     "genotype_text": str(genotype)})
-        log.info("lambda=%g: acc %.4f, predicted %.2f ms", lam, acc, predicted)
+    for i, (lam, (run_dir, cfg)) in enumerate(runs.items(), 1):
+        _open_run(run_dir, cfg, digest)
+        with _log_to(run_dir):
+            rows.append(_lambda_row(lam, f"{i}/{len(runs)}", run_dir, cfg, pred, space,
+                                    search_data, retrain_data))
+    log.info("sweep: timing the %s derived networks with the anchor (%s, %s)",
+             len(rows), f"{settings.repeats} repeats", f"{settings.clock} clock")
     models = [space.build_network(Genotype.from_dict(row["genotype"]), **network)
               for row in rows]
     # timed interleaved with the dataset's anchor network, so the load-corrected latency
@@ -172,14 +272,44 @@ def run_sweep(
         row.update(measured_ms=st.median_ms, measured_q25_ms=st.q25_ms,
                    measured_q75_ms=st.q75_ms,
                    anchored_ms=ratio * anchor_ref if anchor_ref else None)
-    summary = {"rows": rows, "settings": vars(settings), "network": network,
-               "device": device, "config": config, "overrides": overrides,
-               "predictor": str(predictor), "predictor_mismatch": mismatch or None}
-    atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "sweep.json")
-    atomic_write_text(table(rows) + "\n", out / "sweep.md")
-    plot(rows, out / "sweep.png", sweep_title(base))
-    print(table(rows))
-    return rows
+    return rows, {"settings": vars(settings), "network": network, "device": device,
+                  "predictor_mismatch": mismatch or None}
+
+
+def _lambda_row(
+    lam: float, which: str, run_dir: Path, cfg: Any, pred: LatencyPredictor, space: Any,
+    search_data: Any, retrain_data: Any,
+) -> dict[str, Any]:
+    """Search (or reuse the finished search of) ``run_dir``, retrain its genotype (or
+    reuse the result), and return the lambda's row before timing; ``which`` ("2/4")
+    words the log lines."""
+    if (run_dir / "search" / "DONE").exists():
+        log.info("lambda %g (%s): search finished earlier, reused from %s", lam, which,
+                 run_dir)
+        genotype = Genotype.load(run_dir / "search" / "genotype.json")
+    else:  # (continues a stopped search from its checkpoint)
+        log.info("lambda %g (%s): search in %s", lam, which, run_dir)
+        genotype = run_search(cfg, run_dir, resume=True, data=search_data).genotype
+    # the softmax weights at the end of the search (the last alphas.jsonl record)
+    final = json.loads((run_dir / "search" / "alphas.jsonl").read_text().splitlines()[-1])
+    with torch.no_grad():
+        relaxed = float(pred({g: torch.tensor(final[g]) for g in pred.shapes}))
+    result_file = run_dir / "retrain" / "result.json"
+    if result_file.exists():
+        log.info("lambda %g (%s): retraining finished earlier, reused", lam, which)
+        acc = json.loads(result_file.read_text())["test_acc"]
+    else:
+        log.info("lambda %g (%s): retraining its genotype in %s", lam, which,
+                 run_dir / "retrain")
+        acc = run_retrain(cfg, genotype, run_dir, resume=True,
+                          data=retrain_data)["test_acc"]
+    with torch.no_grad():
+        predicted = float(pred(one_hot(encode_indices(genotype, space), space)))
+    log.info("lambda %g (%s): test accuracy %.4f, predicted latency %.2f ms", lam, which,
+             acc, predicted)
+    return {"lambda": lam, "test_acc": acc, "predicted_ms": predicted,
+            "relaxed_predicted_ms": relaxed, "genotype": genotype.to_dict(),
+            "genotype_text": str(genotype)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
