@@ -590,3 +590,18 @@ def test_a_diverged_retraining_keeps_no_diverged_checkpoint_and_says_what_to_do(
     assert "retrain the genotype in a new run with a lower retrain.lr: diffnas train " \
            f"--genotype DARTS_V2 --config {tmp_path / 'nan/config.yaml'}" in err
     assert not (tmp_path / "nan/retrain/checkpoint.pt").exists()
+
+
+def test_an_output_on_a_full_disk_is_refused_before_the_work(tmp_path, monkeypatch):
+    """The probe writes a byte: an empty file takes no block, so a full disk passed."""
+    import errno
+
+    from diffnas.engine import checkpoint
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "write", full)
+    with pytest.raises(ValueError, match=r"--json .*out\.json: cannot write there \(No space"):
+        checkpoint.refuse_foreign_json(tmp_path / "out.json", {"a"}, "results", "--json")
+    assert list(tmp_path.iterdir()) == []

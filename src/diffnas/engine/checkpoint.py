@@ -142,8 +142,12 @@ def refuse_foreign_json(path: str | Path, keys: frozenset[str] | set[str], what:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
+        try:  # a byte, so that a full disk shows now (an empty file takes no block)
+            os.write(fd, b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); "
                          f"choose another {flag}") from None
