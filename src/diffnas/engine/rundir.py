@@ -87,12 +87,18 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run", command: str = "search
         (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no empty claim left behind
         raise
     mark_made_by(run_dir, command)
+    record_plugins(run_dir, cfg)
+    return run_dir
+
+
+def record_plugins(run_dir: str | Path, cfg: RunConfig) -> None:
+    """Write :data:`PLUGINS_FILE` (the plugins' source files and their sha256) for a run
+    that uses plugins, so that an edit is reported later (:func:`warn_changed_plugins`)."""
     if cfg.plugins:
         from diffnas.plugins import plugin_sources
 
         atomic_write_text(json.dumps(plugin_sources(cfg.plugins), indent=1) + "\n",
-                          run_dir / PLUGINS_FILE)
-    return run_dir
+                          Path(run_dir) / PLUGINS_FILE)
 
 
 def mark_made_by(run_dir: str | Path, command: str) -> None:

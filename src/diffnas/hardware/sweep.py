@@ -21,7 +21,7 @@ from diffnas.data import load_dataset
 from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import atomic_write_text, staged_path
 from diffnas.engine.retrain import run_retrain
-from diffnas.engine.rundir import PLUGINS_FILE, made_by, mark_made_by
+from diffnas.engine.rundir import made_by, mark_made_by, record_plugins
 from diffnas.engine.runlock import LOCK_FILE, acquire_run_lock, release_run_lock
 from diffnas.engine.search import load_search_data, run_search
 from diffnas.genotype import Genotype
@@ -172,11 +172,7 @@ def _open_run(run_dir: Path, cfg: Any, digest: str) -> None:
         # without the digest beside it would let a refitted predictor's run be reused)
         atomic_write_text(digest + "\n", run_dir / PREDICTOR_DIGEST)
         save_config(cfg, run_dir / "config.yaml")
-        if cfg.plugins:
-            from diffnas.plugins import plugin_sources
-
-            atomic_write_text(json.dumps(plugin_sources(cfg.plugins), indent=1) + "\n",
-                              run_dir / PLUGINS_FILE)
+        record_plugins(run_dir, cfg)
     if made_by(run_dir) is None:  # (also a run of a sweep from before it was recorded)
         mark_made_by(run_dir, "search")
 
