@@ -323,10 +323,40 @@ def _dry_run_shape(name: str, resolution: int | None, root: str | None = None
 
 
 @register_command("list", "list registered ops, spaces, strategies, datasets, genotypes, "
-                          "relaxations")
+                          "relaxations, discretizers, penalties (with plugins=[...] or "
+                          "--config: your plugins' too)")
 def _list(p: argparse.ArgumentParser):
-    kinds = ["ops", "spaces", "strategies", "datasets", "genotypes", "relaxations"]
+    kinds = ["ops", "spaces", "strategies", "datasets", "genotypes", "relaxations",
+             "discretizers", "penalties"]
     p.add_argument("kind", choices=kinds)
+    p.add_argument("--config", help="YAML config whose plugins are imported first (only "
+                   "its plugins are read), so their components are listed too")
+    p.add_argument("overrides", nargs="*", help="plugins=[my_ops.py, mylab.spaces]: import "
+                   "these plugins first (other dotted keys are accepted, not used)")
+
+    def plugins_of(args: argparse.Namespace) -> list[str]:
+        """The plugins named by ``--config`` and the overrides; the rest of the config is
+        not checked (listing needs no valid run: a device or data.root set elsewhere)."""
+        from diffnas.config import ConfigError, apply_overrides, parse_override
+
+        entries: list = []
+        if args.config is not None:
+            from diffnas.config import _load_yaml, read_utf8
+
+            path = Path(args.config)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            data = _load_yaml(read_utf8(path, "config"), str(path)) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: top level must be a mapping")
+            entries = data.get("plugins") or []
+        for ov in args.overrides:
+            if parse_override(ov)[0] == ["plugins"]:
+                entries = apply_overrides({}, [ov])["plugins"] or []
+        if not isinstance(entries, list):
+            raise ConfigError(f"config.plugins: expected a list of modules or .py files, got "
+                              f"{entries!r}")
+        return entries
 
     def run(args: argparse.Namespace) -> int:
         import diffnas.arch as arch
@@ -339,18 +369,38 @@ def _list(p: argparse.ArgumentParser):
         from diffnas.data.text import TEXT_DATASETS
         from diffnas.ops.graph import list_graph_ops
         from diffnas.ops.rnn import RNN_OPS
+        from diffnas.plugins import absolute_plugins, import_plugins
+        from diffnas.registry import Registry
+        from diffnas.strategies.base import PENALTIES, _import_penalty_modules
+
+        import_plugins(absolute_plugins(plugins_of(args)))
+        _import_penalty_modules()
+
+        def marked(registry: Registry) -> list[str]:
+            """Its names, a plugin's marked with the file that registered it."""
+            out = []
+            for n in registry.names():
+                module = getattr(registry.get(n), "__module__", None) or ""
+                if module == "diffnas" or module.startswith("diffnas."):
+                    out.append(n)
+                    continue
+                file = getattr(sys.modules.get(module), "__file__", None) or module
+                out.append(f"{n} (plugin: {file})")
+            return out
 
         names = {
-            "ops": lambda: ops.list_ops() + [
+            "ops": lambda: marked(ops.OPS) + [
                 f"{n} (recurrent, for the darts_rnn space)" for n in RNN_OPS.names()] + [
                 f"{n} (graph, for the gnn space)" for n in list_graph_ops()],
-            "spaces": spaces.list_spaces,
-            "strategies": strategies.list_strategies,
-            "datasets": lambda: data.list_datasets() + [
+            "spaces": lambda: marked(spaces.SPACES),
+            "strategies": lambda: marked(strategies.STRATEGIES),
+            "datasets": lambda: marked(data.DATASETS) + [
                 f"{n} (text, for the darts_rnn space)" for n in sorted(TEXT_DATASETS)] + [
                 f"{n} (graph, for the gnn space)" for n in list_graph_datasets()],
             "genotypes": lambda: sorted(genotype.PUBLISHED),
-            "relaxations": arch.RELAXATIONS.names,
+            "relaxations": lambda: marked(arch.RELAXATIONS),
+            "discretizers": lambda: marked(genotype.DISCRETIZERS),
+            "penalties": lambda: marked(PENALTIES),
         }[args.kind]()
         print("\n".join(names))
         return 0

@@ -7,9 +7,10 @@ from diffnas.arch.relax import (
     Relaxation,
     SoftmaxRelaxation,
     create_relaxation,
+    register_relaxation,
 )
 
 __all__ = [
     "RELAXATIONS", "ArchParams", "ArchWeights", "Relaxation", "SoftmaxRelaxation",
-    "create_relaxation",
+    "create_relaxation", "register_relaxation",
 ]

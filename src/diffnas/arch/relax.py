@@ -66,6 +66,13 @@ class Relaxation:
 RELAXATIONS: Registry[type[Relaxation]] = Registry("relaxation")
 
 
+def register_relaxation(name: str):
+    """Class decorator: register a :class:`Relaxation` subclass under ``name``, the
+    ``search.strategy.relaxation.name`` that selects it (its ``__init__`` keywords are the
+    section's other keys; docs/extending.md)."""
+    return RELAXATIONS.register(name)
+
+
 @RELAXATIONS.register("softmax")
 class SoftmaxRelaxation(Relaxation):
     """DARTS: softmax over the ops of each edge."""

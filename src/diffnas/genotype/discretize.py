@@ -7,10 +7,16 @@ lists them. ``argmax``: every edge keeps its strongest op, ``none`` included (th
 NAS-Bench-201 rule). Ties are broken deterministically: the lower source node wins, and
 among ops the one listed first. Logits that are not finite (a diverged search) are an
 error, not a genotype.
+
+Your own rule: ``@register_discretizer("name")`` on a function ``(logits, space) ->
+Genotype``, selected by ``search.discretizer: name``. One that also takes an
+``edge_weights`` parameter receives the edge-normalisation weights (``edge_norm: true``:
+per group, one weight per edge) when the run has them (docs/extending.md).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 
 import torch
@@ -21,6 +27,25 @@ from diffnas.spaces.base import SearchSpace
 
 Discretizer = Callable[[Mapping[str, torch.Tensor], SearchSpace], Genotype]
 DISCRETIZERS: Registry[Discretizer] = Registry("discretizer")
+
+
+def register_discretizer(name: str) -> Callable[[Discretizer], Discretizer]:
+    """Register a discretizer ``(logits, space[, edge_weights]) -> Genotype`` under
+    ``name`` (``search.discretizer: name``). ``logits`` are the raw architecture logits
+    per cell type, ``(num_edges, num_ops)`` in ``space.edge_groups()`` order; a function
+    with an ``edge_weights`` parameter (or ``**kwargs``) is given the edge-normalisation
+    weights when the run uses them."""
+    return DISCRETIZERS.register(name)
+
+
+def takes_edge_weights(fn: Callable) -> bool:
+    """Whether ``fn`` accepts an ``edge_weights`` keyword (named, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # not introspectable: call it the plain way
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "edge_weights" and p.kind in (
+        p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) for p in params)
 
 
 def _check_finite(values: Mapping[str, torch.Tensor], what: str) -> None:
@@ -99,8 +124,10 @@ def discretize(
     edge_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Genotype:
     """Apply ``rule`` (default: the space's own) to logits keyed by cell type;
-    ``edge_weights`` (edge normalization) go to rules that rank edges (``darts``)."""
+    ``edge_weights`` (edge normalization, when the run has them) go to the rules that take
+    an ``edge_weights`` parameter: ``darts``, which ranks edges by them, and any
+    registered rule that declares it (argmax keeps every edge: no edge ranking to scale)."""
     fn = DISCRETIZERS.get(rule or space.default_discretizer)
-    if edge_weights and fn is darts_discretize:
-        return fn(logits, space, edge_weights)
-    return fn(logits, space)  # argmax keeps every edge: no edge ranking to scale
+    if edge_weights and takes_edge_weights(fn):
+        return fn(logits, space, edge_weights=edge_weights)
+    return fn(logits, space)

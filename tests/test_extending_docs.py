@@ -1,0 +1,144 @@
+"""docs/extending.md's worked plugins (docs/examples/plugins/) imported through
+``plugins=`` and run, so the guide cannot rot; the register helpers; a registered
+discretizer given the edge-normalisation weights; ``diffnas list`` with plugins."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import torch
+
+from diffnas.cli import main
+from diffnas.genotype import Genotype
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples" / "plugins"
+OP, STRATEGY, RELAXATION, DISCRETIZER, SPACE = (
+    EXAMPLES / f"my_{k}.py" for k in ("op", "strategy", "relaxation", "discretizer", "space"))
+TINY = [
+    "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
+    "search.epochs=1", "progress=false", "retrain.epochs=1", "retrain.batch_size=16",
+    "retrain.train_subset=48",
+]
+
+
+def _plugins(*files: Path) -> str:
+    return f"plugins=[{', '.join(str(f) for f in files)}]"
+
+
+def test_the_guide_s_op_strategy_relaxation_and_discretizer_search_and_retrain(tmp_path):
+    assert main([
+        "search", _plugins(OP, STRATEGY, RELAXATION, DISCRETIZER), *TINY,
+        "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1, "
+        "ops: [skip_connect, max_pool_3x3, dw_conv_5x5]}",
+        "search.strategy={name: sign_darts, sign_lr: 0.01, edge_norm: true, "
+        "relaxation: {name: softmax_t, tau: 0.5}}",
+        "search.discretizer=no_skip", "retrain.network={C: 4, layers: 3}",
+        f"out_dir={tmp_path}", "name=r"]) == 0
+    run = tmp_path / "r"
+    genotype = Genotype.load(run / "search" / "genotype.json")
+    ops = {e.op for cell in genotype.cells for e in cell.edges}
+    assert ops and "skip_connect" not in ops, genotype  # the no_skip rule was used
+    assert "test_acc" in json.loads((run / "retrain" / "result.json").read_text())
+    recorded = json.loads((run / "plugins.json").read_text())
+    assert {Path(v["file"]).name for v in recorded.values()} == {
+        "my_op.py", "my_strategy.py", "my_relaxation.py", "my_discretizer.py"}
+
+
+def test_the_guide_s_space_searches_retrains_and_keeps_the_export_contract(tmp_path):
+    from diffnas.export import infer_shape
+
+    assert main([
+        "search", _plugins(OP, SPACE), *TINY,
+        "search.space={name: chain, C: 4, layers: 2, ops: [skip_connect, dw_conv_5x5]}",
+        "retrain.network={C: 4}", "retrain.auxiliary_weight=0", "retrain.drop_path=0.1",
+        f"out_dir={tmp_path}", "name=r"]) == 0
+    run = tmp_path / "r"
+    assert Genotype.load(run / "search" / "genotype.json").space == "chain"
+    state = torch.load(run / "retrain" / "model.pt", map_location="cpu")
+    shape = infer_shape(state, "digits", None)  # what diffnas export reads
+    assert (shape.in_channels, shape.num_classes) == (1, 10)
+
+
+def _space_and_alphas(edge_norm: bool):
+    from diffnas.arch import ArchParams
+    from diffnas.spaces import create_space
+
+    space = create_space({"name": "darts_cnn", "C": 4, "layers": 3, "nodes": 2})
+    arch = ArchParams(space)
+    if edge_norm:
+        arch.add_edge_betas()
+        with torch.no_grad():
+            for beta in arch.betas.values():
+                beta.normal_(generator=torch.Generator().manual_seed(1))
+    return space, arch
+
+
+def test_register_relaxation_and_register_discretizer_are_exported():
+    from diffnas.arch import RELAXATIONS, SoftmaxRelaxation, create_relaxation, register_relaxation
+    from diffnas.genotype import DISCRETIZERS, register_discretizer
+    from diffnas.genotype.discretize import argmax_discretize, discretize
+
+    name = f"r_{uuid.uuid4().hex[:8]}"
+    cls = register_relaxation(name)(type("R", (SoftmaxRelaxation,), {}))
+    assert RELAXATIONS.get(name) is cls and isinstance(create_relaxation(name), cls)
+    fn = register_discretizer(name)(lambda logits, space: argmax_discretize(logits, space))
+    assert DISCRETIZERS.get(name) is fn
+    space, arch = _space_and_alphas(False)
+    assert discretize(arch.as_dict(), space, name) == argmax_discretize(arch.as_dict(), space)
+
+
+def test_a_registered_discretizer_receives_the_edge_weights_when_the_run_has_them():
+    from diffnas.genotype import register_discretizer
+    from diffnas.genotype.discretize import darts_discretize, discretize
+
+    seen = {}
+
+    def named(logits, space, edge_weights=None):
+        seen["named"] = edge_weights
+        return darts_discretize(logits, space, edge_weights)
+
+    def keywords(logits, space, **kw):
+        seen["keywords"] = kw.get("edge_weights")
+        return darts_discretize(logits, space)
+
+    def plain(logits, space):  # takes no edge weights: still called, without them
+        seen["plain"] = True
+        return darts_discretize(logits, space)
+
+    tag = uuid.uuid4().hex[:8]
+    for fn in (named, keywords, plain):
+        register_discretizer(f"{fn.__name__}_{tag}")(fn)
+    space, arch = _space_and_alphas(True)
+    logits, ew = arch.as_dict(), arch.edge_weights()
+    assert ew
+    got = discretize(logits, space, f"named_{tag}", ew)
+    assert seen["named"] is ew and got == darts_discretize(logits, space, ew)
+    discretize(logits, space, f"keywords_{tag}", ew)
+    assert seen["keywords"] is ew
+    assert discretize(logits, space, f"plain_{tag}", ew) == darts_discretize(logits, space)
+    # the built-ins as before: darts ranks edges by them, argmax takes none
+    assert discretize(logits, space, "darts", ew) == darts_discretize(logits, space, ew)
+    assert discretize(logits, space, "argmax", ew) == discretize(logits, space, "argmax")
+    # without edge normalization nothing is passed
+    seen.clear()
+    discretize(logits, space, f"named_{tag}", {})
+    assert seen["named"] is None
+
+
+def test_list_shows_plugin_components_and_discretizers_and_penalties(tmp_path, capsys):
+    assert main(["list", "ops", _plugins(OP)]) == 0
+    assert f"dw_conv_5x5 (plugin: {OP})" in capsys.readouterr().out.splitlines()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"device: cuda\nplugins: [{RELAXATION}, {DISCRETIZER}]\n")
+    assert main(["list", "relaxations", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"softmax_t (plugin: {RELAXATION})" in out and "softmax" in out
+    assert main(["list", "discretizers", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert {"darts", "argmax", f"no_skip (plugin: {DISCRETIZER})"} <= set(out)
+    assert main(["list", "penalties"]) == 0
+    assert "latency" in capsys.readouterr().out.split()
+    assert main(["list", "ops", "plugins=[/no/such/plugin.py]"]) == 2
+    assert "is not a file" in capsys.readouterr().err
