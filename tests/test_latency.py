@@ -7,7 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_SHAPE, cost_predictor, tiny_batch, tiny_space, tiny_strategy
+from conftest import (
+    TINY_SHAPE,
+    cost_predictor,
+    locked_elsewhere,
+    tiny_batch,
+    tiny_space,
+    tiny_strategy,
+)
 from torch import nn
 
 from diffnas.hardware.costs import flops_by_op
@@ -892,24 +899,6 @@ def test_an_unknown_fingerprint_names_the_devices_the_file_holds(tmp_path):
         load_records(path, "abc")
 
 
-def _locked_elsewhere(run) -> bool:
-    """Whether ``run``'s run lock is held (a new descriptor's flock conflicts with any
-    other, this process's included)."""
-    import fcntl
-    import os
-
-    from diffnas.engine.runlock import LOCK_FILE
-
-    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def _sweep_cli(tmp_path, out, lambdas: str = "0,1") -> list[str]:
     """``diffnas latency sweep`` arguments for a tiny config and a (stand-in) predictor."""
     (tmp_path / "c.yaml").write_text("search: {epochs: 1}\n")
@@ -962,7 +951,7 @@ def test_sweep_runs_are_locked_search_runs_with_a_log(tmp_path, monkeypatch):
     seen = {}
 
     def search(cfg, run_dir, resume=False, data=None):
-        seen.update(locked=_locked_elsewhere(run_dir), made_by=made_by(run_dir))
+        seen.update(locked=locked_elsewhere(run_dir), made_by=made_by(run_dir))
         logging.getLogger("diffnas").info("search epoch 1/1 loss=1.0 (stand-in)")
         raise RuntimeError("search reached")
 
@@ -975,7 +964,7 @@ def test_sweep_runs_are_locked_search_runs_with_a_log(tmp_path, monkeypatch):
         sweep.run_sweep(None, ["search.epochs=1"], "p.pt", [1.0], out)
     assert seen == {"locked": True, "made_by": "search"}
     run = out / "lam1"
-    assert not _locked_elsewhere(run)  # freed as the sweep ended
+    assert not locked_elsewhere(run)  # freed as the sweep ended
     log_text = (run / "log.txt").read_text()
     assert f"lambda 1 (1/1): search in {run}" in log_text
     assert "search epoch 1/1 loss=1.0 (stand-in)" in log_text
@@ -1000,7 +989,7 @@ def test_a_tiny_sweep_logs_its_epochs_into_each_run(tmp_path, capsys):
                  "retrain.auxiliary_weight=0", "retrain.cutout=0"]) == 0
     for lam in ("0", "1"):
         run = out / f"lam{lam}"
-        assert made_by(run) == "search" and not _locked_elsewhere(run)
+        assert made_by(run) == "search" and not locked_elsewhere(run)
         text = (run / "log.txt").read_text()
         assert f"lambda {lam} (" in text and "search epoch 1/1" in text
         assert "retrain epoch 1/1" in text

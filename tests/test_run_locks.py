@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import locked_elsewhere
 from test_run_robustness import TINY, TINY_TRAIN
 
 from diffnas.cli import main
@@ -31,31 +32,18 @@ from diffnas.engine.runlock import (
 )
 
 
-def _locked_elsewhere(run: Path) -> bool:
-    """Whether a lock on ``run`` is held (an flock from a new descriptor conflicts with
-    any other, this process's included)."""
-    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def test_locks_are_reentrant_and_freed_by_the_last_release(tmp_path):
     acquire_run_lock(tmp_path)
     with run_lock(tmp_path):  # a search, then its retraining, in one process
-        assert _locked_elsewhere(tmp_path)
-    assert _locked_elsewhere(tmp_path)  # the outer hold remains
+        assert locked_elsewhere(tmp_path)
+    assert locked_elsewhere(tmp_path)  # the outer hold remains
     assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
     release_run_lock(tmp_path)
-    assert not _locked_elsewhere(tmp_path)
+    assert not locked_elsewhere(tmp_path)
     with lock_scope():  # what cli.main does around a command
         acquire_run_lock(tmp_path)
         acquire_run_lock(tmp_path)
-    assert not _locked_elsewhere(tmp_path)
+    assert not locked_elsewhere(tmp_path)
 
 
 def _hold_in_subprocess(run: Path) -> subprocess.Popen:
@@ -78,7 +66,7 @@ def test_a_run_in_use_is_refused_and_free_again_when_its_process_dies(tmp_path, 
                      "name=a"]) == 0
         phase = "retrain"
     run = tmp_path / "a"
-    assert not _locked_elsewhere(run)  # freed as the command returned
+    assert not locked_elsewhere(run)  # freed as the command returned
     metrics = (run / phase / "metrics.jsonl").read_text()
     holder = _hold_in_subprocess(run)
     try:
@@ -146,7 +134,7 @@ def test_seeds_workers_end_with_their_parent(tmp_path, sig):
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers), "a worker outlived its parent"
     for s in (0, 1):  # free to continue
-        assert not _locked_elsewhere(tmp_path / "par" / f"seed_{s}")
+        assert not locked_elsewhere(tmp_path / "par" / f"seed_{s}")
     assert "--- worker started" in (tmp_path / "par/seed_0/worker.log").read_text()
 
 
@@ -218,4 +206,4 @@ def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monke
     assert "this filesystem takes no locks (No locks available)" in caplog.text
     monkeypatch.undo()
     with run_lock(tmp_path):  # nothing was left held
-        assert _locked_elsewhere(tmp_path)
+        assert locked_elsewhere(tmp_path)
