@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -177,7 +178,8 @@ def evaluate_supernet(strategy: SearchStrategy, loader: Iterable, arch_weights: 
                 _, stats = strategy.loss(batch, arch_weights)
                 n = len(batch[1])
                 loss_sum, acc_sum, total = loss_sum + stats["loss"] * n, \
-                    acc_sum + stats["acc"] * n, total + n
+                    acc_sum + stats.get("acc", math.nan) * n, total + n  # (a plugin
+                # space's objective may report no accuracy: its eval_val_acc is NaN, null)
     finally:
         net.train()
     return {"loss": loss_sum / max(total, 1), "acc": acc_sum / max(total, 1)}
