@@ -335,3 +335,25 @@ def test_a_test_index_naming_a_node_twice_is_refused(tmp_path):
     (tmp_path / "ind.cora.test.index").write_text("\n".join([ids[0], *ids[:-1]]) + "\n")
     with pytest.raises(ValueError, match="must name each of the nodes 1708..2707 once"):
         load_graph("cora", str(tmp_path))
+
+
+def test_a_space_of_your_own_runs_on_the_engine_of_the_class_it_extends(tmp_path):
+    """The engine is the space class's (``SearchSpace.engine``), not a built-in name: a
+    plugin space subclassing gnn's runs the graph search and retraining."""
+    from diffnas.spaces import SPACES, space_engine
+    from diffnas.spaces.gnn import GnnSpace
+
+    class MyGraphSpace(GnnSpace):
+        pass
+
+    SPACES.register("my_gnn")(MyGraphSpace)
+    MyGraphSpace.name = "my_gnn"
+    try:
+        assert space_engine({"name": "my_gnn"}) == "graph"
+        rc = main(["search", "--config", str(CONFIG), *KARATE, "search.space.name=my_gnn",
+                   "search.epochs=1", "retrain.epochs=1", f"out_dir={tmp_path}", "name=run"])
+        assert rc == 0
+        result = json.loads((tmp_path / "run/retrain/result.json").read_text())
+        assert 0.0 <= result["test_acc"] <= 1.0
+    finally:
+        SPACES._items.pop("my_gnn")

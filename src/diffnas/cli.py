@@ -295,13 +295,17 @@ def _check_genotype(cfg: RunConfig, genotype: Genotype) -> None:
 
 
 def _is_lm(cfg) -> bool:
-    """A language-model run (the recurrent space), served by engine/lm.py."""
-    return cfg.search.space.get("name") == "darts_rnn"
+    """A language-model run (the recurrent space's engine), served by engine/lm.py."""
+    from diffnas.spaces import space_engine
+
+    return space_engine(cfg.search.space) == "language_model"
 
 
 def _is_graph(cfg) -> bool:
-    """A node-classification run (the gnn space), served by engine/graph.py."""
-    return cfg.search.space.get("name") == "gnn"
+    """A node-classification run (the gnn space's engine), served by engine/graph.py."""
+    from diffnas.spaces import space_engine
+
+    return space_engine(cfg.search.space) == "graph"
 
 
 def _dry_run_shape(name: str, resolution: int | None, root: str | None = None

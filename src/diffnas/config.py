@@ -489,21 +489,30 @@ def _space_name(cfg: RunConfig) -> str:
     return cfg.search.space.get("name", "darts_cnn")
 
 
+def _engine(cfg: RunConfig) -> str:
+    """The engine of the configured space (``spaces.space_engine``): image,
+    language_model or graph."""
+    from diffnas.spaces import space_engine
+
+    return space_engine(cfg.search.space)
+
+
 def _check_data(cfg: RunConfig, unused: bool = True) -> None:
     """``data.name`` is a dataset of the kind the space reads (text, graph or images), and
     (``unused``) no data setting is one it never reads."""
     from diffnas.data.graph import GRAPH_DATASETS
 
-    if _space_name(cfg) == "darts_rnn":  # language data: engine/lm.py
+    if _engine(cfg) == "language_model":  # language data: engine/lm.py
         from diffnas.data.text import TEXT_DATASETS
 
         if cfg.data.name not in TEXT_DATASETS:
             raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a text dataset; the "
-                              f"darts_rnn space reads one of {sorted(TEXT_DATASETS)}")
-    elif _space_name(cfg) == "gnn":  # graphs: engine/graph.py
+                              f"{_space_name(cfg)} space reads one of {sorted(TEXT_DATASETS)}")
+    elif _engine(cfg) == "graph":  # graphs: engine/graph.py
         if cfg.data.name not in GRAPH_DATASETS:
             raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a graph dataset; "
-                              f"the gnn space reads one of {GRAPH_DATASETS.names()}")
+                              f"the {_space_name(cfg)} space reads one of "
+                              f"{GRAPH_DATASETS.names()}")
     elif cfg.data.name in GRAPH_DATASETS:
         raise ConfigError(f"config.data.name: {cfg.data.name!r} is a graph: search it with "
                           "search.space.name=gnn (configs/gnn_cora.yaml)")
@@ -523,19 +532,19 @@ def _check_unused_data(cfg: RunConfig) -> None:
     """``data`` settings the run's kind of data never reads are refused rather than
     silently ignored: the image settings for text and graph runs, and for graph runs
     (full-batch, fixed split) the batch size, subsets and split too."""
-    d, default, space = cfg.data, DataConfig(), _space_name(cfg)
+    d, default, engine = cfg.data, DataConfig(), _engine(cfg)
     unused = []
-    if space in ("darts_rnn", "gnn") or d.name in NO_DOWNLOAD:
+    if engine != "image" or d.name in NO_DOWNLOAD:
         unused += [k for k in ("download",) if d.download]
-    if space in ("darts_rnn", "gnn"):
+    if engine != "image":
         unused += [k for k in ("resolution",) if d.resolution is not None]
-    if space == "gnn":
+    if engine == "graph":
         unused += [k for k in ("train_subset", "test_subset", "search_split", "batch_size")
                    if getattr(d, k) != getattr(default, k)]
     if unused:
-        what = ("a text run" if space == "darts_rnn" else "a graph run (full batch, the "
-                "dataset's own split)" if space == "gnn" else f"data.name={d.name}, read "
-                "from local files alone")
+        what = ("a text run" if engine == "language_model" else "a graph run (full batch, "
+                "the dataset's own split)" if engine == "graph" else f"data.name={d.name}, "
+                "read from local files alone")
         raise ConfigError(f"config.data: {', '.join('data.' + k for k in unused)} "
                           f"{'is' if len(unused) == 1 else 'are'} not used by {what}: remove "
                           f"{'it' if len(unused) == 1 else 'them'}")
@@ -593,7 +602,7 @@ def check_run_files(cfg: RunConfig) -> None:
 def _check_lm(cfg: RunConfig) -> None:
     """The ``lm`` section is read by language-model runs alone; elsewhere it is refused
     rather than silently ignored."""
-    if _space_name(cfg) == "darts_rnn":
+    if _engine(cfg) == "language_model":
         from diffnas.engine.lm import lm_config
 
         lm_config(cfg)
@@ -614,7 +623,7 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
         return
     from diffnas.spaces.registry import network_config
 
-    image = _space_name(cfg) not in ("darts_rnn", "gnn")
+    image = _engine(cfg) == "image"
     network = r.image_network() if image else dict(r.network)
     try:
         network_config(cfg.search.space, network)
@@ -642,17 +651,18 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
     if image and r.train_subset is not None and r.batch_size > r.train_subset:
         raise ConfigError(f"retrain.batch_size={r.batch_size} exceeds retrain.train_subset="
                           f"{r.train_subset}: no complete batch (incomplete ones are dropped)")
-    if _space_name(cfg) == "darts_rnn" and r.train_subset is not None \
+    if _engine(cfg) == "language_model" and r.train_subset is not None \
             and r.train_subset < 2 * r.batch_size:  # batchify: 2 tokens per column at least
         raise ConfigError(f"retrain.train_subset={r.train_subset} tokens are too few for "
                           f"retrain.batch_size={r.batch_size} columns (2 tokens each at least)")
 
 
 #: the retrain settings of the image retraining that the other engines never read
-UNREAD_RETRAIN = {
-    "darts_rnn": ("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding", "flip"),
-    "gnn": ("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path", "cutout",
-            "crop_padding", "flip", "train_subset"),
+UNREAD_RETRAIN = {  # by engine, then (nb201) by space
+    "language_model": ("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding",
+                       "flip"),
+    "graph": ("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path", "cutout",
+              "crop_padding", "flip", "train_subset"),
     "nb201": ("drop_path",),  # its networks have no drop-path, as NAS-Bench-201 trains them
 }
 #: unread settings whose 0 says "off", which is what these engines do: 0 is accepted
@@ -665,13 +675,14 @@ def _check_unread_retrain(cfg: RunConfig, always: bool = False) -> None:
     retraining off (and not ``always``, ``diffnas train``) nothing is read anyway."""
     if not (cfg.retrain.enabled or always):
         return
-    keys = UNREAD_RETRAIN.get(_space_name(cfg), ())
+    which = _engine(cfg) if _engine(cfg) != "image" else _space_name(cfg)
+    keys = UNREAD_RETRAIN.get(which, ())
     default = RetrainConfig()
     changed = [k for k in keys if getattr(cfg.retrain, k) != getattr(default, k)
                and not (k in OFF_WHEN_ZERO and getattr(cfg.retrain, k) == 0)]
     if changed:
-        engine = {"darts_rnn": "language-model (engine/lm.py)", "gnn": "graph (engine/graph.py)",
-                  "nb201": "nb201 network's"}[_space_name(cfg)]
+        engine = {"language_model": "language-model (engine/lm.py)",
+                  "graph": "graph (engine/graph.py)", "nb201": "nb201 network's"}[which]
         raise ConfigError(f"{', '.join('retrain.' + k for k in changed)}: the {engine} "
                           "retraining does not read this; remove it")
 
@@ -702,13 +713,13 @@ def _check_engine(cfg: RunConfig, device: bool) -> None:
         require_data_parallel(cfg.search.strategy, planned_world_size())
     except ValueError as exc:
         raise ConfigError(f"search.strategy: {exc}") from None
-    if _space_name(cfg) == "darts_rnn":
+    if _engine(cfg) == "language_model":
         from diffnas.engine.lm import check_growth, check_lm_search, refuse_image_settings
 
         refuse_image_settings(cfg)
         check_lm_search(cfg)
         check_growth(cfg)
-    elif _space_name(cfg) == "gnn":
+    elif _engine(cfg) == "graph":
         from diffnas.engine.graph import refuse_image_settings
 
         refuse_image_settings(cfg)

@@ -94,19 +94,21 @@ def _own_data_side(name: str, root: str | None) -> int | None:
     return None if peeked is None else peeked[1]
 
 
-#: spaces whose runs export refuses: ``search.space.name`` -> what such a run trains
-NOT_EXPORTABLE = {"gnn": "a graph (node classification) run",
-                  "darts_rnn": "a language-model run"}
+#: engines whose runs export refuses (``spaces.space_engine``) -> what such a run trains
+NOT_EXPORTABLE = {"graph": "a graph (node classification) run",
+                  "language_model": "a language-model run"}
 RETRAIN_FIX = "restore it, or run the retraining again (diffnas train) to rewrite it"
 
 
 def check_exportable(cfg: Any, run: Path) -> None:
     """Refuse runs whose network is not an image classifier (graph and language-model
     runs): export writes image classifiers only."""
-    space = cfg.search.space.get("name", "darts_cnn")
-    if space in NOT_EXPORTABLE:
+    from diffnas.spaces import space_engine
+
+    space, engine = cfg.search.space.get("name", "darts_cnn"), space_engine(cfg.search.space)
+    if engine in NOT_EXPORTABLE:
         raise ExportError(
-            f"{run} is {NOT_EXPORTABLE[space]} (search.space.name={space}), which cannot be "
+            f"{run} is {NOT_EXPORTABLE[engine]} (search.space.name={space}), which cannot be "
             f"exported: diffnas export writes the retrained image classifier of an image run "
             f"as {' or '.join(FORMATS)}")
 

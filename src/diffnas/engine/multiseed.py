@@ -165,7 +165,9 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
 
     cfg = load_run_config(run, list(overrides))
     cfg = dataclasses.replace(cfg, progress=False)
-    if cfg.search.space.get("name") == "gnn":  # node classification: engine/graph.py
+    from diffnas.spaces import space_engine
+
+    if space_engine(cfg.search.space) == "graph":  # node classification: engine/graph.py
         from diffnas.engine.graph import run_graph_retrain as run_retrain
         from diffnas.engine.graph import run_graph_search as run_search
     else:
@@ -526,10 +528,12 @@ def seeds_command(args: argparse.Namespace) -> int:
         cfg = load_run_config(parent, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    if cfg.search.space.get("name") == "darts_rnn":
+    from diffnas.spaces import space_engine
+
+    if space_engine(cfg.search.space) == "language_model":
         raise ConfigError("--seeds runs image and graph searches; language-model runs "
-                          "(darts_rnn) are not supported by it yet: run one search per seed "
-                          "(seed=N)")
+                          f"({cfg.search.space.get('name')}) are not supported by it yet: run "
+                          "one search per seed (seed=N)")
     if not args.resume:
         check_run_files(cfg)  # before the parent directory exists
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")

@@ -19,7 +19,9 @@ def _space_from_config(config: str | None, overrides: list[str], timing: bool = 
     from diffnas.spaces import DataShape, create_space
 
     cfg = load_config(config, overrides)
-    if cfg.search.space.get("name", "darts_cnn") in ("darts_rnn", "gnn"):
+    from diffnas.spaces import space_engine
+
+    if space_engine(cfg.search.space) != "image":
         raise ConfigError(f"search.space.name={cfg.search.space['name']}: the latency tools "
                           "time image networks (darts_cnn, nb201 and image plugin spaces)")
     if timing and cfg.device not in ("cpu", "auto"):

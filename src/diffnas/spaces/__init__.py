@@ -13,9 +13,10 @@ from diffnas.spaces.registry import (
     list_spaces,
     register_space,
     space_config,
+    space_engine,
 )
 
 __all__ = [
     "SPACES", "DataShape", "EdgeSpec", "SearchSpace", "create_space", "list_spaces",
-    "register_space", "space_config",
+    "register_space", "space_config", "space_engine",
 ]

@@ -126,6 +126,7 @@ class DartsRnnNetworkConfig:
 
 @register_space("darts_rnn")
 class DartsRnnSpace(SearchSpace):
+    engine = "language_model"
     Config = DartsRnnConfig
     NetworkConfig = DartsRnnNetworkConfig
 

@@ -77,6 +77,7 @@ class GnnNetworkConfig:
 
 @register_space("gnn")
 class GnnSpace(SearchSpace):
+    engine = "graph"
     Config = GnnConfig
     NetworkConfig = GnnNetworkConfig
 

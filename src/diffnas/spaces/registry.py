@@ -40,6 +40,21 @@ def network_config(section: dict, network: dict) -> Any:
     return net
 
 
+#: the engines a space can declare (:attr:`SearchSpace.engine`)
+ENGINES = ("image", "language_model", "graph")
+
+
+def space_engine(section: dict) -> str:
+    """The engine of the space a ``search.space`` section names (image, language_model,
+    graph): what decides which search and retraining code runs, for built-in spaces and
+    plugins alike."""
+    engine = getattr(SPACES.get(section.get("name", "darts_cnn")), "engine", "image")
+    if engine not in ENGINES:
+        raise ValueError(f"space {section.get('name')!r} declares engine {engine!r}; one of "
+                         f"{', '.join(ENGINES)}")
+    return engine
+
+
 def create_space(section: dict, shape: DataShape | None = None) -> SearchSpace:
     """Build the space named by ``section['name']`` with its settings."""
     cls = SPACES.get(section.get("name", "darts_cnn"))
