@@ -357,3 +357,15 @@ def test_a_space_of_your_own_runs_on_the_engine_of_the_class_it_extends(tmp_path
         assert 0.0 <= result["test_acc"] <= 1.0
     finally:
         SPACES._items.pop("my_gnn")
+
+
+def test_the_end_of_epoch_evaluation_draws_nothing_from_the_search_s_generator(tmp_path):
+    """GDAS samples the architecture it evaluates with: from a forked generator, so what a
+    search measures changes nothing it does next (engine/search.StrategyTask)."""
+    task = build_graph_search(tiny_cfg(tmp_path, "search.strategy.name=gdas"),
+                              load_graph("karate"))
+    state = torch.get_rng_state()
+    task.end_epoch(0)
+    assert torch.equal(torch.get_rng_state(), state)
+    task.strategy.arch_weights()  # (a plain draw does move it)
+    assert not torch.equal(torch.get_rng_state(), state)

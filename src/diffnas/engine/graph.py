@@ -113,7 +113,8 @@ def evaluate_nodes(model: nn.Module, batch: GraphBatch, arch_weights: Any = None
     was_training = model.training
     model.eval()
     inp = GraphInput(batch.x, batch.graph, x_support=batch.x_support)
-    out = model(inp) if arch_weights is None else model(inp, arch_weights)
+    with torch.no_grad():
+        out = model(inp) if arch_weights is None else model(inp, arch_weights)
     model.train(was_training)
     _, stats = NodeClassificationObjective()(out, batch)
     return stats
@@ -186,9 +187,7 @@ class GraphSearchTask(StrategyTask):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         lr = self.strategy.lr
         self.strategy.end_epoch()
-        with torch.no_grad():
-            aw = self.strategy.arch_weights()
-        v = evaluate_nodes(self.supernet, self.splits.batch("val"), aw)
+        v = evaluate_nodes(self.supernet, self.splits.batch("val"), self.measured_arch_weights())
         return {"lr": lr, "eval_val_loss": v["loss"], "eval_val_acc": v["acc"]}
 
 def build_graph_search(cfg: RunConfig, data: GraphData,

@@ -348,8 +348,7 @@ class LmSearchTask(StrategyTask):
                               "supernet weights": self.supernet.parameters()})
         lr = self.strategy.lr
         self.strategy.end_epoch()
-        with torch.no_grad():  # on every rank: a random relaxation draws from the shared RNG
-            aw = self.strategy.arch_weights()
+        aw = self.measured_arch_weights()  # on every rank (the same forked draw)
         v = dp.main_process_result(evaluate_lm, self.supernet, self.valid, self.lm.bptt, aw)
         return {"lr": lr, **self.train_nll.pop(), "valid_loss": v["loss"],
                 "valid_ppl": v["ppl"]}

@@ -65,6 +65,14 @@ class StrategyTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strategy.load_state_dict(state)
 
+    def measured_arch_weights(self) -> Any:
+        """The relaxed architecture weights an end-of-epoch evaluation uses, drawn (for a
+        random relaxation) from a forked generator: measuring changes nothing the search
+        does next, so a run finds the same alphas whatever it measures."""
+        cuda = [p.device for p in self.strategy.alphas() if p.is_cuda][:1]
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            return self.strategy.arch_weights()
+
 
 def search_then_retrain(
     cfg: RunConfig, run_dir: str | Path, search: Callable[[], Genotype],
@@ -151,13 +159,9 @@ class SearchTask(StrategyTask):
             return {"lr": lr}
         # on every rank, the whole split each: with distributed.sync_bn the ops' BatchNorms
         # (batch statistics in every mode) average over ranks, which then see the same
-        # batches as one process would. A random relaxation's draw is made on a forked
-        # generator: measuring changes nothing the search does next.
-        cuda = [p.device for p in self.strategy.alphas() if p.is_cuda][:1]
-        with torch.random.fork_rng(devices=cuda), self._eval_context():
-            with torch.no_grad():
-                aw = self.strategy.arch_weights()
-            v = evaluate_supernet(self.strategy, self.eval_val, aw)
+        # batches as one process would
+        with self._eval_context():
+            v = evaluate_supernet(self.strategy, self.eval_val, self.measured_arch_weights())
         return {"lr": lr, "eval_val_loss": v["loss"], "eval_val_acc": v["acc"]}
 
 
