@@ -374,7 +374,7 @@ def _list(p: argparse.ArgumentParser):
         from diffnas.ops.graph import list_graph_ops
         from diffnas.ops.rnn import RNN_OPS
         from diffnas.plugins import absolute_plugins, import_plugins
-        from diffnas.registry import Registry
+        from diffnas.registry import Registry, builtin
         from diffnas.strategies.base import PENALTIES, _import_penalty_modules
 
         import_plugins(absolute_plugins(plugins_of(args)))
@@ -385,7 +385,7 @@ def _list(p: argparse.ArgumentParser):
             out = []
             for n in registry.names():
                 module = getattr(registry.get(n), "__module__", None) or ""
-                if module == "diffnas" or module.startswith("diffnas."):
+                if builtin(module):
                     out.append(n)
                     continue
                 file = getattr(sys.modules.get(module), "__file__", None) or module

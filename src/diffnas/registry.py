@@ -62,7 +62,8 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-def _builtin(module: str | None) -> bool:
+def builtin(module: str | None) -> bool:
+    """Whether ``module`` (a component's ``__module__``) is diffnas's own, not a plugin's."""
     return module is not None and (module == "diffnas" or module.startswith("diffnas."))
 
 
@@ -84,7 +85,7 @@ def registrations_undone_on_error() -> Iterator[None]:
         for registry in Registry._every:
             for name in set(registry._items) - before.get(id(registry), set()):
                 module = getattr(registry._items[name], "__module__", None)
-                if not _builtin(module):
+                if not builtin(module):
                     del registry._items[name]
                     defined_in.add(module)
         for name in defined_in & (set(sys.modules) - modules):
