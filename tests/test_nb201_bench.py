@@ -6,6 +6,7 @@ committed to the repository) and are skipped when it is missing."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -1153,8 +1154,11 @@ def test_a_rerun_reuses_only_outcomes_of_the_same_settings_and_table(
     assert main(_bench_run(full_table, out, "--set", "rea.population=3")) == 0
     captured = capsys.readouterr()
     assert "reusing 3 outcomes of finished searches" in captured.out  # random 0..2
+    aside = tmp_path / "r.json.set-aside.jsonl"
     assert (f"{sidecar}: not reusing 3 outcomes (1 not one of this command's searches, "
-            "2 other settings)") in captured.err
+            f"2 other settings); they are moved to {aside}") in captured.err
+    # set aside, not deleted: random seed 3 and rea 0..1 of the first command, whole
+    assert aside.read_text().splitlines() == [lines[3], lines[4], lines[5]]
     assert [(t[0], t[3]) for t in calls] == [("rea", 0), ("rea", 1), ("rea", 2)]
     other = tmp_path / "other.csv"  # the same cells, another table
     other.write_text(full_table.read_text().replace(",50.0000,", ",50.0001,", 1))
@@ -1165,3 +1169,32 @@ def test_a_rerun_reuses_only_outcomes_of_the_same_settings_and_table(
     assert main(_bench_run(other, out, "--seeds", "1")) == 0
     assert "1 another table" in capsys.readouterr().err
     assert len(calls) == 2
+    assert len(aside.read_text().splitlines()) == 4  # appended to, never overwritten
+
+
+def test_a_second_bench_writing_the_same_json_is_refused(full_table, tmp_path, capsys):
+    """While one 'bench nb201' writes --json (and appends to its sidecar), the same command
+    in another process is refused, naming the holder, before any search: both would append
+    every outcome to one sidecar. The lock file goes when the holder ends."""
+    from diffnas.cli import main
+    from diffnas.nasbench.cli import lock_path
+
+    out = tmp_path / "busy.json"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from diffnas.engine.runlock import file_lock\n"
+         "with file_lock(sys.argv[1], 'held{pid}'):\n"
+         "    print('locked', flush=True); time.sleep(60)", str(lock_path(out))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(_bench_run(full_table, out)) == 2
+        err = capsys.readouterr().err
+        assert (f"{out} is being written by another 'diffnas bench nb201' (pid {holder.pid})"
+                in err)
+        assert not out.exists() and not (tmp_path / "busy.json.partial.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_bench_run(full_table, out, "--seeds", "1")) == 0
+    assert out.exists() and not lock_path(out).exists()

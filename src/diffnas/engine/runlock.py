@@ -31,6 +31,39 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _LOCKS: dict[str, list[int]] = {}  # resolved run dir -> [fd, depth], this process's locks
 
 
+def _flock(path: Path, busy: str) -> int:
+    """An open descriptor of ``path`` (created) holding its ``flock``, this process's pid
+    written inside; -1 where nothing can be locked (no ``fcntl``, or a filesystem without
+    locks: a warning). Raises :class:`RunInUseError` with ``busy`` (and the holder's pid)
+    when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return -1
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if not isinstance(exc, BlockingIOError) and exc.errno in _NO_LOCKS:
+            os.close(fd)  # a filesystem without locks (NFS without lockd, some FUSE)
+            log.warning("%s: this filesystem takes no locks (%s): nothing stops a second "
+                        "process from writing here at the same time", path, exc.strerror)
+            return -1
+        if not isinstance(exc, BlockingIOError):
+            os.close(fd)
+            raise
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise RunInUseError(busy.format(pid=pid)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def acquire_run_lock(run_dir: str | Path) -> None:
     """Lock ``run_dir`` for this process, or raise :class:`RunInUseError` naming the pid
     that holds it. Re-entrant within a process (a search then its retraining); the lock
@@ -40,37 +73,10 @@ def acquire_run_lock(run_dir: str | Path) -> None:
     if key in _LOCKS:
         _LOCKS[key][1] += 1
         return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        _LOCKS[key] = [-1, 1]
-        return
-    path = Path(run_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if not isinstance(exc, BlockingIOError) and exc.errno in _NO_LOCKS:
-            os.close(fd)  # a filesystem without locks (NFS without lockd, some FUSE)
-            log.warning("%s: this filesystem takes no locks (%s): nothing stops a second "
-                        "process from writing this run", run_dir, exc.strerror)
-            _LOCKS[key] = [-1, 1]
-            return
-        if not isinstance(exc, BlockingIOError):
-            os.close(fd)
-            raise
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        raise RunInUseError(
-            f"{run_dir} is in use by another diffnas process"
-            f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to end or stop "
-            "it first (two processes writing one run would mix its metrics and "
-            "checkpoints)") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    fd = _flock(Path(run_dir) / LOCK_FILE,
+                f"{run_dir} is in use by another diffnas process{{pid}}: wait for it to end "
+                "or stop it first (two processes writing one run would mix its metrics and "
+                "checkpoints)")
     _LOCKS[key] = [fd, 1]
 
 
@@ -109,3 +115,30 @@ def lock_scope() -> Iterator[None]:
         for key in list(_LOCKS):
             for _ in range(_LOCKS[key][1] - before.get(key, 0)):
                 release_run_lock(key)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, busy: str) -> Iterator[None]:
+    """Hold an ``flock`` on the file ``path`` for the block, removing the file on leaving
+    it; ``busy`` (``{pid}`` is filled in) is the :class:`RunInUseError` raised when another
+    process holds it. For outputs that are not run directories (``bench nb201 --json`` and
+    its sidecar). A process that opened the file just before its holder removed it finds,
+    once locked, that the path names another file (or none) and takes the lock again."""
+    path = Path(path)
+    while True:
+        fd = _flock(path, busy)
+        if fd < 0:
+            break
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed it between our open and our lock: again
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            path.unlink(missing_ok=True)  # removed while held: no one locks a stale file
+            os.close(fd)

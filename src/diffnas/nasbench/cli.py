@@ -19,6 +19,7 @@ from typing import IO
 
 from diffnas.cli import register_command
 from diffnas.engine.checkpoint import atomic_write_text, refuse_foreign_json
+from diffnas.engine.runlock import file_lock
 
 BenchSetup = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
 _BENCHES: dict[str, tuple[str, BenchSetup]] = {}
@@ -181,6 +182,18 @@ def partial_path(json_path: str | Path) -> Path:
     return Path(f"{json_path}.partial.jsonl")
 
 
+def set_aside_path(json_path: str | Path) -> Path:
+    """Where outcomes in the sidecar that a rerun does not reuse (another command's, other
+    settings, table or code) are moved, one JSON line each, rather than deleted."""
+    return Path(f"{json_path}.set-aside.jsonl")
+
+
+def lock_path(json_path: str | Path) -> Path:
+    """The lock a 'bench nb201' holds while it writes ``--json`` and its sidecar (removed
+    when it ends): two identical commands at once would append every outcome twice."""
+    return Path(f"{json_path}.lock")
+
+
 def table_identity(table: str | Path) -> dict:
     """What a reused outcome's table must match: the SHA-256 of a table file's bytes
     (wherever it lies now), else the resolved path (the official backend's folder)."""
@@ -196,13 +209,14 @@ def table_identity(table: str | Path) -> dict:
     return {"sha256": digest.hexdigest()}
 
 
-def _reusable(sidecar: Path, tasks: list[tuple], expected: dict[str, dict], code: dict,
-              table: dict) -> dict[int, dict]:
+def _reusable(sidecar: Path, aside: Path, tasks: list[tuple], expected: dict[str, dict],
+              code: dict, table: dict) -> dict[int, dict]:
     """The outcomes in ``sidecar`` a rerun of the same command reuses, by task index: those
     of one of ``tasks`` (strategy, budget, seed) with the same ``settings`` and resolved
     ``config`` (``expected[strategy]``), ``code`` and ``table``. The others (another
-    command's, another diffnas version's) are said and dropped from the sidecar, and so is
-    a last line cut short by a kill (the file is rewritten atomically)."""
+    command's, another diffnas version's) are said and moved from the sidecar to ``aside``
+    (:func:`set_aside_path`); a last line cut short by a kill is dropped (the sidecar is
+    rewritten atomically)."""
     from diffnas.engine.callbacks import counted, read_jsonl
 
     if not sidecar.is_file():
@@ -228,9 +242,13 @@ def _reusable(sidecar: Path, tasks: list[tuple], expected: dict[str, dict], code
         reused[i] = {k: v for k, v in o.items() if k != "table"}
     lines = [ln for ln in sidecar.read_text(errors="replace").splitlines() if ln.strip()]
     if why:
+        with open(aside, "a", encoding="utf-8") as f:  # on disk before the sidecar loses them
+            f.write("".join(json.dumps(o) + "\n" for o in rows if all(o is not k for k in kept)))
+            f.flush()
+            os.fsync(f.fileno())
         print(f"diffnas: {sidecar}: not reusing {counted(sum(why.values()), 'outcome')} "
-              f"({', '.join(f'{n} {r}' for r, n in why.items())}); they are dropped",
-              file=sys.stderr)
+              f"({', '.join(f'{n} {r}' for r, n in why.items())}); they are moved to "
+              f"{aside}", file=sys.stderr)
     if why or len(lines) != len(rows):
         atomic_write_text("".join(json.dumps(o) + "\n" for o in kept), sidecar)
     return reused
@@ -284,7 +302,7 @@ def _run_searches(args: argparse.Namespace, tasks: list[tuple], settings: dict[s
                     "config": resolved_config(create_query_strategy(s, v).config)}
                 for s, v in settings.items()}
     table = table_identity(args.table)
-    done = _reusable(sidecar, tasks, expected, code, table)
+    done = _reusable(sidecar, set_aside_path(args.json), tasks, expected, code, table)
     todo = [(i, t) for i, t in enumerate(tasks) if i not in done]
     if done:
         print(f"reusing {counted(len(done), 'outcome')} of finished searches from {sidecar}; "
@@ -370,24 +388,29 @@ def _nb201(p: argparse.ArgumentParser):
         code = code_version()  # the code these searches run (read before they start)
         tasks = [(s, args.table, b, seed, settings[s])
                  for s in strategies for b in budgets for seed in range(args.seeds)]
-        outcomes = _run_searches(args, tasks, settings, code)
-        report = summarize(outcomes)  # over every outcome, in the order of the tasks
-        print(report["table"])
-        for line in report["paired_lines"]:
-            print(line)
-        out = {"command": "diffnas bench nb201", "args": {k: v for k, v in vars(args).items()
-                                                          if not k.startswith("_")},
-               "summary": report["summary"], "paired_vs_random": report["paired"],
-               "outcomes": outcomes}
-        sidecar = partial_path(args.json)
-        try:
-            atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
-        except OSError as exc:
-            raise OSError(exc.errno, f"{exc.strerror or exc}; the {len(outcomes)} outcomes "
-                          f"are kept in {sidecar}: free space (or fix the path) and run the "
-                          "same command again to write --json from them, without searching "
-                          "again", exc.filename or args.json) from exc
-        sidecar.unlink(missing_ok=True)  # --json holds every outcome now
+        with file_lock(lock_path(args.json),
+                       f"{args.json} is being written by another 'diffnas bench nb201'{{pid}}: "
+                       "wait for it to end or give another --json (both would append "
+                       f"every outcome to {partial_path(args.json)})"):
+            outcomes = _run_searches(args, tasks, settings, code)
+            report = summarize(outcomes)  # over every outcome, in the order of the tasks
+            print(report["table"])
+            for line in report["paired_lines"]:
+                print(line)
+            out = {"command": "diffnas bench nb201",
+                   "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                   "summary": report["summary"], "paired_vs_random": report["paired"],
+                   "outcomes": outcomes}
+            sidecar = partial_path(args.json)
+            try:
+                atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror or exc}; the {len(outcomes)} "
+                              f"outcomes are kept in {sidecar}: free space (or fix the "
+                              "path) and run the same command again to write --json from "
+                              "them, without searching again", exc.filename or args.json
+                              ) from exc
+            sidecar.unlink(missing_ok=True)  # --json holds every outcome now
         print(f"wrote {args.json}")
         return 0
 
