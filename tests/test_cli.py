@@ -66,6 +66,14 @@ def test_errors_are_reported_not_raised(tmp_path, capsys, argv, match):
 
 
 def test_search_command_end_to_end(tmp_path, capsys):
+    """A search and retraining from the command line; called in-process (a notebook), the
+    command leaves the ``diffnas`` logger as it found it: the caller's own handler back in
+    place, open, and nothing of the run's (its log.txt, a console stream) still attached."""
+    import io
+    import logging
+
+    logger, mine = logging.getLogger("diffnas"), logging.StreamHandler(io.StringIO())
+    logger.addHandler(mine)
     argv = [
         "search",
         f"out_dir={tmp_path}",
@@ -82,10 +90,17 @@ def test_search_command_end_to_end(tmp_path, capsys):
         "retrain.train_subset=32",
         "retrain.network={C: 4, layers: 3}",
     ]
-    assert main(argv) == 0
+    try:
+        assert main(argv) == 0
+        assert logger.handlers == [mine] and not mine.stream.closed
+    finally:
+        logger.removeHandler(mine)
     out = capsys.readouterr().out
     assert "Genotype(normal=" in out and "test accuracy:" in out
     assert (tmp_path / "r/config.yaml").exists()
+    log = (tmp_path / "r/log.txt").read_text()
+    logger.warning("after the command")  # not written into the finished run's log
+    assert (tmp_path / "r/log.txt").read_text() == log and "after the command" not in log
     assert main(argv) == 2  # the same run directory is not overwritten
     assert "--resume" in capsys.readouterr().err
     assert main(["search", "--resume", str(tmp_path / "r")]) == 0  # a finished run: no-op

@@ -91,8 +91,9 @@ def _search(p: argparse.ArgumentParser):
                               "too or drop it")
         from diffnas.config import check_run_files, load_config
         from diffnas.engine import distributed as dp
+        from diffnas.engine.logs import setup_logging
         from diffnas.engine.retrain import run_retrain
-        from diffnas.engine.rundir import new_run_dir, setup_logging
+        from diffnas.engine.rundir import new_run_dir
         from diffnas.engine.runlock import acquire_run_lock
         from diffnas.engine.search import run_search
         from diffnas.genotype import Genotype
@@ -155,13 +156,9 @@ def _train(p: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from diffnas.config import ConfigError, check_data_root, load_config
         from diffnas.data import load_dataset
+        from diffnas.engine.logs import setup_logging
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
-        from diffnas.engine.rundir import (
-            new_run_dir,
-            pin_genotype,
-            setup_logging,
-            test_subset_seed,
-        )
+        from diffnas.engine.rundir import new_run_dir, pin_genotype, test_subset_seed
         from diffnas.engine.runlock import acquire_run_lock
         from diffnas.genotype import resolve_genotype
         from diffnas.plugins import import_plugins
@@ -500,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from diffnas.config import ConfigError
     from diffnas.data import DatasetNotFoundError
+    from diffnas.engine.logs import logging_scope
     from diffnas.engine.runlock import lock_scope
     from diffnas.genotype import GenotypeError
     from diffnas.registry import UnknownNameError
@@ -514,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        with lock_scope():  # the run directories a command locked are freed as it returns
+        # the run directories a command locked are freed, its log handlers closed, as it
+        # returns (also when called in-process)
+        with lock_scope(), logging_scope():
             rc = args._handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
         return rc

@@ -160,7 +160,8 @@ def seed_threads(run: Path, threads: int) -> int:
 
 
 def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    from diffnas.engine.rundir import load_run_config, setup_logging
+    from diffnas.engine.logs import setup_logging
+    from diffnas.engine.rundir import load_run_config
     from diffnas.genotype import Genotype
 
     cfg = load_run_config(run, list(overrides))

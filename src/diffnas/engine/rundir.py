@@ -322,22 +322,3 @@ def pin_genotype(out: str | Path, genotype: Genotype, resume: bool) -> None:
                              "resume with the recorded genotype, or start a new run")
         return
     atomic_write_text(genotype.to_json() + "\n", path)
-
-
-def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
-    """Log to ``run_dir/log.txt`` and to the console."""
-    logger = logging.getLogger("diffnas")
-    logger.setLevel(logging.INFO)
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    if verbose:
-        console = logging.StreamHandler()
-        console.setFormatter(fmt)
-        logger.addHandler(console)
-    if run_dir is not None:
-        fh = logging.FileHandler(Path(run_dir) / "log.txt")
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
-    logger.propagate = False

@@ -20,6 +20,7 @@ from diffnas.config import load_config, save_config, to_dict
 from diffnas.data import load_dataset
 from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import atomic_write_text, staged_path
+from diffnas.engine.logs import LOG_FORMAT
 from diffnas.engine.retrain import run_retrain
 from diffnas.engine.rundir import made_by, mark_made_by, record_plugins
 from diffnas.engine.runlock import LOCK_FILE, acquire_run_lock, release_run_lock
@@ -120,10 +121,6 @@ def _hold_runs(run_dirs: list[Path]) -> Iterator[None]:
             release_run_lock(run_dir)
 
 
-#: the format of the run logs (``engine.rundir.setup_logging``)
-_LOG_FORMAT = ("%(asctime)s %(message)s", "%H:%M:%S")
-
-
 @contextlib.contextmanager
 def _sweep_logging() -> Iterator[None]:
     """Let the sweep's progress (and the engine's epoch lines) through while it runs: the
@@ -134,7 +131,7 @@ def _sweep_logging() -> Iterator[None]:
     console = None
     if not logger.handlers:
         console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter(*_LOG_FORMAT))
+        console.setFormatter(logging.Formatter(*LOG_FORMAT))
         logger.addHandler(console)
     logger.setLevel(logging.INFO)
     try:
@@ -155,7 +152,7 @@ def _log_to(run_dir: Path) -> Iterator[None]:
         yield
         return
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(*_LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(*LOG_FORMAT))
     logger.addHandler(handler)
     try:
         yield
