@@ -9,7 +9,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 EXTRAS ?= dev,timeseries,tensorboard,export
 
 
-.PHONY: demo test bench lint fashion-mnist clean
+.PHONY: demo test test-oldest bench lint fashion-mnist clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ demo: $(STAMP) fashion-mnist
 test: $(STAMP)
 	$(PY) -m pytest -x -q tests
 
+# The test suite on the lowest releases pyproject.toml admits (constraints-oldest.txt) in
+# .venv-oldest, with Python 3.10 (PYTHON_OLDEST). Not part of `make test`: it downloads
+# about 3 GB. Run it when a dependency range or a torch-version workaround changes.
+PYTHON_OLDEST ?= python3.10
+test-oldest:
+	[ -x .venv-oldest/bin/python ] || $(PYTHON_OLDEST) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q -c constraints-oldest.txt \
+	  -e ".[$(EXTRAS),vision]"
+	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests
+
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
@@ -46,4 +56,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs bench_results
+	rm -rf $(VENV) .venv-oldest runs bench_results

@@ -16,9 +16,21 @@ def _task(*overrides):
     return build_search(cfg, load_search_data(cfg))
 
 
-def test_compiled_mixed_ops_give_the_eager_steps():
+@pytest.mark.parametrize("hooks", ["as probed", "skipped"])
+def test_compiled_mixed_ops_give_the_eager_steps(hooks, monkeypatch):
+    """Also with the layout hooks left out of the compiled graphs, as on a torch whose
+    compiler does not trace them (ops.savers.skip_hooks_when_compiling)."""
     from torch._dynamo.utils import counters
 
+    from diffnas.ops import savers
+    from diffnas.supernet import compile as compile_mod
+
+    if hooks == "skipped":
+        def skip() -> bool:
+            monkeypatch.setattr(savers, "_HOOKS_UNTRACED", True)
+            return True
+
+        monkeypatch.setattr(compile_mod, "skip_hooks_when_compiling", skip)
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = _task(), _task("search.compile={backend: aot_eager}")

@@ -7,6 +7,7 @@ import gzip
 import json
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,8 +186,11 @@ def test_damaged_model_pt_is_named(tmp_path, capsys, damage):
     ("gnn_cora.yaml", ["data.name=karate", "search.space.hidden=8"], "a graph"),
     ("darts_rnn_ptb.yaml", [], "a language-model run"),
 ])
-def test_graph_and_language_model_runs_are_not_exported(tmp_path, capsys, config, overrides,
-                                                        kind):
+def test_graph_and_language_model_runs_are_not_exported(tmp_path, capsys, monkeypatch,
+                                                        config, overrides, kind):
+    """Said as such, also where onnx is not installed: not 'install onnx' first, and then,
+    once installed, that the run cannot be exported at all."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # (import onnx raises ImportError)
     run = _fake_run(tmp_path, CONFIGS / config, overrides, result=json.dumps(
         {"test_acc": 0.5, "genotype": {"space": "gnn", "cells": {}}}),
         state={"cell.ops.0.weight": torch.zeros(8, 8)})

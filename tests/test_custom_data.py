@@ -331,7 +331,7 @@ def test_folder_missing_paths(tmp_path):
      "loose.png: files directly in .* have no class"),
     (lambda r: (r / "test" / "dog").mkdir(), r"class folder\(s\) \['dog'\] have no training"),
     (lambda r: PIL.new("I;16", (8, 8)).save(r / "train" / "cat" / "deep.png"),
-     "deep.png: PIL mode 'I;16'"),
+     "deep.png: PIL mode 'I(;16)?' .*not supported"),  # older Pillow opens it as 'I'
 ])
 def test_folder_malformed_trees_name_the_path(tmp_path, damage, match):
     root = _folder(tmp_path / "f")

@@ -183,8 +183,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         found["retrain_plain"] = run_retrain(plain, Genotype.from_json(found["genotype"]),
                                              f"{out}/runs/plain")
         save_rank(found, out, rank)
+        dp.shutdown(together=True)  # as a command ends (torch 2.4-2.6 can hang without it)
     finally:
-        dp.shutdown()
+        dp.shutdown()  # (after an error: not together, a peer may never reach the barrier)
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,10 @@ def _reference_unrolled_grad(s, train, val):
     x, _ = train
     with twice_differentiable():  # the reference differentiates through a gradient
         loss = s.objective(functional_call(s.supernet, named, (x, aw)), train)[0]
-    grads = torch.autograd.grad(loss, list(named.values()), create_graph=True, allow_unused=True,
-                                materialize_grads=True)  # GDAS leaves unsampled ops unused
+    grads = torch.autograd.grad(loss, list(named.values()), create_graph=True, allow_unused=True)
+    # GDAS leaves unsampled ops unused (zeros by hand: materialize_grads=True gives None
+    # here on torch 2.3)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, named.values())]
     norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))
     c = min(1.0, float(cfg.grad_clip / (norm + 1e-6)))
     w_prime = {}

@@ -255,16 +255,16 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        _require("onnx", "ONNX export")
-        if check:
-            _require("onnxruntime", "checking an ONNX export")
     if not math.isfinite(atol) or atol < 0:
         raise ExportError(f"--atol must be a finite number >= 0, got {atol}")
     if resolution is not None and not 1 <= resolution <= MAX_RESOLUTION:
         raise ExportError(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, "
                           f"got {resolution}")
     model, shape = load_retrained(run_dir, resolution, overrides)
+    if fmt == "onnx":  # (after the run is read: a graph run is refused as such, not for this)
+        _require("onnx", "ONNX export")
+        if check:
+            _require("onnxruntime", "checking an ONNX export")
     dims = (shape.in_channels, shape.resolution, shape.resolution)
     path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{SUFFIX[fmt]}"
     if path.is_dir():

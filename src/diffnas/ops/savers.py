@@ -57,11 +57,51 @@ def dense_grad(
     """
     if not (t.requires_grad and torch.is_grad_enabled() and t.dim() == 4):
         return t
+    if _HOOKS_UNTRACED and _compiling():  # see skip_hooks_when_compiling
+        return t
     if memory_format is None:
         memory_format = torch.channels_last if is_channels_last(t) else torch.contiguous_format
     # autograd may hand a hook an undefined gradient (None), e.g. from a custom Function
     t.register_hook(lambda g: None if g is None else g.contiguous(memory_format=memory_format))
     return t
+
+
+_HOOKS_UNTRACED = False  # set by skip_hooks_when_compiling
+
+
+def _compiling() -> bool:
+    """Inside a ``torch.compile`` trace."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # pragma: no cover - torch before 2.3
+
+
+def skip_hooks_when_compiling() -> bool:
+    """Whether this torch's ``torch.compile`` breaks the graph at a hook on an intermediate
+    tensor ('Compilation of intermediate hooks requires compiled autograd': torch 2.3 to 2.6
+    at least; 2.13 traces it). There, a compiled backward fed the hook's re-laid-out
+    gradient computes wrong weight gradients (measured: the compiled search's second step
+    off by 5e-4 to 3e-3 in the loss), so :func:`dense_grad` adds no hook inside a compiled
+    trace (it only speeds up eager CPU kernels). Probed once, before ``search.compile``
+    compiles; returns whether the hooks are skipped."""
+    global _HOOKS_UNTRACED
+    from torch._dynamo.utils import counters
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        y.register_hook(lambda g: g.contiguous())
+        return y.sum()
+
+    before = {k: dict(v) for k, v in counters.items()}  # the probe leaves no count behind
+    try:
+        _HOOKS_UNTRACED = torch._dynamo.explain(probe)(
+            torch.ones(2, requires_grad=True)).graph_break_count > 0
+    finally:
+        counters.clear()
+        for k, v in before.items():
+            counters[k].update(v)
+    return _HOOKS_UNTRACED
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

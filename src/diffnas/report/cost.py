@@ -47,6 +47,8 @@ def flops_by_module(model: nn.Module, input_shape: tuple[int, ...], *args) -> di
         dtype = p.dtype if p is not None else None
         x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
         counter = FlopCounterMode(display=False)
+        if not hasattr(counter, "mod_tracker"):  # torch 2.3 counts per module only for the
+            counter = FlopCounterMode(model, display=False)  # modules it is given
         with counter:
             model(x, *args)
         root = type(model).__name__

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from diffnas.config import ConfigError
+from diffnas.ops.savers import skip_hooks_when_compiling
 from diffnas.supernet.mixed import MixedOp
 from diffnas.supernet.nb201 import Nb201MixedOp
 
@@ -72,6 +73,9 @@ def compile_mixed_ops(net: nn.Module, spec: dict[str, Any]) -> int:
     if not ops:
         raise ValueError(f"search.compile: {type(net).__name__} has no mixed ops to compile")
     _raise_recompile_limits(per_code=64, total=4096)
+    if skip_hooks_when_compiling():
+        log.info("search.compile: this torch's compiler does not trace gradient hooks; the "
+                 "compiled mixed ops run without the layout hooks (same gradients)")
     kw = {"backend": spec.get("backend", "inductor"), "dynamic": False}
     if spec.get("mode") is not None:
         kw["mode"] = spec["mode"]
