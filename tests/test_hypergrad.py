@@ -27,15 +27,14 @@ def _reference_unrolled_grad(s, train, val):
     x, _ = train
     with twice_differentiable():  # the reference differentiates through a gradient
         loss = s.objective(functional_call(s.supernet, named, (x, aw)), train)[0]
-    grads = torch.autograd.grad(loss, list(named.values()), create_graph=True, allow_unused=True)
-    # GDAS leaves unsampled ops unused (zeros by hand: materialize_grads=True gives None
-    # here on torch 2.3)
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, named.values())]
+    grads = torch.autograd.grad(loss, list(named.values()), create_graph=True, allow_unused=True,
+                                materialize_grads=True)  # GDAS leaves unsampled ops unused
     norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))
     c = min(1.0, float(cfg.grad_clip / (norm + 1e-6)))
     w_prime = {}
     for (n, p), g in zip(named.items(), grads):
-        buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p))
+        buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer")  # (None: torch 2.3)
+        buf = torch.zeros_like(p) if buf is None else buf
         w_prime[n] = p.detach() - s.lr * (cfg.momentum * buf + c * g
                                           + cfg.weight_decay * p.detach())
     xv, _ = val

@@ -10,6 +10,7 @@ ONNX export needs the ``onnx`` package and the check needs ``onnxruntime``
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -176,10 +177,14 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str | Path, fmt:
                            _extra_files={MARK_FILE: MARK})
         else:
             onnx = _require("onnx", "ONNX export")
+            # the TorchScript-based exporter: the default of torch before 2.5 (which has no
+            # ``dynamo`` argument), asked for by name after
+            legacy = ({"dynamo": False} if "dynamo" in
+                      inspect.signature(torch.onnx.export).parameters else {})
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False, input_names=["input"],
+                model, (example,), str(path), input_names=["input"],
                 output_names=["logits"], opset_version=17,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **legacy,
             )
             proto = onnx.load(str(path))
             entry = proto.metadata_props.add()
