@@ -44,6 +44,9 @@ test: $(STAMP)
 # about 3 GB. Run it when a dependency range or a torch-version workaround changes.
 PYTHON_OLDEST ?= python3.10
 test-oldest:
+	@[ -x .venv-oldest/bin/python ] || $(PYTHON_OLDEST) -c "" 2>/dev/null || { \
+	  echo "make test-oldest needs Python 3.10: give PYTHON_OLDEST=/path/to/python3.10"; \
+	  exit 1; }
 	[ -x .venv-oldest/bin/python ] || $(PYTHON_OLDEST) -m venv .venv-oldest
 	.venv-oldest/bin/python -m pip install -q -c constraints-oldest.txt \
 	  -e ".[$(EXTRAS),vision]"
