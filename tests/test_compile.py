@@ -47,6 +47,21 @@ def test_compiled_mixed_ops_give_the_eager_steps(hooks, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("untraced", [False, True])
+def test_layout_hooks_are_left_out_of_compiled_traces_only_where_untraced(untraced,
+                                                                        monkeypatch):
+    """dense_grad adds its gradient hook in eager code always, inside a compiled trace only
+    where this torch's compiler traces hooks (skip_hooks_when_compiling said so)."""
+    from diffnas.ops import savers
+
+    monkeypatch.setattr(savers, "_HOOKS_UNTRACED", untraced)
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        t = torch.ones(1, 2, 3, 3, requires_grad=True) * 2
+        hooked = bool(savers.dense_grad(t)._backward_hooks)
+        assert hooked == (not (untraced and compiling)), (untraced, compiling)
+
+
 def test_compile_settings_are_checked():
     with pytest.raises(ValueError, match="unknown setting.*'fullgraph'"):
         _task("search.compile={fullgraph: true}")

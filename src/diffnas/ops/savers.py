@@ -57,7 +57,7 @@ def dense_grad(
     """
     if not (t.requires_grad and torch.is_grad_enabled() and t.dim() == 4):
         return t
-    if _HOOKS_UNTRACED and _compiling():  # see skip_hooks_when_compiling
+    if _HOOKS_UNTRACED and torch.compiler.is_compiling():  # skip_hooks_when_compiling
         return t
     if memory_format is None:
         memory_format = torch.channels_last if is_channels_last(t) else torch.contiguous_format
@@ -67,14 +67,6 @@ def dense_grad(
 
 
 _HOOKS_UNTRACED = False  # set by skip_hooks_when_compiling
-
-
-def _compiling() -> bool:
-    """Inside a ``torch.compile`` trace."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()  # pragma: no cover - torch before 2.3
 
 
 def skip_hooks_when_compiling() -> bool:
