@@ -94,3 +94,14 @@ def locked_elsewhere(run: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def unreadable_fashion_mnist(root: Path) -> Path:
+    """A directory holding the four Fashion-MNIST IDX file names with garbage inside: the
+    files check (presence) passes, so the run directory is made, and loading fails."""
+    from diffnas.data.images import FASHION_MNIST_STEMS
+
+    root.mkdir(parents=True, exist_ok=True)
+    for stem in FASHION_MNIST_STEMS:
+        (root / stem).write_bytes(b"not an IDX file")
+    return root

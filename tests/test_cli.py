@@ -187,15 +187,42 @@ def test_a_dataset_read_from_data_root_with_none_set_writes_no_run_directory(tmp
                  str(ROOT / "configs/darts_cifar10.yaml"), "--dry-run"]) == 0
 
 
-def test_train_resume_knows_the_genotype_even_when_the_data_was_missing(tmp_path, capsys):
-    """The genotype is recorded with the run directory, before the data is read: a run
-    stopped by a missing dataset resumes with `train --resume RUN data.root=...`."""
-    empty = tmp_path / "empty"
+def test_absent_dataset_files_write_no_run_directory(tmp_path, capsys):
+    """Files absent from data.root are refused before the run directory is made (it used
+    to be made, holding a config alone), for search, --seeds and train, and for every kind
+    of data that reads files: images, text, graphs."""
+    empty, out = tmp_path / "empty", tmp_path / "runs"
     empty.mkdir()
-    argv = ["train", "--genotype", "DARTS_V1", "--config", str(ROOT / "configs/darts_cifar10.yaml"),
-            f"out_dir={tmp_path / 'runs'}", "name=t", f"data.root={empty}"]
+    cases = [("darts_cifar10.yaml", "CIFAR-10 files missing", "DARTS_V2"),
+             ("darts_fashion_mnist.yaml", f"IDX files not found in: {empty}", "DARTS_V2"),
+             ("darts_rnn_ptb.yaml", f"missing {empty / 'ptb.train.txt'}", "DARTS_RNN_V2"),
+             ("gnn_cora.yaml", f"missing {empty / 'ind.cora.x'}", None)]
+    for config, says, genotype in cases:
+        argv = ["--config", str(ROOT / "configs" / config), f"out_dir={out}", f"data.root={empty}"]
+        assert main(["search", *argv]) == 2
+        assert says in capsys.readouterr().err, config
+        if genotype:  # (no published gnn genotype)
+            assert main(["train", "--genotype", genotype, *argv]) == 2
+            assert says in capsys.readouterr().err, config
+    argv = ["search", "--seeds", "0,1", "--workers", "1", "--config",
+            str(ROOT / "configs/darts_cifar10.yaml"), f"out_dir={out}", f"data.root={empty}"]
     assert main(argv) == 2
     assert "CIFAR-10 files missing" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_resume_knows_the_genotype_even_when_the_data_was_unreadable(tmp_path, capsys):
+    """The genotype is recorded with the run directory, before the data is read: a run
+    stopped by files found damaged only on reading resumes with `train --resume RUN
+    data.root=...`."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (bad / name).write_bytes(b"not a pickle")
+    argv = ["train", "--genotype", "DARTS_V1", "--config", str(ROOT / "configs/darts_cifar10.yaml"),
+            f"out_dir={tmp_path / 'runs'}", "name=t", f"data.root={bad}"]
+    assert main(argv) == 2
+    assert f"{bad / 'data_batch_1'}" in capsys.readouterr().err
     from diffnas.genotype import Genotype, resolve_genotype
 
     recorded = Genotype.load(tmp_path / "runs/t/retrain/genotype.json")

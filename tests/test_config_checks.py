@@ -663,14 +663,15 @@ def test_a_saved_run_holding_a_setting_refused_since_still_loads(tmp_path):
 
 
 def test_cora_needs_its_root_even_with_download_asked():
-    from diffnas.config import check_data_root
+    from diffnas.config import check_data_files
 
     cfg = load_config(GNN)
     cfg.data.download = True  # (refused at load; a config built in Python may still hold it)
     with pytest.raises(ConfigError, match="data.root is not set, and data.name=cora"):
-        check_data_root(cfg)
-    cfg.data.name, cfg.data.root = "cifar10", None  # cifar10 alone downloads
-    check_data_root(cfg)
+        check_data_files(cfg)
+    cfg.data.name = "cifar10"  # downloads, but into data.root
+    with pytest.raises(ConfigError, match="the directory to download into"):
+        check_data_files(cfg)
 
 
 @pytest.mark.parametrize("strategy, key", [

@@ -64,6 +64,31 @@ def test_missing_dataset_path_says_where_and_how(tmp_path):
         load_dataset("cifar10")
 
 
+def test_every_files_check_belongs_to_a_dataset_and_refuses_an_empty_root(tmp_path):
+    """The checks run before a run directory is made: each names a dataset the engines
+    load (a misspelt name would silently check nothing), says what is missing under an
+    empty root, and passes where the files are (here Fashion-MNIST's); a dataset with no
+    check (shipped data) passes."""
+    from diffnas.data import DATASETS, check_dataset_files
+    from diffnas.data.graph import GRAPH_DATASETS
+    from diffnas.data.registry import DATASET_FILES
+    from diffnas.data.text import TEXT_DATASETS
+
+    known = set(DATASETS.names()) | set(GRAPH_DATASETS.names()) | set(TEXT_DATASETS)
+    assert set(DATASET_FILES.names()) <= known
+    assert {"cifar10", "fashion_mnist", "npz", "folder", "cora", "ptb"} <= set(DATASET_FILES)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in DATASET_FILES.names():
+        with pytest.raises(DatasetNotFoundError, match=str(empty)):
+            check_dataset_files(name, str(empty))
+    check_dataset_files("digits", str(empty))
+    check_dataset_files("karate", None)
+    _fake_fashion(empty)
+    check_dataset_files("fashion_mnist", str(empty))
+    assert load_dataset("fashion_mnist", root=str(empty)).train_x.shape[0] == 20
+
+
 def test_cifar10_from_torchvision_layout(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

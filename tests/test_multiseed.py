@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import unreadable_fashion_mnist
 
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config
@@ -190,8 +191,8 @@ def test_resume_passes_the_resume_overrides_to_every_seed(tmp_path, capsys):
     in this process and in worker processes; other overrides are still refused."""
     argv = ["search", "--seeds", "0,1", f"out_dir={tmp_path}", "name=p", *TINY_RUN,
             "retrain.enabled=false", "data.name=fashion_mnist", "data.train_subset=32",
-            "data.test_subset=16", f"data.root={tmp_path / 'nowhere'}"]
-    assert main([*argv, "--workers", "1"]) == 1  # no data there: both seeds fail
+            "data.test_subset=16", f"data.root={unreadable_fashion_mnist(tmp_path / 'bad')}"]
+    assert main([*argv, "--workers", "1"]) == 1  # unreadable data: both seeds fail
     par = tmp_path / "p"
     capsys.readouterr()
     assert main(["search", "--seeds", "0,1", "--resume", str(par), "search.epochs=2"]) == 2

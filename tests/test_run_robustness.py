@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import unreadable_fashion_mnist
 
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config, save_config
@@ -291,12 +292,12 @@ def test_search_resume_refuses_a_train_run(tmp_path, capsys, monkeypatch):
     assert f"--genotype {run / 'retrain/genotype.json'}" in capsys.readouterr().err
 
 
-def test_a_train_run_whose_data_was_missing_stays_a_train_run(tmp_path, capsys):
-    """diffnas train stopped by a missing dataset leaves only its config: search --resume
+def test_a_train_run_whose_data_was_unreadable_stays_a_train_run(tmp_path, capsys):
+    """diffnas train stopped by an unreadable dataset leaves only its config: search --resume
     must not take the run over (it used to, and train --resume was refused from then on)."""
     out = tmp_path / "runs"
     argv = ["--config", str(ROOT / "configs/darts_fashion_mnist.yaml"), f"out_dir={out}",
-            "name=t", f"data.root={tmp_path / 'nowhere'}"]
+            "name=t", f"data.root={unreadable_fashion_mnist(tmp_path / 'bad')}"]
     assert main(["train", "--genotype", "DARTS_V2", *argv]) == 2
     run = out / "t"
     assert rundir.made_by(run) == "train"
@@ -305,7 +306,7 @@ def test_a_train_run_whose_data_was_missing_stays_a_train_run(tmp_path, capsys):
     assert main(["search", "--resume", str(run), f"data.root={tmp_path}"]) == 2
     assert "is a retraining made by diffnas train" in capsys.readouterr().err
     assert not (run / "search").exists()
-    # and a search stopped by missing data is not continued by train, whatever it holds
+    # and a search stopped by unreadable data is not continued by train, whatever it holds
     assert main(["search", *argv[:3], "name=s", argv[4]]) == 2
     assert rundir.made_by(out / "s") == "search"
     (out / "s/search").rmdir()  # (it made an empty search/: judged by made_by.txt alone)

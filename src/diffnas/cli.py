@@ -154,7 +154,7 @@ def _train(p: argparse.ArgumentParser):
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted retraining")
 
     def run(args: argparse.Namespace) -> int:
-        from diffnas.config import ConfigError, check_data_root, load_config
+        from diffnas.config import ConfigError, check_data_files, load_config
         from diffnas.data import load_dataset
         from diffnas.engine.logs import setup_logging
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
@@ -208,7 +208,7 @@ def _train(p: argparse.ArgumentParser):
                 return cfg, run_dir
             cfg = load_config(args.config, args.overrides, search=False)
             _check_genotype(cfg, genotype)  # before the run directory exists
-            check_data_root(cfg)
+            check_data_files(cfg)
             run_dir = new_run_dir(cfg, "train", command="train")
             acquire_run_lock(run_dir)
             # recorded now, so `train --resume RUN` knows it even if the data was missing

@@ -550,20 +550,27 @@ def _check_unused_data(cfg: RunConfig) -> None:
                           f"{'it' if len(unused) == 1 else 'them'}")
 
 
-#: datasets read only from the local files ``data.root`` names (cifar10 unless downloaded)
+#: datasets read only from the local files ``data.root`` names (cifar10 also downloads there)
 ROOT_REQUIRED = ("cifar10", "npz", "folder", "cora")
 
 
-def check_data_root(cfg: RunConfig) -> None:
-    """A dataset that reads only the files ``data.root`` names, with ``data.root`` unset,
-    is refused before a run directory exists (not by ``load_config``: a dry run needs no
-    data). Missing files under a root that is set are found when the run starts."""
+def check_data_files(cfg: RunConfig) -> None:
+    """The dataset's files, checked before a run directory exists (not by
+    ``load_config``: a dry run needs no data): a dataset read only from the files
+    ``data.root`` names, with ``data.root`` unset, is refused, and so are files absent
+    from where the dataset looks (``data/registry.check_dataset_files``: presence only;
+    damaged files are found when the run reads them, and the run directory then resumes
+    with ``data.root=``)."""
     d = cfg.data
-    if d.root is None and not (d.download and d.name == "cifar10") and d.name in ROOT_REQUIRED:
-        extra = " (or data.download=true)" if d.name == "cifar10" else ""
+    if d.root is None and d.name in ROOT_REQUIRED:
+        extra = (" (with data.download=true: the directory to download into)"
+                 if d.name == "cifar10" else "")
         raise ConfigError(f"data.root is not set, and data.name={d.name} is read from local "
                           f"files: give data.root=PATH{extra}; docs/data.md says what it "
                           "holds")
+    from diffnas.data import check_dataset_files
+
+    check_dataset_files(d.name, d.root, d.download)
 
 
 def check_penalties_setup(cfg: RunConfig) -> None:
@@ -593,9 +600,9 @@ def check_penalties_setup(cfg: RunConfig) -> None:
 
 def check_run_files(cfg: RunConfig) -> None:
     """What a search needs beyond its config, checked before its run directory exists:
-    the data root (:func:`check_data_root`) and the penalties' files and settings
+    the dataset's files (:func:`check_data_files`) and the penalties' files and settings
     (:func:`check_penalties_setup`)."""
-    check_data_root(cfg)
+    check_data_files(cfg)
     check_penalties_setup(cfg)
 
 

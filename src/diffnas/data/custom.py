@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from diffnas.data.base import DatasetNotFoundError, ImageData, prepare
-from diffnas.data.registry import register_dataset
+from diffnas.data.registry import register_dataset, register_files_check
 
 log = logging.getLogger("diffnas")
 
@@ -81,7 +81,9 @@ def _check_side(h: int, w: int, resolution: int | None, where: str) -> int:
 
 
 # --- npz -------------------------------------------------------------------------------
-def _npz_path(root: str | None) -> Path:
+@register_files_check("npz")
+def _npz_path(root: str | None, download: bool = False) -> Path:
+    """The ``.npz`` file ``root`` names (an archive; its arrays are checked on loading)."""
     if root is None:
         raise DatasetNotFoundError(f"data.name=npz needs data.root=path/to/data.npz. {NPZ_HELP}")
     path = Path(root).expanduser()
@@ -414,8 +416,11 @@ def _class_files(folder: Path) -> list[Path]:
     return files
 
 
-def _folder_splits(root: str | None) -> tuple[Path, list[str], dict[str, list[Path]]]:
-    """The root, the sorted class names and per split the class folders, checked."""
+@register_files_check("folder")
+def _folder_splits(root: str | None, download: bool = False
+                   ) -> tuple[Path, list[str], dict[str, list[Path]]]:
+    """The root, the sorted class names and per split the class folders, checked (folders
+    only: the images are listed and read on loading)."""
     if root is None:
         raise DatasetNotFoundError(f"data.name=folder needs data.root=DIR. {FOLDER_HELP}")
     base = Path(root).expanduser()

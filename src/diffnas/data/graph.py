@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from diffnas.data.base import DatasetNotFoundError
+from diffnas.data.registry import register_files_check
 from diffnas.registry import Registry
 
 CORA_FILES = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
@@ -119,9 +120,9 @@ def _dense(m, path: Path, rows: int | None = None) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-@register_graph_dataset("cora")
-def load_cora(root: str | None) -> GraphData:
-    """Cora with the standard Planetoid split (140 / 500 / 1000); see the module text."""
+@register_files_check("cora")
+def cora_files(root: str | None, download: bool = False) -> dict[str, Path]:
+    """The Planetoid files ``ind.cora.*`` in ``root``, by suffix."""
     if root is None:
         raise DatasetNotFoundError(f"Cora: data.root is not set; {CORA_HELP}")
     d = Path(root)
@@ -129,6 +130,13 @@ def load_cora(root: str | None) -> GraphData:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DatasetNotFoundError(f"Cora: missing {', '.join(missing)}; {CORA_HELP}")
+    return paths
+
+
+@register_graph_dataset("cora")
+def load_cora(root: str | None) -> GraphData:
+    """Cora with the standard Planetoid split (140 / 500 / 1000); see the module text."""
+    paths = cora_files(root)
     obj = {n: _read_pickle(paths[n]) for n in CORA_FILES if n != "test.index"}
     try:
         test_order = np.array([int(ln) for ln in paths["test.index"].read_text().split()])
@@ -140,7 +148,7 @@ def load_cora(root: str | None) -> GraphData:
     tx = _dense(obj["tx"], paths["tx"], len(test_order))
     ty = _dense(obj["ty"], paths["ty"], len(test_order))
     if allx.shape[0] != ally.shape[0] or x.shape[0] != y.shape[0]:
-        raise ValueError(f"Cora: allx/ally or x/y row counts differ in {d}; {CORA_HELP}")
+        raise ValueError(f"Cora: allx/ally or x/y row counts differ in {root}; {CORA_HELP}")
     graph = obj["graph"]
     if not isinstance(graph, dict):
         raise ValueError(f"Cora: {paths['graph']} must hold a dict of adjacency lists, got "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 import struct
 import zlib
@@ -14,7 +15,7 @@ import torch
 
 from diffnas.data.base import DatasetNotFoundError, ImageData, prepare
 from diffnas.data.custom import DataFormatError
-from diffnas.data.registry import register_dataset
+from diffnas.data.registry import register_dataset, register_files_check
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -63,45 +64,51 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
-@register_dataset("fashion_mnist")
-def load_fashion_mnist(root: str | None = None, download: bool = False) -> ImageData:
-    """Fashion-MNIST (60k/10k, 28x28, 10 classes) from the original IDX files."""
+FASHION_MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@register_files_check("fashion_mnist")
+def fashion_mnist_files(root: str | None = None, download: bool = False) -> list[Path]:
+    """The four IDX files (gzipped or not) in ``root``, or in the first of
+    :data:`FASHION_MNIST_DIRS` holding all four when ``root`` is unset."""
     if download:
         raise ValueError("fashion_mnist is read from local IDX files; " + FASHION_MNIST_HELP)
     roots = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]
-    stems = [
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    ]
     for r in roots:
-        paths = [_find_idx(r, s) for s in stems]
+        paths = [_find_idx(r, s) for s in FASHION_MNIST_STEMS]
         if all(paths):
-            arrays = [torch.from_numpy(read_idx(p).copy()) for p in paths]
-            for p, a, ndim in zip(paths, arrays, (3, 1, 3, 1), strict=True):
-                if a.dim() != ndim:
-                    raise DataFormatError(f"{p}: {a.dim()}-D, expected {ndim}-D "
-                                          f"({'images' if ndim == 3 else 'labels'}); {IDX_FIX}")
-            trx, try_, tex, tey = arrays
-            for i in (0, 2):  # images and labels of one split
-                if len(arrays[i]) != len(arrays[i + 1]):
-                    raise DataFormatError(f"{paths[i]} holds {len(arrays[i])} images but "
-                                          f"{paths[i + 1]} {len(arrays[i + 1])} labels; one "
-                                          "of them is damaged: download or copy both again")
-            for i in (1, 3):
-                _check_labels(paths[i], arrays[i], "one of the files is damaged: download or "
-                              "copy the four files again")
-            if trx.shape[1:] != tex.shape[1:]:
-                raise DataFormatError(f"{paths[0]} holds {tuple(trx.shape[1:])} images but "
-                                      f"{paths[2]} {tuple(tex.shape[1:])} ones; copy the four "
-                                      "files of one Fashion-MNIST again")
-            return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0,
-                           FASHION_MNIST_CLASSES)
+            return paths
     looked = ", ".join(str(r) for r in roots)
     raise DatasetNotFoundError(
         f"Fashion-MNIST IDX files not found in: {looked}. {FASHION_MNIST_HELP}"
     )
+
+
+@register_dataset("fashion_mnist")
+def load_fashion_mnist(root: str | None = None, download: bool = False) -> ImageData:
+    """Fashion-MNIST (60k/10k, 28x28, 10 classes) from the original IDX files."""
+    paths = fashion_mnist_files(root, download)
+    arrays = [torch.from_numpy(read_idx(p).copy()) for p in paths]
+    for p, a, ndim in zip(paths, arrays, (3, 1, 3, 1), strict=True):
+        if a.dim() != ndim:
+            raise DataFormatError(f"{p}: {a.dim()}-D, expected {ndim}-D "
+                                  f"({'images' if ndim == 3 else 'labels'}); {IDX_FIX}")
+    trx, try_, tex, tey = arrays
+    for i in (0, 2):  # images and labels of one split
+        if len(arrays[i]) != len(arrays[i + 1]):
+            raise DataFormatError(f"{paths[i]} holds {len(arrays[i])} images but "
+                                  f"{paths[i + 1]} {len(arrays[i + 1])} labels; one "
+                                  "of them is damaged: download or copy both again")
+    for i in (1, 3):
+        _check_labels(paths[i], arrays[i], "one of the files is damaged: download or "
+                      "copy the four files again")
+    if trx.shape[1:] != tex.shape[1:]:
+        raise DataFormatError(f"{paths[0]} holds {tuple(trx.shape[1:])} images but "
+                              f"{paths[2]} {tuple(tex.shape[1:])} ones; copy the four "
+                              "files of one Fashion-MNIST again")
+    return prepare("fashion_mnist", trx[:, None], try_, tex[:, None], tey, 10, 255.0,
+                   FASHION_MNIST_CLASSES)
 
 
 @register_dataset("digits")
@@ -189,37 +196,48 @@ def _check_labels(path: Path, y: np.ndarray | torch.Tensor, fix: str) -> None:
                               f"0..9; {fix}")
 
 
+def _cifar_files(root: str) -> list[Path]:
+    """The five training batches and the test batch, in ``root/cifar-10-batches-py`` where
+    that folder exists, else in ``root`` itself."""
+    base = Path(root)
+    inner = base / "cifar-10-batches-py"
+    folder = inner if inner.is_dir() else base
+    return [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+
+
+@register_files_check("cifar10")
+def cifar10_files(root: str | None, download: bool = False) -> list[Path]:
+    """The six batch files; absent ones are an error unless ``download`` fetches them,
+    which then needs torchvision."""
+    if root is None:
+        raise DatasetNotFoundError("CIFAR-10 needs data.root. " + CIFAR_HELP)
+    files = _cifar_files(root)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing and not download:
+        raise DatasetNotFoundError(f"CIFAR-10 files missing: {missing[:3]}... {CIFAR_HELP}")
+    if missing and importlib.util.find_spec("torchvision") is None:
+        raise DatasetNotFoundError(
+            "data.download=true needs torchvision: pip install 'diffnas[vision]'")
+    return files
+
+
 @register_dataset("cifar10")
 def load_cifar10(root: str | None = None, download: bool = False) -> ImageData:
     """CIFAR-10 from a local directory in torchvision's format."""
-    if root is None:
-        raise DatasetNotFoundError("CIFAR-10 needs data.root. " + CIFAR_HELP)
-    base = Path(root)
-
-    def cifar_files() -> list[Path]:
-        inner = base / "cifar-10-batches-py"
-        folder = inner if inner.is_dir() else base
-        return [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+    files = cifar10_files(root, download)
 
     def fetch() -> None:
-        if all(f.is_file() for f in cifar_files()):
+        if all(f.is_file() for f in _cifar_files(root)):
             return
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise DatasetNotFoundError(
-                "data.download=true needs torchvision: pip install 'diffnas[vision]'"
-            ) from exc
-        torchvision.datasets.CIFAR10(str(base), train=True, download=True)
+        import torchvision
+
+        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
 
     if download:  # under torchrun every rank calls this: one process writes at a time
         from diffnas.engine.distributed import fetch_in_turn
 
         fetch_in_turn(fetch)
-    files = cifar_files()
-    if not all(f.is_file() for f in files):
-        missing = [str(f) for f in files if not f.is_file()]
-        raise DatasetNotFoundError(f"CIFAR-10 files missing: {missing[:3]}... {CIFAR_HELP}")
+        files = cifar10_files(root)  # the download wrote them all, or says what it missed
     parts = [_cifar_batch(f) for f in files]
     trx = torch.from_numpy(np.concatenate([p[0] for p in parts[:5]]))
     try_ = torch.from_numpy(np.concatenate([p[1] for p in parts[:5]]))

@@ -1,4 +1,5 @@
-"""Registry of datasets and the one entry point that applies subsets and resizing."""
+"""Registry of datasets and the one entry point that applies subsets and resizing; and the
+registry of dataset file checks, run before a run directory is written."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ log = logging.getLogger(__name__)
 DatasetLoader = Callable[..., ImageData]
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
+#: ``check(root, download)``: raises :class:`~diffnas.data.base.DatasetNotFoundError` when
+#: the files a dataset reads are not where ``root`` (or its default place) says
+FilesCheck = Callable[[str | None, bool], None]
+DATASET_FILES: Registry[FilesCheck] = Registry("dataset files check")
+
 
 #: generator seed of ``data.test_subset`` (fixed: every run seed scores the same images)
 TEST_SUBSET_SEED = 1
@@ -22,6 +28,21 @@ TEST_SUBSET_SEED = 1
 
 def register_dataset(name: str):
     return DATASETS.register(name)
+
+
+def register_files_check(name: str):
+    """Register the files check of dataset ``name`` (image, text or graph): the function
+    its loader locates its files with, so the check and the load cannot disagree."""
+    return DATASET_FILES.register(name)
+
+
+def check_dataset_files(name: str, root: str | None, download: bool = False) -> None:
+    """Refuse a run whose dataset files are absent before its run directory exists (a
+    resumable directory holding nothing but a config helped no one). Only presence is
+    checked (cheap, no reading); damaged files are found by the loader. A dataset without
+    a registered check (shipped data, a plugin's) passes."""
+    if name in DATASET_FILES:
+        DATASET_FILES.get(name)(root, download)
 
 
 def list_datasets() -> list[str]:

