@@ -359,6 +359,8 @@ def test_a_space_of_your_own_runs_on_the_engine_of_the_class_it_extends(tmp_path
         SPACES._items.pop("my_gnn")
 
 
+# (the epoch ends with no step taken: torch warns that the schedule stepped first)
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 def test_the_end_of_epoch_evaluation_draws_nothing_from_the_search_s_generator(tmp_path):
     """GDAS samples the architecture it evaluates with: from a forked generator, so what a
     search measures changes nothing it does next (engine/search.StrategyTask)."""
