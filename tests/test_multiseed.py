@@ -4,6 +4,7 @@ two-seed run in worker processes that matches the same seeds run in this process
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import unreadable_fashion_mnist
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config
 from diffnas.engine import multiseed as ms
+from diffnas.engine import rundir
 
 TINY_RUN = [
     "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
@@ -330,8 +332,11 @@ def test_one_damaged_seed_becomes_a_failed_row_and_the_summary_is_written(tmp_pa
     cfg, dirs = _finished_seeds(tmp_path, [0, 1, 2])
     res = dirs[1] / "retrain" / "result.json"
     res.write_bytes(res.read_bytes()[:20])
+    logger = logging.getLogger("diffnas")
+    handlers = list(logger.handlers)
     summary = ms.run_seeds(cfg, [0, 1, 2], tmp_path, workers=1, echo=False)
     assert summary["failed"] == [1]
+    assert logger.handlers == handlers  # seed 1's log.txt handler did not stay behind
     assert summary["test_acc"]["n"] == 2
     assert summary["test_acc"]["mean"] == pytest.approx(0.2)
     error = summary["runs"][1]["error"]
@@ -410,4 +415,4 @@ def test_a_seed_resumes_with_the_thread_count_it_started_with(tmp_path, monkeypa
     ms.run_seed(tmp_path, threads=1)
     ms.run_seed(tmp_path, threads=2)  # resumed when it was the last seed left
     assert seen == [1, 1] and torch.get_num_threads() == before
-    assert json.loads((tmp_path / ms.THREADS_FILE).read_text()) == {"threads": 1}
+    assert json.loads((tmp_path / rundir.THREADS_FILE).read_text()) == {"threads": 1}

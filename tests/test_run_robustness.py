@@ -459,6 +459,27 @@ def test_cuda_rng_states_go_to_the_gpus_this_machine_has(monkeypatch, saved, vis
     assert calls == [(i, i) for i in range(min(saved, visible))]
 
 
+def test_a_resume_with_another_thread_count_says_it_will_not_repeat_the_run(tmp_path):
+    """A run records the thread count it starts with; resumed on the CPU with another
+    count (sums round differently, so not bit for bit the uninterrupted run) it warns and
+    says how to match it, for search and for train; with the same count it says nothing."""
+    now = torch.get_num_threads()
+    for command, argv in (("search", TINY), ("train", ["--genotype", "DARTS_V2", *TINY_TRAIN])):
+        run = tmp_path / command
+        assert main([command, *argv, f"out_dir={tmp_path}", f"name={command}"]) == 0
+        assert rundir.recorded_threads(run) == now
+        extra = ["--genotype", "DARTS_V2"] if command == "train" else []
+        rundir.record_threads(run, now + 1)
+        assert main([command, "--resume", str(run), *extra]) == 0  # finished: nothing to do
+        said = f"started with {now + 1} torch threads and resumes with {now}"
+        assert (run / "log.txt").read_text().count(said) == 1
+        assert f"OMP_NUM_THREADS={now + 1}" in (run / "log.txt").read_text()
+        rundir.record_threads(run, now)
+        assert main([command, "--resume", str(run), *extra]) == 0
+        assert (run / "log.txt").read_text().count("torch threads and resumes") == 1
+        assert rundir.recorded_threads(run) == now  # a resume records nothing
+
+
 def test_a_resume_on_other_data_is_refused(tmp_path):
     """data.root may change on resume (the files moved); a root holding other data of the
     same shapes continued the weights on a dataset they were not computed on. A float

@@ -93,7 +93,7 @@ def _search(p: argparse.ArgumentParser):
         from diffnas.engine import distributed as dp
         from diffnas.engine.logs import setup_logging
         from diffnas.engine.retrain import run_retrain
-        from diffnas.engine.rundir import new_run_dir
+        from diffnas.engine.rundir import check_resume_threads, new_run_dir
         from diffnas.engine.runlock import acquire_run_lock
         from diffnas.engine.search import run_search
         from diffnas.genotype import Genotype
@@ -118,6 +118,7 @@ def _search(p: argparse.ArgumentParser):
         import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
         setup_logging(run_dir if main else None, verbose=main)
         if main:
+            check_resume_threads(run_dir, bool(args.resume), cfg.device)
             print(f"run directory: {run_dir}")
             if not args.config and not args.resume:
                 print("no --config: the built-in defaults with your overrides (see "
@@ -158,7 +159,12 @@ def _train(p: argparse.ArgumentParser):
         from diffnas.data import load_dataset
         from diffnas.engine.logs import setup_logging
         from diffnas.engine.retrain import build_network, network_summary, run_retrain
-        from diffnas.engine.rundir import new_run_dir, pin_genotype, test_subset_seed
+        from diffnas.engine.rundir import (
+            check_resume_threads,
+            new_run_dir,
+            pin_genotype,
+            test_subset_seed,
+        )
         from diffnas.engine.runlock import acquire_run_lock
         from diffnas.genotype import resolve_genotype
         from diffnas.plugins import import_plugins
@@ -221,6 +227,8 @@ def _train(p: argparse.ArgumentParser):
         args._run_dir = run_dir  # for the resume hint of an interrupted run (main)
         import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
         setup_logging(run_dir if main else None, verbose=main)
+        if main:
+            check_resume_threads(run_dir, bool(args.resume), cfg.device)
         if _is_lm(cfg):
             from diffnas.engine.lm import print_lm_result, run_lm_retrain
 

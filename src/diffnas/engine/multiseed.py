@@ -125,13 +125,16 @@ def run_seed(run_dir: str | Path, threads: int | None = None,
              overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Search and retrain one prepared seed directory (continuing where it stopped, with
     the resume ``overrides`` of ``rundir.RESUME_OVERRIDES``) and return its record for the
-    summary."""
+    summary. The ``diffnas`` logger is left as it was found (the seed's log.txt handler is
+    closed): seeds run in this process, or a caller's, do not leave theirs behind."""
     import torch
 
+    from diffnas.engine.logs import logging_scope
     from diffnas.engine.runlock import run_lock
 
     run = Path(run_dir)
-    with run_lock(run):  # a second process on the same seed is refused
+    # a second process on the same seed is refused
+    with run_lock(run), logging_scope():
         before = torch.get_num_threads()
         torch.set_num_threads(seed_threads(run, threads or before))
         try:
@@ -140,22 +143,16 @@ def run_seed(run_dir: str | Path, threads: int | None = None,
             torch.set_num_threads(before)
 
 
-#: a seed's thread count, recorded when it starts: resumed with it, it computes what an
-#: uninterrupted run does (float sums split over other thread counts round differently)
-THREADS_FILE = "threads.json"
-
-
 def seed_threads(run: Path, threads: int) -> int:
-    """The thread count seed ``run`` started with, else ``threads`` (recorded now)."""
-    from diffnas.engine.callbacks import read_json
+    """The thread count seed ``run`` started with (``rundir.THREADS_FILE``), else
+    ``threads`` (recorded now): resumed with it, the seed computes what an uninterrupted
+    run does (float sums split over other thread counts round differently)."""
+    from diffnas.engine import rundir
 
-    path = run / THREADS_FILE
-    if path.is_file():
-        recorded = read_json(path, f"delete {path} to resume with this machine's count")
-        n = recorded.get("threads")
-        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
-            return n
-    atomic_write_text(json.dumps({"threads": threads}) + "\n", path)
+    recorded = rundir.recorded_threads(run)
+    if recorded is not None:
+        return recorded
+    rundir.record_threads(run, threads)
     return threads
 
 

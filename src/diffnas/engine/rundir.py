@@ -38,6 +38,10 @@ PLUGINS_FILE = "plugins.json"
 TEST_SUBSET_FILE = "test_subset.json"
 #: what a phase (search/, retrain/) computed on: :func:`check_same_data`
 DATA_FILE = "data.json"
+#: the torch thread count a run started with: float sums split over another number of
+#: threads round differently, so only a resume with the same count computes what the
+#: uninterrupted run would (``--seeds`` resumes each seed with it; a plain run warns)
+THREADS_FILE = "threads.json"
 #: dataset fields that say where the data was read from, not what it is (left out of
 #: :func:`data_fingerprint`: a resume may find the same files elsewhere)
 LOCATION_FIELDS = frozenset({"source", "sources", "root", "path", "paths"})
@@ -106,6 +110,40 @@ def mark_made_by(run_dir: str | Path, command: str) -> None:
     if command not in ("search", "train"):
         raise ValueError(f"a run is made by 'search' or 'train', not {command!r}")
     atomic_write_text(command + "\n", Path(run_dir) / MADE_BY_FILE)
+
+
+def recorded_threads(run_dir: str | Path) -> int | None:
+    """The thread count ``run_dir`` started with (:data:`THREADS_FILE`); None for a run
+    that has none recorded (made before it was) or an unreadable record."""
+    from diffnas.engine.callbacks import read_json
+
+    path = Path(run_dir) / THREADS_FILE
+    if not path.is_file():
+        return None
+    n = read_json(path, f"delete {path} to resume with this machine's count").get("threads")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+
+
+def record_threads(run_dir: str | Path, threads: int) -> None:
+    """Record the thread count ``run_dir`` starts with."""
+    atomic_write_text(json.dumps({"threads": threads}) + "\n", Path(run_dir) / THREADS_FILE)
+
+
+def check_resume_threads(run_dir: str | Path, resume: bool, device: str) -> None:
+    """A new run records this process's thread count; a resumed CPU run with another count
+    says so (it still runs: a resume elsewhere is allowed, but is not the uninterrupted
+    run bit for bit, and the user can match the count). A run with none recorded gets
+    none: its first count is not known."""
+    now = torch.get_num_threads()
+    if not resume:
+        record_threads(run_dir, now)
+        return
+    then = recorded_threads(run_dir)
+    if then is not None and then != now and resolve_device(device).type == "cpu":
+        log.warning("this run started with %d torch threads and resumes with %d: float sums "
+                    "split over another number of threads round differently, so it will not "
+                    "repeat the uninterrupted run bit for bit (OMP_NUM_THREADS=%d resumes it "
+                    "exactly)", then, now, then)
 
 
 def made_by(run_dir: str | Path) -> str | None:
