@@ -60,6 +60,21 @@ def test_retrain_and_search_settings_are_checked_at_load(override, match):
     _refused([override], match)
 
 
+@pytest.mark.parametrize("override, kind", [
+    ("search.space.name={a: 1}", "search space"), ("search.strategy.name=[gdas]", "strategy"),
+    ("search.strategy.relaxation={name: [1]}", "relaxation"),
+])
+def test_a_name_that_is_not_a_string_is_an_error_naming_the_known_ones(override, kind,
+                                                                       capsys):
+    """A mapping or list where a registered name belongs was a TypeError traceback
+    (unhashable) from the registry lookup; now the registry says what it got and lists
+    the names it knows."""
+    assert main(["search", override]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown {kind} " in err and f"a {kind} is named by a string); known: " in err
+    assert "Traceback" not in err
+
+
 # NaN passes every range check (each comparison is false) and inf breaks the step's
 # arithmetic: both used to surface only as "loss is nan" (or a traceback) at the first step.
 @pytest.mark.parametrize("override, match", [

@@ -43,20 +43,24 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
-        try:
+        """The object registered as ``name``; anything else (another name, or not a string
+        at all, e.g. a mapping a config gave where a name belongs) is an
+        :class:`UnknownNameError` that lists the registered names."""
+        if isinstance(name, str) and name in self._items:
             return self._items[name]
-        except KeyError:
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))} "
-                "(one registered in your own Python code: name its module or file in the "
-                "config's plugins)"
-            ) from None
+        what = repr(name) if isinstance(name, str) else \
+            f"{name!r} (of type {type(name).__name__}: a {self.kind} is named by a string)"
+        raise UnknownNameError(
+            f"unknown {self.kind} {what}; known: {', '.join(sorted(self._items))} "
+            "(one registered in your own Python code: name its module or file in the "
+            "config's plugins)"
+        )
 
     def names(self) -> list[str]:
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
