@@ -222,7 +222,10 @@ def test_train_resume_knows_the_genotype_even_when_the_data_was_unreadable(tmp_p
     argv = ["train", "--genotype", "DARTS_V1", "--config", str(ROOT / "configs/darts_cifar10.yaml"),
             f"out_dir={tmp_path / 'runs'}", "name=t", f"data.root={bad}"]
     assert main(argv) == 2
-    assert f"{bad / 'data_batch_1'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{bad / 'data_batch_1'}" in err
+    run = tmp_path / "runs/t"
+    assert f"continue it with: diffnas train --resume {run} --genotype DARTS_V1;" in err
     from diffnas.genotype import Genotype, resolve_genotype
 
     recorded = Genotype.load(tmp_path / "runs/t/retrain/genotype.json")

@@ -442,7 +442,8 @@ def _resume_hint(args: argparse.Namespace) -> str | None:
 
 
 def _way_on(args: argparse.Namespace, exc: Exception) -> str:
-    """What to do after a full disk (free space, resume: the checkpoint before it is kept)
+    """What to do after a full disk (free space, resume: the checkpoint before it is kept),
+    data found missing or damaged on reading (fix it, resume: the run directory is kept)
     or a diverged run (a resume keeps the settings that diverged: a new run, from the
     finished search's genotype when there is one); empty for other errors."""
     import errno
@@ -451,6 +452,16 @@ def _way_on(args: argparse.Namespace, exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         hint = _resume_hint(args)
         return f"; free some space, then resume with: {hint}" if hint else ""
+    from diffnas.data import DataFormatError, DatasetNotFoundError
+
+    if isinstance(exc, (DataFormatError, DatasetNotFoundError)):
+        # found on reading, after the run directory was made (absent files are refused
+        # before): the run is kept, and continues once the data is fixed
+        hint = _resume_hint(args)
+        if not hint:
+            return ""
+        where = "" if "data.root=" in hint else "; add data.root=DIR if the data is elsewhere now"
+        return f" (the run directory is kept: with the data fixed, continue it with: {hint}{where})"
     if not isinstance(exc, FloatingPointError) or args.command not in ("search", "train"):
         return ""
     run_dir = getattr(args, "_run_dir", None) or getattr(args, "resume", None)

@@ -1,7 +1,7 @@
 """Datasets (read from local files), subsets, splits and deterministic loaders."""
 
 from diffnas.data import custom, graph, images, text  # noqa: F401  (registration)
-from diffnas.data.base import DatasetNotFoundError, ImageData
+from diffnas.data.base import DataFormatError, DatasetNotFoundError, ImageData
 from diffnas.data.loaders import Augment, BatchLoader, split_train_val
 from diffnas.data.registry import (
     DATASETS,
@@ -13,7 +13,7 @@ from diffnas.data.registry import (
 )
 
 __all__ = [
-    "DATASETS", "Augment", "BatchLoader", "DatasetNotFoundError", "ImageData",
+    "DATASETS", "Augment", "BatchLoader", "DataFormatError", "DatasetNotFoundError", "ImageData",
     "check_dataset_files", "list_datasets", "load_dataset", "register_dataset",
     "register_files_check", "split_train_val",
 ]

@@ -1,4 +1,4 @@
-"""Image datasets held in memory as tensors, and the error for missing data."""
+"""Image datasets held in memory as tensors, and the errors for missing or damaged data."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ log = logging.getLogger(__name__)
 class DatasetNotFoundError(FileNotFoundError):
     """Raised when dataset files are absent; the message says where we looked and how
     to get them."""
+
+
+class DataFormatError(ValueError):
+    """The user's data exists but is not in the form the loader needs (the message names
+    the file and what to do)."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffnas.data.base import DatasetNotFoundError, ImageData, prepare
+from diffnas.data.base import DataFormatError, DatasetNotFoundError, ImageData, prepare
 from diffnas.data.registry import register_dataset, register_files_check
 
 log = logging.getLogger("diffnas")
@@ -39,10 +39,6 @@ NPZ_HELP = ("data.name=npz reads one .npz file (np.savez) with arrays x_train, y
             "y_test; see docs/data.md")
 FOLDER_HELP = ("data.name=folder reads root/train/<class>/<image> and root/test/<class>/<image> "
                "(PNG, JPEG, ...); see docs/data.md")
-
-
-class DataFormatError(ValueError):
-    """The user's data exists but is not in the form the loader needs."""
 
 
 @dataclass

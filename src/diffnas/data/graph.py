@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffnas.data.base import DatasetNotFoundError
+from diffnas.data.base import DataFormatError, DatasetNotFoundError
 from diffnas.data.registry import register_files_check
 from diffnas.registry import Registry
 
@@ -108,14 +108,14 @@ def _read_pickle(path: Path):
             warnings.simplefilter("ignore")  # old scipy module paths inside the pickles
             return pickle.load(f, encoding="latin1")
     except Exception as exc:  # noqa: BLE001  (any unpickling failure: the file is bad)
-        raise ValueError(f"Cora: cannot read {path} ({type(exc).__name__}: {exc}); "
+        raise DataFormatError(f"Cora: cannot read {path} ({type(exc).__name__}: {exc}); "
                          f"{CORA_HELP}") from None
 
 
 def _dense(m, path: Path, rows: int | None = None) -> np.ndarray:
     arr = m.toarray() if hasattr(m, "toarray") else np.asarray(m)
     if arr.ndim != 2 or (rows is not None and arr.shape[0] != rows):
-        raise ValueError(f"Cora: {path} holds an array of shape {arr.shape}, expected a "
+        raise DataFormatError(f"Cora: {path} holds an array of shape {arr.shape}, expected a "
                          f"matrix{'' if rows is None else f' with {rows} rows'}; {CORA_HELP}")
     return arr.astype(np.float32)
 
@@ -141,27 +141,27 @@ def load_cora(root: str | None) -> GraphData:
     try:
         test_order = np.array([int(ln) for ln in paths["test.index"].read_text().split()])
     except ValueError:
-        raise ValueError(f"Cora: {paths['test.index']} must list one node id per line; "
+        raise DataFormatError(f"Cora: {paths['test.index']} must list one node id per line; "
                          f"{CORA_HELP}") from None
     x, y = _dense(obj["x"], paths["x"]), _dense(obj["y"], paths["y"])
     allx, ally = _dense(obj["allx"], paths["allx"]), _dense(obj["ally"], paths["ally"])
     tx = _dense(obj["tx"], paths["tx"], len(test_order))
     ty = _dense(obj["ty"], paths["ty"], len(test_order))
     if allx.shape[0] != ally.shape[0] or x.shape[0] != y.shape[0]:
-        raise ValueError(f"Cora: allx/ally or x/y row counts differ in {root}; {CORA_HELP}")
+        raise DataFormatError(f"Cora: allx/ally or x/y row counts differ in {root}; {CORA_HELP}")
     graph = obj["graph"]
     if not isinstance(graph, dict):
-        raise ValueError(f"Cora: {paths['graph']} must hold a dict of adjacency lists, got "
+        raise DataFormatError(f"Cora: {paths['graph']} must hold a dict of adjacency lists, got "
                          f"{type(graph).__name__}; {CORA_HELP}")
     test_sorted = np.sort(test_order)
     features = np.concatenate([allx, tx])
     labels = np.concatenate([ally, ty])
     n = features.shape[0]
     if test_sorted.min() < allx.shape[0] or test_sorted.max() >= n:
-        raise ValueError(f"Cora: {paths['test.index']} names nodes outside "
+        raise DataFormatError(f"Cora: {paths['test.index']} names nodes outside "
                          f"{allx.shape[0]}..{n - 1}; {CORA_HELP}")
     if not np.array_equal(test_sorted, np.arange(allx.shape[0], n)):  # (the reorder needs
-        raise ValueError(f"Cora: {paths['test.index']} must name each of the nodes "  # all)
+        raise DataFormatError(f"Cora: {paths['test.index']} must name each of the nodes "  # all)
                          f"{allx.shape[0]}..{n - 1} once; {CORA_HELP}")
     # the test rows come in test.index order; put them back at their node ids (GCN code)
     features[test_order] = features[test_sorted]
@@ -169,7 +169,7 @@ def load_cora(root: str | None) -> GraphData:
     src = np.array([int(s) for s, ns in graph.items() for _ in ns], dtype=np.int64)
     dst = np.array([int(t) for ns in graph.values() for t in ns], dtype=np.int64)
     if len(src) and (max(src.max(), dst.max()) >= n or min(src.min(), dst.min()) < 0):
-        raise ValueError(f"Cora: {paths['graph']} names nodes outside 0..{n - 1}")
+        raise DataFormatError(f"Cora: {paths['graph']} names nodes outside 0..{n - 1}")
     keep = src != dst  # self loops are added once for every node below
     n_train = y.shape[0]
     return GraphData(

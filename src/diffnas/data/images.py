@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffnas.data.base import DatasetNotFoundError, ImageData, prepare
-from diffnas.data.custom import DataFormatError
+from diffnas.data.base import DataFormatError, DatasetNotFoundError, ImageData, prepare
 from diffnas.data.registry import register_dataset, register_files_check
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from diffnas.data.base import DatasetNotFoundError
+from diffnas.data.base import DataFormatError, DatasetNotFoundError
 from diffnas.data.registry import register_files_check
 
 SPLITS = ("train", "valid", "test")
@@ -49,8 +49,6 @@ def tokenize(texts: dict[str, str], name: str,
     has it (Mikolov's convention); otherwise it is a :class:`DataFormatError` naming the
     file (``sources[split]``), as is an empty split. PTB's valid and test words all occur
     in its training text, so its ids are those of the DARTS/AWD-LSTM ``Corpus``."""
-    from diffnas.data.custom import DataFormatError
-
     sources = sources or {}
     index: dict[str, int] = {}
     ids = {}
@@ -85,8 +83,6 @@ def tokenize(texts: dict[str, str], name: str,
 
 
 def _read(path: Path) -> str:
-    from diffnas.data.custom import DataFormatError
-
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
