@@ -457,11 +457,13 @@ def _way_on(args: argparse.Namespace, exc: Exception) -> str:
     if isinstance(exc, (DataFormatError, DatasetNotFoundError)):
         # found on reading, after the run directory was made (absent files are refused
         # before): the run is kept, and continues once the data is fixed
-        hint = _resume_hint(args)
+        # (a data.root= the failed command gave is left out: it may be the wrong one)
+        kept = [o for o in getattr(args, "overrides", []) if not o.startswith("data.root=")]
+        hint = _resume_hint(argparse.Namespace(**{**vars(args), "overrides": kept}))
         if not hint:
             return ""
-        where = "" if "data.root=" in hint else "; add data.root=DIR if the data is elsewhere now"
-        return f" (the run directory is kept: with the data fixed, continue it with: {hint}{where})"
+        return (f" (the run directory is kept: with the data fixed, continue it with: {hint}; "
+                "add data.root=DIR if the data is elsewhere now)")
     if not isinstance(exc, FloatingPointError) or args.command not in ("search", "train"):
         return ""
     run_dir = getattr(args, "_run_dir", None) or getattr(args, "resume", None)
