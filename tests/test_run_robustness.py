@@ -478,6 +478,9 @@ def test_a_resume_with_another_thread_count_says_it_will_not_repeat_the_run(tmp_
         assert main([command, "--resume", str(run), *extra]) == 0
         assert (run / "log.txt").read_text().count("torch threads and resumes") == 1
         assert rundir.recorded_threads(run) == now  # a resume records nothing
+    (run / rundir.THREADS_FILE).write_text("{")  # damaged: said, and the resume goes on
+    assert main(["train", "--resume", str(run), "--genotype", "DARTS_V2"]) == 0
+    assert f"{run / rundir.THREADS_FILE}: damaged" in (run / "log.txt").read_text()
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path):

@@ -109,14 +109,14 @@ def _read_pickle(path: Path):
             return pickle.load(f, encoding="latin1")
     except Exception as exc:  # noqa: BLE001  (any unpickling failure: the file is bad)
         raise DataFormatError(f"Cora: cannot read {path} ({type(exc).__name__}: {exc}); "
-                         f"{CORA_HELP}") from None
+                              f"{CORA_HELP}") from None
 
 
 def _dense(m, path: Path, rows: int | None = None) -> np.ndarray:
     arr = m.toarray() if hasattr(m, "toarray") else np.asarray(m)
     if arr.ndim != 2 or (rows is not None and arr.shape[0] != rows):
         raise DataFormatError(f"Cora: {path} holds an array of shape {arr.shape}, expected a "
-                         f"matrix{'' if rows is None else f' with {rows} rows'}; {CORA_HELP}")
+                              f"matrix{'' if rows is None else f' with {rows} rows'}; {CORA_HELP}")
     return arr.astype(np.float32)
 
 
@@ -142,7 +142,7 @@ def load_cora(root: str | None) -> GraphData:
         test_order = np.array([int(ln) for ln in paths["test.index"].read_text().split()])
     except ValueError:
         raise DataFormatError(f"Cora: {paths['test.index']} must list one node id per line; "
-                         f"{CORA_HELP}") from None
+                              f"{CORA_HELP}") from None
     x, y = _dense(obj["x"], paths["x"]), _dense(obj["y"], paths["y"])
     allx, ally = _dense(obj["allx"], paths["allx"]), _dense(obj["ally"], paths["ally"])
     tx = _dense(obj["tx"], paths["tx"], len(test_order))
@@ -152,17 +152,17 @@ def load_cora(root: str | None) -> GraphData:
     graph = obj["graph"]
     if not isinstance(graph, dict):
         raise DataFormatError(f"Cora: {paths['graph']} must hold a dict of adjacency lists, got "
-                         f"{type(graph).__name__}; {CORA_HELP}")
+                              f"{type(graph).__name__}; {CORA_HELP}")
     test_sorted = np.sort(test_order)
     features = np.concatenate([allx, tx])
     labels = np.concatenate([ally, ty])
     n = features.shape[0]
     if test_sorted.min() < allx.shape[0] or test_sorted.max() >= n:
         raise DataFormatError(f"Cora: {paths['test.index']} names nodes outside "
-                         f"{allx.shape[0]}..{n - 1}; {CORA_HELP}")
+                              f"{allx.shape[0]}..{n - 1}; {CORA_HELP}")
     if not np.array_equal(test_sorted, np.arange(allx.shape[0], n)):  # (the reorder needs
         raise DataFormatError(f"Cora: {paths['test.index']} must name each of the nodes "  # all)
-                         f"{allx.shape[0]}..{n - 1} once; {CORA_HELP}")
+                              f"{allx.shape[0]}..{n - 1} once; {CORA_HELP}")
     # the test rows come in test.index order; put them back at their node ids (GCN code)
     features[test_order] = features[test_sorted]
     labels[test_order] = labels[test_sorted]

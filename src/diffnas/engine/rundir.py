@@ -138,7 +138,11 @@ def check_resume_threads(run_dir: str | Path, resume: bool, device: str) -> None
     if not resume:
         record_threads(run_dir, now)
         return
-    then = recorded_threads(run_dir)
+    try:
+        then = recorded_threads(run_dir)
+    except ValueError as exc:  # damaged: the warning it feeds is not worth refusing over
+        log.warning("%s (the thread count it started with is not known)", exc)
+        return
     if then is not None and then != now and resolve_device(device).type == "cpu":
         log.warning("this run started with %d torch threads and resumes with %d: float sums "
                     "split over another number of threads round differently, so it will not "
