@@ -124,14 +124,6 @@ def test_resume_keeps_the_runs_settings(tmp_path, capsys):
     assert "multi-seed run" in capsys.readouterr().err
 
 
-def test_seeds_refuse_language_models(tmp_path, capsys):
-    argv = ["search", "--seeds", "0", "--config", str(ROOT / "configs/darts_rnn_ptb.yaml"),
-            f"out_dir={tmp_path}"]
-    assert main(argv) == 2
-    assert "darts_rnn" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())  # refused before a run directory was made
-
-
 def test_retrain_resume_refuses_another_genotype(tmp_path, capsys):
     from diffnas.genotype import resolve_genotype
 

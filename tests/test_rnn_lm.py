@@ -169,6 +169,34 @@ def _tiny_lm_config(tmp_path: Path) -> Path:
     return path
 
 
+def test_seeds_search_a_language_model_and_summarise_its_test_perplexity(tmp_path, capsys):
+    """--seeds runs a language-model search per seed (it used to be refused): the summary's
+    headline is the retrained test perplexity over the seeds, mean +- sample std of what
+    each seed's result.json says, and its table shows perplexities, not accuracies."""
+    import statistics
+
+    path = _tiny_lm_config(tmp_path)
+    argv = ["search", "--seeds", "0,1", "--workers", "1", "--config", str(path), "name=p",
+            "search.epochs=1", "retrain.epochs=1",
+            "search.space={name: darts_rnn, ninp: 8, nhid: 8, nodes: 3}"]
+    assert main(argv) == 0
+    par = tmp_path / "runs" / "p"
+    ppls = [json.loads((par / f"seed_{s}/retrain/result.json").read_text())["test_ppl"]
+            for s in (0, 1)]
+    assert ppls[0] != ppls[1] and all(1 < p < 1e4 for p in ppls)  # two seeds, two runs
+    summary = json.loads((par / "summary.json").read_text())
+    assert summary["metric"] == "test_ppl" and summary["failed"] == []
+    assert summary["test_ppl"]["n"] == 2 and summary["test_acc"]["n"] == 0
+    assert summary["test_ppl"]["mean"] == pytest.approx(statistics.mean(ppls))
+    assert summary["test_ppl"]["std"] == pytest.approx(statistics.stdev(ppls))
+    assert summary["search_val_ppl"]["n"] == 2
+    md = (par / "summary.md").read_text()
+    assert (f"Retrained test perplexity: **{statistics.mean(ppls):.2f} +- "
+            f"{statistics.stdev(ppls):.2f}**") in md
+    assert "| seed | test ppl | search val ppl |" in md and f"| 0 | {ppls[0]:.2f} |" in md
+    assert "accuracy" not in md and "%" not in md.split("## ")[0]
+
+
 def test_train_command_retrains_a_published_recurrent_cell(tmp_path, capsys):
     path = _tiny_lm_config(tmp_path)
     assert main(["train", "--genotype", "DARTS_RNN_V2", "--config", str(path),

@@ -165,9 +165,13 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, progress=False)
     from diffnas.spaces import space_engine
 
-    if space_engine(cfg.search.space) == "graph":  # node classification: engine/graph.py
+    engine = space_engine(cfg.search.space)
+    if engine == "graph":  # node classification: engine/graph.py
         from diffnas.engine.graph import run_graph_retrain as run_retrain
         from diffnas.engine.graph import run_graph_search as run_search
+    elif engine == "language_model":  # engine/lm.py
+        from diffnas.engine.lm import run_lm_retrain as run_retrain
+        from diffnas.engine.lm import run_lm_search as run_search
     else:
         from diffnas.engine.retrain import run_retrain
         from diffnas.engine.search import run_search
@@ -188,24 +192,31 @@ def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     from diffnas.genotype import Genotype
 
     run = Path(run_dir)
-    rec: dict[str, Any] = {"seed": seed, "run_dir": str(run), "genotype": None,
-                           "test_acc": None, "params": None, "macs": None, "search_val_acc": None,
-                           "search_val_measure": None}
+    rec = _empty_record(run, seed)
     gfile = run / "search" / "genotype.json"
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
     metrics = read_jsonl(run / "search" / "metrics.jsonl")
     if metrics and isinstance(metrics[-1], dict):
         rec["search_val_acc"], rec["search_val_measure"] = search_val_acc(metrics[-1])
+        ppl = metrics[-1].get("valid_ppl")  # a language model's search
+        rec["search_val_ppl"] = float(ppl) if _number(ppl) else None
     res = run / "retrain" / "result.json"
     if res.is_file():
         r = read_json(res, result_fix(run))
-        if not _number(r.get("test_acc")):
-            raise ValueError(f"{res}: damaged, no number 'test_acc'; {result_fix(run)}")
-        rec.update(test_acc=r["test_acc"],
+        key = "test_ppl" if "test_ppl" in r else "test_acc"  # a language model's retraining
+        if not _number(r.get(key)):
+            raise ValueError(f"{res}: damaged, no number {key!r}; {result_fix(run)}")
+        rec.update({key: r[key]},
                    params=r.get("params") if isinstance(r.get("params"), int) else None,
                    macs=r.get("macs") if _number(r.get("macs")) else None)
     return rec
+
+
+def _empty_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
+    return {"seed": seed, "run_dir": str(run_dir), "genotype": None, "test_acc": None,
+            "test_ppl": None, "params": None, "macs": None, "search_val_acc": None,
+            "search_val_measure": None, "search_val_ppl": None}
 
 
 def _number(x: Any) -> bool:
@@ -214,9 +225,19 @@ def _number(x: Any) -> bool:
 
 def failed_record(run_dir: str | Path, seed: int, error: str) -> dict[str, Any]:
     """The summary row of a seed whose files cannot be read: it says why."""
-    return {"seed": seed, "run_dir": str(run_dir), "genotype": None, "test_acc": None,
-            "params": None, "macs": None, "search_val_acc": None, "search_val_measure": None,
-            "error": error}
+    return {**_empty_record(run_dir, seed), "error": error}
+
+
+#: the headline figure of a multi-seed summary, by engine: a language model's retraining
+#: reports test perplexity (lower is better), image and graph runs test accuracy
+METRICS = {"test_acc": "Retrained test accuracy", "test_ppl": "Retrained test perplexity"}
+
+
+def seeds_metric(cfg: RunConfig) -> str:
+    """The key of :data:`METRICS` that summarises ``cfg``'s seeds."""
+    from diffnas.spaces import space_engine
+
+    return "test_ppl" if space_engine(cfg.search.space) == "language_model" else "test_acc"
 
 
 # --- the summary --------------------------------------------------------------------
@@ -252,15 +273,21 @@ def _edge_key(label: str) -> tuple[int, int]:
     return int(dst), int(src)
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy mean +- std, the genotypes, and op counts per edge over the finished seeds
-    (a failed or unfinished seed's figures are mid-run ones: its row shows them, the
-    statistics leave them out). A statistic over no seed is None (valid JSON)."""
+def summarize(records: Sequence[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
+    """Accuracy (``metric="test_ppl"``: a language model's perplexity) mean +- std, the
+    genotypes, and op counts per edge over the finished seeds (a failed or unfinished
+    seed's figures are mid-run ones: its row shows them, the statistics leave them out).
+    A statistic over no seed is None (valid JSON)."""
     from diffnas.genotype import Genotype
 
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r}: one of {', '.join(METRICS)}")
     done = [r for r in records if not r.get("error")]
-    accs = [r["test_acc"] for r in done if r.get("test_acc") is not None]
-    vals = [r["search_val_acc"] for r in done if r.get("search_val_acc") is not None]
+
+    def finished(key: str) -> list[float]:
+        return [r[key] for r in done if r.get(key) is not None]
+
+    accs, vals = finished("test_acc"), finished("search_val_acc")
     # what the search's validation accuracy measured (callbacks.search_val_acc): seeds
     # that measured differently (runs resumed across versions) make no statistic
     measures = sorted({r.get("search_val_measure") or "val_acc" for r in done
@@ -275,9 +302,12 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "seeds": [r["seed"] for r in records],
         "n": len(records),
+        "metric": metric,
         "test_acc": stat(accs),
+        "test_ppl": stat(finished("test_ppl")),
         "search_val_acc": stat(vals if len(measures) <= 1 else []),
         "search_val_measures": measures,
+        "search_val_ppl": stat(finished("search_val_ppl")),
         "runs": [{**r, "genotype_text": str(Genotype.from_dict(r["genotype"]))
                   if r.get("genotype") else None} for r in records],
         "op_frequency": op_frequency(genos),
@@ -289,40 +319,49 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def _ppl(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown page (also printed by the command)."""
     from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, counted
 
-    acc, val = summary["test_acc"], summary["search_val_acc"]
+    metric = summary.get("metric", "test_acc")
+    lm = metric == "test_ppl"
+    fmt = _ppl if lm else _pct
+    acc, title = summary[metric], METRICS[metric]
+    val = summary["search_val_ppl"] if lm else summary["search_val_acc"]
     lines = [f"# Multi-seed summary ({counted(summary['n'], 'seed')}: "
              f"{', '.join(map(str, summary['seeds']))})", ""]
     if acc["n"] == 1:
-        lines.append(f"Retrained test accuracy: **{_pct(acc['mean'])}** (one seed: no spread "
-                     "to report)")
+        lines.append(f"{title}: **{fmt(acc['mean'])}** (one seed: no spread to report)")
     elif acc["n"]:
-        lines.append(f"Retrained test accuracy: **{_pct(acc['mean'])} +- {_pct(acc['std'])}** "
+        lines.append(f"{title}: **{fmt(acc['mean'])} +- {fmt(acc['std'])}** "
                      f"(mean +- sample std over {acc['n']} seeds)")
     else:
-        lines.append("Retrained test accuracy: none (retraining disabled or not finished)")
-    measures = summary.get("search_val_measures") or []
-    what = "Search validation accuracy, last epoch" + (
-        f" ({SEARCH_VAL_MEASURES[measures[0]]})" if len(measures) == 1 else "")
+        lines.append(f"{title}: none (retraining disabled or not finished)")
+    measures = [] if lm else summary.get("search_val_measures") or []
+    what = "Search validation perplexity, last epoch" if lm else \
+        "Search validation accuracy, last epoch" + (
+            f" ({SEARCH_VAL_MEASURES[measures[0]]})" if len(measures) == 1 else "")
     if len(measures) > 1:
         lines.append(f"{what}: measured differently between seeds ("
                      f"{'; '.join(SEARCH_VAL_MEASURES[m] for m in measures)}): no statistic")
     elif val["n"] == 1:
-        lines.append(f"{what}: {_pct(val['mean'])} (one seed)")
+        lines.append(f"{what}: {fmt(val['mean'])} (one seed)")
     elif val["n"]:
-        lines.append(f"{what}: {_pct(val['mean'])} +- {_pct(val['std'])}")
+        lines.append(f"{what}: {fmt(val['mean'])} +- {fmt(val['std'])}")
     if summary["failed"]:
         lines.append(f"FAILED or unfinished seeds: {summary['failed']} (the table says why; "
                      "they are left out of the statistics)")
-    lines += ["", "| seed | test acc | search val acc | params | genotype |",
+    short = "ppl" if lm else "acc"
+    lines += ["", f"| seed | test {short} | search val {short} | params | genotype |",
               "|---|---|---|---|---|"]
     for r in summary["runs"]:
         params = f"{r['params']:,}" if r.get("params") is not None else "-"
-        lines.append(f"| {r['seed']} | {_pct(r.get('test_acc'))} | "
-                     f"{_pct(r.get('search_val_acc'))} | {params} | "
+        lines.append(f"| {r['seed']} | {fmt(r.get(metric))} | "
+                     f"{fmt(r.get('search_val_ppl' if lm else 'search_val_acc'))} | {params} | "
                      f"`{r.get('error') or r.get('genotype_text') or '-'}` |")
     for cell, edges in summary["op_frequency"].items():
         lines += ["", f"## {cell} cell: how often each op was chosen per edge", "",
@@ -332,10 +371,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(parent: str | Path, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def write_summary(parent: str | Path, records: Sequence[dict[str, Any]],
+                  metric: str = "test_acc") -> dict[str, Any]:
     from diffnas.engine.callbacks import finite_json
 
-    summary = summarize(records)
+    summary = summarize(records, metric)
     atomic_write_text(json.dumps(finite_json(summary), indent=1, allow_nan=False) + "\n",
                       Path(parent) / "summary.json")
     atomic_write_text(summary_markdown(summary), Path(parent) / "summary.md")
@@ -418,7 +458,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
             rec["error"] = (f"not finished (not run by this call: continue it with --seeds "
                             f"{s} --resume {parent})")
         records.append(rec)
-    return write_summary(parent, records)
+    return write_summary(parent, records, seeds_metric(cfg))
 
 
 class Terminated(KeyboardInterrupt):
@@ -526,12 +566,6 @@ def seeds_command(args: argparse.Namespace) -> int:
         cfg = load_run_config(parent, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    from diffnas.spaces import space_engine
-
-    if space_engine(cfg.search.space) == "language_model":
-        raise ConfigError("--seeds runs image and graph searches; language-model runs "
-                          f"({cfg.search.space.get('name')}) are not supported by it yet: run "
-                          "one search per seed (seed=N)")
     if not args.resume:
         check_run_files(cfg)  # before the parent directory exists
         parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
