@@ -166,6 +166,30 @@ def test_result_json_that_is_not_an_object_is_named(tmp_path):
         read_json(binary, "restore it")
 
 
+@pytest.mark.parametrize("text", ["", "{", "[1, 2]"])
+def test_damaged_resume_records_are_named(tmp_path, text):
+    """retrain/data.json and retrain/test_subset.json holding a list were an AttributeError
+    and a TypeError on resume, and cut-short ones a JSON error naming no file."""
+    from diffnas.engine import rundir
+
+    out = tmp_path / "retrain"
+    out.mkdir()
+    data = load_dataset("digits", test_subset=8, train_subset=8)
+    (out / rundir.DATA_FILE).write_text(text)
+    with pytest.raises(ValueError, match=f"{out / rundir.DATA_FILE}: damaged"):
+        rundir.check_same_data(out, data, resume=True)
+    record = out / rundir.TEST_SUBSET_FILE
+    record.write_text(text)
+    with pytest.raises(ValueError, match=f"{record}: damaged"):
+        rundir.test_subset_seed(tmp_path, 0)
+    record.write_text('{"seed": "1"}')
+    with pytest.raises(ValueError, match=f"{record}: damaged, 'seed' is '1', not a number"):
+        rundir.test_subset_seed(tmp_path, 0)
+    for seed in (None, 3):  # what a good record holds is what it returns
+        record.write_text(json.dumps({"seed": seed}))
+        assert rundir.test_subset_seed(tmp_path, 0) == seed
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "junk", "a_list"])
 def test_damaged_model_pt_is_named(tmp_path, capsys, damage):
     run = _fake_run(tmp_path, result=GOOD_RESULT, state={"w": torch.zeros(64)})

@@ -88,6 +88,20 @@ def test_export_without_retraining_is_a_clear_error(run_dir, tmp_path):
     assert main(["export", str(partial), "--format", "torchscript"]) == 2
 
 
+def test_weights_that_do_not_fit_the_recorded_network_are_a_clear_error(run_dir, tmp_path,
+                                                                       capsys):
+    """config.yaml edited to another network (here: wider) under the saved model.pt was a
+    torch RuntimeError traceback; now an error naming both files."""
+    edited = tmp_path / "edited"
+    shutil.copytree(run_dir, edited)
+    cfg = edited / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("C: 4", "C: 6"))
+    assert main(["export", str(edited), "--format", "torchscript"]) == 2
+    err = capsys.readouterr().err
+    assert f"{edited / 'retrain/model.pt'} does not fit the network {cfg}" in err
+    assert "size mismatch" in err and "Traceback" not in err
+
+
 def test_an_out_path_that_would_lose_the_model_is_refused(run_dir, tmp_path):
     """model.json (the description) would overwrite a model named X.json; a directory
     would fail deep inside torch's writer."""

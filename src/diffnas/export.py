@@ -155,7 +155,14 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None,
     side = known or resolution or _own_data_side(cfg.data.name, cfg.data.root)
     shape = infer_shape(state, cfg.data.name, side)
     _, model = build_network(cfg, genotype, shape)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # config.yaml and model.pt describe different networks
+        what = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:200]
+        raise ExportError(
+            f"{weights} does not fit the network {run / 'config.yaml'} and {result} describe "
+            f"({what}...): was one of them edited or replaced? Restore it, or run the "
+            "retraining again") from None
     model.drop_path_prob = 0.0
     return model.eval(), shape
 

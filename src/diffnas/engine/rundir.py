@@ -22,6 +22,7 @@ from diffnas.config import (
     load_config,
     save_config,
 )
+from diffnas.engine.callbacks import read_json
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.runlock import LOCK_FILE
 from diffnas.genotype import Genotype
@@ -115,8 +116,6 @@ def mark_made_by(run_dir: str | Path, command: str) -> None:
 def recorded_threads(run_dir: str | Path) -> int | None:
     """The thread count ``run_dir`` started with (:data:`THREADS_FILE`); None for a run
     that has none recorded (made before it was) or an unreadable record."""
-    from diffnas.engine.callbacks import read_json
-
     path = Path(run_dir) / THREADS_FILE
     if not path.is_file():
         return None
@@ -165,7 +164,13 @@ def test_subset_seed(run_dir: str | Path, seed: int) -> int | None:
     out = Path(run_dir) / "retrain"
     record = out / TEST_SUBSET_FILE
     if record.is_file():
-        return json.loads(record.read_text())["seed"]
+        fix = ("restore it, or write {\"seed\": null} there (the fixed test subset of "
+               "runs that record one: a retraining begun before then scored another)")
+        chosen = read_json(record, fix).get("seed", "missing")
+        if chosen is not None and (not isinstance(chosen, int) or isinstance(chosen, bool)):
+            raise ValueError(f"{record}: damaged, 'seed' is {chosen!r}, not a number or "
+                             f"null; {fix}")
+        return chosen
     legacy = made_by(run_dir) is None and (out / "metrics.jsonl").is_file()
     chosen = seed + 1 if legacy else None
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +241,9 @@ def check_same_data(out: str | Path, data: Any, resume: bool) -> None:
     path = Path(out) / DATA_FILE
     now = data_fingerprint(data)
     if resume and path.is_file():
-        diff = same_data(json.loads(path.read_text()), now)
+        diff = same_data(read_json(path, "restore it, or delete it to resume without the check "
+                                   "that data.root holds the data this phase started with"),
+                         now)
         if diff:
             raise ValueError(
                 f"{Path(out)} was computed on other data than data.root now gives (differs: "
