@@ -368,9 +368,10 @@ def test_a_damaged_seeds_file_is_an_error_naming_it(tmp_path, capsys):
     assert main(["search", "--seeds", "0,1", "--workers", "1", "--resume",
                  str(tmp_path / "par")]) == 2
     assert f"{tmp_path / 'par' / 'seeds.json'}: damaged" in capsys.readouterr().err
-    (tmp_path / "par" / "seeds.json").write_text('{"seeds": "0,1"}')
-    with pytest.raises(ConfigError, match="'seeds' is not a list of integers"):
-        ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=1, echo=False)
+    for bad in ('{"seeds": "0,1"}', '{"seeds": [-1]}'):  # (-1: no seed a run can have)
+        (tmp_path / "par" / "seeds.json").write_text(bad)
+        with pytest.raises(ConfigError, match=r"'seeds' is not a list of integers in \[0, 2"):
+            ms.run_seeds(cfg, [0, 1], tmp_path / "par", workers=1, echo=False)
 
 
 def test_one_seed_has_no_standard_deviation(tmp_path):

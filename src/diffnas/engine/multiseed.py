@@ -94,8 +94,9 @@ def read_seeds(parent: str | Path) -> list[int]:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not isinstance(seeds, list) or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-        raise ConfigError(f"{path}: damaged, 'seeds' is not a list of integers; {fix}")
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in seeds):
+        raise ConfigError(f"{path}: damaged, 'seeds' is not a list of integers in "
+                          f"[0, 2**32); {fix}")
     return seeds
 
 
