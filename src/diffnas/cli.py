@@ -50,18 +50,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=3")
 
 
-def _print_result(genotype, result: dict | None) -> None:
-    from diffnas.engine.callbacks import counted
-
-    print("\n== genotype ==")
-    print(genotype)
-    if result is not None:
-        print(f"params (no auxiliary head): {result['params']:,}")
-        print(f"MACs: {result['macs'] / 1e6:.2f} M")
-        print(f"test accuracy: {100 * result['test_acc']:.2f}% after "
-              f"{counted(result['epochs_done'], 'epoch')}")
-
-
 @register_command("search", "search an architecture, then retrain it (retrain.enabled)")
 def _search(p: argparse.ArgumentParser):
     _config_args(p)
@@ -91,12 +79,10 @@ def _search(p: argparse.ArgumentParser):
                               "too or drop it")
         from diffnas.config import check_run_files, load_config
         from diffnas.engine import distributed as dp
+        from diffnas.engine.engines import engine_of
         from diffnas.engine.logs import setup_logging
-        from diffnas.engine.retrain import run_retrain
         from diffnas.engine.rundir import check_resume_threads, new_run_dir
         from diffnas.engine.runlock import acquire_run_lock
-        from diffnas.engine.search import run_search
-        from diffnas.genotype import Genotype
         from diffnas.plugins import import_plugins
 
         def open_run():  # rank 0 alone touches the run directory; the others get the result
@@ -108,12 +94,10 @@ def _search(p: argparse.ArgumentParser):
                 check_run_files(cfg)  # before the run directory exists
                 run_dir = new_run_dir(cfg, Path(args.config).stem if args.config else "run")
             acquire_run_lock(run_dir)  # freed when the command returns (main)
-            found = (run_dir / "search" / "DONE").exists()
-            done = Genotype.load(run_dir / "search" / "genotype.json") if found else None
-            return cfg, run_dir, done
+            return cfg, run_dir
 
         main = dp.init_distributed().is_main  # under torchrun: join the process group
-        cfg, run_dir, genotype = dp.main_process_result(open_run)
+        cfg, run_dir = dp.main_process_result(open_run)
         args._run_dir = run_dir  # for the resume hint of an interrupted run (main)
         import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
         setup_logging(run_dir if main else None, verbose=main)
@@ -123,25 +107,10 @@ def _search(p: argparse.ArgumentParser):
             if not args.config and not args.resume:
                 print("no --config: the built-in defaults with your overrides (see "
                       f"{run_dir / 'config.yaml'}); configs/ holds examples")
-        if _is_lm(cfg):  # language models: engine/lm.py (data parallel under torchrun too)
-            from diffnas.engine.lm import run_lm
-
-            rc = run_lm(cfg, run_dir, resume=bool(args.resume))
-            dp.shutdown(together=True)
-            return rc
-        if _is_graph(cfg):  # node classification: engine/graph.py (one process)
-            from diffnas.engine.graph import run_graph
-
-            return run_graph(cfg, run_dir, resume=bool(args.resume))
-        if genotype is None:
-            genotype = run_search(cfg, run_dir, resume=bool(args.resume)).genotype
-        result = None
-        if cfg.retrain.enabled:
-            result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
-        if main:
-            _print_result(genotype, result)
+        # the space's engine (engine/engines.py) searches, retrains and prints the result
+        rc = engine_of(cfg).search(cfg, run_dir, bool(args.resume))
         dp.shutdown(together=True)
-        return 0
+        return rc
 
     return run
 
@@ -156,19 +125,12 @@ def _train(p: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> int:
         from diffnas.config import ConfigError, check_data_files, load_config
-        from diffnas.data import load_dataset
+        from diffnas.engine.engines import engine_of
         from diffnas.engine.logs import setup_logging
-        from diffnas.engine.retrain import build_network, network_summary, run_retrain
-        from diffnas.engine.rundir import (
-            check_resume_threads,
-            new_run_dir,
-            pin_genotype,
-            test_subset_seed,
-        )
+        from diffnas.engine.rundir import check_resume_threads, new_run_dir, pin_genotype
         from diffnas.engine.runlock import acquire_run_lock
         from diffnas.genotype import resolve_genotype
         from diffnas.plugins import import_plugins
-        from diffnas.spaces import DataShape
 
         if args.genotype is None:  # a resumed run knows its genotype
             recorded = Path(args.resume or "") / "retrain" / "genotype.json"
@@ -180,30 +142,9 @@ def _train(p: argparse.ArgumentParser):
         genotype = resolve_genotype(args.genotype)
         if args.dry_run:
             cfg = load_config(args.config, args.overrides, search=False)
-            if _is_lm(cfg) or _is_graph(cfg):
-                from diffnas.engine.graph import graph_network_summary
-                from diffnas.engine.lm import lm_network_summary
-
-                summary = (lm_network_summary if _is_lm(cfg) else graph_network_summary)(
-                    cfg, genotype)
-                print(genotype)
-                print(json.dumps(summary, indent=1))
-                return 0
-            d = cfg.data
-            shape = DataShape(*_dry_run_shape(d.name, d.resolution, d.root))
-            _, model = build_network(cfg, genotype, shape)
+            summary = engine_of(cfg).summary(cfg, genotype)  # builds it; trains nothing
             print(genotype)
-            summary = network_summary(model, shape)
-            print(
-                json.dumps(
-                    {
-                        "input": [shape.in_channels, shape.resolution, shape.resolution],
-                        "classes": shape.num_classes,
-                        **summary,
-                    },
-                    indent=1,
-                )
-            )
+            print(json.dumps(summary, indent=1))
             return 0
         from diffnas.engine import distributed as dp
 
@@ -229,34 +170,7 @@ def _train(p: argparse.ArgumentParser):
         setup_logging(run_dir if main else None, verbose=main)
         if main:
             check_resume_threads(run_dir, bool(args.resume), cfg.device)
-        if _is_lm(cfg):
-            from diffnas.engine.lm import print_lm_result, run_lm_retrain
-
-            result = run_lm_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
-            if main:
-                print_lm_result(genotype, result)
-            dp.shutdown(together=True)
-            return 0
-        if _is_graph(cfg):
-            from diffnas.engine.graph import print_graph_result, run_graph_retrain
-
-            result = run_graph_retrain(cfg, genotype, run_dir, resume=bool(args.resume))
-            print_graph_result(genotype, result)
-            return 0
-        d = cfg.data
-        data = load_dataset(
-            d.name,
-            d.root,
-            d.download,
-            d.resolution,
-            cfg.retrain.train_subset,
-            d.test_subset,
-            cfg.seed,
-            dp.main_process_result(test_subset_seed, run_dir, cfg.seed),  # rank 0 reads
-        )
-        result = run_retrain(cfg, genotype, run_dir, resume=bool(args.resume), data=data)
-        if main:
-            _print_result(genotype, result)
+        engine_of(cfg).train(cfg, genotype, run_dir, bool(args.resume))  # prints (main)
         dp.shutdown(together=True)
         return 0
 
@@ -299,44 +213,12 @@ def _check_genotype(cfg: RunConfig, genotype: Genotype) -> None:
     create_space(cfg.search.space).validate(genotype)
 
 
-def _is_lm(cfg) -> bool:
-    """A language-model run (the recurrent space's engine), served by engine/lm.py."""
-    from diffnas.spaces import space_engine
-
-    return space_engine(cfg.search.space) == "language_model"
-
-
-def _is_graph(cfg) -> bool:
-    """A node-classification run (the gnn space's engine), served by engine/graph.py."""
-    from diffnas.spaces import space_engine
-
-    return space_engine(cfg.search.space) == "graph"
-
-
-def _dry_run_shape(name: str, resolution: int | None, root: str | None = None
-                   ) -> tuple[int, int, int]:
-    """(channels, side, classes) of a dataset, reading as little as possible: built-in
-    sets are known, your own data (``npz``, ``folder``) is peeked at (headers, class
-    folders, one image), and a dataset registered in Python (a plugin) is loaded."""
-    from diffnas.data import load_dataset
-    from diffnas.data.custom import peek_shape
-
-    if (peeked := peek_shape(name, root, resolution)) is not None:
-        return peeked
-    native = {"fashion_mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10)}
-    if name in native:
-        c, side, k = native[name]
-        return c, resolution or side, k
-    data = load_dataset(name, root, False, resolution)
-    return data.in_channels, data.resolution, data.num_classes
-
-
 @register_command("list", "list registered ops, spaces, strategies, datasets, genotypes, "
-                          "relaxations, discretizers, penalties (with plugins=[...] or "
+                          "relaxations, discretizers, penalties, engines (with plugins=[...] or "
                           "--config: your plugins' too)")
 def _list(p: argparse.ArgumentParser):
     kinds = ["ops", "spaces", "strategies", "datasets", "genotypes", "relaxations",
-             "discretizers", "penalties"]
+             "discretizers", "penalties", "engines"]
     p.add_argument("kind", choices=kinds)
     p.add_argument("--config", help="YAML config whose plugins are imported first (only "
                    "its plugins are read), so their components are listed too")
@@ -374,8 +256,7 @@ def _list(p: argparse.ArgumentParser):
         import diffnas.ops as ops
         import diffnas.spaces as spaces
         import diffnas.strategies as strategies
-        from diffnas.data.graph import list_graph_datasets
-        from diffnas.data.text import TEXT_DATASETS
+        from diffnas.engine.engines import ENGINES, all_engines
         from diffnas.ops.graph import list_graph_ops
         from diffnas.ops.rnn import RNN_OPS
         from diffnas.plugins import absolute_plugins, import_plugins
@@ -384,6 +265,10 @@ def _list(p: argparse.ArgumentParser):
 
         import_plugins(absolute_plugins(plugins_of(args)))
         _import_penalty_modules()
+
+        def spaces_of(engine: str) -> list[str]:
+            return [n for n in spaces.SPACES.names()
+                    if getattr(spaces.SPACES.get(n), "engine", "image") == engine] or ["no"]
 
         def marked(registry: Registry) -> list[str]:
             """Its names, a plugin's marked with the file that registered it."""
@@ -403,13 +288,15 @@ def _list(p: argparse.ArgumentParser):
                 f"{n} (graph, for the gnn space)" for n in list_graph_ops()],
             "spaces": lambda: marked(spaces.SPACES),
             "strategies": lambda: marked(strategies.STRATEGIES),
-            "datasets": lambda: marked(data.DATASETS) + [
-                f"{n} (text, for the darts_rnn space)" for n in sorted(TEXT_DATASETS)] + [
-                f"{n} (graph, for the gnn space)" for n in list_graph_datasets()],
+            "datasets": lambda: marked(data.DATASETS) + [  # the other engines' data
+                f"{n} ({e.data_kind}, for the {', '.join(spaces_of(e.name))} space)"
+                for e in all_engines() if e.name != "image" for n in sorted(e.datasets())],
             "genotypes": lambda: sorted(genotype.PUBLISHED),
             "relaxations": lambda: marked(arch.RELAXATIONS),
             "discretizers": lambda: marked(genotype.DISCRETIZERS),
             "penalties": lambda: marked(PENALTIES),
+            "engines": lambda: [f"{n}: {e.label}, spaces {', '.join(spaces_of(e.name))}"
+                                for e, n in zip(all_engines(), marked(ENGINES), strict=True)],
         }[args.kind]()
         print("\n".join(names))
         return 0

@@ -431,7 +431,7 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
 
         DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
     _check_data(cfg, unused_data)
-    _check_lm(cfg)
+    _check_sections(cfg)
     _check_retrain(cfg, always=not search)
     _check_unread_retrain(cfg, always=not search)
     _check_diagnostics(cfg)
@@ -489,39 +489,48 @@ def _space_name(cfg: RunConfig) -> str:
     return cfg.search.space.get("name", "darts_cnn")
 
 
-def _engine(cfg: RunConfig) -> str:
-    """The engine of the configured space (``spaces.space_engine``): image,
-    language_model or graph."""
-    from diffnas.spaces import space_engine
+def _engine(cfg: RunConfig):
+    """The engine of the configured space (``engine/engines.engine_of``): what decides
+    which data, sections and settings the run reads."""
+    from diffnas.engine.engines import engine_of
 
-    return space_engine(cfg.search.space)
+    return engine_of(cfg)
 
 
 def _check_data(cfg: RunConfig, unused: bool = True) -> None:
-    """``data.name`` is a dataset of the kind the space reads (text, graph or images), and
-    (``unused``) no data setting is one it never reads."""
-    from diffnas.data.graph import GRAPH_DATASETS
+    """``data.name`` is a dataset of the kind the space's engine reads (images, text,
+    graphs; another kind's dataset is named as such), and (``unused``) no data setting is
+    one it never reads."""
+    from diffnas.engine.engines import all_engines
+    from diffnas.registry import Registry
 
-    if _engine(cfg) == "language_model":  # language data: engine/lm.py
-        from diffnas.data.text import TEXT_DATASETS
-
-        if cfg.data.name not in TEXT_DATASETS:
-            raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a text dataset; the "
-                              f"{_space_name(cfg)} space reads one of {sorted(TEXT_DATASETS)}")
-    elif _engine(cfg) == "graph":  # graphs: engine/graph.py
-        if cfg.data.name not in GRAPH_DATASETS:
-            raise ConfigError(f"config.data.name: {cfg.data.name!r} is not a graph dataset; "
-                              f"the {_space_name(cfg)} space reads one of "
-                              f"{GRAPH_DATASETS.names()}")
-    elif cfg.data.name in GRAPH_DATASETS:
-        raise ConfigError(f"config.data.name: {cfg.data.name!r} is a graph: search it with "
-                          "search.space.name=gnn (configs/gnn_cora.yaml)")
-    else:
-        from diffnas.data import DATASETS
-
-        DATASETS.get(cfg.data.name)
+    engine, name = _engine(cfg), cfg.data.name
+    own = engine.datasets()
+    if name not in own:
+        other = next((e for e in all_engines() if e is not engine and name in e.datasets()),
+                     None)
+        if other is None and isinstance(own, Registry):
+            own.get(name)  # the registry's error: the known names, plugins mentioned
+        elsewhere = "" if other is None else (
+            f" (it is {_a(other.data_kind)} dataset: search it with a space of the "
+            f"{other.name} engine, e.g. search.space.name={_example_space(other.name)})")
+        raise ConfigError(f"config.data.name: {name!r} is not {_a(engine.data_kind)} dataset"
+                          f"{elsewhere}; the {_space_name(cfg)} space reads one of "
+                          f"{sorted(own)}")
     if unused:
         _check_unused_data(cfg)
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def _example_space(engine: str) -> str:
+    """A space whose engine is ``engine`` (built-in first), for messages."""
+    from diffnas.spaces import SPACES
+
+    names = [n for n in SPACES.names() if getattr(SPACES.get(n), "engine", "image") == engine]
+    return names[0] if names else "..."
 
 
 #: built-in datasets read from local files alone (a plugin's loader may download)
@@ -529,22 +538,17 @@ NO_DOWNLOAD = ("fashion_mnist", "digits", "npz", "folder")
 
 
 def _check_unused_data(cfg: RunConfig) -> None:
-    """``data`` settings the run's kind of data never reads are refused rather than
-    silently ignored: the image settings for text and graph runs, and for graph runs
-    (full-batch, fixed split) the batch size, subsets and split too."""
+    """``data`` settings the run never reads are refused rather than silently ignored:
+    those its engine never reads (``Engine.unused_data``: the image settings for text and
+    graph runs, and for graph runs, full batch on a fixed split, the batch size, subsets
+    and split too), and ``download`` for a dataset read from local files alone."""
     d, default, engine = cfg.data, DataConfig(), _engine(cfg)
-    unused = []
-    if engine != "image" or d.name in NO_DOWNLOAD:
-        unused += [k for k in ("download",) if d.download]
-    if engine != "image":
-        unused += [k for k in ("resolution",) if d.resolution is not None]
-    if engine == "graph":
-        unused += [k for k in ("train_subset", "test_subset", "search_split", "batch_size")
-                   if getattr(d, k) != getattr(default, k)]
-    if unused:
-        what = ("a text run" if engine == "language_model" else "a graph run (full batch, "
-                "the dataset's own split)" if engine == "graph" else f"data.name={d.name}, "
-                "read from local files alone")
+    unused = [k for k in engine.unused_data if getattr(d, k) != getattr(default, k)]
+    local = d.download and d.name in NO_DOWNLOAD and "download" not in unused
+    if unused or local:
+        unused += ["download"] if local else []
+        what = engine.a_run if unused != ["download"] or not local else \
+            f"data.name={d.name}, read from local files alone"
         raise ConfigError(f"config.data: {', '.join('data.' + k for k in unused)} "
                           f"{'is' if len(unused) == 1 else 'are'} not used by {what}: remove "
                           f"{'it' if len(unused) == 1 else 'them'}")
@@ -606,32 +610,40 @@ def check_run_files(cfg: RunConfig) -> None:
     check_penalties_setup(cfg)
 
 
-def _check_lm(cfg: RunConfig) -> None:
-    """The ``lm`` section is read by language-model runs alone; elsewhere it is refused
-    rather than silently ignored."""
-    if _engine(cfg) == "language_model":
-        from diffnas.engine.lm import lm_config
+def _check_sections(cfg: RunConfig) -> None:
+    """The engine's own checks of every run (``Engine.check_config``: for language models
+    the ``lm`` section); a section that another engine alone reads (``lm``), given for
+    this run, is refused rather than silently ignored."""
+    from diffnas.engine.engines import all_engines
 
-        lm_config(cfg)
-    elif cfg.lm:
-        keys = ", ".join(f"lm.{k}" for k in cfg.lm)
-        raise ConfigError(f"config.lm: the lm section ({keys}) is read by language-model "
-                          "runs alone (search.space.name=darts_rnn), not by space "
-                          f"{_space_name(cfg)!r}: remove it")
+    engine = _engine(cfg)
+    engine.check_config(cfg)
+    for other in all_engines():
+        for section in other.sections:
+            given = getattr(cfg, section, None)
+            if other is not engine and section not in engine.sections and given:
+                keys = ", ".join(f"{section}.{k}" for k in given)
+                raise ConfigError(
+                    f"config.{section}: the {section} section ({keys}) is read by "
+                    f"{other.label} runs alone (e.g. search.space.name="
+                    f"{_example_space(other.name)}), not by space {_space_name(cfg)!r}: "
+                    "remove it")
 
 
 def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
     """With ``retrain.enabled`` (or ``always``: ``diffnas train`` retrains whatever that
-    flag says): ``retrain.network`` against the network settings of the space (as
-    engine/retrain.py passes them) and the batch against ``retrain.train_subset``, so that
-    a mistake shows before the search rather than after it."""
+    flag says): ``retrain.network`` against the network settings of the space (as its
+    engine passes them: ``Engine.retrain_network``) and the engine's own retraining checks
+    (``Engine.check_retrain``: an image batch against the processes and
+    ``retrain.train_subset``, a language model's tokens per column), so that a mistake
+    shows before the search rather than after it."""
     r = cfg.retrain
     if not (r.enabled or always):
         return
     from diffnas.spaces.registry import network_config
 
-    image = _engine(cfg) == "image"
-    network = r.image_network() if image else dict(r.network)
+    engine = _engine(cfg)
+    network = engine.retrain_network(cfg)
     try:
         network_config(cfg.search.space, network)
     except ValueError as exc:  # ConfigError, or a space's own check (nb201: no auxiliary)
@@ -640,36 +652,19 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
                               f"{r.network}, made for space darts_cnn: give space "
                               f"{_space_name(cfg)!r} its own retrain.network, or set "
                               "retrain.enabled=false") from None
-        if image and "auxiliary" in str(exc) and "auxiliary" not in r.network \
-                and r.auxiliary_weight > 0:  # the key came from auxiliary_weight's default
+        if "auxiliary" in str(exc) and "auxiliary" in network and "auxiliary" not in \
+                r.network and r.auxiliary_weight > 0:  # from auxiliary_weight's default
             raise ConfigError(
                 f"{exc}. retrain.auxiliary_weight={r.auxiliary_weight:g} asks the "
                 f"{_space_name(cfg)!r} network for an auxiliary head (network key "
                 "'auxiliary'): set retrain.auxiliary_weight=0 for a network without one"
             ) from None
         raise
-    if image:
-        from diffnas.engine.distributed import planned_world_size
-
-        world_size = planned_world_size()
-        if r.batch_size % world_size:
-            raise ConfigError(f"retrain.batch_size={r.batch_size} does not divide by the "
-                              f"{world_size} processes (each takes an equal slice of a batch)")
-    if image and r.train_subset is not None and r.batch_size > r.train_subset:
-        raise ConfigError(f"retrain.batch_size={r.batch_size} exceeds retrain.train_subset="
-                          f"{r.train_subset}: no complete batch (incomplete ones are dropped)")
-    if _engine(cfg) == "language_model" and r.train_subset is not None \
-            and r.train_subset < 2 * r.batch_size:  # batchify: 2 tokens per column at least
-        raise ConfigError(f"retrain.train_subset={r.train_subset} tokens are too few for "
-                          f"retrain.batch_size={r.batch_size} columns (2 tokens each at least)")
+    engine.check_retrain(cfg)
 
 
-#: the retrain settings of the image retraining that the other engines never read
-UNREAD_RETRAIN = {  # by engine, then (nb201) by space
-    "language_model": ("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding",
-                       "flip"),
-    "graph": ("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path", "cutout",
-              "crop_padding", "flip", "train_subset"),
+#: retrain settings a space's networks never read, beyond its engine's (``unread_retrain``)
+UNREAD_BY_SPACE = {
     "nb201": ("drop_path",),  # its networks have no drop-path, as NAS-Bench-201 trains them
 }
 #: unread settings whose 0 says "off", which is what these engines do: 0 is accepted
@@ -682,15 +677,15 @@ def _check_unread_retrain(cfg: RunConfig, always: bool = False) -> None:
     retraining off (and not ``always``, ``diffnas train``) nothing is read anyway."""
     if not (cfg.retrain.enabled or always):
         return
-    which = _engine(cfg) if _engine(cfg) != "image" else _space_name(cfg)
-    keys = UNREAD_RETRAIN.get(which, ())
+    engine, space = _engine(cfg), _space_name(cfg)
+    keys = engine.unread_retrain + UNREAD_BY_SPACE.get(space, ())
     default = RetrainConfig()
     changed = [k for k in keys if getattr(cfg.retrain, k) != getattr(default, k)
                and not (k in OFF_WHEN_ZERO and getattr(cfg.retrain, k) == 0)]
     if changed:
-        engine = {"language_model": "language-model (engine/lm.py)",
-                  "graph": "graph (engine/graph.py)", "nb201": "nb201 network's"}[which]
-        raise ConfigError(f"{', '.join('retrain.' + k for k in changed)}: the {engine} "
+        whose = engine.label if any(k in engine.unread_retrain for k in changed) else \
+            f"{space} network's"
+        raise ConfigError(f"{', '.join('retrain.' + k for k in changed)}: the {whose} "
                           "retraining does not read this; remove it")
 
 
@@ -708,11 +703,11 @@ def _check_diagnostics(cfg: RunConfig) -> None:
 
 
 def _check_engine(cfg: RunConfig, device: bool) -> None:
-    """The refusals of the engine that will search the space, made from the config alone:
-    the language-model and graph engines' (image-search settings, growth epochs), or the
-    image search's (GPU settings against the strategy and, with ``device``, the device;
-    diagnostics; a full batch from ``data.train_subset``); under torchrun a strategy that
-    does not run data parallel."""
+    """The refusals of the engine that will search the space, made from the config alone
+    (``Engine.check_search``): the language-model and graph engines' (image-search
+    settings, growth epochs), or the image search's (GPU settings against the strategy
+    and, with ``device``, the device; diagnostics; a full batch from
+    ``data.train_subset``); under torchrun a strategy that does not run data parallel."""
     from diffnas.engine.distributed import planned_world_size
     from diffnas.strategies.registry import require_data_parallel
 
@@ -720,20 +715,7 @@ def _check_engine(cfg: RunConfig, device: bool) -> None:
         require_data_parallel(cfg.search.strategy, planned_world_size())
     except ValueError as exc:
         raise ConfigError(f"search.strategy: {exc}") from None
-    if _engine(cfg) == "language_model":
-        from diffnas.engine.lm import check_growth, check_lm_search, refuse_image_settings
-
-        refuse_image_settings(cfg)
-        check_lm_search(cfg)
-        check_growth(cfg)
-    elif _engine(cfg) == "graph":
-        from diffnas.engine.graph import refuse_image_settings
-
-        refuse_image_settings(cfg)
-    else:
-        from diffnas.engine.search import check_search_config
-
-        check_search_config(cfg, device)
+    _engine(cfg).check_search(cfg, device)
 
 
 def check_device(device: str) -> None:

@@ -95,23 +95,20 @@ def _own_data_side(name: str, root: str | None) -> int | None:
     return None if peeked is None else peeked[1]
 
 
-#: engines whose runs export refuses (``spaces.space_engine``) -> what such a run trains
-NOT_EXPORTABLE = {"graph": "a graph (node classification) run",
-                  "language_model": "a language-model run"}
 RETRAIN_FIX = "restore it, or run the retraining again (diffnas train) to rewrite it"
 
 
 def check_exportable(cfg: Any, run: Path) -> None:
-    """Refuse runs whose network is not an image classifier (graph and language-model
-    runs): export writes image classifiers only."""
-    from diffnas.spaces import space_engine
+    """Refuse runs whose engine's networks are not image classifiers (graph and
+    language-model runs: ``Engine.exportable``): export writes image classifiers only."""
+    from diffnas.engine.engines import engine_of
 
-    space, engine = cfg.search.space.get("name", "darts_cnn"), space_engine(cfg.search.space)
-    if engine in NOT_EXPORTABLE:
+    engine = engine_of(cfg)
+    if not engine.exportable:
         raise ExportError(
-            f"{run} is {NOT_EXPORTABLE[engine]} (search.space.name={space}), which cannot be "
-            f"exported: diffnas export writes the retrained image classifier of an image run "
-            f"as {' or '.join(FORMATS)}")
+            f"{run} is {engine.a_run}, of space {cfg.search.space.get('name', 'darts_cnn')}: "
+            "it cannot be exported; diffnas export writes the retrained image classifier of "
+            f"an image run as {' or '.join(FORMATS)}")
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from torch import nn
 
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig
-from diffnas.data.graph import GraphData, load_graph
+from diffnas.data.graph import GRAPH_DATASETS, GraphData, load_graph
 from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
@@ -52,6 +52,7 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
+from diffnas.engine.engines import Engine, register_engine
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -358,3 +359,27 @@ def graph_network_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
     model = build_graph_network(cfg, genotype, data)
     return {"nodes": data.num_nodes, "features": data.num_features,
             "classes": data.num_classes, "params": sum(p.numel() for p in model.parameters())}
+
+
+def train_graph(cfg: RunConfig, genotype: Genotype, run_dir: Path, resume: bool = False
+                ) -> None:
+    """``diffnas train`` for a graph network: retrain ``genotype``, print the result."""
+    print_graph_result(genotype, run_graph_retrain(cfg, genotype, run_dir, resume=resume))
+
+
+def check_graph_config(cfg: RunConfig, device: bool = True) -> None:
+    """What the graph search refuses that its config shows (image-search settings,
+    torchrun), at config loading."""
+    refuse_image_settings(cfg)
+
+
+ENGINE = register_engine(Engine(
+    name="graph", label="graph (engine/graph.py)",
+    a_run="a graph run (node classification, full batch on the dataset's own split)",
+    data_kind="graph", datasets=lambda: GRAPH_DATASETS, search=run_graph, train=train_graph,
+    run_search=run_graph_search, run_retrain=run_graph_retrain, summary=graph_network_summary,
+    check_search=check_graph_config,
+    unused_data=("download", "resolution", "train_subset", "test_subset", "search_split",
+                 "batch_size"),
+    unread_retrain=("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path",
+                    "cutout", "crop_padding", "flip", "train_subset")))

@@ -16,7 +16,7 @@ Settings: ``data`` (``name: ptb``, ``root``, ``batch_size`` = search batch,
 ``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``, ``momentum``, ``train_subset``,
 ``network``: the evaluation network) and the ``lm`` section (:class:`LmConfig`). The
 image-only retrain keys (auxiliary head, drop path, cutout, crop, flip, ``lr_min``) are
-not read here (refused when set: ``config.UNREAD_RETRAIN``), and the image-search
+not read here (refused when set: ``the engine's ``unread_retrain``), and the image-search
 settings (``search.amp``, ``search.compile``, ``search.cuda_graph``,
 ``search.cudnn_benchmark``, ``search.diagnostics``) are refused.
 ``logger: tensorboard`` writes ``RUN_DIR/tensorboard/{search,retrain}`` as for images.
@@ -56,6 +56,7 @@ from torch import nn
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
 from diffnas.data.text import (
+    TEXT_DATASETS,
     Corpus,
     batchify,
     bptt_windows,
@@ -71,6 +72,7 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
+from diffnas.engine.engines import Engine, register_engine
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -722,3 +724,43 @@ def lm_network_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
     corpus = load_corpus(cfg.data.name, cfg.data.root)
     model = lm_space(cfg, corpus).build_network(genotype, **cfg.retrain.network)
     return {"vocab": corpus.vocab_size, "params": count_lm_parameters(model)}
+
+
+def train_lm(cfg: RunConfig, genotype: Genotype, run_dir: Path, resume: bool = False) -> None:
+    """``diffnas train`` for a language model: retrain ``genotype``, print on rank 0."""
+    result = run_lm_retrain(cfg, genotype, run_dir, resume=resume)
+    if dp.is_main_process():
+        print_lm_result(genotype, result)
+
+
+def check_lm_section(cfg: RunConfig) -> None:
+    """The ``lm`` section's settings (:class:`LmConfig`), for every run of this engine."""
+    lm_config(cfg)
+
+
+def check_lm_retrain(cfg: RunConfig) -> None:
+    """Enough retraining tokens for ``retrain.batch_size`` columns (2 each at least)."""
+    r = cfg.retrain
+    if r.train_subset is not None and r.train_subset < 2 * r.batch_size:
+        raise ConfigError(f"retrain.train_subset={r.train_subset} tokens are too few for "
+                          f"retrain.batch_size={r.batch_size} columns (2 tokens each at least)")
+
+
+def check_lm_config(cfg: RunConfig, device: bool = True) -> None:
+    """What the language-model search refuses that its config shows (at config loading,
+    before a run directory exists): image-search settings, its batches and strategy, and
+    growth epochs past the search."""
+    refuse_image_settings(cfg)
+    check_lm_search(cfg)
+    check_growth(cfg)
+
+
+ENGINE = register_engine(Engine(
+    name="language_model", label="language-model (engine/lm.py)", a_run="a language-model run",
+    data_kind="text", datasets=lambda: TEXT_DATASETS, search=run_lm, train=train_lm,
+    run_search=run_lm_search, run_retrain=run_lm_retrain, summary=lm_network_summary,
+    check_config=check_lm_section, check_search=check_lm_config,
+    check_retrain=check_lm_retrain, metric="test_ppl", unused_data=("download", "resolution"),
+    unread_retrain=("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding",
+                    "flip"),
+    sections=("lm",)))

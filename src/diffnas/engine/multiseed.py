@@ -164,25 +164,16 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
 
     cfg = load_run_config(run, list(overrides))
     cfg = dataclasses.replace(cfg, progress=False)
-    from diffnas.spaces import space_engine
+    from diffnas.engine.engines import engine_of
 
-    engine = space_engine(cfg.search.space)
-    if engine == "graph":  # node classification: engine/graph.py
-        from diffnas.engine.graph import run_graph_retrain as run_retrain
-        from diffnas.engine.graph import run_graph_search as run_search
-    elif engine == "language_model":  # engine/lm.py
-        from diffnas.engine.lm import run_lm_retrain as run_retrain
-        from diffnas.engine.lm import run_lm_search as run_search
-    else:
-        from diffnas.engine.retrain import run_retrain
-        from diffnas.engine.search import run_search
+    engine = engine_of(cfg)  # its search and retraining, each seed's run in this process
     setup_logging(run, verbose=False)
     if (run / "search" / "DONE").exists():
         genotype = Genotype.load(run / "search" / "genotype.json")
     else:
-        genotype = run_search(cfg, run, resume=True).genotype
+        genotype = engine.run_search(cfg, run, resume=True).genotype
     if cfg.retrain.enabled and not is_finished(run, cfg):
-        run_retrain(cfg, genotype, run, resume=True)
+        engine.run_retrain(cfg, genotype, run, resume=True)
     return seed_record(run, cfg.seed)
 
 
@@ -235,10 +226,10 @@ METRICS = {"test_acc": "Retrained test accuracy", "test_ppl": "Retrained test pe
 
 
 def seeds_metric(cfg: RunConfig) -> str:
-    """The key of :data:`METRICS` that summarises ``cfg``'s seeds."""
-    from diffnas.spaces import space_engine
+    """The key of :data:`METRICS` that summarises ``cfg``'s seeds (its engine's metric)."""
+    from diffnas.engine.engines import engine_of
 
-    return "test_ppl" if space_engine(cfg.search.space) == "language_model" else "test_acc"
+    return engine_of(cfg).metric
 
 
 # --- the summary --------------------------------------------------------------------

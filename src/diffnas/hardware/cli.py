@@ -14,20 +14,19 @@ def _space_from_config(config: str | None, overrides: list[str], timing: bool = 
     """(run config, space, input shape (C, H, W), retrain network settings); with
     ``timing`` (measure, report: they time networks on this machine's CPU) a config whose
     ``device`` is not the CPU is refused rather than silently timed on the CPU."""
-    from diffnas.cli import _dry_run_shape
     from diffnas.config import ConfigError, load_config
+    from diffnas.engine.engines import engine_of
+    from diffnas.engine.image import dry_run_shape
     from diffnas.spaces import DataShape, create_space
 
     cfg = load_config(config, overrides)
-    from diffnas.spaces import space_engine
-
-    if space_engine(cfg.search.space) != "image":
+    if not engine_of(cfg).timed:
         raise ConfigError(f"search.space.name={cfg.search.space['name']}: the latency tools "
                           "time image networks (darts_cnn, nb201 and image plugin spaces)")
     if timing and cfg.device not in ("cpu", "auto"):
         raise ConfigError(f"device={cfg.device}: latency measure and report time networks on "
                           "the CPU; set device=cpu (GPU timing is not supported yet)")
-    c, side, k = _dry_run_shape(cfg.data.name, cfg.data.resolution, cfg.data.root)
+    c, side, k = dry_run_shape(cfg.data.name, cfg.data.resolution, cfg.data.root)
     space = create_space(cfg.search.space, DataShape(c, side, k))
     network = {key: v for key, v in cfg.retrain.network.items() if key != "auxiliary"}
     return cfg, space, (c, side, side), network

@@ -44,9 +44,10 @@ class SearchSpace(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]  # dataclass of this space's settings
     default_discretizer: ClassVar[str] = "darts"
-    #: the engine that searches and retrains it: "image" (engine/search.py, retrain.py),
-    #: "language_model" (engine/lm.py) or "graph" (engine/graph.py); a space of your own
-    #: (a plugin) subclassing darts_rnn's or gnn's class inherits their engine
+    #: the engine that searches and retrains it (engine/engines.py): "image"
+    #: (engine/image.py), "language_model" (engine/lm.py), "graph" (engine/graph.py) or
+    #: one a plugin registered; a space subclassing darts_rnn's or gnn's class inherits
+    #: their engine
     engine: ClassVar[str] = "image"
 
     def __init__(self, config: Any, shape: DataShape) -> None:

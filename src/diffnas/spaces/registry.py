@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffnas.config import from_dict
+from diffnas.config import ConfigError, from_dict
 from diffnas.registry import Registry
 from diffnas.spaces.base import DataShape, SearchSpace
 
@@ -40,18 +40,18 @@ def network_config(section: dict, network: dict) -> Any:
     return net
 
 
-#: the engines a space can declare (:attr:`SearchSpace.engine`)
-ENGINES = ("image", "language_model", "graph")
-
-
 def space_engine(section: dict) -> str:
-    """The engine of the space a ``search.space`` section names (image, language_model,
-    graph): what decides which search and retraining code runs, for built-in spaces and
-    plugins alike."""
+    """The engine of the space a ``search.space`` section names (``image``,
+    ``language_model``, ``graph`` or one a plugin registered: ``engine/engines.py``):
+    what decides which search and retraining code runs, for built-in spaces and plugins
+    alike."""
+    from diffnas.engine.engines import engine_names
+
     engine = getattr(SPACES.get(section.get("name", "darts_cnn")), "engine", "image")
-    if engine not in ENGINES:
-        raise ValueError(f"space {section.get('name')!r} declares engine {engine!r}; one of "
-                         f"{', '.join(ENGINES)}")
+    if engine not in engine_names():
+        raise ConfigError(f"space {section.get('name')!r} declares engine {engine!r}, which "
+                          f"is not registered; the engines: {', '.join(engine_names())} "
+                          "(engine/engines.py: register_engine)")
     return engine
 
 

@@ -1,0 +1,125 @@
+"""Engines: the code that searches and retrains the spaces that name it.
+
+A space declares its engine by name (``SearchSpace.engine``). ``diffnas search`` and
+``train``, ``--seeds``, ``export``, the latency tools and the config checks look the engine
+up here instead of testing for particular spaces, so a new kind of task (another domain)
+is one module that defines an :class:`Engine` and registers it with
+:func:`register_engine` (a plugin, like any component), plus spaces that name it.
+
+Built in: ``image`` (engine/image.py, on engine/search.py and retrain.py),
+``language_model`` (engine/lm.py) and ``graph`` (engine/graph.py). This module imports
+no torch; the built-in engines are imported when one is first looked up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diffnas.registry import Registry
+
+if TYPE_CHECKING:
+    from diffnas.config import RunConfig
+    from diffnas.genotype import Genotype
+
+#: the headline figures a multi-seed summary can report (``engine/multiseed.METRICS``)
+ENGINE_METRICS = ("test_acc", "test_ppl")
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+def _network(cfg: RunConfig) -> dict[str, Any]:
+    return dict(cfg.retrain.network)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What runs the searches and retrainings of the spaces whose ``engine`` is ``name``.
+
+    The commands call ``search`` (``diffnas search`` once its run directory is open: the
+    search, then the retraining when ``retrain.enabled``, then the result printed by the
+    main process; returns the exit status), ``train`` (``diffnas train``: retrain a
+    genotype and print the result), ``run_search`` / ``run_retrain`` (the two halves, for
+    ``--seeds``; ``run_search`` returns an object with ``.genotype``) and ``summary``
+    (``train --dry-run``: a JSON-able dict about the network, training nothing). The
+    config checks call ``check_config`` (every run, before its run directory exists),
+    ``check_search`` (searches; ``device``: the device may be judged too),
+    ``check_retrain`` (runs that retrain) and ``retrain_network`` (``retrain.network`` as
+    the retraining passes it to the space's ``build_network``)."""
+
+    name: str
+    #: how messages name the engine ("language-model (engine/lm.py)")
+    label: str
+    #: how messages name one of its runs ("a language-model run")
+    a_run: str
+    #: the kind of data it reads ("image", "text", "graph")
+    data_kind: str
+    #: the names of the datasets it reads (a registry or any collection of names)
+    datasets: Callable[[], Collection[str]]
+    search: Callable[[RunConfig, Path, bool], int]
+    train: Callable[[RunConfig, Genotype, Path, bool], None]
+    run_search: Callable[..., Any]
+    run_retrain: Callable[..., Any]
+    summary: Callable[[RunConfig, Genotype], dict[str, Any]]
+    check_config: Callable[[RunConfig], None] = _nothing
+    check_search: Callable[[RunConfig, bool], None] = _nothing
+    check_retrain: Callable[[RunConfig], None] = _nothing
+    retrain_network: Callable[[RunConfig], dict[str, Any]] = _network
+    #: the retrained figure a multi-seed summary reports (one of ENGINE_METRICS)
+    metric: str = "test_acc"
+    #: ``data`` settings it never reads: refused when changed from their defaults
+    unused_data: tuple[str, ...] = ()
+    #: ``retrain`` settings it never reads: refused when changed from their defaults
+    unread_retrain: tuple[str, ...] = ()
+    #: config sections read by this engine alone (``lm``): refused on other engines' runs
+    sections: tuple[str, ...] = ()
+    #: ``diffnas export`` writes its retrained networks (image classifiers)
+    exportable: bool = False
+    #: the latency tools time its networks
+    timed: bool = False
+
+    def __post_init__(self) -> None:
+        # the module that defines the engine (its search function's), so that a plugin's
+        # failed import unregisters it (registry.registrations_undone_on_error)
+        object.__setattr__(self, "__module__", getattr(self.search, "__module__", None))
+
+
+ENGINES: Registry[Engine] = Registry("engine")
+
+
+def register_engine(engine: Engine) -> Engine:
+    """Register ``engine`` under its name (a duplicate name is an error); returns it."""
+    if engine.metric not in ENGINE_METRICS:
+        raise ValueError(f"engine {engine.name!r}: metric {engine.metric!r} is not one of "
+                         f"{', '.join(ENGINE_METRICS)}")
+    return ENGINES.register(engine.name)(engine)
+
+
+def _import_builtins() -> None:
+    from diffnas.engine import graph, image, lm  # noqa: F401  (registration)
+
+
+def get_engine(name: str) -> Engine:
+    """The engine registered as ``name`` (an unknown name lists the known ones)."""
+    _import_builtins()
+    return ENGINES.get(name)
+
+
+def engine_names() -> list[str]:
+    _import_builtins()
+    return ENGINES.names()
+
+
+def all_engines() -> list[Engine]:
+    return [get_engine(name) for name in engine_names()]
+
+
+def engine_of(cfg: RunConfig) -> Engine:
+    """The engine of the space ``cfg.search.space`` names (``spaces.space_engine``)."""
+    from diffnas.spaces import space_engine
+
+    return get_engine(space_engine(cfg.search.space))
