@@ -5,9 +5,11 @@ discretizer given the edge-normalisation weights; ``diffnas list`` with plugins.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffnas.cli import main
@@ -142,3 +144,48 @@ def test_list_shows_plugin_components_and_discretizers_and_penalties(tmp_path, c
     assert "latency" in capsys.readouterr().out.split()
     assert main(["list", "ops", "plugins=[/no/such/plugin.py]"]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+ENGINE = EXAMPLES / "my_engine.py"
+TABULAR = [_plugins(ENGINE), "search.space={name: mlp_cell, hidden: 16}",
+           "data.name=breast_cancer", "search.epochs=6", "retrain.epochs=40", "retrain.lr=0.01",
+           "progress=false"]
+
+
+def test_the_guide_s_engine_searches_retrains_and_resumes_a_new_kind_of_task(tmp_path,
+                                                                            capsys):
+    """docs/examples/plugins/my_engine.py: tabular classification, one file, run by the
+    unchanged commands on real data (scikit-learn's breast cancer table)."""
+    assert main(["search", *TABULAR, f"out_dir={tmp_path}", "name=r"]) == 0
+    run = tmp_path / "r"
+    assert Genotype.load(run / "search" / "genotype.json").space == "mlp_cell"
+    assert (run / "search" / "DONE").is_file()
+    result = json.loads((run / "retrain" / "result.json").read_text())
+    assert result["test_acc"] > 0.85, result["test_acc"]  # the majority class is ~63%
+    assert "test accuracy:" in capsys.readouterr().out
+    # a finished run resumed: nothing is redone, the same result is printed again
+    assert main(["search", "--resume", str(run)]) == 0
+    again = json.loads((run / "retrain" / "result.json").read_text())
+    assert again["test_acc"] == result["test_acc"]
+    assert f"{100 * result['test_acc']:.2f}%" in capsys.readouterr().out
+    assert main(["train", "--genotype", str(run / "search" / "genotype.json"), "--dry-run",
+                 *TABULAR]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert summary["features"] == 30 and summary["classes"] == 2
+
+
+def test_the_guide_s_engine_runs_seeds_and_is_checked_like_a_built_in_one(tmp_path):
+    from diffnas.config import ConfigError, load_config
+    from diffnas.engine import multiseed as ms
+
+    cfg = load_config(None, [*TABULAR, "search.strategy={name: gdas}", "retrain.epochs=5"])
+    summary = ms.run_seeds(cfg, [0, 1], tmp_path / "seeds", workers=1, echo=False)
+    assert summary["failed"] == [], [r.get("error") for r in summary["runs"]]
+    assert all(r["test_acc"] is not None and r["genotype"]["space"] == "mlp_cell"
+               for r in summary["runs"])
+    for override, words in (("data.batch_size=8", "data.batch_size is not used by a tabular"),
+                            ("data.name=digits", "'digits' is not a tabular dataset"),
+                            ("retrain.momentum=0.5", "the tabular (my_engine.py) retraining"),
+                            ("search.cuda_graph=true", "not supported by the tabular")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(None, [*TABULAR, override])
