@@ -162,3 +162,7 @@ def test_list_engines_names_each_engine_and_its_spaces(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "image: image (engine/search.py, retrain.py), spaces darts_cnn, nb201" in lines
     assert f"{engine} (plugin: {path}): toy ({engine}), spaces {space}" in lines
+    assert main(["list", "spaces", f"plugins=[{path}]"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{space} (plugin: {path}) ({engine} engine)" in lines
+    assert "gnn (graph engine)" in lines and "darts_cnn" in lines

@@ -266,9 +266,11 @@ def _list(p: argparse.ArgumentParser):
         import_plugins(absolute_plugins(plugins_of(args)))
         _import_penalty_modules()
 
+        def engine_of_space(name: str) -> str:
+            return getattr(spaces.SPACES.get(name), "engine", "image")
+
         def spaces_of(engine: str) -> list[str]:
-            return [n for n in spaces.SPACES.names()
-                    if getattr(spaces.SPACES.get(n), "engine", "image") == engine] or ["no"]
+            return [n for n in spaces.SPACES.names() if engine_of_space(n) == engine] or ["no"]
 
         def marked(registry: Registry) -> list[str]:
             """Its names, a plugin's marked with the file that registered it."""
@@ -286,7 +288,10 @@ def _list(p: argparse.ArgumentParser):
             "ops": lambda: marked(ops.OPS) + [
                 f"{n} (recurrent, for the darts_rnn space)" for n in RNN_OPS.names()] + [
                 f"{n} (graph, for the gnn space)" for n in list_graph_ops()],
-            "spaces": lambda: marked(spaces.SPACES),
+            "spaces": lambda: [  # with the engine that runs each (image unless said)
+                shown if engine_of_space(n) == "image" else f"{shown} ({engine_of_space(n)} "
+                "engine)" for n, shown in zip(spaces.SPACES.names(), marked(spaces.SPACES),
+                                              strict=True)],
             "strategies": lambda: marked(strategies.STRATEGIES),
             "datasets": lambda: marked(data.DATASETS) + [  # the other engines' data
                 f"{n} ({e.data_kind}, for the {', '.join(spaces_of(e.name))} space)"
