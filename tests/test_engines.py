@@ -13,7 +13,14 @@ import pytest
 
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config
-from diffnas.engine.engines import ENGINES, engine_of, get_engine, register_engine
+from diffnas.engine.engines import (
+    ENGINES,
+    all_engines,
+    engine_of,
+    get_engine,
+    list_engines,
+    register_engine,
+)
 from diffnas.export import ExportError, check_exportable
 from diffnas.genotype import resolve_genotype
 from diffnas.plugins import import_plugins
@@ -72,6 +79,29 @@ def test_each_built_in_space_is_run_by_its_engine(config, engine):
     cfg = load_config(CONFIGS / config if config else None, [])
     assert engine_of(cfg) is get_engine(engine)
     assert get_engine(engine).exportable == get_engine(engine).timed == (engine == "image")
+
+
+@pytest.mark.parametrize("name", list_engines())
+def test_every_engine_names_real_settings_and_datasets_of_its_own(name):
+    """Over the registry (a new built-in engine is checked with no new test code): the
+    settings it refuses as unread exist (a misspelt one would never be refused), its
+    datasets belong to no other engine (a name's kind must be one), some space runs on
+    it, and its sections are sections of the config."""
+    import dataclasses
+
+    from diffnas.config import DataConfig, RetrainConfig, RunConfig
+    from diffnas.spaces import SPACES
+
+    engine = get_engine(name)
+    assert set(engine.unused_data) <= {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(engine.unread_retrain) <= {f.name for f in dataclasses.fields(RetrainConfig)}
+    assert set(engine.sections) <= {f.name for f in dataclasses.fields(RunConfig)}
+    own = set(engine.datasets())
+    assert own, name
+    for other in all_engines():
+        if other is not engine:
+            assert not own & set(other.datasets()), (name, other.name)
+    assert any(getattr(SPACES.get(s), "engine", "image") == name for s in SPACES.names())
 
 
 def test_a_plugin_engine_runs_the_searches_of_its_spaces(tmp_path, monkeypatch, capsys):

@@ -109,13 +109,13 @@ def get_engine(name: str) -> Engine:
     return ENGINES.get(name)
 
 
-def engine_names() -> list[str]:
+def list_engines() -> list[str]:
     _import_builtins()
     return ENGINES.names()
 
 
 def all_engines() -> list[Engine]:
-    return [get_engine(name) for name in engine_names()]
+    return [get_engine(name) for name in list_engines()]
 
 
 def engine_of(cfg: RunConfig) -> Engine:

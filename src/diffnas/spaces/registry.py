@@ -45,12 +45,12 @@ def space_engine(section: dict) -> str:
     ``language_model``, ``graph`` or one a plugin registered: ``engine/engines.py``):
     what decides which search and retraining code runs, for built-in spaces and plugins
     alike."""
-    from diffnas.engine.engines import engine_names
+    from diffnas.engine.engines import list_engines
 
     engine = getattr(SPACES.get(section.get("name", "darts_cnn")), "engine", "image")
-    if engine not in engine_names():
+    if engine not in list_engines():
         raise ConfigError(f"space {section.get('name')!r} declares engine {engine!r}, which "
-                          f"is not registered; the engines: {', '.join(engine_names())} "
+                          f"is not registered; the engines: {', '.join(list_engines())} "
                           "(engine/engines.py: register_engine)")
     return engine
 
