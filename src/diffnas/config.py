@@ -527,9 +527,11 @@ def _a(word: str) -> str:
 
 def _example_space(engine: str) -> str:
     """A space whose engine is ``engine`` (built-in first), for messages."""
+    from diffnas.registry import builtin
     from diffnas.spaces import SPACES
 
     names = [n for n in SPACES.names() if getattr(SPACES.get(n), "engine", "image") == engine]
+    names.sort(key=lambda n: not builtin(SPACES.get(n).__module__))  # stable: built-in first
     return names[0] if names else "..."
 
 

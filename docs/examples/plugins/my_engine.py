@@ -11,7 +11,7 @@ the ``Loop`` with its progress bar, metrics and atomic checkpoints, ``run_search
 (resume, genotype.json, DONE) and ``search_then_retrain``. Full batch on a fixed split
 (60/20/20 % of the rows, standardised by the training rows): weights learn on the
 training rows, alphas on the validation rows; the retraining keeps the weights of its
-best validation epoch.
+best validation epoch (``engine/best.BestEpoch``, as the graph engine does).
 
     diffnas search "plugins=[docs/examples/plugins/my_engine.py]" \\
         search.space.name=mlp_cell data.name=breast_cancer search.epochs=20 \\
@@ -20,7 +20,6 @@ best validation epoch.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
+from diffnas.engine.best import BestEpoch
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
     atomic_save,
@@ -300,8 +300,7 @@ class TableTrainTask:
         self.model, self.table, self.r = model, table, cfg.retrain
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.r.lr,
                                           weight_decay=self.r.weight_decay)
-        self.best: dict[str, Any] = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best = BestEpoch()  # the weights of the best validation epoch, checkpointed
 
     def batches(self, epoch: int):
         yield self.table.batch("train")
@@ -318,20 +317,18 @@ class TableTrainTask:
         return stats
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        v, b = _evaluate(self.model, self.table.batch("val")), self.best
-        if v["acc"] > b["val_acc"] or (v["acc"] == b["val_acc"] and v["loss"] < b["val_loss"]):
-            self.best = {"val_acc": v["acc"], "val_loss": v["loss"], "epoch": epoch}
-            self.best_state = copy.deepcopy(self.model.state_dict())
+        v = _evaluate(self.model, self.table.batch("val"))
+        self.best.update(self.model, epoch, v["acc"], v["loss"])
         return {"val_loss": v["loss"], "val_acc": v["acc"]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "best": dict(self.best), "best_state": self.best_state}
+                **self.best.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.best, self.best_state = dict(state["best"]), state["best_state"]
+        self.best.load_state_dict(state)
 
 
 def run_table_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
@@ -353,12 +350,11 @@ def run_table_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     if resume and ckpt.exists():
         loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
     history = loop.run()
-    if task.best_state is not None:
-        model.load_state_dict(task.best_state)
+    task.best.restore(model)
     test = _evaluate(model, table.batch("test"))
     result = {"genotype": genotype.to_dict(), "epochs_done": loop.epoch,
               "params": sum(p.numel() for p in model.parameters()),
-              "best_epoch": task.best["epoch"], "valid_acc": task.best["val_acc"],
+              "best_epoch": task.best.record["epoch"], "valid_acc": task.best.record["val_acc"],
               "test_acc": test["acc"], "test_loss": test["loss"], "history": history}
     atomic_save(model.state_dict(), out / "model.pt")
     atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")

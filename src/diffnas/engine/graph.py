@@ -29,7 +29,6 @@ uninterrupted run. One process only (no torchrun); image-only settings (``search
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Iterable
@@ -45,6 +44,7 @@ from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig
 from diffnas.data.graph import GRAPH_DATASETS, GraphData, load_graph
 from diffnas.engine import distributed as dp
+from diffnas.engine.best import BestEpoch
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
     atomic_save,
@@ -250,8 +250,7 @@ class GraphTrainTask:
         self.objective = NodeClassificationObjective()
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.r.lr,
                                           weight_decay=self.r.weight_decay)
-        self.best: dict[str, float] = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best = BestEpoch()
 
     def batches(self, epoch: int) -> Iterable[Any]:
         self.model.train()
@@ -270,21 +269,18 @@ class GraphTrainTask:
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         v = evaluate_nodes(self.model, self.splits.batch("val"))
-        b = self.best
-        if v["acc"] > b["val_acc"] or (v["acc"] == b["val_acc"] and v["loss"] < b["val_loss"]):
-            self.best = {"val_acc": v["acc"], "val_loss": v["loss"], "epoch": epoch}
-            self.best_state = copy.deepcopy(self.model.state_dict())
+        self.best.update(self.model, epoch, v["acc"], v["loss"])
         return {"val_loss": v["loss"], "val_acc": v["acc"],
-                "best_val_acc": self.best["val_acc"]}
+                "best_val_acc": self.best.record["val_acc"]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "best": dict(self.best), "best_state": self.best_state}
+                **self.best.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.best, self.best_state = dict(state["best"]), state["best_state"]
+        self.best.load_state_dict(state)
 
 
 def build_graph_network(cfg: RunConfig, genotype: Genotype, data: GraphData) -> nn.Module:
@@ -319,11 +315,10 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
         log.info("resumed graph retraining at epoch %d", loop.epoch)
     history = loop.run(stop_after=stop_after)
     last_test = evaluate_nodes(model, splits.batch("test"))
-    if task.best_state is not None:
-        model.load_state_dict(task.best_state)
+    task.best.restore(model)
     test = evaluate_nodes(model, splits.batch("test"))
     result = {"genotype": genotype.to_dict(), "params": params, "epochs_done": loop.epoch,
-              "best_epoch": task.best["epoch"], "valid_acc": task.best["val_acc"],
+              "best_epoch": task.best.record["epoch"], "valid_acc": task.best.record["val_acc"],
               "test_acc": test["acc"], "test_loss": test["loss"],
               "last_test_acc": last_test["acc"], "history": history}
     atomic_save(model.state_dict(), out / "model.pt")
