@@ -183,6 +183,8 @@ def test_the_guide_s_engine_runs_seeds_and_is_checked_like_a_built_in_one(tmp_pa
     assert summary["failed"] == [], [r.get("error") for r in summary["runs"]]
     assert all(r["test_acc"] is not None and r["genotype"]["space"] == "mlp_cell"
                for r in summary["runs"])
+    page = (tmp_path / "seeds" / "summary.md").read_text()
+    assert "## cell: how often each op was chosen per edge" in page  # (not "cell cell")
     for override, words in (("data.batch_size=8", "data.batch_size is not used by a tabular"),
                             ("data.name=digits", "'digits' is not a tabular dataset"),
                             ("retrain.momentum=0.5", "the tabular (my_engine.py) retraining"),

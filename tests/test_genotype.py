@@ -278,3 +278,10 @@ def test_auxiliary_head_pools_8x8_maps_like_the_paper():
     space = create_space({"name": "darts_cnn"}, CIFAR)
     net = space.build_network(published_genotype("DARTS_V2"), C=36, layers=20, auxiliary=True)
     assert count_parameters(net.auxiliary_head, exclude=()) == 476_426  # as before the change
+
+
+def test_a_cell_type_called_cell_is_not_titled_twice():
+    from diffnas.genotype import cell_title
+
+    assert [cell_title(n) for n in ("normal", "reduce", "recurrent", "cell")] == [
+        "normal cell", "reduce cell", "recurrent cell", "cell"]

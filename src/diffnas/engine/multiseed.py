@@ -318,6 +318,7 @@ def _ppl(x: float | None) -> str:
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown page (also printed by the command)."""
     from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, counted
+    from diffnas.genotype import cell_title
 
     metric = summary.get("metric", "test_acc")
     lm = metric == "test_ppl"
@@ -356,7 +357,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{fmt(r.get('search_val_ppl' if lm else 'search_val_acc'))} | {params} | "
                      f"`{r.get('error') or r.get('genotype_text') or '-'}` |")
     for cell, edges in summary["op_frequency"].items():
-        lines += ["", f"## {cell} cell: how often each op was chosen per edge", "",
+        lines += ["", f"## {cell_title(cell)}: how often each op was chosen per edge", "",
                   "| edge (src->dst) | ops chosen (count over seeds) |", "|---|---|"]
         for edge, ops in edges.items():
             lines.append(f"| {edge} | {', '.join(f'{op} x{n}' for op, n in ops.items())} |")

@@ -5,6 +5,7 @@ from diffnas.genotype.genotype import (
     Edge,
     Genotype,
     GenotypeError,
+    cell_title,
     from_darts_str,
     to_darts_str,
 )
@@ -12,7 +13,7 @@ from diffnas.genotype.published import PUBLISHED, published_genotype, resolve_ge
 
 __all__ = [
     "DISCRETIZERS", "PUBLISHED", "CellGenotype", "Edge", "Genotype", "GenotypeError",
-    "from_darts_str", "published_genotype", "register_discretizer",
+    "cell_title", "from_darts_str", "published_genotype", "register_discretizer",
     "resolve_genotype", "to_darts_str",
 ]
 

@@ -41,6 +41,12 @@ class Edge:
     dst: int
 
 
+def cell_title(name: str) -> str:
+    """How reports name a cell type: "normal cell", "recurrent cell", and for a space whose
+    one cell type is called ``cell`` (gnn), "cell" rather than "cell cell"."""
+    return name if name == "cell" or name.endswith(" cell") else f"{name} cell"
+
+
 @dataclass(frozen=True)
 class CellGenotype:
     name: str

@@ -26,6 +26,7 @@ import yaml
 from diffnas.config import to_dict
 from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, search_val_acc
 from diffnas.engine.checkpoint import atomic_write_text
+from diffnas.genotype import cell_title
 from diffnas.report.outputs import (
     REPORT_MARK,
     WRITE_DENIED,
@@ -127,7 +128,7 @@ def _genotype_table(run: RunData) -> str:
     for cell in g.cells:
         rows = "".join(f"<tr><td>{e.src} &rarr; {e.dst}</td><td>{_esc(e.op)}</td></tr>"
                        for e in sorted(cell.edges, key=lambda e: (e.dst, e.src)))
-        parts.append(f"<h3>{_esc(cell.name)} cell</h3><table><tr><th>edge (node &rarr; node)"
+        parts.append(f"<h3>{_esc(cell_title(cell.name))}</h3><table><tr><th>edge (node &rarr; node)"
                      f"</th><th>op</th></tr>{rows}</table><p>output: concatenation of nodes "
                      f"{_esc(list(cell.concat))}</p>")
     return "\n".join(parts)
@@ -166,12 +167,12 @@ def render_report(run: RunData, backend: str = "auto") -> str:
         out.append(f"<h2>Cells</h2><p class=\"muted\">drawn with {resolve_backend(backend)}"
                    "</p>")
         note = run.genotype_note()
-        out += [_img(figs[k], f"{k[5:]} cell" + (f" ({note})" if note else "")) for k in cells]
+        out += [_img(figs[k], cell_title(k[5:]) + (f" ({note})" if note else "")) for k in cells]
     alphas = [k for k in figs if k.startswith("alphas_")]
     if alphas:
         out.append("<h2>Architecture weights over the search</h2><p>softmax(alpha) of every "
                    "edge (rows); for each op a block of columns, one per epoch.</p>")
-        out += [_img(figs[k], f"{k[7:]} cell: softmax(alpha) per edge and epoch")
+        out += [_img(figs[k], f"{cell_title(k[7:])}: softmax(alpha) per edge and epoch")
                 for k in alphas]
     if "curves" in figs:
         out += ["<h2>Curves</h2>", _img(figs["curves"], "loss and accuracy per epoch")]

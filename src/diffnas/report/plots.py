@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from diffnas.engine.callbacks import read_json, read_jsonl
 from diffnas.engine.checkpoint import atomic_write_bytes
-from diffnas.genotype import CellGenotype, Genotype
+from diffnas.genotype import CellGenotype, Genotype, cell_title
 
 FORMATS = ("png", "svg")
 BACKENDS = ("auto", "graphviz", "matplotlib")
@@ -280,7 +280,7 @@ def render_cell(cell: CellGenotype, fmt: str = "svg", backend: str = "auto") -> 
         raise PlotError(f"unknown image format {fmt!r}; choose from {FORMATS}")
     if resolve_backend(backend) == "graphviz":
         return _graphviz_render(cell, fmt)
-    return figure_bytes(cell_figure(cell, f"{cell.name} cell"), fmt)
+    return figure_bytes(cell_figure(cell, cell_title(cell.name)), fmt)
 
 
 # --- alpha heatmap -------------------------------------------------------------------
@@ -423,7 +423,7 @@ def run_figures(run: RunData, backend: str = "auto", fmt: str = "svg") -> dict[s
             mat = alpha_matrix(run.alphas, group, run.path / "search" / "alphas.jsonl",
                                (len(labels), len(ops)))
             epochs = sorted(r["epoch"] for r in run.alphas if group in r)
-            fig = alpha_heatmap_figure(mat, labels, ops, f"{group} cell: softmax(alpha) per "
+            fig = alpha_heatmap_figure(mat, labels, ops, f"{cell_title(group)}: softmax(alpha) per "
                                        "edge over epochs", epochs)
             out[f"alphas_{group}"] = figure_bytes(fig, fmt)
     if run.search_metrics or run.retrain_metrics:
