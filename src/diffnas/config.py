@@ -16,9 +16,12 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from diffnas.engine.engines import Engine
 
 T = TypeVar("T")
 
@@ -489,7 +492,7 @@ def _space_name(cfg: RunConfig) -> str:
     return cfg.search.space.get("name", "darts_cnn")
 
 
-def _engine(cfg: RunConfig):
+def _engine(cfg: RunConfig) -> Engine:
     """The engine of the configured space (``engine/engines.engine_of``): what decides
     which data, sections and settings the run reads."""
     from diffnas.engine.engines import engine_of
