@@ -110,11 +110,13 @@ def get_engine(name: str) -> Engine:
 
 
 def list_engines() -> list[str]:
+    """The registered engines' names, sorted (the built-in ones imported first)."""
     _import_builtins()
     return ENGINES.names()
 
 
 def all_engines() -> list[Engine]:
+    """Every registered engine, in name order."""
     return [get_engine(name) for name in list_engines()]
 
 
