@@ -11,7 +11,7 @@ the ``Loop`` with its progress bar, metrics and atomic checkpoints, ``run_search
 (resume, genotype.json, DONE) and ``search_then_retrain``. Full batch on a fixed split
 (60/20/20 % of the rows, standardised by the training rows): weights learn on the
 training rows, alphas on the validation rows; the retraining keeps the weights of its
-best validation epoch (``engine/best.BestEpoch``, as the graph engine does).
+best validation epoch (``engine/best.FullBatchTrainTask``, as the graph engine's).
 
     diffnas search "plugins=[docs/examples/plugins/my_engine.py]" \\
         search.space.name=mlp_cell data.name=breast_cancer search.epochs=20 \\
@@ -30,7 +30,7 @@ from torch import nn
 
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
-from diffnas.engine.best import BestEpoch
+from diffnas.engine.best import FullBatchTrainTask
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
     atomic_save,
@@ -293,42 +293,22 @@ def run_table_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
 
 
 # --- retraining -----------------------------------------------------------------------------
-class TableTrainTask:
+class TableTrainTask(FullBatchTrainTask):
     """Full-batch Adam on the training rows; keeps the best validation epoch's weights."""
 
     def __init__(self, model: nn.Module, table: Table, cfg: RunConfig) -> None:
-        self.model, self.table, self.r = model, table, cfg.retrain
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.r.lr,
-                                          weight_decay=self.r.weight_decay)
-        self.best = BestEpoch()  # the weights of the best validation epoch, checkpointed
+        super().__init__(model, cfg.retrain)
+        self.table = table
 
-    def batches(self, epoch: int):
-        yield self.table.batch("train")
+    def train_batch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.table.batch("train")
 
-    def num_batches(self) -> int:
-        return 1
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        return ClassificationObjective()(self.model(batch[0]), batch)
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = ClassificationObjective()(self.model(batch[0]), batch)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
-        self.optimizer.step()
-        return stats
-
-    def end_epoch(self, epoch: int) -> dict[str, float]:
-        v = _evaluate(self.model, self.table.batch("val"))
-        self.best.update(self.model, epoch, v["acc"], v["loss"])
-        return {"val_loss": v["loss"], "val_acc": v["acc"]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **self.best.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.best.load_state_dict(state)
+    def validate(self) -> dict[str, float]:
+        return _evaluate(self.model, self.table.batch("val"))
 
 
 def run_table_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,

@@ -44,7 +44,7 @@ from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig
 from diffnas.data.graph import GRAPH_DATASETS, GraphData, load_graph
 from diffnas.engine import distributed as dp
-from diffnas.engine.best import BestEpoch
+from diffnas.engine.best import FullBatchTrainTask
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
     atomic_save,
@@ -242,45 +242,22 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
 
 
 # --- retraining ---------------------------------------------------------------------------
-class GraphTrainTask:
+class GraphTrainTask(FullBatchTrainTask):
     """Full-batch Adam on the train nodes; keeps the weights of the best val epoch."""
 
     def __init__(self, model: nn.Module, splits: GraphSplits, cfg: RunConfig) -> None:
-        self.model, self.splits, self.r, self.seed = model, splits, cfg.retrain, cfg.seed
+        super().__init__(model, cfg.retrain)
+        self.splits, self.seed = splits, cfg.seed
         self.objective = NodeClassificationObjective()
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.r.lr,
-                                          weight_decay=self.r.weight_decay)
-        self.best = BestEpoch()
 
-    def batches(self, epoch: int) -> Iterable[Any]:
-        self.model.train()
-        yield self.splits.batch("train", _seed(self.seed, epoch, 2))
+    def train_batch(self, epoch: int) -> GraphBatch:
+        return self.splits.batch("train", _seed(self.seed, epoch, 2))
 
-    def num_batches(self) -> int:
-        return 1
+    def loss(self, batch: GraphBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective(self.model(self.objective.inputs(batch)), batch)
 
-    def step(self, batch: GraphBatch) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = self.objective(self.model(self.objective.inputs(batch)), batch)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
-        self.optimizer.step()
-        return stats
-
-    def end_epoch(self, epoch: int) -> dict[str, float]:
-        v = evaluate_nodes(self.model, self.splits.batch("val"))
-        self.best.update(self.model, epoch, v["acc"], v["loss"])
-        return {"val_loss": v["loss"], "val_acc": v["acc"],
-                "best_val_acc": self.best.record["val_acc"]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **self.best.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.best.load_state_dict(state)
+    def validate(self) -> dict[str, float]:
+        return evaluate_nodes(self.model, self.splits.batch("val"))
 
 
 def build_graph_network(cfg: RunConfig, genotype: Genotype, data: GraphData) -> nn.Module:
