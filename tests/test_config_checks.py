@@ -257,6 +257,30 @@ def test_other_space_sizes_name_their_key(space, match):
     _refused([f"search.space={space}"], match)
 
 
+@pytest.mark.parametrize("space, most, edges", [
+    ("{name: darts_cnn, nodes: 100000}", 61, "5,000,150,000"),
+    ("{name: darts_cnn, nodes: 62}", 61, "2,015"),
+    ("{name: darts_rnn, nodes: 63}", 62, "2,016"),  # one cell input (DARTS's)
+    ("{name: darts_rnn, nodes: 63, backbone: two_input}", 61, "2,079"),  # x_t and h_{t-1}
+    ("{name: gnn, nodes: 1000000}", 62, "500,000,500,000"),
+])
+def test_a_cell_too_large_to_build_is_refused_by_its_node_count(space, most, edges):
+    """A typo such as nodes=100000 used to fill the memory while the cell's edges were
+    listed, with no message; the largest allowed count is named (edges: n(n+3)/2 with two
+    cell inputs, n(n+1)/2 with one)."""
+    _refused([f"search.space={space}"], rf"search\.space\.nodes must be at most {most} "
+             rf"\(a cell of n nodes has n\(n\+[13]\)/2 mixed edges.* would make {edges} edges")
+
+
+def test_the_largest_allowed_cells_load():
+    from diffnas.config import MAX_CELL_EDGES
+
+    for config, nodes, edges in [(FASHION, 61, 61 * 64 // 2), (GNN, 62, 62 * 63 // 2),
+                                 (ROOT / "configs/darts_rnn_ptb.yaml", 62, 62 * 63 // 2)]:
+        assert edges <= MAX_CELL_EDGES
+        assert load_config(config, [f"search.space.nodes={nodes}"]).search.space["nodes"] == nodes
+
+
 def test_darts_cnn_sizes_write_no_run_directory(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(TINY)
     argv = ["search", "--config", str(tmp_path / "tiny.yaml"), f"out_dir={tmp_path / 'runs'}",

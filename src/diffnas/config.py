@@ -87,6 +87,28 @@ def require_sizes(obj: Any, keys: tuple[str, ...], where: str) -> None:
         require(value is None or value >= 1, f"{where}.{key}", ">= 1 (or null)", value)
 
 
+#: the most mixed edges a searched cell may have. A cell of n nodes has about n^2 / 2 edges,
+#: each holding every candidate op: darts_cnn at 61 nodes (1,952 edges) is a supernet of about
+#: 250M weights at C=16, built in about a minute; a typo such as nodes=100000 would fill the
+#: memory while its edges are listed, before any message
+MAX_CELL_EDGES = 2000
+
+
+def require_cell_edges(nodes: int, edges: Callable[[int], int], formula: str,
+                       key: str = "search.space.nodes") -> None:
+    """Refuse a cell of ``nodes`` nodes with more than :data:`MAX_CELL_EDGES` mixed edges
+    (``edges(n)``: a space's edge count, ``formula`` its text), naming the largest count."""
+    if nodes < 1 or edges(nodes) <= MAX_CELL_EDGES:
+        return
+    most = 1
+    while edges(most + 1) <= MAX_CELL_EDGES:
+        most += 1
+    require(False, key, f"at most {most} (a cell of n nodes has {formula} mixed edges, each "
+            f"computing every candidate op; {nodes:,} nodes would make {edges(nodes):,} "
+            f"edges per cell; diffnas.config.MAX_CELL_EDGES allows {MAX_CELL_EDGES:,}, past "
+            "which the supernet outgrows the memory)", nodes)
+
+
 def require_float32(obj: Any, keys: tuple[str, ...], where: str) -> None:
     """Each ``obj.<key>`` is finite and at most float32's largest value: torch's optimizers
     hand learning rates, momenta and weight decays to float32 kernels and refuse a larger

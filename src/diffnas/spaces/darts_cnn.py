@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import require, require_sizes
+from diffnas.config import require, require_cell_edges, require_sizes
 from diffnas.genotype import Genotype
 from diffnas.ops import OPS, check_op_contract
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -50,6 +50,7 @@ class DartsCnnConfig:
         for key in ("C", "layers", "nodes", "stem_multiplier"):
             value = getattr(self, key)
             require(value >= 1, f"search.space.{key}", ">= 1", value)
+        require_cell_edges(self.nodes, lambda n: n * (n + 3) // 2, "n(n+3)/2")
         # reductions sit at layers // 3 and 2 * layers // 3: with 1 or 2 cells every cell
         # reduces, the normal alphas get no gradient and the normal genotype is noise
         require(self.layers >= 3, "search.space.layers",

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict, require, require_sizes
+from diffnas.config import from_dict, require, require_cell_edges, require_sizes
 from diffnas.genotype import Genotype, GenotypeError
 from diffnas.ops.rnn import DARTS_RNN_OPS, RNN_OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -63,6 +63,10 @@ class DartsRnnConfig:
 
     def __post_init__(self) -> None:
         require_sizes(self, ("ninp", "nhid", "nodes"), "search.space")
+        if self.backbone == "single":  # the cell's inputs: x_t alone, or x_t and h_{t-1}
+            require_cell_edges(self.nodes, lambda n: n * (n + 1) // 2, "n(n+1)/2")
+        else:
+            require_cell_edges(self.nodes, lambda n: n * (n + 3) // 2, "n(n+3)/2")
         require(self.ninp == self.nhid, "search.space.ninp", "equal to search.space.nhid (the "
                 "decoder is tied to the embedding, as in DARTS)", self.ninp)
         unknown = [o for o in self.ops if o not in RNN_OPS]

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from diffnas.config import from_dict, require, require_sizes
+from diffnas.config import from_dict, require, require_cell_edges, require_sizes
 from diffnas.genotype import CellGenotype, Edge, Genotype
 from diffnas.ops.graph import GNN_OPS, GRAPH_OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
@@ -54,6 +54,7 @@ class GnnConfig:
                 self.ops)
         for key in ("hidden", "nodes", "cells"):
             require(getattr(self, key) >= 1, f"search.space.{key}", ">= 1", getattr(self, key))
+        require_cell_edges(self.nodes, lambda n: n * (n + 1) // 2, "n(n+1)/2")
         if "gat" in self.ops and self.hidden % 4:
             raise ValueError(f"hidden={self.hidden} must divide by 4 for gat's 4 heads")
         _check_dropout("dropout", self.dropout)
