@@ -14,7 +14,10 @@ import pytest
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config
 from diffnas.engine.engines import (
+    ACCURACY,
     ENGINES,
+    PERPLEXITY,
+    Metric,
     all_engines,
     engine_of,
     get_engine,
@@ -168,9 +171,94 @@ def test_engine_registration_refuses_duplicates_and_unknown_metrics():
     with pytest.raises(ValueError, match="engine 'image' is already registered"):
         register_engine(image)
     odd = dataclasses.replace(image, name=f"odd_{uuid.uuid4().hex[:8]}", metric="bleu")
-    with pytest.raises(ValueError, match="metric 'bleu' is not one of test_acc, test_ppl"):
+    with pytest.raises(ValueError, match="metric 'bleu' is not a Metric"):
         register_engine(odd)
     assert odd.name not in ENGINES
+
+
+@pytest.mark.parametrize("args, match", [
+    (("test_rmse", "RMSE", "rmse", ".4q"), r"format '\.4q' does not format a number"),
+    (("test_rmse", "", "rmse"), "Metric.name must be a non-empty string"),
+    ((None, "RMSE", "rmse"), "Metric.key must be a non-empty string"),
+])
+def test_a_malformed_metric_is_refused_where_it_is_made(args, match):
+    with pytest.raises(ValueError, match=match):
+        Metric(*args)
+
+
+def test_metric_text_formats_a_value_and_marks_a_missing_one():
+    assert ACCURACY.text(0.80354) == "80.35%" and PERPLEXITY.text(81.234) == "81.23"
+    assert [ACCURACY.text(v) for v in (None, float("nan"), True, "0.5")] == ["-"] * 4
+
+
+# A plugin engine judged by a figure of its own (lower is better): its search and
+# retraining write what the built-in engines write, with "val_rmse" and "test_rmse".
+RMSE_PLUGIN = PLUGIN + """
+
+import types
+from diffnas.engine.engines import Metric
+from diffnas.genotype import resolve_genotype
+
+
+def run_search(cfg, run_dir, resume):
+    search = run_dir / "search"
+    search.mkdir(exist_ok=True)
+    genotype = resolve_genotype("DARTS_V2")
+    genotype.save(search / "genotype.json")
+    (search / "metrics.jsonl").write_text(json.dumps({{"epoch": 0, "val_rmse": 1 + cfg.seed}})
+                                          + "\\n")
+    (search / "DONE").write_text("")
+    return types.SimpleNamespace(genotype=genotype)
+
+
+def run_retrain(cfg, genotype, run_dir, resume):
+    (run_dir / "retrain").mkdir(exist_ok=True)
+    (run_dir / "retrain" / "result.json").write_text(json.dumps(
+        {{"epochs_done": cfg.retrain.epochs, "test_rmse": 0.5 + 0.1 * cfg.seed, "params": 7}}))
+
+
+register_engine(Engine(
+    name="{engine}_rmse", label="toy regression", a_run="a toy regression run",
+    data_kind="toy_rmse", datasets=lambda: ["toyset_rmse"], search=search, train=train,
+    run_search=run_search, run_retrain=run_retrain, summary=lambda cfg, genotype: {{}},
+    metric=Metric("test_rmse", "RMSE", "rmse", ".3f", "val_rmse")))
+
+
+@register_space("{space}_rmse")
+class ToyRmseSpace(DartsCnnSpace):
+    engine = "{engine}_rmse"
+"""
+
+
+def test_a_plugin_engine_s_own_metric_heads_its_seeds_summary_and_report(tmp_path,
+                                                                         monkeypatch, capsys):
+    """Not accuracy, not perplexity: the summary and the report say RMSE, format it as the
+    engine's Metric does, and read the search's val_rmse (the built-in engines' metrics
+    could be the only ones before)."""
+    tag = uuid.uuid4().hex[:8]
+    path = tmp_path / f"toy_rmse_{tag}.py"
+    path.write_text(RMSE_PLUGIN.format(engine=f"toy_{tag}", space=f"toy_space_{tag}"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["search", f"plugins=[{path}]", f"search.space.name=toy_space_{tag}_rmse",
+            "data.name=toyset_rmse", "progress=false", "name=p", "--seeds", "0,1",
+            "--workers", "1", "retrain.epochs=3"]
+    assert main(argv) == 0
+    parent = tmp_path / "runs" / "p"
+    summary = json.loads((parent / "summary.json").read_text())
+    assert summary["metric"] == "test_rmse"
+    assert summary["test_rmse"]["mean"] == pytest.approx(0.55)
+    assert summary["test_rmse"]["std"] == pytest.approx(0.1 * 2 ** -0.5)
+    assert summary["search_val_rmse"]["mean"] == pytest.approx(1.5)
+    assert summary["test_acc"]["n"] == 0 and summary["failed"] == []
+    md = (parent / "summary.md").read_text()
+    assert "Retrained test RMSE: **0.550 +- 0.071** (mean +- sample std over 2 seeds)" in md
+    assert "Search validation RMSE, last epoch: 1.500 +- 0.707" in md
+    assert "| seed | test rmse | search val rmse | params | genotype |" in md
+    assert "| 1 | 0.600 | 2.000 | 7 | `" in md
+    assert main(["report", str(parent / "seed_1"), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<th>test RMSE, final</th><td>0.600</td>" in page
+    assert "<th>search validation RMSE (last epoch)</th><td>2.000</td>" in page
 
 
 def test_a_plugin_engine_that_fails_to_import_is_unregistered(tmp_path):

@@ -24,8 +24,42 @@ if TYPE_CHECKING:
     from diffnas.config import RunConfig
     from diffnas.genotype import Genotype
 
-#: the headline figures a multi-seed summary can report (``engine/multiseed.METRICS``)
-ENGINE_METRICS = ("test_acc", "test_ppl")
+@dataclass(frozen=True)
+class Metric:
+    """The retrained figure an engine's runs are judged by: the headline of a multi-seed
+    summary (``--seeds``) and of ``diffnas report``. ``key``: its key in the retraining's
+    ``result.json``; ``name``: how text names it ("accuracy": "Retrained test accuracy",
+    "Search validation accuracy"); ``short``: its table column ("acc": "test acc");
+    ``format``: a format spec of one value (``".2%"``, ``".4f"``); ``search_key``: the key
+    of the search's validation figure in its ``metrics.jsonl`` rows (None: none)."""
+
+    key: str
+    name: str
+    short: str
+    format: str = ".4f"
+    search_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("key", "name", "short"):
+            if not isinstance(getattr(self, field), str) or not getattr(self, field):
+                raise ValueError(f"Metric.{field} must be a non-empty string, got "
+                                 f"{getattr(self, field)!r}")
+        try:
+            format(0.5, self.format)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Metric {self.key!r}: format {self.format!r} does not format a "
+                             f"number ({exc}); e.g. '.2%' or '.4f'") from None
+
+    def text(self, value: Any) -> str:
+        """``value`` formatted, or "-" where there is none (None, NaN, not a number)."""
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+        return format(value, self.format) if ok else "-"
+
+
+#: image and graph classification: the share of test examples classified right
+ACCURACY = Metric("test_acc", "accuracy", "acc", ".2%", "val_acc")
+#: a language model: exp of the mean test cross-entropy per token (lower is better)
+PERPLEXITY = Metric("test_ppl", "perplexity", "ppl", ".2f", "valid_ppl")
 
 
 def _nothing(*_: Any) -> None:
@@ -69,8 +103,8 @@ class Engine:
     check_search: Callable[[RunConfig, bool], None] = _nothing
     check_retrain: Callable[[RunConfig], None] = _nothing
     retrain_network: Callable[[RunConfig], dict[str, Any]] = _network
-    #: the retrained figure a multi-seed summary reports (one of ENGINE_METRICS)
-    metric: str = "test_acc"
+    #: the retrained figure its runs are judged by (multi-seed summary, report)
+    metric: Metric = ACCURACY
     #: ``data`` settings it never reads: refused when changed from their defaults
     unused_data: tuple[str, ...] = ()
     #: ``retrain`` settings it never reads: refused when changed from their defaults
@@ -93,9 +127,10 @@ ENGINES: Registry[Engine] = Registry("engine")
 
 def register_engine(engine: Engine) -> Engine:
     """Register ``engine`` under its name (a duplicate name is an error); returns it."""
-    if engine.metric not in ENGINE_METRICS:
-        raise ValueError(f"engine {engine.name!r}: metric {engine.metric!r} is not one of "
-                         f"{', '.join(ENGINE_METRICS)}")
+    if not isinstance(engine.metric, Metric):
+        raise ValueError(f"engine {engine.name!r}: metric {engine.metric!r} is not a Metric "
+                         "(diffnas.engine.engines.Metric, e.g. ACCURACY, PERPLEXITY or "
+                         "Metric('test_rmse', 'RMSE', 'rmse', '.4f', 'val_rmse'))")
     return ENGINES.register(engine.name)(engine)
 
 

@@ -72,7 +72,7 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from diffnas.engine.engines import Engine, register_engine
+from diffnas.engine.engines import PERPLEXITY, Engine, register_engine
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -760,7 +760,7 @@ ENGINE = register_engine(Engine(
     data_kind="text", datasets=lambda: TEXT_DATASETS, search=run_lm, train=train_lm,
     run_search=run_lm_search, run_retrain=run_lm_retrain, summary=lm_network_summary,
     check_config=check_lm_section, check_search=check_lm_config,
-    check_retrain=check_lm_retrain, metric="test_ppl", unused_data=("download", "resolution"),
+    check_retrain=check_lm_retrain, metric=PERPLEXITY, unused_data=("download", "resolution"),
     unread_retrain=("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding",
                     "flip"),
     sections=("lm",)))

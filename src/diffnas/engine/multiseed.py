@@ -32,6 +32,7 @@ from typing import Any
 
 from diffnas.config import ConfigError, RunConfig
 from diffnas.engine.checkpoint import atomic_write_text
+from diffnas.engine.engines import ACCURACY, PERPLEXITY, Metric
 
 log = logging.getLogger("diffnas")
 
@@ -174,29 +175,34 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
         genotype = engine.run_search(cfg, run, resume=True).genotype
     if cfg.retrain.enabled and not is_finished(run, cfg):
         engine.run_retrain(cfg, genotype, run, resume=True)
-    return seed_record(run, cfg.seed)
+    return seed_record(run, cfg.seed, seeds_metric(cfg))
 
 
-def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
-    """What the summary needs from a seed directory (None where a part is missing). A
-    damaged file is a ``ValueError`` naming it (``GenotypeError`` for a genotype)."""
+def seed_record(run_dir: str | Path, seed: int,
+                metric: Metric | str = "test_acc") -> dict[str, Any]:
+    """What the summary needs from a seed directory (None where a part is missing):
+    ``metric`` (its engine's, ``seeds_metric``) read from the retraining's result and the
+    search's last epoch. A damaged file is a ``ValueError`` naming it (``GenotypeError``
+    for a genotype)."""
     from diffnas.engine.callbacks import read_json, read_jsonl, search_val_acc
     from diffnas.genotype import Genotype
 
+    metric = as_metric(metric)
     run = Path(run_dir)
-    rec = _empty_record(run, seed)
+    rec = _empty_record(run, seed, metric)
     gfile = run / "search" / "genotype.json"
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
     metrics = read_jsonl(run / "search" / "metrics.jsonl")
     if metrics and isinstance(metrics[-1], dict):
         rec["search_val_acc"], rec["search_val_measure"] = search_val_acc(metrics[-1])
-        ppl = metrics[-1].get("valid_ppl")  # a language model's search
-        rec["search_val_ppl"] = float(ppl) if _number(ppl) else None
+        if metric.search_key is not None and metric.search_key != "val_acc":
+            v = metrics[-1].get(metric.search_key)  # e.g. a language model's valid_ppl
+            rec[search_field(metric)] = float(v) if _number(v) else None
     res = run / "retrain" / "result.json"
     if res.is_file():
         r = read_json(res, result_fix(run))
-        key = "test_ppl" if "test_ppl" in r else "test_acc"  # a language model's retraining
+        key = metric.key
         if not _number(r.get(key)):
             raise ValueError(f"{res}: damaged, no number {key!r}; {result_fix(run)}")
         rec.update({key: r[key]},
@@ -205,28 +211,48 @@ def seed_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
     return rec
 
 
-def _empty_record(run_dir: str | Path, seed: int) -> dict[str, Any]:
+def _empty_record(run_dir: str | Path, seed: int,
+                  metric: Metric | str = "test_acc") -> dict[str, Any]:
+    metric = as_metric(metric)
     return {"seed": seed, "run_dir": str(run_dir), "genotype": None, "test_acc": None,
             "test_ppl": None, "params": None, "macs": None, "search_val_acc": None,
-            "search_val_measure": None, "search_val_ppl": None}
+            "search_val_measure": None, "search_val_ppl": None, metric.key: None,
+            search_field(metric): None}
 
 
 def _number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def failed_record(run_dir: str | Path, seed: int, error: str) -> dict[str, Any]:
+def failed_record(run_dir: str | Path, seed: int, error: str,
+                  metric: Metric | str = "test_acc") -> dict[str, Any]:
     """The summary row of a seed whose files cannot be read: it says why."""
-    return {**_empty_record(run_dir, seed), "error": error}
+    return {**_empty_record(run_dir, seed, metric), "error": error}
 
 
-#: the headline figure of a multi-seed summary, by engine: a language model's retraining
-#: reports test perplexity (lower is better), image and graph runs test accuracy
-METRICS = {"test_acc": "Retrained test accuracy", "test_ppl": "Retrained test perplexity"}
+#: the headline figures of the built-in engines, by key: image and graph runs report
+#: test accuracy, a language model's retraining test perplexity (lower is better); a
+#: plugin engine brings its own :class:`~diffnas.engine.engines.Metric`
+METRICS: dict[str, Metric] = {m.key: m for m in (ACCURACY, PERPLEXITY)}
 
 
-def seeds_metric(cfg: RunConfig) -> str:
-    """The key of :data:`METRICS` that summarises ``cfg``'s seeds (its engine's metric)."""
+def as_metric(metric: Metric | str) -> Metric:
+    """``metric`` itself, or the built-in metric of that key (:data:`METRICS`)."""
+    if isinstance(metric, Metric):
+        return metric
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r}: one of {', '.join(METRICS)}, or a Metric")
+    return METRICS[metric]
+
+
+def search_field(metric: Metric) -> str:
+    """The record and summary key of the search's validation figure for ``metric``
+    (``search_val_acc``, ``search_val_ppl``, ``search_val_<short>``)."""
+    return f"search_val_{metric.short}"
+
+
+def seeds_metric(cfg: RunConfig) -> Metric:
+    """The figure that summarises ``cfg``'s seeds: its engine's metric."""
     from diffnas.engine.engines import engine_of
 
     return engine_of(cfg).metric
@@ -265,15 +291,15 @@ def _edge_key(label: str) -> tuple[int, int]:
     return int(dst), int(src)
 
 
-def summarize(records: Sequence[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
-    """Accuracy (``metric="test_ppl"``: a language model's perplexity) mean +- std, the
-    genotypes, and op counts per edge over the finished seeds (a failed or unfinished
-    seed's figures are mid-run ones: its row shows them, the statistics leave them out).
-    A statistic over no seed is None (valid JSON)."""
+def summarize(records: Sequence[dict[str, Any]],
+              metric: Metric | str = "test_acc") -> dict[str, Any]:
+    """The metric's mean +- std (accuracy; ``"test_ppl"``: a language model's perplexity;
+    a plugin engine's own), the genotypes, and op counts per edge over the finished seeds
+    (a failed or unfinished seed's figures are mid-run ones: its row shows them, the
+    statistics leave them out). A statistic over no seed is None (valid JSON)."""
     from diffnas.genotype import Genotype
 
-    if metric not in METRICS:
-        raise ValueError(f"metric {metric!r}: one of {', '.join(METRICS)}")
+    metric = as_metric(metric)
     done = [r for r in records if not r.get("error")]
 
     def finished(key: str) -> list[float]:
@@ -294,12 +320,15 @@ def summarize(records: Sequence[dict[str, Any]], metric: str = "test_acc") -> di
     return {
         "seeds": [r["seed"] for r in records],
         "n": len(records),
-        "metric": metric,
+        "metric": metric.key,
+        "metric_spec": dataclasses.asdict(metric),  # how summary_markdown writes it
         "test_acc": stat(accs),
         "test_ppl": stat(finished("test_ppl")),
+        "search_val_ppl": stat(finished("search_val_ppl")),
+        metric.key: stat(finished(metric.key)),
+        search_field(metric): stat(finished(search_field(metric))),
         "search_val_acc": stat(vals if len(measures) <= 1 else []),
         "search_val_measures": measures,
-        "search_val_ppl": stat(finished("search_val_ppl")),
         "runs": [{**r, "genotype_text": str(Genotype.from_dict(r["genotype"]))
                   if r.get("genotype") else None} for r in records],
         "op_frequency": op_frequency(genos),
@@ -307,24 +336,17 @@ def summarize(records: Sequence[dict[str, Any]], metric: str = "test_acc") -> di
     }
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
-
-
-def _ppl(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
-
-
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown page (also printed by the command)."""
     from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, counted
     from diffnas.genotype import cell_title
 
-    metric = summary.get("metric", "test_acc")
-    lm = metric == "test_ppl"
-    fmt = _ppl if lm else _pct
-    acc, title = summary[metric], METRICS[metric]
-    val = summary["search_val_ppl"] if lm else summary["search_val_acc"]
+    spec = summary.get("metric_spec")  # (a summary written before it: a built-in metric)
+    metric = Metric(**spec) if spec else as_metric(summary.get("metric", "test_acc"))
+    accuracy = metric.search_key == "val_acc"  # its search figure: callbacks.search_val_acc
+    fmt = metric.text
+    acc, title = summary[metric.key], f"Retrained test {metric.name}"
+    val = summary.get(search_field(metric)) or {"n": 0}
     lines = [f"# Multi-seed summary ({counted(summary['n'], 'seed')}: "
              f"{', '.join(map(str, summary['seeds']))})", ""]
     if acc["n"] == 1:
@@ -334,10 +356,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"(mean +- sample std over {acc['n']} seeds)")
     else:
         lines.append(f"{title}: none (retraining disabled or not finished)")
-    measures = [] if lm else summary.get("search_val_measures") or []
-    what = "Search validation perplexity, last epoch" if lm else \
-        "Search validation accuracy, last epoch" + (
-            f" ({SEARCH_VAL_MEASURES[measures[0]]})" if len(measures) == 1 else "")
+    measures = summary.get("search_val_measures") or [] if accuracy else []
+    what = f"Search validation {metric.name}, last epoch" + (
+        f" ({SEARCH_VAL_MEASURES[measures[0]]})" if len(measures) == 1 else "")
     if len(measures) > 1:
         lines.append(f"{what}: measured differently between seeds ("
                      f"{'; '.join(SEARCH_VAL_MEASURES[m] for m in measures)}): no statistic")
@@ -348,13 +369,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary["failed"]:
         lines.append(f"FAILED or unfinished seeds: {summary['failed']} (the table says why; "
                      "they are left out of the statistics)")
-    short = "ppl" if lm else "acc"
+    short = metric.short
     lines += ["", f"| seed | test {short} | search val {short} | params | genotype |",
               "|---|---|---|---|---|"]
     for r in summary["runs"]:
         params = f"{r['params']:,}" if r.get("params") is not None else "-"
-        lines.append(f"| {r['seed']} | {fmt(r.get(metric))} | "
-                     f"{fmt(r.get('search_val_ppl' if lm else 'search_val_acc'))} | {params} | "
+        lines.append(f"| {r['seed']} | {fmt(r.get(metric.key))} | "
+                     f"{fmt(r.get(search_field(metric)))} | {params} | "
                      f"`{r.get('error') or r.get('genotype_text') or '-'}` |")
     for cell, edges in summary["op_frequency"].items():
         lines += ["", f"## {cell_title(cell)}: how often each op was chosen per edge", "",
@@ -365,7 +386,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_summary(parent: str | Path, records: Sequence[dict[str, Any]],
-                  metric: str = "test_acc") -> dict[str, Any]:
+                  metric: Metric | str = "test_acc") -> dict[str, Any]:
     from diffnas.engine.callbacks import finite_json
 
     summary = summarize(records, metric)
@@ -436,13 +457,14 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     else:
         errors = _run_in_processes(pending, workers, threads, say, overrides)
     records = []  # every seed of the parent, also those run by earlier calls
+    metric = seeds_metric(cfg)
     for s in read_seeds(parent):
         d = seed_dir(parent, s)
         try:
-            rec = seed_record(d, s)
+            rec = seed_record(d, s, metric)
         except (ValueError, KeyError, TypeError, OSError) as exc:  # (GenotypeError too)
             # one damaged seed must not keep the others' summary from being written
-            rec = failed_record(d, s, errors.get(d) or str(exc))
+            rec = failed_record(d, s, errors.get(d) or str(exc), metric)
             records.append(rec)
             continue
         if d in errors:
@@ -451,7 +473,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
             rec["error"] = (f"not finished (not run by this call: continue it with --seeds "
                             f"{s} --resume {parent})")
         records.append(rec)
-    return write_summary(parent, records, seeds_metric(cfg))
+    return write_summary(parent, records, metric)
 
 
 class Terminated(KeyboardInterrupt):
@@ -613,7 +635,9 @@ def _worker_main(argv: list[str] | None = None) -> int:
     if a.parent_pid:
         _die_with_parent(a.parent_pid)
     rec = run_seed(a.run_dir, a.threads, a.override)
-    print(json.dumps({k: rec[k] for k in ("seed", "test_acc", "search_val_acc")}))
+    print(json.dumps({k: v for k, v in rec.items()  # the seed and its figures (worker.log)
+                      if k == "seed" or (k.startswith(("test_", "search_val_")) and
+                                         _number(v))}))
     return 0
 
 

@@ -26,6 +26,7 @@ import yaml
 from diffnas.config import to_dict
 from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, search_val_acc
 from diffnas.engine.checkpoint import atomic_write_text
+from diffnas.engine.engines import engine_of
 from diffnas.genotype import cell_title
 from diffnas.report.outputs import (
     REPORT_MARK,
@@ -86,11 +87,15 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
         rows += [("space / strategy", f"{cfg.search.space.get('name')} / "
                                       f"{cfg.search.strategy.get('name', 'darts')}"),
                  ("search epochs", f"{len(run.search_metrics)} of {cfg.search.epochs}")]
+    metric = engine_of(cfg).metric  # the figure its engine's runs are judged by
     if run.search_metrics:
         acc, key = search_val_acc(run.search_metrics[-1])
         if key is not None:
             rows.append((f"search validation accuracy (last epoch; {SEARCH_VAL_MEASURES[key]})",
                          _pct(acc)))
+        if metric.search_key not in (None, "val_acc"):  # e.g. a language model's valid_ppl
+            rows.append((f"search validation {metric.name} (last epoch)",
+                         metric.text(run.search_metrics[-1].get(metric.search_key))))
     # graph and language-model retrainings report the weights of the best validation
     # epoch (``best_epoch``, 0-based), as the command line says; image ones the last epoch
     best = res.get("best_epoch") if res is not None else None
@@ -102,6 +107,10 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
             ("parameters", _count(res.get("params"))),
         ]
+    elif res is not None and metric.key != "test_acc":  # a plugin engine's own figure
+        rows += [(f"test {metric.name}, {which}", metric.text(res.get(metric.key))),
+                 ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
+                 ("parameters", _count(res.get("params")))]
     elif res is not None:
         rows.append((f"test accuracy, {which}", _pct(res.get("test_acc"))))
         if res.get("last_test_acc") is not None:
