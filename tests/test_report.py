@@ -135,6 +135,22 @@ def test_retrain_curves_show_a_validation_series_when_logged():
     assert [ln.get_label() for ln in fig.axes[1].lines] == ["train", "validation"]
 
 
+def test_curves_of_a_plugin_engine_plot_its_own_metric_by_split():
+    """An engine judged by RMSE logs rmse / val_rmse / test_rmse beside their losses: the
+    right-hand plots show those, titled by the metric (not an empty accuracy plot)."""
+    from diffnas.engine.engines import Metric
+
+    rmse = Metric("test_rmse", "RMSE", "rmse", ".3f", "val_rmse")
+    rows = [{"epoch": e, "loss": 1.0 / (e + 1), "rmse": 0.9 - 0.1 * e, "val_loss": 1.2,
+             "val_rmse": 1.0, "test_rmse": 1.1, "lr": 0.1} for e in range(3)]
+    fig = plots.curves_figure(rows, rows, rmse)
+    assert [ax.get_title() for ax in fig.axes] == ["search: loss", "search: RMSE",
+                                                   "retrain: loss", "retrain: RMSE"]
+    assert [ln.get_label() for ln in fig.axes[1].lines] == ["train", "test", "val"]
+    assert [ln.get_label() for ln in fig.axes[0].lines] == ["train", "val"]
+    assert list(fig.axes[1].lines[0].get_ydata()) == pytest.approx([0.9, 0.8, 0.7])
+
+
 def test_heatmap_rejects_mismatched_labels():
     mat = plots.alpha_matrix(_records(2, 3, 2), "normal")
     with pytest.raises(plots.PlotError, match="do not match"):

@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from diffnas.engine.callbacks import read_json, read_jsonl
 from diffnas.engine.checkpoint import atomic_write_bytes
+from diffnas.engine.engines import ACCURACY, PERPLEXITY, Metric, engine_of
 from diffnas.genotype import CellGenotype, Genotype, cell_title
 
 FORMATS = ("png", "svg")
@@ -377,26 +378,41 @@ _SERIES = {  # (loss key, accuracy key, label) per phase
 _LM_SERIES = (("loss", "ppl", "train"), ("valid_loss", "valid_ppl", "validation"))
 
 
-def curves_figure(search: Sequence[dict], retrain: Sequence[dict]) -> Figure:
-    """Loss and accuracy (perplexity for language models) per epoch: a row for the search,
-    a row for retraining."""
+def _own_series(rows: Sequence[dict], short: str) -> tuple[tuple[str, str, str], ...]:
+    """A plugin engine's curves: every ``loss`` / ``<split>_loss`` key beside the
+    ``<short>`` / ``<split>_<short>`` key of its metric (``rmse``, ``val_rmse``), paired by
+    split and labelled by it."""
+    keys = {k for r in rows for k in r}
+    splits = sorted({k[: -len(short)] for k in keys if k == short or k.endswith("_" + short)} |
+                    {k[:-4] for k in keys if k == "loss" or k.endswith("_loss")})
+    return tuple((f"{p}loss", f"{p}{short}", p.rstrip("_") or "train") for p in splits)
+
+
+def curves_figure(search: Sequence[dict], retrain: Sequence[dict],
+                  metric: Metric = ACCURACY) -> Figure:
+    """Loss and accuracy (perplexity for language models; a plugin engine's ``metric``, by
+    its keys) per epoch: a row for the search, a row for retraining."""
     phases = [(name, rows) for name, rows in (("search", search), ("retrain", retrain)) if rows]
     if not phases:
         raise PlotError("no metrics to plot (search/metrics.jsonl and retrain/metrics.jsonl "
                         "are missing or empty)")
+    own = metric.key not in (ACCURACY.key, PERPLEXITY.key)
     fig = Figure(figsize=(9, 3.0 * len(phases)))
     axes = fig.subplots(len(phases), 2, squeeze=False)
     for row, (name, rows) in enumerate(phases):
         epochs = [r["epoch"] + 1 for r in rows]
-        lm = any("valid_ppl" in r or "ppl" in r for r in rows)
-        for loss_key, acc_key, label in (_LM_SERIES if lm else _SERIES[name]):
+        lm = not own and any("valid_ppl" in r or "ppl" in r for r in rows)
+        series = _own_series(rows, metric.short) if own else \
+            _LM_SERIES if lm else _SERIES[name]
+        for loss_key, acc_key, label in series:
             for col, key in ((0, loss_key), (1, acc_key)):
                 ys = [r.get(key) for r in rows]
                 if all(y is None for y in ys):
                     continue
                 ys = [np.nan if y is None else y for y in ys]
                 axes[row][col].plot(epochs, ys, marker="o", ms=3, label=label)
-        for col, what in ((0, "loss"), (1, "perplexity" if lm else "accuracy")):
+        figure = metric.name if own else "perplexity" if lm else "accuracy"
+        for col, what in ((0, "loss"), (1, figure)):
             ax = axes[row][col]
             ax.set_title(f"{name}: {what}")
             ax.set_xlabel("epoch")
@@ -427,7 +443,9 @@ def run_figures(run: RunData, backend: str = "auto", fmt: str = "svg") -> dict[s
                                        "edge over epochs", epochs)
             out[f"alphas_{group}"] = figure_bytes(fig, fmt)
     if run.search_metrics or run.retrain_metrics:
-        out["curves"] = figure_bytes(curves_figure(run.search_metrics, run.retrain_metrics), fmt)
+        metric = engine_of(run.config).metric
+        out["curves"] = figure_bytes(
+            curves_figure(run.search_metrics, run.retrain_metrics, metric), fmt)
     return out
 
 
