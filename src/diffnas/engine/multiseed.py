@@ -356,7 +356,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"(mean +- sample std over {acc['n']} seeds)")
     else:
         lines.append(f"{title}: none (retraining disabled or not finished)")
-    measures = summary.get("search_val_measures") or [] if accuracy else []
+    measures = (summary.get("search_val_measures") or []) if accuracy else []
     what = f"Search validation {metric.name}, last epoch" + (
         f" ({SEARCH_VAL_MEASURES[measures[0]]})" if len(measures) == 1 else "")
     if len(measures) > 1:
