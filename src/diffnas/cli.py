@@ -80,10 +80,8 @@ def _search(p: argparse.ArgumentParser):
         from diffnas.config import check_run_files, load_config
         from diffnas.engine import distributed as dp
         from diffnas.engine.engines import engine_of
-        from diffnas.engine.logs import setup_logging
-        from diffnas.engine.rundir import check_resume_threads, new_run_dir
+        from diffnas.engine.rundir import new_run_dir
         from diffnas.engine.runlock import acquire_run_lock
-        from diffnas.plugins import import_plugins
 
         def open_run():  # rank 0 alone touches the run directory; the others get the result
             if args.resume:
@@ -96,13 +94,8 @@ def _search(p: argparse.ArgumentParser):
             acquire_run_lock(run_dir)  # freed when the command returns (main)
             return cfg, run_dir
 
-        main = dp.init_distributed().is_main  # under torchrun: join the process group
-        cfg, run_dir = dp.main_process_result(open_run)
-        args._run_dir = run_dir  # for the resume hint of an interrupted run (main)
-        import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
-        setup_logging(run_dir if main else None, verbose=main)
+        cfg, run_dir, main = _join_run(args, open_run)
         if main:
-            check_resume_threads(run_dir, bool(args.resume), cfg.device)
             print(f"run directory: {run_dir}")
             if not args.config and not args.resume:
                 print("no --config: the built-in defaults with your overrides (see "
@@ -126,11 +119,9 @@ def _train(p: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from diffnas.config import ConfigError, check_data_files, load_config
         from diffnas.engine.engines import engine_of
-        from diffnas.engine.logs import setup_logging
-        from diffnas.engine.rundir import check_resume_threads, new_run_dir, pin_genotype
+        from diffnas.engine.rundir import new_run_dir, pin_genotype
         from diffnas.engine.runlock import acquire_run_lock
         from diffnas.genotype import resolve_genotype
-        from diffnas.plugins import import_plugins
 
         if args.genotype is None:  # a resumed run knows its genotype
             recorded = Path(args.resume or "") / "retrain" / "genotype.json"
@@ -163,18 +154,33 @@ def _train(p: argparse.ArgumentParser):
             pin_genotype(run_dir / "retrain", genotype, resume=False)
             return cfg, run_dir
 
-        main = dp.init_distributed().is_main  # under torchrun: join the process group
-        cfg, run_dir = dp.main_process_result(open_run)
-        args._run_dir = run_dir  # for the resume hint of an interrupted run (main)
-        import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
-        setup_logging(run_dir if main else None, verbose=main)
-        if main:
-            check_resume_threads(run_dir, bool(args.resume), cfg.device)
+        cfg, run_dir, _ = _join_run(args, open_run)
         engine_of(cfg).train(cfg, genotype, run_dir, bool(args.resume))  # prints (main)
         dp.shutdown(together=True)
         return 0
 
     return run
+
+
+def _join_run(args: argparse.Namespace, open_run: Callable[[], tuple[RunConfig, Path]]
+              ) -> tuple[RunConfig, Path, bool]:
+    """Start a search or retraining run on every process: join torchrun's group (if any),
+    let rank 0 alone ``open_run`` (read the config, make or lock the run directory) and
+    share its result, import the run's plugins everywhere, log (rank 0 to the run's
+    log.txt) and check a resume's thread count. Returns ``(cfg, run_dir, is_main)``."""
+    from diffnas.engine import distributed as dp
+    from diffnas.engine.logs import setup_logging
+    from diffnas.engine.rundir import check_resume_threads
+    from diffnas.plugins import import_plugins
+
+    main = dp.init_distributed().is_main  # under torchrun: join the process group
+    cfg, run_dir = dp.main_process_result(open_run)
+    args._run_dir = run_dir  # for the resume hint of an interrupted run (main)
+    import_plugins(cfg.plugins)  # rank 0 read the config; the other ranks import here
+    setup_logging(run_dir if main else None, verbose=main)
+    if main:
+        check_resume_threads(run_dir, bool(args.resume), cfg.device)
+    return cfg, run_dir, main
 
 
 def _resume_config(args: argparse.Namespace, search: bool = True):

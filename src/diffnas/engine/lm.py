@@ -208,10 +208,28 @@ def _seed(*parts: int) -> int:
     return s
 
 
-def _windows(steps: int, lm: LmConfig, seed: int, epoch: int, variable: bool
-             ) -> Iterator[tuple[int, int]]:
-    g = torch.Generator().manual_seed(_seed(seed, epoch, 7)) if variable else None
-    return bptt_windows(steps, lm.bptt, g, lm.max_seq_len_delta)
+class _TrainWindows:
+    """The BPTT windows an epoch walks over the training text ``self.train`` (``lm``
+    settings, ``seed``): the search's and the retraining's epochs, alike."""
+
+    train: torch.Tensor
+    lm: LmConfig
+    seed: int
+
+    def windows(self, epoch: int) -> Iterator[tuple[int, int]]:
+        """``(start, length)`` of each window of ``epoch``."""
+        lm = self.lm  # variable lengths: drawn from a generator of (seed, epoch)
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch, 7)) if lm.variable_bptt \
+            else None
+        return bptt_windows(self.train.shape[0], lm.bptt, g, lm.max_seq_len_delta)
+
+    def num_batches(self) -> int:
+        return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
+
+    def epoch_batches(self, epoch: int) -> int:
+        """The windows of ``epoch``: with variable lengths their count differs from
+        :meth:`num_batches` (the progress bar's total)."""
+        return sum(1 for _ in self.windows(epoch))
 
 
 class _ScaledLr:
@@ -288,7 +306,7 @@ class GrowthSchedule(Callback):
                 net.cell.fade_in(1.0 / self.fade)
 
 
-class LmSearchTask(StrategyTask):
+class LmSearchTask(_TrainWindows, StrategyTask):
     """Search over BPTT windows: weights on ``train``, alphas on ``arch`` (bilevel
     strategies), or both on ``train`` (single-level ones, ``arch`` None).
 
@@ -315,8 +333,7 @@ class LmSearchTask(StrategyTask):
         cols = (self.rank, self.world_size)
         arch = self.arch  # None: single-level, one stream
         ha = None if arch is None else HiddenState(self.supernet.init_hidden(arch.shape[1]))
-        for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
-                                            self.lm.variable_bptt)):
+        for n, (i, L) in enumerate(self.windows(epoch)):
             x, y = get_batch(self.train, i, L)
             train = LmBatch(x, y, ht, _seed(self.seed, epoch, n, 0), cols)
             if arch is None:
@@ -324,15 +341,6 @@ class LmSearchTask(StrategyTask):
                 continue
             xa, ya = get_batch(arch, i % (arch.shape[0] - 1), L)
             yield train, LmBatch(xa, ya, ha, _seed(self.seed, epoch, n, 1), cols)
-
-    def num_batches(self) -> int:
-        return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
-
-    def epoch_batches(self, epoch: int) -> int:
-        """The windows of ``epoch``: with variable lengths their count differs from
-        :meth:`num_batches` (the progress bar's total)."""
-        return sum(1 for _ in _windows(self.train.shape[0], self.lm, self.seed, epoch,
-                                       self.lm.variable_bptt))
 
     def step(self, batch: tuple[LmBatch, LmBatch | None]) -> dict[str, float]:
         train, arch = batch
@@ -499,7 +507,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
 
 
 # --- retraining ------------------------------------------------------------------------------
-class LmTrainTask:
+class LmTrainTask(_TrainWindows):
     """Train a fixed LM: SGD with per-window lr scaling, switching to averaged SGD (ASGD)
     when validation stops improving (non-monotonic trigger, AWD-LSTM/DARTS); validation
     and test use the averaged weights once ASGD runs.
@@ -536,19 +544,9 @@ class LmTrainTask:
     def batches(self, epoch: int) -> Iterable[Any]:
         self.model.train()
         h = HiddenState(self.model.init_hidden(self.train.shape[1]))
-        for n, (i, L) in enumerate(_windows(self.train.shape[0], self.lm, self.seed, epoch,
-                                            self.lm.variable_bptt)):
+        for n, (i, L) in enumerate(self.windows(epoch)):
             x, y = get_batch(self.train, i, L)
             yield LmBatch(x, y, h, _seed(self.seed, epoch, n, 2), (self.rank, self.world_size))
-
-    def num_batches(self) -> int:
-        return math.ceil((self.train.shape[0] - 1) / self.lm.bptt)
-
-    def epoch_batches(self, epoch: int) -> int:
-        """The windows of ``epoch``: with variable lengths their count differs from
-        :meth:`num_batches` (the progress bar's total)."""
-        return sum(1 for _ in _windows(self.train.shape[0], self.lm, self.seed, epoch,
-                                       self.lm.variable_bptt))
 
     def step(self, batch: LmBatch) -> dict[str, float]:
         with _ScaledLr([self.optimizer], batch.seq_len / self.lm.bptt):
