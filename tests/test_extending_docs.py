@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from functools import reduce
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,95 @@ def test_the_guide_s_engine_runs_seeds_and_is_checked_like_a_built_in_one(tmp_pa
                             ("search.cuda_graph=true", "not supported by the tabular")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [*TABULAR, override])
+
+
+# --- docs/examples/plugins/quantum_engine.py: another domain, judged by its own Metric ---
+QUANTUM = EXAMPLES / "quantum_engine.py"
+VQE = [_plugins(QUANTUM), "search.space={name: qcircuit, qubits: 4, nodes: 6}",
+       "data.name=tfim", "search.epochs=100", "retrain.epochs=100", "retrain.lr=0.05",
+       "search.strategy={name: darts, w_optim: {lr: 0.1}, a_optim: {lr: 0.05}}",
+       "progress=false"]
+
+
+def _quantum():
+    from diffnas.plugins import import_plugins
+
+    (module,) = import_plugins([str(QUANTUM)])
+    return module
+
+
+def test_the_quantum_example_s_layers_are_the_exponentials_of_their_paulis():
+    """Each layer equals the matrix exponential of its Pauli operators (kron over the
+    qubits, qubit 0 the most significant bit), so it keeps a state's norm; the Hamiltonians'
+    two-qubit ground energies are the known -sqrt(5) (critical Ising) and -3 (singlet)."""
+    q = _quantum()
+    n = 3
+    torch.manual_seed(0)
+    psi = torch.randn(2 ** n, dtype=torch.complex128)
+    psi = psi / psi.norm()
+    for axis in "XYZ":
+        layer = q.Rotation(axis, n)
+        u = reduce(torch.kron, [torch.linalg.matrix_exp(-0.5j * t * q.pauli_string({0: axis}, 1))
+                                for t in layer.angles.detach()])
+        assert torch.allclose(layer(psi), u @ psi, atol=1e-12)
+    zz = q.ZZ(n)
+    u = torch.eye(2 ** n, dtype=torch.complex128)
+    for pair, t in enumerate(zz.angles.detach()):
+        u = torch.linalg.matrix_exp(-0.5j * t * q.pauli_string({pair: "Z", pair + 1: "Z"}, n)) @ u
+    assert torch.allclose(zz(psi), u @ psi, atol=1e-12)
+    cz = torch.diag(torch.tensor([1, 1, 1, -1], dtype=torch.complex128))
+    eye = torch.eye(2, dtype=torch.complex128)
+    assert torch.allclose(q.CZ(n)(psi), torch.kron(eye, cz) @ torch.kron(cz, eye) @ psi)
+    for name, ground in (("tfim", -5 ** 0.5), ("heisenberg", -3.0)):
+        problem = q.load_problem(name, 2)
+        assert torch.allclose(problem.h, problem.h.mH)
+        assert problem.ground_energy == pytest.approx(ground, abs=1e-12)
+
+
+def _best_product_energy(n: int) -> float:
+    """The lowest critical-Ising energy of a product state (each spin at angle t_i in the
+    x-z plane: E = -sum cos t_i cos t_(i+1) - sum sin t_i), minimised from many starts."""
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand(64, n, generator=g, dtype=torch.float64) * 6.3).requires_grad_()
+    opt = torch.optim.Adam([t], lr=0.05)
+    for _ in range(2000):
+        e = -(t[:, :-1].cos() * t[:, 1:].cos()).sum(1) - t.sin().sum(1)
+        opt.zero_grad()
+        e.sum().backward()
+        opt.step()
+    return float(e.min().detach())
+
+
+def test_the_quantum_example_searches_a_circuit_below_every_product_state(tmp_path, capsys):
+    """docs/examples/plugins/quantum_engine.py, a VQE on 4 qubits: the searched and
+    retrained circuit ends below the lowest energy any unentangled state reaches (a circuit
+    of rotations alone ends there), so the search kept an entangling layer; the unchanged
+    commands resume it, size it and check its settings, and it reports its own Metric."""
+    from diffnas.config import ConfigError, load_config
+
+    assert main(["search", *VQE, f"out_dir={tmp_path}", "name=q"]) == 0
+    run = tmp_path / "q"
+    genotype = Genotype.load(run / "search" / "genotype.json")
+    result = json.loads((run / "retrain" / "result.json").read_text())
+    product = _best_product_energy(4)
+    assert result["ground_energy"] == pytest.approx(-4.758770, abs=1e-6)
+    assert result["ground_energy"] < result["energy"] < product - 0.1, (result, product)
+    assert result["energy_error"] == pytest.approx(result["energy"] - result["ground_energy"])
+    assert {"zz", "cz"} & {e.op for e in genotype.cell("circuit").edges}, genotype
+    assert "exact ground energy -4.758770" in capsys.readouterr().out
+    assert main(["search", "--resume", str(run)]) == 0
+    assert f"error {result['energy_error']:.2e}" in capsys.readouterr().out
+    assert main(["train", "--genotype", str(run / "search" / "genotype.json"), "--dry-run",
+                 *VQE]) == 0
+    sized = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert sized["angles"] == result["params"] and sized["qubits"] == 4
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<th>Retrained energy error above the exact ground energy, best validation epoch" in page
+    for override, words in (
+            ("search.strategy={name: random_labels}", "not supported by the quantum engine"),
+            ("data.name=cora", "'cora' is not a quantum problem dataset"),
+            ("search.space.qubits=11", "search.space.qubits must be in 2..10"),
+            ("data.batch_size=8", "data.batch_size is not used by a quantum-circuit run")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(None, [*VQE, override])

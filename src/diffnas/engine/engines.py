@@ -31,13 +31,21 @@ class Metric:
     ``result.json``; ``name``: how text names it ("accuracy": "Retrained test accuracy",
     "Search validation accuracy"); ``short``: its table column ("acc": "test acc");
     ``format``: a format spec of one value (``".2%"``, ``".4f"``); ``search_key``: the key
-    of the search's validation figure in its ``metrics.jsonl`` rows (None: none)."""
+    of the search's validation figure in its ``metrics.jsonl`` rows (None: none);
+    ``title``: the summary's headline where "Retrained test <name>" would not fit (a
+    figure not measured on a test split)."""
 
     key: str
     name: str
     short: str
     format: str = ".4f"
     search_key: str | None = None
+    title: str | None = None
+
+    @property
+    def headline(self) -> str:
+        """What a multi-seed summary calls the figure."""
+        return self.title or f"Retrained test {self.name}"
 
     def __post_init__(self) -> None:
         for field in ("key", "name", "short"):

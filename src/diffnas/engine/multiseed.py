@@ -345,7 +345,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     metric = Metric(**spec) if spec else as_metric(summary.get("metric", "test_acc"))
     accuracy = metric.search_key == "val_acc"  # its search figure: callbacks.search_val_acc
     fmt = metric.text
-    acc, title = summary[metric.key], f"Retrained test {metric.name}"
+    acc, title = summary[metric.key], metric.headline
     val = summary.get(search_field(metric)) or {"n": 0}
     lines = [f"# Multi-seed summary ({counted(summary['n'], 'seed')}: "
              f"{', '.join(map(str, summary['seeds']))})", ""]
@@ -369,8 +369,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary["failed"]:
         lines.append(f"FAILED or unfinished seeds: {summary['failed']} (the table says why; "
                      "they are left out of the statistics)")
-    short = metric.short
-    lines += ["", f"| seed | test {short} | search val {short} | params | genotype |",
+    short = metric.short  # (a metric with a title of its own is not a test-split figure)
+    column = short if metric.title else f"test {short}"
+    lines += ["", f"| seed | {column} | search val {short} | params | genotype |",
               "|---|---|---|---|---|"]
     for r in summary["runs"]:
         params = f"{r['params']:,}" if r.get("params") is not None else "-"

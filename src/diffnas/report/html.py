@@ -108,7 +108,8 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             ("parameters", _count(res.get("params"))),
         ]
     elif res is not None and metric.key != "test_acc":  # a plugin engine's own figure
-        rows += [(f"test {metric.name}, {which}", metric.text(res.get(metric.key))),
+        rows += [(f"{metric.title or 'test ' + metric.name}, {which}",
+                  metric.text(res.get(metric.key))),
                  ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
                  ("parameters", _count(res.get("params")))]
     elif res is not None:
