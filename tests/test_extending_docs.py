@@ -281,6 +281,7 @@ def test_the_quantum_example_searches_a_circuit_below_every_product_state(tmp_pa
             ("search.strategy={name: random_labels}", "not supported by the quantum engine"),
             ("data.name=cora", "'cora' is not a quantum problem dataset"),
             ("search.space.qubits=11", "search.space.qubits must be in 2..10"),
-            ("data.batch_size=8", "data.batch_size is not used by a quantum-circuit run")):
+            ("data.batch_size=8", "data.batch_size is not used by a quantum-circuit run"),
+            ("retrain.network={C: 8}", "the qcircuit space has no network settings, got C")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [*VQE, override])

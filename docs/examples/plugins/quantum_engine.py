@@ -336,7 +336,7 @@ class CircuitSearchResult:
 
 
 def _problem(cfg: RunConfig, device: torch.device | str = "cpu") -> Problem:
-    return load_problem(cfg.data.name, int(cfg.search.space.get("qubits", 4)), device)
+    return load_problem(cfg.data.name, _space(cfg).config.qubits, device)
 
 
 def run_circuit_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
@@ -479,6 +479,13 @@ def check_circuit_search(cfg: RunConfig, device: bool = True) -> None:
                               "state vectors); switch it off")
 
 
+def check_circuit_retrain(cfg: RunConfig) -> None:
+    """The circuit has no network settings: refused before the run directory exists."""
+    if cfg.retrain.network:
+        raise ConfigError(f"retrain.network: the qcircuit space has no network settings, "
+                          f"got {', '.join(sorted(cfg.retrain.network))}")
+
+
 #: lower is better; 0 is the exact ground state
 ENERGY_ERROR = Metric("energy_error", "energy error", "err", ".3e", "eval_err",
                       title="Retrained energy error above the exact ground energy")
@@ -488,7 +495,8 @@ register_engine(Engine(
     a_run="a quantum-circuit run (a VQE, no data)", data_kind="quantum problem",
     datasets=lambda: PROBLEMS, search=circuit_search, train=circuit_train,
     run_search=run_circuit_search, run_retrain=run_circuit_retrain, summary=circuit_summary,
-    check_search=check_circuit_search, metric=ENERGY_ERROR,
+    check_search=check_circuit_search, check_retrain=check_circuit_retrain,
+    metric=ENERGY_ERROR,
     unused_data=("download", "resolution", "train_subset", "test_subset", "search_split",
                  "batch_size", "root"),
     unread_retrain=("batch_size", "lr_min", "momentum", "weight_decay", "auxiliary_weight",
