@@ -82,6 +82,9 @@ def pauli_string(ops: dict[int, str], qubits: int) -> torch.Tensor:
     return reduce(torch.kron, mats)
 
 
+PROBLEMS = ("tfim", "heisenberg")
+
+
 def hamiltonian(name: str, qubits: int) -> torch.Tensor:
     """The Hamiltonian of problem ``name`` on an open chain of ``qubits`` qubits."""
     pairs = [(q, q + 1) for q in range(qubits - 1)]
@@ -94,9 +97,6 @@ def hamiltonian(name: str, qubits: int) -> torch.Tensor:
         raise ConfigError(f"data.name: {name!r} is not a quantum problem; one of "
                           f"{', '.join(PROBLEMS)}")
     return sum(terms)
-
-
-PROBLEMS = ("tfim", "heisenberg")
 
 
 @dataclass
