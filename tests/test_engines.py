@@ -280,8 +280,13 @@ def test_list_engines_names_each_engine_and_its_spaces(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     (image,) = [line for line in lines if line.startswith("image: ")]
     assert image.startswith("image: image (engine/search.py, retrain.py), spaces ")
-    assert {"darts_cnn", "nb201"} <= set(image.split("spaces ")[1].split(", "))  # (+ plugins')
-    assert f"{engine} (plugin: {path}): toy ({engine}), spaces {space}" in lines
+    assert image.endswith("; judged by retrained test accuracy")
+    spaces = image.split("spaces ")[1].split(";")[0].split(", ")
+    assert {"darts_cnn", "nb201"} <= set(spaces)  # (+ plugins')
+    assert (f"{engine} (plugin: {path}): toy ({engine}), spaces {space}; judged by retrained "
+            "test accuracy") in lines
+    assert any(line.startswith("language_model: ") and line.endswith("retrained test perplexity")
+               for line in lines)
     assert main(["list", "spaces", f"plugins=[{path}]"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"{space} (plugin: {path}) ({engine} engine)" in lines

@@ -306,7 +306,8 @@ def _list(p: argparse.ArgumentParser):
             "relaxations": lambda: marked(arch.RELAXATIONS),
             "discretizers": lambda: marked(genotype.DISCRETIZERS),
             "penalties": lambda: marked(PENALTIES),
-            "engines": lambda: [f"{n}: {e.label}, spaces {', '.join(spaces_of(e.name))}"
+            "engines": lambda: [f"{n}: {e.label}, spaces {', '.join(spaces_of(e.name))}; "
+                                f"judged by {e.metric.headline.lower()}"
                                 for e, n in zip(all_engines(), marked(ENGINES), strict=True)],
         }[args.kind]()
         print("\n".join(names))
