@@ -285,3 +285,26 @@ def test_the_quantum_example_searches_a_circuit_below_every_product_state(tmp_pa
             ("retrain.network={C: 8}", "the qcircuit space has no network settings, got C")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [*VQE, override])
+
+
+@pytest.mark.parametrize("strategy", ["darts", "gdas"])
+def test_the_quantum_example_resumed_equals_an_uninterrupted_run(tmp_path, strategy):
+    """Cut after some epochs of search and of retraining, then resumed: the same alphas,
+    genotype, angles and result as one uninterrupted run (GDAS: the same Gumbel samples,
+    the lowest-energy epoch's angles kept in the checkpoint)."""
+    from diffnas.config import load_config
+
+    q = _quantum()
+    cfg = load_config(None, [*VQE, "search.epochs=12", "retrain.epochs=12",
+                             f"search.strategy={{name: {strategy}, a_optim: {{lr: 0.05}}}}"])
+    whole = q.run_circuit_search(cfg, tmp_path / "a")
+    q.run_circuit_search(cfg, tmp_path / "b", stop_after=5)
+    resumed = q.run_circuit_search(cfg, tmp_path / "b", resume=True)
+    assert resumed.genotype == whole.genotype
+    alphas = [(tmp_path / r / "search" / "alphas.jsonl").read_text() for r in "ab"]
+    assert alphas[0] == alphas[1]
+    full = q.run_circuit_retrain(cfg, whole.genotype, tmp_path / "a")
+    q.run_circuit_retrain(cfg, whole.genotype, tmp_path / "b", stop_after=7)
+    again = q.run_circuit_retrain(cfg, whole.genotype, tmp_path / "b", resume=True)
+    assert again["energy"] == full["energy"] and again["best_epoch"] == full["best_epoch"]
+    assert again["history"] == full["history"]

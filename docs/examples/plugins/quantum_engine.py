@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -311,7 +312,7 @@ class CircuitSearchTask(StrategyTask):
         self.strategy = create_strategy(cfg.search.strategy, supernet, arch, self.objective,
                                         cfg.search.epochs)
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         nothing = torch.zeros(0)  # the placeholder batch of both levels
         yield nothing, (nothing if self.strategy.uses_validation else None)
 
@@ -339,9 +340,10 @@ def _problem(cfg: RunConfig, device: torch.device | str = "cpu") -> Problem:
     return load_problem(cfg.data.name, _space(cfg).config.qubits, device)
 
 
-def run_circuit_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
-                       ) -> CircuitSearchResult:
-    """Search the circuit's layers; writes ``run_dir/search`` like every diffnas search."""
+def run_circuit_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
+                       stop_after: int | None = None) -> CircuitSearchResult:
+    """Search the circuit's layers; writes ``run_dir/search`` like every diffnas search
+    (``stop_after``: end after that many epochs, as an interrupted run would)."""
     out = Path(run_dir) / "search"
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -352,7 +354,7 @@ def run_circuit_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
         JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
         JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
         Checkpoint(out / "checkpoint.pt")])
-    history, genotype = run_search_loop(loop, task, out, resume, None,
+    history, genotype = run_search_loop(loop, task, out, resume, stop_after,
                                         f"circuit search: {problem.name}, {problem.qubits} "
                                         "qubits", "steps")
     return CircuitSearchResult(genotype, history)
@@ -369,7 +371,7 @@ class CircuitTrainTask:
         self.objective = EnergyObjective(problem)
         self.best: dict[str, Any] = {"energy": math.inf, "epoch": -1, "state": None}
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int) -> Iterator[None]:
         yield None
 
     def num_batches(self) -> int:
@@ -405,7 +407,8 @@ class CircuitTrainTask:
 
 
 def run_circuit_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
-                        resume: bool = False) -> dict[str, Any]:
+                        resume: bool = False, stop_after: int | None = None
+                        ) -> dict[str, Any]:
     """Train ``genotype``'s circuit from fresh angles; writes ``run_dir/retrain`` (metrics,
     checkpoint, genotype.json, model.pt, result.json with ``energy_error``)."""
     out = Path(run_dir) / "retrain"
@@ -421,7 +424,7 @@ def run_circuit_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                                            JsonLines(out / "metrics.jsonl"), Checkpoint(ckpt)])
     if resume and ckpt.exists():
         loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
-    history = loop.run()
+    history = loop.run(stop_after=stop_after)
     if task.best["state"] is not None:
         model.load_state_dict(task.best["state"])
     with torch.no_grad():
