@@ -122,14 +122,21 @@ def test_the_network_is_checked_against_the_configured_space():
     _refused(["retrain.network.dropout=1.5"], r"retrain\.network\.dropout must be in", RNN)
 
 
-def test_the_default_network_of_another_space_says_what_to_set():
-    """The default retrain.network is darts_cnn's; on another space the error says so."""
-    _refused(["search.space={name: nb201, C: 4, N: 1}"],
-             r"retrain\.network defaults to the DARTS CIFAR network .* give space 'nb201' "
-             r"its own retrain\.network, or set retrain\.enabled=false", path=None)
-    cfg = load_config(None, ["search.space={name: nb201, C: 4, N: 1}", "retrain.network={}",
-                             "retrain.auxiliary_weight=0"])
-    assert cfg.retrain.network == {}
+def test_another_space_retrains_at_its_search_settings_unless_told():
+    """The default retrain.network is the DARTS CIFAR network, for darts_cnn alone: another
+    space's config that sets none retrains at its search settings ({}), whether or not
+    another retrain key is given (it used to be {} only then, and an error naming C and
+    layers otherwise: `search.space.name=gnn data.name=karate` was refused)."""
+    nb201 = ["search.space={name: nb201, C: 4, N: 1}", "retrain.auxiliary_weight=0"]
+    assert load_config(None, nb201).retrain.network == {}
+    assert load_config(None, [*nb201, "retrain.epochs=3"]).retrain.network == {}
+    assert load_config(None, ["search.space.name=gnn", "data.name=karate"]).retrain.network == {}
+    assert load_config(None, []).retrain.network == {"C": 36, "layers": 20}
+    cfg = load_config(None, [*nb201, "retrain.network.C=8"])
+    assert cfg.retrain.network == {"C": 8}
+    _refused(["search.space={name: nb201, C: 4, N: 1}"],  # nb201 has no auxiliary head
+             r"nb201 networks have no auxiliary head: set retrain\.auxiliary_weight=0",
+             path=None)
 
 
 def test_a_network_is_not_checked_when_retraining_is_off():

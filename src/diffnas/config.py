@@ -425,6 +425,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if name != "darts_cnn":  # retrain.network.X=... must not start from darts_cnn's C, layers
         defaults["retrain"]["network"] = {}
     data = apply_overrides(data, overrides or [], defaults)
+    if name != "darts_cnn" and isinstance(data, dict):
+        # nor may a config that sets no retrain.network at all (RetrainConfig's default is
+        # the DARTS CIFAR network): the other spaces retrain at their search settings
+        retrain = data.setdefault("retrain", {})
+        if isinstance(retrain, dict):
+            retrain.setdefault("network", {})
     cfg = from_dict(RunConfig, data, "config")
     from diffnas.plugins import absolute_plugins, import_plugins
 
