@@ -18,9 +18,10 @@ every neighbouring pair, one angle each) and ``cz`` (a controlled-Z on every nei
 pair, no angle). In the supernet an edge's output is the softmax(alpha)-weighted sum of
 its candidates' output states, normalised (a superposition of circuits, the continuous
 relaxation of DARTS); with GDAS's hard samples every pass is a real circuit. The engine
-``quantum`` searches it with any diffnas strategy (angles are the weights; there is no data,
-so both levels minimise the energy) and retrains the derived circuit from fresh angles
-with Adam, keeping the angles of its lowest-energy epoch. Its runs are judged by a
+``quantum`` searches it with any diffnas strategy but ``random_labels`` (angles are the
+weights; there is no data and no label, so both levels minimise the energy) and
+retrains the derived circuit from fresh angles with Adam, keeping the angles of its
+lowest-energy epoch. Its runs are judged by a
 :class:`~diffnas.engine.engines.Metric` of their own: the energy error above the exact
 ground energy (lower is better), in ``--seeds`` summaries and ``diffnas report``.
 
