@@ -472,7 +472,8 @@ def test_growth_epochs_after_the_search_are_refused_at_load():
     (RNN, ["search.cudnn_benchmark=true"], r"search\.cudnn_benchmark is for image searches"),
     (RNN, ["search.epochs=2", "search.space.growth={mode: grow_prune, init_nodes: 7, "
            "grow_epochs: [2], fade_steps: 5}"], r"growth epoch 2 is not before"),
-    (GNN, ["search.amp=bf16"], r"search\.amp is not supported by the graph engine"),
+    (GNN, ["search.amp=bf16"], r"search\.amp is for image searches; the graph "
+     r"\(engine/graph\.py\) search does not take it: switch it off"),
 ], ids=["rnn-image-setting", "rnn-growth", "gnn-image-setting"])
 def test_language_and_graph_refusals_write_no_run_directory(tmp_path, capsys, path,
                                                               overrides, match):

@@ -189,7 +189,9 @@ def test_the_guide_s_engine_runs_seeds_and_is_checked_like_a_built_in_one(tmp_pa
     for override, words in (("data.batch_size=8", "data.batch_size is not used by a tabular"),
                             ("data.name=digits", "'digits' is not a tabular dataset"),
                             ("retrain.momentum=0.5", "the tabular (my_engine.py) retraining"),
-                            ("search.cuda_graph=true", "not supported by the tabular")):
+                            ("search.cuda_graph=true", "search.cuda_graph is for image "
+                             "searches; the tabular (my_engine.py) search does not take it"),
+                            ("search.cudnn_benchmark=true", "search.cudnn_benchmark is for")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [*TABULAR, override])
 
@@ -279,6 +281,8 @@ def test_the_quantum_example_searches_a_circuit_below_every_product_state(tmp_pa
     assert "<th>Retrained energy error above the exact ground energy, best validation epoch" in page
     for override, words in (
             ("search.strategy={name: random_labels}", "not supported by the quantum engine"),
+            ("search.amp=bf16", "search.amp is for image searches; the quantum "
+             "(quantum_engine.py) search does not take it"),
             ("data.name=cora", "'cora' is not a quantum problem dataset"),
             ("search.space.qubits=11", "search.space.qubits must be in 2..10"),
             ("data.batch_size=8", "data.batch_size is not used by a quantum-circuit run"),

@@ -38,7 +38,7 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from diffnas.engine.engines import Engine, register_engine
+from diffnas.engine.engines import Engine, refuse_image_search_settings, register_engine
 from diffnas.engine.loop import Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -369,22 +369,12 @@ def table_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def check_table_search(cfg: RunConfig, device: bool = True) -> None:
-    """Image-search settings this engine does not take: refused, not ignored."""
-    s = cfg.search
-    for key, on in (("amp", s.amp is not None), ("compile", s.compile is not None),
-                    ("cuda_graph", s.cuda_graph), ("diagnostics.enabled", s.diagnostics.enabled)):
-        if on:
-            raise ConfigError(f"search.{key} is not supported by the tabular engine "
-                              "(docs/examples/plugins/my_engine.py); switch it off")
-
-
 register_engine(Engine(
     name="tabular", label="tabular (my_engine.py)",
     a_run="a tabular run (full batch on a fixed split)", data_kind="tabular",
     datasets=lambda: TABLES, search=table_search, train=table_train,
     run_search=run_table_search, run_retrain=run_table_retrain, summary=table_summary,
-    check_search=check_table_search,
+    check_search=refuse_image_search_settings,  # (amp, compile, ...: refused, not ignored)
     unused_data=("download", "resolution", "train_subset", "test_subset", "search_split",
                  "batch_size"),
     unread_retrain=("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path",

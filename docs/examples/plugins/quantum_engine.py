@@ -53,7 +53,12 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from diffnas.engine.engines import Engine, Metric, register_engine
+from diffnas.engine.engines import (
+    Engine,
+    Metric,
+    refuse_image_search_settings,
+    register_engine,
+)
 from diffnas.engine.loop import Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -473,14 +478,11 @@ def circuit_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
 
 def check_circuit_search(cfg: RunConfig, device: bool = True) -> None:
     """Settings this engine cannot honour: refused, not ignored."""
-    s = cfg.search
-    for key, on in (("amp", s.amp is not None), ("compile", s.compile is not None),
-                    ("cuda_graph", s.cuda_graph), ("diagnostics.enabled", s.diagnostics.enabled),
-                    ("strategy.name=random_labels", s.strategy.get("name") == "random_labels")):
-        if on:
-            raise ConfigError(f"search.{key} is not supported by the quantum engine "
-                              "(docs/examples/plugins/quantum_engine.py: no labels, complex "
-                              "state vectors); switch it off")
+    refuse_image_search_settings(cfg)  # amp, compile, cuda_graph, ...
+    if cfg.search.strategy.get("name") == "random_labels":
+        raise ConfigError("search.strategy.name=random_labels is not supported by the quantum "
+                          "engine (docs/examples/plugins/quantum_engine.py): a VQE has no "
+                          "labels to draw at random")
 
 
 def check_circuit_retrain(cfg: RunConfig) -> None:

@@ -163,6 +163,23 @@ def all_engines() -> list[Engine]:
     return [get_engine(name) for name in list_engines()]
 
 
+def refuse_image_search_settings(cfg: RunConfig, device: bool = True) -> None:
+    """The image engine's search settings (bf16 autocast, torch.compile, CUDA graphs, cuDNN
+    autotuning, collapse diagnostics) on a run of another engine, which would not read
+    them: a ConfigError naming the setting and the engine, not silence. For the config
+    checks of engines other than ``image``, built-in and plugin alike (it has the signature
+    of ``Engine.check_search``; ``device`` is not used)."""
+    from diffnas.config import ConfigError
+
+    s = cfg.search
+    for name, on in (("amp", s.amp is not None), ("compile", s.compile is not None),
+                     ("cuda_graph", s.cuda_graph), ("cudnn_benchmark", s.cudnn_benchmark),
+                     ("diagnostics.enabled", s.diagnostics.enabled)):
+        if on:
+            raise ConfigError(f"search.{name} is for image searches; the "
+                              f"{engine_of(cfg).label} search does not take it: switch it off")
+
+
 def engine_of(cfg: RunConfig) -> Engine:
     """The engine of the space ``cfg.search.space`` names (``spaces.space_engine``)."""
     from diffnas.spaces import space_engine

@@ -52,7 +52,7 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from diffnas.engine.engines import Engine, register_engine
+from diffnas.engine.engines import Engine, refuse_image_search_settings, register_engine
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -146,14 +146,7 @@ def graph_space(cfg: RunConfig, data: GraphData) -> SearchSpace:
 def refuse_image_settings(cfg: RunConfig) -> None:
     """The image-search settings (and torchrun) this engine does not take: an error, not
     silence (also at config loading, before a run directory exists)."""
-    s = cfg.search
-    for name, on in (("search.amp", s.amp is not None), ("search.compile", s.compile is not None),
-                     ("search.cuda_graph", s.cuda_graph),
-                     ("search.cudnn_benchmark", s.cudnn_benchmark),
-                     ("search.diagnostics.enabled", s.diagnostics.enabled)):
-        if on:
-            raise ConfigError(f"{name} is not supported by the graph engine (engine/graph.py); "
-                              "switch it off")
+    refuse_image_search_settings(cfg)
     if dp.env().world_size > 1:
         raise ConfigError("the graph engine runs full batch in one process; run it without "
                           "torchrun")

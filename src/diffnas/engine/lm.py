@@ -72,7 +72,12 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from diffnas.engine.engines import PERPLEXITY, Engine, register_engine
+from diffnas.engine.engines import (
+    PERPLEXITY,
+    Engine,
+    refuse_image_search_settings,
+    register_engine,
+)
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -373,20 +378,6 @@ def lm_space(cfg: RunConfig, corpus: Corpus) -> SearchSpace:
                                                     num_classes=corpus.vocab_size))
 
 
-def refuse_image_settings(cfg: RunConfig) -> None:
-    """The image-search settings this engine does not take: an error, not silence (also
-    at config loading, before a run directory exists)."""
-    s = cfg.search
-    gpu = [k for k, on in (("amp", s.amp), ("compile", s.compile), ("cuda_graph", s.cuda_graph),
-                           ("cudnn_benchmark", s.cudnn_benchmark)) if on]
-    if gpu:
-        raise ConfigError(f"search.{gpu[0]} is for image searches; the language-model search "
-                          "engine (engine/lm.py) does not take it yet")
-    if s.diagnostics.enabled:
-        raise ConfigError("search.diagnostics.enabled is not supported by the language-model "
-                          "engine (engine/lm.py); switch it off")
-
-
 def check_lm_search(cfg: RunConfig) -> None:
     """What an LM search needs that its config shows (also checked at config loading):
     at least 2 sequences per search and validation batch (the search cell normalizes with
@@ -426,7 +417,7 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
     """Space, supernet, alphas, strategy and batchified texts for an LM search (under
     torchrun: this rank's columns of the training texts)."""
     lm, d = lm_config(cfg), cfg.data
-    refuse_image_settings(cfg)
+    refuse_image_search_settings(cfg)
     check_lm_search(cfg)
     check_growth(cfg)
     bs = d.batch_size
@@ -477,7 +468,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                   stop_after: int | None = None, corpus: Corpus | None = None) -> LmSearchResult:
     """Search a recurrent cell as configured; writes ``run_dir/search`` like ``run_search``
     (under torchrun: rank 0 alone)."""
-    refuse_image_settings(cfg)  # before the run directory is touched
+    refuse_image_search_settings(cfg)  # before the run directory is touched
     check_lm_search(cfg)
     out = Path(run_dir) / "search"
     rank = dp.env()
@@ -694,7 +685,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
 def run_lm(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """``diffnas search`` for the recurrent space: search, then retrain if enabled (under
     torchrun on every rank; rank 0 reads and writes the run directory and prints)."""
-    refuse_image_settings(cfg)  # before the corpus is read or the search starts
+    refuse_image_search_settings(cfg)  # before the corpus is read or the search starts
     check_lm_search(cfg)
     corpus = load_corpus(cfg.data.name, cfg.data.root)
     return search_then_retrain(
@@ -748,7 +739,7 @@ def check_lm_config(cfg: RunConfig, device: bool = True) -> None:
     """What the language-model search refuses that its config shows (at config loading,
     before a run directory exists): image-search settings, its batches and strategy, and
     growth epochs past the search."""
-    refuse_image_settings(cfg)
+    refuse_image_search_settings(cfg)
     check_lm_search(cfg)
     check_growth(cfg)
 
