@@ -7,7 +7,7 @@ vectors: node 0 is the projected input row, each intermediate node reads its str
 predecessor through one of ``none``, ``skip_connect``, ``linear``, ``linear_relu``,
 ``linear_tanh``) and the engine ``tabular`` that searches and retrains it, built from
 diffnas's own parts: the strategies (any bilevel or single-level one), ``StrategyTask``,
-the ``Loop`` with its progress bar, metrics and atomic checkpoints, ``run_search_loop``
+the ``Loop`` with ``search_writers`` and atomic checkpoints, ``run_search_loop``
 (resume, genotype.json, DONE) and ``search_then_retrain``. Full batch on a fixed split
 (60/20/20 % of the rows, standardised by the training rows): weights learn on the
 training rows, alphas on the validation rows; the retraining keeps the weights of its
@@ -43,9 +43,9 @@ from diffnas.engine.loop import Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
-    alpha_record,
     run_search_loop,
     search_then_retrain,
+    search_writers,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -282,11 +282,8 @@ def run_table_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
     table = load_table(cfg.data.name, device)
     check_same_data(out, table, resume)
     task = TableSearchTask(cfg, table, device)
-    loop = Loop(task, cfg.search.epochs, [
-        ProgressBar("search", cfg.progress), JsonLines(out / "metrics.jsonl"),
-        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-        JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
-        Checkpoint(out / "checkpoint.pt")])
+    loop = Loop(task, cfg.search.epochs, [*search_writers(task, out, cfg.progress),
+                                          Checkpoint(out / "checkpoint.pt")])
     history, genotype = run_search_loop(loop, task, out, resume, None,
                                         f"table search: {table.name}", "steps")
     return TableSearchResult(genotype, history)

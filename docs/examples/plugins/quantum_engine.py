@@ -63,9 +63,9 @@ from diffnas.engine.loop import Loop
 from diffnas.engine.rundir import pin_genotype, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
-    alpha_record,
     run_search_loop,
     search_then_retrain,
+    search_writers,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -355,11 +355,8 @@ def run_circuit_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
     device = resolve_device(cfg.device)
     problem = _problem(cfg, device)
     task = CircuitSearchTask(cfg, problem, device)
-    loop = Loop(task, cfg.search.epochs, [
-        ProgressBar("search", cfg.progress), JsonLines(out / "metrics.jsonl"),
-        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-        JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
-        Checkpoint(out / "checkpoint.pt")])
+    loop = Loop(task, cfg.search.epochs, [*search_writers(task, out, cfg.progress),
+                                          Checkpoint(out / "checkpoint.pt")])
     history, genotype = run_search_loop(loop, task, out, resume, stop_after,
                                         f"circuit search: {problem.name}, {problem.qubits} "
                                         "qubits", "steps")

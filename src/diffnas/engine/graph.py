@@ -57,9 +57,9 @@ from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
-    alpha_record,
     run_search_loop,
     search_then_retrain,
+    search_writers,
 )
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
@@ -220,10 +220,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     check_same_data(out, data, resume)  # a resume on other data
     task = build_graph_search(cfg, data, device)
     callbacks: list[Callback] = [
-        ProgressBar("search", cfg.progress),
-        JsonLines(out / "metrics.jsonl"),
-        JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-        JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
+        *search_writers(task, out, cfg.progress),
         *logger_callbacks(cfg, out, task.strategy.arch_params),
         Checkpoint(out / "checkpoint.pt"),
     ]

@@ -82,9 +82,9 @@ from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
-    alpha_record,
     run_search_loop,
     search_then_retrain,
+    search_writers,
 )
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
@@ -481,12 +481,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     # every rank runs every callback (states stay aligned in checkpoints); writers on rank 0
     callbacks: list[Callback] = [
         GrowthSchedule(task.strategy.supernets, task.space),
-        *dp.main_process_only([
-            ProgressBar("search", cfg.progress),
-            JsonLines(out / "metrics.jsonl"),
-            JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-            JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
-        ]),
+        *dp.main_process_only(search_writers(task, out, cfg.progress)),
         *logger_callbacks(cfg, out, task.strategy.arch_params),  # writes on rank 0 alone
         dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
     ]

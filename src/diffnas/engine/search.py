@@ -93,6 +93,17 @@ def search_then_retrain(
     return 0
 
 
+def search_writers(task: StrategyTask, out: Path, progress: bool) -> list[Callback]:
+    """What every search writes as its epochs end, in ``out`` (a run's ``search/``): the
+    progress bar, ``metrics.jsonl``, ``genotypes.jsonl`` (the genotype each epoch's alphas
+    give) and ``alphas.jsonl``; checkpoints and loggers are the caller's. Under torchrun
+    the caller keeps them on rank 0 (``distributed.main_process_only``)."""
+    return [ProgressBar("search", progress),
+            JsonLines(out / "metrics.jsonl"),
+            JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
+            JsonLines(out / "alphas.jsonl", alpha_record(task.strategy))]
+
+
 def alpha_record(strategy: SearchStrategy) -> Callable[[Loop, int, dict], dict]:
     """The row ``alphas.jsonl`` gets each epoch: softmax(alpha) per edge group."""
     def record(loop: Loop, epoch: int, metrics: dict) -> dict:
@@ -454,12 +465,7 @@ def run_search(
     # Under torchrun every rank runs every callback in the same order (their states stay
     # aligned in the checkpoint), but the writers act on rank 0 only.
     callbacks: list[Callback] = [
-        *dp.main_process_only([
-            ProgressBar("search", cfg.progress),
-            JsonLines(out / "metrics.jsonl"),
-            JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
-            JsonLines(out / "alphas.jsonl", alpha_record(task.strategy)),
-        ]),
+        *dp.main_process_only(search_writers(task, out, cfg.progress)),
         *(extra_callbacks or []),
         *logger_callbacks(cfg, out, task.strategy.arch_params),
         dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
