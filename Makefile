@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # Optional extras installed for development so their tests run (not skip) in CI.
-EXTRAS ?= dev,timeseries,tensorboard,export
+EXTRAS ?= dev,timeseries,tensorboard,export,rl
 
 
 .PHONY: demo test test-oldest bench lint fashion-mnist clean

@@ -1,0 +1,197 @@
+"""docs/examples/plugins/rl_engine.py, the worked engine that searches a PPO agent's
+observation encoder in a Gymnasium environment: its advantage estimates against their
+definition, its environments' checkpoints, its greedy test episodes, a search that ends
+in a policy far above chance, cut-and-resumed runs equal to uninterrupted ones, every
+strategy on its minibatches, and its refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffnas.cli import main
+from diffnas.genotype import Genotype
+
+RL = Path(__file__).resolve().parents[1] / "docs" / "examples" / "plugins" / "rl_engine.py"
+CARTPOLE = [f"plugins=[{RL}]", "search.space={name: rl_encoder, hidden: 32, nodes: 3}",
+            "data.name=CartPole-v1", "search.epochs=10", "retrain.epochs=60",
+            "retrain.lr=0.003", "retrain.batch_size=64",
+            "search.strategy={name: darts, w_optim: {lr: 0.05}, a_optim: {lr: 0.01}}",
+            "progress=false"]
+
+
+def _rl():
+    from diffnas.plugins import import_plugins
+
+    (module,) = import_plugins([str(RL)])
+    return module
+
+
+def _pole_heuristic(obs: torch.Tensor) -> torch.Tensor:
+    """Push the cart toward where the pole falls (angle plus half its angular velocity):
+    a hand-written CartPole controller that balances every episode to its limit."""
+    return torch.nn.functional.one_hot((obs[:, 2] + 0.5 * obs[:, 3] > 0).long(), 2).float()
+
+
+def test_advantages_are_the_discounted_td_errors_up_to_each_episode_s_end():
+    """``gae`` against its definition written out as sums, in float64, with episode ends
+    (``done``) inside the rollout: nothing after an end counts, the last step bootstraps
+    from the value after the rollout."""
+    rl = _rl()
+    g = torch.Generator().manual_seed(0)
+    steps, envs, gamma, lam = 7, 3, 0.9, 0.8
+    rewards = torch.randn(steps, envs, generator=g, dtype=torch.float64)
+    values = torch.randn(steps, envs, generator=g, dtype=torch.float64)
+    last = torch.randn(envs, generator=g, dtype=torch.float64)
+    done = torch.zeros(steps, envs, dtype=torch.float64)
+    done[2, 0] = done[5, 0] = done[6, 1] = 1.0
+    got = rl.gae(rewards, values, done, last, gamma, lam)
+    following = torch.cat([values[1:], last[None]])  # V(s_t+1)
+    delta = rewards + gamma * following * (1 - done) - values
+    for e in range(envs):
+        for t in range(steps):
+            want, k = 0.0, t
+            while k < steps:
+                want += (gamma * lam) ** (k - t) * float(delta[k, e])
+                if done[k, e]:
+                    break
+                k += 1
+            assert float(got[t, e]) == pytest.approx(want, abs=1e-12), (t, e)
+
+
+def test_a_controller_balances_every_test_episode_and_a_fixed_push_fails():
+    """The greedy test counts each episode's rewards once, up to its end: CartPole's step
+    limit (500) for a balancing controller, a few steps for one that always pushes left."""
+    rl = _rl()
+    assert rl.test_return(_pole_heuristic, "CartPole-v1") == 500.0
+    left = rl.test_return(lambda o: torch.tensor([[1.0, 0.0]]).expand(len(o), 2),
+                          "CartPole-v1")
+    assert 5 < left < 20
+
+
+def test_environments_restored_from_their_state_step_as_the_originals():
+    """An ``Envs`` saved mid-episode (through torch.save, as in a checkpoint) and loaded
+    into fresh copies gives the same observations, rewards and episode ends afterwards:
+    the physics and each copy's random generator (the next episode's start) are restored."""
+    rl = _rl()
+    g = torch.Generator().manual_seed(1)
+    a = rl.Envs("CartPole-v1", 4, seed=3)
+    for _ in range(30):
+        a.step(torch.randint(0, 2, (4,), generator=g))
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b = rl.Envs("CartPole-v1", 4, seed=99)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(a.obs, b.obs)
+    ends = 0
+    for _ in range(60):
+        actions = torch.randint(0, 2, (4,), generator=g)
+        ra, da, _ = a.step(actions)
+        rb, db, _ = b.step(actions)
+        assert torch.equal(ra, rb) and torch.equal(da, db) and torch.equal(a.obs, b.obs)
+        ends += int(da.sum())
+    assert ends > 0  # episodes ended and restarted from the restored generators
+    assert a.finished == b.finished
+
+
+def test_the_rl_example_searches_an_encoder_whose_policy_balances_the_pole(tmp_path, capsys):
+    """Search (10 PPO epochs of DARTS) and retraining (60 epochs, 30,720 steps) on
+    CartPole-v1: the greedy policy's mean test return is far above a random policy's (about
+    22) and a fixed push's (about 9); the unchanged commands resume, size and report it by
+    its own Metric."""
+    assert main(["search", *CARTPOLE, f"out_dir={tmp_path}", "name=r"]) == 0
+    run = tmp_path / "r"
+    genotype = Genotype.load(run / "search" / "genotype.json")
+    assert len(genotype.cell("encoder").edges) == 3
+    result = json.loads((run / "retrain" / "result.json").read_text())
+    assert result["mean_return"] >= 100, result["mean_return"]  # seeds 0-5: 188 to 500
+    assert result["env_steps"] == 60 * 8 * 64
+    search = [json.loads(line) for line in (run / "search" / "metrics.jsonl").open()]
+    assert search[-1]["return"] > search[0]["return"]  # the supernet's policy learned too
+    out = capsys.readouterr().out
+    assert f"over 10 test episodes: {result['mean_return']:.1f} after 60 epochs" in out
+    assert main(["search", "--resume", str(run)]) == 0
+    assert f"{result['mean_return']:.1f}" in capsys.readouterr().out
+    assert main(["train", "--genotype", str(run / "search" / "genotype.json"), "--dry-run",
+                 *CARTPOLE]) == 0
+    sized = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert sized["params"] == result["params"] and sized["observations"] == 4
+    assert main(["report", str(run)]) == 0
+    assert "Mean return of the retrained greedy policy" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["darts", "gdas"])
+def test_the_rl_example_resumed_equals_an_uninterrupted_run(tmp_path, strategy):
+    """Cut after some epochs of search and of retraining, then resumed: the same alphas,
+    genotype, returns and test result as one uninterrupted run (the environments, their
+    generators and the action draws come back from the checkpoints)."""
+    from diffnas.config import load_config
+
+    rl = _rl()
+    cfg = load_config(None, [*CARTPOLE, "search.epochs=6", "retrain.epochs=6",
+                             f"search.strategy={{name: {strategy}, a_optim: {{lr: 0.05}}}}"])
+    whole = rl.run_encoder_search(cfg, tmp_path / "a")
+    rl.run_encoder_search(cfg, tmp_path / "b", stop_after=2)
+    resumed = rl.run_encoder_search(cfg, tmp_path / "b", resume=True)
+    assert resumed.genotype == whole.genotype
+    assert resumed.history == whole.history
+    alphas = [(tmp_path / r / "search" / "alphas.jsonl").read_text() for r in "ab"]
+    assert alphas[0] == alphas[1]
+    full = rl.run_agent_retrain(cfg, whole.genotype, tmp_path / "a")
+    rl.run_agent_retrain(cfg, whole.genotype, tmp_path / "b", stop_after=4)
+    again = rl.run_agent_retrain(cfg, whole.genotype, tmp_path / "b", resume=True)
+    assert again["history"] == full["history"]
+    assert again["mean_return"] == full["mean_return"]
+
+
+@pytest.mark.parametrize("strategy", [
+    "{name: darts, order: 2}", "{name: single_level}", "{name: implicit}",
+    "{name: zero_order}", "{name: mean_shift}", "{name: snas}", "{name: few_shot}"])
+def test_every_strategy_searches_the_encoder_on_ppo_minibatches(tmp_path, strategy):
+    """The PPO minibatches (dicts of tensors) pass through every strategy: two epochs end
+    with finite losses and a genotype of the space."""
+    rl = _rl()
+    from diffnas.config import load_config
+
+    cfg = load_config(None, [*CARTPOLE, "search.epochs=2", "data.batch_size=128",
+                             f"search.strategy={strategy}"])
+    result = rl.run_encoder_search(cfg, tmp_path)
+    assert len(result.history) == 2
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+    assert len(result.genotype.cell("encoder").edges) == 3
+
+
+def test_the_rl_example_refuses_what_it_cannot_do():
+    from diffnas.config import ConfigError, load_config
+
+    for override, words in (
+            ("search.strategy={name: random_labels}", "not supported by the rl engine"),
+            ("search.amp=bf16", "search.amp is for image searches; the rl (rl_engine.py) "
+             "search does not take it"),
+            ("data.name=Pendulum-v1", "'Pendulum-v1' is not a Gymnasium environment dataset"),
+            ("data.batch_size=300", "data.batch_size must be in 1..256"),
+            ("retrain.batch_size=512", "retrain.batch_size must be in 1..256"),
+            ("search.space.ops=[none]", "needs an op besides 'none'"),
+            ("search.space.ops=[conv_3x3]", "unknown encoder op(s) ['conv_3x3']"),
+            ("data.resolution=8", "data.resolution is not used by an rl run"),
+            ("retrain.network={C: 8}", "unknown config key(s) retrain.network.C; valid keys of "
+             "retrain.network: hidden")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(None, [*CARTPOLE, override])
+
+
+def test_without_gymnasium_the_rl_example_says_what_to_install(monkeypatch, tmp_path, capsys):
+    """Gymnasium missing: the run is refused before its directory exists, naming the
+    package to install."""
+    _rl()
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # import gymnasium: ImportError
+    assert main(["search", *CARTPOLE, f"out_dir={tmp_path}", "name=r"]) != 0
+    assert "needs Gymnasium: pip install 'gymnasium>=0.29'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
