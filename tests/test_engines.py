@@ -221,7 +221,8 @@ register_engine(Engine(
     name="{engine}_rmse", label="toy regression", a_run="a toy regression run",
     data_kind="toy_rmse", datasets=lambda: ["toyset_rmse"], search=search, train=train,
     run_search=run_search, run_retrain=run_retrain, summary=lambda cfg, genotype: {{}},
-    metric=Metric("test_rmse", "RMSE", "rmse", ".3f", "val_rmse")))
+    metric=Metric("test_rmse", "RMSE", "rmse", ".3f", "val_rmse",
+                  search_title={search_title!r})))
 
 
 @register_space("{space}_rmse")
@@ -230,14 +231,17 @@ class ToyRmseSpace(DartsCnnSpace):
 """
 
 
-def test_a_plugin_engine_s_own_metric_heads_its_seeds_summary_and_report(tmp_path,
-                                                                         monkeypatch, capsys):
+@pytest.mark.parametrize("search_title", [None, "training RMSE of the supernet"])
+def test_a_plugin_engine_s_own_metric_heads_its_seeds_summary_and_report(
+        tmp_path, monkeypatch, capsys, search_title):
     """Not accuracy, not perplexity: the summary and the report say RMSE, format it as the
     engine's Metric does, and read the search's val_rmse (the built-in engines' metrics
-    could be the only ones before)."""
+    could be the only ones before); a Metric's ``search_title`` names the search's figure
+    where "search validation" would be wrong."""
     tag = uuid.uuid4().hex[:8]
     path = tmp_path / f"toy_rmse_{tag}.py"
-    path.write_text(RMSE_PLUGIN.format(engine=f"toy_{tag}", space=f"toy_space_{tag}"))
+    path.write_text(RMSE_PLUGIN.format(engine=f"toy_{tag}", space=f"toy_space_{tag}",
+                                       search_title=search_title))
     monkeypatch.chdir(tmp_path)
     argv = ["search", f"plugins=[{path}]", f"search.space.name=toy_space_{tag}_rmse",
             "data.name=toyset_rmse", "progress=false", "name=p", "--seeds", "0,1",
@@ -252,13 +256,15 @@ def test_a_plugin_engine_s_own_metric_heads_its_seeds_summary_and_report(tmp_pat
     assert summary["test_acc"]["n"] == 0 and summary["failed"] == []
     md = (parent / "summary.md").read_text()
     assert "Retrained test RMSE: **0.550 +- 0.071** (mean +- sample std over 2 seeds)" in md
-    assert "Search validation RMSE, last epoch: 1.500 +- 0.707" in md
-    assert "| seed | test rmse | search val rmse | params | genotype |" in md
+    named = search_title or "search validation RMSE"
+    assert f"{named[0].upper()}{named[1:]}, last epoch: 1.500 +- 0.707" in md
+    column = "search rmse" if search_title else "search val rmse"
+    assert f"| seed | test rmse | {column} | params | genotype |" in md
     assert "| 1 | 0.600 | 2.000 | 7 | `" in md
     assert main(["report", str(parent / "seed_1"), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "<th>test RMSE, final</th><td>0.600</td>" in page
-    assert "<th>search validation RMSE (last epoch)</th><td>2.000</td>" in page
+    assert f"<th>{named} (last epoch)</th><td>2.000</td>" in page
 
 
 def test_a_plugin_engine_that_fails_to_import_is_unregistered(tmp_path):

@@ -124,7 +124,9 @@ def test_the_rl_example_searches_an_encoder_whose_policy_balances_the_pole(tmp_p
     sized = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert sized["params"] == result["params"] and sized["observations"] == 4
     assert main(["report", str(run)]) == 0
-    assert "Mean return of the retrained greedy policy" in (run / "report.html").read_text()
+    page = (run / "report.html").read_text()
+    assert "Mean return of the retrained greedy policy" in page
+    assert "<th>mean return of the supernet&#x27;s last 10 training episodes (last epoch)" in page
 
 
 @pytest.mark.parametrize("strategy", ["darts", "gdas"])

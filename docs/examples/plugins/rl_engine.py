@@ -590,7 +590,9 @@ def check_agent_retrain(cfg: RunConfig) -> None:
 #: higher is better; CartPole-v1's episodes end at 500
 MEAN_RETURN = Metric("mean_return", "return", "return", ".1f", "return",
                      title=f"Mean return of the retrained greedy policy ({TEST_EPISODES} test "
-                           "episodes)")
+                           "episodes)",
+                     search_title=f"mean return of the supernet's last {RECENT} training "
+                                  "episodes")
 
 register_engine(Engine(
     name="rl", label="rl (rl_engine.py)",

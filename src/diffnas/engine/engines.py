@@ -33,7 +33,8 @@ class Metric:
     ``format``: a format spec of one value (``".2%"``, ``".4f"``); ``search_key``: the key
     of the search's validation figure in its ``metrics.jsonl`` rows (None: none);
     ``title``: the summary's headline where "Retrained test <name>" would not fit (a
-    figure not measured on a test split)."""
+    figure not measured on a test split); ``search_title``: how text names the search's
+    figure where "search validation <name>" would not fit (no validation data)."""
 
     key: str
     name: str
@@ -41,11 +42,17 @@ class Metric:
     format: str = ".4f"
     search_key: str | None = None
     title: str | None = None
+    search_title: str | None = None
 
     @property
     def headline(self) -> str:
         """What a multi-seed summary calls the figure."""
         return self.title or f"Retrained test {self.name}"
+
+    @property
+    def search_name(self) -> str:
+        """What a summary and a report call the search's figure (``search_key``)."""
+        return self.search_title or f"search validation {self.name}"
 
     def __post_init__(self) -> None:
         for field in ("key", "name", "short"):

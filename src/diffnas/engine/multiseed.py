@@ -357,7 +357,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     else:
         lines.append(f"{title}: none (retraining disabled or not finished)")
     measures = (summary.get("search_val_measures") or []) if accuracy else []
-    what = f"Search validation {metric.name}, last epoch" + (
+    what = f"{metric.search_name[:1].upper()}{metric.search_name[1:]}, last epoch" + (
         f" ({SEARCH_VAL_MEASURES[measures[0]]})" if len(measures) == 1 else "")
     if len(measures) > 1:
         lines.append(f"{what}: measured differently between seeds ("
@@ -371,7 +371,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      "they are left out of the statistics)")
     short = metric.short  # (a metric with a title of its own is not a test-split figure)
     column = short if metric.title else f"test {short}"
-    lines += ["", f"| seed | {column} | search val {short} | params | genotype |",
+    search_column = f"search {short}" if metric.search_title else f"search val {short}"
+    lines += ["", f"| seed | {column} | {search_column} | params | genotype |",
               "|---|---|---|---|---|"]
     for r in summary["runs"]:
         params = f"{r['params']:,}" if r.get("params") is not None else "-"

@@ -94,7 +94,7 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             rows.append((f"search validation accuracy (last epoch; {SEARCH_VAL_MEASURES[key]})",
                          _pct(acc)))
         if metric.search_key not in (None, "val_acc"):  # e.g. a language model's valid_ppl
-            rows.append((f"search validation {metric.name} (last epoch)",
+            rows.append((f"{metric.search_name} (last epoch)",
                          metric.text(run.search_metrics[-1].get(metric.search_key))))
     # graph and language-model retrainings report the weights of the best validation
     # epoch (``best_epoch``, 0-based), as the command line says; image ones the last epoch
