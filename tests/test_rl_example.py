@@ -75,26 +75,30 @@ def test_a_controller_balances_every_test_episode_and_a_fixed_push_fails():
     assert 5 < left < 20
 
 
-def test_environments_restored_from_their_state_step_as_the_originals():
+@pytest.mark.parametrize("name, actions", [("CartPole-v1", 2), ("Acrobot-v1", 3)])
+def test_environments_restored_from_their_state_step_as_the_originals(name, actions):
     """An ``Envs`` saved mid-episode (through torch.save, as in a checkpoint) and loaded
     into fresh copies gives the same observations, rewards and episode ends afterwards:
-    the physics and each copy's random generator (the next episode's start) are restored."""
+    the physics, the step counts and each copy's random generator (the next episode's
+    start) are restored. (A 40-step limit makes Acrobot's episodes end too.)"""
     rl = _rl()
     g = torch.Generator().manual_seed(1)
-    a = rl.Envs("CartPole-v1", 4, seed=3)
+    a = rl.Envs(name, 4, seed=3)
+    a.limit = 40
     for _ in range(30):
-        a.step(torch.randint(0, 2, (4,), generator=g))
+        a.step(torch.randint(0, actions, (4,), generator=g))
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
-    b = rl.Envs("CartPole-v1", 4, seed=99)
+    b = rl.Envs(name, 4, seed=99)
+    b.limit = 40
     b.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(a.obs, b.obs)
     ends = 0
     for _ in range(60):
-        actions = torch.randint(0, 2, (4,), generator=g)
-        ra, da, _ = a.step(actions)
-        rb, db, _ = b.step(actions)
+        step = torch.randint(0, actions, (4,), generator=g)
+        ra, da, _ = a.step(step)
+        rb, db, _ = b.step(step)
         assert torch.equal(ra, rb) and torch.equal(da, db) and torch.equal(a.obs, b.obs)
         ends += int(da.sum())
     assert ends > 0  # episodes ended and restarted from the restored generators
@@ -179,7 +183,7 @@ def test_the_rl_example_refuses_what_it_cannot_do():
              "search does not take it"),
             ("data.name=Pendulum-v1", "'Pendulum-v1' is not a Gymnasium environment dataset"),
             ("data.batch_size=300", "data.batch_size must be in 1..256"),
-            ("retrain.batch_size=512", "retrain.batch_size must be in 1..256"),
+            ("retrain.batch_size=513", "retrain.batch_size must be in 1..512"),
             ("search.space.ops=[none]", "needs an op besides 'none'"),
             ("search.space.ops=[conv_3x3]", "unknown encoder op(s) ['conv_3x3']"),
             ("data.resolution=8", "data.resolution is not used by an rl run"),
@@ -199,19 +203,65 @@ def test_without_gymnasium_the_rl_example_says_what_to_install(monkeypatch, tmp_
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("batch_size", [64, 256])
-def test_a_bilevel_step_s_two_minibatches_share_no_transition(batch_size):
-    """The weights' and the alphas' minibatches of each strategy step come from one pass
-    over the rollout and hold different transitions; each pass covers the rollout once."""
+@pytest.mark.parametrize("batch_size", [64, 100, 256])
+def test_a_bilevel_search_s_weights_and_alphas_learn_on_disjoint_halves(batch_size):
+    """A bilevel strategy's weights and alphas learn on two disjoint halves of each rollout
+    (as DARTS splits its training set); each pass covers its half once, the last minibatch
+    smaller where the size does not divide it."""
     from diffnas.config import load_config
 
     rl = _rl()
     cfg = load_config(None, [*CARTPOLE, f"data.batch_size={batch_size}"])
     task = rl.EncoderSearchTask(cfg, torch.device("cpu"))
     pairs = list(task.batches(0))
-    assert len(pairs) == task.num_batches() == 2 * 512 // batch_size
-    for train, val in pairs:
-        assert len(train["obs"]) == len(val["obs"]) == batch_size
-        assert not (torch.cdist(train["obs"], val["obs"]) == 0).any()
-    first_pass = torch.cat([t["obs"] for t, _ in pairs[:len(pairs) // 2]])
-    assert len(torch.unique(first_pass, dim=0)) == 512
+    per_pass = -(-256 // batch_size)
+    assert len(pairs) == task.num_batches() == 2 * per_pass
+    train = torch.cat([t["obs"] for t, _ in pairs[:per_pass]])
+    val = torch.cat([v["obs"] for _, v in pairs[:per_pass]])
+    assert len(torch.unique(train, dim=0)) == len(torch.unique(val, dim=0)) == 256
+    assert not (torch.cdist(train, val) == 0).any()
+    assert torch.equal(torch.unique(train, dim=0),
+                       torch.unique(torch.cat([t["obs"] for t, _ in pairs[per_pass:]]), dim=0))
+
+
+def test_a_single_level_search_learns_on_the_whole_rollout():
+    from diffnas.config import load_config
+
+    rl = _rl()
+    cfg = load_config(None, [*CARTPOLE, "data.batch_size=128",
+                             "search.strategy={name: single_level}"])
+    task = rl.EncoderSearchTask(cfg, torch.device("cpu"))
+    pairs = list(task.batches(0))
+    assert len(pairs) == task.num_batches() == 8 and all(v is None for _, v in pairs)
+    assert len(torch.unique(torch.cat([t["obs"] for t, _ in pairs[:4]]), dim=0)) == 512
+
+
+def test_a_time_limit_is_bootstrapped_and_a_failure_is_not():
+    """``collect``: the last reward of an episode cut by the step limit gets gamma V of its
+    final observation, one that ended by failing gets nothing; the returns the value head
+    learns are the GAE advantages plus the values, stopped at each episode's end."""
+    rl = _rl()
+    c = 3.0
+
+    def act(obs):  # always push left (CartPole fails in about 9 steps); V = c everywhere
+        logits = torch.tensor([[0.0, -1e9]]).expand(len(obs), 2)
+        return logits, torch.full((len(obs),), c)
+
+    envs = rl.Envs("CartPole-v1", 2, seed=0)
+    envs.limit = 3  # a time limit before any failure
+    r = rl.collect(envs, act, 5)
+    rewards, done = torch.ones(5, 2), torch.zeros(5, 2)
+    rewards[2] += rl.GAMMA * c
+    done[2] = 1.0
+    values = torch.full((5, 2), c)
+    want = rl.gae(rewards, values, done, torch.full((2,), c)) + values
+    assert torch.allclose(r["returns"], want.flatten(), atol=1e-6)
+    assert envs.episodes == 2
+
+    envs = rl.Envs("CartPole-v1", 2, seed=0)
+    r = rl.collect(envs, act, 20)
+    ends = envs.episodes
+    assert ends >= 2  # failures: each ending step's return is its reward alone, 1
+    returns = r["returns"].reshape(20, 2)
+    failed = [(t, e) for t in range(20) for e in range(2) if returns[t, e] == 1.0]
+    assert len(failed) == ends

@@ -7,7 +7,7 @@ classic-control tasks; Gymnasium is the one extra dependency: ``pip install
 'gymnasium>=0.29'``). Its policy and value heads read one encoder, and the encoder is what
 is searched, as in "Differentiable Architecture Search for Reinforcement Learning" (Miao
 et al., 2022): the space ``rl_encoder`` is a DARTS cell over feature vectors. Node 0 is
-the observation through a linear stem; each of ``nodes`` intermediate nodes sums its
+the observation through a stem (linear, tanh); each of ``nodes`` intermediate nodes sums its
 incoming edges (from every earlier node) and keeps one after discretization, each edge
 chosen among ``none``, ``skip_connect``, ``linear_relu``, ``linear_tanh`` and
 ``linear_ln_relu`` (linear, LayerNorm, ReLU); the encoder's output is the concatenation of
@@ -15,9 +15,10 @@ the intermediate nodes.
 
 There is no dataset: every epoch collects a fresh rollout (``ENVS`` environments x
 ``STEPS`` steps) with the current supernet and relaxed architecture, then makes
-``PPO_EPOCHS`` passes over it in minibatches of ``data.batch_size`` transitions; a strategy
-step takes one minibatch for the weights and (bilevel strategies) the next one for the
-alphas, both on the PPO loss, as DARTS takes disjoint halves of a training set. The
+``PPO_EPOCHS`` passes over it in minibatches of ``data.batch_size`` transitions, all on the
+PPO loss. A bilevel strategy splits each rollout into two random halves, as DARTS splits
+its training set: the weights learn on one, the alphas on the other (a step takes one
+minibatch of each); a single-level one learns on all of it. The
 retraining runs PPO from scratch on the derived encoder (Adam, ``retrain.lr``,
 ``retrain.batch_size`` transitions per minibatch) and its runs are judged by a
 :class:`~diffnas.engine.engines.Metric` of their own: the mean return of the greedy policy
@@ -26,16 +27,17 @@ better). Environments are checkpointed with their random generators, so a cut ru
 equals an uninterrupted one.
 
     diffnas search "plugins=[docs/examples/plugins/rl_engine.py]" \\
-        search.space.name=rl_encoder data.name=CartPole-v1 search.epochs=40 \\
-        "search.strategy={name: darts, w_optim: {lr: 0.05, momentum: 0.9}, a_optim: {lr: 0.01}}" \\
+        search.space.name=rl_encoder data.name=CartPole-v1 search.epochs=10 \\
+        "search.strategy={name: darts, w_optim: {lr: 0.05}, a_optim: {lr: 0.01}}" \\
         retrain.epochs=100 retrain.lr=0.003
 
-(14 s on a 2-core CPU; docs/extending.md has the figures.)
+(10 s on a 2-core CPU; docs/extending.md has the figures.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,18 +380,18 @@ def collect(envs: Envs, act: Any, steps: int) -> dict[str, torch.Tensor]:
 
 
 def minibatches(rollout: dict[str, torch.Tensor], size: int) -> Iterator[dict[str, Any]]:
-    """``PPO_EPOCHS`` passes over the rollout in a random order, ``size`` at a time."""
+    """``PPO_EPOCHS`` passes over the rollout in a random order, ``size`` at a time (the last
+    minibatch of a pass is smaller where ``size`` does not divide the rollout)."""
     n = len(rollout["obs"])
     for _ in range(PPO_EPOCHS):
         order = torch.randperm(n)
-        for i in range(0, n - size + 1, size):
+        for i in range(0, n, size):
             yield {k: v[order[i:i + size]] for k, v in rollout.items()}
 
 
-def _check_batch(size: int, key: str) -> None:
-    require(1 <= size <= ENVS * STEPS // 2, key,
-            f"in 1..{ENVS * STEPS // 2} (half a rollout of {ENVS} x {STEPS} transitions: a "
-            "bilevel strategy's step takes two minibatches)", size)
+def steps_per_epoch(transitions: int, size: int) -> int:
+    """The minibatches :func:`minibatches` yields from ``transitions``."""
+    return PPO_EPOCHS * math.ceil(transitions / size)
 
 
 def training_seed(seed: int, phase: str) -> int:
@@ -431,19 +433,24 @@ class EncoderSearchTask(StrategyTask):
         return lambda obs: tuple(t.cpu() for t in net(obs.to(self.device), arch_weights))
 
     def batches(self, epoch: int) -> Iterator[tuple[Any, Any]]:
-        with torch.no_grad():  # one relaxed (or, for GDAS, sampled) architecture per rollout
+        # One relaxed architecture acts for the whole rollout. With a sampling relaxation
+        # (GDAS, SNAS) each step then draws its own cell, so PPO's ratio compares the
+        # policy under the step's cell with the one that acted: off-policy in the
+        # architecture, which the ratio clip bounds.
+        with torch.no_grad():
             act = self._act(self.strategy.arch_weights())
-        rollout = collect(self.envs, act, STEPS)
-        rollout = {k: v.to(self.device) for k, v in rollout.items()}
-        parts = list(minibatches(rollout, self.batch_size))
-        per_pass = len(parts) // PPO_EPOCHS
-        for i, part in enumerate(parts):  # alphas: the pass's next minibatch (disjoint)
-            start = i - i % per_pass
-            yield part, (parts[start + (i + 1 - start) % per_pass]
-                         if self.strategy.uses_validation else None)
+        rollout = {k: v.to(self.device) for k, v in collect(self.envs, act, STEPS).items()}
+        if not self.strategy.uses_validation:  # single level: every transition, weights only
+            yield from ((part, None) for part in minibatches(rollout, self.batch_size))
+            return
+        halves = [{k: v[i] for k, v in rollout.items()}  # weights, alphas: disjoint halves
+                  for i in torch.randperm(ENVS * STEPS).to(self.device).chunk(2)]
+        yield from zip(minibatches(halves[0], self.batch_size),
+                       minibatches(halves[1], self.batch_size), strict=True)
 
     def num_batches(self) -> int:
-        return PPO_EPOCHS * (ENVS * STEPS // self.batch_size)
+        halves = 2 if self.strategy.uses_validation else 1
+        return steps_per_epoch(ENVS * STEPS // halves, self.batch_size)
 
     def step(self, batch: Any) -> dict[str, float]:
         return self.strategy.step(*batch)
@@ -500,7 +507,7 @@ class AgentTrainTask:
                                self.r.batch_size)
 
     def num_batches(self) -> int:
-        return PPO_EPOCHS * (ENVS * STEPS // self.r.batch_size)
+        return steps_per_epoch(ENVS * STEPS, self.r.batch_size)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         loss, stats = self.objective(self.model(batch["obs"]), batch)
@@ -587,7 +594,10 @@ def check_agent_search(cfg: RunConfig, device: bool = True) -> None:
         raise ConfigError("search.strategy.name=random_labels is not supported by the rl "
                           "engine (docs/examples/plugins/rl_engine.py): PPO has no labels to "
                           "draw at random")
-    _check_batch(cfg.data.batch_size, "data.batch_size")
+    require(1 <= cfg.data.batch_size <= ENVS * STEPS // 2, "data.batch_size",
+            f"in 1..{ENVS * STEPS // 2} (half a rollout of {ENVS} x {STEPS} transitions: a "
+            "bilevel strategy's weights and alphas learn on one half each)",
+            cfg.data.batch_size)
 
 
 def check_gymnasium(cfg: RunConfig) -> None:
@@ -596,7 +606,9 @@ def check_gymnasium(cfg: RunConfig) -> None:
 
 
 def check_agent_retrain(cfg: RunConfig) -> None:
-    _check_batch(cfg.retrain.batch_size, "retrain.batch_size")
+    require(1 <= cfg.retrain.batch_size <= ENVS * STEPS, "retrain.batch_size",
+            f"in 1..{ENVS * STEPS} (a rollout of {ENVS} x {STEPS} transitions)",
+            cfg.retrain.batch_size)
 
 
 #: higher is better; CartPole-v1's episodes end at 500
