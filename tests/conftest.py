@@ -96,6 +96,25 @@ def locked_elsewhere(run: Path) -> bool:
         os.close(fd)
 
 
+def cut_and_resumed(run_search, run_retrain, cfg, tmp_path: Path, search_cut: int,
+                    retrain_cut: int) -> tuple:
+    """An engine's search and retraining (``run_search(cfg, run_dir, resume, stop_after)``,
+    ``run_retrain(cfg, genotype, run_dir, resume, stop_after)``) run whole in
+    ``tmp_path/a``, and cut after ``search_cut`` / ``retrain_cut`` epochs then resumed in
+    ``tmp_path/b``. Asserts the same genotype and ``alphas.jsonl``; returns (whole search,
+    resumed search, whole retraining's result, resumed retraining's result)."""
+    whole = run_search(cfg, tmp_path / "a")
+    run_search(cfg, tmp_path / "b", stop_after=search_cut)
+    resumed = run_search(cfg, tmp_path / "b", resume=True)
+    assert resumed.genotype == whole.genotype
+    alphas = [(tmp_path / r / "search" / "alphas.jsonl").read_text() for r in "ab"]
+    assert alphas[0] == alphas[1]
+    full = run_retrain(cfg, whole.genotype, tmp_path / "a")
+    run_retrain(cfg, whole.genotype, tmp_path / "b", stop_after=retrain_cut)
+    again = run_retrain(cfg, whole.genotype, tmp_path / "b", resume=True)
+    return whole, resumed, full, again
+
+
 def unreadable_fashion_mnist(root: Path) -> Path:
     """A directory holding the four Fashion-MNIST IDX file names with garbage inside: the
     files check (presence) passes, so the run directory is made, and loading fails."""

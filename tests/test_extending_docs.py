@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cut_and_resumed
 
 from diffnas.cli import main
 from diffnas.genotype import Genotype
@@ -301,14 +302,7 @@ def test_the_quantum_example_resumed_equals_an_uninterrupted_run(tmp_path, strat
     q = _quantum()
     cfg = load_config(None, [*VQE, "search.epochs=12", "retrain.epochs=12",
                              f"search.strategy={{name: {strategy}, a_optim: {{lr: 0.05}}}}"])
-    whole = q.run_circuit_search(cfg, tmp_path / "a")
-    q.run_circuit_search(cfg, tmp_path / "b", stop_after=5)
-    resumed = q.run_circuit_search(cfg, tmp_path / "b", resume=True)
-    assert resumed.genotype == whole.genotype
-    alphas = [(tmp_path / r / "search" / "alphas.jsonl").read_text() for r in "ab"]
-    assert alphas[0] == alphas[1]
-    full = q.run_circuit_retrain(cfg, whole.genotype, tmp_path / "a")
-    q.run_circuit_retrain(cfg, whole.genotype, tmp_path / "b", stop_after=7)
-    again = q.run_circuit_retrain(cfg, whole.genotype, tmp_path / "b", resume=True)
+    _, _, full, again = cut_and_resumed(q.run_circuit_search, q.run_circuit_retrain, cfg,
+                                        tmp_path, 5, 7)
     assert again["energy"] == full["energy"] and again["best_epoch"] == full["best_epoch"]
     assert again["history"] == full["history"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cut_and_resumed
 
 from diffnas.cli import main
 from diffnas.genotype import Genotype
@@ -143,16 +144,9 @@ def test_the_rl_example_resumed_equals_an_uninterrupted_run(tmp_path, strategy):
     rl = _rl()
     cfg = load_config(None, [*CARTPOLE, "search.epochs=6", "retrain.epochs=6",
                              f"search.strategy={{name: {strategy}, a_optim: {{lr: 0.05}}}}"])
-    whole = rl.run_encoder_search(cfg, tmp_path / "a")
-    rl.run_encoder_search(cfg, tmp_path / "b", stop_after=2)
-    resumed = rl.run_encoder_search(cfg, tmp_path / "b", resume=True)
-    assert resumed.genotype == whole.genotype
+    whole, resumed, full, again = cut_and_resumed(rl.run_encoder_search,
+                                                  rl.run_agent_retrain, cfg, tmp_path, 2, 4)
     assert resumed.history == whole.history
-    alphas = [(tmp_path / r / "search" / "alphas.jsonl").read_text() for r in "ab"]
-    assert alphas[0] == alphas[1]
-    full = rl.run_agent_retrain(cfg, whole.genotype, tmp_path / "a")
-    rl.run_agent_retrain(cfg, whole.genotype, tmp_path / "b", stop_after=4)
-    again = rl.run_agent_retrain(cfg, whole.genotype, tmp_path / "b", resume=True)
     assert again["history"] == full["history"]
     assert again["mean_return"] == full["mean_return"]
 
