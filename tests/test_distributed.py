@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -414,6 +415,30 @@ def test_settings_torchrun_cannot_split_are_refused_before_a_run_directory(
     assert list(tmp_path.iterdir()) == []
     _as_rank_of(monkeypatch, 1)
     load_config(None, [*base, "data.batch_size=9", "retrain.batch_size=7"])
+
+
+def test_an_engine_that_is_not_data_parallel_is_refused_under_torchrun(monkeypatch):
+    """Under torchrun with 2 processes, the graph engine and a plugin engine (the worked
+    tabular one) are refused by their Engine's ``data_parallel`` before a run directory
+    exists (every rank would repeat the whole run); image and language-model runs are not.
+    One process (WORLD_SIZE=1) takes them all."""
+    from diffnas.config import ConfigError
+
+    tabular = Path(__file__).resolve().parents[1] / "docs/examples/plugins/my_engine.py"
+    runs = {"graph": ["search.space.name=gnn", "data.name=karate"],
+            "tabular (my_engine.py)": [f"plugins=[{tabular}]", "search.space.name=mlp_cell",
+                                       "data.name=wine"]}
+    _as_rank_of(monkeypatch, 2)
+    for label, overrides in runs.items():
+        with pytest.raises(ConfigError, match=re.escape(
+                f"torchrun: the {label}")) as caught:
+            load_config(None, overrides)
+        assert "engine runs in one process" in str(caught.value)
+    load_config(None, search_overrides("darts1", sync_bn=False))
+    load_config(None, ["search.space.name=darts_rnn", "data.name=ptb"])
+    _as_rank_of(monkeypatch, 1)
+    for overrides in runs.values():
+        load_config(None, overrides)
 
 
 def test_a_config_error_is_printed_by_rank_0_alone(monkeypatch, capsys):

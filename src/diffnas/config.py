@@ -646,11 +646,13 @@ def check_run_files(cfg: RunConfig) -> None:
 def _check_sections(cfg: RunConfig) -> None:
     """The engine's own checks of every run (``Engine.check_config``: for language models
     the ``lm`` section); a section that another engine alone reads (``lm``), given for
-    this run, is refused rather than silently ignored."""
-    from diffnas.engine.engines import all_engines
+    this run, is refused rather than silently ignored; torchrun, for an engine that is not
+    data parallel."""
+    from diffnas.engine.engines import all_engines, refuse_torchrun
 
     engine = _engine(cfg)
     engine.check_config(cfg)
+    refuse_torchrun(engine)
     for other in all_engines():
         for section in other.sections:
             given = getattr(cfg, section, None)

@@ -130,6 +130,9 @@ class Engine:
     exportable: bool = False
     #: the latency tools time its networks
     timed: bool = False
+    #: its runs take torchrun's ranks (each a slice of every batch, engine/distributed.py);
+    #: an engine without it is refused under torchrun, where every rank would repeat its run
+    data_parallel: bool = False
 
     def __post_init__(self) -> None:
         # the module that defines the engine (its search function's), so that a plugin's
@@ -185,6 +188,19 @@ def refuse_image_search_settings(cfg: RunConfig, device: bool = True) -> None:
         if on:
             raise ConfigError(f"search.{name} is for image searches; the "
                               f"{engine_of(cfg).label} search does not take it: switch it off")
+
+
+def refuse_torchrun(engine: Engine) -> None:
+    """torchrun (more than one process) for an engine that is not data parallel: a
+    ConfigError, since every rank would repeat its whole run. The config checks call it
+    for every run; an engine's own entry points may too."""
+    from diffnas.config import ConfigError
+    from diffnas.engine.distributed import planned_world_size
+
+    if not engine.data_parallel and planned_world_size() > 1:
+        raise ConfigError(f"torchrun: the {engine.label} engine runs in one process (its "
+                          "Engine is not data_parallel: every rank would repeat the whole "
+                          "run); run it without torchrun")
 
 
 def engine_of(cfg: RunConfig) -> Engine:

@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffnas.arch import ArchParams
-from diffnas.config import ConfigError, RunConfig
+from diffnas.config import RunConfig
 from diffnas.data.graph import GRAPH_DATASETS, GraphData, load_graph
-from diffnas.engine import distributed as dp
 from diffnas.engine.best import FullBatchTrainTask
 from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
@@ -52,7 +51,12 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from diffnas.engine.engines import Engine, refuse_image_search_settings, register_engine
+from diffnas.engine.engines import (
+    Engine,
+    refuse_image_search_settings,
+    refuse_torchrun,
+    register_engine,
+)
 from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
@@ -147,9 +151,7 @@ def refuse_image_settings(cfg: RunConfig) -> None:
     """The image-search settings (and torchrun) this engine does not take: an error, not
     silence (also at config loading, before a run directory exists)."""
     refuse_image_search_settings(cfg)
-    if dp.env().world_size > 1:
-        raise ConfigError("the graph engine runs full batch in one process; run it without "
-                          "torchrun")
+    refuse_torchrun(ENGINE)
 
 
 # --- search -------------------------------------------------------------------------------

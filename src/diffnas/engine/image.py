@@ -116,4 +116,5 @@ ENGINE = register_engine(Engine(
     data_kind="image", datasets=_datasets, search=image_search, train=image_train,
     run_search=run_image_search, run_retrain=run_image_retrain, summary=image_summary,
     check_search=search.check_search_config, check_retrain=check_image_retrain,
-    retrain_network=lambda cfg: cfg.retrain.image_network(), exportable=True, timed=True))
+    retrain_network=lambda cfg: cfg.retrain.image_network(), exportable=True, timed=True,
+    data_parallel=True))

@@ -747,4 +747,4 @@ ENGINE = register_engine(Engine(
     check_retrain=check_lm_retrain, metric=PERPLEXITY, unused_data=("download", "resolution"),
     unread_retrain=("lr_min", "auxiliary_weight", "drop_path", "cutout", "crop_padding",
                     "flip"),
-    sections=("lm",)))
+    sections=("lm",), data_parallel=True))
