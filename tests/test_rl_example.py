@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cut_and_resumed
+from conftest import cut_and_resumed, tb_events
 
 from diffnas.cli import main
 from diffnas.genotype import Genotype
@@ -110,9 +110,12 @@ def test_the_rl_example_searches_an_encoder_whose_policy_balances_the_pole(tmp_p
     """Search (10 PPO epochs of DARTS) and retraining (100 epochs, 51,200 steps) on
     CartPole-v1: the greedy policy's mean test return is far above a random policy's (about
     22) and a fixed push's (about 9); the unchanged commands resume, size and report it by
-    its own Metric."""
-    assert main(["search", *CARTPOLE, f"out_dir={tmp_path}", "name=r"]) == 0
+    its own Metric; TensorBoard logs both phases."""
+    assert main(["search", *CARTPOLE, f"out_dir={tmp_path}", "name=r",
+                 "logger=tensorboard"]) == 0
     run = tmp_path / "r"
+    for phase in ("search", "retrain"):  # a plugin engine's loops take the loggers too
+        assert tb_events(run / "tensorboard" / phase).Tags()["scalars"], phase
     genotype = Genotype.load(run / "search" / "genotype.json")
     assert len(genotype.cell("encoder").edges) == 3
     result = json.loads((run / "retrain" / "result.json").read_text())

@@ -7,11 +7,13 @@ vectors: node 0 is the projected input row, each intermediate node reads its str
 predecessor through one of ``none``, ``skip_connect``, ``linear``, ``linear_relu``,
 ``linear_tanh``) and the engine ``tabular`` that searches and retrains it, built from
 diffnas's own parts: the strategies (any bilevel or single-level one), ``StrategyTask``,
-the ``Loop`` with ``search_writers`` and atomic checkpoints, ``run_search_loop``
-(resume, genotype.json, DONE) and ``search_then_retrain``. Full batch on a fixed split
-(60/20/20 % of the rows, standardised by the training rows): weights learn on the
-training rows, alphas on the validation rows; the retraining keeps the weights of its
-best validation epoch (``engine/best.FullBatchTrainTask``, as the graph engine's).
+the ``Loop`` with ``search_callbacks`` (progress bar, metrics, genotypes, alphas,
+loggers, atomic checkpoints), ``run_search_loop`` (resume, genotype.json, DONE),
+``search_then_retrain`` and, for the retraining, ``run_retrain_loop`` (the same around
+its loop). Full batch on a fixed split (60/20/20 % of the rows, standardised by the
+training rows): weights learn on the training rows, alphas on the validation rows; the
+retraining keeps the weights of its best validation epoch
+(``engine/best.FullBatchTrainTask``, as the graph engine's).
 
     diffnas search "plugins=[docs/examples/plugins/my_engine.py]" \\
         search.space.name=mlp_cell data.name=breast_cancer search.epochs=20 \\
@@ -20,7 +22,6 @@ best validation epoch (``engine/best.FullBatchTrainTask``, as the graph engine's
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,21 +32,19 @@ from torch import nn
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
 from diffnas.engine.best import FullBatchTrainTask
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
+from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import (
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
     seed_everything,
 )
 from diffnas.engine.engines import Engine, refuse_image_search_settings, register_engine
 from diffnas.engine.loop import Loop
-from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
+from diffnas.engine.retrain import retrain_dir, run_retrain_loop, save_retrain_result
+from diffnas.engine.rundir import check_same_data, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
+    search_callbacks,
     search_then_retrain,
-    search_writers,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -282,8 +281,7 @@ def run_table_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
     table = load_table(cfg.data.name, device)
     check_same_data(out, table, resume)
     task = TableSearchTask(cfg, table, device)
-    loop = Loop(task, cfg.search.epochs, [*search_writers(task, out, cfg.progress),
-                                          Checkpoint(out / "checkpoint.pt")])
+    loop = Loop(task, cfg.search.epochs, search_callbacks(task, out, cfg))
     history, genotype = run_search_loop(loop, task, out, resume, None,
                                         f"table search: {table.name}", "steps")
     return TableSearchResult(genotype, history)
@@ -312,29 +310,21 @@ def run_table_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                       resume: bool = False) -> dict[str, Any]:
     """Train ``genotype``'s network from scratch; writes ``run_dir/retrain`` (metrics,
     checkpoint, genotype.json, model.pt, result.json with ``test_acc``)."""
-    out = Path(run_dir) / "retrain"
-    out.mkdir(parents=True, exist_ok=True)
-    pin_genotype(out, genotype, resume)
+    out = retrain_dir(run_dir, genotype, resume)
     device = resolve_device(cfg.device)
     table = load_table(cfg.data.name, device)
     check_same_data(out, table, resume)
     seed_everything(cfg.seed)
     model = _space(cfg, table).build_network(genotype, **cfg.retrain.network).to(device)
     task = TableTrainTask(model, table, cfg)
-    ckpt = out / "checkpoint.pt"
-    loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
-                                           JsonLines(out / "metrics.jsonl"), Checkpoint(ckpt)])
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
-    history = loop.run()
+    loop, history = run_retrain_loop(task, cfg, out, resume)  # bar, metrics, checkpoints
     task.best.restore(model)
     test = _evaluate(model, table.batch("test"))
     result = {"genotype": genotype.to_dict(), "epochs_done": loop.epoch,
               "params": sum(p.numel() for p in model.parameters()),
               "best_epoch": task.best.record["epoch"], "valid_acc": task.best.record["val_acc"],
               "test_acc": test["acc"], "test_loss": test["loss"], "history": history}
-    atomic_save(model.state_dict(), out / "model.pt")
-    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    save_retrain_result(out, model, result)  # model.pt, result.json
     return result
 
 

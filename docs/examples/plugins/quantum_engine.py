@@ -33,7 +33,6 @@ ground energy (lower is better), in ``--seeds`` summaries and ``diffnas report``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,11 +45,8 @@ from torch import nn
 
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, require
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
+from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import (
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
     seed_everything,
 )
 from diffnas.engine.engines import (
@@ -60,12 +56,13 @@ from diffnas.engine.engines import (
     register_engine,
 )
 from diffnas.engine.loop import Loop
-from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.engine.retrain import retrain_dir, run_retrain_loop, save_retrain_result
+from diffnas.engine.rundir import resolve_device
 from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
+    search_callbacks,
     search_then_retrain,
-    search_writers,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -355,8 +352,7 @@ def run_circuit_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
     device = resolve_device(cfg.device)
     problem = _problem(cfg, device)
     task = CircuitSearchTask(cfg, problem, device)
-    loop = Loop(task, cfg.search.epochs, [*search_writers(task, out, cfg.progress),
-                                          Checkpoint(out / "checkpoint.pt")])
+    loop = Loop(task, cfg.search.epochs, search_callbacks(task, out, cfg))
     history, genotype = run_search_loop(loop, task, out, resume, stop_after,
                                         f"circuit search: {problem.name}, {problem.qubits} "
                                         "qubits", "steps")
@@ -414,20 +410,13 @@ def run_circuit_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                         ) -> dict[str, Any]:
     """Train ``genotype``'s circuit from fresh angles; writes ``run_dir/retrain`` (metrics,
     checkpoint, genotype.json, model.pt, result.json with ``energy_error``)."""
-    out = Path(run_dir) / "retrain"
-    out.mkdir(parents=True, exist_ok=True)
-    pin_genotype(out, genotype, resume)
+    out = retrain_dir(run_dir, genotype, resume)
     device = resolve_device(cfg.device)
     problem = _problem(cfg, device)
     seed_everything(cfg.seed)
     model = _space(cfg).build_network(genotype, **cfg.retrain.network).to(device)
     task = CircuitTrainTask(model, problem, cfg)
-    ckpt = out / "checkpoint.pt"
-    loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
-                                           JsonLines(out / "metrics.jsonl"), Checkpoint(ckpt)])
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
-    history = loop.run(stop_after=stop_after)
+    loop, history = run_retrain_loop(task, cfg, out, resume, stop_after)
     if task.best["state"] is not None:
         model.load_state_dict(task.best["state"])
     with torch.no_grad():
@@ -437,8 +426,7 @@ def run_circuit_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
               "best_epoch": task.best["epoch"], "energy": energy,
               "ground_energy": problem.ground_energy,
               "energy_error": energy - problem.ground_energy, "history": history}
-    atomic_save(model.state_dict(), out / "model.pt")
-    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    save_retrain_result(out, model, result)
     return result
 
 

@@ -36,7 +36,6 @@ equals an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,11 +49,8 @@ from torch.distributions import Categorical
 
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
+from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import (
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
     seed_everything,
 )
 from diffnas.engine.engines import (
@@ -64,12 +60,13 @@ from diffnas.engine.engines import (
     register_engine,
 )
 from diffnas.engine.loop import Loop
-from diffnas.engine.rundir import pin_genotype, resolve_device
+from diffnas.engine.retrain import retrain_dir, run_retrain_loop, save_retrain_result
+from diffnas.engine.rundir import resolve_device
 from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
+    search_callbacks,
     search_then_retrain,
-    search_writers,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -481,8 +478,7 @@ def run_encoder_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False
     out = Path(run_dir) / "search"
     out.mkdir(parents=True, exist_ok=True)
     task = EncoderSearchTask(cfg, resolve_device(cfg.device))
-    loop = Loop(task, cfg.search.epochs, [*search_writers(task, out, cfg.progress),
-                                          Checkpoint(out / "checkpoint.pt")])
+    loop = Loop(task, cfg.search.epochs, search_callbacks(task, out, cfg))
     history, genotype = run_search_loop(loop, task, out, resume, stop_after,
                                         f"rl encoder search: {cfg.data.name}, PPO", "steps")
     return EncoderSearchResult(genotype, history)
@@ -534,27 +530,19 @@ def run_agent_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                       resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Train ``genotype``'s agent from scratch; writes ``run_dir/retrain`` (metrics,
     checkpoint, genotype.json, model.pt, result.json with ``mean_return``)."""
-    out = Path(run_dir) / "retrain"
-    out.mkdir(parents=True, exist_ok=True)
-    pin_genotype(out, genotype, resume)
+    out = retrain_dir(run_dir, genotype, resume)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = _space(cfg).build_network(genotype, **cfg.retrain.network).to(device)
     task = AgentTrainTask(model, cfg, device)
-    ckpt = out / "checkpoint.pt"
-    loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
-                                           JsonLines(out / "metrics.jsonl"), Checkpoint(ckpt)])
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
-    history = loop.run(stop_after=stop_after)
+    loop, history = run_retrain_loop(task, cfg, out, resume, stop_after)
     model.eval()
     result = {"genotype": genotype.to_dict(), "epochs_done": loop.epoch,
               "env_steps": loop.epoch * ENVS * STEPS,
               "params": sum(p.numel() for p in model.parameters()),
               "mean_return": test_return(lambda obs: task.act(obs)[0], cfg.data.name),
               "history": history}
-    atomic_save(model.state_dict(), out / "model.pt")
-    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    save_retrain_result(out, model, result)
     return result
 
 

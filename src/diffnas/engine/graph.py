@@ -29,7 +29,6 @@ uninterrupted run. One process only (no torchrun); image-only settings (``search
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,11 +43,8 @@ from diffnas.arch import ArchParams
 from diffnas.config import RunConfig
 from diffnas.data.graph import GRAPH_DATASETS, GraphData, load_graph
 from diffnas.engine.best import FullBatchTrainTask
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
+from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import (
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
     seed_everything,
 )
 from diffnas.engine.engines import (
@@ -57,15 +53,15 @@ from diffnas.engine.engines import (
     refuse_torchrun,
     register_engine,
 )
-from diffnas.engine.loop import Callback, Loop
-from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
+from diffnas.engine.loop import Loop
+from diffnas.engine.retrain import retrain_dir, run_retrain_loop, save_retrain_result
+from diffnas.engine.rundir import check_same_data, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
+    search_callbacks,
     search_then_retrain,
-    search_writers,
 )
-from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.ops.graph import Graph
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -221,12 +217,7 @@ def run_graph_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     data = data or load_graph(cfg.data.name, cfg.data.root)
     check_same_data(out, data, resume)  # a resume on other data
     task = build_graph_search(cfg, data, device)
-    callbacks: list[Callback] = [
-        *search_writers(task, out, cfg.progress),
-        *logger_callbacks(cfg, out, task.strategy.arch_params),
-        Checkpoint(out / "checkpoint.pt"),
-    ]
-    loop = Loop(task, cfg.search.epochs, callbacks)
+    loop = Loop(task, cfg.search.epochs, search_callbacks(task, out, cfg))
     what = (f"graph search: {data.name} ({data.num_nodes} nodes, {data.edge_index.shape[1]} "
             f"edges), supernet weights={sum(p.numel() for p in task.supernet.parameters())}")
     history, genotype = run_search_loop(loop, task, out, resume, stop_after, what, "steps")
@@ -262,9 +253,7 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     """Train ``genotype``'s network from scratch; writes ``run_dir/retrain`` (metrics,
     checkpoint, genotype.json, model.pt = the best-val weights, result.json)."""
     refuse_image_settings(cfg)
-    out = Path(run_dir) / "retrain"
-    out.mkdir(parents=True, exist_ok=True)
-    pin_genotype(out, genotype, resume)
+    out = retrain_dir(run_dir, genotype, resume)
     device = resolve_device(cfg.device)
     data = data or load_graph(cfg.data.name, cfg.data.root)
     check_same_data(out, data, resume)  # a resume on other data
@@ -274,15 +263,7 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     log.info("graph retrain: %s params", f"{params:,}")
     splits = GraphSplits(data, device)
     task = GraphTrainTask(model, splits, cfg)
-    loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
-                                           JsonLines(out / "metrics.jsonl"),
-                                           *logger_callbacks(cfg, out),
-                                           Checkpoint(out / "checkpoint.pt")])
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
-        log.info("resumed graph retraining at epoch %d", loop.epoch)
-    history = loop.run(stop_after=stop_after)
+    loop, history = run_retrain_loop(task, cfg, out, resume, stop_after, "graph retraining")
     last_test = evaluate_nodes(model, splits.batch("test"))
     task.best.restore(model)
     test = evaluate_nodes(model, splits.batch("test"))
@@ -290,8 +271,7 @@ def run_graph_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
               "best_epoch": task.best.record["epoch"], "valid_acc": task.best.record["val_acc"],
               "test_acc": test["acc"], "test_loss": test["loss"],
               "last_test_acc": last_test["acc"], "history": history}
-    atomic_save(model.state_dict(), out / "model.pt")
-    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+    save_retrain_result(out, model, result)
     return result
 
 

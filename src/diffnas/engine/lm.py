@@ -83,8 +83,8 @@ from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
+    search_callbacks,
     search_then_retrain,
-    search_writers,
 )
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
@@ -478,13 +478,8 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     corpus = corpus or load_corpus(cfg.data.name, cfg.data.root)
     dp.main_process_result(check_same_data, out, corpus, resume)  # a resume on other data
     task = build_lm_search(cfg, corpus, device, rank.rank, rank.world_size)
-    # every rank runs every callback (states stay aligned in checkpoints); writers on rank 0
-    callbacks: list[Callback] = [
-        GrowthSchedule(task.strategy.supernets, task.space),
-        *dp.main_process_only(search_writers(task, out, cfg.progress)),
-        *logger_callbacks(cfg, out, task.strategy.arch_params),  # writes on rank 0 alone
-        dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
-    ]
+    callbacks = search_callbacks(
+        task, out, cfg, first=[GrowthSchedule(task.strategy.supernets, task.space)])
     loop = Loop(task, cfg.search.epochs, callbacks)
     n_w = sum(p.numel() for p in task.supernet.parameters())
     history, genotype = run_search_loop(loop, task, out, resume, stop_after,

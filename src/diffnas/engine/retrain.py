@@ -39,6 +39,41 @@ from diffnas.spaces import DataShape, SearchSpace, create_space
 log = logging.getLogger("diffnas")
 
 
+def retrain_dir(run_dir: str | Path, genotype: Genotype, resume: bool) -> Path:
+    """``run_dir/retrain``, created, with ``genotype`` pinned in its ``genotype.json`` (a
+    resume with another genotype is refused: ``rundir.pin_genotype``)."""
+    out = Path(run_dir) / "retrain"
+    out.mkdir(parents=True, exist_ok=True)
+    pin_genotype(out, genotype, resume)
+    return out
+
+
+def run_retrain_loop(task: Any, cfg: RunConfig, out: Path, resume: bool,
+                     stop_after: int | None = None, what: str = "retraining"
+                     ) -> tuple[Loop, list[dict[str, Any]]]:
+    """What a one-process retraining does around its loop (the graph engine, plugin
+    engines): ``cfg.retrain.epochs`` epochs of ``task`` with the progress bar,
+    ``out/metrics.jsonl``, the loggers ``cfg.logger`` asks for and an atomic
+    ``out/checkpoint.pt`` per epoch, resumed from that checkpoint when asked; ``stop_after``
+    ends it after that many epochs, as an interrupted run would. Returns the loop (its
+    ``epoch``: epochs done) and the history."""
+    ckpt = out / "checkpoint.pt"
+    loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
+                                           JsonLines(out / "metrics.jsonl"),
+                                           *logger_callbacks(cfg, out), Checkpoint(ckpt)])
+    if resume and ckpt.exists():
+        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
+        log.info("resumed %s at epoch %d", what, loop.epoch)
+    return loop, loop.run(stop_after=stop_after)
+
+
+def save_retrain_result(out: Path, model: nn.Module, result: dict[str, Any]) -> None:
+    """The retrained weights (``out/model.pt``) and ``out/result.json`` (what ``diffnas
+    report`` and ``--seeds`` summaries read), each written atomically."""
+    atomic_save(model.state_dict(), out / "model.pt")
+    atomic_write_text(json.dumps(result, indent=1) + "\n", out / "result.json")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
     """Mean loss and accuracy over ``loader`` in eval mode."""

@@ -93,6 +93,19 @@ def search_then_retrain(
     return 0
 
 
+def search_callbacks(task: StrategyTask, out: Path, cfg: RunConfig,
+                     extra: Iterable[Callback] = (), first: Iterable[Callback] = ()
+                     ) -> list[Callback]:
+    """The callbacks of every search loop (images, language models, graphs, plugin
+    engines), in their checkpointed order: ``first``, :func:`search_writers` (rank 0 alone
+    under torchrun), ``extra``, the loggers ``cfg.logger`` asks for (TensorBoard) and an
+    atomic ``out/checkpoint.pt`` per epoch (rank 0). Every rank runs every callback, so
+    their states stay aligned in the checkpoint."""
+    return [*first, *dp.main_process_only(search_writers(task, out, cfg.progress)), *extra,
+            *logger_callbacks(cfg, out, task.strategy.arch_params),
+            dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt"))]
+
+
 def search_writers(task: StrategyTask, out: Path, progress: bool) -> list[Callback]:
     """What every search writes as its epochs end, in ``out`` (a run's ``search/``): the
     progress bar, ``metrics.jsonl``, ``genotypes.jsonl`` (the genotype each epoch's alphas
@@ -462,14 +475,7 @@ def run_search(
     if not (out / "checkpoint.pt").exists():
         check_retrain_batch(cfg, data)
     task = build_search(cfg, data, device, rank.rank, rank.world_size)
-    # Under torchrun every rank runs every callback in the same order (their states stay
-    # aligned in the checkpoint), but the writers act on rank 0 only.
-    callbacks: list[Callback] = [
-        *dp.main_process_only(search_writers(task, out, cfg.progress)),
-        *(extra_callbacks or []),
-        *logger_callbacks(cfg, out, task.strategy.arch_params),
-        dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt")),
-    ]
+    callbacks = search_callbacks(task, out, cfg, extra_callbacks or [])
     callbacks[-1:-1] = diagnostics_callbacks(cfg, task, out, rank.world_size)
     loop = Loop(task, cfg.search.epochs, callbacks)
     n_w = sum(p.numel() for p in task.strategy.supernet.parameters())
