@@ -443,6 +443,10 @@ def check_search_config(cfg: RunConfig, device: bool = True) -> None:
                         where, world_size)
     check_diagnostics_settings(cfg, world_size)
     check_full_batch(cfg)
+    optimizer = (s.strategy.get("w_optim") or {}).get("name", "sgd")
+    if s.cuda_graph and optimizer != "sgd":
+        raise ConfigError(f"search.cuda_graph replays SGD weight steps; w_optim.name="
+                          f"{optimizer} is not captured: switch one off")
 
 
 def _inside(step: Callable, context: Callable[[], AbstractContextManager]) -> Callable:

@@ -79,23 +79,47 @@ def check_relaxation(section: dict, where: str = "search.strategy.relaxation") -
         raise ConfigError(f"{where}: {exc}") from None
 
 
+W_OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass
 class WeightOptimConfig:
-    """SGD for the network weights (DARTS paper defaults), cosine schedule per epoch."""
+    """The network weights' optimizer, cosine schedule per epoch: SGD with momentum (the
+    DARTS paper's defaults) or Adam (``name: adam``, with ``betas``: e.g. for a PPO loss,
+    which SGD follows slowly). L2 ``weight_decay`` and ``grad_clip`` apply to both."""
 
+    name: str = "sgd"
     lr: float = 0.025
     lr_min: float = 0.001
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
 
     def __post_init__(self) -> None:
+        require(self.name in W_OPTIMIZERS, "search.strategy.w_optim.name",
+                f"one of {', '.join(W_OPTIMIZERS)}", self.name)
         for key in ("lr", "lr_min", "momentum", "weight_decay"):
             value = getattr(self, key)
             require(value >= 0, f"search.strategy.w_optim.{key}", ">= 0", value)
         require_float32(self, ("lr", "lr_min", "momentum", "weight_decay"),
                         "search.strategy.w_optim")
         require(self.grad_clip > 0, "search.strategy.w_optim.grad_clip", "> 0", self.grad_clip)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                "search.strategy.w_optim.betas", "two numbers in [0, 1)", self.betas)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        unused = {"sgd": ("betas", (0.9, 0.999)), "adam": ("momentum", 0.9)}[self.name]
+        if getattr(self, unused[0]) != unused[1]:  # refused, not ignored
+            raise ConfigError(f"search.strategy.w_optim.{unused[0]} is not used by "
+                              f"w_optim.name={self.name} (momentum is SGD's, betas Adam's)")
+
+    def build(self, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer these settings describe, over ``params``."""
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas,
+                                    weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -198,9 +222,7 @@ class SearchStrategy:
                              "supernet's weights; keep ArchParams out of the supernet (it "
                              "receives arch_weights as a forward argument)")
         w = config.w_optim
-        self.w_optimizer = torch.optim.SGD(
-            self.weights(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay
-        )
+        self.w_optimizer = w.build(self.weights())
         self.w_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.w_optimizer, T_max=max(epochs, 1), eta_min=w.lr_min
         )

@@ -30,6 +30,10 @@ class DartsConfig(StrategyConfig):
                 "search.strategy.fd_radius", "finite and > 0", self.fd_radius)
         if self.order == 1 and self.hessian != "fd":
             raise ValueError(f"hessian={self.hessian!r} only applies to order=2")
+        if self.order == 2 and self.w_optim.name != "sgd":
+            raise ValueError(f"darts order=2 unrolls the weights' SGD step (momentum and weight "
+                             f"decay included); with w_optim.name={self.w_optim.name} use "
+                             "order=1, or implicit for a second-order hypergradient")
         if self.fd_radius != 1e-2 and (self.order == 1 or self.hessian == "exact"):
             raise ValueError(f"fd_radius={self.fd_radius} only applies to a finite-difference "
                              "Hessian (order=2 with hessian fd or fd_forward)")
