@@ -286,13 +286,15 @@ def test_list_engines_names_each_engine_and_its_spaces(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     (image,) = [line for line in lines if line.startswith("image: ")]
     assert image.startswith("image: image (engine/search.py, retrain.py), spaces ")
-    assert image.endswith("; judged by retrained test accuracy")
+    assert image.endswith("; judged by retrained test accuracy; data parallel under torchrun")
     spaces = image.split("spaces ")[1].split(";")[0].split(", ")
     assert {"darts_cnn", "nb201"} <= set(spaces)  # (+ plugins')
     assert (f"{engine} (plugin: {path}): toy ({engine}), spaces {space}; judged by retrained "
             "test accuracy") in lines
-    assert any(line.startswith("language_model: ") and line.endswith("retrained test perplexity")
-               for line in lines)
+    assert any(line.startswith("language_model: ") and line.endswith(
+        "retrained test perplexity; data parallel under torchrun") for line in lines)
+    assert any(line.startswith("graph: ") and line.endswith("retrained test accuracy")
+               for line in lines)  # one process only
     assert main(["list", "spaces", f"plugins=[{path}]"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"{space} (plugin: {path}) ({engine} engine)" in lines

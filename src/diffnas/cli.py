@@ -308,6 +308,7 @@ def _list(p: argparse.ArgumentParser):
             "penalties": lambda: marked(PENALTIES),
             "engines": lambda: [f"{n}: {e.label}, spaces {', '.join(spaces_of(e.name))}; "
                                 f"judged by {e.metric.headline.lower()}"
+                                + ("; data parallel under torchrun" if e.data_parallel else "")
                                 for e, n in zip(all_engines(), marked(ENGINES), strict=True)],
         }[args.kind]()
         print("\n".join(names))
