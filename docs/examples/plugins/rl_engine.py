@@ -433,7 +433,8 @@ class EncoderSearchTask(StrategyTask):
         # One relaxed architecture acts for the whole rollout. With a sampling relaxation
         # (GDAS, SNAS) each step then draws its own cell, so PPO's ratio compares the
         # policy under the step's cell with the one that acted: off-policy in the
-        # architecture, which the ratio clip bounds.
+        # architecture, which the ratio clip bounds (few_shot after its split: the exported
+        # sub-supernet acts, every sub-supernet learns from its rollouts).
         with torch.no_grad():
             act = self._act(self.strategy.arch_weights())
         rollout = {k: v.to(self.device) for k, v in collect(self.envs, act, STEPS).items()}
