@@ -33,9 +33,7 @@ from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
 from diffnas.engine.best import FullBatchTrainTask
 from diffnas.engine.callbacks import counted
-from diffnas.engine.checkpoint import (
-    seed_everything,
-)
+from diffnas.engine.checkpoint import seed_everything
 from diffnas.engine.engines import Engine, refuse_image_search_settings, register_engine
 from diffnas.engine.loop import Loop
 from diffnas.engine.retrain import retrain_dir, run_retrain_loop, save_retrain_result

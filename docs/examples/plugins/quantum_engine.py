@@ -46,9 +46,7 @@ from torch import nn
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, require
 from diffnas.engine.callbacks import counted
-from diffnas.engine.checkpoint import (
-    seed_everything,
-)
+from diffnas.engine.checkpoint import seed_everything
 from diffnas.engine.engines import (
     Engine,
     Metric,

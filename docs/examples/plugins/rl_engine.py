@@ -50,9 +50,7 @@ from torch.distributions import Categorical
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
 from diffnas.engine.callbacks import counted
-from diffnas.engine.checkpoint import (
-    seed_everything,
-)
+from diffnas.engine.checkpoint import seed_everything
 from diffnas.engine.engines import (
     Engine,
     Metric,

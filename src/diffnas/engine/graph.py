@@ -44,9 +44,7 @@ from diffnas.config import RunConfig
 from diffnas.data.graph import GRAPH_DATASETS, GraphData, load_graph
 from diffnas.engine.best import FullBatchTrainTask
 from diffnas.engine.callbacks import counted
-from diffnas.engine.checkpoint import (
-    seed_everything,
-)
+from diffnas.engine.checkpoint import seed_everything
 from diffnas.engine.engines import (
     Engine,
     refuse_image_search_settings,
