@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import uuid
 from pathlib import Path
 
@@ -299,3 +300,31 @@ def test_list_engines_names_each_engine_and_its_spaces(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert f"{space} (plugin: {path}) ({engine} engine)" in lines
     assert "gnn (graph engine)" in lines and "darts_cnn" in lines
+
+
+def test_an_engine_without_its_commands_is_made_from_its_halves_or_refused():
+    """``search`` and ``train`` left out: made from ``run_search`` / ``run_retrain`` and
+    ``report`` (the worked engines in docs/examples/plugins run through them); without
+    ``report`` either, the Engine names what is missing."""
+    from diffnas.engine.engines import Engine
+
+    calls = []
+
+    def run_search(cfg, run_dir, resume):
+        calls.append(("search", resume))
+        return types.SimpleNamespace(genotype="G")
+
+    def run_retrain(cfg, genotype, run_dir, resume):
+        calls.append(("retrain", genotype))
+        return {"test_acc": 1.0}
+
+    common = dict(name="made", label="made", a_run="a run", data_kind="toy",
+                  datasets=lambda: [], run_search=run_search, run_retrain=run_retrain,
+                  summary=lambda cfg, genotype: {})
+    with pytest.raises(ValueError, match="engine 'made': give search and train, or report"):
+        Engine(**common)
+    reported = []
+    engine = Engine(**common, report=lambda g, r: reported.append((g, r)))
+    assert engine.__module__ == __name__  # (a plugin's failed import unregisters it)
+    engine.train(None, "H", Path("."), False)
+    assert calls == [("retrain", "H")] and reported == [("H", {"test_acc": 1.0})]

@@ -8,12 +8,12 @@ predecessor through one of ``none``, ``skip_connect``, ``linear``, ``linear_relu
 ``linear_tanh``) and the engine ``tabular`` that searches and retrains it, built from
 diffnas's own parts: the strategies (any bilevel or single-level one), ``StrategyTask``,
 the ``Loop`` with ``search_callbacks`` (progress bar, metrics, genotypes, alphas,
-loggers, atomic checkpoints), ``run_search_loop`` (resume, genotype.json, DONE),
-``search_then_retrain`` and, for the retraining, ``run_retrain_loop`` (the same around
-its loop). Full batch on a fixed split (60/20/20 % of the rows, standardised by the
-training rows): weights learn on the training rows, alphas on the validation rows; the
-retraining keeps the weights of its best validation epoch
-(``engine/best.FullBatchTrainTask``, as the graph engine's).
+loggers, atomic checkpoints), ``run_search_loop`` (resume, genotype.json, DONE), for the
+retraining ``run_retrain_loop`` (the same around its loop), and the commands' ``search``
+and ``train`` made from the two halves and ``report``. Full batch on a fixed split
+(60/20/20 % of the rows, standardised by the training rows): weights learn on the
+training rows, alphas on the validation rows; the retraining keeps the weights of its
+best validation epoch (``engine/best.FullBatchTrainTask``, as the graph engine's).
 
     diffnas search "plugins=[docs/examples/plugins/my_engine.py]" \\
         search.space.name=mlp_cell data.name=breast_cancer search.epochs=20 \\
@@ -42,7 +42,6 @@ from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
     search_callbacks,
-    search_then_retrain,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -336,17 +335,6 @@ def print_table_result(genotype: Genotype, result: dict[str, Any] | None) -> Non
               f"{result['best_epoch'] + 1}) after {counted(result['epochs_done'], 'epoch')}")
 
 
-def table_search(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
-    return search_then_retrain(
-        cfg, run_dir, lambda: run_table_search(cfg, run_dir, resume).genotype,
-        lambda g: run_table_retrain(cfg, g, run_dir, resume), print_table_result)
-
-
-def table_train(cfg: RunConfig, genotype: Genotype, run_dir: Path, resume: bool = False
-                ) -> None:
-    print_table_result(genotype, run_table_retrain(cfg, genotype, run_dir, resume))
-
-
 def table_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
     table = load_table(cfg.data.name)
     model = _space(cfg, table).build_network(genotype, **cfg.retrain.network)
@@ -357,7 +345,7 @@ def table_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
 register_engine(Engine(
     name="tabular", label="tabular (my_engine.py)",
     a_run="a tabular run (full batch on a fixed split)", data_kind="tabular",
-    datasets=lambda: TABLES, search=table_search, train=table_train,
+    datasets=lambda: TABLES, report=print_table_result,
     run_search=run_table_search, run_retrain=run_table_retrain, summary=table_summary,
     check_search=refuse_image_search_settings,  # (amp, compile, ...: refused, not ignored)
     unused_data=("download", "resolution", "train_subset", "test_subset", "search_split",

@@ -60,7 +60,6 @@ from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
     search_callbacks,
-    search_then_retrain,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -440,17 +439,6 @@ def print_circuit_result(genotype: Genotype, result: dict[str, Any] | None) -> N
               f"{counted(result['epochs_done'], 'epoch')}")
 
 
-def circuit_search(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
-    return search_then_retrain(
-        cfg, run_dir, lambda: run_circuit_search(cfg, run_dir, resume).genotype,
-        lambda g: run_circuit_retrain(cfg, g, run_dir, resume), print_circuit_result)
-
-
-def circuit_train(cfg: RunConfig, genotype: Genotype, run_dir: Path, resume: bool = False
-                  ) -> None:
-    print_circuit_result(genotype, run_circuit_retrain(cfg, genotype, run_dir, resume))
-
-
 def circuit_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
     problem = _problem(cfg)
     model = _space(cfg).build_network(genotype, **cfg.retrain.network)
@@ -483,7 +471,7 @@ ENERGY_ERROR = Metric("energy_error", "energy error", "err", ".3e", "eval_err",
 register_engine(Engine(
     name="quantum", label="quantum (quantum_engine.py)",
     a_run="a quantum-circuit run (a VQE, no data)", data_kind="quantum problem",
-    datasets=lambda: PROBLEMS, search=circuit_search, train=circuit_train,
+    datasets=lambda: PROBLEMS, report=print_circuit_result,
     run_search=run_circuit_search, run_retrain=run_circuit_retrain, summary=circuit_summary,
     check_search=check_circuit_search, check_retrain=check_circuit_retrain,
     metric=ENERGY_ERROR,

@@ -64,7 +64,6 @@ from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
     search_callbacks,
-    search_then_retrain,
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
@@ -556,17 +555,6 @@ def print_agent_result(genotype: Genotype, result: dict[str, Any] | None) -> Non
               f"({result['env_steps']:,} environment steps)")
 
 
-def agent_search(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
-    return search_then_retrain(
-        cfg, run_dir, lambda: run_encoder_search(cfg, run_dir, resume).genotype,
-        lambda g: run_agent_retrain(cfg, g, run_dir, resume), print_agent_result)
-
-
-def agent_train(cfg: RunConfig, genotype: Genotype, run_dir: Path, resume: bool = False
-                ) -> None:
-    print_agent_result(genotype, run_agent_retrain(cfg, genotype, run_dir, resume))
-
-
 def agent_summary(cfg: RunConfig, genotype: Genotype) -> dict[str, Any]:
     observations, actions, limit = env_shape(cfg.data.name)
     model = _space(cfg).build_network(genotype, **cfg.retrain.network)
@@ -608,7 +596,7 @@ MEAN_RETURN = Metric("mean_return", "return", "return", ".1f", "return",
 register_engine(Engine(
     name="rl", label="rl (rl_engine.py)",
     a_run="an rl run (PPO in a Gymnasium environment)", data_kind="Gymnasium environment",
-    datasets=lambda: ENVIRONMENTS, search=agent_search, train=agent_train,
+    datasets=lambda: ENVIRONMENTS, report=print_agent_result,
     run_search=run_encoder_search, run_retrain=run_agent_retrain, summary=agent_summary,
     check_config=check_gymnasium, check_search=check_agent_search,
     check_retrain=check_agent_retrain, metric=MEAN_RETURN,

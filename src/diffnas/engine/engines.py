@@ -94,7 +94,9 @@ class Engine:
     main process; returns the exit status), ``train`` (``diffnas train``: retrain a
     genotype and print the result), ``run_search`` / ``run_retrain`` (the two halves, for
     ``--seeds``; ``run_search`` returns an object with ``.genotype``) and ``summary``
-    (``train --dry-run``: a JSON-able dict about the network, training nothing). The
+    (``train --dry-run``: a JSON-able dict about the network, training nothing). Without
+    ``search`` / ``train``, they are made from the two halves and ``report(genotype,
+    result or None)``, which prints the outcome (``search.search_then_retrain``). The
     config checks call ``check_config`` (every run, before its run directory exists),
     ``check_search`` (searches; ``device``: the device may be judged too),
     ``check_retrain`` (runs that retrain) and ``retrain_network`` (``retrain.network`` as
@@ -109,11 +111,14 @@ class Engine:
     data_kind: str
     #: the names of the datasets it reads (a registry or any collection of names)
     datasets: Callable[[], Collection[str]]
-    search: Callable[[RunConfig, Path, bool], int]
-    train: Callable[[RunConfig, Genotype, Path, bool], None]
     run_search: Callable[..., Any]
     run_retrain: Callable[..., Any]
     summary: Callable[[RunConfig, Genotype], dict[str, Any]]
+    search: Callable[[RunConfig, Path, bool], int] | None = None
+    train: Callable[[RunConfig, Genotype, Path, bool], None] | None = None
+    #: prints a finished run's genotype and retraining result (None: retraining disabled)
+    #: for the ``search`` and ``train`` made when those are not given
+    report: Callable[[Genotype, dict[str, Any] | None], None] | None = None
     check_config: Callable[[RunConfig], None] = _nothing
     check_search: Callable[[RunConfig, bool], None] = _nothing
     check_retrain: Callable[[RunConfig], None] = _nothing
@@ -135,9 +140,30 @@ class Engine:
     data_parallel: bool = False
 
     def __post_init__(self) -> None:
-        # the module that defines the engine (its search function's), so that a plugin's
+        # the module that defines the engine (its run_search's), so that a plugin's
         # failed import unregisters it (registry.registrations_undone_on_error)
-        object.__setattr__(self, "__module__", getattr(self.search, "__module__", None))
+        object.__setattr__(self, "__module__", getattr(self.run_search, "__module__", None))
+        if (self.search is None or self.train is None) and self.report is None:
+            raise ValueError(f"engine {self.name!r}: give search and train, or report (which "
+                             "prints a run's genotype and result) to make them")
+        if self.search is None:
+            object.__setattr__(self, "search", self._search)
+        if self.train is None:
+            object.__setattr__(self, "train", self._train)
+
+    def _search(self, cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
+        """``diffnas search`` from the two halves: search (unless done), retrain when
+        enabled, report on the main process."""
+        from diffnas.engine.search import search_then_retrain
+
+        return search_then_retrain(
+            cfg, run_dir, lambda: self.run_search(cfg, run_dir, resume).genotype,
+            lambda g: self.run_retrain(cfg, g, run_dir, resume), self.report)
+
+    def _train(self, cfg: RunConfig, genotype: Genotype, run_dir: Path,
+               resume: bool = False) -> None:
+        """``diffnas train`` from ``run_retrain``: retrain ``genotype``, report."""
+        self.report(genotype, self.run_retrain(cfg, genotype, run_dir, resume))
 
 
 ENGINES: Registry[Engine] = Registry("engine")
