@@ -348,6 +348,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, done: torch.Tensor,
     return advantages
 
 
+def acting(net: Any, device: torch.device) -> Any:
+    """``net`` (obs -> logits, values) for the environments: observations in on
+    ``device``, the outputs back on the CPU where the environments step."""
+    return lambda obs: tuple(t.cpu() for t in net(obs.to(device)))
+
+
 @torch.no_grad()
 def collect(envs: Envs, act: Any, steps: int) -> dict[str, torch.Tensor]:
     """A rollout of ``steps`` steps of every environment with the network ``act`` (obs ->
@@ -422,10 +428,6 @@ class EncoderSearchTask(StrategyTask):
                                         cfg.search.epochs)
         self.envs = Envs(cfg.data.name, ENVS, training_seed(cfg.seed, "search"))
 
-    def _act(self, arch_weights: Any) -> Any:
-        net = self.strategy.supernet
-        return lambda obs: tuple(t.cpu() for t in net(obs.to(self.device), arch_weights))
-
     def batches(self, epoch: int) -> Iterator[tuple[Any, Any]]:
         # One relaxed architecture acts for the whole rollout. With a sampling relaxation
         # (GDAS, SNAS) each step then draws its own cell, so PPO's ratio compares the
@@ -433,7 +435,8 @@ class EncoderSearchTask(StrategyTask):
         # architecture, which the ratio clip bounds (few_shot after its split: the exported
         # sub-supernet acts, every sub-supernet learns from its rollouts).
         with torch.no_grad():
-            act = self._act(self.strategy.arch_weights())
+            arch_weights = self.strategy.arch_weights()
+        act = acting(lambda obs: self.strategy.supernet(obs, arch_weights), self.device)
         rollout = {k: v.to(self.device) for k, v in collect(self.envs, act, STEPS).items()}
         if not self.strategy.uses_validation:  # single level: every transition, weights only
             yield from ((part, None) for part in minibatches(rollout, self.batch_size))
@@ -492,11 +495,8 @@ class AgentTrainTask:
         self.objective = PPOObjective()
         self.envs = Envs(cfg.data.name, ENVS, training_seed(cfg.seed, "retrain"))
 
-    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(t.cpu() for t in self.model(obs.to(self.device)))
-
     def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        rollout = collect(self.envs, self.act, STEPS)
+        rollout = collect(self.envs, acting(self.model, self.device), STEPS)
         yield from minibatches({k: v.to(self.device) for k, v in rollout.items()},
                                self.r.batch_size)
 
@@ -538,7 +538,8 @@ def run_agent_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     result = {"genotype": genotype.to_dict(), "epochs_done": loop.epoch,
               "env_steps": loop.epoch * ENVS * STEPS,
               "params": sum(p.numel() for p in model.parameters()),
-              "mean_return": test_return(lambda obs: task.act(obs)[0], cfg.data.name),
+              "mean_return": test_return(lambda obs: acting(model, device)(obs)[0],
+                                         cfg.data.name),
               "history": history}
     save_retrain_result(out, model, result)
     return result
