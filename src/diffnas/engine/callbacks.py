@@ -166,6 +166,44 @@ class JsonLines(Callback):
             os.fsync(f.fileno())  # loss must not leave a checkpoint past its metrics)
 
 
+class MetricsLines(JsonLines):
+    """``metrics.jsonl``: each epoch's metrics and ``seconds``, the wall-clock time of its
+    steps and end-of-epoch evaluation (``Loop.seconds``; checkpoints and other callbacks'
+    work not counted), which ``diffnas compare`` sums into a phase's cost."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, lambda loop, epoch, metrics: {
+            **{k: v for k, v in metrics.items() if k != "epoch"},
+            **({"seconds": round(loop.seconds, 4)} if loop.seconds is not None else {})})
+
+
+def total_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """The wall-clock seconds of a phase: the sum of its ``metrics.jsonl`` rows'
+    ``seconds`` (:class:`MetricsLines`); None when it has no rows or a row has none (a run
+    made before they were recorded)."""
+    times = [r.get("seconds") for r in rows if isinstance(r, dict)]
+    if not times or not all(isinstance(t, int | float) and not isinstance(t, bool)
+                            and math.isfinite(t) for t in times):
+        return None
+    return float(sum(times))
+
+
+def duration(seconds: float | None) -> str:
+    """``seconds`` as a short duration ("0.35 s", "48.2 s", "3 min 5 s", "2 h 4 min"); "-"
+    for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
 class Checkpoint(Callback):
     """Saves the whole loop state atomically after every epoch."""
 

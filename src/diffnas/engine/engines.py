@@ -54,6 +54,18 @@ class Metric:
         """What a summary and a report call the search's figure (``search_key``)."""
         return self.search_title or f"search validation {self.name}"
 
+    @property
+    def column(self) -> str:
+        """A table's column of the figure ("test acc"; a figure with a ``title`` of its own
+        is not measured on a test split: its ``short`` alone)."""
+        return self.short if self.title else f"test {self.short}"
+
+    @property
+    def search_column(self) -> str:
+        """A table's column of the search's figure ("search val acc", or "search <short>"
+        where the search has no validation data)."""
+        return f"search {self.short}" if self.search_title else f"search val {self.short}"
+
     def __post_init__(self) -> None:
         for field in ("key", "name", "short"):
             if not isinstance(getattr(self, field), str) or not getattr(self, field):

@@ -65,7 +65,7 @@ from diffnas.data.text import (
     shard_columns,
 )
 from diffnas.engine import distributed as dp
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar, counted
+from diffnas.engine.callbacks import Checkpoint, MetricsLines, ProgressBar, counted
 from diffnas.engine.checkpoint import (
     atomic_save,
     atomic_write_text,
@@ -647,7 +647,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     test = batchify(_subset(corpus.test, d.test_subset), lm.test_batch_size).to(device)
     task = LmTrainTask(model, train, valid, cfg, lm, rank.rank, rank.world_size)
     loop = Loop(task, r.epochs, [*dp.main_process_only([ProgressBar("retrain", cfg.progress),
-                                                       JsonLines(out / "metrics.jsonl")]),
+                                                       MetricsLines(out / "metrics.jsonl")]),
                                  *logger_callbacks(cfg, out),  # writes on rank 0 alone
                                  dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt"))])
     ckpt = out / "checkpoint.pt"

@@ -8,6 +8,7 @@ that must survive a restart (task state, callback state, RNG) goes through
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -95,6 +96,10 @@ class Loop:
         self.epoch = 0  # the next epoch to run
         self.history: list[dict[str, float]] = []
         self.running = Mean()
+        #: wall-clock seconds of the last epoch run (its steps and ``end_epoch``), which
+        #: ``metrics.jsonl`` records as ``seconds``; kept out of ``history``, so a resumed
+        #: run's history equals an uninterrupted one's
+        self.seconds: float | None = None
 
     def run(self, stop_after: int | None = None) -> list[dict[str, float]]:
         """Run the remaining epochs (or only ``stop_after`` of them, for tests/preemption)."""
@@ -112,12 +117,14 @@ class Loop:
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
             self.running = Mean()
+            start = time.perf_counter()
             for step, batch in enumerate(self.task.batches(epoch)):
                 metrics = checked_metrics(self.task.step(batch), self.task)
                 self.running.update(metrics)
                 for cb in self.callbacks:
                     cb.on_step_end(self, step, metrics)
             metrics = {"epoch": epoch, **self.running.value(), **self.task.end_epoch(epoch)}
+            self.seconds = time.perf_counter() - start
             self.history.append(metrics)
             self.epoch = epoch + 1
             for cb in self.callbacks:

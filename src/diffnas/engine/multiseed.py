@@ -369,10 +369,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary["failed"]:
         lines.append(f"FAILED or unfinished seeds: {summary['failed']} (the table says why; "
                      "they are left out of the statistics)")
-    short = metric.short  # (a metric with a title of its own is not a test-split figure)
-    column = short if metric.title else f"test {short}"
-    search_column = f"search {short}" if metric.search_title else f"search val {short}"
-    lines += ["", f"| seed | {column} | {search_column} | params | genotype |",
+    lines += ["", f"| seed | {metric.column} | {metric.search_column} | params | genotype |",
               "|---|---|---|---|---|"]
     for r in summary["runs"]:
         params = f"{r['params']:,}" if r.get("params") is not None else "-"

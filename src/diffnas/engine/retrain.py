@@ -17,7 +17,7 @@ from torch import nn
 from diffnas.config import ConfigError, RetrainConfig, RunConfig
 from diffnas.data import Augment, BatchLoader, ImageData, load_dataset
 from diffnas.engine import distributed as dp
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.callbacks import Checkpoint, MetricsLines, ProgressBar
 from diffnas.engine.checkpoint import (
     atomic_save,
     atomic_write_text,
@@ -59,7 +59,7 @@ def run_retrain_loop(task: Any, cfg: RunConfig, out: Path, resume: bool,
     ``epoch``: epochs done) and the history."""
     ckpt = out / "checkpoint.pt"
     loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
-                                           JsonLines(out / "metrics.jsonl"),
+                                           MetricsLines(out / "metrics.jsonl"),
                                            *logger_callbacks(cfg, out), Checkpoint(ckpt)])
     if resume and ckpt.exists():
         loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
@@ -291,7 +291,7 @@ def run_retrain(
             *dp.main_process_only(
                 [
                     ProgressBar("retrain", cfg.progress),
-                    JsonLines(out / "metrics.jsonl"),
+                    MetricsLines(out / "metrics.jsonl"),
                 ]
             ),
             *logger_callbacks(cfg, out),  # before the checkpoint, as every writer

@@ -18,7 +18,7 @@ from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig
 from diffnas.data import BatchLoader, ImageData, load_dataset, split_train_val
 from diffnas.engine import distributed as dp
-from diffnas.engine.callbacks import Checkpoint, JsonLines, ProgressBar
+from diffnas.engine.callbacks import Checkpoint, JsonLines, MetricsLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.cuda_graph import GraphedStep
 from diffnas.engine.loop import Callback, Loop, checked_metrics
@@ -112,7 +112,7 @@ def search_writers(task: StrategyTask, out: Path, progress: bool) -> list[Callba
     give) and ``alphas.jsonl``; checkpoints and loggers are the caller's. Under torchrun
     the caller keeps them on rank 0 (``distributed.main_process_only``)."""
     return [ProgressBar("search", progress),
-            JsonLines(out / "metrics.jsonl"),
+            MetricsLines(out / "metrics.jsonl"),
             JsonLines(out / "genotypes.jsonl", lambda loop, e, m: task.genotype().to_dict()),
             JsonLines(out / "alphas.jsonl", alpha_record(task.strategy))]
 

@@ -77,6 +77,35 @@ def _report(p: argparse.ArgumentParser):
     return run
 
 
+@register_command("compare", "runs (or --seeds parents) side by side: figures, differences "
+                  "with standard errors, times, and what else differs")
+def _compare(p: argparse.ArgumentParser):
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories or --seeds parents (the first is the baseline); "
+                        "plugins=[...] says where the runs' plugins are now, if they moved")
+    p.add_argument("--out", help="a folder to write compare.md, compare.json and a strip plot "
+                                 "(compare.png, compare.svg) in (default: print only)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file at --out that diffnas did not write as a "
+                        "comparison (a run's own files are never replaced)")
+
+    def run(args: argparse.Namespace) -> int:
+        from diffnas.report.compare import compare_markdown, compare_runs, write_compare
+
+        overrides = [r for r in args.runs if r.startswith("plugins=")]
+        runs = [r for r in args.runs if not r.startswith("plugins=")]
+        if not runs:
+            raise ValueError("compare: name at least one run directory")
+        summary = compare_runs(runs, overrides)
+        print(compare_markdown(summary), end="")
+        if args.out:
+            for path in write_compare(summary, args.out, args.force):
+                print(f"wrote {path}")
+        return 0
+
+    return run
+
+
 @register_command("export", "export the retrained network to ONNX or TorchScript, checked")
 def _export(p: argparse.ArgumentParser):
     p.add_argument("run_dir", help="a run directory with retrain/model.pt")

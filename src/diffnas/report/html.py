@@ -24,7 +24,12 @@ from typing import Any
 import yaml
 
 from diffnas.config import to_dict
-from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, search_val_acc
+from diffnas.engine.callbacks import (
+    SEARCH_VAL_MEASURES,
+    duration,
+    search_val_acc,
+    total_seconds,
+)
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.engines import engine_of
 from diffnas.genotype import cell_title
@@ -125,6 +130,10 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
                      ("FLOPs per image (2 x MACs)", f"{2 * res['macs'] / 1e6:.2f} M")]
     else:
         rows.append(("retraining", "not run (or not finished)"))
+    for phase, metrics in (("search", run.search_metrics), ("retraining", run.retrain_metrics)):
+        seconds = total_seconds(metrics)
+        if seconds is not None:
+            rows.append((f"{phase} time (wall clock, {len(metrics)} epochs)", duration(seconds)))
     return rows
 
 

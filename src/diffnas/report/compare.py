@@ -1,0 +1,480 @@
+"""``diffnas compare RUN [RUN ...]``: runs side by side, as a researcher compares methods.
+
+Each RUN is a run directory (``diffnas search`` or ``diffnas train``) or a ``--seeds``
+parent. One table gives each run's method, its seeds, the retrained figure its engine is
+judged by (mean +- sample std over the finished seeds), the search's validation figure,
+parameters, MACs and the wall-clock seconds of search and retraining (``metrics.jsonl``
+rows' ``seconds``), and each run's difference to the first with its standard error.
+Below it, what else differs between the runs' configs and data, since a comparison is
+fair only when the method is all that differs, and the genotypes each run found.
+With ``--out DIR`` it writes ``compare.md``, ``compare.json`` and a strip plot
+(``compare.png``, ``compare.svg``) of every seed's figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffnas.config import RunConfig, to_dict
+from diffnas.engine.callbacks import duration, finite_json, read_json, read_jsonl, total_seconds
+from diffnas.engine.engines import Metric
+from diffnas.engine.multiseed import (
+    failed_record,
+    mean_std,
+    read_seeds,
+    search_field,
+    seed_dir,
+    seed_record,
+    seeds_metric,
+)
+from diffnas.engine.rundir import load_run_config, recorded_threads, run_kind, same_data
+
+#: the marker that tells a file ``diffnas compare`` wrote (replaced on the next run)
+COMPARE_MARK = "diffnas compare"
+#: config keys that say where and how a run ran, never what it computed
+NOT_SETTINGS = ("seed", "name", "out_dir", "progress", "logger", "plugins", "device",
+                "data.root")
+#: the strategy and space a section without ``name`` means
+DEFAULT_NAMES = {"strategy": "darts", "space": "darts_cnn"}
+#: config keys that make up the method under comparison
+METHOD_KEYS = ("search.strategy", "search.discretizer")
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared (another kind of task, the same run twice, ...)."""
+
+
+@dataclass
+class Entry:
+    """One compared run: its config, its seeds' records, and what its files say."""
+
+    label: str
+    path: Path
+    kind: str  # "search" or "train"
+    cfg: RunConfig
+    metric: Metric
+    records: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # first seed's, by phase
+    threads: int | None = None
+
+
+# --- reading the runs ------------------------------------------------------------------
+def phase_seconds(run_dir: str | Path, phase: str) -> float | None:
+    """The wall-clock seconds of a phase (``search``, ``retrain``) of ``run_dir``
+    (:func:`~diffnas.engine.callbacks.total_seconds` of its ``metrics.jsonl``)."""
+    return total_seconds(read_jsonl(Path(run_dir) / phase / "metrics.jsonl"))
+
+
+def _record(run_dir: Path, seed: int, metric: Metric) -> dict[str, Any]:
+    try:
+        rec = seed_record(run_dir, seed, metric)
+    except ValueError as exc:  # a damaged file: the row says why, the others still compare
+        return {**failed_record(run_dir, seed, str(exc), metric), "search_seconds": None,
+                "retrain_seconds": None}
+    return {**rec, "search_seconds": phase_seconds(run_dir, "search"),
+            "retrain_seconds": phase_seconds(run_dir, "retrain")}
+
+
+def _data_records(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each phase's ``data.json`` (what it computed on: shapes, label hashes), by phase."""
+    out = {}
+    for phase in ("search", "retrain"):
+        path = run_dir / phase / "data.json"
+        try:
+            if path.is_file():
+                out[phase] = read_json(path, "")
+        except ValueError:  # damaged: not compared
+            pass
+    return out
+
+
+def data_differences(records: Sequence[dict[str, dict[str, Any]]], labels: Sequence[str]
+                     ) -> list[dict[str, Any]]:
+    """Where a run's data (per phase, :func:`_data_records`) differ from the data of the
+    first run that recorded that phase: ``{"run", "phase", "fields"}``."""
+    out = []
+    for phase in ("search", "retrain"):
+        have = [(label, r[phase]) for label, r in zip(labels, records) if phase in r]
+        for label, rec in have[1:]:
+            fields = same_data(have[0][1], rec)
+            if fields:
+                out.append({"run": label, "phase": phase, "fields": fields,
+                            "against": have[0][0]})
+    return out
+
+
+def load_entry(path: str | Path, overrides: Sequence[str] = ()) -> Entry:
+    """The run (or ``--seeds`` parent) at ``path`` as an :class:`Entry`; ``overrides``:
+    ``plugins=[...]`` where its plugins are now."""
+    path = Path(path)
+    seeds = read_seeds(path) if path.is_dir() else []
+    dirs = [seed_dir(path, s) for s in seeds] if seeds else [path]
+    kind = run_kind(path) or next((k for k in map(run_kind, dirs) if k), None) or "search"
+    cfg = load_run_config(path, list(overrides), device=False, search=kind == "search")
+    metric = seeds_metric(cfg)
+    entry = Entry(path.name or str(path), path, kind, cfg, metric)
+    entry.records = [_record(d, s, metric) for d, s in zip(dirs, seeds or [cfg.seed])]
+    entry.data = _data_records(dirs[0])
+    try:
+        entry.threads = recorded_threads(dirs[0]) if dirs[0].is_dir() else None
+    except ValueError:  # a damaged threads.json: the count is not known
+        entry.threads = None
+    return entry
+
+
+# --- the comparison ----------------------------------------------------------------------
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _under(key: str, roots: Sequence[str]) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in roots)
+
+
+def resolved_config(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as a plain dict whose strategy, space, retrain network and ``lm`` sections hold
+    every setting, their defaults included (a run that left ``order: 1`` out and one
+    that wrote it ran the same method); a section that cannot be resolved (a plugin no
+    longer registered) stays as written."""
+    from diffnas.spaces.registry import network_config, space_config, space_engine
+    from diffnas.strategies.registry import strategy_config
+
+    out = to_dict(cfg)
+    search, retrain = out["search"], out["retrain"]
+    for section, resolve, where in (
+            ("strategy", strategy_config, search), ("space", space_config, search)):
+        try:
+            where[section] = {"name": where[section].get("name", DEFAULT_NAMES[section]),
+                              **to_dict(resolve(where[section]))}
+        except (ValueError, KeyError, TypeError):
+            pass
+    try:
+        net = network_config(cfg.search.space, cfg.retrain.network)
+        if net is not None:
+            retrain["network"] = to_dict(net)
+    except (ValueError, KeyError, TypeError):
+        pass
+    try:  # a language model's section (a run of another engine leaves it empty)
+        if cfg.lm or space_engine(cfg.search.space) == "language_model":
+            from diffnas.engine.lm import lm_config
+
+            out["lm"] = to_dict(lm_config(cfg))
+    except (ValueError, KeyError, TypeError):
+        pass
+    return out
+
+
+def config_differences(cfgs: Sequence[RunConfig], searched: Sequence[bool] | None = None
+                       ) -> dict[str, list[Any]]:
+    """Each config key (dotted) whose value is not the same in every config, with each
+    config's value (None where a config lacks the key: another strategy has no such
+    setting), defaults filled in (:func:`resolved_config`). A key is compared among the
+    configs that hold it (GDAS's ``tau`` against no other strategy's), and keys that say
+    only where and how a run ran (:data:`NOT_SETTINGS`) are left out. ``searched[i]``
+    False: config ``i`` is a ``diffnas train`` run's, whose ``search.*`` settings were
+    never read (None there, and compared among the searches alone)."""
+    searched = list(searched) if searched is not None else [True] * len(cfgs)
+    flats = [{k: v for k, v in _flat(resolved_config(c)).items()
+              if ran or not _under(k, ("search",))} for c, ran in zip(cfgs, searched)]
+    keys = sorted({k for f in flats for k in f if not _under(k, NOT_SETTINGS)})
+
+    def differs(key: str) -> bool:  # among the configs that hold the key
+        values = [f[key] for f, ran in zip(flats, searched)
+                  if key in f and (ran or not _under(key, ("search",)))]
+        return any(v != values[0] for v in values[1:])
+
+    return {k: [f.get(k) for f in flats] for k in keys if differs(k)}
+
+
+def method_text(entry: Entry) -> str:
+    """The method a run stands for: its strategy and the strategy's plain settings (nested
+    ones, e.g. the optimizers, are in the differences), or the genotype a ``diffnas
+    train`` run retrained."""
+    if entry.kind != "search":
+        return "train (a given genotype)"
+    strategy = dict(entry.cfg.search.strategy)
+    name = strategy.pop("name", "darts")
+    plain = [f"{k}={v}" for k, v in strategy.items() if not isinstance(v, dict | list)]
+    rule = entry.cfg.search.discretizer
+    return " ".join([str(name), *plain, *([f"discretizer={rule}"] if rule else [])])
+
+
+def _stat(values: Sequence[float | None]) -> dict[str, Any]:
+    kept = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not kept:
+        return {"mean": None, "std": None, "n": 0}
+    mean, std = mean_std(kept)
+    return {"mean": mean, "std": std, "n": len(kept)}
+
+
+def difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """``b``'s mean minus ``a``'s, with the standard error of that difference (each
+    mean's variance over its seeds, added: sqrt(sa^2/na + sb^2/nb)); None without a mean
+    on both sides, and a standard error of None unless both have two seeds or more."""
+    if a["mean"] is None or b["mean"] is None:
+        return None
+    se = (math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+          if a["std"] is not None and b["std"] is not None else None)
+    return {"diff": b["mean"] - a["mean"], "se": se,
+            "within_2se": None if se is None else abs(b["mean"] - a["mean"]) <= 2 * se}
+
+
+def compare(entries: Sequence[Entry]) -> dict[str, Any]:
+    """The comparison of ``entries`` (the first is the baseline of the differences) as a
+    plain dict: what ``compare.json`` holds and :func:`compare_markdown` writes out."""
+    if not entries:
+        raise CompareError("compare needs at least one run")
+    paths = [e.path.resolve() for e in entries]
+    twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if twice:
+        raise CompareError(f"{', '.join(twice)}: given more than once; compare each run once")
+    metrics = {e.metric.key for e in entries}
+    if len(metrics) > 1:
+        said = ", ".join(f"{e.label} by {e.metric.key}" for e in entries)
+        raise CompareError(f"these runs are judged by different figures ({said}): compare "
+                           "runs of one kind of task")
+    metric = entries[0].metric
+    labels = [e.label for e in entries]
+    if len(set(labels)) < len(labels):  # same folder names in other places: their paths
+        labels = [str(e.path) for e in entries]
+    rows = []
+    for label, e in zip(labels, entries):
+        done = [r for r in e.records if not r.get("error")]
+
+        def values(key: str, done: list[dict[str, Any]] = done) -> list[Any]:
+            return [r.get(key) for r in done]
+
+        rows.append({
+            "label": label, "path": str(e.path), "kind": e.kind, "method": method_text(e),
+            "seeds": [r["seed"] for r in e.records],
+            "finished": sum(r.get(metric.key) is not None for r in done),
+            "failed": [r["seed"] for r in e.records if r.get("error")],
+            metric.key: _stat(values(metric.key)),
+            "search_val": _stat(values(search_field(metric))),
+            "params": _stat(values("params")), "macs": _stat(values("macs")),
+            "search_seconds": _stat(values("search_seconds")),
+            "retrain_seconds": _stat(values("retrain_seconds")),
+            "device": e.cfg.device, "threads": e.threads,
+            "runs": [{"seed": r["seed"], "run_dir": r["run_dir"], metric.key: r.get(metric.key),
+                      "genotype": r.get("genotype"), "error": r.get("error")}
+                     for r in e.records],
+        })
+    base = rows[0][metric.key]
+    for row in rows[1:]:
+        row["vs_first"] = difference(base, row[metric.key])
+    differs = config_differences([e.cfg for e in entries], [e.kind == "search" for e in entries])
+    return {
+        "generator": COMPARE_MARK,
+        "metric": metric.key,
+        "metric_spec": dataclasses.asdict(metric),  # how compare_markdown writes it
+        "runs": rows,
+        "method_differences": {k: v for k, v in differs.items() if _under(k, METHOD_KEYS)},
+        "setting_differences": {k: v for k, v in differs.items() if not _under(k, METHOD_KEYS)},
+        "data_differs": data_differences([e.data for e in entries], labels),
+        "data_unknown": [label for label, e in zip(labels, entries) if not e.data],
+        "seeds_differ": len({tuple(r["seeds"]) for r in rows}) > 1,
+        "timing_differs": len({(r["device"], r["threads"]) for r in rows}) > 1,
+    }
+
+
+# --- writing it out ------------------------------------------------------------------
+def _mean_text(stat: dict[str, Any], fmt: Any) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = fmt(stat["mean"])
+    return text if stat["std"] is None else f"{text} +- {fmt(stat['std'])}"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text.replace("|", "\\|")
+
+
+def compare_markdown(summary: dict[str, Any]) -> str:
+    """The comparison as a Markdown page (also printed by the command)."""
+    metric = Metric(**summary["metric_spec"])
+    rows = summary["runs"]
+    lines = [f"# Comparison of {len(rows)} run{'s' if len(rows) != 1 else ''}: "
+             f"{metric.headline.lower()}", "",
+             f"{metric.headline} and {metric.search_name} (last epoch): mean +- sample std "
+             "over each run's finished seeds. diff: the run's mean minus the first run's, +- "
+             "its standard error (sqrt(s1^2/n1 + s2^2/n2)), and whether it lies within 2 "
+             "standard errors (no clear difference at these seed counts). Times: wall-clock "
+             "time of each phase per seed (mean), as its metrics.jsonl recorded it.",
+             "",
+             f"| run | method | seeds | {metric.column} | diff vs first | "
+             f"{metric.search_column} | params | MACs | search time | retrain time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        seeds = f"{r['finished']}/{len(r['seeds'])}"
+        if i == 0:
+            delta = "(baseline)"
+        elif r.get("vs_first") is None:
+            delta = "-"
+        else:
+            d = r["vs_first"]
+            sign = "+" if d["diff"] >= 0 else "-"
+            delta = f"{sign}{metric.text(abs(d['diff']))}"
+            if d["se"] is None:
+                delta += " (one seed: no error)"
+            else:
+                delta += (f" +- {metric.text(d['se'])} "
+                          f"({'within' if d['within_2se'] else 'beyond'} 2 SE)")
+        lines.append(
+            f"| {_cell(r['label'])} | {_cell(r['method'])} | {seeds} | "
+            f"{_mean_text(r[metric.key], metric.text)} | {delta} | "
+            f"{_mean_text(r['search_val'], metric.text)} | "
+            f"{_mean_text(r['params'], lambda v: f'{v:,.0f}')} | "
+            f"{_mean_text(r['macs'], lambda v: f'{v:,.0f}')} | "
+            f"{duration(r['search_seconds']['mean'])} | "
+            f"{duration(r['retrain_seconds']['mean'])} |")
+    lines += ["", "## Is it a fair comparison?", ""]
+    if len(rows) == 1:
+        lines.append("One run: nothing to compare it with.")
+    else:
+        if summary["method_differences"]:
+            lines.append("The methods (what the comparison is about):")
+            lines += [*_difference_lines(summary["method_differences"], rows), ""]
+        if summary["setting_differences"]:
+            lines.append("**Other settings differ** (a difference in the figures may come "
+                         "from them, not from the method):")
+            lines += _difference_lines(summary["setting_differences"], rows)
+        else:
+            lines.append("No other config setting differs (seed, name, output folder, "
+                         "device, data.root, plugins and progress/logging are not compared).")
+    for d in summary["data_differs"]:
+        lines.append(f"- **The data differ**: {d['run']}'s {d['phase']} computed on other data "
+                     f"than {d['against']}'s ({d['phase']}/data.json differs in "
+                     f"{', '.join(d['fields'])})")
+    if summary["data_unknown"]:
+        lines.append(f"- No data record (data.json) in {', '.join(summary['data_unknown'])}: "
+                     "the data could not be compared")
+    if summary["seeds_differ"]:
+        lines.append("- The runs used different seeds: " + "; ".join(
+            f"{r['label']} {r['seeds']}" for r in rows))
+    if summary["timing_differs"]:
+        lines.append("- The times were measured with different devices or thread counts: "
+                     + "; ".join(f"{r['label']} {r['device']}, {r['threads'] or '?'} threads"
+                                 for r in rows))
+    failed = [f"{r['label']} seeds {r['failed']}" for r in rows if r["failed"]]
+    if failed:
+        lines.append(f"- Seeds whose files could not be read: {'; '.join(failed)} "
+                     "(compare.json says why)")
+    lines += ["", "## Genotypes", ""]
+    for r in rows:
+        lines.append(f"**{r['label']}**")
+        lines.append("")
+        for run in r["runs"]:
+            text = _genotype_text(run.get("genotype"))
+            lines.append(f"- seed {run['seed']} ({metric.text(run.get(metric.key))}): {text}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _difference_lines(differences: dict[str, list[Any]], rows: list[dict[str, Any]]
+                      ) -> list[str]:
+    return [f"- `{key}`: " + "; ".join(f"{r['label']}: {_cell(v)}" for r, v in zip(rows, vals))
+            for key, vals in differences.items()]
+
+
+def _genotype_text(genotype: dict[str, Any] | None) -> str:
+    from diffnas.genotype import Genotype
+
+    return f"`{Genotype.from_dict(genotype)}`" if genotype else "none yet"
+
+
+def compare_figure(summary: dict[str, Any]) -> Any:
+    """A strip plot: each run's per-seed figures (dots) and their mean (a bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    metric = Metric(**summary["metric_spec"])
+    rows = summary["runs"]
+    fig = Figure(figsize=(1.6 + 1.3 * len(rows), 3.6))
+    ax = fig.add_subplot()
+    for i, r in enumerate(rows):
+        ys = [run[metric.key] for run in r["runs"] if isinstance(run.get(metric.key), int | float)]
+        if ys:
+            step = min(0.08, 0.4 / len(ys))  # seeds side by side, inside the mean's bar
+            xs = [i + step * (j - (len(ys) - 1) / 2) for j in range(len(ys))]
+            ax.scatter(xs, ys, s=22, zorder=3)
+            ax.hlines(sum(ys) / len(ys), i - 0.3, i + 0.3, colors="black", zorder=2)
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel(metric.headline)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: metric.text(v)))
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _is_compare_text(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return f"<!-- {COMPARE_MARK} -->" in head or f'"generator": "{COMPARE_MARK}"' in head
+
+
+def write_compare(summary: dict[str, Any], out: str | Path, force: bool = False) -> list[Path]:
+    """``compare.md``, ``compare.json``, ``compare.png`` and ``compare.svg`` in ``out``. A
+    file of those names is replaced only when ``diffnas compare`` wrote it (or, with
+    ``force``, when it is the user's), never when a run needs it."""
+    from diffnas.engine.checkpoint import atomic_write_bytes, atomic_write_text
+    from diffnas.report.outputs import (
+        WRITE_DENIED,
+        cannot_write,
+        check_output,
+        check_writable,
+        is_plot,
+        mark_picture,
+    )
+    from diffnas.report.plots import figure_bytes
+
+    out = Path(out)
+    fig = compare_figure(summary)
+    files: list[tuple[Path, bytes]] = [
+        (out / "compare.md", f"<!-- {COMPARE_MARK} -->\n{compare_markdown(summary)}".encode()),
+        (out / "compare.json", (json.dumps(finite_json(summary), indent=1, allow_nan=False)
+                                + "\n").encode()),
+        *[(out / f"compare.{fmt}", mark_picture(figure_bytes(fig, fmt), fmt))
+          for fmt in ("png", "svg")]]
+    for path, _ in files:
+        ours = is_plot if path.suffix in (".png", ".svg") else _is_compare_text
+        check_output(path, ours, "a comparison", "--out", force)
+        if path.is_dir():
+            raise CompareError(f"{path} is a folder where compare writes a file; move it or "
+                               "choose another --out")
+    check_writable(out, out)
+    for path, data in files:
+        try:
+            if path.suffix in (".md", ".json"):
+                atomic_write_text(data.decode(), path)
+            else:
+                atomic_write_bytes(data, path)
+        except OSError as exc:
+            if exc.errno not in WRITE_DENIED:
+                raise
+            raise cannot_write(path, exc) from None
+    return [p for p, _ in files]
+
+
+def compare_runs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read every run of ``paths`` and compare them (:func:`compare`)."""
+    return compare([load_entry(p, overrides) for p in paths])

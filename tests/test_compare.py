@@ -1,0 +1,285 @@
+"""`diffnas compare`: runs side by side (statistics, differences, fairness, outputs), and
+the per-epoch ``seconds`` that metrics.jsonl records for it."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from diffnas.cli import main
+from diffnas.config import load_config, save_config
+from diffnas.engine import multiseed as ms
+from diffnas.engine.callbacks import duration
+from diffnas.engine.engines import PERPLEXITY
+from diffnas.engine.loop import Loop
+from diffnas.engine.rundir import mark_made_by
+from diffnas.report.compare import (
+    CompareError,
+    compare,
+    compare_markdown,
+    compare_runs,
+    config_differences,
+    difference,
+    load_entry,
+    phase_seconds,
+)
+
+TINY = [
+    "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
+    "search.epochs=2",
+    "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2, stem_multiplier: 1}",
+    "retrain.epochs=2", "retrain.batch_size=16", "retrain.train_subset=32",
+    "retrain.network={C: 4, layers: 2}", "retrain.auxiliary_weight=0", "retrain.cutout=0",
+    "progress=false",
+]
+GENO = {"space": "darts_cnn", "cells": {
+    "normal": {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2],
+                         ["sep_conv_3x3", 0, 3], ["dil_conv_3x3", 2, 3]], "concat": [2, 3]},
+    "reduce": {"edges": [["max_pool_3x3", 0, 2], ["skip_connect", 1, 2],
+                         ["max_pool_3x3", 0, 3], ["skip_connect", 2, 3]], "concat": [2, 3]}}}
+DATA = {"train": {"x": [48, 1, 8, 8], "labels": "abc"}}
+
+
+def _finish(d: Path, acc: float, seconds: list[float | None], params: int = 100,
+            data: dict | None = None) -> None:
+    """The files of a finished search + retraining, written by hand (no training)."""
+    (d / "search").mkdir(parents=True)
+    (d / "search" / "DONE").write_text("")
+    (d / "search" / "genotype.json").write_text(json.dumps(GENO))
+    (d / "search" / "data.json").write_text(json.dumps(data or DATA))
+    rows = [{"epoch": e, "val_acc": 0.5, **({"seconds": s} if s is not None else {})}
+            for e, s in enumerate(seconds)]
+    (d / "search" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "retrain").mkdir()
+    (d / "retrain" / "result.json").write_text(json.dumps(
+        {"epochs_done": 1, "test_acc": acc, "params": params, "macs": 10 * params}))
+
+
+def _single(path: Path, acc: float, overrides: list[str] = (), seconds=(1.0, 2.0),
+            **kw) -> Path:
+    cfg = load_config(None, [*TINY, *overrides])
+    path.mkdir(parents=True)
+    save_config(cfg, path / "config.yaml")
+    mark_made_by(path, "search")
+    _finish(path, acc, list(seconds), **kw)
+    return path
+
+
+def _seeds(parent: Path, accs: dict[int, float], overrides: list[str] = ()) -> Path:
+    cfg = load_config(None, [*TINY, *overrides])
+    dirs = ms.prepare_seeds(cfg, list(accs), parent)
+    save_config(cfg, parent / "config.yaml")  # as `search --seeds` writes its parent
+    mark_made_by(parent, "search")
+    for (s, acc), d in zip(accs.items(), dirs, strict=True):
+        _finish(d, acc, [1.0 + s, 3.0])
+    return parent
+
+
+# --- statistics ------------------------------------------------------------------------
+def test_difference_and_its_standard_error_by_hand():
+    a = {"mean": 2.0, "std": 1.0, "n": 3}  # values 1, 2, 3
+    b = {"mean": 3.0, "std": math.sqrt(2), "n": 2}  # values 2, 4
+    d = difference(a, b)
+    assert d["diff"] == pytest.approx(1.0)
+    assert d["se"] == pytest.approx(math.sqrt(1 / 3 + 2 / 2))
+    assert d["within_2se"] is True
+    far = difference(a, {"mean": 9.0, "std": 0.5, "n": 4})
+    assert far["diff"] == pytest.approx(7.0) and far["within_2se"] is False
+    one = difference(a, {"mean": 2.5, "std": None, "n": 1})  # one seed: no spread
+    assert one["diff"] == pytest.approx(0.5) and one["se"] is None and one["within_2se"] is None
+    assert difference(a, {"mean": None, "std": None, "n": 0}) is None
+
+
+def test_a_seeds_parent_against_a_single_run(tmp_path):
+    """Means and sample stds over the seeds as statistics computes them, the difference to
+    the first run, times summed per seed, and the seeds and epochs that differ said."""
+    base = _seeds(tmp_path / "darts", {0: 0.5, 1: 0.7, 2: 0.6})
+    other = _single(tmp_path / "gdas", 0.9, ["search.strategy={name: gdas}",
+                                              "search.epochs=3"], seconds=(2.0, 2.0, 2.5))
+    summary = compare_runs([base, other])
+    first, second = summary["runs"]
+    assert first["test_acc"]["mean"] == pytest.approx(statistics.mean([0.5, 0.7, 0.6]))
+    assert first["test_acc"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.6]))
+    assert first["finished"] == 3 and first["seeds"] == [0, 1, 2]
+    assert first["search_seconds"]["mean"] == pytest.approx(statistics.mean([4.0, 5.0, 6.0]))
+    assert second["search_seconds"]["mean"] == pytest.approx(6.5)
+    assert second["test_acc"] == {"mean": 0.9, "std": None, "n": 1}
+    assert second["vs_first"]["diff"] == pytest.approx(0.3) and second["vs_first"]["se"] is None
+    assert second["method"] == "gdas" and first["method"] == "darts"
+    assert summary["method_differences"] == {  # defaults filled in: GDAS's relaxation
+        "search.strategy.name": ["darts", "gdas"],
+        "search.strategy.relaxation.name": ["softmax", "hard_gumbel"]}
+    assert summary["setting_differences"] == {"search.epochs": [2, 3]}
+    assert summary["seeds_differ"] and not summary["data_differs"]
+    text = compare_markdown(summary)
+    assert "| darts | darts | 3/3 | 60.00% +- 10.00% | (baseline) |" in text
+    assert "| gdas | gdas | 1/1 | 90.00% | +30.00% (one seed: no error) |" in text
+    assert "- `search.epochs`: darts: 2; gdas: 3" in text
+    assert "- `search.strategy.relaxation.name`: darts: softmax; gdas: hard_gumbel" in text
+    assert "5.00 s" in text and "6.50 s" in text
+
+
+def test_the_same_settings_say_so_and_other_data_is_flagged(tmp_path):
+    """Where only the method differs the page says no other setting does; seed, name,
+    device and data.root are where a run ran, not what it computed. Other data (another
+    data.json) is flagged even when every config key agrees."""
+    a = _single(tmp_path / "a", 0.5, ["data.root=/somewhere", "search.strategy={order: 1}"])
+    b = _single(tmp_path / "b", 0.6, ["search.strategy={name: darts, order: 2}", "seed=3",
+                                      "name=other"])
+    c = _single(tmp_path / "c", 0.7, data={"train": {"x": [48, 1, 8, 8], "labels": "xyz"}})
+    summary = compare_runs([a, b])
+    assert summary["setting_differences"] == {}
+    assert summary["method_differences"] == {"search.strategy.order": [1, 2]}  # 1: default
+    assert "No other config setting differs" in compare_markdown(summary)
+    other = compare_runs([a, c])
+    assert other["method_differences"] == {}  # order 1 written out, or the default
+    assert other["data_differs"] == [{"run": "c", "phase": "search", "fields": ["train"],
+                                      "against": "a"}]
+    assert ("**The data differ**: c's search computed on other data than a's "
+            "(search/data.json differs in train)") in compare_markdown(other)
+
+
+def test_config_differences_leave_out_where_a_run_ran():
+    one = load_config(None, TINY)
+    two = load_config(None, [*TINY, "seed=5", "device=cpu", "progress=true", "out_dir=/x",
+                             "retrain.lr=0.1", "data.batch_size=8"])
+    assert config_differences([one, two]) == {"data.batch_size": [16, 8],
+                                              "retrain.lr": [one.retrain.lr, 0.1]}
+
+
+def test_a_damaged_seed_is_a_failed_row_and_old_runs_have_no_times(tmp_path):
+    parent = _seeds(tmp_path / "p", {0: 0.5, 1: 0.7})
+    (parent / "seed_1" / "retrain" / "result.json").write_text("{")  # cut short
+    old = _single(tmp_path / "old", 0.4, seconds=(1.0, None))  # a row without seconds
+    summary = compare_runs([parent, old])
+    first, second = summary["runs"]
+    assert first["failed"] == [1] and first["finished"] == 1
+    assert first["test_acc"] == {"mean": 0.5, "std": None, "n": 1}
+    assert "result.json" in first["runs"][1]["error"]
+    assert second["search_seconds"]["mean"] is None
+    assert phase_seconds(old, "search") is None and phase_seconds(old, "retrain") is None
+    text = compare_markdown(summary)
+    assert "Seeds whose files could not be read: p seeds [1]" in text
+
+
+def test_refusals_name_the_problem(tmp_path):
+    a = _single(tmp_path / "a", 0.5)
+    with pytest.raises(CompareError, match="given more than once"):
+        compare_runs([a, tmp_path / "a" / "." ])
+    acc, lm = load_entry(a), load_entry(a)
+    lm.metric, lm.label, lm.path = PERPLEXITY, "lm", tmp_path / "lm"
+    with pytest.raises(CompareError, match="judged by different figures.*a by test_acc, "
+                                           "lm by test_ppl"):
+        compare([acc, lm])
+    with pytest.raises(CompareError, match="at least one run"):
+        compare([])
+
+
+def test_a_train_run_compares_with_a_search(tmp_path):
+    """A `diffnas train` run (no search settings read) stands for its genotype."""
+    a = _single(tmp_path / "a", 0.5)
+    t = tmp_path / "t"
+    t.mkdir()
+    save_config(load_config(None, [*TINY, "search.epochs=9", "retrain.lr=0.2"]),
+                t / "config.yaml")
+    mark_made_by(t, "train")
+    (t / "retrain").mkdir()
+    (t / "retrain" / "result.json").write_text(json.dumps({"test_acc": 0.8, "params": 7}))
+    summary = compare_runs([a, t])
+    assert summary["runs"][1]["method"].startswith("train")
+    assert summary["runs"][1]["test_acc"]["mean"] == 0.8
+    assert summary["runs"][1]["search_seconds"]["mean"] is None
+    # its search settings were never read: only what it ran differs
+    assert summary["setting_differences"] == {"retrain.lr": [0.025, 0.2]}
+    assert summary["method_differences"] == {}
+
+
+# --- the command and its files ------------------------------------------------------------
+def test_the_command_prints_writes_and_keeps_a_users_files(tmp_path, capsys):
+    a, b = _single(tmp_path / "a", 0.5), _single(tmp_path / "b", 0.6)
+    out = tmp_path / "out"
+    for _ in range(2):  # the second call replaces its own files
+        assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "# Comparison of 2 runs: retrained test accuracy" in printed
+    for name in ("compare.md", "compare.json", "compare.png", "compare.svg"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "compare.json").read_text())["runs"][1]["label"] == "b"
+    (out / "compare.md").write_text("my notes\n")
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 2
+    assert "that file is not a comparison diffnas wrote" in capsys.readouterr().err
+    assert (out / "compare.md").read_text() == "my notes\n"
+    assert main(["compare", str(a), str(b), "--out", str(out), "--force"]) == 0
+    assert main(["compare", str(a), "--out", str(a / "search")]) == 2  # a run's own folder
+    assert "that path is the run" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "nope")]) == 2
+    assert "nope: no such run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds,text", [(None, "-"), (0.354, "0.35 s"), (48.25, "48.2 s"),
+                                          (185, "3 min 5 s"), (7440, "2 h 4 min")])
+def test_duration(seconds, text):
+    assert duration(seconds) == text
+
+
+# --- what the runs record ----------------------------------------------------------------
+def test_a_real_search_and_retraining_record_their_seconds_and_compare(tmp_path, capsys):
+    """metrics.jsonl rows of both phases carry the epoch's wall-clock seconds; the loop's
+    history (what checkpoints and result.json hold) does not, so a resumed run still
+    equals an uninterrupted one."""
+    assert main(["search", *TINY, f"out_dir={tmp_path}", "name=real"]) == 0
+    run = tmp_path / "real"
+    for phase, epochs in (("search", 2), ("retrain", 2)):
+        rows = [json.loads(x) for x in (run / phase / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == epochs
+        assert all(isinstance(r["seconds"], float) and r["seconds"] > 0 for r in rows)
+        assert phase_seconds(run, phase) == pytest.approx(sum(r["seconds"] for r in rows))
+    result = json.loads((run / "retrain" / "result.json").read_text())
+    assert all("seconds" not in h for h in result["history"])
+    capsys.readouterr()
+    assert main(["compare", str(run)]) == 0
+    assert "| real | darts | 1/1 |" in capsys.readouterr().out
+
+
+def test_loop_seconds_time_the_epoch_and_stay_out_of_its_history():
+    import time
+
+    class Sleepy:
+        def batches(self, epoch):
+            return [0, 1]
+
+        def num_batches(self):
+            return 2
+
+        def step(self, batch):
+            time.sleep(0.05)
+            return {"loss": 1.0}
+
+        def end_epoch(self, epoch):
+            return {}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    loop = Loop(Sleepy(), 1)
+    assert loop.seconds is None
+    history = loop.run()
+    assert loop.seconds >= 0.1
+    assert history == [{"epoch": 0, "loss": 1.0}]
+
+
+def test_language_model_sections_are_compared_with_their_defaults():
+    """``lm: {}`` and ``lm: {bptt: 35}`` (the default) ran the same; ``bptt: 20`` did not."""
+    rnn = ["search.space={name: darts_rnn}", "data.name=ptb", "data.root=/nowhere"]
+    plain = load_config(None, rnn, device=False)
+    same = load_config(None, [*rnn, "lm={bptt: 35}"], device=False)
+    other = load_config(None, [*rnn, "lm={bptt: 20}"], device=False)
+    assert config_differences([plain, same]) == {}
+    assert config_differences([plain, other]) == {"lm.bptt": [35, 20]}
