@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import uuid
 from pathlib import Path
@@ -328,3 +329,21 @@ def test_an_engine_without_its_commands_is_made_from_its_halves_or_refused():
     assert engine.__module__ == __name__  # (a plugin's failed import unregisters it)
     engine.train(None, "H", Path("."), False)
     assert calls == [("retrain", "H")] and reported == [("H", {"test_acc": 1.0})]
+
+
+def test_an_engine_without_settings_refuses_an_engine_section():
+    """The ``engine`` section holds the settings of an engine that declares them
+    (``Engine.settings``); the built-in engines declare none, so a section on their runs
+    is refused by name rather than ignored, and so is a settings class that is no
+    dataclass."""
+    from diffnas.engine.engines import Engine
+
+    with pytest.raises(ConfigError, match=re.escape(
+            "config.engine: the image (engine/search.py, retrain.py) engine takes no settings "
+            "of its own (engine.envs): remove them")):
+        load_config(None, ["engine={envs: 4}"], device=False)
+    assert load_config(None, ["engine={}"], device=False).engine == {}
+    with pytest.raises(ValueError, match="settings must be a dataclass"):
+        Engine(name="x", label="x", a_run="an x run", data_kind="x", datasets=lambda: (),
+               run_search=print, run_retrain=print, summary=print, report=print,
+               settings=dict)

@@ -221,6 +221,49 @@ def test_a_bilevel_search_s_weights_and_alphas_learn_on_disjoint_halves(batch_si
                        torch.unique(torch.cat([t["obs"] for t, _ in pairs[per_pass:]]), dim=0))
 
 
+def test_the_engine_section_sets_the_rollout_and_ppo_constants(tmp_path, capsys):
+    """``engine={envs: 4, steps: 32, ppo_epochs: 3, ...}``: rollouts of 4 x 32 transitions,
+    three passes over each, the retrained policy judged on the given test episodes; the
+    section is saved with the run, so a resumed run keeps it."""
+    from diffnas.config import load_config
+
+    rl = _rl()
+    section = "engine={envs: 4, steps: 32, ppo_epochs: 3, test_episodes: 3, clip: 0.1}"
+    cfg = load_config(None, [*CARTPOLE, section, "data.batch_size=16"])
+    assert rl.ppo_settings(cfg) == rl.PPOSettings(envs=4, steps=32, ppo_epochs=3,
+                                                  test_episodes=3, clip=0.1)
+    task = rl.EncoderSearchTask(cfg, torch.device("cpu"))
+    pairs = list(task.batches(0))
+    assert len(pairs) == task.num_batches() == 3 * (64 // 16)  # 3 passes over a half of 128
+    assert len(task.envs.obs) == 4 and task.objective.clip == 0.1
+    assert main(["search", *CARTPOLE, section, "data.batch_size=16", "search.epochs=1",
+                 "retrain.epochs=2", f"out_dir={tmp_path}", "name=r"]) == 0
+    assert "over 3 test episodes" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r" / "retrain" / "result.json").read_text())
+    assert result["env_steps"] == 2 * 128 and result["test_episodes"] == 3
+    saved = load_config(tmp_path / "r" / "config.yaml", saved=True)
+    assert rl.ppo_settings(saved) == rl.ppo_settings(cfg)
+
+
+def test_bad_engine_settings_are_refused_by_name():
+    from diffnas.config import ConfigError, load_config
+
+    for override, words in (
+            ("engine={env: 4}", "unknown config key(s) engine.env; valid keys of engine: "
+                                "clip, entropy_coef, envs, gamma"),
+            ("engine={gamma: 1.5}", "engine.gamma must be in [0, 1]"),
+            ("engine={envs: 0}", "engine.envs must be >= 1"),
+            ("engine={envs: 1, steps: 1}", "engine.envs x engine.steps must be >= 2"),
+            ("engine={clip: 0}", "engine.clip must be > 0"),
+            ("engine=rl", "config.engine: expected a mapping, got 'rl'"),
+            ("engine={envs: 2, steps: 16}", "retrain.batch_size must be in 1..32 (a rollout "
+                                            "of engine.envs x engine.steps = 2 x 16"),
+            ("engine={envs: 4, steps: 16}", "data.batch_size must be in 1..32 (half a rollout "
+                                            "of engine.envs x engine.steps = 4 x 16")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(None, [*CARTPOLE, override])
+
+
 def test_a_single_level_search_learns_on_the_whole_rollout():
     from diffnas.config import load_config
 
@@ -248,7 +291,7 @@ def test_a_time_limit_is_bootstrapped_and_a_failure_is_not():
     envs.limit = 3  # a time limit before any failure
     r = rl.collect(envs, act, 5)
     rewards, done = torch.ones(5, 2), torch.zeros(5, 2)
-    rewards[2] += rl.GAMMA * c
+    rewards[2] += rl.PPOSettings.gamma * c
     done[2] = 1.0
     values = torch.full((5, 2), c)
     want = rl.gae(rewards, values, done, torch.full((2,), c)) + values

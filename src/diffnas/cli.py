@@ -309,12 +309,21 @@ def _list(p: argparse.ArgumentParser):
             "engines": lambda: [f"{n}: {e.label}, spaces {', '.join(spaces_of(e.name))}; "
                                 f"judged by {e.metric.headline.lower()}"
                                 + ("; data parallel under torchrun" if e.data_parallel else "")
+                                + (f"; settings (engine section): {_settings_text(e.settings)}"
+                                   if e.settings is not None else "")
                                 for e, n in zip(all_engines(), marked(ENGINES), strict=True)],
         }[args.kind]()
         print("\n".join(names))
         return 0
 
     return run
+
+
+def _settings_text(cls: type) -> str:
+    """An engine's settings with their defaults ("envs=8, steps=64")."""
+    import dataclasses
+
+    return ", ".join(f"{f.name}={getattr(cls(), f.name)}" for f in dataclasses.fields(cls))
 
 
 def _resume_hint(args: argparse.Namespace) -> str | None:

@@ -365,6 +365,10 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     lm: dict = field(default_factory=dict)  # language models: engine/lm.py LmConfig
+    # the settings of the run's engine that has its own (``Engine.settings``, a plugin
+    # engine's: e.g. the rl example's rollout and PPO constants); the engine itself follows
+    # from search.space.name
+    engine: dict = field(default_factory=dict)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # modules or .py files that register your own datasets, ops, spaces or strategies;
     # imported whenever this config is read (diffnas/plugins.py)
@@ -644,13 +648,15 @@ def check_run_files(cfg: RunConfig) -> None:
 
 
 def _check_sections(cfg: RunConfig) -> None:
-    """The engine's own checks of every run (``Engine.check_config``: for language models
+    """The ``engine`` section against the engine's settings class (``Engine.settings``),
+    the engine's own checks of every run (``Engine.check_config``: for language models
     the ``lm`` section); a section that another engine alone reads (``lm``), given for
     this run, is refused rather than silently ignored; torchrun, for an engine that is not
     data parallel."""
-    from diffnas.engine.engines import all_engines, refuse_torchrun
+    from diffnas.engine.engines import all_engines, engine_settings, refuse_torchrun
 
     engine = _engine(cfg)
+    engine_settings(cfg)
     engine.check_config(cfg)
     refuse_torchrun(engine)
     for other in all_engines():

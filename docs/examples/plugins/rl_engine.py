@@ -13,16 +13,17 @@ chosen among ``none``, ``skip_connect``, ``linear_relu``, ``linear_tanh`` and
 ``linear_ln_relu`` (linear, LayerNorm, ReLU); the encoder's output is the concatenation of
 the intermediate nodes.
 
-There is no dataset: every epoch collects a fresh rollout (``ENVS`` environments x
-``STEPS`` steps) with the current supernet and relaxed architecture, then makes
-``PPO_EPOCHS`` passes over it in minibatches of ``data.batch_size`` transitions, all on the
-PPO loss. A bilevel strategy splits each rollout into two random halves, as DARTS splits
-its training set: the weights learn on one, the alphas on the other (a step takes one
-minibatch of each); a single-level one learns on all of it. The
+There is no dataset: every epoch collects a fresh rollout (``engine.envs`` environments x
+``engine.steps`` steps) with the current supernet and relaxed architecture, then makes
+``engine.ppo_epochs`` passes over it in minibatches of ``data.batch_size`` transitions, all
+on the PPO loss (the config's ``engine`` section holds these and PPO's other constants:
+:class:`PPOSettings`). A bilevel strategy splits each rollout into two random halves, as
+DARTS splits its training set: the weights learn on one, the alphas on the other (a step
+takes one minibatch of each); a single-level one learns on all of it. The
 retraining runs PPO from scratch on the derived encoder (Adam, ``retrain.lr``,
 ``retrain.batch_size`` transitions per minibatch) and its runs are judged by a
 :class:`~diffnas.engine.engines.Metric` of their own: the mean return of the greedy policy
-over ``TEST_EPISODES`` test episodes (seeds apart from the training ones; higher is
+over ``engine.test_episodes`` test episodes (seeds apart from the training ones; higher is
 better). Environments are checkpointed with their random generators, so a cut run resumed
 equals an uninterrupted one.
 
@@ -54,6 +55,7 @@ from diffnas.engine.checkpoint import seed_everything
 from diffnas.engine.engines import (
     Engine,
     Metric,
+    engine_settings,
     refuse_image_search_settings,
     register_engine,
 )
@@ -72,11 +74,47 @@ from diffnas.strategies.objective import check_finite_loss
 
 CELL = "encoder"
 ENVIRONMENTS = ("CartPole-v1", "Acrobot-v1")  # discrete actions, vector observations
-ENVS, STEPS, PPO_EPOCHS = 8, 64, 2  # a rollout: ENVS x STEPS transitions per epoch
-GAMMA, LAMBDA, CLIP = 0.99, 0.95, 0.2  # discount, GAE lambda, PPO ratio clip
-VALUE_COEF, ENTROPY_COEF = 0.5, 0.01
-TEST_EPISODES, TEST_SEED = 10, 2 ** 40  # greedy test episodes, seeded apart from training
+TEST_SEED = 2 ** 40  # the greedy test episodes are seeded from it, apart from training's
 RECENT = 10  # a search or training epoch reports the mean return of the last RECENT episodes
+
+
+@dataclass
+class PPOSettings:
+    """This engine's settings, the config's ``engine`` section (``Engine.settings``): each
+    epoch's rollout and PPO's constants, e.g. ``"engine={envs: 16, steps: 128}"``."""
+
+    envs: int = 8  # environments stepped together
+    steps: int = 64  # steps of each per epoch: a rollout holds envs x steps transitions
+    ppo_epochs: int = 2  # passes over a rollout
+    gamma: float = 0.99  # discount
+    lam: float = 0.95  # GAE lambda
+    clip: float = 0.2  # PPO's ratio clip
+    value_coef: float = 0.5  # weight of the value loss
+    entropy_coef: float = 0.01  # weight of the entropy bonus
+    test_episodes: int = 10  # greedy episodes the retrained policy is judged on
+
+    def __post_init__(self) -> None:
+        for name in ("envs", "steps", "ppo_epochs", "test_episodes"):
+            require(getattr(self, name) >= 1, f"engine.{name}", ">= 1", getattr(self, name))
+        require(self.envs * self.steps >= 2, "engine.envs x engine.steps",
+                ">= 2 (a bilevel strategy splits each rollout in two halves)",
+                self.envs * self.steps)
+        for name in ("gamma", "lam"):
+            require(0.0 <= getattr(self, name) <= 1.0, f"engine.{name}", "in [0, 1]",
+                    getattr(self, name))
+        require(self.clip > 0, "engine.clip", "> 0", self.clip)
+        for name in ("value_coef", "entropy_coef"):
+            require(getattr(self, name) >= 0, f"engine.{name}", ">= 0", getattr(self, name))
+
+    @property
+    def transitions(self) -> int:
+        """The transitions of one rollout."""
+        return self.envs * self.steps
+
+
+def ppo_settings(cfg: RunConfig) -> PPOSettings:
+    """The run's :class:`PPOSettings` (its ``engine`` section, defaults filled in)."""
+    return engine_settings(cfg)
 
 
 # --- the environments (this engine's "datasets") --------------------------------------------
@@ -310,6 +348,10 @@ class PPOObjective:
     ``logp`` (under the acting policy), ``advantages``, ``returns``) plus the value loss,
     minus an entropy bonus; reports each part and the approximate KL to the acting policy."""
 
+    def __init__(self, settings: PPOSettings) -> None:
+        self.clip, self.value_coef = settings.clip, settings.value_coef
+        self.entropy_coef = settings.entropy_coef
+
     def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["obs"]
 
@@ -321,10 +363,11 @@ class PPOObjective:
         adv = batch["advantages"]
         adv = (adv - adv.mean()) / (adv.std() + 1e-8) if adv.numel() > 1 else adv
         ratio = torch.exp(logp - batch["logp"])
-        policy = -torch.minimum(ratio * adv, ratio.clamp(1 - CLIP, 1 + CLIP) * adv).mean()
+        clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
+        policy = -torch.minimum(ratio * adv, clipped * adv).mean()
         value_loss = 0.5 * (batch["returns"] - value).pow(2).mean()
         entropy = dist.entropy().mean()
-        loss = policy + VALUE_COEF * value_loss - ENTROPY_COEF * entropy
+        loss = policy + self.value_coef * value_loss - self.entropy_coef * entropy
         check_finite_loss(loss.item())
         kl = (batch["logp"] - logp).mean()
         return loss, {"loss": loss.item(), "policy_loss": policy.item(),
@@ -333,7 +376,8 @@ class PPOObjective:
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, done: torch.Tensor,
-        last_value: torch.Tensor, gamma: float = GAMMA, lam: float = LAMBDA) -> torch.Tensor:
+        last_value: torch.Tensor, gamma: float = PPOSettings.gamma,
+        lam: float = PPOSettings.lam) -> torch.Tensor:
     """Generalised advantage estimates of a rollout, (steps, envs) each: the
     (gamma * lam)-discounted sum of the TD errors ``r_t + gamma V(s_t+1) - V(s_t)`` up to the
     end of the rollout or of the episode (``done[t]``: the episode ended at step t, so
@@ -355,7 +399,8 @@ def acting(net: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def collect(envs: Envs, act: Any, steps: int) -> dict[str, torch.Tensor]:
+def collect(envs: Envs, act: Any, steps: int, gamma: float = PPOSettings.gamma,
+            lam: float = PPOSettings.lam) -> dict[str, torch.Tensor]:
     """A rollout of ``steps`` steps of every environment with the network ``act`` (obs ->
     logits, values), actions drawn from torch's generator; returns its transitions (flat,
     ``steps * len(envs)``) with GAE advantages and the returns the value head learns."""
@@ -368,40 +413,41 @@ def collect(envs: Envs, act: Any, steps: int) -> dict[str, torch.Tensor]:
         actions = dist.sample()
         rewards, done, truncated = envs.step(actions)
         for i, final in truncated:  # a time limit is not a failure: bootstrap its value
-            rewards[i] += GAMMA * act(final[None])[1][0]
+            rewards[i] += gamma * act(final[None])[1][0]
         for k, v in zip(keys, (obs, actions, dist.log_prob(actions), values, rewards, done),
                         strict=True):
             rollout[k].append(v)
     r = {k: torch.stack(v) for k, v in rollout.items()}  # (steps, envs)
-    r["advantages"] = gae(r["rewards"], r["values"], r["done"], act(envs.obs)[1])
+    r["advantages"] = gae(r["rewards"], r["values"], r["done"], act(envs.obs)[1], gamma, lam)
     r["returns"] = r["advantages"] + r["values"]
     return {k: r[k].flatten(0, 1) for k in ("obs", "actions", "logp", "advantages",
                                              "returns")}
 
 
-def minibatches(rollout: dict[str, torch.Tensor], size: int) -> Iterator[dict[str, Any]]:
-    """``PPO_EPOCHS`` passes over the rollout in a random order, ``size`` at a time (the last
+def minibatches(rollout: dict[str, torch.Tensor], size: int,
+                passes: int = PPOSettings.ppo_epochs) -> Iterator[dict[str, Any]]:
+    """``passes`` passes over the rollout in a random order, ``size`` at a time (the last
     minibatch of a pass is smaller where ``size`` does not divide the rollout)."""
     n = len(rollout["obs"])
-    for _ in range(PPO_EPOCHS):
+    for _ in range(passes):
         order = torch.randperm(n)
         for i in range(0, n, size):
             yield {k: v[order[i:i + size]] for k, v in rollout.items()}
 
 
-def steps_per_epoch(transitions: int, size: int) -> int:
+def steps_per_epoch(transitions: int, size: int, passes: int = PPOSettings.ppo_epochs) -> int:
     """The minibatches :func:`minibatches` yields from ``transitions``."""
-    return PPO_EPOCHS * math.ceil(transitions / size)
+    return passes * math.ceil(transitions / size)
 
 
-def training_seed(seed: int, phase: str) -> int:
-    """The seed of the first of a phase's ENVS environments (the others count up from it):
-    the search's and the retraining's differ, and both stay below TEST_SEED."""
-    return ((2 * seed + (phase == "retrain")) * ENVS) % TEST_SEED
+def training_seed(seed: int, phase: str, envs: int = PPOSettings.envs) -> int:
+    """The seed of the first of a phase's ``envs`` environments (the others count up from
+    it): the search's and the retraining's differ, and both stay below TEST_SEED."""
+    return ((2 * seed + (phase == "retrain")) * envs) % TEST_SEED
 
 
 @torch.no_grad()
-def test_return(policy: Any, env_name: str, episodes: int = TEST_EPISODES) -> float:
+def test_return(policy: Any, env_name: str, episodes: int = PPOSettings.test_episodes) -> float:
     """The mean return of the greedy policy (``policy``: obs -> action logits) over
     ``episodes`` episodes seeded from TEST_SEED, starts no training rollout used."""
     envs = Envs(env_name, episodes, TEST_SEED)
@@ -421,12 +467,13 @@ class EncoderSearchTask(StrategyTask):
         seed_everything(cfg.seed)
         self.space, self.rule = _space(cfg), cfg.search.discretizer
         self.batch_size, self.device = cfg.data.batch_size, device
+        self.ppo = ppo = ppo_settings(cfg)
         supernet = self.space.build_supernet().to(device)
         arch = ArchParams(self.space).to(device)
-        self.objective = PPOObjective()
+        self.objective = PPOObjective(ppo)
         self.strategy = create_strategy(cfg.search.strategy, supernet, arch, self.objective,
                                         cfg.search.epochs)
-        self.envs = Envs(cfg.data.name, ENVS, training_seed(cfg.seed, "search"))
+        self.envs = Envs(cfg.data.name, ppo.envs, training_seed(cfg.seed, "search", ppo.envs))
 
     def batches(self, epoch: int) -> Iterator[tuple[Any, Any]]:
         # One relaxed architecture acts for the whole rollout. With a sampling relaxation
@@ -437,18 +484,22 @@ class EncoderSearchTask(StrategyTask):
         with torch.no_grad():
             arch_weights = self.strategy.arch_weights()
         act = acting(lambda obs: self.strategy.supernet(obs, arch_weights), self.device)
-        rollout = {k: v.to(self.device) for k, v in collect(self.envs, act, STEPS).items()}
+        ppo = self.ppo
+        rollout = {k: v.to(self.device)
+                   for k, v in collect(self.envs, act, ppo.steps, ppo.gamma, ppo.lam).items()}
         if not self.strategy.uses_validation:  # single level: every transition, weights only
-            yield from ((part, None) for part in minibatches(rollout, self.batch_size))
+            yield from ((part, None) for part in minibatches(rollout, self.batch_size,
+                                                               ppo.ppo_epochs))
             return
         halves = [{k: v[i] for k, v in rollout.items()}  # weights, alphas: disjoint halves
-                  for i in torch.randperm(ENVS * STEPS).to(self.device).chunk(2)]
-        yield from zip(minibatches(halves[0], self.batch_size),
-                       minibatches(halves[1], self.batch_size), strict=True)
+                  for i in torch.randperm(ppo.transitions).to(self.device).chunk(2)]
+        yield from zip(minibatches(halves[0], self.batch_size, ppo.ppo_epochs),
+                       minibatches(halves[1], self.batch_size, ppo.ppo_epochs), strict=True)
 
     def num_batches(self) -> int:
         halves = 2 if self.strategy.uses_validation else 1
-        return steps_per_epoch(ENVS * STEPS // halves, self.batch_size)
+        return steps_per_epoch(self.ppo.transitions // halves, self.batch_size,
+                               self.ppo.ppo_epochs)
 
     def step(self, batch: Any) -> dict[str, float]:
         return self.strategy.step(*batch)
@@ -492,16 +543,19 @@ class AgentTrainTask:
     def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
         self.model, self.r, self.device = model, cfg.retrain, device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.retrain.lr)
-        self.objective = PPOObjective()
-        self.envs = Envs(cfg.data.name, ENVS, training_seed(cfg.seed, "retrain"))
+        self.ppo = ppo = ppo_settings(cfg)
+        self.objective = PPOObjective(ppo)
+        self.envs = Envs(cfg.data.name, ppo.envs, training_seed(cfg.seed, "retrain", ppo.envs))
 
     def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        rollout = collect(self.envs, acting(self.model, self.device), STEPS)
+        ppo = self.ppo
+        rollout = collect(self.envs, acting(self.model, self.device), ppo.steps, ppo.gamma,
+                          ppo.lam)
         yield from minibatches({k: v.to(self.device) for k, v in rollout.items()},
-                               self.r.batch_size)
+                               self.r.batch_size, ppo.ppo_epochs)
 
     def num_batches(self) -> int:
-        return steps_per_epoch(ENVS * STEPS, self.r.batch_size)
+        return steps_per_epoch(self.ppo.transitions, self.r.batch_size, self.ppo.ppo_epochs)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         loss, stats = self.objective(self.model(batch["obs"]), batch)
@@ -535,11 +589,13 @@ def run_agent_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     task = AgentTrainTask(model, cfg, device)
     loop, history = run_retrain_loop(task, cfg, out, resume, stop_after)
     model.eval()
+    ppo = task.ppo
     result = {"genotype": genotype.to_dict(), "epochs_done": loop.epoch,
-              "env_steps": loop.epoch * ENVS * STEPS,
+              "env_steps": loop.epoch * ppo.transitions,
               "params": sum(p.numel() for p in model.parameters()),
               "mean_return": test_return(lambda obs: acting(model, device)(obs)[0],
-                                         cfg.data.name),
+                                         cfg.data.name, ppo.test_episodes),
+              "test_episodes": ppo.test_episodes,
               "history": history}
     save_retrain_result(out, model, result)
     return result
@@ -551,7 +607,7 @@ def print_agent_result(genotype: Genotype, result: dict[str, Any] | None) -> Non
     print(genotype)
     if result is not None:
         print(f"params: {result['params']:,}")
-        print(f"mean return of the greedy policy over {TEST_EPISODES} test episodes: "
+        print(f"mean return of the greedy policy over {result['test_episodes']} test episodes: "
               f"{result['mean_return']:.1f} after {counted(result['epochs_done'], 'epoch')} "
               f"({result['env_steps']:,} environment steps)")
 
@@ -570,10 +626,12 @@ def check_agent_search(cfg: RunConfig, device: bool = True) -> None:
         raise ConfigError("search.strategy.name=random_labels is not supported by the rl "
                           "engine (docs/examples/plugins/rl_engine.py): PPO has no labels to "
                           "draw at random")
-    require(1 <= cfg.data.batch_size <= ENVS * STEPS // 2, "data.batch_size",
-            f"in 1..{ENVS * STEPS // 2} (half a rollout of {ENVS} x {STEPS} transitions: a "
-            "bilevel strategy's weights and alphas learn on one half each)",
-            cfg.data.batch_size)
+    ppo = ppo_settings(cfg)
+    half = ppo.transitions // 2
+    require(1 <= cfg.data.batch_size <= half, "data.batch_size",
+            f"in 1..{half} (half a rollout of engine.envs x engine.steps = {ppo.envs} x "
+            f"{ppo.steps} transitions: a bilevel strategy's weights and alphas learn on one "
+            "half each)", cfg.data.batch_size)
 
 
 def check_gymnasium(cfg: RunConfig) -> None:
@@ -582,15 +640,15 @@ def check_gymnasium(cfg: RunConfig) -> None:
 
 
 def check_agent_retrain(cfg: RunConfig) -> None:
-    require(1 <= cfg.retrain.batch_size <= ENVS * STEPS, "retrain.batch_size",
-            f"in 1..{ENVS * STEPS} (a rollout of {ENVS} x {STEPS} transitions)",
-            cfg.retrain.batch_size)
+    ppo = ppo_settings(cfg)
+    require(1 <= cfg.retrain.batch_size <= ppo.transitions, "retrain.batch_size",
+            f"in 1..{ppo.transitions} (a rollout of engine.envs x engine.steps = {ppo.envs} x "
+            f"{ppo.steps} transitions)", cfg.retrain.batch_size)
 
 
 #: higher is better; CartPole-v1's episodes end at 500
 MEAN_RETURN = Metric("mean_return", "return", "return", ".1f", "return",
-                     title=f"Mean return of the retrained greedy policy ({TEST_EPISODES} test "
-                           "episodes)",
+                     title="Mean return of the retrained greedy policy (test episodes)",
                      search_title=f"mean return of the supernet's last {RECENT} training "
                                   "episodes")
 
@@ -600,7 +658,7 @@ register_engine(Engine(
     datasets=lambda: ENVIRONMENTS, report=print_agent_result,
     run_search=run_encoder_search, run_retrain=run_agent_retrain, summary=agent_summary,
     check_config=check_gymnasium, check_search=check_agent_search,
-    check_retrain=check_agent_retrain, metric=MEAN_RETURN,
+    check_retrain=check_agent_retrain, metric=MEAN_RETURN, settings=PPOSettings,
     unused_data=("download", "resolution", "train_subset", "test_subset", "search_split",
                  "root"),
     unread_retrain=("lr_min", "momentum", "weight_decay", "auxiliary_weight", "drop_path",

@@ -14,7 +14,7 @@ no torch; the built-in engines are imported when one is first looked up.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +143,10 @@ class Engine:
     unread_retrain: tuple[str, ...] = ()
     #: config sections read by this engine alone (``lm``): refused on other engines' runs
     sections: tuple[str, ...] = ()
+    #: a dataclass of its own settings, the keys of the config's ``engine`` section (a
+    #: plugin engine's constants made settings: :func:`engine_settings`); None: it takes
+    #: none, and an ``engine`` section on its runs is refused
+    settings: type | None = None
     #: ``diffnas export`` writes its retrained networks (image classifiers)
     exportable: bool = False
     #: the latency tools time its networks
@@ -158,6 +162,10 @@ class Engine:
         if (self.search is None or self.train is None) and self.report is None:
             raise ValueError(f"engine {self.name!r}: give search and train, or report (which "
                              "prints a run's genotype and result) to make them")
+        if self.settings is not None and not (isinstance(self.settings, type)
+                                              and is_dataclass(self.settings)):
+            raise ValueError(f"engine {self.name!r}: settings must be a dataclass (its fields "
+                             f"are the config's engine section), got {self.settings!r}")
         if self.search is None:
             object.__setattr__(self, "search", self._search)
         if self.train is None:
@@ -179,6 +187,27 @@ class Engine:
 
 
 ENGINES: Registry[Engine] = Registry("engine")
+
+
+def engine_settings(cfg: RunConfig) -> Any:
+    """The ``engine`` section of ``cfg`` as its engine's :attr:`Engine.settings` dataclass
+    (its defaults where keys are left out; unknown keys and bad values are a
+    ``ConfigError`` naming them), or None for an engine without settings, whose runs
+    refuse a non-empty section."""
+    from diffnas.config import ConfigError, from_dict
+
+    engine, section = engine_of(cfg), cfg.engine
+    if not isinstance(section, dict):
+        raise ConfigError(f"config.engine: {section!r} is not a mapping; the section holds "
+                          f"the settings of the run's engine ({engine.label}), which itself "
+                          "follows from search.space.name")
+    if engine.settings is None:
+        if section:
+            raise ConfigError(f"config.engine: the {engine.label} engine takes no settings "
+                              f"of its own ({', '.join(f'engine.{k}' for k in section)}): "
+                              "remove them")
+        return None
+    return from_dict(engine.settings, section, "engine")
 
 
 def register_engine(engine: Engine) -> Engine:

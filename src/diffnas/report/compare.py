@@ -23,7 +23,7 @@ from typing import Any
 
 from diffnas.config import RunConfig, to_dict
 from diffnas.engine.callbacks import duration, finite_json, read_json, read_jsonl, total_seconds
-from diffnas.engine.engines import Metric
+from diffnas.engine.engines import Metric, engine_settings
 from diffnas.engine.multiseed import (
     failed_record,
     mean_std,
@@ -143,10 +143,10 @@ def _under(key: str, roots: Sequence[str]) -> bool:
 
 
 def resolved_config(cfg: RunConfig) -> dict[str, Any]:
-    """``cfg`` as a plain dict whose strategy, space, retrain network and ``lm`` sections hold
-    every setting, their defaults included (a run that left ``order: 1`` out and one
-    that wrote it ran the same method); a section that cannot be resolved (a plugin no
-    longer registered) stays as written."""
+    """``cfg`` as a plain dict whose strategy, space, retrain network, ``engine`` and ``lm``
+    sections hold every setting, their defaults included (a run that left ``order: 1``
+    out and one that wrote it ran the same method); a section that cannot be resolved (a
+    plugin no longer registered) stays as written."""
     from diffnas.spaces.registry import network_config, space_config, space_engine
     from diffnas.strategies.registry import strategy_config
 
@@ -163,6 +163,12 @@ def resolved_config(cfg: RunConfig) -> dict[str, Any]:
         net = network_config(cfg.search.space, cfg.retrain.network)
         if net is not None:
             retrain["network"] = to_dict(net)
+    except (ValueError, KeyError, TypeError):
+        pass
+    try:  # a plugin engine's own settings (Engine.settings)
+        settings = engine_settings(cfg)
+        if settings is not None:
+            out["engine"] = to_dict(settings)
     except (ValueError, KeyError, TypeError):
         pass
     try:  # a language model's section (a run of another engine leaves it empty)
