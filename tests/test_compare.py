@@ -25,7 +25,6 @@ from diffnas.report.compare import (
     config_differences,
     difference,
     load_entry,
-    phase_seconds,
 )
 
 TINY = [
@@ -121,6 +120,10 @@ def test_a_seeds_parent_against_a_single_run(tmp_path):
     assert "- `search.epochs`: darts: 2; gdas: 3" in text
     assert "- `search.strategy.relaxation.name`: darts: softmax; gdas: hard_gumbel" in text
     assert "5.00 s" in text and "6.50 s" in text
+    # the --seeds summary says the mean time too (only the phases that recorded times)
+    seeds = ms.summarize([ms.seed_record(base / f"seed_{s}", s) for s in (0, 1, 2)])
+    assert seeds["search_seconds"]["mean"] == pytest.approx(5.0)
+    assert "Wall-clock time per seed (mean): search 5.00 s\n" in ms.summary_markdown(seeds)
 
 
 def test_the_same_settings_say_so_and_other_data_is_flagged(tmp_path):
@@ -161,7 +164,8 @@ def test_a_damaged_seed_is_a_failed_row_and_old_runs_have_no_times(tmp_path):
     assert first["test_acc"] == {"mean": 0.5, "std": None, "n": 1}
     assert "result.json" in first["runs"][1]["error"]
     assert second["search_seconds"]["mean"] is None
-    assert phase_seconds(old, "search") is None and phase_seconds(old, "retrain") is None
+    assert ms.seed_record(old, 0)["search_seconds"] is None  # and no retraining rows
+    assert ms.seed_record(old, 0)["retrain_seconds"] is None
     text = compare_markdown(summary)
     assert "Seeds whose files could not be read: p seeds [1]" in text
 
@@ -237,7 +241,8 @@ def test_a_real_search_and_retraining_record_their_seconds_and_compare(tmp_path,
         rows = [json.loads(x) for x in (run / phase / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == epochs
         assert all(isinstance(r["seconds"], float) and r["seconds"] > 0 for r in rows)
-        assert phase_seconds(run, phase) == pytest.approx(sum(r["seconds"] for r in rows))
+        assert ms.seed_record(run, 0)[f"{phase}_seconds"] == pytest.approx(
+            sum(r["seconds"] for r in rows))
     result = json.loads((run / "retrain" / "result.json").read_text())
     assert all("seconds" not in h for h in result["history"])
     capsys.readouterr()
@@ -283,3 +288,25 @@ def test_language_model_sections_are_compared_with_their_defaults():
     other = load_config(None, [*rnn, "lm={bptt: 20}"], device=False)
     assert config_differences([plain, same]) == {}
     assert config_differences([plain, other]) == {"lm.bptt": [35, 20]}
+
+
+def test_a_plugin_engine_s_runs_compare_by_its_own_metric(tmp_path, capsys):
+    """Two searches of the quantum example (its plugin named again after the runs, as
+    for moved plugins): the table and plot are headed by its energy error, not accuracy."""
+    quantum = Path(__file__).resolve().parents[1] / "docs/examples/plugins/quantum_engine.py"
+    vqe = [f"plugins=[{quantum}]", "search.space={name: qcircuit, qubits: 3, nodes: 3}",
+           "data.name=tfim", "search.epochs=5", "retrain.epochs=5", "progress=false",
+           f"out_dir={tmp_path}"]
+    assert main(["search", *vqe, "name=darts"]) == 0
+    assert main(["search", *vqe, "name=gdas", "search.strategy={name: gdas}"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "darts"), str(tmp_path / "gdas"),
+                 f"plugins=[{quantum}]", "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    assert "# Comparison of 2 runs: retrained energy error above the exact ground" in text
+    assert "| test err |" not in text and "| err | diff vs first |" in text
+    summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    errors = [json.loads((tmp_path / r / "retrain" / "result.json").read_text())["energy_error"]
+              for r in ("darts", "gdas")]
+    assert [r["energy_error"]["mean"] for r in summary["runs"]] == errors
+    assert summary["runs"][1]["vs_first"]["diff"] == pytest.approx(errors[1] - errors[0])

@@ -184,12 +184,14 @@ def seed_record(run_dir: str | Path, seed: int,
     ``metric`` (its engine's, ``seeds_metric``) read from the retraining's result and the
     search's last epoch. A damaged file is a ``ValueError`` naming it (``GenotypeError``
     for a genotype)."""
-    from diffnas.engine.callbacks import read_json, read_jsonl, search_val_acc
+    from diffnas.engine.callbacks import read_json, read_jsonl, search_val_acc, total_seconds
     from diffnas.genotype import Genotype
 
     metric = as_metric(metric)
     run = Path(run_dir)
     rec = _empty_record(run, seed, metric)
+    for phase in ("search", "retrain"):  # wall-clock time, from the rows' ``seconds``
+        rec[f"{phase}_seconds"] = total_seconds(read_jsonl(run / phase / "metrics.jsonl"))
     gfile = run / "search" / "genotype.json"
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
@@ -217,7 +219,7 @@ def _empty_record(run_dir: str | Path, seed: int,
     return {"seed": seed, "run_dir": str(run_dir), "genotype": None, "test_acc": None,
             "test_ppl": None, "params": None, "macs": None, "search_val_acc": None,
             "search_val_measure": None, "search_val_ppl": None, metric.key: None,
-            search_field(metric): None}
+            search_field(metric): None, "search_seconds": None, "retrain_seconds": None}
 
 
 def _number(x: Any) -> bool:
@@ -332,13 +334,15 @@ def summarize(records: Sequence[dict[str, Any]],
         "runs": [{**r, "genotype_text": str(Genotype.from_dict(r["genotype"]))
                   if r.get("genotype") else None} for r in records],
         "op_frequency": op_frequency(genos),
+        "search_seconds": stat(finished("search_seconds")),
+        "retrain_seconds": stat(finished("retrain_seconds")),
         "failed": [r["seed"] for r in records if r.get("error")],
     }
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown page (also printed by the command)."""
-    from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, counted
+    from diffnas.engine.callbacks import SEARCH_VAL_MEASURES, counted, duration
     from diffnas.genotype import cell_title
 
     spec = summary.get("metric_spec")  # (a summary written before it: a built-in metric)
@@ -366,6 +370,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"{what}: {fmt(val['mean'])} (one seed)")
     elif val["n"]:
         lines.append(f"{what}: {fmt(val['mean'])} +- {fmt(val['std'])}")
+    times = [f"{phase} {duration(summary[f'{key}_seconds']['mean'])}"
+             for phase, key in (("search", "search"), ("retraining", "retrain"))
+             if (summary.get(f"{key}_seconds") or {}).get("mean") is not None]
+    if times:
+        lines.append(f"Wall-clock time per seed (mean): {', '.join(times)}")
     if summary["failed"]:
         lines.append(f"FAILED or unfinished seeds: {summary['failed']} (the table says why; "
                      "they are left out of the statistics)")

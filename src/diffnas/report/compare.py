@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffnas.config import RunConfig, to_dict
-from diffnas.engine.callbacks import duration, finite_json, read_json, read_jsonl, total_seconds
+from diffnas.engine.callbacks import duration, finite_json, read_json
 from diffnas.engine.engines import Metric, engine_settings
 from diffnas.engine.multiseed import (
     failed_record,
@@ -65,20 +65,11 @@ class Entry:
 
 
 # --- reading the runs ------------------------------------------------------------------
-def phase_seconds(run_dir: str | Path, phase: str) -> float | None:
-    """The wall-clock seconds of a phase (``search``, ``retrain``) of ``run_dir``
-    (:func:`~diffnas.engine.callbacks.total_seconds` of its ``metrics.jsonl``)."""
-    return total_seconds(read_jsonl(Path(run_dir) / phase / "metrics.jsonl"))
-
-
 def _record(run_dir: Path, seed: int, metric: Metric) -> dict[str, Any]:
     try:
-        rec = seed_record(run_dir, seed, metric)
+        return seed_record(run_dir, seed, metric)  # (with each phase's seconds)
     except ValueError as exc:  # a damaged file: the row says why, the others still compare
-        return {**failed_record(run_dir, seed, str(exc), metric), "search_seconds": None,
-                "retrain_seconds": None}
-    return {**rec, "search_seconds": phase_seconds(run_dir, "search"),
-            "retrain_seconds": phase_seconds(run_dir, "retrain")}
+        return failed_record(run_dir, seed, str(exc), metric)
 
 
 def _data_records(run_dir: Path) -> dict[str, dict[str, Any]]:
