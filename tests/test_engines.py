@@ -347,3 +347,15 @@ def test_an_engine_without_settings_refuses_an_engine_section():
         Engine(name="x", label="x", a_run="an x run", data_kind="x", datasets=lambda: (),
                run_search=print, run_retrain=print, summary=print, report=print,
                settings=dict)
+
+
+def test_list_engines_shows_an_engine_s_settings_and_their_defaults():
+    from diffnas.cli import _settings_text
+
+    @dataclasses.dataclass
+    class Settings:
+        table: str
+        steps: int = 64
+        sizes: list = dataclasses.field(default_factory=lambda: [1, 2])
+
+    assert _settings_text(Settings) == "table (required), steps=64, sizes=[1, 2]"

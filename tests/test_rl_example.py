@@ -245,6 +245,14 @@ def test_the_engine_section_sets_the_rollout_and_ppo_constants(tmp_path, capsys)
     assert rl.ppo_settings(saved) == rl.ppo_settings(cfg)
 
 
+def test_list_engines_shows_the_rl_settings(capsys):
+    assert main(["list", "engines", f"plugins=[{RL}]"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("rl ")]
+    assert line.endswith("; settings (engine section): envs=8, steps=64, ppo_epochs=2, "
+                         "gamma=0.99, lam=0.95, clip=0.2, value_coef=0.5, entropy_coef=0.01, "
+                         "test_episodes=10")
+
+
 def test_bad_engine_settings_are_refused_by_name():
     from diffnas.config import ConfigError, load_config
 

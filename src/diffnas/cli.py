@@ -320,10 +320,17 @@ def _list(p: argparse.ArgumentParser):
 
 
 def _settings_text(cls: type) -> str:
-    """An engine's settings with their defaults ("envs=8, steps=64")."""
+    """An engine's settings with their defaults ("envs=8, steps=64, seed_file (required)")."""
     import dataclasses
 
-    return ", ".join(f"{f.name}={getattr(cls(), f.name)}" for f in dataclasses.fields(cls))
+    def shown(f: dataclasses.Field) -> str:
+        if f.default is not dataclasses.MISSING:
+            return f"{f.name}={f.default}"
+        if f.default_factory is not dataclasses.MISSING:
+            return f"{f.name}={f.default_factory()}"
+        return f"{f.name} (required)"
+
+    return ", ".join(shown(f) for f in dataclasses.fields(cls))
 
 
 def _resume_hint(args: argparse.Namespace) -> str | None:
