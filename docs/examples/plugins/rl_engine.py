@@ -607,7 +607,8 @@ def print_agent_result(genotype: Genotype, result: dict[str, Any] | None) -> Non
     print(genotype)
     if result is not None:
         print(f"params: {result['params']:,}")
-        print(f"mean return of the greedy policy over {result['test_episodes']} test episodes: "
+        episodes = result.get("test_episodes", PPOSettings.test_episodes)  # (older results)
+        print(f"mean return of the greedy policy over {episodes} test episodes: "
               f"{result['mean_return']:.1f} after {counted(result['epochs_done'], 'epoch')} "
               f"({result['env_steps']:,} environment steps)")
 
