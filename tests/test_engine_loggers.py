@@ -39,12 +39,13 @@ def test_lm_search_and_retrain_write_tensorboard_events(tmp_path):
     rows = jsonl(run / "search" / "metrics.jsonl")
     assert len(rows) == 2
     _assert_scalars_match(search, "search", rows, ("loss", "ppl", "valid_loss", "valid_ppl",
-                                                   "lr"))
+                                                   "lr", "seconds"))
     _assert_alpha_images(search, "recurrent", 2)
     retrain = tb_events(run / "tensorboard" / "retrain")
     rows = jsonl(run / "retrain" / "metrics.jsonl")
     assert len(rows) == 1
-    _assert_scalars_match(retrain, "retrain", rows, ("loss", "ppl", "valid_ppl", "asgd"))
+    _assert_scalars_match(retrain, "retrain", rows, ("loss", "ppl", "valid_ppl", "asgd",
+                                                     "seconds"))
 
 
 def test_graph_search_and_retrain_write_tensorboard_events(tmp_path):
@@ -56,7 +57,7 @@ def test_graph_search_and_retrain_write_tensorboard_events(tmp_path):
     rows = jsonl(run / "search" / "metrics.jsonl")
     assert len(rows) == 2
     _assert_scalars_match(search, "search", rows, ("loss", "acc", "eval_val_loss",
-                                                   "eval_val_acc", "lr"))
+                                                   "eval_val_acc", "lr", "seconds"))
     _assert_alpha_images(search, "cell", 2)
     retrain = tb_events(run / "tensorboard" / "retrain")
     rows = jsonl(run / "retrain" / "metrics.jsonl")

@@ -33,7 +33,7 @@ def test_tensorboard_logs_match_the_json_lines(tmp_path):
     run = tmp_path / "tb"
     search = tb_events(run / "tensorboard" / "search")
     rows = jsonl(run / "search" / "metrics.jsonl")
-    for key in ("loss", "val_acc", "lr"):
+    for key in ("loss", "val_acc", "lr", "seconds"):  # (seconds: the epoch's wall clock)
         got = [(e.step, e.value) for e in search.Scalars(f"search/{key}")]
         assert got == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows]
     alphas = jsonl(run / "search" / "alphas.jsonl")

@@ -174,7 +174,7 @@ class MetricsLines(JsonLines):
     def __init__(self, path: Path) -> None:
         super().__init__(path, lambda loop, epoch, metrics: {
             **{k: v for k, v in metrics.items() if k != "epoch"},
-            **({"seconds": round(loop.seconds, 4)} if loop.seconds is not None else {})})
+            **({"seconds": loop.seconds} if loop.seconds is not None else {})})
 
 
 def total_seconds(rows: list[dict[str, Any]]) -> float | None:

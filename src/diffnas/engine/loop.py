@@ -124,7 +124,7 @@ class Loop:
                 for cb in self.callbacks:
                     cb.on_step_end(self, step, metrics)
             metrics = {"epoch": epoch, **self.running.value(), **self.task.end_epoch(epoch)}
-            self.seconds = time.perf_counter() - start
+            self.seconds = round(time.perf_counter() - start, 4)  # (to 0.1 ms)
             self.history.append(metrics)
             self.epoch = epoch + 1
             for cb in self.callbacks:

@@ -61,6 +61,8 @@ class TensorBoardLogger(Callback):
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{self.phase}/{key}", float(value), epoch)
+        if loop.seconds is not None:  # the epoch's wall-clock time, as metrics.jsonl has it
+            self.writer.add_scalar(f"{self.phase}/seconds", loop.seconds, epoch)
         if self.arch_params is not None:
             self._log_alphas(epoch)
         self.writer.flush()
