@@ -310,3 +310,19 @@ def test_a_plugin_engine_s_runs_compare_by_its_own_metric(tmp_path, capsys):
               for r in ("darts", "gdas")]
     assert [r["energy_error"]["mean"] for r in summary["runs"]] == errors
     assert summary["runs"][1]["vs_first"]["diff"] == pytest.approx(errors[1] - errors[0])
+
+
+def test_a_folder_where_a_file_goes_is_refused_before_anything_is_written(tmp_path, capsys):
+    """compare and plot share one writer (report/outputs.write_outputs): a folder in the
+    way of one output stops the command before it writes any."""
+    a = _single(tmp_path / "a", 0.5)
+    out = tmp_path / "out"
+    (out / "compare.json").mkdir(parents=True)
+    assert main(["compare", str(a), "--out", str(out)]) == 2
+    assert "compare.json is a folder where compare writes a file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json"]  # compare.md not written
+    pics = tmp_path / "pics"
+    (pics / "curves.svg").mkdir(parents=True)
+    assert main(["plot", str(a), "--out", str(pics)]) == 2
+    assert "curves.svg is a folder where plot writes a file" in capsys.readouterr().err
+    assert sorted(p.name for p in pics.iterdir()) == ["curves.svg"]

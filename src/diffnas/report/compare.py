@@ -433,43 +433,19 @@ def write_compare(summary: dict[str, Any], out: str | Path, force: bool = False)
     """``compare.md``, ``compare.json``, ``compare.png`` and ``compare.svg`` in ``out``. A
     file of those names is replaced only when ``diffnas compare`` wrote it (or, with
     ``force``, when it is the user's), never when a run needs it."""
-    from diffnas.engine.checkpoint import atomic_write_bytes, atomic_write_text
-    from diffnas.report.outputs import (
-        WRITE_DENIED,
-        cannot_write,
-        check_output,
-        check_writable,
-        is_plot,
-        mark_picture,
-    )
+    from diffnas.report.outputs import is_plot, mark_picture, write_outputs
     from diffnas.report.plots import figure_bytes
 
     out = Path(out)
     fig = compare_figure(summary)
-    files: list[tuple[Path, bytes]] = [
-        (out / "compare.md", f"<!-- {COMPARE_MARK} -->\n{compare_markdown(summary)}".encode()),
-        (out / "compare.json", (json.dumps(finite_json(summary), indent=1, allow_nan=False)
-                                + "\n").encode()),
-        *[(out / f"compare.{fmt}", mark_picture(figure_bytes(fig, fmt), fmt))
-          for fmt in ("png", "svg")]]
-    for path, _ in files:
-        ours = is_plot if path.suffix in (".png", ".svg") else _is_compare_text
-        check_output(path, ours, "a comparison", "--out", force)
-        if path.is_dir():
-            raise CompareError(f"{path} is a folder where compare writes a file; move it or "
-                               "choose another --out")
-    check_writable(out, out)
-    for path, data in files:
-        try:
-            if path.suffix in (".md", ".json"):
-                atomic_write_text(data.decode(), path)
-            else:
-                atomic_write_bytes(data, path)
-        except OSError as exc:
-            if exc.errno not in WRITE_DENIED:
-                raise
-            raise cannot_write(path, exc) from None
-    return [p for p, _ in files]
+    text = f"<!-- {COMPARE_MARK} -->\n{compare_markdown(summary)}"
+    data = json.dumps(finite_json(summary), indent=1, allow_nan=False) + "\n"
+    return write_outputs(
+        [(out / "compare.md", text.encode(), _is_compare_text),
+         (out / "compare.json", data.encode(), _is_compare_text),
+         *[(out / f"compare.{fmt}", mark_picture(figure_bytes(fig, fmt), fmt), is_plot)
+           for fmt in ("png", "svg")]],
+        out, "a comparison", "compare", "--out", force)
 
 
 def compare_runs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: files at the top of a run directory (or a ``--seeds`` parent) that the run needs
@@ -106,6 +106,32 @@ def check_writable(folder: str | Path, target: str | Path, flag: str | None = "-
         if exc.errno not in WRITE_DENIED:
             raise  # e.g. an output under a file: the OSError names it
         raise cannot_write(target, exc, flag) from None
+
+
+def write_outputs(files: Sequence[tuple[Path, bytes, Callable[[Path], bool]]], folder: Path,
+                  what: str, command: str, flag: str | None = "--out",
+                  force: bool = False) -> list[Path]:
+    """Write ``files`` (path, bytes, whether an existing file there is ``command``'s own
+    earlier output) atomically into ``folder``: every path is checked first
+    (:func:`check_output`; a folder where a file goes is refused too), then that the
+    folder can be written, so a refusal writes nothing; a crash leaves each earlier
+    file whole. Returns the paths written."""
+    for path, _, ours in files:
+        check_output(path, ours, what, flag, force)
+        if path.is_dir():
+            raise OutputRefused(f"{path} is a folder where {command} writes a file; move it"
+                                + (" or choose another --out" if flag else ""))
+    check_writable(folder, folder, flag)
+    from diffnas.engine.checkpoint import atomic_write_bytes
+
+    for path, data, _ in files:
+        try:
+            atomic_write_bytes(data, path)
+        except OSError as exc:
+            if exc.errno not in WRITE_DENIED:
+                raise
+            raise cannot_write(path, exc, flag) from None
+    return [path for path, _, _ in files]
 
 
 def cannot_write(target: str | Path, exc: OSError, flag: str | None = "--out"

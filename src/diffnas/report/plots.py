@@ -22,7 +22,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from diffnas.engine.callbacks import read_json, read_jsonl
-from diffnas.engine.checkpoint import atomic_write_bytes
 from diffnas.engine.engines import ACCURACY, PERPLEXITY, Metric, engine_of
 from diffnas.genotype import CellGenotype, Genotype, cell_title
 
@@ -456,14 +455,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     that name in the folder is replaced only when ``diffnas plot`` wrote it (or, with
     ``force``, when it is the user's), never when a run needs it; every name is checked
     before any picture is written."""
-    from diffnas.report.outputs import (
-        WRITE_DENIED,
-        cannot_write,
-        check_output,
-        check_writable,
-        is_plot,
-        mark_picture,
-    )
+    from diffnas.report.outputs import is_plot, mark_picture, write_outputs
 
     run = load_run(run_dir, overrides)
     out = Path(out_dir) if out_dir is not None else run.path / "plots"
@@ -474,17 +466,5 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     if not paths:
         raise PlotError(f"{run_dir}: nothing to plot yet (no genotype, alphas or metrics)")
     legacy = out_dir is None  # the run's own plots/ folder: pictures from before the marker
-    for path, _, _ in paths:
-        check_output(path, lambda p: is_plot(p, legacy), "a picture", flag, force)
-        if path.is_dir():
-            raise PlotError(f"{path} is a folder where plot writes a picture; move it"
-                            + (" or choose another --out" if flag else ""))
-    check_writable(out, out, flag)
-    for path, fmt, data in paths:
-        try:  # an earlier picture stays whole on a crash
-            atomic_write_bytes(mark_picture(data, fmt), path)
-        except OSError as exc:
-            if exc.errno not in WRITE_DENIED:
-                raise
-            raise cannot_write(path, exc, flag) from None
-    return [path for path, _, _ in paths]
+    return write_outputs([(path, mark_picture(data, fmt), lambda p: is_plot(p, legacy))
+                          for path, fmt, data in paths], out, "a picture", "plot", flag, force)
