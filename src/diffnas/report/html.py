@@ -30,16 +30,14 @@ from diffnas.engine.callbacks import (
     search_val_acc,
     total_seconds,
 )
-from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.engines import engine_of
 from diffnas.genotype import cell_title
 from diffnas.report.outputs import (
     REPORT_MARK,
-    WRITE_DENIED,
-    cannot_write,
     check_output,
     check_writable,
     is_report,
+    write_outputs,
 )
 from diffnas.report.plots import RunData, load_run, resolve_backend, run_figures
 
@@ -221,16 +219,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     if path.is_dir() or str(out).endswith(("/", os.sep)):  # a folder, or one to make
         path = path / "report.html"
     flag = "--out" if out is not None else None
-    check_output(path, is_report, "a report", flag, force)
+    check_output(path, is_report, "a report", flag, force)  # before the rendering's work
     check_writable(path.parent, path, flag)
     page = render_report(run, backend)
-    try:
-        atomic_write_text(page, path)
-    except OSError as exc:
-        if exc.errno not in WRITE_DENIED:
-            raise
-        raise cannot_write(path, exc, flag) from None
-    return path
+    return write_outputs([(path, page.encode("utf-8"), is_report)], path.parent, "a report",
+                         "report", flag, force)[0]
 
 
 # --- checking a report in a real browser ---------------------------------------------
