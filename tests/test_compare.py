@@ -116,7 +116,7 @@ def test_a_seeds_parent_against_a_single_run(tmp_path):
     assert summary["seeds_differ"] and not summary["data_differs"]
     text = compare_markdown(summary)
     assert "| darts | darts | 3/3 | 60.00% +- 10.00% | (baseline) |" in text
-    assert "| gdas | gdas | 1/1 | 90.00% | +30.00% (one seed: no error) |" in text
+    assert "| gdas | gdas | 1/1 | 90.00% | +30.00% (a single seed: no standard error) |" in text
     assert "- `search.epochs`: darts: 2; gdas: 3" in text
     assert "- `search.strategy.relaxation.name`: darts: softmax; gdas: hard_gumbel" in text
     assert "5.00 s" in text and "6.50 s" in text
@@ -326,3 +326,18 @@ def test_a_folder_where_a_file_goes_is_refused_before_anything_is_written(tmp_pa
     assert main(["plot", str(a), "--out", str(pics)]) == 2
     assert "curves.svg is a folder where plot writes a file" in capsys.readouterr().err
     assert sorted(p.name for p in pics.iterdir()) == ["curves.svg"]
+
+
+def test_times_from_other_thread_counts_are_flagged_and_untimed_runs_left_out(tmp_path):
+    from diffnas.engine.rundir import record_threads
+
+    one, two = _single(tmp_path / "one", 0.5), _single(tmp_path / "two", 0.5)
+    old = _single(tmp_path / "old", 0.5, seconds=(None,))  # made before times were recorded
+    record_threads(one, 1)
+    record_threads(two, 2)
+    record_threads(old, 8)
+    assert not compare_runs([one, old])["timing_differs"]  # old has no time to compare
+    summary = compare_runs([one, two, old])
+    assert summary["timing_differs"]
+    assert ("- The times were measured with different devices or thread counts: one cpu, "
+            "1 thread; two cpu, 2 threads\n") in compare_markdown(summary)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffnas.config import RunConfig, to_dict
-from diffnas.engine.callbacks import duration, finite_json, read_json
+from diffnas.engine.callbacks import counted, duration, finite_json, read_json
 from diffnas.engine.engines import Metric, engine_settings
 from diffnas.engine.multiseed import (
     failed_record,
@@ -281,8 +281,14 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
         "data_differs": data_differences([e.data for e in entries], labels),
         "data_unknown": [label for label, e in zip(labels, entries) if not e.data],
         "seeds_differ": len({tuple(r["seeds"]) for r in rows}) > 1,
-        "timing_differs": len({(r["device"], r["threads"]) for r in rows}) > 1,
+        "timing_differs": len({(r["device"], r["threads"]) for r in rows if _timed(r)}) > 1,
     }
+
+
+def _timed(row: dict[str, Any]) -> bool:
+    """Whether a row has a time of either phase (runs made before times were recorded
+    have none)."""
+    return any(row[f"{phase}_seconds"]["n"] for phase in ("search", "retrain"))
 
 
 # --- writing it out ------------------------------------------------------------------
@@ -326,7 +332,7 @@ def compare_markdown(summary: dict[str, Any]) -> str:
             sign = "+" if d["diff"] >= 0 else "-"
             delta = f"{sign}{metric.text(abs(d['diff']))}"
             if d["se"] is None:
-                delta += " (one seed: no error)"
+                delta += " (a single seed: no standard error)"
             else:
                 delta += (f" +- {metric.text(d['se'])} "
                           f"({'within' if d['within_2se'] else 'beyond'} 2 SE)")
@@ -364,8 +370,9 @@ def compare_markdown(summary: dict[str, Any]) -> str:
             f"{r['label']} {r['seeds']}" for r in rows))
     if summary["timing_differs"]:
         lines.append("- The times were measured with different devices or thread counts: "
-                     + "; ".join(f"{r['label']} {r['device']}, {r['threads'] or '?'} threads"
-                                 for r in rows))
+                     + "; ".join(f"{r['label']} {r['device']}, "
+                                 + (counted(r["threads"], "thread") if r["threads"] else
+                                    "threads not recorded") for r in rows if _timed(r)))
     failed = [f"{r['label']} seeds {r['failed']}" for r in rows if r["failed"]]
     if failed:
         lines.append(f"- Seeds whose files could not be read: {'; '.join(failed)} "
