@@ -278,7 +278,8 @@ def test_report_plot_and_export_of_a_seeds_parent_point_at_its_seeds(tmp_path):
     save_config(load_config(None, TINY_RUN), parent / "config.yaml")
     (parent / ms.SEEDS_FILE).write_text('{"seeds": [0]}\n')
     with pytest.raises(PlotError, match=rf"multi-seed run: report or plot one of its seeds "
-                                        rf"\({parent / 'seed_0'}\); .*summary.md"):
+                                        rf"\({parent / 'seed_0'}\); .*summary.md compares "
+                                        rf"them, and diffnas compare {parent} OTHER_RUN"):
         load_run(parent)
     with pytest.raises(ExportError, match="multi-seed run: export one of its seeds"):
         load_retrained(parent)

@@ -263,7 +263,8 @@ def seeds_parent_message(run_dir: str | Path, what: str) -> str | None:
     seeds = sorted(p.name for p in run.glob("seed_*") if p.is_dir())
     return (f"{run} is a multi-seed run: {what} one of its seeds "
             f"({', '.join(str(run / s) for s in seeds[:3]) or 'seed_<s>/'}"
-            f"{', ...' if len(seeds) > 3 else ''}); {run / 'summary.md'} compares them")
+            f"{', ...' if len(seeds) > 3 else ''}); {run / 'summary.md'} compares them, and "
+            f"diffnas compare {run} OTHER_RUN ... puts them beside other runs")
 
 
 def run_kind(run_dir: str | Path) -> str | None:
