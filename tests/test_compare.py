@@ -25,6 +25,7 @@ from diffnas.report.compare import (
     config_differences,
     difference,
     load_entry,
+    paired_difference,
 )
 
 TINY = [
@@ -91,6 +92,33 @@ def test_difference_and_its_standard_error_by_hand():
     one = difference(a, {"mean": 2.5, "std": None, "n": 1})  # one seed: no spread
     assert one["diff"] == pytest.approx(0.5) and one["se"] is None and one["within_2se"] is None
     assert difference(a, {"mean": None, "std": None, "n": 0}) is None
+
+
+def test_runs_of_the_same_seeds_are_paired_seed_by_seed(tmp_path):
+    """Both runs finished seeds 0, 1, 2: the difference is the mean of the per-seed
+    differences, its error their sample std / sqrt(3) (by hand with statistics); other
+    seeds, or one seed, fall back to the unpaired error."""
+    a = {0: 0.5, 1: 0.7, 2: 0.6}
+    b = {0: 0.6, 1: 0.9, 2: 0.65}
+    d = paired_difference(a, b)
+    diffs = [0.1, 0.2, 0.05]
+    assert d["diff"] == pytest.approx(statistics.mean(diffs))
+    assert d["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+    assert d["within_2se"] is False and d["paired"] == 3  # 0.117 > 2 x 0.044
+    assert paired_difference(a, {0: 0.6, 1: 0.9, 3: 0.65}) is None
+    assert paired_difference({0: 0.5}, {0: 0.6}) is None
+    base = _seeds(tmp_path / "base", a)
+    other = _seeds(tmp_path / "other", b, ["search.strategy={name: gdas}"])
+    row = compare_runs([base, other])["runs"][1]
+    assert row["vs_first"]["diff"] == pytest.approx(statistics.mean(diffs))
+    assert row["vs_first"]["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+    assert "+11.67% +- 4.41% (paired over 3 seeds, beyond 2 SE)" in compare_markdown(
+        compare_runs([base, other]))
+    (other / "seed_2" / "retrain" / "result.json").unlink()  # seed 2 unfinished: unpaired
+    row = compare_runs([base, other])["runs"][1]
+    assert row["vs_first"]["paired"] == 0
+    assert row["vs_first"]["se"] == pytest.approx(math.sqrt(
+        statistics.variance(a.values()) / 3 + statistics.variance([0.6, 0.9]) / 2))
 
 
 def test_a_seeds_parent_against_a_single_run(tmp_path):

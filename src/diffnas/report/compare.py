@@ -224,7 +224,26 @@ def difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     se = (math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
           if a["std"] is not None and b["std"] is not None else None)
     return {"diff": b["mean"] - a["mean"], "se": se,
-            "within_2se": None if se is None else abs(b["mean"] - a["mean"]) <= 2 * se}
+            "within_2se": None if se is None else abs(b["mean"] - a["mean"]) <= 2 * se,
+            "paired": 0}
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """``b`` minus ``a`` seed by seed (``{seed: figure}`` of each run's finished seeds)
+    when both finished the same two or more seeds: the mean of the differences and its
+    standard error (their sample std / sqrt(n)), which leaves out what the seeds share
+    (the data subset a seed draws, and the initial weights on one space); else None."""
+    if len(a) < 2 or set(a) != set(b):
+        return None
+    d = [b[s] - a[s] for s in sorted(a)]
+    mean, std = mean_std(d)
+    se = std / math.sqrt(len(d))
+    return {"diff": mean, "se": se, "within_2se": abs(mean) <= 2 * se, "paired": len(d)}
+
+
+def _by_seed(records: Sequence[dict[str, Any]], key: str) -> dict[int, float]:
+    return {r["seed"]: float(r[key]) for r in records if not r.get("error")
+            and isinstance(r.get(key), int | float) and math.isfinite(r[key])}
 
 
 def compare(entries: Sequence[Entry]) -> dict[str, Any]:
@@ -267,9 +286,10 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
                       "genotype": r.get("genotype"), "error": r.get("error")}
                      for r in e.records],
         })
-    base = rows[0][metric.key]
-    for row in rows[1:]:
-        row["vs_first"] = difference(base, row[metric.key])
+    base, base_seeds = rows[0][metric.key], _by_seed(entries[0].records, metric.key)
+    for row, e in zip(rows[1:], entries[1:]):
+        row["vs_first"] = (paired_difference(base_seeds, _by_seed(e.records, metric.key))
+                           or difference(base, row[metric.key]))
     differs = config_differences([e.cfg for e in entries], [e.kind == "search" for e in entries])
     return {
         "generator": COMPARE_MARK,
@@ -314,9 +334,11 @@ def compare_markdown(summary: dict[str, Any]) -> str:
              f"{metric.headline.lower()}", "",
              f"{metric.headline} and {metric.search_name} (last epoch): mean +- sample std "
              "over each run's finished seeds. diff: the run's mean minus the first run's, +- "
-             "its standard error (sqrt(s1^2/n1 + s2^2/n2)), and whether it lies within 2 "
-             "standard errors (no clear difference at these seed counts). Times: wall-clock "
-             "time of each phase per seed (mean), as its metrics.jsonl recorded it.",
+             "its standard error, and whether it lies within 2 standard errors (no clear "
+             "difference at these seed counts); paired seed by seed where both runs finished "
+             "the same seeds (the error of the mean difference), else sqrt(s1^2/n1 + "
+             "s2^2/n2). Times: wall-clock time of each phase per seed (mean), as its "
+             "metrics.jsonl recorded it.",
              "",
              f"| run | method | seeds | {metric.column} | diff vs first | "
              f"{metric.search_column} | params | MACs | search time | retrain time |",
@@ -334,8 +356,9 @@ def compare_markdown(summary: dict[str, Any]) -> str:
             if d["se"] is None:
                 delta += " (a single seed: no standard error)"
             else:
+                paired = f"paired over {d['paired']} seeds, " if d.get("paired") else ""
                 delta += (f" +- {metric.text(d['se'])} "
-                          f"({'within' if d['within_2se'] else 'beyond'} 2 SE)")
+                          f"({paired}{'within' if d['within_2se'] else 'beyond'} 2 SE)")
         lines.append(
             f"| {_cell(r['label'])} | {_cell(r['method'])} | {seeds} | "
             f"{_mean_text(r[metric.key], metric.text)} | {delta} | "
