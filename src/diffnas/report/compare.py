@@ -424,10 +424,8 @@ def _genotype_text(genotype: dict[str, Any] | None) -> str:
 
 
 def compare_figure(summary: dict[str, Any]) -> Any:
-    """A strip plot: each run's per-seed figures (dots) and their mean (a bar)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """A strip plot: each run's per-seed figures (dots) and their mean (a bar); a bare
+    ``Figure``, so no pyplot backend is chosen or changed."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
