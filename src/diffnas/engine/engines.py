@@ -196,11 +196,7 @@ def engine_settings(cfg: RunConfig) -> Any:
     refuse a non-empty section."""
     from diffnas.config import ConfigError, from_dict
 
-    engine, section = engine_of(cfg), cfg.engine
-    if not isinstance(section, dict):
-        raise ConfigError(f"config.engine: {section!r} is not a mapping; the section holds "
-                          f"the settings of the run's engine ({engine.label}), which itself "
-                          "follows from search.space.name")
+    engine, section = engine_of(cfg), cfg.engine  # (a mapping: the config loader's check)
     if engine.settings is None:
         if section:
             raise ConfigError(f"config.engine: the {engine.label} engine takes no settings "

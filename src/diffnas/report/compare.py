@@ -449,12 +449,9 @@ def compare_figure(summary: dict[str, Any]) -> Any:
 
 
 def _is_compare_text(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return f"<!-- {COMPARE_MARK} -->" in head or f'"generator": "{COMPARE_MARK}"' in head
+    from diffnas.report.outputs import has_mark
+
+    return has_mark(path, f"<!-- {COMPARE_MARK} -->", f'"generator": "{COMPARE_MARK}"')
 
 
 def write_compare(summary: dict[str, Any], out: str | Path, force: bool = False) -> list[Path]:

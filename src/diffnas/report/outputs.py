@@ -152,10 +152,16 @@ def _head(path: Path, n: int = 4096) -> bytes:
         return b""
 
 
+def has_mark(path: str | Path, *marks: str) -> bool:
+    """Whether the head of the file at ``path`` holds one of ``marks`` (a marker a kind
+    of diffnas output carries; False for a file that cannot be read)."""
+    head = _head(Path(path))
+    return any(m.encode() in head for m in marks)
+
+
 def is_report(path: str | Path) -> bool:
     """Whether ``path`` is an HTML report diffnas wrote."""
-    head = _head(Path(path))
-    return REPORT_MARK.encode() in head or LEGACY_REPORT_MARK.encode() in head
+    return has_mark(path, REPORT_MARK, LEGACY_REPORT_MARK)
 
 
 def mark_picture(data: bytes, fmt: str) -> bytes:
