@@ -27,6 +27,7 @@ from diffnas.report.compare import (
     load_entry,
     paired_difference,
 )
+from diffnas.report.stats import relabel_p
 
 TINY = [
     "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
@@ -81,17 +82,19 @@ def _seeds(parent: Path, accs: dict[int, float], overrides: list[str] = ()) -> P
 
 # --- statistics ------------------------------------------------------------------------
 def test_difference_and_its_standard_error_by_hand():
-    a = {"mean": 2.0, "std": 1.0, "n": 3}  # values 1, 2, 3
-    b = {"mean": 3.0, "std": math.sqrt(2), "n": 2}  # values 2, 4
+    a = [1.0, 2.0, 3.0]  # mean 2, std 1
+    b = [2.0, 4.0]  # mean 3, std sqrt(2)
     d = difference(a, b)
     assert d["diff"] == pytest.approx(1.0)
     assert d["se"] == pytest.approx(math.sqrt(1 / 3 + 2 / 2))
-    assert d["within_2se"] is True
-    far = difference(a, {"mean": 9.0, "std": 0.5, "n": 4})
-    assert far["diff"] == pytest.approx(7.0) and far["within_2se"] is False
-    one = difference(a, {"mean": 2.5, "std": None, "n": 1})  # one seed: no spread
-    assert one["diff"] == pytest.approx(0.5) and one["se"] is None and one["within_2se"] is None
-    assert difference(a, {"mean": None, "std": None, "n": 0}) is None
+    assert d["df"] == pytest.approx((4 / 3) ** 2 / ((1 / 3) ** 2 / 2 + 1))  # Welch: 32/19
+    lo, hi = d["ci"]  # t at 1.68 degrees of freedom is far above 2
+    assert lo < 1.0 - 2 * d["se"] and hi > 1.0 + 2 * d["se"]
+    assert d["p"] == pytest.approx(relabel_p(a, b)) and d["paired"] == 0
+    one = difference(a, [2.5])  # one seed: no spread, no interval, still a permutation p
+    assert one["diff"] == pytest.approx(0.5) and one["se"] is None and one["ci"] is None
+    assert one["smallest_p"] == pytest.approx(1 / 4)
+    assert difference(a, []) is None
 
 
 def test_runs_of_the_same_seeds_are_paired_seed_by_seed(tmp_path):
@@ -104,7 +107,9 @@ def test_runs_of_the_same_seeds_are_paired_seed_by_seed(tmp_path):
     diffs = [0.1, 0.2, 0.05]
     assert d["diff"] == pytest.approx(statistics.mean(diffs))
     assert d["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
-    assert d["within_2se"] is False and d["paired"] == 3  # 0.117 > 2 x 0.044
+    assert d["paired"] == 3 and d["df"] == 2
+    assert d["p"] == pytest.approx(0.25)  # all three positive: 2 of the 8 sign patterns
+    assert d["ci"][0] < 0 < d["ci"][1]  # beyond 2 SE (0.117 > 2 x 0.044), yet t(2) = 4.3
     assert paired_difference(a, {0: 0.6, 1: 0.9, 3: 0.65}) is None
     assert paired_difference({0: 0.5}, {0: 0.6}) is None
     base = _seeds(tmp_path / "base", a)
@@ -112,13 +117,40 @@ def test_runs_of_the_same_seeds_are_paired_seed_by_seed(tmp_path):
     row = compare_runs([base, other])["runs"][1]
     assert row["vs_first"]["diff"] == pytest.approx(statistics.mean(diffs))
     assert row["vs_first"]["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
-    assert "+11.67% +- 4.41% (paired over 3 seeds, beyond 2 SE)" in compare_markdown(
-        compare_runs([base, other]))
+    text = compare_markdown(compare_runs([base, other]))
+    assert ("+11.67% +- 4.41% (95% CI -7.31% to +30.64%; p = 0.25, paired over 3 seeds): "
+            "no clear difference") in text
+    assert ("- other: with 3 paired seeds the test's smallest p is 0.25; 6 seeds per run are "
+            "the fewest that can show a clear difference (paired)") in text
     (other / "seed_2" / "retrain" / "result.json").unlink()  # seed 2 unfinished: unpaired
     row = compare_runs([base, other])["runs"][1]
     assert row["vs_first"]["paired"] == 0
     assert row["vs_first"]["se"] == pytest.approx(math.sqrt(
         statistics.variance(a.values()) / 3 + statistics.variance([0.6, 0.9]) / 2))
+
+
+def test_a_clear_difference_needs_enough_seeds_and_holm_counts_the_comparisons(tmp_path):
+    """Six paired seeds all better: p = 2/64, clear. A third run compared as well: Holm
+    doubles the smallest p (0.0625), no longer clear, and the page says how many seeds
+    would do (7)."""
+    base = _seeds(tmp_path / "base", {s: 0.60 + 0.01 * s for s in range(6)})
+    better = _seeds(tmp_path / "better", {s: 0.65 + 0.012 * s for s in range(6)},
+                    ["search.strategy={name: gdas}"])
+    row = compare_runs([base, better])["runs"][1]["vs_first"]
+    assert row["p"] == pytest.approx(1 / 32) and row["p_holm"] == row["p"] and row["clear"]
+    text = compare_markdown(compare_runs([base, better]))
+    assert "p = 0.03, paired over 6 seeds): clear |" in text and "Too few seeds" not in text
+    mixed = _seeds(tmp_path / "mixed", {s: 0.60 + 0.01 * s + (-0.02 if s % 2 else 0.02)
+                                         for s in range(6)}, ["search.strategy={name: snas}"])
+    summary = compare_runs([base, better, mixed])
+    better_row, mixed_row = (r["vs_first"] for r in summary["runs"][1:])
+    assert mixed_row["p"] > 0.5  # three seeds up, three down by as much
+    assert better_row["p_holm"] == pytest.approx(2 / 32) and not better_row["clear"]
+    text = compare_markdown(summary)
+    assert "p = 0.03, Holm 0.06, paired over 6 seeds): no clear difference |" in text
+    assert ("- better: with 6 paired seeds the test's smallest p is 0.03; 7 seeds per run are "
+            "the fewest that can show a clear difference (paired, Holm over 2 comparisons)"
+            ) in text
 
 
 def test_a_seeds_parent_against_a_single_run(tmp_path):
@@ -144,7 +176,8 @@ def test_a_seeds_parent_against_a_single_run(tmp_path):
     assert summary["seeds_differ"] and not summary["data_differs"]
     text = compare_markdown(summary)
     assert "| darts | darts | 3/3 | 60.00% +- 10.00% | (baseline) |" in text
-    assert "| gdas | gdas | 1/1 | 90.00% | +30.00% (a single seed: no standard error) |" in text
+    assert ("| gdas | gdas | 1/1 | 90.00% | +30.00% (a single seed: no standard error; "
+            "p = 0.25) |") in text  # 0.9 is the most extreme of the 4 ways to pick one
     assert "- `search.epochs`: darts: 2; gdas: 3" in text
     assert "- `search.strategy.relaxation.name`: darts: softmax; gdas: hard_gumbel" in text
     assert "5.00 s" in text and "6.50 s" in text

@@ -22,6 +22,7 @@ from diffnas.nasbench.encoding import cell_names
 from diffnas.nasbench.oracle import QueryOracle
 from diffnas.nasbench.strategies import create_query_strategy
 from diffnas.nasbench.table import REPORT_METRICS, SEARCH_METRIC, Nb201Benchmark
+from diffnas.report.stats import sign_flip_p
 from diffnas.spaces.nb201 import ops_to_genotype
 
 
@@ -106,8 +107,7 @@ def paired_comparison(a: list[float], b: list[float], permutations: int = 100_00
                       seed: int = 0) -> dict[str, float]:
     """Compare paired samples ``a`` vs ``b`` (same seeds): mean difference, wins/ties/
     losses, a two-sided exact sign test (ties dropped) and a two-sided sign-flip
-    permutation test of the mean difference (exact up to 2**16 patterns, else Monte
-    Carlo with ``permutations`` draws)."""
+    permutation test of the mean difference (:func:`~diffnas.report.stats.sign_flip_p`)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError("paired_comparison needs two equally long, non-empty lists")
@@ -115,14 +115,7 @@ def paired_comparison(a: list[float], b: list[float], permutations: int = 100_00
     n = wins + losses
     k = min(wins, losses)
     sign_p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
-    observed = abs(d.mean())
-    if len(d) <= 16:
-        signs = ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) * 2 - 1
-        perm_p = float((np.abs((signs * d).mean(1)) >= observed - 1e-12).mean())
-    else:  # Monte Carlo; (hits + 1) / (draws + 1) never claims p = 0
-        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(d)))
-        hits = int((np.abs((signs * d).mean(1)) >= observed - 1e-12).sum())
-        perm_p = (hits + 1) / (permutations + 1)
+    perm_p = sign_flip_p(d, permutations, seed)
     return {"mean_diff": float(d.mean()), "wins": wins, "ties": int(len(d) - n),
             "losses": losses, "sign_test_p": float(sign_p), "permutation_p": perm_p}
 

@@ -78,7 +78,7 @@ def _report(p: argparse.ArgumentParser):
 
 
 @register_command("compare", "runs (or --seeds parents) side by side: figures, differences "
-                  "with standard errors, times, and what else differs")
+                  "with intervals and p-values, times, and what else differs")
 def _compare(p: argparse.ArgumentParser):
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories or --seeds parents (the first is the baseline); "

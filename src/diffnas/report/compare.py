@@ -4,7 +4,10 @@ Each RUN is a run directory (``diffnas search`` or ``diffnas train``) or a ``--s
 parent. One table gives each run's method, its seeds, the retrained figure its engine is
 judged by (mean +- sample std over the finished seeds), the search's validation figure,
 parameters, MACs and the wall-clock seconds of search and retraining (``metrics.jsonl``
-rows' ``seconds``), and each run's difference to the first with its standard error.
+rows' ``seconds``), and each run's difference to the first with its standard error, its
+confidence interval and a permutation test's p-value (:mod:`diffnas.report.stats`),
+Holm-adjusted when several runs are compared with the first, and which comparisons have
+too few seeds to show a clear difference whatever their figures.
 Below it, what else differs between the runs' configs and data, since a comparison is
 fair only when the method is all that differs, and the genotypes each run found.
 With ``--out DIR`` it writes ``compare.md``, ``compare.json`` and a strip plot
@@ -34,6 +37,15 @@ from diffnas.engine.multiseed import (
     seeds_metric,
 )
 from diffnas.engine.rundir import load_run_config, recorded_threads, run_kind, same_data
+from diffnas.report.stats import (
+    holm,
+    relabel_p,
+    sign_flip_p,
+    smallest_relabel_p,
+    smallest_sign_flip_p,
+    t_interval,
+    welch_df,
+)
 
 #: the marker that tells a file ``diffnas compare`` wrote (replaced on the next run)
 COMPARE_MARK = "diffnas compare"
@@ -44,6 +56,8 @@ NOT_SETTINGS = ("seed", "name", "out_dir", "progress", "logger", "plugins", "dev
 DEFAULT_NAMES = {"strategy": "darts", "space": "darts_cnn"}
 #: config keys that make up the method under comparison
 METHOD_KEYS = ("search.strategy", "search.discretizer")
+#: the confidence level of the intervals; a difference is clear where its p < 1 - LEVEL
+LEVEL = 0.95
 
 
 class CompareError(ValueError):
@@ -215,30 +229,52 @@ def _stat(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": len(kept)}
 
 
-def difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
-    """``b``'s mean minus ``a``'s, with the standard error of that difference (each
-    mean's variance over its seeds, added: sqrt(sa^2/na + sb^2/nb)); None without a mean
-    on both sides, and a standard error of None unless both have two seeds or more."""
-    if a["mean"] is None or b["mean"] is None:
+def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
+    """``b``'s mean minus ``a``'s (the figures of two runs' finished seeds, unpaired): its
+    standard error sqrt(sa^2/na + sb^2/nb) and Welch's :data:`LEVEL` confidence interval
+    (None unless both have two seeds or more), and the p-value of a permutation test over
+    the ways to split the pooled figures (:func:`~diffnas.report.stats.relabel_p`);
+    None without a figure on both sides."""
+    if not a or not b:
         return None
-    se = (math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-          if a["std"] is not None and b["std"] is not None else None)
-    return {"diff": b["mean"] - a["mean"], "se": se,
-            "within_2se": None if se is None else abs(b["mean"] - a["mean"]) <= 2 * se,
-            "paired": 0}
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    out = {"diff": mb - ma, "se": None, "df": None, "ci": None, "paired": 0,
+           "seeds": [len(a), len(b)],
+           "test": "permutation of the runs' labels", "p": relabel_p(a, b),
+           "smallest_p": smallest_relabel_p(len(a), len(b))}
+    if sa is not None and sb is not None:
+        se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+        df = welch_df(sa, len(a), sb, len(b))
+        out.update(se=se, df=df, ci=list(t_interval(mb - ma, se, df, LEVEL)))
+    return out
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
     """``b`` minus ``a`` seed by seed (``{seed: figure}`` of each run's finished seeds)
-    when both finished the same two or more seeds: the mean of the differences and its
+    when both finished the same two or more seeds: the mean of the differences, its
     standard error (their sample std / sqrt(n)), which leaves out what the seeds share
-    (the data subset a seed draws, and the initial weights on one space); else None."""
+    (the data subset a seed draws, and the initial weights on one space), Student's
+    :data:`LEVEL` confidence interval at n - 1 degrees of freedom, and the p-value of a
+    sign-flip permutation test (:func:`~diffnas.report.stats.sign_flip_p`); else None."""
     if len(a) < 2 or set(a) != set(b):
         return None
     d = [b[s] - a[s] for s in sorted(a)]
     mean, std = mean_std(d)
     se = std / math.sqrt(len(d))
-    return {"diff": mean, "se": se, "within_2se": abs(mean) <= 2 * se, "paired": len(d)}
+    return {"diff": mean, "se": se, "df": len(d) - 1,
+            "ci": list(t_interval(mean, se, len(d) - 1, LEVEL)), "paired": len(d),
+            "seeds": [len(d), len(d)],
+            "test": "sign flips of the per-seed differences", "p": sign_flip_p(d),
+            "smallest_p": smallest_sign_flip_p(len(d))}
+
+
+def _adjust(rows: Sequence[dict[str, Any]]) -> None:
+    """Holm's adjustment of the rows' p-values over all comparisons with the first run
+    (``p_holm``), and whether each difference is clear at 1 - :data:`LEVEL` by it."""
+    tested = [r["vs_first"] for r in rows if r.get("vs_first")]
+    for d, p in zip(tested, holm([d["p"] for d in tested])):
+        d["p_holm"] = p
+        d["clear"] = p < 1 - LEVEL
 
 
 def _by_seed(records: Sequence[dict[str, Any]], key: str) -> dict[int, float]:
@@ -286,10 +322,12 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
                       "genotype": r.get("genotype"), "error": r.get("error")}
                      for r in e.records],
         })
-    base, base_seeds = rows[0][metric.key], _by_seed(entries[0].records, metric.key)
+    base_seeds = _by_seed(entries[0].records, metric.key)
     for row, e in zip(rows[1:], entries[1:]):
-        row["vs_first"] = (paired_difference(base_seeds, _by_seed(e.records, metric.key))
-                           or difference(base, row[metric.key]))
+        seeds = _by_seed(e.records, metric.key)
+        row["vs_first"] = (paired_difference(base_seeds, seeds)
+                           or difference(list(base_seeds.values()), list(seeds.values())))
+    _adjust(rows[1:])
     differs = config_differences([e.cfg for e in entries], [e.kind == "search" for e in entries])
     return {
         "generator": COMPARE_MARK,
@@ -333,12 +371,16 @@ def compare_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Comparison of {len(rows)} run{'s' if len(rows) != 1 else ''}: "
              f"{metric.headline.lower()}", "",
              f"{metric.headline} and {metric.search_name} (last epoch): mean +- sample std "
-             "over each run's finished seeds. diff: the run's mean minus the first run's, +- "
-             "its standard error, and whether it lies within 2 standard errors (no clear "
-             "difference at these seed counts); paired seed by seed where both runs finished "
-             "the same seeds (the error of the mean difference), else sqrt(s1^2/n1 + "
-             "s2^2/n2). Times: wall-clock time of each phase per seed (mean), as its "
-             "metrics.jsonl recorded it.",
+             "over each run's finished seeds. diff vs first: the run's mean minus the first "
+             f"run's, +- its standard error, with its {LEVEL:.0%} confidence interval (Student's "
+             "t) and the p-value of a permutation test (no normal distribution assumed); "
+             "paired seed by seed where both runs finished the same seeds (the error of the "
+             "mean difference; sign flips of the differences), else unpaired (sqrt(s1^2/n1 + "
+             "s2^2/n2), Welch's interval; relabelings of the pooled seeds)"
+             + (", p Holm-adjusted over the comparisons with the first run" if len(rows) > 2
+                else "")
+             + f". Clear: p < {1 - LEVEL:.2g}. Times: wall-clock time of each phase per seed "
+             "(mean), as its metrics.jsonl recorded it.",
              "",
              f"| run | method | seeds | {metric.column} | diff vs first | "
              f"{metric.search_column} | params | MACs | search time | retrain time |",
@@ -350,15 +392,7 @@ def compare_markdown(summary: dict[str, Any]) -> str:
         elif r.get("vs_first") is None:
             delta = "-"
         else:
-            d = r["vs_first"]
-            sign = "+" if d["diff"] >= 0 else "-"
-            delta = f"{sign}{metric.text(abs(d['diff']))}"
-            if d["se"] is None:
-                delta += " (a single seed: no standard error)"
-            else:
-                paired = f"paired over {d['paired']} seeds, " if d.get("paired") else ""
-                delta += (f" +- {metric.text(d['se'])} "
-                          f"({paired}{'within' if d['within_2se'] else 'beyond'} 2 SE)")
+            delta = _delta_text(r["vs_first"], metric, len(rows) > 2)
         lines.append(
             f"| {_cell(r['label'])} | {_cell(r['method'])} | {seeds} | "
             f"{_mean_text(r[metric.key], metric.text)} | {delta} | "
@@ -367,6 +401,10 @@ def compare_markdown(summary: dict[str, Any]) -> str:
             f"{_mean_text(r['macs'], lambda v: f'{v:,.0f}')} | "
             f"{duration(r['search_seconds']['mean'])} | "
             f"{duration(r['retrain_seconds']['mean'])} |")
+    few = _too_few_lines(rows)
+    if few:
+        lines += ["", f"Too few seeds to show a clear difference (p < {1 - LEVEL:.2g}) "
+                  "whatever the figures:", *few]
     lines += ["", "## Is it a fair comparison?", ""]
     if len(rows) == 1:
         lines.append("One run: nothing to compare it with.")
@@ -409,6 +447,53 @@ def compare_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"- seed {run['seed']} ({metric.text(run.get(metric.key))}): {text}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.1e}"
+
+
+def _delta_text(d: dict[str, Any] | None, metric: Metric, adjusted: bool) -> str:
+    """A table cell: the difference to the first run, its error, interval and test."""
+    if d is None:
+        return "-"
+
+    def signed(v: float) -> str:
+        return ("+" if v >= 0 else "-") + metric.text(abs(v))
+
+    p = f"p = {_p_text(d['p'])}" + (f", Holm {_p_text(d['p_holm'])}" if adjusted else "")
+    if d["se"] is None:
+        return f"{signed(d['diff'])} (a single seed: no standard error; {p})"
+    lo, hi = d["ci"]
+    paired = f", paired over {d['paired']} seeds" if d["paired"] else ""
+    verdict = "clear" if d["clear"] else "no clear difference"
+    return (f"{signed(d['diff'])} +- {metric.text(d['se'])} ({LEVEL:.0%} CI {signed(lo)} to "
+            f"{signed(hi)}; {p}{paired}): {verdict}")
+
+
+def _too_few_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A line for each comparison whose seeds cannot reach p < 1 - LEVEL at all (Holm's
+    adjustment multiplies the smallest p by the number of comparisons), with the fewest
+    seeds per run (of the same design) that can."""
+    tested = [r for r in rows[1:] if r.get("vs_first")]
+    m, level = len(tested), 1 - LEVEL
+    lines = []
+    for r in tested:
+        d = r["vs_first"]
+        if d["smallest_p"] * m < level:
+            continue
+        if d["paired"]:
+            need = next(n for n in range(2, 64) if smallest_sign_flip_p(n) * m < level)
+            how = f"{d['paired']} paired seeds"
+        else:
+            need = next(n for n in range(2, 64) if smallest_relabel_p(n, n) * m < level)
+            how = "{} and {} unpaired seeds".format(*d["seeds"])
+        holm_note = f", Holm over {m} comparisons" if m > 1 else ""
+        lines.append(f"- {r['label']}: with {how} the test's smallest p is "
+                     f"{_p_text(d['smallest_p'])}; {need} seeds per run are the fewest that "
+                     f"can show a clear difference ({'paired' if d['paired'] else 'unpaired'}"
+                     f"{holm_note})")
+    return lines
 
 
 def _difference_lines(differences: dict[str, list[Any]], rows: list[dict[str, Any]]
