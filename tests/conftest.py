@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffnas.arch import ArchParams
+from diffnas.report.plots import plots_after_run as _REAL_PLOTS_AFTER_RUN
 from diffnas.spaces import DataShape, create_space
 from diffnas.strategies import ClassificationObjective, create_strategy
 
@@ -37,6 +38,26 @@ def tiny_strategy(section: dict, space=None, dtype=torch.float32, seed: int = 0)
         for p in arch.parameters():
             p.normal_(0, 0.5)
     return create_strategy(section, supernet, arch, ClassificationObjective(), epochs=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_plots_after_runs():
+    """Runs end without drawing RUN/plots (about 2 s a run, over a hundred runs in the
+    suite; module-scoped fixtures' runs included), except in tests marked ``run_plots``,
+    which check that they are drawn. Seed workers in other processes still draw theirs."""
+    import diffnas.report.plots as plots
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "plots_after_run", lambda run_dir, cfg: [])
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _plots_where_marked(request, monkeypatch):
+    if request.node.get_closest_marker("run_plots") is not None:
+        import diffnas.report.plots as plots
+
+        monkeypatch.setattr(plots, "plots_after_run", _REAL_PLOTS_AFTER_RUN)
 
 
 @pytest.fixture

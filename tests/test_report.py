@@ -502,3 +502,56 @@ def test_the_report_of_an_unfinished_search_says_its_genotype_is_provisional(run
     assert "normal cell (latest genotype, after epoch 2 of 3" in page
     final = render_report(plots.load_run(run_dir), backend="matplotlib")
     assert "the search has not finished" not in final
+
+
+# --- pictures drawn as a run ends --------------------------------------------------------
+PICTURES = sorted(f"{name}.{fmt}" for fmt in ("png", "svg") for name in (
+    "cell_normal", "cell_reduce", "alphas_normal", "alphas_reduce", "curves"))
+
+
+@pytest.mark.run_plots
+def test_search_train_and_seeds_end_with_their_plots_drawn(tmp_path, capsys):
+    """A search run's plots/ holds both cells, both alpha heatmaps and the curves once it
+    ends, as `diffnas plot` draws them; a train run its cells and curves; a --seeds run's
+    seeds each their own."""
+    out = tmp_path / "runs"
+    assert main(["search", f"out_dir={out}", "name=s", *TINY_RUN]) == 0
+    assert sorted(p.name for p in (out / "s/plots").iterdir()) == PICTURES
+    assert f"plots: {out / 's/plots'} (10 pictures; plots=false skips them)" in (
+        out / "s/log.txt").read_text()
+    curves = svg_texts((out / "s/plots/curves.svg").read_bytes())
+    assert "retrain: accuracy" in curves  # drawn after the retraining ended
+    assert main(["train", "--genotype", str(out / "s/search/genotype.json"), f"out_dir={out}",
+                 "name=t", *TINY_RUN]) == 0
+    assert sorted(p.name for p in (out / "t/plots").iterdir()) == [
+        p for p in PICTURES if not p.startswith("alphas")]
+    assert main(["search", "--seeds", "0", "--workers", "1", f"out_dir={out}", "name=m",
+                 *TINY_RUN, "search.epochs=1"]) == 0
+    assert sorted(p.name for p in (out / "m/seed_0/plots").iterdir()) == PICTURES
+    assert not (out / "m/plots").exists()  # the parent is no run: no pictures of its own
+
+
+@pytest.mark.run_plots
+def test_plots_after_a_run_skip_when_off_and_never_fail_it(run_dir, tmp_path, caplog):
+    """plots=false draws nothing; a picture that cannot be written (a file of the user's
+    in plots/) is a warning naming it and `diffnas plot`, the file kept, nothing raised."""
+    import dataclasses
+
+    from diffnas.engine.rundir import load_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "plots", ignore_errors=True)
+    cfg = load_run_config(run)
+    assert plots.plots_after_run(run, dataclasses.replace(cfg, plots=False)) == []
+    assert not (run / "plots").exists()
+    (run / "plots").mkdir()
+    (run / "plots/curves.svg").write_text("mine")
+    with caplog.at_level("WARNING", logger="diffnas"):
+        assert plots.plots_after_run(run, cfg) == []
+    assert "plots not drawn (OutputRefused:" in caplog.text and "curves.svg" in caplog.text
+    assert f"diffnas plot {run} draws them" in caplog.text
+    assert [p.name for p in (run / "plots").iterdir()] == ["curves.svg"]
+    assert (run / "plots/curves.svg").read_text() == "mine"
+    (run / "plots/curves.svg").unlink()
+    assert len(plots.plots_after_run(run, cfg)) == 10

@@ -103,6 +103,10 @@ def _search(p: argparse.ArgumentParser):
         # the space's engine (engine/engines.py) searches, retrains and prints the result
         rc = engine_of(cfg).search(cfg, run_dir, bool(args.resume))
         dp.shutdown(together=True)
+        if main and rc == 0:
+            from diffnas.report.plots import plots_after_run
+
+            plots_after_run(run_dir, cfg)
         return rc
 
     return run
@@ -154,9 +158,13 @@ def _train(p: argparse.ArgumentParser):
             pin_genotype(run_dir / "retrain", genotype, resume=False)
             return cfg, run_dir
 
-        cfg, run_dir, _ = _join_run(args, open_run)
+        cfg, run_dir, main = _join_run(args, open_run)
         engine_of(cfg).train(cfg, genotype, run_dir, bool(args.resume))  # prints (main)
         dp.shutdown(together=True)
+        if main:
+            from diffnas.report.plots import plots_after_run
+
+            plots_after_run(run_dir, cfg)
         return 0
 
     return run

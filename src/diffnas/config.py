@@ -360,6 +360,9 @@ class RunConfig:
     out_dir: str = "runs"
     name: str | None = None  # run directory name; None = config name + time
     progress: bool = True
+    # RUN/plots (cell diagrams, alpha heatmaps, curves) drawn when a search or retraining
+    # ends (report/plots.py, plots_after_run); `diffnas plot RUN` draws them any time
+    plots: bool = True
     logger: str = "jsonl"  # "jsonl", or "tensorboard" (TensorBoard next to JSON lines)
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)

@@ -175,6 +175,9 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
         genotype = engine.run_search(cfg, run, resume=True).genotype
     if cfg.retrain.enabled and not is_finished(run, cfg):
         engine.run_retrain(cfg, genotype, run, resume=True)
+    from diffnas.report.plots import plots_after_run
+
+    plots_after_run(run, cfg)
     return seed_record(run, cfg.seed, seeds_metric(cfg))
 
 

@@ -281,7 +281,7 @@ def run_kind(run_dir: str | Path) -> str | None:
 
 #: settings a resumed run may change: where it runs, where its data lives and how it
 #: reports, never what it computes
-RESUME_OVERRIDES = ("device", "progress", "data.root", "plugins")
+RESUME_OVERRIDES = ("device", "progress", "plots", "data.root", "plugins")
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,

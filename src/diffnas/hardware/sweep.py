@@ -58,7 +58,7 @@ def _with_penalty(cfg, lam: float, predictor: str):
 #: the sha256 of the predictor file a lambda's run searched with (beside its config.yaml)
 PREDICTOR_DIGEST = "predictor.sha256"
 #: where and how a run executes: not what it computes, so not compared on reuse
-_RUN_ONLY = ("device", "progress", "logger")
+_RUN_ONLY = ("device", "progress", "plots", "logger")
 
 
 def _computed(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from diffnas.report.stats import (
 #: the marker that tells a file ``diffnas compare`` wrote (replaced on the next run)
 COMPARE_MARK = "diffnas compare"
 #: config keys that say where and how a run ran, never what it computed
-NOT_SETTINGS = ("seed", "name", "out_dir", "progress", "logger", "plugins", "device",
+NOT_SETTINGS = ("seed", "name", "out_dir", "progress", "plots", "logger", "plugins", "device",
                 "data.root")
 #: the strategy and space a section without ``name`` means
 DEFAULT_NAMES = {"strategy": "darts", "space": "darts_cnn"}
