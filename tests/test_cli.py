@@ -113,7 +113,7 @@ def test_resume_keeps_the_runs_settings(tmp_path, capsys):
     run.mkdir()
     (run / "config.yaml").write_text("search: {epochs: 1}\n")
     assert main(["search", "--resume", str(run), "search.epochs=10"]) == 2
-    assert "only device, progress, data.root, plugins may change" in capsys.readouterr().err
+    assert "only device, progress, plots, data.root, plugins may change" in capsys.readouterr().err
     assert main(["search", "--resume", str(run), "--config",
                  str(ROOT / "configs/darts_fashion_mnist.yaml")]) == 2
     assert "drop --config" in capsys.readouterr().err
