@@ -198,7 +198,7 @@ def test_resume_passes_the_resume_overrides_to_every_seed(tmp_path, capsys):
     par = tmp_path / "p"
     capsys.readouterr()
     assert main(["search", "--seeds", "0,1", "--resume", str(par), "search.epochs=2"]) == 2
-    assert "only device, progress, data.root, plugins may change" in capsys.readouterr().err
+    assert "only device, progress, plots, data.root, plugins may change" in capsys.readouterr().err
     fm = "/usr/share/datasets/fashion-mnist"
     if not Path(fm).is_dir():
         pytest.skip("needs Debian's dataset-fashion-mnist")
