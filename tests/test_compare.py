@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from diffnas.engine.callbacks import duration
 from diffnas.engine.engines import PERPLEXITY
 from diffnas.engine.loop import Loop
 from diffnas.engine.rundir import mark_made_by
+from diffnas.genotype import published_genotype
 from diffnas.report.compare import (
     CompareError,
     compare,
@@ -110,7 +112,8 @@ def test_runs_of_the_same_seeds_are_paired_seed_by_seed(tmp_path):
     assert d["paired"] == 3 and d["df"] == 2
     assert d["p"] == pytest.approx(0.25)  # all three positive: 2 of the 8 sign patterns
     assert d["ci"][0] < 0 < d["ci"][1]  # beyond 2 SE (0.117 > 2 x 0.044), yet t(2) = 4.3
-    assert paired_difference(a, {0: 0.6, 1: 0.9, 3: 0.65}) is None
+    two = paired_difference(a, {0: 0.6, 1: 0.9, 3: 0.65})  # over the seeds both finished
+    assert two["paired"] == 2 and two["diff"] == pytest.approx(0.15)
     assert paired_difference({0: 0.5}, {0: 0.6}) is None
     base = _seeds(tmp_path / "base", a)
     other = _seeds(tmp_path / "other", b, ["search.strategy={name: gdas}"])
@@ -120,13 +123,22 @@ def test_runs_of_the_same_seeds_are_paired_seed_by_seed(tmp_path):
     text = compare_markdown(compare_runs([base, other]))
     assert ("+11.67% +- 4.41% (95% CI -7.31% to +30.64%; p = 0.25, paired over 3 seeds): "
             "no clear difference") in text
-    assert ("- other: with 3 paired seeds the test's smallest p is 0.25; 6 seeds per run are "
-            "the fewest that can show a clear difference (paired)") in text
-    (other / "seed_2" / "retrain" / "result.json").unlink()  # seed 2 unfinished: unpaired
+    assert ("- other: with 3 paired seeds, the test's smallest p is 0.25; at least 6 differing "
+            "paired seeds are needed") in text
+    (other / "seed_2" / "retrain" / "result.json").unlink()  # seed 2 unfinished: 2 pairs
+    summary = compare_runs([base, other])
+    row = summary["runs"][1]
+    assert row["vs_first"]["paired"] == 2 and row["finished"] == 2
+    assert row["vs_first"]["se"] == pytest.approx(statistics.stdev([0.1, 0.2]) / math.sqrt(2))
+    assert "paired over 2 of 3 seeds): no clear difference" in compare_markdown(summary)
+    # other seeds given: unpaired, said so
+    other = _seeds(tmp_path / "other2", {3: 0.6, 4: 0.9, 5: 0.65})
     row = compare_runs([base, other])["runs"][1]
     assert row["vs_first"]["paired"] == 0
     assert row["vs_first"]["se"] == pytest.approx(math.sqrt(
-        statistics.variance(a.values()) / 3 + statistics.variance([0.6, 0.9]) / 2))
+        statistics.variance(a.values()) / 3 + statistics.variance([0.6, 0.9, 0.65]) / 3))
+    assert "; p = 0.50, unpaired): no clear difference" in compare_markdown(
+        compare_runs([base, other]))
 
 
 def test_a_clear_difference_needs_enough_seeds_and_holm_counts_the_comparisons(tmp_path):
@@ -139,7 +151,7 @@ def test_a_clear_difference_needs_enough_seeds_and_holm_counts_the_comparisons(t
     row = compare_runs([base, better])["runs"][1]["vs_first"]
     assert row["p"] == pytest.approx(1 / 32) and row["p_holm"] == row["p"] and row["clear"]
     text = compare_markdown(compare_runs([base, better]))
-    assert "p = 0.03, paired over 6 seeds): clear |" in text and "Too few seeds" not in text
+    assert "p = 0.0312, paired over 6 seeds): clear |" in text and "Too few seeds" not in text
     mixed = _seeds(tmp_path / "mixed", {s: 0.60 + 0.01 * s + (-0.02 if s % 2 else 0.02)
                                          for s in range(6)}, ["search.strategy={name: snas}"])
     summary = compare_runs([base, better, mixed])
@@ -147,10 +159,36 @@ def test_a_clear_difference_needs_enough_seeds_and_holm_counts_the_comparisons(t
     assert mixed_row["p"] > 0.5  # three seeds up, three down by as much
     assert better_row["p_holm"] == pytest.approx(2 / 32) and not better_row["clear"]
     text = compare_markdown(summary)
-    assert "p = 0.03, Holm 0.06, paired over 6 seeds): no clear difference |" in text
-    assert ("- better: with 6 paired seeds the test's smallest p is 0.03; 7 seeds per run are "
-            "the fewest that can show a clear difference (paired, Holm over 2 comparisons)"
-            ) in text
+    assert "p = 0.0312, Holm 0.0625, paired over 6 seeds): no clear difference |" in text
+    assert "Too few seeds" not in text  # each alone could be clear: Holm is not the floor
+
+
+def test_ties_no_spread_and_a_p_just_short_of_the_threshold_are_said_as_they_are(tmp_path):
+    """A tied seed cannot move a sign-flip test: 6 paired seeds with one tie can give no
+    p below 2/2^5. The same difference on every seed has no interval (not a zero-width
+    one). A p of 1/21 prints as 0.0476, not as the 0.05 it falls short of."""
+    base = _seeds(tmp_path / "base", {s: 0.60 + 0.01 * s for s in range(6)})
+    tie = _seeds(tmp_path / "tie", {s: 0.60 + 0.01 * s + (0.02 if s else 0.0)
+                                    for s in range(6)}, ["search.strategy={name: gdas}"])
+    summary = compare_runs([base, tie])
+    d = summary["runs"][1]["vs_first"]
+    assert d["differing"] == 5 and d["smallest_p"] == pytest.approx(1 / 16)
+    assert d["p"] == pytest.approx(1 / 16) and not d["clear"]
+    assert d["ci"] is not None  # the tie gives the differences a spread
+    assert ("- tie: with 6 paired seeds, 5 of them differing (a tie tells nothing), the "
+            "test's smallest p is 0.0625; at least 6 differing paired seeds are needed"
+            ) in compare_markdown(summary)
+    same = _seeds(tmp_path / "same", {s: 0.61 + 0.01 * s for s in range(6)},
+                  ["search.strategy={name: snas}"])
+    d = compare_runs([base, same])["runs"][1]["vs_first"]
+    assert d["se"] == 0 and d["ci"] is None and d["clear"]  # p = 2/64: clear, no interval
+    assert ("+1.00% +- 0.00% (no spread: no interval; p = 0.0312, paired over 6 seeds): "
+            "clear") in compare_markdown(compare_runs([base, same]))
+    two = _seeds(tmp_path / "two", {10: 0.1, 11: 0.11})  # unpaired: 2 vs 6 far apart
+    d = compare_runs([base, two])["runs"][1]["vs_first"]
+    assert d["paired"] == 0 and d["p"] == pytest.approx(1 / 28)  # 1 of C(8, 2) splits
+    assert d["smallest_p"] == pytest.approx(1 / 28) and d["clear"]
+    assert "p = 0.0357, unpaired): clear" in compare_markdown(compare_runs([base, two]))
 
 
 def test_a_seeds_parent_against_a_single_run(tmp_path):
@@ -176,8 +214,8 @@ def test_a_seeds_parent_against_a_single_run(tmp_path):
     assert summary["seeds_differ"] and not summary["data_differs"]
     text = compare_markdown(summary)
     assert "| darts | darts | 3/3 | 60.00% +- 10.00% | (baseline) |" in text
-    assert ("| gdas | gdas | 1/1 | 90.00% | +30.00% (a single seed: no standard error; "
-            "p = 0.25) |") in text  # 0.9 is the most extreme of the 4 ways to pick one
+    assert ("| gdas | gdas | 1/1 | 90.00% | +30.00% (this run has a single seed: no standard "
+            "error; p = 0.25): no clear difference |") in text  # 0.9: 1 of 4 ways to pick one
     assert "- `search.epochs`: darts: 2; gdas: 3" in text
     assert "- `search.strategy.relaxation.name`: darts: softmax; gdas: hard_gumbel" in text
     assert "5.00 s" in text and "6.50 s" in text
@@ -228,7 +266,20 @@ def test_a_damaged_seed_is_a_failed_row_and_old_runs_have_no_times(tmp_path):
     assert ms.seed_record(old, 0)["search_seconds"] is None  # and no retraining rows
     assert ms.seed_record(old, 0)["retrain_seconds"] is None
     text = compare_markdown(summary)
-    assert "Seeds whose files could not be read: p seeds [1]" in text
+    assert (f"- p seed 1 could not be read: {first['runs'][1]['error']}" in text
+            and "result.json" in text)  # why, on the page itself
+    assert "- seed 1 (-): unreadable (above)" in text
+
+
+def test_a_figure_that_is_not_finite_is_left_out_and_said(tmp_path):
+    parent = _seeds(tmp_path / "p", {0: 0.5, 1: 0.7})
+    (parent / "seed_1/retrain/result.json").write_text('{"epochs_done": 1, "test_acc": Infinity}')
+    summary = compare_runs([parent])
+    row = summary["runs"][0]
+    assert row["finished"] == 1 and row["not_finite"] == {"1": math.inf}
+    assert row["test_acc"] == {"mean": 0.5, "std": None, "n": 1}
+    assert ("- p seed 1: test_acc is inf (diverged?), left out of the statistics"
+            in compare_markdown(summary))
 
 
 def test_refusals_name_the_problem(tmp_path):
@@ -254,13 +305,29 @@ def test_a_train_run_compares_with_a_search(tmp_path):
     mark_made_by(t, "train")
     (t / "retrain").mkdir()
     (t / "retrain" / "result.json").write_text(json.dumps({"test_acc": 0.8, "params": 7}))
+    (t / "retrain" / "genotype.json").write_text(json.dumps(GENO))  # as train pins it
     summary = compare_runs([a, t])
     assert summary["runs"][1]["method"].startswith("train")
     assert summary["runs"][1]["test_acc"]["mean"] == 0.8
     assert summary["runs"][1]["search_seconds"]["mean"] is None
     # its search settings were never read: only what it ran differs
     assert summary["setting_differences"] == {"retrain.lr": [0.025, 0.2]}
-    assert summary["method_differences"] == {}
+    digest = summary["method_differences"]["genotype (given to diffnas train)"][1]
+    assert summary["method_differences"] == {
+        "genotype (given to diffnas train)": ["searched", digest]}
+    assert summary["runs"][1]["runs"][0]["genotype"] == GENO  # shown, not "none yet"
+    # two train runs of other genotypes: that is what differs (a published one by name)
+    v2 = tmp_path / "v2"
+    shutil.copytree(t, v2)
+    (v2 / "retrain" / "genotype.json").write_text(
+        json.dumps(published_genotype("DARTS_V2").to_dict()))
+    summary = compare_runs([t, v2])
+    assert summary["method_differences"] == {
+        "genotype (given to diffnas train)": [digest, "DARTS_V2"]}
+    assert "- `genotype (given to diffnas train)`: t: " + digest + "; v2: DARTS_V2" in (
+        compare_markdown(summary))
+    shutil.copytree(t, tmp_path / "same")  # the same genotype given: nothing differs
+    assert compare_runs([t, tmp_path / "same"])["method_differences"] == {}
 
 
 # --- the command and its files ------------------------------------------------------------

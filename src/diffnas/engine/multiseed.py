@@ -196,6 +196,8 @@ def seed_record(run_dir: str | Path, seed: int,
     for phase in ("search", "retrain"):  # wall-clock time, from the rows' ``seconds``
         rec[f"{phase}_seconds"] = total_seconds(read_jsonl(run / phase / "metrics.jsonl"))
     gfile = run / "search" / "genotype.json"
+    if not gfile.is_file():  # a diffnas train run: the genotype it was given
+        gfile = run / "retrain" / "genotype.json"
     if gfile.is_file():
         rec["genotype"] = Genotype.load(gfile).to_dict()
     metrics = read_jsonl(run / "search" / "metrics.jsonl")

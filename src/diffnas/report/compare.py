@@ -216,7 +216,8 @@ def method_text(entry: Entry) -> str:
         return "train (a given genotype)"
     strategy = dict(entry.cfg.search.strategy)
     name = strategy.pop("name", "darts")
-    plain = [f"{k}={v}" for k, v in strategy.items() if not isinstance(v, dict | list)]
+    plain = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in strategy.items()
+             if not isinstance(v, dict | list)]
     rule = entry.cfg.search.discretizer
     return " ".join([str(name), *plain, *([f"discretizer={rule}"] if rule else [])])
 
@@ -245,27 +246,38 @@ def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
     if sa is not None and sb is not None:
         se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
         df = welch_df(sa, len(a), sb, len(b))
-        out.update(se=se, df=df, ci=list(t_interval(mb - ma, se, df, LEVEL)))
+        out.update(se=se, df=df, ci=_interval(mb - ma, se, df))
     return out
 
 
+def _interval(mean: float, se: float, df: float | None) -> list[float] | None:
+    """The t interval, or None where the figures have no spread at all (every seed the
+    same, or one test image apart on every seed): a zero-width interval would read as
+    certainty that seeds this few cannot give."""
+    return None if se == 0 or df is None else list(t_interval(mean, se, df, LEVEL))
+
+
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
-    """``b`` minus ``a`` seed by seed (``{seed: figure}`` of each run's finished seeds)
-    when both finished the same two or more seeds: the mean of the differences, its
+    """``b`` minus ``a`` seed by seed (``{seed: figure}`` of two runs' finished seeds) over
+    the seeds both finished, when there are two or more: the mean of the differences, its
     standard error (their sample std / sqrt(n)), which leaves out what the seeds share
     (the data subset a seed draws, and the initial weights on one space), Student's
     :data:`LEVEL` confidence interval at n - 1 degrees of freedom, and the p-value of a
-    sign-flip permutation test (:func:`~diffnas.report.stats.sign_flip_p`); else None."""
-    if len(a) < 2 or set(a) != set(b):
+    sign-flip permutation test (:func:`~diffnas.report.stats.sign_flip_p`), whose
+    smallest possible value counts only the seeds that differ (a tie flips to itself);
+    else None."""
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
         return None
-    d = [b[s] - a[s] for s in sorted(a)]
+    d = [b[s] - a[s] for s in common]
     mean, std = mean_std(d)
     se = std / math.sqrt(len(d))
     return {"diff": mean, "se": se, "df": len(d) - 1,
-            "ci": list(t_interval(mean, se, len(d) - 1, LEVEL)), "paired": len(d),
-            "seeds": [len(d), len(d)],
+            "ci": _interval(mean, se, len(d) - 1), "paired": len(d),
+            "seeds": [len(a), len(b)],
             "test": "sign flips of the per-seed differences", "p": sign_flip_p(d),
-            "smallest_p": smallest_sign_flip_p(len(d))}
+            "differing": sum(x != 0 for x in d),
+            "smallest_p": smallest_sign_flip_p(sum(x != 0 for x in d))}
 
 
 def _adjust(rows: Sequence[dict[str, Any]]) -> None:
@@ -275,6 +287,37 @@ def _adjust(rows: Sequence[dict[str, Any]]) -> None:
     for d, p in zip(tested, holm([d["p"] for d in tested])):
         d["p_holm"] = p
         d["clear"] = p < 1 - LEVEL
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def genotype_differences(entries: Sequence[Entry]) -> list[str] | None:
+    """What ``diffnas train`` runs were given to retrain, where that differs between the
+    runs (it is their method): a published name, else a short digest of the genotype
+    (the genotypes section shows it whole); a search run's is its outcome, "searched".
+    None where no train run is compared or all were given the same."""
+    if not any(e.kind == "train" for e in entries):
+        return None
+    names = [_genotype_name(e.records[0].get("genotype")) if e.kind == "train" else "searched"
+             for e in entries]
+    return names if len(set(names)) > 1 else None
+
+
+def _genotype_name(genotype: dict[str, Any] | None) -> str:
+    import hashlib
+
+    from diffnas.genotype import published_genotype
+    from diffnas.genotype.published import PUBLISHED
+
+    if genotype is None:
+        return "unknown"
+    for name in PUBLISHED:
+        if published_genotype(name).to_dict() == genotype:
+            return name
+    text = json.dumps(genotype, sort_keys=True)
+    return f"genotype {hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _by_seed(records: Sequence[dict[str, Any]], key: str) -> dict[int, float]:
@@ -302,7 +345,9 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
         labels = [str(e.path) for e in entries]
     rows = []
     for label, e in zip(labels, entries):
-        done = [r for r in e.records if not r.get("error")]
+        readable = [r for r in e.records if not r.get("error")]
+        finished = [r for r in readable if r["seed"] in _by_seed([r], metric.key)]
+        done = finished or readable  # (a search without retraining: its search figures)
 
         def values(key: str, done: list[dict[str, Any]] = done) -> list[Any]:
             return [r.get(key) for r in done]
@@ -310,8 +355,11 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
         rows.append({
             "label": label, "path": str(e.path), "kind": e.kind, "method": method_text(e),
             "seeds": [r["seed"] for r in e.records],
-            "finished": sum(r.get(metric.key) is not None for r in done),
+            "finished": len(finished),
             "failed": [r["seed"] for r in e.records if r.get("error")],
+            "errors": {str(r["seed"]): r["error"] for r in e.records if r.get("error")},
+            "not_finite": {str(r["seed"]): r[metric.key] for r in readable
+                           if _number(r.get(metric.key)) and not math.isfinite(r[metric.key])},
             metric.key: _stat(values(metric.key)),
             "search_val": _stat(values(search_field(metric))),
             "params": _stat(values("params")), "macs": _stat(values("macs")),
@@ -325,16 +373,21 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
     base_seeds = _by_seed(entries[0].records, metric.key)
     for row, e in zip(rows[1:], entries[1:]):
         seeds = _by_seed(e.records, metric.key)
-        row["vs_first"] = (paired_difference(base_seeds, seeds)
+        same_design = row["seeds"] == rows[0]["seeds"]  # the same seeds given: paired
+        row["vs_first"] = ((paired_difference(base_seeds, seeds) if same_design else None)
                            or difference(list(base_seeds.values()), list(seeds.values())))
     _adjust(rows[1:])
     differs = config_differences([e.cfg for e in entries], [e.kind == "search" for e in entries])
+    method = {k: v for k, v in differs.items() if _under(k, METHOD_KEYS)}
+    retrained = genotype_differences(entries)
+    if retrained:  # a train run's method is the genotype it was given
+        method["genotype (given to diffnas train)"] = retrained
     return {
         "generator": COMPARE_MARK,
         "metric": metric.key,
         "metric_spec": dataclasses.asdict(metric),  # how compare_markdown writes it
         "runs": rows,
-        "method_differences": {k: v for k, v in differs.items() if _under(k, METHOD_KEYS)},
+        "method_differences": method,
         "setting_differences": {k: v for k, v in differs.items() if not _under(k, METHOD_KEYS)},
         "data_differs": data_differences([e.data for e in entries], labels),
         "data_unknown": [label for label, e in zip(labels, entries) if not e.data],
@@ -374,8 +427,9 @@ def compare_markdown(summary: dict[str, Any]) -> str:
              "over each run's finished seeds. diff vs first: the run's mean minus the first "
              f"run's, +- its standard error, with its {LEVEL:.0%} confidence interval (Student's "
              "t) and the p-value of a permutation test (no normal distribution assumed); "
-             "paired seed by seed where both runs finished the same seeds (the error of the "
-             "mean difference; sign flips of the differences), else unpaired (sqrt(s1^2/n1 + "
+             "paired seed by seed where both runs were given the same seeds, over those both "
+             "finished (the error of the mean difference; sign flips of the differences), "
+             "else unpaired (sqrt(s1^2/n1 + "
              "s2^2/n2), Welch's interval; relabelings of the pooled seeds)"
              + (", p Holm-adjusted over the comparisons with the first run" if len(rows) > 2
                 else "")
@@ -387,12 +441,7 @@ def compare_markdown(summary: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         seeds = f"{r['finished']}/{len(r['seeds'])}"
-        if i == 0:
-            delta = "(baseline)"
-        elif r.get("vs_first") is None:
-            delta = "-"
-        else:
-            delta = _delta_text(r["vs_first"], metric, len(rows) > 2)
+        delta = "(baseline)" if i == 0 else _delta_text(rows[0], r, metric, len(rows) > 2)
         lines.append(
             f"| {_cell(r['label'])} | {_cell(r['method'])} | {seeds} | "
             f"{_mean_text(r[metric.key], metric.text)} | {delta} | "
@@ -405,6 +454,10 @@ def compare_markdown(summary: dict[str, Any]) -> str:
     if few:
         lines += ["", f"Too few seeds to show a clear difference (p < {1 - LEVEL:.2g}) "
                   "whatever the figures:", *few]
+    for r in rows:
+        for seed, value in r["not_finite"].items():
+            lines.append(f"- {r['label']} seed {seed}: {metric.key} is {value} (diverged?), "
+                         "left out of the statistics")
     lines += ["", "## Is it a fair comparison?", ""]
     if len(rows) == 1:
         lines.append("One run: nothing to compare it with.")
@@ -418,7 +471,7 @@ def compare_markdown(summary: dict[str, Any]) -> str:
             lines += _difference_lines(summary["setting_differences"], rows)
         else:
             lines.append("No other config setting differs (seed, name, output folder, "
-                         "device, data.root, plugins and progress/logging are not compared).")
+                         "device, data.root, plugins and progress/plots/logging are not compared).")
     for d in summary["data_differs"]:
         lines.append(f"- **The data differ**: {d['run']}'s {d['phase']} computed on other data "
                      f"than {d['against']}'s ({d['phase']}/data.json differs in "
@@ -434,65 +487,85 @@ def compare_markdown(summary: dict[str, Any]) -> str:
                      + "; ".join(f"{r['label']} {r['device']}, "
                                  + (counted(r["threads"], "thread") if r["threads"] else
                                     "threads not recorded") for r in rows if _timed(r)))
-    failed = [f"{r['label']} seeds {r['failed']}" for r in rows if r["failed"]]
-    if failed:
-        lines.append(f"- Seeds whose files could not be read: {'; '.join(failed)} "
-                     "(compare.json says why)")
+    for r in rows:
+        for seed, error in r["errors"].items():
+            lines.append(f"- {r['label']} seed {seed} could not be read: {error}")
     lines += ["", "## Genotypes", ""]
     for r in rows:
         lines.append(f"**{r['label']}**")
         lines.append("")
         for run in r["runs"]:
-            text = _genotype_text(run.get("genotype"))
+            text = ("unreadable (above)" if run.get("error") else
+                    _genotype_text(run.get("genotype")))
             lines.append(f"- seed {run['seed']} ({metric.text(run.get(metric.key))}): {text}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _p_text(p: float) -> str:
-    return f"{p:.2f}" if p >= 0.01 else f"{p:.1e}"
+    """p to two decimals, three significant digits below 0.1 (0.0476 must not read as the
+    0.05 it falls short of), in powers of ten below 0.001."""
+    return f"{p:.2f}" if p >= 0.1 else f"{p:.3g}" if p >= 0.001 else f"{p:.1e}"
 
 
-def _delta_text(d: dict[str, Any] | None, metric: Metric, adjusted: bool) -> str:
-    """A table cell: the difference to the first run, its error, interval and test."""
+def _delta_text(base: dict[str, Any], row: dict[str, Any], metric: Metric,
+                adjusted: bool) -> str:
+    """A table cell: the difference of ``row`` to the first run, its error, interval and
+    test, and how the seeds were matched."""
+    d = row.get("vs_first")
     if d is None:
-        return "-"
+        return ("- (the first run has no finished seed)" if not base["finished"] else
+                "- (no finished seed)" if not row["finished"] else "-")
 
     def signed(v: float) -> str:
         return ("+" if v >= 0 else "-") + metric.text(abs(v))
 
     p = f"p = {_p_text(d['p'])}" + (f", Holm {_p_text(d['p_holm'])}" if adjusted else "")
-    if d["se"] is None:
-        return f"{signed(d['diff'])} (a single seed: no standard error; {p})"
-    lo, hi = d["ci"]
-    paired = f", paired over {d['paired']} seeds" if d["paired"] else ""
     verdict = "clear" if d["clear"] else "no clear difference"
-    return (f"{signed(d['diff'])} +- {metric.text(d['se'])} ({LEVEL:.0%} CI {signed(lo)} to "
-            f"{signed(hi)}; {p}{paired}): {verdict}")
+    if d["se"] is None:
+        na, nb = d["seeds"]
+        who = ("each run has" if na == nb == 1 else "the first run has" if na == 1 else
+               "this run has")
+        return f"{signed(d['diff'])} ({who} a single seed: no standard error; {p}): {verdict}"
+    if d["paired"]:
+        given = len(row["seeds"])
+        design = (f"paired over {d['paired']}"
+                  + (f" of {given}" if d["paired"] < given else "") + " seeds")
+    else:
+        design = "unpaired"
+    interval = (f"{LEVEL:.0%} CI {signed(d['ci'][0])} to {signed(d['ci'][1])}"
+                if d["ci"] is not None else "no spread: no interval")
+    return (f"{signed(d['diff'])} +- {metric.text(d['se'])} ({interval}; {p}, {design}): "
+            f"{verdict}")
 
 
 def _too_few_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """A line for each comparison whose seeds cannot reach p < 1 - LEVEL at all (Holm's
-    adjustment multiplies the smallest p by the number of comparisons), with the fewest
-    seeds per run (of the same design) that can."""
+    """A line for each comparison whose test cannot give p < 1 - LEVEL at all, whatever
+    its figures, with the fewest seeds per run (of the same design) that could; Holm's
+    adjustment over several comparisons can only ask for more."""
     tested = [r for r in rows[1:] if r.get("vs_first")]
-    m, level = len(tested), 1 - LEVEL
+    level = 1 - LEVEL
+    holm_note = (f", more with Holm's adjustment over {len(tested)} comparisons"
+                 if len(tested) > 1 else "")
     lines = []
     for r in tested:
         d = r["vs_first"]
-        if d["smallest_p"] * m < level:
+        if d["smallest_p"] < level:
             continue
         if d["paired"]:
-            need = next(n for n in range(2, 64) if smallest_sign_flip_p(n) * m < level)
-            how = f"{d['paired']} paired seeds"
+            need = next(n for n in range(1, 64) if smallest_sign_flip_p(n) < level)
+            differing = d["differing"]
+            how = f"{d['paired']} paired seeds" + (
+                f", {differing} of them differing (a tie tells nothing)"
+                if differing < d["paired"] else "")
+            what = "differing paired seeds"
         else:
-            need = next(n for n in range(2, 64) if smallest_relabel_p(n, n) * m < level)
+            need = next(n for n in range(1, 64) if smallest_relabel_p(n, n) < level)
             how = "{} and {} unpaired seeds".format(*d["seeds"])
-        holm_note = f", Holm over {m} comparisons" if m > 1 else ""
-        lines.append(f"- {r['label']}: with {how} the test's smallest p is "
-                     f"{_p_text(d['smallest_p'])}; {need} seeds per run are the fewest that "
-                     f"can show a clear difference ({'paired' if d['paired'] else 'unpaired'}"
-                     f"{holm_note})")
+            what = "seeds per run"
+        lines.append(f"- {r['label']}: with {how}, the test's smallest p is "
+                     f"{_p_text(d['smallest_p'])}; at least {need} {what} are needed"
+                     f"{holm_note}")
     return lines
 
 
