@@ -75,8 +75,15 @@ def test_unknown_op_in_genotype_is_named():
 
 def test_genotype_structure_is_validated():
     space = tiny_space()  # 2 nodes: a 4-node genotype does not fit
-    with pytest.raises(GenotypeError, match="no edge from node"):
+    with pytest.raises(GenotypeError, match=r"edges end at 4 intermediate node\(s\), the space "
+                                            r"has 2 \(no node 5\).*search\.space\.nodes=4\)"):
         space.validate(published_genotype("DARTS_V2"))
+    g = published_genotype("DARTS_V2")
+    skipping = Genotype(g.space, (CellGenotype("normal", tuple(  # an edge no space has
+        Edge(e.op, 3 if i == 0 else e.src, e.dst) for i, e in enumerate(g.cell("normal").edges)),
+        (2, 3, 4, 5)), g.cell("reduce")))
+    with pytest.raises(GenotypeError, match="no edge from node 3 to node 2"):
+        create_space({"name": "darts_cnn"}, CIFAR).validate(skipping)
     g = published_genotype("DARTS_V2")
     one_input = Genotype(g.space, (CellGenotype("normal", g.cell("normal").edges[1:], (2, 3, 4, 5)),
                                    g.cell("reduce")))

@@ -116,6 +116,13 @@ class SearchSpace(ABC):
         for cell in genotype.cells:
             allowed = {(e.src, e.dst): e.candidates for e in groups[cell.name]}
             nodes = sorted({e.dst for e in groups[cell.name]})
+            ends = {e.dst for e in cell.edges}
+            if ends and max(ends) > nodes[-1]:  # a genotype of a bigger cell
+                raise GenotypeError(
+                    f"cell {cell.name!r}: the genotype's edges end at {len(ends)} "
+                    f"intermediate node(s), the space has {len(nodes)} (no node "
+                    f"{max(ends)}): build the space with the genotype's number of nodes "
+                    f"(search.space.nodes={len(ends)})")
             seen: set[tuple[int, int]] = set()
             for e in cell.edges:
                 if (e.src, e.dst) not in allowed:
@@ -133,7 +140,6 @@ class SearchSpace(ABC):
                         f"cell {cell.name!r}: edge {e.src}->{e.dst} is listed twice"
                     )
                 seen.add((e.src, e.dst))
-            ends = {e.dst for e in cell.edges}
             for n in nodes:
                 got = len(cell.inputs_of(n))
                 if got == 0 and ends and n > max(ends):  # a genotype of a smaller cell
