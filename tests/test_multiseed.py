@@ -105,7 +105,7 @@ def test_two_seeds_in_worker_processes_match_in_process_runs(tmp_path):
     # seed 1 again, in this process, through the command line: the same result (with one
     # thread, as each of the two workers on this 2-core machine had)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    torch.set_num_threads(ms.threads_per_worker(2))
     try:
         assert main(["search", "--seeds", "1", "--workers", "1", f"out_dir={tmp_path}",
                      "name=seq", *TINY_RUN]) == 0
@@ -224,7 +224,7 @@ def test_graph_searches_run_in_seed_workers(tmp_path):
     assert summary["failed"] == [] and None not in [r["test_acc"] for r in summary["runs"]]
     one = load_config(config, [*graph, "seed=1"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each worker had
+    torch.set_num_threads(ms.threads_per_worker(2))  # as each worker had
     try:
         genotype = run_graph_search(one, tmp_path / "seq").genotype
         result = run_graph_retrain(one, genotype, tmp_path / "seq")
@@ -418,3 +418,14 @@ def test_a_seed_resumes_with_the_thread_count_it_started_with(tmp_path, monkeypa
     ms.run_seed(tmp_path, threads=2)  # resumed when it was the last seed left
     assert seen == [1, 1] and torch.get_num_threads() == before
     assert json.loads((tmp_path / rundir.THREADS_FILE).read_text()) == {"threads": 1}
+
+
+def test_seed_workers_share_the_cores_within_the_users_thread_limit(monkeypatch):
+    """cores / workers threads each, never more than an OMP_NUM_THREADS the user set."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert ms.threads_per_worker(4) == 4 and ms.threads_per_worker(32) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert ms.threads_per_worker(4) == 2 and ms.threads_per_worker(16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert ms.threads_per_worker(4) == 4

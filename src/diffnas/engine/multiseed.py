@@ -70,6 +70,14 @@ def default_workers(n_runs: int, cores: int | None = None) -> int:
     return max(1, min(n_runs, cores))
 
 
+def threads_per_worker(workers: int) -> int:
+    """The torch threads of each of ``workers`` seed processes: the cores shared out, and
+    no more than ``OMP_NUM_THREADS`` where the user set it (a machine shared with others)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
+
+
 def check_workers(workers: int | None) -> None:
     """``None`` (one per core) or a positive count."""
     if workers is not None and workers < 1:
@@ -452,7 +460,7 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     pending = [d for d in dirs if not finished(d)]
     if workers is None:
         workers = default_workers(len(pending) or 1)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker(workers)
     say = print if echo else log.info
     say(f"{len(seeds)} seeds in {parent}: {len(dirs) - len(pending)} already done, "
         f"{len(pending)} to run with {workers} worker(s) x {threads} thread(s)")
