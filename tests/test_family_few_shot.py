@@ -17,7 +17,7 @@ def _one_shot_epoch(s):
     return trained
 
 
-def test_each_sub_supernet_fixes_its_edge_op():
+def test_each_sub_supernet_fixes_its_edge_op(caplog):
     s = tiny_strategy({"name": "few_shot", "split_edges": ["normal/n3/e1"], "split_epoch": 1})
     g, row = s.split_rows[0]
     ops = s.arch_params.candidates(g)
@@ -38,7 +38,10 @@ def test_each_sub_supernet_fixes_its_edge_op():
         assert not torch.equal(sub.arch_weights()[g][row - 1].max(), torch.tensor(1.0))
     # the fixed row is exported with the run's genotype
     best = s.best()
-    s.end_epoch()
+    with caplog.at_level("INFO", logger="diffnas"):
+        s.end_epoch()
+    assert (f"few_shot: sub-supernet {best + 1} of {len(ops)} (normal/n3/e1={ops[best]}) had "
+            "the lowest validation loss") in caplog.text  # the one exported, said
     geno = discretize(s.arch_params.as_dict(), _space())
     edge = [e for e in geno.cell(g).edges if (e.src, e.dst) == (1, 3)]
     if ops[best] != "none":  # a 'none' winner: test_a_winning_none_sub_supernet_...

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.darts import DartsConfig, DartsStrategy
 from diffnas.strategies.hypergrad import first_order
 from diffnas.strategies.registry import register_strategy
+
+log = logging.getLogger("diffnas")
 
 
 class FixedOpRelaxation(Relaxation):
@@ -198,7 +201,7 @@ class FewShotStrategy(SearchStrategy):
         self.val_loss[i].append(stats["val_loss"])
         if getattr(val_batch, "state", None) is None:  # (a stream's state is not reusable)
             self.held.append(val_batch)
-        return {**stats, "subnet": float(i)}
+        return stats
 
     @torch.no_grad()
     def scores(self) -> list[float]:
@@ -258,6 +261,12 @@ class FewShotStrategy(SearchStrategy):
                     logits = self.arch_params[g][row]
                     logits[op] = logits.max() + 10.0
 
+    def describe(self, i: int) -> str:
+        """Sub-supernet ``i``'s fixed ops, by edge label: ``normal/n2/e0=sep_conv_3x3``."""
+        return ", ".join(f"{self.arch_params.edges[g][row].label}="
+                         f"{self.arch_params.candidates(g)[op]}"
+                         for g, rows in self.fixed[i].items() for row, op in rows.items())
+
     def end_epoch(self) -> None:
         self.epoch += 1
         if not self.subnets:
@@ -269,7 +278,11 @@ class FewShotStrategy(SearchStrategy):
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             for sub in self.subnets:
                 sub.end_epoch()
-        self.export(self.best())
+        best = self.best()
+        self.export(best)
+        log.info("few_shot: sub-supernet %d of %d (%s) had the lowest validation loss; its "
+                 "alphas and weights are the search's now", best + 1, len(self.subnets),
+                 self.describe(best))
         self.val_loss = [[] for _ in self.subnets]
         self.held.clear()
 
