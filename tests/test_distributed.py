@@ -349,6 +349,39 @@ def test_only_rank0_writes_the_run_directory(spawned):
     assert {"checkpoint.pt", "metrics.jsonl", "genotype.json", "model.pt"} <= written
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (read from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _wait_unlocked(lock: Path, timeout: float = 60.0) -> None:
+    """Until no process holds ``lock``'s flock (a SIGKILLed process frees it when the
+    kernel has ended it, which under load may be after its launcher was reaped)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    with lock.open("a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"{lock} still held {timeout:.0f} s after the kill") from None
+                time.sleep(0.05)
+            else:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+
+
 def test_torchrun_killed_run_resumes_to_the_uninterrupted_result(spawned, tmp_path):
     """`torchrun -m diffnas search` killed (SIGKILL to launcher and workers) after its first
     checkpoint, then resumed, ends where the uninterrupted 2-process run ended."""
@@ -360,8 +393,12 @@ def test_torchrun_killed_run_resumes_to_the_uninterrupted_result(spawned, tmp_pa
     deadline = time.monotonic() + 120
     while not ckpt.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    workers = _children(killed.pid)  # torchrun starts each in a session of its own
     os.killpg(killed.pid, signal.SIGKILL)
+    for pid in workers:
+        os.killpg(pid, signal.SIGKILL)
     killed.wait()
+    _wait_unlocked(runs / "killed" / ".lock")  # the killed workers may take a moment to end
     assert ckpt.exists(), (tmp_path / "killed.log").read_text()[-3000:]
     assert not (runs / "killed" / "search" / "DONE").exists(), "killed too late to test resume"
     resumed = _torchrun(["--resume", str(runs / "killed")], env, tmp_path / "resumed.log")
