@@ -272,12 +272,12 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any
     d = [b[s] - a[s] for s in common]
     mean, std = mean_std(d)
     se = std / math.sqrt(len(d))
+    differing = sum(x != 0 for x in d)
     return {"diff": mean, "se": se, "df": len(d) - 1,
             "ci": _interval(mean, se, len(d) - 1), "paired": len(d),
             "seeds": [len(a), len(b)],
             "test": "sign flips of the per-seed differences", "p": sign_flip_p(d),
-            "differing": sum(x != 0 for x in d),
-            "smallest_p": smallest_sign_flip_p(sum(x != 0 for x in d))}
+            "differing": differing, "smallest_p": smallest_sign_flip_p(differing)}
 
 
 def _adjust(rows: Sequence[dict[str, Any]]) -> None:
@@ -287,10 +287,6 @@ def _adjust(rows: Sequence[dict[str, Any]]) -> None:
     for d, p in zip(tested, holm([d["p"] for d in tested])):
         d["p_holm"] = p
         d["clear"] = p < 1 - LEVEL
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def genotype_differences(entries: Sequence[Entry]) -> list[str] | None:
@@ -346,7 +342,8 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
     rows = []
     for label, e in zip(labels, entries):
         readable = [r for r in e.records if not r.get("error")]
-        finished = [r for r in readable if r["seed"] in _by_seed([r], metric.key)]
+        finite = _by_seed(readable, metric.key)
+        finished = [r for r in readable if r["seed"] in finite]
         done = finished or readable  # (a search without retraining: its search figures)
 
         def values(key: str, done: list[dict[str, Any]] = done) -> list[Any]:
@@ -358,8 +355,9 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
             "finished": len(finished),
             "failed": [r["seed"] for r in e.records if r.get("error")],
             "errors": {str(r["seed"]): r["error"] for r in e.records if r.get("error")},
-            "not_finite": {str(r["seed"]): r[metric.key] for r in readable
-                           if _number(r.get(metric.key)) and not math.isfinite(r[metric.key])},
+            "not_finite": {str(r["seed"]): r[metric.key] for r in readable  # (ints are)
+                           if isinstance(r.get(metric.key), float)
+                           and not math.isfinite(r[metric.key])},
             metric.key: _stat(values(metric.key)),
             "search_val": _stat(values(search_field(metric))),
             "params": _stat(values("params")), "macs": _stat(values("macs")),
