@@ -21,6 +21,7 @@ from diffnas.engine.rundir import mark_made_by
 from diffnas.genotype import published_genotype
 from diffnas.report.compare import (
     CompareError,
+    _delta_text,
     compare,
     compare_markdown,
     compare_runs,
@@ -151,7 +152,12 @@ def test_a_clear_difference_needs_enough_seeds_and_holm_counts_the_comparisons(t
     row = compare_runs([base, better])["runs"][1]["vs_first"]
     assert row["p"] == pytest.approx(1 / 32) and row["p_holm"] == row["p"] and row["clear"]
     text = compare_markdown(compare_runs([base, better]))
-    assert "p = 0.0312, paired over 6 seeds): clear |" in text and "Too few seeds" not in text
+    assert "p = 0.0312, paired over 6 seeds): clear: better |" in text
+    assert "Too few seeds" not in text
+    # the same differences in a figure where lower is better (perplexity): worse
+    row = compare_runs([base, better])["runs"][1]
+    as_ppl = _delta_text({"finished": 6}, row, PERPLEXITY, False)
+    assert as_ppl.endswith("paired over 6 seeds): clear: worse")
     mixed = _seeds(tmp_path / "mixed", {s: 0.60 + 0.01 * s + (-0.02 if s % 2 else 0.02)
                                          for s in range(6)}, ["search.strategy={name: snas}"])
     summary = compare_runs([base, better, mixed])
@@ -183,12 +189,12 @@ def test_ties_no_spread_and_a_p_just_short_of_the_threshold_are_said_as_they_are
     d = compare_runs([base, same])["runs"][1]["vs_first"]
     assert d["se"] == 0 and d["ci"] is None and d["clear"]  # p = 2/64: clear, no interval
     assert ("+1.00% +- 0.00% (no spread: no interval; p = 0.0312, paired over 6 seeds): "
-            "clear") in compare_markdown(compare_runs([base, same]))
+            "clear: better") in compare_markdown(compare_runs([base, same]))
     two = _seeds(tmp_path / "two", {10: 0.1, 11: 0.11})  # unpaired: 2 vs 6 far apart
     d = compare_runs([base, two])["runs"][1]["vs_first"]
     assert d["paired"] == 0 and d["p"] == pytest.approx(1 / 28)  # 1 of C(8, 2) splits
     assert d["smallest_p"] == pytest.approx(1 / 28) and d["clear"]
-    assert "p = 0.0357, unpaired): clear" in compare_markdown(compare_runs([base, two]))
+    assert "p = 0.0357, unpaired): clear: worse" in compare_markdown(compare_runs([base, two]))
 
 
 def test_a_seeds_parent_against_a_single_run(tmp_path):
@@ -432,7 +438,7 @@ def test_a_plugin_engine_s_runs_compare_by_its_own_metric(tmp_path, capsys):
                  f"plugins=[{quantum}]", "--out", str(tmp_path / "cmp")]) == 0
     text = capsys.readouterr().out
     assert "# Comparison of 2 runs: retrained energy error above the exact ground" in text
-    assert "| test err |" not in text and "| err | diff vs first |" in text
+    assert "| test err |" not in text and "| err (lower is better) | diff vs first |" in text
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     errors = [json.loads((tmp_path / r / "retrain" / "result.json").read_text())["energy_error"]
               for r in ("darts", "gdas")]

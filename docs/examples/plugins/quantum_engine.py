@@ -466,7 +466,7 @@ def check_circuit_retrain(cfg: RunConfig) -> None:
 #: lower is better; 0 is the exact ground state
 ENERGY_ERROR = Metric("energy_error", "energy error", "err", ".3e", "eval_err",
                       title="Retrained energy error above the exact ground energy",
-                      search_title="the supernet's energy error")
+                      search_title="the supernet's energy error", lower_is_better=True)
 
 register_engine(Engine(
     name="quantum", label="quantum (quantum_engine.py)",

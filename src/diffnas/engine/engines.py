@@ -34,7 +34,9 @@ class Metric:
     of the search's validation figure in its ``metrics.jsonl`` rows (None: none);
     ``title``: the summary's headline where "Retrained test <name>" would not fit (a
     figure not measured on a test split); ``search_title``: how text names the search's
-    figure where "search validation <name>" would not fit (no validation data)."""
+    figure where "search validation <name>" would not fit (no validation data);
+    ``lower_is_better``: the figure falls as runs improve (perplexity, an error), which
+    ``diffnas compare`` says with each clear difference (better or worse)."""
 
     key: str
     name: str
@@ -43,6 +45,7 @@ class Metric:
     search_key: str | None = None
     title: str | None = None
     search_title: str | None = None
+    lower_is_better: bool = False
 
     @property
     def headline(self) -> str:
@@ -86,7 +89,7 @@ class Metric:
 #: image and graph classification: the share of test examples classified right
 ACCURACY = Metric("test_acc", "accuracy", "acc", ".2%", "val_acc")
 #: a language model: exp of the mean test cross-entropy per token (lower is better)
-PERPLEXITY = Metric("test_ppl", "perplexity", "ppl", ".2f", "valid_ppl")
+PERPLEXITY = Metric("test_ppl", "perplexity", "ppl", ".2f", "valid_ppl", lower_is_better=True)
 
 
 def _nothing(*_: Any) -> None:

@@ -434,7 +434,8 @@ def compare_markdown(summary: dict[str, Any]) -> str:
              + f". Clear: p < {1 - LEVEL:.2g}. Times: wall-clock time of each phase per seed "
              "(mean), as its metrics.jsonl recorded it.",
              "",
-             f"| run | method | seeds | {metric.column} | diff vs first | "
+             f"| run | method | seeds | {metric.column}"
+             f"{' (lower is better)' if metric.lower_is_better else ''} | diff vs first | "
              f"{metric.search_column} | params | MACs | search time | retrain time |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
@@ -519,7 +520,9 @@ def _delta_text(base: dict[str, Any], row: dict[str, Any], metric: Metric,
         return ("+" if v >= 0 else "-") + metric.text(abs(v))
 
     p = f"p = {_p_text(d['p'])}" + (f", Holm {_p_text(d['p_holm'])}" if adjusted else "")
-    verdict = "clear" if d["clear"] else "no clear difference"
+    verdict = "no clear difference"
+    if d["clear"]:
+        verdict = "clear: " + ("better" if (d["diff"] > 0) != metric.lower_is_better else "worse")
     if d["se"] is None:
         na, nb = d["seeds"]
         who = ("each run has" if na == nb == 1 else "the first run has" if na == 1 else
