@@ -288,6 +288,14 @@ def test_a_figure_that_is_not_finite_is_left_out_and_said(tmp_path):
             in compare_markdown(summary))
 
 
+def test_the_method_names_the_settings_that_are_not_the_strategy_s_defaults(tmp_path):
+    runs = [_single(tmp_path / n, 0.5, [f"search.strategy={{name: darts{extra}}}"])
+            for n, extra in (("plain", ""), ("one", ", order: 1"), ("two", ", order: 2"))]
+    summary = compare_runs(runs)
+    assert [r["method"] for r in summary["runs"]] == ["darts", "darts", "darts order=2"]
+    assert summary["method_differences"] == {"search.strategy.order": [1, 1, 2]}
+
+
 def test_refusals_name_the_problem(tmp_path):
     a = _single(tmp_path / "a", 0.5)
     with pytest.raises(CompareError, match="given more than once"):

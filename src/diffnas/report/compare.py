@@ -209,13 +209,22 @@ def config_differences(cfgs: Sequence[RunConfig], searched: Sequence[bool] | Non
 
 
 def method_text(entry: Entry) -> str:
-    """The method a run stands for: its strategy and the strategy's plain settings (nested
-    ones, e.g. the optimizers, are in the differences), or the genotype a ``diffnas
-    train`` run retrained."""
+    """The method a run stands for: its strategy and those of the strategy's plain
+    settings that are not its defaults (``order: 1`` written out or left out is the same
+    DARTS; nested settings, e.g. the optimizers, are in the differences), or the genotype
+    a ``diffnas train`` run retrained."""
+    from diffnas.strategies.registry import strategy_config
+
     if entry.kind != "search":
         return "train (a given genotype)"
     strategy = dict(entry.cfg.search.strategy)
     name = strategy.pop("name", "darts")
+    try:  # (a plugin strategy no longer registered: its settings as written)
+        defaults = to_dict(strategy_config({"name": name}))
+        strategy = {k: v for k, v in to_dict(strategy_config(entry.cfg.search.strategy)).items()
+                    if v != defaults.get(k)}
+    except (ValueError, KeyError, TypeError):
+        pass
     plain = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in strategy.items()
              if not isinstance(v, dict | list)]
     rule = entry.cfg.search.discretizer
