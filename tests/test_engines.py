@@ -257,7 +257,8 @@ def test_a_plugin_engine_s_own_metric_heads_its_seeds_summary_and_report(
     assert summary["search_val_rmse"]["mean"] == pytest.approx(1.5)
     assert summary["test_acc"]["n"] == 0 and summary["failed"] == []
     md = (parent / "summary.md").read_text()
-    assert "Retrained test RMSE: **0.550 +- 0.071** (mean +- sample std over 2 seeds)" in md
+    assert ("Retrained test RMSE: **0.550 +- 0.071** (mean +- sample std over 2 seeds; 95% CI "
+            "of the mean -0.085 to 1.185)") in md  # t(1) = 12.7: two seeds say little
     named = search_title or "search validation RMSE"
     assert f"{named[0].upper()}{named[1:]}, last epoch: 1.500 +- 0.707" in md
     column = "search rmse" if search_title else "search val rmse"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import unreadable_fashion_mnist
+from scipy import stats as scipy_stats
 
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config
@@ -77,8 +78,14 @@ def test_summary_matches_hand_computation():
     assert summary["op_frequency"]["reduce"]["0->2"] == {"max_pool_3x3": 3}
     # every kept edge is counted once per seed
     assert sum(sum(v.values()) for v in freq.values()) == 3 * 4
+    ref = scipy_stats.ttest_1samp(accs, 0.0).confidence_interval(0.95)
+    assert summary["test_acc"]["ci95"] == pytest.approx([ref.low, ref.high])
     md = ms.summary_markdown(summary)
     assert "86.00% +- 5.57%" in md and "sep_conv_3x3 x2, skip_connect x1" in md
+    assert (f"(mean +- sample std over 3 seeds; 95% CI of the mean {ref.low:.2%} to "
+            f"{ref.high:.2%})") in md
+    one = ms.summarize(records[:1])  # one seed: no interval
+    assert one["test_acc"]["ci95"] is None
 
 
 def test_mean_std_edge_cases():

@@ -340,7 +340,7 @@ def summarize(records: Sequence[dict[str, Any]],
         "test_acc": stat(accs),
         "test_ppl": stat(finished("test_ppl")),
         "search_val_ppl": stat(finished("search_val_ppl")),
-        metric.key: stat(finished(metric.key)),
+        metric.key: mean_interval(stat(finished(metric.key))),
         search_field(metric): stat(finished(search_field(metric))),
         "search_val_acc": stat(vals if len(measures) <= 1 else []),
         "search_val_measures": measures,
@@ -351,6 +351,18 @@ def summarize(records: Sequence[dict[str, Any]],
         "retrain_seconds": stat(finished("retrain_seconds")),
         "failed": [r["seed"] for r in records if r.get("error")],
     }
+
+
+def mean_interval(stat: dict[str, Any], level: float = 0.95) -> dict[str, Any]:
+    """``stat`` (mean, std, n) with ``ci95``: Student's t interval of the mean over the
+    seeds (None for fewer than two seeds or no spread), which at few seeds is far wider
+    than mean +- std suggests."""
+    from diffnas.report.stats import t_interval
+
+    ok = stat["n"] >= 2 and stat["std"]
+    ci = (list(t_interval(stat["mean"], stat["std"] / math.sqrt(stat["n"]), stat["n"] - 1,
+                          level)) if ok else None)
+    return {**stat, "ci95": ci}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -369,8 +381,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if acc["n"] == 1:
         lines.append(f"{title}: **{fmt(acc['mean'])}** (one seed: no spread to report)")
     elif acc["n"]:
+        ci = acc.get("ci95")  # (a summary written before it: none)
         lines.append(f"{title}: **{fmt(acc['mean'])} +- {fmt(acc['std'])}** "
-                     f"(mean +- sample std over {acc['n']} seeds)")
+                     f"(mean +- sample std over {acc['n']} seeds"
+                     + (f"; 95% CI of the mean {fmt(ci[0])} to {fmt(ci[1])}" if ci else "")
+                     + ")")
     else:
         lines.append(f"{title}: none (retraining disabled or not finished)")
     measures = (summary.get("search_val_measures") or []) if accuracy else []
