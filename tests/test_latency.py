@@ -970,9 +970,11 @@ def test_sweep_runs_are_locked_search_runs_with_a_log(tmp_path, monkeypatch):
     assert "search epoch 1/1 loss=1.0 (stand-in)" in log_text
 
 
+@pytest.mark.run_plots
 def test_a_tiny_sweep_logs_its_epochs_into_each_run(tmp_path, capsys):
     """A real (tiny) sweep: every lambda's run holds config, made_by.txt ("search") and a
-    log.txt with its search and retraining epochs, and is free once the sweep returns."""
+    log.txt with its search and retraining epochs, its plots as an ordinary run does, and
+    is free once the sweep returns."""
     from diffnas.cli import main
     from diffnas.engine.rundir import made_by
 
@@ -993,6 +995,7 @@ def test_a_tiny_sweep_logs_its_epochs_into_each_run(tmp_path, capsys):
         text = (run / "log.txt").read_text()
         assert f"lambda {lam} (" in text and "search epoch 1/1" in text
         assert "retrain epoch 1/1" in text
+        assert (run / "plots" / "cell_normal.svg").is_file() and "plots: " in text
     assert "lambda 0 (1/2)" not in (out / "lam1" / "log.txt").read_text()
     assert json.loads((out / "sweep.json").read_text())["rows"][1]["lambda"] == 1
 

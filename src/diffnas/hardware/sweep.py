@@ -296,6 +296,9 @@ def _lambda_row(
                  run_dir / "retrain")
         acc = run_retrain(cfg, genotype, run_dir, resume=True,
                           data=retrain_data)["test_acc"]
+        from diffnas.report.plots import plots_after_run
+
+        plots_after_run(run_dir, cfg)  # as an ordinary run ends
     with torch.no_grad():
         predicted = float(pred(one_hot(encode_indices(genotype, space), space)))
     log.info("lambda %g (%s): test accuracy %.4f, predicted latency %.2f ms", lam, which,
