@@ -1025,3 +1025,20 @@ def test_an_interrupted_sweep_or_measure_says_how_to_continue(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert (f"5 of 12 new records were appended to {lat} and are kept; run the same "
             "command again with -n 7 to measure the rest") in err
+
+
+def test_threads_left_as_they_are_record_the_count_in_use():
+    """--threads 0 leaves torch's thread count alone: the fingerprint records that count,
+    so files measured under other OMP_NUM_THREADS do not pass as compatible."""
+    from diffnas.hardware.latency import device_fingerprint
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = device_fingerprint("cpu", 0)
+        torch.set_num_threads(2)
+        two = device_fingerprint("cpu", 0)
+    finally:
+        torch.set_num_threads(before)
+    assert one["threads"] == 1 and two["threads"] == 2 and one["id"] != two["id"]
+    assert device_fingerprint("cpu", 3)["threads"] == 3

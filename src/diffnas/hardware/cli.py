@@ -43,7 +43,9 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15, help="timed samples (median is kept)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (fixed; 0: as the environment sets them, e.g. "
+                   "OMP_NUM_THREADS, and recorded as the count in use)")
     p.add_argument("--clock", choices=["wall", "thread"], default="wall",
                    help="wall time, or CPU time of the (single) inference thread: the "
                         "latency on an unloaded core, robust on a shared machine")

@@ -168,7 +168,8 @@ def _cpu_name() -> str:
 
 def device_fingerprint(device: torch.device | str = "cpu", threads: int = 1) -> dict:
     """What identifies the hardware and software a latency was measured on. ``id`` hashes
-    the fields that change latencies (not the load, which is recorded separately)."""
+    the fields that change latencies (not the load, which is recorded separately);
+    ``threads`` 0 (left as the environment set them) is recorded as the count in use."""
     device = torch.device(device)
     fp = {
         "device": device.type,
@@ -176,7 +177,7 @@ def device_fingerprint(device: torch.device | str = "cpu", threads: int = 1) -> 
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "torch": torch.__version__,
-        "threads": threads if device.type == "cpu" else None,
+        "threads": (threads or torch.get_num_threads()) if device.type == "cpu" else None,
         "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     fp["id"] = hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
