@@ -444,6 +444,25 @@ def test_command_line_reports_bad_data_as_an_error(tmp_path, capsys):
     assert f"{path}: y_test has label 12" in capsys.readouterr().err
 
 
+def test_a_fix_by_a_setting_says_it_needs_a_new_run(tmp_path, capsys):
+    """Mixed image sizes are found on reading, after the run directory exists: the fix
+    data.resolution is a setting a resume cannot change, so the hint names a new run
+    (and the resume for files fixed instead); other data errors keep the resume hint."""
+    root = _folder(tmp_path / "f")
+    PIL.new("L", (12, 12), 100).save(root / "train" / "bee" / "big.png")
+    argv = ["search", f"out_dir={tmp_path}", "name=r", "data.name=folder", f"data.root={root}",
+            "search.epochs=1", "progress=false"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    run = tmp_path / "r"
+    assert (f"(data.resolution is a setting the run keeps: to use it, start a new run (delete "
+            f"{run} or give another name=); with the files fixed instead, continue it with: "
+            f"diffnas search --resume {run})") in err
+    path = _npz(tmp_path / "bad.npz", y_test=np.full(50, 12))
+    assert main([*argv[:2], "name=n", "data.name=npz", f"data.root={path}", *argv[5:]]) == 2
+    assert "the run directory is kept: with the data fixed" in capsys.readouterr().err
+
+
 def test_importing_diffnas_data_registers_both(tmp_path):
     import subprocess
     import sys

@@ -386,6 +386,12 @@ def _way_on(args: argparse.Namespace, exc: Exception) -> str:
         hint = _resume_hint(argparse.Namespace(**{**vars(args), "overrides": kept}))
         if not hint:
             return ""
+        setting = getattr(exc, "setting", None)
+        if setting:  # a resumed run keeps its settings: the setting needs a new run
+            run_dir = getattr(args, "_run_dir", None) or args.resume
+            return (f" ({setting} is a setting the run keeps: to use it, start a new run "
+                    f"(delete {run_dir} or give another name=); with the files fixed "
+                    f"instead, continue it with: {hint})")
         return (f" (the run directory is kept: with the data fixed, continue it with: {hint}; "
                 "add data.root=DIR if the data is elsewhere now)")
     if not isinstance(exc, FloatingPointError) or args.command not in ("search", "train"):

@@ -20,7 +20,12 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class DataFormatError(ValueError):
     """The user's data exists but is not in the form the loader needs (the message names
-    the file and what to do)."""
+    the file and what to do). ``setting``: the config setting that would also fix it
+    (``data.resolution``), which a resumed run cannot change: the command says so."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass

@@ -72,7 +72,8 @@ def _check_side(h: int, w: int, resolution: int | None, where: str) -> int:
         return resolution
     if h != w:
         raise DataFormatError(f"{where}: images are {h}x{w} (height x width), not square; set "
-                              "data.resolution=N to resize (stretch) them to N x N")
+                              "data.resolution=N to resize (stretch) them to N x N",
+                              setting="data.resolution")
     return h
 
 
@@ -462,7 +463,7 @@ def _read_folder_images(files: list[tuple[Path, int]], resolution: int | None,
                     raise DataFormatError(
                         f"{path}: {im.size[0]}x{im.size[1]} pixels but {ref['path']} is "
                         f"{ref['size'][0]}x{ref['size'][1]}; set data.resolution=N to resize "
-                        "every image to N x N")
+                        "every image to N x N", setting="data.resolution")
                 im = im.convert(mode)
                 if resolution is not None and im.size != (resolution, resolution):
                     im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)
