@@ -126,10 +126,12 @@ def test_npz_class_names_stored_as_bytes_are_text(tmp_path):
     assert d.classes[:2] == ("c0", "c1")
 
 
-def test_npz_subsets_resolution_and_non_square(tmp_path):
-    d = load_dataset("npz", _npz(tmp_path / "d.npz", classes=np.array(list("abcdefghij"))),
-                     resolution=16, train_subset=40, test_subset=10, seed=3)
+def test_npz_subsets_resolution_and_non_square(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="diffnas"):
+        d = load_dataset("npz", _npz(tmp_path / "d.npz", classes=np.array(list("abcdefghij"))),
+                         resolution=16, train_subset=40, test_subset=10, seed=3)
     assert d.train_x.shape == (40, 1, 16, 16) and d.test_x.shape == (10, 1, 16, 16)
+    assert "1x8x8 (resized to 1x16x16: data.resolution)," in caplog.text  # what is used
     assert isinstance(d, CustomImageData) and d.classes[1] == "b"  # kept through subsets
     rect = np.zeros((10, 6, 8), dtype=np.uint8)
     rect[:, :3] = 200

@@ -349,15 +349,19 @@ def load_npz(root: str | None = None, download: bool = False,
         if classes is not None else tuple(str(i) for i in range(k))
     data = prepare("npz", trx, torch.from_numpy(y_train), tex, torch.from_numpy(y_test), k, scale,
                    names)
-    _log_loaded("npz", path, data, names)
+    _log_loaded("npz", path, data, names, side)
     return CustomImageData(**vars(data), source=str(path))
 
 
-def _log_loaded(name: str, source: Path, data: ImageData, classes: tuple[str, ...]) -> None:
+def _log_loaded(name: str, source: Path, data: ImageData, classes: tuple[str, ...],
+                side: int | None = None) -> None:
+    """One log line about what was read; ``side``: the side the images are resized to
+    after this (``data.resolution``), said where it differs from the stored one."""
     c, h, w = data.train_x.shape[1:]
     named = classes != tuple(str(i) for i in range(len(classes)))
-    log.info("data.name=%s %s: %d train / %d test images, %dx%dx%d, %d classes%s", name, source,
-             len(data.train_x), len(data.test_x), c, h, w, len(classes),
+    resized = f" (resized to {c}x{side}x{side}: data.resolution)" if side not in (None, h) else ""
+    log.info("data.name=%s %s: %d train / %d test images, %dx%dx%d%s, %d classes%s", name,
+             source, len(data.train_x), len(data.test_x), c, h, w, resized, len(classes),
              " (label=name): " + ", ".join(f"{i}={n}" for i, n in enumerate(classes)) if named
              else f", labels 0..{len(classes) - 1} (no class names stored)")
 
