@@ -676,7 +676,8 @@ def test_sweep_refuses_bad_lambdas_and_runs_made_with_other_settings(tmp_path, m
     old.mkdir(parents=True)
     save_config(sweep._with_penalty(load_config(None, ["search.epochs=1"]), 0.5, "p.pt"),
                 old / "config.yaml")
-    with pytest.raises(ValueError, match="holds a run made with other settings"):
+    with pytest.raises(ValueError, match=r"holds a run made with other settings \(search\.epochs: "
+                                         r"1 there, 50 now: its config\.yaml differs"):
         sweep.run_sweep(None, ["search.epochs=50"], "p.pt", [0.5], tmp_path / "s")
     assert load_config(old / "config.yaml").search.epochs == 1  # left as it was
 

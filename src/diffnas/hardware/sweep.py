@@ -79,11 +79,19 @@ def _check_reusable(run_dir: Path, cfg: Any, digest: str) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    if _computed(to_dict(load_config(saved, device=False, saved=True))) != _computed(to_dict(cfg)):
+    before = _computed(to_dict(load_config(saved, device=False, saved=True)))
+    now = _computed(to_dict(cfg))
+    if before != now:
+        from diffnas.report.compare import flat
+
+        a, b = flat(before), flat(now)
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        said = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys[:5])
         raise ValueError(
-            f"{run_dir} holds a run made with other settings (its config.yaml differs from "
-            "this sweep's config, overrides or predictor): sweep into another --out, or "
-            "delete it to run it again")
+            f"{run_dir} holds a run made with other settings ({said}"
+            f"{'; ...' if len(keys) > 5 else ''}: its config.yaml differs from this sweep's "
+            "config, overrides or predictor): sweep into another --out, or delete it to run "
+            "it again")
     recorded = run_dir / PREDICTOR_DIGEST
     if recorded.is_file() and recorded.read_text().strip() != digest:
         raise ValueError(f"{run_dir} searched with another version of the predictor file "

@@ -134,11 +134,13 @@ def load_entry(path: str | Path, overrides: Sequence[str] = ()) -> Entry:
 
 
 # --- the comparison ----------------------------------------------------------------------
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"search.strategy.order": 1, ...}`` (an empty section
+    stays one key)."""
     if isinstance(obj, dict) and obj:
         out: dict[str, Any] = {}
         for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: obj}
 
@@ -196,7 +198,7 @@ def config_differences(cfgs: Sequence[RunConfig], searched: Sequence[bool] | Non
     False: config ``i`` is a ``diffnas train`` run's, whose ``search.*`` settings were
     never read (None there, and compared among the searches alone)."""
     searched = list(searched) if searched is not None else [True] * len(cfgs)
-    flats = [{k: v for k, v in _flat(resolved_config(c)).items()
+    flats = [{k: v for k, v in flat(resolved_config(c)).items()
               if ran or not _under(k, ("search",))} for c, ran in zip(cfgs, searched)]
     keys = sorted({k for f in flats for k in f if not _under(k, NOT_SETTINGS)})
 
