@@ -100,6 +100,8 @@ def test_two_seeds_in_worker_processes_match_in_process_runs(tmp_path):
     assert summary["seeds"] == [0, 1] and summary["failed"] == []
     assert (tmp_path / "par" / "summary.md").is_file()
     on_disk = json.loads((tmp_path / "par" / "summary.json").read_text())
+    ci = summary["test_acc"].pop("ci95")
+    assert on_disk["test_acc"].pop("ci95") == (ci if ci is None else pytest.approx(ci))
     assert on_disk["test_acc"] == pytest.approx(summary["test_acc"], nan_ok=True)
     for s in (0, 1):
         assert (tmp_path / "par" / f"seed_{s}" / "worker.log").is_file()
@@ -173,7 +175,7 @@ def test_statistics_leave_out_failed_and_unfinished_seeds():
     assert summary["op_frequency"]["normal"]["0->2"] == {"skip_connect": 1}
     assert "| 1 | - | 10.00% |" in ms.summary_markdown(summary)
     none = ms.summarize(recs[1:])
-    assert none["test_acc"] == {"mean": None, "std": None, "n": 0}
+    assert none["test_acc"] == {"mean": None, "std": None, "n": 0, "ci95": None}
     json.loads(json.dumps(none, allow_nan=False))
     # the table's last column says why a seed is left out, even when it has a genotype
     assert "`not finished` |" in ms.summary_markdown(summary)
@@ -387,7 +389,7 @@ def test_one_seed_has_no_standard_deviation(tmp_path):
     rec = {"seed": 0, "run_dir": "a", "genotype": GENO, "test_acc": 0.9,
            "search_val_acc": 0.5, "params": 1, "macs": 1}
     summary = ms.write_summary(tmp_path, [rec])
-    assert summary["test_acc"] == {"mean": 0.9, "std": None, "n": 1}
+    assert summary["test_acc"] == {"mean": 0.9, "std": None, "n": 1, "ci95": None}
     assert json.loads((tmp_path / "summary.json").read_text())["test_acc"]["std"] is None
     md = (tmp_path / "summary.md").read_text()
     assert "90.00%** (one seed" in md and "+- 0.00%" not in md and "+- -" not in md

@@ -194,7 +194,10 @@ def test_seeds_search_a_language_model_and_summarise_its_test_perplexity(tmp_pat
     assert (f"Retrained test perplexity: **{statistics.mean(ppls):.2f} +- "
             f"{statistics.stdev(ppls):.2f}**") in md
     assert "| seed | test ppl | search val ppl |" in md and f"| 0 | {ppls[0]:.2f} |" in md
-    assert "accuracy" not in md and "%" not in md.split("## ")[0]
+    assert "accuracy" not in md  # and no figure written as a percentage:
+    assert "%" not in md.split("## ")[0].replace("95% CI of the mean", "")
+    lo, hi = summary["test_ppl"]["ci95"]
+    assert f"95% CI of the mean {lo:.2f} to {hi:.2f})" in md
 
 
 def test_train_command_retrains_a_published_recurrent_cell(tmp_path, capsys):
