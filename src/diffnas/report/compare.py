@@ -365,7 +365,6 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
             "seeds": [r["seed"] for r in e.records],
             "finished": len(finished),
             "failed": [r["seed"] for r in e.records if r.get("error")],
-            "errors": {str(r["seed"]): r["error"] for r in e.records if r.get("error")},
             "not_finite": {str(r["seed"]): r[metric.key] for r in readable  # (ints are)
                            if isinstance(r.get(metric.key), float)
                            and not math.isfinite(r[metric.key])},
@@ -498,8 +497,10 @@ def compare_markdown(summary: dict[str, Any]) -> str:
                                  + (counted(r["threads"], "thread") if r["threads"] else
                                     "threads not recorded") for r in rows if _timed(r)))
     for r in rows:
-        for seed, error in r["errors"].items():
-            lines.append(f"- {r['label']} seed {seed} could not be read: {error}")
+        for run in r["runs"]:
+            if run["error"]:
+                lines.append(f"- {r['label']} seed {run['seed']} could not be read: "
+                             f"{run['error']}")
     lines += ["", "## Genotypes", ""]
     for r in rows:
         lines.append(f"**{r['label']}**")
