@@ -191,6 +191,28 @@ def test_genotype_costs_flags_a_predictor_fitted_under_other_settings(tmp_path):
     assert moved["predictor_mismatch"].startswith("device: 'elsewhere' vs ")
 
 
+def test_genotype_costs_flags_a_prediction_outside_the_fitted_latencies(tmp_path):
+    """A prediction beyond the latencies the predictor was fitted on is an extrapolation:
+    the report says so, with the fitted range; one inside it carries no flag."""
+    from diffnas.hardware.costs import genotype_costs
+
+    space = _nb201(NO_NONE)
+    pred = LatencyPredictor(space_shapes(space), hidden=4, ops={"cell": NO_NONE})
+    geno = sample_genotype(space, torch.Generator().manual_seed(0))
+    s = LatencySettings(warmup=0, repeats=1)
+
+    def report(fitted_range: list[float] | None) -> dict:
+        pred.meta = {"latency_ms_range": fitted_range} if fitted_range else {}
+        pred.save(tmp_path / "p.pt")
+        return genotype_costs(space, geno, (1, 8, 8), {"C": 2, "N": 1}, s,
+                              str(tmp_path / "p.pt"))
+
+    ms = report(None)["predicted_ms"]
+    assert "predicted_outside_fitted_range" not in report([ms - 1, ms + 1])
+    assert report([ms + 1, ms + 2])["predicted_outside_fitted_range"] == [ms + 1, ms + 2]
+    assert report([ms - 2, ms - 1])["predicted_outside_fitted_range"] == [ms - 2, ms - 1]
+
+
 # --- build_dataset: a space with no new architectures left ------------------------------
 
 class _Hang(Exception):

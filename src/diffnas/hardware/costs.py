@@ -79,7 +79,8 @@ def genotype_costs(
 ) -> dict[str, Any]:
     """Parameters, MACs, FLOPs (total and per op), measured latency and, when a predictor
     file is given, the predicted latency of ``genotype`` built with ``network`` (a
-    predictor fitted on another op list or edge count than ``space``'s is refused)."""
+    predictor fitted on another op list or edge count than ``space``'s is refused; a
+    prediction outside the latencies it was fitted on is flagged)."""
     settings = settings or LatencySettings()
     p = None
     if predictor is not None:
@@ -100,6 +101,12 @@ def genotype_costs(
     if p is not None:
         with torch.no_grad():
             out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
+        fitted_range = p.meta.get("latency_ms_range")
+        if fitted_range and not fitted_range[0] <= out["predicted_ms"] <= fitted_range[1]:
+            out["predicted_outside_fitted_range"] = fitted_range
+            log.warning("the predicted %.3g ms lies outside the latencies the predictor was "
+                        "fitted on (%.3g to %.3g ms): an extrapolation, less reliable than "
+                        "its held-out error says", out["predicted_ms"], *fitted_range)
         differ = predictor_mismatch(p.meta, out["device"], {
             **settings_dict(settings), "input_shape": list(input_shape),
             "network": space.network_settings(dict(network or {}))})
