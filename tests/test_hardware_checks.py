@@ -213,6 +213,16 @@ def test_genotype_costs_flags_a_prediction_outside_the_fitted_latencies(tmp_path
     assert report([ms - 2, ms - 1])["predicted_outside_fitted_range"] == [ms - 2, ms - 1]
 
 
+def test_sweep_table_marks_a_prediction_outside_the_fitted_latencies():
+    from diffnas.hardware.sweep import table
+
+    row = {"lambda": 1, "test_acc": 0.9, "measured_ms": 2.0, "measured_q25_ms": 1.9,
+           "measured_q75_ms": 2.1, "anchored_ms": None, "predicted_ms": 3.0}
+    assert "outside" not in table([{**row, "predicted_outside_fitted_range": None}])
+    assert "| 3.00 (outside the fitted range) |" in table(
+        [{**row, "predicted_outside_fitted_range": [4.0, 5.0]}])
+
+
 # --- build_dataset: a space with no new architectures left ------------------------------
 
 class _Hang(Exception):

@@ -101,12 +101,9 @@ def genotype_costs(
     if p is not None:
         with torch.no_grad():
             out["predicted_ms"] = float(p(one_hot(encode_indices(genotype, space), space)))
-        fitted_range = p.meta.get("latency_ms_range")
-        if fitted_range and not fitted_range[0] <= out["predicted_ms"] <= fitted_range[1]:
-            out["predicted_outside_fitted_range"] = fitted_range
-            log.warning("the predicted %.3g ms lies outside the latencies the predictor was "
-                        "fitted on (%.3g to %.3g ms): an extrapolation, less reliable than "
-                        "its held-out error says", out["predicted_ms"], *fitted_range)
+        outside = p.outside_fitted_range(out["predicted_ms"])
+        if outside:
+            out["predicted_outside_fitted_range"] = outside
         differ = predictor_mismatch(p.meta, out["device"], {
             **settings_dict(settings), "input_shape": list(input_shape),
             "network": space.network_settings(dict(network or {}))})

@@ -108,6 +108,18 @@ class LatencyPredictor(nn.Module):
         """The typical latency of the training set (to make penalties unit-free)."""
         return float(self.mean_ms)
 
+    def outside_fitted_range(self, ms: float) -> list[float] | None:
+        """The range of latencies the predictor was fitted on (its fit report's
+        ``latency_ms_range``) when the prediction ``ms`` lies outside it, an extrapolation
+        its held-out error says nothing about; ``None`` inside it or when not recorded."""
+        fitted = self.meta.get("latency_ms_range")
+        if fitted and not fitted[0] <= ms <= fitted[1]:
+            log.warning("the predicted %.3g ms lies outside the latencies the predictor was "
+                        "fitted on (%.3g to %.3g ms): an extrapolation, less reliable than "
+                        "its held-out error says", ms, *fitted)
+            return list(fitted)
+        return None
+
     def op_names(self, group: str) -> tuple[str, ...]:
         """The op of each column of ``group``; an error where the predictor does not know
         them (nothing that maps ops by name should guess)."""

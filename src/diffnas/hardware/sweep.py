@@ -312,6 +312,7 @@ def _lambda_row(
     log.info("lambda %g (%s): test accuracy %.4f, predicted latency %.2f ms", lam, which,
              acc, predicted)
     return {"lambda": lam, "test_acc": acc, "predicted_ms": predicted,
+            "predicted_outside_fitted_range": pred.outside_fitted_range(predicted),
             "relaxed_predicted_ms": relaxed, "genotype": genotype.to_dict(),
             "genotype_text": str(genotype)}
 
@@ -322,9 +323,12 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
         anchored = "-" if r.get("anchored_ms") is None else f"{r['anchored_ms']:.2f}"
+        outside = " (outside the fitted range)" if r.get("predicted_outside_fitted_range") \
+            else ""
         lines.append(f"| {r['lambda']:g} | {100 * r['test_acc']:.2f}% | "
                      f"{r['measured_ms']:.2f} [{r['measured_q25_ms']:.2f}, "
-                     f"{r['measured_q75_ms']:.2f}] | {anchored} | {r['predicted_ms']:.2f} |")
+                     f"{r['measured_q75_ms']:.2f}] | {anchored} | "
+                     f"{r['predicted_ms']:.2f}{outside} |")
     return "\n".join(lines)
 
 
