@@ -102,19 +102,9 @@ def cost_predictor(ops: list[str], costs: dict[str, float], base: float = 10.0):
 def locked_elsewhere(run: Path) -> bool:
     """Whether a run lock on ``run`` is held (an flock from a new descriptor conflicts
     with any other, this process's included)."""
-    import fcntl
-    import os
+    from diffnas.engine.runlock import run_lock_holder
 
-    from diffnas.engine.runlock import LOCK_FILE
-
-    fd = os.open(Path(run) / LOCK_FILE, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return run_lock_holder(run) is not None
 
 
 def cut_and_resumed(run_search, run_retrain, cfg, tmp_path: Path, search_cut: int,

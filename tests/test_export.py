@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,20 @@ def test_export_without_retraining_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no retrained model"):
         export_run(partial, "torchscript")
     assert main(["export", str(partial), "--format", "torchscript"]) == 2
+
+
+def test_export_of_a_run_still_retraining_names_the_process_holding_it(run_dir, tmp_path):
+    """A run whose retraining is still going has no model yet: the error says the run is
+    in use and by which process, not to run the retraining (it runs)."""
+    from diffnas.engine.runlock import run_lock
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("retrain"))
+    with run_lock(partial), pytest.raises(
+            FileNotFoundError, match=rf"still going .*\(pid {os.getpid()}\) holds it"):
+        export_run(partial, "torchscript")
+    with pytest.raises(FileNotFoundError, match="run or finish the retraining first"):
+        export_run(partial, "torchscript")  # freed: the usual error
 
 
 def test_weights_that_do_not_fit_the_recorded_network_are_a_clear_error(run_dir, tmp_path,

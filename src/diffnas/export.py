@@ -123,6 +123,7 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None,
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
     from diffnas.engine.retrain import build_network
     from diffnas.engine.rundir import load_run_config, run_kind, seeds_parent_message
+    from diffnas.engine.runlock import run_lock_holder
     from diffnas.genotype import Genotype, GenotypeError
 
     run = Path(run_dir)
@@ -134,6 +135,12 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None,
     check_exportable(cfg, run)
     weights, result = run / "retrain" / "model.pt", run / "retrain" / "result.json"
     if not weights.is_file() or not result.is_file():
+        holder = run_lock_holder(run)
+        if holder is not None:
+            raise FileNotFoundError(
+                f"{run} has no retrained model yet: the run is still going (another diffnas "
+                f"process{f' ({holder})' if holder else ''} holds it); export it once its "
+                "retraining has ended")
         raise FileNotFoundError(f"{run} has no retrained model (retrain/model.pt and "
                                 "retrain/result.json); run or finish the retraining first")
     record = read_json(result, RETRAIN_FIX)

@@ -80,6 +80,30 @@ def acquire_run_lock(run_dir: str | Path) -> None:
     _LOCKS[key] = [fd, 1]
 
 
+def run_lock_holder(run_dir: str | Path) -> str | None:
+    """Who holds ``run_dir``'s lock: ``"pid N"`` (``""`` when the pid is unreadable), or
+    ``None`` when no process does (so a missing output is not still being written). Also
+    ``None`` where nothing can be locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # never locked (or unreadable): no holder to name
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as fd closes
+        return None
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        return f"pid {holder}" if holder.isdigit() else ""
+    except OSError:  # a filesystem without locks
+        return None
+    finally:
+        os.close(fd)
+
+
 def release_run_lock(run_dir: str | Path) -> None:
     """Undo one :func:`acquire_run_lock` of ``run_dir``; the lock is freed when the last
     one is undone."""
