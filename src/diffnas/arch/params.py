@@ -45,12 +45,6 @@ class ArchParams(nn.Module):
     def candidates(self, group: str) -> tuple[str, ...]:
         return self.edges[group][0].candidates
 
-    def by_label(self) -> dict[str, torch.Tensor]:
-        """Logit rows keyed by stable edge label (e.g. ``normal/n2/e0``)."""
-        return {
-            e.label: self.logits[g][i] for g, es in self.edges.items() for i, e in enumerate(es)
-        }
-
     # --- edge normalization (PC-DARTS betas) -------------------------------------------
     def add_edge_betas(self) -> None:
         """Give every edge a beta logit (zeros, so it adds no RNG draw). Node ``j`` then

@@ -202,7 +202,3 @@ def load_karate(root: str | None = None) -> GraphData:
     test = torch.cat([p[8:] for p in per_class]).sort().values
     return GraphData("karate", torch.eye(n), y, symmetric_edges(e[:, 0], e[:, 1], n),
                      train, val, test, 2)
-
-
-def list_graph_datasets() -> list[str]:
-    return GRAPH_DATASETS.names()

@@ -27,10 +27,6 @@ def cell_names(cell: Cell) -> tuple[str, ...]:
     return tuple(NB201_OPS[i] for i in cell)
 
 
-def cell_from_names(ops: tuple[str, ...] | list[str]) -> Cell:
-    return tuple(NB201_OPS.index(o) for o in ops)
-
-
 def code_of(cell: Cell) -> int:
     code = 0
     for i in cell:

@@ -23,7 +23,6 @@ from diffnas.nasbench.oracle import QueryOracle
 from diffnas.nasbench.strategies import create_query_strategy
 from diffnas.nasbench.table import REPORT_METRICS, SEARCH_METRIC, Nb201Benchmark
 from diffnas.report.stats import sign_flip_p
-from diffnas.spaces.nb201 import ops_to_genotype
 
 
 def make_oracle(bench: Nb201Benchmark, budget: int, metric: str = SEARCH_METRIC) -> QueryOracle:
@@ -88,12 +87,6 @@ def resolved_config(config: object) -> dict:
     if config is None:
         return {}
     return json.loads(json.dumps(to_dict(config)))
-
-
-def chosen_genotype(outcome: SearchOutcome) -> Genotype:
-    from diffnas.spaces.nb201 import str_to_ops
-
-    return ops_to_genotype(str_to_ops(outcome.arch_str))
 
 
 # --- statistics ---------------------------------------------------------------------------

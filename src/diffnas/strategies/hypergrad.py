@@ -10,7 +10,7 @@ Under data parallelism a rule returns this rank's share of the alpha gradient
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -19,8 +19,6 @@ from diffnas.strategies.base import Batch, SearchStrategy
 
 #: how the unrolled rule takes the mixed second derivative (see :func:`unrolled`)
 HESSIAN_MODES = ("fd", "fd_forward", "exact")
-
-HypergradRule = Callable[[SearchStrategy, Batch, Batch], tuple[list[torch.Tensor], dict]]
 
 
 def grads(out: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
