@@ -71,6 +71,21 @@ def test_an_override_inside_a_default_mapping_keeps_its_other_keys():
     assert load_config(None, ["retrain.network={C: 8}"]).retrain.network == {"C": 8}
 
 
+def test_a_relaxation_setting_without_a_name_changes_the_strategys_own_relaxation():
+    """``search.strategy.relaxation.tau=5`` on gdas was refused as "relaxation must be
+    'hard_gumbel', got None": the section without a name now keeps the strategy's
+    relaxation and its other settings; a named one still replaces it."""
+    from diffnas.strategies.registry import check_strategy
+
+    cfg = load_config(None, ["search.strategy.name=gdas", "search.strategy.relaxation.tau=5"])
+    assert check_strategy(cfg.search.strategy).relaxation == {
+        "name": "hard_gumbel", "tau": 5, "tau_min": 0.1, "anneal": "linear"}
+    named = {"name": "gdas", "relaxation": {"name": "hard_gumbel", "tau": 5}}
+    assert check_strategy(named).relaxation == {"name": "hard_gumbel", "tau": 5}
+    with pytest.raises(ConfigError, match="tau"):  # darts' softmax takes no temperature
+        load_config(None, ["search.strategy.relaxation.tau=5"])
+
+
 def test_cuda_on_a_machine_without_it_is_refused_before_anything_runs():
     import torch
 

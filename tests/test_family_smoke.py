@@ -126,6 +126,12 @@ def test_random_labels_refuses_penalties(l2_penalty):
         tiny_strategy({**SECTIONS["random_labels"], "penalties": [l2_penalty]})
 
 
-def test_a_relaxation_without_a_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="relaxation needs a 'name'.*softmax"):
+def test_a_relaxation_without_a_name_sets_the_strategys_own():
+    """No name: the settings are the strategy's default relaxation's (gdas: hard Gumbel at
+    the given temperature); darts' softmax has no temperature, a clear error."""
+    from diffnas.arch.relax import HardGumbelRelaxation
+
+    gdas = tiny_strategy({"name": "gdas", "relaxation": {"tau": 2.0}})
+    assert isinstance(gdas.relaxation, HardGumbelRelaxation) and gdas.relaxation.tau == 2.0
+    with pytest.raises(ValueError, match=r"relaxation\.tau; valid keys of .*relaxation: name"):
         tiny_strategy({"name": "darts", "relaxation": {"tau": 2.0}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from diffnas.config import from_dict
@@ -19,8 +20,16 @@ def register_strategy(name: str):
 
 
 def strategy_config(section: dict) -> Any:
+    """The strategy's config dataclass from a ``search.strategy`` section. A relaxation
+    section that names no relaxation sets the strategy's default one
+    (``search.strategy.relaxation.tau=5`` on ``gdas`` keeps its ``hard_gumbel``)."""
     section = dict(section)
     cls = STRATEGIES.get(section.pop("name", "darts"))
+    relax = section.get("relaxation")
+    default = next((f.default_factory for f in dataclasses.fields(cls.Config)
+                    if f.name == "relaxation"), dataclasses.MISSING)
+    if isinstance(relax, dict) and "name" not in relax and default is not dataclasses.MISSING:
+        section["relaxation"] = {**default(), **relax}
     return from_dict(cls.Config, section, f"search.strategy[{cls.name}]")
 
 
