@@ -366,12 +366,62 @@ def test_peek_shape_matches_the_loaded_data(tmp_path):
     assert peek_shape("digits", None) is None and peek_shape("cifar10", "/x") is None
     with pytest.raises(DatasetNotFoundError):
         peek_shape("npz", str(tmp_path / "nope.npz"))
-    # an object array (needs pickle) is the loader's error, naming the file
+    # an object array (needs pickle) is the loader's error, naming the file and the fix
     obj = _npz(tmp_path / "obj.npz", y_train=np.array([[1], [1, 2]] * 75, dtype=object))
     for read in (lambda: peek_shape("npz", obj), lambda: load_dataset("npz", obj)):
-        with pytest.raises(DataFormatError,
-                           match=f"{obj}: y_train: Object arrays cannot be loaded"):
+        with pytest.raises(DataFormatError, match=f"{obj}: y_train is an array of Python "
+                           r"objects .*y\.astype\(np\.int64\)"):
             read()
+    names = _npz(tmp_path / "names.npz", classes=np.array([f"c{i}" for i in range(10)],
+                                                          dtype=object))
+    with pytest.raises(DataFormatError, match=r"classes is an .*dtype=str\) stores names"):
+        peek_shape("npz", names)
+
+
+def test_what_a_plugin_loader_returns_is_checked_by_name(monkeypatch):
+    """A plugin's labels beyond its num_classes, or fewer labels than images, were torch
+    IndexErrors mid-search ("Target 7 is out of bounds"); fractional labels were cut to
+    integers. Now errors naming the dataset and the fault."""
+    from diffnas.data.base import prepare
+    from diffnas.data.registry import DATASETS
+
+    x, y = _digits()
+    xt, yt = torch.from_numpy(x[:, None]), torch.from_numpy(y)
+
+    def register(**change):
+        def loader(root=None, download=False):
+            parts = {"train_y": yt[:150], "test_y": yt[150:], "num_classes": 10, **change}
+            return prepare("mine", xt[:150], parts["train_y"], xt[150:], parts["test_y"],
+                           num_classes=parts["num_classes"], scale=255.0)
+        monkeypatch.setitem(DATASETS._items, "mine", loader)
+
+    register()
+    assert load_dataset("mine").num_classes == 10
+    for change, match in (
+            ({"num_classes": 5}, r"dataset 'mine': train label 9 is outside 0\.\.4 "
+                                 r"\(num_classes=5\)"),
+            ({"test_y": yt[150:] - 1}, "test label -1 is outside 0..9"),
+            ({"train_y": yt[:140]}, r"train_y must hold one label per image: shape \(140,\) "
+                                    "for 150 images"),
+            ({"train_y": yt[:150] + 0.5}, "train labels must be class indices 0..K-1, got "
+                                          "fractional values such as 0.5"),
+            ({"num_classes": 1}, "num_classes is 1; classification needs at least two")):
+        register(**change)
+        with pytest.raises(DataFormatError, match=match):
+            load_dataset("mine")
+    register(train_y=yt[:150].double())  # whole numbers in a float tensor are labels
+    assert load_dataset("mine").train_y.dtype == torch.int64
+
+
+def test_a_search_refuses_damaged_npz_labels_before_its_run_directory(tmp_path, capsys):
+    """What ``peek_shape`` can tell without loading the images (here: 1-based labels) is
+    refused before a run directory is written, as missing files are."""
+    x, y = _digits()
+    bad = _npz(tmp_path / "bad.npz", y_train=y[:150] + 1)
+    out = tmp_path / "runs"
+    assert main(["search", "data.name=npz", f"data.root={bad}", f"out_dir={out}"]) == 2
+    assert "class(es) [0] have no training images" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_config_accepts_the_new_dataset_names():
@@ -460,9 +510,12 @@ def test_a_fix_by_a_setting_says_it_needs_a_new_run(tmp_path, capsys):
     assert (f"(data.resolution is a setting the run keeps: to use it, start a new run (delete "
             f"{run} or give another name=); with the files fixed instead, continue it with: "
             f"diffnas search --resume {run})") in err
-    path = _npz(tmp_path / "bad.npz", y_test=np.full(50, 12))
+    # NaN pixels show only in the images (labels and shapes are checked before the run)
+    nan = np.full((150, 1, 8, 8), np.nan, dtype=np.float32)
+    path = _npz(tmp_path / "bad.npz", x_train=nan, x_test=nan[:50])
     assert main([*argv[:2], "name=n", "data.name=npz", f"data.root={path}", *argv[5:]]) == 2
-    assert "the run directory is kept: with the data fixed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "NaN" in err and "the run directory is kept: with the data fixed" in err
 
 
 def test_importing_diffnas_data_registers_both(tmp_path):

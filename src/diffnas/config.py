@@ -602,9 +602,11 @@ def check_data_files(cfg: RunConfig) -> None:
     """The dataset's files, checked before a run directory exists (not by
     ``load_config``: a dry run needs no data): a dataset read only from the files
     ``data.root`` names, with ``data.root`` unset, is refused, and so are files absent
-    from where the dataset looks (``data/registry.check_dataset_files``: presence only;
-    damaged files are found when the run reads them, and the run directory then resumes
-    with ``data.root=``)."""
+    from where the dataset looks (``data/registry.check_dataset_files``: presence only).
+    The user's own data (``npz``, ``folder``) is also read as far as it is without loading
+    the images (``data/custom.peek_shape``: npz shapes and labels, class folders and one
+    image). What shows only in the images is found when the run reads them, and the run
+    directory then resumes with ``data.root=``."""
     d = cfg.data
     if d.root is None and d.name in ROOT_REQUIRED:
         extra = (" (with data.download=true: the directory to download into)"
@@ -615,6 +617,9 @@ def check_data_files(cfg: RunConfig) -> None:
     from diffnas.data import check_dataset_files
 
     check_dataset_files(d.name, d.root, d.download)
+    from diffnas.data.custom import peek_shape
+
+    peek_shape(d.name, d.root, d.resolution)
 
 
 def check_penalties_setup(cfg: RunConfig) -> None:

@@ -84,6 +84,11 @@ def prepare(
     as 0-255 or 0-1 (what the reference pads with), and for data stored with an offset the
     same darkest value, where a 0 border would lie tens of standard deviations away from
     every real pixel and swamp the image."""
+    for which, y in (("train", train_y), ("test", test_y)):
+        if y.is_floating_point() and not torch.equal(y, y.round()):  # .long() would cut them
+            raise DataFormatError(f"dataset {name!r}: {which} labels must be class indices "
+                                  f"0..K-1, got fractional values such as "
+                                  f"{float(y[y != y.round()][0])}")
     tx = train_x.float() / scale
     ex = test_x.float() / scale
     dims = (0, 2, 3)
@@ -107,6 +112,32 @@ def prepare(
     return ImageData(name, (tx - mean) / std, train_y.long(), (ex - mean) / std, test_y.long(),
                      num_classes, black, mean=tuple((mean * scale).flatten().tolist()),
                      std=tuple((std * scale).flatten().tolist()), classes=tuple(classes))
+
+
+def check_image_data(data: ImageData) -> None:
+    """Refuse what a loader returned (a plugin's, too) that training would stumble on
+    later with a bare torch error: images not ``(N, C, H, W)``, a label count other than
+    the image count, labels that are not integers in ``0..num_classes-1``, fewer than two
+    classes. The message names the dataset and what to fix."""
+    where = f"dataset {data.name!r}"
+    if data.num_classes < 2:
+        raise DataFormatError(f"{where}: num_classes is {data.num_classes}; classification "
+                              "needs at least two")
+    for which in ("train", "test"):
+        x, y = getattr(data, f"{which}_x"), getattr(data, f"{which}_y")
+        if x.ndim != 4:
+            raise DataFormatError(f"{where}: {which}_x must be images (N, C, H, W), got "
+                                  f"shape {tuple(x.shape)}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataFormatError(f"{where}: {which}_y must hold one label per image: "
+                                  f"shape {tuple(y.shape)} for {len(x)} images")
+        if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+            raise DataFormatError(f"{where}: {which}_y must be integer class indices, got "
+                                  f"dtype {y.dtype}")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= data.num_classes):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise DataFormatError(f"{where}: {which} label {bad} is outside 0.."
+                                  f"{data.num_classes - 1} (num_classes={data.num_classes})")
 
 
 #: a channel is "almost constant" when at least this share of its training pixels hold one

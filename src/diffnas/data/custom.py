@@ -288,7 +288,12 @@ def _npz_read(path: Path, keys: tuple[str, ...]
             except DAMAGED as exc:
                 raise _damaged(path, k, exc) from None
             except ValueError as exc:  # an object array would need pickle: refused, as untrusted
-                raise DataFormatError(f"{path}: {k}: {exc}") from None
+                fix = (" (np.array(names, dtype=str) stores names as strings)"
+                       if k == "classes" else " (store it as numbers, e.g. "
+                       "np.asarray(x, dtype=np.uint8) or y.astype(np.int64))")
+                raise DataFormatError(f"{path}: {k} is an array of Python objects (numpy "
+                                      f"says: {exc}), which diffnas does not unpickle; save "
+                                      f"it with a plain dtype{fix}") from None
             if not isinstance(read[k], np.ndarray):  # a member that is not a .npy comes as bytes
                 raise _damaged(path, k, TypeError("not a .npy member"))
         arrays = {k: read[k] for k in keys}

@@ -8,7 +8,7 @@ import inspect
 import logging
 from collections.abc import Callable
 
-from diffnas.data.base import ImageData, resize, subset
+from diffnas.data.base import ImageData, check_image_data, resize, subset
 from diffnas.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def load_dataset(
     extra = {"resolution": resolution} if "resolution" in inspect.signature(loader).parameters \
         else {}
     data = loader(root=root, download=download, **extra)
+    check_image_data(data)
     trx, try_ = subset(data.train_x, data.train_y, train_subset, seed)
     # the test subset is the same whatever the seed, so that seeds (--seeds) are scored on
     # the same images (its generator seed, 1, is the one seed 0 always used)
