@@ -273,6 +273,20 @@ def _folder(root: Path, per_class: int = 4, mode: str = "L", side: int = 8) -> P
     return root
 
 
+def test_folder_reads_images_in_linked_subfolders_once(tmp_path):
+    """A class folder's subfolder that is a symbolic link was skipped (``rglob`` does not
+    follow links): its images silently missing. Now read, and a link loop ends."""
+    from diffnas.data.custom import peek_count
+
+    root = _folder(tmp_path / "f")
+    more = _folder(tmp_path / "more")
+    (root / "train" / "ant" / "extra").symlink_to(more / "train" / "ant")
+    (root / "train" / "ant" / "loop").symlink_to(root / "train" / "ant")
+    d = load_dataset("folder", str(root))
+    assert d.train_y.tolist().count(0) == 8 and len(d.train_y) == 16
+    assert peek_count("folder", str(root)) == 16
+
+
 def test_folder_classes_sorted_labels_and_pixels(tmp_path):
     root = _folder(tmp_path / "f")
     d = load_dataset("folder", str(root))
@@ -468,7 +482,20 @@ def test_a_retraining_batch_larger_than_the_data_is_refused_before_the_search(tm
     err = capsys.readouterr().err
     assert "retrain.batch_size=32 exceeds the 20 training images" in err
     assert "search has not started" in err
-    assert not (tmp_path / "r/search/metrics.jsonl").exists()
+    assert not (tmp_path / "r").exists()  # own data is counted before the run directory
+    # diffnas train retrains whatever retrain.enabled says: refused before its run too
+    assert main(["train", "--genotype", "DARTS_V2", *argv[1:7],
+                 "retrain.enabled=false", "retrain.batch_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert "retrain.batch_size=32 exceeds the 20 training images" in err
+    assert "search has not started" not in err and not (tmp_path / "r").exists()
+    # a search batch larger than the dataset's images: said before the run, with counts
+    assert main([*argv, "data.batch_size=16", "retrain.batch_size=4"]) == 2
+    assert ("data.batch_size=16 gives no full batch per epoch from the dataset's 20 training "
+            "images: its split (data.search_split=0.5) leaves 10 images to train the weights "
+            "and 10 the architecture (incomplete batches are dropped); lower data.batch_size "
+            "or add images") in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     # --seeds and latency sweep start each run as a resume: checked there too
     with pytest.raises(ValueError, match="retrain.batch_size=32 exceeds the 20 training"):
         run_search(load_config(None, argv[3:] + ["name=t"]), tmp_path / "t", resume=True)
@@ -503,7 +530,7 @@ def test_a_fix_by_a_setting_says_it_needs_a_new_run(tmp_path, capsys):
     root = _folder(tmp_path / "f")
     PIL.new("L", (12, 12), 100).save(root / "train" / "bee" / "big.png")
     argv = ["search", f"out_dir={tmp_path}", "name=r", "data.name=folder", f"data.root={root}",
-            "search.epochs=1", "progress=false"]
+            "search.epochs=1", "progress=false", "data.batch_size=4", "retrain.batch_size=4"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     run = tmp_path / "r"

@@ -96,6 +96,22 @@ def test_data_smaller_than_one_batch_is_a_clear_error(tmp_path):
         run_search(cfg, tmp_path / "run")
 
 
+def test_a_dataset_smaller_than_one_batch_names_its_size(tmp_path):
+    """Without data.train_subset the dataset's own size decides (a plugin's data is known
+    only once read): the error counts its images, not the loop's bare "no full batch"."""
+    import dataclasses
+
+    from diffnas.data import load_dataset
+
+    cfg = _cfg("data.batch_size=16", f"out_dir={tmp_path}")
+    cfg.data.train_subset = None
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, train_x=data.train_x[:20], train_y=data.train_y[:20])
+    with pytest.raises(ValueError, match="from the dataset's 20 training images: .* leaves "
+                                         "10 images to train the weights"):
+        run_search(cfg, tmp_path / "run", data=data)
+
+
 def test_a_failed_text_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     from diffnas.engine.checkpoint import atomic_write_text
 

@@ -150,7 +150,7 @@ def _train(p: argparse.ArgumentParser):
                 return cfg, run_dir
             cfg = load_config(args.config, args.overrides, search=False)
             _check_genotype(cfg, genotype)  # before the run directory exists
-            check_data_files(cfg)
+            check_data_files(cfg, search=False)
             run_dir = new_run_dir(cfg, "train", command="train")
             acquire_run_lock(run_dir)
             # recorded now, so `train --resume RUN` knows it even if the data was missing

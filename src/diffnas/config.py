@@ -598,15 +598,16 @@ def _check_unused_data(cfg: RunConfig) -> None:
 ROOT_REQUIRED = ("cifar10", "npz", "folder", "cora")
 
 
-def check_data_files(cfg: RunConfig) -> None:
+def check_data_files(cfg: RunConfig, search: bool = True) -> None:
     """The dataset's files, checked before a run directory exists (not by
     ``load_config``: a dry run needs no data): a dataset read only from the files
     ``data.root`` names, with ``data.root`` unset, is refused, and so are files absent
     from where the dataset looks (``data/registry.check_dataset_files``: presence only).
     The user's own data (``npz``, ``folder``) is also read as far as it is without loading
     the images (``data/custom.peek_shape``: npz shapes and labels, class folders and one
-    image). What shows only in the images is found when the run reads them, and the run
-    directory then resumes with ``data.root=``."""
+    image), and its image count against the batch sizes (``search``: the search's too).
+    What shows only in the images is found when the run reads them, and the run directory
+    then resumes with ``data.root=``."""
     d = cfg.data
     if d.root is None and d.name in ROOT_REQUIRED:
         extra = (" (with data.download=true: the directory to download into)"
@@ -617,9 +618,17 @@ def check_data_files(cfg: RunConfig) -> None:
     from diffnas.data import check_dataset_files
 
     check_dataset_files(d.name, d.root, d.download)
-    from diffnas.data.custom import peek_shape
+    from diffnas.data.custom import peek_count, peek_shape
 
     peek_shape(d.name, d.root, d.resolution)
+    count = peek_count(d.name, d.root)
+    if count is not None:  # own image data: the batches it holds, before anything runs
+        from diffnas.engine.retrain import check_retrain_batch
+        from diffnas.engine.search import check_full_batch
+
+        if search:
+            check_full_batch(cfg, count)
+        check_retrain_batch(cfg, count, always=not search)
 
 
 def check_penalties_setup(cfg: RunConfig) -> None:

@@ -14,6 +14,7 @@ what is wrong; nothing is guessed silently. docs/data.md is the user's guide.
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -411,7 +412,19 @@ def _class_dirs(split: Path) -> list[Path]:
 
 
 def _class_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p, folder))
+    """The image files of a class folder, its subfolders included: also those reached
+    through a symbolic link (``Path.rglob`` skipped them, so a linked subfolder's images
+    were silently left out), each real folder once (a link loop ends)."""
+    files, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(top) / n for n in names if not n.startswith(".")]
+    files = sorted(p for p in files if p.is_file())
     for p in files:
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataFormatError(f"{p}: not an image file (extensions read: "
@@ -505,6 +518,21 @@ def load_folder(root: str | None = None, download: bool = False,
 
 
 # --- shapes without loading --------------------------------------------------------------
+def peek_count(name: str, root: str | None) -> int | None:
+    """The training images of an ``npz`` (its header) or ``folder`` dataset (its class
+    folders listed, each checked: none empty, no stray files, in test/ too), without
+    reading them; None for other datasets."""
+    if name == "npz":
+        shape, _ = _npz_header_shape(_npz_path(root), "x_train")
+        return shape[0] if shape else 0
+    if name == "folder":
+        _, _, dirs = _folder_splits(root)
+        for folder in dirs["test"]:
+            _class_files(folder)
+        return sum(len(_class_files(folder)) for folder in dirs["train"])
+    return None
+
+
 def peek_shape(name: str, root: str | None, resolution: int | None = None
                ) -> tuple[int, int, int] | None:
     """``(channels, side, classes)`` of an ``npz`` or ``folder`` dataset from the npz headers

@@ -87,21 +87,22 @@ def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
     return {"test_loss": loss_sum / max(total, 1), "test_acc": correct / max(total, 1)}
 
 
-def check_retrain_batch(cfg: RunConfig, search_data: ImageData) -> None:
-    """Before a search: refuse a ``retrain.batch_size`` larger than the images the
-    retraining will train on, which the loop found only after the whole search (and a
-    ``--resume`` cannot change ``retrain.*``). The size is known when the search's images
-    are the whole training set (no ``data.train_subset``, or one larger than the set)."""
-    r, d = cfg.retrain, cfg.data
-    n = len(search_data.train_x)
-    if not r.enabled or (d.train_subset is not None and n >= d.train_subset):
-        return  # retraining reads the whole set, which may be larger than the search's
-    n_retrain = min(n, r.train_subset or n)
+def check_retrain_batch(cfg: RunConfig, n_images: int | None, always: bool = False) -> None:
+    """Refuse a ``retrain.batch_size`` larger than the images the retraining will train on
+    (before a search, which the loop found only after the whole search, and a ``--resume``
+    cannot change ``retrain.*``). ``n_images``: the dataset's training images, None where
+    unknown; ``always``: ``diffnas train``, which retrains whatever ``retrain.enabled``
+    says."""
+    r = cfg.retrain
+    if not (r.enabled or always) or n_images is None:
+        return
+    n_retrain = min(n_images, r.train_subset or n_images)
     if r.batch_size > n_retrain:
+        started = "" if always else " (the search has not started)"
         raise ConfigError(
             f"retrain.batch_size={r.batch_size} exceeds the {n_retrain} training images the "
             "retraining would use: no complete batch (incomplete ones are dropped); lower "
-            "retrain.batch_size (the search has not started)")
+            f"retrain.batch_size{started}")
 
 
 def no_full_batch_hint(run_dir: str | Path, batches: int) -> str:

@@ -409,12 +409,17 @@ def batches_per_epoch(train: BatchLoader, val: BatchLoader | None) -> int:
     return 0 if val is not None and len(val) == 0 else len(train)
 
 
-def check_full_batch(cfg: RunConfig) -> None:
-    """With ``data.train_subset``: at least one full search batch per epoch from that many
-    images, counted by :func:`search_loaders` itself (over empty rows). A dataset smaller
-    than the subset is only seen once read (the loop refuses it then)."""
-    n, d = cfg.data.train_subset, cfg.data
-    if n is None or min(d.search_split, 1 - d.search_split) * n >= d.batch_size + 1:
+def check_full_batch(cfg: RunConfig, n_images: int | None = None) -> None:
+    """At least one full search batch per epoch from the training images, counted by
+    :func:`search_loaders` itself (over empty rows): ``data.train_subset`` of them, or
+    ``n_images`` (the dataset's, where known) when fewer; nothing to check when neither
+    is known."""
+    d = cfg.data
+    known = [v for v in (d.train_subset, n_images) if v is not None]
+    if not known:
+        return
+    n = min(known)
+    if min(d.search_split, 1 - d.search_split) * n >= d.batch_size + 1:
         return  # either part of the split holds a full batch, whatever the rounding
     rows = torch.empty(n, 0)
     uses_val = STRATEGIES.get(cfg.search.strategy.get("name", "darts")).uses_validation
@@ -423,10 +428,12 @@ def check_full_batch(cfg: RunConfig) -> None:
         parts = (f"its split (data.search_split={d.search_split}) leaves {len(train.x)} "
                  f"images to train the weights and {len(val.x)} the architecture"
                  if val is not None else "")
+        source = f"data.train_subset={n}" if n == d.train_subset else \
+            f"the dataset's {n} training images"
+        fix = "raise data.train_subset" if n == d.train_subset else "add images"
         raise ConfigError(f"data.batch_size={d.batch_size} gives no full batch per epoch "
-                          f"from data.train_subset={n}{': ' if parts else ''}{parts} "
-                          "(incomplete batches are dropped); lower data.batch_size or raise "
-                          "data.train_subset")
+                          f"from {source}{': ' if parts else ''}{parts} "
+                          f"(incomplete batches are dropped); lower data.batch_size or {fix}")
 
 
 def check_search_config(cfg: RunConfig, device: bool = True) -> None:
@@ -477,7 +484,10 @@ def run_search(
     # before the first epoch (--seeds and latency sweep start every run as a resume); once
     # an epoch is done retrain.* is fixed, and the search's genotype is still worth having
     if not (out / "checkpoint.pt").exists():
-        check_retrain_batch(cfg, data)
+        n = len(data.train_x)  # the whole training set, unless data.train_subset took less
+        check_full_batch(cfg, n)
+        check_retrain_batch(cfg, n if cfg.data.train_subset is None
+                            or n < cfg.data.train_subset else None)
     task = build_search(cfg, data, device, rank.rank, rank.world_size)
     callbacks = search_callbacks(task, out, cfg, extra_callbacks or [])
     callbacks[-1:-1] = diagnostics_callbacks(cfg, task, out, rank.world_size)
