@@ -103,6 +103,32 @@ def test_export_of_a_run_still_retraining_names_the_process_holding_it(run_dir, 
         export_run(partial, "torchscript")  # freed: the usual error
 
 
+def test_a_search_without_retraining_says_how_to_retrain_it(tmp_path, capsys):
+    """A search made with retrain.enabled=false sent its user in a circle (export: "run or
+    finish the retraining"; train --resume: "the run stopped before retraining began";
+    with --genotype: "continue it with diffnas search --resume", which only reprints the
+    genotype). Each now gives the command that retrains it as a new run, which works as
+    printed and exports."""
+    import shlex
+
+    assert main(["search", f"out_dir={tmp_path}", "name=s", *TINY_RUN,
+                 "retrain.enabled=false"]) == 0
+    printed = capsys.readouterr().out
+    run = tmp_path / "s"
+    command = shlex.join(["diffnas", "train", "--config", str(run / "config.yaml"),
+                          "--genotype", str(run / "search" / "genotype.json"),
+                          f"out_dir={tmp_path}", "name=s-retrain"])
+    assert f"no retraining (retrain.enabled=false); to retrain this genotype as a new run: " \
+           f"{command}" in printed
+    for argv in (["export", str(run), "--format", "torchscript"], ["train", "--resume", str(run)],
+                 ["train", "--resume", str(run), "--genotype", str(run / "search/genotype.json")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{run} is a search made with retrain.enabled=false" in err and command in err
+    assert main(shlex.split(command)[1:]) == 0
+    assert main(["export", str(tmp_path / "s-retrain"), "--format", "torchscript"]) == 0
+
+
 def test_weights_that_do_not_fit_the_recorded_network_are_a_clear_error(run_dir, tmp_path,
                                                                        capsys):
     """config.yaml edited to another network (here: wider) under the saved model.pt was a

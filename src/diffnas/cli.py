@@ -129,6 +129,8 @@ def _train(p: argparse.ArgumentParser):
 
         if args.genotype is None:  # a resumed run knows its genotype
             recorded = Path(args.resume or "") / "retrain" / "genotype.json"
+            if args.resume and not args.dry_run and not recorded.is_file():
+                _resume_config(args, search=False)  # a search run: says what to do
             if not args.resume or args.dry_run or not recorded.is_file():
                 raise ConfigError("--genotype is required" + (
                     f" ({recorded} does not exist: the run stopped before retraining "
@@ -214,8 +216,11 @@ def _resume_config(args: argparse.Namespace, search: bool = True):
             f"{run} is a retraining made by diffnas train: continue it with diffnas train "
             f"--resume {run} --genotype {pinned if pinned.is_file() else 'GENOTYPE'}")
     if not search and kind == "search":
-        raise ConfigError(f"{run} is a search run made by diffnas search: continue it with "
-                          f"diffnas search --resume {run}")
+        from diffnas.engine.rundir import unretrained_search_message
+
+        unretrained = unretrained_search_message(run, load_run_config(run, device=False))
+        raise ConfigError(unretrained or f"{run} is a search run made by diffnas search: "
+                          f"continue it with diffnas search --resume {run}")
     return load_run_config(run, args.overrides, search=search)
 
 

@@ -122,7 +122,12 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None,
                    overrides: Sequence[str] = ()) -> tuple[nn.Module, DataShape]:
     """The retrained network of a run (eval mode, on the CPU) and its input shape."""
     from diffnas.engine.retrain import build_network
-    from diffnas.engine.rundir import load_run_config, run_kind, seeds_parent_message
+    from diffnas.engine.rundir import (
+        load_run_config,
+        run_kind,
+        seeds_parent_message,
+        unretrained_search_message,
+    )
     from diffnas.engine.runlock import run_lock_holder
     from diffnas.genotype import Genotype, GenotypeError
 
@@ -141,6 +146,9 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None,
                 f"{run} has no retrained model yet: the run is still going (another diffnas "
                 f"process{f' ({holder})' if holder else ''} holds it); export it once its "
                 "retraining has ended")
+        unretrained = unretrained_search_message(run, cfg)
+        if unretrained:
+            raise FileNotFoundError(f"{unretrained}; then export that run")
         raise FileNotFoundError(f"{run} has no retrained model (retrain/model.pt and "
                                 "retrain/result.json); run or finish the retraining first")
     record = read_json(result, RETRAIN_FIX)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shlex
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from diffnas.engine.rundir import (
     check_same_data,
     pin_genotype,
     resolve_device,
+    retrain_command,
     test_subset_seed,
 )
 from diffnas.engine.tensorboard import logger_callbacks
@@ -108,15 +108,9 @@ def check_retrain_batch(cfg: RunConfig, n_images: int | None, always: bool = Fal
 def no_full_batch_hint(run_dir: str | Path, batches: int) -> str:
     """What to do when the retraining has no full batch after a search: the genotype is
     kept, and ``diffnas train`` retrains it with other retrain settings."""
-    if batches:
+    command = None if batches else retrain_command(run_dir)
+    if command is None:
         return ""
-    genotype = Path(run_dir) / "search" / "genotype.json"
-    if not genotype.exists():
-        return ""
-    run = Path(run_dir)
-    command = shlex.join(["diffnas", "train", "--config", str(run / "config.yaml"),
-                          "--genotype", str(genotype), f"out_dir={run.parent}",
-                          f"name={run.name}-retrain"])
     return (f"; the search's genotype is kept: retrain it with a smaller batch, as a new "
             f"run beside this one: {command} retrain.batch_size=N")
 

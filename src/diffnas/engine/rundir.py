@@ -279,6 +279,34 @@ def run_kind(run_dir: str | Path) -> str | None:
     return "train" if (run / "retrain").is_dir() else None
 
 
+def retrain_command(run_dir: str | Path) -> str | None:
+    """The command that retrains a search run's genotype as a new run beside it, with the
+    run's config (``diffnas train`` retrains whatever ``retrain.enabled`` says, with the
+    run's ``retrain`` settings; append ``retrain.X=...`` to change one); None while the
+    search has written no genotype."""
+    import shlex
+
+    run = Path(run_dir)
+    genotype = run / "search" / "genotype.json"
+    if not genotype.exists():
+        return None
+    return shlex.join(["diffnas", "train", "--config", str(run / "config.yaml"),
+                       "--genotype", str(genotype), f"out_dir={run.parent}",
+                       f"name={run.name}-retrain"])
+
+
+def unretrained_search_message(run_dir: str | Path, cfg: RunConfig) -> str | None:
+    """What to do with a finished search run made with ``retrain.enabled=false`` (it has
+    no retraining to resume or export: a new ``diffnas train`` run retrains its genotype);
+    None for any other run."""
+    run = Path(run_dir)
+    command = retrain_command(run)
+    if cfg.retrain.enabled or not (run / "search" / "DONE").exists() or command is None:
+        return None
+    return (f"{run} is a search made with retrain.enabled=false: it holds no retraining. "
+            f"Retrain its genotype as a new run beside it: {command}")
+
+
 #: settings a resumed run may change: where it runs, where its data lives and how it
 #: reports, never what it computes
 RESUME_OVERRIDES = ("device", "progress", "plots", "data.root", "plugins")

@@ -23,7 +23,7 @@ from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_e
 from diffnas.engine.cuda_graph import GraphedStep
 from diffnas.engine.loop import Callback, Loop, checked_metrics
 from diffnas.engine.retrain import check_retrain_batch
-from diffnas.engine.rundir import check_same_data, resolve_device
+from diffnas.engine.rundir import check_same_data, resolve_device, retrain_command
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
@@ -90,6 +90,10 @@ def search_then_retrain(
     result = retrain(genotype) if cfg.retrain.enabled else None
     if dp.is_main_process():
         report(genotype, result)
+        command = retrain_command(run_dir) if result is None else None
+        if command:
+            print(f"no retraining (retrain.enabled=false); to retrain this genotype as a "
+                  f"new run: {command}")
     return 0
 
 
