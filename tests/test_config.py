@@ -86,6 +86,17 @@ def test_a_relaxation_setting_without_a_name_changes_the_strategys_own_relaxatio
         load_config(None, ["search.strategy.relaxation.tau=5"])
 
 
+def test_a_data_root_under_home_is_expanded_for_every_dataset(tmp_path, monkeypatch):
+    """``data.root=~/corpus`` worked for npz and folder alone (their loaders expand it);
+    ptb looked for a literal ~/corpus/ptb.train.txt."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name, space in (("ptb", "darts_rnn"), ("fashion_mnist", "darts_cnn"),
+                        ("npz", "darts_cnn")):
+        cfg = load_config(None, [f"data.name={name}", "data.root=~/corpus",
+                                 f"search.space.name={space}"], device=False)
+        assert cfg.data.root == str(tmp_path / "corpus")
+
+
 def test_cuda_on_a_machine_without_it_is_refused_before_anything_runs():
     import torch
 

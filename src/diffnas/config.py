@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -251,6 +252,8 @@ class DataConfig:
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         require_sizes(self, ("resolution", "train_subset", "test_subset"), "data")
+        if isinstance(self.root, str):  # ~/data for every dataset (its loader need not)
+            self.root = os.path.expanduser(self.root)
 
 
 @dataclass
