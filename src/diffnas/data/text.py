@@ -97,6 +97,10 @@ def ptb_files(root: str | None, download: bool = False) -> dict[str, Path] | Non
     serves the corpus (``root`` unset)."""
     if root is not None:
         d = Path(root)
+        if d.is_file():
+            raise DatasetNotFoundError(
+                f"Penn Treebank: data.root={root} is a file; give the directory holding "
+                f"ptb.train.txt, ptb.valid.txt and ptb.test.txt (here: data.root={d.parent})")
         files = {s: d / f"ptb.{s}.txt" for s in SPLITS}
         missing = [str(p) for p in files.values() if not p.is_file()]
         if missing:
