@@ -684,8 +684,10 @@ def test_retrain_settings_an_engine_never_reads_are_refused(path, override, engi
     (GNN, "data.download=true"), (GNN, "data.resolution=32"), (GNN, "data.train_subset=100"),
     (GNN, "data.test_subset=100"), (GNN, "data.search_split=0.8"), (GNN, "data.batch_size=8"),
     (FASHION, "data.download=true"), (FASHION, "data.name=npz data.download=true"),
+    (FASHION, "data.name=digits data.root=/x.npz"), (GNN, "data.name=karate data.root=/x"),
 ], ids=["rnn-download", "rnn-resolution", "gnn-download", "gnn-resolution", "gnn-subset",
-        "gnn-test_subset", "gnn-split", "gnn-batch", "fashion-download", "npz-download"])
+        "gnn-test_subset", "gnn-split", "gnn-batch", "fashion-download", "npz-download",
+        "digits-root", "karate-root"])
 def test_data_settings_the_run_never_reads_are_refused_at_load(path, override):
     """They were accepted and ignored (``download`` for cora also skipped the data.root
     check, so the error came after the run directory existed)."""

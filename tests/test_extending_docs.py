@@ -188,6 +188,7 @@ def test_the_guide_s_engine_runs_seeds_and_is_checked_like_a_built_in_one(tmp_pa
     page = (tmp_path / "seeds" / "summary.md").read_text()
     assert "## cell: how often each op was chosen per edge" in page  # (not "cell cell")
     for override, words in (("data.batch_size=8", "data.batch_size is not used by a tabular"),
+                            ("data.root=my.csv", "data.root is not used by a tabular"),
                             ("data.name=digits", "'digits' is not a tabular dataset"),
                             ("retrain.momentum=0.5", "the tabular (my_engine.py) retraining"),
                             ("search.cuda_graph=true", "search.cuda_graph is for image "

@@ -580,12 +580,21 @@ def _example_space(engine: str) -> str:
 NO_DOWNLOAD = ("fashion_mnist", "digits", "npz", "folder")
 
 
+#: built-in datasets shipped inside a package, read from no files: ``data.root`` is unused
+NO_FILES = ("digits", "karate")
+
+
 def _check_unused_data(cfg: RunConfig) -> None:
     """``data`` settings the run never reads are refused rather than silently ignored:
     those its engine never reads (``Engine.unused_data``: the image settings for text and
     graph runs, and for graph runs, full batch on a fixed split, the batch size, subsets
-    and split too), and ``download`` for a dataset read from local files alone."""
+    and split too), ``download`` for a dataset read from local files alone and ``root``
+    for one read from no files (:data:`NO_FILES`)."""
     d, default, engine = cfg.data, DataConfig(), _engine(cfg)
+    if d.root is not None and d.name in NO_FILES:
+        raise ConfigError(f"config.data: data.root is not used by data.name={d.name}, which "
+                          "ships inside a package and reads no files: remove it (to read "
+                          "your own data, docs/data.md)")
     unused = [k for k in engine.unused_data if getattr(d, k) != getattr(default, k)]
     local = d.download and d.name in NO_DOWNLOAD and "download" not in unused
     if unused or local:

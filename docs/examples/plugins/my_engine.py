@@ -348,7 +348,7 @@ register_engine(Engine(
     datasets=lambda: TABLES, report=print_table_result,
     run_search=run_table_search, run_retrain=run_table_retrain, summary=table_summary,
     check_search=refuse_image_search_settings,  # (amp, compile, ...: refused, not ignored)
-    unused_data=("download", "resolution", "train_subset", "test_subset", "search_split",
-                 "batch_size"),
+    unused_data=("root", "download", "resolution", "train_subset", "test_subset",
+                 "search_split", "batch_size"),
     unread_retrain=("batch_size", "lr_min", "momentum", "auxiliary_weight", "drop_path",
                     "cutout", "crop_padding", "flip", "train_subset")))
