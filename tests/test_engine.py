@@ -274,3 +274,16 @@ def test_a_resume_removes_the_temporary_of_a_checkpoint_write_a_kill_cut_short(t
     stray.write_bytes(b"half a checkpoint")
     run_search(cfg, tmp_path, resume=True)
     assert not stray.exists() and (tmp_path / "search/checkpoint.pt").is_file()
+
+
+def test_a_resumed_loop_says_how_far_it_had_come_or_that_it_was_done():
+    """A resume of a finished run logged "resumed retraining at epoch 2" (of 2, 0-based):
+    it reads as if one epoch were left."""
+    from types import SimpleNamespace
+
+    from diffnas.engine.loop import resumed_text
+
+    assert resumed_text("search", SimpleNamespace(epoch=1, epochs=3)) == \
+        "resumed search after 1 of 3 epochs"
+    assert resumed_text("retraining", SimpleNamespace(epoch=3, epochs=3)).startswith(
+        "retraining: all 3 epochs were done earlier")

@@ -78,7 +78,7 @@ from diffnas.engine.engines import (
     refuse_image_search_settings,
     register_engine,
 )
-from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.loop import Callback, Loop, resumed_text
 from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
 from diffnas.engine.search import (
     StrategyTask,
@@ -655,7 +655,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                                    if resume and ckpt.exists() else None)
     if state is not None:
         loop.load_state_dict(state, source=ckpt)
-        log.info("resumed LM retraining at epoch %d", loop.epoch)
+        log.info(resumed_text("LM retraining", loop))
     history = loop.run(stop_after=stop_after)
     # the best epoch's weights by validation, as DARTS's train.py reloads before testing
     final_valid, final_test = task.evaluate_best(valid), task.evaluate_best(test)

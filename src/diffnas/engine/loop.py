@@ -170,3 +170,13 @@ class Loop:
         for cb, s in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(s)
         set_rng_state(state["rng"])
+
+
+def resumed_text(what: str, loop: Loop) -> str:
+    """The log line of a loop resumed from its checkpoint: how far it had come, or that
+    every epoch was done (a resume of a finished run only computes its result again)."""
+    if loop.epoch >= loop.epochs:
+        return (f"{what}: all {loop.epochs} epochs were done earlier (checkpoint); its result "
+                "is computed again")
+    return f"resumed {what} after {loop.epoch} of {loop.epochs} epochs"
+

@@ -23,7 +23,7 @@ from diffnas.engine.checkpoint import (
     load_checkpoint,
     seed_everything,
 )
-from diffnas.engine.loop import Callback, Loop
+from diffnas.engine.loop import Callback, Loop, resumed_text
 from diffnas.engine.rundir import (
     check_same_data,
     pin_genotype,
@@ -63,7 +63,7 @@ def run_retrain_loop(task: Any, cfg: RunConfig, out: Path, resume: bool,
                                            *logger_callbacks(cfg, out), Checkpoint(ckpt)])
     if resume and ckpt.exists():
         loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
-        log.info("resumed %s at epoch %d", what, loop.epoch)
+        log.info(resumed_text(what, loop))
     return loop, loop.run(stop_after=stop_after)
 
 
@@ -299,7 +299,7 @@ def run_retrain(
     )
     if state is not None:
         loop.load_state_dict(state, source=ckpt)
-        log.info("resumed retraining at epoch %d", loop.epoch)
+        log.info(resumed_text("retraining", loop))
     try:
         history = loop.run(stop_after=stop_after)
     except ValueError as exc:  # no full batch: say how to use the search's genotype

@@ -21,7 +21,7 @@ from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, MetricsLines, ProgressBar
 from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from diffnas.engine.cuda_graph import GraphedStep
-from diffnas.engine.loop import Callback, Loop, checked_metrics
+from diffnas.engine.loop import Callback, Loop, checked_metrics, resumed_text
 from diffnas.engine.retrain import check_retrain_batch
 from diffnas.engine.rundir import check_same_data, resolve_device, retrain_command
 from diffnas.engine.tensorboard import logger_callbacks
@@ -516,7 +516,7 @@ def run_search_loop(
                                    if resume and ckpt.exists() else None)
     if state is not None:
         loop.load_state_dict(state, source=ckpt)
-        log.info("resumed search at epoch %d from %s", loop.epoch, ckpt)
+        log.info("%s (%s)", resumed_text("search", loop), ckpt)
     dp.sync_rng()
     log.info("%s space=%s strategy=%s alphas=%d, %d %s/epoch", what, task.space.name,
              task.strategy.name, sum(p.numel() for p in task.strategy.alphas()),
