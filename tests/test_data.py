@@ -318,3 +318,15 @@ def test_the_log_says_how_many_images_a_subset_keeps(caplog):
     caplog.set_level("INFO", logger="diffnas.data")
     load_dataset("digits", train_subset=100, test_subset=50)
     assert "digits: using 100 of 1437 train / 50 of 360 test images" in caplog.text
+
+
+def test_a_subset_larger_than_the_dataset_says_all_images_are_used(caplog):
+    import logging
+
+    from diffnas.data import load_dataset
+
+    with caplog.at_level(logging.WARNING):
+        d = load_dataset("digits", train_subset=5000, test_subset=100)
+    assert len(d.train_x) == 1437 and len(d.test_x) == 100
+    assert "a train subset of 5000 asked for, but the dataset has 1437 train images" \
+        in caplog.text and "test subset" not in caplog.text

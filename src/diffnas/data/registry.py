@@ -65,6 +65,11 @@ def load_dataset(
         else {}
     data = loader(root=root, download=download, **extra)
     check_image_data(data)
+    for which, n, have in (("train", train_subset, len(data.train_x)),
+                           ("test", test_subset, len(data.test_x))):
+        if n is not None and n > have:  # subset() takes all: said, not silent
+            log.warning("%s: a %s subset of %d asked for, but the dataset has %d %s images: "
+                        "all of them are used", name, which, n, have, which)
     trx, try_ = subset(data.train_x, data.train_y, train_subset, seed)
     # the test subset is the same whatever the seed, so that seeds (--seeds) are scored on
     # the same images (its generator seed, 1, is the one seed 0 always used)
