@@ -165,6 +165,16 @@ def test_resolve_genotype_by_name_or_file(tmp_path):
         resolve_genotype(str(tmp_path / "run"))
     with pytest.raises(GenotypeError, match=r"DARTS Genotype\(...\) text, not a file name"):
         resolve_genotype(str(g))
+    # a search's per-epoch genotypes.jsonl names the final genotype's file; its advice works
+    per_epoch = tmp_path / "run" / "search" / "genotypes.jsonl"
+    per_epoch.write_text(json.dumps({"epoch": 0, **g.to_dict()}) + "\n")
+    with pytest.raises(GenotypeError, match=r"one genotype per line .*\(the search's final "
+                       r"one: .*run/search/genotype\.json\).* without its 'epoch' key"):
+        resolve_genotype(str(per_epoch))
+    line = json.loads(per_epoch.read_text())
+    del line["epoch"]
+    (tmp_path / "e0.json").write_text(json.dumps(line))
+    assert resolve_genotype(str(tmp_path / "e0.json")) == g
 
 
 def _v2_dict() -> dict:

@@ -57,4 +57,10 @@ def resolve_genotype(ref: str) -> Genotype:
     if not Path(ref).is_file():  # a mistyped name should not read as a missing file only
         raise GenotypeError(f"genotype file not found: {ref}, and not a published genotype "
                             f"name either; published: {', '.join(sorted(PUBLISHED))}")
+    if Path(ref).suffix == ".jsonl":  # a search's per-epoch record, not one genotype
+        final = Path(ref).with_name("genotype.json")
+        hint = f" (the search's final one: {final})" if final.is_file() else ""
+        raise GenotypeError(f"{ref} holds one genotype per line (a search's per-epoch "
+                            f"record); give one genotype's file{hint}, or save the line you "
+                            "want without its 'epoch' key as a .json file")
     return Genotype.load(ref)
