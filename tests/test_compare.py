@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffnas.cli import main
 from diffnas.config import load_config, save_config
@@ -235,7 +236,10 @@ def test_the_same_settings_say_so_and_other_data_is_flagged(tmp_path):
     """Where only the method differs the page says no other setting does; seed, name,
     device and data.root are where a run ran, not what it computed. Other data (another
     data.json) is flagged even when every config key agrees."""
-    a = _single(tmp_path / "a", 0.5, ["data.root=/somewhere", "search.strategy={order: 1}"])
+    a = _single(tmp_path / "a", 0.5, ["search.strategy={order: 1}"])
+    saved = yaml.safe_load((a / "config.yaml").read_text())  # (digits reads no data.root:
+    saved["data"]["root"] = "/somewhere"  # a new run refuses it; a saved one is read as is)
+    (a / "config.yaml").write_text(yaml.safe_dump(saved))
     b = _single(tmp_path / "b", 0.6, ["search.strategy={name: darts, order: 2}", "seed=3",
                                       "name=other"])
     c = _single(tmp_path / "c", 0.7, data={"train": {"x": [48, 1, 8, 8], "labels": "xyz"}})
