@@ -179,4 +179,3 @@ def resumed_text(what: str, loop: Loop) -> str:
         return (f"{what}: all {loop.epochs} epochs were done earlier (checkpoint); its result "
                 "is computed again")
     return f"resumed {what} after {loop.epoch} of {loop.epochs} epochs"
-

@@ -111,7 +111,8 @@ class LatencyPredictor(nn.Module):
     def outside_fitted_range(self, ms: float) -> list[float] | None:
         """The range of latencies the predictor was fitted on (its fit report's
         ``latency_ms_range``) when the prediction ``ms`` lies outside it, an extrapolation
-        its held-out error says nothing about; ``None`` inside it or when not recorded."""
+        its held-out error says nothing about (and a logged warning says so); ``None``
+        inside it or when not recorded."""
         fitted = self.meta.get("latency_ms_range")
         if fitted and not fitted[0] <= ms <= fitted[1]:
             log.warning("the predicted %.3g ms lies outside the latencies the predictor was "
