@@ -6,10 +6,15 @@ disjoint parameter sets with two optimizers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from diffnas.spaces.base import EdgeSpec, SearchSpace
+
+if TYPE_CHECKING:
+    from diffnas.arch.relax import ArchWeights
 
 
 class ArchParams(nn.Module):
@@ -67,7 +72,7 @@ class ArchParams(nn.Module):
             out[group] = w
         return out
 
-    def normalize(self, arch_weights):
+    def normalize(self, arch_weights: ArchWeights) -> ArchWeights:
         """Scale each edge's op weights by its edge weight (identity without betas). The
         mixed op is linear in its weights, so this equals weighting the edge's output."""
         if len(self.betas) == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -66,7 +66,7 @@ class Relaxation:
 RELAXATIONS: Registry[type[Relaxation]] = Registry("relaxation")
 
 
-def register_relaxation(name: str):
+def register_relaxation(name: str) -> Callable[[type[Relaxation]], type[Relaxation]]:
     """Class decorator: register a :class:`Relaxation` subclass under ``name``, the
     ``search.strategy.relaxation.name`` that selects it (its ``__init__`` keywords are the
     section's other keys; docs/extending.md)."""

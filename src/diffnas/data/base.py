@@ -160,7 +160,8 @@ def barely_varying(x: torch.Tensor, std: torch.Tensor, spread: torch.Tensor) -> 
     return flat
 
 
-def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int):
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random subset of ``n`` samples (all when ``n`` is None or too large)."""
     if n is None or n >= len(x):
         return x, y

@@ -77,7 +77,7 @@ GraphLoader = Callable[[str | None], GraphData]
 GRAPH_DATASETS: Registry[GraphLoader] = Registry("graph dataset")
 
 
-def register_graph_dataset(name: str):
+def register_graph_dataset(name: str) -> Callable[[GraphLoader], GraphLoader]:
     """Decorator: register ``loader(root) -> GraphData`` as graph dataset ``name``, read by
     the graph engine (``data.name=NAME`` with ``search.space.name=gnn``)."""
     return GRAPH_DATASETS.register(name)

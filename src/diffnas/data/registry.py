@@ -26,11 +26,12 @@ DATASET_FILES: Registry[FilesCheck] = Registry("dataset files check")
 TEST_SUBSET_SEED = 1
 
 
-def register_dataset(name: str):
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: register ``loader(root, download) -> ImageData`` as ``data.name``."""
     return DATASETS.register(name)
 
 
-def register_files_check(name: str):
+def register_files_check(name: str) -> Callable[[FilesCheck], FilesCheck]:
     """Register the files check of dataset ``name`` (image, text or graph): the function
     its loader locates its files with, so the check and the load cannot disagree."""
     return DATASET_FILES.register(name)

@@ -133,7 +133,7 @@ TextLoader = Callable[[str | None], Corpus]
 TEXT_DATASETS: Registry[TextLoader] = Registry("text dataset")
 
 
-def register_text_dataset(name: str):
+def register_text_dataset(name: str) -> Callable[[TextLoader], TextLoader]:
     """Decorator: register ``loader(root) -> Corpus`` as text dataset ``name``, read by
     the language-model engine (``data.name=NAME`` with ``search.space.name=darts_rnn``)."""
     return TEXT_DATASETS.register(name)

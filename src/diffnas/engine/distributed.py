@@ -32,7 +32,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from torch import nn
 
 from diffnas.engine.loop import Callback, Loop
 
+T = TypeVar("T")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -204,7 +205,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def main_process_result(fn, *args, **kwargs) -> Any:
+def main_process_result(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` on rank 0 only and hand its result (or its exception) to every rank,
     so one rank's failure does not leave the others waiting in a collective."""
     result, error = None, None

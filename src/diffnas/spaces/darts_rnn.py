@@ -17,7 +17,7 @@ alphas of all ``nodes`` exist from the start so the parameter sets never change 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -34,6 +34,10 @@ from diffnas.supernet.rnn import (
     RnnSuperNet,
     SearchCell,
 )
+
+if TYPE_CHECKING:
+    from diffnas.strategies.objective import Objective
+
 
 GROWTH_MODES = ("prune", "grow_prune")
 
@@ -162,7 +166,7 @@ class DartsRnnSpace(SearchSpace):
                 raise GenotypeError(f"cell {cell.name!r}: edge(s) {', '.join(dead)} use op "
                                     "'none'; a recurrent node's single input needs a real op")
 
-    def objective(self):
+    def objective(self) -> Objective:
         from diffnas.engine.lm import LanguageModelObjective
 
         return LanguageModelObjective()

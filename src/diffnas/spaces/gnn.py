@@ -18,7 +18,7 @@ node features, ``num_classes`` the classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -28,6 +28,9 @@ from diffnas.ops.graph import GNN_OPS, GRAPH_OPS
 from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
 from diffnas.spaces.registry import register_space
 from diffnas.supernet.gnn import CELL, GnnNetwork, GnnSuperNet
+
+if TYPE_CHECKING:
+    from diffnas.strategies.objective import Objective
 
 
 def _check_dropout(name: str, p: float | None) -> None:
@@ -93,7 +96,7 @@ class GnnSpace(SearchSpace):
     def inputs_per_node(self) -> int:
         return 1
 
-    def objective(self):
+    def objective(self) -> Objective:
         from diffnas.engine.graph import NodeClassificationObjective
 
         return NodeClassificationObjective()

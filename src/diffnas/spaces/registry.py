@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from diffnas.config import ConfigError, from_dict
@@ -11,7 +12,8 @@ from diffnas.spaces.base import DataShape, SearchSpace
 SPACES: Registry[type[SearchSpace]] = Registry("search space")
 
 
-def register_space(name: str):
+def register_space(name: str) -> Callable[[type[SearchSpace]], type[SearchSpace]]:
+    """Class decorator: register a search space under ``search.space.name``."""
     def deco(cls: type[SearchSpace]) -> type[SearchSpace]:
         cls.name = name
         return SPACES.register(name)(cls)

@@ -29,7 +29,8 @@ PENALTIES: Registry[Callable[..., Callable]] = Registry("architecture penalty")
 PENALTY_MODULES: list[str] = ["diffnas.hardware.penalty"]
 
 
-def register_penalty(name: str):
+def register_penalty(name: str) -> Callable[[Callable[..., Callable]], Callable[..., Callable]]:
+    """Register a penalty factory under ``name`` (``search.strategy.penalties[i].name``)."""
     return PENALTIES.register(name)
 
 

@@ -29,7 +29,8 @@ def grads(out: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Ten
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
 
 
-def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch):
+def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch
+                ) -> tuple[list[torch.Tensor], dict]:
     """DARTS first order: grad_alpha (L_val(w, alpha) + penalties(alpha)) at the current
     weights."""
     arch_weights = s.arch_weights()
@@ -135,7 +136,7 @@ def unrolled(
     val_batch: Batch,
     hessian: str = "fd",
     fd_radius: float = 1e-2,
-):
+) -> tuple[list[torch.Tensor], dict]:
     """DARTS second order: grad_alpha L_val(w', alpha) - xi * c * d2L_train/(dalpha dw) v,
     v = grad_w' L_val(w', alpha), with w' one virtual weight step and ``c`` its gradient
     clip factor (held constant, as DARTS's RNN architect does; 1 unless the clip bites),

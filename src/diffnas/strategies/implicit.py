@@ -74,7 +74,7 @@ def implicit_hypergrad(
 
 
 def implicit(s: SearchStrategy, train_batch: Batch, val_batch: Batch, K: int = 5,
-             eta: float | None = None):
+             eta: float | None = None) -> tuple[list[torch.Tensor], dict]:
     """Hypergradient rule (see ``hypergrad.py``): IFT at the current weights; ``eta``
     defaults to the weight optimizer's current learning rate."""
     w = list(s.supernet.parameters())

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from diffnas.config import from_dict
 from diffnas.registry import Registry
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from diffnas.arch.params import ArchParams
+    from diffnas.strategies.base import SearchStrategy
+    from diffnas.strategies.objective import Objective
+
 STRATEGIES: Registry[type] = Registry("strategy")
 
 
-def register_strategy(name: str):
+def register_strategy(name: str) -> Callable[[type], type]:
+    """Class decorator: register a strategy class under ``search.strategy.name``."""
     def deco(cls: type) -> type:
         cls.name = name
         return STRATEGIES.register(name)(cls)
@@ -44,7 +53,8 @@ def check_strategy(section: dict) -> Any:
     return config
 
 
-def create_strategy(section: dict, supernet, arch_params, objective, epochs: int):
+def create_strategy(section: dict, supernet: nn.Module, arch_params: ArchParams,
+                    objective: Objective, epochs: int) -> SearchStrategy:
     """Build the strategy named by ``section['name']`` over the given parameter sets."""
     cls = STRATEGIES.get(section.get("name", "darts"))
     return cls(strategy_config(section), supernet, arch_params, objective, epochs)

@@ -26,7 +26,10 @@ def edge_stride(reduction: bool, src: int) -> int:
     return 2 if reduction and src < 2 else 1
 
 
-def preprocess(C_pp: int, C_p: int, C: int, reduction_prev: bool, affine: bool):
+def preprocess(C_pp: int, C_p: int, C: int, reduction_prev: bool, affine: bool
+               ) -> tuple[nn.Module, nn.Module]:
+    """The two 1x1 preprocessing ops of a cell's inputs (the first one halves the side
+    when the previous cell reduced)."""
     p0 = (
         FactorizedReduce(C_pp, C, affine)
         if reduction_prev

@@ -59,7 +59,8 @@ class QueryStrategy(ABC):
 QUERY_STRATEGIES: Registry[type[QueryStrategy]] = Registry("query strategy")
 
 
-def register_query_strategy(name: str):
+def register_query_strategy(name: str) -> Callable[[type[QueryStrategy]], type[QueryStrategy]]:
+    """Class decorator: register a query strategy under ``name``."""
     def deco(cls: type[QueryStrategy]) -> type[QueryStrategy]:
         cls.name = name
         return QUERY_STRATEGIES.register(name)(cls)
