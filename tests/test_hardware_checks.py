@@ -347,3 +347,72 @@ def test_latency_penalty_refuses_a_search_of_another_op_list(tmp_path):
         strategy(list(reversed(NO_NONE)))  # same shape, other columns
     with pytest.raises(ValueError, match=r"expects \(edges, ops\)"):
         strategy(NB201_OPS)  # five ops
+
+
+# --- mistakes found by the latency audit (2026-12-07) --------------------------------------
+def test_a_sweep_of_a_config_without_retraining_or_of_another_space_writes_nothing(tmp_path):
+    """retrain.enabled=false was ignored: each lambda retrained with the built-in 600-epoch
+    defaults. A predictor of another space was refused only after the lambdas' folders
+    existed. Both are refused before --out is made."""
+    from diffnas.config import ConfigError
+    from diffnas.hardware import sweep
+
+    nb201 = LatencyPredictor(space_shapes(_nb201()), hidden=4, ops=space_ops(_nb201()))
+    nb201.save(tmp_path / "p.pt")
+    out = tmp_path / "sw"
+    with pytest.raises(ConfigError, match="retrains each lambda's genotype .* "
+                                          "retrain.enabled=false: set retrain.enabled=true"):
+        sweep.run_sweep(None, ["retrain.enabled=false"], str(tmp_path / "p.pt"), [0.0], out)
+    with pytest.raises(ValueError, match="the latency predictor expects"):  # darts_cnn config
+        sweep.run_sweep(None, [], str(tmp_path / "p.pt"), [0.0, 1.0], out)
+    assert not out.exists()
+
+
+def test_latency_penalty_normalize_takes_a_boolean_only(tmp_path):
+    """``normalize: 'false'`` (a quoted string) was truthy: normalised silently."""
+    from diffnas.hardware.penalty import LatencyPenalty
+
+    space = _nb201()
+    LatencyPredictor(space_shapes(space), hidden=4, ops=space_ops(space)).save(tmp_path / "p.pt")
+    assert LatencyPenalty(str(tmp_path / "p.pt"), normalize=False).scale == 1.0
+    with pytest.raises(ValueError, match="normalize must be true or false, got 'false'"):
+        LatencyPenalty(str(tmp_path / "p.pt"), normalize="false")
+
+
+def test_a_json_file_given_as_the_predictor_is_named_for_what_it_is(tmp_path):
+    """The fit's report (X.json) or the dataset given as --predictor read as a damaged
+    checkpoint ("cut short ... or damaged in a copy")."""
+    (tmp_path / "p.json").write_text(json.dumps({"records": 10}))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"latency_ms": 1.0}) + "\n")
+    for name in ("p.json", "d.jsonl"):
+        with pytest.raises(ValueError, match=r"is a JSON file \(a fit report or a latency "
+                                             r"dataset\), not a latency predictor"):
+            LatencyPredictor.load(tmp_path / name)
+
+
+def test_fit_on_records_of_another_space_names_both_spaces():
+    """Records measured on nb201 fitted with a darts_cnn config (``fit`` without
+    --config) blamed the op lists."""
+    records = _records(_nb201())
+    for r in records:
+        r["settings"]["space"] = {"name": "darts_cnn"}
+    with pytest.raises(ValueError, match="record 0 does not fit space 'nb201': it was "
+                                         "measured on space 'darts_cnn', not 'nb201'"):
+        fit_predictor(records, _nb201(), target="raw", epochs=2)
+
+
+def test_lambdas_with_an_empty_item_are_refused(tmp_path, capsys):
+    from diffnas.cli import main
+
+    assert main(["latency", "sweep", "--config", "c.yaml", "--predictor", "p.pt",
+                 "--lambdas", "0,,1", "--out", str(tmp_path / "sw")]) == 2
+    assert "--lambdas '0,,1': an empty item" in capsys.readouterr().err
+
+
+def test_reinforce_with_a_latency_predictor_needs_a_target():
+    """The target defaulted to 1 ms, below any CPU predictor's fitted latencies."""
+    from diffnas.nasbench.strategies.reinforce import ReinforceConfig
+
+    with pytest.raises(ValueError, match="latency_predictor needs reinforce.latency_target_ms"):
+        ReinforceConfig(latency_predictor="p.pt")
+    assert ReinforceConfig(latency_predictor="p.pt", latency_target_ms=5.0)

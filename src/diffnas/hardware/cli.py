@@ -205,8 +205,12 @@ def _report(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from diffnas.hardware.sweep import run_sweep
 
+    items = args.lambdas.split(",")
+    if any(not x.strip() for x in items):  # "0,,1": a value left out, not a separator
+        raise ValueError(f"--lambdas {args.lambdas!r}: an empty item; give numbers "
+                         "separated by single commas, e.g. 0,0.5,2")
     try:
-        lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+        lambdas = [float(x) for x in items]
     except ValueError:
         raise ValueError(f"--lambdas {args.lambdas!r}: give numbers separated by commas, "
                          "e.g. 0,0.5,2") from None

@@ -91,6 +91,10 @@ def record_op_mismatch(record: dict[str, Any], space: SearchSpace) -> str | None
     encoding must equal its genotype encoded with the space's op lists (records written
     before ``ops`` was stored are checked by this alone: it catches a reordered or
     different op list wherever the record's genotype uses an op it affects)."""
+    section = (record.get("settings") or {}).get("space")
+    measured_on = section.get("name", "darts_cnn") if isinstance(section, dict) else None
+    if measured_on is not None and measured_on != space.name:
+        return f"it was measured on space {measured_on!r}, not {space.name!r}"
     ops = space_ops(space)
     if "ops" in record:
         named = {g: tuple(v) for g, v in record["ops"].items()}

@@ -41,6 +41,9 @@ class LatencyPenalty(nn.Module):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (
                 math.isfinite(lam) and lam >= 0):
             raise ValueError(f"latency penalty lam must be a finite number >= 0, got {lam!r}")
+        if not isinstance(normalize, bool):  # the string 'false' would read as true
+            raise ValueError(f"latency penalty normalize must be true or false, got "
+                             f"{normalize!r}")
         self.predictor = (predictor if isinstance(predictor, LatencyPredictor)
                           else LatencyPredictor.load(predictor))
         for p in self.predictor.parameters():

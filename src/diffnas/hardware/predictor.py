@@ -163,6 +163,12 @@ class LatencyPredictor(nn.Module):
             raise FileNotFoundError(f"latency predictor not found: {p}")
         from diffnas.engine.checkpoint import load_saved
 
+        with p.open("rb") as f:
+            head = f.read(64).lstrip()
+        if head[:1] in (b"{", b"["):  # the fit's report or a latency dataset, given for it
+            raise ValueError(f"{p} is a JSON file (a fit report or a latency dataset), not a "
+                             "latency predictor: give the .pt file `diffnas latency fit "
+                             "--out` wrote")
         blob = load_saved(p, "refit it with `diffnas latency fit`", what="latency predictor")
         missing = [k for k in ("shapes", "hidden", "state") if k not in blob]
         if missing:
@@ -266,7 +272,7 @@ def fit_predictor(
     devices = {r["device"]["id"] for r in records}
     if len(devices) > 1:
         raise ValueError(f"records come from {len(devices)} devices {sorted(devices)}; fit "
-                         "one predictor per device")
+                         "one predictor per device (diffnas latency fit --fingerprint ID)")
     for i, r in enumerate(records):
         diff = settings_differences(records[0]["settings"], r["settings"])
         if diff:
@@ -276,7 +282,8 @@ def fit_predictor(
         why = record_op_mismatch(r, space)
         if why:
             raise ValueError(f"record {i} does not fit space {space.name!r}: {why}; fit with "
-                             "the op list the records were measured with")
+                             "the search.space section the records were measured with "
+                             "(--config)")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     if hidden < 1:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from diffnas.config import load_config, save_config, to_dict
+from diffnas.config import ConfigError, load_config, save_config, to_dict
 from diffnas.data import load_dataset
 from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import atomic_write_text, staged_path
@@ -196,9 +196,15 @@ def run_sweep(
     if bad:
         raise ValueError(f"--lambdas {bad}: each must be finite and >= 0 (0: no penalty)")
     if len({f"{lam:g}" for lam in lambdas}) != len(lambdas):
-        raise ValueError(f"--lambdas {lambdas}: a value is repeated (they name the run "
-                         "directories lam<value>)")
+        raise ValueError(f"--lambdas {lambdas}: a value is repeated, or two agree in their "
+                         "first 6 significant digits (they name the run directories "
+                         "lam<value>)")
     base = load_config(config, overrides)
+    if not base.retrain.enabled:  # each lambda's accuracy is its retrained genotype's
+        raise ConfigError("latency sweep retrains each lambda's genotype to plot accuracy "
+                          "against latency, but the config says retrain.enabled=false: set "
+                          "retrain.enabled=true (and retrain.epochs, retrain.train_subset, "
+                          "retrain.network to the size you want)")
     predictor = str(Path(predictor).resolve())  # as the runs record it
     digest = hashlib.sha256(Path(predictor).read_bytes()).hexdigest() \
         if Path(predictor).is_file() else ""
@@ -207,6 +213,7 @@ def run_sweep(
     for run_dir, cfg in runs.values():
         _check_reusable(run_dir, cfg, digest)
     pred = LatencyPredictor.load(predictor)  # a missing or damaged one leaves no --out behind
+    pred.check_space(create_space(base.search.space))  # (edges and ops need no data shape)
     out.mkdir(parents=True, exist_ok=True)
     # held until the sweep returns: refused here, before any data is read, when another
     # process (a sweep, a search --resume) computes in one of these runs
@@ -237,7 +244,6 @@ def _sweep_runs(
     shape = DataShape(retrain_data.in_channels, retrain_data.resolution,
                       retrain_data.num_classes)
     space = create_space(base.search.space, shape)
-    pred.check_space(space)
     network = space.network_settings(
         {k: v for k, v in base.retrain.network.items() if k != "auxiliary"})
     input_shape = (shape.in_channels, shape.resolution, shape.resolution)

@@ -30,9 +30,11 @@ class ReinforceConfig(QueryStrategyConfig):
     initial: int = 10  # first episodes: the shared seeded random cells (0: none)
     max_steps_factor: int = 20  # give up after this many samples per query of budget
     # MnasNet reward acc * (latency / target) ** w, latency from a fitted nb201 predictor
-    # (diffnas.hardware, docs/latency.md); None = plain accuracy reward
+    # (diffnas.hardware, docs/latency.md); None = plain accuracy reward. The target is the
+    # user's latency budget: required with a predictor (a default 1 ms lay below the
+    # fitted latencies of any CPU predictor, so every cell was penalised)
     latency_predictor: str | None = None
-    latency_target_ms: float = 1.0
+    latency_target_ms: float | None = None
     latency_w: float = -0.07
 
     def __post_init__(self) -> None:
@@ -42,7 +44,12 @@ class ReinforceConfig(QueryStrategyConfig):
             ("lr", self.lr > 0, "> 0"),
             ("baseline_decay", 0 <= self.baseline_decay < 1, "in [0, 1)"),
             ("max_steps_factor", self.max_steps_factor >= 1, ">= 1"),
-            ("latency_target_ms", self.latency_target_ms > 0, "> 0")])
+            ("latency_target_ms", self.latency_target_ms is None
+             or self.latency_target_ms > 0, "> 0")])
+        if self.latency_predictor is not None and self.latency_target_ms is None:
+            raise ValueError("reinforce.latency_predictor needs reinforce.latency_target_ms, "
+                             "your latency budget in ms (choose it within the fitted "
+                             "latencies: latency_ms_range in the predictor's .json report)")
 
 
 @register_query_strategy("reinforce")
