@@ -416,3 +416,15 @@ def test_reinforce_with_a_latency_predictor_needs_a_target():
     with pytest.raises(ValueError, match="latency_predictor needs reinforce.latency_target_ms"):
         ReinforceConfig(latency_predictor="p.pt")
     assert ReinforceConfig(latency_predictor="p.pt", latency_target_ms=5.0)
+
+
+def test_records_compare_their_space_with_its_defaults_filled_in():
+    """``latency measure`` refused a file measured with nb201's default ops when the
+    default op list was written out ("space.ops: None vs [...]"): the same space."""
+    from diffnas.hardware.dataset import settings_differences
+
+    plain = {"space": {"name": "nb201", "C": 2, "N": 1}, "network": {"C": 2, "N": 1}}
+    spelled = {**plain, "space": {**plain["space"], "ops": list(NB201_OPS)}}
+    assert settings_differences(plain, spelled) == {}
+    other = {**plain, "space": {**plain["space"], "ops": list(reversed(NB201_OPS))}}
+    assert list(settings_differences(plain, other)) == ["space.ops"]

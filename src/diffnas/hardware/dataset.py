@@ -149,27 +149,34 @@ PRECISION_SETTINGS = ("warmup", "repeats")
 def built_network_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with ``network`` as the network was built: the settings it left unset
     filled in from the ``space`` section stored beside it (records written before they
-    stored them so). Without a readable space section, ``settings`` unchanged."""
+    stored them so), and that section with its defaults filled in (an op list written
+    out equal to the default is the same space). Without a readable space section,
+    ``settings`` unchanged."""
     section = settings.get("space")
     if not isinstance(section, dict) or not isinstance(settings.get("network"), dict):
         return settings
     try:
-        built = _built_network(json.dumps([section, settings["network"]], sort_keys=True))
+        space, built = json.loads(_built_network(
+            json.dumps([section, settings["network"]], sort_keys=True)))
     except (KeyError, TypeError, ValueError):  # a space or setting this version lacks
         return settings
-    return {**settings, "network": json.loads(built)}
+    return {**settings, "space": space, "network": built}
 
 
 @functools.lru_cache(maxsize=64)
 def _built_network(key: str) -> str:
-    """(JSON of [space section, network]) -> JSON of the network as built; cached (a
-    file's records mostly share one pair); failures raise, so they are not cached."""
+    """(JSON of [space section, network]) -> JSON of [the section with its defaults, the
+    network as built]; cached (a file's records mostly share one pair); failures raise,
+    so they are not cached."""
+    from diffnas.config import to_dict
     from diffnas.spaces import DataShape
     from diffnas.spaces.registry import SPACES, space_config
 
     section, network = json.loads(key)
-    space = SPACES.get(section.get("name", "darts_cnn"))(space_config(section), DataShape())
-    return json.dumps(space.network_settings(network))
+    name = section.get("name", "darts_cnn")
+    config = space_config(section)
+    space = SPACES.get(name)(config, DataShape())
+    return json.dumps([{"name": name, **to_dict(config)}, space.network_settings(network)])
 
 
 def settings_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
