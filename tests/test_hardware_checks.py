@@ -428,3 +428,14 @@ def test_records_compare_their_space_with_its_defaults_filled_in():
     assert settings_differences(plain, spelled) == {}
     other = {**plain, "space": {**plain["space"], "ops": list(reversed(NB201_OPS))}}
     assert list(settings_differences(plain, other)) == ["space.ops"]
+
+
+def test_sweep_page_says_when_predictions_are_for_other_measurements():
+    from diffnas.hardware.sweep import sweep_page, table
+
+    rows = [{"lambda": 0, "test_acc": 0.9, "measured_ms": 2.0, "measured_q25_ms": 1.9,
+             "measured_q75_ms": 2.1, "anchored_ms": None, "predicted_ms": 3.0}]
+    assert sweep_page(rows, None) == table(rows) + "\n"
+    page = sweep_page(rows, "input_shape: [1, 16, 16] vs [1, 8, 8]")
+    assert page.startswith(table(rows)) and ("measured otherwise (input_shape: [1, 16, 16] "
+                                             "vs [1, 8, 8]): its predictions are not") in page

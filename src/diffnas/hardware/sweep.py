@@ -223,7 +223,7 @@ def run_sweep(
         summary = {"rows": rows, **measured, "config": config, "overrides": overrides,
                    "predictor": str(predictor), "predictor_mismatch": mismatch}
         atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "sweep.json")
-        atomic_write_text(table(rows) + "\n", out / "sweep.md")
+        atomic_write_text(sweep_page(rows, mismatch), out / "sweep.md")
         plot(rows, out / "sweep.png", sweep_title(base))
         log.info("sweep: wrote %s, sweep.md and sweep.png", out / "sweep.json")
     print(table(rows))
@@ -336,6 +336,14 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{r['measured_q75_ms']:.2f}] | {anchored} | "
                      f"{r['predicted_ms']:.2f}{outside} |")
     return "\n".join(lines)
+
+
+def sweep_page(rows: list[dict[str, Any]], mismatch: str | None) -> str:
+    """``sweep.md``: the table, and under it what makes its predicted and measured
+    latencies incomparable when the predictor's records were measured otherwise."""
+    note = (f"\nThe latency predictor was fitted on records measured otherwise ({mismatch}): "
+            "its predictions are not for the measured latencies above.\n" if mismatch else "")
+    return table(rows) + "\n" + note
 
 
 def sweep_title(cfg: Any) -> str:
