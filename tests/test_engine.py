@@ -108,7 +108,8 @@ def test_a_dataset_smaller_than_one_batch_names_its_size(tmp_path):
     data = load_dataset("digits")
     data = dataclasses.replace(data, train_x=data.train_x[:20], train_y=data.train_y[:20])
     with pytest.raises(ValueError, match="from the dataset's 20 training images: .* leaves "
-                                         "10 images to train the weights"):
+                                         "10 images to train the weights.* keeps the settings "
+                                         "it started with .* start a new run"):
         run_search(cfg, tmp_path / "run", data=data)
 
 

@@ -489,9 +489,14 @@ def run_search(
     # an epoch is done retrain.* is fixed, and the search's genotype is still worth having
     if not (out / "checkpoint.pt").exists():
         n = len(data.train_x)  # the whole training set, unless data.train_subset took less
-        check_full_batch(cfg, n)
-        check_retrain_batch(cfg, n if cfg.data.train_subset is None
-                            or n < cfg.data.train_subset else None)
+        try:
+            check_full_batch(cfg, n)
+            check_retrain_batch(cfg, n if cfg.data.train_subset is None
+                                or n < cfg.data.train_subset else None)
+        except ConfigError as exc:  # found once the data was read: the run exists already
+            raise ConfigError(f"{exc}. The run {run_dir} keeps the settings it started with "
+                              "(a --resume cannot change them): start a new run with the "
+                              "new batch size") from None
     task = build_search(cfg, data, device, rank.rank, rank.world_size)
     callbacks = search_callbacks(task, out, cfg, extra_callbacks or [])
     callbacks[-1:-1] = diagnostics_callbacks(cfg, task, out, rank.world_size)
