@@ -436,6 +436,39 @@ def test_reinforce_with_mnasnet_reward_avoids_slow_ops(tmp_path):
     assert sum(aware) / len(aware) < 0.5 * sum(plain) / len(plain)
 
 
+def test_latency_aware_reinforce_reports_its_best_reward_not_its_most_accurate(tmp_path):
+    """The runner reported the most accurate queried cell whatever the reward searched:
+    with a latency reward its picks were several times over the target. Now the pick is
+    the best queried cell by the reward, its predicted latency recorded and summarised."""
+    import numpy as np
+
+    from diffnas.nasbench.oracle import QueryOracle
+    from diffnas.nasbench.runner import SearchOutcome, summarize
+    from diffnas.nasbench.strategies import create_query_strategy
+    from diffnas.nasbench.strategies.reinforce import Reinforce, ReinforceConfig
+
+    slow = 3  # nor_conv_3x3: 10 ms per edge in _nb201_predictor, the rest free
+    fast, accurate = (0, 0, 0, 0, 0, 1), (slow,) * 6  # 10 ms (the base) vs 70 ms
+    oracle = QueryOracle(lambda cell: 90.0 if cell == accurate else 80.0, budget=5)
+    for cell in (fast, accurate):
+        oracle.query(cell)
+    plain = Reinforce(ReinforceConfig())
+    assert plain.choose(oracle) == (accurate, 90.0) and plain.describe_choice(accurate) == {}
+    aware = create_query_strategy("reinforce", {  # as --set gives them
+        "latency_predictor": str(_nb201_predictor(tmp_path)), "latency_target_ms": 10.0,
+        "latency_w": [0, -1]})
+    assert aware.config.latency_w == (0.0, -1.0)  # MnasNet's hard constraint, as docs say
+    assert aware.choose(oracle) == (fast, 80.0)
+    assert aware.describe_choice(fast) == {"predicted_latency_ms": pytest.approx(10.0)}
+    row = SearchOutcome("reinforce", 0, 5, 2, "a", 0, 80.0, {"c10_test_200": 1.0}, 0.1,
+                        extras=aware.describe_choice(fast)).to_dict()
+    report = summarize([row, {**row, "seed": 1}])
+    assert report["summary"][0]["predicted_latency_ms"]["mean"] == pytest.approx(10.0)
+    assert "by its latency-aware reward (not by accuracy alone); predicted latency" in \
+        report["paired_lines"][0]
+    assert np.isclose(aware.reward(fast, 80.0), 0.8)
+
+
 def test_thread_clock_is_used_and_validated(monkeypatch):
     import diffnas.hardware.latency as L
 

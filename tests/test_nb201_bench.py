@@ -636,6 +636,10 @@ def test_bench_outputs_never_replace_a_users_file_and_bad_counts_are_refused(
     (lambda d: d["outcomes"][0].update(settings=[1]), "invalid 'settings'"),
     (lambda d: d["outcomes"][0].update(config="x"), "invalid 'config'"),
     (lambda d: d["outcomes"][0].update(code=3), "invalid 'code'"),
+    (lambda d: d["outcomes"][0].update(test={}), "invalid 'test' (empty)"),
+    (lambda d: d["outcomes"][0].update(valid_acc=float("nan")), "'valid_acc' (not finite)"),
+    (lambda d: d["outcomes"][0]["test"].update(c10_test_200=float("inf")),
+     "invalid test['c10_test_200']"),
 ])
 def test_summary_names_a_damaged_outcome(damage, problem, tmp_path, capsys):
     from diffnas.cli import main
@@ -835,6 +839,26 @@ def test_outcomes_record_their_resolved_settings_and_the_code(full_table, tmp_pa
     nao = run_query_search("nao", CsvNb201Table(full_table), 10, 0, FAST["nao"]).to_dict()
     assert nao["config"]["step_sizes"] == [0.5, 1, 2, 4, 8, 16, 32, 64]  # (as JSON reads it)
     assert nao["config"]["epochs"] == 5 and nao["config"]["renormalize"] is False
+
+
+def test_summary_refuses_files_searched_on_different_tables(full_table, tmp_path, capsys):
+    """Outcomes on a scrambled (or other) table were merged with those on the real one:
+    each file records its table's identity and the summary refuses a mix."""
+    from diffnas.cli import main
+
+    a = tmp_path / "a.json"
+    data = _bench_file(main, full_table, a)
+    assert set(data["table"]) == {"sha256"}
+    for o in data["outcomes"]:  # other seeds, searched on another table
+        o["seed"] += 2
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({**data, "table": {"sha256": "0" * 64}}))
+    capsys.readouterr()
+    assert main(["bench", "nb201-summary", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert f"{a} and {b} were searched on different NAS-Bench-201 tables (sha256: " in err
+    b.write_text(json.dumps(data))  # the same table: one summary
+    assert main(["bench", "nb201-summary", str(a), str(b)]) == 0
 
 
 def test_summary_refuses_outcomes_whose_resolved_settings_differ(full_table, tmp_path, capsys):

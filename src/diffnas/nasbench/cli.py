@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -288,11 +289,12 @@ def _finished(todo: list[tuple[int, tuple]], jobs: int) -> Iterator[tuple[int, d
 
 
 def _run_searches(args: argparse.Namespace, tasks: list[tuple], settings: dict[str, dict],
-                  code: dict) -> list[dict]:
+                  code: dict, table: dict) -> list[dict]:
     """The outcome of every task, in the order of ``tasks``. Each finished search is
     appended to the sidecar beside ``--json`` at once (by this process, also under
     ``--jobs``); those a rerun of the same command finds there are reused, not run again.
-    ``args._interrupt_hint`` says on Ctrl-C what is kept and how to continue."""
+    ``args._interrupt_hint`` says on Ctrl-C what is kept and how to continue. ``table``:
+    the table's :func:`table_identity`, which reused outcomes must match."""
     from diffnas.engine.callbacks import counted
     from diffnas.nasbench.runner import resolved_config
     from diffnas.nasbench.strategies import create_query_strategy
@@ -301,7 +303,6 @@ def _run_searches(args: argparse.Namespace, tasks: list[tuple], settings: dict[s
     expected = {s: {"settings": json.loads(json.dumps(v)),
                     "config": resolved_config(create_query_strategy(s, v).config)}
                 for s, v in settings.items()}
-    table = table_identity(args.table)
     done = _reusable(sidecar, set_aside_path(args.json), tasks, expected, code, table)
     todo = [(i, t) for i, t in enumerate(tasks) if i not in done]
     if done:
@@ -392,7 +393,8 @@ def _nb201(p: argparse.ArgumentParser):
                        f"{args.json} is being written by another 'diffnas bench nb201'{{pid}}: "
                        "wait for it to end or give another --json (both would append "
                        f"every outcome to {partial_path(args.json)})"):
-            outcomes = _run_searches(args, tasks, settings, code)
+            table = table_identity(args.table)
+            outcomes = _run_searches(args, tasks, settings, code, table)
             report = summarize(outcomes)  # over every outcome, in the order of the tasks
             print(report["table"])
             for line in report["paired_lines"]:
@@ -400,7 +402,7 @@ def _nb201(p: argparse.ArgumentParser):
             out = {"command": "diffnas bench nb201",
                    "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                    "summary": report["summary"], "paired_vs_random": report["paired"],
-                   "outcomes": outcomes}
+                   "table": table, "outcomes": outcomes}
             sidecar = partial_path(args.json)
             try:
                 atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
@@ -476,9 +478,13 @@ def _check_outcomes(outcomes: object, path: str) -> None:
                 raise ValueError(f"{path}: outcomes[{n}] has no valid {key!r} (got "
                                  f"{value!r}); the file is damaged or not from 'diffnas "
                                  "bench nb201'")
+        if not math.isfinite(o["valid_acc"]) or not o["test"]:
+            what = "'valid_acc' (not finite)" if o["test"] else "'test' (empty)"
+            raise ValueError(f"{path}: outcomes[{n}] has an invalid {what}; the file is "
+                             "damaged or not from 'diffnas bench nb201'")
         bad = [m for m, v in o["test"].items()
-               if isinstance(v, bool) or not isinstance(v, (int, float))]
-        bad_key = next((k for k in ("settings", "config", "code")
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+        bad_key = next((k for k in ("settings", "config", "code", "extras")
                         if k in o and not isinstance(o[k], dict)), None)
         if bad or bad_key:
             what = f"test[{bad[0]!r}]" if bad else repr(bad_key)
@@ -561,7 +567,17 @@ def merge_outcomes(files: list[tuple[str, dict]], allow_legacy: bool = False,
         if text not in warnings:
             warnings.append(text)
 
+    first_table: tuple[dict, str] | None = None  # the first file's recorded table
     for f, data in files:
+        table = data.get("table")  # (files written before 2026-12-07 do not record it)
+        if isinstance(table, dict):
+            if first_table is None:
+                first_table = (table, f)
+            elif table != first_table[0]:
+                raise ValueError(
+                    f"{first_table[1]} and {f} were searched on different NAS-Bench-201 "
+                    f"tables ({_differences(first_table[0], table)}): their accuracies do not "
+                    "compare; summarise them separately")
         try:
             legacy = _file_settings(data)
         except ValueError as exc:  # e.g. a strategy renamed since

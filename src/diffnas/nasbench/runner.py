@@ -46,6 +46,9 @@ class SearchOutcome:
     # every setting of the strategy as the search ran (defaults included), JSON-ready:
     # nb201-summary merges outcomes only where these agree
     config: dict = field(default_factory=dict)
+    # figures of the chosen cell beyond the table's (QueryStrategy.describe_choice: the
+    # predicted latency of a latency-aware REINFORCE's pick)
+    extras: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,13 +71,14 @@ def run_query_search(
         seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
-    cell, valid = oracle.best()
+    cell, valid = search.choose(oracle)  # (by validation, or the strategy's own objective)
     ops = cell_names(cell)
     # The search is over: from here on test columns may be read.
     test = {m: bench.query(ops, m) for m in REPORT_METRICS if m in bench.metrics}
     index = bench.index_of(ops)
     return SearchOutcome(strategy, seed, budget, oracle.used, bench.arch_str(index), index,
-                         valid, test, seconds, resolved_config(search.config))
+                         valid, test, seconds, resolved_config(search.config),
+                         search.describe_choice(cell))
 
 
 def resolved_config(config: object) -> dict:
@@ -122,8 +126,6 @@ def describe_cell(bench: Nb201Benchmark, genotype: Genotype) -> dict:
     return record
 
 
-
-
 def summarize(outcomes: list[dict]) -> dict:
     """Mean +- std over seeds per (strategy, budget) and paired comparisons against random
     search at each budget (on ``c10_test_200``, seeds matched)."""
@@ -146,6 +148,10 @@ def summarize(outcomes: list[dict]) -> dict:
                 cells.append(f"{'-':>15}")
         entry["valid"] = dict(zip(("mean", "std"), mean_std([r["valid_acc"] for r in rows]),
                                   strict=True))
+        latencies = [(r.get("extras") or {}).get("predicted_latency_ms") for r in rows]
+        if all(v is not None for v in latencies):  # picked by a latency-aware reward
+            entry["predicted_latency_ms"] = dict(zip(("mean", "std"), mean_std(latencies),
+                                                     strict=True))
         entry["queries"] = float(np.mean([r["queries"] for r in rows]))
         entry["seconds_per_run"] = float(np.mean([r["seconds"] for r in rows]))
         summary.append(entry)
@@ -153,6 +159,12 @@ def summarize(outcomes: list[dict]) -> dict:
                      f"{cells[2]:>15} {_pm(entry['valid'])} {entry['queries']:7.1f} "
                      f"{entry['seconds_per_run']:6.2f}")
     paired, paired_lines = [], []
+    for entry in summary:
+        if "predicted_latency_ms" in entry:
+            paired_lines.append(
+                f"{entry['strategy']} @ {entry['budget']}: each seed's pick is the best queried "
+                f"cell by its latency-aware reward (not by accuracy alone); predicted latency "
+                f"{_pm(entry['predicted_latency_ms']).strip()} ms")
     metric = REPORT_METRICS[0]
     for (strategy, budget), rows in groups.items():
         base = {r["seed"]: r for r in groups.get(("random", budget), [])}

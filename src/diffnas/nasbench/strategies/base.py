@@ -55,6 +55,17 @@ class QueryStrategy(ABC):
         """Query cells through ``oracle``; ``rng`` is the only source of randomness
         (torch-based strategies seed their generators from it)."""
 
+    def choose(self, oracle: QueryOracle) -> tuple[Cell, float]:
+        """The queried cell the search reports, with its validation accuracy: the most
+        accurate by default; a strategy that searched another objective (REINFORCE with a
+        latency-aware reward) reports the best by that objective."""
+        return oracle.best()
+
+    def describe_choice(self, cell: Cell) -> dict[str, float]:
+        """Figures of the reported cell for its outcome beyond the table's (none by
+        default; a latency-aware search: its predicted latency)."""
+        return {}
+
 
 QUERY_STRATEGIES: Registry[type[QueryStrategy]] = Registry("query strategy")
 

@@ -9,6 +9,7 @@ one sampled episode per step, as in the benchmark's code."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,9 @@ class ReinforceConfig(QueryStrategyConfig):
     # fitted latencies of any CPU predictor, so every cell was penalised)
     latency_predictor: str | None = None
     latency_target_ms: float | None = None
-    latency_w: float = -0.07
+    # MnasNet's exponent: one for both sides of the target, or (at or under, above):
+    # (0, -1) is the hard constraint
+    latency_w: float | tuple[float, float] = -0.07
 
     def __post_init__(self) -> None:
         if self.initial < 0:
@@ -56,19 +59,44 @@ class ReinforceConfig(QueryStrategyConfig):
 class Reinforce(QueryStrategy):
     Config = ReinforceConfig
 
+    def __init__(self, config: ReinforceConfig) -> None:
+        super().__init__(config)
+        self._latency: Callable[[Cell], float] | None = None  # the predictor, loaded once
+
+    def latency(self) -> Callable[[Cell], float] | None:
+        """The predicted latency of a cell (ms), or None without a latency predictor."""
+        if self.config.latency_predictor is not None and self._latency is None:
+            from diffnas.hardware.penalty import cell_latency_fn
+
+            self._latency = cell_latency_fn(self.config.latency_predictor)
+        return self._latency
+
+    def reward(self, cell: Cell, acc: float) -> float:
+        """What the policy ascends: ``acc / 100``, or with a latency predictor the MnasNet
+        reward ``acc / 100 * (latency / target) ** w``."""
+        c, latency = self.config, self.latency()
+        if latency is None:
+            return acc / 100.0
+        from diffnas.hardware.penalty import mnasnet_reward
+
+        return mnasnet_reward(acc / 100.0, latency(cell), c.latency_target_ms, c.latency_w)
+
+    def choose(self, oracle: QueryOracle) -> tuple[Cell, float]:
+        """With a latency predictor, the queried cell of the highest reward (first found on
+        ties): the objective searched, where the most accurate cell may be several times
+        over the latency target."""
+        if self.latency() is None:
+            return super().choose(oracle)
+        return max(oracle.history, key=lambda item: self.reward(*item))
+
+    def describe_choice(self, cell: Cell) -> dict[str, float]:
+        latency = self.latency()
+        return {} if latency is None else {"predicted_latency_ms": float(latency(cell))}
+
     def search(self, oracle: QueryOracle, rng: np.random.Generator) -> None:
         c = self.config
         logits = np.zeros((NUM_EDGES, NUM_OPS))
-        latency = None
-        if c.latency_predictor is not None:
-            from diffnas.hardware.penalty import cell_latency_fn, mnasnet_reward
-
-            latency = cell_latency_fn(c.latency_predictor)
-
-        def reward_of(cell: Cell, acc: float) -> float:
-            if latency is None:
-                return acc / 100.0
-            return mnasnet_reward(acc / 100.0, latency(cell), c.latency_target_ms, c.latency_w)
+        reward_of = self.reward
 
         def policy() -> np.ndarray:
             p = np.exp(logits - logits.max(1, keepdims=True))
