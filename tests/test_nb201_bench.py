@@ -727,6 +727,15 @@ def test_a_missing_table_or_api_package_is_a_one_line_error(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.startswith("diffnas: error: the NAS-Bench-201 API backend needs the package "
                           "nats_bench") and "Traceback" not in err
+    assert "is not a .csv" not in err  # a folder: the API's
+    renamed = tmp_path / "nb201.gz"  # a CSV table under another name: says how to read it
+    renamed.write_bytes(b"")
+    assert main([*lookup, str(renamed)]) == 2
+    assert f"{renamed} is not a .csv or .csv.gz table; --backend csv reads it as one" in \
+        capsys.readouterr().err
+    assert main([*lookup, str(renamed), "--backend", "CSV"]) == 2
+    assert "unknown NAS-Bench-201 backend 'CSV': auto, csv, nats_bench or nas_201_api" in \
+        capsys.readouterr().err
 
 
 @needs_table

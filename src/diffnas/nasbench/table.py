@@ -286,8 +286,8 @@ def _open_api(path: str | Path | None, package: str):
     names = ("nats_bench", "nas_201_api") if package == "auto" else (package,)
     for name in names:
         if name not in ("nats_bench", "nas_201_api"):
-            raise ValueError(f"unknown NAS-Bench-201 API package {name!r}: nats_bench or "
-                             "nas_201_api")
+            raise ValueError(f"unknown NAS-Bench-201 backend {name!r}: auto, csv, "
+                             "nats_bench or nas_201_api")
         try:
             mod = importlib.import_module(name)
         except ImportError:
@@ -302,10 +302,12 @@ def _open_api(path: str | Path | None, package: str):
                 "reads: upgrade nas-bench-201 (>= 2.0) or use nats_bench "
                 "(pip install 'diffnas[nb201]')")
         return name, api
+    where = f" ({path} is not a .csv or .csv.gz table; --backend csv reads it as one)" \
+        if path is not None and Path(path).is_file() else ""
     raise Nb201BackendError(
         "the NAS-Bench-201 API backend needs the package nats_bench (pip install "
-        "'diffnas[nb201]') or nas-bench-201, plus the benchmark file; or use the CSV table"
-    )
+        "'diffnas[nb201]') or nas-bench-201, plus the benchmark file; or use the CSV "
+        f"table{where}")
 
 
 def open_benchmark(path: str | Path | None, backend: str = "auto") -> Nb201Benchmark:
