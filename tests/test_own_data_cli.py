@@ -84,6 +84,21 @@ def test_export_without_the_data_reads_the_side_the_retraining_recorded(npz_run,
         moved.rename(path)
 
 
+def test_model_json_names_how_the_training_images_were_resized(tmp_path):
+    """model.json said "resize to input_shape" without the method a deployment must match."""
+    from diffnas.export import _configured_resolution, resize_text
+
+    assert _configured_resolution(tmp_path) is None  # no config.yaml
+    (tmp_path / "config.yaml").write_text("data: {name: folder, resolution: 16}\n")
+    assert _configured_resolution(tmp_path) == 16
+
+    assert resize_text("npz", None, 8).startswith("none: ")
+    assert "Pillow's bilinear filter" in resize_text("folder", 16, 16)
+    for name in ("npz", "fashion_mnist"):
+        assert "interpolate: mode 'area' when shrinking" in resize_text(name, 16, 16)
+    assert "see its loader" in resize_text("not_registered_here", 16, 16)
+
+
 def test_export_writes_what_a_deployment_needs(npz_run, tmp_path):
     """model.json beside the exported model: fed raw pixels normalised as it says, the
     exported model gives the retrained model's outputs on the run's own test images."""
@@ -97,6 +112,7 @@ def test_export_writes_what_a_deployment_needs(npz_run, tmp_path):
     assert res.info == tmp_path / "m.json"
     info = json.loads(res.info.read_text())
     assert info["classes"] == [str(i) for i in range(10)] and info["input_shape"][1:] == [1, 8, 8]
+    assert info["resize"] == "none: the network trained on the images as stored (8x8)"
     raw = torch.from_numpy(np.load(path)["x_test"][:, None]).float()  # uint8 pixels as stored
     x = (raw - torch.tensor(info["mean"])[:, None, None]) / torch.tensor(info["std"])[:, None, None]
     model, _ = load_retrained(run)

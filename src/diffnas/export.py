@@ -355,10 +355,51 @@ def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
                           f"{', '.join(missing)}; {RETRAIN_FIX}")
     return {
         "input_shape": ["batch", *dims],
-        "preprocess": "resize to input_shape, then (pixels - mean) / std per channel, with "
-                      "pixels in the units the dataset was read in (0..255 for 8-bit images)",
+        "preprocess": "resize to input_shape (see resize), then (pixels - mean) / std per "
+                      "channel, with pixels in the units the dataset was read in (0..255 "
+                      "for 8-bit images)",
+        "resize": resize_text(data["name"], _configured_resolution(run_dir), dims[-1]),
         "mean": data["mean"], "std": data["std"],
         "outputs": "logits, one per class (index = label)",
         "classes": data["classes"], "dataset": data["name"],
         "test_acc": result.get("test_acc"),
     }
+
+
+def _configured_resolution(run_dir: str | Path) -> int | None:
+    """The run's ``data.resolution`` as its ``config.yaml`` holds it (read as written:
+    the description needs this one value, not a validated config)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+        value = saved["data"].get("resolution")
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def resize_text(dataset: str, resolution: int | None, side: int) -> str:
+    """How the training images were brought to ``side`` x ``side``, for a deployment to
+    do the same: not at all (``data.resolution`` unset), Pillow's bilinear filter as a
+    ``folder`` image was read, a plugin loader's own way (one that takes ``resolution``),
+    else ``torch.nn.functional.interpolate`` on the loaded tensors (``data/base.resize``;
+    linear, so before or after the normalisation is the same)."""
+    if resolution is None:
+        return f"none: the network trained on the images as stored ({side}x{side})"
+    if dataset == "folder":
+        return (f"each image resized to {side}x{side} with Pillow's bilinear filter "
+                "(Image.resize(size, Image.Resampling.BILINEAR)) as it was read; images "
+                "already that size unchanged")
+    from diffnas.data import DATASETS
+
+    loader = DATASETS.get(dataset) if dataset in DATASETS else None
+    if loader is None:  # (a plugin not imported here)
+        return (f"resized to {side}x{side} (data.resolution) as dataset {dataset!r} was "
+                "loaded: see its loader")
+    if not loader.__module__.startswith("diffnas.") and \
+            "resolution" in inspect.signature(loader).parameters:
+        return (f"resized to {side}x{side} by the loader of dataset {dataset!r} (a plugin "
+                "that resizes as it reads: see its code)")
+    return (f"resized to {side}x{side} with torch.nn.functional.interpolate: mode 'area' "
+            "when shrinking, 'bilinear' (align_corners=False) when enlarging")
