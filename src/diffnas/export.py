@@ -369,12 +369,12 @@ def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
 def _configured_resolution(run_dir: str | Path) -> int | None:
     """The run's ``data.resolution`` as its ``config.yaml`` holds it (read as written:
     the description needs this one value, not a validated config)."""
-    import yaml
+    from diffnas.config import ConfigError, _load_yaml, read_utf8
 
+    path = Path(run_dir) / "config.yaml"
     try:
-        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
-        value = saved["data"].get("resolution")
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        value = _load_yaml(read_utf8(path, "run config"), str(path))["data"].get("resolution")
+    except (OSError, ConfigError, KeyError, TypeError, AttributeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 

@@ -96,7 +96,6 @@ class Reinforce(QueryStrategy):
     def search(self, oracle: QueryOracle, rng: np.random.Generator) -> None:
         c = self.config
         logits = np.zeros((NUM_EDGES, NUM_OPS))
-        reward_of = self.reward
 
         def policy() -> np.ndarray:
             p = np.exp(logits - logits.max(1, keepdims=True))
@@ -112,7 +111,7 @@ class Reinforce(QueryStrategy):
         baseline = None
         if start:
             p = policy()
-            rewards = [reward_of(cell, acc) for cell, acc in start]
+            rewards = [self.reward(cell, acc) for cell, acc in start]
             baseline = float(np.mean(rewards))
             logits += c.lr * sum((r - baseline) * log_prob_grad(cell, p)
                                  for (cell, _), r in zip(start, rewards, strict=True))
@@ -121,7 +120,7 @@ class Reinforce(QueryStrategy):
             steps += 1
             p = policy()
             cell = tuple(int(rng.choice(NUM_OPS, p=p[e])) for e in range(NUM_EDGES))
-            reward = reward_of(cell, oracle.query(cell))
+            reward = self.reward(cell, oracle.query(cell))
             advantage = 0.0 if baseline is None else reward - baseline
             baseline = reward if baseline is None else (
                 c.baseline_decay * baseline + (1 - c.baseline_decay) * reward)
