@@ -31,6 +31,7 @@ from diffnas.nasbench import (
     run_query_search,
 )
 from diffnas.nasbench.encoding import NUM_CELLS, graph_arrays, mutate
+from diffnas.nasbench.runner import summarize
 from diffnas.spaces.nb201 import NB201_OPS, ops_to_genotype, str_to_genotype
 
 TABLE = Path(__file__).resolve().parents[2] / "shared/data/nb201/nb201_compact.csv.gz"
@@ -1231,3 +1232,22 @@ def test_a_second_bench_writing_the_same_json_is_refused(full_table, tmp_path, c
         holder.wait()
     assert main(_bench_run(full_table, out, "--seeds", "1")) == 0
     assert out.exists() and not lock_path(out).exists()
+
+
+def test_a_wide_spread_widens_its_column_instead_of_shifting_the_row():
+    """A std of 10 points or more (e.g. a strategy that sometimes finds a dead cell) used
+    to print one character wider than its column, pushing the rest of the row right."""
+    def outcome(strategy: str, seed: int, acc: float) -> dict:
+        return {"strategy": strategy, "budget": 10, "seed": seed, "queries": 10,
+                "seconds": 1.0, "valid_acc": acc, "test": dict.fromkeys(REPORT_METRICS, acc)}
+
+    rows = [outcome("random", s, a) for s, a in enumerate((90.0, 91.0, 92.0))]
+    rows += [outcome("rea", s, a) for s, a in enumerate((10.0, 90.0, 91.0))]
+    lines = summarize(rows)["table"].splitlines()
+    assert len({len(line) for line in lines}) == 1, lines  # header, rule and rows line up
+    header = lines[0]
+    for line in lines[2:]:  # every cell ends where its header ends
+        for name in ("C10 test", "C10 valid", "queries", "s/run"):
+            end = header.index(name) + len(name)
+            assert line[end - 1] != " " and (end == len(line) or line[end] == " "), (name, line)
+    assert "+- 46.48" in lines[3]

@@ -100,6 +100,24 @@ def _pm(stat: dict) -> str:
     return f"{stat['mean']:7.2f} +- {std:>4}"
 
 
+_COLUMNS = (("strategy", 11), ("budget", 6), ("seeds", 5), ("C10 test", 15), ("C100 test", 15),
+            ("IN16 test", 15), ("C10 valid", 15), ("queries", 7), ("s/run", 6))
+
+
+def _table(rows: list[list[str]]) -> str:
+    """The summary table: each column as wide as its widest cell (a spread of 10 points or
+    more widens its column rather than shifting the row), the strategy left-aligned."""
+    widths = [max([w, len(name)] + [len(r[i]) for r in rows])
+              for i, (name, w) in enumerate(_COLUMNS)]
+
+    def line(cells: list[str]) -> str:
+        return " ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    header = line([name for name, _ in _COLUMNS])
+    return "\n".join([header, "-" * len(header), *(line(r) for r in rows)])
+
+
 def paired_comparison(a: list[float], b: list[float], permutations: int = 100_000,
                       seed: int = 0) -> dict[str, float]:
     """Compare paired samples ``a`` vs ``b`` (same seeds): mean difference, wins/ties/
@@ -133,9 +151,7 @@ def summarize(outcomes: list[dict]) -> dict:
     for o in outcomes:
         groups.setdefault((o["strategy"], o["budget"]), []).append(o)
     summary = []
-    header = (f"{'strategy':<11} {'budget':>6} {'seeds':>5} {'C10 test':>15} {'C100 test':>15} "
-              f"{'IN16 test':>15} {'C10 valid':>15} {'queries':>7} {'s/run':>6}")
-    lines = [header, "-" * len(header)]
+    rows_text: list[list[str]] = []
     for (strategy, budget), rows in groups.items():
         entry: dict = {"strategy": strategy, "budget": budget, "seeds": len(rows)}
         cells = []
@@ -145,7 +161,7 @@ def summarize(outcomes: list[dict]) -> dict:
                 entry[m] = dict(zip(("mean", "std"), mean_std(vals), strict=True))
                 cells.append(_pm(entry[m]))
             else:
-                cells.append(f"{'-':>15}")
+                cells.append("-")
         entry["valid"] = dict(zip(("mean", "std"), mean_std([r["valid_acc"] for r in rows]),
                                   strict=True))
         latencies = [(r.get("extras") or {}).get("predicted_latency_ms") for r in rows]
@@ -155,9 +171,8 @@ def summarize(outcomes: list[dict]) -> dict:
         entry["queries"] = float(np.mean([r["queries"] for r in rows]))
         entry["seconds_per_run"] = float(np.mean([r["seconds"] for r in rows]))
         summary.append(entry)
-        lines.append(f"{strategy:<11} {budget:>6} {len(rows):>5} {cells[0]:>15} {cells[1]:>15} "
-                     f"{cells[2]:>15} {_pm(entry['valid'])} {entry['queries']:7.1f} "
-                     f"{entry['seconds_per_run']:6.2f}")
+        rows_text.append([strategy, str(budget), str(len(rows)), *cells, _pm(entry["valid"]),
+                          f"{entry['queries']:.1f}", f"{entry['seconds_per_run']:.2f}"])
     paired, paired_lines = [], []
     for entry in summary:
         if "predicted_latency_ms" in entry:
@@ -183,5 +198,5 @@ def summarize(outcomes: list[dict]) -> dict:
             f"{cmp['mean_diff']:+.3f}, wins/ties/losses {cmp['wins']}/{cmp['ties']}/"
             f"{cmp['losses']}, sign test p={cmp['sign_test_p']:.2g}, "
             f"permutation p={cmp['permutation_p']:.2g}")
-    return {"summary": summary, "paired": paired, "table": "\n".join(lines),
+    return {"summary": summary, "paired": paired, "table": _table(rows_text),
             "paired_lines": paired_lines}
