@@ -132,7 +132,7 @@ def _records(space, n=12, seed=0, with_ops=True):
 @pytest.mark.parametrize("with_ops", [True, False])
 def test_fit_refuses_records_of_another_op_order(with_ops):
     measured, fitted = _nb201(), _nb201(list(reversed(NB201_OPS)))
-    with pytest.raises(ValueError, match="record 0 does not fit space 'nb201'"):
+    with pytest.raises(ValueError, match="record 1 does not fit space 'nb201'"):
         fit_predictor(_records(measured, with_ops=with_ops), fitted, target="raw", epochs=2)
 
 
@@ -390,13 +390,23 @@ def test_a_json_file_given_as_the_predictor_is_named_for_what_it_is(tmp_path):
             LatencyPredictor.load(tmp_path / name)
 
 
+def test_fit_numbers_records_as_the_file_lines_from_1():
+    """A record measured with other settings is named by its line in the file (the
+    messages counted from 0, so "record 2" pointed at the file's third line)."""
+    records = _records(_nb201())
+    records[2]["settings"] = {**records[2]["settings"], "threads": 4}
+    with pytest.raises(ValueError, match=r"records 1 and 3 were measured with different "
+                                         r"settings \(threads"):
+        fit_predictor(records, _nb201(), target="raw", epochs=2)
+
+
 def test_fit_on_records_of_another_space_names_both_spaces():
     """Records measured on nb201 fitted with a darts_cnn config (``fit`` without
     --config) blamed the op lists."""
     records = _records(_nb201())
     for r in records:
         r["settings"]["space"] = {"name": "darts_cnn"}
-    with pytest.raises(ValueError, match="record 0 does not fit space 'nb201': it was "
+    with pytest.raises(ValueError, match="record 1 does not fit space 'nb201': it was "
                                          "measured on space 'darts_cnn', not 'nb201'"):
         fit_predictor(records, _nb201(), target="raw", epochs=2)
 

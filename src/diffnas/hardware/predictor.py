@@ -219,7 +219,7 @@ def encode_records(records: Sequence[dict], space: SearchSpace) -> dict[str, tor
     """Stacked one-hot encodings ``(N, edges, ops)`` per group of dataset records."""
     shapes = space_shapes(space)
     stacked: dict[str, list[torch.Tensor]] = {g: [] for g in shapes}
-    for i, r in enumerate(records):
+    for i, r in enumerate(records, 1):  # (numbered from 1, as the file's lines)
         enc = r["encoding"]
         if set(enc) != set(shapes) or any(len(enc[g]) != shapes[g][0] for g in shapes):
             raise ValueError(f"record {i} does not fit space {space.name!r} (edges per group "
@@ -273,12 +273,12 @@ def fit_predictor(
     if len(devices) > 1:
         raise ValueError(f"records come from {len(devices)} devices {sorted(devices)}; fit "
                          "one predictor per device (diffnas latency fit --fingerprint ID)")
-    for i, r in enumerate(records):
+    for i, r in enumerate(records, 1):  # (numbered from 1, as the file's lines)
         diff = settings_differences(records[0]["settings"], r["settings"])
         if diff:
-            raise ValueError(f"records 0 and {i} were measured with different settings "
+            raise ValueError(f"records 1 and {i} were measured with different settings "
                              f"({describe_differences(diff)}); fit one predictor per setting")
-    for i, r in enumerate(records):
+    for i, r in enumerate(records, 1):
         why = record_op_mismatch(r, space)
         if why:
             raise ValueError(f"record {i} does not fit space {space.name!r}: {why}; fit with "
