@@ -497,9 +497,16 @@ def test_set_reaches_the_strategies_that_have_the_setting():
                    "reinforce": {"lr": 0.5, "initial": 0}}
     for items, problem in [(["nope=1"], "none of the strategies random, rea has this"),
                            (["rea.nope=1"], "strategy 'rea' has no setting 'nope'"),
-                           (["gcn.epochs=1"], "'gcn' is not one of the strategies run")]:
+                           (["gcn.epochs=1"], "'gcn' is not one of the strategies run"),
+                           (["rea.population=20", "rea.population=30"],  # which one ran?
+                            r"--set rea.population is given twice, as 20 and 30; give it once")]:
         with pytest.raises(ValueError, match=problem):
             _strategy_settings(["random", "rea"], items)
+    # the same value twice is no question; a file written before this check reads as it ran
+    assert _strategy_settings(["rea"], ["population=20", "population = 20"]) == \
+        {"rea": {"population": 20}}
+    assert _strategy_settings(["rea"], ["population=20", "population=30"], repeats=True) == \
+        {"rea": {"population": 30}}
 
 
 def _one_with_threads(task: tuple) -> dict:

@@ -70,26 +70,33 @@ def _csv_list(text: str, flag: str, kind: Callable = str) -> list:
     return out
 
 
-def _settings(items: list[str]) -> dict:
+def _settings(items: list[str], repeats: bool = False) -> dict:
     """``key -> value`` of ``--set key=value`` items; a value is YAML, and malformed YAML
-    (or a key given twice inside one value) is a one-line error naming the item."""
+    (or a key given twice inside one value) is a one-line error naming the item. A key
+    set twice to different values is refused (which one was meant?) unless ``repeats``
+    (a file written before this was checked: the last one ran)."""
     from diffnas.config import _load_yaml
 
-    out = {}
+    out: dict = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = _load_yaml(v, f"--set {item!r}")
+        value = _load_yaml(v, f"--set {item!r}")
+        if not repeats and k.strip() in out and out[k.strip()] != value:
+            raise ValueError(f"--set {k.strip()} is given twice, as {out[k.strip()]!r} and "
+                             f"{value!r}; give it once")
+        out[k.strip()] = value
     return out
 
 
-def _strategy_settings(strategies: list[str], items: list[str]) -> dict[str, dict]:
+def _strategy_settings(strategies: list[str], items: list[str],
+                       repeats: bool = False) -> dict[str, dict]:
     """The ``--set`` values of each strategy. ``NAME.key=value`` sets ``key`` of strategy
     ``NAME`` only (and wins over a plain ``key``); a plain ``key=value`` goes to every
     strategy that has the setting, so ``random,rea`` with ``population=20`` changes REA's
     population and leaves random search as it is. A setting that reaches no strategy is
-    an error, not silently ignored."""
+    an error, not silently ignored (``repeats``: as in :func:`_settings`)."""
     from dataclasses import fields
 
     from diffnas.nasbench.strategies import QUERY_STRATEGIES
@@ -97,7 +104,7 @@ def _strategy_settings(strategies: list[str], items: list[str]) -> dict[str, dic
     known = {s: sorted(f.name for f in fields(QUERY_STRATEGIES.get(s).Config) if f.init)
              for s in strategies}
     out: dict[str, dict] = {s: {} for s in strategies}
-    values = _settings(items)
+    values = _settings(items, repeats)
     for key, value in sorted(values.items(), key=lambda kv: "." in kv[0]):  # plain first
         name, dot, setting = key.rpartition(".")
         if not dot:
@@ -515,7 +522,7 @@ def _file_settings(data: dict) -> dict[str, dict]:
     names = sorted({o["strategy"] for o in data["outcomes"]})
     if isinstance(args.get("strategy"), str):  # (as it ran: repeats allowed then)
         names = list(dict.fromkeys(t.strip() for t in args["strategy"].split(",") if t.strip()))
-    return _strategy_settings(names, args.get("set") or [])
+    return _strategy_settings(names, args.get("set") or [], repeats=True)
 
 
 #: what makes two outcomes of one (strategy, budget, seed) the same run (not 'seconds')
