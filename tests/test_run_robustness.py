@@ -265,6 +265,37 @@ def test_resume_refuses_a_config_without_settings(tmp_path, capsys, monkeypatch,
     assert (run / "config.yaml").read_text() == text
 
 
+@pytest.mark.parametrize("damage", ["cut", "edit", "crlf"])
+def test_a_saved_config_cut_short_or_edited_is_refused_until_its_digest_line_goes(
+        tmp_path, damage):
+    """A config.yaml cut before its retrain section resumed with the default retraining (a
+    1.7 M-parameter network for 600 epochs instead of the run's), and one edited to more
+    search epochs stretched a schedule the checkpoint had fixed; both read as settings.
+    save_config's first line holds the digest of the rest: a change is refused, naming the
+    file, and deleting that line is the user's way to go on with the file as it is. Line
+    ends changed by a copy through another system are no edit."""
+    run = tmp_path / "r"
+    run.mkdir()
+    cfg = load_config(None, ["data.name=digits", "search.epochs=4", "retrain.epochs=2"])
+    save_config(cfg, run / "config.yaml")
+    text = (run / "config.yaml").read_text()
+    assert rundir.load_run_config(run).search.epochs == 4
+    changed = {"cut": text[:text.index("\nretrain:")] + "\n",
+               "edit": text.replace("epochs: 4", "epochs: 6"),
+               "crlf": text.replace("\n", "\r\n")}[damage]
+    (run / "config.yaml").write_bytes(changed.encode())
+    if damage == "crlf":
+        assert rundir.load_run_config(run).search.epochs == 4
+        return
+    with pytest.raises(ConfigError, match=r"config.yaml was changed since diffnas saved it .*"
+                                          r"delete its first line"):
+        rundir.load_run_config(run)
+    (run / "config.yaml").write_text(changed.split("\n", 1)[1])  # the user's decision
+    got = rundir.load_run_config(run)
+    assert (got.search.epochs, got.retrain.epochs) == \
+        ((6, 2) if damage == "edit" else (4, load_config(None, []).retrain.epochs))
+
+
 def test_a_config_claim_left_by_a_killed_start_is_refused(tmp_path, capsys):
     run = tmp_path / "k"
     run.mkdir()

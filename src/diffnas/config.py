@@ -816,10 +816,33 @@ def check_device(device: str) -> None:
                           "cuda:N or auto")
 
 
+#: the first line of a saved config: the sha256 of the lines below it (:func:`saved_config_edit`)
+DIGEST_PREFIX = "# diffnas sha256:"
+
+
+def _body_digest(body: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(body.replace("\r\n", "\n").encode()).hexdigest()
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write ``cfg`` as YAML to ``path`` atomically (a crash leaves no torn config.yaml for
-    ``--resume`` to read)."""
+    ``--resume`` to read), after a first line holding the sha256 of the YAML, so that a
+    file cut short or edited since is found (:func:`saved_config_edit`)."""
     # imported here: the checkpoint module imports torch, which reading a config does not need
     from diffnas.engine.checkpoint import atomic_write_text
 
-    atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), path)
+    body = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write_text(f"{DIGEST_PREFIX}{_body_digest(body)} (of the lines below; "
+                      "diffnas checks it)\n" + body, path)
+
+
+def saved_config_edit(text: str) -> bool:
+    """Whether a saved config's text differs from what :func:`save_config` wrote: its
+    first line's digest does not match the rest. A file without that line (written by
+    hand, or by a version before it was written) is not judged."""
+    first, _, body = text.partition("\n")
+    if not first.startswith(DIGEST_PREFIX):
+        return False
+    return first[len(DIGEST_PREFIX):].split(" ", 1)[0].strip() != _body_digest(body)

@@ -21,6 +21,7 @@ from diffnas.config import (
     check_device,
     load_config,
     save_config,
+    saved_config_edit,
 )
 from diffnas.engine.callbacks import read_json
 from diffnas.engine.checkpoint import atomic_write_text
@@ -369,7 +370,8 @@ def warn_changed_plugins(run_dir: str | Path, cfg: RunConfig) -> list[str]:
 def _check_saved_config(path: Path) -> None:
     """Refuse a run's ``config.yaml`` that holds no settings, which would read as the
     defaults and run something else: empty (the claim :func:`new_run_dir` makes before
-    saving the config, left by a run stopped in between), only comments, or no mapping."""
+    saving the config, left by a run stopped in between), only comments, or no mapping;
+    and one changed since it was saved (cut short or edited: :func:`saved_config_edit`)."""
     run_dir = path.parent
     text = path.read_text()
     data = _load_yaml(text, str(path)) if text.strip() else None
@@ -385,6 +387,14 @@ def _check_saved_config(path: Path) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings, not a "
                           f"{type(data).__name__}: restore it from a copy")
+    if saved_config_edit(text):
+        raise ConfigError(
+            f"{path} was changed since diffnas saved it (its first line holds the sha256 of "
+            "what was saved): cut short or edited, it no longer holds the settings the run "
+            "computed with (one left out reads as the default), which a resume would go on "
+            "with and a report would show. Restore it from a copy, or start a new run for other settings (to "
+            f"change where and how it runs, --resume takes {'=, '.join(RESUME_OVERRIDES)}=); "
+            "to use the file as it is now, delete its first line")
 
 
 def pin_genotype(out: str | Path, genotype: Genotype, resume: bool) -> None:
