@@ -392,8 +392,9 @@ def _check_saved_config(path: Path) -> None:
             f"{path} was changed since diffnas saved it (its first line holds the sha256 of "
             "what was saved): cut short or edited, it no longer holds the settings the run "
             "computed with (one left out reads as the default), which a resume would go on "
-            "with and a report would show. Restore it from a copy, or start a new run for other settings (to "
-            f"change where and how it runs, --resume takes {'=, '.join(RESUME_OVERRIDES)}=); "
+            "with and a report would show. Restore it from a copy, or start a new run for "
+            "other settings (to change where and how it runs, --resume takes "
+            f"{'=, '.join(RESUME_OVERRIDES)}=); "
             "to use the file as it is now, delete its first line")
 
 
