@@ -69,6 +69,31 @@ def test_seeds_resume_refuses_an_ordinary_run(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
+def test_a_seeds_parent_stopped_before_any_seed_ran_resumes_as_a_parent(tmp_path, capsys,
+                                                                       monkeypatch):
+    """A --seeds run killed just after its parent directory was made had no seeds.json
+    (written when the seeds were prepared): its --seeds --resume was refused as "not a
+    multi-seed run", sending the user to a plain resume that ran one seed in the parent.
+    The parent is marked as one when it is made."""
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ms, "run_seeds", stop)
+    argv = ["search", "--seeds", "0,1", "--workers", "1", *TINY, f"out_dir={tmp_path}",
+            "name=par"]
+    assert main(argv) == 130
+    par = tmp_path / "par"
+    assert f"diffnas search --seeds 0,1 --resume {par}" in capsys.readouterr().err
+    assert json.loads((par / ms.SEEDS_FILE).read_text()) == {"seeds": []}
+    reached = []
+    monkeypatch.setattr(ms, "run_seeds", lambda cfg, seeds, parent, **kw: reached.append(
+        (seeds, Path(parent))) or stop())
+    assert main(["search", "--seeds", "0,1", "--workers", "1", "--resume", str(par)]) == 130
+    assert reached == [([0, 1], par)]
+    assert main(["search", "--resume", str(par)]) == 2  # and it stays a parent
+    assert "is a multi-seed run" in capsys.readouterr().err
+
+
 def test_train_resume_refuses_a_multiseed_parent(tmp_path, capsys, monkeypatch):
     import diffnas.engine.retrain as retrain
 

@@ -199,8 +199,7 @@ def _resume_config(args: argparse.Namespace, search: bool = True):
     parent is refused: its seeds are continued with ``search --seeds ... --resume``.
     ``search=False``: a retraining, which reads no search settings."""
     from diffnas.config import ConfigError
-    from diffnas.engine.multiseed import SEEDS_FILE
-    from diffnas.engine.rundir import load_run_config, run_kind
+    from diffnas.engine.rundir import SEEDS_FILE, load_run_config, run_kind
 
     if (Path(args.resume) / SEEDS_FILE).is_file():
         raise ConfigError(f"{args.resume} is a multi-seed run: continue it with "
@@ -362,7 +361,7 @@ def _resume_hint(args: argparse.Namespace) -> str | None:
         return (f"diffnas train --resume {shlex.quote(str(run_dir))} "
                 f"--genotype {shlex.quote(args.genotype)}{extra}")
     if args.seeds:
-        from diffnas.engine.multiseed import SEEDS_FILE
+        from diffnas.engine.rundir import SEEDS_FILE
 
         if not (Path(run_dir) / SEEDS_FILE).is_file():  # a parent --resume would refuse
             return None

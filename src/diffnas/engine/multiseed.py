@@ -33,10 +33,10 @@ from typing import Any
 from diffnas.config import ConfigError, RunConfig
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.engines import ACCURACY, PERPLEXITY, Metric
+from diffnas.engine.rundir import SEEDS_FILE
 
 log = logging.getLogger("diffnas")
 
-SEEDS_FILE = "seeds.json"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -619,7 +619,8 @@ def seeds_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     if not args.resume:
         check_run_files(cfg)  # before the parent directory exists
-        parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds")
+        parent = new_run_dir(cfg, (Path(args.config).stem if args.config else "run") + "-seeds",
+                             marks={SEEDS_FILE: json.dumps({"seeds": []}) + "\n"})
     args._run_dir = parent  # for the resume hint of an interrupted run (cli.main)
     from diffnas.engine.runlock import acquire_run_lock
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ PLUGINS_FILE = "plugins.json"
 TEST_SUBSET_FILE = "test_subset.json"
 #: what a phase (search/, retrain/) computed on: :func:`check_same_data`
 DATA_FILE = "data.json"
+#: a ``--seeds`` parent's seeds (written empty with its config: what makes it a parent)
+SEEDS_FILE = "seeds.json"
 #: the torch thread count a run started with: float sums split over another number of
 #: threads round differently, so only a resume with the same count computes what the
 #: uninterrupted run would (``--seeds`` resumes each seed with it; a plain run warns)
@@ -58,9 +61,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def new_run_dir(cfg: RunConfig, config_name: str = "run", command: str = "search") -> Path:
+def new_run_dir(cfg: RunConfig, config_name: str = "run", command: str = "search",
+                marks: Mapping[str, str] | None = None) -> Path:
     """Create a new run's directory (claimed atomically) and save its config there, and
-    which ``command`` made it (:data:`MADE_BY_FILE`). Unnamed:
+    which ``command`` made it (:data:`MADE_BY_FILE`). ``marks`` (file name -> text) are
+    written before the config, so that no run stopped at any point lacks them (a
+    ``--seeds`` parent's :data:`SEEDS_FILE`, without which it reads as a plain run). Unnamed:
     ``CONFIG_NAME-YYYYmmdd-HHMMSS``, plus ``-2``, ``-3``, ... for runs started in the same
     second; a ``cfg.name`` that already holds a run is refused."""
     out = Path(cfg.out_dir)
@@ -88,9 +94,12 @@ def new_run_dir(cfg: RunConfig, config_name: str = "run", command: str = "search
             except FileExistsError:
                 continue
     try:
+        for file, text in (marks or {}).items():
+            atomic_write_text(text, run_dir / file)
         save_config(cfg, run_dir / CONFIG_FILE)
     except BaseException:
-        (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no empty claim left behind
+        for file in (CONFIG_FILE, *(marks or {})):  # no empty claim left behind
+            (run_dir / file).unlink(missing_ok=True)
         raise
     mark_made_by(run_dir, command)
     record_plugins(run_dir, cfg)
@@ -367,6 +376,14 @@ def warn_changed_plugins(run_dir: str | Path, cfg: RunConfig) -> list[str]:
     return changed
 
 
+def nothing_computed(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds only what :func:`new_run_dir` writes (and a log and a
+    lock): a run stopped before it computed anything."""
+    return Path(run_dir).is_dir() and all(
+        p.name in (CONFIG_FILE, MADE_BY_FILE, PLUGINS_FILE, SEEDS_FILE, "log.txt", LOCK_FILE)
+        for p in Path(run_dir).iterdir())
+
+
 def _check_saved_config(path: Path) -> None:
     """Refuse a run's ``config.yaml`` that holds no settings, which would read as the
     defaults and run something else: empty (the claim :func:`new_run_dir` makes before
@@ -377,8 +394,7 @@ def _check_saved_config(path: Path) -> None:
     data = _load_yaml(text, str(path)) if text.strip() else None
     if data is None:
         what = "is empty" if not text.strip() else "holds no settings (only comments)"
-        if all(p.name in (CONFIG_FILE, "log.txt", MADE_BY_FILE, LOCK_FILE)
-               for p in run_dir.iterdir()):
+        if nothing_computed(run_dir):
             raise ConfigError(
                 f"{path} {what}: the run was stopped before its config was saved, so "
                 f"nothing was computed; delete {run_dir} and start the run again")
