@@ -155,6 +155,24 @@ def test_a_corrupt_line_elsewhere_names_the_file_and_line(tmp_path, callback):
     assert path.read_text() == text  # left as it was
 
 
+@pytest.mark.parametrize("text, missing", [(_rows(1, 2), "1 of the 3 epochs .*\"epoch\": 0\\)"),
+                                           ("", "3 of the 3 epochs .*\"epoch\": 0, 1, 2\\)"),
+                                           (_rows(0, 2, 3), "1 of the 3 epochs .*\"epoch\": 1\\)")])
+def test_rows_the_checkpoint_counts_done_must_be_there(tmp_path, text, missing):
+    """A metrics file cut short or emptied since its checkpoint resumed silently (a torn
+    line of a checkpointed epoch was dropped as if that epoch would run again), leaving
+    a gap in the run's curves and in compare's times."""
+    path = tmp_path / "search" / "m.jsonl"
+    path.parent.mkdir()
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"m.jsonl lacks the rows of {missing}: the file was "
+                                         r"cut short .* delete the phase's checkpoint \("
+                                         f"{path.parent / 'checkpoint.pt'}"):
+        JsonLines(path).on_run_start(SimpleNamespace(epoch=3))
+    assert path.read_text() == text  # left as it was
+    JsonLines(path).on_run_start(SimpleNamespace(epoch=0))  # a phase that starts over
+
+
 def test_seed_record_reads_past_a_torn_line(tmp_path):
     (tmp_path / "search").mkdir()
     (tmp_path / "search/metrics.jsonl").write_text(
@@ -421,8 +439,9 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkey
     assert "Traceback" not in err and err.count("diffnas:") == 1
     monkeypatch.setattr(ms, "run_seeds", _interrupt)
     assert main(["search", "--seeds", "0,1", f"out_dir={tmp_path}", "name=new", *TINY]) == 130
-    # before the seeds are written down, --resume would refuse the parent: no hint
-    assert capsys.readouterr().err == "diffnas: interrupted\n"  # parent named on stdout
+    # the parent is one from the start (its seeds.json): before any seed ran, a hint too
+    assert capsys.readouterr().err == ("diffnas: interrupted; resume with: diffnas search "
+                                       f"--seeds 0,1 --resume {tmp_path / 'new'}\n")
 
     def prepared_then_interrupted(cfg, seeds, parent, **kw):
         ms.prepare_seeds(cfg, seeds, parent)

@@ -145,13 +145,28 @@ class ProgressBar(Callback):
 
 class JsonLines(Callback):
     """Appends each epoch's metrics to a JSON-lines file. On resume, lines of epochs past
-    the checkpoint (written after it, before a crash) are dropped first."""
+    the checkpoint (written after it, before a crash) are dropped first, and the file must
+    hold a row of every epoch the checkpoint counts done (each is written before the
+    checkpoint): one cut short or edited since would go on with a gap that plots, summaries
+    and ``compare``'s times would read as the run."""
 
     def __init__(self, path: Path, record: Callable[[Loop, int, dict], dict] | None = None) -> None:
         self.path = Path(path)
         self.record = record
 
     def on_run_start(self, loop: Loop) -> None:
+        if loop.epoch:  # (checked first: a refused resume leaves the file as it was)
+            have = {row.get("epoch") for row in read_jsonl(self.path)}
+            missing = [e for e in range(loop.epoch) if e not in have]
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10
+                                                             else "")
+                raise ValueError(
+                    f"{self.path} lacks the rows of {len(missing)} of the {loop.epoch} epochs "
+                    f"its checkpoint counts done (\"epoch\": {shown}): the file was cut short "
+                    "or edited since. Restore it from a copy, or delete the phase's "
+                    f"checkpoint ({self.path.parent / 'checkpoint.pt'}) to run the phase "
+                    "again from its start")
         drop_epochs_from(self.path, loop.epoch)
 
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, Any]) -> None:
