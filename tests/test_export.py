@@ -103,7 +103,7 @@ def test_export_of_a_run_still_retraining_names_the_process_holding_it(run_dir, 
         export_run(partial, "torchscript")  # freed: the usual error
 
 
-def test_a_search_without_retraining_says_how_to_retrain_it(tmp_path, capsys):
+def test_a_search_without_retraining_says_how_to_retrain_it(tmp_path, capsys, monkeypatch):
     """A search made with retrain.enabled=false sent its user in a circle (export: "run or
     finish the retraining"; train --resume: "the run stopped before retraining began";
     with --genotype: "continue it with diffnas search --resume", which only reprints the
@@ -125,6 +125,10 @@ def test_a_search_without_retraining_says_how_to_retrain_it(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"{run} is a search made with retrain.enabled=false" in err and command in err
+    with monkeypatch.context() as m:  # --resume . gave out_dir=. name=-retrain (inside it)
+        m.chdir(run)
+        assert main(["train", "--resume", "."]) == 2
+        assert command in capsys.readouterr().err
     assert main(shlex.split(command)[1:]) == 0
     assert main(["export", str(tmp_path / "s-retrain"), "--format", "torchscript"]) == 0
 
@@ -136,7 +140,8 @@ def test_weights_that_do_not_fit_the_recorded_network_are_a_clear_error(run_dir,
     edited = tmp_path / "edited"
     shutil.copytree(run_dir, edited)
     cfg = edited / "config.yaml"
-    cfg.write_text(cfg.read_text().replace("C: 4", "C: 6"))
+    # (its digest line dropped, as an edit is otherwise refused before the weights are read)
+    cfg.write_text(cfg.read_text().split("\n", 1)[1].replace("C: 4", "C: 6"))
     assert main(["export", str(edited), "--format", "torchscript"]) == 2
     err = capsys.readouterr().err
     assert f"{edited / 'retrain/model.pt'} does not fit the network {cfg}" in err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -687,9 +688,14 @@ def test_a_diverged_retraining_keeps_no_diverged_checkpoint_and_says_what_to_do(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "retrain epoch 1: the weights diverged" in err and "retrain.lr=1e+30" in err, err
-    assert "retrain the genotype in a new run with a lower retrain.lr: diffnas train " \
-           f"--genotype DARTS_V2 --config {tmp_path / 'nan/config.yaml'}" in err
+    command = (f"diffnas train --config {tmp_path / 'nan/config.yaml'} --genotype DARTS_V2 "
+               f"out_dir={tmp_path} name=nan-retrain")
+    assert f"retrain the genotype in a new run with a lower retrain.lr: {command} " \
+           "retrain.lr=..." in err
     assert not (tmp_path / "nan/retrain/checkpoint.pt").exists()
+    # as printed, it runs (the saved config names the diverged run: it used to land there)
+    assert main([*shlex.split(command)[1:], "retrain.lr=0.01", "retrain.epochs=1"]) == 0
+    assert (tmp_path / "nan-retrain/retrain/result.json").is_file()
 
 
 def test_an_output_on_a_full_disk_is_refused_before_the_work(tmp_path, monkeypatch):

@@ -375,7 +375,6 @@ def _way_on(args: argparse.Namespace, exc: Exception) -> str:
     or a diverged run (a resume keeps the settings that diverged: a new run, from the
     finished search's genotype when there is one); empty for other errors."""
     import errno
-    import shlex
 
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         hint = _resume_hint(args)
@@ -403,15 +402,16 @@ def _way_on(args: argparse.Namespace, exc: Exception) -> str:
     run_dir = getattr(args, "_run_dir", None) or getattr(args, "resume", None)
     if run_dir is None:
         return ""
-    run = Path(run_dir)
-    q = shlex.quote
-    if args.command == "search" and not (run / "search" / "DONE").exists():
+    from diffnas.engine.rundir import retrain_command
+
+    if args.command == "search" and not (Path(run_dir) / "search" / "DONE").exists():
         return (" (a --resume keeps the run's settings: start a new run with a lower "
                 "search.strategy.w_optim.lr or a_optim.lr)")
-    genotype = args.genotype if args.command == "train" else str(run / "search/genotype.json")
-    return (f" (a --resume keeps the run's settings; retrain the genotype in a new run with "
-            f"a lower retrain.lr: diffnas train --genotype {q(genotype)} --config "
-            f"{q(str(run / 'config.yaml'))} retrain.lr=...)")
+    command = retrain_command(run_dir, args.genotype if args.command == "train" else None)
+    if command is None:
+        return ""
+    return (" (a --resume keeps the run's settings; retrain the genotype in a new run with "
+            f"a lower retrain.lr: {command} retrain.lr=...)")
 
 
 def _interrupted(args: argparse.Namespace, process_entry: bool) -> None:

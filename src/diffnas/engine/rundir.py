@@ -289,19 +289,25 @@ def run_kind(run_dir: str | Path) -> str | None:
     return "train" if (run / "retrain").is_dir() else None
 
 
-def retrain_command(run_dir: str | Path) -> str | None:
-    """The command that retrains a search run's genotype as a new run beside it, with the
-    run's config (``diffnas train`` retrains whatever ``retrain.enabled`` says, with the
-    run's ``retrain`` settings; append ``retrain.X=...`` to change one); None while the
-    search has written no genotype."""
+def retrain_command(run_dir: str | Path, genotype: str | None = None) -> str | None:
+    """The command that retrains a run's genotype (a search run's own, or ``genotype`` as a
+    ``diffnas train`` run was given it) as a new run beside it, with the run's config
+    (``diffnas train`` retrains whatever ``retrain.enabled`` says, with the run's
+    ``retrain`` settings; append ``retrain.X=...`` to change one). The new run is named
+    (``RUN-retrain``): the config names the run it was saved in. None while a search has
+    written no genotype."""
+    import os
     import shlex
 
     run = Path(run_dir)
-    genotype = run / "search" / "genotype.json"
-    if not genotype.exists():
-        return None
+    if run.name in ("", ".", ".."):  # (--resume . : the run's own name is needed)
+        run = Path(os.path.abspath(run))
+    if genotype is None:
+        if not (run / "search" / "genotype.json").exists():
+            return None
+        genotype = str(run / "search" / "genotype.json")
     return shlex.join(["diffnas", "train", "--config", str(run / "config.yaml"),
-                       "--genotype", str(genotype), f"out_dir={run.parent}",
+                       "--genotype", genotype, f"out_dir={run.parent}",
                        f"name={run.name}-retrain"])
 
 
