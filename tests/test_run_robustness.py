@@ -192,6 +192,34 @@ def test_resume_after_a_torn_metrics_line(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == [0, 1] and "val_acc" in rows[1]
 
 
+def test_a_damaged_recorded_genotype_says_how_the_run_gets_it_back(tmp_path, capsys):
+    """An emptied genotype.json was "malformed DARTS genotype text: invalid syntax
+    (<unknown>, line 0)", with no way on; each now names what rewrites it, which works."""
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "name=r"])
+    run = rundir.new_run_dir(cfg)
+    assert main(["search", "--resume", str(run)]) == 0
+    good = (run / "search/genotype.json").read_text()
+    (run / "search/genotype.json").write_text("")
+    assert main(["search", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'search/genotype.json'} is empty, not a genotype file (this run recorded " \
+           f"it; damaged since: delete {run / 'search/DONE'} and resume" in err, err
+    (run / "search/DONE").unlink()
+    assert main(["search", "--resume", str(run)]) == 0
+    assert (run / "search/genotype.json").read_text() == good
+
+    argv = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, "retrain.epochs=2",
+            f"out_dir={tmp_path}", "name=t"]
+    assert main(argv) == 0
+    (tmp_path / "t/retrain/genotype.json").write_text('{"cells": ')
+    resume = ["train", "--resume", str(tmp_path / "t"), "--genotype", "DARTS_V2"]
+    assert main(resume) == 2
+    assert "(this run recorded it; damaged since: delete it and resume" in \
+        capsys.readouterr().err
+    (tmp_path / "t/retrain/genotype.json").unlink()
+    assert main(resume) == 0
+
+
 # --- 9: runs started in the same second ---------------------------------------------
 def test_unnamed_runs_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20240101-120000")

@@ -33,7 +33,7 @@ from typing import Any
 from diffnas.config import ConfigError, RunConfig
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.engines import ACCURACY, PERPLEXITY, Metric
-from diffnas.engine.rundir import SEEDS_FILE
+from diffnas.engine.rundir import SEEDS_FILE, recorded_genotype
 
 log = logging.getLogger("diffnas")
 
@@ -169,7 +169,6 @@ def seed_threads(run: Path, threads: int) -> int:
 def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
     from diffnas.engine.logs import setup_logging
     from diffnas.engine.rundir import load_run_config
-    from diffnas.genotype import Genotype
 
     cfg = load_run_config(run, list(overrides))
     cfg = dataclasses.replace(cfg, progress=False)
@@ -178,7 +177,7 @@ def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
     engine = engine_of(cfg)  # its search and retraining, each seed's run in this process
     setup_logging(run, verbose=False)
     if (run / "search" / "DONE").exists():
-        genotype = Genotype.load(run / "search" / "genotype.json")
+        genotype = recorded_genotype(run / "search" / "genotype.json")
     else:
         genotype = engine.run_search(cfg, run, resume=True).genotype
     if cfg.retrain.enabled and not is_finished(run, cfg):
@@ -196,7 +195,6 @@ def seed_record(run_dir: str | Path, seed: int,
     search's last epoch. A damaged file is a ``ValueError`` naming it (``GenotypeError``
     for a genotype)."""
     from diffnas.engine.callbacks import read_json, read_jsonl, search_val_acc, total_seconds
-    from diffnas.genotype import Genotype
 
     metric = as_metric(metric)
     run = Path(run_dir)
@@ -207,7 +205,7 @@ def seed_record(run_dir: str | Path, seed: int,
     if not gfile.is_file():  # a diffnas train run: the genotype it was given
         gfile = run / "retrain" / "genotype.json"
     if gfile.is_file():
-        rec["genotype"] = Genotype.load(gfile).to_dict()
+        rec["genotype"] = recorded_genotype(gfile).to_dict()
     metrics = read_jsonl(run / "search" / "metrics.jsonl")
     if metrics and isinstance(metrics[-1], dict):
         rec["search_val_acc"], rec["search_val_measure"] = search_val_acc(metrics[-1])

@@ -27,7 +27,7 @@ from diffnas.config import (
 from diffnas.engine.callbacks import read_json
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.runlock import LOCK_FILE
-from diffnas.genotype import Genotype
+from diffnas.genotype import Genotype, GenotypeError
 
 log = logging.getLogger("diffnas")
 
@@ -420,13 +420,26 @@ def _check_saved_config(path: Path) -> None:
             "to use the file as it is now, delete its first line")
 
 
+def recorded_genotype(path: str | Path) -> Genotype:
+    """A genotype a run recorded (``search/genotype.json``, ``retrain/genotype.json``); one
+    damaged since says how the run gets it back rather than only that it is malformed."""
+    try:
+        return Genotype.load(path)
+    except GenotypeError as exc:
+        phase = Path(path).parent
+        fix = (f"delete {phase / 'DONE'} and resume: the search's checkpoint writes it again"
+               if phase.name == "search" else "delete it and resume with the genotype the "
+               "run retrains (its checkpoint is checked against the network it builds)")
+        raise GenotypeError(f"{exc} (this run recorded it; damaged since: {fix})") from None
+
+
 def pin_genotype(out: str | Path, genotype: Genotype, resume: bool) -> None:
     """Record which genotype ``out`` (a retrain directory) trains, in ``genotype.json``;
     resuming it with another genotype is refused, since its checkpoint holds the weights
     and metrics of the recorded one."""
     path = Path(out) / "genotype.json"
     if resume and path.is_file():
-        recorded = Genotype.load(path)
+        recorded = recorded_genotype(path)
         if recorded.to_dict() != genotype.to_dict():
             raise ValueError(f"{out} is retraining another genotype (recorded in {path}):\n"
                              f"  recorded: {recorded}\n  given:    {genotype}\n"

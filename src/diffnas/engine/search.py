@@ -23,7 +23,12 @@ from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_e
 from diffnas.engine.cuda_graph import GraphedStep
 from diffnas.engine.loop import Callback, Loop, checked_metrics, resumed_text
 from diffnas.engine.retrain import check_retrain_batch
-from diffnas.engine.rundir import check_same_data, resolve_device, retrain_command
+from diffnas.engine.rundir import (
+    check_same_data,
+    recorded_genotype,
+    resolve_device,
+    retrain_command,
+)
 from diffnas.engine.tensorboard import logger_callbacks
 from diffnas.genotype import Genotype
 from diffnas.genotype.discretize import discretize
@@ -83,7 +88,7 @@ def search_then_retrain(
     shared with every rank) or ``search()``, then ``retrain`` when enabled, then ``report``
     on rank 0 alone."""
     done = Path(run_dir) / "search"
-    genotype = dp.main_process_result(lambda: Genotype.load(done / "genotype.json")
+    genotype = dp.main_process_result(lambda: recorded_genotype(done / "genotype.json")
                                       if (done / "DONE").exists() else None)
     if genotype is None:
         genotype = search()

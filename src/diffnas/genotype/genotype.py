@@ -151,6 +151,8 @@ class Genotype:
             raise GenotypeError(f"{p}: not a genotype file (binary, not text); give a genotype "
                                 "JSON file (e.g. RUN/search/genotype.json) or Genotype(...) "
                                 "text") from None
+        if not text:
+            raise GenotypeError(f"{p} is empty, not a genotype file")
         try:
             if text.startswith(("{", "[")):  # JSON (a list is refused by from_dict)
                 return cls.from_json(text)
