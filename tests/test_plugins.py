@@ -257,6 +257,11 @@ def test_plot_of_a_run_whose_plugin_moved_is_told_where_it_is_now(tmp_path, caps
     assert main(["plot", str(run), "--backend", "matplotlib", "--format", "svg"]) == 2
     err = capsys.readouterr().err
     assert f"{str(path)!r} is not a file" in err and "plugins=[NEW/PLACE.py" in err, err
+    wrong = tmp_path / "elsewhere.py"  # a mistyped new place: the override named it
+    assert main(["plot", str(run), f"plugins=[{wrong}]", "--format", "svg"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(wrong)!r} is not a file (named by the plugins= given after the run " \
+           "directory" in err, err
     # (a fresh process: this one registered the plugin's names from its old place)
     subprocess.run([sys.executable, "-m", "diffnas", "plot", str(run), f"plugins=[{moved}]",
                     "--backend", "matplotlib", "--format", "svg"], check=True,

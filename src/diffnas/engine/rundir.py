@@ -357,6 +357,9 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
         if not str(exc).startswith("config.plugins:") or not any(
                 words in str(exc) for words in ("is not a file", "no module named")):
             raise
+        if any(o.split("=", 1)[0].strip() == "plugins" for o in overrides):
+            raise ConfigError(f"{exc} (named by the plugins= given after the run "
+                              f"directory, which replaces the list in {path})") from None
         raise ConfigError(f"{exc} (named by {path}; if the plugin moved, say where it is now "
                           "after the run directory: plugins=[NEW/PLACE.py, ...], which "
                           "--resume, plot, report and export take)") from None
