@@ -476,7 +476,13 @@ def test_growth_epochs_after_the_search_are_refused_at_load():
            "grow_epochs: [2], fade_steps: 5}"], r"growth epoch 2 is not before"),
     (GNN, ["search.amp=bf16"], r"search\.amp is for image searches; the graph "
      r"\(engine/graph\.py\) search does not take it: switch it off"),
-], ids=["rnn-image-setting", "rnn-growth", "gnn-image-setting"])
+    # (both evaluated their validation split every epoch whatever it said)
+    (GNN, ["search.evaluate=false"], r"search\.evaluate=false is for image searches; the "
+     r"graph \(engine/graph\.py\) search evaluates .* leave it true"),
+    (RNN, ["search.evaluate=false"], r"search\.evaluate=false is for image searches; the "
+     r"language-model"),
+], ids=["rnn-image-setting", "rnn-growth", "gnn-image-setting", "gnn-evaluate",
+        "rnn-evaluate"])
 def test_language_and_graph_refusals_write_no_run_directory(tmp_path, capsys, path,
                                                               overrides, match):
     argv = ["search", "--config", str(path), f"out_dir={tmp_path / 'runs'}", "name=r",

@@ -241,10 +241,10 @@ def all_engines() -> list[Engine]:
 
 def refuse_image_search_settings(cfg: RunConfig, device: bool = True) -> None:
     """The image engine's search settings (bf16 autocast, torch.compile, CUDA graphs, cuDNN
-    autotuning, collapse diagnostics) on a run of another engine, which would not read
-    them: a ConfigError naming the setting and the engine, not silence. For the config
-    checks of engines other than ``image``, built-in and plugin alike (it has the signature
-    of ``Engine.check_search``; ``device`` is not used)."""
+    autotuning, collapse diagnostics, ``evaluate=false``) on a run of another engine, which
+    would not read them: a ConfigError naming the setting and the engine, not silence. For
+    the config checks of engines other than ``image``, built-in and plugin alike (it has
+    the signature of ``Engine.check_search``; ``device`` is not used)."""
     from diffnas.config import ConfigError
 
     s = cfg.search
@@ -254,6 +254,10 @@ def refuse_image_search_settings(cfg: RunConfig, device: bool = True) -> None:
         if on:
             raise ConfigError(f"search.{name} is for image searches; the "
                               f"{engine_of(cfg).label} search does not take it: switch it off")
+    if not s.evaluate:
+        raise ConfigError(f"search.evaluate=false is for image searches; the "
+                          f"{engine_of(cfg).label} search evaluates its validation split "
+                          "after every epoch whatever it says: leave it true")
 
 
 def refuse_torchrun(engine: Engine) -> None:
