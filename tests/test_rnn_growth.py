@@ -109,6 +109,12 @@ def test_growth_config_errors():
         growing(growth={"mode": "grow_prune", "init_nodes": 2, "grow_epochs": [1]})
     with pytest.raises(ValueError, match="unknown growth mode"):
         growing(growth={"mode": "shrink"})
+    # growth settings without mode: grow_prune searched every node from the start, silently
+    with pytest.raises(ValueError, match=r"growth.init_nodes=3, growth.grow_epochs=\[1\] set "
+                                         r"with growth.mode='prune', which grows nothing"):
+        growing(growth={"init_nodes": 3, "grow_epochs": [1]})
+    with pytest.raises(ValueError, match=r"growth.fade_steps=5 set with growth.mode='prune'"):
+        growing(growth={"mode": "prune", "fade_steps": 5})
 
 
 def test_hadamard_is_the_elementwise_product_and_passes_gradcheck():

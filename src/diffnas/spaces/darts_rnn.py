@@ -95,6 +95,14 @@ class DartsRnnConfig:
                     f"got {g.grow_epochs}")
             if sorted(g.grow_epochs) != list(g.grow_epochs) or min(g.grow_epochs, default=1) < 1:
                 raise ValueError("growth.grow_epochs must be increasing epochs >= 1")
+        else:  # growth settings without the mode that reads them would be plain DARTS
+            default = GrowthConfig()
+            given = [f"{k}={getattr(g, k)}" for k in ("init_nodes", "grow_epochs", "fade_steps")
+                     if getattr(g, k) != getattr(default, k)]
+            if given:
+                raise ValueError(f"growth.{', growth.'.join(given)} set with growth.mode="
+                                 f"{g.mode!r}, which grows nothing (every node from the "
+                                 "start): add growth.mode: grow_prune, or drop them")
         if g.fade_steps < 1:
             raise ValueError("growth.fade_steps must be >= 1")
         self.dropouts()  # range checks
