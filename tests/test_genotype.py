@@ -20,7 +20,7 @@ from diffnas.genotype import (
 )
 from diffnas.genotype.discretize import discretize
 from diffnas.report import count_parameters
-from diffnas.spaces import DataShape, create_space
+from diffnas.spaces import DataShape, SearchSpace, create_space
 
 CIFAR = DataShape(3, 32, 10)
 
@@ -273,6 +273,27 @@ def test_text_round_trips_where_the_darts_form_cannot_say_the_genotype(tmp_path)
     for name in ("DARTS_V2", "DARTS_RNN_V1"):  # the paper's form where it fits
         assert str(published_genotype(name)).startswith("Genotype(normal=" if name == "DARTS_V2"
                                                         else "Genotype(recurrent=")
+
+
+def test_a_recurrent_genotype_of_the_other_backbone_names_the_setting():
+    """A two_input genotype retrained with the default (single) backbone was told "edges
+    end at 8 intermediate node(s), the space has 8 (no node 9): ... nodes=8", which the
+    space already had; each direction now names search.space.backbone."""
+    def rnn(backbone: str) -> SearchSpace:
+        return create_space({"name": "darts_rnn", "backbone": backbone, "ninp": 6, "nhid": 6},
+                            DataShape(num_classes=11))
+
+    torch.manual_seed(0)
+    two = discretize({"recurrent": torch.randn(len(rnn("two_input").edges()), 5)},
+                     rnn("two_input"))
+    with pytest.raises(GenotypeError, match=r"has 2 input node\(s\) \(backbone two_input\), the "
+                                            r"space's backbone='single' has 1: build the space "
+                                            r"with search\.space\.backbone=two_input"):
+        rnn("single").validate(two)
+    with pytest.raises(GenotypeError, match=r"search\.space\.backbone=single"):
+        rnn("two_input").validate(published_genotype("DARTS_RNN_V2"))
+    rnn("single").validate(published_genotype("DARTS_RNN_V2"))
+    rnn("two_input").validate(two)
 
 
 def test_unknown_genotype_name_lists_the_published_ones():

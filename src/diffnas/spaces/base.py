@@ -117,6 +117,11 @@ class SearchSpace(ABC):
             allowed = {(e.src, e.dst): e.candidates for e in groups[cell.name]}
             nodes = sorted({e.dst for e in groups[cell.name]})
             ends = {e.dst for e in cell.edges}
+            if ends and min(ends) != nodes[0]:  # a cell with another number of inputs
+                raise GenotypeError(
+                    f"cell {cell.name!r}: the genotype's intermediate nodes start at node "
+                    f"{min(ends)} ({min(ends)} cell input(s)), the space's at node {nodes[0]} "
+                    f"({nodes[0]} input(s)): a cell with another number of inputs")
             if ends and max(ends) > nodes[-1]:  # a genotype of a bigger cell
                 raise GenotypeError(
                     f"cell {cell.name!r}: the genotype's edges end at {len(ends)} "

@@ -166,7 +166,17 @@ class DartsRnnSpace(SearchSpace):
 
     def validate(self, genotype: Genotype) -> None:
         """As every space, and no ``none`` edge: a node's one input is its only state, so
-        a fixed recurrent cell cannot build one (refused here, before a run directory)."""
+        a fixed recurrent cell cannot build one (refused here, before a run directory); a
+        genotype of the other backbone names the setting that fits it."""
+        firsts = {min(e.dst for e in c.edges) for c in genotype.cells if c.edges}
+        fits = {1: "single", 2: "two_input"}
+        if genotype.space == self.name and firsts and firsts != {self.num_inputs} and \
+                len(firsts) == 1 and min(firsts) in fits:
+            raise GenotypeError(
+                f"the genotype's recurrent cell has {min(firsts)} input node(s) (backbone "
+                f"{fits[min(firsts)]}), the space's backbone={self.config.backbone!r} has "
+                f"{self.num_inputs}: build the space with search.space.backbone="
+                f"{fits[min(firsts)]}")
         super().validate(genotype)
         for cell in genotype.cells:
             dead = [f"{e.src}->{e.dst}" for e in cell.edges if e.op == "none"]
