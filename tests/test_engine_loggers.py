@@ -98,3 +98,21 @@ def test_lm_engine_entry_points_refuse_diagnostics(tmp_path):
         with pytest.raises(ValueError, match=re.escape(DIAGNOSTICS)):
             run(tmp_path / "r")
         assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_a_missing_tensorboard_package_is_refused_before_a_run_directory(
+        tmp_path, capsys, monkeypatch, command):
+    """It was found once the run directory was written (the logger is built with the
+    run); a report of such a run on another machine needs no tensorboard."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    argv = (["search", "--config", str(GRAPH_CONFIG), *KARATE, "search.epochs=1"]
+            if command == "search" else ["train", "--genotype", "DARTS_V2", "data.name=digits"])
+    argv += ["retrain.epochs=1", "logger=tensorboard", f"out_dir={tmp_path}", "name=g"]
+    assert main(argv) == 2
+    assert "config.logger: tensorboard needs the tensorboard package: pip install " \
+           "'diffnas[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    assert load_config(None, ["logger=tensorboard"], device=False).logger == "tensorboard"

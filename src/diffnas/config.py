@@ -463,8 +463,10 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
 
     if cfg.logger not in ("jsonl", "tensorboard"):
         raise ConfigError(f"config.logger: {cfg.logger!r} is not one of jsonl, tensorboard")
-    if device:
+    if device:  # (this machine's: a report of the run elsewhere needs neither)
         check_device(cfg.device)
+        if cfg.logger == "tensorboard" and not _importable("tensorboard"):
+            raise ConfigError(TENSORBOARD_MISSING)
     space_config(cfg.search.space)
     check_strategy(cfg.search.strategy)
     if cfg.search.discretizer is not None:
@@ -824,6 +826,20 @@ def _body_digest(body: str) -> str:
     import hashlib
 
     return hashlib.sha256(body.replace("\r\n", "\n").encode()).hexdigest()
+
+
+#: ``logger: tensorboard`` without its package (refused by the config checks)
+TENSORBOARD_MISSING = ("config.logger: tensorboard needs the tensorboard package: pip install "
+                       "'diffnas[tensorboard]'")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # (a parent package that fails, a module set to None)
+        return False
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diffnas.config import ConfigError, RunConfig
+from diffnas.config import TENSORBOARD_MISSING, ConfigError, RunConfig
 from diffnas.engine.loop import Callback, Loop
 
 LOGGERS = ("jsonl", "tensorboard")
@@ -23,8 +23,7 @@ def summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ConfigError("logger: tensorboard needs the tensorboard package: "
-                          "pip install 'diffnas[tensorboard]'") from exc
+        raise ConfigError(TENSORBOARD_MISSING) from exc
     return SummaryWriter
 
 
