@@ -97,6 +97,24 @@ def test_a_data_root_under_home_is_expanded_for_every_dataset(tmp_path, monkeypa
         assert cfg.data.root == str(tmp_path / "corpus")
 
 
+def test_a_relative_data_root_that_exists_is_kept_absolute(tmp_path, monkeypatch):
+    """A relative data.root was saved as typed, so the run's resume and its printed
+    follow-up commands (diffnas train --config RUN/config.yaml) failed from any other
+    directory. A relative path naming nothing (e.g. a plugin loader's own address) is
+    left as given."""
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path)
+    corpus = str(tmp_path / "corpus")
+    for root, want in (("corpus", corpus), ("./corpus/", corpus),
+                       ("bucket:scans/2026", "bucket:scans/2026")):
+        cfg = load_config(None, ["data.name=ptb", f"data.root={root}",
+                                 "search.space.name=darts_rnn"], device=False)
+        assert cfg.data.root == want
+    cfg = load_config(None, ["data.name=cifar10", "data.root=new_dir", "data.download=true"],
+                      device=False)  # where a download will put the files
+    assert cfg.data.root == str(tmp_path / "new_dir")
+
+
 def test_cuda_on_a_machine_without_it_is_refused_before_anything_runs():
     import torch
 

@@ -254,6 +254,12 @@ class DataConfig:
         require_sizes(self, ("resolution", "train_subset", "test_subset"), "data")
         if isinstance(self.root, str):  # ~/data for every dataset (its loader need not)
             self.root = os.path.expanduser(self.root)
+            # a relative path that names local files (or where to download them) is kept
+            # absolute, as plugins are: the saved config, its resume and the printed
+            # follow-up commands work from any directory (other text, e.g. a URL a plugin
+            # loader reads, is left as given)
+            if not os.path.isabs(self.root) and (os.path.exists(self.root) or self.download):
+                self.root = os.path.abspath(self.root)
 
 
 @dataclass
