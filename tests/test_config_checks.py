@@ -118,7 +118,10 @@ def test_the_network_is_checked_against_the_configured_space():
                               "retrain.network={C: 4, N: 1}"])
     _refused(["retrain.network.C=8"], r"retrain\.network\.C; valid keys of retrain\.network: "
              "dropout, ", RNN)
-    _refused(["retrain.network.nhid=0"], r"retrain\.network\.nhid must be >= 1", RNN)
+    _refused(["retrain.network.nhid=0"], r"retrain\.network\.nhid must be >= 1 \(or null\)",
+             RNN)  # (None: the search's value)
+    # a search size has no null: the message offered one, which was then refused
+    _refused(["search.space.nodes=0"], r"search\.space\.nodes must be >= 1, got 0$", RNN)
     _refused(["retrain.network.dropout=1.5"], r"retrain\.network\.dropout must be in", RNN)
 
 

@@ -82,10 +82,13 @@ def require(ok: bool, key: str, rule: str, value: Any) -> None:
 
 
 def require_sizes(obj: Any, keys: tuple[str, ...], where: str) -> None:
-    """Each ``obj.<key>`` is ``None`` or an int >= 1 (a width, a depth, a count)."""
+    """Each ``obj.<key>`` (a dataclass field) is an int >= 1 (a width, a depth, a count),
+    or ``None`` where the field's type allows it (the message offers null only there)."""
+    nullable = {f.name for f in dataclasses.fields(obj) if "None" in str(f.type)}
     for key in keys:
         value = getattr(obj, key)
-        require(value is None or value >= 1, f"{where}.{key}", ">= 1 (or null)", value)
+        require((value is None and key in nullable) or (value is not None and value >= 1),
+                f"{where}.{key}", ">= 1 (or null)" if key in nullable else ">= 1", value)
 
 
 #: the most mixed edges a searched cell may have. A cell of n nodes has about n^2 / 2 edges,
