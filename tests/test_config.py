@@ -38,7 +38,9 @@ def test_overrides_and_round_trip(tmp_path):
     ("retrain.lr=true", r"retrain.lr: expected a number, got True"),
     ("data.search_split=1.5", r"search_split must be in \(0, 1\)"),
     ("search.epochs=-2", r"search.epochs must be >= 1"),
-    ("retrain.epochs=0", r"retrain.epochs and retrain.batch_size must be >= 1"),
+    ("retrain.epochs=0", r"retrain.epochs must be >= 1 \(retrain.enabled=false skips "
+                         r"retraining\), got 0$"),
+    ("retrain.batch_size=0", r"retrain.batch_size must be >= 1 .*, got 0$"),
     ("device=gpu", r"config.device: 'gpu' is not a device"),
     ("search.discretizer=foo", r"unknown discretizer 'foo'"),
     ("data.name=imagenet", r"unknown dataset 'imagenet'"),

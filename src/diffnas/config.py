@@ -330,10 +330,9 @@ class RetrainConfig:
     network: dict = field(default_factory=lambda: {"C": 36, "layers": 20})
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"retrain.epochs and retrain.batch_size must be >= 1, got "
-                              f"{self.epochs} and {self.batch_size} (retrain.enabled=false "
-                              "skips retraining)")
+        for key in ("epochs", "batch_size"):  # (named alone: a graph run reads no batch)
+            require(getattr(self, key) >= 1, f"retrain.{key}",
+                    ">= 1 (retrain.enabled=false skips retraining)", getattr(self, key))
         self._check_ranges()
 
     def image_network(self) -> dict:
