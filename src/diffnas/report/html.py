@@ -31,7 +31,7 @@ from diffnas.engine.callbacks import (
     total_seconds,
 )
 from diffnas.engine.engines import engine_of
-from diffnas.genotype import cell_title
+from diffnas.genotype import CellGenotype, cell_title
 from diffnas.report.outputs import (
     REPORT_MARK,
     check_output,
@@ -39,7 +39,14 @@ from diffnas.report.outputs import (
     is_report,
     write_outputs,
 )
-from diffnas.report.plots import RunData, load_run, resolve_backend, run_figures
+from diffnas.report.plots import (
+    CellKind,
+    RunData,
+    cell_kind,
+    load_run,
+    resolve_backend,
+    run_figures,
+)
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -121,7 +128,7 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             rows.append(("test accuracy, last epoch", _pct(res["last_test_acc"])))
         rows += [
             ("retrain epochs", f"{res.get('epochs_done')} of {cfg.retrain.epochs}"),
-            ("parameters (without auxiliary head)", _count(res.get("params"))),
+            (_params_label(cfg), _count(res.get("params"))),
         ]
         if res.get("macs") is not None:
             rows += [("MACs per image", f"{res['macs'] / 1e6:.2f} M"),
@@ -135,6 +142,23 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
     return rows
 
 
+def _params_label(cfg: Any) -> str:
+    """How the summary names the retrained parameter count: the image engine counts it
+    without the auxiliary head (engine/retrain.py); other engines' networks have none."""
+    return ("parameters (without auxiliary head)" if engine_of(cfg).name == "image"
+            else "parameters")
+
+
+def _output_text(cell: CellGenotype, kind: CellKind) -> str:
+    """What a cell's output is made of: a concatenation (image cells) or the mean
+    (recurrent and graph cells) of its concat nodes; for a plugin engine's cells only
+    which nodes, as the report cannot know how its network combines them."""
+    nodes = list(cell.concat)
+    if kind.combine is None:
+        return f"output: from nodes {nodes}"
+    return f"output: {kind.combine} of nodes {nodes}"
+
+
 def _genotype_table(run: RunData) -> str:
     g = run.genotype
     if g is None:
@@ -142,12 +166,12 @@ def _genotype_table(run: RunData) -> str:
     note = run.genotype_note()
     parts = [f"<p><strong>{_esc(note[0].upper() + note[1:])}.</strong></p>"] if note else []
     parts.append(f"<pre>{_esc(str(g))}</pre>")
+    kind = cell_kind(g.space)
     for cell in g.cells:
         rows = "".join(f"<tr><td>{e.src} &rarr; {e.dst}</td><td>{_esc(e.op)}</td></tr>"
                        for e in sorted(cell.edges, key=lambda e: (e.dst, e.src)))
         parts.append(f"<h3>{_esc(cell_title(cell.name))}</h3><table><tr><th>edge (node &rarr; node)"
-                     f"</th><th>op</th></tr>{rows}</table><p>output: concatenation of nodes "
-                     f"{_esc(list(cell.concat))}</p>")
+                     f"</th><th>op</th></tr>{rows}</table><p>{_esc(_output_text(cell, kind))}</p>")
     return "\n".join(parts)
 
 

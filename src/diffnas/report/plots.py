@@ -124,9 +124,48 @@ def _epoch_rows(path: Path) -> list[dict[str, Any]]:
 
 
 # --- cell diagrams -------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellKind:
+    """What diagrams and reports say of one kind of cell: ``name`` (``conv``,
+    ``recurrent``, ``graph`` or ``other``) and how the cell output combines the
+    genotype's concat nodes (``combine``: ``concatenation``, ``mean``, or None where the
+    report cannot know: a plugin engine's cells)."""
+
+    name: str
+    combine: str | None
+
+
+#: image networks (DARTS CNN, NB-201): the output concatenates the concat nodes
+CONV = CellKind("conv", "concatenation")
+#: language models (supernet/rnn.py, FixedCell.step): the new hidden state h_t is the
+#: mean of the concat nodes; x_t and h_{t-1} are gated into input node 0, or are the
+#: input nodes 0 and 1 (``backbone: two_input``)
+RECURRENT = CellKind("recurrent", "mean")
+#: graph networks (supernet/gnn.py, FixedCell.forward): node 0 is the cell input, the
+#: output the mean of the concat nodes
+GRAPH = CellKind("graph", "mean")
+OTHER = CellKind("other", None)
+#: the cells of each built-in engine's networks (a space declares its engine)
+ENGINE_CELLS = {"image": CONV, "language_model": RECURRENT, "graph": GRAPH}
+#: what the gated input node of a one-input recurrent cell is made of
+RNN_SOURCES = ("x_{t}", "h_{t-1}")
+
+
+def cell_kind(space: str) -> CellKind:
+    """The kind of the cells of the space named ``space``, from the engine it declares
+    (a subclass of darts_rnn's or gnn's space inherits theirs); ``OTHER`` for a plugin
+    engine's space or one that is not registered."""
+    from diffnas.spaces import SPACES
+
+    if space not in SPACES:
+        return OTHER
+    return ENGINE_CELLS.get(SPACES.get(space).engine, OTHER)
+
+
 def cell_layout(cell: CellGenotype) -> tuple[list[int], list[int]]:
     """(input nodes, intermediate nodes) of a cell: inputs are sources that no edge
-    computes (two for DARTS CNN cells, one for NB-201 and recurrent cells)."""
+    computes (two for DARTS CNN cells and ``two_input`` recurrent ones, one for NB-201,
+    graph and other recurrent cells)."""
     dsts = sorted({e.dst for e in cell.edges})
     inputs = sorted({e.src for e in cell.edges} - set(dsts))
     first = min(dsts) if dsts else 0
@@ -134,10 +173,22 @@ def cell_layout(cell: CellGenotype) -> tuple[list[int], list[int]]:
     return inputs, dsts
 
 
-def node_names(cell: CellGenotype) -> dict[int, str]:
-    """Display names: DARTS style ``c_{k-2}``, ``c_{k-1}`` for the two cell inputs,
-    intermediate nodes numbered from 0; a single input is ``in``."""
+def node_names(cell: CellGenotype, kind: CellKind = CONV) -> dict[int, str]:
+    """Display names of a cell's nodes. Convolutional cells as DARTS draws them:
+    ``c_{k-2}``, ``c_{k-1}`` for two inputs (one is ``in``), intermediate nodes numbered
+    from 0. Other kinds keep the genotype's numbers, inputs with their role:
+    ``x_{t} (0)``, ``h_{t-1} (1)`` (two-input recurrent), ``0`` (the node a one-input
+    recurrent cell gates x_t and h_{t-1} into), ``in (0)`` (graph and plugin cells)."""
     inputs, inner = cell_layout(cell)
+    if kind.name == "conv":
+        return _conv_names(inputs, inner)
+    names = dict(zip(inputs, _input_labels(inputs, kind), strict=True))
+    names.update({n: str(n) for n in inner})
+    return names
+
+
+def _conv_names(inputs: list[int], inner: list[int]) -> dict[int, str]:
+    """DARTS's names: ``c_{k-2}``, ``c_{k-1}`` (or ``in``, ``in0``...), nodes from 0."""
     if len(inputs) == 2:
         names = {inputs[0]: "c_{k-2}", inputs[1]: "c_{k-1}"}
     else:
@@ -146,15 +197,64 @@ def node_names(cell: CellGenotype) -> dict[int, str]:
     return names
 
 
-def output_name(cell: CellGenotype) -> str:
-    return "c_{k}" if len(cell_layout(cell)[0]) == 2 else "out"
+def _input_labels(inputs: list[int], kind: CellKind) -> list[str]:
+    """Labels of the input nodes of a cell that keeps the genotype's numbers."""
+    if kind.name == "recurrent" and len(inputs) == 1:
+        return [str(inputs[0])]
+    if kind.name == "recurrent" and len(inputs) == 2:
+        roles = ["x_{t}", "h_{t-1}"]
+    else:
+        roles = ["in"] if len(inputs) == 1 else [f"in{i}" for i in range(len(inputs))]
+    return [f"{role} ({n})" for role, n in zip(roles, inputs, strict=True)]
 
 
-def cell_dot(cell: CellGenotype) -> str:
-    """The cell as Graphviz DOT source (left to right, op names on the edges)."""
-    names = node_names(cell)
+def output_name(cell: CellGenotype, kind: CellKind = CONV) -> str:
+    """The label of the cell output: ``c_{k}`` (two-input convolutional cells),
+    ``h_{t} (mean)`` (recurrent), ``out (mean)`` (graph), ``out`` (others)."""
+    if kind.name == "conv":
+        return "c_{k}" if len(cell_layout(cell)[0]) == 2 else "out"
+    name = "h_{t}" if kind.name == "recurrent" else "out"
+    return f"{name} ({kind.combine})" if kind.combine else name
+
+
+@dataclass(frozen=True)
+class CellDrawing:
+    """What a cell diagram shows, by box label: the input column, one column per node,
+    the output; op-labelled arrows (the genotype's edges), dashed arrows into the output,
+    plain arrows ``feeds`` into a node column's input box (``gated``: a one-input
+    recurrent cell's node 0, made of x_t and h_{t-1})."""
+
+    inputs: tuple[str, ...]
+    nodes: tuple[str, ...]
+    output: str
+    edges: tuple[tuple[str, str, str], ...]  # (from, to, op)
+    concat: tuple[str, ...]
+    feeds: tuple[tuple[str, str], ...] = ()
+    gated: tuple[str, ...] = ()
+
+    def color(self, box: str) -> str:
+        """The fill colour of an input or node box."""
+        return INPUT_COLOR if box in self.inputs or box in self.gated else NODE_COLOR
+
+
+def cell_drawing(cell: CellGenotype, kind: CellKind = CONV) -> CellDrawing:
+    """The boxes and arrows of a cell's diagram (:class:`CellDrawing`)."""
+    names = node_names(cell, kind)
     inputs, inner = cell_layout(cell)
-    out = output_name(cell)
+    boxes, nodes = tuple(names[n] for n in inputs), tuple(names[n] for n in inner)
+    feeds: tuple[tuple[str, str], ...] = ()
+    gated: tuple[str, ...] = ()
+    if kind.name == "recurrent" and len(inputs) == 1:  # x_t, h_{t-1} -> node 0
+        gated, nodes = boxes, boxes + nodes
+        feeds, boxes = tuple((s, gated[0]) for s in RNN_SOURCES), RNN_SOURCES
+    edges = tuple((names[e.src], names[e.dst], e.op) for e in cell.edges)
+    concat = tuple(names[n] for n in cell.concat if n in names)
+    return CellDrawing(boxes, nodes, output_name(cell, kind), edges, concat, feeds, gated)
+
+
+def cell_dot(cell: CellGenotype, kind: CellKind = CONV) -> str:
+    """The cell as Graphviz DOT source (left to right, op names on the edges)."""
+    d = cell_drawing(cell, kind)
 
     def q(s: str) -> str:
         return '"' + s.replace('"', r"\"") + '"'
@@ -166,14 +266,12 @@ def cell_dot(cell: CellGenotype) -> str:
         'penwidth=1.5, height=0.45];',
         '  edge [fontname="Helvetica", fontsize=12, color="#555555"];',
     ]
-    lines += [f"  {q(names[n])} [fillcolor={q(INPUT_COLOR)}];" for n in inputs]
-    lines += [f"  {q(names[n])} [fillcolor={q(NODE_COLOR)}];" for n in inner]
-    lines.append(f"  {q(out)} [fillcolor={q(OUTPUT_COLOR)}];")
-    for e in cell.edges:
-        lines.append(f"  {q(names[e.src])} -> {q(names[e.dst])} [label={q(e.op)}];")
-    for n in cell.concat:
-        if n in names:
-            lines.append(f"  {q(names[n])} -> {q(out)} [style=dashed, color=\"#999999\"];")
+    lines += [f"  {q(b)} [fillcolor={q(d.color(b))}];" for b in (*d.inputs, *d.nodes)]
+    lines.append(f"  {q(d.output)} [fillcolor={q(OUTPUT_COLOR)}];")
+    lines += [f"  {q(a)} -> {q(b)} [color=\"#999999\"];" for a, b in d.feeds]
+    lines += [f"  {q(a)} -> {q(b)} [label={q(op)}];" for a, b, op in d.edges]
+    lines += [f"  {q(b)} -> {q(d.output)} [style=dashed, color=\"#999999\"];"
+              for b in d.concat]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -182,13 +280,13 @@ def graphviz_available() -> bool:
     return shutil.which("dot") is not None
 
 
-def _graphviz_render(cell: CellGenotype, fmt: str) -> bytes:
+def _graphviz_render(cell: CellGenotype, fmt: str, kind: CellKind = CONV) -> bytes:
     exe = shutil.which("dot")
     if exe is None:
         raise PlotError("Graphviz's 'dot' program is not installed (apt-get install graphviz); "
                         "use backend='matplotlib'")
     proc = subprocess.run([exe, f"-T{fmt}", *(["-Gdpi=110"] if fmt == "png" else [])],
-                          input=cell_dot(cell).encode(), capture_output=True, timeout=60)
+                          input=cell_dot(cell, kind).encode(), capture_output=True, timeout=60)
     if proc.returncode != 0:
         raise PlotError(f"dot failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
@@ -197,53 +295,57 @@ def _graphviz_render(cell: CellGenotype, fmt: str) -> bytes:
 X_STEP = 2.2  # horizontal distance between node columns in the matplotlib drawing
 
 
-def _node_positions(cell: CellGenotype) -> dict[int, tuple[float, float]]:
-    inputs, inner = cell_layout(cell)
-    pos: dict[int, tuple[float, float]] = {}
-    for i, n in enumerate(inputs):
-        pos[n] = (0.0, 1.3 - 2.6 * i / (len(inputs) - 1)) if len(inputs) > 1 else (0.0, 0.0)
-    for i, n in enumerate(inner):
-        pos[n] = (X_STEP * (i + 1), 2.0 - 4.0 * i / max(len(inner) - 1, 1))
+def _box_positions(d: CellDrawing) -> dict[str, tuple[float, float]]:
+    """Inputs stacked in the first column, one column per node zigzagging downwards."""
+    pos: dict[str, tuple[float, float]] = {}
+    n_in = len(d.inputs)
+    for i, b in enumerate(d.inputs):
+        pos[b] = (0.0, 1.3 - 2.6 * i / (n_in - 1)) if n_in > 1 else (0.0, 0.0)
+    for i, b in enumerate(d.nodes):
+        pos[b] = (X_STEP * (i + 1), 2.0 - 4.0 * i / max(len(d.nodes) - 1, 1))
     return pos
 
 
-def cell_figure(cell: CellGenotype, title: str | None = None) -> Figure:
+def _arrow(ax: Any, p: tuple[float, float], q: tuple[float, float], rad: float,
+           **kw: Any) -> None:
+    ax.annotate("", xy=q, xytext=p, zorder=1, arrowprops={
+        "arrowstyle": "-|>", "connectionstyle": f"arc3,rad={rad}", "shrinkA": 14,
+        "shrinkB": 14, "mutation_scale": 12, **kw})
+
+
+def _op_arrow(ax: Any, p: tuple[float, float], q: tuple[float, float], op: str) -> None:
+    """An edge's arrow with its op written on the middle of the arc."""
+    rad = 0.12 if p[1] >= q[1] else -0.12
+    _arrow(ax, p, q, rad, color="#555555", lw=1.1)
+    # arc3's quadratic Bezier passes at t=0.5 through mid + rad/2 * (dy, -dx).
+    dx, dy = q[0] - p[0], q[1] - p[1]
+    lx, ly = (p[0] + q[0]) / 2 + rad * dy / 2, (p[1] + q[1]) / 2 - rad * dx / 2
+    ax.text(lx, ly, op, ha="center", va="center", fontsize=8, zorder=3,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+
+
+def cell_figure(cell: CellGenotype, title: str | None = None,
+                kind: CellKind = CONV) -> Figure:
     """The cell drawn with matplotlib alone: boxes for nodes, curved arrows labelled with
     their op, dashed arrows into the cell output."""
-    names = node_names(cell)
-    inputs, inner = cell_layout(cell)
-    pos = _node_positions(cell)
-    out = output_name(cell)
-    x_out = X_STEP * (len(inner) + 1)
-    fig = Figure(figsize=(1.2 + 1.6 * (len(inner) + 1), 4.4))
+    d = cell_drawing(cell, kind)
+    pos = _box_positions(d)
+    x_out = X_STEP * (len(d.nodes) + 1)
+    fig = Figure(figsize=(1.2 + 1.6 * (len(d.nodes) + 1), 4.4))
     ax = fig.add_axes((0.01, 0.01, 0.98, 0.9 if title else 0.98))
     ax.set_axis_off()
     box = {"boxstyle": "round,pad=0.35", "lw": 1.2, "ec": "#333333"}
-
-    def arrow(p, q, rad, **kw):
-        ax.annotate("", xy=q, xytext=p, zorder=1, arrowprops={
-            "arrowstyle": "-|>", "connectionstyle": f"arc3,rad={rad}", "shrinkA": 14,
-            "shrinkB": 14, "mutation_scale": 12, **kw})
-
-    for e in cell.edges:
-        p, q = pos[e.src], pos[e.dst]
-        rad = 0.12 if p[1] >= q[1] else -0.12
-        arrow(p, q, rad, color="#555555", lw=1.1)
-        # arc3's quadratic Bezier passes at t=0.5 through mid + rad/2 * (dy, -dx).
-        dx, dy = q[0] - p[0], q[1] - p[1]
-        lx, ly = (p[0] + q[0]) / 2 + rad * dy / 2, (p[1] + q[1]) / 2 - rad * dx / 2
-        ax.text(lx, ly, e.op, ha="center", va="center", fontsize=8, zorder=3,
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
-    for n in cell.concat:
-        if n in pos:
-            arrow(pos[n], (x_out, 0.0), 0.1, color="#999999", lw=1.0, linestyle="--")
-    for n in inputs:
-        ax.text(*pos[n], names[n], ha="center", va="center", zorder=4,
-                bbox={**box, "fc": INPUT_COLOR})
-    for n in inner:
-        ax.text(*pos[n], names[n], ha="center", va="center", zorder=4,
-                bbox={**box, "fc": NODE_COLOR})
-    ax.text(x_out, 0.0, out, ha="center", va="center", zorder=4, bbox={**box, "fc": OUTPUT_COLOR})
+    for a, b in d.feeds:
+        _arrow(ax, pos[a], pos[b], 0.12 if pos[a][1] >= pos[b][1] else -0.12,
+               color="#999999", lw=1.0)
+    for a, b, op in d.edges:
+        _op_arrow(ax, pos[a], pos[b], op)
+    for b in d.concat:
+        _arrow(ax, pos[b], (x_out, 0.0), 0.1, color="#999999", lw=1.0, linestyle="--")
+    for b in (*d.inputs, *d.nodes):
+        ax.text(*pos[b], b, ha="center", va="center", zorder=4, bbox={**box, "fc": d.color(b)})
+    ax.text(x_out, 0.0, d.output, ha="center", va="center", zorder=4,
+            bbox={**box, "fc": OUTPUT_COLOR})
     ax.set_xlim(-0.8, x_out + 0.8)
     ax.set_ylim(-2.5, 2.5)
     ax.set_aspect("equal")  # arc3 bends in display space: equal aspect keeps labels on arcs
@@ -275,13 +377,15 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def render_cell(cell: CellGenotype, fmt: str = "svg", backend: str = "auto") -> bytes:
-    """A cell diagram as PNG or SVG bytes, with Graphviz or matplotlib."""
+def render_cell(cell: CellGenotype, fmt: str = "svg", backend: str = "auto",
+                kind: CellKind = CONV) -> bytes:
+    """A cell diagram as PNG or SVG bytes, with Graphviz or matplotlib; ``kind``: the
+    kind of cell (:func:`cell_kind` of its genotype's space)."""
     if fmt not in FORMATS:
         raise PlotError(f"unknown image format {fmt!r}; choose from {FORMATS}")
     if resolve_backend(backend) == "graphviz":
-        return _graphviz_render(cell, fmt)
-    return figure_bytes(cell_figure(cell, cell_title(cell.name)), fmt)
+        return _graphviz_render(cell, fmt, kind)
+    return figure_bytes(cell_figure(cell, cell_title(cell.name), kind), fmt)
 
 
 # --- alpha heatmap -------------------------------------------------------------------
@@ -430,8 +534,9 @@ def run_figures(run: RunData, backend: str = "auto", fmt: str = "svg") -> dict[s
     ``curves``."""
     out: dict[str, bytes] = {}
     if run.genotype is not None:
+        kind = cell_kind(run.genotype.space)
         for cell in run.genotype.cells:
-            out[f"cell_{cell.name}"] = render_cell(cell, fmt, backend)
+            out[f"cell_{cell.name}"] = render_cell(cell, fmt, backend, kind)
     if run.alphas:
         for group, (labels, ops) in run.edge_groups().items():
             if not any(group in r for r in run.alphas):
