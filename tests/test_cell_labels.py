@@ -67,6 +67,19 @@ def test_a_conv_cell_is_drawn_as_darts_draws_it():
     assert plots.cell_dot(cell) == plots.cell_dot(cell, plots.CONV)  # the default kind
 
 
+def test_an_nb201_cell_keeps_the_genotype_s_node_numbers():
+    """NB-201's one input was drawn as ``in`` with nodes from 0, one lower than its
+    genotype, the report's edge table and the heatmap rows (DARTS's numbering is for its
+    two-input cells)."""
+    cell = CellGenotype("cell", (Edge("nor_conv_3x3", 0, 1), Edge("skip_connect", 0, 2),
+                                 Edge("avg_pool_3x3", 1, 2), Edge("none", 0, 3),
+                                 Edge("nor_conv_1x1", 1, 3), Edge("skip_connect", 2, 3)), (3,))
+    d = plots.cell_drawing(cell, plots.cell_kind("nb201"))
+    assert d.inputs == ("in (0)",) and d.nodes == ("1", "2", "3")
+    assert ("1", "3", "nor_conv_1x1") in d.edges and d.concat == ("3",)
+    assert d.output == "out"
+
+
 def test_a_graph_cell_keeps_the_genotype_s_node_numbers():
     d = plots.cell_drawing(GRAPH.cell("cell"), plots.GRAPH)
     assert d.inputs == ("in (0)",) and d.nodes == ("1", "2", "3")

@@ -174,13 +174,13 @@ def cell_layout(cell: CellGenotype) -> tuple[list[int], list[int]]:
 
 
 def node_names(cell: CellGenotype, kind: CellKind = CONV) -> dict[int, str]:
-    """Display names of a cell's nodes. Convolutional cells as DARTS draws them:
-    ``c_{k-2}``, ``c_{k-1}`` for two inputs (one is ``in``), intermediate nodes numbered
-    from 0. Other kinds keep the genotype's numbers, inputs with their role:
+    """Display names of a cell's nodes. Two-input convolutional cells as DARTS draws them:
+    ``c_{k-2}``, ``c_{k-1}``, intermediate nodes numbered from 0. Other cells (NB-201's
+    one-input cell too) keep the genotype's numbers, inputs with their role:
     ``x_{t} (0)``, ``h_{t-1} (1)`` (two-input recurrent), ``0`` (the node a one-input
     recurrent cell gates x_t and h_{t-1} into), ``in (0)`` (graph and plugin cells)."""
     inputs, inner = cell_layout(cell)
-    if kind.name == "conv":
+    if kind.name == "conv" and len(inputs) == 2:
         return _conv_names(inputs, inner)
     names = dict(zip(inputs, _input_labels(inputs, kind), strict=True))
     names.update({n: str(n) for n in inner})
@@ -188,11 +188,8 @@ def node_names(cell: CellGenotype, kind: CellKind = CONV) -> dict[int, str]:
 
 
 def _conv_names(inputs: list[int], inner: list[int]) -> dict[int, str]:
-    """DARTS's names: ``c_{k-2}``, ``c_{k-1}`` (or ``in``, ``in0``...), nodes from 0."""
-    if len(inputs) == 2:
-        names = {inputs[0]: "c_{k-2}", inputs[1]: "c_{k-1}"}
-    else:
-        names = {n: ("in" if len(inputs) == 1 else f"in{i}") for i, n in enumerate(inputs)}
+    """DARTS's names for its two-input cells: ``c_{k-2}``, ``c_{k-1}``, nodes from 0."""
+    names = {inputs[0]: "c_{k-2}", inputs[1]: "c_{k-1}"}
     names.update({n: str(i) for i, n in enumerate(inner)})
     return names
 
