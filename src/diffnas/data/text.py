@@ -152,14 +152,33 @@ def load_corpus(name: str = "ptb", root: str | None = None) -> Corpus:
     return TEXT_DATASETS.get(name)(root)
 
 
-def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+#: the fewest rows (tokens per column) :func:`batchify` makes: one input and its target
+MIN_STEPS = 2
+
+
+def batch_fits(tokens: int, batch_size: int) -> bool:
+    """Whether :func:`batchify` lays ``tokens`` out in ``batch_size`` columns (of
+    :data:`MIN_STEPS` tokens at least)."""
+    return tokens // batch_size >= MIN_STEPS
+
+
+def batchify(data: torch.Tensor, batch_size: int, split: str | None = None,
+             setting: str | None = None) -> torch.Tensor:
     """1-D token ids -> ``(steps, batch_size)``: column ``b`` is the ``b``-th contiguous
-    slice of the text (the tail that does not fill a column is dropped)."""
+    slice of the text (the tail that does not fill a column is dropped). ``split`` (which
+    text this is) and ``setting`` (the dotted key that gave ``batch_size``) word the error
+    when the text is too short for ``batch_size`` columns."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    steps = data.numel() // batch_size
-    if steps < 2:
-        raise ValueError(f"{data.numel()} tokens are too few for batch size {batch_size}")
+        raise ValueError(f"{setting or 'batch_size'} must be positive, got {batch_size}")
+    n = data.numel()
+    if not batch_fits(n, batch_size):
+        what = f"{setting}={batch_size}" if setting else f"batch size {batch_size}"
+        fix = f"lower {setting} to {n // MIN_STEPS} or less, or use " if setting and \
+            n // MIN_STEPS >= 1 else "use "
+        raise ValueError(f"{f'{split}: ' if split else ''}{n} tokens are too few for {what} "
+                         f"({batch_size} columns of {MIN_STEPS} tokens at least: "
+                         f"{MIN_STEPS * batch_size} tokens); {fix}a longer text")
+    steps = n // batch_size
     return data[: steps * batch_size].view(batch_size, steps).t().contiguous()
 
 
