@@ -20,6 +20,10 @@ not read here (refused when set: ``the engine's ``unread_retrain``), and the ima
 settings (``search.amp``, ``search.compile``, ``search.cuda_graph``,
 ``search.cudnn_benchmark``, ``search.diagnostics``) are refused.
 ``logger: tensorboard`` writes ``RUN_DIR/tensorboard/{search,retrain}`` as for images.
+Every text a run batchifies is checked against the batch size that lays it out
+(:func:`lm_texts`): from the config where a ``*_subset`` decides it (``check_lm_search``,
+``check_lm_retrain``, before a run directory exists), else once the corpus is read and
+before the search's first epoch, the retraining's texts included (:func:`check_lm_batches`).
 
 Data parallel (torchrun, ``engine/distributed.py``): the columns of a batchified text are
 independent streams, so each rank takes ``B / world_size`` contiguous columns of every
@@ -56,8 +60,10 @@ from torch import nn
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, RunConfig, from_dict, require
 from diffnas.data.text import (
+    MIN_STEPS,
     TEXT_DATASETS,
     Corpus,
+    batch_fits,
     batchify,
     bptt_windows,
     get_batch,
@@ -79,7 +85,12 @@ from diffnas.engine.engines import (
     register_engine,
 )
 from diffnas.engine.loop import Callback, Loop, resumed_text
-from diffnas.engine.rundir import check_same_data, pin_genotype, resolve_device
+from diffnas.engine.rundir import (
+    check_same_data,
+    pin_genotype,
+    resolve_device,
+    retrain_command,
+)
 from diffnas.engine.search import (
     StrategyTask,
     run_search_loop,
@@ -378,12 +389,208 @@ def lm_space(cfg: RunConfig, corpus: Corpus) -> SearchSpace:
                                                     num_classes=corpus.vocab_size))
 
 
+# --- the texts a run batchifies, against their batch sizes ----------------------------------
+@dataclass(frozen=True)
+class LmText:
+    """One text a phase of an LM run lays out in columns (:func:`batchify`) and the batch
+    size that does it: what :func:`lm_texts` lists, for the checks that find a batch size
+    the text cannot fill before the run (or its search) starts."""
+
+    what: str  # which split, and what the phase does with it
+    tokens: int  # the tokens it holds (at most, where only the config is known)
+    count: str  # those tokens, as the message says them ("data.test_subset=1000 tokens")
+    setting: str  # the dotted key of the batch size
+    batch_size: int
+    least: int  # the smallest value ``setting`` takes here
+    more: str  # how to give the text more tokens
+    more_override: str | None = None  # the override that does it, where one does
+
+    def fits(self) -> bool:
+        return batch_fits(self.tokens, self.batch_size)
+
+    def largest(self) -> int | None:
+        """The largest batch size that fits the text, None where none allowed does."""
+        n = self.tokens // MIN_STEPS
+        return n if n >= self.least else None
+
+    def fix(self) -> str | None:
+        """The override that makes the text fit: a smaller batch, else a larger subset."""
+        n = self.largest()
+        return f"{self.setting}={n}" if n is not None else self.more_override
+
+    def problem(self) -> str:
+        n = self.largest()
+        lower = f"lower {self.setting} to {n} or less, or " if n is not None else ""
+        return (f"{self.count} are too few for {self.setting}={self.batch_size} "
+                f"columns ({MIN_STEPS} tokens each at least: {MIN_STEPS * self.batch_size}) "
+                f"of {self.what}; {lower}{self.more}")
+
+
+def lm_texts(cfg: RunConfig, corpus: Corpus | None = None, search: bool = True,
+             retrain: bool = True) -> list[LmText]:
+    """The texts an LM run batchifies, each with the batch size that does it (as
+    :func:`build_lm_search` and :func:`run_lm_retrain` do): with ``search``, the search's
+    weight and architecture texts (``data.batch_size``, the split per ``lm.arch_data``
+    and the strategy) and its validation text (``lm.eval_batch_size``); with
+    ``retrain``, the retraining's training text (``retrain.batch_size``), validation and
+    test texts (``lm.eval_batch_size``, ``lm.test_batch_size``). Token counts come from
+    ``corpus`` and the ``*_subset`` settings; without a corpus (the config alone) a text
+    is listed only where a subset bounds it (it holds that many tokens at most, so a
+    batch that does not fit them fits no corpus) and left out otherwise. The batch sizes
+    are global under torchrun (each rank takes a share of the columns), so the tokens a
+    text needs do not depend on the number of processes. A text both phases batchify
+    alike (the validation text) is listed once."""
+    from diffnas.strategies.registry import STRATEGIES
+
+    lm, d, r = lm_config(cfg), cfg.data, cfg.retrain
+    texts: list[LmText] = []
+
+    def whole(split: str) -> int | None:
+        return None if corpus is None else len(getattr(corpus, split))
+
+    def count(split: str, key: str, subset: int | None) -> tuple[int, str, bool] | None:
+        """(tokens, how the message says them, whether ``key`` bounds them)."""
+        n = whole(split)
+        if subset is not None and (n is None or subset <= n):
+            return subset, f"{key}={subset} tokens", True
+        if n is None:
+            return None
+        asks = f"; {key}={subset} asks for more" if subset is not None else ""
+        return n, f"the {n} tokens of the corpus's {split} split (all of it{asks})", False
+
+    def more(split: str, key: str, bounded: bool, needed: int) -> tuple[str, str | None]:
+        """How to give a text the ``needed`` tokens of ``split`` it lacks."""
+        n = whole(split)
+        if bounded and (n is None or needed <= n):
+            return f"raise {key} to {needed} or more", f"{key}={needed}"
+        return f"give the corpus a longer {split} split ({needed} tokens at least)", None
+
+    def add(split: str, key: str, subset: int | None, what: str, setting: str, bs: int,
+            least: int) -> None:
+        c = count(split, key, subset)
+        if c is None:
+            return
+        tokens, said, bounded = c
+        if any(t.setting == setting and t.tokens == tokens for t in texts):
+            return  # (the validation text at lm.eval_batch_size: the search's and the retraining's)
+        texts.append(LmText(what, tokens, said, setting, bs, least,
+                            *more(split, key, bounded, MIN_STEPS * bs)))
+
+    if search:
+        bs = d.batch_size
+        cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+        if cls.uses_validation and lm.arch_data == "split":
+            c = count("train", "data.train_subset", d.train_subset)
+            if c is not None:
+                tokens, said, bounded = c
+                s, need = d.search_split, MIN_STEPS * bs
+                parts = (("weight", lambda n: int(n * s), f"the first data.search_split={s}",
+                          lambda n: n * s),
+                         ("architecture", lambda n: n - int(n * s),
+                          f"the last {1 - s:g} (1 - data.search_split={s})",
+                          lambda n: n * (1 - s)))
+                for name, part, which, share in parts:
+                    least_n = max(tokens, math.ceil(need / share(1)))
+                    while part(least_n) < need:  # (float rounding of int(n * s))
+                        least_n += 1
+                    hint, override = more("train", "data.train_subset", bounded, least_n)
+                    texts.append(LmText(
+                        f"the {name} part of the training split, which the search's "
+                        f"{'weights' if name == 'weight' else 'alphas'} learn on "
+                        "(lm.arch_data=split)", part(tokens),
+                        f"{part(tokens)} tokens ({which} of {said})", "data.batch_size", bs, 2,
+                        f"{hint}, or move data.search_split={s} "
+                        f"{'up' if name == 'weight' else 'down'}", override))
+        else:
+            add("train", "data.train_subset", d.train_subset,
+                "the training split, which the search's weights learn on", "data.batch_size",
+                bs, 2)
+            if cls.uses_validation:
+                add("valid", "data.test_subset", d.test_subset, "the validation split, which "
+                    "the search's alphas learn on (lm.arch_data=valid)", "data.batch_size", bs, 2)
+        add("valid", "data.test_subset", d.test_subset,
+            "the validation split, which the search evaluates the supernet on",
+            "lm.eval_batch_size", lm.eval_batch_size, 2)
+    if retrain:
+        add("train", "retrain.train_subset", r.train_subset,
+            "the training split, which the retraining learns on", "retrain.batch_size",
+            r.batch_size, 1)
+        add("valid", "data.test_subset", d.test_subset,
+            "the validation split, which the retraining evaluates on", "lm.eval_batch_size",
+            lm.eval_batch_size, 1)
+        add("test", "data.test_subset", d.test_subset,
+            "the test split, which the retraining tests on", "lm.test_batch_size",
+            lm.test_batch_size, 1)
+    return texts
+
+
+def unfit_texts(texts: list[LmText]) -> tuple[str, list[str]] | None:
+    """What is wrong with the texts their batch sizes do not fit (one sentence each) and
+    the overrides that fix it, or None when every text fits."""
+    bad = [t for t in texts if not t.fits()]
+    if not bad:
+        return None
+    fixes = [f for f in (t.fix() for t in bad) if f is not None]
+    return "; and ".join(t.problem() for t in bad), list(dict.fromkeys(fixes))
+
+
+def refuse_unfit_texts(texts: list[LmText]) -> None:
+    """A :class:`ConfigError` naming every text its batch size does not fit."""
+    unfit = unfit_texts(texts)
+    if unfit is not None:
+        raise ConfigError(unfit[0])
+
+
+def _new_run(run_dir: str | Path, fixes: list[str], when: str) -> str:
+    with_ = " ".join(fixes) if fixes else "other settings"
+    return (f". Found {when}. The run {run_dir} keeps the settings it started with (a "
+            f"--resume cannot change them): start a new run with {with_}")
+
+
+def check_lm_batches(cfg: RunConfig, corpus: Corpus, run_dir: str | Path, search: bool,
+                     retrain: bool, world_size: int = 1) -> None:
+    """Every text the run will batchify (:func:`lm_texts`) against its batch size, once
+    the corpus is read: the search's (``search``) and the retraining's (``retrain``), so
+    that a batch the data cannot fill is found before the search's first epoch, not
+    after the search. A search that is done keeps its genotype: then the error gives the
+    ``diffnas train`` command that retrains it as a new run beside this one
+    (``rundir.retrain_command``). ``world_size``: a ``retrain.batch_size`` that does not
+    divide by the processes is refused with the search's texts (the retraining's own
+    check comes after the search)."""
+    texts = lm_texts(cfg, corpus, search, retrain)
+    unfit = unfit_texts(texts)
+    if retrain and search and cfg.retrain.batch_size % world_size:
+        b = cfg.retrain.batch_size
+        problem = (f"retrain.batch_size {b} does not divide by the {world_size} data-parallel "
+                   f"processes: each rank takes {b}/{world_size} columns (streams) of the "
+                   "retraining's text; use a multiple of the number of processes")
+        unfit = (problem, []) if unfit is None else (f"{unfit[0]}; and {problem}", unfit[1])
+    if unfit is None:
+        return
+    problems, fixes = unfit
+    if search:
+        raise ConfigError(problems + _new_run(run_dir, fixes, "once the corpus was read, "
+                                              "before the search's first epoch"))
+    command = dp.main_process_result(retrain_command, run_dir)  # None: no search genotype
+    if command is None:
+        raise ConfigError(problems + _new_run(run_dir, fixes, "once the corpus was read, "
+                                              "before the retraining's first epoch"))
+    with_ = " ".join(fixes) if fixes else "data.root=DIR"  # (no override helps: more text)
+    raise ConfigError(f"{problems}. The run {run_dir} keeps the settings it started with (a "
+                      "--resume cannot change them); the search's genotype is kept: retrain "
+                      f"it {'' if fixes else 'on a longer text '}as a new run beside this one: "
+                      f"{command} {with_}")
+
+
 def check_lm_search(cfg: RunConfig) -> None:
     """What an LM search needs that its config shows (also checked at config loading):
     at least 2 sequences per search and validation batch (the search cell normalizes with
     batch statistics); a strategy that does not relabel the training targets (RLNAS's
     random labels are defined for classes); for a single-level one (it learns alphas on
-    the training text) no ``lm.arch_data: split``, which it would ignore."""
+    the training text) no ``lm.arch_data: split``, which it would ignore; and enough
+    tokens for the batch sizes in every search text the ``*_subset`` settings bound
+    (:func:`lm_texts`: ``data.train_subset`` and ``data.search_split`` against
+    ``data.batch_size``, ``data.test_subset`` against it and ``lm.eval_batch_size``)."""
     from diffnas.strategies.registry import STRATEGIES
 
     lm = lm_config(cfg)
@@ -400,6 +607,7 @@ def check_lm_search(cfg: RunConfig) -> None:
         raise ConfigError(f"lm.arch_data: {cls.name!r} is single-level and learns the alphas on "
                           "the training text, so it keeps no split of it for them: remove "
                           "lm.arch_data")
+    refuse_unfit_texts(lm_texts(cfg, search=True, retrain=False))
 
 
 def check_growth(cfg: RunConfig) -> None:
@@ -448,12 +656,15 @@ def build_lm_search(cfg: RunConfig, corpus: Corpus, device: torch.device | str =
             train, arch_text = train[:cut], train[cut:]
     valid = _subset(corpus.valid, d.test_subset)
 
-    def columns(text: torch.Tensor) -> torch.Tensor:
-        return shard_columns(batchify(text, bs), rank, world_size, "data.batch_size").to(device)
+    def columns(text: torch.Tensor, split: str) -> torch.Tensor:
+        return shard_columns(batchify(text, bs, split, "data.batch_size"), rank, world_size,
+                             "data.batch_size").to(device)
 
-    return LmSearchTask(strategy, space, columns(train),
-                        None if arch_text is None else columns(arch_text),
-                        batchify(valid, lm.eval_batch_size).to(device), lm, cfg.seed,
+    arch_split = "the search's architecture text (lm.arch_data=" + lm.arch_data + ")"
+    return LmSearchTask(strategy, space, columns(train, "the search's training text"),
+                        None if arch_text is None else columns(arch_text, arch_split),
+                        batchify(valid, lm.eval_batch_size, "the search's validation text",
+                                 "lm.eval_batch_size").to(device), lm, cfg.seed,
                         cfg.search.discretizer, rank, world_size)
 
 
@@ -477,6 +688,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     device = dp.rank_device(resolve_device(cfg.device))
     corpus = corpus or load_corpus(cfg.data.name, cfg.data.root)
     dp.main_process_result(check_same_data, out, corpus, resume)  # a resume on other data
+    check_search_batches(cfg, corpus, run_dir, rank.world_size)
     task = build_lm_search(cfg, corpus, device, rank.rank, rank.world_size)
     callbacks = search_callbacks(
         task, out, cfg, first=[GrowthSchedule(task.strategy.supernets, task.space)])
@@ -485,6 +697,25 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     history, genotype = run_search_loop(loop, task, out, resume, stop_after,
                                         f"LM search: supernet weights={n_w}", "windows")
     return LmSearchResult(genotype, history, task)
+
+
+def check_search_batches(cfg: RunConfig, corpus: Corpus, run_dir: str | Path,
+                         world_size: int = 1) -> None:
+    """Before the search's first epoch (a search that has a checkpoint is past it): the
+    texts of the search and, with ``retrain.enabled``, of the retraining against their
+    batch sizes (:func:`check_lm_batches`; ``--seeds`` starts every seed as a resume, so
+    this is the search's check, not ``run_lm``'s). A resumed search whose retraining
+    would be refused goes on (its genotype is worth having), with a warning."""
+    started = dp.main_process_result(lambda: (Path(run_dir) / "search" /
+                                              "checkpoint.pt").exists())
+    if not started:
+        check_lm_batches(cfg, corpus, run_dir, True, cfg.retrain.enabled, world_size)
+        return
+    unfit = unfit_texts(lm_texts(cfg, corpus, False, True)) if cfg.retrain.enabled else None
+    if unfit is not None and dp.is_main_process():
+        log.warning("%s. The retraining after this search will be refused; the search goes "
+                    "on, and its genotype can then be retrained as a new run with diffnas "
+                    "train (the command is printed then)", unfit[0])
 
 
 # --- retraining ------------------------------------------------------------------------------
@@ -636,15 +867,20 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
     device = dp.rank_device(resolve_device(cfg.device))
     corpus = corpus or load_corpus(d.name, d.root)
     dp.main_process_result(check_same_data, out, corpus, resume)  # a resume on other data
-    train = shard_columns(batchify(_subset(corpus.train, r.train_subset), r.batch_size),
+    if not dp.main_process_result(lambda: (out / "checkpoint.pt").exists()):
+        check_lm_batches(cfg, corpus, run_dir, False, True)  # (started: they fit)
+    train = shard_columns(batchify(_subset(corpus.train, r.train_subset), r.batch_size,
+                                   "the retraining's training text", "retrain.batch_size"),
                           rank.rank, rank.world_size, "retrain.batch_size").to(device)
     seed_everything(cfg.seed)
     model = lm_space(cfg, corpus).build_network(genotype, **r.network).to(device)
     dp.broadcast_(model.state_dict().values())  # replicas of rank 0
     params = count_lm_parameters(model)
     log.info("LM retrain: %s params", f"{params:,}")
-    valid = batchify(_subset(corpus.valid, d.test_subset), lm.eval_batch_size).to(device)
-    test = batchify(_subset(corpus.test, d.test_subset), lm.test_batch_size).to(device)
+    valid = batchify(_subset(corpus.valid, d.test_subset), lm.eval_batch_size,
+                     "the retraining's validation text", "lm.eval_batch_size").to(device)
+    test = batchify(_subset(corpus.test, d.test_subset), lm.test_batch_size,
+                    "the retraining's test text", "lm.test_batch_size").to(device)
     task = LmTrainTask(model, train, valid, cfg, lm, rank.rank, rank.world_size)
     loop = Loop(task, r.epochs, [*dp.main_process_only([ProgressBar("retrain", cfg.progress),
                                                        MetricsLines(out / "metrics.jsonl")]),
@@ -718,11 +954,12 @@ def check_lm_section(cfg: RunConfig) -> None:
 
 
 def check_lm_retrain(cfg: RunConfig) -> None:
-    """Enough retraining tokens for ``retrain.batch_size`` columns (2 each at least)."""
-    r = cfg.retrain
-    if r.train_subset is not None and r.train_subset < 2 * r.batch_size:
-        raise ConfigError(f"retrain.train_subset={r.train_subset} tokens are too few for "
-                          f"retrain.batch_size={r.batch_size} columns (2 tokens each at least)")
+    """Enough tokens for the retraining's batch sizes (2 per column at least) in every
+    text a ``*_subset`` setting bounds (:func:`lm_texts`): ``retrain.train_subset``
+    against ``retrain.batch_size``, ``data.test_subset`` against ``lm.eval_batch_size``
+    and ``lm.test_batch_size``. (The whole corpus is checked once it is read:
+    :func:`check_lm_batches`.)"""
+    refuse_unfit_texts(lm_texts(cfg, search=False, retrain=True))
 
 
 def check_lm_config(cfg: RunConfig, device: bool = True) -> None:
