@@ -63,6 +63,16 @@ def test_text_the_training_text_cannot_read_is_an_error_naming_the_file(tmp_path
         load_corpus("ptb", str(tmp_path))
 
 
+def test_a_byte_order_mark_is_not_a_word(tmp_path):
+    """Files saved with a UTF-8 BOM (Windows editors) made '\ufeff' a vocabulary word and
+    the valid text's first token."""
+    for split, text in (("train", " a b \n a \n"), ("valid", " b a \n"), ("test", " a \n")):
+        (tmp_path / f"ptb.{split}.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    c = load_corpus("ptb", str(tmp_path))
+    assert c.vocab == ["a", "b", "<eos>"]
+    assert c.valid.tolist() == [1, 0, 2]
+
+
 def test_missing_ptb_files_are_a_clear_error(tmp_path):
     (tmp_path / "ptb.train.txt").write_text("a\n")
     with pytest.raises(DatasetNotFoundError, match="ptb.valid.txt"):

@@ -84,8 +84,10 @@ def tokenize(texts: dict[str, str], name: str,
 
 
 def _read(path: Path) -> str:
+    """A split file's text; a UTF-8 byte-order mark (some Windows editors write one) is
+    dropped, not read as a word of the vocabulary."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                               "save the corpus as UTF-8") from None
