@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -80,9 +82,10 @@ def test_growth_schedule_grows_at_the_configured_epochs_and_fades_in():
         net.grow()
 
 
-def test_few_shot_sub_supernets_grow_and_fade_in_with_the_supernet():
+def test_few_shot_sub_supernets_grow_and_fade_in_with_the_supernet(caplog):
     """After a few-shot split, training runs in the sub-supernets: they grow and fade in
-    too, so exporting the best one into the supernet keeps the growth."""
+    too, so exporting the best one into the supernet keeps the growth. The log numbers the
+    epoch as the epoch lines do (it said "epoch 1" at the start of "search epoch 2/4")."""
     from diffnas.engine.lm import LanguageModelObjective
     from diffnas.strategies import create_strategy
 
@@ -93,7 +96,10 @@ def test_few_shot_sub_supernets_grow_and_fade_in_with_the_supernet():
     cb.on_epoch_start(None, 0)
     s.split()
     assert len(s.supernets()) == 1 + len(s.subnets) > 2
-    cb.on_epoch_start(None, 1)
+    with caplog.at_level(logging.INFO, logger="diffnas"):
+        cb.on_epoch_start(None, 1)
+    assert "growth: search epoch 2 (grow_epochs counts it as 1) starts with a new node, 3 " \
+           "in all" in caplog.text
     cb.on_step_end(None, 0, {})
     for net in s.supernets():
         assert int(net.cell.active_nodes) == 3

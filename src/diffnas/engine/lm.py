@@ -314,7 +314,8 @@ class GrowthSchedule(Callback):
             while int(net.cell.active_nodes) < due:
                 n = net.cell.grow()
                 if i == 0:
-                    log.info("growth: epoch %d, the cell now has %d nodes", epoch, n)
+                    log.info("growth: search epoch %d (grow_epochs counts it as %d) starts "
+                             "with a new node, %d in all", epoch + 1, epoch, n)
 
     def on_step_end(self, loop: Loop, step: int, metrics: dict[str, float]) -> None:
         if self.enabled:
