@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -454,3 +455,27 @@ def test_the_progress_bar_counts_the_windows_an_epoch_really_has(tmp_path):
         bar.on_epoch_start(SimpleNamespace(task=task, epochs=4), e)
         assert bar.bar.total == counts[e]
         bar.bar.close()
+
+
+@pytest.mark.parametrize("variable", [True, False])
+def test_the_start_line_counts_the_windows_the_epoch_walks(tmp_path, variable, caplog):
+    """With variable BPTT lengths the start line said "N windows/epoch" from the fixed
+    length (36 where the epochs had 37 or 38, as the progress bar counted)."""
+    from diffnas.engine.lm import run_lm_search
+
+    path = _tiny_lm_config(tmp_path)
+    cfg = load_config(path, ["search.epochs=1", "retrain.enabled=false",
+                             "search.space={name: darts_rnn, ninp: 8, nhid: 8, nodes: 2}",
+                             f"lm.variable_bptt={str(variable).lower()}"])
+    run = tmp_path / "r"
+    run.mkdir()
+    with caplog.at_level(logging.INFO, logger="diffnas"):
+        result = run_lm_search(cfg, run)
+    log = caplog.text
+    task = result.task
+    walked = task.epoch_batches(0)
+    if variable:
+        assert walked != task.num_batches()  # (this text and seed: the counts differ)
+        assert f"{walked} windows in epoch 1 (their lengths vary" in log, log
+    else:
+        assert f"{walked} windows/epoch" in log, log

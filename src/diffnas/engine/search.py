@@ -528,9 +528,13 @@ def run_search_loop(
         loop.load_state_dict(state, source=ckpt)
         log.info("%s (%s)", resumed_text("search", loop), ckpt)
     dp.sync_rng()
-    log.info("%s space=%s strategy=%s alphas=%d, %d %s/epoch", what, task.space.name,
-             task.strategy.name, sum(p.numel() for p in task.strategy.alphas()),
-             task.num_batches(), unit)
+    count = getattr(task, "epoch_batches", None)  # (where it varies: LM BPTT windows)
+    n = count(loop.epoch) if count else task.num_batches()
+    per_epoch = (f"{n} {unit}/epoch" if n == task.num_batches() else
+                 f"{n} {unit} in epoch {loop.epoch + 1} (their lengths vary, so their number "
+                 "does)")
+    log.info("%s space=%s strategy=%s alphas=%d, %s", what, task.space.name,
+             task.strategy.name, sum(p.numel() for p in task.strategy.alphas()), per_epoch)
     history = loop.run(stop_after=stop_after)
     genotype = task.genotype()
     if dp.env().is_main:
