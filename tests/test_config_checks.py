@@ -484,8 +484,17 @@ def test_growth_epochs_after_the_search_are_refused_at_load():
      r"graph \(engine/graph\.py\) search evaluates .* leave it true"),
     (RNN, ["search.evaluate=false"], r"search\.evaluate=false is for image searches; the "
      r"language-model"),
+    # (read with lm.arch_data: split alone; it was accepted and unused)
+    (RNN, ["data.search_split=0.8"], r"data\.search_split=0\.8 is read with lm\.arch_data: "
+     r"split alone .* with lm\.arch_data: valid the alphas learn on the validation text"),
+    (RNN, ["data.search_split=0.8", "lm.arch_data=split",
+           "search.strategy={name: single_level}"], r"lm\.arch_data: 'single_level' is "
+     r"single-level"),
+    (RNN, ["data.search_split=0.8", "search.strategy={name: single_level}"],
+     r"data\.search_split=0\.8 .* the single-level strategy learns the alphas on the whole"),
 ], ids=["rnn-image-setting", "rnn-growth", "gnn-image-setting", "gnn-evaluate",
-        "rnn-evaluate"])
+        "rnn-evaluate", "rnn-split-unread", "rnn-single-level-arch-data",
+        "rnn-single-level-split"])
 def test_language_and_graph_refusals_write_no_run_directory(tmp_path, capsys, path,
                                                               overrides, match):
     argv = ["search", "--config", str(path), f"out_dir={tmp_path / 'runs'}", "name=r",

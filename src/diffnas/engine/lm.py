@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffnas.arch import ArchParams
-from diffnas.config import ConfigError, RunConfig, from_dict, require
+from diffnas.config import ConfigError, DataConfig, RunConfig, from_dict, require
 from diffnas.data.text import (
     MIN_STEPS,
     TEXT_DATASETS,
@@ -608,6 +608,14 @@ def check_lm_search(cfg: RunConfig) -> None:
         raise ConfigError(f"lm.arch_data: {cls.name!r} is single-level and learns the alphas on "
                           "the training text, so it keeps no split of it for them: remove "
                           "lm.arch_data")
+    split = cfg.data.search_split
+    if split != DataConfig().search_split and (lm.arch_data != "split" or not cls.uses_validation):
+        why = ("the single-level strategy learns the alphas on the whole training text"
+               if not cls.uses_validation else "with lm.arch_data: valid the alphas learn on "
+               "the validation text")
+        raise ConfigError(f"data.search_split={split} is read with lm.arch_data: split alone "
+                          f"(the share of the training text the weights learn on); {why}: "
+                          "remove data.search_split")
     refuse_unfit_texts(lm_texts(cfg, search=True, retrain=False))
 
 
