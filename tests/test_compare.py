@@ -74,17 +74,43 @@ def _single(path: Path, acc: float, overrides: list[str] = (), seconds=(1.0, 2.0
     return path
 
 
-def _seeds(parent: Path, accs: dict[int, float], overrides: list[str] = ()) -> Path:
+def _seeds(parent: Path, accs: dict[int, float], overrides: list[str] = (),
+           seed_data: bool = False) -> Path:
+    """A --seeds parent of the seeds in ``accs`` (in that order); ``seed_data``: each seed's
+    data.json its own (as seeded subsets make it)."""
     cfg = load_config(None, [*TINY, *overrides])
     dirs = ms.prepare_seeds(cfg, list(accs), parent)
     save_config(cfg, parent / "config.yaml")  # as `search --seeds` writes its parent
     mark_made_by(parent, "search")
     for (s, acc), d in zip(accs.items(), dirs, strict=True):
-        _finish(d, acc, [1.0 + s, 3.0])
+        data = {"train": {**DATA["train"], "labels": f"seed{s}"}} if seed_data else None
+        _finish(d, acc, [1.0 + s, 3.0], data=data)
     return parent
 
 
 # --- statistics ------------------------------------------------------------------------
+def test_the_same_seeds_in_another_order_are_paired_and_their_data_compared_by_seed(
+        tmp_path):
+    """--seeds 3,2,1,0 against --seeds 0,1,2,3 was compared unpaired (Welch, relabelling),
+    said the runs used different seeds, and compared seed 0's data with seed 3's ("the data
+    differ")."""
+    accs = {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.8}
+    a = _seeds(tmp_path / "a", accs, seed_data=True)
+    b = _seeds(tmp_path / "b", {s: accs[s] + 0.05 * (s + 1) for s in (3, 2, 1, 0)},
+               seed_data=True)
+    c = _seeds(tmp_path / "c", {s: accs[s] + 0.05 * (s + 1) for s in (0, 1, 2, 3)},
+               seed_data=True)
+    reversed_, ordered = (compare([load_entry(a), load_entry(x)]) for x in (b, c))
+    for summary in (reversed_, ordered):
+        assert summary["runs"][1]["vs_first"]["paired"] == 4
+        assert not summary["seeds_differ"] and summary["data_differs"] == []
+    assert reversed_["runs"][1]["vs_first"] == ordered["runs"][1]["vs_first"]
+    # other data at the same seed is still found
+    other = _seeds(tmp_path / "d", {1: 0.5, 0: 0.6})
+    diff = compare([load_entry(a), load_entry(other)])["data_differs"]
+    assert [(d["run"], d["phase"], d["fields"]) for d in diff] == [("d", "search", ["train"])]
+
+
 def test_difference_and_its_standard_error_by_hand():
     a = [1.0, 2.0, 3.0]  # mean 2, std 1
     b = [2.0, 4.0]  # mean 3, std sqrt(2)

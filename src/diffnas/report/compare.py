@@ -74,7 +74,7 @@ class Entry:
     cfg: RunConfig
     metric: Metric
     records: list[dict[str, Any]] = field(default_factory=list)
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # first seed's, by phase
+    data: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # seed -> phase
     threads: int | None = None
 
 
@@ -99,15 +99,23 @@ def _data_records(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def data_differences(records: Sequence[dict[str, dict[str, Any]]], labels: Sequence[str]
-                     ) -> list[dict[str, Any]]:
-    """Where a run's data (per phase, :func:`_data_records`) differ from the data of the
-    first run that recorded that phase: ``{"run", "phase", "fields"}``."""
+def data_differences(records: Sequence[dict[int, dict[str, dict[str, Any]]]],
+                     labels: Sequence[str]) -> list[dict[str, Any]]:
+    """Where a run's data (per seed and phase, :func:`_data_records`) differ from the data
+    of the first run that recorded that phase, compared at the same seed (the smallest both
+    ran: a seed draws its subsets), or at each one's smallest where they share none:
+    ``{"run", "phase", "fields", "against"}``."""
     out = []
     for phase in ("search", "retrain"):
-        have = [(label, r[phase]) for label, r in zip(labels, records) if phase in r]
-        for label, rec in have[1:]:
-            fields = same_data(have[0][1], rec)
+        have = [(label, {s: r[phase] for s, r in by_seed.items() if phase in r})
+                for label, by_seed in zip(labels, records)]
+        have = [(label, by_seed) for label, by_seed in have if by_seed]
+        for label, by_seed in have[1:]:
+            first = have[0][1]
+            common = sorted(set(first) & set(by_seed))
+            a, b = (first[common[0]], by_seed[common[0]]) if common else \
+                (first[min(first)], by_seed[min(by_seed)])
+            fields = same_data(a, b)
             if fields:
                 out.append({"run": label, "phase": phase, "fields": fields,
                             "against": have[0][0]})
@@ -125,7 +133,7 @@ def load_entry(path: str | Path, overrides: Sequence[str] = ()) -> Entry:
     metric = seeds_metric(cfg)
     entry = Entry(path.name or str(path), path, kind, cfg, metric)
     entry.records = [_record(d, s, metric) for d, s in zip(dirs, seeds or [cfg.seed])]
-    entry.data = _data_records(dirs[0])
+    entry.data = {s: _data_records(d) for d, s in zip(dirs, seeds or [cfg.seed])}
     try:
         entry.threads = recorded_threads(dirs[0]) if dirs[0].is_dir() else None
     except ValueError:  # a damaged threads.json: the count is not known
@@ -381,7 +389,7 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
     base_seeds = _by_seed(entries[0].records, metric.key)
     for row, e in zip(rows[1:], entries[1:]):
         seeds = _by_seed(e.records, metric.key)
-        same_design = row["seeds"] == rows[0]["seeds"]  # the same seeds given: paired
+        same_design = set(row["seeds"]) == set(rows[0]["seeds"])  # the same seeds: paired
         row["vs_first"] = ((paired_difference(base_seeds, seeds) if same_design else None)
                            or difference(list(base_seeds.values()), list(seeds.values())))
     _adjust(rows[1:])
@@ -398,8 +406,9 @@ def compare(entries: Sequence[Entry]) -> dict[str, Any]:
         "method_differences": method,
         "setting_differences": {k: v for k, v in differs.items() if not _under(k, METHOD_KEYS)},
         "data_differs": data_differences([e.data for e in entries], labels),
-        "data_unknown": [label for label, e in zip(labels, entries) if not e.data],
-        "seeds_differ": len({tuple(r["seeds"]) for r in rows}) > 1,
+        "data_unknown": [label for label, e in zip(labels, entries)
+                         if not any(e.data.values())],
+        "seeds_differ": len({frozenset(r["seeds"]) for r in rows}) > 1,  # (in any order)
         "timing_differs": len({(r["device"], r["threads"]) for r in rows if _timed(r)}) > 1,
     }
 
