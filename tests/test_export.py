@@ -280,6 +280,19 @@ def test_an_export_is_known_by_its_marker(run_dir, tmp_path, fmt):
     assert not is_export(other)
 
 
+def test_a_users_file_beside_an_earlier_exports_description_is_kept(run_dir, tmp_path):
+    """The model.json an export wrote made any file of the same stem "ours": a user's
+    notes.txt (or own model) at --out beside it was replaced without --force."""
+    export_run(run_dir, "torchscript", tmp_path / "model.pt", check=False)
+    notes = tmp_path / "model.txt"
+    notes.write_text("my notes")
+    assert not is_export(notes)
+    with pytest.raises(ValueError, match="model.txt: that file is not a model diffnas wrote"):
+        export_run(run_dir, "onnx", notes, check=False)
+    assert notes.read_text() == "my notes"
+    assert is_export(tmp_path / "model.pt")
+
+
 def test_an_unwritable_export_folder_names_the_target(run_dir, tmp_path, monkeypatch,
                                                       capsys):
     def denied(*args, dir=None, **kw):

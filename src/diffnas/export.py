@@ -220,19 +220,25 @@ def is_export(path: str | Path) -> bool:
     import zipfile
 
     path = Path(path)
-    described = path.with_suffix(".json")
-    if described.is_file() and written_by_diffnas(described, DESCRIPTION_KEYS):
-        return True
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
-                return any(n.endswith(f"/extra/{MARK_FILE}") for n in z.namelist())
-        import onnx
+                names = z.namelist()
+            marked = any(n.endswith(f"/extra/{MARK_FILE}") for n in names)
+            model = any(n.endswith("/data.pkl") for n in names)  # a TorchScript archive
+        else:
+            import onnx
 
-        proto = onnx.load(str(path), load_external_data=False)
-        return any(p.key == MARK_KEY for p in proto.metadata_props)
+            proto = onnx.load(str(path), load_external_data=False)
+            marked = any(p.key == MARK_KEY for p in proto.metadata_props)
+            model = len(proto.graph.node) > 0
     except Exception:  # not a model, or no onnx package to read one: not known as ours
         return False
+    # (a description diffnas wrote beside a file that is no model, e.g. a user's notes at
+    # --out beside an earlier export's model.json, does not make the file ours)
+    described = path.with_suffix(".json")
+    return marked or (model and described.is_file()
+                      and written_by_diffnas(described, DESCRIPTION_KEYS))
 
 
 def run_exported(path: str | Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
