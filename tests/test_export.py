@@ -163,6 +163,16 @@ def test_unknown_format_is_an_error(run_dir):
         export_run(run_dir, "tflite")
 
 
+def test_an_out_suffix_of_the_other_format_is_refused(run_dir, tmp_path):
+    """--format onnx --out m.pt wrote an ONNX file a deployer's torch.jit.load fails on."""
+    with pytest.raises(ExportError, match=r"m\.pt: \.pt is the suffix of torchscript files, "
+                                          r"not onnx; use .*m\.onnx"):
+        export_run(run_dir, "onnx", tmp_path / "m.pt", check=False)
+    with pytest.raises(ExportError, match=r"\.onnx is the suffix of onnx files, not torchscript"):
+        export_run(run_dir, "torchscript", tmp_path / "m.onnx", check=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_resolution_other_than_the_trained_one_is_refused(run_dir, capsys):
     """--resolution is for runs that record no input side; the trained side wins, and a
     different one would make model.json describe inputs the model never saw."""

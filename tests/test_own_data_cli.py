@@ -82,6 +82,11 @@ def test_export_without_the_data_reads_the_side_the_retraining_recorded(npz_run,
         assert load_retrained(old, resolution=8)[1].resolution == 8
     finally:
         moved.rename(path)
+    # with the data back, the older run's side is read from it, and a --resolution that
+    # differs is refused (it was taken, and model.json described 16x16 inputs)
+    with pytest.raises(Exception, match=r"trained on 8x8 inputs; --resolution 16"):
+        load_retrained(old, resolution=16)
+    assert load_retrained(old)[1].resolution == 8
 
 
 def test_model_json_names_how_the_training_images_were_resized(tmp_path):

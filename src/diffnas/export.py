@@ -160,11 +160,14 @@ def load_retrained(run_dir: str | Path, resolution: int | None = None,
         raise GenotypeError(f"{result}: {exc}") from None
     state = _load_state(weights)
     recorded = (record.get("data") or {}).get("input")  # [C, side, side] the model trained on
-    known = (recorded[-1] if recorded else None) or cfg.data.resolution
+    # the side it trained on: recorded, configured, or (older runs of your own data) read
+    # from the data's files, before --resolution, which only a run that says none may set
+    known = ((recorded[-1] if recorded else None) or cfg.data.resolution
+             or _own_data_side(cfg.data.name, cfg.data.root))
     if resolution is not None and known is not None and resolution != known:
         raise ExportError(f"{run} was trained on {known}x{known} inputs; --resolution "
                           f"{resolution} is for runs that record no side: drop it")
-    side = known or resolution or _own_data_side(cfg.data.name, cfg.data.root)
+    side = known or resolution
     shape = infer_shape(state, cfg.data.name, side)
     _, model = build_network(cfg, genotype, shape)
     try:
@@ -303,6 +306,11 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     if path.suffix == ".json":  # the model's description is written to PATH.json
         raise ExportError(f"--out {path}: .json is the name of the model's description "
                           f"written beside it; use {path.with_suffix(SUFFIX[fmt])}")
+    other = {s: f for f, s in SUFFIX.items() if f != fmt}
+    if path.suffix in other:  # a deployer loads a .pt with torch.jit, an .onnx with onnx
+        raise ExportError(f"--out {path}: {path.suffix} is the suffix of "
+                          f"{other[path.suffix]} files, not {fmt}; use "
+                          f"{path.with_suffix(SUFFIX[fmt])}")
     flag = "--out" if out is not None else None
     # at the default path, the run's own export/ folder: any file of that name is an
     # earlier export (those made before the marker and without a description too)
