@@ -141,8 +141,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                                       f"{out}/runs/dropout", corpus=corpus)}
         found["refused"] = {}
         for key in ("data.batch_size", "retrain.batch_size"):
-            cfg = load_config(None, [*overrides(), f"{key}=5"])
-            try:
+            try:  # (refused when the config is read, before a run directory exists)
+                cfg = load_config(None, [*overrides(), f"{key}=5"])
                 if key == "data.batch_size":
                     run_lm_search(cfg, f"{out}/runs/refused", corpus=corpus)
                 else:
@@ -327,8 +327,10 @@ def test_two_ranks_match_one_process_with_dropout(spawned, tmp_path):
 
 def test_batch_not_divisible_by_the_world_size_is_refused(spawned):
     for rank in (0, 1):  # search and retraining, under two ranks, on every rank
-        for key, msg in load_rank(spawned, rank)["refused"].items():
-            assert f"{key} 5 does not divide by the 2 data-parallel processes" in msg, msg
+        refused = load_rank(spawned, rank)["refused"]
+        assert set(refused) == {"data.batch_size", "retrain.batch_size"}
+        for key, msg in refused.items():
+            assert f"{key}=5 does not divide by the 2 data-parallel processes" in msg, msg
     from diffnas.engine.lm import build_lm_search
 
     with pytest.raises(ValueError, match="data.batch_size 5 does not divide by the 2 data"):
@@ -367,3 +369,21 @@ def test_torchrun_lm_search_and_retrain_rank0_writes(tmp_path):
     written = assert_rank0_only(tmp_path / "audit")  # rank 1 neither read nor wrote there
     assert {"config.yaml", "log.txt", "checkpoint.pt", "metrics.jsonl", "genotype.json",
             "model.pt", "result.json"} <= written
+
+
+def test_lm_batches_torchrun_cannot_split_are_refused_when_the_config_is_read(monkeypatch):
+    """They were found when the search or retraining was built, on every rank, after the
+    run directory was written (a new run of the same name was then refused, and --resume
+    cannot change a batch); the image engine refused them from the config."""
+    from diffnas.config import ConfigError
+
+    for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)  # torchrun's environment, no group joined
+    load_config(None, overrides())
+    for extra, problem in (("data.batch_size=5", "data.batch_size=5 does not divide by the 2"),
+                           ("data.batch_size=2", "data.batch_size=2 over 2 processes leaves 1 "
+                                                 "column per rank"),
+                           ("retrain.batch_size=5", "retrain.batch_size=5 does not divide")):
+        with pytest.raises(ConfigError, match=problem):
+            load_config(None, [*overrides(), extra])

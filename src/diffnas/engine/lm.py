@@ -969,6 +969,25 @@ def check_lm_retrain(cfg: RunConfig) -> None:
     and ``lm.test_batch_size``. (The whole corpus is checked once it is read:
     :func:`check_lm_batches`.)"""
     refuse_unfit_texts(lm_texts(cfg, search=False, retrain=True))
+    _check_shares("retrain.batch_size", cfg.retrain.batch_size, least=1)
+
+
+def _check_shares(key: str, batch_size: int, least: int) -> None:
+    """Under torchrun each rank takes ``batch_size / world_size`` columns of a text: a
+    batch that does not divide, or leaves a rank fewer than ``least`` columns, is refused
+    when the config is read (rank 0 alone says so; before a run directory exists)."""
+    world_size = dp.planned_world_size()
+    if world_size == 1:
+        return
+    if batch_size % world_size:
+        raise ConfigError(f"{key}={batch_size} does not divide by the {world_size} "
+                          "data-parallel processes (each rank takes an equal share of the "
+                          "text's columns); use a multiple of the number of processes")
+    if batch_size // world_size < least:
+        raise ConfigError(f"{key}={batch_size} over {world_size} processes leaves "
+                          f"{batch_size // world_size} column per rank: the recurrent search "
+                          f"cell normalises its nodes by batch statistics and needs at least "
+                          f"{least} sequences per rank")
 
 
 def check_lm_config(cfg: RunConfig, device: bool = True) -> None:
@@ -978,6 +997,7 @@ def check_lm_config(cfg: RunConfig, device: bool = True) -> None:
     refuse_image_search_settings(cfg)
     check_lm_search(cfg)
     check_growth(cfg)
+    _check_shares("data.batch_size", cfg.data.batch_size, least=2)
 
 
 ENGINE = register_engine(Engine(
