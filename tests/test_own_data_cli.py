@@ -126,3 +126,14 @@ def test_export_writes_what_a_deployment_needs(npz_run, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(run_exported(res.path, "torchscript", x), model(x),
                                    rtol=1e-4, atol=1e-4)
+    # test_acc was measured on a subset: model.json says which, and following it a deployer
+    # gets the same figure (scoring every test image gave another one)
+    assert info["test_images"] == (
+        "data.test_subset=16 of the test images of npz (all of them where it has no more): "
+        "torch.randperm(N, generator=torch.Generator().manual_seed(1))[:16] of its N test "
+        "images in their stored order")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:16]
+    labels = torch.from_numpy(np.load(path)["y_test"]).long()
+    logits = run_exported(res.path, "torchscript", x[idx])
+    assert (logits.argmax(1) == labels[idx]).float().mean().item() == \
+        pytest.approx(info["test_acc"], abs=1e-9)

@@ -377,20 +377,42 @@ def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
         "outputs": "logits, one per class (index = label)",
         "classes": data["classes"], "dataset": data["name"],
         "test_acc": result.get("test_acc"),
+        "test_images": test_images_text(run_dir, data["name"]),
     }
 
 
-def _configured_resolution(run_dir: str | Path) -> int | None:
-    """The run's ``data.resolution`` as its ``config.yaml`` holds it (read as written:
-    the description needs this one value, not a validated config)."""
+def _configured_resolution(run_dir: str | Path, key: str = "resolution") -> int | None:
+    """The run's ``data.<key>`` (an int: ``resolution``, ``test_subset``) as its
+    ``config.yaml`` holds it (read as written: the description needs this one value, not
+    a validated config)."""
     from diffnas.config import ConfigError, _load_yaml, read_utf8
 
     path = Path(run_dir) / "config.yaml"
     try:
-        value = _load_yaml(read_utf8(path, "run config"), str(path))["data"].get("resolution")
+        value = _load_yaml(read_utf8(path, "run config"), str(path))["data"].get(key)
     except (OSError, ConfigError, KeyError, TypeError, AttributeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def test_images_text(run_dir: str | Path, dataset: str) -> str:
+    """Which test images ``test_acc`` was measured on, for a deployment to check it on the
+    same ones: all of the dataset's, or ``data.test_subset`` of them, drawn as
+    ``data/base.subset`` draws them (seed recorded in ``retrain/test_subset.json``)."""
+    from diffnas.data.registry import TEST_SUBSET_SEED
+    from diffnas.engine.rundir import TEST_SUBSET_FILE
+
+    n = _configured_resolution(run_dir, "test_subset")
+    if n is None:
+        return f"all the test images of {dataset}"
+    try:  # (read, not test_subset_seed: that one records a choice when there is none)
+        seed = read_json(Path(run_dir) / "retrain" / TEST_SUBSET_FILE, "").get("seed")
+    except (OSError, ValueError):
+        seed = None
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else TEST_SUBSET_SEED
+    return (f"data.test_subset={n} of the test images of {dataset} (all of them where it "
+            f"has no more): torch.randperm(N, generator=torch.Generator().manual_seed({seed}))"
+            f"[:{n}] of its N test images in their stored order")
 
 
 def resize_text(dataset: str, resolution: int | None, side: int) -> str:
