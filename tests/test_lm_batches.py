@@ -18,10 +18,9 @@ import yaml
 
 from diffnas.cli import main
 from diffnas.config import ConfigError, load_config, save_config
-from diffnas.data.text import Corpus, batchify, load_corpus
+from diffnas.data.text import Corpus, batchify
 from diffnas.engine.lm import (
     build_lm_search,
-    check_lm_batches,
     lm_texts,
     run_lm_search,
     unfit_texts,
@@ -232,15 +231,6 @@ def test_diffnas_train_checks_the_corpus_before_its_first_epoch(tmp_path, capsys
             f"{run} keeps the settings it started with (a --resume cannot change them): start "
             "a new run with lm.test_batch_size=70") in err
     assert not (run / "retrain" / "checkpoint.pt").exists()
-
-
-def test_data_parallel_retrain_batch_is_checked_before_the_search(tmp_path):
-    cfg = load_config(None, own(tmp_path, "retrain.batch_size=4"))
-    corpus = load_corpus("ptb", cfg.data.root)
-    check_lm_batches(cfg, corpus, tmp_path / "r", True, True, world_size=2)
-    with pytest.raises(ConfigError, match=r"retrain\.batch_size 4 does not divide by the 3 "
-                       r"data-parallel processes.*before the search's first epoch"):
-        check_lm_batches(cfg, corpus, tmp_path / "r", True, True, world_size=3)
 
 
 def _enable_retraining(run: Path, *overrides: str) -> None:

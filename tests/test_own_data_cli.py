@@ -91,11 +91,11 @@ def test_export_without_the_data_reads_the_side_the_retraining_recorded(npz_run,
 
 def test_model_json_names_how_the_training_images_were_resized(tmp_path):
     """model.json said "resize to input_shape" without the method a deployment must match."""
-    from diffnas.export import _configured_resolution, resize_text
+    from diffnas.export import _configured_data, resize_text
 
-    assert _configured_resolution(tmp_path) is None  # no config.yaml
+    assert _configured_data(tmp_path, "resolution") is None  # no config.yaml
     (tmp_path / "config.yaml").write_text("data: {name: folder, resolution: 16}\n")
-    assert _configured_resolution(tmp_path) == 16
+    assert _configured_data(tmp_path, "resolution") == 16
 
     assert resize_text("npz", None, 8).startswith("none: ")
     assert "Pillow's bilinear filter" in resize_text("folder", 16, 16)

@@ -372,7 +372,7 @@ def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
         "preprocess": "resize to input_shape (see resize), then (pixels - mean) / std per "
                       "channel, with pixels in the units the dataset was read in (0..255 "
                       "for 8-bit images)",
-        "resize": resize_text(data["name"], _configured_resolution(run_dir), dims[-1]),
+        "resize": resize_text(data["name"], _configured_data(run_dir, "resolution"), dims[-1]),
         "mean": data["mean"], "std": data["std"],
         "outputs": "logits, one per class (index = label)",
         "classes": data["classes"], "dataset": data["name"],
@@ -381,7 +381,7 @@ def model_info(run_dir: str | Path, dims: tuple[int, ...]) -> dict | None:
     }
 
 
-def _configured_resolution(run_dir: str | Path, key: str = "resolution") -> int | None:
+def _configured_data(run_dir: str | Path, key: str) -> int | None:
     """The run's ``data.<key>`` (an int: ``resolution``, ``test_subset``) as its
     ``config.yaml`` holds it (read as written: the description needs this one value, not
     a validated config)."""
@@ -402,7 +402,7 @@ def test_images_text(run_dir: str | Path, dataset: str) -> str:
     from diffnas.data.registry import TEST_SUBSET_SEED
     from diffnas.engine.rundir import TEST_SUBSET_FILE
 
-    n = _configured_resolution(run_dir, "test_subset")
+    n = _configured_data(run_dir, "test_subset")
     if n is None:
         return f"all the test images of {dataset}"
     try:  # (read, not test_subset_seed: that one records a choice when there is none)

@@ -549,23 +549,15 @@ def _new_run(run_dir: str | Path, fixes: list[str], when: str) -> str:
 
 
 def check_lm_batches(cfg: RunConfig, corpus: Corpus, run_dir: str | Path, search: bool,
-                     retrain: bool, world_size: int = 1) -> None:
+                     retrain: bool) -> None:
     """Every text the run will batchify (:func:`lm_texts`) against its batch size, once
     the corpus is read: the search's (``search``) and the retraining's (``retrain``), so
     that a batch the data cannot fill is found before the search's first epoch, not
     after the search. A search that is done keeps its genotype: then the error gives the
     ``diffnas train`` command that retrains it as a new run beside this one
-    (``rundir.retrain_command``). ``world_size``: a ``retrain.batch_size`` that does not
-    divide by the processes is refused with the search's texts (the retraining's own
-    check comes after the search)."""
-    texts = lm_texts(cfg, corpus, search, retrain)
-    unfit = unfit_texts(texts)
-    if retrain and search and cfg.retrain.batch_size % world_size:
-        b = cfg.retrain.batch_size
-        problem = (f"retrain.batch_size {b} does not divide by the {world_size} data-parallel "
-                   f"processes: each rank takes {b}/{world_size} columns (streams) of the "
-                   "retraining's text; use a multiple of the number of processes")
-        unfit = (problem, []) if unfit is None else (f"{unfit[0]}; and {problem}", unfit[1])
+    (``rundir.retrain_command``). (Batches that do not split over torchrun's processes
+    are refused when the config is read: :func:`_check_shares`.)"""
+    unfit = unfit_texts(lm_texts(cfg, corpus, search, retrain))
     if unfit is None:
         return
     problems, fixes = unfit
@@ -697,7 +689,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     device = dp.rank_device(resolve_device(cfg.device))
     corpus = corpus or load_corpus(cfg.data.name, cfg.data.root)
     dp.main_process_result(check_same_data, out, corpus, resume)  # a resume on other data
-    check_search_batches(cfg, corpus, run_dir, rank.world_size)
+    check_search_batches(cfg, corpus, run_dir)
     task = build_lm_search(cfg, corpus, device, rank.rank, rank.world_size)
     callbacks = search_callbacks(
         task, out, cfg, first=[GrowthSchedule(task.strategy.supernets, task.space)])
@@ -708,8 +700,7 @@ def run_lm_search(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     return LmSearchResult(genotype, history, task)
 
 
-def check_search_batches(cfg: RunConfig, corpus: Corpus, run_dir: str | Path,
-                         world_size: int = 1) -> None:
+def check_search_batches(cfg: RunConfig, corpus: Corpus, run_dir: str | Path) -> None:
     """Before the search's first epoch (a search that has a checkpoint is past it): the
     texts of the search and, with ``retrain.enabled``, of the retraining against their
     batch sizes (:func:`check_lm_batches`; ``--seeds`` starts every seed as a resume, so
@@ -718,7 +709,7 @@ def check_search_batches(cfg: RunConfig, corpus: Corpus, run_dir: str | Path,
     started = dp.main_process_result(lambda: (Path(run_dir) / "search" /
                                               "checkpoint.pt").exists())
     if not started:
-        check_lm_batches(cfg, corpus, run_dir, True, cfg.retrain.enabled, world_size)
+        check_lm_batches(cfg, corpus, run_dir, True, cfg.retrain.enabled)
         return
     unfit = unfit_texts(lm_texts(cfg, corpus, False, True)) if cfg.retrain.enabled else None
     if unfit is not None and dp.is_main_process():
