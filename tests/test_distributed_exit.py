@@ -70,3 +70,31 @@ def test_shutdown_joins_every_thread_the_group_started(spawned, rank):
     # the collectives ran: rank 0's stepped weights everywhere, the sum over both ranks
     assert torch.equal(r["w"], torch.full((3,), -1.0))
     assert r["total"] == 2.0
+
+
+def _refused_worker(rank: int, world: int, port: int, out: str) -> None:
+    from diffnas.cli import main
+
+    before = _threads()
+    join_ranks(rank, world, port)  # torchrun's environment and group, as `search` finds them
+    os.chdir(out)
+    rc = main(["search", "data.batch_size=9"])  # rank 0 refuses it; every rank hears it
+    save_rank({"rc": rc, "in_group": dp.is_distributed(), "before": before,
+               "after": _threads()}, out, rank)
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> Path:
+    return spawn_ranks(_refused_worker, tmp_path_factory.mktemp("ddp_refused"))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_refused_command_leaves_the_group(refused, rank):
+    """A command refused under torchrun leaves the group as it fails: a group never
+    destroyed let a rank abort at exit with -6 in place of diffnas's exit code 2."""
+    r = load_rank(refused, rank)
+    assert r["rc"] == 2
+    assert not r["in_group"], "the refused command left this rank in the process group"
+    assert r["after"] == r["before"], (
+        f"threads left after the refusal: {sorted(set(r['after']) - set(r['before']))}")
+    assert not (refused / "runs").exists()  # refused before a run directory

@@ -452,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from diffnas.config import ConfigError
     from diffnas.data import DatasetNotFoundError
+    from diffnas.engine.distributed import leave_group_on_error
     from diffnas.engine.logs import logging_scope
     from diffnas.engine.runlock import lock_scope
     from diffnas.genotype import GenotypeError
@@ -468,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         # the run directories a command locked are freed, its log handlers closed, as it
-        # returns (also when called in-process)
-        with lock_scope(), logging_scope():
+        # returns (also when called in-process); torchrun's group is left on an error
+        with lock_scope(), logging_scope(), leave_group_on_error():
             rc = args._handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
         return rc

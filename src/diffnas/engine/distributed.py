@@ -27,10 +27,11 @@ other writes with :func:`is_main_process`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -216,8 +217,27 @@ def main_process_result(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             error = exc
     result, error = broadcast_object((result, error))
     if error is not None:
+        error.on_every_rank = True  # so leaving the group may wait for the peers
         raise error
     return result
+
+
+@contextlib.contextmanager
+def leave_group_on_error() -> Iterator[None]:
+    """Leave the process group when the command inside raises. A group never destroyed
+    keeps gloo threads alive into the interpreter's finalization, where a rank can abort
+    ("terminate called without an active exception", exit code -6 in place of diffnas's
+    2). An error every rank raised at once (``main_process_result``'s) leaves together,
+    after a barrier; any other leaves alone, as a peer may never reach one."""
+    try:
+        yield
+    except BaseException as exc:
+        if is_distributed():
+            try:
+                shutdown(together=getattr(exc, "on_every_rank", False))
+            except Exception:  # a peer already gone: the error below is what matters
+                pass
+        raise
 
 
 # --- collectives on tensors ------------------------------------------------------------
