@@ -477,7 +477,7 @@ def test_a_retraining_batch_larger_than_the_data_is_refused_before_the_search(tm
     argv = ["search", f"out_dir={tmp_path}", "name=r", "data.name=npz", f"data.root={path}",
             "device=cpu", "progress=false", "data.batch_size=4", "search.epochs=1",
             "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2}", "retrain.epochs=1",
-            "retrain.network={C: 4, layers: 3}", "retrain.batch_size=32"]
+            "retrain.network={C: 4, layers: 3}", "retrain.batch_size=32", "retrain.cutout=0"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "retrain.batch_size=32 exceeds the 20 training images" in err
@@ -485,7 +485,7 @@ def test_a_retraining_batch_larger_than_the_data_is_refused_before_the_search(tm
     assert not (tmp_path / "r").exists()  # own data is counted before the run directory
     # diffnas train retrains whatever retrain.enabled says: refused before its run too
     assert main(["train", "--genotype", "DARTS_V2", *argv[1:7],
-                 "retrain.enabled=false", "retrain.batch_size=32"]) == 2
+                 "retrain.enabled=false", "retrain.batch_size=32", "retrain.cutout=0"]) == 2
     err = capsys.readouterr().err
     assert "retrain.batch_size=32 exceeds the 20 training images" in err
     assert "search has not started" not in err and not (tmp_path / "r").exists()
@@ -515,6 +515,58 @@ def test_a_retraining_batch_larger_than_the_data_is_refused_before_the_search(tm
     assert (tmp_path / "s-retrain/retrain/result.json").is_file()
 
 
+def test_augmentation_as_large_as_the_images_is_refused(tmp_path, capsys):
+    """The retraining's cutout (CIFAR-10's 16 by default) and crop padding against the
+    images' side: 16 erased every 8x8 digit, and that retraining learned nothing (loss
+    ln 10, test loss 1e14). Refused before a run directory (built-in sets, your own data
+    from its headers, data.resolution's side); at the retraining, where a dataset's side
+    shows only then, with the command that retrains the search's genotype."""
+    from diffnas.config import check_data_files, save_config
+    from diffnas.data import Augment
+    from diffnas.engine.retrain import run_retrain
+    from diffnas.genotype import resolve_genotype
+
+    g = torch.Generator().manual_seed(0)
+    assert not Augment(cutout=16)(torch.ones(64, 1, 8, 8), g).any()  # every image erased
+    assert Augment(cutout=7)(torch.ones(64, 1, 8, 8), g).flatten(1).any(1).all()
+    base = ["search", f"out_dir={tmp_path}", "name=r", "progress=false", "search.epochs=1"]
+    for extra, refused in (
+            (["data.name=digits"], "retrain.cutout=16 is not smaller than the 8x8 training "
+             "images: a cutout square that large erases more than half of an image on "
+             "average, all of it at some centres; DARTS erases half the side (16 of "
+             "CIFAR-10's 32): retrain.cutout=4, or 0 for none"),
+            (["data.name=digits", "data.resolution=16", "retrain.cutout=8",
+              "retrain.crop_padding=16"], "retrain.crop_padding=16 is not smaller than the "
+             "16x16 training images: some random crops would hold padding alone; DARTS pads "
+             "an eighth of the side (4 of 32): retrain.crop_padding=2, or 0 for none"),
+            (["data.name=npz", f"data.root={_npz(tmp_path / 'd.npz')}", "retrain.cutout=8"],
+             "retrain.cutout=8 is not smaller than the 8x8")):
+        assert main([*base, *extra]) == 2
+        assert refused in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+    # a search that retrains nothing is not refused; diffnas train retrains anyway
+    check_data_files(load_config(None, ["data.name=digits", "retrain.enabled=false"]))
+    assert main(["train", "--genotype", "DARTS_V2", *base[1:], "data.name=digits",
+                 "retrain.enabled=false"]) == 2
+    assert "retrain.cutout=16 is not smaller" in capsys.readouterr().err
+    check_data_files(load_config(None, ["data.name=digits", "data.resolution=32"]))
+    # at the retraining (a plugin's dataset: its side is known once loaded), after a search
+    cfg = load_config(None, ["data.name=digits", "data.test_subset=32", "progress=false",
+                             "retrain.epochs=1", "retrain.network={C: 4, layers: 3}",
+                             "retrain.batch_size=32", "retrain.train_subset=64",
+                             f"out_dir={tmp_path}", "name=s"])
+    (tmp_path / "s/search").mkdir(parents=True)
+    resolve_genotype("DARTS_V2").save(tmp_path / "s/search/genotype.json")
+    save_config(cfg, tmp_path / "s/config.yaml")
+    with pytest.raises(ValueError, match=r"retrain.cutout=16 is not smaller.*genotype is kept"
+                       ) as err:
+        run_retrain(cfg, resolve_genotype("DARTS_V2"), tmp_path / "s")
+    command = str(err.value).split("as a new run beside this one: ")[1]
+    assert command.endswith(" retrain.cutout=4")  # the fix, given as printed: it runs
+    assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+    assert (tmp_path / "s-retrain/retrain/result.json").is_file()
+
+
 def test_command_line_reports_bad_data_as_an_error(tmp_path, capsys):
     path = _npz(tmp_path / "bad.npz", y_test=np.full(50, 12))
     argv = ["search", f"out_dir={tmp_path}", "name=r", "data.name=npz", f"data.root={path}",
@@ -530,7 +582,8 @@ def test_a_fix_by_a_setting_says_it_needs_a_new_run(tmp_path, capsys):
     root = _folder(tmp_path / "f")
     PIL.new("L", (12, 12), 100).save(root / "train" / "bee" / "big.png")
     argv = ["search", f"out_dir={tmp_path}", "name=r", "data.name=folder", f"data.root={root}",
-            "search.epochs=1", "progress=false", "data.batch_size=4", "retrain.batch_size=4"]
+            "search.epochs=1", "progress=false", "data.batch_size=4", "retrain.batch_size=4",
+            "retrain.cutout=0"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     run = tmp_path / "r"

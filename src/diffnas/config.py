@@ -640,12 +640,14 @@ def check_data_files(cfg: RunConfig, search: bool = True) -> None:
     from diffnas.data import check_dataset_files
 
     check_dataset_files(d.name, d.root, d.download)
-    from diffnas.data.custom import peek_count, peek_shape
+    from diffnas.data.custom import peek_count
+    from diffnas.data.images import known_image_shape
+    from diffnas.engine.retrain import check_augment_fits, check_retrain_batch
 
-    peek_shape(d.name, d.root, d.resolution)
+    shape = known_image_shape(d.name, d.root, d.resolution)
+    check_augment_fits(cfg, shape and shape[1], always=not search)
     count = peek_count(d.name, d.root)
     if count is not None:  # own image data: the batches it holds, before anything runs
-        from diffnas.engine.retrain import check_retrain_batch
         from diffnas.engine.search import check_full_batch
 
         if search:

@@ -28,7 +28,6 @@ from diffnas.spaces import DataShape
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
-NATIVE_RESOLUTION = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
 EXPORT_EXTRA = "pip install 'diffnas[export]'"
 
 
@@ -77,7 +76,10 @@ def infer_shape(state: dict[str, torch.Tensor], data_name: str,
         raise ExportError("retrain/model.pt does not look like an image classification network "
                           "(no convolution or no 'classifier.weight'), the only kind export "
                           "writes")
-    side = resolution or NATIVE_RESOLUTION.get(data_name)
+    from diffnas.data.images import BUILTIN_SHAPES
+
+    builtin = BUILTIN_SHAPES.get(data_name)
+    side = resolution or (builtin[1] if builtin else None)
     if side is None:
         raise ExportError(f"unknown input resolution for dataset {data_name!r}: pass --resolution")
     return DataShape(int(convs[0].shape[1]), int(side), int(state["classifier.weight"].shape[0]))

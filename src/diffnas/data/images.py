@@ -27,6 +27,26 @@ FASHION_MNIST_HELP = (
 )
 
 
+# (channels, side, classes) of the built-in image sets, known without reading their files
+BUILTIN_SHAPES = {"fashion_mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10)}
+
+
+def known_image_shape(name: str, root: str | None, resolution: int | None = None
+                      ) -> tuple[int, int, int] | None:
+    """``(channels, side, classes)`` of an image dataset without loading its images: a
+    built-in set's, your own data's from its headers (``custom.peek_shape``); None for
+    any other dataset (a plugin's, a graph or a text). ``side`` is ``resolution`` when
+    set."""
+    from diffnas.data.custom import peek_shape
+
+    if (peeked := peek_shape(name, root, resolution)) is not None:
+        return peeked
+    if name in BUILTIN_SHAPES:
+        c, side, k = BUILTIN_SHAPES[name]
+        return c, resolution or side, k
+    return None
+
+
 IDX_FIX = "the file is damaged (cut short or not the original): download or copy it again"
 
 

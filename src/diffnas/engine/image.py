@@ -71,14 +71,10 @@ def dry_run_shape(name: str, resolution: int | None, root: str | None = None
     sets are known, your own data (``npz``, ``folder``) is peeked at (headers, class
     folders, one image), and a dataset registered in Python (a plugin) is loaded."""
     from diffnas.data import load_dataset
-    from diffnas.data.custom import peek_shape
+    from diffnas.data.images import known_image_shape
 
-    if (peeked := peek_shape(name, root, resolution)) is not None:
-        return peeked
-    native = {"fashion_mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10)}
-    if name in native:
-        c, side, k = native[name]
-        return c, resolution or side, k
+    if (known := known_image_shape(name, root, resolution)) is not None:
+        return known
     data = load_dataset(name, root, False, resolution)
     return data.in_channels, data.resolution, data.num_classes
 

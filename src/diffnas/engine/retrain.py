@@ -105,14 +105,50 @@ def check_retrain_batch(cfg: RunConfig, n_images: int | None, always: bool = Fal
             f"retrain.batch_size{started}")
 
 
+def check_augment_fits(cfg: RunConfig, side: int | None, always: bool = False,
+                       run_dir: str | Path | None = None) -> None:
+    """Refuse retraining augmentation as large as the images (before a search, where
+    ``side`` is known without loading them): a cutout square that large erases more than
+    half of an image on average and all of it at some centres (the default 16 on 8x8
+    digits erased every image, and the retraining learned nothing), and a crop padding
+    that large makes crops of padding alone. ``side``: the images' side, None where
+    unknown; ``always``: ``diffnas train``, which retrains whatever ``retrain.enabled``
+    says; ``run_dir``: a run whose search is done, whose genotype the message says how to
+    retrain."""
+    r = cfg.retrain
+    if not (r.enabled or always) or side is None:
+        return
+    for key, why, darts, fix in (
+            ("cutout", "a cutout square that large erases more than half of an image on "
+             "average, all of it at some centres", "DARTS erases half the side (16 of "
+             "CIFAR-10's 32)", side // 2),
+            ("crop_padding", "some random crops would hold padding alone",
+             "DARTS pads an eighth of the side (4 of 32)", max(1, side // 8))):
+        if getattr(r, key) >= side:
+            hint = "" if run_dir is None else kept_genotype_hint(
+                run_dir, "other augmentation", f"retrain.{key}={fix}")
+            raise ConfigError(
+                f"retrain.{key}={getattr(r, key)} is not smaller than the {side}x{side} "
+                f"training images: {why}; {darts}: retrain.{key}={fix}, or 0 for none"
+                f"{hint}")
+
+
 def no_full_batch_hint(run_dir: str | Path, batches: int) -> str:
     """What to do when the retraining has no full batch after a search: the genotype is
     kept, and ``diffnas train`` retrains it with other retrain settings."""
-    command = None if batches else retrain_command(run_dir)
+    return "" if batches else kept_genotype_hint(run_dir, "a smaller batch",
+                                                 "retrain.batch_size=N")
+
+
+def kept_genotype_hint(run_dir: str | Path, what: str, setting: str) -> str:
+    """The end of a retraining refusal after a search: its genotype is kept, and
+    ``diffnas train`` retrains it, as a new run, with ``setting`` changed ("" when the
+    search wrote no genotype)."""
+    command = retrain_command(run_dir)
     if command is None:
         return ""
-    return (f"; the search's genotype is kept: retrain it with a smaller batch, as a new "
-            f"run beside this one: {command} retrain.batch_size=N")
+    return (f"; the search's genotype is kept: retrain it with {what}, as a new run beside "
+            f"this one: {command} {setting}")
 
 
 class TrainTask:
@@ -252,6 +288,8 @@ def run_retrain(
         dp.main_process_result(test_subset_seed, run_dir, cfg.seed),  # rank 0 reads the dir
     )
     dp.main_process_result(check_same_data, out, data, resume)  # a resume on other data
+    # (a plugin's dataset shows its side only now, after the search)
+    check_augment_fits(cfg, data.resolution, always=True, run_dir=run_dir)
     shape = DataShape(data.in_channels, data.resolution, data.num_classes)
     seed_everything(cfg.seed)
     _, model = build_network(cfg, genotype, shape)
