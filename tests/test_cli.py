@@ -89,6 +89,7 @@ def test_search_command_end_to_end(tmp_path, capsys):
         "retrain.batch_size=16",
         "retrain.train_subset=32",
         "retrain.network={C: 4, layers: 3}",
+        "retrain.cutout=4",  # (16, CIFAR's, is refused: as large as the 8x8 digits)
     ]
     try:
         assert main(argv) == 0
@@ -130,7 +131,7 @@ def test_retrain_resume_refuses_another_genotype(tmp_path, capsys):
     argv = ["train", "--genotype", "DARTS_V2", f"out_dir={tmp_path}", "name=t",
             "data.name=digits", "progress=false", "data.test_subset=16",
             "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=32",
-            "retrain.network={C: 4, layers: 3}"]
+            "retrain.network={C: 4, layers: 3}", "retrain.cutout=4"]
     assert main(argv) == 0
     other = resolve_genotype("DARTS_V1")
     other.save(tmp_path / "v1.json")

@@ -23,7 +23,7 @@ OP, STRATEGY, RELAXATION, DISCRETIZER, SPACE = (
 TINY = [
     "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
     "search.epochs=1", "progress=false", "retrain.epochs=1", "retrain.batch_size=16",
-    "retrain.train_subset=48",
+    "retrain.train_subset=48", "retrain.cutout=4",
 ]
 
 

@@ -17,7 +17,8 @@ RUN = [  # a search + retrain on an 8x8 grayscale npz, shrunk to seconds
     "data.name=npz", "data.train_subset=32", "data.test_subset=16", "data.batch_size=16",
     "search.epochs=1", "search.space={name: darts_cnn, C: 4, layers: 3, nodes: 2}",
     "retrain.epochs=1", "retrain.batch_size=16", "retrain.train_subset=32",
-    "retrain.network={C: 4, layers: 3}", "retrain.auxiliary_weight=0", "progress=false",
+    "retrain.network={C: 4, layers: 3}", "retrain.auxiliary_weight=0", "retrain.cutout=4",
+    "progress=false",
 ]
 
 
