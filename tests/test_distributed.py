@@ -141,6 +141,33 @@ def _fetch_case(rank: int, out: str) -> dict:
     return {"shared": shared, "content": content, "own": own, "failed": failed}
 
 
+def _ddp_layout_case() -> dict:
+    """One DDP step of an NHWC retraining network (3x32x32): which weights' incoming
+    gradients differ from the weights in the order of their non-size-1 dimensions (DDP
+    copies those into its buckets), and whether torch warned about the strides."""
+    import warnings
+
+    from diffnas.engine.retrain import build_network
+    from diffnas.spaces import DataShape
+
+    cfg = load_config(None, ["retrain.network={C: 4, layers: 3}"], search=False)
+    _, model = build_network(cfg, published_genotype("DARTS_V2"), DataShape(3, 32, 10))
+    seen: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        ddp = dp.wrap_ddp(model, torch.device("cpu"))
+        for name, p in ddp.module.named_parameters():
+            p.register_hook(lambda g, name=name: seen.__setitem__(name, g.stride()))
+        logits, aux = ddp(torch.randn(2, 3, 32, 32))  # training: with the auxiliary head's
+        (logits.sum() + aux.sum()).backward()
+
+    def order(shape, strides) -> tuple:
+        return tuple(s for n, s in zip(shape, strides) if n > 1)
+
+    return {"stepped": len(seen), "warned": [str(w.message)[:60] for w in caught],
+            "mismatched": [name for name, p in ddp.module.named_parameters()
+                           if order(p.shape, p.stride()) != order(p.shape, seen[name])]}
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     join_ranks(rank, world, port, audit_out=out)
     from diffnas.engine.retrain import run_retrain
@@ -164,6 +191,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         except FloatingPointError:
             found["nan_named"] = True
         found["fetch"] = _fetch_case(rank, out)
+        found["ddp_layout"] = _ddp_layout_case()  # first: torch warns once per process
         for name in SEARCHES:
             cfg = load_config(None, search_overrides(name, sync_bn=True))
             res = run_search(cfg, f"{out}/runs/{name}")
@@ -287,6 +315,15 @@ def test_ddp_retrain_matches_one_process(spawned, tmp_path):
     for rank in (0, 1):
         res = load_rank(spawned, rank)["retrain"]
         assert abs(res["history"][0]["loss"] - ref["history"][0]["loss"]) < 1e-5
+
+
+def test_ddp_gets_the_weights_in_the_layout_of_their_gradients(spawned):
+    """An NHWC network's weights were NCHW under DDP: the stem's gradient was copied into
+    its bucket each step, and every rank printed torch's "Grad strides" warning."""
+    for rank in (0, 1):
+        found = load_rank(spawned, rank)["ddp_layout"]
+        assert found["stepped"] > 10 and found["mismatched"] == []
+        assert not [w for w in found["warned"] if "Grad strides" in w], found["warned"]
 
 
 def test_every_rank_reports_the_same_test_numbers_without_sync_bn(spawned):

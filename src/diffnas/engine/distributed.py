@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -472,11 +473,19 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
 # --- retraining ----------------------------------------------------------------------------
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel(model)`` in a process group, else ``model`` itself."""
+    """``DistributedDataParallel(model)`` in a process group, else ``model`` itself. A
+    network that runs NHWC (``channels_last``) gets NHWC weights first: its convolutions
+    return NHWC weight gradients, which DDP copied into NCHW buckets each step (the stem's)
+    with torch's "Grad strides do not match bucket view strides" warning on every rank.
+    That warning is silenced: what is left of it are 1x1 and depthwise weights, NCHW and
+    NHWC at once (their strides differ in size-1 dimensions only, the same memory order)."""
     if not is_distributed():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if getattr(model, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
