@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -240,6 +241,28 @@ def test_a_step_that_returns_no_dict_of_numbers_names_the_strategy(returned, wor
                            batches=lambda epoch: [0], step=lambda batch: returned,
                            end_epoch=lambda epoch: {})
     with pytest.raises(TypeError, match=f"the step of strategy 'mine' .*{words}"):
+        Loop(task, 1).run()
+
+
+@pytest.mark.parametrize("returned, stops", [
+    ({"loss": float("nan"), "acc": 0.5}, "loss=nan"),
+    ({"loss": 0.3, "val_loss": torch.tensor(float("inf"))}, "val_loss=inf"),
+    ({"loss": 0.3, "grad_norm": float("nan")}, None),  # not a loss: recorded as it is
+])
+def test_a_step_that_returns_a_non_finite_loss_stops_the_run(returned, stops):
+    """The built-in strategies' objective stops a NaN loss itself; a plugin's step that
+    computes its own loss went on to the end, its metrics.jsonl holding "loss": null."""
+    from types import SimpleNamespace
+
+    from diffnas.engine.loop import Loop
+
+    task = SimpleNamespace(strategy=SimpleNamespace(name="mine"), num_batches=lambda: 1,
+                           batches=lambda epoch: [0], step=lambda batch: returned,
+                           end_epoch=lambda epoch: {})
+    if stops is None:
+        assert math.isnan(Loop(task, 1).run()[0]["grad_norm"])
+        return
+    with pytest.raises(FloatingPointError, match=f"the step of strategy 'mine' returned {stops}"):
         Loop(task, 1).run()
 
 

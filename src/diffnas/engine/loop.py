@@ -8,6 +8,7 @@ that must survive a restart (task state, callback state, RNG) goes through
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,7 +52,9 @@ class Callback:
 def checked_metrics(metrics: Any, task: Any) -> dict[str, Any]:
     """``metrics`` if it is what a step must return, a dict of metric name -> number (a
     float, or a one-element tensor while a CUDA graph is being captured); else a
-    ``TypeError`` naming the strategy (a plugin's step that returns something else)."""
+    ``TypeError`` naming the strategy (a plugin's step that returns something else). A
+    NaN or infinite loss (``loss``, ``*_loss``) is a ``FloatingPointError``: the run stops
+    (the built-in strategies' objective says so itself; a plugin's step may not)."""
     strategy = getattr(task, "strategy", None)
     who = f"strategy {strategy.name!r}" if strategy is not None and hasattr(strategy, "name") \
         else type(task).__name__
@@ -69,7 +72,21 @@ def checked_metrics(metrics: Any, task: Any) -> dict[str, Any]:
         shown = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(bad.items())[:3])
         raise TypeError(f"the step of {who} returned metrics that are not numbers ({shown}): "
                         "a step returns a dict of metric name -> float")
+    for k, v in metrics.items():
+        if (k == "loss" or k.endswith("_loss")) and not _finite(v):
+            raise FloatingPointError(f"the step of {who} returned {k}={float(v)}: the run "
+                                     "stops (lower the learning rate?)")
     return metrics
+
+
+def _finite(v: float | torch.Tensor) -> bool:
+    """Whether a metric is finite; a tensor recorded into a CUDA graph (no value yet)
+    counts as finite (the graph's replay checks its loss)."""
+    if isinstance(v, torch.Tensor):
+        if v.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True
+        v = v.item()
+    return math.isfinite(v)
 
 
 class Mean:
