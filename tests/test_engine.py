@@ -244,6 +244,39 @@ def test_a_step_that_returns_no_dict_of_numbers_names_the_strategy(returned, wor
         Loop(task, 1).run()
 
 
+def test_a_discretizer_that_goes_wrong_on_trained_alphas_stops_the_search(tmp_path):
+    """A plugin's rule that is right on fresh alphas (the config check's call) but keeps one
+    input per node later wrote genotype.json and DONE; the retraining then refused it
+    without naming the rule, and a resume, plugin fixed, reused that genotype.json."""
+    import dataclasses
+    import uuid
+
+    from diffnas.genotype import GenotypeError, register_discretizer
+    from diffnas.genotype.discretize import darts_discretize
+
+    broken = {"calls": 0, "fixed": False}
+
+    def late(logits, space):
+        genotype = darts_discretize(logits, space)
+        broken["calls"] += 1
+        if broken["calls"] == 1 or broken["fixed"]:
+            return genotype
+        cells = tuple(dataclasses.replace(c, edges=c.edges[1:]) for c in genotype.cells)
+        return dataclasses.replace(genotype, cells=cells)  # node 2 has one input
+
+    name = f"late_{uuid.uuid4().hex[:8]}"
+    register_discretizer(name)(late)
+    cfg = _cfg(f"search.discretizer={name}")
+    with pytest.raises(GenotypeError, match=f"discretizer '{name}' returned a genotype that "
+                       "space 'darts_cnn' refuses: cell 'normal': node 2 has 1 input"):
+        run_search(cfg, tmp_path)
+    assert not (tmp_path / "search/genotype.json").exists()
+    broken["fixed"] = True  # the plugin mended: the run resumes to a genotype that fits
+    res = run_search(cfg, tmp_path, resume=True)
+    assert (tmp_path / "search/DONE").exists()
+    assert Genotype.load(tmp_path / "search/genotype.json") == res.genotype
+
+
 @pytest.mark.parametrize("returned, stops", [
     ({"loss": float("nan"), "acc": 0.5}, "loss=nan"),
     ({"loss": 0.3, "val_loss": torch.tensor(float("inf"))}, "val_loss=inf"),

@@ -30,7 +30,7 @@ from diffnas.engine.rundir import (
     retrain_command,
 )
 from diffnas.engine.tensorboard import logger_callbacks
-from diffnas.genotype import Genotype
+from diffnas.genotype import Genotype, GenotypeError
 from diffnas.genotype.discretize import discretize
 from diffnas.ops import twice_differentiable
 from diffnas.spaces import DataShape, SearchSpace, create_space
@@ -61,8 +61,18 @@ class StrategyTask:
         raise NotImplementedError
 
     def genotype(self) -> Genotype:
+        """The genotype the alphas discretize to, checked against the space: a plugin's
+        discretizer that goes wrong on trained alphas stops the run as the epoch ends,
+        naming the rule, rather than writing a genotype the retraining refuses."""
         arch = self.strategy.arch_params
-        return discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
+        genotype = discretize(arch.as_dict(), self.space, self.rule, arch.edge_weights())
+        try:
+            self.space.validate(genotype)
+        except GenotypeError as exc:
+            rule = self.rule or self.space.default_discretizer
+            raise GenotypeError(f"discretizer {rule!r} returned a genotype that space "
+                                f"{self.space.name!r} refuses: {exc}") from None
+        return genotype
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()
