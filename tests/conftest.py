@@ -48,7 +48,7 @@ def _no_plots_after_runs():
     import diffnas.report.plots as plots
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plots, "plots_after_run", lambda run_dir, cfg: [])
+        mp.setattr(plots, "plots_after_run", lambda run_dir, cfg, overrides=(): [])
         yield
 
 

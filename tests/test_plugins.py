@@ -4,6 +4,7 @@ imported by every process that reads the config (seed workers, resume, dry runs)
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -266,6 +267,13 @@ def test_plot_of_a_run_whose_plugin_moved_is_told_where_it_is_now(tmp_path, caps
     subprocess.run([sys.executable, "-m", "diffnas", "plot", str(run), f"plugins=[{moved}]",
                     "--backend", "matplotlib", "--format", "svg"], check=True,
                    capture_output=True)
+    assert (run / "plots" / "curves.svg").is_file()
+    # a resume told the new place draws the plots as it ends with it too (it said "plots
+    # not drawn" and named a `diffnas plot` that failed the same way)
+    shutil.rmtree(run / "plots")
+    done = subprocess.run([sys.executable, "-m", "diffnas", "search", "--resume", str(run),
+                           f"plugins=[{moved}]"], capture_output=True, text=True)
+    assert done.returncode == 0 and "plots not drawn" not in done.stderr, done.stderr
     assert (run / "plots" / "curves.svg").is_file()
 
 

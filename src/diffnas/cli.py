@@ -106,7 +106,7 @@ def _search(p: argparse.ArgumentParser):
         if main and rc == 0:
             from diffnas.report.plots import plots_after_run
 
-            plots_after_run(run_dir, cfg)
+            plots_after_run(run_dir, cfg, args.overrides if args.resume else ())
         return rc
 
     return run
@@ -166,7 +166,7 @@ def _train(p: argparse.ArgumentParser):
         if main:
             from diffnas.report.plots import plots_after_run
 
-            plots_after_run(run_dir, cfg)
+            plots_after_run(run_dir, cfg, args.overrides if args.resume else ())
         return 0
 
     return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -573,20 +574,23 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
                           for path, fmt, data in paths], out, "a picture", "plot", flag, force)
 
 
-def plots_after_run(run_dir: str | Path, cfg: Any) -> list[Path]:
+def plots_after_run(run_dir: str | Path, cfg: Any, overrides: Sequence[str] = ()
+                    ) -> list[Path]:
     """Redraw ``RUN_DIR/plots`` as a search or retraining ends, when ``cfg.plots`` (a
     RunConfig) is on: the run directory then holds its pictures without a second
-    command. Nothing is raised: the run's results are written already, so a picture
-    that cannot be drawn or written (a file of the user's in ``plots/``, a read-only
-    folder) is a warning naming it and ``diffnas plot``, not a failed run."""
+    command. ``overrides``: a resume's (``plugins=[...]`` for plugins that moved since
+    the run started). Nothing is raised: the run's results are written already, so a
+    picture that cannot be drawn or written (a file of the user's in ``plots/``, a
+    read-only folder) is a warning naming it and ``diffnas plot``, not a failed run."""
     if not cfg.plots:
         return []
     log = logging.getLogger("diffnas")
     try:
-        paths = plot_run(run_dir)
+        paths = plot_run(run_dir, overrides=overrides)
     except Exception as exc:  # any failure: the run itself is complete
-        log.warning("plots not drawn (%s: %s); the run is complete: diffnas plot %s draws "
-                    "them", type(exc).__name__, exc, run_dir)
+        log.warning("plots not drawn (%s: %s); the run is complete: %s draws them",
+                    type(exc).__name__, exc, shlex.join(["diffnas", "plot", str(run_dir),
+                                                         *overrides]))
         return []
     log.info("plots: %s (%d pictures; plots=false skips them)", Path(run_dir) / "plots",
              len(paths))
