@@ -784,3 +784,16 @@ def test_an_auxiliary_key_the_user_never_wrote_is_explained(tmp_path):
                            "retrain.auxiliary_weight=0"])
     finally:
         SPACES._items.pop("no_aux_space")
+
+
+def test_a_dataset_read_from_data_root_alone_names_the_page_that_describes_it(capsys):
+    """The message pointed every such dataset at docs/data.md, which describes neither
+    CIFAR-10 nor Cora."""
+    from diffnas.config import ROOT_REQUIRED
+
+    for name, page in ROOT_REQUIRED.items():
+        text = (ROOT / page.split()[0]).read_text()
+        assert "data.root" in text and name.replace("10", "-10") in text.lower(), page
+    assert main(["search", "--config", str(ROOT / "configs/gnn_cora.yaml")]) == 2
+    assert "data.name=cora is read from local files: give data.root=PATH; docs/graph.md " \
+           "says what it holds" in capsys.readouterr().err

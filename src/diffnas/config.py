@@ -617,7 +617,9 @@ def _check_unused_data(cfg: RunConfig) -> None:
 
 
 #: datasets read only from the local files ``data.root`` names (cifar10 also downloads there)
-ROOT_REQUIRED = ("cifar10", "npz", "folder", "cora")
+# the datasets read only from where data.root says, and the page that says what it holds
+ROOT_REQUIRED = {"cifar10": "README.md (CIFAR-10)", "npz": "docs/data.md",
+                 "folder": "docs/data.md", "cora": "docs/graph.md"}
 
 
 def check_data_files(cfg: RunConfig, search: bool = True) -> None:
@@ -635,8 +637,8 @@ def check_data_files(cfg: RunConfig, search: bool = True) -> None:
         extra = (" (with data.download=true: the directory to download into)"
                  if d.name == "cifar10" else "")
         raise ConfigError(f"data.root is not set, and data.name={d.name} is read from local "
-                          f"files: give data.root=PATH{extra}; docs/data.md says what it "
-                          "holds")
+                          f"files: give data.root=PATH{extra}; {ROOT_REQUIRED[d.name]} says "
+                          "what it holds")
     from diffnas.data import check_dataset_files
 
     check_dataset_files(d.name, d.root, d.download)
