@@ -531,6 +531,8 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(tmp_path, cap
     assert err.startswith(f"diffnas: error: the checkpoint {ckpt} does not fit the model this "
                           "run rebuilds (Error(s) in loading state_dict"), err
     assert "was data.root pointed at other data" in err
+    # an edited plugin (which the resume warns about) is named as the other likely cause
+    assert "or a plugin's code edited since (a warning above names such a plugin)" in err
 
 
 @pytest.mark.parametrize("saved, visible", [(4, 1), (1, 2)])

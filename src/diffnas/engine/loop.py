@@ -174,16 +174,18 @@ class Loop:
             if isinstance(exc, KeyError):
                 raise ValueError(
                     f"{where} holds no {text or repr(exc)} entry that this run reads: was it "
-                    "written by another diffnas version or for another strategy? Delete it "
-                    "to restart this phase from scratch, or resume with the version that "
-                    "wrote it") from None
+                    "written by another diffnas version, for another strategy, or before a "
+                    "plugin's code was edited (a warning above names such a plugin)? Resume "
+                    "with the code that wrote it, or delete it to restart this phase from "
+                    "scratch") from None
             if not any(m in text for m in _MISFIT):
                 raise
             raise ValueError(
                 f"{where} does not fit the model this run rebuilds ({text.splitlines()[0]}"
                 "...): was data.root pointed at other data (another number of classes, "
-                "channels or another vocabulary) than the run started with? Resume with its "
-                "own data, or start a new run") from None
+                "channels or another vocabulary) than the run started with, or a plugin's "
+                "code edited since (a warning above names such a plugin)? Resume with its "
+                "own data and the plugin code it began with, or start a new run") from None
         for cb, s in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(s)
         set_rng_state(state["rng"])
