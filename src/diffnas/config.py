@@ -616,8 +616,8 @@ def _check_unused_data(cfg: RunConfig) -> None:
                           f"{'it' if len(unused) == 1 else 'them'}")
 
 
-#: datasets read only from the local files ``data.root`` names (cifar10 also downloads there)
-# the datasets read only from where data.root says, and the page that says what it holds
+#: datasets read only from the local files ``data.root`` names (cifar10 also downloads
+#: there), and the page that says what those files hold
 ROOT_REQUIRED = {"cifar10": "README.md (CIFAR-10)", "npz": "docs/data.md",
                  "folder": "docs/data.md", "cora": "docs/graph.md"}
 
