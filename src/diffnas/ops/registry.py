@@ -8,7 +8,8 @@ to C channels (halving the resolution at stride 2). BatchNorm inside ops follows
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,11 +39,13 @@ def list_ops() -> list[str]:
     return OPS.names()
 
 
-def check_op_contract(name: str) -> None:
+def check_op_contract(name: str, channels: Sequence[int] = (4, 6)) -> None:
     """Hold an op registered outside diffnas (a plugin) to the factory contract before a
-    run starts: built for 4 channels at stride 1 and 2 it must be a module mapping a
-    ``(2, 4, 7, 7)`` batch to ``(2, 4, 7, 7)`` and ``(2, 4, 4, 4)``. A ``ValueError`` names
-    the op and the file that registered it. (diffnas's own ops: tests/test_ops.py.)"""
+    run starts: built for each of ``channels`` (a space that knows its own counts may pass
+    them) at stride 1 and 2, it must be a module mapping a ``(2, C, H, H)`` batch, for an
+    odd and an even side H (7 and 8), to ``(2, C, H, H)`` and ``(2, C, ceil(H/2),
+    ceil(H/2))``. A ``ValueError`` names the op and the file that registered it. (diffnas's
+    own ops: tests/test_ops.py.)"""
     factory = OPS.get(name)
     module = getattr(factory, "__module__", None) or ""
     if builtin(module):
@@ -51,24 +54,29 @@ def check_op_contract(name: str) -> None:
         where = inspect.getsourcefile(factory) or module
     except TypeError:
         where = module
-    x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):  # building it draws initial weights
-        for stride, side in ((1, 7), (2, 4)):
+        for C, stride, side in itertools.product(channels, (1, 2), (7, 8)):
+            x = torch.randn(2, C, side, side, generator=gen)
             try:
-                op = factory(4, stride, False)
+                op = factory(C, stride, False)
                 if not isinstance(op, nn.Module):
                     raise TypeError(f"the factory returned {type(op).__name__}, not an "
                                     "nn.Module")
                 with torch.no_grad():
                     out = op(x)
             except Exception as exc:
-                raise ValueError(f"op {name!r} (registered in {where}) does not keep the op "
-                                 f"contract, (C, stride, affine) -> module mapping C to C "
-                                 f"channels: at stride {stride}: {type(exc).__name__}: "
-                                 f"{exc}") from exc
-            want = (2, 4, side, side)
+                raise ValueError(f"op {name!r} (registered in {where}) does not keep the "
+                                 f"op contract, (C, stride, affine) -> module mapping C to "
+                                 f"C channels: built for C={C} at stride {stride}, on a "
+                                 f"{tuple(x.shape)} batch: {type(exc).__name__}: {exc}"
+                                 ) from exc
+            out_side = -(-side // stride)
+            want = (2, C, out_side, out_side)
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"op {name!r} (registered in {where}) at stride {stride} maps "
-                                 f"a (2, 4, 7, 7) batch to {got}, expected {want} (an op keeps "
-                                 "its channels and halves the side, rounding up, at stride 2)")
+                got = (tuple(out.shape) if isinstance(out, torch.Tensor)
+                       else type(out).__name__)
+                raise ValueError(f"op {name!r} (registered in {where}) at stride {stride} "
+                                 f"maps a {tuple(x.shape)} batch to {got}, expected {want} "
+                                 "(an op keeps its channels and halves the side, rounding "
+                                 "up, at stride 2)")

@@ -1,0 +1,91 @@
+"""Plugins that break a component's contract are refused before a run directory is
+written, with an error naming the component and the problem: ops at an even side or
+another channel count, a relaxation's output and settings, a strategy's ``Config`` and
+``step``, a space's ``Config``, a discretizer's return value, and where a plugin's import
+failed inside library code."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from diffnas.cli import main
+from diffnas.ops import check_op_contract
+
+TINY = [
+    "data.name=digits", "data.train_subset=48", "data.test_subset=32", "data.batch_size=16",
+    "search.epochs=1", "progress=false", "retrain.epochs=1", "retrain.batch_size=16",
+    "retrain.train_subset=48", "retrain.cutout=4",
+]
+SPACE = ("search.space={{name: darts_cnn, C: {C}, layers: 3, nodes: 2, stem_multiplier: 1, "
+         "ops: [skip_connect, {op}]}}")
+
+
+def _plugin(tmp_path: Path, body: str) -> tuple[Path, str]:
+    """A plugin file whose ``{name}`` placeholders are a name no other test registers."""
+    name = f"p_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(body).format(name=name))
+    return path, name
+
+
+def _refused(tmp_path: Path, capsys: pytest.CaptureFixture, plugin: Path, *args: str) -> str:
+    """The error of a search that must stop at its config checks, before any run
+    directory."""
+    runs = tmp_path / "runs"
+    rc = main(["search", f"plugins=[{plugin}]", *TINY, *args, "retrain.network={C: 4}",
+               f"out_dir={runs}", "name=r"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not runs.exists()
+    return err
+
+
+# --- 1. ops: an even side, another channel count -----------------------------------------
+OPS = {  # (the op, its C in the search, what the error says)
+    # 2x2 patches, padded so that 7 -> 4: but 8 -> 5
+    "even_side": ("nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, 1, 1, bias=False) if "
+                  "stride == 1 else nn.Conv2d(C, C, 2, 2, 1, bias=False))", 4,
+                  "maps a (2, 4, 8, 8) batch to (2, 4, 5, 5), expected (2, 4, 4, 4)"),
+    # fails for channel counts that 4 does not divide
+    "group_norm": ("nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, stride, 1, bias=False), "
+                   "nn.GroupNorm(4, C, affine=affine))", 4,
+                   "built for C=6 at stride 1, on a (2, 6, 7, 7) batch: ValueError: "
+                   "num_channels (6) must be divisible by num_groups (4)"),
+}
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_an_op_that_breaks_at_an_even_side_or_another_width_is_refused(tmp_path, capsys,
+                                                                        kind):
+    body, C, says = OPS[kind]
+    plugin, name = _plugin(tmp_path, f"""
+        from torch import nn
+        from diffnas.ops import register_op
+
+        @register_op("{{name}}")
+        def op(C, stride, affine):
+            return {body}
+        """)
+    err = _refused(tmp_path, capsys, plugin, SPACE.format(C=C, op=name))
+    assert f"op {name!r} (registered in {plugin})" in err and says in err, err
+
+
+def test_a_space_that_knows_its_channel_counts_checks_only_those(tmp_path):
+    from diffnas.plugins import import_plugins
+
+    plugin, name = _plugin(tmp_path, """
+        from torch import nn
+        from diffnas.ops import register_op
+
+        @register_op("{name}")
+        def op(C, stride, affine):
+            return nn.Sequential(nn.Conv2d(C, C, 3, stride, 1), nn.GroupNorm(4, C))
+        """)
+    import_plugins([str(plugin)])
+    check_op_contract(name, channels=(8, 16))
+    with pytest.raises(ValueError, match=r"built for C=6"):
+        check_op_contract(name)
