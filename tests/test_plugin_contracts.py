@@ -89,3 +89,18 @@ def test_a_space_that_knows_its_channel_counts_checks_only_those(tmp_path):
     check_op_contract(name, channels=(8, 16))
     with pytest.raises(ValueError, match=r"built for C=6"):
         check_op_contract(name)
+
+
+# --- 4. a discretizer that returns no Genotype -------------------------------------------
+def test_a_discretizer_that_returns_a_dict_is_refused(tmp_path, capsys):
+    plugin, name = _plugin(tmp_path, """
+        from diffnas.genotype import register_discretizer
+        from diffnas.genotype.discretize import darts_discretize
+
+        @register_discretizer("{name}")
+        def as_dict(logits, space):
+            return darts_discretize(logits, space).to_dict()
+        """)
+    err = _refused(tmp_path, capsys, plugin, SPACE.format(C=4, op="sep_conv_3x3"),
+                   f"search.discretizer={name}")
+    assert f"discretizer {name!r} returned dict, not a Genotype" in err, err

@@ -127,7 +127,14 @@ def discretize(
     ``edge_weights`` (edge normalization, when the run has them) go to the rules that take
     an ``edge_weights`` parameter: ``darts``, which ranks edges by them, and any
     registered rule that declares it (argmax keeps every edge: no edge ranking to scale)."""
-    fn = DISCRETIZERS.get(rule or space.default_discretizer)
+    name = rule or space.default_discretizer
+    fn = DISCRETIZERS.get(name)
     if edge_weights and takes_edge_weights(fn):
-        return fn(logits, space, edge_weights=edge_weights)
-    return fn(logits, space)
+        genotype = fn(logits, space, edge_weights=edge_weights)
+    else:
+        genotype = fn(logits, space)
+    if not isinstance(genotype, Genotype):  # (a plugin's rule; a dict has no .space)
+        raise ValueError(f"discretizer {name!r} returned {type(genotype).__name__}, not a "
+                         "Genotype: a discretizer is (logits, space) -> diffnas.genotype."
+                         "Genotype (Genotype.from_dict reads a genotype's dict)")
+    return genotype
