@@ -104,3 +104,16 @@ def test_a_discretizer_that_returns_a_dict_is_refused(tmp_path, capsys):
     err = _refused(tmp_path, capsys, plugin, SPACE.format(C=4, op="sep_conv_3x3"),
                    f"search.discretizer={name}")
     assert f"discretizer {name!r} returned dict, not a Genotype" in err, err
+
+
+# --- 5. where an import failed inside library code ---------------------------------------
+@pytest.mark.parametrize("body, line", [
+    ("from dataclasses import dataclass\n\n@dataclass\nclass C:\n    a: int = 1\n    b: int\n",
+     3),  # the @dataclass line; fails in dataclasses.py
+    ("from torch import nn\n\nPROBE = nn.Conv2d(4, 4, 3, groups=3)\n", 3),  # in torch
+])
+def test_a_plugin_failing_inside_library_code_is_placed_at_its_own_line(tmp_path, capsys,
+                                                                        body, line):
+    plugin, _ = _plugin(tmp_path, body.replace("{", "{{").replace("}", "}}"))
+    err = _refused(tmp_path, capsys, plugin)
+    assert f"(at {plugin}:{line})" in err, err

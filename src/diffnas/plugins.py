@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import sysconfig
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,9 @@ from diffnas.config import ConfigError
 from diffnas.registry import registrations_undone_on_error
 
 _PACKAGE = Path(__file__).resolve().parent  # diffnas's own source files
+#: the Python library and installed packages (torch): code a plugin calls, not its own
+_LIBRARY = {Path(sysconfig.get_paths()[k]).resolve()
+            for k in ("stdlib", "platstdlib", "purelib", "platlib")}
 
 
 def is_file_plugin(entry: str) -> bool:
@@ -150,12 +154,23 @@ def changed_plugins(recorded: dict[str, dict[str, str]], now: dict[str, dict[str
 
 def _where(exc: BaseException) -> str:
     """`` (at FILE:LINE)``: where a plugin's import failed. A syntax error is at the line
-    it names (the plugin never ran); otherwise the last frame of the plugin's own code,
-    not diffnas's (a duplicate name fails in registry.py)."""
+    it names (the plugin never ran); otherwise the innermost frame of the plugin's own
+    code: its file (the first module body run outside diffnas) or a module of its own,
+    not diffnas's (a duplicate name fails in registry.py) nor the Python library's or an
+    installed package's (a dataclass field without a default fails in dataclasses.py, a
+    bad layer in torch)."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f" (at {exc.filename}:{exc.lineno})"
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith("<")]  # not importlib's own frames
-    own = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_PACKAGE)]
-    at = (own or frames)[-1:]
+    own = [f for f in frames if not _inside(f.filename, _PACKAGE)]
+    top = next((f.filename for f in own if f.name == "<module>"), None)
+    mine = [f for f in own if f.filename == top
+            or not any(_inside(f.filename, lib) for lib in _LIBRARY)]
+    at = (mine or own or frames)[-1:]
     return f" (at {at[0].filename}:{at[0].lineno})" if at else ""
+
+
+def _inside(file: str, folder: Path) -> bool:
+    """Whether ``file`` lies in ``folder`` (or below)."""
+    return Path(file).resolve().is_relative_to(folder)
