@@ -91,6 +91,66 @@ def test_a_space_that_knows_its_channel_counts_checks_only_those(tmp_path):
         check_op_contract(name)
 
 
+# --- 3. a strategy's Config and step, a space's Config -----------------------------------
+@pytest.mark.parametrize("strategy, says", [
+    ("""
+     @dataclass
+     class PlainConfig:
+         foo: float = 1.0
+
+     @register_strategy("{name}")
+     class Plain(SearchStrategy):
+         Config = PlainConfig
+
+         def step(self, t, v):
+             return self.weight_step(t, self.arch_weights())
+     """, "its Config 'PlainConfig' does not subclass StrategyConfig"),
+    ("""
+     @register_strategy("{name}")
+     class NoStep(SearchStrategy):
+         Config = StrategyConfig
+     """, "does not define step(train_batch, val_batch)"),
+])
+def test_a_strategy_without_a_strategy_config_or_a_step_is_refused_at_import(
+        tmp_path, capsys, strategy, says):
+    plugin, name = _plugin(tmp_path, "from dataclasses import dataclass\nfrom diffnas."
+                           "strategies import SearchStrategy, StrategyConfig, "
+                           "register_strategy\n" + textwrap.dedent(strategy))
+    err = _refused(tmp_path, capsys, plugin, f"search.strategy.name={name}")
+    assert f"strategy {name!r}" in err and says in err, err
+    assert f"(at {plugin}:" in err, err
+
+
+def test_a_strategy_or_space_config_that_is_not_a_dataclass_is_refused(tmp_path, capsys):
+    plugin, name = _plugin(tmp_path, """
+        from diffnas.spaces import SearchSpace, register_space
+        from diffnas.strategies import SearchStrategy, StrategyConfig, register_strategy
+
+        class NotDataclass(StrategyConfig):  # (its settings would be no fields)
+            foo = 1.0
+
+        @register_strategy("{name}")
+        class Strategy(SearchStrategy):
+            Config = NotDataclass
+
+            def step(self, t, v):
+                return self.weight_step(t, self.arch_weights())
+
+        class SpaceConfig:
+            C: int = 8
+
+        @register_space("{name}")
+        class Space(SearchSpace):
+            Config = SpaceConfig
+        """)
+    err = _refused(tmp_path, capsys, plugin, SPACE.format(C=4, op="sep_conv_3x3"),
+                   f"search.strategy.name={name}")
+    assert f"search.strategy[{name}]: 'NotDataclass', the class its settings are read " \
+           "into, is not a dataclass" in err, err
+    err = _refused(tmp_path, capsys, plugin, f"search.space.name={name}")
+    assert f"search.space[{name}]: 'SpaceConfig'" in err and "not a dataclass" in err, err
+
+
 # --- 4. a discretizer that returns no Genotype -------------------------------------------
 def test_a_discretizer_that_returns_a_dict_is_refused(tmp_path, capsys):
     plugin, name = _plugin(tmp_path, """

@@ -203,7 +203,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError`, and
+    so does a ``cls`` (a plugin's ``Config``) that is not itself a dataclass."""
+    if not (isinstance(cls, type) and "__dataclass_fields__" in vars(cls)):
+        # (a subclass of a dataclass without @dataclass: its own settings are no fields)
+        raise ConfigError(f"{where}: {getattr(cls, '__qualname__', cls)!r}, the class its "
+                          "settings are read into, is not a dataclass: declare it with "
+                          "@dataclass (dataclasses.dataclass)")
     if data is None:
         data = {}
     if isinstance(data, cls):

@@ -20,12 +20,33 @@ STRATEGIES: Registry[type] = Registry("strategy")
 
 
 def register_strategy(name: str) -> Callable[[type], type]:
-    """Class decorator: register a strategy class under ``search.strategy.name``."""
+    """Class decorator: register a strategy class under ``search.strategy.name``. It must
+    subclass ``SearchStrategy``, define ``step`` and declare a ``Config`` subclassing
+    ``StrategyConfig`` (else a ``TypeError`` naming it)."""
     def deco(cls: type) -> type:
+        _check_strategy_class(cls, name)
         cls.name = name
         return STRATEGIES.register(name)(cls)
 
     return deco
+
+
+def _check_strategy_class(cls: type, name: str) -> None:
+    """Refuse a strategy class that would fail only once a run directory exists."""
+    from diffnas.strategies.base import SearchStrategy, StrategyConfig
+
+    what = f"strategy {name!r} ({cls.__module__}.{cls.__qualname__})"
+    if not (isinstance(cls, type) and issubclass(cls, SearchStrategy)):
+        raise TypeError(f"{what} does not subclass diffnas.strategies.SearchStrategy")
+    if cls.step is SearchStrategy.step:
+        raise TypeError(f"{what} does not define step(train_batch, val_batch), the update "
+                        "it makes each batch (returning a dict of metrics)")
+    config = cls.Config
+    if not (isinstance(config, type) and issubclass(config, StrategyConfig)):
+        raise TypeError(f"{what}: its Config {getattr(config, '__qualname__', config)!r} "
+                        "does not subclass StrategyConfig (diffnas.strategies), whose keys "
+                        "(w_optim, a_optim, relaxation, penalties, edge_norm) every strategy "
+                        "reads")
 
 
 def strategy_config(section: dict) -> Any:
