@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from diffnas.arch import create_relaxation
 from diffnas.cli import main
 from diffnas.ops import check_op_contract
 
@@ -89,6 +90,65 @@ def test_a_space_that_knows_its_channel_counts_checks_only_those(tmp_path):
     check_op_contract(name, channels=(8, 16))
     with pytest.raises(ValueError, match=r"built for C=6"):
         check_op_contract(name)
+
+
+# --- 2. a relaxation's output and settings -----------------------------------------------
+RELAXATIONS = '''
+import torch
+from diffnas.arch import ArchWeights, Relaxation, register_relaxation
+
+@register_relaxation("{name}_shape")
+class WrongShape(Relaxation):
+    def __call__(self, logits):
+        return ArchWeights({{g: torch.softmax(a, -1)[:, :-1] for g, a in logits.items()}})
+
+@register_relaxation("{name}_dict")
+class PlainDict(Relaxation):
+    def __call__(self, logits):
+        return {{g: torch.softmax(a, -1) for g, a in logits.items()}}
+
+@register_relaxation("{name}_active")
+class BadActive(Relaxation):
+    hard = True
+    def __call__(self, logits):
+        return ArchWeights({{g: torch.softmax(a, -1) for g, a in logits.items()}},
+                           {{g: torch.softmax(a, -1) for g, a in logits.items()}})
+
+@register_relaxation("{name}_power")
+class PowerSoftmax(Relaxation):
+    def __init__(self, power: float = 2.0, eps: float = 1e-6):
+        self.power, self.eps = power, eps
+
+    def __call__(self, logits):
+        out = {{}}
+        for g, a in logits.items():
+            p = torch.softmax(a, dim=-1) ** self.power + self.eps
+            out[g] = p / p.sum(-1, keepdim=True)
+        return ArchWeights(out)
+'''
+
+
+@pytest.mark.parametrize("relaxation, says", [
+    ("shape", "gave group 'normal' weights (5, 1), expected the logits' shape (5, 2)"),
+    ("dict", "returned dict, not ArchWeights"),
+    ("active", "gave group 'normal' active"),
+    ("power, eps: 1e-6x", "setting 'eps': expected a number, got '1e-6x'"),
+])
+def test_a_relaxation_with_a_wrong_output_or_setting_is_refused(tmp_path, capsys, relaxation,
+                                                                 says):
+    plugin, name = _plugin(tmp_path, RELAXATIONS)
+    err = _refused(tmp_path, capsys, plugin, SPACE.format(C=4, op="sep_conv_3x3"),
+                   f"search.strategy={{name: darts, relaxation: {{name: {name}_{relaxation}}}}}")
+    assert f"relaxation '{name}_{relaxation.split(',')[0]}'" in err and says in err, err
+
+
+def test_a_relaxation_s_settings_are_converted_to_their_annotations(tmp_path):
+    from diffnas.plugins import import_plugins
+
+    plugin, name = _plugin(tmp_path, RELAXATIONS)
+    import_plugins([str(plugin)])
+    relaxation = create_relaxation(f"{name}_power", eps="1e-6", power=3)  # YAML's 1e-6
+    assert relaxation.eps == 1e-6 and isinstance(relaxation.power, float)
 
 
 # --- 3. a strategy's Config and step, a space's Config -----------------------------------

@@ -6,11 +6,12 @@ from diffnas.arch.relax import (
     ArchWeights,
     Relaxation,
     SoftmaxRelaxation,
+    check_relaxation_output,
     create_relaxation,
     register_relaxation,
 )
 
 __all__ = [
     "RELAXATIONS", "ArchParams", "ArchWeights", "Relaxation", "SoftmaxRelaxation",
-    "create_relaxation", "register_relaxation",
+    "check_relaxation_output", "create_relaxation", "register_relaxation",
 ]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from diffnas.registry import Registry
+from diffnas.config import _convert
+from diffnas.registry import Registry, builtin
 
 
 @dataclass
@@ -206,10 +208,62 @@ class HardGumbelRelaxation(GumbelSoftmaxRelaxation):
         return ArchWeights(weights, active)
 
 
+def _typed_settings(cls: type[Relaxation], name: str, settings: dict) -> dict:
+    """A plugin's ``settings`` converted to the types its ``__init__`` annotates, as config
+    sections are (YAML reads ``1e-6`` as a string); one that does not fit is a
+    :class:`ConfigError` naming it. diffnas's own relaxations check their settings."""
+    if builtin(cls.__module__):
+        return settings
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not resolve: nothing to check against
+        return settings
+    return {k: _convert(hints[k], v, f"relaxation {name!r} setting {k!r}") if k in hints else v
+            for k, v in settings.items()}
+
+
 def create_relaxation(name: str, **kwargs) -> Relaxation:
-    """The relaxation registered as ``name``; unknown settings are a clear error."""
+    """The relaxation registered as ``name``; unknown settings, and a plugin's settings
+    that do not fit their annotations, are a clear error."""
     cls = RELAXATIONS.get(name)
+    kwargs = _typed_settings(cls, name, kwargs)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"relaxation {name!r}: bad settings {kwargs}: {exc}") from None
+
+
+def check_relaxation_output(section: dict, logits: dict[str, torch.Tensor]) -> None:
+    """Call a plugin's relaxation (``{name, **settings}``) once on the space's ``logits``
+    before a run starts: it must return :class:`ArchWeights` whose weights have the logits'
+    groups and shapes, and whose ``active`` (if set) holds one op index per edge. A
+    ``ValueError`` names the relaxation and what is wrong. diffnas's own: tests."""
+    settings = dict(section)
+    name = settings.pop("name")
+    cls = RELAXATIONS.get(name)
+    if builtin(cls.__module__):
+        return
+    relaxation = create_relaxation(name, **settings)
+    what = f"relaxation {name!r} ({cls.__module__}.{cls.__qualname__})"
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # a sampling one draws noise
+        try:
+            out = relaxation({g: a.detach() for g, a in logits.items()})
+        except Exception as exc:
+            raise ValueError(f"{what} failed on the space's alphas: {type(exc).__name__}: "
+                             f"{exc}") from exc
+    if not isinstance(out, ArchWeights):
+        raise ValueError(f"{what} returned {type(out).__name__}, not ArchWeights: __call__("
+                         "logits) returns ArchWeights({group: weights}) (diffnas.arch)")
+    for g, a in logits.items():
+        w = out.weights.get(g) if isinstance(out.weights, dict) else None
+        if not isinstance(w, torch.Tensor) or w.shape != a.shape:
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"{what} gave group {g!r} weights {got}, expected the logits' "
+                             f"shape {tuple(a.shape)} (num_edges, num_ops)")
+        if out.active is None:
+            continue
+        i = out.active.get(g) if isinstance(out.active, dict) else None
+        if (not isinstance(i, torch.Tensor) or i.shape != a.shape[:1] or i.is_floating_point()
+                or not bool(((i >= 0) & (i < a.shape[1])).all())):
+            raise ValueError(f"{what} gave group {g!r} active {i!r}, expected one op index "
+                             f"in [0, {a.shape[1]}) per edge, shape {tuple(a.shape[:1])}")

@@ -73,9 +73,9 @@ def create_penalty(spec: dict, where: str = "search.strategy.penalties") -> Call
 def check_relaxation(section: dict, where: str = "search.strategy.relaxation") -> None:
     """``{name, **settings}`` names a registered relaxation, with settings its class takes
     and accepts (built once here: relaxations are cheap and hold no tensors)."""
-    cls, settings = _select(RELAXATIONS, section, where)
+    _, settings = _select(RELAXATIONS, section, where)
     try:
-        cls(**settings)
+        create_relaxation(section["name"], **settings)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
