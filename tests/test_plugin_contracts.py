@@ -14,6 +14,7 @@ import pytest
 
 from diffnas.arch import create_relaxation
 from diffnas.cli import main
+from diffnas.config import load_config
 from diffnas.ops import check_op_contract
 
 TINY = [
@@ -53,7 +54,7 @@ OPS = {  # (the op, its C in the search, what the error says)
                   "maps a (2, 4, 8, 8) batch to (2, 4, 5, 5), expected (2, 4, 4, 4)"),
     # fails for channel counts that 4 does not divide
     "group_norm": ("nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, stride, 1, bias=False), "
-                   "nn.GroupNorm(4, C, affine=affine))", 4,
+                   "nn.GroupNorm(4, C, affine=affine))", 6,
                    "built for C=6 at stride 1, on a (2, 6, 7, 7) batch: ValueError: "
                    "num_channels (6) must be divisible by num_groups (4)"),
 }
@@ -75,8 +76,15 @@ def test_an_op_that_breaks_at_an_even_side_or_another_width_is_refused(tmp_path,
     assert f"op {name!r} (registered in {plugin})" in err and says in err, err
 
 
-def test_a_space_that_knows_its_channel_counts_checks_only_those(tmp_path):
+def test_a_space_checks_an_op_at_the_channel_counts_its_search_builds(tmp_path):
+    """darts_cnn and nb201 build ops for C, 2C and 4C channels (a k-th of them with partial
+    channels): an op that needs 4 to divide its channels fits C=16, not C=6."""
     from diffnas.plugins import import_plugins
+    from diffnas.supernet.modifiers import op_channels
+
+    assert op_channels({}, 16) == (16, 32, 64)
+    assert op_channels({"name": "partial_channel", "k": 4}, 16) == (4, 8, 16)
+    assert op_channels({"name": "partial_channel"}, 8) == (2, 4, 8)  # k's default: 4
 
     plugin, name = _plugin(tmp_path, """
         from torch import nn
@@ -89,7 +97,13 @@ def test_a_space_that_knows_its_channel_counts_checks_only_those(tmp_path):
     import_plugins([str(plugin)])
     check_op_contract(name, channels=(8, 16))
     with pytest.raises(ValueError, match=r"built for C=6"):
-        check_op_contract(name)
+        check_op_contract(name, channels=(6,))
+    for space in ("darts_cnn", "nb201"):
+        load_config(None, [f"search.space={{name: {space}, C: 4, ops: [skip_connect, {name}]}}",
+                           "retrain.auxiliary_weight=0"])
+        with pytest.raises(ValueError, match=r"built for C=3 at stride 1"):  # PC, k=2: 3
+            load_config(None, [f"search.space={{name: {space}, C: 6, ops: [skip_connect, "
+                               f"{name}], mixed_op: {{name: partial_channel, k: 2}}}}"])
 
 
 # --- 2. a relaxation's output and settings -----------------------------------------------

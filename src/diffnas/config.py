@@ -500,9 +500,11 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
 def _check_strategy_setup(cfg: RunConfig) -> None:
     """The strategy's settings that only the space's edges or ``search.epochs`` can judge
     (few_shot's split, snas's cost term, random_labels' excluded ops), against the alphas
-    of the configured space; and the discretizer against the space."""
+    of the configured space; a plugin's relaxation, called once on them; and the
+    discretizer against the space."""
     import torch
 
+    from diffnas.arch import check_relaxation_output
     from diffnas.genotype.discretize import discretize
     from diffnas.strategies.registry import STRATEGIES, strategy_config
 
@@ -512,6 +514,7 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
     rule = cfg.search.discretizer or getattr(space, "default_discretizer", "darts")
     try:
         config = strategy_config(section)
+        check_relaxation_output(config.relaxation, arch.as_dict())
         with torch.random.fork_rng(devices=[]):  # a check that builds ops leaves the run's
             cls.check_setup(config, arch, cfg.search.epochs)  # RNG alone
         cls.check_discretizer(config, rule)

@@ -39,7 +39,7 @@ def list_ops() -> list[str]:
     return OPS.names()
 
 
-def check_op_contract(name: str, channels: Sequence[int] = (4, 6)) -> None:
+def check_op_contract(name: str, channels: Sequence[int] = (4,)) -> None:
     """Hold an op registered outside diffnas (a plugin) to the factory contract before a
     run starts: built for each of ``channels`` (a space that knows its own counts may pass
     them) at stride 1 and 2, it must be a module mapping a ``(2, C, H, H)`` batch, for an

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from diffnas.arch.relax import check_relaxation_output
 from diffnas.config import from_dict
 from diffnas.registry import Registry
 
@@ -24,14 +22,10 @@ STRATEGIES: Registry[type] = Registry("strategy")
 def register_strategy(name: str) -> Callable[[type], type]:
     """Class decorator: register a strategy class under ``search.strategy.name``. It must
     subclass ``SearchStrategy``, define ``step`` and declare a ``Config`` subclassing
-    ``StrategyConfig`` (else a ``TypeError`` naming it); its ``check_setup``, run on the
-    space's alphas before a run directory exists, also tries the configured relaxation
-    on them (``arch.check_relaxation_output``)."""
+    ``StrategyConfig`` (else a ``TypeError`` naming it)."""
     def deco(cls: type) -> type:
         _check_strategy_class(cls, name)
         cls.name = name
-        if not getattr(cls.check_setup, "checks_relaxation", False):  # (inherited: done)
-            cls.check_setup = _checking_relaxation(cls.check_setup.__func__)
         return STRATEGIES.register(name)(cls)
 
     return deco
@@ -53,18 +47,6 @@ def _check_strategy_class(cls: type, name: str) -> None:
                         "does not subclass StrategyConfig (diffnas.strategies), whose keys "
                         "(w_optim, a_optim, relaxation, penalties, edge_norm) every strategy "
                         "reads")
-
-
-def _checking_relaxation(check_setup: Callable[..., None]) -> classmethod:
-    """``check_setup`` that first calls the configured relaxation once on the space's
-    alphas, so that one returning the wrong thing is refused before the run directory."""
-    @functools.wraps(check_setup)
-    def check(cls: type, config: Any, arch_params: ArchParams, epochs: int) -> None:
-        check_relaxation_output(config.relaxation, arch_params.as_dict())
-        check_setup(cls, config, arch_params, epochs)
-
-    check.checks_relaxation = True
-    return classmethod(check)
 
 
 def strategy_config(section: dict) -> Any:

@@ -76,18 +76,45 @@ _MODIFIERS = {"partial_channel": _partial_channel, "default": lambda inner: inne
 
 
 def check_mixed_op(spec: dict, C: int, ops: Sequence[str]) -> None:
-    """Refuse a ``mixed_op`` setting (unknown name or key, a ``k`` that does not divide
-    ``C``) when the config is read: build the factory and one edge of ``C`` channels."""
+    """Refuse, when the config is read, a ``mixed_op`` setting (unknown name or key, a
+    ``k`` that does not divide ``C``: the factory is built, with one edge of ``C``
+    channels), and a plugin's op that breaks the op contract at the channel counts the
+    search builds it with (:func:`op_channels`, ``ops.check_op_contract``)."""
+    from diffnas.config import ConfigError
+    from diffnas.ops import check_op_contract
+
+    try:
+        channels = op_channels(spec, C)
+    except ValueError as exc:
+        raise ConfigError(f"search.space.mixed_op: {exc}") from None
+    for op in ops:
+        check_op_contract(op, channels)
     if not spec:
         return
-    from diffnas.config import ConfigError
-
     try:  # on the meta device, RNG untouched: no memory, no draw that would move the
         # seeded supernet initialisation that follows
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             create_mixed_op_factory(spec)(C, 1, tuple(ops))
     except ValueError as exc:
         raise ConfigError(f"search.space.mixed_op: {exc}") from None
+
+
+def op_channels(spec: dict, C: int) -> tuple[int, ...]:
+    """The channel counts a cell supernet builds its candidate ops with: stages of C, 2C
+    and 4C channels (each reduction doubles them) under the edge modifier ``spec``
+    (partial channels: a k-th of them). For the op contract check, which then builds a
+    plugin's op at the counts the search will (``ops.check_op_contract``)."""
+    seen: set[int] = set()
+
+    def record(c: int, stride: int, candidates: Sequence[str]) -> nn.Module:
+        seen.add(c)
+        return nn.Identity()
+
+    factory = create_mixed_op_factory(spec, inner=record) if spec else record
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        for m in (1, 2, 4):
+            factory(C * m, 1, ())
+    return tuple(sorted(seen))
 
 
 def create_mixed_op_factory(
