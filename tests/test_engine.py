@@ -299,6 +299,36 @@ def test_a_step_that_returns_a_non_finite_loss_stops_the_run(returned, stops):
         Loop(task, 1).run()
 
 
+def test_a_run_that_stops_early_lets_go_of_its_writer_and_bar(tmp_path):
+    """TensorBoard's writer (and its thread) was closed only at a run's end: a run stopped
+    by Ctrl-C or an error left one running per run in a notebook or a --seeds parent."""
+    import threading
+    from types import SimpleNamespace
+
+    from diffnas.engine.callbacks import ProgressBar
+    from diffnas.engine.loop import Loop
+    from diffnas.engine.tensorboard import TensorBoardLogger
+
+    pytest.importorskip("tensorboard")
+
+    def step(batch):
+        if batch == 2:
+            raise KeyboardInterrupt
+        return {"loss": 0.5}
+
+    task = SimpleNamespace(num_batches=lambda: 3, batches=lambda epoch: [0, 1, 2], step=step,
+                           end_epoch=lambda epoch: {})
+    def threads() -> list[str]:  # (tqdm's shared monitor thread outlives its bars)
+        return sorted(t.name for t in threading.enumerate() if t.name != "tqdm_monitor")
+
+    before = threads()
+    board, bar = TensorBoardLogger(tmp_path / "tb", "search"), ProgressBar("search")
+    with pytest.raises(KeyboardInterrupt):
+        Loop(task, 2, [bar, board]).run()
+    assert board.writer is None and bar.bar is None
+    assert threads() == before
+
+
 def test_metrics_files_are_strict_json_with_null_for_non_finite_values(tmp_path):
     """jq and browsers refuse Python's NaN/Infinity tokens: a non-finite metric is null."""
     from types import SimpleNamespace

@@ -142,6 +142,11 @@ class ProgressBar(Callback):
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         log.info("%s epoch %d/%d %s", self.desc, epoch + 1, loop.epochs, shown)
 
+    def close(self) -> None:
+        if self.bar is not None:  # an epoch cut short
+            self.bar.close()
+            self.bar = None
+
 
 class JsonLines(Callback):
     """Appends each epoch's metrics to a JSON-lines file. On resume, lines of epochs past

@@ -524,6 +524,9 @@ class MainProcessOnly(Callback):
         if is_main_process():
             self.inner.on_run_end(loop)
 
+    def close(self) -> None:
+        self.inner.close()
+
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 

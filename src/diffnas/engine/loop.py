@@ -42,6 +42,11 @@ class Callback:
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict[str, float]) -> None: ...
     def on_run_end(self, loop: Loop) -> None: ...
 
+    def close(self) -> None:
+        """Let go of what the callback holds (a writer's thread, a progress bar) as the
+        loop returns or raises: after ``on_run_end``, and also for a run that stops early
+        (``stop_after``, Ctrl-C, an error), which gets no ``on_run_end``."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -126,30 +131,34 @@ class Loop:
                 f"{type(self.task).__name__} has no full batch per epoch: the data is smaller "
                 "than one batch (incomplete batches are dropped); lower the batch size"
                 f"{f' ({what})' if what else ''} or use more data")
-        for cb in self.callbacks:
-            cb.on_run_start(self)
-        done = 0
-        while self.epoch < self.epochs and (stop_after is None or done < stop_after):
-            epoch = self.epoch
+        try:
             for cb in self.callbacks:
-                cb.on_epoch_start(self, epoch)
-            self.running = Mean()
-            start = time.perf_counter()
-            for step, batch in enumerate(self.task.batches(epoch)):
-                metrics = checked_metrics(self.task.step(batch), self.task)
-                self.running.update(metrics)
+                cb.on_run_start(self)
+            done = 0
+            while self.epoch < self.epochs and (stop_after is None or done < stop_after):
+                epoch = self.epoch
                 for cb in self.callbacks:
-                    cb.on_step_end(self, step, metrics)
-            metrics = {"epoch": epoch, **self.running.value(), **self.task.end_epoch(epoch)}
-            self.seconds = round(time.perf_counter() - start, 4)  # (to 0.1 ms)
-            self.history.append(metrics)
-            self.epoch = epoch + 1
+                    cb.on_epoch_start(self, epoch)
+                self.running = Mean()
+                start = time.perf_counter()
+                for step, batch in enumerate(self.task.batches(epoch)):
+                    metrics = checked_metrics(self.task.step(batch), self.task)
+                    self.running.update(metrics)
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, step, metrics)
+                metrics = {"epoch": epoch, **self.running.value(), **self.task.end_epoch(epoch)}
+                self.seconds = round(time.perf_counter() - start, 4)  # (to 0.1 ms)
+                self.history.append(metrics)
+                self.epoch = epoch + 1
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, metrics)
+                done += 1
+            if self.epoch >= self.epochs:
+                for cb in self.callbacks:
+                    cb.on_run_end(self)
+        finally:  # an interrupted or failed run too: writers and bars let go
             for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, metrics)
-            done += 1
-        if self.epoch >= self.epochs:
-            for cb in self.callbacks:
-                cb.on_run_end(self)
+                cb.close()
         return self.history
 
     def state_dict(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ class TensorBoardLogger(Callback):
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean().item()
             self.writer.add_scalar(f"alphas/{group}_entropy", entropy, epoch)
 
-    def on_run_end(self, loop: Loop) -> None:
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
