@@ -34,12 +34,14 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from diffnas.engine.checkpoint import load_checkpoint
 from diffnas.engine.loop import Callback, Loop
 
 T = TypeVar("T")
@@ -239,6 +241,18 @@ def leave_group_on_error() -> Iterator[None]:
             except Exception:  # a peer already gone: the error below is what matters
                 pass
         raise
+
+
+def resume_loop(loop: Loop, ckpt: Path, resume: bool) -> bool:
+    """Continue ``loop`` from the checkpoint ``ckpt`` when resuming and it exists: rank 0
+    reads it, every rank loads it. Returns whether it did. The checkpoint's dict is let go
+    here (held by the caller, it was a second copy of the weights for the whole run)."""
+    state = main_process_result(lambda: load_checkpoint(ckpt)
+                                if resume and ckpt.exists() else None)
+    if state is None:
+        return False
+    loop.load_state_dict(state, source=ckpt)
+    return True
 
 
 # --- collectives on tensors ------------------------------------------------------------

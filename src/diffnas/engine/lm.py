@@ -75,7 +75,6 @@ from diffnas.engine.callbacks import Checkpoint, MetricsLines, ProgressBar, coun
 from diffnas.engine.checkpoint import (
     atomic_save,
     atomic_write_text,
-    load_checkpoint,
     seed_everything,
 )
 from diffnas.engine.engines import (
@@ -886,11 +885,7 @@ def run_lm_retrain(cfg: RunConfig, genotype: Genotype, run_dir: str | Path,
                                                        MetricsLines(out / "metrics.jsonl")]),
                                  *logger_callbacks(cfg, out),  # writes on rank 0 alone
                                  dp.MainProcessOnly(Checkpoint(out / "checkpoint.pt"))])
-    ckpt = out / "checkpoint.pt"
-    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
-                                   if resume and ckpt.exists() else None)
-    if state is not None:
-        loop.load_state_dict(state, source=ckpt)
+    if dp.resume_loop(loop, out / "checkpoint.pt", resume):
         log.info(resumed_text("LM retraining", loop))
     history = loop.run(stop_after=stop_after)
     # the best epoch's weights by validation, as DARTS's train.py reloads before testing

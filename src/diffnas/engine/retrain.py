@@ -20,7 +20,6 @@ from diffnas.engine.callbacks import Checkpoint, MetricsLines, ProgressBar
 from diffnas.engine.checkpoint import (
     atomic_save,
     atomic_write_text,
-    load_checkpoint,
     seed_everything,
 )
 from diffnas.engine.loop import Callback, Loop, resumed_text
@@ -61,8 +60,7 @@ def run_retrain_loop(task: Any, cfg: RunConfig, out: Path, resume: bool,
     loop = Loop(task, cfg.retrain.epochs, [ProgressBar("retrain", cfg.progress),
                                            MetricsLines(out / "metrics.jsonl"),
                                            *logger_callbacks(cfg, out), Checkpoint(ckpt)])
-    if resume and ckpt.exists():
-        loop.load_state_dict(load_checkpoint(ckpt), source=ckpt)
+    if dp.resume_loop(loop, ckpt, resume):
         log.info(resumed_text(what, loop))
     return loop, loop.run(stop_after=stop_after)
 
@@ -331,12 +329,7 @@ def run_retrain(
             *dp.main_process_only([Checkpoint(out / "checkpoint.pt")]),
         ],
     )
-    ckpt = out / "checkpoint.pt"
-    state = dp.main_process_result(
-        lambda: load_checkpoint(ckpt) if resume and ckpt.exists() else None
-    )
-    if state is not None:
-        loop.load_state_dict(state, source=ckpt)
+    if dp.resume_loop(loop, out / "checkpoint.pt", resume):
         log.info(resumed_text("retraining", loop))
     try:
         history = loop.run(stop_after=stop_after)

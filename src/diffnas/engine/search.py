@@ -19,7 +19,7 @@ from diffnas.config import ConfigError, RunConfig
 from diffnas.data import BatchLoader, ImageData, load_dataset, split_train_val
 from diffnas.engine import distributed as dp
 from diffnas.engine.callbacks import Checkpoint, JsonLines, MetricsLines, ProgressBar
-from diffnas.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
+from diffnas.engine.checkpoint import atomic_write_text, seed_everything
 from diffnas.engine.cuda_graph import GraphedStep
 from diffnas.engine.loop import Callback, Loop, checked_metrics, resumed_text
 from diffnas.engine.retrain import check_retrain_batch
@@ -532,10 +532,7 @@ def run_search_loop(
     ``genotype.json`` (and ``DONE`` once every epoch ran) on rank 0 before any rank
     returns. ``what`` and ``unit`` word the log line."""
     ckpt = out / "checkpoint.pt"
-    state = dp.main_process_result(lambda: load_checkpoint(ckpt)
-                                   if resume and ckpt.exists() else None)
-    if state is not None:
-        loop.load_state_dict(state, source=ckpt)
+    if dp.resume_loop(loop, ckpt, resume):
         log.info("%s (%s)", resumed_text("search", loop), ckpt)
     dp.sync_rng()
     count = getattr(task, "epoch_batches", None)  # (where it varies: LM BPTT windows)
