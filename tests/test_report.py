@@ -118,6 +118,22 @@ def test_heatmap_has_one_row_per_edge():
     assert all(texts[o] == 1 for o in ("a_op", "b_op", "c_op"))
 
 
+def test_a_long_run_s_heatmap_shows_evenly_spaced_epochs_first_and_last_included():
+    """One column per op per epoch had no cap: 2,000 epochs of a graph search drew a
+    69,000-pixel-wide PNG and took 1.2 GB to plot."""
+    epochs = 1000
+    mat = np.random.default_rng(0).random((2, 3, epochs))
+    fig = plots.alpha_heatmap_figure(mat, ["normal/n2/e0", "normal/n2/e1"], ["a", "b", "c"])
+    image = fig.axes[0].images[0].get_array()
+    n = plots.HEATMAP_EPOCHS
+    assert image.shape == (2, 3 * n) and fig.get_figwidth() < 60
+    keep = np.linspace(0, epochs - 1, n).round().astype(int)
+    np.testing.assert_array_equal(image[:, n:2 * n], mat[:, 1, keep])  # op b, its epochs
+    assert keep[0] == 0 and keep[-1] == epochs - 1
+    assert fig.axes[0].get_xlabel().endswith(f"epochs 1 to {epochs}, left to right; "
+                                             f"{n} of {epochs} evenly spaced)")
+
+
 def test_a_diverged_epoch_does_not_take_the_heatmap_scale_with_it():
     mat = plots.alpha_matrix(_records(3, 4, 3), "normal")
     finite = mat.copy()

@@ -424,16 +424,29 @@ def _edge_tick(label: str) -> str:
     return label
 
 
+#: the most epochs an alpha heatmap shows per op (longer runs: evenly spaced ones, the
+#: first and last included); 2,000 epochs of a graph search drew a 69,000-pixel-wide PNG
+HEATMAP_EPOCHS = 120
+
+
 def alpha_heatmap_figure(
     alphas: np.ndarray, edge_labels: Sequence[str], ops: Sequence[str],
     title: str = "", epochs: Sequence[int] | None = None,
 ) -> Figure:
-    """One row per edge; for every op a block of columns, one per epoch, so each row
-    shows how that edge's softmax(alpha) moved from epoch to epoch."""
+    """One row per edge; for every op a block of columns, one per epoch (at most
+    :data:`HEATMAP_EPOCHS`, evenly spaced), so each row shows how that edge's
+    softmax(alpha) moved from epoch to epoch."""
     n_edges, n_ops, n_epochs = alphas.shape
     if n_edges != len(edge_labels) or n_ops != len(ops):
         raise PlotError(f"alphas {alphas.shape} do not match {len(edge_labels)} edges x "
                         f"{len(ops)} ops")
+    epochs = list(epochs) if epochs else list(range(n_epochs))
+    shown = ""
+    if n_epochs > HEATMAP_EPOCHS:
+        keep = np.unique(np.linspace(0, n_epochs - 1, HEATMAP_EPOCHS).round().astype(int))
+        alphas, epochs = alphas[:, :, keep], [epochs[i] for i in keep]
+        shown = f"; {len(keep)} of {n_epochs} evenly spaced"
+        n_epochs = len(keep)
     image = alphas.reshape(n_edges, n_ops * n_epochs)  # column = op * epochs + epoch
     cell_w = max(0.06, min(0.35, 9.0 / (n_ops * n_epochs)))
     fig = Figure(figsize=(2.2 + cell_w * n_ops * n_epochs + 1.2, 1.3 + 0.26 * n_edges))
@@ -450,9 +463,8 @@ def alpha_heatmap_figure(
     ax.set_xticks([k * n_epochs + (n_epochs - 1) / 2 for k in range(n_ops)], list(ops),
                   rotation=35, ha="right", fontsize=8)
     ax.tick_params(length=0)
-    first = epochs[0] if epochs else 0
-    last = epochs[-1] if epochs else n_epochs - 1
-    ax.set_xlabel(f"op (each block: epochs {first + 1} to {last + 1}, left to right)")
+    ax.set_xlabel(f"op (each block: epochs {epochs[0] + 1} to {epochs[-1] + 1}, left to "
+                  f"right{shown})")
     ax.set_ylabel("edge (source \u2192 node)")
     if title:
         ax.set_title(title)
