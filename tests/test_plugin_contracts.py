@@ -56,7 +56,7 @@ OPS = {  # (the op, its C in the search, what the error says)
     "group_norm": ("nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, stride, 1, bias=False), "
                    "nn.GroupNorm(4, C, affine=affine))", 6,
                    "built for C=6 at stride 1, on a (2, 6, 7, 7) batch: ValueError: "
-                   "num_channels (6) must be divisible by num_groups (4)"),
+                   "num_channels"),  # (torch's wording after that varies with its version)
 }
 
 
@@ -241,13 +241,13 @@ def test_a_discretizer_that_returns_a_dict_is_refused(tmp_path, capsys):
 
 
 # --- 5. where an import failed inside library code ---------------------------------------
-@pytest.mark.parametrize("body, line", [
+@pytest.mark.parametrize("body, lines", [
     ("from dataclasses import dataclass\n\n@dataclass\nclass C:\n    a: int = 1\n    b: int\n",
-     3),  # the @dataclass line; fails in dataclasses.py
-    ("from torch import nn\n\nPROBE = nn.Conv2d(4, 4, 3, groups=3)\n", 3),  # in torch
+     (3, 4)),  # the @dataclass line (Python 3.11) or the class's (3.10); fails in dataclasses.py
+    ("from torch import nn\n\nPROBE = nn.Conv2d(4, 4, 3, groups=3)\n", (3,)),  # in torch
 ])
 def test_a_plugin_failing_inside_library_code_is_placed_at_its_own_line(tmp_path, capsys,
-                                                                        body, line):
+                                                                        body, lines):
     plugin, _ = _plugin(tmp_path, body.replace("{", "{{").replace("}", "}}"))
     err = _refused(tmp_path, capsys, plugin)
-    assert f"(at {plugin}:{line})" in err, err
+    assert any(f"(at {plugin}:{line})" in err for line in lines), err
