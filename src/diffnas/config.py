@@ -145,7 +145,10 @@ def check_call(fn: Callable[..., Any], settings: dict, where: str) -> None:
                           f"valid keys: {accepted}")
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def convert_value(tp: Any, value: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (a dataclass, a union, a list, a number...) as config
+    sections are read (YAML gives ``1e-6`` as a string); one that does not fit is a
+    :class:`ConfigError` naming ``where``."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return from_dict(tp, value, where)
@@ -158,7 +161,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _convert(a, value, where)
+                return convert_value(a, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         if len(errors) == 1:  # X | None: X's own message says more than "does not fit"
@@ -169,7 +172,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
         inner = args[0] if args else Any
-        out = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [convert_value(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -224,7 +227,7 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
             f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
             f"valid keys of {where}: {', '.join(sorted(fields))}"
         )
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: convert_value(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffnas.config import _convert
+from diffnas.config import convert_value
 from diffnas.registry import Registry, builtin
 
 
@@ -218,7 +218,7 @@ def _typed_settings(cls: type[Relaxation], name: str, settings: dict) -> dict:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # annotations that do not resolve: nothing to check against
         return settings
-    return {k: _convert(hints[k], v, f"relaxation {name!r} setting {k!r}") if k in hints else v
+    return {k: convert_value(hints[k], v, f"relaxation {name!r} setting {k!r}") if k in hints else v
             for k, v in settings.items()}
 
 

@@ -59,9 +59,9 @@ class DartsCnnConfig:
                 "true, false or a number of cells >= 0", recompute)
         require(len(set(self.ops)) == len(self.ops), "search.space.ops", "without repeats",
                 self.ops)
-        from diffnas.supernet.modifiers import check_mixed_op
+        from diffnas.supernet.modifiers import check_edge_ops
 
-        check_mixed_op(self.mixed_op, self.C, self.ops)  # and a plugin's ops (built-ins: tests)
+        check_edge_ops(self.mixed_op, self.C, self.ops)  # and a plugin's ops (built-ins: tests)
 
 
 @dataclass

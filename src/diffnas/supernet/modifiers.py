@@ -75,7 +75,7 @@ def _partial_channel(k: int = 4, inner: MixedOpFactory = default_mixed_op) -> Mi
 _MODIFIERS = {"partial_channel": _partial_channel, "default": lambda inner: inner}
 
 
-def check_mixed_op(spec: dict, C: int, ops: Sequence[str]) -> None:
+def check_edge_ops(spec: dict, C: int, ops: Sequence[str]) -> None:
     """Refuse, when the config is read, a ``mixed_op`` setting (unknown name or key, a
     ``k`` that does not divide ``C``: the factory is built, with one edge of ``C``
     channels), and a plugin's op that breaks the op contract at the channel counts the
