@@ -55,7 +55,8 @@ OPS = {  # (the op, its C in the search, what the error says)
     # fails for channel counts that 4 does not divide
     "group_norm": ("nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, stride, 1, bias=False), "
                    "nn.GroupNorm(4, C, affine=affine))", 6,
-                   "built for C=6 at stride 1, on a (2, 6, 7, 7) batch: ValueError: "
+                   "built for C=6 at stride 1 (affine=False), on a (2, 6, 7, 7) batch: "
+                   "ValueError: "
                    "num_channels"),  # (torch's wording after that varies with its version)
 }
 
@@ -104,6 +105,45 @@ def test_a_space_checks_an_op_at_the_channel_counts_its_search_builds(tmp_path):
         with pytest.raises(ValueError, match=r"built for C=3 at stride 1"):  # PC, k=2: 3
             load_config(None, [f"search.space={{name: {space}, C: 6, ops: [skip_connect, "
                                f"{name}], mixed_op: {{name: partial_channel, k: 2}}}}"])
+
+
+@pytest.mark.parametrize("space", ["darts_cnn", "nb201"])
+def test_an_op_that_fits_the_search_but_not_the_retrained_network_is_refused(tmp_path,
+                                                                             space):
+    """The retrained network builds the ops at its own C (darts_cnn's default: 36) and
+    affine: an op needing 8 to divide its channels fits a search at C=16, not C=36; one
+    broken only when affine is refused whatever the C. Both before the search, unless
+    retraining is off."""
+    from diffnas.plugins import import_plugins
+
+    plugin, name = _plugin(tmp_path, """
+        from torch import nn
+        from diffnas.ops import register_op
+
+        @register_op("{name}")
+        def op(C, stride, affine):
+            return nn.Sequential(nn.Conv2d(C, C, 3, stride, 1), nn.GroupNorm(8, C))
+
+        @register_op("{name}_affine")
+        def op_affine(C, stride, affine):
+            return nn.Conv2d(C, 2 * C if affine else C, 3, stride, 1)
+        """)
+    import_plugins([str(plugin)])
+    searched = f"search.space={{name: {space}, C: 16, ops: [skip_connect, {name}]}}"
+    base = ["retrain.auxiliary_weight=0"]
+    load_config(None, [searched, *base, "retrain.network={C: 32}"])
+    load_config(None, [searched, *base, "retrain.network={C: 36}", "retrain.enabled=false"])
+    with pytest.raises(ValueError, match=r"retrain.network \(C=36, .*built for C=36 at "
+                                         r"stride 1 \(affine=True\)"):
+        load_config(None, [searched, *base, "retrain.network={C: 36}"])
+    if space == "darts_cnn":  # its default retraining network: C=36
+        with pytest.raises(ValueError, match=r"built for C=36"):
+            load_config(None, [searched])
+    affine_only = f"search.space={{name: {space}, C: 16, ops: [skip_connect, {name}_affine]}}"
+    load_config(None, [affine_only, *base, "retrain.enabled=false"])
+    with pytest.raises(ValueError, match=r"for C=16 at stride 1 \(affine=True\) maps a "
+                                         r"\(2, 16, 7, 7\) batch to \(2, 32, 7, 7\)"):
+        load_config(None, [affine_only, *base, "retrain.network={C: 16}"])
 
 
 # --- 2. a relaxation's output and settings -----------------------------------------------

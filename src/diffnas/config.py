@@ -743,7 +743,8 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
     try:
         network_config(cfg.search.space, network)
     except ValueError as exc:  # ConfigError, or a space's own check (nb201: no auxiliary)
-        if r.network == RetrainConfig().network:  # the user wrote none of it
+        if r.network == RetrainConfig().network and _space_name(cfg) != "darts_cnn":
+            # the user wrote none of it, and it was made for darts_cnn
             raise ConfigError(f"{exc}. retrain.network defaults to the DARTS CIFAR network "
                               f"{r.network}, made for space darts_cnn: give space "
                               f"{_space_name(cfg)!r} its own retrain.network, or set "

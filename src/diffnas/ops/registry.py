@@ -39,10 +39,12 @@ def list_ops() -> list[str]:
     return OPS.names()
 
 
-def check_op_contract(name: str, channels: Sequence[int] = (4,)) -> None:
+def check_op_contract(name: str, channels: Sequence[int] = (4,), affine: bool = False
+                      ) -> None:
     """Hold an op registered outside diffnas (a plugin) to the factory contract before a
     run starts: built for each of ``channels`` (a space that knows its own counts may pass
-    them) at stride 1 and 2, it must be a module mapping a ``(2, C, H, H)`` batch, for an
+    them) at stride 1 and 2 with ``affine`` (False as a supernet builds it, True as a
+    retrained network does), it must be a module mapping a ``(2, C, H, H)`` batch, for an
     odd and an even side H (7 and 8), to ``(2, C, H, H)`` and ``(2, C, ceil(H/2),
     ceil(H/2))``. A ``ValueError`` names the op and the file that registered it. (diffnas's
     own ops: tests/test_ops.py.)"""
@@ -59,7 +61,7 @@ def check_op_contract(name: str, channels: Sequence[int] = (4,)) -> None:
         for C, stride, side in itertools.product(channels, (1, 2), (7, 8)):
             x = torch.randn(2, C, side, side, generator=gen)
             try:
-                op = factory(C, stride, False)
+                op = factory(C, stride, affine)
                 if not isinstance(op, nn.Module):
                     raise TypeError(f"the factory returned {type(op).__name__}, not an "
                                     "nn.Module")
@@ -68,7 +70,8 @@ def check_op_contract(name: str, channels: Sequence[int] = (4,)) -> None:
             except Exception as exc:
                 raise ValueError(f"op {name!r} (registered in {where}) does not keep the "
                                  f"op contract, (C, stride, affine) -> module mapping C to "
-                                 f"C channels: built for C={C} at stride {stride}, on a "
+                                 f"C channels: built for C={C} at stride {stride} "
+                                 f"(affine={affine}), on a "
                                  f"{tuple(x.shape)} batch: {type(exc).__name__}: {exc}"
                                  ) from exc
             out_side = -(-side // stride)
@@ -76,7 +79,8 @@ def check_op_contract(name: str, channels: Sequence[int] = (4,)) -> None:
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
                 got = (tuple(out.shape) if isinstance(out, torch.Tensor)
                        else type(out).__name__)
-                raise ValueError(f"op {name!r} (registered in {where}) at stride {stride} "
-                                 f"maps a {tuple(x.shape)} batch to {got}, expected {want} "
+                raise ValueError(f"op {name!r} (registered in {where}) for C={C} at stride "
+                                 f"{stride} (affine={affine}) maps a {tuple(x.shape)} batch "
+                                 f"to {got}, expected {want} "
                                  "(an op keeps its channels and halves the side, rounding "
                                  "up, at stride 2)")

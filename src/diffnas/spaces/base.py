@@ -37,6 +37,22 @@ class DataShape:
     num_classes: int = 10
 
 
+def check_network_ops(ops: tuple[str, ...] | list[str], C: int) -> None:
+    """Hold a plugin's ops among ``ops`` to the op contract as a retrained cell network of
+    ``C`` channels builds them (stages of C, 2C and 4C, affine), before the search: an op
+    that fits the search's counts but not the retraining's (a GroupNorm of 8 groups, C=36)
+    would otherwise fail once retraining starts. (The search's counts: ``check_edge_ops``.)"""
+    from diffnas.config import ConfigError
+    from diffnas.ops import check_op_contract
+
+    try:
+        for op in ops:
+            check_op_contract(op, (C, 2 * C, 4 * C), affine=True)
+    except ValueError as exc:
+        raise ConfigError(f"retrain.network (C={C}, the retrained network's cells): {exc}"
+                          ) from None
+
+
 class SearchSpace(ABC):
     """A space declares edges and candidate ops, builds the supernet (which receives
     relaxed architecture weights as a forward argument) and fixed networks."""

@@ -11,7 +11,7 @@ from torch import nn
 from diffnas.config import require, require_cell_edges, require_sizes
 from diffnas.genotype import Genotype
 from diffnas.ops import OPS
-from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
+from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace, check_network_ops
 from diffnas.spaces.registry import register_space
 from diffnas.supernet.cell import cell_edges, edge_stride
 from diffnas.supernet.mixed import default_mixed_op
@@ -76,6 +76,10 @@ class DartsCnnNetworkConfig:
 
     def __post_init__(self) -> None:
         require_sizes(self, ("C", "layers", "stem_multiplier"), "retrain.network")
+
+    def check_against(self, space: DartsCnnConfig) -> None:
+        """The space's plugin ops fit the retrained network's channel counts."""
+        check_network_ops(space.ops, space.C if self.C is None else self.C)
 
 
 @register_space("darts_cnn")

@@ -22,7 +22,7 @@ from torch import nn
 from diffnas.config import require, require_sizes
 from diffnas.genotype import CellGenotype, Edge, Genotype, GenotypeError
 from diffnas.ops import OPS
-from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace
+from diffnas.spaces.base import DataShape, EdgeSpec, SearchSpace, check_network_ops
 from diffnas.spaces.registry import register_space
 from diffnas.supernet.nb201 import NB201_NODES, Nb201Network, Nb201SuperNet, nb201_edges
 
@@ -73,6 +73,10 @@ class Nb201NetworkConfig:
             raise ValueError(
                 "nb201 networks have no auxiliary head: set retrain.auxiliary_weight=0"
             )
+
+    def check_against(self, space: Nb201Config) -> None:
+        """The space's plugin ops fit the retrained network's channel counts."""
+        check_network_ops(space.ops, space.C if self.C is None else self.C)
 
 
 @register_space(SPACE_NAME)
