@@ -44,7 +44,8 @@ def register_command(name: str, help: str) -> Callable[[CommandSetup], CommandSe
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (see configs/); without it the built-in "
+    p.add_argument("--config", help="YAML config (examples: configs/ in the diffnas "
+                   "repository); without it the built-in "
                    "defaults: the DARTS paper's settings on all of Fashion-MNIST (hours on "
                    "a CPU), changed by the overrides")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=3")
@@ -99,7 +100,8 @@ def _search(p: argparse.ArgumentParser):
             print(f"run directory: {run_dir}")
             if not args.config and not args.resume:
                 print("no --config: the built-in defaults with your overrides (see "
-                      f"{run_dir / 'config.yaml'}); configs/ holds examples")
+                      f"{run_dir / 'config.yaml'}); configs/ in the diffnas repository holds "
+                      "examples")
         # the space's engine (engine/engines.py) searches, retrains and prints the result
         rc = engine_of(cfg).search(cfg, run_dir, bool(args.resume))
         dp.shutdown(together=True)
