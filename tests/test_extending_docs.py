@@ -63,6 +63,14 @@ def test_the_guide_s_space_searches_retrains_and_keeps_the_export_contract(tmp_p
     state = torch.load(run / "retrain" / "model.pt", map_location="cpu")
     shape = infer_shape(state, "digits", None)  # what diffnas export reads
     assert (shape.in_channels, shape.num_classes) == (1, 10)
+    from diffnas.config import ConfigError, load_config
+
+    chain = [_plugins(SPACE), "search.space={name: chain, C: 4}", "retrain.auxiliary_weight=0"]
+    for override, words in (("search.space.C=0", "search.space.C must be"),
+                            ("search.space.layers=-1", "search.space.layers must be"),
+                            ("retrain.network={C: 0}", "retrain.network.C must be")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(None, [*chain, override])
 
 
 def _space_and_alphas(edge_norm: bool):
@@ -193,7 +201,9 @@ def test_the_guide_s_engine_runs_seeds_and_is_checked_like_a_built_in_one(tmp_pa
                             ("retrain.momentum=0.5", "the tabular (my_engine.py) retraining"),
                             ("search.cuda_graph=true", "search.cuda_graph is for image "
                              "searches; the tabular (my_engine.py) search does not take it"),
-                            ("search.cudnn_benchmark=true", "search.cudnn_benchmark is for")):
+                            ("search.cudnn_benchmark=true", "search.cudnn_benchmark is for"),
+                            ("retrain.network={hidden: 0}", "retrain.network.hidden must be"),
+                            ("retrain.network={hidden: -4}", "retrain.network.hidden must be")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [*TABULAR, override])
 
@@ -288,7 +298,10 @@ def test_the_quantum_example_searches_a_circuit_below_every_product_state(tmp_pa
             ("data.name=cora", "'cora' is not a quantum problem dataset"),
             ("search.space.qubits=11", "search.space.qubits must be in 2..10"),
             ("data.batch_size=8", "data.batch_size is not used by a quantum-circuit run"),
-            ("retrain.network={C: 8}", "the qcircuit space has no network settings, got C")):
+            ("retrain.network={C: 8}", "the qcircuit space has no network settings, got C"),
+            ("search.space.ops=[cz, skip_connect]", "search.space.ops must be a list with one "
+             "of rx, ry, rz, zz at least"),
+            ("search.space.ops=[]", "search.space.ops must be a list with one of")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [*VQE, override])
 

@@ -185,9 +185,13 @@ def test_the_rl_example_refuses_what_it_cannot_do():
             ("search.space.ops=[conv_3x3]", "unknown encoder op(s) ['conv_3x3']"),
             ("data.resolution=8", "data.resolution is not used by an rl run"),
             ("retrain.network={C: 8}", "unknown config key(s) retrain.network.C; valid keys of "
-             "retrain.network: hidden")):
+             "retrain.network: hidden"),
+            ("retrain.network={hidden: 0}", "retrain.network.hidden must be"),
+            ("retrain.network={hidden: -4}", "retrain.network.hidden must be"),
+            ("search.strategy={name: single_level}\0data.batch_size=513",
+             "data.batch_size must be in 1..512 (a rollout")):
         with pytest.raises(ConfigError, match=re.escape(words)):
-            load_config(None, [*CARTPOLE, override])
+            load_config(None, [*CARTPOLE, *override.split("\0")])
 
 
 def test_without_gymnasium_the_rl_example_says_what_to_install(monkeypatch, tmp_path, capsys):
@@ -278,6 +282,8 @@ def test_a_single_level_search_learns_on_the_whole_rollout():
     rl = _rl()
     cfg = load_config(None, [*CARTPOLE, "data.batch_size=128",
                              "search.strategy={name: single_level}"])
+    load_config(None, [*CARTPOLE, "data.batch_size=512", "search.strategy={name: single_level}"])
+
     task = rl.EncoderSearchTask(cfg, torch.device("cpu"))
     pairs = list(task.batches(0))
     assert len(pairs) == task.num_batches() == 8 and all(v is None for _, v in pairs)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from diffnas.arch import ArchParams
-from diffnas.config import ConfigError, RunConfig, from_dict, require
+from diffnas.config import ConfigError, RunConfig, require, require_sizes
 from diffnas.engine.best import FullBatchTrainTask
 from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import seed_everything
@@ -142,6 +142,9 @@ class MlpCellNetworkConfig:
 
     hidden: int | None = None
 
+    def __post_init__(self) -> None:  # a width >= 1, or None: refused before the search
+        require_sizes(self, ("hidden",), "retrain.network")
+
 
 class _SuperNet(nn.Module):
     """Stem, one search cell (every op on every edge, weighted), classifier."""
@@ -211,9 +214,9 @@ class MlpCellSpace(SearchSpace):
 
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
         self.validate(genotype)
-        n = from_dict(MlpCellNetworkConfig, overrides, "retrain.network")
+        n = self.network_settings(overrides)  # None: the search's value
         return _Network(self.shape.in_channels, self.shape.num_classes,
-                        n.hidden or self.config.hidden, genotype.cell(CELL))
+                        n["hidden"], genotype.cell(CELL))
 
 
 def _space(cfg: RunConfig, table: Table) -> SearchSpace:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffnas.config import require_sizes
 from diffnas.ops import check_op_contract, create_op
 from diffnas.spaces import EdgeSpec, SearchSpace, register_space
 from diffnas.supernet.mixed import MixedOp
@@ -19,6 +20,7 @@ class ChainConfig:  # search.space's keys (but name)
                                                     "max_pool_3x3"])
 
     def __post_init__(self) -> None:  # when the config is read, before a run directory
+        require_sizes(self, ("C", "layers"), "search.space")  # ints >= 1
         for op in self.ops:
             check_op_contract(op)  # an unknown name lists the known ones
 
@@ -26,6 +28,9 @@ class ChainConfig:  # search.space's keys (but name)
 @dataclass
 class ChainNetworkConfig:  # retrain.network's keys; None = the search's value. No
     C: int | None = None   # `auxiliary` key: runs must set retrain.auxiliary_weight=0
+
+    def __post_init__(self) -> None:
+        require_sizes(self, ("C",), "retrain.network")
 
 
 def stem(in_channels: int, C: int) -> nn.Module:

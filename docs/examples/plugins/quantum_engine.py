@@ -179,6 +179,7 @@ class CZ(nn.Module):
 
 
 QUBIT_OPS = ("skip_connect", "rx", "ry", "rz", "zz", "cz")
+ANGLED_OPS = ("rx", "ry", "rz", "zz")  # the layers with angles to train
 
 
 def _op(name: str, qubits: int) -> nn.Module:
@@ -208,6 +209,9 @@ class QCircuitConfig:
             raise ValueError(f"unknown circuit op(s) {unknown}; known: {', '.join(QUBIT_OPS)}")
         require(len(set(self.ops)) == len(self.ops), "search.space.ops", "without repeats",
                 self.ops)
+        require(any(o in ANGLED_OPS for o in self.ops), "search.space.ops",
+                f"a list with one of {', '.join(ANGLED_OPS)} at least (a circuit without "
+                "angles has nothing to train)", self.ops)
         require(2 <= self.qubits <= MAX_QUBITS, "search.space.qubits",
                 f"in 2..{MAX_QUBITS} (the Hamiltonian is a dense 2^n x 2^n matrix)",
                 self.qubits)

@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributions import Categorical
 
 from diffnas.arch import ArchParams
-from diffnas.config import ConfigError, RunConfig, from_dict, require
+from diffnas.config import ConfigError, RunConfig, require, require_sizes
 from diffnas.engine.callbacks import counted
 from diffnas.engine.checkpoint import seed_everything
 from diffnas.engine.engines import (
@@ -69,7 +69,7 @@ from diffnas.engine.search import (
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
-from diffnas.strategies import create_strategy
+from diffnas.strategies import STRATEGIES, create_strategy
 from diffnas.strategies.objective import check_finite_loss
 
 CELL = "encoder"
@@ -251,6 +251,9 @@ class EncoderNetworkConfig:
 
     hidden: int | None = None
 
+    def __post_init__(self) -> None:  # a width >= 1, or None: refused before the search
+        require_sizes(self, ("hidden",), "retrain.network")
+
 
 class _Heads(nn.Module):
     """The policy's action logits and the state value, both read from the encoder."""
@@ -331,9 +334,9 @@ class EncoderSpace(SearchSpace):
 
     def build_network(self, genotype: Genotype, **overrides: Any) -> nn.Module:
         self.validate(genotype)
-        n = from_dict(EncoderNetworkConfig, overrides, "retrain.network")
+        n = self.network_settings(overrides)  # None: the search's value
         return Agent(self.shape.in_channels, self.shape.num_classes,
-                     n.hidden or self.config.hidden, genotype.cell(CELL))
+                     n["hidden"], genotype.cell(CELL))
 
 
 def _space(cfg: RunConfig) -> SearchSpace:
@@ -628,11 +631,16 @@ def check_agent_search(cfg: RunConfig, device: bool = True) -> None:
                           "engine (docs/examples/plugins/rl_engine.py): PPO has no labels to "
                           "draw at random")
     ppo = ppo_settings(cfg)
-    half = ppo.transitions // 2
-    require(1 <= cfg.data.batch_size <= half, "data.batch_size",
-            f"in 1..{half} (half a rollout of engine.envs x engine.steps = {ppo.envs} x "
-            f"{ppo.steps} transitions: a bilevel strategy's weights and alphas learn on one "
-            "half each)", cfg.data.batch_size)
+    if STRATEGIES.get(cfg.search.strategy.get("name", "darts")).uses_validation:
+        half = ppo.transitions // 2
+        require(1 <= cfg.data.batch_size <= half, "data.batch_size",
+                f"in 1..{half} (half a rollout of engine.envs x engine.steps = {ppo.envs} x "
+                f"{ppo.steps} transitions: a bilevel strategy's weights and alphas learn on "
+                "one half each)", cfg.data.batch_size)
+    else:  # single level: the weights (and alphas) learn on the whole rollout
+        require(1 <= cfg.data.batch_size <= ppo.transitions, "data.batch_size",
+                f"in 1..{ppo.transitions} (a rollout of engine.envs x engine.steps = "
+                f"{ppo.envs} x {ppo.steps} transitions)", cfg.data.batch_size)
 
 
 def check_gymnasium(cfg: RunConfig) -> None:
