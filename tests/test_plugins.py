@@ -277,7 +277,7 @@ def test_plot_of_a_run_whose_plugin_moved_is_told_where_it_is_now(tmp_path, caps
     assert (run / "plots" / "curves.svg").is_file()
 
 
-def test_a_run_records_its_plugins_code_and_an_edit_is_reported(tmp_path):
+def test_a_run_records_its_plugins_code_and_an_edit_is_reported(tmp_path, capsys):
     import logging
 
     from diffnas.engine.rundir import PLUGINS_FILE, warn_changed_plugins
@@ -300,6 +300,12 @@ def test_a_run_records_its_plugins_code_and_an_edit_is_reported(tmp_path):
     finally:
         logging.getLogger("diffnas").removeHandler(handler)
     assert any(f"plugin {path} changed since {run} started" in m for m in seen), seen
+    # a resume says it once, and its log.txt keeps it: the run went on with edited code
+    capsys.readouterr()
+    assert main(["search", "--resume", str(run)]) == 0
+    warning = f"plugin {path} changed since {run} started"
+    assert capsys.readouterr().err.count(warning) == 1
+    assert warning in (run / "log.txt").read_text()
 
 
 TEXT_PLUGIN = '''

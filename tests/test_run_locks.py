@@ -30,6 +30,7 @@ from diffnas.engine.runlock import (
     release_run_lock,
     run_lock,
 )
+from diffnas.engine.signals import raise_terminated
 
 
 def test_locks_are_reentrant_and_freed_by_the_last_release(tmp_path):
@@ -142,6 +143,34 @@ def test_seeds_workers_end_with_their_parent(tmp_path, sig):
     assert "--- worker started" in (tmp_path / "par/seed_0/worker.log").read_text()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_ends_a_single_run_as_ctrl_c_does(tmp_path, sig):
+    """A scheduler's SIGTERM (or a closed terminal's SIGHUP) killed a run silently (exit
+    143, no resume command, its log ending mid-epoch): now it ends as on Ctrl-C, its lock
+    freed, log.txt saying so, and the run continues from its last checkpoint."""
+    long = [o if not o.startswith("search.epochs") else "search.epochs=400" for o in TINY]
+    run = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffnas", "search", f"out_dir={tmp_path}", "name=r", *long],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # (nohup'd CI)
+    checkpoint = run / "search" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file():  # an epoch is done: a checkpoint to go on from
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no epoch ended"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert f"diffnas: interrupted; resume with: diffnas search --resume {run}" in err, err
+    assert "Traceback" not in err
+    assert f"interrupted by {signal.Signals(sig).name}" in (run / "log.txt").read_text()
+    assert not locked_elsewhere(run)
+    done = len((run / "search" / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= done < 400  # (the resume itself: tests/test_run_robustness.py)
+
+
 def test_a_resumed_seed_keeps_its_earlier_worker_log(tmp_path, monkeypatch):
     """worker.log was opened with "w": a resumed seed lost the output of its first call."""
     real_popen = subprocess.Popen
@@ -193,7 +222,7 @@ def test_an_ignored_sighup_stays_ignored_and_silent_workers_are_reported(tmp_pat
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
-    assert seen["hup"] is signal.SIG_IGN and seen["term"] is ms._raise_terminated
+    assert seen["hup"] is signal.SIG_IGN and seen["term"] is raise_terminated
     assert errors[d].startswith("worker exit code 3: (no output) (see ")
 
 

@@ -10,6 +10,7 @@ Other modules add commands with :func:`register_command`; they are imported lazi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -182,7 +183,7 @@ def _join_run(args: argparse.Namespace, open_run: Callable[[], tuple[RunConfig, 
     log.txt) and check a resume's thread count. Returns ``(cfg, run_dir, is_main)``."""
     from diffnas.engine import distributed as dp
     from diffnas.engine.logs import setup_logging
-    from diffnas.engine.rundir import check_resume_threads
+    from diffnas.engine.rundir import check_resume_threads, warn_changed_plugins
     from diffnas.plugins import import_plugins
 
     main = dp.init_distributed().is_main  # under torchrun: join the process group
@@ -192,6 +193,8 @@ def _join_run(args: argparse.Namespace, open_run: Callable[[], tuple[RunConfig, 
     setup_logging(run_dir if main else None, verbose=main)
     if main:
         check_resume_threads(run_dir, bool(args.resume), cfg.device)
+        if args.resume:  # (into log.txt too: the run's record of going on with edited code)
+            warn_changed_plugins(run_dir, cfg)
     return cfg, run_dir, main
 
 
@@ -222,7 +225,7 @@ def _resume_config(args: argparse.Namespace, search: bool = True):
         unretrained = unretrained_search_message(run, load_run_config(run, device=False))
         raise ConfigError(unretrained or f"{run} is a search run made by diffnas search: "
                           f"continue it with diffnas search --resume {run}")
-    return load_run_config(run, args.overrides, search=search)
+    return load_run_config(run, args.overrides, search=search, warn_plugins=False)
 
 
 def _check_genotype(cfg: RunConfig, genotype: Genotype) -> None:
@@ -454,9 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from diffnas.config import ConfigError
     from diffnas.data import DatasetNotFoundError
-    from diffnas.engine.distributed import leave_group_on_error
+    from diffnas.engine.distributed import launched_by_torchrun, leave_group_on_error
     from diffnas.engine.logs import logging_scope
     from diffnas.engine.runlock import lock_scope
+    from diffnas.engine.signals import stop_signals_interrupt
     from diffnas.genotype import GenotypeError
     from diffnas.registry import UnknownNameError
 
@@ -469,14 +473,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # a process of its own stops on SIGTERM/SIGHUP as on Ctrl-C (a scheduler's stop ends a
+    # run resumable, with its locks freed); torchrun's ranks keep the default (it stops
+    # the others with SIGTERM when one fails)
+    stops = (stop_signals_interrupt() if argv is None and not launched_by_torchrun()
+             else contextlib.nullcontext())
     try:
         # the run directories a command locked are freed, its log handlers closed, as it
         # returns (also when called in-process); torchrun's group is left on an error
-        with lock_scope(), logging_scope(), leave_group_on_error():
+        with stops, lock_scope(), logging_scope(), leave_group_on_error():
             rc = args._handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
         return rc
-    except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM/SIGHUP of --seeds (Terminated)
+    except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM/SIGHUP (signals.Terminated)
         _interrupted(args, process_entry=argv is None)
         return 128 + getattr(exc, "signum", 2)
     except BrokenPipeError:  # the reader of the output went away (`| head`): no error
@@ -493,8 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
         message += _way_on(args, exc)
-        from diffnas.engine.distributed import launched_by_torchrun
-
         rank = os.environ["RANK"] if launched_by_torchrun() else "0"
         if rank != "0" and isinstance(exc, (ConfigError, UnknownNameError)):
             return 2  # the same on every rank, and rank 0 says it: once, not once per rank

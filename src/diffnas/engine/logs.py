@@ -46,6 +46,15 @@ def logging_scope() -> Iterator[None]:
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
     try:
         yield
+    except KeyboardInterrupt as exc:  # the run's log.txt records the stop (the console
+        # gets its own line, with the resume command: diffnas.cli)
+        how = f" by {exc.args[0]}" if exc.args else ""
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0,
+                                   f"interrupted{how}", (), None)
+        for h in logger.handlers:
+            if h not in handlers and isinstance(h, logging.FileHandler):
+                h.handle(record)
+        raise
     finally:
         for h in list(logger.handlers):
             if h not in handlers:

@@ -34,6 +34,7 @@ from diffnas.config import ConfigError, RunConfig
 from diffnas.engine.checkpoint import atomic_write_text
 from diffnas.engine.engines import ACCURACY, PERPLEXITY, Metric
 from diffnas.engine.rundir import SEEDS_FILE, recorded_genotype
+from diffnas.engine.signals import stop_signals_interrupt
 
 log = logging.getLogger("diffnas")
 
@@ -168,14 +169,15 @@ def seed_threads(run: Path, threads: int) -> int:
 
 def _run_seed(run: Path, overrides: Sequence[str]) -> dict[str, Any]:
     from diffnas.engine.logs import setup_logging
-    from diffnas.engine.rundir import load_run_config
+    from diffnas.engine.rundir import load_run_config, warn_changed_plugins
 
-    cfg = load_run_config(run, list(overrides))
+    cfg = load_run_config(run, list(overrides), warn_plugins=False)
     cfg = dataclasses.replace(cfg, progress=False)
     from diffnas.engine.engines import engine_of
 
     engine = engine_of(cfg)  # its search and retraining, each seed's run in this process
     setup_logging(run, verbose=False)
+    warn_changed_plugins(run, cfg)  # into the seed's log.txt (the parent warned on screen)
     if (run / "search" / "DONE").exists():
         genotype = recorded_genotype(run / "search" / "genotype.json")
     else:
@@ -510,23 +512,8 @@ def run_seeds(cfg: RunConfig, seeds: Sequence[int], parent: str | Path,
     return write_summary(parent, records, metric)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP reached the ``--seeds`` parent: it stops its workers and ends as
-    an interrupted run does (``diffnas.cli.main`` exits with ``128 + signum``)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
-
-
 #: the line each start of a worker adds to its seed's worker.log
 WORKER_HEADER = "--- worker started"
-#: signals that stop the parent as Ctrl-C does (its workers are stopped with it)
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say,
@@ -537,28 +524,21 @@ def _run_in_processes(dirs: Sequence[Path], workers: int, threads: int, say,
     (:func:`_die_with_parent`)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     queue, running, errors = list(dirs), {}, {}
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers need it
-        # (a signal ignored stays ignored: nohup's SIGHUP must not stop the run)
-        handlers = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS
-                    if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
-        _schedule(queue, running, errors, workers, threads, env, say, overrides)
-    except KeyboardInterrupt:  # also when only this process got the SIGINT (kill -INT)
-        for sig in handlers:  # a second signal must not cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
-        for proc, _ in running.values():
-            proc.terminate()
-        for proc, logf in running.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            logf.close()
-        raise
-    finally:
-        for sig, previous in handlers.items():
-            signal.signal(sig, previous)
+    with stop_signals_interrupt() as handlers:
+        try:
+            _schedule(queue, running, errors, workers, threads, env, say, overrides)
+        except KeyboardInterrupt:  # also when only this process got the SIGINT (kill -INT)
+            for sig in handlers:  # a second signal must not cut the clean-up short
+                signal.signal(sig, signal.SIG_IGN)
+            for proc, _ in running.values():
+                proc.terminate()
+            for proc, logf in running.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                logf.close()
+            raise
     return errors
 
 

@@ -329,11 +329,14 @@ RESUME_OVERRIDES = ("device", "progress", "plots", "data.root", "plugins")
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
-                    device: bool = True, search: bool = True) -> RunConfig:
+                    device: bool = True, search: bool = True, warn_plugins: bool = True
+                    ) -> RunConfig:
     """The saved config of ``run_dir``, with ``overrides`` limited to
     :data:`RESUME_OVERRIDES` (a run continues with the settings it started with);
     ``device=False`` to read a run made on another machine (reports, export);
-    ``search=False`` for a retraining (``diffnas train``), which reads no search settings."""
+    ``search=False`` for a retraining (``diffnas train``), which reads no search settings;
+    ``warn_plugins=False`` for a resume, which warns of edited plugins
+    (:func:`warn_changed_plugins`) once the run's log.txt is open, so the log keeps it."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).exists():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -351,7 +354,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
             "other settings)")
     try:
         cfg = load_config(path, overrides, device=device, search=search, saved=True)
-        warn_changed_plugins(run_dir, cfg)
+        if warn_plugins:
+            warn_changed_plugins(run_dir, cfg)
         return cfg
     except ConfigError as exc:
         if not str(exc).startswith("config.plugins:") or not any(
