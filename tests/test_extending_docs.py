@@ -290,7 +290,7 @@ def test_the_quantum_example_searches_a_circuit_below_every_product_state(tmp_pa
     assert sized["angles"] == result["params"] and sized["qubits"] == 4
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
-    assert "<th>Retrained energy error above the exact ground energy, best validation epoch" in page
+    assert "<th>Retrained energy error above the exact ground energy, best epoch (" in page
     for override, words in (
             ("search.strategy={name: random_labels}", "not supported by the quantum engine"),
             ("search.amp=bf16", "search.amp is for image searches; the quantum "

@@ -256,8 +256,8 @@ def refuse_image_search_settings(cfg: RunConfig, device: bool = True) -> None:
                               f"{engine_of(cfg).label} search does not take it: switch it off")
     if not s.evaluate:
         raise ConfigError(f"search.evaluate=false is for image searches; the "
-                          f"{engine_of(cfg).label} search evaluates its validation split "
-                          "after every epoch whatever it says: leave it true")
+                          f"{engine_of(cfg).label} search evaluates the supernet after every "
+                          "epoch whatever it says: leave it true")
 
 
 def refuse_torchrun(engine: Engine) -> None:

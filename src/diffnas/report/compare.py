@@ -496,7 +496,8 @@ def compare_markdown(summary: dict[str, Any]) -> str:
                      f"{', '.join(d['fields'])})")
     if summary["data_unknown"]:
         lines.append(f"- No data record (data.json) in {', '.join(summary['data_unknown'])}: "
-                     "the data could not be compared")
+                     "their data, if they have any (a plugin engine may record none), could not be "
+                     "compared")
     if summary["seeds_differ"]:
         lines.append("- The runs used different seeds: " + "; ".join(
             f"{r['label']} {r['seeds']}" for r in rows))

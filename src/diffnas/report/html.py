@@ -107,9 +107,12 @@ def _summary_rows(run: RunData) -> list[tuple[str, str]]:
             rows.append((f"{metric.search_name} (last epoch)",
                          metric.text(run.search_metrics[-1].get(metric.search_key))))
     # graph and language-model retrainings report the weights of the best validation
-    # epoch (``best_epoch``, 0-based), as the command line says; image ones the last epoch
+    # epoch (``best_epoch``, 0-based), as the command line says; image ones the last epoch;
+    # an engine whose figure has a title of its own (no test split) its own best epoch
+    # (a VQE's lowest energy)
     best = res.get("best_epoch") if res is not None else None
-    which = "final" if best is None else f"best validation epoch ({best + 1})"
+    which = ("final" if best is None else f"best epoch ({best + 1})" if metric.title
+             else f"best validation epoch ({best + 1})")
     if res is not None and "test_ppl" in res:  # a language model (engine/lm.py)
         rows += [
             (f"validation / test perplexity, {which}",
