@@ -232,3 +232,38 @@ def test_the_virtual_step_clips_like_the_weight_step():
     ref = _reference_unrolled_grad(s, train, val)
     got, _ = unrolled(s, train, val, hessian="exact")
     assert _rel_err(got, ref) < 1e-9
+
+
+@pytest.mark.parametrize("section", [
+    {"name": "darts", "order": 1},
+    {"name": "darts", "order": 2, "hessian": "fd", "fd_radius": 1e-4},
+    {"name": "darts", "order": 2, "hessian": "exact"},
+], ids=["first_order", "second_order_fd", "second_order_exact"])
+def test_a_darts_step_moves_alphas_on_validation_and_weights_on_training(section):
+    """One ``step(train, val)``: the alphas take an optimizer step along the configured
+    rule's hypergradient of the validation loss (first order, or unrolled through a
+    virtual step on the training batch, with the configured Hessian product), then the
+    weights a step on the training batch at the new alphas. Replayed by hand on a twin
+    strategy; swapping the batches in either part, or another Hessian mode, moves them
+    elsewhere."""
+    twins = []
+    for _ in range(2):
+        s = tiny_strategy(section, dtype=F64)
+        train, val = tiny_batch(6, 1, F64), tiny_batch(6, 2, F64)
+        _prime_momentum(s, train)
+        twins.append(s)
+    s, ref = twins
+    s.step(train, val)
+    if section["order"] == 1:
+        grads, _ = first_order(ref, train, val)
+    else:
+        grads, _ = unrolled(ref, train, val, hessian=section["hessian"],
+                            fd_radius=section.get("fd_radius", 1e-2))
+    ref.set_alpha_grads(grads)
+    ref.a_optimizer.step()
+    ref.weight_step(train, ref.arch_weights())
+    for got, want in ((s.alphas(), ref.alphas()),
+                      (s.supernet.parameters(), ref.supernet.parameters())):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(s.alphas()[0], tiny_strategy(section, dtype=F64).alphas()[0])
