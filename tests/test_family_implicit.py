@@ -70,3 +70,36 @@ def test_rule_on_the_supernet_differs_from_first_order_by_the_ift_term():
 def test_bad_K_is_an_error():
     with pytest.raises(ValueError, match="K"):
         ImplicitConfig(K=0)
+
+
+def test_a_step_uses_the_configured_K_eta_and_weight_decay_on_the_right_batches():
+    """``step(train, val)``: the alphas move along the IFT hypergradient with the Hessian
+    of the training loss (weight decay included) and the gradient of the validation loss,
+    with the configured K and eta (not the weight learning rate); then a weight step on
+    the training batch. Replayed by hand on a twin strategy."""
+    from diffnas.ops import twice_differentiable
+
+    section = {"name": "implicit", "K": 3, "eta": 0.05,
+               "w_optim": {"weight_decay": 0.1}}
+    s, ref = (tiny_strategy(section, dtype=F64) for _ in range(2))
+    train, val = tiny_batch(4, 1, F64), tiny_batch(4, 2, F64)
+    assert ref.lr != 0.05 and ref.config.w_optim.weight_decay == 0.1
+    s.step(train, val)
+    val_loss, _ = ref.loss(val, ref.arch_weights())
+    with twice_differentiable():
+        train_loss, _ = ref.loss(train, ref.arch_weights())
+    grads = implicit_hypergrad(train_loss, val_loss, list(ref.supernet.parameters()),
+                               ref.alphas(), K=3, eta=0.05, weight_decay=0.1)
+    ref.set_alpha_grads(grads)
+    ref.a_optimizer.step()
+    ref.weight_step(train, ref.arch_weights())
+    for got, want in ((s.alphas(), ref.alphas()),
+                      (s.supernet.parameters(), ref.supernet.parameters())):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_non_positive_eta_is_an_error():
+    for eta in (0.0, -0.1):
+        with pytest.raises(ValueError, match="eta must be positive"):
+            ImplicitConfig(eta=eta)

@@ -118,6 +118,27 @@ def test_fd_hvp_matches_double_backward():
     assert _rel_err(fd, ex) < 1e-4
 
 
+def test_fd_hvp_moves_the_weights_by_the_radius_whatever_the_vector_s_norm():
+    """eps = r / ||v||: the perturbed weights w +- eps v lie at distance r from w (the
+    paper's rule), for a vector of any norm."""
+    s, train, _ = _setup()
+    g = torch.Generator().manual_seed(3)
+    vec = {n: 37.0 * torch.randn(p.shape, generator=g, dtype=F64)
+           for n, p in s.supernet.named_parameters()}
+    w = {n: p.detach().clone() for n, p in s.supernet.named_parameters()}
+    moved = []
+    loss = s.loss
+
+    def recorded(batch, arch_weights, params=None, **kw):
+        if params is not None:
+            moved.append(torch.sqrt(sum(((params[n] - w[n]) ** 2).sum() for n in w)).item())
+        return loss(batch, arch_weights, params=params, **kw)
+
+    s.loss = recorded
+    mixed_hvp_fd(s, train, vec, r=1e-3)
+    assert len(moved) == 2 and all(abs(d - 1e-3) < 1e-12 for d in moved), moved
+
+
 def test_fd_hvp_with_a_zero_vector_is_zero_like_double_backward():
     """eps = r / ||v|| is undefined for v = 0; the product is then exactly zero."""
     s, train, _ = _setup()
@@ -194,9 +215,12 @@ def test_unrolled_on_one_sampled_architecture_matches_autograd(key):
     assert _rel_err(ex, ref) < 1e-9
 
 
-@pytest.mark.parametrize("key", sorted(SAMPLED))
+ONE_SAMPLE = {**SAMPLED, "implicit_gumbel": {"name": "implicit", "relaxation": {"name": "gumbel"}}}
+
+
+@pytest.mark.parametrize("key", sorted(ONE_SAMPLE))
 def test_an_alpha_step_evaluates_one_sample_and_the_weight_step_draws_anew(key):
-    s, train, val = _setup(SAMPLED[key])
+    s, train, val = _setup(ONE_SAMPLE[key])
     seen = []
     arch_weights = s.arch_weights
 
@@ -208,7 +232,8 @@ def test_an_alpha_step_evaluates_one_sample_and_the_weight_step_draws_anew(key):
     s.arch_weights = recorded
     s.step(train, val)
     alpha_step, weight_step = seen[:-1], seen[-1]
-    assert len(alpha_step) >= 3  # virtual step, w' pass, perturbed passes
+    # darts: virtual step, w' pass, perturbed passes; implicit: validation, training loss
+    assert len(alpha_step) >= (2 if key.startswith("implicit") else 3)
     for w in alpha_step[1:]:
         assert torch.equal(w, alpha_step[0])
     assert not torch.equal(weight_step, alpha_step[0])
