@@ -70,6 +70,40 @@ def test_temperature_schedule_and_state(anneal):
     fresh = create_relaxation("gumbel", tau=10.0, tau_min=0.1, anneal=anneal)
     fresh.load_state_dict(relax.state_dict())
     assert fresh.tau == relax.tau
+    halfway = create_relaxation("gumbel", tau=10.0, tau_min=0.1, anneal=anneal)
+    halfway.set_epochs(5)
+    for _ in range(2):
+        halfway.end_epoch()
+    fresh.load_state_dict(halfway.state_dict())  # a resume mid-run
+    assert fresh.tau == halfway.tau == taus[2]
+
+
+def test_a_one_epoch_run_keeps_the_starting_temperature():
+    relax = create_relaxation("gumbel", tau=10.0, tau_min=0.1)
+    relax.set_epochs(1)
+    assert relax.tau == 10.0
+
+
+def test_the_temperature_divides_the_noisy_logits():
+    """softmax((a + g) / tau): at tau = 0.5 the weights are those of tau = 1 squared and
+    renormalised (the same noise), sharper towards one op; at tau = 2 flatter."""
+    a = {"g": torch.randn(4, 5, generator=torch.Generator().manual_seed(0))}
+    sampled = {}
+    for tau in (1.0, 0.5, 2.0):
+        torch.manual_seed(3)
+        sampled[tau] = create_relaxation("gumbel", tau=tau)(a)["g"]
+    one = sampled[1.0]
+    torch.testing.assert_close(sampled[0.5], one ** 2 / (one ** 2).sum(-1, keepdim=True))
+    torch.testing.assert_close(sampled[2.0], one.sqrt() / one.sqrt().sum(-1, keepdim=True))
+    assert (sampled[0.5].max(-1).values > one.max(-1).values).all()
+
+
+def test_softmax_weights_each_edge_over_its_ops():
+    """DARTS's relaxation: each edge's row (not each op's column) is a softmax."""
+    a = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    w = create_relaxation("softmax")({"g": a})["g"]
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+    torch.testing.assert_close(w, torch.exp(a) / torch.exp(a).sum(-1, keepdim=True))
 
 
 def test_an_anneal_without_its_end_or_a_rising_temperature_is_refused():

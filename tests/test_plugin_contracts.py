@@ -168,6 +168,13 @@ class BadActive(Relaxation):
         return ArchWeights({{g: torch.softmax(a, -1) for g, a in logits.items()}},
                            {{g: torch.softmax(a, -1) for g, a in logits.items()}})
 
+@register_relaxation("{name}_range")
+class ActiveOutOfRange(Relaxation):
+    hard = True
+    def __call__(self, logits):  # one past the last op
+        return ArchWeights({{g: torch.softmax(a, -1) for g, a in logits.items()}},
+                           {{g: torch.full(a.shape[:1], a.shape[1]) for g, a in logits.items()}})
+
 @register_relaxation("{name}_power")
 class PowerSoftmax(Relaxation):
     def __init__(self, power: float = 2.0, eps: float = 1e-6):
@@ -186,6 +193,8 @@ class PowerSoftmax(Relaxation):
     ("shape", "gave group 'normal' weights (5, 1), expected the logits' shape (5, 2)"),
     ("dict", "returned dict, not ArchWeights"),
     ("active", "gave group 'normal' active"),
+    ("range", "gave group 'normal' active tensor([2, 2, 2, 2, 2]), expected one op index in "
+              "[0, 2)"),
     ("power, eps: 1e-6x", "setting 'eps': expected a number, got '1e-6x'"),
 ])
 def test_a_relaxation_with_a_wrong_output_or_setting_is_refused(tmp_path, capsys, relaxation,
