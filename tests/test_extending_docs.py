@@ -115,12 +115,16 @@ def test_a_registered_discretizer_receives_the_edge_weights_when_the_run_has_the
         seen["keywords"] = kw.get("edge_weights")
         return darts_discretize(logits, space)
 
+    def keyword_only(logits, space, *, edge_weights=None):
+        seen["keyword_only"] = edge_weights
+        return darts_discretize(logits, space, edge_weights)
+
     def plain(logits, space):  # takes no edge weights: still called, without them
         seen["plain"] = True
         return darts_discretize(logits, space)
 
     tag = uuid.uuid4().hex[:8]
-    for fn in (named, keywords, plain):
+    for fn in (named, keywords, keyword_only, plain):
         register_discretizer(f"{fn.__name__}_{tag}")(fn)
     space, arch = _space_and_alphas(True)
     logits, ew = arch.as_dict(), arch.edge_weights()
@@ -129,6 +133,8 @@ def test_a_registered_discretizer_receives_the_edge_weights_when_the_run_has_the
     assert seen["named"] is ew and got == darts_discretize(logits, space, ew)
     discretize(logits, space, f"keywords_{tag}", ew)
     assert seen["keywords"] is ew
+    discretize(logits, space, f"keyword_only_{tag}", ew)
+    assert seen["keyword_only"] is ew
     assert discretize(logits, space, f"plain_{tag}", ew) == darts_discretize(logits, space)
     # the built-ins as before: darts ranks edges by them, argmax takes none
     assert discretize(logits, space, "darts", ew) == darts_discretize(logits, space, ew)
