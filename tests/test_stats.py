@@ -69,6 +69,11 @@ def test_many_seeds_are_drawn_at_random_and_never_claim_p_zero():
                                  alternative="greater", n_resamples=20000, vectorized=True,
                                  random_state=0).pvalue
     assert relabel_p(a, b, permutations=20000) == pytest.approx(exact, abs=0.02)
+    # the draws come from the seed: a compare run twice prints the same p
+    d = rng.normal(0.1, 1.0, size=20)
+    assert sign_flip_p(d, 500, seed=4) == sign_flip_p(d, 500, seed=4)
+    assert relabel_p(a, b, 500, seed=4) == relabel_p(a, b, 500, seed=4)
+    assert len({sign_flip_p(d, 500, seed=k) for k in range(4)}) > 1  # (the seed matters)
 
 
 def test_paired_interval_is_scipys_paired_t_interval():
@@ -103,5 +108,6 @@ def test_holm_by_hand():
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="non-empty"):
         sign_flip_p([])
-    with pytest.raises(ValueError, match="both sides"):
-        relabel_p([], [1.0])
+    for a, b in (([], [1.0]), ([1.0], [])):
+        with pytest.raises(ValueError, match="both sides"):
+            relabel_p(a, b)
