@@ -741,3 +741,19 @@ def test_an_output_on_a_full_disk_is_refused_before_the_work(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"--json .*out\.json: cannot write there \(No space"):
         checkpoint.refuse_foreign_json(tmp_path / "out.json", {"a"}, "results", "--json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_a_json_diffnas_wrote_there_may_be_replaced(tmp_path):
+    """A file is diffnas's when it holds every key diffnas writes into it: one sharing a
+    key or two with a user's own JSON (``name``, ``params``) is the user's, kept."""
+    from diffnas.engine.checkpoint import written_by_diffnas
+
+    keys = {"genotype", "params", "latency_ms"}
+    path = tmp_path / "out.json"
+    assert written_by_diffnas(path, keys)  # nothing there yet
+    for held, ours in (({"genotype": 1, "params": 2, "latency_ms": 3, "extra": 4}, True),
+                       ({"params": 2, "name": "mine"}, False), ([1, 2], False),
+                       ("not json", False)):
+        path.write_text(json.dumps(held) if held != "not json" else held)
+        assert written_by_diffnas(path, keys) is ours, held
+    assert not written_by_diffnas(tmp_path, keys)  # a folder
