@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffnas.config import load_config
+from diffnas.engine.loop import Callback, Loop
 from diffnas.engine.retrain import run_retrain
 from diffnas.engine.search import run_search
 from diffnas.genotype import Genotype
@@ -30,9 +31,9 @@ def _alphas(result):
     return [p.detach().clone() for p in result.task.strategy.alphas()]
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_resumed_search_equals_uninterrupted(tmp_path, order):
-    cfg = _cfg(f"search.strategy.order={order}")
+@pytest.mark.parametrize("strategy", ["order=1", "order=2", "name=gdas"])
+def test_resumed_search_equals_uninterrupted(tmp_path, strategy):
+    cfg = _cfg(f"search.strategy.{strategy}")  # (gdas draws from torch's global RNG)
     full = run_search(cfg, tmp_path / "full")
     run_search(cfg, tmp_path / "cut", stop_after=1)  # as if killed after epoch 1
     assert not (tmp_path / "cut/search/DONE").exists()
@@ -46,6 +47,15 @@ def test_resumed_search_equals_uninterrupted(tmp_path, order):
         assert len(a) == len(b) == 2
         if name != "metrics.jsonl":
             assert a == b
+
+
+def test_a_search_not_resumed_starts_afresh_over_an_old_checkpoint(tmp_path):
+    """resume=False (the Python API; the CLI refuses a used run directory) ignores a
+    checkpoint left there by another run."""
+    run_search(_cfg("seed=1"), tmp_path / "r", stop_after=1)
+    again = run_search(_cfg(), tmp_path / "r")
+    fresh = run_search(_cfg(), tmp_path / "fresh")
+    assert all(torch.equal(a, b) for a, b in zip(_alphas(again), _alphas(fresh)))
 
 
 def test_run_directory_contents(tmp_path):
@@ -374,3 +384,74 @@ def test_a_resumed_loop_says_how_far_it_had_come_or_that_it_was_done():
         "resumed search after 1 of 3 epochs"
     assert resumed_text("retraining", SimpleNamespace(epoch=3, epochs=3)).startswith(
         "retraining: all 3 epochs were done earlier")
+
+
+class _Noisy:
+    """A task whose steps draw from torch's global RNG (as Gumbel noise and dropout do)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def num_batches(self) -> int:
+        return 3
+
+    def batches(self, epoch):
+        return range(3)
+
+    def step(self, batch):
+        x = float(torch.rand(()))
+        self.total += x
+        return {"loss": x}
+
+    def end_epoch(self, epoch):
+        return {"total": self.total}
+
+    def state_dict(self):
+        return {"total": self.total}
+
+    def load_state_dict(self, state):
+        self.total = state["total"]
+
+
+class _Counting(Callback):
+    """A callback with state of its own (a plugin's) that also counts run ends."""
+
+    def __init__(self) -> None:
+        self.steps, self.ends = 0, 0
+
+    def on_step_end(self, loop, step, metrics):
+        self.steps += 1
+
+    def on_run_end(self, loop):
+        self.ends += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_a_loop_cut_and_resumed_equals_an_uninterrupted_one():
+    """Loop's own part of a resume: the epoch, the history, the task's and callbacks'
+    states and torch's RNG state come back (a fresh process has another RNG state), and
+    on_run_end fires once, when the last epoch is done."""
+    torch.manual_seed(0)
+    full_cb = _Counting()
+    full = Loop(_Noisy(), 4, [full_cb])
+    full_history = full.run()
+    assert full_cb.ends == 1 and full_cb.steps == 12
+
+    torch.manual_seed(0)
+    cut_cb = _Counting()
+    cut = Loop(_Noisy(), 4, [cut_cb])
+    cut.run(stop_after=2)
+    assert cut_cb.ends == 0  # not the end of the run
+    state = cut.state_dict()
+    torch.manual_seed(1234)  # another process
+    resumed_cb = _Counting()
+    resumed = Loop(_Noisy(), 4, [resumed_cb])
+    resumed.load_state_dict(state)
+    history = resumed.run()
+    assert history == full_history and resumed.epoch == 4
+    assert resumed_cb.steps == 12 and resumed_cb.ends == 1
