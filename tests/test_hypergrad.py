@@ -292,3 +292,39 @@ def test_a_darts_step_moves_alphas_on_validation_and_weights_on_training(section
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert not torch.equal(s.alphas()[0], tiny_strategy(section, dtype=F64).alphas()[0])
+
+
+def _linear_penalty():
+    """A penalty sum(c * softmax weights) with a fixed c, registered once per session."""
+    from diffnas.strategies.base import PENALTIES, register_penalty
+
+    if "t_linear" not in PENALTIES.names():
+        @register_penalty("t_linear")
+        def linear(scale: float = 1.0):
+            def penalty(arch_weights, logits):
+                g = torch.Generator().manual_seed(5)
+                return scale * sum((w * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum()
+                                   for w in arch_weights.weights.values())
+            return penalty
+    return {"name": "t_linear", "scale": 3.0}
+
+
+@pytest.mark.parametrize("rule", ["first_order", "fd", "exact", "implicit"])
+def test_every_hypergradient_rule_adds_the_penalty_s_gradient(rule):
+    """A penalty of alpha alone (latency) adds its own gradient to the hypergradient of
+    every rule, whatever the weights do."""
+    from diffnas.strategies.implicit import implicit
+
+    compute = {"first_order": first_order, "implicit": implicit,
+               "fd": lambda s, t, v: unrolled(s, t, v, hessian="fd", fd_radius=1e-6),
+               "exact": lambda s, t, v: unrolled(s, t, v, hessian="exact")}[rule]
+    section = {"name": "darts", "order": 2}
+    plain, _, _ = _setup(section)
+    penalized, train, val = _setup({**section, "penalties": [_linear_penalty()]})
+    got, stats = compute(penalized, train, val)
+    base, _ = compute(plain, train, val)
+    value = penalized.penalties[0][1](penalized.arch_weights(), None)
+    assert stats["penalty_t_linear"] == pytest.approx(value.item())
+    want = torch.autograd.grad(value, penalized.alphas())
+    for g, b, w in zip(got, base, want, strict=True):
+        torch.testing.assert_close(g - b, w, rtol=1e-6, atol=1e-9)
