@@ -134,6 +134,30 @@ def test_strategy_anneals_the_temperature():
     assert math.isclose(s.relaxation.tau, 0.1)
 
 
+@pytest.mark.parametrize("name, middle", [("snas", math.sqrt(0.1)), ("gdas", 5.05)])
+def test_snas_anneals_exponentially_and_gdas_linearly_by_default(name, middle):
+    """The papers' schedules: SNAS tau 1 -> 0.1 exponentially, GDAS 10 -> 0.1 linearly;
+    halfway through a 3-epoch run the geometric and the arithmetic mean."""
+    from diffnas.arch import ArchParams
+    from diffnas.strategies import create_strategy
+    from diffnas.strategies.objective import ClassificationObjective
+
+    space = tiny_space()
+    s = create_strategy({"name": name}, space.build_supernet(), ArchParams(space),
+                        ClassificationObjective(), epochs=3)
+    s.relaxation.end_epoch()
+    assert math.isclose(s.relaxation.tau, middle)
+
+
+def test_snas_resource_term_is_its_weight_times_the_sampled_ops_cost():
+    s = tiny_strategy({"name": "snas", "cost_weight": 0.25, "cost_channels": 8})
+    aw = s.arch_weights()
+    term, stats = s.extra_loss(aw)
+    cost = sum((aw[g] * c).sum() for g, c in s.costs.items())
+    assert stats["cost"] == pytest.approx(float(cost))
+    assert float(term) == pytest.approx(0.25 * float(cost)) and float(cost) > 0
+
+
 def _count_op_calls(supernet):
     """Forward hooks on every candidate op of every mixed op: calls per (edge module)."""
     calls = {}
