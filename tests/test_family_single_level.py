@@ -11,12 +11,16 @@ PLAIN = {"w_optim": {"momentum": 0.0, "weight_decay": 0.0, "grad_clip": 1e9, "lr
          "a_optim": {"weight_decay": 0.0, "lr": 0.01}}
 
 
+@pytest.mark.parametrize("clip", [1e9, 0.05], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("section", [
     {"name": "single_level"},
     {"name": "snas", "cost_weight": 0.5},
 ])
-def test_one_batch_both_sets_move_along_the_same_loss(section):
-    s = tiny_strategy({**section, **PLAIN})
+def test_one_batch_both_sets_move_along_the_same_loss(section, clip):
+    """Both step along one loss's gradient; the weights' gradient clipped to
+    w_optim.grad_clip (their own norm: the alphas' is Adam's business)."""
+    plain = {**PLAIN, "w_optim": {**PLAIN["w_optim"], "grad_clip": clip}}
+    s = tiny_strategy({**section, **plain})
     assert type(s).uses_validation is False
     batch = tiny_batch(4, 1)
     w0 = [p.detach().clone() for p in s.supernet.parameters()]
@@ -32,10 +36,15 @@ def test_one_batch_both_sets_move_along_the_same_loss(section):
     n = len(w0)
     g_w = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[:n], w0, strict=True)]
     g_a = grads[n:]
+    norm = float(torch.sqrt(sum((g ** 2).sum() for g in g_w)))
+    c = min(1.0, clip / (norm + 1e-6))
+    assert (c < 0.5) == (clip < 1)  # the clipped case does clip
     torch.manual_seed(3)
-    s.step(batch, None)
+    stats = s.step(batch, None)
+    if section["name"] == "snas":  # the resource term's figures are reported
+        assert {"cost", "tau"} <= set(stats)
     for p, p0, g in zip(s.supernet.parameters(), w0, g_w, strict=True):
-        assert torch.allclose(p.detach(), p0 - 0.1 * g, atol=1e-6)
+        assert torch.allclose(p.detach(), p0 - 0.1 * c * g, atol=1e-6)
     for p, p0, g in zip(s.alphas(), a0, g_a, strict=True):
         # Adam's first step: lr * g / (|g| + eps) (bias-corrected moments)
         assert torch.allclose(p.detach(), p0 - 0.01 * g / (g.abs() + 1e-8), atol=1e-5)

@@ -253,6 +253,20 @@ def test_the_architecture_passes_use_the_plain_cross_entropy():
     assert reg.item() > plain.item()  # the weight step's loss carries them
 
 
+def test_a_single_level_step_carries_the_weight_regularizers():
+    """Single-level strategies' one loss is also the weight step's: AR/TAR are in it."""
+    moved = []
+    for alpha, beta in ((0.0, 0.0), (2.0, 1e-3)):
+        space = rnn_space()
+        torch.manual_seed(0)
+        net, arch = space.build_supernet().to(F64), ArchParams(space).to(F64)
+        s = create_strategy({"name": "single_level"}, net, arch,
+                            LanguageModelObjective(alpha, beta), epochs=2)
+        s.step(lm_batch(s.supernet, seed=1, dtype=F64), None)
+        moved.append([p.detach().clone() for p in s.supernet.parameters()])
+    assert not all(torch.equal(a, b) for a, b in zip(*moved, strict=True))
+
+
 def test_a_sampled_recurrent_cell_gives_unsampled_ops_the_same_gradient_as_other_spaces():
     """GDAS on the recurrent cell: only the sampled op of each edge runs and the output is
     that of the hard one-hot mixture, yet every unsampled op's weight gets the gradient
