@@ -180,3 +180,58 @@ def test_sub_supernets_are_scored_under_the_same_gumbel_noise():
     scores = s.scores()
     assert scores[0] == scores[1]
     assert scores == s.scores()  # and the same again: the RNG is left as it was
+
+
+def test_the_one_shot_phase_is_a_darts_first_order_step():
+    section = {"split_edges": ["normal/n3/e1"], "split_epoch": 1}
+    s = tiny_strategy({"name": "few_shot", **section})
+    ref = tiny_strategy({"name": "darts", "order": 1})
+    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
+    ref.step(tiny_batch(4, 1), tiny_batch(4, 2))
+    for got, want in ((s.alphas(), ref.alphas()),
+                      (s.supernet.parameters(), ref.supernet.parameters())):
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_hard_relaxation_samples_the_fixed_op_of_a_sub_supernet():
+    """GDAS's sub-supernets compute the fixed op on the split edge (``active``), not the
+    one the sample would pick."""
+    from diffnas.arch.relax import create_relaxation
+    from diffnas.strategies.few_shot import FixedOpRelaxation
+
+    logits = {"normal": torch.randn(5, 4, generator=torch.Generator().manual_seed(0))}
+    logits["normal"][2] = torch.tensor([9.0, 0.0, 0.0, 0.0])  # the sample takes op 0
+    relax = FixedOpRelaxation(create_relaxation("hard_gumbel", tau=1.0), {"normal": {2: 3}})
+    aw = relax(logits)
+    assert int(aw.active["normal"][2]) == 3
+    assert torch.equal(aw["normal"][2], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+
+
+def test_sub_supernets_keep_the_penalties_edge_norm_and_turns_of_the_run():
+    """A sub-supernet searches as the run was configured (edge normalisation, penalties),
+    the export takes the winner's weights, and a resumed run continues the round robin
+    where it stopped."""
+    from test_hypergrad import _linear_penalty
+
+    section = {"name": "few_shot", "split_edges": ["normal/n3/e1"], "split_epoch": 1,
+               "edge_norm": True, "penalties": [_linear_penalty()]}
+    s = tiny_strategy(section)
+    _one_shot_epoch(s)
+    for sub in s.subnets:
+        assert sub.arch_params.betas and sub.config.edge_norm
+        assert [name for name, _ in sub.penalties] == ["t_linear"]
+    for _ in range(3):
+        s.step(tiny_batch(4, 3), tiny_batch(4, 4))
+    resumed = tiny_strategy(section)
+    resumed.load_state_dict(s.state_dict())
+    assert resumed.turn == s.turn == 3
+    assert resumed.val_loss == s.val_loss
+    s.export(2)
+    for k, v in s.supernet.state_dict().items():
+        assert torch.equal(v, s.subnets[2].supernet.state_dict()[k])
+
+
+def test_a_split_before_any_one_shot_epoch_is_refused():
+    with pytest.raises(ValueError, match=r"split_epoch must be in \[1, epochs\), got 0"):
+        tiny_strategy({"name": "few_shot", "split_epoch": 0})
