@@ -211,3 +211,76 @@ def test_sampling_none_is_refused_where_the_discretizer_drops_it():
     cfg = load_config(None, ["search.strategy={name: random_labels, exclude_ops: []}",
                              "search.space={name: nb201}", "retrain.enabled=false"])
     assert cfg.search.strategy["exclude_ops"] == []
+
+
+def test_the_label_permutation_is_drawn_from_label_seed():
+    labels = torch.arange(50)
+    perms = {seed: tiny_strategy({**SEC, "label_seed": seed}).relabel(labels)
+             for seed in (0, 1)}
+    for seed, got in perms.items():
+        want = labels[torch.randperm(50, generator=torch.Generator().manual_seed(seed))]
+        assert torch.equal(got, want)
+    assert not torch.equal(perms[0], perms[1])
+
+
+def test_sampled_paths_avoid_the_excluded_ops():
+    s = tiny_strategy({**SEC, "exclude_ops": ["none", "nor_conv_3x3"]}, space=nb201_space())
+    names = s.arch_params.candidates("cell")
+    torch.manual_seed(0)
+    seen = torch.zeros(len(names), dtype=torch.long)
+    for _ in range(200):
+        seen += torch.bincount(s.sample_path()["cell"], minlength=len(names))
+    for i, n in enumerate(names):
+        assert (seen[i] == 0) == (n in ("none", "nor_conv_3x3")), (n, seen)
+
+
+def _evolution(settings, monkeypatch):
+    """A strategy whose angle is a made-up fitness: how many edges match a target path."""
+    s = tiny_strategy({**SEC, **settings}, space=nb201_space())
+    target = torch.tensor([1, 2, 3, 4, 1, 2])
+    fitness = lambda p, include_shared=True, sums=None: float((p["cell"] == target).sum())  # noqa: E731
+    monkeypatch.setattr(s, "_sums", lambda: {})
+    monkeypatch.setattr(s, "angle", fitness)
+    return s, fitness
+
+
+def test_evolution_keeps_the_fittest_path_and_improves_on_its_population(monkeypatch):
+    s, fitness = _evolution({"population": 6, "iterations": 0}, monkeypatch)
+    torch.manual_seed(0)
+    population = [s.sample_path() for _ in range(6)]
+    torch.manual_seed(0)
+    best, score = s.evolve()  # no iterations: the best of the first population
+    assert score == fitness(best) == max(fitness(p) for p in population)
+    s, fitness = _evolution({"population": 8, "iterations": 25, "parents": 3}, monkeypatch)
+    torch.manual_seed(0)
+    start = max(fitness(s.sample_path()) for _ in range(8))
+    torch.manual_seed(0)
+    best, score = s.evolve()
+    assert score == fitness(best) == 6 > start  # the target path itself
+
+
+def test_mutation_flips_edges_with_its_probability():
+    for prob, low, high in ((0.0, 0, 0), (1.0, 0.6, 0.9)):  # new op = old op 1 time in 4
+        s = tiny_strategy({**SEC, "mutate_prob": prob}, space=nb201_space())
+        torch.manual_seed(0)
+        changed = []
+        for _ in range(100):
+            p = s.sample_path()
+            changed.append(float((s._mutate(p)["cell"] != p["cell"]).float().mean()))
+        assert low <= sum(changed) / len(changed) <= high
+
+
+def test_the_export_writes_5_plus_each_op_s_own_angle():
+    s = tiny_strategy(SEC, space=nb201_space())
+    torch.manual_seed(0)
+    for i in range(3):
+        s.step(tiny_batch(4, i), None)
+    path = s.sample_path()
+    s.export(path)
+    sums = s._sums()
+    logits = s.arch_params["cell"]
+    for r, op in enumerate(path["cell"].tolist()):
+        own = angle_from_sums(*sums.get(("cell", r, op), (0.0, 0.0, 0.0)))
+        assert logits[r, op].item() == pytest.approx(5.0 + own)
+        assert float(logits[r].sum()) == pytest.approx(5.0 + own)  # the others are 0
+    assert any(logits[r, op] > 5.0 for r, op in enumerate(path["cell"].tolist()))
