@@ -110,6 +110,21 @@ def test_genotype_structure_is_validated():
      " reduce_concat=[2])", r"field\(s\) given twice: \['normal'\]"),
     ('{"space": "darts_cnn", "cells": {"normal": {"edges": [], "concat": []}, "normal": {"edges":'
      ' [], "concat": []}}}', r"key\(s\) 'normal' given twice in one object"),
+    ('{"space": "darts_cnn", "cells": {}, "notes": 1}', "exactly the keys 'space' and 'cells'"),
+    ('{"space": 3, "cells": {}}', "'space' must be a string"),
+    ('{"space": "darts_cnn", "cells": []}', "'cells' an object"),
+    ('{"space": "darts_cnn", "cells": {"normal": {"edges": [], "concat": [], "x": 1}}}',
+     "needs exactly the keys 'edges' and 'concat'"),
+    ('{"space": "darts_cnn", "cells": {"normal": {"edges": [["sep_conv_3x3", 0, 2, 1]], '
+     '"concat": [2]}}}', r"must be \[op, src, dst\]"),
+    ('{"space": "darts_cnn", "cells": {"normal": {"edges": [[7, 0, 2]], "concat": [2]}}}',
+     "the op must be a name"),
+    ("Genotype(normal=[(3, 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+     "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])",
+     r"expected \(op, input\) pairs"),
+    ("Genotype(normal=[('sep_conv_3x3', 0, 9), ('sep_conv_3x3', 1)], normal_concat=[2], "
+     "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])",
+     r"expected \(op, input\) pairs"),
 ])
 def test_malformed_genotype_files(tmp_path, text, match):
     p = tmp_path / "g.txt"
