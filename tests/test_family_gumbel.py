@@ -172,7 +172,12 @@ def _count_op_calls(supernet):
     return calls, handles
 
 
-@pytest.mark.parametrize("make_space", [tiny_space, nb201_space])
+def _pc_space(k):
+    return lambda: tiny_space(mixed_op={"name": "partial_channel", "k": k})
+
+
+@pytest.mark.parametrize("make_space", [tiny_space, nb201_space, _pc_space(1), _pc_space(2)],
+                         ids=["darts_cnn", "nb201", "partial_channel_k1", "partial_channel_k2"])
 def test_gdas_computes_exactly_one_op_per_edge(make_space):
     s = tiny_strategy({"name": "gdas"}, space=make_space())
     calls, handles = _count_op_calls(s.supernet)
