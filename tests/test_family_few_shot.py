@@ -82,7 +82,10 @@ def test_a_winning_op_sub_supernet_exports_its_op():
     i = next(i for i, f in enumerate(s.fixed) if ops[f[g][row]] == "avg_pool_3x3")
     with torch.no_grad():  # even against a one-shot ranking that favours another op
         s.subnets[i].arch_params[g][row, ops.index("sep_conv_5x5")] += 3.0
+        s.subnets[i].arch_params[g][row, ops.index("avg_pool_3x3")] = -20.0  # far below
     s.export(i)
+    weights = torch.softmax(s.arch_params[g][row], -1)
+    assert weights[ops.index("avg_pool_3x3")] > 0.999  # 10 above the row's largest logit
     geno = discretize(s.arch_params.as_dict(), _space())
     assert [x.op for x in geno.cell(g).inputs_of(2) if x.src == 0] == ["avg_pool_3x3"]
 
