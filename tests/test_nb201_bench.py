@@ -1279,3 +1279,27 @@ def test_every_strategy_beats_random_search_on_a_learnable_table(name, full_tabl
     picks = [run_query_search(name, table, 40, seed=s, settings=FAST[name]).valid_acc
              for s in range(4)]
     assert np.mean(picks) > random_baseline + 3, (picks, random_baseline)
+
+
+def test_the_summary_compares_each_strategy_with_random_at_its_own_budget():
+    """'X vs random': positive when X picked better cells, against random's runs of the
+    same budget and seed. (A swapped pair or another budget's random runs pass unnoticed
+    by the tests of the comparison alone.)"""
+    def outcome(strategy, budget, seed, acc):
+        return {"strategy": strategy, "budget": budget, "seed": seed, "valid_acc": acc,
+                "test": {"c10_test_200": acc}, "queries": budget, "seconds": 0.1}
+
+    outcomes = [outcome("random", 10, s, 60.0 + s) for s in range(3)]
+    outcomes += [outcome("random", 50, s, 80.0 + s) for s in range(3)]
+    outcomes += [outcome("rea", 10, s, 70.0 + s) for s in range(3)]  # +10 at its budget
+    paired = summarize(outcomes)["paired"]
+    assert [(p["strategy"], p["budget"]) for p in paired] == [("rea", 10)]
+    assert paired[0]["mean_diff"] == pytest.approx(10.0) and paired[0]["wins"] == 3
+
+
+def test_the_oracle_s_best_is_the_first_cell_with_the_highest_accuracy():
+    answers = {(0,) * 6: 10.0, (1,) * 6: 5.0, (2,) * 6: 10.0, (3,) * 6: 1.0}
+    oracle = QueryOracle(lambda cell: answers[cell], budget=4)
+    for cell in answers:
+        oracle.query(cell)
+    assert oracle.best() == ((0,) * 6, 10.0)
