@@ -40,6 +40,35 @@ def tiny_strategy(section: dict, space=None, dtype=torch.float32, seed: int = 0)
     return create_strategy(section, supernet, arch, ClassificationObjective(), epochs=2)
 
 
+def assert_same_state(s, ref, exact: bool = False) -> None:
+    """Strategy ``s`` holds the alphas and supernet weights of ``ref`` (a twin replayed by
+    hand), to float64 rounding or (``exact``) bit for bit."""
+    for got, want in ((s.alphas(), ref.alphas()),
+                      (s.supernet.parameters(), ref.supernet.parameters())):
+        for a, b in zip(got, want, strict=True):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def noise_of_a_step(s, train, val) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The relaxation noise of group ``normal`` each pass of ``s.step(train, val)`` drew:
+    those of the alpha step, and the weight step's (the last)."""
+    draws = []
+    noise = s.relaxation.noise
+
+    def recorded(group, a):
+        out = noise(group, a)
+        if group == "normal":
+            draws.append(out.clone())
+        return out
+
+    s.relaxation.noise = recorded
+    s.step(train, val)
+    return draws[:-1], draws[-1]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_plots_after_runs():
     """Runs end without drawing RUN/plots (about 2 s a run, over a hundred runs in the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_strategy
+from conftest import assert_same_state, tiny_batch, tiny_strategy
 
 from diffnas.strategies.hypergrad import first_order
 from diffnas.strategies.implicit import ImplicitConfig, implicit, implicit_hypergrad
@@ -93,10 +93,7 @@ def test_a_step_uses_the_configured_K_eta_and_weight_decay_on_the_right_batches(
     ref.set_alpha_grads(grads)
     ref.a_optimizer.step()
     ref.weight_step(train, ref.arch_weights())
-    for got, want in ((s.alphas(), ref.alphas()),
-                      (s.supernet.parameters(), ref.supernet.parameters())):
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_state(s, ref)
 
 
 def test_a_non_positive_eta_is_an_error():

@@ -4,7 +4,7 @@ descent on the smoothed loss of a rugged toy problem."""
 from __future__ import annotations
 
 import torch
-from conftest import tiny_batch, tiny_strategy
+from conftest import assert_same_state, noise_of_a_step, tiny_batch, tiny_strategy
 
 from diffnas.strategies.mean_shift import mean_shift
 
@@ -140,25 +140,11 @@ def test_a_step_shifts_alpha_then_steps_along_the_weighted_gradient():
     ref.set_alpha_grads(grads)
     ref.a_optimizer.step()
     ref.weight_step(train, ref.arch_weights())
-    for got, want in ((s.alphas(), ref.alphas()),
-                      (s.supernet.parameters(), ref.supernet.parameters())):
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_state(s, ref)
 
 
 def test_every_sample_of_a_step_sees_one_gumbel_noise():
     s = tiny_strategy({"name": "mean_shift", "samples": 3, "relaxation": {"name": "gumbel"}})
-    draws = []
-    noise = s.relaxation.noise
-
-    def recorded(group, a):
-        out = noise(group, a)
-        if group == "normal":
-            draws.append(out.clone())
-        return out
-
-    s.relaxation.noise = recorded
-    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
-    alpha_step, weight_step = draws[:-1], draws[-1]
+    alpha_step, weight_step = noise_of_a_step(s, tiny_batch(4, 1), tiny_batch(4, 2))
     assert len(alpha_step) == 3 and all(torch.equal(d, alpha_step[0]) for d in alpha_step)
     assert not torch.equal(weight_step, alpha_step[0])

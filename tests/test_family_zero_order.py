@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_strategy
+from conftest import noise_of_a_step, tiny_batch, tiny_strategy
 
 from diffnas.strategies.zero_order import gld_step, mgs_estimate, rs_step
 
@@ -185,18 +185,7 @@ def test_a_step_moves_alpha_by_its_estimator_then_the_weights_on_training(estima
 def test_every_candidate_of_a_step_is_judged_on_one_gumbel_sample():
     s = tiny_strategy({"name": "zero_order", "estimator": "rs", "samples": 4,
                        "relaxation": {"name": "gumbel"}})
-    draws = []
-    noise = s.relaxation.noise
-
-    def recorded(group, a):
-        out = noise(group, a)
-        if group == "normal":
-            draws.append(out.clone())
-        return out
-
-    s.relaxation.noise = recorded
-    s.step(tiny_batch(4, 1), tiny_batch(4, 2))
-    alpha_step, weight_step = draws[:-1], draws[-1]
+    alpha_step, weight_step = noise_of_a_step(s, tiny_batch(4, 1), tiny_batch(4, 2))
     assert len(alpha_step) == 5  # f(alpha) and 4 candidates
     assert all(torch.equal(d, alpha_step[0]) for d in alpha_step)
     assert not torch.equal(weight_step, alpha_step[0])

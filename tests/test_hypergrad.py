@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_strategy
+from conftest import assert_same_state, tiny_batch, tiny_strategy
 from torch.func import functional_call
 
 from diffnas.ops import twice_differentiable
@@ -287,10 +287,7 @@ def test_a_darts_step_moves_alphas_on_validation_and_weights_on_training(section
     ref.set_alpha_grads(grads)
     ref.a_optimizer.step()
     ref.weight_step(train, ref.arch_weights())
-    for got, want in ((s.alphas(), ref.alphas()),
-                      (s.supernet.parameters(), ref.supernet.parameters())):
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_state(s, ref)
     assert not torch.equal(s.alphas()[0], tiny_strategy(section, dtype=F64).alphas()[0])
 
 
