@@ -151,7 +151,7 @@ def test_snas_anneals_exponentially_and_gdas_linearly_by_default(name, middle):
 
 def test_snas_resource_term_is_its_weight_times_the_sampled_ops_cost():
     s = tiny_strategy({"name": "snas", "cost_weight": 0.25, "cost_channels": 8})
-    aw = s.arch_weights()
+    aw = s.arch_weights().detach()
     term, stats = s.extra_loss(aw)
     cost = sum((aw[g] * c).sum() for g, c in s.costs.items())
     assert stats["cost"] == pytest.approx(float(cost))
