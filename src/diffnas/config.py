@@ -509,10 +509,10 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
 
     from diffnas.arch import check_relaxation_output
     from diffnas.genotype.discretize import discretize
-    from diffnas.strategies.registry import STRATEGIES, strategy_config
+    from diffnas.strategies.registry import strategy_class, strategy_config
 
     section = cfg.search.strategy
-    cls = STRATEGIES.get(section.get("name", "darts"))
+    cls = strategy_class(section)
     space, arch = _space_and_alphas(cfg)
     rule = cfg.search.discretizer or getattr(space, "default_discretizer", "darts")
     try:

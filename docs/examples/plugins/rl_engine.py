@@ -69,7 +69,7 @@ from diffnas.engine.search import (
 )
 from diffnas.genotype import CellGenotype, Genotype
 from diffnas.spaces import DataShape, EdgeSpec, SearchSpace, create_space, register_space
-from diffnas.strategies import STRATEGIES, create_strategy
+from diffnas.strategies import create_strategy, strategy_class
 from diffnas.strategies.objective import check_finite_loss
 
 CELL = "encoder"
@@ -631,16 +631,14 @@ def check_agent_search(cfg: RunConfig, device: bool = True) -> None:
                           "engine (docs/examples/plugins/rl_engine.py): PPO has no labels to "
                           "draw at random")
     ppo = ppo_settings(cfg)
-    if STRATEGIES.get(cfg.search.strategy.get("name", "darts")).uses_validation:
-        half = ppo.transitions // 2
-        require(1 <= cfg.data.batch_size <= half, "data.batch_size",
-                f"in 1..{half} (half a rollout of engine.envs x engine.steps = {ppo.envs} x "
-                f"{ppo.steps} transitions: a bilevel strategy's weights and alphas learn on "
-                "one half each)", cfg.data.batch_size)
+    rollout = f"a rollout of engine.envs x engine.steps = {ppo.envs} x {ppo.steps} transitions"
+    if strategy_class(cfg.search.strategy).uses_validation:
+        most, why = ppo.transitions // 2, (f"half {rollout}: a bilevel strategy's weights and "
+                                            "alphas learn on one half each")
     else:  # single level: the weights (and alphas) learn on the whole rollout
-        require(1 <= cfg.data.batch_size <= ppo.transitions, "data.batch_size",
-                f"in 1..{ppo.transitions} (a rollout of engine.envs x engine.steps = "
-                f"{ppo.envs} x {ppo.steps} transitions)", cfg.data.batch_size)
+        most, why = ppo.transitions, rollout
+    require(1 <= cfg.data.batch_size <= most, "data.batch_size", f"in 1..{most} ({why})",
+            cfg.data.batch_size)
 
 
 def check_gymnasium(cfg: RunConfig) -> None:

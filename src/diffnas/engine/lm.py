@@ -440,7 +440,7 @@ def lm_texts(cfg: RunConfig, corpus: Corpus | None = None, search: bool = True,
     are global under torchrun (each rank takes a share of the columns), so the tokens a
     text needs do not depend on the number of processes. A text both phases batchify
     alike (the validation text) is listed once."""
-    from diffnas.strategies.registry import STRATEGIES
+    from diffnas.strategies.registry import strategy_class
 
     lm, d, r = lm_config(cfg), cfg.data, cfg.retrain
     texts: list[LmText] = []
@@ -478,7 +478,7 @@ def lm_texts(cfg: RunConfig, corpus: Corpus | None = None, search: bool = True,
 
     if search:
         bs = d.batch_size
-        cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+        cls = strategy_class(cfg.search.strategy)
         if cls.uses_validation and lm.arch_data == "split":
             c = count("train", "data.train_subset", d.train_subset)
             if c is not None:
@@ -583,14 +583,14 @@ def check_lm_search(cfg: RunConfig) -> None:
     tokens for the batch sizes in every search text the ``*_subset`` settings bound
     (:func:`lm_texts`: ``data.train_subset`` and ``data.search_split`` against
     ``data.batch_size``, ``data.test_subset`` against it and ``lm.eval_batch_size``)."""
-    from diffnas.strategies.registry import STRATEGIES
+    from diffnas.strategies.registry import strategy_class
 
     lm = lm_config(cfg)
     for key, value in (("data.batch_size", cfg.data.batch_size),
                        ("lm.eval_batch_size", lm.eval_batch_size)):
         require(value >= 2, key, ">= 2 in a search (the search cell normalizes with batch "
                 "statistics)", value)
-    cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+    cls = strategy_class(cfg.search.strategy)
     if cls.relabel is not SearchStrategy.relabel:
         raise ConfigError(f"search.strategy.name: {cls.name!r} trains on relabelled targets; "
                           "the language-model engine (engine/lm.py) does not relabel a text: "

@@ -35,11 +35,11 @@ from diffnas.genotype.discretize import discretize
 from diffnas.ops import twice_differentiable
 from diffnas.spaces import DataShape, SearchSpace, create_space
 from diffnas.strategies import (
-    STRATEGIES,
     ClassificationObjective,
     SearchStrategy,
     create_strategy,
     require_data_parallel,
+    strategy_class,
     strategy_config,
 )
 from diffnas.supernet.compile import check_compile_settings, compile_mixed_ops
@@ -280,7 +280,7 @@ def build_search(cfg: RunConfig, data: ImageData, device: torch.device | str = "
     objective = getattr(space, "objective", lambda: ClassificationObjective())()
     strategy = create_strategy(cfg.search.strategy, supernet, arch, objective, cfg.search.epochs)
     require_data_parallel(cfg.search.strategy, world_size)
-    cls = STRATEGIES.get(cfg.search.strategy.get("name", "darts"))
+    cls = strategy_class(cfg.search.strategy)
     data_y = strategy.relabel(data.train_y)  # identity, except e.g. RLNAS's random labels
     train, val = search_loaders(cfg, data.train_x, data_y, cls.uses_validation, device, rank,
                                 world_size)
@@ -343,7 +343,7 @@ class StepTraits:
         agree)."""
         from diffnas.arch.relax import RELAXATIONS
 
-        strategy = STRATEGIES.get(section.get("name", "darts"))
+        strategy = strategy_class(section)
         c = strategy_config(section)
         relax = getattr(c, "relaxation", {"name": "softmax"})
         first, safe = strategy.declared(c)
@@ -441,7 +441,7 @@ def check_full_batch(cfg: RunConfig, n_images: int | None = None) -> None:
     if min(d.search_split, 1 - d.search_split) * n >= d.batch_size + 1:
         return  # either part of the split holds a full batch, whatever the rounding
     rows = torch.empty(n, 0)
-    uses_val = STRATEGIES.get(cfg.search.strategy.get("name", "darts")).uses_validation
+    uses_val = strategy_class(cfg.search.strategy).uses_validation
     train, val = search_loaders(cfg, rows, rows, uses_val)
     if batches_per_epoch(train, val) == 0:
         parts = (f"its split (data.search_split={d.search_split}) leaves {len(train.x)} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,7 +38,7 @@ class DataShape:
     num_classes: int = 10
 
 
-def check_network_ops(ops: tuple[str, ...] | list[str], C: int) -> None:
+def check_network_ops(ops: Sequence[str], C: int) -> None:
     """Hold a plugin's ops among ``ops`` to the op contract as a retrained cell network of
     ``C`` channels builds them (stages of C, 2C and 4C, affine), before the search: an op
     that fits the search's counts but not the retraining's (a GroupNorm of 8 groups, C=36)

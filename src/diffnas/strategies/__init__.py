@@ -19,6 +19,7 @@ from diffnas.strategies.registry import (
     list_strategies,
     register_strategy,
     require_data_parallel,
+    strategy_class,
     strategy_config,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "list_strategies",
     "register_strategy",
     "require_data_parallel",
+    "strategy_class",
     "strategy_config",
 ]

@@ -49,6 +49,11 @@ def _check_strategy_class(cls: type, name: str) -> None:
                         "reads")
 
 
+def strategy_class(section: dict) -> type:
+    """The strategy class a ``search.strategy`` section names (``darts`` by default)."""
+    return STRATEGIES.get(section.get("name", "darts"))
+
+
 def strategy_config(section: dict) -> Any:
     """The strategy's config dataclass from a ``search.strategy`` section. A relaxation
     section that names no relaxation sets the strategy's default one
@@ -77,14 +82,14 @@ def check_strategy(section: dict) -> Any:
 def create_strategy(section: dict, supernet: nn.Module, arch_params: ArchParams,
                     objective: Objective, epochs: int) -> SearchStrategy:
     """Build the strategy named by ``section['name']`` over the given parameter sets."""
-    cls = STRATEGIES.get(section.get("name", "darts"))
+    cls = strategy_class(section)
     return cls(strategy_config(section), supernet, arch_params, objective, epochs)
 
 
 def require_data_parallel(section: dict, world_size: int) -> None:
     """Refuse more than one process for a strategy that does not declare
     ``data_parallel`` (not all of its gradients are averaged over ranks)."""
-    cls = STRATEGIES.get(section.get("name", "darts"))
+    cls = strategy_class(section)
     if world_size > 1 and not cls.data_parallel:
         raise ValueError(
             f"strategy {cls.name!r} does not run data parallel yet (not all of its gradients "
