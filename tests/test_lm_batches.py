@@ -76,9 +76,11 @@ def test_batchify_names_the_text_and_the_setting():
      r"data\.test_subset=1000 tokens are too few for lm\.test_batch_size=600 columns \(2 "
      r"tokens each at least: 1200\) of the test split, which the retraining tests on; lower "
      r"lm\.test_batch_size to 500 or less, or raise data\.test_subset to 1200 or more"),
+    # the validation text both phases batchify at lm.eval_batch_size is named once
     (["data.test_subset=5"], r"data\.test_subset=5 tokens are too few for "
-     r"lm\.eval_batch_size=10 columns .* of the validation split, which the retraining "
-     r"evaluates on; .*data\.test_subset=5 tokens are too few for lm\.test_batch_size=10"),
+     r"lm\.eval_batch_size=10 columns .* of the validation split, which the search "
+     r"evaluates the supernet on; .*data\.test_subset=5 tokens are too few for "
+     r"lm\.test_batch_size=10 columns .* of the test split, which the retraining tests on"),
     # the search alone: its alphas learn on the validation text at data.batch_size
     (["data.test_subset=5", "retrain.enabled=false"], r"data\.test_subset=5 tokens are too "
      r"few for data\.batch_size=16 columns \(2 tokens each at least: 32\) of the validation "
@@ -102,8 +104,13 @@ def test_batchify_names_the_text_and_the_setting():
      r"retrain\.train_subset=100 tokens are too few for retrain\.batch_size=64 columns \(2 "
      r"tokens each at least: 128\) of the training split, which the retraining learns on; "
      r"lower retrain\.batch_size to 50 or less, or raise retrain\.train_subset to 128"),
+    # one message names both phases' texts, not the retraining's alone until it is fixed
+    (["data.train_subset=30", "retrain.train_subset=20", "retrain.batch_size=16"],
+     r"^data\.train_subset=30 tokens are too few for data\.batch_size=16 columns .* of the "
+     r"training split, which the search's weights learn on; .*; and retrain\.train_subset=20 "
+     r"tokens are too few for retrain\.batch_size=16 columns .* which the retraining learns on"),
 ], ids=["test-batch", "test-subset-retrain", "test-subset-search", "eval-batch",
-        "arch-split", "weight-split", "retrain-subset"])
+        "arch-split", "weight-split", "retrain-subset", "both-phases"])
 def test_batch_sizes_the_subsets_cannot_fill_are_refused_before_the_run(tmp_path, capsys,
                                                                         overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -111,7 +118,7 @@ def test_batch_sizes_the_subsets_cannot_fill_are_refused_before_the_run(tmp_path
     argv = ["search", "--config", str(RNN), f"out_dir={tmp_path / 'runs'}", "name=r",
             *overrides]
     assert main(argv) == 2
-    assert re.search(match, capsys.readouterr().err)
+    assert re.search(match.replace("^", "^diffnas: error: ", 1), capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
 
 

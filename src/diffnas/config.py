@@ -492,12 +492,12 @@ def validate_components(cfg: RunConfig, device: bool = True, search: bool = True
         DISCRETIZERS.get(cfg.search.discretizer)  # an unknown name lists the known ones
     _check_data(cfg, unused_data)
     _check_sections(cfg)
-    _check_retrain(cfg, always=not search)
-    _check_unread_retrain(cfg, always=not search)
     _check_diagnostics(cfg)
-    if search:
+    if search:  # (the search's refusals first: its engine's may name the retraining's too)
         _check_strategy_setup(cfg)
         _check_engine(cfg, device)
+    _check_retrain(cfg, always=not search)
+    _check_unread_retrain(cfg, always=not search)
 
 
 def _check_strategy_setup(cfg: RunConfig) -> None:

@@ -574,7 +574,7 @@ def check_lm_batches(cfg: RunConfig, corpus: Corpus, run_dir: str | Path, search
                       f"{command} {with_}")
 
 
-def check_lm_search(cfg: RunConfig) -> None:
+def check_lm_search(cfg: RunConfig, retrain: bool = False) -> None:
     """What an LM search needs that its config shows (also checked at config loading):
     at least 2 sequences per search and validation batch (the search cell normalizes with
     batch statistics); a strategy that does not relabel the training targets (RLNAS's
@@ -582,7 +582,9 @@ def check_lm_search(cfg: RunConfig) -> None:
     the training text) no ``lm.arch_data: split``, which it would ignore; and enough
     tokens for the batch sizes in every search text the ``*_subset`` settings bound
     (:func:`lm_texts`: ``data.train_subset`` and ``data.search_split`` against
-    ``data.batch_size``, ``data.test_subset`` against it and ``lm.eval_batch_size``)."""
+    ``data.batch_size``, ``data.test_subset`` against it and ``lm.eval_batch_size``);
+    with ``retrain`` the retraining's texts too, so that one message names every text of
+    the run that its batch size does not fit, not one phase's at a time."""
     from diffnas.strategies.registry import strategy_class
 
     lm = lm_config(cfg)
@@ -607,7 +609,7 @@ def check_lm_search(cfg: RunConfig) -> None:
         raise ConfigError(f"data.search_split={split} is read with lm.arch_data: split alone "
                           f"(the share of the training text the weights learn on); {why}: "
                           "remove data.search_split")
-    refuse_unfit_texts(lm_texts(cfg, search=True, retrain=False))
+    refuse_unfit_texts(lm_texts(cfg, search=True, retrain=retrain))
 
 
 def check_growth(cfg: RunConfig) -> None:
@@ -981,7 +983,7 @@ def check_lm_config(cfg: RunConfig, device: bool = True) -> None:
     before a run directory exists): image-search settings, its batches and strategy, and
     growth epochs past the search."""
     refuse_image_search_settings(cfg)
-    check_lm_search(cfg)
+    check_lm_search(cfg, retrain=cfg.retrain.enabled)
     check_growth(cfg)
     _check_shares("data.batch_size", cfg.data.batch_size, least=2)
 
