@@ -158,9 +158,15 @@ def test_a_bad_retrain_network_writes_no_run_directory(tmp_path, capsys):
 
 
 # --- 2. malformed YAML ------------------------------------------------------------------
-def test_a_malformed_override_names_the_override():
+def test_a_malformed_override_names_the_override(capsys):
     _refused(["search.space={name: darts_cnn, C: 4"],
              r"override 'search\.space=\{name: darts_cnn, C: 4': invalid YAML")
+    _refused(["seed"], r"override 'seed' must look like key\.sub=value$")
+    # a config file given where an override goes (without --config) says how to give it
+    assert main(["search", str(FASHION)]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"override {str(FASHION)!r} must look like key.sub=value (a config file is given as "
+        "--config PATH)\n")
 
 
 def test_a_malformed_file_names_the_file_and_line(tmp_path):

@@ -405,7 +405,9 @@ class RunConfig:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=value"`` -> ``(["a", "b"], value read as YAML)``."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
+        config = " (a config file is given as --config PATH)" if \
+            text.lower().endswith((".yaml", ".yml")) else ""
+        raise ConfigError(f"override {text!r} must look like key.sub=value{config}")
     key, value = text.split("=", 1)
     return key.strip().split("."), _load_yaml(value, f"override {text!r}")
 
