@@ -168,6 +168,10 @@ class CsvNb201Table(Nb201Benchmark):
         if not rows:
             raise ValueError(f"{p}: empty NAS-Bench-201 table")
         header = rows[0]
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:  # (the last copy's values would silently win)
+            raise ValueError(f"{p}: column(s) {', '.join(twice)} appear more than once in "
+                             "the header")
         for need in ("index", "arch_str"):
             if need not in header:
                 raise ValueError(f"{p}: NAS-Bench-201 table lacks column {need!r}; has {header}")
