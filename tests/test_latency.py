@@ -798,6 +798,21 @@ def test_records_of_one_architecture_say_so():
         fit_predictor([rec] * 12, space, epochs=1, target="raw")
 
 
+@pytest.mark.parametrize("target", ["raw", "anchored"])
+def test_records_of_one_latency_are_refused_not_fitted_to_a_constant(target):
+    """Equal training latencies (a clock too coarse for the networks) have std 0: the
+    predictor would give every cell one latency, and the penalty no gradient."""
+    space = tiny_space()
+    records = [{**r, "latency_ms": 2.0, "anchor_ms": 1.0, "ratio": 2.0}
+               for r in _synthetic_records(space, 12)]
+    with pytest.raises(ValueError, match=rf"training records all take 2 ms \({target} "
+                                         r"latency\): .* larger --batch-size"):
+        fit_predictor(records, space, epochs=1, target=target)
+    records[3]["latency_ms"], records[3]["ratio"] = 3.0, 3.0  # (held out or trained on)
+    records[4]["latency_ms"], records[4]["ratio"] = 3.0, 3.0
+    fit_predictor(records, space, epochs=1, target=target)
+
+
 def test_measure_and_report_refuse_a_device_they_would_not_time_on(tmp_path, capsys,
                                                                     monkeypatch):
     from diffnas.cli import main

@@ -304,6 +304,11 @@ def fit_predictor(
     if len(train) < 2:  # the target's std (and any fit) needs two records
         raise ValueError(f"holdout {holdout} leaves {len(train)} of {len(records)} "
                          "records to train on; need at least 2 (lower the holdout)")
+    if bool((y[train] == y[train][0]).all()):  # (std 0: one prediction for every cell)
+        raise ValueError(f"the {len(train)} training records all take {y[train][0]:g} ms "
+                         f"({target} latency): a predictor would give every architecture "
+                         "that latency (the clock did not tell the architectures apart: "
+                         "measure them again with a larger --batch-size)")
     torch.manual_seed(seed)
     model = LatencyPredictor(space_shapes(space), hidden, y[train].mean().item(),
                              y[train].std().item(), ops=space_ops(space))
