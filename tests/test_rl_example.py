@@ -268,12 +268,14 @@ def test_bad_engine_settings_are_refused_by_name():
             ("engine={envs: 1, steps: 1}", "engine.envs x engine.steps must be >= 2"),
             ("engine={clip: 0}", "engine.clip must be > 0"),
             ("engine=rl", "config.engine: expected a mapping, got 'rl'"),
-            ("engine={envs: 2, steps: 16}", "retrain.batch_size must be in 1..32 (a rollout "
-                                            "of engine.envs x engine.steps = 2 x 16"),
             ("engine={envs: 4, steps: 16}", "data.batch_size must be in 1..32 (half a rollout "
                                             "of engine.envs x engine.steps = 4 x 16")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [*CARTPOLE, override])
+    with pytest.raises(ConfigError, match=re.escape(  # (a search batch that fits the rollout)
+            "retrain.batch_size must be in 1..32 (a rollout of engine.envs x engine.steps = "
+            "2 x 16")):
+        load_config(None, [*CARTPOLE, "engine={envs: 2, steps: 16}", "data.batch_size=16"])
 
 
 def test_a_single_level_search_learns_on_the_whole_rollout():
