@@ -56,8 +56,10 @@ NOT_SETTINGS = ("seed", "name", "out_dir", "progress", "plots", "logger", "plugi
 DEFAULT_NAMES = {"strategy": "darts", "space": "darts_cnn"}
 #: config keys that make up the method under comparison
 METHOD_KEYS = ("search.strategy", "search.discretizer")
-#: the confidence level of the intervals; a difference is clear where its p < 1 - LEVEL
-LEVEL = 0.95
+#: the confidence level of the intervals, and the significance level: a difference is
+#: clear where its p < ALPHA (written out, as ``1 - LEVEL`` is 0.050000000000000044 in
+#: floating point and a p of exactly 0.05, e.g. 1 seed against 19, would pass it)
+LEVEL, ALPHA = 0.95, 0.05
 
 
 class CompareError(ValueError):
@@ -301,11 +303,11 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any
 
 def _adjust(rows: Sequence[dict[str, Any]]) -> None:
     """Holm's adjustment of the rows' p-values over all comparisons with the first run
-    (``p_holm``), and whether each difference is clear at 1 - :data:`LEVEL` by it."""
+    (``p_holm``), and whether each difference is clear at :data:`ALPHA` by it."""
     tested = [r["vs_first"] for r in rows if r.get("vs_first")]
     for d, p in zip(tested, holm([d["p"] for d in tested])):
         d["p_holm"] = p
-        d["clear"] = p < 1 - LEVEL
+        d["clear"] = p < ALPHA
 
 
 def genotype_differences(entries: Sequence[Entry]) -> list[str] | None:
@@ -450,7 +452,7 @@ def compare_markdown(summary: dict[str, Any]) -> str:
              "s2^2/n2), Welch's interval; relabelings of the pooled seeds)"
              + (", p Holm-adjusted over the comparisons with the first run" if len(rows) > 2
                 else "")
-             + f". Clear: p < {1 - LEVEL:.2g}. Times: wall-clock time of each phase per seed "
+             + f". Clear: p < {ALPHA:g}. Times: wall-clock time of each phase per seed "
              "(mean), as its metrics.jsonl recorded it.",
              "",
              f"| run | method | seeds | {metric.column}"
@@ -470,7 +472,7 @@ def compare_markdown(summary: dict[str, Any]) -> str:
             f"{duration(r['retrain_seconds']['mean'])} |")
     few = _too_few_lines(rows)
     if few:
-        lines += ["", f"Too few seeds to show a clear difference (p < {1 - LEVEL:.2g}) "
+        lines += ["", f"Too few seeds to show a clear difference (p < {ALPHA:g}) "
                   "whatever the figures:", *few]
     for r in rows:
         for seed, value in r["not_finite"].items():
@@ -563,11 +565,11 @@ def _delta_text(base: dict[str, Any], row: dict[str, Any], metric: Metric,
 
 
 def _too_few_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """A line for each comparison whose test cannot give p < 1 - LEVEL at all, whatever
+    """A line for each comparison whose test cannot give p < :data:`ALPHA` at all, whatever
     its figures, with the fewest seeds per run (of the same design) that could; Holm's
     adjustment over several comparisons can only ask for more."""
     tested = [r for r in rows[1:] if r.get("vs_first")]
-    level = 1 - LEVEL
+    level = ALPHA
     holm_note = (f", more with Holm's adjustment over {len(tested)} comparisons"
                  if len(tested) > 1 else "")
     lines = []
