@@ -230,11 +230,9 @@ def test_random_search_can_spend_a_budget_of_the_whole_space():
     assert oracle.used == NUM_CELLS
 
 
-def test_rea_tournament_draws_with_replacement(monkeypatch):
-    """Real et al. (2019), Algorithm 1: a sampled candidate stays in the population, so a
-    tournament as large as the population does not always pick its best member."""
-    from collections import deque
-
+def rea_cycles(monkeypatch, fitness, budget: int, population: int, sample_size: int):
+    """Run REA on ``fitness``; return its starting cells and (parent, child) of every
+    cycle."""
     import diffnas.nasbench.strategies.evolution as evolution
     from diffnas.nasbench import create_query_strategy
 
@@ -251,9 +249,19 @@ def test_rea_tournament_draws_with_replacement(monkeypatch):
 
     monkeypatch.setattr(evolution, "query_random", spy_start)
     monkeypatch.setattr(evolution, "mutate", spy_mutate)
-    oracle = QueryOracle(lambda c: float(sum(c)), budget=100)
-    create_query_strategy("rea", {"population": 2, "sample_size": 2}).search(
-        oracle, np.random.default_rng(0))
+    create_query_strategy("rea", {"population": population, "sample_size": sample_size}).search(
+        QueryOracle(fitness, budget), np.random.default_rng(0))
+    return start, cycles
+
+
+def test_rea_tournament_draws_with_replacement(monkeypatch):
+    """Real et al. (2019), Algorithm 1: a sampled candidate stays in the population, so a
+    tournament as large as the population does not always pick its best member."""
+    from collections import deque
+
+    from diffnas.nasbench import create_query_strategy
+
+    start, cycles = rea_cycles(monkeypatch, lambda c: float(sum(c)), 100, 2, 2)
     population, weaker = deque(c for c, _ in start), 0
     for parent, child in cycles:  # replay the aging population
         assert parent in population

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cost_predictor
-from test_nb201_bench import FAST
+from test_nb201_bench import FAST, rea_cycles
 from torch import nn
 
 from diffnas.nasbench import ApiNb201Table, CsvNb201Table, QueryOracle, create_query_strategy
@@ -375,36 +375,13 @@ def test_nao_renormalize_puts_moved_embeddings_back_on_the_unit_sphere(renormali
 
 
 # --- REA ------------------------------------------------------------------------------------
-def _rea_cycles(monkeypatch, population, sample_size, budget=60):
-    """Run REA; return its starting cells and (parent, child) of every cycle."""
-    import diffnas.nasbench.strategies.evolution as evolution
-    from diffnas.nasbench.encoding import mutate
-
-    start, cycles = [], []
-    real_start = evolution.query_random
-
-    def spy_start(*args, **kw):
-        start.extend(out := real_start(*args, **kw))
-        return out
-
-    def spy_mutate(cell, rng):
-        cycles.append((cell, child := mutate(cell, rng)))
-        return child
-
-    monkeypatch.setattr(evolution, "query_random", spy_start)
-    monkeypatch.setattr(evolution, "mutate", spy_mutate)
-    create_query_strategy("rea", {"population": population, "sample_size": sample_size}).search(
-        QueryOracle(learnable, budget), np.random.default_rng(0))
-    return start, cycles
-
-
 @pytest.mark.parametrize("population", [3, 6])
 @pytest.mark.parametrize("sample_size", [1, 200])
 def test_rea_population_and_tournament_size(population, sample_size, monkeypatch):
     """The population is the ``population`` most recent cells (it starts with that many
     random ones); a tournament of ``sample_size`` draws: 200 draws from a handful
     always include the best member, which then is the parent; one draw often does not."""
-    start, cycles = _rea_cycles(monkeypatch, population, sample_size)
+    start, cycles = rea_cycles(monkeypatch, learnable, 60, population, sample_size)
     assert len(start) == population
     pop, weaker = deque(c for c, _ in start), 0
     for parent, child in cycles:
