@@ -111,6 +111,28 @@ def tb_events(log_dir: Path):
     return acc
 
 
+class StatelessTask:
+    """A loop task (``engine.loop.Task``) of ``n`` batches an epoch with no state of its
+    own: a test's subclass gives ``step``."""
+
+    n = 1
+
+    def batches(self, epoch):
+        return range(self.n)
+
+    def num_batches(self):
+        return self.n
+
+    def end_epoch(self, epoch):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 def cost_predictor(ops: list[str], costs: dict[str, float], base: float = 10.0):
     """A NAS-Bench-201 latency predictor over columns ``ops`` (6 edges): ``base`` plus
     ``costs[op]`` ms per edge, exactly."""

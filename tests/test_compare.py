@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import StatelessTask
 
 from diffnas.cli import main
 from diffnas.config import load_config, save_config
@@ -425,25 +426,12 @@ def test_a_real_search_and_retraining_record_their_seconds_and_compare(tmp_path,
 def test_loop_seconds_time_the_epoch_and_stay_out_of_its_history():
     import time
 
-    class Sleepy:
-        def batches(self, epoch):
-            return [0, 1]
-
-        def num_batches(self):
-            return 2
+    class Sleepy(StatelessTask):
+        n = 2
 
         def step(self, batch):
             time.sleep(0.05)
             return {"loss": 1.0}
-
-        def end_epoch(self, epoch):
-            return {}
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
 
     loop = Loop(Sleepy(), 1)
     assert loop.seconds is None

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_SHAPE, tiny_space
+from conftest import TINY_SHAPE, StatelessTask, tiny_space
 from test_engine import _cfg
 from torch import nn
 
@@ -108,31 +108,16 @@ def test_the_retraining_lr_of_each_epoch_is_the_cosine_from_lr_to_lr_min():
     assert logged == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
-class _Recorder:
+class _Recorder(StatelessTask):
     """A loop task of one batch per epoch that records the model's drop-path probability
     while it trains."""
 
     def __init__(self, model) -> None:
         self.model, self.seen = model, []
 
-    def batches(self, epoch):
-        return [None]
-
-    def num_batches(self):
-        return 1
-
     def step(self, batch):
         self.seen.append(self.model.drop_path_prob)
         return {"loss": 0.0}
-
-    def end_epoch(self, epoch):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def test_drop_path_rises_linearly_from_zero_over_the_epochs():
