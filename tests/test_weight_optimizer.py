@@ -75,7 +75,7 @@ def test_an_adam_strategy_resumed_from_its_state_steps_as_the_original():
     ("{name: darts, w_optim: {name: adam, betas: [0.9, 1.0]}}",
      "search.strategy.w_optim.betas must be two numbers in [0, 1)"),
     ("{name: darts, order: 2, w_optim: {name: adam}}",
-     "darts order=2 unrolls the weights' SGD step"),
+     "order=2 unrolls the weights' SGD step"),
 ])
 def test_weight_optimizer_settings_that_cannot_hold_are_refused(strategy, words):
     with pytest.raises(ValueError, match=re.escape(words)):

@@ -22,16 +22,16 @@ class DartsConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         if self.order not in (1, 2):
-            raise ValueError(f"darts order must be 1 or 2, got {self.order}")
+            raise ValueError(f"search.strategy.order must be 1 or 2, got {self.order}")
         if self.hessian not in HESSIAN_MODES:
-            raise ValueError(f"darts hessian must be one of {HESSIAN_MODES}, "
+            raise ValueError(f"search.strategy.hessian must be one of {HESSIAN_MODES}, "
                              f"got {self.hessian!r}")
         require(math.isfinite(self.fd_radius) and self.fd_radius > 0,
                 "search.strategy.fd_radius", "finite and > 0", self.fd_radius)
         if self.order == 1 and self.hessian != "fd":
             raise ValueError(f"hessian={self.hessian!r} only applies to order=2")
         if self.order == 2 and self.w_optim.name != "sgd":
-            raise ValueError(f"darts order=2 unrolls the weights' SGD step (momentum and weight "
+            raise ValueError(f"order=2 unrolls the weights' SGD step (momentum and weight "
                              f"decay included); with w_optim.name={self.w_optim.name} use "
                              "order=1, or implicit for a second-order hypergradient")
         if self.fd_radius != 1e-2 and (self.order == 1 or self.hessian == "exact"):
@@ -69,7 +69,7 @@ class DartsStrategy(SearchStrategy):
 
     def step(self, train_batch: Batch, val_batch: Batch | None) -> dict[str, float]:
         if val_batch is None:
-            raise ValueError("darts needs a validation batch (bilevel search)")
+            raise ValueError(f"{self.name} needs a validation batch (bilevel search)")
         self.a_optimizer.zero_grad(set_to_none=True)
         with self.relaxation.fixed_noise():  # every pass sees the same sampled architecture
             grads, val_stats = self.hypergrad(self, train_batch, val_batch)
