@@ -175,9 +175,8 @@ class GraphSearchTask(StrategyTask):
         return self.strategy.step(*batch)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        lr = self.strategy.lr
-        self.strategy.end_epoch()
-        v = evaluate_nodes(self.supernet, self.splits.batch("val"), self.measured_arch_weights())
+        lr, aw = self.end_strategy_epoch()
+        v = evaluate_nodes(self.supernet, self.splits.batch("val"), aw)
         return {"lr": lr, "eval_val_loss": v["loss"], "eval_val_acc": v["acc"]}
 
 def build_graph_search(cfg: RunConfig, data: GraphData,

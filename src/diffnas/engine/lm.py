@@ -372,9 +372,7 @@ class LmSearchTask(_TrainWindows, StrategyTask):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         dp.assert_replicated({"architecture parameters": self.strategy.alphas(),
                               "supernet weights": self.supernet.parameters()})
-        lr = self.strategy.lr
-        self.strategy.end_epoch()
-        aw = self.measured_arch_weights()  # on every rank (the same forked draw)
+        lr, aw = self.end_strategy_epoch()  # on every rank (the same forked draw)
         v = dp.main_process_result(evaluate_lm, self.supernet, self.valid, self.lm.bptt, aw)
         return {"lr": lr, **self.train_nll.pop(), "valid_loss": v["loss"],
                 "valid_ppl": v["ppl"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -87,6 +88,21 @@ class StrategyTask:
         cuda = [p.device for p in self.strategy.alphas() if p.is_cuda][:1]
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             return self.strategy.arch_weights()
+
+    def end_strategy_epoch(self) -> tuple[float, Any]:
+        """End the strategy's epoch (its lr and temperature schedules, a few-shot split or
+        an RLNAS export) and return the epoch's lr and the relaxed weights its evaluation
+        uses: the alphas as the epoch left them, drawn at the epoch's own temperature, as
+        GDAS and SNAS measure (the schedule has already moved to the next epoch's)."""
+        lr, relaxation = self.strategy.lr, self.strategy.relaxation
+        trained_at = copy.deepcopy(relaxation.state_dict())
+        self.strategy.end_epoch()
+        next_epoch = copy.deepcopy(relaxation.state_dict())
+        relaxation.load_state_dict(trained_at)
+        try:
+            return lr, self.measured_arch_weights()
+        finally:
+            relaxation.load_state_dict(next_epoch)
 
 
 def search_then_retrain(
@@ -196,15 +212,16 @@ class SearchTask(StrategyTask):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         dp.assert_replicated({"architecture parameters": self.strategy.alphas(),
                               "supernet weights": self.strategy.supernet.parameters()})
-        lr = self.strategy.lr
-        self.strategy.end_epoch()
         if self.eval_val is None:
+            lr = self.strategy.lr
+            self.strategy.end_epoch()
             return {"lr": lr}
+        lr, aw = self.end_strategy_epoch()
         # on every rank, the whole split each: with distributed.sync_bn the ops' BatchNorms
         # (batch statistics in every mode) average over ranks, which then see the same
         # batches as one process would
         with self._eval_context():
-            v = evaluate_supernet(self.strategy, self.eval_val, self.measured_arch_weights())
+            v = evaluate_supernet(self.strategy, self.eval_val, aw)
         return {"lr": lr, "eval_val_loss": v["loss"], "eval_val_acc": v["acc"]}
 
 

@@ -278,6 +278,7 @@ class FewShotStrategy(SearchStrategy):
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             for sub in self.subnets:
                 sub.end_epoch()
+        self.relaxation.end_epoch()  # the exported alphas are measured at the subs' temperature
         best = self.best()
         self.export(best)
         log.info("few_shot: sub-supernet %d of %d (%s) had the lowest validation loss; its "
