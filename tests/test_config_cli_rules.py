@@ -636,3 +636,15 @@ def test_an_unread_retrain_setting_is_refused_for_diffnas_train_even_with_retrai
     with pytest.raises(ConfigError, match=r"retrain\.drop_path: the nb201 network's "
                        r"retraining does not read this"):
         validate_components(cfg, device=False, search=False, unused_data=False)
+
+
+@pytest.mark.parametrize("prefix, default_min", [("search.strategy.w_optim", 0.001),
+                                                 ("retrain", 0.0)])
+def test_an_lr_min_above_lr_is_refused_and_an_equal_one_is_a_constant_lr(prefix, default_min):
+    """A cosine schedule from lr to lr_min > lr would raise the learning rate over the run
+    (e.g. lowering ``w_optim.lr`` below the default lr_min alone)."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(prefix)}\.lr_min=0\.002 > lr="
+                       r"0\.001: the cosine schedule would raise the learning rate"):
+        load_config(None, [f"{prefix}.lr=0.001", f"{prefix}.lr_min=0.002"])
+    load_config(None, [f"{prefix}.lr=0.002", f"{prefix}.lr_min=0.002"])
+    load_config(None, [f"{prefix}.lr={default_min}"])  # down to the default lr_min

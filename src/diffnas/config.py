@@ -362,6 +362,9 @@ class RetrainConfig:
         require_float32(self, ("lr", "lr_min", "momentum", "weight_decay", "auxiliary_weight"),
                         "retrain")
         require(self.grad_clip > 0, "retrain.grad_clip", "> 0", self.grad_clip)
+        if self.lr_min > self.lr:  # the cosine "decay" would raise the learning rate
+            raise ConfigError(f"retrain.lr_min={self.lr_min} > lr={self.lr}: the cosine "
+                              "schedule would raise the learning rate; give lr_min <= lr")
         require(0 <= self.drop_path < 1, "retrain.drop_path", "in [0, 1)", self.drop_path)
         require_sizes(self, ("train_subset",), "retrain")
 

@@ -106,6 +106,10 @@ class WeightOptimConfig:
         require_float32(self, ("lr", "lr_min", "momentum", "weight_decay"),
                         "search.strategy.w_optim")
         require(self.grad_clip > 0, "search.strategy.w_optim.grad_clip", "> 0", self.grad_clip)
+        if self.lr_min > self.lr:  # the cosine "decay" would raise the learning rate
+            raise ConfigError(f"search.strategy.w_optim.lr_min={self.lr_min} > lr={self.lr}: "
+                              "the cosine schedule would raise the learning rate; give "
+                              "lr_min <= lr (lr_min = lr keeps it constant)")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 "search.strategy.w_optim.betas", "two numbers in [0, 1)", self.betas)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
