@@ -440,3 +440,62 @@ def test_a_strategy_without_data_parallel_is_refused_for_two_processes(monkeypat
     require_data_parallel({"name": "zero_order"}, 1)
     with pytest.raises(ValueError, match="strategy 'zero_order' does not run data parallel"):
         require_data_parallel({"name": "zero_order"}, 2)
+
+
+# --- defaults, and few-shot sub-supernets after the split --------------------------------
+def test_a_strategy_section_without_a_name_is_darts():
+    """``search.strategy={order: 2}`` (a section replaced without its name) is DARTS, as
+    the documented default says, for the class and the config alike."""
+    from diffnas.strategies import strategy_class
+    from diffnas.strategies.darts import DartsStrategy
+
+    assert strategy_class({}) is DartsStrategy
+    s = _strategy({"order": 2}, epochs=2)
+    assert type(s) is DartsStrategy and s.config.order == 2
+
+
+def test_a_few_shot_run_resumed_after_the_split_restores_every_sub_supernet():
+    """Sub-supernets train apart after the split: a resumed run's sub-supernets hold the
+    saved ones' alphas, weights and optimizer state, not fresh copies of the export."""
+    s = _split(epochs=4)
+    for i in range(len(s.subnets)):
+        s.step(tiny_batch(4, 10 + i), tiny_batch(4, 20 + i))
+    s.end_epoch()
+    resumed = _strategy({"name": "few_shot", "split_edges": ["normal/n3/e1"],
+                         "split_epoch": 1}, epochs=4)
+    resumed.load_state_dict(copy.deepcopy(s.state_dict()))
+    assert len(resumed.subnets) == len(s.subnets)
+    trained = 0
+    for got, want in zip(resumed.subnets, s.subnets, strict=True):
+        for a, b in zip(got.alphas(), want.alphas(), strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(got.supernet.parameters(), want.supernet.parameters(), strict=True):
+            assert torch.equal(a, b)
+        trained += any(not torch.equal(a, b) for a, b in
+                       zip(want.supernet.parameters(), s.supernet.parameters(), strict=True))
+        og, ow = got.w_optimizer.state_dict(), want.w_optimizer.state_dict()
+        assert og["param_groups"] == ow["param_groups"]
+        assert og["state"].keys() == ow["state"].keys()
+        for k, st in ow["state"].items():
+            assert all(torch.equal(og["state"][k][n], v) for n, v in st.items())
+    assert trained == len(s.subnets) - 1  # all but the exported one differ from the export
+
+
+def test_each_sub_supernet_anneals_its_own_copy_of_the_temperature_once_an_epoch():
+    """A sub-supernet's relaxation is a copy of the run's: at an epoch's end every one
+    (and the run's, for the exported alphas) takes one step of the anneal, as a DARTS
+    run's does (a shared one would step once per sub-supernet and reach tau_min early)."""
+    relax = {"name": "gumbel", "tau": 1.0, "tau_min": 0.1}
+    s = _split({"relaxation": relax}, epochs=5)
+    ref = _strategy({"name": "darts", "relaxation": relax}, epochs=5)
+    ref.relaxation.end_epoch()  # the one-shot epoch
+    for _ in range(2):
+        for _ in range(len(s.subnets)):
+            s.step(tiny_batch(4, 3), tiny_batch(4, 4))
+        s.end_epoch()
+        ref.relaxation.end_epoch()
+        assert ref.relaxation.tau > relax["tau_min"]
+        assert s.relaxation.tau == pytest.approx(ref.relaxation.tau, rel=1e-12)
+        for sub in s.subnets:
+            assert sub.relaxation.inner is not s.relaxation
+            assert sub.relaxation.inner.tau == pytest.approx(ref.relaxation.tau, rel=1e-12)
