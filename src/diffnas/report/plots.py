@@ -29,7 +29,9 @@ from diffnas.genotype import CellGenotype, Genotype, cell_title
 
 FORMATS = ("png", "svg")
 BACKENDS = ("auto", "graphviz", "matplotlib")
-_RC = {"svg.fonttype": "none", "font.size": 10}
+# a fixed salt for the SVG's marker and clip-path ids (random per render otherwise): the
+# same run's figures are byte-identical when drawn again
+_RC = {"svg.fonttype": "none", "font.size": 10, "svg.hashsalt": "diffnas"}
 
 INPUT_COLOR = "#cfe8cf"
 NODE_COLOR = "#dde6f5"
@@ -363,7 +365,7 @@ def figure_bytes(fig: Figure, fmt: str, dpi: int = 110) -> bytes:
 
 
 def _metadata(fmt: str) -> dict[str, Any]:
-    # No creation date, so the same run gives byte-identical SVG files.
+    # No creation date (and _RC's fixed hash salt), so the same run gives byte-identical SVG files.
     return {"Date": None} if fmt == "svg" else {}
 
 
@@ -476,7 +478,8 @@ def alpha_snapshot_image(probs: np.ndarray, scale: int = 12) -> np.ndarray:
     """An (edges x ops) probability matrix as an RGB uint8 image (for TensorBoard), each
     entry a ``scale`` x ``scale`` square, colour = viridis of the value / the matrix maximum."""
     p = np.asarray(probs, dtype=float)
-    rgb = matplotlib.colormaps["viridis"](p / max(p.max(), 1e-12))[..., :3]
+    top = max(p[np.isfinite(p)].max(initial=0.0), 1e-12)  # a NaN entry greys only itself
+    rgb = matplotlib.colormaps["viridis"](p / top)[..., :3]
     img = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
     return (img * 255).round().astype(np.uint8)
 
