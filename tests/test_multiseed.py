@@ -243,6 +243,19 @@ def test_graph_searches_run_in_seed_workers(tmp_path):
     assert summary["runs"][1]["test_acc"] == result["test_acc"]
 
 
+def interrupt_second_poll(monkeypatch) -> None:
+    """The parent's second wait between polls of its workers raises KeyboardInterrupt,
+    as a Ctrl-C there would."""
+    calls = {"n": 0}
+
+    def interrupting_sleep(_):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ms.time, "sleep", interrupting_sleep)
+
+
 def test_an_interrupted_parent_stops_its_workers(tmp_path, monkeypatch):
     """SIGINT to the parent alone (kill -INT PID; a terminal's Ctrl-C reaches the whole
     group) must not leave the seeds' worker processes running."""
@@ -257,15 +270,8 @@ def test_an_interrupted_parent_stops_its_workers(tmp_path, monkeypatch):
         started.append(proc)
         return proc
 
-    calls = {"n": 0}
-
-    def interrupting_sleep(_):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
     monkeypatch.setattr(ms.subprocess, "Popen", sleeper)
-    monkeypatch.setattr(ms.time, "sleep", interrupting_sleep)
+    interrupt_second_poll(monkeypatch)
     dirs = [tmp_path / f"seed{i}" for i in range(3)]
     for d in dirs:
         d.mkdir()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from conftest import locked_elsewhere
 from ranks import join_ranks, load_rank, save_rank, spawn_ranks
 from scipy import stats as scipy_stats
-from test_multiseed import GENO, TINY_RUN, _finished_seeds
+from test_multiseed import GENO, TINY_RUN, _finished_seeds, interrupt_second_poll
 from torch import nn
 
 from diffnas.cli import main
@@ -257,14 +257,7 @@ def test_an_interrupted_parent_ignores_further_signals_while_it_stops_workers(
 
     monkeypatch.setattr(subprocess.Popen, "terminate", terminate)
     _fake_workers(monkeypatch, "import time; time.sleep(300)")
-    calls = {"n": 0}
-
-    def interrupting_sleep(_):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ms.time, "sleep", interrupting_sleep)
+    interrupt_second_poll(monkeypatch)
     d = tmp_path / "seed_0"
     d.mkdir()
     before = signal.getsignal(signal.SIGTERM)
