@@ -9,6 +9,7 @@ the code once printed."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -433,50 +434,47 @@ def test_the_end_of_epoch_evaluation_weighs_batches_by_size_in_eval_mode_then_tr
     assert s.modes == [False] * 3 and s.supernet.training
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
-@pytest.mark.parametrize("section", [
-    {"name": "darts"}, {"name": "few_shot", "split_epoch": 1}], ids=["darts", "few_shot"])
-def test_an_epoch_is_evaluated_at_the_temperature_it_trained_at(section, monkeypatch):
-    """SNAS's soft Gumbel draws depend on tau: an epoch's end-of-epoch figures use the
-    temperature its steps used, not the next epoch's (the schedule steps first); after a
-    few-shot split the exported alphas are measured at the sub-supernets' temperature."""
+GUMBEL = {"name": "gumbel", "tau": 2.0, "tau_min": 0.5, "anneal": "linear"}
+
+
+@pytest.fixture
+def gumbel_taus(monkeypatch) -> list[float]:
+    """The temperature of every Gumbel draw from here on, in order."""
     from diffnas.arch.relax import RELAXATIONS
 
-    gumbel = RELAXATIONS.get("gumbel")
-    seen: list[float] = []
+    gumbel, seen = RELAXATIONS.get("gumbel"), []
     call = gumbel.__call__
     monkeypatch.setattr(gumbel, "__call__", lambda self, logits: (
         seen.append(self.tau), call(self, logits))[1])
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+@pytest.mark.parametrize("section", [
+    {"name": "darts"}, {"name": "few_shot", "split_epoch": 1}], ids=["darts", "few_shot"])
+def test_an_epoch_is_evaluated_at_the_temperature_it_trained_at(section, gumbel_taus):
+    """SNAS's soft Gumbel draws depend on tau: an epoch's end-of-epoch figures use the
+    temperature its steps used, not the next epoch's (the schedule steps first); after a
+    few-shot split the exported alphas are measured at the sub-supernets' temperature."""
     epochs = 4
-    section = {**section, "relaxation": {"name": "gumbel", "tau": 2.0, "tau_min": 0.5,
-                                         "anneal": "linear"}}
+    section = {**section, "relaxation": GUMBEL}
     s = _strategy(section, epochs, dtype=torch.float32)
     task = SearchTask(s, tiny_space(), None, None, eval_val=[tiny_batch(4, 3)])
     for epoch in range(epochs):
-        seen.clear()
+        gumbel_taus.clear()
         s.step(tiny_batch(4, 1), tiny_batch(4, 2))
         tau = 2.0 + epoch / (epochs - 1) * (0.5 - 2.0)
-        assert seen and all(t == pytest.approx(tau) for t in seen)
-        seen.clear()
+        assert gumbel_taus and all(t == pytest.approx(tau) for t in gumbel_taus)
+        gumbel_taus.clear()
         task.end_epoch(epoch)
-        assert seen[-1] == pytest.approx(tau), epoch  # (few-shot scores its subs first)
-
-
-GUMBEL = "{name: gumbel, tau: 2.0, tau_min: 0.5, anneal: linear}"
+        assert gumbel_taus[-1] == pytest.approx(tau), epoch  # (few-shot scores its subs first)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 @pytest.mark.parametrize("engine", ["graph", "lm"])
 def test_graph_and_lm_epochs_are_evaluated_at_their_own_temperature(engine, tmp_path,
-                                                                     monkeypatch):
-    from diffnas.arch.relax import RELAXATIONS
-
-    gumbel = RELAXATIONS.get("gumbel")
-    seen: list[float] = []
-    call = gumbel.__call__
-    monkeypatch.setattr(gumbel, "__call__", lambda self, logits: (
-        seen.append(self.tau), call(self, logits))[1])
-    section = f"search.strategy={{name: darts, relaxation: {GUMBEL}}}"
+                                                                     gumbel_taus):
+    section = f"search.strategy={{name: darts, relaxation: {json.dumps(GUMBEL)}}}"
     if engine == "graph":
         task = _graph_task(tmp_path, section, "search.epochs=3")
     else:
@@ -490,9 +488,10 @@ def test_graph_and_lm_epochs_are_evaluated_at_their_own_temperature(engine, tmp_
             section, "search.space.nodes=2", "search.epochs=3"])
         task = build_lm_search(cfg, load_corpus(cfg.data.name, cfg.data.root))
         task.step(next(iter(task.batches(0))))
-    seen.clear()
+    gumbel_taus.clear()
     task.end_epoch(0)
-    assert seen == [pytest.approx(2.0)] and task.strategy.relaxation.tau == pytest.approx(1.25)
+    assert gumbel_taus == [pytest.approx(2.0)]  # epoch 0's, with the schedule at epoch 1's:
+    assert task.strategy.relaxation.tau == pytest.approx(1.25)
 
 
 def test_the_genotype_ranks_edges_by_their_edge_normalisation_weight():
