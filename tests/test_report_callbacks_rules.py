@@ -178,6 +178,9 @@ def test_a_phase_time_is_the_sum_of_its_epochs_seconds_or_none(rows, want):
     (None, "-"), (0.354, "0.35 s"), (9.994, "9.99 s"), (10.0, "10.0 s"), (59.94, "59.9 s"),
     (60.0, "1 min 0 s"), (119.6, "2 min 0 s"), (185.0, "3 min 5 s"), (3599.4, "59 min 59 s"),
     (3600.0, "1 h 0 min"), (7440.0, "2 h 4 min"),
+    # the unit is chosen on the printed value: no "10.00 s", "60.0 s" or "60 min 0 s"
+    (9.996, "10.0 s"), (59.96, "1 min 0 s"), (3599.7, "1 h 0 min"), (7169.0, "1 h 59 min"),
+    (7170.0, "2 h 0 min"),
 ])
 def test_a_duration_switches_units_at_10_s_a_minute_and_an_hour_and_rounds(seconds, want):
     assert cb.duration(seconds) == want

@@ -213,14 +213,16 @@ def duration(seconds: float | None) -> str:
     for None."""
     if seconds is None:
         return "-"
-    if seconds < 10:
+    # each branch is chosen on the value as it will be printed, so 59.96 s is "1 min 0 s",
+    # not "60.0 s", and 3599.7 s is "1 h 0 min", not "60 min 0 s"
+    if round(seconds, 2) < 10:
         return f"{seconds:.2f} s"
-    if seconds < 60:
+    if round(seconds, 1) < 60:
         return f"{seconds:.1f} s"
-    minutes, sec = divmod(round(seconds), 60)
-    if minutes < 60:
+    if round(seconds) < 3600:
+        minutes, sec = divmod(round(seconds), 60)
         return f"{minutes} min {sec} s"
-    hours, minutes = divmod(minutes, 60)
+    hours, minutes = divmod(round(seconds / 60), 60)
     return f"{hours} h {minutes} min"
 
 
