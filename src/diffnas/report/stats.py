@@ -21,6 +21,13 @@ import numpy as np
 EXACT_LIMIT = 100_000
 
 
+def _tie_tolerance(x: np.ndarray) -> float:
+    """How far below the observed statistic an arrangement still counts as a tie: rounding
+    of sums of ``x``, so relative to the data's own size (units must not change a p-value:
+    an absolute 1e-12 made every pattern of differences below 1e-12 a tie, p = 1)."""
+    return 1e-12 * float(np.abs(x).max())
+
+
 def sign_flip_p(d: Sequence[float], permutations: int = EXACT_LIMIT, seed: int = 0) -> float:
     """Two-sided p-value of a paired sign-flip permutation test: the share of the 2^n sign
     patterns of the differences ``d`` whose mean is at least as far from 0 as the
@@ -29,7 +36,7 @@ def sign_flip_p(d: Sequence[float], permutations: int = EXACT_LIMIT, seed: int =
     d = np.asarray(d, dtype=np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError("sign_flip_p needs a non-empty list of differences")
-    observed = abs(d.mean()) - 1e-12 * max(1.0, float(np.abs(d).max()))
+    observed = abs(d.mean()) - _tie_tolerance(d)
     if len(d) <= 16:
         signs = ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) * 2 - 1
         return float((np.abs((signs * d).mean(1)) >= observed).mean())
@@ -53,7 +60,7 @@ def relabel_p(a: Sequence[float], b: Sequence[float], permutations: int = EXACT_
     def gap(sum_a: np.ndarray) -> np.ndarray:
         return np.abs((total - sum_a) / (n - na) - sum_a / na)
 
-    observed = gap(np.asarray(pooled[:na].sum())) - 1e-12 * max(1.0, float(np.abs(pooled).max()))
+    observed = gap(np.asarray(pooled[:na].sum())) - _tie_tolerance(pooled)
     if math.comb(n, na) <= EXACT_LIMIT:
         picks = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n), na)),
                             dtype=np.int64).reshape(-1, na)
