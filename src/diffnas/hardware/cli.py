@@ -105,10 +105,12 @@ def _latency(p: argparse.ArgumentParser):
 def measure_hint(out: str, done: int, count: int) -> str:
     """What a Ctrl-C of ``latency measure`` says: the chunks measured so far are kept in
     ``out``, and running the command again appends architectures it does not hold yet
-    (``-n`` counts new ones, so the rest is ``-n count - done``)."""
+    (``-n`` counts new ones, so the rest is ``-n count - done``; none when all are in)."""
     if not done:
         return (f"nothing was appended to {out}; run the same command again to measure "
                 "(architectures the file already holds are skipped)")
+    if done >= count:  # stopped after the last chunk: nothing left (and -n 0 is refused)
+        return f"all {count} new records were appended to {out} and are kept"
     return (f"{done} of {count} new records were appended to {out} and are kept; run the "
             f"same command again with -n {count - done} to measure the rest (it appends "
             "architectures the file does not hold yet)")

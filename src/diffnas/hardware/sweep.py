@@ -156,7 +156,8 @@ def _log_to(run_dir: Path) -> Iterator[None]:
     block runs (unless the log already goes there: an earlier command in this process)."""
     logger = logging.getLogger("diffnas")
     path = (run_dir / "log.txt").resolve()
-    if any(Path(getattr(h, "baseFilename", "")) == path for h in logger.handlers):
+    if any(Path(h.baseFilename).resolve() == path for h in logger.handlers
+           if getattr(h, "baseFilename", None)):  # (resolved: a path through a symlink)
         yield
         return
     handler = logging.FileHandler(path)
