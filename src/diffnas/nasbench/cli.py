@@ -21,6 +21,7 @@ from typing import IO
 from diffnas.cli import register_command
 from diffnas.engine.checkpoint import atomic_write_text, refuse_foreign_json
 from diffnas.engine.runlock import file_lock
+from diffnas.registry import UnknownNameError
 
 BenchSetup = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
 _BENCHES: dict[str, tuple[str, BenchSetup]] = {}
@@ -505,7 +506,6 @@ def _without_defaults(strategy: str, settings: dict) -> dict:
     from dataclasses import MISSING, fields
 
     from diffnas.nasbench.strategies import QUERY_STRATEGIES
-    from diffnas.registry import UnknownNameError
 
     try:
         config = QUERY_STRATEGIES.get(strategy).Config
@@ -585,10 +585,13 @@ def merge_outcomes(files: list[tuple[str, dict]], allow_legacy: bool = False,
                     f"{first_table[1]} and {f} were searched on different NAS-Bench-201 "
                     f"tables ({_differences(first_table[0], table)}): their accuracies do not "
                     "compare; summarise them separately")
-        try:
-            legacy = _file_settings(data)
-        except ValueError as exc:  # e.g. a strategy renamed since
-            raise ValueError(f"{f}: cannot tell the settings its runs used ({exc})") from None
+        legacy: dict[str, dict] = {}
+        if any("settings" not in o for o in data["outcomes"]):  # (only legacy outcomes
+            try:  # read the command's --set: a recording one holds its own settings)
+                legacy = _file_settings(data)
+            except (ValueError, UnknownNameError) as exc:  # e.g. a strategy renamed since
+                raise ValueError(f"{f}: cannot tell the settings its runs used ({exc})"
+                                 ) from None
         for o in data["outcomes"]:
             s = o["strategy"]
             mine = _without_defaults(s, o["settings"] if "settings" in o
