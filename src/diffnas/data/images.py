@@ -198,7 +198,10 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
                              + (f" values {raw.min()}..{raw.max()}"
                                 if raw.size and raw.dtype.kind in "iuf" else ""))
         x = raw.astype(np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
+        labels = np.asarray(d["labels"])
+        if not np.issubdtype(labels.dtype, np.integer):  # (a cast would cut 2.7 to 2)
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        y = labels.astype(np.int64).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
         raise DataFormatError(f"{path}: malformed CIFAR-10 batch ({exc}); {fix}") from None
     if len(x) != len(y):
