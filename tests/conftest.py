@@ -150,6 +150,23 @@ def cost_predictor(ops: list[str], costs: dict[str, float], base: float = 10.0):
     return p
 
 
+def search_finding(genotype, space):
+    """A stand-in for ``hardware.sweep.run_search`` whose search found ``genotype``: it
+    writes the genotype's one-hot alphas as the run's last alphas record."""
+    from types import SimpleNamespace
+
+    from diffnas.hardware.dataset import encode_indices, one_hot
+
+    def search(cfg, run_dir, resume=False, data=None):
+        (run_dir / "search").mkdir(parents=True, exist_ok=True)
+        w = one_hot(encode_indices(genotype, space), space)
+        (run_dir / "search" / "alphas.jsonl").write_text(
+            json.dumps({g: v.tolist() for g, v in w.items()}) + "\n")
+        return SimpleNamespace(genotype=genotype)
+
+    return search
+
+
 def locked_elsewhere(run: Path) -> bool:
     """Whether a run lock on ``run`` is held (an flock from a new descriptor conflicts
     with any other, this process's included)."""

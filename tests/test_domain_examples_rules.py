@@ -167,15 +167,18 @@ def test_each_layer_is_its_closed_form_unitary(op):
 
 
 # --- the supernet and the derived circuit -----------------------------------------------
+def _supernet(nodes: int, seed: int):
+    """A 3-qubit qcircuit space of ``nodes`` layers, its supernet (angles drawn from
+    ``seed``) and its ops in column order."""
+    space = _quantum()._space(_cfg(qubits=3, nodes=nodes))
+    torch.manual_seed(seed)
+    return space, space.build_supernet(), list(space.config.ops)
+
+
 def test_the_supernet_is_the_normalised_weighted_superposition_of_its_layers():
     """Node j = sum_k w_jk U_jk psi_(j-1), divided by its 2-norm, from |+...+>; replayed
     with the layers' closed forms: the output is a unit vector equal to the replay."""
-    q = _quantum()
-    cfg = _cfg(qubits=3, nodes=3)
-    torch.manual_seed(0)
-    space = q._space(cfg)
-    net = space.build_supernet()
-    ops = list(space.config.ops)
+    space, net, ops = _supernet(nodes=3, seed=0)
     w = torch.softmax(torch.randn(3, len(ops), dtype=torch.float64) * 2, -1)
     with torch.no_grad():
         out = net(None, {"circuit": w}).numpy()
@@ -192,12 +195,7 @@ def test_a_one_hot_weight_gives_exactly_that_circuit_in_node_order():
     """One-hot weights pick one layer per node: the supernet's output is that circuit,
     i.e. the derived network (edges given out of order) with the same angles, which is
     U_n ... U_1 |+...+> by hand."""
-    q = _quantum()
-    cfg = _cfg(qubits=3, nodes=4)
-    torch.manual_seed(1)
-    space = q._space(cfg)
-    net = space.build_supernet()
-    ops = list(space.config.ops)
+    space, net, ops = _supernet(nodes=4, seed=1)
     chosen = ["ry", "zz", "rx", "cz"]
     w = torch.zeros(4, len(ops), dtype=torch.float64)
     for j, o in enumerate(chosen):

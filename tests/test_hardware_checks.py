@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import cost_predictor
+from conftest import cost_predictor, search_finding
 
 from diffnas.genotype import Genotype
 from diffnas.hardware.dataset import (
@@ -301,13 +301,6 @@ def test_sweep_plot_is_titled_after_the_config(tmp_path, monkeypatch):
     LatencyPredictor(space_shapes(space), hidden=4).save(pred_file)
     geno = sample_genotype(space, torch.Generator().manual_seed(0))
 
-    def fake_search(cfg, run_dir, resume=False, data=None):
-        (run_dir / "search").mkdir(parents=True, exist_ok=True)
-        w = one_hot(encode_indices(geno, space), space)
-        (run_dir / "search" / "alphas.jsonl").write_text(
-            json.dumps({g: v.tolist() for g, v in w.items()}) + "\n")
-        return SimpleNamespace(genotype=geno)
-
     def fake_measure(models, input_shape, settings, seed=0):
         return [SimpleNamespace(samples_ms=[1.0, 1.0], median_ms=1.0, q25_ms=1.0,
                                 q75_ms=1.0) for _ in models]
@@ -316,7 +309,7 @@ def test_sweep_plot_is_titled_after_the_config(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "load_search_data", lambda cfg: None)
     monkeypatch.setattr(sweep, "load_dataset", lambda *a, **k: SimpleNamespace(
         in_channels=1, resolution=8, num_classes=10))
-    monkeypatch.setattr(sweep, "run_search", fake_search)
+    monkeypatch.setattr(sweep, "run_search", search_finding(geno, space))
     monkeypatch.setattr(sweep, "run_retrain", lambda *a, **k: {"test_acc": 0.5})
     monkeypatch.setattr(sweep, "measure_many", fake_measure)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig",

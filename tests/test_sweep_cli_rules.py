@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import cost_predictor, locked_elsewhere
+from conftest import cost_predictor, locked_elsewhere, search_finding
 
 from diffnas.config import load_config
 from diffnas.hardware import sweep
@@ -204,7 +204,7 @@ def test_the_timed_networks_leave_out_the_auxiliary_head(tmp_path, monkeypatch):
     """``retrain.network.auxiliary`` is a training head: the timed networks (and the
     settings compared with the predictor's) are built without it (a DARTS space: nb201
     networks have none)."""
-    from diffnas.hardware.dataset import encode_indices, one_hot, sample_genotype
+    from diffnas.hardware.dataset import sample_genotype
     from diffnas.hardware.predictor import LatencyPredictor, space_shapes
 
     calls = _stub(tmp_path, monkeypatch)
@@ -213,14 +213,7 @@ def test_the_timed_networks_leave_out_the_auxiliary_head(tmp_path, monkeypatch):
     LatencyPredictor(space_shapes(space), hidden=4).save(calls.predictor)
     geno = sample_genotype(space, torch.Generator().manual_seed(0))
 
-    def search(cfg, run_dir, resume=False, data=None):
-        (run_dir / "search").mkdir(parents=True, exist_ok=True)
-        w = one_hot(encode_indices(geno, space), space)
-        (run_dir / "search" / "alphas.jsonl").write_text(
-            json.dumps({g: v.tolist() for g, v in w.items()}) + "\n")
-        return SimpleNamespace(genotype=geno)
-
-    monkeypatch.setattr(sweep, "run_search", search)
+    monkeypatch.setattr(sweep, "run_search", search_finding(geno, space))
     net = {"C": 4, "layers": 2}
     with_aux = json.dumps({**net, "auxiliary": True})
     _run(calls, [0.0], tmp_path / "sw", [f"search.space={json.dumps(section)}",
