@@ -39,7 +39,8 @@ policy steps:
 - an optional moving-average reward baseline (``reward_baseline_decay``; default off, as
   in the released code, where the baseline *cell* already centres the reward near 0.5);
 - explored pairs whose two cells were both queried are dropped (their true order is
-  labelled data already), and confidence is |p - 0.5|, so confident "a loses to b" pairs
+  labelled data already), also pairs explored in an earlier round once both their cells
+  have been queried since, and confidence is |p - 0.5|, so confident "a loses to b" pairs
   are kept as well as "a beats b" ones. The released code scores one orientation of each
   pair and keeps the top p, i.e. only pairs labelled 1; a deliberate change here, for
   labels of both kinds;
@@ -276,6 +277,11 @@ class Ctnas(QueryStrategy):
         labelled = codes_of(torch.from_numpy(cells))
         if explored:
             ea, eb, elab = (torch.cat(t) for t in zip(*explored, strict=True))
+            # a pair explored in an earlier round whose two cells have both been queried
+            # since: its true order is labelled data now, its pseudo-label may contradict it
+            seen = ~torch.from_numpy(unseen_mask(oracle))
+            still = ~(seen[ea.long()] & seen[eb.long()])
+            ea, eb, elab = ea[still], eb[still], elab[still]
         else:
             ea = eb = elab = torch.zeros(0)
         n_explore = int(c.explore_ratio * c.pairs) if len(ea) else 0
