@@ -207,7 +207,9 @@ def convert_value(tp: Any, value: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError`, and
-    so does a ``cls`` (a plugin's ``Config``) that is not itself a dataclass."""
+    so does a ``cls`` (a plugin's ``Config``) that is not itself a dataclass. A
+    ``ValueError`` or ``TypeError`` from its ``__post_init__`` becomes a
+    :class:`ConfigError` prefixed with ``where`` (the section it came from)."""
     if not (isinstance(cls, type) and "__dataclass_fields__" in vars(cls)):
         # (a subclass of a dataclass without @dataclass: its own settings are no fields)
         raise ConfigError(f"{where}: {getattr(cls, '__qualname__', cls)!r}, the class its "
@@ -230,7 +232,9 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     kwargs = {k: convert_value(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # (a plugin's own check: named like ours)
         raise ConfigError(f"{where}: {exc}") from exc
 
 
