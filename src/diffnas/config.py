@@ -758,8 +758,9 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
                               f"{r.network}, made for space darts_cnn: give space "
                               f"{_space_name(cfg)!r} its own retrain.network, or set "
                               "retrain.enabled=false") from None
-        if "auxiliary" in str(exc) and "auxiliary" in network and "auxiliary" not in \
-                r.network and r.auxiliary_weight > 0:  # from auxiliary_weight's default
+        if "auxiliary" in network and "auxiliary" not in r.network and \
+                r.auxiliary_weight > 0 and _fits_without_auxiliary(cfg, network):
+            # (the key added from auxiliary_weight's default is what the network refuses)
             raise ConfigError(
                 f"{exc}. retrain.auxiliary_weight={r.auxiliary_weight:g} asks the "
                 f"{_space_name(cfg)!r} network for an auxiliary head (network key "
@@ -767,6 +768,19 @@ def _check_retrain(cfg: RunConfig, always: bool = False) -> None:
             ) from None
         raise
     engine.check_retrain(cfg)
+
+
+def _fits_without_auxiliary(cfg: RunConfig, network: dict[str, Any]) -> bool:
+    """Whether the space takes ``network`` once its ``auxiliary`` key is left out: the
+    auxiliary head, not another key, is what it refused."""
+    from diffnas.spaces.registry import network_config
+
+    try:
+        network_config(cfg.search.space, {k: v for k, v in network.items()
+                                           if k != "auxiliary"})
+    except ValueError:
+        return False
+    return True
 
 
 #: retrain settings a space's networks never read, beyond its engine's (``unread_retrain``)
@@ -847,7 +861,11 @@ def check_device(device: str) -> None:
         if n == 0 or (dev.index or 0) >= n:
             raise ConfigError(f"config.device: {device!r} but this machine has {n} CUDA "
                               "device(s); use device=cpu or device=auto")
-    elif dev.type not in ("cpu", "mps"):
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():  # (Linux, or a Mac without Metal)
+            raise ConfigError(f"config.device: {device!r} but this machine has no MPS "
+                              "device; use device=cpu or device=auto")
+    elif dev.type != "cpu":
         raise ConfigError(f"config.device: {device!r} is not supported; use cpu, cuda, "
                           "cuda:N or auto")
 
