@@ -50,7 +50,12 @@ class LatencyPenalty(nn.Module):
             p.requires_grad_(False)
         self.predictor.eval()
         self.lam, self.input = float(lam), input
-        self.scale = 1.0 / self.predictor.ref_ms if normalize else 1.0
+        ref = self.predictor.ref_ms
+        if normalize and not (math.isfinite(ref) and ref > 0):  # (a hand-built predictor)
+            raise ValueError(f"latency penalty normalize=true divides by the predictor's "
+                             f"mean training latency, which is {ref:g} ms; give a predictor "
+                             "fitted on measured latencies, or normalize=false")
+        self.scale = 1.0 / ref if normalize else 1.0
 
     def bind(self, arch_params: Any) -> None:
         """Refuse architecture parameters (an :class:`~diffnas.arch.ArchParams`) whose cell
