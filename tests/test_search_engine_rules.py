@@ -351,6 +351,32 @@ def test_every_loss_a_step_reports_is_checked_for_nan(name):
         Loop(Bad(), 1).run()
 
 
+@pytest.mark.parametrize("raised", [False, True])
+def test_a_nan_loss_names_the_epoch_and_step_it_appeared_at(raised):
+    """Counted from 1, as the progress bar shows them; a step that raises itself (the
+    built-in objectives) is named the same way, and the error stays a FloatingPointError
+    with the original message."""
+    class Diverges(StatelessTask):
+        n = 4
+        calls = 0
+
+        def step(self, batch):
+            self.calls += 1
+            if self.calls < 7:  # epochs 1 and 2 of 4 batches: step 3 of epoch 2 diverges
+                return {"loss": 0.5}
+            if raised:
+                raise FloatingPointError("loss is nan (NaN/inf): lower the learning rate?")
+            return {"loss": float("nan")}
+
+    loop = Loop(Diverges(), 5)
+    with pytest.raises(FloatingPointError) as info:
+        loop.run()
+    message = str(info.value)
+    assert message.startswith("epoch 2 of 5, step 3 of 4: ")
+    assert ("loss is nan (NaN/inf)" if raised else "returned loss=nan") in message
+    assert loop.epoch == 1 and len(loop.history) == 1  # the finished epoch is kept
+
+
 def test_a_state_that_fails_to_load_for_another_reason_keeps_its_own_error():
     """Only torch's misfit messages are reworded as a checkpoint that does not fit."""
     class Broken(StatelessTask):

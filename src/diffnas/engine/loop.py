@@ -124,7 +124,9 @@ class Loop:
         self.seconds: float | None = None
 
     def run(self, stop_after: int | None = None) -> list[dict[str, float]]:
-        """Run the remaining epochs (or only ``stop_after`` of them, for tests/preemption)."""
+        """Run the remaining epochs (or only ``stop_after`` of them, for tests/preemption).
+        A step's ``FloatingPointError`` (a NaN or infinite loss) is raised again with the
+        epoch and step it came from, counted from 1."""
         if self.epoch < self.epochs and self.task.num_batches() == 0:
             what = getattr(self.task, "batch_setting", None)  # the key that sets the batch
             raise ValueError(
@@ -142,7 +144,12 @@ class Loop:
                 self.running = Mean()
                 start = time.perf_counter()
                 for step, batch in enumerate(self.task.batches(epoch)):
-                    metrics = checked_metrics(self.task.step(batch), self.task)
+                    try:
+                        metrics = checked_metrics(self.task.step(batch), self.task)
+                    except FloatingPointError as exc:  # where it diverged, for the log
+                        raise FloatingPointError(
+                            f"epoch {epoch + 1} of {self.epochs}, step {step + 1} of "
+                            f"{self.task.num_batches()}: {exc}") from exc
                     self.running.update(metrics)
                     for cb in self.callbacks:
                         cb.on_step_end(self, step, metrics)
