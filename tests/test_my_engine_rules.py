@@ -216,9 +216,7 @@ def test_the_retraining_tests_the_weights_of_its_best_validation_epoch(eng, tmp_
     # the saved model is that epoch's, and the test figures are its figures on the test rows
     table = eng.load_table("breast_cancer")
     model = eng._space(cfg, table).build_network(genotype)
-    state = torch.load(tmp_path / "retrain" / "model.pt", weights_only=False)
-    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else
-                          state.state_dict())
+    model.load_state_dict(torch.load(tmp_path / "retrain" / "model.pt", weights_only=True))
     stats = eng._evaluate(model, table.batch("test"))
     assert stats["acc"] == pytest.approx(result["test_acc"], abs=1e-12)
     assert stats["loss"] == pytest.approx(result["test_loss"], rel=1e-6)
