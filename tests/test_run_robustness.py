@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import stat
@@ -653,6 +654,71 @@ def test_a_checkpoint_missing_an_entry_says_so(exc):
     with pytest.raises(ValueError, match=r"the checkpoint ck.pt holds no .* entry that this "
                                          r"run reads: was it written by another diffnas"):
         loop.load_state_dict({"epoch": 1, "history": [], "task": {}}, source="ck.pt")
+
+
+class _RecordingTask:
+    """A task whose state is a counter, to see whether a checkpoint was taken in."""
+
+    def __init__(self) -> None:
+        self.loaded: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"n": 3}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded.append(state)
+
+
+def test_a_checkpoint_names_its_format_and_one_without_it_is_read_as_format_one():
+    """Checkpoints carry a format number so a newer layout is refused by name; those
+    written before the field existed have the first layout and still resume."""
+    from diffnas.engine.loop import CHECKPOINT_FORMAT, Loop
+
+    state = Loop(_RecordingTask(), 2, []).state_dict()
+    assert state["format"] == CHECKPOINT_FORMAT == 1
+    for held in (state, {k: v for k, v in state.items() if k != "format"}):
+        task = _RecordingTask()
+        loop = Loop(task, 2, [])
+        loop.load_state_dict(dict(held, epoch=1), source="ck.pt")
+        assert task.loaded == [{"n": 3}] and loop.epoch == 1
+
+
+@pytest.mark.parametrize("fmt, words", [
+    (2, "has format 2, written by a newer diffnas (this one reads format 1 and older)"),
+    (0, "has format 0, not a positive whole number"),
+    ("1", "has format '1', not a positive whole number"),
+    (True, "has format True, not a positive whole number"),
+    (1.0, "has format 1.0, not a positive whole number"),
+])
+def test_a_checkpoint_of_another_format_is_refused_before_anything_is_loaded(fmt, words):
+    from diffnas.engine.loop import Loop
+
+    task = _RecordingTask()
+    loop = Loop(task, 2, [])
+    state = dict(loop.state_dict(), format=fmt, epoch=1)
+    with pytest.raises(ValueError, match="^" + re.escape(f"the checkpoint ck.pt {words}")):
+        loop.load_state_dict(state, source="ck.pt")
+    assert task.loaded == [] and loop.epoch == 0
+
+
+def test_resuming_a_search_from_a_newer_checkpoint_format_keeps_the_run(tmp_path, capsys):
+    """The CLI names the checkpoint and the format, exits 2, and leaves the run's files as
+    they were, so the run resumes with a diffnas that reads it."""
+    argv = ["train", "--genotype", "DARTS_V2", *TINY_TRAIN, f"out_dir={tmp_path}", "name=t"]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    ckpt = tmp_path / "t/retrain/checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["format"] += 1
+    torch.save(state, ckpt)
+    held = ckpt.read_bytes()
+    result = (tmp_path / "t/retrain/result.json").read_text()
+    assert main(["train", "--genotype", "DARTS_V2", "--resume", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint {ckpt} has format {state['format']}, written by a newer diffnas" \
+        in err
+    assert ckpt.read_bytes() == held
+    assert (tmp_path / "t/retrain/result.json").read_text() == result
 
 
 def test_a_search_without_config_says_it_runs_the_built_in_defaults(tmp_path, capsys,

@@ -23,6 +23,11 @@ _MISFIT = ("Error(s) in loading state_dict", "size mismatch",
            "doesn't match the size of optimizer's group",
            "has a different number of parameter groups")
 
+#: the layout of :meth:`Loop.state_dict` this diffnas writes and reads. Checkpoints
+#: without the field predate it and have this layout; a higher number was written by a
+#: newer diffnas, whose state this one would misread, so it is refused by name.
+CHECKPOINT_FORMAT = 1
+
 
 class Task(Protocol):
     def batches(self, epoch: int) -> Iterable[Any]: ...
@@ -170,6 +175,7 @@ class Loop:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
             "history": self.history,
             "task": self.task.state_dict(),
@@ -179,14 +185,25 @@ class Loop:
 
     def load_state_dict(self, state: dict[str, Any], source: str | Path | None = None) -> None:
         """Continue from ``state`` (a checkpoint read from ``source``); a checkpoint that
-        does not fit the rebuilt model or optimizer is a ValueError that says so."""
+        does not fit the rebuilt model or optimizer is a ValueError that says so, as is
+        one written by a newer diffnas (its ``format`` above :data:`CHECKPOINT_FORMAT`)."""
+        where = f"the checkpoint {source}" if source is not None else "the checkpoint"
+        fmt = state.get("format", 1)
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+            raise ValueError(f"{where} has format {fmt!r}, not a positive whole number: it "
+                             "was not written by diffnas; delete it to restart this phase "
+                             "from scratch")
+        if fmt > CHECKPOINT_FORMAT:
+            raise ValueError(f"{where} has format {fmt}, written by a newer diffnas (this one "
+                             f"reads format {CHECKPOINT_FORMAT} and older): resume with the "
+                             "diffnas that wrote it (upgrade this one), or "
+                             "delete it to restart this phase from scratch")
         try:
             self.epoch = state["epoch"]
             self.history = list(state["history"])
             self.task.load_state_dict(state["task"])
         except (RuntimeError, ValueError, KeyError) as exc:
             text = str(exc)
-            where = f"the checkpoint {source}" if source is not None else "the checkpoint"
             if isinstance(exc, KeyError):
                 raise ValueError(
                     f"{where} holds no {text or repr(exc)} entry that this run reads: was it "
