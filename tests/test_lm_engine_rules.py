@@ -27,6 +27,7 @@ from diffnas.config import ConfigError, load_config
 from diffnas.data import DatasetNotFoundError
 from diffnas.data.text import batchify, load_corpus, ptb_files
 from diffnas.engine.lm import (
+    PPL_CAP_LOSS,
     HiddenState,
     LanguageModelObjective,
     LmBatch,
@@ -38,6 +39,7 @@ from diffnas.engine.lm import (
     check_lm_search,
     evaluate_lm,
     lm_config,
+    perplexity,
     print_lm_result,
     run_lm_retrain,
 )
@@ -75,7 +77,8 @@ def test_a_huge_epoch_loss_gives_a_finite_perplexity_not_an_overflow():
     m = TokenMeanLoss()
     m.add(800.0, 3)  # exp(800) overflows a float
     got = m.pop()
-    assert got["loss"] == 800.0 and math.isfinite(got["ppl"]) and got["ppl"] >= math.exp(49)
+    assert got["loss"] == 800.0 and got["ppl"] == math.exp(PPL_CAP_LOSS) == perplexity(1e9)
+    assert perplexity(PPL_CAP_LOSS - 1) == math.exp(PPL_CAP_LOSS - 1)  # below the cap: exact
     assert TokenMeanLoss().pop() == {"loss": 0.0, "ppl": 1.0}  # an epoch of no windows
 
 

@@ -168,9 +168,21 @@ class LmBatch:
         return self.data.shape[0]
 
 
+#: the largest mean loss (nats) whose perplexity is reported as it is: exp(50) ~ 5e21
+PPL_CAP_LOSS = 50.0
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped at ``exp(PPL_CAP_LOSS)`` so that a diverged model's figure is a
+    finite JSON number (``exp`` overflows past 709 nats); the loss logged beside it is
+    exact, so nothing is hidden."""
+    return math.exp(min(loss, PPL_CAP_LOSS))
+
+
 class TokenMeanLoss:
     """The training cross-entropy of an epoch weighted by tokens (windows vary in length)
-    and its perplexity, ``exp`` of that mean (not a mean of per-window perplexities)."""
+    and its perplexity, ``exp`` of that mean (not a mean of per-window perplexities),
+    capped at ``exp(50)`` (:func:`perplexity`)."""
 
     def __init__(self) -> None:
         self.total, self.tokens = 0.0, 0
@@ -183,7 +195,7 @@ class TokenMeanLoss:
         """``{"loss", "ppl"}`` of the epoch so far, then start a new one."""
         loss = self.total / max(self.tokens, 1)
         self.total, self.tokens = 0.0, 0
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return {"loss": loss, "ppl": perplexity(loss)}
 
 
 class LanguageModelObjective:
@@ -284,7 +296,7 @@ def evaluate_lm(model: nn.Module, source: torch.Tensor, bptt: int,
         h = out.hidden
     model.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    return {"loss": loss, "ppl": perplexity(loss)}
 
 
 # --- search --------------------------------------------------------------------------------
