@@ -231,9 +231,15 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
                             "while writing it)", p, n)
                 continue
             raise ValueError(f"{p}:{n}: not a JSON record: {exc}") from exc
+        if not isinstance(r, dict):
+            raise ValueError(f"{p}:{n}: not a JSON record: a {type(r).__name__}, not an "
+                             "object of genotype, encoding, latency_ms, device, settings")
         missing = {"genotype", "encoding", "latency_ms", "device", "settings"} - set(r)
         if missing:
             raise ValueError(f"{p}:{n}: record lacks {sorted(missing)}")
+        if not isinstance(r["device"], dict) or not isinstance(r["device"].get("id"), str):
+            raise ValueError(f"{p}:{n}: the record's device has no fingerprint id (a "
+                             "'device' object with an 'id' string, as measure writes)")
         if fingerprint is None or r["device"]["id"] == fingerprint:
             records.append(r)
         seen[r["device"]["id"]] = seen.get(r["device"]["id"], 0) + 1
