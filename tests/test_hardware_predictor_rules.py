@@ -33,6 +33,7 @@ from torch import nn
 from diffnas.genotype import Genotype
 from diffnas.hardware import dataset, latency
 from diffnas.hardware.dataset import (
+    anchored_latencies,
     build_dataset,
     encode_indices,
     genotype_key,
@@ -399,6 +400,22 @@ def test_build_dataset_refuses_max_misses_below_1(tmp_path):
     with pytest.raises(ValueError, match="max_misses must be >= 1, got 0"):
         build_dataset(tiny_space(), tmp_path / "lat.jsonl", 1, (1, 8, 8), max_misses=0)
     assert not (tmp_path / "lat.jsonl").exists()
+
+
+def test_a_ratio_in_a_file_without_anchors_keeps_the_raw_median():
+    """'records without an anchor keep their raw median': with no ``anchor_ms`` anywhere
+    in the file, a ``ratio`` has no anchor latency to scale, so the raw median stands."""
+    records = [{"ratio": 2.0, "latency_ms": 5.0}, {"latency_ms": 7.0}]
+    assert anchored_latencies(records) == [5.0, 7.0]
+
+
+def test_only_a_record_timed_beside_an_anchor_is_scaled_by_the_median_anchor():
+    """A ratio is read against the median anchor only in a record that has an anchor of
+    its own; the others (a merged file) keep their raw median."""
+    records = [{"ratio": 2.0, "anchor_ms": 3.0, "latency_ms": 6.5},
+               {"ratio": 0.5, "anchor_ms": 5.0, "latency_ms": 2.4},
+               {"ratio": 4.0, "latency_ms": 9.0}, {"latency_ms": 7.0}]
+    assert anchored_latencies(records) == [2.0 * 4.0, 0.5 * 4.0, 9.0, 7.0]
 
 
 # --- fitting: option checks ---------------------------------------------------------------

@@ -134,11 +134,15 @@ def anchor_genotype(space: SearchSpace) -> Genotype:
 
 
 def anchored_latencies(records: list[dict[str, Any]]) -> list[float]:
-    """Load-corrected latencies (ms): ``ratio * median anchor latency`` of the records;
-    records without an anchor keep their raw median."""
+    """Load-corrected latencies (ms): ``ratio * median anchor latency`` of the records
+    timed beside an anchor (a ``ratio`` and an ``anchor_ms``); records without an anchor
+    (a hand-made or merged file) keep their raw median."""
     anchors = [r["anchor_ms"] for r in records if "anchor_ms" in r]
-    ref = statistics.median(anchors) if anchors else 0.0
-    return [r["ratio"] * ref if "ratio" in r else r["latency_ms"] for r in records]
+    if not anchors:
+        return [r["latency_ms"] for r in records]
+    ref = statistics.median(anchors)
+    return [r["ratio"] * ref if "ratio" in r and "anchor_ms" in r else r["latency_ms"]
+            for r in records]
 
 
 #: Settings that only change how precisely a latency is estimated, not what is measured:
