@@ -34,6 +34,9 @@ from diffnas.data.registry import register_files_check
 from diffnas.registry import Registry
 
 CORA_FILES = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
+#: Planetoid's validation split: the nodes right after the training rows (Kipf & Welling)
+CORA_VAL_NODES = 500
+
 CORA_HELP = ("get the Planetoid files ind.cora.{x,y,tx,ty,allx,ally,graph,test.index} from "
              "https://github.com/kimiyoung/planetoid/tree/master/data (or tkipf/gcn, "
              "gcn/data) and pass their directory as data.root=/path/to/cora")
@@ -174,13 +177,19 @@ def load_cora(root: str | None) -> GraphData:
         raise DataFormatError(f"Cora: {paths['graph']} names nodes outside 0..{n - 1}")
     keep = src != dst  # self loops are added once for every node below
     n_train = y.shape[0]
+    if n_train + CORA_VAL_NODES > allx.shape[0]:  # else validation would reach test nodes
+        raise DataFormatError(
+            f"Cora: {paths['x']} has {n_train} training rows and {paths['allx']} "
+            f"{allx.shape[0]}: the {CORA_VAL_NODES} validation nodes that follow the "
+            f"training ones must end before the test nodes ({allx.shape[0]}..{n - 1}); "
+            f"{CORA_HELP}")
     return GraphData(
         name="cora",
         x=row_normalize(torch.from_numpy(features)),
         y=torch.from_numpy(labels.argmax(1)).long(),
         edge_index=symmetric_edges(src[keep], dst[keep], n),
         train_idx=torch.arange(n_train),
-        val_idx=torch.arange(n_train, n_train + 500),
+        val_idx=torch.arange(n_train, n_train + CORA_VAL_NODES),
         test_idx=torch.from_numpy(test_sorted).long(),
         num_classes=labels.shape[1],
     )
