@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_nb201_bench import CellListApi
 
 from diffnas.nasbench.oracle import QueryOracle
 from diffnas.nasbench.table import (
@@ -150,24 +151,13 @@ def _fake_api(monkeypatch, calls: list, package: str = "nats_bench") -> None:
     schedule, cell and field (valid +0.25, test +0.75)."""
     cells = [_arch(0), _arch(1)]
 
-    class FakeApi:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __len__(self):
-            return len(cells)
-
-        def arch(self, i):
-            return cells[i]
-
-        def query_index_by_arch(self, s):
-            return cells.index(s) if s in cells else -1
-
+    class FakeApi(CellListApi):
         def get_more_info(self, index, dataset, iepoch=None, hp="12", is_random=True):
             calls.append((index, dataset, hp, is_random))
             v = 10000 * index + 1000 * SETTING[dataset] + int(hp)
             return {"valid-accuracy": v + 0.25, "test-accuracy": v + 0.75}
 
+    FakeApi.cells = cells
     fake = types.ModuleType(package)
     fake.create = lambda path, space, fast_mode=False, verbose=True: FakeApi()
     fake.API = FakeApi

@@ -128,6 +128,25 @@ def test_queries_name_an_unknown_op_and_refuse_bools(tmp_path):
             t.query(flag, "c10_test_200")
 
 
+class CellListApi:
+    """A stand-in ``nats_bench`` API over the cell strings ``cells``; a test's subclass
+    answers ``get_more_info``."""
+
+    cells: list[str] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def arch(self, i: int) -> str:
+        return self.cells[i]
+
+    def query_index_by_arch(self, s: str) -> int:
+        return self.cells.index(s) if s in self.cells else -1
+
+
 def test_api_backend_reads_the_official_fields(monkeypatch, tmp_path):
     """A stand-in ``nats_bench`` module: the backend must ask ``get_more_info`` for the
     right dataset, key and schedule, with seed averaging."""
@@ -135,21 +154,14 @@ def test_api_backend_reads_the_official_fields(monkeypatch, tmp_path):
              "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|"]
     calls = []
 
-    class FakeApi:
-        def __len__(self):
-            return len(cells)
-
-        def arch(self, i):
-            return cells[i]
-
-        def query_index_by_arch(self, s):
-            return cells.index(s) if s in cells else -1
-
+    class FakeApi(CellListApi):
         def get_more_info(self, index, dataset, iepoch=None, hp="12", is_random=True):
             calls.append((index, dataset, hp, is_random))
             base = {"cifar10-valid": 1, "cifar10": 2, "cifar100": 3, "ImageNet16-120": 4}
             v = 100 * index + 10 * base[dataset] + (0 if hp == "200" else 5)
             return {"valid-accuracy": v + 0.25, "test-accuracy": v + 0.75}
+
+    FakeApi.cells = cells
 
     fake = types.ModuleType("nats_bench")
     fake.create = lambda path, space, fast_mode=False, verbose=True: FakeApi()
