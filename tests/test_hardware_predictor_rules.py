@@ -347,8 +347,9 @@ def test_a_record_lacking_a_field_is_refused_naming_it_and_its_line(tmp_path, fi
 
 
 @pytest.mark.parametrize("line, words", [
-    ("null", "not a JSON record: a NoneType"), ("5", "not a JSON record: a int"),
-    ("[{}]", "not a JSON record: a list"),
+    ("null", "not a JSON record: null,"), ("5", "not a JSON record: a number,"),
+    ("[{}]", "not a JSON record: an array,"), ('"x"', "not a JSON record: a string,"),
+    ("true", "not a JSON record: a boolean,"),
     ("DEVICE_WITHOUT_ID", "the record's device has no fingerprint id"),
     ("DEVICE_NOT_OBJECT", "the record's device has no fingerprint id")])
 def test_a_line_that_is_json_but_not_a_record_is_refused_naming_its_line(tmp_path, line,

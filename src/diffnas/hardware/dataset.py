@@ -216,6 +216,19 @@ def genotype_key(genotype: Genotype) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _json_kind(value: object) -> str:
+    """Name a parsed JSON value's kind as JSON spells it (for error messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
+
+
 def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[str, Any]]:
     """Records of a latency file, optionally only those of one device fingerprint id."""
     p = Path(path)
@@ -236,7 +249,7 @@ def load_records(path: str | Path, fingerprint: str | None = None) -> list[dict[
                 continue
             raise ValueError(f"{p}:{n}: not a JSON record: {exc}") from exc
         if not isinstance(r, dict):
-            raise ValueError(f"{p}:{n}: not a JSON record: a {type(r).__name__}, not an "
+            raise ValueError(f"{p}:{n}: not a JSON record: {_json_kind(r)}, not an "
                              "object of genotype, encoding, latency_ms, device, settings")
         missing = {"genotype", "encoding", "latency_ms", "device", "settings"} - set(r)
         if missing:
