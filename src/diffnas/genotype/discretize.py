@@ -57,6 +57,20 @@ def _check_finite(values: Mapping[str, torch.Tensor], what: str) -> None:
                              "diverged, so there is no architecture to read from them")
 
 
+def _check_shapes(logits: Mapping[str, torch.Tensor], space: SearchSpace) -> None:
+    """Logits must be one row per edge and one column per candidate op of each group:
+    other shapes would silently drop edges or ops (rows are matched to edges in order)."""
+    for group, edges in space.edge_groups().items():
+        if group not in logits:
+            raise ValueError(f"no logits for cell group {group!r} of space {space.name!r} "
+                             f"(got groups {sorted(logits)})")
+        want = (len(edges), max((len(e.candidates) for e in edges), default=0))
+        got = tuple(logits[group].shape)
+        if got != want:
+            raise ValueError(f"logits of group {group!r} have shape {got}, but space "
+                             f"{space.name!r} has {want[0]} edges of {want[1]} candidate ops")
+
+
 def _weights(logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     _check_finite(logits, "architecture logits")
     return {g: torch.softmax(a.detach().double(), dim=-1) for g, a in logits.items()}
@@ -113,7 +127,7 @@ def argmax_discretize(logits: Mapping[str, torch.Tensor], space: SearchSpace) ->
     cells = []
     for group, edges in space.edge_groups().items():
         kept = []
-        for row, e in zip(weights[group].tolist(), edges):
+        for row, e in zip(weights[group].tolist(), edges, strict=True):
             kept.append(Edge(e.candidates[_first_argmax(row)], e.src, e.dst))
         cells.append(CellGenotype(group, tuple(kept), space.concat(group)))
     return Genotype(space.name, tuple(cells))
@@ -129,6 +143,7 @@ def discretize(
     registered rule that declares it (argmax keeps every edge: no edge ranking to scale)."""
     name = rule or space.default_discretizer
     fn = DISCRETIZERS.get(name)
+    _check_shapes(logits, space)
     if edge_weights and takes_edge_weights(fn):
         genotype = fn(logits, space, edge_weights=edge_weights)
     else:

@@ -204,11 +204,21 @@ MAX_RANGE = 1000
 
 
 def _literal(node: ast.AST) -> Any:
+    """Evaluate a literal field value, allowing ``range(...)`` as a concat. Strict like the
+    JSON reader: a dict key given twice is refused (``literal_eval`` keeps the last)."""
     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range":
+        if node.keywords:
+            raise ValueError("range() takes no keyword arguments")
         r = range(*[_literal(a) for a in node.args])
         if len(r) > MAX_RANGE:  # a cell has a handful of nodes; refuse before expanding
             raise ValueError(f"range of {len(r)} nodes in a concat (at most {MAX_RANGE})")
         return list(r)
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Dict):
+            keys = [ast.literal_eval(k) for k in sub.keys if isinstance(k, ast.Constant)]
+            repeated = sorted({repr(k) for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise GenotypeError(f"key(s) given twice in a dict: {', '.join(repeated)}")
     return ast.literal_eval(node)
 
 
