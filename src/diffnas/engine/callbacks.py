@@ -227,7 +227,11 @@ def duration(seconds: float | None) -> str:
 
 
 class Checkpoint(Callback):
-    """Saves the whole loop state atomically after every epoch."""
+    """Saves the whole loop state atomically every ``every`` epochs and after the last one.
+
+    Put it last among the loop's callbacks (the engines do): it saves every callback's state
+    as it is when ``on_epoch_end`` reaches it, so a stateful callback after it would resume
+    one epoch behind."""
 
     def __init__(self, path: Path, every: int = 1) -> None:
         self.path = Path(path)
