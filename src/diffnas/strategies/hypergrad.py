@@ -59,7 +59,10 @@ def virtual_step(s: SearchStrategy, train_batch: Batch) -> dict[str, torch.Tenso
     """w' = w - xi * (momentum * buf + c * grad_w L_train(w, alpha) + wd * w), exactly the
     update the weight optimizer (SGD with momentum and weight decay, after the weight
     step's gradient clipping: ``c = min(1, grad_clip / ||grad||)``) would make, with xi its
-    current learning rate. Returned detached, keyed by parameter name."""
+    current learning rate. ``L_train`` is the plain loss, as in every architecture pass (and
+    DARTS's recurrent architect): with an objective's regularizers (AR/TAR) the weight step
+    itself descends the regularized loss, so w' differs from it by those terms' gradient.
+    Returned detached, keyed by parameter name."""
     return _virtual_step(s, train_batch, alpha_grads=False)[0]
 
 
