@@ -529,7 +529,10 @@ def _check_strategy_setup(cfg: RunConfig) -> None:
         check_relaxation_output(config.relaxation, arch.as_dict())
         with torch.random.fork_rng(devices=[]):  # a check that builds ops leaves the run's
             cls.check_setup(config, arch, cfg.search.epochs)  # RNG alone
-        cls.check_discretizer(config, rule)
+        if "arch_params" in inspect.signature(cls.check_discretizer).parameters:
+            cls.check_discretizer(config, rule, arch_params=arch)
+        else:  # a plugin's override of the two-argument hook
+            cls.check_discretizer(config, rule)
     except ConfigError:
         raise
     except ValueError as exc:

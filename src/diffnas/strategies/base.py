@@ -195,10 +195,12 @@ class SearchStrategy:
         a run directory exists; ``__init__`` calls it too. Nothing to check here."""
 
     @classmethod
-    def check_discretizer(cls, config: StrategyConfig, rule: str) -> None:
+    def check_discretizer(cls, config: StrategyConfig, rule: str,
+                          arch_params: ArchParams | None = None) -> None:
         """Refuse settings whose search cannot be read by the discretizer ``rule`` (the
         run's ``search.discretizer`` or its space's default; a ValueError naming the key).
-        Config checks call it before a run directory exists. Nothing to check here."""
+        Config checks call it before a run directory exists, passing the space's alphas as
+        ``arch_params`` to an override that names that parameter. Nothing to check here."""
 
     def __init__(
         self,

@@ -109,11 +109,15 @@ class RandomLabelsStrategy(SearchStrategy):
         cls._allowed(config, arch_params)
 
     @classmethod
-    def check_discretizer(cls, config: RandomLabelsConfig, rule: str) -> None:
+    def check_discretizer(cls, config: RandomLabelsConfig, rule: str,
+                          arch_params: ArchParams | None = None) -> None:
         """Under the ``darts`` rule (every node keeps its top-k inputs, ``none`` dropped) a
         path may sample ``none`` only if excluded: a node whose path edges are mostly
-        ``none`` would get an input, with an op, that the path never trained."""
-        if rule == "darts" and "none" not in config.exclude_ops:
+        ``none`` would get an input, with an op, that the path never trained. A space
+        without ``none`` (given as ``arch_params``) has nothing to exclude."""
+        has_none = arch_params is None or any(
+            "none" in arch_params.candidates(g) for g in arch_params.groups())
+        if rule == "darts" and has_none and "none" not in config.exclude_ops:
             raise ValueError(f"random_labels: exclude_ops {config.exclude_ops} lets paths "
                              "sample 'none', but the 'darts' discretizer keeps a fixed number "
                              "of non-'none' inputs per node, so the genotype could hold ops "
