@@ -29,6 +29,13 @@ def grads(out: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Ten
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs, strict=True)]
 
 
+def trainable(s: SearchStrategy) -> dict[str, torch.nn.Parameter]:
+    """The supernet's weights the weight step trains, by name. A weight the user froze
+    (``requires_grad`` False) is a constant of the hypergradient, as it is of the weight
+    optimizer (which steps and decays only weights with a gradient)."""
+    return {n: p for n, p in s.supernet.named_parameters() if p.requires_grad}
+
+
 def first_order(s: SearchStrategy, train_batch: Batch, val_batch: Batch
                 ) -> tuple[list[torch.Tensor], dict]:
     """DARTS first order: grad_alpha (L_val(w, alpha) + penalties(alpha)) at the current
@@ -71,7 +78,7 @@ def _virtual_step(
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None, float]:
     """:func:`virtual_step`, and with ``alpha_grads`` also grad_alpha L_train(w, alpha)
     from the same backward pass (this rank's share); also the clip factor ``c``."""
-    named = dict(s.supernet.named_parameters())
+    named = trainable(s)
     arch_weights = s.arch_weights()
     loss, _ = s.loss(train_batch, arch_weights if alpha_grads else arch_weights.detach())
     wrt = list(named.values()) + (s.alphas() if alpha_grads else [])
@@ -106,7 +113,7 @@ def mixed_hvp_fd(
     Given ``at_w`` = grad_alpha L(w) (on the same batch), the forward difference
     (grad_alpha L(w + eps v) - at_w) / eps instead: one pass fewer, error O(eps)
     instead of O(eps^2)."""
-    named = dict(s.supernet.named_parameters())
+    named = trainable(s)
     norm = torch.sqrt(sum((v * v).sum() for v in vector.values()))
     if norm == 0:  # the product with a zero vector (eps = r / 0 would make NaN weights)
         return [torch.zeros_like(a) for a in s.alphas()]
@@ -125,7 +132,7 @@ def mixed_hvp_exact(
     s: SearchStrategy, batch: Batch, vector: dict[str, torch.Tensor]
 ) -> list[torch.Tensor]:
     """The same product by double backward: grad_alpha (grad_w L_train . v)."""
-    named = dict(s.supernet.named_parameters())
+    named = trainable(s)
     with twice_differentiable():
         loss, _ = s.loss(batch, s.arch_weights())
     gw = grads(loss, list(named.values()), create_graph=True)

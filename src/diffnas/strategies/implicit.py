@@ -21,6 +21,7 @@ from diffnas.config import require_float32
 from diffnas.ops import twice_differentiable
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
 from diffnas.strategies.hypergrad import grads as _grads
+from diffnas.strategies.hypergrad import trainable
 from diffnas.strategies.registry import register_strategy
 
 Tensors = Sequence[torch.Tensor]
@@ -77,7 +78,7 @@ def implicit(s: SearchStrategy, train_batch: Batch, val_batch: Batch, K: int = 5
              eta: float | None = None) -> tuple[list[torch.Tensor], dict]:
     """Hypergradient rule (see ``hypergrad.py``): IFT at the current weights; ``eta``
     defaults to the weight optimizer's current learning rate."""
-    w = list(s.supernet.parameters())
+    w = list(trainable(s).values())  # a frozen weight is a constant
     arch_weights = s.arch_weights()
     val_loss, stats = s.loss(val_batch, arch_weights)
     val_loss = s.add_penalty(val_loss, arch_weights, stats)  # depends on alpha only

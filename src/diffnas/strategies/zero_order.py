@@ -26,7 +26,7 @@ import torch
 
 from diffnas.config import require
 from diffnas.strategies.base import Batch, SearchStrategy, StrategyConfig
-from diffnas.strategies.hypergrad import grads
+from diffnas.strategies.hypergrad import grads, trainable
 from diffnas.strategies.registry import register_strategy
 
 Objective = Callable[[torch.Tensor], float]
@@ -114,7 +114,7 @@ class ZeroOrderStrategy(SearchStrategy):
                     aw = self.arch_weights()
                 params = None
                 if self.config.unroll:
-                    named = dict(self.supernet.named_parameters())
+                    named = trainable(self)  # a frozen weight stays as it is
                     loss, _ = self.loss(train_batch, aw)
                     g_w = self.average_grads(grads(loss, list(named.values())))
                     params = {n: (p - self.lr * g).detach()
