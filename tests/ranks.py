@@ -4,7 +4,9 @@ to ``out/rank{r}.pt``, and load what a rank saved."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
@@ -99,6 +101,22 @@ def torchrun_search(args: list[str]) -> list[str]:
     """The command line of `torchrun --nproc_per_node 2 -m diffnas search ARGS`."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
             "--nproc_per_node", "2", "-m", "diffnas", "search", *args]
+
+
+def run_torchrun(args: list[str], env: dict, timeout: float = 600
+                 ) -> subprocess.CompletedProcess:
+    """Run ``torchrun_search(args)`` to the end, output captured. On ``timeout`` the whole
+    process group is killed (``subprocess.run`` would kill torchrun alone and leave its
+    ranks running, blocking later distributed tests), then TimeoutExpired is raised."""
+    proc = subprocess.Popen(torchrun_search(args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_rank0_only(audit: Path) -> set[str]:

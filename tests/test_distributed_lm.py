@@ -11,7 +11,6 @@ columns, so runs with every dropout on match one process too (docs/distributed.m
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,9 @@ from ranks import (
     audited_env,
     join_ranks,
     load_rank,
+    run_torchrun,
     save_rank,
     spawn_ranks,
-    torchrun_search,
 )
 
 from diffnas.config import load_config
@@ -358,8 +357,7 @@ def test_torchrun_lm_search_and_retrain_rank0_writes(tmp_path):
             f"data.root={_write_ptb(tmp_path)}", f"out_dir={runs}", "name=lm",
             *[o for o in overrides(sync_bn=True) if not o.startswith("data.name")],
             "retrain.epochs=1"]
-    proc = subprocess.run(torchrun_search(args), env=env, capture_output=True, text=True,
-                          timeout=600)  # slow on a loaded machine
+    proc = run_torchrun(args, env)  # 600 s: slow on a loaded machine
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert proc.stdout.count("test perplexity") == 1  # rank 0 prints
     run = runs / "lm"
