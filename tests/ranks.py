@@ -3,6 +3,7 @@ to ``out/rank{r}.pt``, and load what a rank saved."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -113,10 +114,31 @@ def run_torchrun(args: list[str], env: dict, timeout: float = 600
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        ranks = _descendants(proc.pid)  # torchrun may start its ranks in their own session
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids below ``pid`` in the process tree (read from /proc; empty elsewhere)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
+    found, todo = [], [pid]
+    while todo:
+        here = todo.pop()
+        kids = [c for c, p in parent.items() if p == here]
+        found += kids
+        todo += kids
+    return found
 
 
 def assert_rank0_only(audit: Path) -> set[str]:
