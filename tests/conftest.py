@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,15 @@ def unreadable_fashion_mnist(root: Path) -> Path:
     for stem in FASHION_MNIST_STEMS:
         (root / stem).write_bytes(b"not an IDX file")
     return root
+
+
+@pytest.fixture
+def clean_path(monkeypatch):
+    """``sys.path`` and ``sys.modules`` restored after the test (plugins add to both): the
+    plugin modules tests name ``p_rule_*`` and diffnas's own ``diffnas_plugin_*``."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith(("p_rule_", "diffnas_plugin_")):
+            del sys.modules[name]

@@ -310,17 +310,6 @@ def test_only_cpu_cuda_mps_and_auto_are_devices_of_a_run(device):
 
 
 # --- plugins ----------------------------------------------------------------------------------
-@pytest.fixture
-def clean_path(monkeypatch):
-    """``sys.path`` and ``sys.modules`` restored after the test (plugins add to both)."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if name.startswith(("p_rule_", "diffnas_plugin_")):
-            del sys.modules[name]
-
-
 @pytest.mark.parametrize("entry, is_file", [
     ("my_ops.py", True), ("lab/ops", True), ("lab\\ops", True), ("~/ops.py", True),
     ("mylab.ops", False), ("my_ops", False)])

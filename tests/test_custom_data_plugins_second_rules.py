@@ -27,17 +27,6 @@ from diffnas.registry import Registry, registrations_undone_on_error
 PIL = pytest.importorskip("PIL.Image")
 
 
-@pytest.fixture
-def clean_path(monkeypatch):
-    """``sys.path`` and ``sys.modules`` restored after the test (plugins add to both)."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if name.startswith(("p2_rule_", "diffnas_plugin_")):
-            del sys.modules[name]
-
-
 # --- npz: resizing, layouts, dtypes, labels ------------------------------------------------
 def test_shrinking_a_non_square_npz_averages_each_block(tmp_path):
     """4x8 images squeezed to 2x2 shrink both axes, so each output pixel is the mean of
@@ -155,17 +144,17 @@ def test_the_folder_peek_answers_the_resolution_the_images_get(tmp_path):
 
 # --- plugins --------------------------------------------------------------------------------
 def test_a_folder_named_like_a_python_file_is_not_a_plugin(tmp_path, clean_path):
-    (tmp_path / "p2_rule_dir.py").mkdir()
-    with pytest.raises(ConfigError, match=r"p2_rule_dir\.py' is not a file"):
-        import_plugins([str(tmp_path / "p2_rule_dir.py")])
+    (tmp_path / "p_rule_dir.py").mkdir()
+    with pytest.raises(ConfigError, match=r"p_rule_dir\.py' is not a file"):
+        import_plugins([str(tmp_path / "p_rule_dir.py")])
 
 
 def test_a_failure_inside_a_plugin_function_points_at_the_raising_line(tmp_path, clean_path):
     """The innermost frame of the plugin's own code: the line that raised (2), not the
     call at module level (4)."""
-    p = tmp_path / "p2_rule_deep.py"
+    p = tmp_path / "p_rule_deep.py"
     p.write_text("def setup():\n    raise RuntimeError('deep')\n\nsetup()\n")
-    with pytest.raises(ConfigError, match=r"RuntimeError: deep \(at .*p2_rule_deep\.py:2\)"):
+    with pytest.raises(ConfigError, match=r"RuntimeError: deep \(at .*p_rule_deep\.py:2\)"):
         import_plugins([str(p)])
 
 
@@ -177,10 +166,10 @@ def test_a_plugin_file_among_installed_packages_is_still_its_own_code(tmp_path, 
     import diffnas.plugins as plugins
 
     monkeypatch.setattr(plugins, "_LIBRARY", {tmp_path.resolve()})
-    (tmp_path / "p2_rule_pkg.py").write_text("def boom():\n    raise ValueError('pkg')\n")
-    p = tmp_path / "p2_rule_user.py"
-    p.write_text("import p2_rule_pkg\np2_rule_pkg.boom()\n")
-    with pytest.raises(ConfigError, match=r"ValueError: pkg \(at .*p2_rule_user\.py:2\)"):
+    (tmp_path / "p_rule_pkg.py").write_text("def boom():\n    raise ValueError('pkg')\n")
+    p = tmp_path / "p_rule_user.py"
+    p.write_text("import p_rule_pkg\np_rule_pkg.boom()\n")
+    with pytest.raises(ConfigError, match=r"ValueError: pkg \(at .*p_rule_user\.py:2\)"):
         import_plugins([str(p)])
 
 
@@ -190,10 +179,10 @@ def test_an_import_ended_by_sys_exit_is_undone_too(monkeypatch):
     nothing registered and its module is forgotten."""
     reg = Registry("p2_thing")
     with pytest.raises(SystemExit), registrations_undone_on_error():
-        monkeypatch.setitem(sys.modules, "p2_rule_exits", types.ModuleType("p2_rule_exits"))
-        reg.register("gone")(type("Gone", (), {"__module__": "p2_rule_exits"}))
+        monkeypatch.setitem(sys.modules, "p_rule_exits", types.ModuleType("p_rule_exits"))
+        reg.register("gone")(type("Gone", (), {"__module__": "p_rule_exits"}))
         raise SystemExit(0)
-    assert reg.names() == [] and "p2_rule_exits" not in sys.modules
+    assert reg.names() == [] and "p_rule_exits" not in sys.modules
 
 
 def test_a_module_imported_before_the_failure_stays_imported(monkeypatch):
@@ -201,8 +190,8 @@ def test_a_module_imported_before_the_failure_stays_imported(monkeypatch):
     failing import (a library the plugin calls to register a name) stays, while the name
     it registered meanwhile is removed."""
     reg = Registry("p2_widget")
-    monkeypatch.setitem(sys.modules, "p2_rule_before", types.ModuleType("p2_rule_before"))
+    monkeypatch.setitem(sys.modules, "p_rule_before", types.ModuleType("p_rule_before"))
     with pytest.raises(RuntimeError), registrations_undone_on_error():
-        reg.register("late")(type("Late", (), {"__module__": "p2_rule_before"}))
+        reg.register("late")(type("Late", (), {"__module__": "p_rule_before"}))
         raise RuntimeError("the plugin fails after registering")
-    assert reg.names() == [] and "p2_rule_before" in sys.modules
+    assert reg.names() == [] and "p_rule_before" in sys.modules

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import tiny_batch, tiny_space, tiny_strategy
+from test_rnn_lm import _tiny_lm_config
 
 from diffnas.arch import ArchParams
 from diffnas.config import ConfigError, load_config
@@ -67,30 +67,6 @@ def test_a_sub_supernets_relaxation_holds_its_gumbel_noise_inside_fixed_noise():
 
 
 # --- few shot: a language model's stream -----------------------------------------------
-def _write_ptb(d: Path, lines: int = 60) -> Path:
-    g = torch.Generator().manual_seed(0)
-    words = [f"w{i}" for i in range(20)]
-    for split, n in (("train", lines), ("valid", lines // 3), ("test", lines // 3)):
-        text = "".join(
-            " " + " ".join(words[int(i)] for i in torch.randint(0, 20, (6,), generator=g)) + " \n"
-            for _ in range(n))
-        (d / f"ptb.{split}.txt").write_text(text)
-    return d
-
-
-def _tiny_lm_config(tmp_path: Path) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs/darts_rnn_ptb.yaml").read_text())
-    cfg.update({"out_dir": str(tmp_path / "runs"), "name": "t", "progress": False})
-    cfg["data"].update({"root": str(_write_ptb(tmp_path)), "train_subset": None,
-                        "test_subset": None, "batch_size": 4})
-    cfg["retrain"].update({"epochs": 2, "batch_size": 4, "train_subset": None,
-                           "network": {"ninp": 8, "nhid": 8}})
-    cfg["lm"].update({"bptt": 10, "eval_batch_size": 2, "test_batch_size": 2})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_a_language_models_stream_is_not_held_so_its_turns_rank_the_sub_supernets(tmp_path):
     """FewShotStrategy.scores: without held batches each sub-supernet is ranked by the
     mean loss of its own turns. A language model's validation windows carry the hidden
