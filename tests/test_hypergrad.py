@@ -20,8 +20,9 @@ def _prime_momentum(s, batch):
 
 def _reference_unrolled_grad(s, train, val):
     """Autograd through w'(alpha) = w - xi (m buf + c grad_w L_train(w, alpha) + wd w), with
-    c = min(1, clip / ||grad||) held constant (the weight step's gradient clipping)."""
-    named = dict(s.supernet.named_parameters())
+    c = min(1, clip / ||grad||) held constant (the weight step's gradient clipping); a
+    frozen weight (requires_grad False) stays at its value."""
+    named = {n: p for n, p in s.supernet.named_parameters() if p.requires_grad}
     cfg = s.config.w_optim
     aw = s.arch_weights()
     x, _ = train

@@ -108,33 +108,12 @@ def test_a_frozen_weight_is_a_constant_of_every_hypergradient(section):
 def test_the_unrolled_hypergradient_with_a_frozen_weight_matches_autograd():
     """DARTS second order with a frozen weight, against autograd through the virtual step
     w'(alpha) of the trainable weights only (the frozen one held at its value), float64."""
-    from torch.func import functional_call
-
-    from diffnas.ops import twice_differentiable
-
     s = tiny_strategy({"name": "darts", "order": 2}, dtype=torch.float64)
     train, val = tiny_batch(6, 1, torch.float64), tiny_batch(6, 2, torch.float64)
     s.weight_step(train, s.arch_weights())  # a momentum buffer to unroll with
     s.w_optimizer.param_groups[0]["lr"] = 0.1
     next(s.supernet.parameters()).requires_grad_(False)
-    named = {n: p for n, p in s.supernet.named_parameters() if p.requires_grad}
-    cfg = s.config.w_optim
-    with twice_differentiable():
-        loss = s.objective(functional_call(s.supernet, named, (train[0], s.arch_weights())),
-                           train)[0]
-    g = torch.autograd.grad(loss, list(named.values()), create_graph=True,
-                            materialize_grads=True)
-    c = min(1.0, float(cfg.grad_clip / (torch.sqrt(sum((x.detach() ** 2).sum() for x in g))
-                                        + 1e-6)))
-    w_prime = {}
-    for (n, p), gi in zip(named.items(), g, strict=True):
-        buf = s.w_optimizer.state.get(p, {}).get("momentum_buffer")
-        buf = torch.zeros_like(p) if buf is None else buf
-        w_prime[n] = p.detach() - s.lr * (cfg.momentum * buf + c * gi + cfg.weight_decay
-                                          * p.detach())
-    val_loss = s.objective(functional_call(s.supernet, w_prime, (val[0], s.arch_weights())),
-                           val)[0]
-    ref = torch.autograd.grad(val_loss, s.alphas())
+    ref = _reference_unrolled_grad(s, train, val)
     got, _ = unrolled(s, train, val, hessian="exact")
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
